@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Fresh machine, two commands: ``python3 dev.py serve`` and ``python3 dev.py test``.
+
+Needs nothing but python3 (3.11+) and git. It creates ``.venv`` and installs the
+project into it, installs the Debian packages the tests need with apt when run as
+root (otherwise prints the exact command), and creates one virtualenv per tool
+whose dependencies clash with the appliance's (``tools/venvs/NAME.txt`` becomes
+``.venv-tools/NAME``).
+
+What each part of the project needs from the system is declared in data files so
+that adding a tool never means editing this script:
+
+- ``tools/apt/*.txt``: lines ``COMMAND PACKAGE`` (``-`` as the command for a
+  package that installs no command of its own, e.g. a library);
+- ``tools/venvs/NAME.txt``: a pip requirements file for one tool virtualenv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+TOOL_VENVS = ROOT / ".venv-tools"
+MIN_PYTHON = (3, 11)
+
+
+def say(text: str) -> None:
+    print(f"[dev] {text}", flush=True)
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    subprocess.run(cmd, check=True, **kwargs)
+
+
+def bin_of(env: Path, name: str) -> Path:
+    return env / "bin" / name
+
+
+def fingerprint(*paths: Path) -> str:
+    digest = hashlib.sha256(sys.version.encode())
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: str) -> None:
+    """Create ``env`` and pip-install ``install`` unless the inputs are unchanged since last time."""
+    stamp = env / ".installed"
+    wanted = fingerprint(*stamp_inputs)
+    if stamp.exists() and stamp.read_text() == wanted and bin_of(env, "python").exists():
+        return
+    if not bin_of(env, "python").exists():
+        say(f"creating virtualenv {env.relative_to(ROOT)} ({label})")
+        venv.EnvBuilder(with_pip=True, clear=True).create(env)
+    say(f"installing {label} into {env.relative_to(ROOT)} (first run takes a minute or two)")
+    pip = [str(bin_of(env, "python")), "-m", "pip", "--disable-pip-version-check", "-q"]
+    run([*pip, "install", "--upgrade", "pip"])
+    run([*pip, "install", *install])
+    stamp.write_text(wanted)
+
+
+def ensure_project(extras: str) -> None:
+    ensure_venv(
+        VENV,
+        [ROOT / "pyproject.toml"],
+        ["-e", f"{ROOT}[{extras}]"],
+        f"the appliance with [{extras}]",
+    )
+
+
+def apt_requirements() -> list[tuple[str, str]]:
+    wanted = []
+    for path in sorted((ROOT / "tools" / "apt").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                command, package = line.split()
+                wanted.append((command, package))
+    return wanted
+
+
+def apt_installed(package: str) -> bool:
+    probe = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
+    )
+    return probe.returncode == 0 and "install ok installed" in probe.stdout
+
+
+def ensure_system_packages() -> None:
+    missing = sorted(
+        {
+            package
+            for command, package in apt_requirements()
+            if (shutil.which(command) is None if command != "-" else not apt_installed(package))
+        }
+    )
+    if not missing:
+        return
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if os.geteuid() != 0:
+        say("these system packages are missing; install them and run again:")
+        print(f"    sudo apt-get update && sudo {' '.join(command)}")
+        sys.exit(1)
+    say(f"installing system packages: {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-qq"], env=env)
+    run(command, env=env, stdout=subprocess.DEVNULL)
+
+
+def ensure_tool_venvs() -> None:
+    for requirements in sorted((ROOT / "tools" / "venvs").glob("*.txt")):
+        env = TOOL_VENVS / requirements.stem
+        ensure_venv(env, [requirements], ["-r", str(requirements)], requirements.stem)
+
+
+def check_python() -> None:
+    if sys.version_info < MIN_PYTHON:
+        sys.exit(f"python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ is needed, this is {sys.version.split()[0]}")
+
+
+def serve(args: list[str]) -> None:
+    # The embedded default needs no system package, so serving installs none.
+    ensure_project("test")
+    os.execv(str(bin_of(VENV, "wsbridge")), ["wsbridge", "serve", *args])
+
+
+def test(args: list[str]) -> None:
+    ensure_system_packages()
+    ensure_project("test,bench")
+    ensure_tool_venvs()
+    env = {**os.environ, "WSBRIDGE_TOOL_VENVS": str(TOOL_VENVS), "PYTHONDONTWRITEBYTECODE": "1"}
+    say("running the test suite")
+    result = subprocess.run([str(bin_of(VENV, "python")), "-m", "pytest", *args], cwd=ROOT, env=env)
+    sys.exit(result.returncode)
+
+
+def main() -> None:
+    check_python()
+    commands = {"serve": serve, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        sys.exit("usage: python3 dev.py serve [--host H] [--port P] | test [pytest args]")
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The admin dashboard (Jinja2 + htmx), served by the appliance's Litestar app."""
