@@ -116,7 +116,8 @@ class _Reply(msgspec.Struct):
 
 
 def is_valid_client_id(client_id: str) -> bool:
-    return CLIENT_ID_PATTERN.match(client_id) is not None
+    # fullmatch: with match(), "$" would also accept a trailing newline.
+    return CLIENT_ID_PATTERN.fullmatch(client_id) is not None
 
 
 def encode_reply(sender: str, message: str) -> str:
