@@ -52,24 +52,25 @@ def _ensure_tokens(settings: Settings, overrides: dict[str, object]) -> Settings
     return _load_settings(**overrides)
 
 
-def _print_banner(settings: Settings) -> None:
+def _print_banner(settings: Settings, show_tokens: bool) -> None:
+    """Tokens are shown only right after they were generated: otherwise stdout is a log."""
     host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::") else settings.bind_host
     base = settings.public_url or f"http://{host}:{settings.web_socket_port}"
     ws_base = base.replace("http", "ws", 1)
     broker = f"Redis ({settings.redis_display()})" if settings.redis_enabled else "embedded (in-memory)"
     assert settings.llm_secret_token is not None and settings.unity_client_token is not None
+
+    def token(secret) -> str:
+        return secret.get_secret_value() if show_tokens else "(configured, not shown)"
+
     print(
         "\n".join(
             [
                 f"WebSocket Bridge {__version__} — broker: {broker}, instance: {settings.instance_id}",
                 f"  WebSocket     {ws_base}/ws/{{client_id}}   (header X-Auth-Token)",
-                f"  Controller token  LLM_SECRET_TOKEN={settings.llm_secret_token.get_secret_value()}",
-                f"  Client token      UNITY_CLIENT_TOKEN={settings.unity_client_token.get_secret_value()}",
-                *(
-                    [f"  Admin token       ADMIN_TOKEN={settings.admin_token.get_secret_value()}"]
-                    if settings.admin_token
-                    else []
-                ),
+                f"  Controller token  LLM_SECRET_TOKEN={token(settings.llm_secret_token)}",
+                f"  Client token      UNITY_CLIENT_TOKEN={token(settings.unity_client_token)}",
+                f"  Admin token       ADMIN_TOKEN={token(settings.admin_token) if settings.admin_token else '(unset)'}",
                 f"  Dashboard     {base}/ui/",
                 f"  Health        {base}/healthz  {base}/readyz   Metrics {base}/metrics",
                 f"  Try it        wsbridge send --url {ws_base} --target unity_client_1 \"MoveForward 10\"",
@@ -85,14 +86,15 @@ def serve(args: argparse.Namespace) -> None:
         overrides["bind_host"] = args.host
     if args.port:
         overrides["web_socket_port"] = args.port
-    settings = _ensure_tokens(_load_settings(**overrides), overrides)
+    configured = _load_settings(**overrides)
+    settings = _ensure_tokens(configured, overrides)
     from .logs import configure_logging
     from .server import run
 
     secrets_ = [s.get_secret_value() for s in (settings.llm_secret_token, settings.unity_client_token,
                                                settings.admin_token, settings.redis_password) if s]
     configure_logging(settings.log_level, secrets_)
-    _print_banner(settings)
+    _print_banner(settings, show_tokens=settings is not configured)
     run(settings)
 
 

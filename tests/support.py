@@ -256,7 +256,7 @@ async def closed_with(ws: ClientConnection, within: float = 5.0) -> tuple[int | 
                 pass
     except Exception:
         pass
-    received = ws.close_rcvd
+    received = ws.protocol.close_rcvd
     return (received.code, received.reason) if received else (None, "")
 
 
