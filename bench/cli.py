@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .profile import Profiler, summarise
 from .procs import Processes, raise_nofile_limit
 from .report import build_rows, markdown_table, missed_targets
 from .runner import SCENARIOS, TARGETS, Options, run_target
@@ -65,8 +66,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                         help="idle client counts for the memory scenario")
     parser.add_argument("--memory-targets", type=_choices(TARGETS), default=defaults.memory_targets,
                         help="targets the memory scenario runs on (default: reference,embedded)")
+    parser.add_argument("--quiet-wait", type=float, default=defaults.quiet_wait,
+                        help="before each scenario, wait up to this many seconds for other processes to go quiet")
+    parser.add_argument("--quiet-threshold", type=float, default=defaults.quiet_threshold,
+                        help="quiet means other processes use less than this %% of a core")
     parser.add_argument("--wsbridge", type=Path, default=None, help="the wsbridge script (default: next to python)")
     parser.add_argument("--json", type=Path, default=None, help="also write every raw figure to this JSON file")
+    parser.add_argument("--py-spy", type=Path, default=None,
+                        help="path to a py-spy binary: sample the appliance during the closed loop")
+    parser.add_argument("--profile-dir", type=Path, default=Path("bench/results/profiles"),
+                        help="where the py-spy collapsed stacks go (default bench/results/profiles)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
     args = parser.parse_args(argv)
     opts = replace(
@@ -83,7 +92,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         fanout_repeats=args.fanout_repeats,
         memory_clients=args.memory_clients,
         memory_targets=args.memory_targets,
+        quiet_wait=args.quiet_wait,
+        quiet_threshold=args.quiet_threshold,
     )
+    if args.py_spy is not None:
+        opts = replace(opts, profiler=Profiler(args.py_spy, args.profile_dir))
     if args.quick:
         opts = replace(opts, duration=min(opts.duration, 2.0), warmup=min(opts.warmup, 0.5),
                        fanout_repeats=min(opts.fanout_repeats, 3),
@@ -138,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     print("targets missed:" if missed else "targets missed: none")
     for line in missed:
         print(f"  - {line}")
+    if opts.profiler is not None:
+        for collapsed in sorted(args.profile_dir.glob("*-closed.txt")):
+            print()
+            print(summarise(collapsed))
     print(f"(run took {time.monotonic() - started:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps({"options": _jsonable(opts), "results": results}, indent=2, default=str))

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["Proc", "Processes", "free_port", "raise_nofile_limit", "rss_kib", "cpu_seconds"]
+__all__ = ["Proc", "Processes", "cpu_seconds", "free_port", "machine_busy_seconds", "raise_nofile_limit", "rss_kib"]
 
 REPO = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -99,6 +99,14 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot, steal included (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal guest guest_nice; guests are inside user.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / _CLK_TCK
+
+
 def _child_setup() -> None:
     raise_nofile_limit()
 
@@ -106,8 +114,9 @@ def _child_setup() -> None:
 class Proc:
     """One server subprocess with its log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log_dir: Path) -> None:
+    def __init__(self, name: str, kind: str, argv: list[str], env: dict[str, str], cwd: Path, log_dir: Path) -> None:
         self.name = name
+        self.kind = kind  # "reference", "appliance" or "redis"
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(
@@ -175,8 +184,8 @@ class Processes:
             self.started.remove(proc)
         proc.stop()
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
-        proc = Proc(name, argv, env, cwd or self.workdir, self.workdir)
+    def _start(self, name: str, kind: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
+        proc = Proc(name, kind, argv, env, cwd or self.workdir, self.workdir)
         self.started.append(proc)
         return proc
 
@@ -188,7 +197,7 @@ class Processes:
         argv = [sys.executable, "-m", "bench.relay", "--port", str(port), "--controller-token", controller_token]
         env = self._base_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-        return self._start(name, argv, env, cwd=REPO)
+        return self._start(name, "reference", argv, env, cwd=REPO)
 
     def start_appliance(self, name: str, port: int, settings: dict[str, str]) -> Proc:
         if not self.wsbridge.exists():
@@ -198,7 +207,7 @@ class Processes:
         cwd = self.workdir / name
         cwd.mkdir(exist_ok=True)
         argv = [str(self.wsbridge), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        return self._start(name, argv, env, cwd=cwd)
+        return self._start(name, "appliance", argv, env, cwd=cwd)
 
     def start_redis(self, name: str, port: int) -> Proc:
         server = shutil.which("redis-server")
@@ -206,7 +215,7 @@ class Processes:
             raise RuntimeError("redis-server not found (apt-get install redis-server; python3 dev.py test installs it)")
         argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--maxclients", "20000", "--dir", str(self.workdir)]
-        return self._start(name, argv, self._base_env())
+        return self._start(name, "redis", argv, self._base_env())
 
 
 async def wait_http_ok(proc: Proc, url: str, timeout: float = 30.0) -> None:

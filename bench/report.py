@@ -54,6 +54,7 @@ def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_cl
         Row("closed loop: latency p99 (ms)", each("closed", "latency", "p99_ms"), "{:.2f}", "times"),
         Row("closed loop: server CPU (% of a core)", each("closed", "server_cpu_pct"), "{:.0f}"),
         Row("closed loop: generator CPU (% of a core)", each("closed", "generator_cpu_pct"), "{:.0f}"),
+        Row("closed loop: other load on the machine (% of a core)", each("closed", "other_cpu_pct"), "{:.0f}"),
     ]
     for rate, limit in zip(rates, (1.0, 2.0, *([None] * len(rates)))):
         key = f"open_{rate:g}"
@@ -64,6 +65,7 @@ def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_cl
         rows.append(Row(f"open loop {rate:g}/s: latency p99 (ms)", each(key, "latency", "p99_ms"), "{:.2f}", "times", goal))
         rows.append(Row(f"open loop {rate:g}/s: p99 from actual send (ms)", each(key, "service", "p99_ms"), "{:.2f}", "times"))
         rows.append(Row(f"open loop {rate:g}/s: server CPU (%)", each(key, "server_cpu_pct"), "{:.0f}"))
+        rows.append(Row(f"open loop {rate:g}/s: other load on the machine (%)", each(key, "other_cpu_pct"), "{:.0f}"))
     rows += [
         Row(
             "fan-out 1 command to each of 1000 clients: last delivery, median (ms)",
@@ -74,6 +76,7 @@ def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_cl
         ),
         Row("fan-out: last delivery, worst of the repeats (ms)", each("fanout", "delivered_max_ms"), "{:.1f}", "times"),
         Row("fan-out: all 1000 echoes back at the controller, median (ms)", each("fanout", "replied_median_ms"), "{:.1f}", "times"),
+        Row("fan-out: other load on the machine (%)", each("fanout", "other_cpu_pct"), "{:.0f}"),
     ]
     for count in memory_clients:
         rows.append(
