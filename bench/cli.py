@@ -19,7 +19,7 @@ from pathlib import Path
 from .profile import Profiler, summarise
 from .procs import Processes, raise_nofile_limit
 from .report import build_rows, markdown_table, missed_targets
-from .runner import SCENARIOS, TARGETS, Options, run_target
+from .runner import SCENARIOS, TARGETS, Options, run_memory, run_traffic
 
 __all__ = ["main", "parse_args"]
 
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--scenarios", type=_choices(SCENARIOS), default=defaults.scenarios,
                         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="short run: 2 s windows, 3 fan-out repeats, memory at 1000 and 5000")
+                        help="short run: 1 round, 2 s windows, 3 fan-out repeats, memory at 1000 and 5000")
     parser.add_argument("--duration", type=float, default=defaults.duration, help="seconds measured per loop scenario")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="seconds of traffic before measuring")
     parser.add_argument("--clients", type=int, default=defaults.clients, help="clients in the loop scenarios")
@@ -66,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                         help="idle client counts for the memory scenario")
     parser.add_argument("--memory-targets", type=_choices(TARGETS), default=defaults.memory_targets,
                         help="targets the memory scenario runs on (default: reference,embedded)")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds,
+                        help="runs of each traffic scenario per target, interleaved across targets; medians reported")
     parser.add_argument("--quiet-wait", type=float, default=defaults.quiet_wait,
-                        help="before each scenario, wait up to this many seconds for other processes to go quiet")
+                        help="seconds the whole run may spend waiting for other processes to go quiet before a scenario")
     parser.add_argument("--quiet-threshold", type=float, default=defaults.quiet_threshold,
                         help="quiet means other processes use less than this %% of a core")
     parser.add_argument("--wsbridge", type=Path, default=None, help="the wsbridge script (default: next to python)")
@@ -92,30 +94,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         fanout_repeats=args.fanout_repeats,
         memory_clients=args.memory_clients,
         memory_targets=args.memory_targets,
+        rounds=max(1, args.rounds),
         quiet_wait=args.quiet_wait,
         quiet_threshold=args.quiet_threshold,
     )
     if args.py_spy is not None:
         opts = replace(opts, profiler=Profiler(args.py_spy, args.profile_dir))
     if args.quick:
-        opts = replace(opts, duration=min(opts.duration, 2.0), warmup=min(opts.warmup, 0.5),
+        opts = replace(opts, duration=min(opts.duration, 2.0), warmup=min(opts.warmup, 0.5), rounds=1,
                        fanout_repeats=min(opts.fanout_repeats, 3),
                        memory_clients=tuple(c for c in opts.memory_clients if c <= 5000) or (1000,))
     return opts, args
 
 
 async def _run(opts: Options, args: argparse.Namespace, workdir: Path) -> dict:
-    results: dict = {}
+    results: dict = {target: {} for target in opts.targets}
     with Processes(workdir, args.wsbridge) as procs:
-        for target in opts.targets:
-            print(f"== {target}", flush=True)
+        if {"closed", "open", "fanout", "redis-conns"} & set(opts.scenarios):
+            print(f"== traffic scenarios, targets interleaved: {', '.join(opts.targets)}", flush=True)
             started = time.monotonic()
-            try:
-                results[target] = await run_target(target, opts, procs)
-            except Exception as exc:  # one broken target must not hide the others' figures
-                print(f"  [{target}] FAILED: {exc}", flush=True)
-                results[target] = {"failed": str(exc)}
-            print(f"  [{target}] done in {time.monotonic() - started:.0f} s", flush=True)
+            for target, figures in (await run_traffic(opts, procs)).items():
+                results[target].update(figures)
+            print(f"   done in {time.monotonic() - started:.0f} s", flush=True)
+        if "memory" in opts.scenarios:
+            for target in opts.targets:
+                if target not in opts.memory_targets:
+                    continue
+                print(f"== memory per idle connection: {target}", flush=True)
+                started = time.monotonic()
+                try:
+                    results[target]["memory"] = await run_memory(target, opts, procs)
+                except Exception as exc:  # one broken target must not hide the others' figures
+                    print(f"  [{target}] FAILED: {exc}", flush=True)
+                    results[target]["failed"] = f"memory: {exc}"
+                print(f"   done in {time.monotonic() - started:.0f} s", flush=True)
     return results
 
 

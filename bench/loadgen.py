@@ -495,6 +495,8 @@ class LoadGenerator:
             "delivered_median_ms": statistics.median(delivered) if delivered else float("nan"),
             "delivered_max_ms": max(delivered) if delivered else float("nan"),
             "replied_median_ms": statistics.median(replied) if replied else float("nan"),
+            "delivered_ms": delivered,
+            "replied_ms": replied,
         }
 
 

@@ -8,10 +8,17 @@ Targets:
   controllers connect to instance A, clients to instance B, so every command
   and every reply crosses Redis.
 
-Per target, one deployment serves the traffic scenarios in order (the clients
-stay connected between them): closed loop, open loop at each rate, then
-fan-out (after connecting the remaining clients). The memory scenario uses a
-fresh deployment, so its baseline is a server that has seen no traffic.
+All targets are deployed side by side and the traffic scenarios are
+interleaved: for each scenario, each round runs it against every target in
+turn, and a figure is the median of its rounds. On a shared 2-core machine the
+background load comes and goes; interleaving spreads it over the targets
+instead of charging it to whichever one happened to run during a busy minute.
+The clients stay connected between scenarios (100 for the loops, then up to
+1000 for fan-out). Idle servers of the other targets cost next to nothing
+meanwhile (their pings), and count as "ours" in the other-load figure.
+
+The memory scenario uses a fresh deployment per target, one after the other,
+so its baseline is a server that has seen no traffic.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import secrets
+import statistics
 import time
 from dataclasses import dataclass, field
 
 from .loadgen import LoadGenerator
 from .procs import Processes, free_port, machine_busy_seconds, redis_clients, wait_http_ok, wait_redis
 
-__all__ = ["Options", "TARGETS", "SCENARIOS", "run_target"]
+__all__ = ["Options", "TARGETS", "SCENARIOS", "run_memory", "run_traffic"]
 
 TARGETS = ("reference", "embedded", "redis")
 SCENARIOS = ("closed", "open", "fanout", "memory", "redis-conns")
@@ -46,7 +54,8 @@ class Options:
     memory_clients: tuple[int, ...] = (1000, 5000, 10000)
     memory_targets: tuple[str, ...] = ("reference", "embedded")
     log: callable = print
-    quiet_wait: float = 20.0  # seconds to wait, before each scenario, for the machine to be quiet
+    rounds: int = 2  # each traffic scenario runs this many times per target, interleaved; medians reported
+    quiet_wait: float = 60.0  # total seconds the run may spend waiting for the machine to be quiet
     quiet_threshold: float = 15.0  # "quiet": other processes use less than this % of a core
     profiler: object = None  # a bench.profile.Profiler to sample the servers during the closed loop
     extra: dict = field(default_factory=dict)
@@ -106,56 +115,58 @@ async def _deploy(target: str, procs: Processes, tokens: _Tokens, tag: str) -> _
 
 
 class _ServerCpu:
-    def __init__(self, procs) -> None:
+    """CPU of some server processes over a window, and of everything else on the machine."""
+
+    def __init__(self, procs: list, ours: list) -> None:
         self.procs = procs
-        self._start = 0.0
-        self._wall = 0.0
+        self.ours = ours  # every process this run started (idle targets included)
 
     def start(self) -> None:
-        self._start = sum(proc.cpu_seconds() for proc in self.procs)
+        self._each = {proc.name: proc.cpu_seconds() for proc in self.procs}
+        self._ours = sum(proc.cpu_seconds() for proc in self.ours)
         self._machine = machine_busy_seconds()
         self._own = time.process_time()
         self._wall = time.monotonic()
 
-        self._each = {proc.name: proc.cpu_seconds() for proc in self.procs}
-
     def percent(self) -> float:
-        wall = time.monotonic() - self._wall
-        return 100 * (sum(proc.cpu_seconds() for proc in self.procs) - self._start) / wall
-
-    def others(self) -> float:
-        """CPU used by everything else on the machine meanwhile (other jobs, steal), % of a core.
-
-        The machine has 2 cores shared with whatever else runs: a figure taken
-        while this is high is noise, and the table shows it next to the figures.
-        """
-        wall = time.monotonic() - self._wall
-        ours = (sum(proc.cpu_seconds() for proc in self.procs) - self._start) + (time.process_time() - self._own)
-        return max(0.0, 100 * (machine_busy_seconds() - self._machine - ours) / wall)
+        return sum(self.by_process().values())
 
     def by_process(self) -> dict[str, float]:
         wall = time.monotonic() - self._wall
         return {proc.name: 100 * (proc.cpu_seconds() - self._each[proc.name]) / wall for proc in self.procs}
 
+    def others(self) -> float:
+        """CPU used by everything else on the machine meanwhile (other jobs, steal), % of a core.
 
-async def _wait_quiet(opts: Options, procs: list) -> float:
-    """Wait (bounded) until other processes leave the machine alone; returns their load, % of a core.
+        The machine has 2 cores, possibly shared with whatever else runs: a
+        figure taken while this is high is noise, and the table shows it.
+        """
+        wall = time.monotonic() - self._wall
+        ours = (sum(proc.cpu_seconds() for proc in self.ours) - self._ours) + (time.process_time() - self._own)
+        return max(0.0, 100 * (machine_busy_seconds() - self._machine - ours) / wall)
 
-    The machine has 2 cores and may be shared (other test suites, other
-    benchmarks): a figure measured while something else burns a core says
-    little. Each scenario's ``other_cpu_pct`` tells how quiet it really was.
-    """
-    deadline = time.monotonic() + opts.quiet_wait
-    while True:
-        probe = _ServerCpu(procs)
-        probe.start()
-        await asyncio.sleep(0.5)
-        load = probe.others()
-        if load < opts.quiet_threshold or time.monotonic() >= deadline:
-            if load >= opts.quiet_threshold and opts.quiet_wait > 0:
-                opts.log(f"    (machine still busy: {load:.0f} % of a core used by other processes)")
-            return load
-        await asyncio.sleep(0.5)
+
+class _QuietBudget:
+    """Waits, within a budget for the whole run, until other processes leave the machine alone."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.left = opts.quiet_wait
+
+    async def wait(self, ours: list) -> float:
+        threshold = self.opts.quiet_threshold
+        while True:
+            probe = _ServerCpu([], ours)
+            probe.start()
+            await asyncio.sleep(0.5)
+            self.left -= 0.5
+            load = probe.others()
+            if load < threshold:
+                return load
+            if self.left <= 0:
+                return load
+            await asyncio.sleep(0.5)
+            self.left -= 0.5
 
 
 def _ids(count: int, prefix: str = "c") -> list[str]:
@@ -179,70 +190,174 @@ def _redis_conns(port: int) -> dict:
     return {"total": len(entries), "pubsub": sum(1 for e in entries if int(e.get("sub", 0)) or int(e.get("psub", 0)))}
 
 
-async def _traffic(target: str, opts: Options, procs: Processes, tokens: _Tokens) -> dict:
-    results: dict = {}
-    deployment = await _deploy(target, procs, tokens, "traffic")
-    gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
-    log = opts.log
+class _Live:
+    """One deployed target with its generator and its results."""
+
+    def __init__(self, target: str, deployment: _Deployment, gen: LoadGenerator) -> None:
+        self.target = target
+        self.deployment = deployment
+        self.gen = gen
+        self.results: dict = {}
+        self.rounds: dict[str, list[dict]] = {}
+        self.failed: str | None = None
+
+
+def _median_round(rounds: list[dict], key) -> dict:
+    """The round whose ``key`` is the median (the lower middle one for an even count), with all rounds' keys."""
+    ordered = sorted(rounds, key=key)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds"] = [key(r) for r in rounds]
+    return chosen
+
+
+async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, dict]:
+    """The traffic scenarios against every target in ``opts.targets``, interleaved."""
+    targets = [t for t in opts.targets]
+    live: list[_Live] = []
+    quiet = _QuietBudget(opts)
     try:
-        await gen.connect_controllers(opts.controllers)
+        for target in targets:
+            tokens = _Tokens()
+            try:
+                deployment = await _deploy(target, procs, tokens, "traffic")
+                gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
+                entry = _Live(target, deployment, gen)
+                live.append(entry)
+                await gen.connect_controllers(opts.controllers)
+                await _connect_or_fail(gen, _ids(opts.clients))
+            except Exception as exc:  # one broken target must not hide the others' figures
+                log(f"  [{target}] FAILED to start: {exc}")
+                if live and live[-1].target == target:
+                    live[-1].failed = str(exc)
+                else:
+                    failed = _Live(target, None, None)
+                    failed.failed = str(exc)
+                    live.append(failed)
+
+        async def each_round(name: str, describe: str, scenario) -> None:
+            for round_no in range(opts.rounds):
+                for entry in live:
+                    if entry.failed:
+                        continue
+                    log(f"  [{entry.target}] {describe} (round {round_no + 1}/{opts.rounds})")
+                    await quiet.wait(procs.started)
+                    servers = entry.deployment.server_pids
+                    cpu = _ServerCpu(servers, procs.started)
+                    cpu.start()
+                    try:
+                        result = await scenario(entry, round_no)
+                    except Exception as exc:
+                        log(f"  [{entry.target}] FAILED: {exc}")
+                        entry.failed = f"{name}: {exc}"
+                        continue
+                    result["server_cpu_pct"] = cpu.percent()
+                    result["server_cpu_pct_by_process"] = cpu.by_process()
+                    result["other_cpu_pct"] = cpu.others()
+                    entry.rounds.setdefault(name, []).append(result)
+
         base_ids = _ids(opts.clients)
-        await _connect_or_fail(gen, base_ids)
         if "closed" in opts.scenarios:
-            log(f"  [{target}] closed loop: {opts.clients} clients, {opts.outstanding} outstanding, {opts.duration:g} s")
-            await _wait_quiet(opts, deployment.server_pids)
-            cpu = _ServerCpu(deployment.server_pids)
-            cpu.start()
-            if opts.profiler is not None:
-                for proc in deployment.server_pids:
-                    if proc.kind == "appliance":
-                        opts.profiler.start(f"{proc.name}-closed", proc.pid, opts.warmup + opts.duration)
-            result = await gen.closed_loop(base_ids, opts.outstanding, opts.duration, opts.warmup)
-            result["server_cpu_pct"] = cpu.percent()
-            result["server_cpu_pct_by_process"] = cpu.by_process()
-            result["other_cpu_pct"] = cpu.others()
-            if opts.profiler is not None:
-                await asyncio.to_thread(opts.profiler.finish)
-            results["closed"] = result
+            async def closed(entry: _Live, round_no: int) -> dict:
+                profiler = opts.profiler if round_no == 0 else None
+                if profiler is not None:
+                    for proc in entry.deployment.server_pids:
+                        if proc.kind == "appliance":
+                            profiler.start(f"{proc.name}-closed", proc.pid, opts.warmup + opts.duration)
+                result = await entry.gen.closed_loop(base_ids, opts.outstanding, opts.duration, opts.warmup)
+                if profiler is not None:
+                    await asyncio.to_thread(profiler.finish)
+                return result
+
+            await each_round(
+                "closed", f"closed loop: {opts.clients} clients, {opts.outstanding} outstanding, {opts.duration:g} s", closed
+            )
+            for entry in live:
+                if entry.rounds.get("closed"):
+                    entry.results["closed"] = _median_round(entry.rounds["closed"], lambda r: r["round_trips_per_s"])
+
         if "open" in opts.scenarios:
             for rate in opts.rates:
-                log(f"  [{target}] open loop: {rate:g} commands/s, {opts.duration:g} s")
-                await _wait_quiet(opts, deployment.server_pids)
-                cpu = _ServerCpu(deployment.server_pids)
-                cpu.start()
-                result = await gen.open_loop(base_ids, rate, opts.duration, opts.warmup)
-                result["server_cpu_pct"] = cpu.percent()
-                result["server_cpu_pct_by_process"] = cpu.by_process()
-                result["other_cpu_pct"] = cpu.others()
-                results[f"open_{rate:g}"] = result
-        if "redis-conns" in opts.scenarios and deployment.redis_port:
-            # Read after the load at this client count: a publish pool that grows
-            # with the load would show here.
-            results["redis_conns"] = {str(len(gen.clients)): _redis_conns(deployment.redis_port)}
+                async def open_loop(entry: _Live, round_no: int, rate=rate) -> dict:
+                    return await entry.gen.open_loop(base_ids, rate, opts.duration, opts.warmup)
+
+                key = f"open_{rate:g}"
+                await each_round(key, f"open loop: {rate:g} commands/s, {opts.duration:g} s", open_loop)
+                for entry in live:
+                    if entry.rounds.get(key):
+                        entry.results[key] = _median_round(entry.rounds[key], lambda r: r["latency"]["p99_ms"])
+
+        if "redis-conns" in opts.scenarios:
+            for entry in live:
+                if not entry.failed and entry.deployment.redis_port:
+                    # Read after the load at this client count: a publish pool that grew with it would show.
+                    entry.results["redis_conns"] = {
+                        str(len(entry.gen.clients)): _redis_conns(entry.deployment.redis_port)
+                    }
+
         if "fanout" in opts.scenarios or "redis-conns" in opts.scenarios:
-            fan_ids = _ids(max(opts.fanout_clients, opts.clients))
-            log(f"  [{target}] connecting {len(fan_ids)} clients")
-            await _connect_or_fail(gen, fan_ids)
-            fan_ids = fan_ids[: opts.fanout_clients]
+            fan_total = max(opts.fanout_clients, opts.clients)
+            for entry in live:
+                if entry.failed:
+                    continue
+                log(f"  [{entry.target}] connecting {fan_total} clients")
+                try:
+                    await _connect_or_fail(entry.gen, _ids(fan_total))
+                except Exception as exc:
+                    log(f"  [{entry.target}] FAILED: {exc}")
+                    entry.failed = f"connect {fan_total}: {exc}"
+            fan_ids = _ids(opts.fanout_clients)
             if "fanout" in opts.scenarios:
-                log(f"  [{target}] fan-out to {len(fan_ids)} clients x {opts.fanout_repeats}")
-                await _wait_quiet(opts, deployment.server_pids)
-                cpu = _ServerCpu(deployment.server_pids)
-                cpu.start()
-                results["fanout"] = await gen.fan_out(fan_ids, opts.fanout_repeats)
-                results["fanout"]["other_cpu_pct"] = cpu.others()
-            if "redis-conns" in opts.scenarios and deployment.redis_port:
-                results.setdefault("redis_conns", {})[str(len(gen.clients))] = _redis_conns(deployment.redis_port)
-        results["server_closes"] = dict(gen.server_closes)
-        results["connect_failures"] = dict(gen.connect_failures)
+                async def fan_out(entry: _Live, round_no: int) -> dict:
+                    return await entry.gen.fan_out(fan_ids, opts.fanout_repeats)
+
+                await each_round("fanout", f"fan-out to {len(fan_ids)} clients x {opts.fanout_repeats}", fan_out)
+                for entry in live:
+                    rounds = entry.rounds.get("fanout")
+                    if rounds:
+                        entry.results["fanout"] = _pool_fanout(rounds)
+            if "redis-conns" in opts.scenarios:
+                for entry in live:
+                    if not entry.failed and entry.deployment.redis_port:
+                        entry.results.setdefault("redis_conns", {})[str(len(entry.gen.clients))] = _redis_conns(
+                            entry.deployment.redis_port
+                        )
+
+        for entry in live:
+            if entry.gen is not None:
+                entry.results["server_closes"] = dict(entry.gen.server_closes)
+                entry.results["connect_failures"] = dict(entry.gen.connect_failures)
+            if entry.failed:
+                entry.results["failed"] = entry.failed
     finally:
-        await gen.close()
+        for entry in live:
+            if entry.gen is not None:
+                await entry.gen.close()
         procs.stop_all()
-    return results
+    return {entry.target: entry.results for entry in live}
 
 
-async def _memory(target: str, opts: Options, procs: Processes, tokens: _Tokens) -> dict:
+def _pool_fanout(rounds: list[dict]) -> dict:
+    """Fan-out figures over every repeat of every round."""
+    delivered = [x for r in rounds for x in r["delivered_ms"]]
+    replied = [x for r in rounds for x in r["replied_ms"]]
+    nan = float("nan")
+    return {
+        "clients": rounds[0]["clients"],
+        "repeats": sum(r["repeats"] for r in rounds),
+        "incomplete": sum(r["incomplete"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "delivered_median_ms": statistics.median(delivered) if delivered else nan,
+        "delivered_max_ms": max(delivered) if delivered else nan,
+        "replied_median_ms": statistics.median(replied) if replied else nan,
+        "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in rounds),
+        "other_cpu_pct": statistics.median(r["other_cpu_pct"] for r in rounds),
+        "delivered_ms": delivered,
+    }
+
+
+async def run_memory(target: str, opts: Options, procs: Processes) -> dict:
     """Server RSS growth per idle client connection, at each count in ``opts.memory_clients``."""
+    tokens = _Tokens()
     deployment = await _deploy(target, procs, tokens, "memory")
     gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
     server = deployment.main
@@ -293,14 +408,3 @@ async def _settled_rss(server, timeout: float = 10.0) -> int:
             return current
         previous = current
     return previous
-
-
-async def run_target(target: str, opts: Options, procs: Processes) -> dict:
-    tokens = _Tokens()
-    results: dict = {}
-    traffic = {"closed", "open", "fanout", "redis-conns"} & set(opts.scenarios)
-    if traffic:
-        results.update(await _traffic(target, opts, procs, tokens))
-    if "memory" in opts.scenarios and target in opts.memory_targets:
-        results["memory"] = await _memory(target, opts, procs, tokens)
-    return results
