@@ -155,6 +155,8 @@ class _QuietBudget:
 
     async def wait(self, ours: list) -> float:
         threshold = self.opts.quiet_threshold
+        if self.left <= 0:
+            return float("nan")
         while True:
             probe = _ServerCpu([], ours)
             probe.start()

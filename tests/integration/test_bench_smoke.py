@@ -49,6 +49,7 @@ def test_generator_answers_every_command_against_the_reference_relay(tmp_path: P
         "--fanout-clients", "5",
         "--fanout-repeats", "2",
         "--memory-clients", "50",
+        "--rounds", "1",
         "--quiet-wait", "0",  # a smoke test does not wait for a quiet machine
     )
 
