@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                         help="seconds the whole run may spend waiting for other processes to go quiet before a scenario")
     parser.add_argument("--quiet-threshold", type=float, default=defaults.quiet_threshold,
                         help="quiet means other processes use less than this %% of a core")
+    parser.add_argument("--extra-target", action="append", default=[], metavar="NAME=WSBRIDGE",
+                        help="also run another wsbridge script on the embedded broker as target NAME "
+                             "(e.g. a branch's .venv/bin/wsbridge, to compare it in the same run); repeatable")
     parser.add_argument("--wsbridge", type=Path, default=None, help="the wsbridge script (default: next to python)")
     parser.add_argument("--json", type=Path, default=None, help="also write every raw figure to this JSON file")
     parser.add_argument("--py-spy", type=Path, default=None,
@@ -80,9 +83,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
                         help="where the py-spy collapsed stacks go (default bench/results/profiles)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
     args = parser.parse_args(argv)
+    extra = {}
+    for spec in args.extra_target:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or name in TARGETS:
+            parser.error(f"--extra-target wants NAME=PATH with a new NAME, got {spec!r}")
+        extra[name] = Path(path)
     opts = replace(
         defaults,
-        targets=args.targets,
+        targets=(*args.targets, *extra),
+        extra_targets=extra,
         scenarios=args.scenarios,
         duration=args.duration,
         warmup=args.warmup,
@@ -93,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         fanout_clients=args.fanout_clients,
         fanout_repeats=args.fanout_repeats,
         memory_clients=args.memory_clients,
-        memory_targets=args.memory_targets,
+        memory_targets=(*args.memory_targets, *extra),
         rounds=max(1, args.rounds),
         quiet_wait=args.quiet_wait,
         quiet_threshold=args.quiet_threshold,
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server logs kept in {workdir}")
         else:
             tmp.cleanup()
-    rows = build_rows(results, opts.rates, opts.memory_clients if "memory" in opts.scenarios else ())
+    rows = build_rows(results, opts.rates, opts.memory_clients if "memory" in opts.scenarios else (),
+                      embedded_like=tuple(opts.extra_targets))
     print()
     print(markdown_table(rows, list(opts.targets)))
     print()
@@ -175,4 +186,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _jsonable(opts: Options) -> dict:
-    return {k: v for k, v in vars(opts).items() if k not in ("log", "extra")}
+    return {k: v for k, v in vars(opts).items() if k not in ("log", "profiler")}

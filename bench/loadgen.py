@@ -288,12 +288,18 @@ class LoadGenerator:
         self.errors.clear()
         return sorted(waiting)
 
-    async def closed_loop(self, ids: list[str], outstanding: int, duration: float, warmup: float) -> dict:
+    async def closed_loop(
+        self, ids: list[str], outstanding: int, duration: float, warmup: float, server_cpu=None
+    ) -> dict:
         """Keep ``outstanding`` commands in flight (each reply triggers the next command to that client).
 
         Returns round trips per second over the measurement window, their
         latency, and how many commands were never answered after a drain.
+        ``server_cpu``, a function returning the server's CPU seconds so far,
+        gives the server's CPU time per round trip over the same window: a
+        figure that a busy machine disturbs far less than the throughput.
         """
+        server_cpu = server_cpu or (lambda: float("nan"))
         controllers = self.controllers
         owner = {cid: controllers[i % len(controllers)] for i, cid in enumerate(ids)}
         pending: set[int] = set()
@@ -336,11 +342,13 @@ class LoadGenerator:
             await asyncio.sleep(warmup)
             state["measuring"] = True
             cpu.start()
+            server_before = server_cpu()
             started = _now()
             await asyncio.sleep(duration)
             state["measuring"] = False
             elapsed = (_now() - started) / 1e9
             cpu.stop()
+            server_used = server_cpu() - server_before
             state["running"] = False
             await _wait_for(lambda: not pending, 10.0)
         finally:
@@ -355,6 +363,8 @@ class LoadGenerator:
             "errors": sum(self.errors.values()) - errors_before,
             "latency": latency_summary(window.latencies),
             "generator_cpu_pct": cpu.percent,
+            "server_cpu_us_per_round_trip": 1e6 * server_used / max(state["done"], 1),
+            "generator_cpu_us_per_round_trip": 1e6 * cpu.seconds / max(state["done"], 1),
             "window_s": elapsed,
         }
 
@@ -443,7 +453,7 @@ class LoadGenerator:
             "generator_cpu_pct": cpu.percent,
         }
 
-    async def fan_out(self, ids: list[str], repeats: int, pause: float = 0.2) -> dict:
+    async def fan_out(self, ids: list[str], repeats: int, pause: float = 0.2, server_cpu=None) -> dict:
         """Send one command to each of ``ids`` back to back, ``repeats`` times.
 
         ``delivered`` is the time from the first send until the last client
@@ -464,8 +474,11 @@ class LoadGenerator:
 
         controller.on_reply = on_reply
         errors_before = sum(self.errors.values())
+        server_cpu = server_cpu or (lambda: float("nan"))
+        cpu_per_rep: list[float] = []
         try:
             for rep in range(repeats):
+                cpu_before = server_cpu()
                 self.fanout_got = 0
                 self.fanout_last_ns = 0
                 self.fanout_expected = len(ids)
@@ -482,6 +495,7 @@ class LoadGenerator:
                 else:
                     delivered.append((self.fanout_last_ns - started) / 1e6)
                     replied.append((finished - started) / 1e6)
+                    cpu_per_rep.append(1e3 * (server_cpu() - cpu_before))
                 self.fanout_expected = 0
                 await asyncio.sleep(pause)
         finally:
@@ -497,6 +511,8 @@ class LoadGenerator:
             "replied_median_ms": statistics.median(replied) if replied else float("nan"),
             "delivered_ms": delivered,
             "replied_ms": replied,
+            # Server CPU for one fan-out and its 1000 echoes (read after the echoes are back).
+            "server_cpu_ms": cpu_per_rep,
         }
 
 
@@ -505,6 +521,7 @@ class _CpuWindow:
 
     def __init__(self) -> None:
         self.percent = float("nan")
+        self.seconds = float("nan")
         self._cpu = 0.0
         self._wall = 0.0
 
@@ -514,8 +531,9 @@ class _CpuWindow:
 
     def stop(self) -> None:
         wall = time.monotonic() - self._wall
+        self.seconds = time.process_time() - self._cpu
         if wall > 0:
-            self.percent = 100 * (time.process_time() - self._cpu) / wall
+            self.percent = 100 * self.seconds / wall
 
 
 async def _wait_for(condition, timeout: float, poll: float = 0.005) -> bool:

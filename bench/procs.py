@@ -199,14 +199,15 @@ class Processes:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         return self._start(name, "reference", argv, env, cwd=REPO)
 
-    def start_appliance(self, name: str, port: int, settings: dict[str, str]) -> Proc:
-        if not self.wsbridge.exists():
-            raise RuntimeError(f"{self.wsbridge} not found: install the project (python3 dev.py test --co)")
+    def start_appliance(self, name: str, port: int, settings: dict[str, str], wsbridge: Path | None = None) -> Proc:
+        wsbridge = wsbridge or self.wsbridge
+        if not wsbridge.exists():
+            raise RuntimeError(f"{wsbridge} not found: install the project (python3 dev.py test --co)")
         env = {**self._base_env(), **settings}
         # The appliance's own folder for .env: an empty one, so no developer .env is read.
         cwd = self.workdir / name
         cwd.mkdir(exist_ok=True)
-        argv = [str(self.wsbridge), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [str(wsbridge), "serve", "--host", "127.0.0.1", "--port", str(port)]
         return self._start(name, "appliance", argv, env, cwd=cwd)
 
     def start_redis(self, name: str, port: int) -> Proc:

@@ -41,7 +41,13 @@ def _kb(kib: float | None) -> float | None:
     return None if kib is None else kib * 1024 / 1000
 
 
-def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_clients: tuple[int, ...]) -> list[Row]:
+def build_rows(
+    all_results: dict[str, dict],
+    rates: tuple[float, ...],
+    memory_clients: tuple[int, ...],
+    embedded_like: tuple[str, ...] = (),
+) -> list[Row]:
+    """The table's rows; ``embedded_like`` targets (extra wsbridge builds) get the embedded goals."""
     def each(*path, convert=lambda v: v):
         return {t: (None if _get(r, *path) is None else convert(_get(r, *path))) for t, r in all_results.items()}
 
@@ -58,6 +64,12 @@ def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_cl
                 "redis": (">= 12 % of reference", lambda v, ref: ref is not None and v >= 0.12 * ref),
             },
             closed_noise,
+        ),
+        Row(
+            "closed loop: server CPU per round trip (us; a busy machine disturbs it least)",
+            each("closed", "server_cpu_us_per_round_trip"),
+            "{:.1f}",
+            "times",
         ),
         Row("closed loop: latency p50 (ms)", each("closed", "latency", "p50_ms"), "{:.2f}", "times"),
         Row("closed loop: latency p99 (ms)", each("closed", "latency", "p99_ms"), "{:.2f}", "times"),
@@ -87,6 +99,7 @@ def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_cl
         ),
         Row("fan-out: last delivery, worst of the repeats (ms)", each("fanout", "delivered_max_ms"), "{:.1f}", "times"),
         Row("fan-out: all 1000 echoes back at the controller, median (ms)", each("fanout", "replied_median_ms"), "{:.1f}", "times"),
+        Row("fan-out: server CPU per fan-out incl. the echoes, median (ms)", each("fanout", "server_cpu_ms_median"), "{:.1f}", "times"),
         Row("fan-out: other load on the machine (%)", each("fanout", "other_cpu_pct"), "{:.0f}"),
     ]
     for count in memory_clients:
@@ -134,9 +147,13 @@ def build_rows(all_results: dict[str, dict], rates: tuple[float, ...], memory_cl
             {t: _problems(r) for t, r in all_results.items()},
             "{:.0f}",
             None,
-            {t: ("0", lambda v, ref: v == 0) for t in ("embedded", "redis")},
+            {t: ("0", lambda v, ref: v == 0) for t in ("embedded", "redis", *embedded_like)},
         )
     )
+    for row in rows:
+        if row.goals and "embedded" in row.goals:
+            for name in embedded_like:
+                row.goals[name] = row.goals["embedded"]
     return rows
 
 
@@ -174,6 +191,8 @@ def markdown_table(rows: list[Row], targets: list[str]) -> str:
     header += ["target", "met?"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        if all(_fmt(v, "{}") == "–" for v in row.values.values()):
+            continue  # a scenario that was not run
         ref = row.values.get("reference")
         cells = [row.label]
         if "reference" in targets:

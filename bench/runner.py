@@ -53,12 +53,13 @@ class Options:
     fanout_repeats: int = 10
     memory_clients: tuple[int, ...] = (1000, 5000, 10000)
     memory_targets: tuple[str, ...] = ("reference", "embedded")
+    # Extra embedded-broker targets: name -> another wsbridge script (a branch to compare, say).
+    extra_targets: dict = field(default_factory=dict)
     log: callable = print
     rounds: int = 2  # each traffic scenario runs this many times per target, interleaved; medians reported
     quiet_wait: float = 60.0  # total seconds the run may spend waiting for the machine to be quiet
     quiet_threshold: float = 15.0  # "quiet": other processes use less than this % of a core
     profiler: object = None  # a bench.profile.Profiler to sample the servers during the closed loop
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -78,7 +79,8 @@ class _Tokens:
         self.client = secrets.token_urlsafe(24)
 
 
-async def _deploy(target: str, procs: Processes, tokens: _Tokens, tag: str) -> _Deployment:
+async def _deploy(target: str, procs: Processes, tokens: _Tokens, tag: str, extra: dict | None = None) -> _Deployment:
+    extra = extra or {}
     if target == "reference":
         port = free_port()
         proc = procs.start_reference(f"reference-{tag}", port, tokens.controller)
@@ -86,9 +88,9 @@ async def _deploy(target: str, procs: Processes, tokens: _Tokens, tag: str) -> _
         url = f"ws://127.0.0.1:{port}"
         return _Deployment(url, url, [proc], proc)
     settings = {"LLM_SECRET_TOKEN": tokens.controller, "UNITY_CLIENT_TOKEN": tokens.client}
-    if target == "embedded":
+    if target == "embedded" or target in extra:
         port = free_port()
-        proc = procs.start_appliance(f"embedded-{tag}", port, settings)
+        proc = procs.start_appliance(f"{target}-{tag}", port, settings, extra.get(target))
         await wait_http_ok(proc, f"http://127.0.0.1:{port}/healthz")
         url = f"ws://127.0.0.1:{port}"
         return _Deployment(url, url, [proc], proc)
@@ -221,7 +223,7 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
         for target in targets:
             tokens = _Tokens()
             try:
-                deployment = await _deploy(target, procs, tokens, "traffic")
+                deployment = await _deploy(target, procs, tokens, "traffic", opts.extra_targets)
                 gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
                 entry = _Live(target, deployment, gen)
                 live.append(entry)
@@ -265,7 +267,11 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
                     for proc in entry.deployment.server_pids:
                         if proc.kind == "appliance":
                             profiler.start(f"{proc.name}-closed", proc.pid, opts.warmup + opts.duration)
-                result = await entry.gen.closed_loop(base_ids, opts.outstanding, opts.duration, opts.warmup)
+                servers = entry.deployment.server_pids
+                result = await entry.gen.closed_loop(
+                    base_ids, opts.outstanding, opts.duration, opts.warmup,
+                    server_cpu=lambda: sum(proc.cpu_seconds() for proc in servers),
+                )
                 if profiler is not None:
                     await asyncio.to_thread(profiler.finish)
                 return result
@@ -310,7 +316,10 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
             fan_ids = _ids(opts.fanout_clients)
             if "fanout" in opts.scenarios:
                 async def fan_out(entry: _Live, round_no: int) -> dict:
-                    return await entry.gen.fan_out(fan_ids, opts.fanout_repeats)
+                    servers = entry.deployment.server_pids
+                    return await entry.gen.fan_out(
+                        fan_ids, opts.fanout_repeats, server_cpu=lambda: sum(proc.cpu_seconds() for proc in servers)
+                    )
 
                 await each_round("fanout", f"fan-out to {len(fan_ids)} clients x {opts.fanout_repeats}", fan_out)
                 for entry in live:
@@ -353,6 +362,7 @@ def _pool_fanout(rounds: list[dict]) -> dict:
         "replied_median_ms": statistics.median(replied) if replied else nan,
         "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in rounds),
         "other_cpu_pct": statistics.median(r["other_cpu_pct"] for r in rounds),
+        "server_cpu_ms_median": statistics.median(cpu) if (cpu := [x for r in rounds for x in r["server_cpu_ms"]]) else nan,
         "delivered_ms": delivered,
     }
 
@@ -360,7 +370,7 @@ def _pool_fanout(rounds: list[dict]) -> dict:
 async def run_memory(target: str, opts: Options, procs: Processes) -> dict:
     """Server RSS growth per idle client connection, at each count in ``opts.memory_clients``."""
     tokens = _Tokens()
-    deployment = await _deploy(target, procs, tokens, "memory")
+    deployment = await _deploy(target, procs, tokens, "memory", opts.extra_targets)
     gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
     server = deployment.main
     out: dict = {}
