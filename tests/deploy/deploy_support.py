@@ -104,11 +104,11 @@ class Terraform:
                 raise AssertionError(f"{kind}.{name} is not a string: {value!r}")
             return self.resolve(value)
 
+        def trim(match: re.Match[str]) -> str:
+            return self.resolve("${" + match.group(1) + "}").strip(match.group(2))
+
+        text = re.sub(r'\$\{trim\(((?:var|local)\.[a-z_]+), "(.)"\)\}', trim, text)
         return re.sub(r"\$\{(var|local)\.([a-z_]+)\}", substitute, text)
-
-
-def _unwrap_list(value: Any) -> Any:
-    return value
 
 
 def load_terraform() -> Terraform:
