@@ -228,7 +228,7 @@ class Relay:
         if type(action) is Deliver:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
-            metrics.MESSAGES.labels(direction="in", role="client").inc()
+            metrics.RECEIVED_FROM_CLIENTS.inc()
             self.broker.send_to_controllers(action.frame)
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=_error_code(action.frame)).inc()
@@ -241,7 +241,7 @@ class Relay:
             conn.close(action.code, action.reason)
 
     def _deliver(self, conn: Connection, command: Command) -> None:
-        metrics.MESSAGES.labels(direction="in", role="controller").inc()
+        metrics.RECEIVED_FROM_CONTROLLERS.inc()
 
         def failed(code: ErrorCode, detail: str) -> None:
             metrics.ERRORS.labels(code=code.value).inc()

@@ -111,7 +111,7 @@ async def test_client_library_reconnects_after_a_restart(start_appliance):
         while reply.get("error") == "target_offline":  # Sent before the client was back.
             reply = await llm.receive_json()
         assert reply == {"sender": "unity_client_1", "message": "reply"}
-    assert client.connections == 2
+    assert client.connections >= 2  # A try may land on the old process while it drains (1001).
     await client.close()
 
 
