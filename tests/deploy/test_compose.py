@@ -111,6 +111,8 @@ def test_traefik_redirects_http_to_https_and_gets_certificates_from_lets_encrypt
     assert flags["--certificatesresolvers.letsencrypt.acme.email"] == TEST_ENV["ACME_EMAIL"]
     assert flags["--certificatesresolvers.letsencrypt.acme.storage"].startswith("/letsencrypt/")
     assert flags["--providers.docker.exposedbydefault"] == "false"
+    # Tokens travel in headers: the access log must not keep them.
+    assert flags["--accesslog.fields.headers.defaultmode"] == "drop"
     # The API/dashboard is off, and never in insecure mode.
     assert flags["--api.dashboard"] == "false"
     assert not any(arg.startswith("--api.insecure") for arg in command)
