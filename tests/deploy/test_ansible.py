@@ -138,3 +138,13 @@ def test_the_static_example_inventory_defines_the_wsbridge_group(tmp_path: Path)
     )
     listed = json.loads(result.stdout)
     assert listed["wsbridge"]["hosts"] == ["bridge.example.com"]
+
+
+def test_the_role_requires_exactly_secrets_that_terraform_creates(terraform_names) -> None:
+    defaults = load(ANSIBLE_DIR / "roles" / "appliance" / "defaults" / "main.yml")
+    created = {name.removeprefix(terraform_names.parameter_prefix) for name in terraform_names.parameter_names}
+    assert set(defaults["appliance_required_secrets"]) <= created
+    # Every secret the template writes is one the role insists on.
+    template = (ANSIBLE_DIR / "roles" / "appliance" / "templates" / "env.j2").read_text()
+    used = set(re.findall(r"appliance_secrets\['(\w+)'\]", template))
+    assert used == set(defaults["appliance_required_secrets"])

@@ -13,6 +13,7 @@ import getpass
 import grp
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,17 @@ def test_the_inventory_plugin_finds_the_host_terraform_created(
     assert hostvars["ansible_host"] == aws["public_ip"]
     # The decoys exist in "AWS" but not in the inventory.
     assert set(inventory["_meta"]["hostvars"]) == {terraform_names.instance_name}
+
+
+def test_site_yml_targets_that_host_with_the_default_inventory(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    # No -i: ansible.cfg's inventory is the aws_ec2 one.
+    result = ansible(moto, tmp_path, "ansible-playbook", "site.yml", "--list-hosts")
+    hosts = re.search(r"hosts \((\d+)\):\s*\n((?:\s+\S+\n?)+)", result.stdout)
+    assert hosts, result.stdout
+    assert hosts.group(1) == "1"
+    assert hosts.group(2).split() == [terraform_names.instance_name]
 
 
 def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
