@@ -170,6 +170,9 @@ def test_the_appliance_runs_two_replicas_behind_traefik_with_a_graceful_stop(ser
     env = appliance["environment"]
     assert env["BIND_HOST"] == "0.0.0.0"
     assert env["REDIS_HOST"] == "redis"
+    assert env["FORWARDED_ALLOW_IPS"] == "*"
+    # ... which is safe only while clients cannot make Traefik trust their own header.
+    assert not any("forwardedheaders" in arg.lower() for arg in services["traefik"]["command"])
     for key, value in SECRETS.items():
         if key != "GRAFANA_ADMIN_PASSWORD":
             assert env[key] == value
