@@ -43,7 +43,7 @@ SCENARIOS = ("closed", "open", "fanout", "memory", "redis-conns")
 class Options:
     targets: tuple[str, ...] = TARGETS
     scenarios: tuple[str, ...] = SCENARIOS
-    duration: float = 5.0
+    duration: float = 4.0
     warmup: float = 1.0
     clients: int = 100
     outstanding: int = 200
@@ -56,7 +56,7 @@ class Options:
     # Extra embedded-broker targets: name -> another wsbridge script (a branch to compare, say).
     extra_targets: dict = field(default_factory=dict)
     log: callable = print
-    rounds: int = 2  # each traffic scenario runs this many times per target, interleaved; medians reported
+    rounds: int = 3  # each traffic scenario runs this many times per target, interleaved; medians reported
     quiet_wait: float = 60.0  # total seconds the run may spend waiting for the machine to be quiet
     quiet_threshold: float = 15.0  # "quiet": other processes use less than this % of a core
     profiler: object = None  # a bench.profile.Profiler to sample the servers during the closed loop
@@ -206,10 +206,15 @@ class _Live:
         self.failed: str | None = None
 
 
-def _median_round(rounds: list[dict], key) -> dict:
-    """The round whose ``key`` is the median (the lower middle one for an even count), with all rounds' keys."""
+def _median_round(rounds: list[dict], key, higher_is_better: bool) -> dict:
+    """The round whose ``key`` is the median, with every round's ``key`` under ``rounds``.
+
+    With an even number of rounds the worse of the two middle ones is taken,
+    so the reported figure is never flattered by the choice.
+    """
     ordered = sorted(rounds, key=key)
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    middle = (len(ordered) - 1) // 2 if higher_is_better else len(ordered) // 2
+    chosen = dict(ordered[middle])
     chosen["rounds"] = [key(r) for r in rounds]
     return chosen
 
@@ -281,7 +286,9 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
             )
             for entry in live:
                 if entry.rounds.get("closed"):
-                    entry.results["closed"] = _median_round(entry.rounds["closed"], lambda r: r["round_trips_per_s"])
+                    entry.results["closed"] = _median_round(
+                        entry.rounds["closed"], lambda r: r["round_trips_per_s"], higher_is_better=True
+                    )
 
         if "open" in opts.scenarios:
             for rate in opts.rates:
@@ -292,7 +299,9 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
                 await each_round(key, f"open loop: {rate:g} commands/s, {opts.duration:g} s", open_loop)
                 for entry in live:
                     if entry.rounds.get(key):
-                        entry.results[key] = _median_round(entry.rounds[key], lambda r: r["latency"]["p99_ms"])
+                        entry.results[key] = _median_round(
+                            entry.rounds[key], lambda r: r["latency"]["p99_ms"], higher_is_better=False
+                        )
 
         if "redis-conns" in opts.scenarios:
             for entry in live:
