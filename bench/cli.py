@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in missed:
         print(f"  - {line}")
     if opts.profiler is not None:
-        for collapsed in sorted(args.profile_dir.glob("*-closed.txt")):
+        for collapsed in sorted([*args.profile_dir.glob("*-closed.txt"), *args.profile_dir.glob("*-fanout.txt")]):
             print()
             print(summarise(collapsed))
     print(f"(run took {time.monotonic() - started:.0f} s)")

@@ -2,7 +2,8 @@
 
 py-spy is not a project dependency: install it anywhere (``pip install py-spy``
 in a venv of your own) and pass its path with ``--py-spy``. Each server process
-of each non-reference target is sampled during the closed-loop window
+of each non-reference target is sampled during the closed-loop window and
+during the first round of fan-outs
 (``--nonblocking``: the process is not paused, so the figures stay honest), as
 collapsed stacks (``*.txt``, one ``frame;frame;... count`` per line, for
 flamegraph.pl or speedscope) and summarised as the functions with the most

@@ -326,9 +326,18 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
             if "fanout" in opts.scenarios:
                 async def fan_out(entry: _Live, round_no: int) -> dict:
                     servers = entry.deployment.server_pids
-                    return await entry.gen.fan_out(
+                    profiler = opts.profiler if round_no == 0 else None
+                    if profiler is not None:
+                        for proc in servers:
+                            if proc.kind == "appliance":
+                                # About 0.25 s per repeat (the fan-out, its echoes, the pause).
+                                profiler.start(f"{proc.name}-fanout", proc.pid, 0.25 * opts.fanout_repeats)
+                    result = await entry.gen.fan_out(
                         fan_ids, opts.fanout_repeats, server_cpu=lambda: sum(proc.cpu_seconds() for proc in servers)
                     )
+                    if profiler is not None:
+                        await asyncio.to_thread(profiler.finish)
+                    return result
 
                 await each_round("fanout", f"fan-out to {len(fan_ids)} clients x {opts.fanout_repeats}", fan_out)
                 for entry in live:
