@@ -240,9 +240,10 @@ namespace WebSocketBridge
         /// <summary>Full-jitter exponential backoff: uniform in [0, min(max, initial * 2^attempt)].</summary>
         public static TimeSpan ComputeBackoff(int attempt, TimeSpan initial, TimeSpan max, Random random)
         {
-            double ceiling = initial.TotalMilliseconds * Math.Pow(2, Math.Min(Math.Max(attempt, 0), 30));
-            ceiling = Math.Min(ceiling, max.TotalMilliseconds);
-            return TimeSpan.FromMilliseconds(random.NextDouble() * ceiling);
+            double ceiling = initial.Ticks * Math.Pow(2, Math.Min(Math.Max(attempt, 0), 30));
+            ceiling = Math.Min(ceiling, max.Ticks);
+            // FromTicks, not FromMilliseconds: the latter rounds to whole milliseconds on .NET Framework/Mono.
+            return TimeSpan.FromTicks((long)(random.NextDouble() * ceiling));
         }
 
         /// <summary>Starts the connection loop in the background. Allowed when Idle, Stopped or Rejected.</summary>
