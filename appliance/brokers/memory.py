@@ -1,0 +1,60 @@
+"""The embedded broker: one process, everything in memory, nothing to install."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ..core.protocol import ErrorCode
+from .base import Broker, BrokerNotStarted, Claim, Inbox, OnFailure, Owner
+
+__all__ = ["MemoryBroker"]
+
+
+class MemoryBroker(Broker):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._inbox: Inbox | None = None
+        self._owners: dict[str, Owner] = {}
+        self._generations = itertools.count(1)
+
+    @property
+    def inbox(self) -> Inbox:
+        if self._inbox is None:
+            raise BrokerNotStarted("MemoryBroker used before `await broker.start(inbox)`")
+        return self._inbox
+
+    async def start(self, inbox: Inbox) -> None:
+        self._inbox = inbox
+
+    async def stop(self) -> None:
+        self._owners.clear()
+
+    async def claim(self, client_id: str, instance: str, conn_key: str, reject_if_taken: bool) -> Claim:
+        inbox = self.inbox
+        previous = self._owners.get(client_id)
+        if previous is not None and reject_if_taken:
+            return Claim(False, None, previous)
+        owner = Owner(instance, conn_key, next(self._generations))
+        self._owners[client_id] = owner
+        if previous is not None:
+            inbox.replaced(client_id, owner)
+        return Claim(True, owner, previous)
+
+    async def release(self, client_id: str, owner: Owner) -> None:
+        if self._owners.get(client_id) == owner:
+            del self._owners[client_id]
+
+    def send(self, target: str, text: str, on_failure: OnFailure) -> None:
+        if not self.inbox.deliver(target, text):
+            on_failure(ErrorCode.TARGET_OFFLINE, f"{target} is not connected")
+
+    def send_to_controllers(self, frame: str) -> None:
+        self.inbox.deliver_to_controllers(frame)
+
+    async def presence(self) -> list[dict[str, Any]]:
+        return self.inbox.presence_records()
+
+    def health(self) -> tuple[bool, str]:
+        return (self._inbox is not None, "ok" if self._inbox is not None else "broker not started")

@@ -1,0 +1,146 @@
+"""An async Python client for the relay, for controllers and clients alike.
+
+It speaks the wire contract of ``docs/protocol.md`` and reconnects by itself
+with capped, jittered exponential backoff, except after close codes that say
+retrying cannot help (bad token, invalid id, replaced by a newer connection);
+those raise :class:`BridgeClosed`::
+
+    async with BridgeClient("ws://127.0.0.1:8000", "LLM", token) as llm:
+        await llm.send_command("unity_client_1", "MoveForward 10")
+        reply = await llm.receive_json()   # {"sender": "unity_client_1", "message": ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .core.protocol import CloseCode
+
+__all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed"]
+
+#: Close codes after which reconnecting cannot succeed.
+FINAL_CLOSE_CODES = frozenset(
+    {CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, CloseCode.RESERVED_ID, CloseCode.REPLACED}
+)
+
+
+class BridgeClosed(Exception):
+    """The relay closed the connection for good; ``code`` and ``reason`` say why."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"closed by the relay: {code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class BridgeClient:
+    """One logical connection to the relay that survives restarts of the relay."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        token: str,
+        *,
+        reconnect: bool = True,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        open_timeout: float = 10.0,
+        max_size: int | None = 16 * 1024 * 1024,
+    ) -> None:
+        self.url = url.rstrip("/") + f"/ws/{client_id}"
+        self.client_id = client_id
+        self._token = token
+        self.reconnect = reconnect
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.open_timeout = open_timeout
+        self.max_size = max_size
+        self._ws: ClientConnection | None = None
+        self._closed = False
+        self.connections = 0
+
+    def __repr__(self) -> str:  # Never show the token.
+        return f"BridgeClient({self.url!r})"
+
+    async def __aenter__(self) -> BridgeClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection, retrying transient failures when ``reconnect`` is on."""
+        delay = self.backoff_initial
+        while True:
+            try:
+                self._ws = await connect(
+                    self.url,
+                    additional_headers={"X-Auth-Token": self._token},
+                    open_timeout=self.open_timeout,
+                    max_size=self.max_size,
+                    compression=None,
+                )
+                self.connections += 1
+                return
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                if not self.reconnect or isinstance(exc, InvalidStatus) and exc.response.status_code < 500:
+                    raise
+            await asyncio.sleep(random.uniform(0, delay))  # Full jitter: spreads a reconnect storm.
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _socket(self) -> ClientConnection:
+        if self._closed:
+            raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
+        if self._ws is None:
+            await self.connect()
+        assert self._ws is not None
+        return self._ws
+
+    async def _handle_closed(self, exc: ConnectionClosed) -> None:
+        received = exc.rcvd
+        code, reason = (received.code, received.reason) if received else (None, "connection lost")
+        self._ws = None
+        if self._closed or not self.reconnect or code in FINAL_CLOSE_CODES:
+            raise BridgeClosed(code, reason) from exc
+
+    async def send_text(self, text: str) -> None:
+        """Send a raw text frame (what a client sends back as its reply)."""
+        while True:
+            ws = await self._socket()
+            try:
+                await ws.send(text)
+                return
+            except ConnectionClosed as exc:
+                await self._handle_closed(exc)
+
+    async def send_command(self, target: str, message: str, **extra: Any) -> None:
+        """Controllers: ask the relay to deliver ``message`` to ``target``."""
+        await self.send_text(json.dumps({"target": target, "message": message, **extra}))
+
+    async def receive(self) -> str:
+        """The next text frame; waits across reconnects."""
+        while True:
+            ws = await self._socket()
+            try:
+                frame = await ws.recv()
+                return frame if isinstance(frame, str) else frame.decode()
+            except ConnectionClosed as exc:
+                await self._handle_closed(exc)
+
+    async def receive_json(self) -> dict[str, Any]:
+        """The next frame parsed as JSON (controllers receive replies and error frames)."""
+        return json.loads(await self.receive())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None

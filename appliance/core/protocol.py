@@ -1,0 +1,158 @@
+"""The wire protocol: frames in, frames out, error and close codes. No I/O.
+
+Every code here is documented in ``docs/protocol.md``; the seed's formats
+(``{"target", "message"}`` in, bare text to the client, ``{"sender", "message"}``
+back to controllers) are a compatibility contract and must not change.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "CLIENT_ID_PATTERN",
+    "CONTROLLER_ID",
+    "CloseCode",
+    "Command",
+    "ErrorCode",
+    "ProtocolError",
+    "Role",
+    "encode_error",
+    "encode_reply",
+    "is_valid_client_id",
+    "parse_command",
+]
+
+CLIENT_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,50}$")
+#: The seed's controller id; reserved for connections holding the controller token.
+CONTROLLER_ID = "LLM"
+
+
+class Role(str, enum.Enum):
+    CONTROLLER = "controller"
+    CLIENT = "client"
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes the server sends. RFC 6455 §7.4.2 reserves 4000-4999 for applications."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # RFC 6455 §7.4.1: server going down; reconnect, possibly elsewhere.
+    UNSUPPORTED_DATA = 1007  # RFC 6455 §7.4.1: "1007 ... data ... not consistent with the type" (non-UTF-8).
+    MESSAGE_TOO_BIG = 1009  # RFC 6455 §7.4.1: frame over the transport limit.
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # RFC 6455 registry: temporary condition (broker unreachable).
+    UNAUTHORIZED = 4001
+    INVALID_CLIENT_ID = 4002
+    RESERVED_ID = 4003
+    SLOW_CONSUMER = 4008
+    DUPLICATE_REJECTED = 4009
+    REPLACED = 4010
+
+
+#: Reasons sent with each close code; the reason never contains the token.
+CLOSE_REASONS: dict[CloseCode, str] = {
+    CloseCode.NORMAL: "normal closure",
+    CloseCode.GOING_AWAY: "server shutting down",
+    CloseCode.UNSUPPORTED_DATA: "binary frames must be UTF-8 text",
+    CloseCode.MESSAGE_TOO_BIG: "frame too large",
+    CloseCode.INTERNAL_ERROR: "internal error",
+    CloseCode.TRY_AGAIN_LATER: "broker unavailable, try again later",
+    CloseCode.SLOW_CONSUMER: "too many undelivered messages",
+    CloseCode.UNAUTHORIZED: "missing or invalid X-Auth-Token",
+    CloseCode.INVALID_CLIENT_ID: "client id must match ^[a-zA-Z0-9_-]{1,50}$",
+    CloseCode.RESERVED_ID: "id LLM is reserved for controllers",
+    CloseCode.DUPLICATE_REJECTED: "id already connected",
+    CloseCode.REPLACED: "replaced by a newer connection",
+}
+
+
+class ErrorCode(str, enum.Enum):
+    """Error frames sent to controllers. Clients never receive error frames."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    INVALID_TARGET = "invalid_target"
+    TARGET_OFFLINE = "target_offline"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    RATE_LIMITED = "rate_limited"
+    DELIVERY_FAILED = "delivery_failed"
+    UNSUPPORTED_FRAME = "unsupported_frame"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A controller's request to deliver ``message`` to ``target``."""
+
+    target: str
+    message: str
+    id: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """A controller frame that cannot be delivered, and why; becomes an error frame."""
+
+    code: ErrorCode
+    detail: str
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def encode(self) -> str:
+        return encode_error(self.code, self.detail, **dict(self.extra))
+
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+class _Reply(msgspec.Struct):
+    sender: str
+    message: str
+
+
+def is_valid_client_id(client_id: str) -> bool:
+    # fullmatch: with match(), "$" would also accept a trailing newline.
+    return CLIENT_ID_PATTERN.fullmatch(client_id) is not None
+
+
+def encode_reply(sender: str, message: str) -> str:
+    """The seed's reply frame, compact JSON with ``sender`` first: ``{"sender":"id","message":"text"}``."""
+    return _encoder.encode(_Reply(sender, message)).decode()
+
+
+def encode_error(code: ErrorCode, detail: str, **extra: Any) -> str:
+    return _encoder.encode({"error": code.value, "detail": detail, **extra}).decode()
+
+
+def parse_command(text: str) -> Command | ProtocolError:
+    """Parse a controller frame; size limits are checked by the caller, before parsing."""
+    try:
+        data = _decoder.decode(text)
+    except msgspec.DecodeError:
+        return ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON")
+    if not isinstance(data, dict):
+        return ProtocolError(ErrorCode.INVALID_MESSAGE, 'expected a JSON object {"target": ..., "message": ...}')
+    command_id = data.get("id")
+    echo: tuple[tuple[str, Any], ...] = ()
+    if isinstance(command_id, (str, int)) and not isinstance(command_id, bool):
+        echo = (("id", command_id),)
+    elif command_id is not None:
+        return ProtocolError(ErrorCode.INVALID_MESSAGE, '"id" must be a string or an integer')
+    target = data.get("target")
+    message = data.get("message")
+    if not isinstance(target, str):
+        return ProtocolError(ErrorCode.INVALID_MESSAGE, '"target" is missing or not a string', echo)
+    if not isinstance(message, str):
+        return ProtocolError(
+            ErrorCode.INVALID_MESSAGE, '"message" is missing or not a string', (("target", target), *echo)
+        )
+    if not is_valid_client_id(target):
+        return ProtocolError(
+            ErrorCode.INVALID_TARGET, "target must match ^[a-zA-Z0-9_-]{1,50}$", (("target", target), *echo)
+        )
+    return Command(target, message, command_id if echo else None)

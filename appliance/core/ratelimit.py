@@ -1,0 +1,45 @@
+"""Token buckets with the clock passed in, so tests need no sleeping."""
+
+from __future__ import annotations
+
+__all__ = ["TokenBucket"]
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; ``rate == 0`` means unlimited."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_updated")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._updated = now
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._updated
+        if elapsed > 0:
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._updated = now
+
+    def try_take(self, now: float) -> float:
+        """Take a token if one is there: returns 0.0, else the seconds until one will be (nothing taken)."""
+        if self.unlimited:
+            return 0.0
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def reserve(self, now: float) -> float:
+        """Take a token now, going into debt if needed: returns how long to wait before acting on it."""
+        if self.unlimited:
+            return 0.0
+        self._refill(now)
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

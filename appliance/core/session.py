@@ -1,0 +1,219 @@
+"""One connection's protocol logic as a plain object: feed it events, perform the actions it returns.
+
+Like the sans-I/O core of python-websockets, a :class:`Session` never awaits and
+never touches a socket or Redis; the WebSocket adapter executes its actions.
+Events arriving in the wrong state raise :class:`InvalidState` instead of being
+ignored, so an adapter bug shows up in tests rather than as a lost message.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass
+
+from .protocol import (
+    CONTROLLER_ID,
+    CloseCode,
+    Command,
+    ErrorCode,
+    ProtocolError,
+    Role,
+    encode_error,
+    encode_reply,
+    is_valid_client_id,
+    parse_command,
+)
+from .ratelimit import TokenBucket
+
+__all__ = [
+    "Close",
+    "Deliver",
+    "InvalidState",
+    "Limits",
+    "Publish",
+    "SendError",
+    "Session",
+    "State",
+    "Throttle",
+    "authorize",
+]
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class InvalidState(RuntimeError):
+    """An event arrived that the session's current state does not allow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_bytes: int
+    rate: float
+    burst: int
+
+
+# --- Actions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Route a controller's command to its target, wherever it is connected."""
+
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Send a client's reply frame to every controller in the cluster."""
+
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendError:
+    """Send an error frame back to this (controller) connection."""
+
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """Stop reading from this connection for ``seconds`` before acting on ``then``."""
+
+    seconds: float
+    then: Publish
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: CloseCode
+    reason: str
+
+
+Action = Deliver | Publish | SendError | Throttle | Close
+
+
+def authorize(client_id: str, token: str | None, controller_token: str, client_token: str) -> Role | CloseCode:
+    """Decide a handshake: the role the token grants, or the close code that refuses it."""
+    if not is_valid_client_id(client_id):
+        return CloseCode.INVALID_CLIENT_ID
+    presented = (token or "").encode()
+    # Compare against both tokens every time so timing says nothing about which one was close.
+    is_controller = hmac.compare_digest(presented, controller_token.encode())
+    is_client = hmac.compare_digest(presented, client_token.encode())
+    if not token or not (is_controller or is_client):
+        return CloseCode.UNAUTHORIZED
+    if is_controller:
+        return Role.CONTROLLER
+    if client_id == CONTROLLER_ID:
+        return CloseCode.RESERVED_ID
+    return Role.CLIENT
+
+
+def _utf8_length_exceeds(text: str, limit: int) -> bool:
+    if len(text) * 4 <= limit:  # Fast path: even all 4-byte characters would fit.
+        return False
+    if len(text) > limit:
+        return True
+    return len(text.encode()) > limit
+
+
+class Session:
+    """The protocol state of one open connection."""
+
+    __slots__ = (
+        "client_id",
+        "role",
+        "state",
+        "connected_since",
+        "last_activity",
+        "messages_in",
+        "messages_out",
+        "_max_bytes",
+        "_bucket",
+    )
+
+    def __init__(self, client_id: str, role: Role, limits: Limits, now: float) -> None:
+        self.client_id = client_id
+        self.role = role
+        self.state = State.OPEN
+        self.connected_since = now
+        self.last_activity = now
+        self.messages_in = 0
+        self.messages_out = 0
+        self._max_bytes = limits.max_message_bytes
+        self._bucket = TokenBucket(limits.rate, limits.burst, now)
+
+    def _require(self, *states: State) -> None:
+        if self.state not in states:
+            raise InvalidState(f"{self.client_id}: event not allowed in state {self.state.value}")
+
+    def receive_text(self, text: str, now: float) -> Action:
+        self._require(State.OPEN)
+        self.last_activity = now
+        self.messages_in += 1
+        if self.role is Role.CONTROLLER:
+            return self._controller_frame(text, now)
+        return self._client_frame(text, now)
+
+    def receive_undecodable(self) -> Action:
+        """A binary frame that is not UTF-8 text: the relay carries text only."""
+        self._require(State.OPEN)
+        if self.role is Role.CONTROLLER:
+            return SendError(encode_error(ErrorCode.UNSUPPORTED_FRAME, "binary frames must be UTF-8 text"))
+        return Close(CloseCode.UNSUPPORTED_DATA, "binary frames must be UTF-8 text")
+
+    def _controller_frame(self, text: str, now: float) -> Action:
+        if _utf8_length_exceeds(text, self._max_bytes):
+            return SendError(
+                encode_error(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"frame exceeds the limit of {self._max_bytes} bytes",
+                    limit=self._max_bytes,
+                )
+            )
+        wait = self._bucket.try_take(now)
+        if wait > 0:
+            return SendError(
+                encode_error(
+                    ErrorCode.RATE_LIMITED,
+                    "too many messages; retry later",
+                    retry_after_ms=max(1, round(wait * 1000)),
+                )
+            )
+        parsed = parse_command(text)
+        if isinstance(parsed, ProtocolError):
+            return SendError(parsed.encode())
+        return Deliver(parsed)
+
+    def _client_frame(self, text: str, now: float) -> Action:
+        if _utf8_length_exceeds(text, self._max_bytes):
+            # Clients cannot read error frames (they would take them for commands), so the
+            # RFC 6455 code for "message too big" tells them instead.
+            return Close(CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._max_bytes} bytes")
+        publish = Publish(encode_reply(self.client_id, text))
+        wait = self._bucket.reserve(now)
+        return Throttle(wait, publish) if wait > 0 else publish
+
+    def delivery_failed(self, command: Command, code: ErrorCode, detail: str) -> SendError:
+        """The broker could not deliver ``command``: tell the controller, naming the target."""
+        extra = {"target": command.target}
+        if command.id is not None:
+            extra["id"] = command.id
+        return SendError(encode_error(code, detail, **extra))
+
+    def sent(self, now: float) -> None:
+        self.messages_out += 1
+        self.last_activity = now
+
+    def closing(self) -> None:
+        self._require(State.OPEN, State.CLOSING)
+        self.state = State.CLOSING
+
+    def closed(self) -> None:
+        self.state = State.CLOSED

@@ -1,0 +1,37 @@
+"""Prometheus metrics: one ``wsbridge_`` prefix, base units, no client ids as labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
+
+__all__ = ["CONNECTIONS", "ERRORS", "MESSAGES", "REFUSED", "REGISTRY", "THROTTLED", "render"]
+
+disable_created_metrics()  # The _created series only add noise to every counter.
+
+#: Our own registry, so the metrics of one app are not mixed with a library's defaults.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS = Gauge(
+    "wsbridge_connections", "Open WebSocket connections on this instance.", ["role"], registry=REGISTRY
+)
+MESSAGES = Counter(
+    "wsbridge_messages_total", "Messages received from connections, by sender role.",
+    ["direction", "role"], registry=REGISTRY,
+)
+ERRORS = Counter(
+    "wsbridge_errors_total", "Error frames sent to controllers, by error code.", ["code"], registry=REGISTRY
+)
+REFUSED = Counter(
+    "wsbridge_connections_closed_total",
+    "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
+    ["reason"], registry=REGISTRY,
+)
+THROTTLED = Counter(
+    "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY
+)
+BROKER_UP = Gauge("wsbridge_broker_up", "1 when the broker (Redis) is reachable.", registry=REGISTRY)
+BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

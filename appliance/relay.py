@@ -1,0 +1,304 @@
+"""The relay service: this instance's connections, glued to the pure core and a broker.
+
+The WebSocket handler feeds frames to a connection's :class:`~appliance.core.session.Session`
+and hands the resulting actions to :meth:`Relay.perform`; the broker reaches local
+connections through the :class:`~appliance.brokers.base.Inbox` methods. The HTTP API and
+the dashboard use :meth:`Relay.clients`, :meth:`Relay.inject` and :meth:`Relay.status`,
+never the connections themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from . import metrics
+from .brokers.base import Broker, BrokerUnavailable, Owner
+from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
+from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Throttle
+from .settings import Settings
+
+__all__ = ["Connection", "Relay"]
+
+log = logging.getLogger(__name__)
+
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: A connection that lets this many messages pile up unsent is too slow to keep (close 4008).
+MAX_PENDING_MESSAGES = 10_000
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+class Connection:
+    """One accepted WebSocket: its session, its outbound queue and how to close it.
+
+    Sends never block the caller: frames are queued and written by a short-lived
+    writer task, so one slow peer cannot stall routing for everybody else.
+    """
+
+    __slots__ = ("session", "conn_key", "remote", "owner", "_send", "_pending", "_writer", "_open", "close_code")
+
+    def __init__(self, session: Session, send: ASGISend, remote: str) -> None:
+        self.session = session
+        self.conn_key = uuid.uuid4().hex[:16]
+        self.remote = remote
+        self.owner: Owner | None = None
+        self._send = send
+        self._pending: deque[str | tuple[int, str]] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._open = False
+        self.close_code: int | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.session.client_id
+
+    @property
+    def role(self) -> Role:
+        return self.session.role
+
+    def opened(self) -> None:
+        """The handshake is complete: frames queued until now may be written."""
+        self._open = True
+        self._kick_writer()
+
+    def deliver(self, text: str) -> None:
+        if self.close_code is not None:
+            return
+        if len(self._pending) >= MAX_PENDING_MESSAGES:
+            log.warning("%s is not reading; closing it as a slow consumer", self.client_id)
+            self.close(CloseCode.SLOW_CONSUMER)
+            return
+        self._pending.append(text)
+        self._kick_writer()
+
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close after the frames already queued; later deliveries are dropped."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        if self.session.state is State.OPEN:
+            self.session.closing()
+        self._pending.append((int(code), reason or CLOSE_REASONS[code]))
+        self._kick_writer()
+
+    def _kick_writer(self) -> None:
+        if self._open and self._writer is None and self._pending:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        send, pending, session = self._send, self._pending, self.session
+        try:
+            while pending:
+                item = pending.popleft()
+                if isinstance(item, str):
+                    await send({"type": "websocket.send", "text": item})
+                    session.sent(time.time())
+                else:
+                    code, reason = item
+                    pending.clear()
+                    await send({"type": "websocket.close", "code": code, "reason": reason})
+                    return
+        except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
+            pending.clear()
+        finally:
+            self._writer = None
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until the queued frames are written (or ``timeout``)."""
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(timeout):
+                while self._writer is not None:
+                    await asyncio.shield(self._writer)
+
+    def presence_record(self, instance: str) -> dict[str, Any]:
+        session = self.session
+        return {
+            "id": session.client_id,
+            "role": session.role.value,
+            "instance": instance,
+            "connected_since": _iso(session.connected_since),
+            "remote": self.remote,
+            "messages_in": session.messages_in,
+            "messages_out": session.messages_out,
+            "last_activity": _iso(session.last_activity),
+        }
+
+
+class Relay:
+    """This instance's side of the cluster: local connections, routing, presence, shutdown."""
+
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.instance = settings.instance_id
+        self.local: dict[str, Connection] = {}
+        self.controllers: set[Connection] = set()
+        self.draining = False
+        self._claiming: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._kicked: dict[str, float] = {}  # conn_keys replaced before they finished opening
+        self._limits = {
+            Role.CLIENT: Limits(settings.max_message_bytes, settings.client_rate_limit, settings.client_rate_burst),
+            Role.CONTROLLER: Limits(
+                settings.max_message_bytes, settings.controller_rate_limit, settings.controller_rate_burst
+            ),
+        }
+        self._connections: set[Connection] = set()
+
+    async def start(self) -> None:
+        await self.broker.start(self)
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    def new_session(self, client_id: str, role: Role) -> Session:
+        return Session(client_id, role, self._limits[role], time.time())
+
+    # --- lifecycle of one connection ----------------------------------------------------
+
+    async def open(self, conn: Connection) -> CloseCode | None:
+        """Claim the connection's id cluster-wide and register it; a close code refuses it."""
+        if self.draining:
+            return CloseCode.GOING_AWAY
+        client_id = conn.client_id
+        # One claim per id at a time on this instance: a reconnect storm resolves in order.
+        lock, users = self._claiming.get(client_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._claiming[client_id] = (lock, users + 1)
+        try:
+            async with lock:
+                try:
+                    claim = await self.broker.claim(
+                        client_id, self.instance, conn.conn_key, self.settings.duplicate_policy == "reject"
+                    )
+                except BrokerUnavailable as exc:
+                    log.warning("Refusing %s: %s", client_id, exc)
+                    return CloseCode.TRY_AGAIN_LATER
+                if not claim.accepted:
+                    metrics.REFUSED.labels(reason="duplicate").inc()
+                    return CloseCode.DUPLICATE_REJECTED
+                conn.owner = claim.owner
+                if claim.previous is not None:
+                    self.replaced(client_id, claim.previous)
+                if self._kicked.pop(conn.conn_key, None) is not None:
+                    await self.broker.release(client_id, conn.owner)
+                    return CloseCode.REPLACED
+                self.local[client_id] = conn
+                self._connections.add(conn)
+                if conn.role is Role.CONTROLLER:
+                    self.controllers.add(conn)
+                metrics.CONNECTIONS.labels(role=conn.role.value).inc()
+                return None
+        finally:
+            lock, users = self._claiming[client_id]
+            if users == 1:
+                del self._claiming[client_id]
+            else:
+                self._claiming[client_id] = (lock, users - 1)
+
+    async def close(self, conn: Connection) -> None:
+        """The connection is gone: unregister it, and release its id unless a newer one holds it."""
+        conn.session.closed()
+        if conn not in self._connections:
+            return
+        self._connections.discard(conn)
+        self.controllers.discard(conn)
+        if self.local.get(conn.client_id) is conn:
+            del self.local[conn.client_id]
+        metrics.CONNECTIONS.labels(role=conn.role.value).dec()
+        if conn.owner is not None:
+            await self.broker.release(conn.client_id, conn.owner)
+
+    # --- actions from the core ---------------------------------------------------------
+
+    async def perform(self, conn: Connection, action: Any) -> None:
+        """Carry out what the session decided about one received frame."""
+        if type(action) is Deliver:
+            self._deliver(conn, action.command)
+        elif type(action) is Publish:
+            metrics.MESSAGES.labels(direction="in", role="client").inc()
+            self.broker.send_to_controllers(action.frame)
+        elif type(action) is SendError:
+            metrics.ERRORS.labels(code=_error_code(action.frame)).inc()
+            conn.deliver(action.frame)
+        elif type(action) is Throttle:
+            metrics.THROTTLED.inc()
+            await asyncio.sleep(action.seconds)
+            await self.perform(conn, action.then)
+        elif type(action) is Close:
+            conn.close(action.code, action.reason)
+
+    def _deliver(self, conn: Connection, command: Command) -> None:
+        metrics.MESSAGES.labels(direction="in", role="controller").inc()
+
+        def failed(code: ErrorCode, detail: str) -> None:
+            metrics.ERRORS.labels(code=code.value).inc()
+            conn.deliver(conn.session.delivery_failed(command, code, detail).frame)
+
+        self.broker.send(command.target, command.message, failed)
+
+    # --- Inbox: what the broker hands us ---------------------------------------------------
+
+    def deliver(self, client_id: str, text: str) -> bool:
+        conn = self.local.get(client_id)
+        if conn is None:
+            return False
+        conn.deliver(text)
+        return True
+
+    def deliver_to_controllers(self, frame: str) -> None:
+        for conn in self.controllers:
+            conn.deliver(frame)
+
+    def replaced(self, client_id: str, owner: Owner) -> None:
+        conn = self.local.get(client_id)
+        if conn is not None and conn.owner == owner:
+            metrics.REFUSED.labels(reason="replaced").inc()
+            conn.close(CloseCode.REPLACED)
+            return
+        if owner.instance == self.instance:
+            now = time.monotonic()
+            self._kicked[owner.conn_key] = now
+            for key, at in list(self._kicked.items()):
+                if now - at > 60:
+                    del self._kicked[key]
+
+    def presence_records(self) -> list[dict[str, Any]]:
+        return [conn.presence_record(self.instance) for conn in self._connections if conn.owner is not None]
+
+    # --- service interface for the HTTP API and the dashboard ----------------------------
+
+    async def clients(self) -> list[dict[str, Any]]:
+        records = await self.broker.presence()
+        return sorted(records, key=lambda r: (r["id"], r["instance"]))
+
+    def status(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        return self.broker.health()
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: refuse newcomers, close every socket with 1001 after its queued frames."""
+        self.draining = True
+        conns = list(self._connections)
+        log.info("Shutting down: closing %d connections with 1001", len(conns))
+        for conn in conns:
+            conn.close(CloseCode.GOING_AWAY)
+        if conns:
+            await asyncio.gather(*(c.flush(grace) for c in conns))
+
+
+def _error_code(frame: str) -> str:
+    # Frames are built by encode_error with "error" first: {"error":"code",...}
+    start = frame.find('"error":"') + 9
+    return frame[start : frame.find('"', start)]

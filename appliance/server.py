@@ -1,0 +1,52 @@
+"""Run the app on uvicorn, with a shutdown that closes every socket with 1001 first."""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+
+from .relay import Relay
+from .settings import Settings
+from .web import create_app
+
+__all__ = ["run", "transport_max_size"]
+
+
+def transport_max_size(settings: Settings) -> int:
+    """Frames above this are cut off by uvicorn with 1009; below it the relay answers with a clear error."""
+    return max(4 * settings.max_message_bytes, 1 << 20)
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn closes WebSockets with 1012 on shutdown; clients should see 1001 (going away)."""
+
+    def __init__(self, config: uvicorn.Config, relay: Relay) -> None:
+        super().__init__(config)
+        self.relay = relay
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.relay.drain(self.relay.settings.shutdown_grace)
+        await super().shutdown(sockets)
+
+
+def run(settings: Settings) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.bind_host,
+        port=settings.web_socket_port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=transport_max_size(settings),
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_timeout,
+        ws_per_message_deflate=False,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+        server_header=False,
+    )
+    _GracefulServer(config, app.state.relay).run()

@@ -1,0 +1,264 @@
+"""Real parts for tests: a Redis server on a free port and appliance processes on uvicorn.
+
+Nothing here imitates the appliance: tests talk to real processes over real sockets.
+Timeouts scale with ``WSBRIDGE_TEST_TIMEOUT_SCALE`` for slow machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = float(os.environ.get("WSBRIDGE_TEST_TIMEOUT_SCALE", "1"))
+CONTROLLER_TOKEN = "test-controller-token-0123456789"
+CLIENT_TOKEN = "test-client-token-9876543210"
+ADMIN_TOKEN = "test-admin-token-abcdefabcdef"
+TOKENS = (CONTROLLER_TOKEN, CLIENT_TOKEN, ADMIN_TOKEN)
+
+
+def timeout(seconds: float) -> float:
+    return seconds * SCALE
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], within: float = 10.0, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout(within)
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {message}")
+        time.sleep(0.02)
+
+
+async def eventually(condition: Callable[[], Awaitable[Any]], within: float = 10.0, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout(within)
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {message}")
+        await asyncio.sleep(0.02)
+
+
+def http_get(url: str, token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"X-Auth-Token": token} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout(5)) as response:
+            body = response.read()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read(), exc.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode()
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port; can be killed and restarted on the same port."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run the tests through `python3 dev.py test`")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="wsb-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """Send one command with redis-cli-free RESP and return the raw reply."""
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout(5)) as sock:
+            sock.sendall(payload.encode())
+            time.sleep(0.05)
+            chunks = []
+            sock.settimeout(0.3)
+            try:
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+            except TimeoutError:
+                pass
+            return b"".join(chunks)
+
+    def connected_clients(self) -> int:
+        info = self.command("INFO", "clients").decode()
+        for line in info.splitlines():
+            if line.startswith("connected_clients:"):
+                return int(line.split(":")[1]) - 1  # Not counting this query's own connection.
+        raise AssertionError(f"no connected_clients in INFO: {info!r}")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Appliance:
+    """``wsbridge serve`` in a subprocess on a free port, with its log kept in a file."""
+
+    def __init__(self, env: dict[str, str] | None = None, *, redis_url: str | None = None, name: str = "app") -> None:
+        self.port = free_port()
+        self.name = name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"wsb-{name}-", suffix=".log")[1])
+        self.workdir = tempfile.mkdtemp(prefix="wsb-cwd-")  # No stray .env from the developer's tree.
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "LLM_SECRET_TOKEN": CONTROLLER_TOKEN,
+            "UNITY_CLIENT_TOKEN": CLIENT_TOKEN,
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+            "INSTANCE_ID": name,
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            **({"REDIS_URL": redis_url} if redis_url else {}),
+            **(env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> Appliance:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "serve", "--port", str(self.port)],
+                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(lambda: self._status("/healthz") == 200 or self._exited(), 20, f"{self.name} /healthz")
+        if self._exited():
+            raise AssertionError(f"{self.name} exited at start:\n{self.log()}")
+        if wait_ready:
+            wait_until(lambda: self._status("/readyz") == 200, 20, f"{self.name} /readyz")
+        return self
+
+    def _exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def _status(self, path: str) -> int | None:
+        try:
+            return http_get(self.http + path)[0]
+        except OSError:
+            return None
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        return http_get(self.http + path, token)
+
+    def terminate(self, wait: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout(wait))
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # --- WebSocket helpers -------------------------------------------------------------
+
+    def connect(self, client_id: str, token: str | None = CLIENT_TOKEN, **kwargs: Any):
+        headers = {"X-Auth-Token": token} if token is not None else {}
+        return connect(f"{self.ws}/ws/{client_id}", additional_headers=headers, compression=None,
+                       open_timeout=timeout(10), **kwargs)
+
+    def controller(self, client_id: str = "LLM", **kwargs: Any):
+        return self.connect(client_id, CONTROLLER_TOKEN, **kwargs)
+
+
+async def recv(ws: ClientConnection, within: float = 5.0) -> str:
+    return await asyncio.wait_for(ws.recv(), timeout(within))
+
+
+async def recv_json(ws: ClientConnection, within: float = 5.0) -> dict[str, Any]:
+    return json.loads(await recv(ws, within))
+
+
+async def closed_with(ws: ClientConnection, within: float = 5.0) -> tuple[int | None, str]:
+    """Wait until the server closes ``ws``; returns its close code and reason."""
+    try:
+        async with asyncio.timeout(timeout(within)):
+            async for _ in ws:
+                pass
+    except Exception:
+        pass
+    received = ws.protocol.close_rcvd
+    return (received.code, received.reason) if received else (None, "")
+
+
+def command(target: str, message: str, **extra: Any) -> str:
+    return json.dumps({"target": target, "message": message, **extra})

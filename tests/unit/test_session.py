@@ -1,0 +1,132 @@
+"""The sans-I/O session: feed an event, assert the action. No sockets, no event loop."""
+
+import json
+
+import pytest
+
+from appliance.core.protocol import CloseCode, ErrorCode, Role
+from appliance.core.session import (
+    Close,
+    Deliver,
+    InvalidState,
+    Limits,
+    Publish,
+    SendError,
+    Session,
+    State,
+    Throttle,
+    authorize,
+)
+
+CONTROLLER, CLIENT = "controller-secret", "client-secret"
+UNLIMITED = Limits(max_message_bytes=64, rate=0, burst=1)
+
+
+def error_of(action):
+    assert isinstance(action, SendError), action
+    return json.loads(action.frame)
+
+
+@pytest.mark.parametrize(
+    ("client_id", "token", "expected"),
+    [
+        ("LLM", CONTROLLER, Role.CONTROLLER),
+        ("planner-2", CONTROLLER, Role.CONTROLLER),
+        ("unity_client_1", CLIENT, Role.CLIENT),
+        ("LLM", CLIENT, CloseCode.RESERVED_ID),
+        ("unity_client_1", "wrong", CloseCode.UNAUTHORIZED),
+        ("unity_client_1", None, CloseCode.UNAUTHORIZED),
+        ("unity_client_1", "", CloseCode.UNAUTHORIZED),
+        ("bad id", CLIENT, CloseCode.INVALID_CLIENT_ID),
+        ("x" * 51, CONTROLLER, CloseCode.INVALID_CLIENT_ID),
+    ],
+)
+def test_authorize(client_id, token, expected):
+    assert authorize(client_id, token, CONTROLLER, CLIENT) == expected
+
+
+def test_controller_command_becomes_deliver():
+    session = Session("LLM", Role.CONTROLLER, UNLIMITED, now=0)
+    action = session.receive_text('{"target": "c1", "message": "MoveForward 10"}', now=1)
+    assert isinstance(action, Deliver)
+    assert (action.command.target, action.command.message) == ("c1", "MoveForward 10")
+    assert session.messages_in == 1 and session.last_activity == 1
+
+
+def test_controller_bad_json_gets_error_frame():
+    session = Session("LLM", Role.CONTROLLER, UNLIMITED, now=0)
+    assert error_of(session.receive_text("{nope", now=0))["error"] == "invalid_json"
+
+
+def test_controller_oversized_frame_gets_error_with_limit():
+    session = Session("LLM", Role.CONTROLLER, UNLIMITED, now=0)
+    ok = '{"target":"c","message":"' + "x" * (64 - 27) + '"}'
+    assert len(ok.encode()) == 64
+    assert isinstance(session.receive_text(ok, now=0), Deliver)
+    error = error_of(session.receive_text(ok[:-2] + 'x"}', now=0))
+    assert error["error"] == "message_too_large" and error["limit"] == 64
+
+
+def test_size_limit_counts_utf8_bytes_not_characters():
+    session = Session("LLM", Role.CONTROLLER, UNLIMITED, now=0)
+    text = '{"target":"c","message":"' + "é" * 20 + '"}'  # 47 characters, 67 bytes
+    assert len(text) < 64 < len(text.encode())
+    assert error_of(session.receive_text(text, now=0))["error"] == "message_too_large"
+
+
+def test_controller_rate_limit_answers_rate_limited_with_retry_after():
+    session = Session("LLM", Role.CONTROLLER, Limits(1000, rate=2, burst=2), now=0)
+    frame = '{"target": "c1", "message": "m"}'
+    assert isinstance(session.receive_text(frame, now=0), Deliver)
+    assert isinstance(session.receive_text(frame, now=0), Deliver)
+    error = error_of(session.receive_text(frame, now=0))
+    assert error == {"error": "rate_limited", "detail": "too many messages; retry later", "retry_after_ms": 500}
+    assert isinstance(session.receive_text(frame, now=0.5), Deliver)
+
+
+def test_client_text_becomes_reply_frame_for_controllers():
+    session = Session("unity_client_1", Role.CLIENT, UNLIMITED, now=0)
+    assert session.receive_text("Movement completed", now=0) == Publish(
+        '{"sender":"unity_client_1","message":"Movement completed"}'
+    )
+
+
+def test_client_over_rate_is_throttled_not_dropped():
+    session = Session("c1", Role.CLIENT, Limits(1000, rate=10, burst=1), now=0)
+    assert isinstance(session.receive_text("a", now=0), Publish)
+    action = session.receive_text("b", now=0)
+    assert isinstance(action, Throttle)
+    assert action.seconds == pytest.approx(0.1)
+    assert action.then == Publish('{"sender":"c1","message":"b"}')
+
+
+def test_client_oversized_message_closes_with_1009():
+    session = Session("c1", Role.CLIENT, UNLIMITED, now=0)
+    assert session.receive_text("x" * 65, now=0) == Close(CloseCode.MESSAGE_TOO_BIG, "message exceeds 64 bytes")
+
+
+def test_undecodable_binary_frame():
+    controller = Session("LLM", Role.CONTROLLER, UNLIMITED, now=0)
+    assert error_of(controller.receive_undecodable())["error"] == ErrorCode.UNSUPPORTED_FRAME.value
+    client = Session("c1", Role.CLIENT, UNLIMITED, now=0)
+    assert client.receive_undecodable().code is CloseCode.UNSUPPORTED_DATA
+
+
+def test_delivery_failure_names_target_and_id():
+    session = Session("LLM", Role.CONTROLLER, UNLIMITED, now=0)
+    deliver = session.receive_text('{"target": "c9", "message": "m", "id": "a1"}', now=0)
+    failure = session.delivery_failed(deliver.command, ErrorCode.TARGET_OFFLINE, "c9 is not connected")
+    assert json.loads(failure.frame) == {
+        "error": "target_offline", "detail": "c9 is not connected", "target": "c9", "id": "a1",
+    }
+
+
+def test_events_after_close_raise():
+    session = Session("c1", Role.CLIENT, UNLIMITED, now=0)
+    session.closing()
+    assert session.state is State.CLOSING
+    with pytest.raises(InvalidState):
+        session.receive_text("late", now=0)
+    session.closed()
+    with pytest.raises(InvalidState):
+        session.closing()

@@ -1,0 +1,56 @@
+import pytest
+from pydantic import ValidationError
+
+from appliance.settings import Settings
+
+
+def make(monkeypatch, tmp_path, **env):
+    monkeypatch.chdir(tmp_path)  # No .env from the developer's tree.
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def test_seed_variable_names_are_read(monkeypatch, tmp_path):
+    settings = make(
+        monkeypatch, tmp_path, LLM_SECRET_TOKEN="a", UNITY_CLIENT_TOKEN="b", REDIS_HOST="redis",
+        REDIS_PASSWORD="pw", WEB_SOCKET_PORT="9000", LOG_LEVEL="debug",
+    )
+    assert settings.llm_secret_token.get_secret_value() == "a"
+    assert settings.unity_client_token.get_secret_value() == "b"
+    assert settings.web_socket_port == 9000
+    assert settings.log_level == "DEBUG"
+    assert settings.redis_connection_url() == "redis://:pw@redis:6379/0"
+
+
+def test_dotenv_file_is_read(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("LLM_SECRET_TOKEN=from-file\nDUPLICATE_POLICY=reject\n")
+    settings = make(monkeypatch, tmp_path)
+    assert settings.llm_secret_token.get_secret_value() == "from-file"
+    assert settings.duplicate_policy == "reject"
+
+
+def test_redis_url_wins_and_display_hides_password(monkeypatch, tmp_path):
+    settings = make(monkeypatch, tmp_path, REDIS_URL="redis://:secret@cache:6380/0", REDIS_HOST="other")
+    assert settings.redis_enabled
+    assert settings.redis_connection_url() == "redis://:secret@cache:6380/0"
+    assert settings.redis_display() == "redis://cache:6380"
+
+
+def test_embedded_by_default(monkeypatch, tmp_path):
+    settings = make(monkeypatch, tmp_path)
+    assert not settings.redis_enabled
+    assert (settings.max_message_bytes, settings.client_rate_limit, settings.client_rate_burst) == (65536, 1000, 2000)
+    assert settings.controller_rate_limit == 0
+
+
+def test_secrets_do_not_show_in_repr(monkeypatch, tmp_path):
+    settings = make(monkeypatch, tmp_path, LLM_SECRET_TOKEN="top-secret-value")
+    assert "top-secret-value" not in repr(settings)
+
+
+def test_invalid_values_are_refused(monkeypatch, tmp_path):
+    with pytest.raises(ValidationError):
+        make(monkeypatch, tmp_path, DUPLICATE_POLICY="sometimes")
+    with pytest.raises(ValidationError):
+        make(monkeypatch, tmp_path, WEB_SOCKET_PORT="70000")
