@@ -281,6 +281,11 @@ internal static class Program
 
         var second = new BridgeClient(ClientOptions(id, Opt("token")));
         var secondDisconnects = Trace(second, "second");
+        // The newer connection must stay until the controller's quit (our own 1000 close): fail at once otherwise.
+        second.Disconnected += info =>
+        {
+            if (info.CloseCode != BridgeCloseCodes.Normal || info.WillRetry) Fail("the newer connection was closed: " + info);
+        };
         ServeCommands(second, DeviceHandlers(second, "second:"), "second");
         second.Start();
         Wait(first.Completion, "the first client to be replaced (4010) and give up");

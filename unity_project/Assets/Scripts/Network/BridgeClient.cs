@@ -62,6 +62,7 @@ namespace WebSocketBridge
         public const int NoStatus = 1005;         // RFC 6455: a close frame without a code (never sent).
         public const int MessageTooBig = 1009;    // RFC 6455 §7.4.1: a message larger than the peer accepts.
         public const int InternalError = 1011;    // server error: retry.
+        // Also retried (not final): 1007 non-UTF-8 data, 1013 broker unavailable, 4008 slow consumer.
         public const int Unauthorized = 4001;     // missing or wrong token: do not retry.
         public const int InvalidClientId = 4002;  // id does not match ^[a-zA-Z0-9_-]{1,50}$: do not retry.
         public const int ReservedClientId = 4003; // client token used with the controller id LLM: do not retry.
@@ -629,11 +630,14 @@ namespace WebSocketBridge
                 case BridgeCloseCodes.Normal: return "closed by the server";
                 case BridgeCloseCodes.GoingAway: return "server going away";
                 case BridgeCloseCodes.NoStatus: return "closed without a status code";
+                case 1007: return "invalid data (text must be UTF-8)";
                 case BridgeCloseCodes.MessageTooBig: return "message too big";
                 case BridgeCloseCodes.InternalError: return "server internal error";
+                case 1013: return "try again later";
                 case BridgeCloseCodes.Unauthorized: return "unauthorized";
                 case BridgeCloseCodes.InvalidClientId: return "invalid client id";
                 case BridgeCloseCodes.ReservedClientId: return "client id reserved for controllers";
+                case 4008: return "too many undelivered messages";
                 case BridgeCloseCodes.DuplicateRejected: return "client id already connected";
                 case BridgeCloseCodes.Replaced: return "replaced by a newer connection";
                 default: return "closed with code " + code;
