@@ -38,15 +38,20 @@ internal static class ListenerSmoke
         var options = new Dictionary<string, string>();
         for (int i = 1; i + 1 < args.Length; i += 2) options[args[i].TrimStart('-')] = args[i + 1];
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(double.Parse(options["deadline"], System.Globalization.CultureInfo.InvariantCulture));
+        int code;
         try
         {
-            return Run(options, deadline);
+            code = Run(options, deadline);
         }
         catch (Exception e)
         {
             Emit("FAIL: unexpected exception: " + e);
-            return 1;
+            code = 1;
         }
+        // Not a return from Main: see Program.Exit in BridgeClientTests.cs (a Mono 6.8 shutdown hang).
+        Console.Out.Flush();
+        Environment.Exit(code);
+        return code;
     }
 
     private static int Run(Dictionary<string, string> options, DateTime deadline)

@@ -456,9 +456,11 @@ namespace WebSocketBridge
             var abort = new CancellationTokenSource();     // connection over: leave now
             var sendTask = SendLoopAsync(ws, draining.Token, abort.Token);
             var receiveTask = ReceiveLoopAsync(ws);
-            var stopped = new TaskCompletionSource<bool>();
-            var kicked = new TaskCompletionSource<bool>();
-            var watchdog = new TaskCompletionSource<bool>();
+            // RunContinuationsAsynchronously: Stop() or ReconnectNow() called from an event handler must not run
+            // this session's teardown inline, inside that handler.
+            var stopped = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var kicked = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var watchdog = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
             using (stop.Register(() => stopped.TrySetResult(true)))
             using (kick.Register(() => kicked.TrySetResult(true)))
             using (var watchdogCts = new CancellationTokenSource())
