@@ -261,6 +261,28 @@ async def test_reconnects_after_the_appliance_restarts(start_appliance, harness)
             await quit_device(llm, target, run)
 
 
+async def test_duplicate_refused_with_4009_is_retried_until_the_id_is_free(start_appliance, harness):
+    strict = start_appliance({"DUPLICATE_POLICY": "reject"}, name="unity-reject")
+    target = "unity-busy"
+    holder = await strict.connect(target)
+    async with device(harness, "device", url=strict.ws, id=target, token=CLIENT_TOKEN, expect_close=4009) as run:
+        refused = await run.expect("EVENT disconnected client=device code=4009")
+        assert "willRetry=True" in refused, refused
+        await run.expect("EVENT disconnected client=device code=4009")  # it keeps trying, with backoff
+        await holder.close()
+        async with strict.controller() as llm:
+            async def echoed() -> bool:
+                await llm.send(frame(target, "echo free"))
+                reply = await recv_json(llm)
+                if reply.get("error") == "target_offline":
+                    return False
+                assert reply == {"sender": target, "message": "free"}, reply
+                return True
+
+            await eventually(echoed, 10, "the client to take the freed id")
+            await quit_device(llm, target, run)
+
+
 @pytest.mark.parametrize(
     ("client_id", "token", "code"),
     [

@@ -114,6 +114,18 @@ internal static class ListenerSmoke
         Message(listener, "OnApplicationPause", false);
         if (failure == null && client.Connections != connectionsBefore) failure = "a short pause should not reconnect";
 
+        // A long pause (here: any pause, reconnectAfterPauseSeconds = 0) reconnects at once, without a backoff.
+        typeof(CommandListener).GetField("reconnectAfterPauseSeconds", BindingFlags.Instance | BindingFlags.NonPublic).SetValue(listener, 0f);
+        Message(listener, "OnApplicationPause", true);
+        Message(listener, "OnApplicationPause", false);
+        while (failure == null && !(client.Connections == connectionsBefore + 1 && client.IsConnected))
+        {
+            if (DateTime.UtcNow > deadline) failure = "no reconnect after resuming from a long pause";
+            Message(listener, "Update");
+            Thread.Sleep(5);
+        }
+        if (failure == null && client.State != BridgeState.Open) failure = "after the resume reconnect the state should be Open, is " + client.State;
+
         Message(device, "OnDisable");
         Message(device, "OnDestroy");
         Message(listener, "OnDestroy"); // disposes the client: closes with 1000

@@ -283,8 +283,10 @@ namespace WebSocketBridge
             return true;
         }
 
-        /// <summary>Reconnect now: skips a pending backoff delay, or drops the current connection (which may be
-        /// silently dead, e.g. after the app was suspended) and opens a new one. No effect when not running.</summary>
+        /// <summary>Reconnect now: skips a pending backoff delay, or replaces the current connection (which may be
+        /// silently dead, e.g. after the app was suspended) with a new one. The old one is closed with 1000 (waiting
+        /// up to CloseTimeout for the server, then aborted); queued messages go out on the new one. No effect when
+        /// not running.</summary>
         public void ReconnectNow()
         {
             CancellationTokenSource kick;
@@ -361,6 +363,8 @@ namespace WebSocketBridge
                             Interlocked.Increment(ref connections);
                             SetStateUnlessStopping(BridgeState.Open);
                             Raise(Connected);
+                            // A ReconnectNow() during the connect is satisfied by this fresh connection.
+                            lock (sync) kick = kickCts.Token;
                             end = await RunSessionAsync(ws, stop, kick).ConfigureAwait(false);
                         }
                     }
@@ -453,8 +457,9 @@ namespace WebSocketBridge
         {
             Volatile.Write(ref lastReceiveTicks, DateTime.UtcNow.Ticks);
             var draining = new CancellationTokenSource();  // stop: send what is queued, then leave
+            var leaving = new CancellationTokenSource();   // reconnect: finish the message being sent, keep the rest
             var abort = new CancellationTokenSource();     // connection over: leave now
-            var sendTask = SendLoopAsync(ws, draining.Token, abort.Token);
+            var sendTask = SendLoopAsync(ws, draining.Token, leaving.Token, abort.Token);
             var receiveTask = ReceiveLoopAsync(ws);
             // RunContinuationsAsynchronously: Stop() or ReconnectNow() called from an event handler must not run
             // this session's teardown inline, inside that handler.
@@ -472,18 +477,21 @@ namespace WebSocketBridge
                 watchdogCts.Cancel();
                 await watchdogTask.ConfigureAwait(false);
 
-                if (first == stopped.Task)
+                if (first == stopped.Task || first == kicked.Task)
                 {
-                    draining.Cancel();
+                    // Stop() and ReconnectNow() close politely: the server then releases the id before the next
+                    // connection claims it (no replace race). A dead connection costs CloseTimeout, then an abort.
+                    bool stopping = first == stopped.Task;
+                    (stopping ? draining : leaving).Cancel();
                     if (await Task.WhenAny(sendTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != sendTask)
                         abort.Cancel();
                     await sendTask.ConfigureAwait(false);
-                    await CloseOutputAsync(ws, WebSocketCloseStatus.NormalClosure, "client stopping").ConfigureAwait(false);
+                    await CloseOutputAsync(ws, WebSocketCloseStatus.NormalClosure, stopping ? "client stopping" : "client reconnecting").ConfigureAwait(false);
                     // Wait for the server's close frame so the server sees a clean 1000 close.
                     if (await Task.WhenAny(receiveTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != receiveTask)
                         ws.Abort();
                     await receiveTask.ConfigureAwait(false);
-                    return SessionEnd.Stopped();
+                    return stopping ? SessionEnd.Stopped() : SessionEnd.Reconnect();
                 }
 
                 abort.Cancel();
@@ -503,11 +511,10 @@ namespace WebSocketBridge
                     return end;
                 }
 
-                // A send failed, the watchdog fired, or ReconnectNow(): the socket is unusable or unwanted.
+                // A send failed or the watchdog fired: the socket is unusable.
                 ws.Abort();
                 var sendError = await sendTask.ConfigureAwait(false);
                 await receiveTask.ConfigureAwait(false);
-                if (first == kicked.Task) return SessionEnd.Reconnect();
                 if (first == watchdog.Task)
                     return SessionEnd.Broken("receive timeout: nothing received for " + options.ReceiveTimeout.TotalSeconds + " s", null);
                 return SessionEnd.Broken("send failed: " + (sendError != null ? sendError.Message : "unknown"), sendError);
@@ -534,17 +541,17 @@ namespace WebSocketBridge
         }
 
         /// <summary>The only writer of the socket. Returns the send exception, or null when it left normally.</summary>
-        private async Task<Exception> SendLoopAsync(ClientWebSocket ws, CancellationToken draining, CancellationToken abort)
+        private async Task<Exception> SendLoopAsync(ClientWebSocket ws, CancellationToken draining, CancellationToken leaving, CancellationToken abort)
         {
             try
             {
-                while (!abort.IsCancellationRequested)
+                while (!abort.IsCancellationRequested && !leaving.IsCancellationRequested)
                 {
                     string text;
                     if (!sendQueue.TryDequeue(out text))
                     {
                         if (draining.IsCancellationRequested) return null;
-                        using (var either = CancellationTokenSource.CreateLinkedTokenSource(draining, abort))
+                        using (var either = CancellationTokenSource.CreateLinkedTokenSource(draining, leaving, abort))
                         {
                             try { await sendSignal.WaitAsync(either.Token).ConfigureAwait(false); }
                             catch (OperationCanceledException) { }
