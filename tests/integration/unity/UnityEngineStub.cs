@@ -16,8 +16,6 @@ namespace UnityEngine
         public static implicit operator bool(Object exists) { return !ReferenceEquals(exists, null); }
     }
 
-    public sealed class Transform : Component { }
-
     public sealed class GameObject : Object
     {
         private readonly List<Component> components = new List<Component>();
@@ -39,7 +37,6 @@ namespace UnityEngine
     public class Component : Object
     {
         public GameObject gameObject { get; internal set; }
-        public Transform transform { get { return null; } }
         public T GetComponent<T>() where T : class { return gameObject.GetComponent<T>(); }
     }
 

@@ -96,7 +96,9 @@ namespace WebSocketBridge
         /// <summary>True when the client will reconnect by itself after <see cref="RetryDelay"/>.</summary>
         public bool WillRetry { get; private set; }
         public TimeSpan RetryDelay { get; private set; }
-        /// <summary>False when the connection attempt itself failed (the client was never connected).</summary>
+        /// <summary>False when the connection attempt itself failed (the client was never connected). The
+        /// appliance refuses a connection (4001, 4009, ...) right after the WebSocket opened, so a refusal has
+        /// WasConnected = true and follows a Connected event.</summary>
         public bool WasConnected { get; private set; }
         /// <summary>The exception behind a broken connection, if any.</summary>
         public Exception Exception { get; private set; }

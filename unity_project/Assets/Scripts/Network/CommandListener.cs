@@ -78,6 +78,7 @@ namespace WebSocketBridge
         private readonly ConcurrentQueue<Action> mainThreadQueue = new ConcurrentQueue<Action>();
         private readonly CommandDispatcher dispatcher = new CommandDispatcher();
         private CommandListener primary;
+        private string registeredId;
         private BridgeClient client;
         private float pausedAt = -1f;
 
@@ -146,6 +147,7 @@ namespace WebSocketBridge
         {
             if (primary != null) { primary.Connect(); return; }
             DisposeClient();
+            Rekey();
             string effectiveToken = string.IsNullOrEmpty(token) ? Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN") : token;
             try
             {
@@ -201,7 +203,8 @@ namespace WebSocketBridge
                           "change; this one forwards to it", this);
                 return;
             }
-            Primaries[clientId ?? ""] = this;
+            registeredId = clientId ?? "";
+            Primaries[registeredId] = this;
             if (Default == null) Default = this;
             // Survive scene changes: the connection and the handlers stay. Needs a root GameObject.
             DontDestroyOnLoad(gameObject);
@@ -243,12 +246,28 @@ namespace WebSocketBridge
         {
             if (primary != null) return;
             CommandListener registered;
-            if (Primaries.TryGetValue(clientId ?? "", out registered) && registered == this) Primaries.Remove(clientId ?? "");
+            if (registeredId != null && Primaries.TryGetValue(registeredId, out registered) && registered == this)
+                Primaries.Remove(registeredId);
             if (Default == this) Default = null;
             DisposeClient();
         }
 
         // ---- handling ------------------------------------------------------------------------
+
+        /// <summary>The client id was changed from code after Awake: file this listener under the new id.</summary>
+        private void Rekey()
+        {
+            string id = clientId ?? "";
+            if (registeredId == id) return;
+            CommandListener registered;
+            if (registeredId != null && Primaries.TryGetValue(registeredId, out registered) && registered == this)
+                Primaries.Remove(registeredId);
+            if (Primaries.TryGetValue(id, out registered) && registered != null && registered != this)
+                Debug.LogWarning("[CommandListener] two listeners now use the client id '" + id + "'; they will replace each other (4010)", this);
+            else
+                Primaries[id] = this;
+            registeredId = id;
+        }
 
         private void Post(BridgeClient source, Action action)
         {
