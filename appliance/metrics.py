@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
 
-__all__ = ["CONNECTIONS", "ERRORS", "MESSAGES", "REFUSED", "REGISTRY", "THROTTLED", "render"]
+__all__ = [
+    "BROKER_UP", "BUILD", "CONNECTIONS", "ERRORS", "MESSAGES", "RECEIVED_FROM_CLIENTS", "RECEIVED_FROM_CONTROLLERS",
+    "REFUSED", "REGISTRY", "THROTTLED", "render",
+]
 
 disable_created_metrics()  # The _created series only add noise to every counter.
 
@@ -15,9 +18,12 @@ CONNECTIONS = Gauge(
     "wsbridge_connections", "Open WebSocket connections on this instance.", ["role"], registry=REGISTRY
 )
 MESSAGES = Counter(
-    "wsbridge_messages_total", "Messages received from connections, by sender role.",
-    ["direction", "role"], registry=REGISTRY,
+    "wsbridge_messages_received_total", "Messages received from connections, by sender role.",
+    ["role"], registry=REGISTRY,
 )
+# Bound once: label lookups cost more than the increment on the hot path.
+RECEIVED_FROM_CONTROLLERS = MESSAGES.labels(role="controller")
+RECEIVED_FROM_CLIENTS = MESSAGES.labels(role="client")
 ERRORS = Counter(
     "wsbridge_errors_total", "Error frames sent to controllers, by error code.", ["code"], registry=REGISTRY
 )

@@ -153,7 +153,7 @@ class Relay:
                 settings.max_message_bytes, settings.controller_rate_limit, settings.controller_rate_burst
             ),
         }
-        self._connections: set[Connection] = set()
+        self._connections: dict[str, Connection] = {}  # by conn_key
 
     async def start(self) -> None:
         await self.broker.start(self)
@@ -193,8 +193,11 @@ class Relay:
                 if self._kicked.pop(conn.conn_key, None) is not None:
                     await self.broker.release(client_id, conn.owner)
                     return CloseCode.REPLACED
+                older = self.local.get(client_id)
+                if older is not None:  # Claims for one id are serialized here, so this one is newer.
+                    older.close(CloseCode.REPLACED)
                 self.local[client_id] = conn
-                self._connections.add(conn)
+                self._connections[conn.conn_key] = conn
                 if conn.role is Role.CONTROLLER:
                     self.controllers.add(conn)
                 metrics.CONNECTIONS.labels(role=conn.role.value).inc()
@@ -209,9 +212,8 @@ class Relay:
     async def close(self, conn: Connection) -> None:
         """The connection is gone: unregister it, and release its id unless a newer one holds it."""
         conn.session.closed()
-        if conn not in self._connections:
+        if self._connections.pop(conn.conn_key, None) is None:
             return
-        self._connections.discard(conn)
         self.controllers.discard(conn)
         if self.local.get(conn.client_id) is conn:
             del self.local[conn.client_id]
@@ -226,7 +228,7 @@ class Relay:
         if type(action) is Deliver:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
-            metrics.MESSAGES.labels(direction="in", role="client").inc()
+            metrics.RECEIVED_FROM_CLIENTS.inc()
             self.broker.send_to_controllers(action.frame)
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=_error_code(action.frame)).inc()
@@ -239,7 +241,7 @@ class Relay:
             conn.close(action.code, action.reason)
 
     def _deliver(self, conn: Connection, command: Command) -> None:
-        metrics.MESSAGES.labels(direction="in", role="controller").inc()
+        metrics.RECEIVED_FROM_CONTROLLERS.inc()
 
         def failed(code: ErrorCode, detail: str) -> None:
             metrics.ERRORS.labels(code=code.value).inc()
@@ -261,7 +263,7 @@ class Relay:
             conn.deliver(frame)
 
     def replaced(self, client_id: str, owner: Owner) -> None:
-        conn = self.local.get(client_id)
+        conn = self._connections.get(owner.conn_key)
         if conn is not None and conn.owner == owner:
             metrics.REFUSED.labels(reason="replaced").inc()
             conn.close(CloseCode.REPLACED)
@@ -274,7 +276,7 @@ class Relay:
                     del self._kicked[key]
 
     def presence_records(self) -> list[dict[str, Any]]:
-        return [conn.presence_record(self.instance) for conn in self._connections if conn.owner is not None]
+        return [conn.presence_record(self.instance) for conn in self._connections.values() if conn.owner is not None]
 
     # --- service interface for the HTTP API and the dashboard ----------------------------
 
@@ -290,7 +292,7 @@ class Relay:
     async def drain(self, grace: float) -> None:
         """SIGTERM: refuse newcomers, close every socket with 1001 after its queued frames."""
         self.draining = True
-        conns = list(self._connections)
+        conns = list(self._connections.values())
         log.info("Shutting down: closing %d connections with 1001", len(conns))
         for conn in conns:
             conn.close(CloseCode.GOING_AWAY)

@@ -48,5 +48,7 @@ def run(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         lifespan="on",
         server_header=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     _GracefulServer(config, app.state.relay).run()

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # --- Network ----------------------------------------------------------------------
     bind_host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 in containers.")
     web_socket_port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="Proxies trusted for X-Forwarded-For (comma-separated IPs/CIDRs, or *); shown as client addresses.",
+    )
     public_url: str | None = Field(
         None, description="URL users reach the appliance at, shown in links; derived from host/port if unset."
     )

@@ -185,10 +185,13 @@ class RedisBroker(Broker):
 
     async def start(self, inbox: Inbox) -> None:
         self._inbox = inbox
-        no_retry = Retry(NoBackoff(), 0)
-        common = dict(socket_connect_timeout=3, socket_timeout=10, retry=no_retry, health_check_interval=0)
+        # One immediate retry replaces a pooled connection that went stale while Redis restarted;
+        # anything longer is the subscriber's reconnect loop's job, not a command's.
+        common = dict(socket_connect_timeout=3, socket_timeout=10, retry=Retry(NoBackoff(), 1))
         pool = BlockingConnectionPool.from_url(self._url, max_connections=self._pool_size, timeout=5, **common)
         self._redis = Redis(connection_pool=pool)
+        # The subscriber never reconnects behind our back: _subscriber() must see every loss.
+        common["retry"] = Retry(NoBackoff(), 0)
         sub_pool = BlockingConnectionPool.from_url(self._url, max_connections=1, timeout=5, **common)
         self._sub_client = Redis(connection_pool=sub_pool)
         self._claim = self._redis.register_script(CLAIM)
@@ -300,7 +303,13 @@ class RedisBroker(Broker):
             backoff = min(backoff * 2, 5.0)
 
     async def _came_back(self) -> None:
-        """Redis is reachable (again): reassert local ids, then report ready."""
+        """Redis is reachable (again): reassert local ids, then report ready; retried until it works."""
+        backoff = 0.1
+        while not await self._reassert_all():
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _reassert_all(self) -> bool:
         assert self._redis is not None
         try:
             if self._owners:
@@ -315,13 +324,14 @@ class RedisBroker(Broker):
                         self.inbox.replaced(client_id, owner)
             await self._write_presence()
         except (RedisError, OSError) as exc:
-            self._mark_down(exc)
-            return
+            self._reason = f"{type(exc).__name__}: {exc}"
+            return False
         if not self._up:
             log.info("Redis at %s is reachable; routing through it", self._display)
         self._up = True
         self._reason = "ok"
         self._subscriber_ready.set()
+        return True
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         inbox = self.inbox

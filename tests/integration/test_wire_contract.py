@@ -181,7 +181,7 @@ def test_clients_endpoint_needs_controller_or_admin_token(relay, token, status):
 def test_metrics_are_exposed(relay):
     status, body = relay.get("/metrics")
     assert status == 200
-    assert "wsbridge_connections" in body and "wsbridge_messages_total" in body
+    assert "wsbridge_connections" in body and "wsbridge_messages_received_total" in body
 
 
 async def test_no_token_ever_appears_in_the_log(relay):

@@ -1,0 +1,26 @@
+locals {
+  name = "${var.project}-${var.environment}"
+
+  # The tags Ansible's aws_ec2 inventory filters on (ansible/inventory/wsbridge.aws_ec2.yml)
+  # come last so extra_tags cannot change them.
+  common_tags = merge(var.extra_tags, {
+    Project     = var.project
+    Environment = var.environment
+    Role        = "wsbridge-appliance"
+    ManagedBy   = "terraform"
+  })
+
+  # Secrets stored as SecureString below ssm_parameter_prefix (ssm.tf), each a random
+  # 48-character password at first: the appliance's tokens, Redis, Grafana's admin.
+  secret_names = ["LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "REDIS_PASSWORD", "ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD"]
+
+  # Every parameter ssm.tf creates: those, plus Prometheus's basic-auth password and
+  # its htpasswd line.
+  ssm_parameter_names = concat(local.secret_names, ["MONITORING_PASSWORD", "MONITORING_BASIC_AUTH"])
+
+  # "/WebSocket/prod/" -> "WebSocket/prod": parameter ARNs have no double slash.
+  ssm_path = trim(var.ssm_parameter_prefix, "/")
+
+  # A fixed zone, so the subnet (and the host) never move when AWS adds zones.
+  availability_zone = coalesce(var.availability_zone, "${var.aws_region}a")
+}

@@ -1,0 +1,200 @@
+data "aws_caller_identity" "current" {}
+
+data "aws_partition" "current" {}
+
+# Ubuntu 24.04 LTS, the current image published by Canonical.
+data "aws_ssm_parameter" "ubuntu_ami" {
+  name = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+}
+
+# --- Network ---------------------------------------------------------------------------
+
+resource "aws_vpc" "main" {
+  cidr_block           = var.vpc_cidr
+  enable_dns_support   = true
+  enable_dns_hostnames = true
+
+  tags = { Name = "${local.name}-vpc" }
+}
+
+# The VPC's default security group allows all traffic between its members: empty it,
+# so only the group below applies.
+resource "aws_default_security_group" "main" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = "${local.name}-default-deny" }
+}
+
+resource "aws_internet_gateway" "main" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = "${local.name}-igw" }
+}
+
+resource "aws_subnet" "public" {
+  vpc_id            = aws_vpc.main.id
+  cidr_block        = var.public_subnet_cidr
+  availability_zone = local.availability_zone
+  # The host is reached through its Elastic IP; nothing gets an automatic public IP.
+  map_public_ip_on_launch = false
+
+  tags = { Name = "${local.name}-public" }
+}
+
+resource "aws_route_table" "public" {
+  vpc_id = aws_vpc.main.id
+
+  route {
+    cidr_block = "0.0.0.0/0"
+    gateway_id = aws_internet_gateway.main.id
+  }
+
+  tags = { Name = "${local.name}-public" }
+}
+
+resource "aws_route_table_association" "public" {
+  subnet_id      = aws_subnet.public.id
+  route_table_id = aws_route_table.public.id
+}
+
+resource "aws_security_group" "appliance" {
+  name        = "${local.name}-appliance"
+  description = "WebSocket Bridge host: HTTP/HTTPS from anywhere, SSH from operators only"
+  vpc_id      = aws_vpc.main.id
+
+  #checkov:skip=CKV_AWS_260:Port 80 must be open to the world: Traefik answers it only with a redirect to HTTPS.
+
+  ingress {
+    description = "HTTP, redirected to HTTPS by Traefik"
+    from_port   = 80
+    to_port     = 80
+    protocol    = "tcp"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  ingress {
+    description = "HTTPS and WSS (Traefik; also the ACME TLS-ALPN-01 challenge)"
+    from_port   = 443
+    to_port     = 443
+    protocol    = "tcp"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  egress {
+    description = "HTTPS out: package mirrors, Docker images, Let's Encrypt, AWS APIs"
+    from_port   = 443
+    to_port     = 443
+    protocol    = "tcp"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  egress {
+    description = "HTTP out: Ubuntu package mirrors"
+    from_port   = 80
+    to_port     = 80
+    protocol    = "tcp"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  egress {
+    description = "DNS to the VPC resolver"
+    from_port   = 53
+    to_port     = 53
+    protocol    = "udp"
+    cidr_blocks = [var.vpc_cidr]
+  }
+
+  tags = { Name = "${local.name}-appliance" }
+}
+
+# SSH: one rule per operator network (validated: never /0); none when the list is empty.
+resource "aws_vpc_security_group_ingress_rule" "ssh" {
+  for_each = toset(var.ssh_allowed_cidrs)
+
+  security_group_id = aws_security_group.appliance.id
+  description       = "SSH from an operator network (Ansible)"
+  ip_protocol       = "tcp"
+  from_port         = 22
+  to_port           = 22
+  cidr_ipv4         = each.value
+}
+
+# --- Flow logs (who talked to the host), encrypted with the stack's key ----------------
+
+resource "aws_cloudwatch_log_group" "flow_logs" {
+  name              = "/${var.project}/${var.environment}/vpc-flow-logs"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.main.arn
+}
+
+resource "aws_iam_role" "flow_logs" {
+  name               = "${local.name}-flow-logs"
+  assume_role_policy = data.aws_iam_policy_document.flow_logs_assume.json
+}
+
+resource "aws_iam_role_policy" "flow_logs" {
+  name   = "write-flow-logs"
+  role   = aws_iam_role.flow_logs.id
+  policy = data.aws_iam_policy_document.flow_logs_write.json
+}
+
+resource "aws_flow_log" "main" {
+  vpc_id          = aws_vpc.main.id
+  traffic_type    = "ALL"
+  log_destination = aws_cloudwatch_log_group.flow_logs.arn
+  iam_role_arn    = aws_iam_role.flow_logs.arn
+}
+
+# --- The host -----------------------------------------------------------------------------
+
+resource "aws_key_pair" "operator" {
+  key_name   = "${local.name}-operator"
+  public_key = var.ssh_public_key
+}
+
+resource "aws_instance" "appliance" {
+  ami                  = data.aws_ssm_parameter.ubuntu_ami.value
+  instance_type        = var.instance_type
+  subnet_id            = aws_subnet.public.id
+  key_name             = aws_key_pair.operator.key_name
+  iam_instance_profile = aws_iam_instance_profile.appliance.name
+  ebs_optimized        = true
+  monitoring           = true
+
+  vpc_security_group_ids      = [aws_security_group.appliance.id]
+  associate_public_ip_address = false
+
+  # IMDSv2 only (session tokens), and one hop: containers cannot reach the metadata
+  # service, so nothing in the stack can borrow the instance's role.
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+    instance_metadata_tags      = "disabled"
+  }
+
+  root_block_device {
+    encrypted             = true
+    kms_key_id            = aws_kms_key.main.arn
+    volume_type           = "gp3"
+    volume_size           = var.root_volume_size_gb
+    delete_on_termination = true
+  }
+
+  # Ansible provisions the host; a new AMI release must not replace it.
+  lifecycle {
+    ignore_changes = [ami]
+  }
+
+  tags        = { Name = "${local.name}-appliance" }
+  volume_tags = merge(local.common_tags, { Name = "${local.name}-root" })
+}
+
+resource "aws_eip" "appliance" {
+  domain   = "vpc"
+  instance = aws_instance.appliance.id
+
+  tags = { Name = "${local.name}-eip" }
+
+  depends_on = [aws_internet_gateway.main]
+}

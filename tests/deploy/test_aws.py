@@ -1,0 +1,209 @@
+"""The Ansible side against a local moto server standing in for AWS.
+
+EC2 instances are tagged as Terraform tags them and SSM parameters named as
+Terraform names them (both read from terraform/); then the real
+``amazon.aws.aws_ec2`` inventory plugin must find the host, and the real
+``amazon.aws.ssm_parameter`` lookup, through the appliance role's own tasks, must
+render a .env that Compose accepts.
+"""
+
+from __future__ import annotations
+
+import getpass
+import grp
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy_support import ANSIBLE_DIR, Moto, TerraformNames, compose_config, run, tool_env, tool_venv
+
+BASIC_AUTH = "ops:$2y$05$Zk0uQm1pV2xZb3N0YW5kaW.n0tR3alHashButTheRightShape01234"
+
+SETUP = r"""
+import json, sys
+import boto3
+
+spec = json.loads(sys.argv[1])
+ec2 = boto3.client("ec2", region_name=spec["region"])
+vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.40.1.0/24", AvailabilityZone=spec["region"] + "a")["Subnet"]["SubnetId"]
+image = ec2.describe_images()["Images"][0]["ImageId"]
+
+def launch(tags):
+    reservation = ec2.run_instances(
+        ImageId=image, MinCount=1, MaxCount=1, InstanceType="t3.small", SubnetId=subnet,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )
+    return reservation["Instances"][0]["InstanceId"]
+
+host = launch({**spec["tags"], "Name": spec["name"]})
+address = ec2.allocate_address(Domain="vpc")
+ec2.associate_address(InstanceId=host, AllocationId=address["AllocationId"])
+# Decoys the filters must leave out: another environment, and a stopped twin.
+launch({**spec["tags"], "Environment": "staging", "Name": "staging-twin"})
+stopped = launch({**spec["tags"], "Name": "stopped-twin"})
+ec2.stop_instances(InstanceIds=[stopped])
+
+ssm = boto3.client("ssm", region_name=spec["region"])
+for name, value in spec["parameters"].items():
+    ssm.put_parameter(Name=name, Value=value, Type="SecureString")
+ssm.put_parameter(Name="/WebSocket/staging/LLM_SECRET_TOKEN", Value="staging-value", Type="SecureString")
+ssm.put_parameter(Name=spec["prefix"] + "nested/LLM_SECRET_TOKEN", Value="nested-value", Type="SecureString")
+print(json.dumps({"host": host, "public_ip": address["PublicIp"]}))
+"""
+
+
+def secret_value(name: str) -> str:
+    short = name.rsplit("/", 1)[1]
+    return BASIC_AUTH if short == "MONITORING_BASIC_AUTH" else f"{short.lower().replace('_', '-')}-from-ssm-0123456789"
+
+
+@pytest.fixture(scope="module")
+def aws(moto: Moto, terraform_names: TerraformNames) -> dict[str, Any]:
+    moto.reset()
+    spec = {
+        "region": terraform_names.region,
+        "tags": terraform_names.tags,
+        "name": terraform_names.instance_name,
+        "prefix": terraform_names.parameter_prefix,
+        "parameters": {name: secret_value(name) for name in terraform_names.parameter_names},
+    }
+    return {**json.loads(moto.python(SETUP, json.dumps(spec))), **spec}
+
+
+def ansible(moto: Moto, tmp_path: Path, *args: str, check: bool = True, **env: str):
+    venv = tool_venv("ansible")
+    environment = tool_env(venv, **moto.env(), ANSIBLE_HOME=str(tmp_path / "ansible-home"), ANSIBLE_NOCOLOR="1", **env)
+    return run(list(args), cwd=ANSIBLE_DIR, env=environment, check=check, timeout=120)
+
+
+def plain(value: Any) -> Any:
+    """ansible-inventory marks values from the plugin as unsafe: {"__ansible_unsafe": v}."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+def test_the_inventory_plugin_finds_the_host_terraform_created(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    result = ansible(moto, tmp_path, "ansible-inventory", "-i", "inventory/wsbridge.aws_ec2.yml", "--list")
+    inventory = plain(json.loads(result.stdout))
+    assert inventory["wsbridge"]["hosts"] == [terraform_names.instance_name]
+    hostvars = inventory["_meta"]["hostvars"][terraform_names.instance_name]
+    assert hostvars["instance_id"] == aws["host"]
+    # Ansible connects to the Elastic IP.
+    assert hostvars["ansible_host"] == aws["public_ip"]
+    # The decoys exist in "AWS" but not in the inventory.
+    assert set(inventory["_meta"]["hostvars"]) == {terraform_names.instance_name}
+
+
+def test_site_yml_targets_that_host_with_the_default_inventory(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    # No -i: ansible.cfg's inventory is the aws_ec2 one.
+    result = ansible(moto, tmp_path, "ansible-playbook", "site.yml", "--list-hosts")
+    hosts = re.search(r"hosts \((\d+)\):\s*\n((?:\s+\S+\n?)+)", result.stdout)
+    assert hosts, result.stdout
+    assert hosts.group(1) == "1"
+    assert hosts.group(2).split() == [terraform_names.instance_name]
+
+
+def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    name = terraform_names.parameter_prefix + "LLM_SECRET_TOKEN"
+    expression = f"{{{{ lookup('amazon.aws.ssm_parameter', '{name}', region='{terraform_names.region}') }}}}"
+    result = ansible(
+        moto, tmp_path, "ansible", "localhost", "-m", "ansible.builtin.debug", "-a", f"msg={expression}",
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+    )
+    output = json.loads(result.stdout)
+    (play,) = output["plays"]
+    (task,) = play["tasks"]
+    assert task["hosts"]["localhost"]["msg"] == secret_value(name)
+
+
+def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True):
+    extra = {
+        "appliance_install_dir": str(install_dir),
+        "appliance_file_owner": getpass.getuser(),
+        "appliance_file_group": grp.getgrgid(os.getgid()).gr_name,
+        "appliance_domain": "bridge.test.example",
+        "appliance_acme_email": "ops@test.example",
+    }
+    return ansible(
+        moto, tmp_path, "ansible-playbook", "-i", "localhost,", str(Path(__file__).with_name("render_env.yml")),
+        "-e", json.dumps(extra), check=check,
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+    )
+
+
+def stats(result) -> dict[str, int]:
+    return json.loads(result.stdout)["stats"]["localhost"]
+
+
+def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    install_dir = tmp_path / "wsbridge"
+    install_dir.mkdir()
+    first = render(moto, tmp_path, install_dir)
+    assert stats(first)["changed"] == 1 and stats(first)["failures"] == 0
+    env_file = install_dir / ".env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    values = dict(
+        line.split("=", 1) for line in env_file.read_text().splitlines() if line and not line.startswith("#")
+    )
+    for name in terraform_names.parameter_names:
+        short = name.rsplit("/", 1)[1]
+        if short in values:
+            assert values[short].strip("'") == secret_value(name)
+    assert {"LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "REDIS_PASSWORD"} <= set(values)
+    assert "staging-value" not in env_file.read_text() and "nested-value" not in env_file.read_text()
+    # Secrets never reach the output.
+    for value in aws["parameters"].values():
+        assert value not in first.stdout + first.stderr
+    # A second run changes nothing.
+    second = render(moto, tmp_path, install_dir)
+    assert stats(second)["changed"] == 0 and stats(second)["ok"] >= 3
+    # The rendered file is a complete environment for the stack.
+    config = json.loads(compose_config(env_file).stdout)
+    appliance = config["services"]["appliance"]["environment"]
+    assert appliance["ADMIN_TOKEN"] == secret_value(terraform_names.parameter_prefix + "ADMIN_TOKEN")
+    users = config["services"]["appliance"]["labels"]["traefik.http.middlewares.wsbridge-monitoring-auth.basicauth.users"]
+    assert users.replace("$$", "$") == BASIC_AUTH
+
+
+def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    missing = terraform_names.parameter_prefix + "ADMIN_TOKEN"
+    moto.python(
+        "import boto3, sys; boto3.client('ssm', region_name=sys.argv[2]).delete_parameter(Name=sys.argv[1])",
+        missing, terraform_names.region,
+    )
+    try:
+        install_dir = tmp_path / "wsbridge"
+        install_dir.mkdir()
+        result = render(moto, tmp_path, install_dir, check=False)
+        assert result.returncode != 0
+        assert f"Missing below {terraform_names.parameter_prefix}: ADMIN_TOKEN" in result.stdout
+        for value in aws["parameters"].values():
+            assert value not in result.stdout + result.stderr
+        assert not (install_dir / ".env").exists()
+    finally:
+        moto.python(
+            "import boto3, sys; boto3.client('ssm', region_name=sys.argv[3]).put_parameter("
+            "Name=sys.argv[1], Value=sys.argv[2], Type='SecureString')",
+            missing, secret_value(missing), terraform_names.region,
+        )

@@ -1,0 +1,124 @@
+"""Limits, graceful shutdown, the CLI and the client library, against real server processes."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from support import CLIENT_TOKEN, CONTROLLER_TOKEN, closed_with, command, eventually, recv, recv_json, timeout
+
+from appliance.client import BridgeClient, BridgeClosed
+
+
+async def test_sigterm_closes_every_socket_with_1001_after_in_flight_messages(start_appliance):
+    app = start_appliance({"SHUTDOWN_GRACE": "5"})
+    async with app.controller() as llm, app.connect("c1") as client, app.connect("c2") as other:
+        for i in range(50):
+            await llm.send(command("c1", f"in flight {i}"))
+        assert await recv(client) == "in flight 0"  # Routing is under way when SIGTERM arrives.
+        code = await asyncio.to_thread(app.terminate)
+        received = [await recv(client) for _ in range(49)]
+        assert received == [f"in flight {i}" for i in range(1, 50)]
+        for ws in (llm, client, other):
+            assert await closed_with(ws) == (1001, "server shutting down")
+    # uvicorn re-raises the captured SIGTERM once shut down: exit status 143, as Docker expects.
+    assert code in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in app.log()
+
+
+async def test_client_over_its_rate_is_slowed_and_loses_nothing(start_appliance):
+    app = start_appliance({"CLIENT_RATE_LIMIT": "50", "CLIENT_RATE_BURST": "5"})
+    async with app.controller() as llm, app.connect("chatty") as client:
+        for i in range(30):
+            await client.send(f"r{i}")
+        replies = [(await recv_json(llm))["message"] for _ in range(30)]
+        assert replies == [f"r{i}" for i in range(30)]
+        status, body = app.get("/metrics")
+        throttled = [line for line in body.splitlines() if line.startswith("wsbridge_client_throttled_total")]
+        assert throttled and float(throttled[0].split()[-1]) >= 20
+
+
+async def test_controller_over_its_rate_gets_rate_limited_errors(start_appliance):
+    app = start_appliance({"CONTROLLER_RATE_LIMIT": "1", "CONTROLLER_RATE_BURST": "3"})
+    async with app.controller() as llm, app.connect("c1") as client:
+        for i in range(5):
+            await llm.send(command("c1", f"m{i}", id=i))
+        assert [await recv(client) for _ in range(3)] == ["m0", "m1", "m2"]
+        errors = [await recv_json(llm) for _ in range(2)]
+        assert [e["error"] for e in errors] == ["rate_limited", "rate_limited"]
+        assert all(e["retry_after_ms"] > 0 for e in errors)
+
+
+async def test_max_message_size_is_configurable(start_appliance):
+    app = start_appliance({"MAX_MESSAGE_BYTES": "1024"})
+    async with app.controller() as llm, app.connect("c1") as client:
+        await llm.send(command("c1", "x" * 1000))
+        assert (await recv_json(llm))["limit"] == 1024
+        await client.send("y" * 1025)
+        assert (await closed_with(client))[0] == 1009
+
+
+def run_cli(app, *args, token=CONTROLLER_TOKEN):
+    env = {**os.environ, "LLM_SECRET_TOKEN": token}
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "send", "--url", app.ws, "--timeout", "5", *args],
+        capture_output=True, text=True, env=env, timeout=timeout(30),
+    )
+
+
+async def test_cli_send_prints_the_reply(start_appliance):
+    app = start_appliance()
+    async with app.connect("echo-bot") as bot:
+
+        async def echo():
+            text = await recv(bot, 15)
+            await bot.send(f"done: {text}")
+
+        task = asyncio.create_task(echo())
+        result = await asyncio.to_thread(run_cli, app, "--target", "echo-bot", "MoveForward 10")
+        await task
+    assert (result.returncode, result.stdout.strip()) == (0, "done: MoveForward 10")
+
+
+async def test_cli_send_reports_errors_with_exit_codes(start_appliance):
+    app = start_appliance()
+    offline = await asyncio.to_thread(run_cli, app, "--target", "nobody", "hi")
+    assert offline.returncode == 1 and "target_offline" in offline.stderr
+    denied = await asyncio.to_thread(run_cli, app, "--target", "nobody", "hi", token="wrong")
+    assert denied.returncode == 2 and "4001" in denied.stderr
+
+
+async def test_client_library_reconnects_after_a_restart(start_appliance):
+    app = start_appliance()
+    client = BridgeClient(app.ws, "unity_client_1", CLIENT_TOKEN, backoff_max=0.5)
+    await client.connect()
+    receiving = asyncio.create_task(client.receive())
+    await asyncio.to_thread(app.terminate)
+    app.start()  # Same port: the client comes back by itself.
+    async with BridgeClient(app.ws, "LLM", CONTROLLER_TOKEN) as llm:
+
+        async def delivered():
+            await llm.send_command("unity_client_1", "after restart")
+            await asyncio.sleep(0.2)
+            return receiving.done()
+
+        await eventually(delivered, 15, "the reconnected client to receive")
+        assert receiving.result() == "after restart"
+        await client.send_text("reply")
+        reply = await llm.receive_json()
+        while reply.get("error") == "target_offline":  # Sent before the client was back.
+            reply = await llm.receive_json()
+        assert reply == {"sender": "unity_client_1", "message": "reply"}
+    assert client.connections >= 2  # A try may land on the old process while it drains (1001).
+    await client.close()
+
+
+async def test_client_library_stops_on_final_close_codes(start_appliance):
+    app = start_appliance()
+    client = BridgeClient(app.ws, "unity_client_1", "wrong-token")
+    await client.connect()
+    with pytest.raises(BridgeClosed) as closed:
+        await asyncio.wait_for(client.receive(), timeout(5))
+    assert closed.value.code == 4001
