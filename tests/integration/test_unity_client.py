@@ -5,7 +5,7 @@
 controller with the ``websockets`` library and starts, restarts and reconfigures the appliance; the C#
 program plays the device, checks what it sees and exits non-zero with a ``FAIL:`` line on a failed check.
 ``CommandListener.cs`` and the example device are compiled against ``unity/UnityEngineStub.cs`` and driven
-through one command round trip by ``unity/ListenerSmoke.cs``.
+by ``unity/ListenerSmoke.cs`` like the Unity player would (Awake, Start, Update per frame, pause/resume).
 
 Mono comes from ``tools/apt/unity.txt`` (installed by ``python3 dev.py test``).
 """
