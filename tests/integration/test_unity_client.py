@@ -300,17 +300,7 @@ async def test_refused_connection_is_not_retried_and_the_reason_is_reported(app,
     assert token not in run.output  # the token is never printed, not even in the reason
 
 
-@pytest.mark.parametrize(
-    "broker",
-    [
-        pytest.param("memory", marks=pytest.mark.xfail(
-            strict=True,
-            reason="appliance bug: MemoryBroker.claim tells the inbox the NEW owner was replaced, so the newer "
-                   "connection is closed with 4010 too (fix: inbox.replaced(client_id, previous))",
-        )),
-        "redis",
-    ],
-)
+@pytest.mark.parametrize("broker", ["memory", "redis"])
 async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_gives_up(
     request, start_appliance, harness, broker
 ):
