@@ -39,7 +39,7 @@ class MemoryBroker(Broker):
         owner = Owner(instance, conn_key, next(self._generations))
         self._owners[client_id] = owner
         if previous is not None:
-            inbox.replaced(client_id, owner)
+            inbox.replaced(client_id, previous)
         return Claim(True, owner, previous)
 
     async def release(self, client_id: str, owner: Owner) -> None:

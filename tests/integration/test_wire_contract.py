@@ -108,6 +108,14 @@ async def test_undecodable_binary_from_controller_gets_unsupported_frame(relay):
         assert (await recv_json(llm))["error"] == "unsupported_frame"
 
 
+async def test_a_newer_connection_with_the_same_id_replaces_the_old_one(relay):
+    async with relay.controller() as llm, relay.connect("c-dup") as old:
+        async with relay.connect("c-dup") as new:
+            assert await closed_with(old) == (4010, "replaced by a newer connection")
+            await llm.send(command("c-dup", "to the newer one"))
+            assert await recv(new) == "to the newer one"
+
+
 # --- handshake refusals and close codes -------------------------------------------------------
 
 

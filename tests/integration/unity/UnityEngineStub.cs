@@ -1,0 +1,117 @@
+// A stand-in for the few UnityEngine types the Unity scripts use, with Unity's signatures, so that
+// CommandListener.cs and the examples are compiled here (with Mono's mcs) and a compile error shows up
+// in the test suite rather than in the Unity editor. It is not Unity: members only do what the smoke
+// test in ListenerSmoke.cs needs. Add a member here when a script starts using it, copying the signature
+// from the Unity scripting reference.
+
+using System;
+using System.Collections.Generic;
+
+namespace UnityEngine
+{
+    public class Object
+    {
+        public string name;
+        public static void DontDestroyOnLoad(Object target) { }
+        public static implicit operator bool(Object exists) { return !ReferenceEquals(exists, null); }
+    }
+
+    public sealed class GameObject : Object
+    {
+        private readonly List<Component> components = new List<Component>();
+        public GameObject(string name) { this.name = name; }
+        public T AddComponent<T>() where T : Component, new()
+        {
+            var component = new T();
+            component.gameObject = this;
+            components.Add(component);
+            return component;
+        }
+        public T GetComponent<T>() where T : class
+        {
+            foreach (var c in components) { var t = c as T; if (t != null) return t; }
+            return null;
+        }
+    }
+
+    public class Component : Object
+    {
+        public GameObject gameObject { get; internal set; }
+        public T GetComponent<T>() where T : class { return gameObject.GetComponent<T>(); }
+    }
+
+    public class Behaviour : Component
+    {
+        public bool enabled = true;
+    }
+
+    public class MonoBehaviour : Behaviour { }
+
+    public sealed class Light : Behaviour
+    {
+        public float intensity = 1f;
+    }
+
+    public static class Debug
+    {
+        public static void Log(object message) { Console.WriteLine("[Unity] " + message); }
+        public static void Log(object message, Object context) { Log(message); }
+        public static void LogWarning(object message) { Console.WriteLine("[Unity] warning: " + message); }
+        public static void LogWarning(object message, Object context) { LogWarning(message); }
+        public static void LogError(object message) { Console.WriteLine("[Unity] error: " + message); }
+        public static void LogError(object message, Object context) { LogError(message); }
+        public static void LogException(Exception exception) { Console.WriteLine("[Unity] exception: " + exception); }
+        public static void LogException(Exception exception, Object context) { LogException(exception); }
+    }
+
+    public static class Time
+    {
+        private static readonly System.Diagnostics.Stopwatch Clock = System.Diagnostics.Stopwatch.StartNew();
+        public static float realtimeSinceStartup { get { return (float)Clock.Elapsed.TotalSeconds; } }
+    }
+
+    public enum RuntimeInitializeLoadType { AfterSceneLoad, BeforeSceneLoad, AfterAssembliesLoaded, BeforeSplashScreen, SubsystemRegistration }
+
+    [AttributeUsage(AttributeTargets.Method, AllowMultiple = false)]
+    public class RuntimeInitializeOnLoadMethodAttribute : Attribute
+    {
+        public RuntimeInitializeOnLoadMethodAttribute() { }
+        public RuntimeInitializeOnLoadMethodAttribute(RuntimeInitializeLoadType loadType) { }
+    }
+
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
+    public sealed class SerializeField : Attribute { }
+
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = true)]
+    public class HeaderAttribute : Attribute { public HeaderAttribute(string header) { } }
+
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
+    public class TooltipAttribute : Attribute { public TooltipAttribute(string tooltip) { } }
+
+    [AttributeUsage(AttributeTargets.Class, Inherited = false)]
+    public sealed class DisallowMultipleComponent : Attribute { }
+
+    [AttributeUsage(AttributeTargets.Class, Inherited = true, AllowMultiple = true)]
+    public sealed class RequireComponent : Attribute { public RequireComponent(Type requiredComponent) { } }
+
+    [AttributeUsage(AttributeTargets.Class)]
+    public sealed class AddComponentMenu : Attribute { public AddComponentMenu(string menuName) { } }
+
+    [AttributeUsage(AttributeTargets.Class)]
+    public class DefaultExecutionOrder : Attribute { public DefaultExecutionOrder(int order) { } }
+}
+
+namespace UnityEngine.Events
+{
+    // Abstract as in Unity before 2020.1, so that a script using the generic type directly fails here too.
+    public abstract class UnityEvent<T0>
+    {
+        private readonly System.Collections.Generic.List<UnityAction<T0>> listeners = new System.Collections.Generic.List<UnityAction<T0>>();
+        public void AddListener(UnityAction<T0> call) { listeners.Add(call); }
+        public void RemoveListener(UnityAction<T0> call) { listeners.Remove(call); }
+        public int GetPersistentEventCount() { return 0; }
+        public void Invoke(T0 arg0) { foreach (var call in listeners.ToArray()) call(arg0); }
+    }
+
+    public delegate void UnityAction<T0>(T0 arg0);
+}

@@ -1,0 +1,754 @@
+// BridgeClient.cs: the transport of the WebSocket Bridge client for Unity (and any .NET program).
+//
+// Plain C# with no UnityEngine dependency, so it is compiled and tested outside the editor
+// (tests/integration/test_unity_client.py builds it with Mono's mcs and runs it against the real
+// appliance). Language level: C# 7.2 at most, the newest that Mono's mcs compiles (the tests pass
+// -langversion:7.2); Unity compiles newer C#, but do not use newer features here.
+//
+// What it does:
+//   * connects to ws(s)://host/ws/{clientId} with the X-Auth-Token header;
+//   * reassembles fragmented and large messages (ReceiveAsync is looped until EndOfMessage);
+//   * has one send queue drained by one sender loop: ClientWebSocket allows a single outstanding
+//     SendAsync, so no caller ever touches the socket directly;
+//   * reconnects on its own with exponential backoff and full jitter, capped, and resets the
+//     backoff after a connection stayed up for StableConnectionTime;
+//   * does not retry close codes that a retry cannot fix (4001 bad token, 4002 invalid id, 4003 id
+//     reserved for controllers, 4010 replaced by a newer connection with the same id) and reports them;
+//   * keepalive: ClientWebSocket.Options.KeepAliveInterval plus an optional receive watchdog;
+//   * Stop()/Dispose() flush the send queue and close with 1000.
+//
+// It only moves text messages. The meaning of a message (a command, a reply, a future protocol
+// with command ids and correlated replies) belongs to a codec on top (BridgeProtocol.cs), so a new
+// protocol version never touches this file.
+//
+// Threading: events are raised on thread-pool threads, one at a time, in order. Handlers must be
+// quick and must not block; CommandListener (Unity) only enqueues and handles them in Update().
+
+using System;
+using System.Collections.Concurrent;
+using System.IO;
+using System.Net.WebSockets;
+using System.Text;
+using System.Text.RegularExpressions;
+using System.Threading;
+using System.Threading.Tasks;
+
+namespace WebSocketBridge
+{
+    /// <summary>Lifecycle of a <see cref="BridgeClient"/>.</summary>
+    public enum BridgeState
+    {
+        /// <summary>Created, Start() not called yet.</summary>
+        Idle,
+        /// <summary>Opening a connection.</summary>
+        Connecting,
+        /// <summary>Connected; messages flow.</summary>
+        Open,
+        /// <summary>Lost the connection; waiting for the backoff delay before the next attempt.</summary>
+        WaitingToReconnect,
+        /// <summary>Stop() was called; StopAsync() completes when the close handshake is done.</summary>
+        Stopping,
+        /// <summary>Stopped by Stop()/Dispose(). Start() may be called again.</summary>
+        Stopped,
+        /// <summary>The server closed with a code that a retry cannot fix (see LastDisconnect). Start() may be called again.</summary>
+        Rejected,
+    }
+
+    /// <summary>Close codes of the wire protocol (docs/protocol.md).</summary>
+    public static class BridgeCloseCodes
+    {
+        public const int Normal = 1000;           // RFC 6455 §7.4.1: normal closure (our Stop()).
+        public const int GoingAway = 1001;        // server shutting down: reconnect, possibly elsewhere.
+        public const int NoStatus = 1005;         // RFC 6455: a close frame without a code (never sent).
+        public const int MessageTooBig = 1009;    // RFC 6455 §7.4.1: a message larger than the peer accepts.
+        public const int InternalError = 1011;    // server error: retry.
+        // Also retried (not final): 1007 non-UTF-8 data, 1013 broker unavailable, 4008 slow consumer.
+        public const int Unauthorized = 4001;     // missing or wrong token: do not retry.
+        public const int InvalidClientId = 4002;  // id does not match ^[a-zA-Z0-9_-]{1,50}$: do not retry.
+        public const int ReservedClientId = 4003; // client token used with the controller id LLM: do not retry.
+        public const int DuplicateRejected = 4009;// id already connected and DUPLICATE_POLICY=reject: retry later.
+        public const int Replaced = 4010;         // a newer connection with the same id took over: do not retry.
+
+        /// <summary>True for close codes after which reconnecting cannot help (the client gives up).</summary>
+        public static bool IsFinal(int code)
+        {
+            return code == Unauthorized || code == InvalidClientId || code == ReservedClientId || code == Replaced;
+        }
+    }
+
+    /// <summary>Why a connection (or a connection attempt) ended, and what happens next.</summary>
+    public sealed class BridgeDisconnect
+    {
+        public BridgeDisconnect(string reason, int? closeCode, bool willRetry, TimeSpan retryDelay, bool wasConnected, Exception exception)
+        {
+            Reason = reason ?? "";
+            CloseCode = closeCode;
+            WillRetry = willRetry;
+            RetryDelay = retryDelay;
+            WasConnected = wasConnected;
+            Exception = exception;
+        }
+
+        /// <summary>Close reason sent by the server, or a description of the local cause.</summary>
+        public string Reason { get; private set; }
+        /// <summary>WebSocket close code, or null when the connection broke without a close frame.</summary>
+        public int? CloseCode { get; private set; }
+        /// <summary>True when the client will reconnect by itself after <see cref="RetryDelay"/>.</summary>
+        public bool WillRetry { get; private set; }
+        public TimeSpan RetryDelay { get; private set; }
+        /// <summary>False when the connection attempt itself failed (the client was never connected). The
+        /// appliance refuses a connection (4001, 4009, ...) right after the WebSocket opened, so a refusal has
+        /// WasConnected = true and follows a Connected event.</summary>
+        public bool WasConnected { get; private set; }
+        /// <summary>The exception behind a broken connection, if any.</summary>
+        public Exception Exception { get; private set; }
+
+        public override string ToString()
+        {
+            return string.Format("code={0} reason=\"{1}\" willRetry={2} retryDelay={3:0.###}s wasConnected={4}",
+                CloseCode.HasValue ? CloseCode.Value.ToString() : "none", Reason, WillRetry,
+                RetryDelay.TotalSeconds, WasConnected);
+        }
+    }
+
+    /// <summary>Settings of a <see cref="BridgeClient"/>. The defaults suit a game on a normal network.</summary>
+    public sealed class BridgeClientOptions
+    {
+        /// <summary>ws://, wss://, http:// or https:// base URL of the appliance, e.g. wss://bridge.example.com.</summary>
+        public string ServerUrl;
+        /// <summary>This client's id, ^[a-zA-Z0-9_-]{1,50}$. Controllers address it by this id.</summary>
+        public string ClientId;
+        /// <summary>The client token (UNITY_CLIENT_TOKEN of the appliance). Never logged.</summary>
+        public string Token;
+
+        /// <summary>Backoff ceiling of the first retry; doubles per failed attempt.</summary>
+        public TimeSpan InitialReconnectDelay = TimeSpan.FromSeconds(0.5);
+        /// <summary>Largest backoff ceiling. Full jitter picks the delay uniformly in [0, ceiling].</summary>
+        public TimeSpan MaxReconnectDelay = TimeSpan.FromSeconds(30);
+        /// <summary>A connection that lasted this long resets the backoff. Resetting on connect alone
+        /// would let a server that accepts and immediately closes (4009, 1011) be hammered.</summary>
+        public TimeSpan StableConnectionTime = TimeSpan.FromSeconds(10);
+        /// <summary>Limit for the TCP + TLS + WebSocket handshake.</summary>
+        public TimeSpan ConnectTimeout = TimeSpan.FromSeconds(10);
+        /// <summary>ClientWebSocket keepalive: unsolicited pongs that keep NATs and proxies from dropping an idle
+        /// connection and make a dead network fail the next write. The appliance also pings every PING_INTERVAL
+        /// and ClientWebSocket answers those by itself.</summary>
+        public TimeSpan KeepAliveInterval = TimeSpan.FromSeconds(15);
+        /// <summary>Receive watchdog: reconnect when no message arrived for this long. Zero (the default)
+        /// disables it. ClientWebSocket answers server pings internally and does not report them, so only
+        /// enable this when the controller sends something regularly (e.g. a periodic status command).</summary>
+        public TimeSpan ReceiveTimeout = TimeSpan.Zero;
+        /// <summary>How long Stop() waits to flush the send queue and for the server's close frame.</summary>
+        public TimeSpan CloseTimeout = TimeSpan.FromSeconds(2);
+        /// <summary>Size of each ReceiveAsync read; messages of any size up to MaxIncomingMessageBytes are reassembled.</summary>
+        public int ReceiveBufferSize = 16 * 1024;
+        /// <summary>A larger incoming message closes the connection with 1009 (and reconnects).</summary>
+        public int MaxIncomingMessageBytes = 16 * 1024 * 1024;
+        /// <summary>Messages queued while disconnected or sending; Send() returns false beyond this.</summary>
+        public int MaxQueuedMessages = 1000;
+
+        internal BridgeClientOptions Copy()
+        {
+            return (BridgeClientOptions)MemberwiseClone();
+        }
+    }
+
+    /// <summary>A self-healing WebSocket connection to the bridge for one client id.</summary>
+    public sealed class BridgeClient : IDisposable
+    {
+        /// <summary>The appliance's client id rule.</summary>
+        public static readonly Regex ClientIdPattern = new Regex("^[a-zA-Z0-9_-]{1,50}$");
+
+        private static readonly UTF8Encoding Utf8 = new UTF8Encoding(false);
+
+        // Events are raised on a thread-pool thread. A throwing handler is reported through Error
+        // and never breaks the connection loop.
+        public event Action Connected;
+        public event Action<BridgeDisconnect> Disconnected;
+        public event Action<string> MessageReceived;
+        public event Action<Exception> Error;
+
+        private readonly BridgeClientOptions options;
+        private readonly Random jitter;
+        private readonly object sync = new object();
+        private readonly ConcurrentQueue<string> sendQueue = new ConcurrentQueue<string>();
+        private readonly SemaphoreSlim sendSignal = new SemaphoreSlim(0);
+        private int queuedCount;
+        private int state = (int)BridgeState.Idle;
+        private int connectAttempts;
+        private int connections;
+        private long lastReceiveTicks;
+        private CancellationTokenSource stopCts;
+        private CancellationTokenSource kickCts = new CancellationTokenSource();
+        private Task runTask = CompletedTask();
+        private BridgeDisconnect lastDisconnect;
+
+        [ThreadStatic] private static BridgeClient raisingEventsOf;
+
+        public BridgeClient(BridgeClientOptions options)
+        {
+            if (options == null) throw new ArgumentNullException("options");
+            this.options = options.Copy();
+            if (string.IsNullOrEmpty(this.options.ClientId) || !ClientIdPattern.IsMatch(this.options.ClientId))
+                throw new ArgumentException("ClientId must match ^[a-zA-Z0-9_-]{1,50}$", "options");
+            if (string.IsNullOrEmpty(this.options.Token))
+                throw new ArgumentException("Token is empty; set the client token (UNITY_CLIENT_TOKEN)", "options");
+            if (this.options.MaxReconnectDelay < this.options.InitialReconnectDelay)
+                throw new ArgumentException("MaxReconnectDelay is smaller than InitialReconnectDelay", "options");
+            Endpoint = BuildEndpoint(this.options.ServerUrl, this.options.ClientId);
+            // Seeded per instance: Random() seeds from the clock on .NET Framework/Mono, so clients started
+            // in the same tick would pick the same "random" delays and reconnect in lock step.
+            jitter = new Random(Guid.NewGuid().GetHashCode());
+        }
+
+        /// <summary>The WebSocket URL this client connects to.</summary>
+        public Uri Endpoint { get; private set; }
+        public string ClientId { get { return options.ClientId; } }
+        public BridgeState State { get { return (BridgeState)Volatile.Read(ref state); } }
+        public bool IsConnected { get { return State == BridgeState.Open; } }
+        /// <summary>Connection attempts since construction (including the failed ones).</summary>
+        public int ConnectAttempts { get { return Volatile.Read(ref connectAttempts); } }
+        /// <summary>Successful connections since construction.</summary>
+        public int Connections { get { return Volatile.Read(ref connections); } }
+        /// <summary>The most recent disconnect, or null.</summary>
+        public BridgeDisconnect LastDisconnect { get { lock (sync) return lastDisconnect; } }
+        /// <summary>Completes when the connection loop has ended: after Stop() or a final close code.</summary>
+        public Task Completion { get { lock (sync) return runTask; } }
+        /// <summary>Messages waiting to be sent.</summary>
+        public int QueuedMessages { get { return Volatile.Read(ref queuedCount); } }
+
+        /// <summary>ws(s)://host[:port][/prefix]/ws/{clientId} from a ws, wss, http or https base URL.</summary>
+        public static Uri BuildEndpoint(string serverUrl, string clientId)
+        {
+            if (string.IsNullOrEmpty(serverUrl)) throw new ArgumentException("ServerUrl is empty", "serverUrl");
+            Uri baseUri;
+            if (!Uri.TryCreate(serverUrl.Trim(), UriKind.Absolute, out baseUri))
+                throw new ArgumentException("ServerUrl is not an absolute URL: " + serverUrl, "serverUrl");
+            string scheme;
+            switch (baseUri.Scheme)
+            {
+                case "ws": case "http": scheme = "ws"; break;
+                case "wss": case "https": scheme = "wss"; break;
+                default: throw new ArgumentException("ServerUrl must start with ws://, wss://, http:// or https://", "serverUrl");
+            }
+            var builder = new UriBuilder(baseUri) { Scheme = scheme, Query = "", Fragment = "" };
+            if (baseUri.IsDefaultPort) builder.Port = -1;
+            string path = builder.Path.TrimEnd('/');
+            // Accept a URL that already ends in /ws (the endpoint prefix) as well as the bare host.
+            if (path.EndsWith("/ws", StringComparison.Ordinal)) path = path.Substring(0, path.Length - 3);
+            builder.Path = path + "/ws/" + Uri.EscapeDataString(clientId);
+            return builder.Uri;
+        }
+
+        /// <summary>Full-jitter exponential backoff: uniform in [0, min(max, initial * 2^attempt)].</summary>
+        public static TimeSpan ComputeBackoff(int attempt, TimeSpan initial, TimeSpan max, Random random)
+        {
+            double ceiling = initial.Ticks * Math.Pow(2, Math.Min(Math.Max(attempt, 0), 30));
+            ceiling = Math.Min(ceiling, max.Ticks);
+            // FromTicks, not FromMilliseconds: the latter rounds to whole milliseconds on .NET Framework/Mono.
+            return TimeSpan.FromTicks((long)(random.NextDouble() * ceiling));
+        }
+
+        /// <summary>Starts the connection loop in the background. Allowed when Idle, Stopped or Rejected.</summary>
+        public void Start()
+        {
+            lock (sync)
+            {
+                var current = (BridgeState)state;
+                if (current != BridgeState.Idle && current != BridgeState.Stopped && current != BridgeState.Rejected)
+                    throw new InvalidOperationException("BridgeClient.Start() called while " + current + "; call Stop() first");
+                stopCts = new CancellationTokenSource();
+                kickCts = new CancellationTokenSource();
+                SetState(BridgeState.Connecting);
+                var token = stopCts.Token;
+                // Task.Run: the loop never runs on (and never waits for) Unity's main-thread SynchronizationContext.
+                runTask = Task.Run(() => RunAsync(token));
+            }
+        }
+
+        /// <summary>Queues a text message. Thread-safe. Returns false when the queue is full or the client
+        /// is stopped or rejected. Messages queued while disconnected are sent after the next connect.
+        /// Delivery is at most once: a message being written when the connection breaks is lost.</summary>
+        public bool Send(string text)
+        {
+            if (text == null) throw new ArgumentNullException("text");
+            var current = State;
+            if (current == BridgeState.Stopping || current == BridgeState.Stopped || current == BridgeState.Rejected)
+                return false;
+            if (Interlocked.Increment(ref queuedCount) > options.MaxQueuedMessages)
+            {
+                Interlocked.Decrement(ref queuedCount);
+                return false;
+            }
+            sendQueue.Enqueue(text);
+            sendSignal.Release();
+            return true;
+        }
+
+        /// <summary>Reconnect now: skips a pending backoff delay, or replaces the current connection (which may be
+        /// silently dead, e.g. after the app was suspended) with a new one. The old one is closed with 1000 (waiting
+        /// up to CloseTimeout for the server, then aborted); queued messages go out on the new one. No effect when
+        /// not running.</summary>
+        public void ReconnectNow()
+        {
+            CancellationTokenSource kick;
+            lock (sync)
+            {
+                kick = kickCts;
+                kickCts = new CancellationTokenSource();
+            }
+            try { kick.Cancel(); } catch (ObjectDisposedException) { }
+        }
+
+        /// <summary>Flushes the send queue (up to CloseTimeout), closes with 1000 and ends the loop.</summary>
+        public Task StopAsync()
+        {
+            lock (sync)
+            {
+                var current = (BridgeState)state;
+                if (current == BridgeState.Idle)
+                {
+                    SetState(BridgeState.Stopped);
+                    return runTask;
+                }
+                if (current == BridgeState.Stopped || current == BridgeState.Rejected) return runTask;
+                SetState(BridgeState.Stopping);
+                stopCts.Cancel();
+                return runTask;
+            }
+        }
+
+        /// <summary>Stops and waits for the close handshake (bounded by CloseTimeout). Called from one of this
+        /// client's own event handlers it does not wait (the loop is busy running that handler).</summary>
+        public void Stop()
+        {
+            var task = StopAsync();
+            if (raisingEventsOf == this) return;
+            try { task.Wait(options.CloseTimeout + options.CloseTimeout + TimeSpan.FromSeconds(1)); }
+            catch (AggregateException) { }
+        }
+
+        public void Dispose()
+        {
+            Stop();
+        }
+
+        // ---- connection loop -------------------------------------------------------------------
+
+        private async Task RunAsync(CancellationToken stop)
+        {
+            int attempt = 0;
+            try
+            {
+                while (!stop.IsCancellationRequested)
+                {
+                    CancellationToken kick;
+                    lock (sync) kick = kickCts.Token;
+                    SetStateUnlessStopping(BridgeState.Connecting);
+                    Interlocked.Increment(ref connectAttempts);
+                    SessionEnd end;
+                    DateTime openedAt = DateTime.UtcNow;
+                    bool wasConnected = false;
+                    using (var ws = CreateSocket())
+                    {
+                        Exception connectError = await ConnectAsync(ws, stop).ConfigureAwait(false);
+                        if (connectError != null)
+                        {
+                            end = stop.IsCancellationRequested
+                                ? SessionEnd.Stopped()
+                                : SessionEnd.Broken("connect failed: " + connectError.Message, connectError);
+                        }
+                        else
+                        {
+                            wasConnected = true;
+                            openedAt = DateTime.UtcNow;
+                            Interlocked.Increment(ref connections);
+                            SetStateUnlessStopping(BridgeState.Open);
+                            Raise(Connected);
+                            // A ReconnectNow() during the connect is satisfied by this fresh connection.
+                            lock (sync) kick = kickCts.Token;
+                            end = await RunSessionAsync(ws, stop, kick).ConfigureAwait(false);
+                        }
+                    }
+                    if (end.Error != null && !end.IsStopped) RaiseError(end.Error);
+
+                    if (end.IsStopped || stop.IsCancellationRequested)
+                    {
+                        Finish(BridgeState.Stopped, new BridgeDisconnect(
+                            "stopped by the client", wasConnected ? (int?)BridgeCloseCodes.Normal : null,
+                            false, TimeSpan.Zero, wasConnected, null));
+                        return;
+                    }
+                    if (end.CloseCode.HasValue && BridgeCloseCodes.IsFinal(end.CloseCode.Value))
+                    {
+                        Finish(BridgeState.Rejected, new BridgeDisconnect(
+                            end.Reason, end.CloseCode, false, TimeSpan.Zero, wasConnected, end.Error));
+                        return;
+                    }
+
+                    if (wasConnected && DateTime.UtcNow - openedAt >= options.StableConnectionTime) attempt = 0;
+                    TimeSpan delay;
+                    if (end.IsKicked)
+                    {
+                        attempt = 0;
+                        delay = TimeSpan.Zero;
+                    }
+                    else
+                    {
+                        delay = ComputeBackoff(attempt, options.InitialReconnectDelay, options.MaxReconnectDelay, jitter);
+                        attempt++;
+                    }
+                    lock (sync) kick = kickCts.Token;
+                    SetStateUnlessStopping(BridgeState.WaitingToReconnect);
+                    var info = new BridgeDisconnect(end.Reason, end.CloseCode, true, delay, wasConnected, end.Error);
+                    lock (sync) lastDisconnect = info;
+                    RaiseDisconnected(info);
+                    await DelayAsync(delay, stop, kick).ConfigureAwait(false);
+                }
+                Finish(BridgeState.Stopped, new BridgeDisconnect("stopped by the client", null, false, TimeSpan.Zero, false, null));
+            }
+            catch (Exception e)
+            {
+                // A bug in this loop must not vanish silently in a faulted Task nobody observes.
+                RaiseError(e);
+                Finish(BridgeState.Stopped, new BridgeDisconnect("internal error: " + e.Message, null, false, TimeSpan.Zero, false, e));
+            }
+        }
+
+        private void Finish(BridgeState final, BridgeDisconnect info)
+        {
+            // Nothing queued will ever be sent now; drop it so a later Start() begins clean.
+            string ignored;
+            while (sendQueue.TryDequeue(out ignored)) Interlocked.Decrement(ref queuedCount);
+            lock (sync)
+            {
+                lastDisconnect = info;
+                SetState(final);
+            }
+            RaiseDisconnected(info);
+        }
+
+        private ClientWebSocket CreateSocket()
+        {
+            var ws = new ClientWebSocket();
+            ws.Options.SetRequestHeader("X-Auth-Token", options.Token);
+            if (options.KeepAliveInterval > TimeSpan.Zero) ws.Options.KeepAliveInterval = options.KeepAliveInterval;
+            return ws;
+        }
+
+        private async Task<Exception> ConnectAsync(ClientWebSocket ws, CancellationToken stop)
+        {
+            using (var timeout = CancellationTokenSource.CreateLinkedTokenSource(stop))
+            {
+                timeout.CancelAfter(options.ConnectTimeout);
+                try
+                {
+                    await ws.ConnectAsync(Endpoint, timeout.Token).ConfigureAwait(false);
+                    return null;
+                }
+                catch (Exception e)
+                {
+                    if (timeout.IsCancellationRequested && !stop.IsCancellationRequested)
+                        return new TimeoutException("no connection to " + Endpoint + " within " + options.ConnectTimeout.TotalSeconds + " s", e);
+                    return e;
+                }
+            }
+        }
+
+        private async Task<SessionEnd> RunSessionAsync(ClientWebSocket ws, CancellationToken stop, CancellationToken kick)
+        {
+            Volatile.Write(ref lastReceiveTicks, DateTime.UtcNow.Ticks);
+            var draining = new CancellationTokenSource();  // stop: send what is queued, then leave
+            var leaving = new CancellationTokenSource();   // reconnect: finish the message being sent, keep the rest
+            var abort = new CancellationTokenSource();     // connection over: leave now
+            var sendTask = SendLoopAsync(ws, draining.Token, leaving.Token, abort.Token);
+            var receiveTask = ReceiveLoopAsync(ws);
+            // RunContinuationsAsynchronously: Stop() or ReconnectNow() called from an event handler must not run
+            // this session's teardown inline, inside that handler.
+            var stopped = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var kicked = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var watchdog = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            using (stop.Register(() => stopped.TrySetResult(true)))
+            using (kick.Register(() => kicked.TrySetResult(true)))
+            using (var watchdogCts = new CancellationTokenSource())
+            {
+                var watchdogTask = options.ReceiveTimeout > TimeSpan.Zero
+                    ? WatchdogAsync(watchdog, watchdogCts.Token)
+                    : CompletedTask();
+                var first = await Task.WhenAny(receiveTask, sendTask, stopped.Task, kicked.Task, watchdog.Task).ConfigureAwait(false);
+                watchdogCts.Cancel();
+                await watchdogTask.ConfigureAwait(false);
+
+                if (first == stopped.Task || first == kicked.Task)
+                {
+                    // Stop() and ReconnectNow() close politely: the server then releases the id before the next
+                    // connection claims it (no replace race). A dead connection costs CloseTimeout, then an abort.
+                    bool stopping = first == stopped.Task;
+                    (stopping ? draining : leaving).Cancel();
+                    if (await Task.WhenAny(sendTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != sendTask)
+                        abort.Cancel();
+                    await sendTask.ConfigureAwait(false);
+                    await CloseOutputAsync(ws, WebSocketCloseStatus.NormalClosure, stopping ? "client stopping" : "client reconnecting").ConfigureAwait(false);
+                    // Wait for the server's close frame so the server sees a clean 1000 close.
+                    if (await Task.WhenAny(receiveTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != receiveTask)
+                        ws.Abort();
+                    await receiveTask.ConfigureAwait(false);
+                    return stopping ? SessionEnd.Stopped() : SessionEnd.Reconnect();
+                }
+
+                abort.Cancel();
+                if (first == receiveTask)
+                {
+                    var end = await receiveTask.ConfigureAwait(false);
+                    await sendTask.ConfigureAwait(false);
+                    if (ws.State == WebSocketState.CloseReceived)
+                    {
+                        // Complete the close handshake the server started (RFC 6455 §5.5.1).
+                        await CloseOutputAsync(ws, WebSocketCloseStatus.NormalClosure, "").ConfigureAwait(false);
+                    }
+                    else if (end.LocalCloseCode.HasValue)
+                    {
+                        await CloseOutputAsync(ws, (WebSocketCloseStatus)end.LocalCloseCode.Value, end.Reason).ConfigureAwait(false);
+                    }
+                    return end;
+                }
+
+                // A send failed or the watchdog fired: the socket is unusable.
+                ws.Abort();
+                var sendError = await sendTask.ConfigureAwait(false);
+                await receiveTask.ConfigureAwait(false);
+                if (first == watchdog.Task)
+                    return SessionEnd.Broken("receive timeout: nothing received for " + options.ReceiveTimeout.TotalSeconds + " s", null);
+                return SessionEnd.Broken("send failed: " + (sendError != null ? sendError.Message : "unknown"), sendError);
+            }
+        }
+
+        private async Task WatchdogAsync(TaskCompletionSource<bool> fired, CancellationToken cancel)
+        {
+            var period = TimeSpan.FromMilliseconds(Math.Max(50, options.ReceiveTimeout.TotalMilliseconds / 4));
+            try
+            {
+                while (true)
+                {
+                    await Task.Delay(period, cancel).ConfigureAwait(false);
+                    var idle = DateTime.UtcNow - new DateTime(Volatile.Read(ref lastReceiveTicks), DateTimeKind.Utc);
+                    if (idle >= options.ReceiveTimeout)
+                    {
+                        fired.TrySetResult(true);
+                        return;
+                    }
+                }
+            }
+            catch (OperationCanceledException) { }
+        }
+
+        /// <summary>The only writer of the socket. Returns the send exception, or null when it left normally.</summary>
+        private async Task<Exception> SendLoopAsync(ClientWebSocket ws, CancellationToken draining, CancellationToken leaving, CancellationToken abort)
+        {
+            try
+            {
+                while (!abort.IsCancellationRequested && !leaving.IsCancellationRequested)
+                {
+                    string text;
+                    if (!sendQueue.TryDequeue(out text))
+                    {
+                        if (draining.IsCancellationRequested) return null;
+                        using (var either = CancellationTokenSource.CreateLinkedTokenSource(draining, leaving, abort))
+                        {
+                            try { await sendSignal.WaitAsync(either.Token).ConfigureAwait(false); }
+                            catch (OperationCanceledException) { }
+                        }
+                        continue;
+                    }
+                    Interlocked.Decrement(ref queuedCount);
+                    var bytes = Utf8.GetBytes(text);
+                    // One frame per message; the server reassembles fragments anyway, but needs no help.
+                    // Cancelling SendAsync aborts the socket, which is what abort means.
+                    await ws.SendAsync(new ArraySegment<byte>(bytes), WebSocketMessageType.Text, true, abort).ConfigureAwait(false);
+                }
+                return null;
+            }
+            catch (Exception e)
+            {
+                return abort.IsCancellationRequested ? null : e;
+            }
+        }
+
+        private async Task<SessionEnd> ReceiveLoopAsync(ClientWebSocket ws)
+        {
+            var buffer = new byte[Math.Max(1024, options.ReceiveBufferSize)];
+            var message = new MemoryStream();
+            try
+            {
+                while (true)
+                {
+                    // No cancellation token: cancelling a ReceiveAsync aborts the socket, which would make a
+                    // clean close impossible. Ending the session closes or aborts the socket instead.
+                    var result = await ws.ReceiveAsync(new ArraySegment<byte>(buffer), CancellationToken.None).ConfigureAwait(false);
+                    Volatile.Write(ref lastReceiveTicks, DateTime.UtcNow.Ticks);
+                    if (result.MessageType == WebSocketMessageType.Close)
+                    {
+                        int code = result.CloseStatus.HasValue ? (int)result.CloseStatus.Value : BridgeCloseCodes.NoStatus;
+                        string reason = result.CloseStatusDescription;
+                        if (string.IsNullOrEmpty(reason)) reason = DescribeCloseCode(code);
+                        return SessionEnd.Closed(code, reason);
+                    }
+                    if (message.Length + result.Count > options.MaxIncomingMessageBytes)
+                    {
+                        return SessionEnd.LocalClose(BridgeCloseCodes.MessageTooBig,
+                            "incoming message larger than " + options.MaxIncomingMessageBytes + " bytes");
+                    }
+                    message.Write(buffer, 0, result.Count);
+                    if (!result.EndOfMessage) continue;
+
+                    // Decode the whole message at once: a multi-byte UTF-8 character may straddle two reads.
+                    string text = Utf8.GetString(message.GetBuffer(), 0, (int)message.Length);
+                    if (message.Capacity > 4 * buffer.Length) message = new MemoryStream(); // give a big one back
+                    else message.SetLength(0);
+                    RaiseMessage(text);
+                }
+            }
+            catch (Exception e)
+            {
+                return SessionEnd.Broken("connection lost: " + e.Message, e);
+            }
+        }
+
+        private async Task CloseOutputAsync(ClientWebSocket ws, WebSocketCloseStatus status, string reason)
+        {
+            if (ws.State != WebSocketState.Open && ws.State != WebSocketState.CloseReceived) return;
+            using (var timeout = new CancellationTokenSource(options.CloseTimeout))
+            {
+                try { await ws.CloseOutputAsync(status, reason, timeout.Token).ConfigureAwait(false); }
+                catch (Exception) { /* the peer is gone already; nothing left to close */ }
+            }
+        }
+
+        private static async Task DelayAsync(TimeSpan delay, CancellationToken stop, CancellationToken kick)
+        {
+            if (delay <= TimeSpan.Zero) return;
+            using (var either = CancellationTokenSource.CreateLinkedTokenSource(stop, kick))
+            {
+                try { await Task.Delay(delay, either.Token).ConfigureAwait(false); }
+                catch (OperationCanceledException) { }
+            }
+        }
+
+        private static string DescribeCloseCode(int code)
+        {
+            switch (code)
+            {
+                case BridgeCloseCodes.Normal: return "closed by the server";
+                case BridgeCloseCodes.GoingAway: return "server going away";
+                case BridgeCloseCodes.NoStatus: return "closed without a status code";
+                case 1007: return "invalid data (text must be UTF-8)";
+                case BridgeCloseCodes.MessageTooBig: return "message too big";
+                case BridgeCloseCodes.InternalError: return "server internal error";
+                case 1013: return "try again later";
+                case BridgeCloseCodes.Unauthorized: return "unauthorized";
+                case BridgeCloseCodes.InvalidClientId: return "invalid client id";
+                case BridgeCloseCodes.ReservedClientId: return "client id reserved for controllers";
+                case 4008: return "too many undelivered messages";
+                case BridgeCloseCodes.DuplicateRejected: return "client id already connected";
+                case BridgeCloseCodes.Replaced: return "replaced by a newer connection";
+                default: return "closed with code " + code;
+            }
+        }
+
+        // ---- state and events ------------------------------------------------------------------
+
+        private void SetState(BridgeState next)
+        {
+            Volatile.Write(ref state, (int)next);
+        }
+
+        private void SetStateUnlessStopping(BridgeState next)
+        {
+            lock (sync)
+            {
+                if ((BridgeState)state != BridgeState.Stopping) SetState(next);
+            }
+        }
+
+        private void Raise(Action handler)
+        {
+            if (handler == null) return;
+            Invoke(() => handler());
+        }
+
+        private void RaiseMessage(string text)
+        {
+            var handler = MessageReceived;
+            if (handler != null) Invoke(() => handler(text));
+        }
+
+        private void RaiseDisconnected(BridgeDisconnect info)
+        {
+            var handler = Disconnected;
+            if (handler != null) Invoke(() => handler(info));
+        }
+
+        private void Invoke(Action call)
+        {
+            var previous = raisingEventsOf;
+            raisingEventsOf = this;
+            try { call(); }
+            catch (Exception e) { RaiseError(e); }
+            finally { raisingEventsOf = previous; }
+        }
+
+        private void RaiseError(Exception error)
+        {
+            var handler = Error;
+            if (handler == null) return;
+            var previous = raisingEventsOf;
+            raisingEventsOf = this;
+            try { handler(error); }
+            catch (Exception) { /* an Error handler that throws has nowhere left to report to */ }
+            finally { raisingEventsOf = previous; }
+        }
+
+        private static Task CompletedTask()
+        {
+            var done = new TaskCompletionSource<bool>();
+            done.SetResult(true);
+            return done.Task;
+        }
+
+        /// <summary>How one connection (or attempt) ended.</summary>
+        private struct SessionEnd
+        {
+            public string Reason;
+            public int? CloseCode;       // close code received from the server
+            public int? LocalCloseCode;  // close code we send because of the peer's behaviour
+            public Exception Error;
+            public bool IsStopped;
+            public bool IsKicked;
+
+            public static SessionEnd Closed(int code, string reason)
+            {
+                return new SessionEnd { CloseCode = code, Reason = reason };
+            }
+
+            public static SessionEnd LocalClose(int code, string reason)
+            {
+                return new SessionEnd { LocalCloseCode = code, Reason = reason };
+            }
+
+            public static SessionEnd Broken(string reason, Exception error)
+            {
+                return new SessionEnd { Reason = reason, Error = error };
+            }
+
+            public static SessionEnd Stopped()
+            {
+                return new SessionEnd { IsStopped = true, Reason = "stopped by the client" };
+            }
+
+            public static SessionEnd Reconnect()
+            {
+                return new SessionEnd { IsKicked = true, Reason = "reconnect requested" };
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+// LightController.cs: an example device. All the networking lives in CommandListener; a device only
+// registers what it understands. C# 7.2 at most (compiled by Mono's mcs in the tests).
+//
+// Commands:  on | off | toggle | intensity <0..8> | status
+// Replies:   "light on", "light off", "intensity 1.5", "error: ..." for bad arguments.
+
+using System.Globalization;
+using UnityEngine;
+
+namespace WebSocketBridge.Examples
+{
+    [AddComponentMenu("WebSocket Bridge/Examples/Light Controller")]
+    [RequireComponent(typeof(Light))]
+    public sealed class LightController : MonoBehaviour
+    {
+        [Tooltip("Listener to register with; empty means the first CommandListener of the game (CommandListener.Default).")]
+        [SerializeField] private CommandListener listener;
+
+        private Light lamp;
+        private CommandListener registeredWith;
+        private CommandHandler on, off, toggle, intensity, status;
+
+        private void Awake()
+        {
+            lamp = GetComponent<Light>();
+            on = command => Switch(true);
+            off = command => Switch(false);
+            toggle = command => Switch(!lamp.enabled);
+            status = command => Describe();
+            intensity = SetIntensity;
+        }
+
+        private void OnEnable()
+        {
+            registeredWith = listener != null ? listener : CommandListener.Default;
+            if (registeredWith == null)
+            {
+                Debug.LogError("[LightController] no CommandListener in the scene", this);
+                return;
+            }
+            registeredWith.Register("on", on);
+            registeredWith.Register("off", off);
+            registeredWith.Register("toggle", toggle);
+            registeredWith.Register("intensity", intensity);
+            registeredWith.Register("status", status);
+        }
+
+        private void OnDisable()
+        {
+            if (registeredWith == null) return;
+            registeredWith.Unregister("on", on);
+            registeredWith.Unregister("off", off);
+            registeredWith.Unregister("toggle", toggle);
+            registeredWith.Unregister("intensity", intensity);
+            registeredWith.Unregister("status", status);
+            registeredWith = null;
+        }
+
+        private string Switch(bool enable)
+        {
+            lamp.enabled = enable;
+            return Describe();
+        }
+
+        private string SetIntensity(BridgeCommand command)
+        {
+            float value;
+            if (command.Args.Length != 1 ||
+                !float.TryParse(command.Args[0], NumberStyles.Float, CultureInfo.InvariantCulture, out value) ||
+                value < 0f || value > 8f)
+            {
+                return "error: usage: intensity <0..8>";
+            }
+            lamp.intensity = value;
+            return "intensity " + value.ToString(CultureInfo.InvariantCulture);
+        }
+
+        private string Describe()
+        {
+            return lamp.enabled ? "light on" : "light off";
+        }
+    }
+}
