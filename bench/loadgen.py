@@ -217,7 +217,7 @@ class LoadGenerator:
                         use_aiofastnet=False,
                     )
                     return listener
-                except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - counted
+                except Exception as exc:  # refused, reset, handshake timeout: retried, then counted
                     if attempt == attempts - 1:
                         self.connect_failures[type(exc).__name__] += 1
                         return None
