@@ -43,8 +43,8 @@ def bin_of(env: Path, name: str) -> Path:
     return env / "bin" / name
 
 
-def fingerprint(*paths: Path) -> str:
-    digest = hashlib.sha256(sys.version.encode())
+def fingerprint(*paths: Path, extra: str = "") -> str:
+    digest = hashlib.sha256((sys.version + extra).encode())
     for path in paths:
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -53,7 +53,7 @@ def fingerprint(*paths: Path) -> str:
 def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: str) -> None:
     """Create ``env`` and pip-install ``install`` unless the inputs are unchanged since last time."""
     stamp = env / ".installed"
-    wanted = fingerprint(*stamp_inputs)
+    wanted = fingerprint(*stamp_inputs, extra=" ".join(install))
     if stamp.exists() and stamp.read_text() == wanted and bin_of(env, "python").exists():
         return
     if not bin_of(env, "python").exists():
@@ -66,13 +66,12 @@ def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: 
     stamp.write_text(wanted)
 
 
-def ensure_project(extras: str) -> None:
-    ensure_venv(
-        VENV,
-        [ROOT / "pyproject.toml"],
-        ["-e", f"{ROOT}[{extras}]"],
-        f"the appliance with [{extras}]",
-    )
+#: One set of extras for both commands, so switching between them never reinstalls.
+EXTRAS = "test,bench"
+
+
+def ensure_project() -> None:
+    ensure_venv(VENV, [ROOT / "pyproject.toml"], ["-e", f"{ROOT}[{EXTRAS}]"], f"the appliance with [{EXTRAS}]")
 
 
 def apt_requirements() -> list[tuple[str, str]]:
@@ -127,13 +126,13 @@ def check_python() -> None:
 
 def serve(args: list[str]) -> None:
     # The embedded default needs no system package, so serving installs none.
-    ensure_project("test")
+    ensure_project()
     os.execv(str(bin_of(VENV, "wsbridge")), ["wsbridge", "serve", *args])
 
 
 def test(args: list[str]) -> None:
     ensure_system_packages()
-    ensure_project("test,bench")
+    ensure_project()
     ensure_tool_venvs()
     env = {**os.environ, "WSBRIDGE_TOOL_VENVS": str(TOOL_VENVS), "PYTHONDONTWRITEBYTECODE": "1"}
     say("running the test suite")

@@ -25,7 +25,7 @@ from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Throttle
 from .settings import Settings
 
-__all__ = ["Connection", "Relay"]
+__all__ = ["Connection", "Flusher", "Relay"]
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,60 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
 
 
+class Flusher:
+    """Writes queued frames once per event-loop pass, for every connection that has any.
+
+    Deferring writes to the end of the pass lets a burst (a fan-out, a controller's
+    replies) be routed before it is written, and one callback per pass is far cheaper
+    than a task per connection: the bench measured a task per burst at a third of the
+    fan-out time.
+    """
+
+    __slots__ = ("_dirty", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def mark(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn._write_now()
+
+
 class Connection:
     """One accepted WebSocket: its session, its outbound queue and how to close it.
 
-    Sends never block the caller: frames are queued and written by a short-lived
-    writer task, so one slow peer cannot stall routing for everybody else.
+    Sends never block the caller: frames are queued and written at the end of the
+    loop pass by the :class:`Flusher`. uvicorn's ``send`` only suspends while the
+    transport is paused (back-pressure); only then does a writer task take over this
+    connection's queue, so one slow peer never stalls routing for everybody else.
     """
 
-    __slots__ = ("session", "conn_key", "remote", "owner", "_send", "_pending", "_writer", "_open", "close_code")
+    __slots__ = (
+        "session", "conn_key", "remote", "owner", "close_code",
+        "_send", "_flusher", "_pending", "_writer", "_open", "_marked",
+    )
 
-    def __init__(self, session: Session, send: ASGISend, remote: str) -> None:
+    def __init__(self, session: Session, send: ASGISend, remote: str, flusher: Flusher) -> None:
         self.session = session
         self.conn_key = uuid.uuid4().hex[:16]
         self.remote = remote
         self.owner: Owner | None = None
+        self.close_code: int | None = None
         self._send = send
+        self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._open = False
-        self.close_code: int | None = None
+        self._marked = False
 
     @property
     def client_id(self) -> str:
@@ -70,7 +105,7 @@ class Connection:
     def opened(self) -> None:
         """The handshake is complete: frames queued until now may be written."""
         self._open = True
-        self._kick_writer()
+        self._schedule()
 
     def deliver(self, text: str) -> None:
         if self.close_code is not None:
@@ -80,7 +115,7 @@ class Connection:
             self.close(CloseCode.SLOW_CONSUMER)
             return
         self._pending.append(text)
-        self._kick_writer()
+        self._schedule()
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Close after the frames already queued; later deliveries are dropped."""
@@ -90,27 +125,67 @@ class Connection:
         if self.session.state is State.OPEN:
             self.session.closing()
         self._pending.append((int(code), reason or CLOSE_REASONS[code]))
-        self._kick_writer()
+        self._schedule()
 
-    def _kick_writer(self) -> None:
-        if self._open and self._writer is None and self._pending:
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+    def _schedule(self) -> None:
+        if self._open and not self._marked and self._writer is None and self._pending:
+            self._marked = True
+            self._flusher.mark(self)
 
-    async def _write(self) -> None:
-        send, pending, session = self._send, self._pending, self.session
+    @staticmethod
+    def _event(item: str | tuple[int, str]) -> dict[str, Any]:
+        if isinstance(item, str):
+            return {"type": "websocket.send", "text": item}
+        return {"type": "websocket.close", "code": item[0], "reason": item[1]}
+
+    def _write_now(self) -> None:
+        """Called by the flusher: write the queue synchronously while the transport has room."""
+        self._marked = False
+        pending, session = self._pending, self.session
+        while pending and self._writer is None:
+            item = pending.popleft()
+            if not isinstance(item, str):
+                pending.clear()
+            step = self._send(self._event(item))
+            try:
+                waiting_on = step.send(None)
+            except StopIteration:
+                if isinstance(item, str):
+                    session.sent(time.time())
+                continue
+            except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
+                pending.clear()
+                return
+            # Back-pressure: a writer task finishes this send and owns the queue until it is empty.
+            self._writer = asyncio.get_running_loop().create_task(self._finish(step, waiting_on, item))
+
+    async def _finish(self, step: Any, waiting_on: Any, item: str | tuple[int, str]) -> None:
+        """Drive a send that suspended to completion, as a task would, then drain the queue."""
         try:
+            try:
+                while True:
+                    try:
+                        if waiting_on is None:  # A bare yield asks to run again on the next pass.
+                            await asyncio.sleep(0)
+                        else:
+                            await waiting_on
+                    except Exception as exc:
+                        waiting_on = step.throw(exc)
+                    else:
+                        waiting_on = step.send(None)
+            except StopIteration:
+                if isinstance(item, str):
+                    self.session.sent(time.time())
+            send, pending = self._send, self._pending
             while pending:
                 item = pending.popleft()
-                if isinstance(item, str):
-                    await send({"type": "websocket.send", "text": item})
-                    session.sent(time.time())
-                else:
-                    code, reason = item
+                if not isinstance(item, str):
                     pending.clear()
-                    await send({"type": "websocket.close", "code": code, "reason": reason})
-                    return
-        except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
-            pending.clear()
+                await send(self._event(item))
+                if isinstance(item, str):
+                    self.session.sent(time.time())
+        except Exception:  # The peer is gone: the reader cleans up.
+            self._pending.clear()
         finally:
             self._writer = None
 
@@ -118,8 +193,11 @@ class Connection:
         """Wait until the queued frames are written (or ``timeout``)."""
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(timeout):
-                while self._writer is not None:
-                    await asyncio.shield(self._writer)
+                while self._writer is not None or self._marked:
+                    if self._writer is not None:
+                        await asyncio.shield(self._writer)
+                    else:
+                        await asyncio.sleep(0)  # The flusher runs at the end of this pass.
 
     def presence_record(self, instance: str) -> dict[str, Any]:
         session = self.session
@@ -154,6 +232,7 @@ class Relay:
             ),
         }
         self._connections: dict[str, Connection] = {}  # by conn_key
+        self._flusher = Flusher()
 
     async def start(self) -> None:
         await self.broker.start(self)
@@ -161,8 +240,9 @@ class Relay:
     async def stop(self) -> None:
         await self.broker.stop()
 
-    def new_session(self, client_id: str, role: Role) -> Session:
-        return Session(client_id, role, self._limits[role], time.time())
+    def new_connection(self, client_id: str, role: Role, send: ASGISend, remote: str) -> Connection:
+        session = Session(client_id, role, self._limits[role], time.time())
+        return Connection(session, send, remote, self._flusher)
 
     # --- lifecycle of one connection ----------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import uvicorn
@@ -30,8 +31,21 @@ class _GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper collections: a relay holds many long-lived objects per connection.
+
+    The bench saw full collections of 10,000 idle connections take up to 66 ms, the
+    whole latency tail; freezing start-up objects and collecting the old generation
+    less often keeps refcounting (which frees almost everything here) doing the work.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 def run(settings: Settings) -> None:
     app = create_app(settings)
+    _tune_gc()
     config = uvicorn.Config(
         app,
         host=settings.bind_host,

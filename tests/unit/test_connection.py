@@ -4,12 +4,12 @@ import asyncio
 
 from appliance.core.protocol import CloseCode, Role
 from appliance.core.session import Limits, Session
-from appliance.relay import MAX_PENDING_MESSAGES, Connection
+from appliance.relay import MAX_PENDING_MESSAGES, Connection, Flusher
 
 
 def make(send):
     session = Session("c1", Role.CLIENT, Limits(1024, 0, 1), now=0)
-    return Connection(session, send, "127.0.0.1:1")
+    return Connection(session, send, "127.0.0.1:1", Flusher())
 
 
 async def test_frames_wait_for_the_handshake_then_go_out_in_order_before_the_close():
@@ -51,6 +51,9 @@ async def test_a_peer_that_stops_reading_is_closed_as_slow_consumer():
     gate.set()
     await conn.flush(5)
     assert sent[-1] == {"type": "websocket.close", "code": 4008, "reason": "too many undelivered messages"}
+    texts = [event["text"] for event in sent[:-1]]
+    assert texts == [f"m{i}" for i in range(len(texts))]  # In order, through the suspended send.
+    assert len(texts) == MAX_PENDING_MESSAGES
 
 
 async def test_a_vanished_peer_does_not_raise_into_the_router():
