@@ -63,8 +63,9 @@ class Flusher:
     def _flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
+        now = time.time()
         for conn in dirty:
-            conn._write_now()
+            conn._write_now(now)
 
 
 class Connection:
@@ -138,7 +139,7 @@ class Connection:
             return {"type": "websocket.send", "text": item}
         return {"type": "websocket.close", "code": item[0], "reason": item[1]}
 
-    def _write_now(self) -> None:
+    def _write_now(self, now: float) -> None:
         """Called by the flusher: write the queue synchronously while the transport has room."""
         self._marked = False
         pending, session = self._pending, self.session
@@ -151,7 +152,7 @@ class Connection:
                 waiting_on = step.send(None)
             except StopIteration:
                 if isinstance(item, str):
-                    session.sent(time.time())
+                    session.sent(now)
                 continue
             except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
                 pending.clear()

@@ -85,9 +85,13 @@ class ErrorCode(str, enum.Enum):
     UNSUPPORTED_FRAME = "unsupported_frame"
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A controller's request to deliver ``message`` to ``target``."""
+class Command(msgspec.Struct, frozen=True):
+    """A controller's request to deliver ``message`` to ``target``.
+
+    A msgspec Struct so that a well-formed frame decodes straight into it, which is
+    several times cheaper than a dict plus checks; malformed frames take the slow
+    path that explains what is wrong.
+    """
 
     target: str
     message: str
@@ -107,6 +111,7 @@ class ProtocolError:
 
 
 _decoder = msgspec.json.Decoder()
+_command_decoder = msgspec.json.Decoder(Command)
 _encoder = msgspec.json.Encoder()
 
 
@@ -131,6 +136,17 @@ def encode_error(code: ErrorCode, detail: str, **extra: Any) -> str:
 
 def parse_command(text: str) -> Command | ProtocolError:
     """Parse a controller frame; size limits are checked by the caller, before parsing."""
+    try:
+        command = _command_decoder.decode(text)
+    except msgspec.DecodeError:  # ValidationError is a DecodeError: explain it below.
+        pass
+    else:
+        if CLIENT_ID_PATTERN.fullmatch(command.target) is not None:
+            return command
+    return _explain(text)
+
+
+def _explain(text: str) -> Command | ProtocolError:
     try:
         data = _decoder.decode(text)
     except msgspec.DecodeError:

@@ -50,7 +50,7 @@ class InvalidState(RuntimeError):
     """An event arrived that the session's current state does not allow."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Limits:
     max_message_bytes: int
     rate: float
@@ -60,28 +60,28 @@ class Limits:
 # --- Actions -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """Route a controller's command to its target, wherever it is connected."""
 
     command: Command
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
     """Send a client's reply frame to every controller in the cluster."""
 
     frame: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendError:
     """Send an error frame back to this (controller) connection."""
 
     frame: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Throttle:
     """Stop reading from this connection for ``seconds`` before acting on ``then``."""
 
@@ -89,7 +89,7 @@ class Throttle:
     then: Publish
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     code: CloseCode
     reason: str
