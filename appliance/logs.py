@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["RedactSecrets", "configure_logging"]
+__all__ = ["RedactSecrets", "configure_logging", "weak_secrets"]
+
+
+#: Shorter secrets are not masked: masking "a" would mangle every log line (and such a
+#: token is refused as weak at start-up anyway; see ``weak_secrets``).
+MIN_MASKED_LENGTH = 8
+#: Tokens shorter than this are reported as weak when the appliance starts.
+MIN_STRONG_LENGTH = 16
+
+
+def weak_secrets(named: dict[str, str | None]) -> list[str]:
+    """Names of the configured secrets that are too short to be safe."""
+    return [name for name, value in named.items() if value is not None and len(value) < MIN_STRONG_LENGTH]
 
 
 class RedactSecrets(logging.Filter):
@@ -12,7 +24,7 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        self.secrets = [s for s in secrets if len(s) >= MIN_MASKED_LENGTH]
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
