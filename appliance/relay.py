@@ -22,7 +22,7 @@ from typing import Any
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
-from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Throttle
+from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State
 from .settings import Settings
 
 __all__ = ["Connection", "Flusher", "Relay"]
@@ -304,8 +304,12 @@ class Relay:
 
     # --- actions from the core ---------------------------------------------------------
 
-    async def perform(self, conn: Connection, action: Any) -> None:
-        """Carry out what the session decided about one received frame."""
+    def perform(self, conn: Connection, action: Any) -> None:
+        """Carry out what the session decided about one received frame.
+
+        Synchronous on purpose (no coroutine per frame); a :class:`Throttle` is the
+        reader's to honour, since pausing the reader is what slows the peer down.
+        """
         if type(action) is Deliver:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
@@ -314,10 +318,6 @@ class Relay:
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=_error_code(action.frame)).inc()
             conn.deliver(action.frame)
-        elif type(action) is Throttle:
-            metrics.THROTTLED.inc()
-            await asyncio.sleep(action.seconds)
-            await self.perform(conn, action.then)
         elif type(action) is Close:
             conn.close(action.code, action.reason)
 

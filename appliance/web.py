@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -19,7 +20,7 @@ from . import __version__, metrics
 from .brokers.base import Broker, BrokerUnavailable
 from .brokers.memory import MemoryBroker
 from .core.protocol import CLOSE_REASONS, CloseCode
-from .core.session import authorize
+from .core.session import Throttle, authorize
 from .relay import Connection, Relay
 from .settings import Settings
 
@@ -120,11 +121,17 @@ async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> N
             try:
                 text = (event.get("bytes") or b"").decode()
             except UnicodeDecodeError:
-                await perform(conn, session.receive_undecodable())
+                perform(conn, session.receive_undecodable())
                 continue
         if conn.close_code is not None:
             continue  # Closing: drain what the peer still sends until it acknowledges.
-        await perform(conn, session.receive_text(text, clock()))
+        action = session.receive_text(text, clock())
+        if type(action) is Throttle:
+            # Over its rate: stop reading, so TCP slows the peer down and nothing is lost.
+            metrics.THROTTLED.inc()
+            await asyncio.sleep(action.seconds)
+            action = action.then
+        perform(conn, action)
 
 
 # --- HTTP API -------------------------------------------------------------------------------
