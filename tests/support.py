@@ -78,7 +78,19 @@ def http_get(url: str, token: str | None = None) -> tuple[int, Any]:
         return status, body.decode()
 
 
-class RedisServer:
+class _Managed:
+    """A child process the tests own; ``kill`` is the hard stop for crash scenarios."""
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+class RedisServer(_Managed):
     """A throwaway redis-server on a free port; can be killed and restarted on the same port."""
 
     def __init__(self) -> None:
@@ -132,12 +144,6 @@ class RedisServer:
                 return int(line.split(":")[1]) - 1  # Not counting this query's own connection.
         raise AssertionError(f"no connected_clients in INFO: {info!r}")
 
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -149,7 +155,7 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Appliance:
+class Appliance(_Managed):
     """``wsbridge serve`` in a subprocess on a free port, with its log kept in a file."""
 
     def __init__(self, env: dict[str, str] | None = None, *, redis_url: str | None = None, name: str = "app") -> None:
@@ -211,12 +217,6 @@ class Appliance:
         code = self.process.wait(timeout=timeout(wait))
         self.process = None
         return code
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
