@@ -18,6 +18,7 @@ that adding a tool never means editing this script:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -56,14 +57,23 @@ def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: 
     wanted = fingerprint(*stamp_inputs, extra=" ".join(install))
     if stamp.exists() and stamp.read_text() == wanted and bin_of(env, "python").exists():
         return
-    if not bin_of(env, "python").exists():
+    pip = [str(bin_of(env, "python")), "-m", "pip", "--disable-pip-version-check", "-q"]
+    # A venv whose creation failed half-way has a python but no pip: build it again.
+    if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
+        ensure_ensurepip()
         say(f"creating virtualenv {env.relative_to(ROOT)} ({label})")
         venv.EnvBuilder(with_pip=True, clear=True).create(env)
     say(f"installing {label} into {env.relative_to(ROOT)} (first run takes a minute or two)")
-    pip = [str(bin_of(env, "python")), "-m", "pip", "--disable-pip-version-check", "-q"]
-    run([*pip, "install", "--upgrade", "pip"])
     run([*pip, "install", *install])
     stamp.write_text(wanted)
+
+
+def ensure_ensurepip() -> None:
+    """Debian and Ubuntu ship venv's pip bootstrap separately, in python3-venv."""
+    if importlib.util.find_spec("ensurepip") is not None:
+        return
+    package = f"python3.{sys.version_info.minor}-venv"
+    install_with_apt([package], why="python cannot create virtualenvs without it")
 
 
 #: One set of extras for both commands, so switching between them never reinstalls.
@@ -102,12 +112,17 @@ def ensure_system_packages() -> None:
     )
     if not missing:
         return
-    command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-    if os.geteuid() != 0:
-        say("these system packages are missing; install them and run again:")
+    install_with_apt(missing, why="the tests need them")
+
+
+def install_with_apt(packages: list[str], why: str) -> None:
+    """As root, apt-get install; otherwise print the exact command and stop."""
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        say(f"missing system packages ({why}); install them and run again:")
         print(f"    sudo apt-get update && sudo {' '.join(command)}")
         sys.exit(1)
-    say(f"installing system packages: {' '.join(missing)}")
+    say(f"installing system packages: {' '.join(packages)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(["apt-get", "update", "-qq"], env=env)
     run(command, env=env, stdout=subprocess.DEVNULL)

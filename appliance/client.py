@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,6 +29,10 @@ __all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed"]
 FINAL_CLOSE_CODES = frozenset(
     {CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, CloseCode.RESERVED_ID, CloseCode.REPLACED}
 )
+
+
+#: A connection that stayed open this long resets the reconnect backoff.
+STABLE_AFTER = 2.0
 
 
 class BridgeClosed(Exception):
@@ -64,6 +69,8 @@ class BridgeClient:
         self.max_size = max_size
         self._ws: ClientConnection | None = None
         self._closed = False
+        self._delay = backoff_initial
+        self._opened_at = 0.0
         self.connections = 0
 
     def __repr__(self) -> str:  # Never show the token.
@@ -78,7 +85,6 @@ class BridgeClient:
 
     async def connect(self) -> None:
         """Open the connection, retrying transient failures when ``reconnect`` is on."""
-        delay = self.backoff_initial
         while True:
             try:
                 self._ws = await connect(
@@ -89,12 +95,16 @@ class BridgeClient:
                     compression=None,
                 )
                 self.connections += 1
+                self._opened_at = time.monotonic()
                 return
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 if not self.reconnect or isinstance(exc, InvalidStatus) and exc.response.status_code < 500:
                     raise
-            await asyncio.sleep(random.uniform(0, delay))  # Full jitter: spreads a reconnect storm.
-            delay = min(delay * 2, self.backoff_max)
+            await self._back_off()
+
+    async def _back_off(self) -> None:
+        await asyncio.sleep(random.uniform(0, self._delay))  # Full jitter: spreads a reconnect storm.
+        self._delay = min(self._delay * 2, self.backoff_max)
 
     async def _socket(self) -> ClientConnection:
         if self._closed:
@@ -110,6 +120,11 @@ class BridgeClient:
         self._ws = None
         if self._closed or not self.reconnect or code in FINAL_CLOSE_CODES:
             raise BridgeClosed(code, reason) from exc
+        # The relay refuses after accepting (1013, 4009, 1001), so a connection that did not
+        # last is a failed attempt: back off; one that lasted starts the backoff afresh.
+        if time.monotonic() - self._opened_at >= STABLE_AFTER:
+            self._delay = self.backoff_initial
+        await self._back_off()
 
     async def send_text(self, text: str) -> None:
         """Send a raw text frame (what a client sends back as its reply)."""

@@ -113,6 +113,8 @@ class Connection:
             return
         if len(self._pending) >= MAX_PENDING_MESSAGES:
             log.warning("%s is not reading; closing it as a slow consumer", self.client_id)
+            metrics.REFUSED.labels(reason="slow_consumer").inc()
+            self._pending.clear()  # Free the memory now; the close goes out if the peer ever reads.
             self.close(CloseCode.SLOW_CONSUMER)
             return
         self._pending.append(text)
@@ -165,15 +167,14 @@ class Connection:
         try:
             try:
                 while True:
-                    try:
-                        if waiting_on is None:  # A bare yield asks to run again on the next pass.
-                            await asyncio.sleep(0)
-                        else:
-                            await waiting_on
-                    except Exception as exc:
-                        waiting_on = step.throw(exc)
+                    if waiting_on is None:  # A bare yield asks to run again on the next pass.
+                        await asyncio.sleep(0)
                     else:
-                        waiting_on = step.send(None)
+                        # Wait by callback: awaiting a future that another coroutine already
+                        # yielded raises "await wasn't used with future". Resuming the send
+                        # then returns the future's result (or raises its error) inside it.
+                        await asyncio.wait([waiting_on])
+                    waiting_on = step.send(None)
             except StopIteration:
                 if isinstance(item, str):
                     self.session.sent(time.time())
@@ -266,7 +267,6 @@ class Relay:
                     log.warning("Refusing %s: %s", client_id, exc)
                     return CloseCode.TRY_AGAIN_LATER
                 if not claim.accepted:
-                    metrics.REFUSED.labels(reason="duplicate").inc()
                     return CloseCode.DUPLICATE_REJECTED
                 conn.owner = claim.owner
                 if claim.previous is not None:
@@ -274,9 +274,12 @@ class Relay:
                 if self._kicked.pop(conn.conn_key, None) is not None:
                     await self.broker.release(client_id, conn.owner)
                     return CloseCode.REPLACED
+                if self.draining:  # SIGTERM arrived during the claim: drain() has already run.
+                    await self.broker.release(client_id, conn.owner)
+                    return CloseCode.GOING_AWAY
                 older = self.local.get(client_id)
                 if older is not None:  # Claims for one id are serialized here, so this one is newer.
-                    older.close(CloseCode.REPLACED)
+                    self._close_replaced(older)
                 self.local[client_id] = conn
                 self._connections[conn.conn_key] = conn
                 if conn.role is Role.CONTROLLER:
@@ -346,8 +349,7 @@ class Relay:
     def replaced(self, client_id: str, owner: Owner) -> None:
         conn = self._connections.get(owner.conn_key)
         if conn is not None and conn.owner == owner:
-            metrics.REFUSED.labels(reason="replaced").inc()
-            conn.close(CloseCode.REPLACED)
+            self._close_replaced(conn)
             return
         if owner.instance == self.instance:
             now = time.monotonic()
@@ -355,6 +357,11 @@ class Relay:
             for key, at in list(self._kicked.items()):
                 if now - at > 60:
                     del self._kicked[key]
+
+    def _close_replaced(self, conn: Connection) -> None:
+        if conn.close_code is None:  # The broker and the local check may both report it.
+            metrics.REFUSED.labels(reason="replaced").inc()
+            conn.close(CloseCode.REPLACED)
 
     def presence_records(self) -> list[dict[str, Any]]:
         return [conn.presence_record(self.instance) for conn in self._connections.values() if conn.owner is not None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from urllib.parse import quote
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -59,7 +60,9 @@ class Settings(BaseSettings):
         8, ge=1, le=256, description="Connections for publishing and presence; constant per instance."
     )
     instance_id: str = Field(
-        default_factory=default_instance_id, description="Name of this instance in presence; hostname-pid by default."
+        default_factory=default_instance_id,
+        pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+        description="Name of this instance in presence; hostname-pid by default.",
     )
 
     # --- Limits -----------------------------------------------------------------------
@@ -106,7 +109,8 @@ class Settings(BaseSettings):
         if not self.redis_host:
             raise RuntimeError("Redis is not configured: set REDIS_URL or REDIS_HOST")
         password = self.redis_password.get_secret_value() if self.redis_password else ""
-        auth = f":{password}@" if password else ""
+        # Quoted: a password with @ : / # % must not be read as part of the URL.
+        auth = f":{quote(password, safe='')}@" if password else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
 
     def redis_display(self) -> str:

@@ -36,6 +36,7 @@ _REFUSAL_REASONS = {
     CloseCode.TRY_AGAIN_LATER: "broker_unavailable",
     CloseCode.GOING_AWAY: "shutting_down",
     CloseCode.REPLACED: "replaced",
+    CloseCode.INTERNAL_ERROR: "internal_error",
 }
 
 
@@ -95,7 +96,11 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         await _refuse(socket, decision)
         return
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket))
-    refusal = await relay.open(conn)
+    try:
+        refusal = await relay.open(conn)
+    except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
+        log.exception("Could not register %s", client_id)
+        refusal = CloseCode.INTERNAL_ERROR
     if refusal is not None:
         await _refuse(socket, refusal)
         return
@@ -116,6 +121,8 @@ async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> N
         event = await receive()
         if event["type"] != "websocket.receive":
             return
+        if conn.close_code is not None:
+            continue  # Closing: drain what the peer still sends until it acknowledges.
         text = event.get("text")
         if text is None:
             try:
@@ -123,8 +130,6 @@ async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> N
             except UnicodeDecodeError:
                 perform(conn, session.receive_undecodable())
                 continue
-        if conn.close_code is not None:
-            continue  # Closing: drain what the peer still sends until it acknowledges.
         action = session.receive_text(text, clock())
         if type(action) is Throttle:
             # Over its rate: stop reading, so TCP slows the peer down and nothing is lost.

@@ -81,6 +81,16 @@ _json = msgspec.json.Encoder()
 _json_decode = msgspec.json.Decoder()
 
 
+class _SubscriberConnection(PubSub):
+    """redis-py's PubSub reconnects and resubscribes before it reports an error, even with
+    no retries; messages published meanwhile would be counted as delivered and then
+    dropped when we rebuild the subscription. Here a lost connection is only closed, so
+    :meth:`RedisBroker._subscriber` sees every loss and marks the instance down first."""
+
+    async def _reconnect(self, conn: Any, *args: Any, **kwargs: Any) -> None:
+        await conn.disconnect()
+
+
 class _Subscriptions:
     """Reference-counted channel subscriptions whose confirmations can be awaited.
 
@@ -170,6 +180,7 @@ class RedisBroker(Broker):
         self._presence_dirty = asyncio.Event()
         self._subscriber_ready = asyncio.Event()
         self._reconnect_requested = False
+        self._publishing = False
         self._owners: dict[str, Owner] = {}  # Local ids this instance holds, for refresh and reassert.
 
     # --- lifecycle --------------------------------------------------------------------
@@ -190,7 +201,7 @@ class RedisBroker(Broker):
         common = dict(socket_connect_timeout=3, socket_timeout=10, retry=Retry(NoBackoff(), 1))
         pool = BlockingConnectionPool.from_url(self._url, max_connections=self._pool_size, timeout=5, **common)
         self._redis = Redis(connection_pool=pool)
-        # The subscriber never reconnects behind our back: _subscriber() must see every loss.
+        # No retries on the subscriber: _subscriber() must see every loss (see _SubscriberConnection).
         common["retry"] = Retry(NoBackoff(), 0)
         sub_pool = BlockingConnectionPool.from_url(self._url, max_connections=1, timeout=5, **common)
         self._sub_client = Redis(connection_pool=sub_pool)
@@ -235,16 +246,17 @@ class RedisBroker(Broker):
                 await self._sub_client.connection_pool.disconnect()
 
     def health(self) -> tuple[bool, str]:
-        return self._up, "ok" if self._up else f"redis unreachable: {self._reason}"
+        # The reason is public (/readyz needs no token): the error class only, no host or port.
+        return self._up, "ok" if self._up else f"redis unreachable ({self._reason})"
 
     def _mark_down(self, exc: BaseException) -> None:
-        reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         if self._up:
-            log.error("Lost Redis at %s (%s); cross-instance delivery is failing", self._display, reason)
+            log.error("Lost Redis at %s (%s); cross-instance delivery is failing", self._display, detail)
         self._up = False
-        self._reason = reason
+        self._reason = type(exc).__name__
         self._subscriber_ready.clear()
-        self._subs.fail_all(BrokerUnavailable(f"redis unreachable: {reason}"))
+        self._subs.fail_all(BrokerUnavailable(self.health()[1]))
 
     # --- subscriber -------------------------------------------------------------------
 
@@ -253,7 +265,7 @@ class RedisBroker(Broker):
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
-        self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=False)
+        self._pubsub = _SubscriberConnection(self._sub_client.connection_pool, ignore_subscribe_messages=False)
         self._subs.reset_counts()
         channels = [CONTROLLERS, *(ch for ch, refs in self._subs.refs.items() if refs > 0)]
         for start in range(0, len(channels), 1000):
@@ -324,7 +336,8 @@ class RedisBroker(Broker):
                         self.inbox.replaced(client_id, owner)
             await self._write_presence()
         except (RedisError, OSError) as exc:
-            self._reason = f"{type(exc).__name__}: {exc}"
+            self._reason = type(exc).__name__
+            log.warning("Redis is back but re-registering local ids failed: %s: %s", type(exc).__name__, exc)
             return False
         if not self._up:
             log.info("Redis at %s is reachable; routing through it", self._display)
@@ -346,19 +359,22 @@ class RedisBroker(Broker):
             inbox.replaced(client_id, Owner.decode(payload))
 
     async def _subscribe(self, channel: str) -> None:
-        self._subs.refs[channel] += 1
         if not self._up or self._pubsub is None:
-            self._subs.refs[channel] -= 1
             raise BrokerUnavailable(self.health()[1])
+        self._subs.refs[channel] += 1
         if self._subs.refs[channel] == 1:
             self._subs.sent[channel] += 1
             try:
                 await self._pubsub.subscribe(channel)
             except (RedisError, OSError) as exc:
                 self._subs.refs[channel] -= 1
-                raise BrokerUnavailable(f"redis unreachable: {exc}") from exc
+                self._subs.forget(channel)
+                raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
         try:
             await asyncio.wait_for(self._subs.wait_for(channel), 10)
+        except TimeoutError as exc:  # Redis is stalled (e.g. CLIENT PAUSE): refuse, do not hang.
+            await self._unsubscribe(channel)
+            raise BrokerUnavailable("redis did not confirm the subscription within 10 s") from exc
         except BaseException:
             await self._unsubscribe(channel)
             raise
@@ -385,7 +401,7 @@ class RedisBroker(Broker):
             )
         except (RedisError, OSError) as exc:
             await self._unsubscribe(channel)
-            raise BrokerUnavailable(f"redis unreachable: {exc}") from exc
+            raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
         if not accepted:
             await self._unsubscribe(channel)
             return Claim(False, None, Owner.decode(owner_value.decode()))
@@ -410,18 +426,22 @@ class RedisBroker(Broker):
     # --- routing ----------------------------------------------------------------------
 
     def send(self, target: str, text: str, on_failure: OnFailure) -> None:
-        if not self._up:
+        if self._bypass_outbox():
             self._deliver_locally(target, text, on_failure)
             return
         self._outbox.append((CLIENT_CHANNEL + target, b"m" + text.encode(), target, text, on_failure))
         self._outbox_ready.set()
 
     def send_to_controllers(self, frame: str) -> None:
-        if not self._up:
+        if self._bypass_outbox():
             self.inbox.deliver_to_controllers(frame)
             return
         self._outbox.append((CONTROLLERS, frame.encode(), None, frame, None))
         self._outbox_ready.set()
+
+    def _bypass_outbox(self) -> bool:
+        """During an outage deliver locally at once, but never ahead of older queued messages."""
+        return not self._up and not self._outbox and not self._publishing
 
     def _deliver_locally(self, target: str, text: str, on_failure: OnFailure) -> None:
         if not self.inbox.deliver(target, text):
@@ -435,6 +455,10 @@ class RedisBroker(Broker):
             self._outbox_ready.clear()
             while self._outbox:
                 batch, self._outbox = self._outbox[:PUBLISH_BATCH], self._outbox[PUBLISH_BATCH:]
+                if not self._up:  # Down while these waited: local delivery, in order.
+                    self._fall_back(batch)
+                    continue
+                self._publishing = True
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for channel, payload, *_ in batch:
@@ -443,15 +467,20 @@ class RedisBroker(Broker):
                 except (RedisError, OSError) as exc:
                     self._mark_down(exc)
                     self._reconnect_requested = True  # The subscriber may not have noticed yet.
-                    for _, _, target, text, on_failure in batch:
-                        if target is None:
-                            self.inbox.deliver_to_controllers(text)
-                        else:
-                            self._deliver_locally(target, text, on_failure)
+                    self._fall_back(batch)
                     continue
+                finally:
+                    self._publishing = False
                 for (_, _, target, _, on_failure), count in zip(batch, receivers):
                     if count == 0 and on_failure is not None:
                         on_failure(ErrorCode.TARGET_OFFLINE, f"{target} is not connected")
+
+    def _fall_back(self, batch: list[tuple[str, bytes, str | None, str | None, OnFailure | None]]) -> None:
+        for _, _, target, text, on_failure in batch:
+            if target is None:
+                self.inbox.deliver_to_controllers(text)
+            else:
+                self._deliver_locally(target, text, on_failure)
 
     # --- presence ---------------------------------------------------------------------
 
@@ -497,6 +526,6 @@ class RedisBroker(Broker):
                 for value in (await self._redis.hgetall(key)).values():
                     records.append(_json_decode.decode(value))
         except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"redis unreachable: {exc}") from exc
+            raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
         return records
 

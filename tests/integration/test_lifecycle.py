@@ -1,6 +1,7 @@
 """Limits, graceful shutdown, the CLI and the client library, against real server processes."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -122,3 +123,26 @@ async def test_client_library_stops_on_final_close_codes(start_appliance):
     with pytest.raises(BridgeClosed) as closed:
         await asyncio.wait_for(client.receive(), timeout(5))
     assert closed.value.code == 4001
+
+
+async def test_a_client_that_reads_slowly_gets_everything_in_order(start_appliance):
+    """Enough data to fill the socket buffers, so uvicorn's send waits (back-pressure)."""
+    app = start_appliance()
+    payload = "x" * 8000
+    async with app.controller() as llm, app.connect("slow-reader", max_queue=1) as client:
+        for i in range(2000):
+            await llm.send(command("slow-reader", f"{i:05d}{payload}"))
+        received = [await recv(client, 20) for _ in range(2000)]
+        assert [frame[:5] for frame in received] == [f"{i:05d}" for i in range(2000)]
+        with pytest.raises(TimeoutError):  # And no error frame came back to the controller.
+            await asyncio.wait_for(llm.recv(), 0.2)
+
+
+async def test_client_library_backs_off_while_its_id_is_refused(start_appliance):
+    app = start_appliance({"DUPLICATE_POLICY": "reject"})
+    async with app.connect("held"):  # Keeps the id, so every attempt is closed with 4009.
+        client = BridgeClient(app.ws, "held", CLIENT_TOKEN, backoff_initial=0.05, backoff_max=0.4)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.receive(), 2)
+    # Full jitter, doubling to 0.4 s: about ten tries in 2 s, never a tight loop.
+    assert 2 <= client.connections <= 30

@@ -54,3 +54,14 @@ def test_invalid_values_are_refused(monkeypatch, tmp_path):
         make(monkeypatch, tmp_path, DUPLICATE_POLICY="sometimes")
     with pytest.raises(ValidationError):
         make(monkeypatch, tmp_path, WEB_SOCKET_PORT="70000")
+
+
+def test_redis_password_with_url_characters_is_quoted(monkeypatch, tmp_path):
+    settings = make(monkeypatch, tmp_path, REDIS_HOST="redis", REDIS_PASSWORD="p@ss:w0rd/x#%41")
+    assert settings.redis_connection_url() == "redis://:p%40ss%3Aw0rd%2Fx%23%2541@redis:6379/0"
+    assert settings.redis_display() == "redis://redis:6379"
+
+
+def test_instance_id_cannot_break_owner_encoding(monkeypatch, tmp_path):
+    with pytest.raises(ValidationError):
+        make(monkeypatch, tmp_path, INSTANCE_ID="web|1")
