@@ -59,7 +59,7 @@ def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: 
         return
     pip = [str(bin_of(env, "python")), "-m", "pip", "--disable-pip-version-check", "-q"]
     # A venv whose creation failed half-way has a python but no pip: build it again.
-    if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
+    if not bin_of(env, "python").exists() or subprocess.run([*pip, "--version"], capture_output=True).returncode:
         ensure_ensurepip()
         say(f"creating virtualenv {env.relative_to(ROOT)} ({label})")
         venv.EnvBuilder(with_pip=True, clear=True).create(env)
