@@ -146,3 +146,44 @@ async def test_client_library_backs_off_while_its_id_is_refused(start_appliance)
             await asyncio.wait_for(client.receive(), 2)
     # Full jitter, doubling to 0.4 s: about ten tries in 2 s, never a tight loop.
     assert 2 <= client.connections <= 30
+
+
+def _read_frames_raw(sock, buffer: bytes, until_opcode: int, within: float) -> list[tuple[int, bytes]]:
+    """Read server frames (unmasked) from a raw socket until one with ``until_opcode``."""
+    sock.settimeout(timeout(within))
+    frames = []
+    while True:
+        while len(buffer) < 2 or len(buffer) < 2 + (buffer[1] & 0x7F):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return frames
+            buffer += chunk
+        opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F  # Control frames: length < 126.
+        frames.append((opcode, buffer[2 : 2 + length]))
+        buffer = buffer[2 + length :]
+        if opcode == until_opcode:
+            return frames
+
+
+async def test_a_peer_that_never_answers_pings_is_closed_with_1011(start_appliance):
+    """A raw socket completes the handshake, then ignores the server's pings."""
+    import base64
+    import socket as sockets
+
+    app = start_appliance({"PING_INTERVAL": "0.3", "PING_TIMEOUT": "0.5"})
+    key = base64.b64encode(os.urandom(16)).decode()
+    with sockets.create_connection(("127.0.0.1", app.port), timeout=timeout(5)) as sock:
+        sock.sendall(
+            (f"GET /ws/silent HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+             f"X-Auth-Token: {CLIENT_TOKEN}\r\n\r\n").encode()
+        )
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += sock.recv(1024)
+        assert response.startswith(b"HTTP/1.1 101")
+        already_read = response.split(b"\r\n\r\n", 1)[1]  # A ping may come with the response.
+        frames = await asyncio.to_thread(_read_frames_raw, sock, already_read, 0x8, 10)
+    assert frames[0][0] == 0x9  # A ping came first, unanswered...
+    opcode, payload = frames[-1]
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1011  # ...then 1011.
