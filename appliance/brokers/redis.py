@@ -330,7 +330,7 @@ class RedisBroker(Broker):
                     for client_id, owner in items:
                         pipe.eval(REASSERT, 1, OWNER_KEY + client_id, owner.encode(), self.presence_ttl)
                     results = await pipe.execute()
-                for (client_id, owner), current in zip(items, results):
+                for (client_id, owner), current in zip(items, results, strict=True):
                     if current.decode() != owner.encode():
                         log.info("%s was claimed elsewhere during the outage; closing the local connection", client_id)
                         self.inbox.replaced(client_id, owner)
@@ -471,7 +471,7 @@ class RedisBroker(Broker):
                     continue
                 finally:
                     self._publishing = False
-                for (_, _, target, _, on_failure), count in zip(batch, receivers):
+                for (_, _, target, _, on_failure), count in zip(batch, receivers, strict=True):
                     if count == 0 and on_failure is not None:
                         on_failure(ErrorCode.TARGET_OFFLINE, f"{target} is not connected")
 
