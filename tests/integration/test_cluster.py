@@ -213,3 +213,27 @@ async def test_instance_starts_while_redis_is_down_and_becomes_ready(start_appli
     async with app.controller() as llm, app.connect("c1") as client:
         await llm.send(command("c1", "works"))
         assert await recv(client) == "works"
+
+
+async def test_a_crashed_instance_leaves_presence_and_frees_its_ids(start_appliance, own_redis):
+    env = {"PRESENCE_TTL": "3", "DUPLICATE_POLICY": "reject"}
+    a = start_appliance(env, redis_url=own_redis.url, name="survivor")
+    b = start_appliance(env, redis_url=own_redis.url, name="crasher")
+    client = await b.connect("orphan")
+
+    async def listed():
+        status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
+        return status == 200 and any(r["id"] == "orphan" for r in body["clients"])
+
+    await eventually(listed, 5, "the client listed from the other instance")
+    b.kill()  # SIGKILL: no cleanup runs; only the TTL can free the id.
+    await client.close()
+
+    async def gone():
+        return not await listed()
+
+    await eventually(gone, 10, "the crashed instance's presence to expire")
+    async with a.connect("orphan") as again:  # The reject policy no longer sees a live owner.
+        async with a.controller() as llm:
+            await llm.send(command("orphan", "welcome back"))
+            assert await recv(again) == "welcome back"
