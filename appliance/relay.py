@@ -3,7 +3,7 @@
 The WebSocket handler feeds frames to a connection's :class:`~appliance.core.session.Session`
 and hands the resulting actions to :meth:`Relay.perform`; the broker reaches local
 connections through the :class:`~appliance.brokers.base.Inbox` methods. The HTTP API and
-the dashboard use :meth:`Relay.clients`, :meth:`Relay.inject` and :meth:`Relay.status`,
+the dashboard use :meth:`Relay.clients` and :meth:`Relay.status`,
 never the connections themselves.
 """
 
@@ -319,7 +319,7 @@ class Relay:
             metrics.RECEIVED_FROM_CLIENTS.inc()
             self.broker.send_to_controllers(action.frame)
         elif type(action) is SendError:
-            metrics.ERRORS.labels(code=_error_code(action.frame)).inc()
+            metrics.ERRORS.labels(code=action.code.value).inc()
             conn.deliver(action.frame)
         elif type(action) is Close:
             conn.close(action.code, action.reason)
@@ -328,8 +328,7 @@ class Relay:
         metrics.RECEIVED_FROM_CONTROLLERS.inc()
 
         def failed(code: ErrorCode, detail: str) -> None:
-            metrics.ERRORS.labels(code=code.value).inc()
-            conn.deliver(conn.session.delivery_failed(command, code, detail).frame)
+            self.perform(conn, conn.session.delivery_failed(command, code, detail))
 
         self.broker.send(command.target, command.message, failed)
 
@@ -387,8 +386,3 @@ class Relay:
         if conns:
             await asyncio.gather(*(c.flush(grace) for c in conns))
 
-
-def _error_code(frame: str) -> str:
-    # Frames are built by encode_error with "error" first: {"error":"code",...}
-    start = frame.find('"error":"') + 9
-    return frame[start : frame.find('"', start)]

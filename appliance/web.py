@@ -173,7 +173,6 @@ def healthz() -> dict[str, str]:
 @get("/readyz", sync_to_thread=False)
 def readyz(request: Request) -> Response[dict[str, str]]:
     ready, reason = _relay(request).status()
-    metrics.BROKER_UP.set(1 if ready else 0)
     if ready:
         return Response({"status": "ready", "broker": _relay(request).broker.describe()})
     return Response({"status": "not ready", "reason": reason}, status_code=HTTP_503_SERVICE_UNAVAILABLE)

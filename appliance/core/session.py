@@ -78,7 +78,12 @@ class Publish:
 class SendError:
     """Send an error frame back to this (controller) connection."""
 
+    code: ErrorCode
     frame: str
+
+
+def _error(code: ErrorCode, detail: str, **extra: object) -> SendError:
+    return SendError(code, encode_error(code, detail, **extra))
 
 
 @dataclass(slots=True)
@@ -165,30 +170,22 @@ class Session:
         """A binary frame that is not UTF-8 text: the relay carries text only."""
         self._require(State.OPEN)
         if self.role is Role.CONTROLLER:
-            return SendError(encode_error(ErrorCode.UNSUPPORTED_FRAME, "binary frames must be UTF-8 text"))
+            return _error(ErrorCode.UNSUPPORTED_FRAME, "binary frames must be UTF-8 text")
         return Close(CloseCode.UNSUPPORTED_DATA, "binary frames must be UTF-8 text")
 
     def _controller_frame(self, text: str, now: float) -> Action:
         if _utf8_length_exceeds(text, self._max_bytes):
-            return SendError(
-                encode_error(
-                    ErrorCode.MESSAGE_TOO_LARGE,
-                    f"frame exceeds the limit of {self._max_bytes} bytes",
-                    limit=self._max_bytes,
-                )
+            return _error(
+                ErrorCode.MESSAGE_TOO_LARGE, f"frame exceeds the limit of {self._max_bytes} bytes", limit=self._max_bytes
             )
         wait = self._bucket.try_take(now)
         if wait > 0:
-            return SendError(
-                encode_error(
-                    ErrorCode.RATE_LIMITED,
-                    "too many messages; retry later",
-                    retry_after_ms=max(1, round(wait * 1000)),
-                )
+            return _error(
+                ErrorCode.RATE_LIMITED, "too many messages; retry later", retry_after_ms=max(1, round(wait * 1000))
             )
         parsed = parse_command(text)
         if isinstance(parsed, ProtocolError):
-            return SendError(parsed.encode())
+            return _error(parsed.code, parsed.detail, **dict(parsed.extra))
         return Deliver(parsed)
 
     def _client_frame(self, text: str, now: float) -> Action:
@@ -205,7 +202,7 @@ class Session:
         extra = {"target": command.target}
         if command.id is not None:
             extra["id"] = command.id
-        return SendError(encode_error(code, detail, **extra))
+        return _error(code, detail, **extra)
 
     def sent(self, now: float) -> None:
         self.messages_out += 1
