@@ -96,9 +96,7 @@ def apt_requirements() -> list[tuple[str, str]]:
 
 
 def apt_installed(package: str) -> bool:
-    probe = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
-    )
+    probe = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
     return probe.returncode == 0 and "install ok installed" in probe.stdout
 
 

@@ -72,7 +72,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
                 f"  Client token      UNITY_CLIENT_TOKEN={token(settings.unity_client_token)}",
                 f"  Admin token       ADMIN_TOKEN={token(settings.admin_token) if settings.admin_token else '(unset)'}",
                 f"  Health        {base}/healthz  {base}/readyz   Metrics {base}/metrics",
-                f"  Try it        wsbridge send --url {ws_base} --target unity_client_1 \"MoveForward 10\"",
+                f'  Try it        wsbridge send --url {ws_base} --target unity_client_1 "MoveForward 10"',
             ]
         ),
         flush=True,
@@ -90,18 +90,27 @@ def serve(args: argparse.Namespace) -> None:
     from .logs import configure_logging, weak_secrets
     from .server import run
 
-    secrets_ = [s.get_secret_value() for s in (settings.llm_secret_token, settings.unity_client_token,
-                                               settings.admin_token, settings.redis_password) if s]
+    secrets_ = [
+        s.get_secret_value()
+        for s in (settings.llm_secret_token, settings.unity_client_token, settings.admin_token, settings.redis_password)
+        if s
+    ]
     configure_logging(settings.log_level, secrets_)
-    weak = weak_secrets({
-        "LLM_SECRET_TOKEN": settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None,
-        "UNITY_CLIENT_TOKEN": settings.unity_client_token.get_secret_value() if settings.unity_client_token else None,
-        "ADMIN_TOKEN": settings.admin_token.get_secret_value() if settings.admin_token else None,
-    })
+    weak = weak_secrets(
+        {
+            "LLM_SECRET_TOKEN": settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None,
+            "UNITY_CLIENT_TOKEN": settings.unity_client_token.get_secret_value()
+            if settings.unity_client_token
+            else None,
+            "ADMIN_TOKEN": settings.admin_token.get_secret_value() if settings.admin_token else None,
+        }
+    )
     if weak:
-        print(f"WARNING: {', '.join(weak)} shorter than 16 characters: guessable, and too short to be masked "
-              "in logs. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
-              file=sys.stderr)
+        print(
+            f"WARNING: {', '.join(weak)} shorter than 16 characters: guessable, and too short to be masked "
+            "in logs. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            file=sys.stderr,
+        )
     _print_banner(settings, show_tokens=settings is not configured)
     run(settings)
 
@@ -110,8 +119,10 @@ async def _send(args: argparse.Namespace) -> int:
     from .client import BridgeClient, BridgeClosed
 
     settings = _load_settings()
-    token = args.token or os.environ.get("WSBRIDGE_TOKEN") or (
-        settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None
+    token = (
+        args.token
+        or os.environ.get("WSBRIDGE_TOKEN")
+        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
     )
     if not token:
         print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)

@@ -98,7 +98,7 @@ class BridgeClient:
                 self._opened_at = time.monotonic()
                 return
             except (OSError, InvalidHandshake, TimeoutError) as exc:
-                if not self.reconnect or isinstance(exc, InvalidStatus) and exc.response.status_code < 500:
+                if not self.reconnect or (isinstance(exc, InvalidStatus) and exc.response.status_code < 500):
                     raise
             await self._back_off()
 

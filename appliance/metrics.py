@@ -5,8 +5,17 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
 
 __all__ = [
-    "BROKER_UP", "BUILD", "CONNECTIONS", "ERRORS", "MESSAGES", "RECEIVED_FROM_CLIENTS", "RECEIVED_FROM_CONTROLLERS",
-    "REFUSED", "REGISTRY", "THROTTLED", "render",
+    "BROKER_UP",
+    "BUILD",
+    "CONNECTIONS",
+    "ERRORS",
+    "MESSAGES",
+    "RECEIVED_FROM_CLIENTS",
+    "RECEIVED_FROM_CONTROLLERS",
+    "REFUSED",
+    "REGISTRY",
+    "THROTTLED",
+    "render",
 ]
 
 disable_created_metrics()  # The _created series only add noise to every counter.
@@ -14,12 +23,12 @@ disable_created_metrics()  # The _created series only add noise to every counter
 #: Our own registry, so the metrics of one app are not mixed with a library's defaults.
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-CONNECTIONS = Gauge(
-    "wsbridge_connections", "Open WebSocket connections on this instance.", ["role"], registry=REGISTRY
-)
+CONNECTIONS = Gauge("wsbridge_connections", "Open WebSocket connections on this instance.", ["role"], registry=REGISTRY)
 MESSAGES = Counter(
-    "wsbridge_messages_received_total", "Messages received from connections, by sender role.",
-    ["role"], registry=REGISTRY,
+    "wsbridge_messages_received_total",
+    "Messages received from connections, by sender role.",
+    ["role"],
+    registry=REGISTRY,
 )
 # Bound once: label lookups cost more than the increment on the hot path.
 RECEIVED_FROM_CONTROLLERS = MESSAGES.labels(role="controller")
@@ -30,7 +39,8 @@ ERRORS = Counter(
 REFUSED = Counter(
     "wsbridge_connections_closed_total",
     "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
-    ["reason"], registry=REGISTRY,
+    ["reason"],
+    registry=REGISTRY,
 )
 THROTTLED = Counter(
     "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY

@@ -78,8 +78,17 @@ class Connection:
     """
 
     __slots__ = (
-        "session", "conn_key", "remote", "owner", "close_code",
-        "_send", "_flusher", "_pending", "_writer", "_open", "_marked",
+        "session",
+        "conn_key",
+        "remote",
+        "owner",
+        "close_code",
+        "_send",
+        "_flusher",
+        "_pending",
+        "_writer",
+        "_open",
+        "_marked",
     )
 
     def __init__(self, session: Session, send: ASGISend, remote: str, flusher: Flusher) -> None:
@@ -385,4 +394,3 @@ class Relay:
             conn.close(CloseCode.GOING_AWAY)
         if conns:
             await asyncio.gather(*(c.flush(grace) for c in conns))
-

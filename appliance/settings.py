@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from urllib.parse import quote
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,9 +23,7 @@ def default_instance_id() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
 
     # --- Authentication -------------------------------------------------------------
     llm_secret_token: SecretStr | None = Field(
@@ -78,9 +76,7 @@ class Settings(BaseSettings):
     # --- Liveness ---------------------------------------------------------------------
     ping_interval: float = Field(20.0, gt=0, description="Seconds between server pings.")
     ping_timeout: float = Field(20.0, gt=0, description="Seconds without a pong before a peer is dead.")
-    presence_ttl: int = Field(
-        30, ge=3, description="Seconds a crashed instance's presence entries survive in Redis."
-    )
+    presence_ttl: int = Field(30, ge=3, description="Seconds a crashed instance's presence entries survive in Redis.")
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )

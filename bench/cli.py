@@ -16,8 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .profile import Profiler, summarise
 from .procs import Processes, raise_nofile_limit
+from .profile import Profiler, summarise
 from .report import build_rows, markdown_table, missed_targets
 from .runner import SCENARIOS, TARGETS, Options, run_memory, run_traffic
 
@@ -48,12 +48,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         prog="python -m bench",
         description="Benchmark the relay against a bare reference relay (ratios measured in one run).",
     )
-    parser.add_argument("--targets", type=_choices(TARGETS), default=defaults.targets,
-                        help=f"comma-separated, from {','.join(TARGETS)} (default: all)")
-    parser.add_argument("--scenarios", type=_choices(SCENARIOS), default=defaults.scenarios,
-                        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="short run: 1 round, 2 s windows, 3 fan-out repeats, memory at 1000 and 5000")
+    parser.add_argument(
+        "--targets",
+        type=_choices(TARGETS),
+        default=defaults.targets,
+        help=f"comma-separated, from {','.join(TARGETS)} (default: all)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=_choices(SCENARIOS),
+        default=defaults.scenarios,
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 1 round, 2 s windows, 3 fan-out repeats, memory at 1000 and 5000",
+    )
     parser.add_argument("--duration", type=float, default=defaults.duration, help="seconds measured per loop scenario")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="seconds of traffic before measuring")
     parser.add_argument("--clients", type=int, default=defaults.clients, help="clients in the loop scenarios")
@@ -62,25 +73,55 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--rates", type=_csv(float), default=defaults.rates, help="open-loop rates, commands/s")
     parser.add_argument("--fanout-clients", type=int, default=defaults.fanout_clients)
     parser.add_argument("--fanout-repeats", type=int, default=defaults.fanout_repeats)
-    parser.add_argument("--memory-clients", type=_csv(int), default=defaults.memory_clients,
-                        help="idle client counts for the memory scenario")
-    parser.add_argument("--memory-targets", type=_choices(TARGETS), default=defaults.memory_targets,
-                        help="targets the memory scenario runs on (default: reference,embedded)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds,
-                        help="runs of each traffic scenario per target, interleaved across targets; medians reported")
-    parser.add_argument("--quiet-wait", type=float, default=defaults.quiet_wait,
-                        help="seconds the whole run may spend waiting for other processes to go quiet before a scenario")
-    parser.add_argument("--quiet-threshold", type=float, default=defaults.quiet_threshold,
-                        help="quiet means other processes use less than this %% of a core")
-    parser.add_argument("--extra-target", action="append", default=[], metavar="NAME=WSBRIDGE",
-                        help="also run another wsbridge script on the embedded broker as target NAME "
-                             "(e.g. a branch's .venv/bin/wsbridge, to compare it in the same run); repeatable")
+    parser.add_argument(
+        "--memory-clients",
+        type=_csv(int),
+        default=defaults.memory_clients,
+        help="idle client counts for the memory scenario",
+    )
+    parser.add_argument(
+        "--memory-targets",
+        type=_choices(TARGETS),
+        default=defaults.memory_targets,
+        help="targets the memory scenario runs on (default: reference,embedded)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="runs of each traffic scenario per target, interleaved across targets; medians reported",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=defaults.quiet_wait,
+        help="seconds the whole run may spend waiting for other processes to go quiet before a scenario",
+    )
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=defaults.quiet_threshold,
+        help="quiet means other processes use less than this %% of a core",
+    )
+    parser.add_argument(
+        "--extra-target",
+        action="append",
+        default=[],
+        metavar="NAME=WSBRIDGE",
+        help="also run another wsbridge script on the embedded broker as target NAME "
+        "(e.g. a branch's .venv/bin/wsbridge, to compare it in the same run); repeatable",
+    )
     parser.add_argument("--wsbridge", type=Path, default=None, help="the wsbridge script (default: next to python)")
     parser.add_argument("--json", type=Path, default=None, help="also write every raw figure to this JSON file")
-    parser.add_argument("--py-spy", type=Path, default=None,
-                        help="path to a py-spy binary: sample the appliance during the closed loop")
-    parser.add_argument("--profile-dir", type=Path, default=Path("bench/results/profiles"),
-                        help="where the py-spy collapsed stacks go (default bench/results/profiles)")
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, help="path to a py-spy binary: sample the appliance during the closed loop"
+    )
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=Path("bench/results/profiles"),
+        help="where the py-spy collapsed stacks go (default bench/results/profiles)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
     args = parser.parse_args(argv)
     extra = {}
@@ -111,9 +152,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     if args.py_spy is not None:
         opts = replace(opts, profiler=Profiler(args.py_spy, args.profile_dir))
     if args.quick:
-        opts = replace(opts, duration=min(opts.duration, 2.0), warmup=min(opts.warmup, 0.5), rounds=1,
-                       fanout_repeats=min(opts.fanout_repeats, 3),
-                       memory_clients=tuple(c for c in opts.memory_clients if c <= 5000) or (1000,))
+        opts = replace(
+            opts,
+            duration=min(opts.duration, 2.0),
+            warmup=min(opts.warmup, 0.5),
+            rounds=1,
+            fanout_repeats=min(opts.fanout_repeats, 3),
+            memory_clients=tuple(c for c in opts.memory_clients if c <= 5000) or (1000,),
+        )
     return opts, args
 
 
@@ -162,8 +208,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server logs kept in {workdir}")
         else:
             tmp.cleanup()
-    rows = build_rows(results, opts.rates, opts.memory_clients if "memory" in opts.scenarios else (),
-                      embedded_like=tuple(opts.extra_targets))
+    rows = build_rows(
+        results,
+        opts.rates,
+        opts.memory_clients if "memory" in opts.scenarios else (),
+        embedded_like=tuple(opts.extra_targets),
+    )
     print()
     print(markdown_table(rows, list(opts.targets)))
     print()

@@ -46,7 +46,7 @@ def percentile(sorted_values: list[int], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (``q`` in 0..100)."""
     if not sorted_values:
         return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
     return float(sorted_values[rank])
 
 
@@ -68,7 +68,7 @@ class _EchoClient(WSListener):
 
     __slots__ = ("gen", "client_id", "transport", "received", "closed_with")
 
-    def __init__(self, gen: "LoadGenerator", client_id: str) -> None:
+    def __init__(self, gen: LoadGenerator, client_id: str) -> None:
         self.gen = gen
         self.client_id = client_id
         self.transport: WSTransport | None = None
@@ -107,7 +107,7 @@ class _Controller(WSListener):
 
     __slots__ = ("gen", "name", "transport", "on_reply")
 
-    def __init__(self, gen: "LoadGenerator", name: str) -> None:
+    def __init__(self, gen: LoadGenerator, name: str) -> None:
         self.gen = gen
         self.name = name
         self.transport: WSTransport | None = None
@@ -205,7 +205,7 @@ class LoadGenerator:
         async with self._connect_slots:
             for attempt in range(attempts):
                 try:
-                    transport, listener = await ws_connect(
+                    _transport, listener = await ws_connect(
                         factory,
                         url,
                         extra_headers=headers,
@@ -279,7 +279,7 @@ class LoadGenerator:
                 for cid in list(waiting):
                     controller.send_command(cid, f"0 {_now()}")
                 resend_at = time.monotonic() + 0.5
-                while waiting and time.monotonic() < min(resend_at, deadline):
+                while waiting and time.monotonic() < min(resend_at, deadline):  # noqa: ASYNC110 (polls a counter)
                     await asyncio.sleep(0.01)
             # Late echoes of the repeated probes must not leak into the next scenario.
             await asyncio.sleep(0.2)
@@ -380,8 +380,8 @@ class LoadGenerator:
         """
         controller = self.controllers[0]
         interval_ns = 1e9 / rate
-        total = int(round(rate * (warmup + duration)))
-        first_measured = int(round(rate * warmup))
+        total = round(rate * (warmup + duration))
+        first_measured = round(rate * warmup)
         loop = asyncio.get_running_loop()
         begin = _now() + 50_000_000  # 50 ms to get the timer thread going
         schedule = [int(begin + i * interval_ns) for i in range(total)]

@@ -31,10 +31,30 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Settings the appliance reads from the environment: never inherit them from the
 # caller's shell, so a run measures the documented defaults plus what we set.
 _APPLIANCE_SETTINGS = {
-    "LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "BIND_HOST", "WEB_SOCKET_PORT",
-    "FORWARDED_ALLOW_IPS", "PUBLIC_URL", "REDIS_PUBLISH_POOL_SIZE", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "INSTANCE_ID", "MAX_MESSAGE_BYTES",
-    "CLIENT_RATE_LIMIT", "CLIENT_RATE_BURST", "CONTROLLER_RATE_LIMIT", "CONTROLLER_RATE_BURST",
-    "DUPLICATE_POLICY", "PING_INTERVAL", "PING_TIMEOUT", "PRESENCE_TTL", "SHUTDOWN_GRACE", "LOG_LEVEL",
+    "LLM_SECRET_TOKEN",
+    "UNITY_CLIENT_TOKEN",
+    "ADMIN_TOKEN",
+    "BIND_HOST",
+    "WEB_SOCKET_PORT",
+    "FORWARDED_ALLOW_IPS",
+    "PUBLIC_URL",
+    "REDIS_PUBLISH_POOL_SIZE",
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_PASSWORD",
+    "INSTANCE_ID",
+    "MAX_MESSAGE_BYTES",
+    "CLIENT_RATE_LIMIT",
+    "CLIENT_RATE_BURST",
+    "CONTROLLER_RATE_LIMIT",
+    "CONTROLLER_RATE_BURST",
+    "DUPLICATE_POLICY",
+    "PING_INTERVAL",
+    "PING_TIMEOUT",
+    "PRESENCE_TTL",
+    "SHUTDOWN_GRACE",
+    "LOG_LEVEL",
 }
 
 
@@ -118,7 +138,7 @@ class Proc:
         self.name = name
         self.kind = kind  # "reference", "appliance" or "redis"
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.popen = subprocess.Popen(
             argv,
             env=env,
@@ -169,7 +189,7 @@ class Processes:
         self.wsbridge = wsbridge or Path(sys.executable).with_name("wsbridge")
         self.started: list[Proc] = []
 
-    def __enter__(self) -> "Processes":
+    def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -214,8 +234,21 @@ class Processes:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server not found (apt-get install redis-server; python3 dev.py test installs it)")
-        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--maxclients", "20000", "--dir", str(self.workdir)]
+        argv = [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxclients",
+            "20000",
+            "--dir",
+            str(self.workdir),
+        ]
         return self._start(name, "redis", argv, self._base_env())
 
 

@@ -30,8 +30,21 @@ class Profiler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         out = self.out_dir / f"{name}.txt"
         proc = subprocess.Popen(
-            [str(self.py_spy), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-             "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(out)],
+            [
+                str(self.py_spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(max(1, round(seconds))),
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["build_rows", "markdown_table", "missed_targets"]
 
@@ -48,11 +48,14 @@ def build_rows(
     embedded_like: tuple[str, ...] = (),
 ) -> list[Row]:
     """The table's rows; ``embedded_like`` targets (extra wsbridge builds) get the embedded goals."""
+
     def each(*path, convert=lambda v: v):
         return {t: (None if _get(r, *path) is None else convert(_get(r, *path))) for t, r in all_results.items()}
 
-    closed_noise = {t: max(filter(None, [v, each("closed", "other_cpu_pct").get("reference")]), default=None)
-                    for t, v in each("closed", "other_cpu_pct").items()}
+    closed_noise = {
+        t: max(filter(None, [v, each("closed", "other_cpu_pct").get("reference")]), default=None)
+        for t, v in each("closed", "other_cpu_pct").items()
+    }
     rows = [
         Row(
             "closed loop: round trips/s (100 clients, 200 outstanding)",
@@ -77,15 +80,25 @@ def build_rows(
         Row("closed loop: generator CPU (% of a core)", each("closed", "generator_cpu_pct"), "{:.0f}"),
         Row("closed loop: other load on the machine (% of a core)", each("closed", "other_cpu_pct"), "{:.0f}"),
     ]
-    for rate, limit in zip(rates, (1.0, 2.0, *([None] * len(rates)))):
+    for rate, limit in zip(rates, (1.0, 2.0, *([None] * len(rates))), strict=False):
         key = f"open_{rate:g}"
         rows.append(Row(f"open loop {rate:g}/s: latency p50 (ms)", each(key, "latency", "p50_ms"), "{:.2f}", "times"))
         goal = None
         if limit is not None and rate in (500.0, 2000.0):
             goal = {"embedded": (f"<= {limit:g} ms", lambda v, ref, limit=limit: v <= limit)}
-        rows.append(Row(f"open loop {rate:g}/s: latency p99 (ms)", each(key, "latency", "p99_ms"), "{:.2f}", "times", goal,
-                        each(key, "other_cpu_pct")))
-        rows.append(Row(f"open loop {rate:g}/s: p99 from actual send (ms)", each(key, "service", "p99_ms"), "{:.2f}", "times"))
+        rows.append(
+            Row(
+                f"open loop {rate:g}/s: latency p99 (ms)",
+                each(key, "latency", "p99_ms"),
+                "{:.2f}",
+                "times",
+                goal,
+                each(key, "other_cpu_pct"),
+            )
+        )
+        rows.append(
+            Row(f"open loop {rate:g}/s: p99 from actual send (ms)", each(key, "service", "p99_ms"), "{:.2f}", "times")
+        )
         rows.append(Row(f"open loop {rate:g}/s: server CPU (%)", each(key, "server_cpu_pct"), "{:.0f}"))
         rows.append(Row(f"open loop {rate:g}/s: other load on the machine (%)", each(key, "other_cpu_pct"), "{:.0f}"))
     rows += [
@@ -98,8 +111,18 @@ def build_rows(
             each("fanout", "other_cpu_pct"),
         ),
         Row("fan-out: last delivery, worst of the repeats (ms)", each("fanout", "delivered_max_ms"), "{:.1f}", "times"),
-        Row("fan-out: all 1000 echoes back at the controller, median (ms)", each("fanout", "replied_median_ms"), "{:.1f}", "times"),
-        Row("fan-out: server CPU per fan-out incl. the echoes, median (ms)", each("fanout", "server_cpu_ms_median"), "{:.1f}", "times"),
+        Row(
+            "fan-out: all 1000 echoes back at the controller, median (ms)",
+            each("fanout", "replied_median_ms"),
+            "{:.1f}",
+            "times",
+        ),
+        Row(
+            "fan-out: server CPU per fan-out incl. the echoes, median (ms)",
+            each("fanout", "server_cpu_ms_median"),
+            "{:.1f}",
+            "times",
+        ),
         Row("fan-out: other load on the machine (%)", each("fanout", "other_cpu_pct"), "{:.0f}"),
     ]
     for count in memory_clients:
@@ -124,7 +147,11 @@ def build_rows(
             )
         )
         rows.append(
-            Row(f"server RSS with {top} clients (MB)", each("memory", str(top), "rss_kib", convert=lambda v: v * 1024 / 1e6), "{:.0f}")
+            Row(
+                f"server RSS with {top} clients (MB)",
+                each("memory", str(top), "rss_kib", convert=lambda v: v * 1024 / 1e6),
+                "{:.0f}",
+            )
         )
     conns = {t: _get(r, "redis_conns") for t, r in all_results.items()}
     for count_key in sorted({k for c in conns.values() if c for k in c}, key=int):
@@ -136,6 +163,7 @@ def build_rows(
             )
         )
     if any(conns.values()):
+
         def _constant(v, ref, conns=conns):
             totals = {k: x["total"] for k, x in (conns.get("redis") or {}).items()}
             return len(set(totals.values())) == 1
@@ -172,7 +200,12 @@ def _fmt(value, fmt: str) -> str:
 
 
 def _ratio(value, ref, mode: str | None) -> str:
-    if mode is None or value is None or ref in (None, 0) or any(isinstance(x, float) and math.isnan(x) for x in (value, ref)):
+    if (
+        mode is None
+        or value is None
+        or ref in (None, 0)
+        or any(isinstance(x, float) and math.isnan(x) for x in (value, ref))
+    ):
         return ""
     if mode == "pct":
         return f"{100 * value / ref:.0f} %"
@@ -230,6 +263,8 @@ def missed_targets(rows: list[Row]) -> list[str]:
                 continue
             if check(value, row.values.get("reference")) is False:
                 busy = (row.noise or {}).get(t)
-                note = f"; measured while others used {busy:.0f} % of a core" if busy is not None and busy > BUSY else ""
+                note = (
+                    f"; measured while others used {busy:.0f} % of a core" if busy is not None and busy > BUSY else ""
+                )
                 missed.append(f"{t}: {row.label} = {_fmt(value, row.fmt)} (target {text}{note})")
     return missed

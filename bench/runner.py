@@ -266,6 +266,7 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
 
         base_ids = _ids(opts.clients)
         if "closed" in opts.scenarios:
+
             async def closed(entry: _Live, round_no: int) -> dict:
                 profiler = opts.profiler if round_no == 0 else None
                 if profiler is not None:
@@ -274,7 +275,10 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
                             profiler.start(f"{proc.name}-closed", proc.pid, opts.warmup + opts.duration)
                 servers = entry.deployment.server_pids
                 result = await entry.gen.closed_loop(
-                    base_ids, opts.outstanding, opts.duration, opts.warmup,
+                    base_ids,
+                    opts.outstanding,
+                    opts.duration,
+                    opts.warmup,
                     server_cpu=lambda: sum(proc.cpu_seconds() for proc in servers),
                 )
                 if profiler is not None:
@@ -282,7 +286,9 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
                 return result
 
             await each_round(
-                "closed", f"closed loop: {opts.clients} clients, {opts.outstanding} outstanding, {opts.duration:g} s", closed
+                "closed",
+                f"closed loop: {opts.clients} clients, {opts.outstanding} outstanding, {opts.duration:g} s",
+                closed,
             )
             for entry in live:
                 if entry.rounds.get("closed"):
@@ -292,6 +298,7 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
 
         if "open" in opts.scenarios:
             for rate in opts.rates:
+
                 async def open_loop(entry: _Live, round_no: int, rate=rate) -> dict:
                     return await entry.gen.open_loop(base_ids, rate, opts.duration, opts.warmup)
 
@@ -324,6 +331,7 @@ async def run_traffic(opts: Options, procs: Processes, log=print) -> dict[str, d
                     entry.failed = f"connect {fan_total}: {exc}"
             fan_ids = _ids(opts.fanout_clients)
             if "fanout" in opts.scenarios:
+
                 async def fan_out(entry: _Live, round_no: int) -> dict:
                     servers = entry.deployment.server_pids
                     profiler = opts.profiler if round_no == 0 else None
@@ -380,7 +388,9 @@ def _pool_fanout(rounds: list[dict]) -> dict:
         "replied_median_ms": statistics.median(replied) if replied else nan,
         "server_cpu_pct": statistics.median(r["server_cpu_pct"] for r in rounds),
         "other_cpu_pct": statistics.median(r["other_cpu_pct"] for r in rounds),
-        "server_cpu_ms_median": statistics.median(cpu) if (cpu := [x for r in rounds for x in r["server_cpu_ms"]]) else nan,
+        "server_cpu_ms_median": statistics.median(cpu)
+        if (cpu := [x for r in rounds for x in r["server_cpu_ms"]])
+        else nan,
         "delivered_ms": delivered,
     }
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import Appliance, RedisServer  # noqa: E402
+from support import Appliance, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +35,9 @@ def start_appliance() -> Iterator:
     """Start appliances with custom settings; all are stopped (SIGTERM) after the test."""
     started: list[Appliance] = []
 
-    def start(env: dict[str, str] | None = None, *, redis_url: str | None = None, name: str = "app",
-              wait_ready: bool = True) -> Appliance:
+    def start(
+        env: dict[str, str] | None = None, *, redis_url: str | None = None, name: str = "app", wait_ready: bool = True
+    ) -> Appliance:
         app = Appliance(env, redis_url=redis_url, name=name)
         started.append(app)
         return app.start(wait_ready=wait_ready)

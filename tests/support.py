@@ -108,9 +108,23 @@ class RedisServer(_Managed):
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 10, f"redis-server on port {self.port}")
 
@@ -189,7 +203,10 @@ class Appliance(_Managed):
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "serve", "--port", str(self.port)],
-                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         wait_until(lambda: self._status("/healthz") == 200 or self._exited(), 20, f"{self.name} /healthz")
         if self._exited():
@@ -233,8 +250,13 @@ class Appliance(_Managed):
 
     def connect(self, client_id: str, token: str | None = CLIENT_TOKEN, **kwargs: Any):
         headers = {"X-Auth-Token": token} if token is not None else {}
-        return connect(f"{self.ws}/ws/{client_id}", additional_headers=headers, compression=None,
-                       open_timeout=timeout(10), **kwargs)
+        return connect(
+            f"{self.ws}/ws/{client_id}",
+            additional_headers=headers,
+            compression=None,
+            open_timeout=timeout(10),
+            **kwargs,
+        )
 
     def controller(self, client_id: str = "LLM", **kwargs: Any):
         return self.connect(client_id, CONTROLLER_TOKEN, **kwargs)

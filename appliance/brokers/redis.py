@@ -218,7 +218,9 @@ class RedisBroker(Broker):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscriber_ready.wait(), 5)
         if not self._up:
-            log.warning("Redis at %s is not reachable yet (%s); retrying in the background", self._display, self._reason)
+            log.warning(
+                "Redis at %s is not reachable yet (%s); retrying in the background", self._display, self._reason
+            )
 
     async def stop(self) -> None:
         self._stopping = True
@@ -528,4 +530,3 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
         return records
-

@@ -176,7 +176,9 @@ class Session:
     def _controller_frame(self, text: str, now: float) -> Action:
         if _utf8_length_exceeds(text, self._max_bytes):
             return _error(
-                ErrorCode.MESSAGE_TOO_LARGE, f"frame exceeds the limit of {self._max_bytes} bytes", limit=self._max_bytes
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"frame exceeds the limit of {self._max_bytes} bytes",
+                limit=self._max_bytes,
             )
         wait = self._bucket.try_take(now)
         if wait > 0:

@@ -5,4 +5,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deploy_support import moto, terraform, terraform_names  # noqa: E402, F401  (fixtures)
+from deploy_support import moto, terraform, terraform_names  # noqa: F401  (fixtures)

@@ -58,7 +58,9 @@ def tool_env(venv: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str | Path], *, timeout: float = 120, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str | Path], *, timeout: float = 120, check: bool = True, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(part) for part in cmd], capture_output=True, text=True, timeout=timeout * SCALE, **kwargs
     )
@@ -95,7 +97,9 @@ def compose_config(env_file: Path, *, check: bool = True):
             del env[key]
     return run(
         [binary, "--project-directory", ROOT, "-f", COMPOSE_FILE, "--env-file", env_file, "config", "--format", "json"],
-        env=env, check=check, timeout=60,
+        env=env,
+        check=check,
+        timeout=60,
     )
 
 
@@ -237,10 +241,12 @@ def moto() -> Iterator[Moto]:
     venv = tool_venv("moto")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(os.devnull, "wb")
+    log = open(os.devnull, "wb")  # noqa: SIM115 (owned by the server process)
     process = subprocess.Popen(
         [venv / "bin" / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        env=tool_env(venv), stdout=log, stderr=subprocess.STDOUT,
+        env=tool_env(venv),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30 * SCALE

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from deploy_support import ANSIBLE_DIR, run, tool_env, tool_venv
 
 ROLES = ("base", "docker", "appliance")
@@ -37,7 +36,8 @@ def role_tasks(role: str) -> list[dict[str, Any]]:
 def test_the_playbook_passes_the_syntax_check(inventory: str, tmp_path: Path) -> None:
     result = run(
         ["ansible-playbook", "-i", inventory, "--syntax-check", "site.yml"],
-        cwd=ANSIBLE_DIR, env=ansible_env(tmp_path),
+        cwd=ANSIBLE_DIR,
+        env=ansible_env(tmp_path),
     )
     assert "playbook: site.yml" in result.stdout
 
@@ -48,7 +48,10 @@ def test_ansible_lint_passes_with_the_production_profile(tmp_path: Path) -> None
     assert not config.get("skip_list") and not config.get("warn_list"), "skip rules inline, with a reason"
     result = run(
         ["ansible-lint", "--offline", "-c", ".ansible-lint", "--nocolor"],
-        cwd=ANSIBLE_DIR, env=ansible_env(tmp_path), check=False, timeout=180,
+        cwd=ANSIBLE_DIR,
+        env=ansible_env(tmp_path),
+        check=False,
+        timeout=180,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -86,9 +89,9 @@ def test_every_default_is_prefixed_typed_and_documented(role: str) -> None:
     for index, line in enumerate(text):
         if re.match(rf"^{role}_\w+:", line):
             paragraph_start = max((i for i in range(index) if not text[i].strip()), default=-1) + 1
-            assert any(
-                text[i].startswith("#") for i in range(paragraph_start, index)
-            ), f"{line.split(':')[0]} has no comment above it"
+            assert any(text[i].startswith("#") for i in range(paragraph_start, index)), (
+                f"{line.split(':')[0]} has no comment above it"
+            )
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -104,7 +107,9 @@ def test_task_names_are_full_sentences_and_handlers_exist(role: str) -> None:
 
 def test_tasks_that_touch_secrets_hide_them_from_the_log() -> None:
     tasks = role_tasks("appliance")
-    secret_tasks = [task for task in tasks if "appliance_secrets" in yaml.safe_dump(task) or ".env" in yaml.safe_dump(task)]
+    secret_tasks = [
+        task for task in tasks if "appliance_secrets" in yaml.safe_dump(task) or ".env" in yaml.safe_dump(task)
+    ]
     assert secret_tasks
     for task in secret_tasks:
         if "ansible.builtin.assert" in task:
@@ -121,7 +126,9 @@ def test_the_inventory_plugin_filters_on_the_tags_terraform_sets(terraform_names
     inventory = load(ANSIBLE_DIR / "inventory" / "wsbridge.aws_ec2.yml")
     assert inventory["plugin"] == "amazon.aws.aws_ec2"
     assert inventory["regions"] == [terraform_names.region]
-    tag_filters = {key.removeprefix("tag:"): value for key, value in inventory["filters"].items() if key.startswith("tag:")}
+    tag_filters = {
+        key.removeprefix("tag:"): value for key, value in inventory["filters"].items() if key.startswith("tag:")
+    }
     assert tag_filters and tag_filters.items() <= terraform_names.tags.items()
     assert inventory["filters"]["instance-state-name"] == "running"
     group_vars = load(ANSIBLE_DIR / "group_vars" / "wsbridge" / "main.yml")
@@ -134,7 +141,8 @@ def test_the_static_example_inventory_defines_the_wsbridge_group(tmp_path: Path)
 
     result = run(
         ["ansible-inventory", "-i", "inventory/static.example.yml", "--list"],
-        cwd=ANSIBLE_DIR, env=ansible_env(tmp_path),
+        cwd=ANSIBLE_DIR,
+        env=ansible_env(tmp_path),
     )
     listed = json.loads(result.stdout)
     assert listed["wsbridge"]["hosts"] == ["bridge.example.com"]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from deploy_support import ANSIBLE_DIR, Moto, TerraformNames, compose_config, run, tool_env, tool_venv
 
 BASIC_AUTH = "ops:$2y$05$Zk0uQm1pV2xZb3N0YW5kaW.n0tR3alHashButTheRightShape01234"
@@ -124,8 +123,16 @@ def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
     name = terraform_names.parameter_prefix + "LLM_SECRET_TOKEN"
     expression = f"{{{{ lookup('amazon.aws.ssm_parameter', '{name}', region='{terraform_names.region}') }}}}"
     result = ansible(
-        moto, tmp_path, "ansible", "localhost", "-m", "ansible.builtin.debug", "-a", f"msg={expression}",
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        moto,
+        tmp_path,
+        "ansible",
+        "localhost",
+        "-m",
+        "ansible.builtin.debug",
+        "-a",
+        f"msg={expression}",
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
     )
     output = json.loads(result.stdout)
     (play,) = output["plays"]
@@ -142,9 +149,17 @@ def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True)
         "appliance_acme_email": "ops@test.example",
     }
     return ansible(
-        moto, tmp_path, "ansible-playbook", "-i", "localhost,", str(Path(__file__).with_name("render_env.yml")),
-        "-e", json.dumps(extra), check=check,
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        moto,
+        tmp_path,
+        "ansible-playbook",
+        "-i",
+        "localhost,",
+        str(Path(__file__).with_name("render_env.yml")),
+        "-e",
+        json.dumps(extra),
+        check=check,
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
     )
 
 
@@ -161,9 +176,7 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     assert stats(first)["changed"] == 1 and stats(first)["failures"] == 0
     env_file = install_dir / ".env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    values = dict(
-        line.split("=", 1) for line in env_file.read_text().splitlines() if line and not line.startswith("#")
-    )
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line and not line.startswith("#"))
     for name in terraform_names.parameter_names:
         short = name.rsplit("/", 1)[1]
         if short in values:
@@ -180,7 +193,9 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     config = json.loads(compose_config(env_file).stdout)
     appliance = config["services"]["appliance"]["environment"]
     assert appliance["ADMIN_TOKEN"] == secret_value(terraform_names.parameter_prefix + "ADMIN_TOKEN")
-    users = config["services"]["appliance"]["labels"]["traefik.http.middlewares.wsbridge-monitoring-auth.basicauth.users"]
+    users = config["services"]["appliance"]["labels"][
+        "traefik.http.middlewares.wsbridge-monitoring-auth.basicauth.users"
+    ]
     assert users.replace("$$", "$") == BASIC_AUTH
 
 
@@ -190,7 +205,8 @@ def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
     missing = terraform_names.parameter_prefix + "ADMIN_TOKEN"
     moto.python(
         "import boto3, sys; boto3.client('ssm', region_name=sys.argv[2]).delete_parameter(Name=sys.argv[1])",
-        missing, terraform_names.region,
+        missing,
+        terraform_names.region,
     )
     try:
         install_dir = tmp_path / "wsbridge"
@@ -205,5 +221,7 @@ def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
         moto.python(
             "import boto3, sys; boto3.client('ssm', region_name=sys.argv[3]).put_parameter("
             "Name=sys.argv[1], Value=sys.argv[2], Type='SecureString')",
-            missing, secret_value(missing), terraform_names.region,
+            missing,
+            secret_value(missing),
+            terraform_names.region,
         )

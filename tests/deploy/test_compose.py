@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from deploy_support import COMPOSE_FILE, ROOT, compose_config
 
 # A bcrypt htpasswd line: the `$` in it must survive .env and compose interpolation.
@@ -153,7 +152,9 @@ def test_middlewares_set_security_headers_rate_limits_and_basic_auth(services: d
     assert defined[headers + "framedeny"] == "true"
     for limiter in ("wsbridge-ws-ratelimit", "wsbridge-web-ratelimit"):
         prefix = f"traefik.http.middlewares.{limiter}.ratelimit."
-        assert int(defined[prefix + "average"]) > 0 and int(defined[prefix + "burst"]) >= int(defined[prefix + "average"])
+        assert int(defined[prefix + "average"]) > 0 and int(defined[prefix + "burst"]) >= int(
+            defined[prefix + "average"]
+        )
     # The htpasswd line reaches Traefik exactly as written in .env.
     assert defined["traefik.http.middlewares.wsbridge-monitoring-auth.basicauth.users"] == BASIC_AUTH
 
@@ -240,11 +241,19 @@ def test_grafana_is_provisioned_with_the_stacks_prometheus(config: dict[str, Any
     assert datasource["type"] == "prometheus" and datasource["isDefault"] is True
     # The URL matches Prometheus's service name, port and route prefix.
     external_url = next(
-        arg.split("=", 1)[1] for arg in config["services"]["prometheus"]["command"] if arg.startswith("--web.external-url=")
+        arg.split("=", 1)[1]
+        for arg in config["services"]["prometheus"]["command"]
+        if arg.startswith("--web.external-url=")
     )
-    assert datasource["url"] == "http://prometheus:9090" + external_url.split(TEST_ENV["WSBRIDGE_DOMAIN"], 1)[1].rstrip("/")
+    assert datasource["url"] == "http://prometheus:9090" + external_url.split(TEST_ENV["WSBRIDGE_DOMAIN"], 1)[1].rstrip(
+        "/"
+    )
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "wsbridge.yml").read_text())["providers"]
-    mounts = {volume["target"]: volume["source"] for volume in config["services"]["grafana"]["volumes"] if volume["type"] == "bind"}
+    mounts = {
+        volume["target"]: volume["source"]
+        for volume in config["services"]["grafana"]["volumes"]
+        if volume["type"] == "bind"
+    }
     assert Path(mounts[provider["options"]["path"]]) == ROOT / "monitoring" / "grafana" / "dashboards"
     assert Path(mounts["/etc/grafana/provisioning"]) == provisioning
     env = config["services"]["grafana"]["environment"]

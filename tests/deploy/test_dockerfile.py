@@ -19,7 +19,6 @@ import time
 
 import pytest
 import yaml
-
 from deploy_support import COMPOSE_FILE, ROOT, free_port
 from support import closed_with
 
@@ -101,7 +100,10 @@ def test_the_health_probe_tells_a_live_appliance_from_a_dead_one(probe, start_ap
     alive = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=10)
     assert alive.returncode == 0, alive.stderr
     dead = subprocess.run(
-        [sys.executable, *command[1:]], env={**env, "WEB_SOCKET_PORT": str(free_port())}, capture_output=True, timeout=10
+        [sys.executable, *command[1:]],
+        env={**env, "WEB_SOCKET_PORT": str(free_port())},
+        capture_output=True,
+        timeout=10,
     )
     assert dead.returncode != 0
 

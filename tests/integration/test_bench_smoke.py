@@ -16,9 +16,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from websockets.asyncio.client import connect
-
 from support import ROOT, free_port, timeout, wait_until
+from websockets.asyncio.client import connect
 
 
 def _run_bench(tmp_path: Path, *args: str) -> dict:
@@ -40,17 +39,28 @@ def _run_bench(tmp_path: Path, *args: str) -> dict:
 def test_generator_answers_every_command_against_the_reference_relay(tmp_path: Path) -> None:
     results = _run_bench(
         tmp_path,
-        "--scenarios", "closed,open,fanout,memory",
-        "--clients", "5",
-        "--outstanding", "10",
-        "--duration", "1",
-        "--warmup", "0.2",
-        "--rates", "200",
-        "--fanout-clients", "5",
-        "--fanout-repeats", "2",
-        "--memory-clients", "50",
-        "--rounds", "1",
-        "--quiet-wait", "0",  # a smoke test does not wait for a quiet machine
+        "--scenarios",
+        "closed,open,fanout,memory",
+        "--clients",
+        "5",
+        "--outstanding",
+        "10",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--rates",
+        "200",
+        "--fanout-clients",
+        "5",
+        "--fanout-repeats",
+        "2",
+        "--memory-clients",
+        "50",
+        "--rounds",
+        "1",
+        "--quiet-wait",
+        "0",  # a smoke test does not wait for a quiet machine
     )
 
     closed = results["closed"]

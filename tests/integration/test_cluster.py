@@ -42,13 +42,12 @@ async def test_presence_is_cluster_wide_and_shows_the_instance(pair):
         async def both_listed():
             status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
             return status == 200 and {(r["id"], r["instance"]) for r in body["clients"]} == {
-                ("c-on-a", "inst-a"), ("c-on-b", "inst-b"),
+                ("c-on-a", "inst-a"),
+                ("c-on-b", "inst-b"),
             }
 
         await eventually(both_listed, 5, "both clients in presence from instance A")
-    await eventually(
-        lambda: _async(b.get("/api/v1/clients", CONTROLLER_TOKEN)[1]["count"] == 0), 5, "presence emptied"
-    )
+    await eventually(lambda: _async(b.get("/api/v1/clients", CONTROLLER_TOKEN)[1]["count"] == 0), 5, "presence emptied")
 
 
 async def _async(value):
@@ -172,7 +171,7 @@ async def test_redis_outage_keeps_local_clients_and_recovers(start_appliance, ow
 
         own_redis.kill()
         wait_until(lambda: a.get("/readyz")[0] == 503, 15, "instance A not ready")
-        status, body = a.get("/readyz")
+        _status, body = a.get("/readyz")
         assert body["status"] == "not ready" and "redis" in body["reason"]
 
         # Local delivery goes on; cross-instance delivery fails loudly.

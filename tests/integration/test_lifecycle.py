@@ -36,7 +36,7 @@ async def test_client_over_its_rate_is_slowed_and_loses_nothing(start_appliance)
             await client.send(f"r{i}")
         replies = [(await recv_json(llm))["message"] for _ in range(30)]
         assert replies == [f"r{i}" for i in range(30)]
-        status, body = app.get("/metrics")
+        _status, body = app.get("/metrics")
         throttled = [line for line in body.splitlines() if line.startswith("wsbridge_client_throttled_total")]
         assert throttled and float(throttled[0].split()[-1]) >= 20
 
@@ -65,7 +65,10 @@ def run_cli(app, *args, token=CONTROLLER_TOKEN):
     env = {**os.environ, "LLM_SECRET_TOKEN": token}
     return subprocess.run(
         [sys.executable, "-m", "appliance", "send", "--url", app.ws, "--timeout", "5", *args],
-        capture_output=True, text=True, env=env, timeout=timeout(30),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout(30),
     )
 
 
@@ -174,9 +177,11 @@ async def test_a_peer_that_never_answers_pings_is_closed_with_1011(start_applian
     key = base64.b64encode(os.urandom(16)).decode()
     with sockets.create_connection(("127.0.0.1", app.port), timeout=timeout(5)) as sock:
         sock.sendall(
-            (f"GET /ws/silent HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-             f"X-Auth-Token: {CLIENT_TOKEN}\r\n\r\n").encode()
+            (
+                f"GET /ws/silent HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"X-Auth-Token: {CLIENT_TOKEN}\r\n\r\n"
+            ).encode()
         )
         response = b""
         while b"\r\n\r\n" not in response:

@@ -39,9 +39,19 @@ def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
     if mcs is None or shutil.which("mono") is None:
         pytest.fail("mcs/mono not found: run the tests through `python3 dev.py test` (tools/apt/unity.txt)")
     result = subprocess.run(
-        [mcs, f"-langversion:{LANGVERSION}", "-warn:4", "-warnaserror+", "-r:System.Core",
-         f"-target:{target}", f"-out:{out}", *map(str, sources)],
-        capture_output=True, text=True, timeout=timeout(120),
+        [
+            mcs,
+            f"-langversion:{LANGVERSION}",
+            "-warn:4",
+            "-warnaserror+",
+            "-r:System.Core",
+            f"-target:{target}",
+            f"-out:{out}",
+            *map(str, sources),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout(120),
     )
     assert result.returncode == 0, f"mcs failed:\n{result.stdout}{result.stderr}"
     return out
@@ -89,7 +99,9 @@ class Device:
                 while not (line := await self._next_line(within)).startswith(prefix):
                     pass
         except TimeoutError:
-            raise AssertionError(f"{self.scenario}: no line starting with {prefix!r} within {within} s:\n{self.output}")
+            raise AssertionError(
+                f"{self.scenario}: no line starting with {prefix!r} within {within} s:\n{self.output}"
+            ) from None
         return line
 
     async def passes(self, within: float = 20.0) -> None:
@@ -98,7 +110,9 @@ class Device:
         try:
             code = await asyncio.wait_for(self.process.wait(), timeout(10))
         except TimeoutError:
-            raise AssertionError(f"{self.scenario} printed PASS but did not exit:\n{await self._thread_dump()}")
+            raise AssertionError(
+                f"{self.scenario} printed PASS but did not exit:\n{await self._thread_dump()}"
+            ) from None
         assert code == 0, f"{self.scenario} exited with {code}:\n{self.output}"
 
     async def _thread_dump(self) -> str:
@@ -122,9 +136,15 @@ async def device(harness: Path, scenario: str, **options: object) -> AsyncIterat
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     process = await asyncio.create_subprocess_exec(
-        shutil.which("mono") or "mono", "--debug", str(harness), scenario, *args,
-        "--deadline", str(timeout(30)),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        shutil.which("mono") or "mono",
+        "--debug",
+        str(harness),
+        scenario,
+        *args,
+        "--deadline",
+        str(timeout(30)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         yield Device(process, scenario)
@@ -195,7 +215,10 @@ async def test_listener_and_example_compile_against_the_unity_stand_in(tmp_path)
 
 
 async def test_connects_with_the_token_header_and_closes_cleanly(app, harness):
-    async with app.controller() as llm, device(harness, "device", url=app.ws, id="unity-hello", token=CLIENT_TOKEN) as run:
+    async with (
+        app.controller() as llm,
+        device(harness, "device", url=app.ws, id="unity-hello", token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT connected client=device connections=1")
         await eventually(lambda: asyncio.to_thread(listed, app, "unity-hello"), 10, "unity-hello in /api/v1/clients")
         await quit_device(llm, "unity-hello", run)
@@ -204,10 +227,13 @@ async def test_connects_with_the_token_header_and_closes_cleanly(app, harness):
 
 
 async def test_command_from_controller_is_dispatched_and_the_reply_reaches_the_controller(app, harness):
-    async with app.controller() as llm, device(harness, "device", url=app.ws, id="unity-echo", token=CLIENT_TOKEN) as run:
+    async with (
+        app.controller() as llm,
+        device(harness, "device", url=app.ws, id="unity-echo", token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT connected")
         assert await ask(llm, "unity-echo", "echo hello world") == "hello world"
-        assert await ask(llm, "unity-echo", "ECHO  héllo 🎮 {\"json\": true}") == 'héllo 🎮 {"json": true}'
+        assert await ask(llm, "unity-echo", 'ECHO  héllo 🎮 {"json": true}') == 'héllo 🎮 {"json": true}'
         await quit_device(llm, "unity-echo", run)
 
 
@@ -217,7 +243,10 @@ async def test_message_at_the_size_limit_arrives_intact(app, harness):
     text = payload(limit - frame_bytes(target, "size "))
     message = "size " + text
     assert frame_bytes(target, message) == limit
-    async with app.controller(max_size=None) as llm, device(harness, "device", url=app.ws, id=target, token=CLIENT_TOKEN) as run:
+    async with (
+        app.controller(max_size=None) as llm,
+        device(harness, "device", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT connected")
         assert await ask(llm, target, message) == size_and_hash(text)
         await quit_device(llm, target, run)
@@ -226,7 +255,10 @@ async def test_message_at_the_size_limit_arrives_intact(app, harness):
 async def test_200_kib_message_arrives_intact_when_the_limit_is_raised(start_appliance, harness):
     big = start_appliance({"MAX_MESSAGE_BYTES": str(256 * 1024)}, name="unity-big")
     text = payload(200 * 1024)
-    async with big.controller(max_size=None) as llm, device(harness, "device", url=big.ws, id="unity-big", token=CLIENT_TOKEN) as run:
+    async with (
+        big.controller(max_size=None) as llm,
+        device(harness, "device", url=big.ws, id="unity-big", token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT connected")
         # The client reads 16 KiB at a time: the message is reassembled from many partial receives.
         assert await ask(llm, "unity-big", "size " + text) == size_and_hash(text)
@@ -234,7 +266,10 @@ async def test_200_kib_message_arrives_intact_when_the_limit_is_raised(start_app
 
 
 async def test_concurrent_sends_from_many_threads_all_arrive(app, harness):
-    async with app.controller() as llm, device(harness, "device", url=app.ws, id="unity-burst", token=CLIENT_TOKEN) as run:
+    async with (
+        app.controller() as llm,
+        device(harness, "device", url=app.ws, id="unity-burst", token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT connected")
         count = 300
         await llm.send(command("unity-burst", f"burst {count}"))
@@ -247,8 +282,9 @@ async def test_concurrent_sends_from_many_threads_all_arrive(app, harness):
 async def test_reconnects_after_the_appliance_restarts(start_appliance, harness):
     restarting = start_appliance(name="unity-restart")
     target = "unity-restart"
-    async with device(harness, "device", url=restarting.ws, id=target, token=CLIENT_TOKEN,
-                      expect_connections=2, expect_close=1001) as run:
+    async with device(
+        harness, "device", url=restarting.ws, id=target, token=CLIENT_TOKEN, expect_connections=2, expect_close=1001
+    ) as run:
         await run.expect("EVENT connected client=device connections=1")
         async with restarting.controller() as llm:
             assert await ask(llm, target, "echo before") == "before"
@@ -271,6 +307,7 @@ async def test_duplicate_refused_with_4009_is_retried_until_the_id_is_free(start
         await run.expect("EVENT disconnected client=device code=4009")  # it keeps trying, with backoff
         await holder.close()
         async with strict.controller() as llm:
+
             async def echoed() -> bool:
                 await llm.send(frame(target, "echo free"))
                 reply = await recv_json(llm)
@@ -306,7 +343,10 @@ async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_give
 ):
     redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
     relay = start_appliance(redis_url=redis_url, name=f"unity-dup-{broker}")
-    async with relay.controller() as llm, device(harness, "replaced", url=relay.ws, id="unity-dup", token=CLIENT_TOKEN) as run:
+    async with (
+        relay.controller() as llm,
+        device(harness, "replaced", url=relay.ws, id="unity-dup", token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT replaced code=4010")
         assert await ask(llm, "unity-dup", "echo who") == "second:who"
         await quit_device(llm, "unity-dup", run)
@@ -315,13 +355,18 @@ async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_give
 async def test_receive_watchdog_drops_a_silent_connection_and_reconnects(app, harness):
     async with device(harness, "watchdog", url=app.ws, id="unity-idle", token=CLIENT_TOKEN, receive_timeout=0.5) as run:
         await run.passes()
-    assert "reason=\"receive timeout" in run.output
+    assert 'reason="receive timeout' in run.output
 
 
 async def test_command_listener_dispatches_to_the_example_light_on_the_main_thread(app, tmp_path):
-    exe = compile_cs(tmp_path / "ListenerSmoke.exe",
-                     [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs", HARNESS / "ListenerSmoke.cs"])
-    async with app.controller() as llm, device(exe, "listener", url=app.ws, id="unity-light", token=CLIENT_TOKEN) as run:
+    exe = compile_cs(
+        tmp_path / "ListenerSmoke.exe",
+        [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs", HARNESS / "ListenerSmoke.cs"],
+    )
+    async with (
+        app.controller() as llm,
+        device(exe, "listener", url=app.ws, id="unity-light", token=CLIENT_TOKEN) as run,
+    ):
         await run.expect("EVENT connected")
         assert await ask(llm, "unity-light", "off") == "light off"
         assert await ask(llm, "unity-light", "intensity 2.5") == "intensity 2.5"

@@ -5,7 +5,6 @@ import contextlib
 import json
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 from support import (
     ADMIN_TOKEN,
     CLIENT_TOKEN,
@@ -16,6 +15,7 @@ from support import (
     recv,
     recv_json,
 )
+from websockets.exceptions import ConnectionClosed
 
 
 async def test_controller_command_reaches_client_as_exact_text(relay):
@@ -55,7 +55,7 @@ async def test_messages_keep_their_order(relay):
 
 async def test_binary_utf8_frames_are_relayed_as_text(relay):
     async with relay.controller() as llm, relay.connect("c-bin") as client:
-        await client.send("binary reply".encode())
+        await client.send(b"binary reply")
         assert await recv_json(llm) == {"sender": "c-bin", "message": "binary reply"}
 
 
@@ -85,7 +85,9 @@ async def test_offline_target_gets_target_offline_error(relay):
     async with relay.controller() as llm:
         await llm.send(command("nobody_here", "hello", id="cmd-1"))
         assert await recv_json(llm) == {
-            "error": "target_offline", "detail": "nobody_here is not connected", "target": "nobody_here",
+            "error": "target_offline",
+            "detail": "nobody_here is not connected",
+            "target": "nobody_here",
             "id": "cmd-1",
         }
 
@@ -175,7 +177,14 @@ async def test_clients_endpoint_lists_live_connections(relay):
         assert records["c-presence"]["role"] == "client"
         assert records["LLM"]["role"] == "controller"
         assert set(records["c-presence"]) == {
-            "id", "role", "instance", "connected_since", "remote", "messages_in", "messages_out", "last_activity",
+            "id",
+            "role",
+            "instance",
+            "connected_since",
+            "remote",
+            "messages_in",
+            "messages_out",
+            "last_activity",
         }
         assert records["c-presence"]["messages_in"] == 1
         assert relay.get("/api/v1/clients", ADMIN_TOKEN)[0] == 200

@@ -9,9 +9,12 @@ def test_public_api_is_pinned():
 
 
 def test_final_close_codes_are_the_ones_retrying_cannot_fix():
-    assert client.FINAL_CLOSE_CODES == {
-        CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, CloseCode.RESERVED_ID, CloseCode.REPLACED,
-    }
+    assert {
+        CloseCode.UNAUTHORIZED,
+        CloseCode.INVALID_CLIENT_ID,
+        CloseCode.RESERVED_ID,
+        CloseCode.REPLACED,
+    } == client.FINAL_CLOSE_CODES
 
 
 def test_repr_never_shows_the_token():

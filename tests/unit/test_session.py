@@ -117,7 +117,10 @@ def test_delivery_failure_names_target_and_id():
     deliver = session.receive_text('{"target": "c9", "message": "m", "id": "a1"}', now=0)
     failure = session.delivery_failed(deliver.command, ErrorCode.TARGET_OFFLINE, "c9 is not connected")
     assert json.loads(failure.frame) == {
-        "error": "target_offline", "detail": "c9 is not connected", "target": "c9", "id": "a1",
+        "error": "target_offline",
+        "detail": "c9 is not connected",
+        "target": "c9",
+        "id": "a1",
     }
 
 

@@ -13,8 +13,14 @@ def make(monkeypatch, tmp_path, **env):
 
 def test_seed_variable_names_are_read(monkeypatch, tmp_path):
     settings = make(
-        monkeypatch, tmp_path, LLM_SECRET_TOKEN="a", UNITY_CLIENT_TOKEN="b", REDIS_HOST="redis",
-        REDIS_PASSWORD="pw", WEB_SOCKET_PORT="9000", LOG_LEVEL="debug",
+        monkeypatch,
+        tmp_path,
+        LLM_SECRET_TOKEN="a",
+        UNITY_CLIENT_TOKEN="b",
+        REDIS_HOST="redis",
+        REDIS_PASSWORD="pw",
+        WEB_SOCKET_PORT="9000",
+        LOG_LEVEL="debug",
     )
     assert settings.llm_secret_token.get_secret_value() == "a"
     assert settings.unity_client_token.get_secret_value() == "b"
