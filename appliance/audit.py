@@ -1,0 +1,65 @@
+"""The audit trail: who did what to whom, when and from where.
+
+Rotations, revocations, disconnects and commands injected from the dashboard are
+recorded here so an operator can answer "who did this?" at 3 a.m. Events hold no
+secrets: an injected message is recorded as its SHA-256, a token by name and
+version only. The trail is bounded; the memory implementation is the embedded
+default, a Redis list (shared by every instance) is used when Redis is configured.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["AuditEvent", "AuditLog", "MemoryAuditLog", "message_digest"]
+
+#: Events kept; older ones are dropped first.
+DEFAULT_CAPACITY = 1000
+
+
+def message_digest(text: str) -> str:
+    """What the trail keeps of an injected message: enough to match it, nothing to read."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audited action. ``actor`` names a token (``ADMIN_TOKEN``), never its value."""
+
+    action: str  # e.g. "token.rotate", "token.revoke", "client.disconnect", "command.send", "login"
+    actor: str
+    source: str  # remote address of the request
+    target: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AuditLog(abc.ABC):
+    """Append-only, bounded, newest first when read."""
+
+    @abc.abstractmethod
+    async def record(self, event: AuditEvent) -> None: ...
+
+    @abc.abstractmethod
+    async def recent(self, limit: int = 100, action_prefix: str = "") -> list[AuditEvent]:
+        """The newest ``limit`` events whose action starts with ``action_prefix``."""
+
+
+class MemoryAuditLog(AuditLog):
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._events: deque[AuditEvent] = deque(maxlen=capacity)
+
+    async def record(self, event: AuditEvent) -> None:
+        self._events.append(event)
+
+    async def recent(self, limit: int = 100, action_prefix: str = "") -> list[AuditEvent]:
+        matching = [e for e in reversed(self._events) if e.action.startswith(action_prefix)]
+        return matching[:limit]
