@@ -17,6 +17,7 @@ from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from msgspec import Struct
 
 from . import __version__, metrics
+from .audit import MemoryAuditLog
 from .brokers.base import Broker, BrokerUnavailable
 from .brokers.memory import MemoryBroker
 from .core.protocol import CLOSE_REASONS, CloseCode
@@ -220,7 +221,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, list_clients],
-        state=State({"relay": relay, "tokens": tokens, "settings": settings}),
+        state=State({"relay": relay, "tokens": tokens, "settings": settings, "audit": MemoryAuditLog()}),
         lifespan=[lifespan],
         openapi_config=None,
         logging_config=None,
