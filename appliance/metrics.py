@@ -1,29 +1,148 @@
-"""Prometheus metrics: one ``wsbridge_`` prefix, base units, no client ids as labels."""
+"""Prometheus metrics: one ``wsbridge_`` prefix, base units, bounded labels (never a client id).
+
+Every metric of the appliance is declared here, once, with its help text, labels and
+buckets; ``monitoring/rules/`` and the Grafana dashboards use these names and
+``monitoring/runbook.md`` explains them. The hot path never looks a label up: each
+labelled series it touches is bound once below (``FRAMES_SENT.client``,
+``CLOSED_BY_PEER[code]``), so counting a frame is one attribute access and one ``inc``.
+
+Scrape-time values (queue depths, outbox depth, seconds since a refresh) are gauges
+with a callback (:func:`watch`), computed when Prometheus asks rather than on every
+message.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from litestar.enums import ScopeType
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusMiddleware
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 __all__ = [
     "BROKER_UP",
     "BUILD",
+    "CLAIM_SECONDS",
+    "CLOSES",
+    "CLOSE_CODE_LABELS",
+    "COMMAND_RTT",
     "CONNECTIONS",
     "ERRORS",
+    "FRAMES_SENT",
     "MESSAGES",
+    "OPENED",
+    "PENDING_REQUESTS",
+    "OFFLINE_QUEUE",
+    "PUBLISH_SECONDS",
     "RECEIVED_FROM_CLIENTS",
     "RECEIVED_FROM_CONTROLLERS",
+    "REDIS_OUTAGES",
+    "REDIS_OUTBOX",
+    "REDIS_RECONNECTS",
     "REFUSED",
     "REGISTRY",
+    "RELAY_SECONDS",
+    "REQUEST_OUTCOMES",
+    "SEND_QUEUE_BYTES_MAX",
+    "SEND_QUEUE_MESSAGES_MAX",
     "THROTTLED",
+    "TOKEN_GRACE_ENDS",
+    "TOKEN_LAST_REFRESH",
+    "TOKEN_REFRESH_ERRORS",
+    "ByRole",
+    "close_label",
+    "http_metrics",
+    "record_close",
     "render",
+    "set_build_info",
+    "watch",
 ]
 
 disable_created_metrics()  # The _created series only add noise to every counter.
 
 #: Our own registry, so the metrics of one app are not mixed with a library's defaults.
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, memory, open files, start time) on our registry: the default registry is not served.
+ProcessCollector(registry=REGISTRY)
+
+ROLES = ("controller", "client")
+
+
+class ByRole:
+    """The two role-labelled children of a metric, bound once (``m.controller.inc()``)."""
+
+    __slots__ = ("controller", "client")
+
+    def __init__(self, metric: Counter | Gauge) -> None:
+        self.controller = metric.labels(role="controller")
+        self.client = metric.labels(role="client")
+
+    def __getitem__(self, role: str):  # For code that holds the role as a string (Role.value).
+        return self.controller if role == "controller" else self.client
+
+
+# --- connections --------------------------------------------------------------------------
 
 CONNECTIONS = Gauge("wsbridge_connections", "Open WebSocket connections on this instance.", ["role"], registry=REGISTRY)
+OPENED = ByRole(
+    Counter(
+        "wsbridge_connections_opened_total",
+        "WebSocket connections accepted (authorized and registered), by role.",
+        ["role"],
+        registry=REGISTRY,
+    )
+)
+REFUSED = Counter(
+    "wsbridge_connections_closed_total",
+    "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+#: Close codes counted by their number: RFC 6455 §7.4.1's and the range docs/protocol.md
+#: documents (4001-4013). Anything else (a peer's private code) is "other", so a
+#: misbehaving peer cannot create series.
+CLOSE_CODE_LABELS = frozenset(
+    {"1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1012", "1013"}
+    | {str(code) for code in range(4001, 4014)}
+)
+CLOSES = Counter(
+    "wsbridge_closes_total",
+    "Closed WebSocket connections by close code and by who closed first: relay (this appliance) or peer.",
+    ["code", "by"],
+    registry=REGISTRY,
+)
+_closes_bound: dict[tuple[int | None, bool], Any] = {}
+
+
+def close_label(code: int | None) -> str:
+    """The bounded label of a close code (1005 when the peer sent none, ``other`` if unknown)."""
+    text = "1005" if code is None else str(int(code))
+    return text if text in CLOSE_CODE_LABELS else "other"
+
+
+def record_close(code: int | None, by_relay: bool) -> None:
+    """Count one closed connection (once per connection, when it is unregistered)."""
+    child = _closes_bound.get((code, by_relay))
+    if child is None:
+        child = CLOSES.labels(code=close_label(code), by="relay" if by_relay else "peer")
+        if len(_closes_bound) < 256:  # Bounded cache: a peer's odd codes map to "other" anyway.
+            _closes_bound[code, by_relay] = child
+    child.inc()
+
+
+# --- messages -----------------------------------------------------------------------------
+
 MESSAGES = Counter(
     "wsbridge_messages_received_total",
     "Messages received from connections, by sender role.",
@@ -33,20 +152,171 @@ MESSAGES = Counter(
 # Bound once: label lookups cost more than the increment on the hot path.
 RECEIVED_FROM_CONTROLLERS = MESSAGES.labels(role="controller")
 RECEIVED_FROM_CLIENTS = MESSAGES.labels(role="client")
+FRAMES_SENT = ByRole(
+    Counter(
+        "wsbridge_frames_sent_total",
+        "Text frames written to connections, by the receiving connection's role.",
+        ["role"],
+        registry=REGISTRY,
+    )
+)
 ERRORS = Counter(
     "wsbridge_errors_total", "Error frames sent to controllers, by error code.", ["code"], registry=REGISTRY
-)
-REFUSED = Counter(
-    "wsbridge_connections_closed_total",
-    "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
-    ["reason"],
-    registry=REGISTRY,
 )
 THROTTLED = Counter(
     "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY
 )
-BROKER_UP = Gauge("wsbridge_broker_up", "1 when the broker (Redis) is reachable.", registry=REGISTRY)
-BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=REGISTRY)
+
+#: Round trips are human- and device-scale: a millisecond to half a minute.
+RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Time inside the appliance is CPU-scale: 50 µs to a second.
+INTERNAL_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+COMMAND_RTT = Histogram(
+    "wsbridge_command_rtt_seconds",
+    "Command round trip seen at the client's instance: command queued for a client until that client's next message.",
+    buckets=RTT_BUCKETS,
+    registry=REGISTRY,
+)
+RELAY_SECONDS = Histogram(
+    "wsbridge_relay_seconds",
+    "Time inside the appliance from receiving a frame to writing what it caused (one sample per event-loop pass).",
+    buckets=INTERNAL_BUCKETS,
+    registry=REGISTRY,
+)
+
+# --- queues -------------------------------------------------------------------------------
+
+SEND_QUEUE_MESSAGES_MAX = Gauge(
+    "wsbridge_send_queue_messages_max",
+    "Frames waiting in the fullest per-connection send queue (4008 slow_consumer closes it at its limit).",
+    registry=REGISTRY,
+)
+SEND_QUEUE_BYTES_MAX = Gauge(
+    "wsbridge_send_queue_bytes_max",
+    "UTF-8 bytes waiting in the fullest per-connection send queue.",
+    registry=REGISTRY,
+)
+REDIS_OUTBOX = Gauge("wsbridge_redis_outbox_messages", "Messages waiting to be published to Redis.", registry=REGISTRY)
+
+# --- broker -------------------------------------------------------------------------------
+
+BROKER_UP = Gauge(
+    "wsbridge_broker_up",
+    "1 when the broker (Redis) is reachable; set by the broker on every change.",
+    registry=REGISTRY,
+)
+PUBLISH_SECONDS = Histogram(
+    "wsbridge_redis_publish_seconds",
+    "Time from queueing a message for Redis to its publish returning (one sample per pipeline batch).",
+    buckets=INTERNAL_BUCKETS,
+    registry=REGISTRY,
+)
+REDIS_OUTAGES = Counter(
+    "wsbridge_redis_outages_total", "Times this instance lost Redis (reachable to unreachable).", registry=REGISTRY
+)
+REDIS_RECONNECTS = Counter(
+    "wsbridge_redis_reconnects_total",
+    "Times this instance got Redis back after an outage (resubscribed and re-registered its ids).",
+    registry=REGISTRY,
+)
+CLAIM_SECONDS = Histogram(
+    "wsbridge_claim_seconds",
+    "Time to claim a connection's id cluster-wide (the broker's part of the handshake).",
+    buckets=(*INTERNAL_BUCKETS, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+
+# --- controller API (request/reply, offline queue) -------------------------------------------
+
+PENDING_REQUESTS = Gauge(
+    "wsbridge_pending_requests", "Commands with an id waiting for their reply or timeout.", registry=REGISTRY
+)
+OFFLINE_QUEUE = Gauge(
+    "wsbridge_offline_queue_messages",
+    "Commands queued for clients that are not connected (this instance's view).",
+    registry=REGISTRY,
+)
+REQUEST_OUTCOMES = Counter(
+    "wsbridge_request_outcomes_total",
+    "Final status of commands with an id: delivered, queued, replied, timeout, or an error code.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
+# --- token store ------------------------------------------------------------------------------
+
+TOKEN_REFRESH_ERRORS = Counter(
+    "wsbridge_token_refresh_errors_total",
+    "Failed refreshes of the token store (the last good tokens stay in use).",
+    registry=REGISTRY,
+)
+TOKEN_LAST_REFRESH = Gauge(
+    "wsbridge_token_last_refresh_timestamp_seconds",
+    "Unix time of the last successful token-store refresh (the env store sets it at start).",
+    registry=REGISTRY,
+)
+TOKEN_GRACE_ENDS = Gauge(
+    "wsbridge_token_grace_end_timestamp_seconds",
+    "Unix time the grace window of a rotated token ends, while one is open (by token name).",
+    ["name"],
+    registry=REGISTRY,
+)
+
+# --- build ------------------------------------------------------------------------------------
+
+BUILD = Info("wsbridge_build", "Version, broker and instance id of this instance.", registry=REGISTRY)
+
+
+def set_build_info(version: str, broker: str, instance: str) -> None:
+    BUILD.info({"version": version, "broker": broker, "instance": instance})
+
+
+def watch(gauge: Gauge, value: Callable[[], float]) -> None:
+    """Compute ``gauge`` when scraped (queue depths): nothing on the hot path."""
+    gauge.set_function(value)
+
+
+class _HttpMetrics(PrometheusMiddleware):
+    """Litestar's HTTP metrics, registered on our registry instead of the global default one."""
+
+    _metrics: ClassVar[dict[str, Any]] = {}
+
+    def _metric(self, kind: type, suffix: str, doc: str, labels: dict[str, Any], **extra: Any) -> Any:
+        name = f"{self._config.prefix}_{suffix}"
+        if name not in _HttpMetrics._metrics:
+            _HttpMetrics._metrics[name] = kind(name, doc, [*labels], registry=REGISTRY, **extra)
+        return _HttpMetrics._metrics[name]
+
+    def request_count(self, labels: dict[str, Any]) -> Counter:
+        return self._metric(Counter, "requests_total", "HTTP requests, by route template and status.", labels)
+
+    def request_time(self, labels: dict[str, Any]) -> Histogram:
+        return self._metric(
+            Histogram, "request_duration_seconds", "HTTP request duration, by route template.", labels, **self._kwargs
+        )
+
+    def requests_in_progress(self, labels: dict[str, Any]) -> Gauge:
+        return self._metric(Gauge, "requests_in_progress", "HTTP requests being served.", labels)
+
+    def requests_error_count(self, labels: dict[str, Any]) -> Counter:
+        return self._metric(Counter, "requests_error_total", "HTTP requests answered with a 5xx status.", labels)
+
+
+def http_metrics() -> Any:
+    """Middleware for ``wsbridge_http_*``: HTTP only (WebSockets have their own metrics), by route template.
+
+    Litestar runs middleware only for matched routes, so a scanner's 404s create no series.
+    """
+    config = PrometheusConfig(
+        app_name="wsbridge",
+        prefix="wsbridge_http",
+        group_path=True,
+        scopes={ScopeType.HTTP},
+        middleware_class=_HttpMetrics,
+        buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+    )
+    return config.middleware
 
 
 def render() -> bytes:

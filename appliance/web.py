@@ -212,7 +212,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
-        metrics.BUILD.info({"version": __version__, "broker": relay.broker.name})
+        metrics.set_build_info(__version__, relay.broker.name, relay.instance)
         log.info("Relay ready on broker %s as instance %s", relay.broker.describe(), relay.instance)
         try:
             yield
@@ -223,6 +223,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
         route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, list_clients],
         state=State({"relay": relay, "tokens": tokens, "settings": settings, "audit": MemoryAuditLog()}),
         lifespan=[lifespan],
+        middleware=[metrics.http_metrics()],
         openapi_config=None,
         logging_config=None,
     )
