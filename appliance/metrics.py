@@ -44,6 +44,7 @@ __all__ = [
     "PENDING_REQUESTS",
     "OFFLINE_QUEUE",
     "PUBLISH_SECONDS",
+    "READY",
     "RECEIVED_FROM_CLIENTS",
     "RECEIVED_FROM_CONTROLLERS",
     "REDIS_OUTAGES",
@@ -204,6 +205,11 @@ REDIS_OUTBOX = Gauge("wsbridge_redis_outbox_messages", "Messages waiting to be p
 BROKER_UP = Gauge(
     "wsbridge_broker_up",
     "1 when the broker (Redis) is reachable; set by the broker on every change.",
+    registry=REGISTRY,
+)
+READY = Gauge(
+    "wsbridge_ready",
+    "1 when this instance answers /readyz with 200 (broker reachable, not shutting down).",
     registry=REGISTRY,
 )
 PUBLISH_SECONDS = Histogram(

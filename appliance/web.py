@@ -203,6 +203,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
     if settings.llm_secret_token is None or settings.unity_client_token is None:
         raise ValueError("LLM_SECRET_TOKEN and UNITY_CLIENT_TOKEN must both be set")
     relay = Relay(settings, broker or make_broker(settings))
+    metrics.watch(metrics.READY, lambda: 1.0 if relay.status()[0] else 0.0)
     tokens = Tokens(
         controller=settings.llm_secret_token.get_secret_value(),
         client=settings.unity_client_token.get_secret_value(),
