@@ -28,6 +28,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .core.protocol import ErrorCode
 
 __all__ = [
     "BROKER_UP",
@@ -61,6 +65,7 @@ __all__ = [
     "TOKEN_LAST_REFRESH",
     "TOKEN_REFRESH_ERRORS",
     "ByRole",
+    "ScrapedCounter",
     "close_label",
     "http_metrics",
     "record_close",
@@ -153,17 +158,42 @@ MESSAGES = Counter(
 # Bound once: label lookups cost more than the increment on the hot path.
 RECEIVED_FROM_CONTROLLERS = MESSAGES.labels(role="controller")
 RECEIVED_FROM_CLIENTS = MESSAGES.labels(role="client")
-FRAMES_SENT = ByRole(
-    Counter(
-        "wsbridge_frames_sent_total",
-        "Text frames written to connections, by the receiving connection's role.",
-        ["role"],
-        registry=REGISTRY,
-    )
+
+
+class ScrapedCounter(Collector):
+    """A counter by role summed at scrape time from counts the relay keeps anyway.
+
+    Frames sent are the hottest path of all (a fan-out writes one per client); the
+    sessions already count them (``messages_out``), so the relay reports the sums and
+    the send path pays nothing for the metric.
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.source: Callable[[], dict[str, float]] = lambda: dict.fromkeys(ROLES, 0.0)
+        REGISTRY.register(self)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=["role"])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        family = self._family()
+        for role, count in self.source().items():
+            family.add_metric([role], count)
+        yield family
+
+
+FRAMES_SENT = ScrapedCounter(
+    "wsbridge_frames_sent_total", "Text frames written to connections, by the receiving connection's role."
 )
 ERRORS = Counter(
     "wsbridge_errors_total", "Error frames sent to controllers, by error code.", ["code"], registry=REGISTRY
 )
+for _code in ErrorCode:  # Every documented code starts at 0: a rate, not "no data", before the first error.
+    ERRORS.labels(code=_code.value)
 THROTTLED = Counter(
     "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY
 )
@@ -249,6 +279,10 @@ REQUEST_OUTCOMES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+#: Known values start at 0, so rate() and the timeout-ratio alert work before the first event.
+REQUEST_OUTCOME_VALUES = ("delivered", "queued", "replied", "timeout")
+for _outcome in REQUEST_OUTCOME_VALUES:
+    REQUEST_OUTCOMES.labels(outcome=_outcome)
 
 # --- token store ------------------------------------------------------------------------------
 

@@ -83,6 +83,7 @@ class RelaySocket(WebSocket):
 async def _refuse(socket: WebSocket, code: CloseCode) -> None:
     """Accept, then close with a code the client can read (an HTTP 403 would not say why)."""
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
+    metrics.record_close(int(code), by_relay=True)
     await socket.accept()
     await socket.close(code=int(code), reason=CLOSE_REASONS[code])
 
@@ -105,23 +106,29 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     if refusal is not None:
         await _refuse(socket, refusal)
         return
+    peer_code: int | None = 1006  # What uvicorn reports for a connection lost without a close frame.
     try:
         await socket.accept()
         conn.opened()
-        await _read_frames(socket, relay, conn)
+        metrics.OPENED[conn.role.value].inc()
+        peer_code = await _read_frames(socket, relay, conn)
     except Exception as exc:  # The socket is gone; the finally block cleans up.
         log.debug("Connection %s ended: %r", client_id, exc)
     finally:
+        # Whoever sent the first close frame closed it: the relay if it had started closing.
+        by_relay = conn.close_code is not None
+        metrics.record_close(conn.close_code if by_relay else peer_code, by_relay)
         await relay.close(conn)
 
 
-async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> None:
+async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> int | None:
+    """Feed received frames to the session until the peer is gone; returns the peer's close code."""
     receive, session, perform = socket.raw_receive, conn.session, relay.perform
     clock = time.time
     while True:
         event = await receive()
         if event["type"] != "websocket.receive":
-            return
+            return event.get("code")
         if conn.close_code is not None:
             continue  # Closing: drain what the peer still sends until it acknowledges.
         text = event.get("text")
@@ -214,6 +221,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
+        metrics.TOKEN_LAST_REFRESH.set_to_current_time()  # The env store's tokens are "refreshed" once, at start.
         log.info("Relay ready on broker %s as instance %s", relay.broker.describe(), relay.instance)
         try:
             yield

@@ -1,0 +1,411 @@
+"""A real Prometheus, with the project's own configuration, scrapes a real appliance.
+
+monitoring/prometheus.yml is loaded with only its addresses rewritten to this test's
+ports (the appliance, a real redis_exporter and node_exporter, a real Alertmanager
+configured from monitoring/alertmanager/) and the scrape interval shortened; the rules
+of monitoring/rules/ are loaded as in production. After scripted traffic the test asks
+Prometheus's HTTP API for the appliance's series, then evaluates every PromQL
+expression of the rules and of the Grafana dashboards: each must evaluate without
+error, and every metric it names must exist in Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import (
+    CONTROLLER_TOKEN,
+    Appliance,
+    RedisServer,
+    closed_with,
+    command,
+    free_port,
+    recv,
+    recv_json,
+    timeout,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "monitoring"
+
+#: Metrics the rules and dashboards use from exporters Debian does not package, so this
+#: test cannot run them; their names are those of the exporters' documentation.
+NOT_RUN_HERE = {
+    "traefik_tls_certs_not_after": "Traefik (--metrics.prometheus)",
+    "container_memory_working_set_bytes": "cAdvisor",
+}
+#: Series that exist only while something is happening, with no zero value before.
+ONLY_WHILE_ACTIVE = {
+    "wsbridge_token_grace_end_timestamp_seconds": "exists only during a token's grace window",
+}
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric (and recorded series) names a PromQL expression reads."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values
+    text = re.sub(r"\{[^}]*\}", "", text)  # matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.$])[A-Za-z_:][\w:]*", text):
+        if text[match.end() :].lstrip().startswith("(") or match.group() in KEYWORDS:
+            continue  # a function, or an operator keyword
+        names.add(match.group())
+    return names
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    groups = yaml.safe_load((MONITORING / "rules" / "wsbridge.rules.yml").read_text())["groups"]
+    return [(rule.get("alert") or rule["record"], rule["expr"]) for group in groups for rule in group["rules"]]
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    found = []
+    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        stack = list(dashboard["panels"])
+        while stack:
+            panel = stack.pop()
+            stack.extend(panel.get("panels", []))
+            for target in panel.get("targets", []):
+                found.append((f"{path.stem}: {panel['title']}", target["expr"]))
+        for variable in dashboard["templating"]["list"]:
+            if variable["type"] == "query":
+                # label_values(selector, label) is Grafana's; Prometheus evaluates the selector.
+                selector = re.fullmatch(r"label_values\((.+), *\w+\)", variable["definition"]).group(1)
+                found.append((f"{path.stem}: variable {variable['name']}", selector))
+    return found
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables as Grafana would fill them (All instances, a 1m rate window)."""
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m")
+        .replace("$instance", ".+")
+    )
+
+
+class Process:
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: `python3 dev.py test` installs it (tools/apt/monitoring.txt)", pytrace=False)
+    return path
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout(5)) as response:
+        return json.loads(response.read())
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Stack:
+    """Prometheus and the exporters it scrapes, on free ports."""
+
+    def __init__(self, app: Appliance, redis: RedisServer, workdir: Path) -> None:
+        self.workdir = workdir
+        self.processes: list[Process] = []
+        self.ports = {name: free_port() for name in ("prometheus", "alertmanager", "node", "redis", "closed")}
+        self.app = app
+        self.redis = redis
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.ports['prometheus']}/prometheus/api/v1"
+
+    def config(self) -> dict[str, Any]:
+        """The project's prometheus.yml, addresses rewritten to this test's ports."""
+        config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval="1s", scrape_timeout="900ms", evaluation_interval="1s")
+        config["rule_files"] = [str(MONITORING / "rules" / "*.rules.yml")]
+        config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
+            f"127.0.0.1:{self.ports['alertmanager']}"
+        ]
+        addresses = {
+            "traefik": f"127.0.0.1:{self.ports['closed']}",  # not run here: a target that is down
+            "cadvisor": f"127.0.0.1:{self.ports['closed']}",
+            "redis": f"127.0.0.1:{self.ports['redis']}",
+            "node": f"127.0.0.1:{self.ports['node']}",
+            "alertmanager": f"127.0.0.1:{self.ports['alertmanager']}",
+            "prometheus": f"127.0.0.1:{self.ports['prometheus']}",
+        }
+        for job in config["scrape_configs"]:
+            name = job["job_name"]
+            if name == "appliance":
+                # Docker DNS service discovery in production; this host has one replica.
+                assert job.pop("dns_sd_configs")[0]["names"] == ["appliance"]
+                job["static_configs"] = [{"targets": [f"127.0.0.1:{self.app.port}"]}]
+            else:
+                job["static_configs"][0]["targets"] = [addresses.pop(name)]
+        assert not addresses, f"jobs missing from prometheus.yml: {addresses}"
+        return config
+
+    def start(self) -> None:
+        work = self.workdir
+        alertmanager_dir = work / "alertmanager"
+        render = subprocess.run(
+            [
+                "sh",
+                str(MONITORING / "alertmanager" / "render.sh"),
+                str(MONITORING / "alertmanager"),
+                str(alertmanager_dir),
+            ],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "ALERT_WEBHOOK_URL": f"http://127.0.0.1:{self.ports['closed']}/hook"},
+        )
+        assert render.returncode == 0, render.stderr
+        self.processes.append(
+            Process(
+                "alertmanager",
+                [
+                    binary("prometheus-alertmanager"),
+                    f"--config.file={alertmanager_dir / 'alertmanager.yml'}",
+                    f"--storage.path={work / 'am-data'}",
+                    f"--web.listen-address=127.0.0.1:{self.ports['alertmanager']}",
+                    "--cluster.listen-address=",
+                ],
+                work,
+            )
+        )
+        self.processes.append(
+            Process(
+                "node_exporter",
+                [binary("prometheus-node-exporter"), f"--web.listen-address=127.0.0.1:{self.ports['node']}"],
+                work,
+            )
+        )
+        self.processes.append(
+            Process(
+                "redis_exporter",
+                [
+                    binary("prometheus-redis-exporter"),
+                    f"-redis.addr=redis://127.0.0.1:{self.redis.port}",
+                    f"-web.listen-address=127.0.0.1:{self.ports['redis']}",
+                ],
+                work,
+            )
+        )
+        config_path = work / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(self.config()))
+        self.processes.append(
+            Process(
+                "prometheus",
+                [
+                    binary("prometheus"),
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={work / 'prom-data'}",
+                    f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
+                    # As in production: served under /prometheus/, which its own scrape job expects.
+                    f"--web.external-url=http://127.0.0.1:{self.ports['prometheus']}/prometheus/",
+                ],
+                work,
+            )
+        )
+        for name, url in (
+            ("alertmanager", f"http://127.0.0.1:{self.ports['alertmanager']}/-/ready"),
+            ("node_exporter", f"http://127.0.0.1:{self.ports['node']}/metrics"),
+            ("redis_exporter", f"http://127.0.0.1:{self.ports['redis']}/metrics"),
+            ("prometheus", f"http://127.0.0.1:{self.ports['prometheus']}/prometheus/-/ready"),
+        ):
+            try:
+                wait_until(lambda url=url: answers(url), 20, name)
+            except AssertionError:
+                raise AssertionError(f"{name} did not start:\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in self.processes)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def query(self, promql: str) -> dict[str, Any]:
+        url = f"{self.api}/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            return get_json(url)
+        except urllib.error.HTTPError as exc:  # 400: the expression does not parse or evaluate
+            return json.loads(exc.read())
+
+    def series(self, promql: str) -> list[dict[str, Any]]:
+        answer = self.query(promql)
+        assert answer["status"] == "success", (promql, answer)
+        return answer["data"]["result"]
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer) -> Iterator[Stack]:
+    app = Appliance(redis_url=redis_server.url, name="prom-app")
+    app.start()
+    workdir = Path(tempfile.mkdtemp(prefix="wsb-prom-"))
+    stack = Stack(app, redis_server, workdir)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        app.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def scripted_traffic(app: Appliance) -> None:
+    """A little of everything the metrics count: commands, replies, errors, refusals, closes, HTTP."""
+    async with app.controller() as controller, app.connect("unity_client_1") as client:
+        async with app.connect("unity_client_2") as other:
+            for i in range(5):
+                await controller.send(command("unity_client_1", f"MoveForward {i}"))
+                assert await recv(client) == f"MoveForward {i}"
+                await client.send(f"done {i}")
+                assert (await recv_json(controller))["message"] == f"done {i}"
+            await controller.send(command("nobody_here", "x"))
+            assert (await recv_json(controller))["error"] == "target_offline"
+            await controller.send("not json")
+            assert (await recv_json(controller))["error"] == "invalid_json"
+            await other.close()  # a close by the peer
+        async with app.connect("intruder", token="wrong-token-0123456789") as refused:
+            assert (await closed_with(refused))[0] == 4001
+    assert app.get("/readyz")[0] == 200
+    assert app.get("/api/v1/clients", CONTROLLER_TOKEN)[0] == 200
+
+
+@pytest.fixture(scope="module")
+def scraped(stack: Stack) -> Stack:
+    asyncio.run(scripted_traffic(stack.app))
+    # Scraped after the traffic: the controller's messages are in Prometheus, twice (for rate()).
+    wait_until(
+        lambda: stack.series('wsbridge_messages_received_total{job="appliance", role="controller"} >= 6')
+        and stack.series('count_over_time(wsbridge_messages_received_total{role="controller"}[1m]) >= 3'),
+        30,
+        "Prometheus to scrape the traffic",
+    )
+    return stack
+
+
+def value(stack: Stack, promql: str) -> float:
+    result = stack.series(promql)
+    assert len(result) == 1, (promql, result)
+    return float(result[0]["value"][1])
+
+
+async def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) -> None:
+    up = {(s["metric"]["job"], s["value"][1]) for s in scraped.series("up")}
+    for job in ("appliance", "redis", "node", "alertmanager", "prometheus"):
+        assert (job, "1") in up, f"{job} is not scraped: {up}\n{scraped.logs()}"
+    # Prometheus found the Alertmanager it is configured with.
+    active = get_json(f"{scraped.api}/alertmanagers")["data"]["activeAlertmanagers"]
+    assert [a["url"] for a in active] == [f"http://127.0.0.1:{scraped.ports['alertmanager']}/api/v2/alerts"]
+
+
+async def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
+    sel = 'job="appliance"'
+    assert (
+        value(scraped, f'wsbridge_messages_received_total{{{sel}, role="controller"}}') == 6
+    )  # invalid JSON is not a message
+    assert value(scraped, f'wsbridge_messages_received_total{{{sel}, role="client"}}') == 5
+    assert value(scraped, f'sum(wsbridge_connections_opened_total{{{sel}, role="client"}})') == 2
+    assert value(scraped, f'wsbridge_connections_opened_total{{{sel}, role="controller"}}') == 1
+    assert value(scraped, f'wsbridge_errors_total{{{sel}, code="target_offline"}}') == 1
+    assert value(scraped, f'wsbridge_errors_total{{{sel}, code="invalid_json"}}') == 1
+    assert value(scraped, f'wsbridge_closes_total{{{sel}, code="4001", by="relay"}}') == 1
+    assert value(scraped, f'sum(wsbridge_closes_total{{{sel}, by="peer"}})') >= 3  # unity_client_2, then the rest
+    assert value(scraped, f'wsbridge_connections_closed_total{{{sel}, reason="unauthorized"}}') == 1
+    assert value(scraped, f"wsbridge_broker_up{{{sel}}}") == 1
+    assert value(scraped, f"wsbridge_ready{{{sel}}}") == 1
+    assert value(scraped, f'wsbridge_connections{{{sel}, role="client"}}') == 0
+    assert value(scraped, f"process_resident_memory_bytes{{{sel}}}") > 0
+    (build,) = scraped.series(f"wsbridge_build_info{{{sel}}}")
+    assert build["metric"]["instance"] == f"127.0.0.1:{scraped.app.port}"  # the scrape target
+    assert build["metric"]["broker"] == "redis"
+    # HTTP metrics by route template, and only HTTP: no WebSocket path, no client id.
+    paths = {s["metric"]["path"] for s in scraped.series("wsbridge_http_requests_total")}
+    assert {"/readyz", "/api/v1/clients", "/metrics"} <= paths
+    assert not any("unity_client" in p or p.startswith("/ws") for p in paths), paths
+    # No label anywhere carries a client id.
+    for series in scraped.series('{job="appliance", __name__=~"wsbridge_.+"}'):
+        assert not any("unity_client" in v or "intruder" in v for v in series["metric"].values()), series
+
+
+async def test_every_rule_evaluates_without_error(scraped: Stack) -> None:
+    def healthy() -> bool:
+        groups = get_json(f"{scraped.api}/rules")["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        return len(rules) == len(rule_expressions()) and all(
+            r.get("lastEvaluation", "").startswith("20") for r in rules
+        )
+
+    wait_until(healthy, 20, "every rule to be evaluated")
+    for group in get_json(f"{scraped.api}/rules")["data"]["groups"]:
+        for rule in group["rules"]:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+
+
+@pytest.mark.parametrize(
+    ("where", "expr"), rule_expressions() + dashboard_expressions(), ids=lambda x: x if len(x) < 60 else None
+)
+async def test_every_rule_and_panel_query_evaluates_and_names_existing_metrics(
+    scraped: Stack, where: str, expr: str
+) -> None:
+    promql = grafana_to_promql(expr)
+    answer = scraped.query(promql)
+    assert answer["status"] == "success", f"{where}: {answer.get('error')}"
+    for name in sorted(metric_names(promql)):
+        if name in NOT_RUN_HERE or name in ONLY_WHILE_ACTIVE:
+            continue
+        assert scraped.series(f"count({{__name__={json.dumps(name)}}})"), f"{where}: no series named {name}"
+
+
+def test_the_metric_name_extraction_finds_what_queries_read() -> None:
+    """The check above is only as good as this parser."""
+    assert metric_names(
+        'histogram_quantile(0.99, sum by (le) (rate(wsbridge_x_bucket{job="a", instance=~"$i"}[5m]))) > 2'
+    ) == {"wsbridge_x_bucket"}
+    assert metric_names(
+        "wsbridge:replicas:up < on() wsbridge:replicas:expected and sum(a offset 10m) >= 10 or vector(0)"
+    ) == {"wsbridge:replicas:up", "wsbridge:replicas:expected", "a"}
+    assert metric_names('(time() - b{x="y"} > 600) and on(instance) increase(c[15m]) > 0') == {"b", "c"}
+    assert metric_names("min by (cn) (d) - time() < 14 * 86400") == {"d"}
+    names = {name for _, expr in rule_expressions() + dashboard_expressions() for name in metric_names(expr)}
+    assert set(NOT_RUN_HERE) | set(ONLY_WHILE_ACTIVE) <= names, "stale exceptions"
+    assert len(dashboard_expressions()) > 50
