@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import sys
@@ -95,7 +96,7 @@ def serve(args: argparse.Namespace) -> None:
         for s in (settings.llm_secret_token, settings.unity_client_token, settings.admin_token, settings.redis_password)
         if s
     ]
-    configure_logging(settings.log_level, secrets_)
+    configure_logging(settings.log_level, secrets_, settings.log_format, settings.instance_id)
     weak = weak_secrets(
         {
             "LLM_SECRET_TOKEN": settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None,
@@ -111,7 +112,13 @@ def serve(args: argparse.Namespace) -> None:
             "in logs. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
             file=sys.stderr,
         )
-    _print_banner(settings, show_tokens=settings is not configured)
+    if settings.log_format == "json":
+        # stdout is a stream of JSON lines for a log shipper: no banner, never a token.
+        logging.getLogger("appliance").info(
+            "WebSocket Bridge %s starting on %s:%s", __version__, settings.bind_host, settings.web_socket_port
+        )
+    else:
+        _print_banner(settings, show_tokens=settings is not configured)
     run(settings)
 
 

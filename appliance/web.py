@@ -22,6 +22,7 @@ from .brokers.base import Broker, BrokerUnavailable
 from .brokers.memory import MemoryBroker
 from .core.protocol import CLOSE_REASONS, CloseCode
 from .core.session import Throttle, authorize
+from .logs import connection_fields
 from .relay import Connection, Relay
 from .settings import Settings
 
@@ -80,6 +81,10 @@ class RelaySocket(WebSocket):
         self.raw_send = send
 
 
+def _fields(conn: Connection) -> dict[str, str]:
+    return connection_fields(conn.client_id, conn.conn_key, conn.role.value)
+
+
 async def _refuse(socket: WebSocket, code: CloseCode) -> None:
     """Accept, then close with a code the client can read (an HTTP 403 would not say why)."""
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
@@ -94,14 +99,19 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     tokens = socket.app.state.tokens
     decision = authorize(client_id, socket.headers.get("x-auth-token"), tokens.controller, tokens.client)
     if isinstance(decision, CloseCode):
-        log.info("Refused connection for id %r: %s", client_id[:64], CLOSE_REASONS[decision])
+        log.info(
+            "Refused connection for id %r: %s",
+            client_id[:64],
+            CLOSE_REASONS[decision],
+            extra=connection_fields(client_id[:64]),
+        )
         await _refuse(socket, decision)
         return
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket))
     try:
         refusal = await relay.open(conn)
     except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
-        log.exception("Could not register %s", client_id)
+        log.exception("Could not register %s", client_id, extra=connection_fields(client_id, conn.conn_key))
         refusal = CloseCode.INTERNAL_ERROR
     if refusal is not None:
         await _refuse(socket, refusal)
@@ -111,13 +121,16 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         await socket.accept()
         conn.opened()
         metrics.OPENED[conn.role.value].inc()
+        log.info("Connected as %s from %s", conn.role.value, conn.remote, extra=_fields(conn))
         peer_code = await _read_frames(socket, relay, conn)
     except Exception as exc:  # The socket is gone; the finally block cleans up.
-        log.debug("Connection %s ended: %r", client_id, exc)
+        log.debug("Connection %s ended: %r", client_id, exc, extra=connection_fields(client_id, conn.conn_key))
     finally:
         # Whoever sent the first close frame closed it: the relay if it had started closing.
         by_relay = conn.close_code is not None
-        metrics.record_close(conn.close_code if by_relay else peer_code, by_relay)
+        code = conn.close_code if by_relay else peer_code
+        metrics.record_close(code, by_relay)
+        log.info("Disconnected: close code %s from the %s", code, "relay" if by_relay else "peer", extra=_fields(conn))
         await relay.close(conn)
 
 
