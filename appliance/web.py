@@ -82,7 +82,7 @@ class RelaySocket(WebSocket):
 
 
 def _fields(conn: Connection) -> dict[str, str]:
-    return connection_fields(conn.client_id, conn.conn_key, conn.role.value)
+    return {**connection_fields(conn.client_id, conn.conn_key, conn.role.value), "remote": conn.remote}
 
 
 async def _refuse(socket: WebSocket, code: CloseCode) -> None:

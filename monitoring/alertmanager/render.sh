@@ -4,8 +4,10 @@
 #   render.sh SRC_DIR OUT_DIR [COMMAND ARGS...]
 #
 # Renders SRC_DIR/alertmanager.yml and SRC_DIR/templates/*.tmpl into OUT_DIR:
-#   ${NAME}           the environment variable NAME (in YAML single quotes, ' is doubled);
 #   #@ if NAME        keep the lines up to the matching "#@ end" only when NAME is set;
+#   #|                at the start of a kept line: two spaces (the line is configuration, not
+#                     a comment, so the unrendered file stays valid with nobody notified);
+#   ${NAME}           the environment variable NAME (in YAML single quotes, ' is doubled);
 #   #@ require NAME   stop with an error when NAME is empty (inside a kept block).
 # POSIX sh and awk only: it runs in the prom/alertmanager (busybox) image and in the tests.
 # In docker-compose.prod.yml it is the container's entrypoint, followed by
@@ -46,6 +48,7 @@ render() {
     {
         if (skipping) next
         line = $0
+        if (substr(line, 1, 2) == "#|") line = "  " substr(line, 3)  # a kept line: "#|" stands for its indent
         result = ""
         while ((start = index(line, "${")) > 0) {
             rest = substr(line, start + 2)
