@@ -34,19 +34,22 @@ from prometheus_client.registry import Collector
 from .core.protocol import ErrorCode
 
 __all__ = [
+    "BROKER_OUTBOX_FULL",
+    "BROKER_TASK_ERRORS",
     "BROKER_UP",
     "BUILD",
     "CLAIM_SECONDS",
     "CLOSES",
     "CLOSE_CODE_LABELS",
+    "COMMAND_OUTCOMES",
     "COMMAND_RTT",
     "CONNECTIONS",
     "ERRORS",
     "FRAMES_SENT",
     "MESSAGES",
+    "OFFLINE_QUEUE",
     "OPENED",
     "PENDING_REQUESTS",
-    "OFFLINE_QUEUE",
     "PUBLISH_SECONDS",
     "READY",
     "RECEIVED_FROM_CLIENTS",
@@ -57,13 +60,15 @@ __all__ = [
     "REFUSED",
     "REGISTRY",
     "RELAY_SECONDS",
-    "REQUEST_OUTCOMES",
+    "REPLY_SECONDS",
     "SEND_QUEUE_BYTES_MAX",
     "SEND_QUEUE_MESSAGES_MAX",
     "THROTTLED",
+    "TOKEN_EVICTIONS",
     "TOKEN_GRACE_ENDS",
     "TOKEN_LAST_REFRESH",
-    "TOKEN_REFRESH_ERRORS",
+    "TOKEN_REFRESH_FAILURES",
+    "TOKEN_STORE_UP",
     "ByRole",
     "ScrapedCounter",
     "close_label",
@@ -237,6 +242,17 @@ BROKER_UP = Gauge(
     "1 when the broker (Redis) is reachable; set by the broker on every change.",
     registry=REGISTRY,
 )
+BROKER_TASK_ERRORS = Counter(
+    "wsbridge_broker_task_errors_total",
+    "Unexpected errors in the broker's background tasks (each one logged; the task carries on).",
+    ["task"],
+    registry=REGISTRY,
+)
+BROKER_OUTBOX_FULL = Counter(
+    "wsbridge_broker_outbox_full_total",
+    "Messages refused because too many were waiting to be published to Redis (REDIS_OUTBOX_LIMIT).",
+    registry=REGISTRY,
+)
 READY = Gauge(
     "wsbridge_ready",
     "1 when this instance answers /readyz with 200 (broker reachable, not shutting down).",
@@ -264,7 +280,24 @@ CLAIM_SECONDS = Histogram(
 )
 
 # --- controller API (request/reply, offline queue) -------------------------------------------
+# Names shared with the controller-API branch (appliance/commands.py increments them).
 
+COMMAND_OUTCOMES = Counter(
+    "wsbridge_command_outcomes_total",
+    "Outcomes of commands with an id sent from this instance (delivered, queued, replied, timeout, or an error code).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+#: Known values start at 0, so rate() and the timeout-ratio alert work before the first event.
+COMMAND_OUTCOME_VALUES = ("delivered", "queued", "replied", "timeout")
+for _outcome in COMMAND_OUTCOME_VALUES:
+    COMMAND_OUTCOMES.labels(outcome=_outcome)
+REPLY_SECONDS = Histogram(
+    "wsbridge_reply_seconds",
+    "Round-trip time from a command with an id to its client's reply, measured on the sender's instance.",
+    buckets=RTT_BUCKETS,
+    registry=REGISTRY,
+)
 PENDING_REQUESTS = Gauge(
     "wsbridge_pending_requests", "Commands with an id waiting for their reply or timeout.", registry=REGISTRY
 )
@@ -273,27 +306,28 @@ OFFLINE_QUEUE = Gauge(
     "Commands queued for clients that are not connected (this instance's view).",
     registry=REGISTRY,
 )
-REQUEST_OUTCOMES = Counter(
-    "wsbridge_request_outcomes_total",
-    "Final status of commands with an id: delivered, queued, replied, timeout, or an error code.",
-    ["outcome"],
-    registry=REGISTRY,
-)
-#: Known values start at 0, so rate() and the timeout-ratio alert work before the first event.
-REQUEST_OUTCOME_VALUES = ("delivered", "queued", "replied", "timeout")
-for _outcome in REQUEST_OUTCOME_VALUES:
-    REQUEST_OUTCOMES.labels(outcome=_outcome)
 
 # --- token store ------------------------------------------------------------------------------
+# Names shared with the token-store branch (appliance/tokens/ sets them).
 
-TOKEN_REFRESH_ERRORS = Counter(
-    "wsbridge_token_refresh_errors_total",
-    "Failed refreshes of the token store (the last good tokens stay in use).",
+TOKEN_STORE_UP = Gauge(
+    "wsbridge_token_store_up",
+    "1 when the last read of the token store succeeded (0: serving the last good tokens).",
+    registry=REGISTRY,
+)
+TOKEN_REFRESH_FAILURES = Counter(
+    "wsbridge_token_refresh_failures_total",
+    "Failed token-store refreshes (the last good tokens were kept).",
     registry=REGISTRY,
 )
 TOKEN_LAST_REFRESH = Gauge(
     "wsbridge_token_last_refresh_timestamp_seconds",
-    "Unix time of the last successful token-store refresh (the env store sets it at start).",
+    "When the token store was last read successfully.",
+    registry=REGISTRY,
+)
+TOKEN_EVICTIONS = Counter(
+    "wsbridge_token_evictions_total",
+    "Connections closed because their token expired or was revoked (4011).",
     registry=REGISTRY,
 )
 TOKEN_GRACE_ENDS = Gauge(

@@ -51,6 +51,7 @@ NOT_RUN_HERE = {
 #: Series that exist only while something is happening, with no zero value before.
 ONLY_WHILE_ACTIVE = {
     "wsbridge_token_grace_end_timestamp_seconds": "exists only during a token's grace window",
+    "wsbridge_broker_task_errors_total": "its task label is known only at the first error",
 }
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
 
