@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 RULES = MONITORING / "rules" / "wsbridge.rules.yml"
-RULE_TESTS = MONITORING / "rules" / "wsbridge.rules.test.yml"
+RULE_TESTS = MONITORING / "rules" / "tests" / "wsbridge.test.yml"
 RUNBOOK = MONITORING / "runbook.md"
 ALERTMANAGER = MONITORING / "alertmanager"
 
@@ -73,8 +73,8 @@ def runbook_sections() -> dict[str, str]:
 def prometheus_config(tmp_path: Path) -> Path:
     """prometheus.yml with its rule_files pointed at the repository's rules (as mounted in production)."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    assert config["rule_files"] == ["/etc/prometheus/rules/*.rules.yml"]
-    config["rule_files"] = [str(MONITORING / "rules" / "*.rules.yml")]
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+    config["rule_files"] = [str(MONITORING / "rules" / "*.yml")]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -160,7 +160,7 @@ class Stack:
         """The project's prometheus.yml, addresses rewritten to this test's ports."""
         config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
         config["global"].update(scrape_interval="1s", scrape_timeout="900ms", evaluation_interval="1s")
-        config["rule_files"] = [str(MONITORING / "rules" / "*.rules.yml")]
+        config["rule_files"] = [str(MONITORING / "rules" / "*.yml")]
         config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
             f"127.0.0.1:{self.ports['alertmanager']}"
         ]
