@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,16 @@ def http_get(url: str, token: str | None = None) -> tuple[int, Any]:
         return status, json.loads(body)
     except ValueError:
         return status, body.decode()
+
+
+async def http_aget(url: str, token: str | None = None) -> tuple[int, Any]:
+    """``http_get`` for async tests: waits without blocking the event loop (and the sockets it serves)."""
+    async with httpx.AsyncClient(timeout=timeout(5)) as http:
+        response = await http.get(url, headers={"X-Auth-Token": token} if token else {})
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, response.text
 
 
 class _Managed:
@@ -226,6 +237,9 @@ class Appliance(_Managed):
 
     def get(self, path: str, token: str | None = None) -> tuple[int, Any]:
         return http_get(self.http + path, token)
+
+    async def aget(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        return await http_aget(self.http + path, token)
 
     def terminate(self, wait: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""

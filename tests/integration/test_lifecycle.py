@@ -119,6 +119,57 @@ async def test_client_library_reconnects_after_a_restart(start_appliance):
     await client.close()
 
 
+async def test_client_library_shared_by_a_reader_and_a_writer_survives_a_restart(start_appliance):
+    """Both tasks see the connection drop; only one may reconnect, or the second socket replaces the first."""
+    app = start_appliance()
+    client = BridgeClient(app.ws, "unity_client_1", CLIENT_TOKEN, backoff_max=0.5)
+    await client.connect()
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    async def reader():
+        while True:
+            received.put_nowait(await client.receive())
+
+    async def writer():
+        for i in range(1_000_000):
+            await client.send_text(f"tick {i}")
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
+    try:
+        await asyncio.sleep(0.1)  # Both tasks are using the first connection.
+        await asyncio.to_thread(app.terminate)
+        await asyncio.to_thread(app.start)  # Same port.
+        async with BridgeClient(app.ws, "LLM", CONTROLLER_TOKEN) as llm:
+
+            async def ticks_arrive():
+                frame = await asyncio.wait_for(llm.receive_json(), timeout(5))
+                return frame.get("sender") == "unity_client_1"
+
+            await eventually(ticks_arrive, 15, "the writer's messages after the restart")
+
+            async def command_arrives():
+                await llm.send_command("unity_client_1", "after restart")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout(0.5)):
+                        while await received.get() != "after restart":
+                            pass
+                        return True
+                return False
+
+            await eventually(command_arrives, 15, "the reader to receive after the restart")
+            await asyncio.sleep(timeout(0.5))  # A second socket would have replaced the first (4010) by now.
+        for task in tasks:  # Neither task gave up.
+            assert not task.done(), task.exception()
+        _status, body = await app.aget("/metrics")
+        assert 'wsbridge_connections_closed_total{reason="replaced"}' not in body  # It never replaced itself.
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+
+
 async def test_client_library_stops_on_final_close_codes(start_appliance):
     app = start_appliance()
     client = BridgeClient(app.ws, "unity_client_1", "wrong-token")
