@@ -2,13 +2,25 @@
 
 import asyncio
 import contextlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
-from support import CLIENT_TOKEN, CONTROLLER_TOKEN, closed_with, command, eventually, recv, recv_json, timeout
+from support import (
+    CLIENT_TOKEN,
+    CONTROLLER_TOKEN,
+    closed_with,
+    command,
+    eventually,
+    free_port,
+    recv,
+    recv_json,
+    timeout,
+)
 
 from appliance.client import BridgeClient, BridgeClosed
 
@@ -92,6 +104,71 @@ async def test_cli_send_reports_errors_with_exit_codes(start_appliance):
     assert offline.returncode == 1 and "target_offline" in offline.stderr
     denied = await asyncio.to_thread(run_cli, app, "--target", "nobody", "hi", token="wrong")
     assert denied.returncode == 2 and "4001" in denied.stderr
+
+
+async def test_cli_send_prints_the_targets_reply_not_another_clients_chatter(start_appliance):
+    app = start_appliance()
+    async with app.connect("echo-bot") as bot, app.connect("chatter") as chatter:
+        chatting = True
+
+        async def chat():
+            while chatting:
+                await chatter.send("unrelated chatter")
+                await asyncio.sleep(0.01)
+
+        async def echo():
+            text = await recv(bot, 15)
+            await asyncio.sleep(0.3)  # The chatter reaches the CLI first.
+            await bot.send(f"done: {text}")
+
+        tasks = [asyncio.create_task(chat()), asyncio.create_task(echo())]
+        result = await asyncio.to_thread(run_cli, app, "--target", "echo-bot", "MoveForward 10")
+        chatting = False
+        await asyncio.gather(*tasks)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "done: MoveForward 10", "")
+
+
+class _NotARelay(http.server.BaseHTTPRequestHandler):
+    """A real web server that is not the relay: every path is 404."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ws://127.0.0.1:{free}", "cannot connect"),  # Nothing listens there: connection refused.
+        ("ws://127.0.0.1:{port}/no/such/path", "HTTP 403"),  # The relay refuses an unknown WebSocket path.
+        ("ws://127.0.0.1:{web}", "HTTP 404"),  # A web server that is not the relay.
+        ("http://127.0.0.1:{port}", "ws:// or wss://"),
+        ("not a url", "ws:// or wss://"),
+    ],
+)
+async def test_cli_send_reports_a_bad_url_in_one_line_with_exit_code_2(start_appliance, url, expected):
+    app = start_appliance()
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARelay) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        url = url.format(free=free_port(), port=app.port, web=web.server_address[1])
+        result = await asyncio.to_thread(run_cli, app, "--url", url, "--target", "echo-bot", "hi")
+        web.shutdown()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("wsbridge send: ") and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_cli_send_help_documents_the_exit_codes():
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "send", "--help"], capture_output=True, text=True, timeout=timeout(30)
+    )
+    assert result.returncode == 0
+    for line in ("0 ", "1 ", "2 ", "3 "):
+        assert any(text.strip().startswith(line) for text in result.stdout.splitlines()), result.stdout
 
 
 async def test_client_library_reconnects_after_a_restart(start_appliance):
