@@ -8,8 +8,9 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import __version__
@@ -20,7 +21,7 @@ __all__ = ["main"]
 DEV_ENV_FILE = Path(".env")
 
 
-def _load_settings(**overrides: object) -> Settings:
+def _load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -28,7 +29,7 @@ def _load_settings(**overrides: object) -> Settings:
         sys.exit(f"wsbridge: invalid configuration: {problems}")
 
 
-def _ensure_tokens(settings: Settings, overrides: dict[str, object]) -> Settings:
+def _ensure_tokens(settings: Settings, overrides: dict[str, Any]) -> Settings:
     """First run on a dev machine: generate both tokens into ./.env and say so."""
     have_controller, have_client = settings.llm_secret_token is not None, settings.unity_client_token is not None
     if have_controller and have_client:
@@ -60,7 +61,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
     broker = f"Redis ({settings.redis_display()})" if settings.redis_enabled else "embedded (in-memory)"
     assert settings.llm_secret_token is not None and settings.unity_client_token is not None
 
-    def token(secret) -> str:
+    def token(secret: SecretStr) -> str:
         return secret.get_secret_value() if show_tokens else "(configured, not shown)"
 
     print(
@@ -80,7 +81,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if args.host:
         overrides["bind_host"] = args.host
     if args.port:
