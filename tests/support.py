@@ -1,7 +1,9 @@
 """Real parts for tests: a Redis server on a free port and appliance processes on uvicorn.
 
 Nothing here imitates the appliance: tests talk to real processes over real sockets.
-Timeouts scale with ``WSBRIDGE_TEST_TIMEOUT_SCALE`` for slow machines.
+Timeouts scale with ``WSBRIDGE_TEST_TIMEOUT_SCALE`` for slow machines. Async tests use the
+async helpers (``eventually``, ``aget``, ``acommand``): a blocking wait would keep their open
+sockets from answering pings (tests/unit/test_async_tests_do_not_block.py checks it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,27 +151,21 @@ class RedisServer(_Managed):
         except OSError:
             return False
 
-    def command(self, *args: str) -> bytes:
-        """Send one command with redis-cli-free RESP and return the raw reply."""
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout(5)) as sock:
-            sock.sendall(payload.encode())
-            time.sleep(0.05)
-            chunks = []
-            sock.settimeout(0.3)
-            try:
-                while chunk := sock.recv(65536):
-                    chunks.append(chunk)
-            except TimeoutError:
-                pass
-            return b"".join(chunks)
+    def command(self, *args: str) -> Any:
+        """Run one command and return redis-py's parsed reply (sync tests and fixtures)."""
+        with redis.Redis(port=self.port, socket_timeout=timeout(5)) as client:
+            return client.execute_command(*args)
+
+    async def acommand(self, *args: str) -> Any:
+        """``command`` for async tests: waits without blocking the event loop."""
+        async with aioredis.Redis(port=self.port, socket_timeout=timeout(5)) as client:
+            return await client.execute_command(*args)
 
     def connected_clients(self) -> int:
-        info = self.command("INFO", "clients").decode()
-        for line in info.splitlines():
-            if line.startswith("connected_clients:"):
-                return int(line.split(":")[1]) - 1  # Not counting this query's own connection.
-        raise AssertionError(f"no connected_clients in INFO: {info!r}")
+        return int(self.command("INFO", "clients")["connected_clients"]) - 1  # Not counting this query.
+
+    async def aconnected_clients(self) -> int:
+        return int((await self.acommand("INFO", "clients"))["connected_clients"]) - 1
 
     def stop(self) -> None:
         if self.process is not None:
