@@ -132,7 +132,7 @@ class BridgeClient:
             if self._closed:
                 raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
             if self._final is not None:
-                raise self._final
+                raise BridgeClosed(self._final.code, self._final.reason)  # A fresh one per task.
             if self._ws is not None:
                 return self._ws
             async with self._lock:
@@ -148,7 +148,7 @@ class BridgeClient:
         """
         async with self._lock:
             if self._final is not None:
-                raise self._final
+                raise BridgeClosed(self._final.code, self._final.reason)
             if self._ws is not ws:  # Another task already replaced the failed socket.
                 return
             self._ws = None

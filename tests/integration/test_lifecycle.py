@@ -256,6 +256,26 @@ async def test_client_library_stops_on_final_close_codes(start_appliance):
     assert closed.value.code == 4001
 
 
+async def test_a_final_close_stops_the_reader_and_the_writer_alike(start_appliance):
+    """After 4010 no task reconnects: that would take the id back from the newer connection."""
+    app = start_appliance()
+    client = BridgeClient(app.ws, "shared", CLIENT_TOKEN)
+    await client.connect()
+    reader = asyncio.create_task(client.receive())
+    async with app.connect("shared") as newer:
+        with pytest.raises(BridgeClosed) as closed:
+            await asyncio.wait_for(reader, timeout(5))
+        assert closed.value.code == 4010
+        with pytest.raises(BridgeClosed) as again:
+            await client.send_text("from the writer")
+        assert again.value.code == 4010
+        async with app.controller() as llm:  # The newer connection still holds the id.
+            await llm.send(command("shared", "to the newer one"))
+            assert await recv(newer) == "to the newer one"
+    assert client.connections == 1
+    await client.close()
+
+
 async def test_a_client_that_reads_slowly_gets_everything_in_order(start_appliance):
     """Enough data to fill the socket buffers, so uvicorn's send waits (back-pressure)."""
     app = start_appliance()
