@@ -153,12 +153,12 @@ class RedisServer(_Managed):
 
     def command(self, *args: str) -> Any:
         """Run one command and return redis-py's parsed reply (sync tests and fixtures)."""
-        with redis.Redis(port=self.port, socket_timeout=timeout(5)) as client:
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout(5)) as client:
             return client.execute_command(*args)
 
     async def acommand(self, *args: str) -> Any:
         """``command`` for async tests: waits without blocking the event loop."""
-        async with aioredis.Redis(port=self.port, socket_timeout=timeout(5)) as client:
+        async with aioredis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout(5)) as client:
             return await client.execute_command(*args)
 
     def connected_clients(self) -> int:
