@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
-import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,21 +149,45 @@ class RedisServer(_Managed):
         except OSError:
             return False
 
-    def command(self, *args: str) -> Any:
-        """Run one command and return redis-py's parsed reply (sync tests and fixtures)."""
-        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout(5)) as client:
-            return client.execute_command(*args)
+    #: Sent after each command: Redis answers ``+OK`` and closes, so the reply ends at EOF
+    #: (no parsing, no waiting for silence). Deprecated since Redis 7.2, still served.
+    _QUIT = b"*1\r\n$4\r\nQUIT\r\n"
 
-    async def acommand(self, *args: str) -> Any:
+    def _payload(self, args: tuple[str, ...]) -> bytes:
+        command = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        return command.encode() + self._QUIT
+
+    def command(self, *args: str) -> bytes:
+        """Send one command with redis-cli-free RESP and return the raw reply (sync tests and fixtures)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout(5)) as sock:
+            sock.sendall(self._payload(args))
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).removesuffix(b"+OK\r\n")
+
+    async def acommand(self, *args: str) -> bytes:
         """``command`` for async tests: waits without blocking the event loop."""
-        async with aioredis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout(5)) as client:
-            return await client.execute_command(*args)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(self._payload(args))
+            reply = await asyncio.wait_for(reader.read(), timeout(5))  # Until Redis closes, after QUIT.
+        finally:
+            writer.close()
+        return reply.removesuffix(b"+OK\r\n")
+
+    @staticmethod
+    def _connected_clients(info: bytes) -> int:
+        for line in info.decode().splitlines():
+            if line.startswith("connected_clients:"):
+                return int(line.split(":")[1]) - 1  # Not counting this query's own connection.
+        raise AssertionError(f"no connected_clients in INFO: {info!r}")
 
     def connected_clients(self) -> int:
-        return int(self.command("INFO", "clients")["connected_clients"]) - 1  # Not counting this query.
+        return self._connected_clients(self.command("INFO", "clients"))
 
     async def aconnected_clients(self) -> int:
-        return int((await self.acommand("INFO", "clients"))["connected_clients"]) - 1
+        return self._connected_clients(await self.acommand("INFO", "clients"))
 
     def stop(self) -> None:
         if self.process is not None:
