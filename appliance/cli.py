@@ -137,13 +137,11 @@ def _refusal(url: str, exc: BaseException) -> str:
     return f"cannot connect to {url}: {exc}"
 
 
-def _is_answer(frame: object, target: str, command_id: str) -> bool:
-    """The target's reply, or an error frame about our command (the only one this connection sent)."""
+def _is_answer(frame: object, target: str) -> bool:
+    """The target's reply, or an error frame (they can only be about our one command)."""
     if not isinstance(frame, dict):
         return False
-    if "error" in frame:
-        return frame.get("id", command_id) == command_id  # The id is echoed whenever it could be read.
-    return frame.get("sender") == target
+    return "error" in frame or frame.get("sender") == target
 
 
 async def _send(args: argparse.Namespace) -> int:
@@ -168,10 +166,9 @@ async def _send(args: argparse.Namespace) -> int:
         return 2
     try:
         async with asyncio.timeout(args.timeout), client:
-            command_id = f"wsbridge-send-{secrets.token_hex(4)}"
-            await client.send_command(args.target, args.message, id=command_id)
+            await client.send_command(args.target, args.message)
             # Every client's text reaches every controller: skip other clients' messages.
-            while not _is_answer(frame := await client.receive_json(), args.target, command_id):
+            while not _is_answer(frame := await client.receive_json(), args.target):
                 pass
     except TimeoutError:
         print(f"wsbridge send: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
