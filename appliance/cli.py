@@ -166,6 +166,7 @@ async def _send(args: argparse.Namespace) -> int:
         return 2
     try:
         async with asyncio.timeout(args.timeout), client:
+            # No id: the command stays a plain version-1 command (an id opts into request/reply handling).
             await client.send_command(args.target, args.message)
             # Every client's text reaches every controller: skip other clients' messages.
             while not _is_answer(frame := await client.receive_json(), args.target):
