@@ -177,6 +177,9 @@ async def _send(args: argparse.Namespace) -> int:
     except BridgeClosed as exc:
         print(f"wsbridge send: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"wsbridge send: connection to {url} lost: {exc}", file=sys.stderr)
+        return 2
     if "error" in frame:
         print(f"error {frame['error']}: {frame.get('detail', '')}", file=sys.stderr)
         return 1
