@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -276,17 +277,21 @@ def test_notifications_link_to_the_runbook(tmp_path: Path) -> None:
 # --- the appliance's exposition ----------------------------------------------------------------
 
 
-async def test_appliance_metrics_pass_promtool_check_metrics() -> None:
+async def _some_traffic(app: Appliance) -> None:
+    async with app.connect("unity_client_1") as client, app.controller() as controller:
+        await controller.send(command("unity_client_1", "MoveForward 10"))
+        assert await recv(client) == "MoveForward 10"
+        await client.send("done")
+        await recv(controller)
+        await controller.send(command("nobody_here", "x"))
+        await recv(controller)
+
+
+def test_appliance_metrics_pass_promtool_check_metrics() -> None:
     app = Appliance(name="metrics-lint")
     app.start()
     try:
-        async with app.connect("unity_client_1") as client, app.controller() as controller:
-            await controller.send(command("unity_client_1", "MoveForward 10"))
-            assert await recv(client) == "MoveForward 10"
-            await client.send("done")
-            await recv(controller)
-            await controller.send(command("nobody_here", "x"))
-            await recv(controller)
+        asyncio.run(_some_traffic(app))
         status, body = app.get("/metrics")
         assert status == 200
     finally:

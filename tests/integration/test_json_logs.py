@@ -1,8 +1,9 @@
 """LOG_FORMAT=json on a real appliance: every line of its output is one JSON object, never a token."""
 
+import asyncio
 import json
 
-from support import ADMIN_TOKEN, CLIENT_TOKEN, CONTROLLER_TOKEN, closed_with, command, recv, wait_until
+from support import ADMIN_TOKEN, CLIENT_TOKEN, CONTROLLER_TOKEN, closed_with, command, eventually, recv
 
 from appliance.logs import JSON_FIELDS
 
@@ -14,9 +15,13 @@ async def test_every_log_line_is_json_with_the_connection_on_connection_lines(st
         assert await recv(client) == "MoveForward 10"
     async with app.connect("intruder", token=CONTROLLER_TOKEN[:-1] + "x") as refused:
         assert (await closed_with(refused))[0] == 4001
-    app.get("/api/v1/clients", ADMIN_TOKEN)
-    wait_until(lambda: app.log().count("Disconnected") >= 2, 10, "the disconnect lines")
-    app.stop()  # Shutdown lines too.
+    await app.aget("/api/v1/clients", ADMIN_TOKEN)
+
+    async def disconnects_logged() -> bool:
+        return app.log().count("Disconnected") >= 2
+
+    await eventually(disconnects_logged, 10, "the disconnect lines")
+    await asyncio.to_thread(app.stop)  # Shutdown lines too.
 
     text = app.log()
     lines = [json.loads(line) for line in text.splitlines()]  # Fails on any line that is not JSON.

@@ -364,8 +364,8 @@ async def scripted_traffic(app: Appliance) -> None:
             await other.close()  # a close by the peer
         async with app.connect("intruder", token="wrong-token-0123456789") as refused:
             assert (await closed_with(refused))[0] == 4001
-    assert app.get("/readyz")[0] == 200
-    assert app.get("/api/v1/clients", CONTROLLER_TOKEN)[0] == 200
+    assert (await app.aget("/readyz"))[0] == 200
+    assert (await app.aget("/api/v1/clients", CONTROLLER_TOKEN))[0] == 200
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +387,7 @@ def value(stack: Stack, promql: str) -> float:
     return float(result[0]["value"][1])
 
 
-async def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) -> None:
+def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) -> None:
     up = {(s["metric"]["job"], s["value"][1]) for s in scraped.series("up")}
     for job in ("appliance", "traefik", "redis", "node", "alertmanager", "prometheus"):
         assert (job, "1") in up, f"{job} is not scraped: {up}\n{scraped.logs()}"
@@ -396,7 +396,7 @@ async def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) ->
     assert [a["url"] for a in active] == [f"http://127.0.0.1:{scraped.ports['alertmanager']}/api/v2/alerts"]
 
 
-async def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
+def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
     sel = 'job="appliance"'
     assert (
         value(scraped, f'wsbridge_messages_received_total{{{sel}, role="controller"}}') == 6
@@ -425,7 +425,7 @@ async def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
         assert not any("unity_client" in v or "intruder" in v for v in series["metric"].values()), series
 
 
-async def test_a_certificate_near_expiry_is_noticed_from_traefiks_real_metrics(scraped: Stack) -> None:
+def test_a_certificate_near_expiry_is_noticed_from_traefiks_real_metrics(scraped: Stack) -> None:
     """Traefik's own certificate metric, its labels, and the alert built on it (pending: it has a 1h `for`)."""
     (cert,) = scraped.series('traefik_tls_certs_not_after{job="traefik"}')
     assert cert["metric"]["cn"] == "bridge.test"
@@ -442,7 +442,7 @@ async def test_a_certificate_near_expiry_is_noticed_from_traefiks_real_metrics(s
     assert alert["annotations"]["description"].startswith("The certificate for bridge.test expires in 9d ")
 
 
-async def test_every_rule_evaluates_without_error(scraped: Stack) -> None:
+def test_every_rule_evaluates_without_error(scraped: Stack) -> None:
     def healthy() -> bool:
         groups = get_json(f"{scraped.api}/rules")["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
@@ -459,9 +459,7 @@ async def test_every_rule_evaluates_without_error(scraped: Stack) -> None:
 @pytest.mark.parametrize(
     ("where", "expr"), rule_expressions() + dashboard_expressions(), ids=lambda x: x if len(x) < 60 else None
 )
-async def test_every_rule_and_panel_query_evaluates_and_names_existing_metrics(
-    scraped: Stack, where: str, expr: str
-) -> None:
+def test_every_rule_and_panel_query_evaluates_and_names_existing_metrics(scraped: Stack, where: str, expr: str) -> None:
     promql = grafana_to_promql(expr)
     answer = scraped.query(promql)
     assert answer["status"] == "success", f"{where}: {answer.get('error')}"
