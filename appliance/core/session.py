@@ -201,7 +201,7 @@ class Session:
 
     def delivery_failed(self, command: Command, code: ErrorCode, detail: str) -> SendError:
         """The broker could not deliver ``command``: tell the controller, naming the target."""
-        extra = {"target": command.target}
+        extra: dict[str, str | int] = {"target": command.target}
         if command.id is not None:
             extra["id"] = command.id
         return _error(code, detail, **extra)
