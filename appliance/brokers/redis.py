@@ -89,13 +89,14 @@ return 0
 
 # Heartbeat and after an outage: keep each claim if it is still ours or free again (evicted,
 # flushed, expired); report, as (index, current owner) pairs, those someone else holds now.
+# One SET ... GET per key in the usual case (the script is atomic, so putting a newer
+# owner back is never seen by anyone); Redis >= 6.2.
 REASSERT = """
 local lost = {}
 for i, key in ipairs(KEYS) do
-  local current = redis.call('GET', key)
-  if current == false or current == ARGV[i + 1] then
-    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
-  else
+  local current = redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1], 'GET')
+  if current and current ~= ARGV[i + 1] then
+    redis.call('SET', key, current, 'EX', ARGV[1])
     table.insert(lost, i)
     table.insert(lost, current)
   end
