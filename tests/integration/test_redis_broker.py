@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -11,7 +12,7 @@ from support import eventually
 from tcp_proxy import TcpProxy
 
 from appliance import metrics
-from appliance.brokers.redis import INSTANCE_KEY, OWNER_KEY
+from appliance.brokers.redis import CLIENT_CHANNEL, INSTANCE_KEY, OWNER_KEY
 from appliance.core.protocol import ErrorCode
 
 
@@ -160,3 +161,27 @@ async def test_a_connect_writes_its_own_presence_record_only(redis_server, redis
         assert await redis.hexists(key, "sentinel") and await redis.hexists(key, first)
     finally:
         await slow_refresh.stop()
+
+
+async def test_a_cancelled_claim_drops_its_subscription_too(redis_cluster, redis):
+    a = await redis_cluster.node("a")
+    ids = []
+    for passes in range(12):
+        client_id = new_id()
+        ids.append(client_id)
+        task = asyncio.ensure_future(a.broker.claim(client_id, a.name, f"k{passes}", CLIENT, False))
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            claim = await task
+        except asyncio.CancelledError:
+            continue
+        if claim.accepted:
+            await a.broker.release(client_id, claim.owner)
+
+    async def unsubscribed():
+        counts = await redis.pubsub_numsub(*(CLIENT_CHANNEL + client_id for client_id in ids))
+        return all(count == 0 for _, count in counts)
+
+    await eventually(unsubscribed, 10, "every channel of a cancelled claim unsubscribed")
