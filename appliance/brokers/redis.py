@@ -105,6 +105,8 @@ return lost
 """
 
 PUBLISH_BATCH = 512
+#: Outcomes are gathered this long before they are published to their origin.
+ANSWER_DELAY_SECONDS = 0.002
 REASSERT_CHUNK = 1000
 IDLE_CHECK_SECONDS = 5.0
 #: A command nobody answered for this long (its receiver died) fails after 1 to 2 periods.
@@ -475,7 +477,7 @@ class RedisBroker(Broker):
             head, _, text = data.partition(b"\n")
             seq, _, origin = head[1:].partition(b"|")
             failure = inbox.deliver(channel[len(CLIENT_CHANNEL) :].decode(), text.decode())
-            self._answer(origin, int(seq), failure)
+            self._answer(origin, seq, failure)
         elif kind == b"a":
             self._on_answers(data[1:])
         elif kind == b"k":
@@ -483,20 +485,22 @@ class RedisBroker(Broker):
 
     # --- outcomes ---------------------------------------------------------------------
 
-    def _answer(self, origin: bytes, seq: int, failure: ErrorCode | None) -> None:
+    def _answer(self, origin: bytes, seq: bytes, failure: ErrorCode | None) -> None:
         """Tell the instance that published command ``seq`` what became of it here."""
         if origin == self._origin:
-            self._received(seq, failure)
+            self._received(int(seq), failure)
             return
-        answer = str(seq).encode() if failure is None else f"{seq}:{failure.value}".encode()
+        answer = seq if failure is None else seq + b":" + failure.value.encode()
         answers = self._answers.get(origin)
         if answers is None:
             self._answers[origin] = [answer]
         else:
             answers.append(answer)
-        if not self._answers_scheduled:  # One batch per origin per event-loop pass.
+        if not self._answers_scheduled:
+            # One batch per origin every ANSWER_DELAY: under load that is one published answer
+            # for many commands, not one per command (the bench saw +20 % CPU per round trip).
             self._answers_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_answers)
+            asyncio.get_running_loop().call_later(ANSWER_DELAY_SECONDS, self._send_answers)
 
     def _send_answers(self) -> None:
         self._answers_scheduled = False
