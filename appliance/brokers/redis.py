@@ -214,6 +214,7 @@ class RedisBroker(Broker):
         pool_size: int = 8,
         display: str = "redis",
         outbox_limit: int = 100_000,
+        outcome_timeout: float = OUTCOME_TIMEOUT_SECONDS,
     ) -> None:
         self._url = url
         self._display = display
@@ -221,6 +222,7 @@ class RedisBroker(Broker):
         self.presence_ttl = presence_ttl
         self._pool_size = pool_size
         self._outbox_limit = outbox_limit
+        self._outcome_timeout = outcome_timeout
         self._inbox: Inbox | None = None
         self._redis: Redis | None = None
         self._sub_client: Redis | None = None
@@ -547,12 +549,12 @@ class RedisBroker(Broker):
     async def _expire_outcomes(self) -> None:
         """Commands left without an answer (the receiving instance died) fail after 1 to 2 periods."""
         while True:
-            await asyncio.sleep(OUTCOME_TIMEOUT_SECONDS)
+            await asyncio.sleep(self._outcome_timeout)
             expired, self._pending_old, self._pending = self._pending_old, self._pending, {}
             # Not yet counted (still in the outbox or being published): keep waiting for PUBLISH.
             for seq in [seq for seq, p in expired.items() if p.receivers < 0]:
                 self._pending_old[seq] = expired.pop(seq)
-            self._fail_pending(expired, f"no answer from the instance holding it within {OUTCOME_TIMEOUT_SECONDS:g} s")
+            self._fail_pending(expired, f"no answer from the instance holding it within {self._outcome_timeout:g} s")
 
     # --- subscriptions ----------------------------------------------------------------
 

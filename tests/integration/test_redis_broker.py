@@ -185,3 +185,47 @@ async def test_a_cancelled_claim_drops_its_subscription_too(redis_cluster, redis
         return all(count == 0 for _, count in counts)
 
     await eventually(unsubscribed, 10, "every channel of a cancelled claim unsubscribed")
+
+
+async def test_a_command_whose_receiver_never_answers_fails_after_the_outcome_timeout(redis_server, redis):
+    """The instance that received it died before it could answer: the controller is told."""
+    quick = Cluster("redis", redis_server.url, outcome_timeout=0.5)
+    mute = redis.pubsub()  # Receives like an instance, never answers (as if it had just died).
+    try:
+        a = await quick.node("a")
+        client_id = new_id()
+        await mute.subscribe(CLIENT_CHANNEL + client_id)
+        outcome = Outcome()
+        a.broker.send(client_id, "into a dying instance", outcome)
+        assert await outcome.result() is ErrorCode.DELIVERY_FAILED
+        assert "no answer from the instance holding it" in outcome.calls[0][1]
+    finally:
+        await mute.aclose()
+        await quick.stop()
+
+
+async def test_losing_redis_while_an_outcome_is_awaited_reports_it(redis_server, redis):
+    proxy = await TcpProxy(redis_server.port).start()
+    cluster = Cluster("redis", redis_server.url)
+    mute = redis.pubsub()
+    try:
+        a = await cluster.node("a", url=proxy.url)
+        client_id = new_id()
+        await mute.subscribe(CLIENT_CHANNEL + client_id)
+        outcome = Outcome()
+        a.broker.send(client_id, "in flight", outcome)
+
+        async def published():
+            message = await mute.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            return message is not None
+
+        await eventually(published, 10, "the command published")
+        proxy.cut()
+        assert await outcome.result() is ErrorCode.DELIVERY_FAILED
+        # "outcome unknown" (counted, no answer yet); if Redis went before PUBLISH answered, the
+        # command fell back to local delivery and failed as cross-instance: one outcome either way.
+        assert "outcome unknown" in outcome.calls[0][1] or "cross-instance delivery failed" in outcome.calls[0][1]
+    finally:
+        await mute.aclose()
+        await cluster.stop()
+        await proxy.stop()
