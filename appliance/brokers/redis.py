@@ -121,6 +121,15 @@ _CODES = {code.value: code for code in ErrorCode}
 _Item = tuple[str, bytes, int, str | None, str | None]
 
 
+def _decode_owner(value: bytes) -> Owner | None:
+    """Another holder's owner value; None if unreadable (a release with another format, say)."""
+    try:
+        return Owner.decode(value.decode())
+    except ValueError:
+        log.warning("Unreadable owner value in Redis: %r", value[:120])
+        return None
+
+
 class _Pending:
     """A published command waiting for its outcome from the instances that received it."""
 
@@ -483,7 +492,9 @@ class RedisBroker(Broker):
         elif kind == b"a":
             self._on_answers(data[1:])
         elif kind == b"k":
-            inbox.replaced(channel[len(CLIENT_CHANNEL) :].decode(), Owner.decode(data[1:].decode()))
+            replaced = _decode_owner(data[1:])
+            if replaced is not None:
+                inbox.replaced(channel[len(CLIENT_CHANNEL) :].decode(), replaced)
 
     # --- outcomes ---------------------------------------------------------------------
 
@@ -625,9 +636,13 @@ class RedisBroker(Broker):
             raise
         if code != 1:
             await self._unsubscribe(channel)
-            return Claim(False, None, Owner.decode(owner_value.decode()), role_conflict=code == 2)
-        owner = Owner.decode(owner_value.decode())
-        previous = Owner.decode(rest[0].decode()) if rest and rest[0] else None
+            return Claim(False, None, _decode_owner(owner_value), role_conflict=code == 2)
+        try:
+            owner = Owner.decode(owner_value.decode())
+            previous = _decode_owner(rest[0]) if rest and rest[0] else None
+        except BaseException:  # Never keep an id nobody will release.
+            self._spawn(self._undo_claim(client_id, channel, call))
+            raise
         self._owners[client_id] = owner
         self._unreleased.pop(client_id, None)
         self._presence_changed.add(client_id)

@@ -229,3 +229,18 @@ async def test_losing_redis_while_an_outcome_is_awaited_reports_it(redis_server,
         await mute.aclose()
         await cluster.stop()
         await proxy.stop()
+
+
+async def test_an_unreadable_owner_value_neither_breaks_claims_nor_leaks_the_id(redis_cluster, redis):
+    """An owner key written by another release (no role in it): refused cleanly, nothing held."""
+    a = await redis_cluster.node("a")
+    client_id = new_id()
+    await redis.set(OWNER_KEY + client_id, "7|old-instance|0123456789abcdef", ex=30)
+    refused = await a.broker.claim(client_id, a.name, "k1", CLIENT, False)
+    assert not refused.accepted and refused.role_conflict
+    assert await redis.get(OWNER_KEY + client_id) == b"7|old-instance|0123456789abcdef"
+
+    async def unsubscribed():
+        return (await redis.pubsub_numsub(CLIENT_CHANNEL + client_id))[0][1] == 0
+
+    await eventually(unsubscribed, 10, "the refused claim's channel unsubscribed")
