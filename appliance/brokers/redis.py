@@ -798,8 +798,7 @@ class RedisBroker(Broker):
                 pipe.expire(key, self.presence_ttl)
                 await pipe.execute()
         except BaseException:
-            if not full:
-                self._presence_changed |= changed
+            self._presence_changed |= changed  # Written by the next attempt.
             raise
 
     async def _heartbeat(self) -> None:
