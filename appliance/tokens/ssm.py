@@ -45,6 +45,8 @@ from .base import (
 __all__ = ["KEEP_LABEL", "PREVIOUS_LABEL", "CURRENT_LABEL", "SsmTokenStore"]
 
 log = logging.getLogger(__name__)
+# botocore says at INFO where it found credentials, on every start: noise next to our own one-line errors.
+logging.getLogger("botocore").setLevel(logging.WARNING)
 
 CURRENT_LABEL = "current"
 PREVIOUS_LABEL = "previous"
