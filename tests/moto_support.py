@@ -19,7 +19,6 @@ from typing import Any
 
 import boto3
 import pytest
-
 from support import ROOT, free_port, timeout
 
 REGION = "eu-central-1"
