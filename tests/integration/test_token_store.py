@@ -285,3 +285,42 @@ def test_failed_refresh_keeps_the_last_good_tokens_and_says_so(caplog):
     assert metrics.TOKEN_STORE_UP._value.get() == 0
     assert "keeping the last good tokens" in caplog.text
     assert CLIENT not in caplog.text and CONTROLLER not in caplog.text
+
+
+async def test_service_rotation_teaches_the_log_filter_and_is_audited(moto):
+    from appliance.audit import MemoryAuditLog
+    from appliance.logs import RedactSecrets
+    from appliance.tokens.service import TokenService
+
+    prefix = unique_prefix()
+    seed(moto.ssm(), prefix, SEED)
+    settings = Settings(
+        _env_file=None, token_store="ssm", ssm_prefix=prefix, token_rotation_enabled=True, token_grace_seconds=60
+    )
+    store = ssm_store(moto, prefix, grace=60)
+    store.load()
+    audit = MemoryAuditLog()
+    service = TokenService(settings, store, audit)
+    redact = RedactSecrets([])
+    handler = logging.StreamHandler()
+    handler.addFilter(redact)
+    logging.getLogger().addHandler(handler)
+    try:
+        await service.start()
+        value = await service.rotate("ADMIN_TOKEN", "tester", "127.0.0.1")
+        assert store.lookup(value) == Grant("admin", "ADMIN_TOKEN", 2)  # re-read at once by the rotating process
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "leaked %s", (value,), None)
+        redact.filter(record)
+        assert record.getMessage() == "leaked ***"
+        assert await service.revoke("ADMIN_TOKEN", "tester", "127.0.0.1") == 1
+        assert store.lookup(ADMIN) is None
+    finally:
+        await service.stop()
+        logging.getLogger().removeHandler(handler)
+    events = await audit.recent()
+    assert [(e.action, e.actor, e.source, e.target) for e in events] == [
+        ("token.revoke", "tester", "127.0.0.1", "ADMIN_TOKEN"),
+        ("token.rotate", "tester", "127.0.0.1", "ADMIN_TOKEN"),
+    ]
+    assert events[1].detail == {"version": 2, "grace_seconds": 60.0, "keep_connections": False}
+    assert value not in repr(events)
