@@ -52,6 +52,8 @@ CURRENT_LABEL = "current"
 PREVIOUS_LABEL = "previous"
 KEEP_LABEL = "keep-connections"
 REQUIRED = ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN")
+#: SSM keeps this many versions of a parameter.
+MAX_VERSIONS = 100
 #: GetParameters takes at most 10 names per call.
 _BATCH = 10
 
@@ -233,34 +235,22 @@ class SsmTokenStore(TokenStore):
             raise TokenStoreUnavailable(f"rotation of {full} failed ({_describe(exc)})") from exc
 
     def _put(self, full: str, stored: str) -> int:
-        # Keep the parameter's KMS key: an overwrite without KeyId would switch to the account default.
-        described = self._ssm.describe_parameters(ParameterFilters=[{"Key": "Name", "Values": [full]}])
+        history = [
+            entry
+            for page in self._ssm.get_paginator("get_parameter_history").paginate(Name=full, WithDecryption=False)
+            for entry in page["Parameters"]
+        ]
+        latest = max(history, key=lambda entry: entry["Version"])
+        oldest = min(history, key=lambda entry: entry["Version"])
         put: dict[str, Any] = {"Name": full, "Value": stored, "Type": "SecureString", "Overwrite": True}
-        for parameter in described["Parameters"]:
-            if parameter.get("KeyId"):
-                put["KeyId"] = parameter["KeyId"]
-        try:
-            return int(self._ssm.put_parameter(**put)["Version"])
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ParameterMaxVersionLimitExceeded":
-                raise
-        # SSM keeps 100 versions and deletes the oldest on overwrite, but refuses while that one
-        # carries a label. Our labels sit on the newest versions; move any stale one off and retry.
-        oldest = self._oldest_version(full)
-        log.warning(
-            "%s has 100 versions; removing labels %s from version %d", full, oldest["Labels"], oldest["Version"]
-        )
-        self._ssm.unlabel_parameter_version(Name=full, ParameterVersion=oldest["Version"], Labels=oldest["Labels"])
+        if latest.get("KeyId"):  # Keep the parameter's KMS key: without KeyId, SSM would use the account default.
+            put["KeyId"] = latest["KeyId"]
+        # SSM keeps 100 versions and deletes the oldest on overwrite, but refuses while that one carries
+        # a label. Our labels sit on the newest versions; move any stale one off first.
+        if len(history) >= MAX_VERSIONS and oldest.get("Labels"):
+            log.warning("%s has %d versions; removing labels %s from the oldest", full, len(history), oldest["Labels"])
+            self._ssm.unlabel_parameter_version(Name=full, ParameterVersion=oldest["Version"], Labels=oldest["Labels"])
         return int(self._ssm.put_parameter(**put)["Version"])
-
-    def _oldest_version(self, full: str) -> dict[str, Any]:
-        oldest: dict[str, Any] | None = None
-        for page in self._ssm.get_paginator("get_parameter_history").paginate(Name=full, WithDecryption=False):
-            for entry in page["Parameters"]:
-                if oldest is None or entry["Version"] < oldest["Version"]:
-                    oldest = entry
-        assert oldest is not None
-        return {"Version": oldest["Version"], "Labels": oldest.get("Labels") or []}
 
     def _unlabel(self, full: str, label: str) -> int | None:
         """Remove ``label`` from whichever version has it; that version, or None."""

@@ -324,3 +324,4 @@ async def test_service_rotation_teaches_the_log_filter_and_is_audited(moto):
     ]
     assert events[1].detail == {"version": 2, "grace_seconds": 60.0, "keep_connections": False}
     assert value not in repr(events)
+
