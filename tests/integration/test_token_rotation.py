@@ -35,6 +35,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 _EMPTY_DIR = tempfile.mkdtemp(prefix="wsb-tokens-cwd-")  # no stray .env
+#: Long enough for the checks made during the window (two CLI runs), short enough to wait out.
+GRACE = timeout(8)
 SEED = {"LLM_SECRET_TOKEN": CONTROLLER_TOKEN, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN}
 
 
@@ -61,7 +63,7 @@ async def accepted(app, client_id: str, token: str) -> bool:
     """Whether ``token`` opens a connection now (refusals are accepted then closed with a code)."""
     async with app.connect(client_id, token) as ws:
         try:
-            await asyncio.wait_for(ws.recv(), 0.3)
+            await asyncio.wait_for(ws.recv(), timeout(0.5))
         except TimeoutError:
             return True  # still open
         except ConnectionClosed:
@@ -117,7 +119,7 @@ def ssm_pair(start_appliance, redis_server, moto):
     prefix = unique_prefix()
     seed(moto.ssm(), prefix, SEED)
     env = moto.appliance_env(
-        prefix, TOKEN_ROTATION_ENABLED="true", TOKEN_REFRESH_SECONDS="3600", TOKEN_GRACE_SECONDS=str(timeout(4))
+        prefix, TOKEN_ROTATION_ENABLED="true", TOKEN_REFRESH_SECONDS="3600", TOKEN_GRACE_SECONDS=str(GRACE)
     )
     a = start_appliance(env, redis_url=redis_server.url, name="tok-a")
     b = start_appliance(env, redis_url=redis_server.url, name="tok-b")
@@ -156,7 +158,7 @@ async def test_rotation_reaches_every_instance_within_a_second_and_old_connectio
         table = wsbridge(a.env, "tokens", "status")
         assert "UNITY_CLIENT_TOKEN" in table.stdout and "1 (accepted)" in table.stdout and "v1: 2" in table.stdout
         # Grace over: old-token connections on both instances are closed with 4011, the new token carries on.
-        assert (await closed_with(old_a, 10))[0] == 4011
+        assert (await closed_with(old_a, GRACE + 5))[0] == 4011
         assert (await closed_with(old_b, 1))[0] == 4011
         assert await refused_with(a, "old-again", CLIENT_TOKEN) == 4001
         async with b.connect("new-client", new) as fresh:

@@ -110,3 +110,46 @@ def test_redaction_learns_new_values():
     redact.filter(record)
     assert record.getMessage() == "a *** b ***"
     assert "short" not in redact.secrets  # too short to mask without mangling every line
+
+
+def test_token_settings_are_read_by_their_agreed_names(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for key, value in {
+        "TOKEN_STORE": "ssm",
+        "SSM_PREFIX": "/WebSocket/staging/",
+        "AWS_REGION": "eu-west-1",
+        "SSM_ENDPOINT_URL": "http://127.0.0.1:5000",
+        "TOKEN_REFRESH_SECONDS": "30",
+        "TOKEN_GRACE_SECONDS": "120",
+        "TOKEN_ROTATION_ENABLED": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert (settings.token_store, settings.ssm_prefix, settings.aws_region) == (
+        "ssm",
+        "/WebSocket/staging/",
+        "eu-west-1",
+    )
+    assert settings.ssm_endpoint_url == "http://127.0.0.1:5000"
+    assert (settings.token_refresh_seconds, settings.token_grace_seconds, settings.token_rotation_enabled) == (
+        30,
+        120,
+        True,
+    )
+
+
+def test_token_settings_defaults_and_validation(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    settings = Settings()
+    assert (settings.token_store, settings.ssm_prefix) == ("env", "/WebSocket/prod/")
+    assert (settings.token_refresh_seconds, settings.token_grace_seconds, settings.token_rotation_enabled) == (
+        60,
+        900,
+        False,
+    )
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        Settings(ssm_prefix="WebSocket/prod")  # must be an absolute path ending in /
+    with pytest.raises(ValidationError):
+        Settings(token_store="vault")
