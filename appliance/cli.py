@@ -196,7 +196,7 @@ def _redis_presence(redis):
     from .brokers.redis import INSTANCE_KEY
 
     async def presence() -> list[dict]:
-        records = []
+        records: list[dict] = []
         async for key in redis.scan_iter(match=INSTANCE_KEY + "*", count=500):
             records.extend(json.loads(value) for value in (await redis.hgetall(key)).values())
         return records

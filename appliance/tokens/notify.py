@@ -37,7 +37,7 @@ class TokenNotifier:
             # The refresh interval still brings the change to every instance.
             log.warning("Could not announce the %s of %s over Redis (%s)", event, name, type(exc).__name__)
 
-    async def listen(self, on_event: Callable[[], Awaitable[None]]) -> None:
+    async def listen(self, on_event: Callable[[], Awaitable[object]]) -> None:
         """Run until cancelled: subscribe, and call ``on_event`` on each message and after each (re)subscription."""
         delay = 0.1
         while True:
