@@ -23,7 +23,7 @@ from ..audit import AuditEvent, AuditLog
 from ..core.protocol import CloseCode
 from ..logs import learn_secrets
 from ..settings import Settings
-from .base import RotationUnavailable, TokenStore, TokenStoreError
+from .base import RotationUnavailable, TokenStore
 from .notify import TokenNotifier
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class TokenService:
         store = self._check_rotatable()
         value = new_token()
         version = await asyncio.to_thread(store.write_rotation, name, value, keep_connections)
-        await self._announce(name, "rotate")
+        # Recorded as soon as SSM holds it: a failure to spread the news must not lose the event.
         await self._record(
             "token.rotate",
             actor,
@@ -172,6 +172,7 @@ class TokenService:
                 "keep_connections": keep_connections,
             },
         )
+        await self._announce(name, "rotate")
         log.info("Rotated %s to version %d (by %s from %s)", name, version, actor, source)
         return value
 
@@ -179,14 +180,15 @@ class TokenService:
         """End ``name``'s grace window now, everywhere, closing the previous version's connections with 4011."""
         store = self._check_rotatable()
         version = await asyncio.to_thread(store.end_grace, name)
-        await self._announce(name, "revoke")
         await self._record("token.revoke", actor, source, name, {"version": version})
+        await self._announce(name, "revoke")
         log.info("Revoked the previous version of %s (%s) (by %s from %s)", name, version, actor, source)
         return version
 
     async def _announce(self, name: str, event: str) -> None:
+        # The change is in SSM: never fail (and lose a new value) here; the refresh interval catches up.
         if not await self.store.refresh():
-            raise TokenStoreError(f"{event} of {name} was written, but the store could not be re-read")
+            log.warning("The %s of %s is stored, but this process could not re-read the store", event, name)
         if self.notifier is not None:
             await self.notifier.publish(name, event)
 
