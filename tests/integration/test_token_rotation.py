@@ -171,6 +171,8 @@ async def test_rotation_reaches_every_instance_within_a_second_and_old_connectio
         assert (await closed_with(old_a, GRACE + 5))[0] == 4011
         assert (await closed_with(old_b, 1))[0] == 4011
         assert await refused_with(a, "old-again", CLIENT_TOKEN) == 4001
+        evictions = [line for line in a.get("/metrics")[1].splitlines() if line.startswith("wsbridge_token_evictions")]
+        assert evictions == ["wsbridge_token_evictions_total 1.0"]
         async with b.connect("new-client", new) as fresh:
             await llm.send(command("new-client", "hello v2"))
             assert await recv(fresh) == "hello v2"
