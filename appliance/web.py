@@ -81,10 +81,14 @@ class RelaySocket(WebSocket):
         self.raw_send = send
 
 
-async def _refuse(socket: WebSocket, code: CloseCode) -> None:
-    """Accept, then close with a code the client can read (an HTTP 403 would not say why)."""
+async def _refuse(socket: WebSocket, code: CloseCode, subprotocol: str | None = None) -> None:
+    """Accept, then close with a code the client can read (an HTTP 403 would not say why).
+
+    A browser that offered subprotocols fails a handshake that selects none (1006, no code),
+    so a refusal selects the offered version too.
+    """
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
-    await socket.accept()
+    await socket.accept(subprotocols=subprotocol)
     await socket.close(code=int(code), reason=CLOSE_REASONS[code])
 
 
@@ -97,7 +101,7 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     decision = authorize(client_id, grant.role if grant else None, grant.id_pattern if grant else None)
     if isinstance(decision, CloseCode):
         log.info("Refused connection for id %r: %s", client_id[:64], CLOSE_REASONS[decision])
-        await _refuse(socket, decision)
+        await _refuse(socket, decision, subprotocol)
         return
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant)
     try:
@@ -106,7 +110,7 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         log.exception("Could not register %s", client_id)
         refusal = CloseCode.INTERNAL_ERROR
     if refusal is not None:
-        await _refuse(socket, refusal)
+        await _refuse(socket, refusal, subprotocol)
         return
     try:
         await socket.accept(subprotocols=subprotocol)  # Never the token entry: it would be echoed.
