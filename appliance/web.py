@@ -109,6 +109,9 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
         log.exception("Could not register %s", client_id)
         refusal = CloseCode.INTERNAL_ERROR
+    if refusal is None and grant is not None and not _token_store(socket).connection_allowed(grant.name, grant.version):
+        await relay.close(conn)  # The grace window ended while the id was being claimed: eviction missed it.
+        refusal = CloseCode.TOKEN_EXPIRED
     if refusal is not None:
         await _refuse(socket, refusal, subprotocol)
         return
