@@ -1,10 +1,12 @@
 """The Ansible side against a local moto server standing in for AWS.
 
 EC2 instances are tagged as Terraform tags them and SSM parameters named as
-Terraform names them (both read from terraform/); then the real
-``amazon.aws.aws_ec2`` inventory plugin must find the host, and the real
-``amazon.aws.ssm_parameter`` lookup, through the appliance role's own tasks, must
-render a .env that Compose accepts.
+Terraform names them (both read from terraform/); the inventory is Terraform's
+``ansible_inventory`` output, as the operator generates it. Then the real
+``amazon.aws.aws_ec2`` inventory plugin must find the host, the playbook must refuse
+an inventory that finds nothing, and the real ``amazon.aws.ssm_parameter`` lookup,
+through the appliance role's own tasks, must render a .env that Compose accepts and
+that holds no token.
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_support import ANSIBLE_DIR, Moto, TerraformNames, compose_config, run, tool_env, tool_venv
+from deploy_support import (
+    ANSIBLE_DIR,
+    Moto,
+    Terraform,
+    TerraformNames,
+    ansible_inventory,
+    compose_config,
+    run,
+    tool_env,
+    tool_venv,
+)
 
 BASIC_AUTH = "ops:$2y$05$Zk0uQm1pV2xZb3N0YW5kaW.n0tR3alHashButTheRightShape01234"
 
@@ -75,6 +87,18 @@ def aws(moto: Moto, terraform_names: TerraformNames) -> dict[str, Any]:
     return {**json.loads(moto.python(SETUP, json.dumps(spec))), **spec}
 
 
+DOMAIN = "bridge.test.example"
+TOKENS = ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN")
+
+
+@pytest.fixture(scope="module")
+def inventory_file(terraform: Terraform, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`terraform output -json ansible_inventory > inventory/wsbridge.aws_ec2.yml`, for the tfvars example."""
+    path = tmp_path_factory.mktemp("inventory") / "wsbridge.aws_ec2.yml"
+    path.write_text(json.dumps(ansible_inventory(terraform.with_values(domain_name=DOMAIN))))
+    return path
+
+
 def ansible(moto: Moto, tmp_path: Path, *args: str, check: bool = True, **env: str):
     venv = tool_venv("ansible")
     environment = tool_env(venv, **moto.env(), ANSIBLE_HOME=str(tmp_path / "ansible-home"), ANSIBLE_NOCOLOR="1", **env)
@@ -93,9 +117,9 @@ def plain(value: Any) -> Any:
 
 
 def test_the_inventory_plugin_finds_the_host_terraform_created(
-    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, inventory_file: Path, tmp_path: Path
 ) -> None:
-    result = ansible(moto, tmp_path, "ansible-inventory", "-i", "inventory/wsbridge.aws_ec2.yml", "--list")
+    result = ansible(moto, tmp_path, "ansible-inventory", "-i", str(inventory_file), "--list")
     inventory = plain(json.loads(result.stdout))
     assert inventory["wsbridge"]["hosts"] == [terraform_names.instance_name]
     hostvars = inventory["_meta"]["hostvars"][terraform_names.instance_name]
@@ -104,17 +128,48 @@ def test_the_inventory_plugin_finds_the_host_terraform_created(
     assert hostvars["ansible_host"] == aws["public_ip"]
     # The decoys exist in "AWS" but not in the inventory.
     assert set(inventory["_meta"]["hostvars"]) == {terraform_names.instance_name}
+    # The role's settings come from Terraform too, through the inventory: one source.
+    assert hostvars["appliance_domain"] == DOMAIN
+    assert hostvars["appliance_aws_region"] == terraform_names.region
+    assert hostvars["appliance_ssm_parameter_prefix"] == terraform_names.parameter_prefix
+    assert hostvars["appliance_token_rotation"] is False
 
 
-def test_site_yml_targets_that_host_with_the_default_inventory(
-    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+def test_ansible_cfg_reads_the_inventory_file_terraform_output_is_written_to() -> None:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ANSIBLE_DIR / "ansible.cfg")
+    assert config["defaults"]["inventory"] == "inventory/wsbridge.aws_ec2.yml"
+    docs = (ANSIBLE_DIR.parent / "docs" / "deploy.md").read_text()
+    assert "terraform output -json ansible_inventory > inventory/wsbridge.aws_ec2.yml" in docs
+
+
+def test_site_yml_targets_that_host_with_the_generated_inventory(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, inventory_file: Path, tmp_path: Path
 ) -> None:
-    # No -i: ansible.cfg's inventory is the aws_ec2 one.
-    result = ansible(moto, tmp_path, "ansible-playbook", "site.yml", "--list-hosts")
+    result = ansible(moto, tmp_path, "ansible-playbook", "-i", str(inventory_file), "site.yml", "--list-hosts")
     hosts = re.search(r"hosts \((\d+)\):\s*\n((?:\s+\S+\n?)+)", result.stdout)
     assert hosts, result.stdout
     assert hosts.group(1) == "1"
-    assert hosts.group(2).split() == [terraform_names.instance_name]
+    assert hosts.group(2).split()[-1] == terraform_names.instance_name
+
+
+@pytest.mark.parametrize("mismatch", ["region", "environment", "missing"])
+def test_the_playbook_fails_loudly_when_the_inventory_matches_no_host(
+    moto: Moto, aws: dict[str, Any], inventory_file: Path, mismatch: str, tmp_path: Path
+) -> None:
+    inventory = json.loads(inventory_file.read_text())
+    if mismatch == "region":
+        inventory["regions"] = ["eu-west-3"]
+    elif mismatch == "environment":
+        inventory["filters"]["tag:Environment"] = "staging-2"
+    wrong = tmp_path / "wrong.aws_ec2.yml"
+    if mismatch != "missing":
+        wrong.write_text(json.dumps(inventory))
+    result = ansible(moto, tmp_path, "ansible-playbook", "-i", str(wrong), "site.yml", check=False)
+    assert result.returncode != 0, result.stdout
+    assert "No host in group wsbridge" in result.stdout, result.stdout
 
 
 def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
@@ -145,8 +200,9 @@ def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True)
         "appliance_install_dir": str(install_dir),
         "appliance_file_owner": getpass.getuser(),
         "appliance_file_group": grp.getgrgid(os.getgid()).gr_name,
-        "appliance_domain": "bridge.test.example",
+        "appliance_domain": DOMAIN,
         "appliance_acme_email": "ops@test.example",
+        "appliance_source_hash": {"stdout": "0123456789ab"},
     }
     return ansible(
         moto,
@@ -181,7 +237,14 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
         short = name.rsplit("/", 1)[1]
         if short in values:
             assert values[short].strip("'") == secret_value(name)
-    assert {"LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "REDIS_PASSWORD"} <= set(values)
+    assert {"REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MONITORING_BASIC_AUTH"} <= set(values)
+    # The appliance reads its tokens from SSM itself: none of them on the host.
+    assert not set(TOKENS) & set(values)
+    for name in TOKENS:
+        assert secret_value(terraform_names.parameter_prefix + name) not in env_file.read_text()
+    assert values["AWS_REGION"] == terraform_names.region
+    assert values["SSM_PREFIX"] == terraform_names.parameter_prefix
+    assert values["WSBRIDGE_VERSION"].endswith("-0123456789ab")
     assert "staging-value" not in env_file.read_text() and "nested-value" not in env_file.read_text()
     # Secrets never reach the output.
     for value in aws["parameters"].values():
@@ -190,13 +253,15 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     second = render(moto, tmp_path, install_dir)
     assert stats(second)["changed"] == 0 and stats(second)["ok"] >= 3
     # The rendered file is a complete environment for the stack.
-    config = json.loads(compose_config(env_file).stdout)
+    result = compose_config(env_file)
+    config = json.loads(result.stdout)
     appliance = config["services"]["appliance"]["environment"]
-    assert appliance["ADMIN_TOKEN"] == secret_value(terraform_names.parameter_prefix + "ADMIN_TOKEN")
-    users = config["services"]["appliance"]["labels"][
-        "traefik.http.middlewares.wsbridge-monitoring-auth.basicauth.users"
-    ]
-    assert users.replace("$$", "$") == BASIC_AUTH
+    assert appliance["TOKEN_STORE"] == "ssm"
+    assert appliance["SSM_PREFIX"] == terraform_names.parameter_prefix
+    assert appliance["AWS_REGION"] == terraform_names.region
+    # What `docker inspect` would show: the resolved model holds no secret at all.
+    for value in aws["parameters"].values():
+        assert value not in result.stdout
 
 
 def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
