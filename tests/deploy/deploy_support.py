@@ -249,7 +249,9 @@ def ansible_inventory(terraform: Terraform) -> dict[str, Any]:
             expression = whole.group(1).strip()
             conditional = re.fullmatch(r"var\.(\w+) \? \"(\w+)\" : \"(\w+)\"", expression)
             if conditional:
-                return conditional.group(2) if terraform.variable_default(conditional.group(1)) else conditional.group(3)
+                return (
+                    conditional.group(2) if terraform.variable_default(conditional.group(1)) else conditional.group(3)
+                )
             if expression in tags:
                 return tags[expression]
             if expression.startswith("var."):
