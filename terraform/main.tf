@@ -73,6 +73,7 @@ resource "aws_security_group" "appliance" {
 # challenge) from anywhere; 8443 (dashboard, API, Grafana, Prometheus) from
 # admin_allowed_cidrs.
 resource "aws_vpc_security_group_ingress_rule" "public" {
+  #checkov:skip=CKV_AWS_260:Port 80 must be open to the world: Traefik answers it only with a redirect to HTTPS.
   for_each = { http = 80, wss = 443 }
 
   security_group_id = aws_security_group.appliance.id

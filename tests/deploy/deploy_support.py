@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,8 @@ class Terraform:
     locals: dict[str, Any]
     outputs: dict[str, dict[str, Any]]
     terraform: list[dict[str, Any]]
+    ephemeral: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    providers: list[dict[str, Any]] = field(default_factory=list)
 
     def variable_default(self, name: str) -> Any:
         return self.variables[name]["default"]
@@ -140,7 +142,16 @@ class Terraform:
         variables = {name: dict(spec) for name, spec in self.variables.items()}
         for name, value in values.items():
             variables[name]["default"] = value
-        return Terraform(self.resources, self.data, variables, self.locals, self.outputs, self.terraform)
+        return Terraform(
+            self.resources,
+            self.data,
+            variables,
+            self.locals,
+            self.outputs,
+            self.terraform,
+            self.ephemeral,
+            self.providers,
+        )
 
     def resolve(self, text: str) -> str:
         """Substitute ``${var.x}`` (defaults) and ``${local.x}`` (string locals) in a string."""
@@ -166,6 +177,8 @@ def load_terraform(directory: Path = TERRAFORM_DIR) -> Terraform:
     locals_: dict[str, Any] = {}
     outputs: dict[str, dict[str, Any]] = {}
     terraform: list[dict[str, Any]] = []
+    ephemeral: dict[str, dict[str, dict[str, Any]]] = {}
+    providers: list[dict[str, Any]] = []
     for path in sorted(directory.glob("*.tf")):
         with path.open() as handle:
             parsed = hcl2.load(handle, serialization_options=_HCL_OPTIONS)
@@ -182,7 +195,11 @@ def load_terraform(directory: Path = TERRAFORM_DIR) -> Terraform:
         for block in parsed.get("output", []):
             outputs.update(block)
         terraform.extend(parsed.get("terraform", []))
-    return Terraform(resources, data, variables, locals_, outputs, terraform)
+        for block in parsed.get("ephemeral", []):
+            for kind, named in block.items():
+                ephemeral.setdefault(kind, {}).update(named)
+        providers.extend(parsed.get("provider", []))
+    return Terraform(resources, data, variables, locals_, outputs, terraform, ephemeral, providers)
 
 
 @pytest.fixture(scope="session")
