@@ -273,16 +273,7 @@ def render_templates(tmp_path: Path, root: Path) -> dict[str, Any]:
             # No Docker engine here: the daemon's own check becomes a JSON parse plus
             # the keys dockerd knows (tests below).
             module["validate"] = "python3 -c 'import json, sys; json.load(open(sys.argv[1]))' %s"
-        tasks.append(
-            {
-                "name": task["name"],
-                "ansible.builtin.file": {
-                    "path": str(Path(module["dest"]).parent),
-                    "state": "directory",
-                    "mode": "0755",
-                },
-            }
-        )
+        Path(module["dest"]).parent.mkdir(parents=True, exist_ok=True)
         tasks.append({"name": task["name"], "ansible.builtin.template": module, "no_log": False})
     vars_files = [str(ANSIBLE_DIR / "roles" / role / "defaults" / "main.yml") for role in ROLES]
     extra = {

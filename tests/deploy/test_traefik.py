@@ -171,12 +171,9 @@ def start_traefik(model: dict[str, Any], tmp: Path, dynamic: dict[str, Any] | No
             time.sleep(0.1)
         yield traefik
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        # No graceful shutdown needed (it can take Traefik's 10 s grace timeout).
+        process.kill()
+        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -227,24 +224,29 @@ def test_traefik_serves_the_metrics_and_ping_the_stack_relies_on(traefik: Traefi
         assert response.read() == b"OK"
 
 
-def test_traefik_reports_a_broken_dynamic_configuration(model: dict[str, Any], tmp_path: Path) -> None:
-    """The judge itself can fail: a router naming a middleware that does not exist."""
-    broken = label_config(model)
-    broken["http"]["routers"]["wsbridge-ws"]["middlewares"] = ["wsbridge-missing@file"]
+def refusals(model: dict[str, Any], tmp: Path, dynamic: dict[str, Any]) -> list[str]:
+    """Start Traefik with ``dynamic`` and return the configuration errors it logs."""
     try:
-        for running in start_traefik(model, tmp_path / "missing", broken):
+        for running in start_traefik(model, tmp, dynamic):
             deadline = time.monotonic() + 10 * SCALE
             while not configuration_errors(running) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            raise AssertionError("\n".join(configuration_errors(running)))
+                time.sleep(0.05)
+            return configuration_errors(running)
     except AssertionError as error:
-        assert 'middleware "wsbridge-missing@file" does not exist' in str(error)
-    # And a typo in an option stops the file provider, which the start-up reports.
+        return [str(error)]
+    return []
+
+
+def test_traefik_reports_a_broken_dynamic_configuration(model: dict[str, Any], tmp_path: Path) -> None:
+    """The judge itself can fail: a router naming a middleware that does not exist, an option typo."""
+    broken = label_config(model)
+    broken["http"]["routers"]["wsbridge-ws"]["middlewares"] = ["wsbridge-missing@file"]
+    errors = refusals(model, tmp_path / "missing", broken)
+    assert any('middleware "wsbridge-missing@file" does not exist' in error for error in errors), errors
     typo = label_config(model)
     typo["http"]["routers"]["wsbridge-ws"]["entryPointz"] = ["websocket"]
-    with pytest.raises(AssertionError, match="field not found"):
-        for _ in start_traefik(model, tmp_path / "typo", typo):
-            pass
+    errors = refusals(model, tmp_path / "typo", typo)
+    assert any("field not found" in error for error in errors), errors
 
 
 # --- cross-checks ----------------------------------------------------------------------------------
