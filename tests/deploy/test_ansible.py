@@ -132,9 +132,7 @@ def test_task_names_are_full_sentences_and_handlers_exist(role: str) -> None:
 
 def test_tasks_that_touch_secrets_hide_them_from_the_log() -> None:
     tasks = role_tasks("appliance")
-    secret_tasks = [
-        task for task in tasks if "appliance_secrets" in yaml.safe_dump(task) or "env.j2" in yaml.safe_dump(task)
-    ]
+    secret_tasks = [task for task in tasks if "appliance_secrets" in yaml.safe_dump(task)]
     assert len(secret_tasks) >= 3
     for task in secret_tasks:
         if "ansible.builtin.assert" in task:
@@ -142,12 +140,11 @@ def test_tasks_that_touch_secrets_hide_them_from_the_log() -> None:
             assert "appliance_secrets.keys()" in yaml.safe_dump(task)
             continue
         assert task.get("no_log") is True, task["name"]
+    # No secret is rendered into .env: the tokens stay in SSM, the others are files.
     env_template = (ANSIBLE_DIR / "roles" / "appliance" / "templates" / "env.j2").read_text()
-    # The appliance reads its tokens from SSM: they never reach the host's .env.
-    for name in ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN"):
-        assert name not in env_template
-    for name in ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
-        assert f"{name}={{{{ appliance_secrets['{name}'] }}}}" in env_template
+    assert "appliance_secrets" not in env_template
+    for name in ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "REDIS_PASSWORD", "PASSWORD", "BASIC_AUTH"):
+        assert f"{name}=" not in env_template
 
 
 def test_the_static_example_inventory_defines_the_wsbridge_group_with_the_role_inputs(tmp_path: Path) -> None:
@@ -162,16 +159,20 @@ def test_the_static_example_inventory_defines_the_wsbridge_group_with_the_role_i
     assert {"appliance_domain", "appliance_aws_region", "appliance_ssm_parameter_prefix"} <= set(hostvars)
 
 
-def test_the_role_requires_the_secrets_terraform_creates_and_renders_only_non_token_ones(terraform_names) -> None:
+def test_the_role_requires_the_secrets_terraform_creates_and_writes_the_files_compose_mounts(terraform_names) -> None:
     defaults = load(ANSIBLE_DIR / "roles" / "appliance" / "defaults" / "main.yml")
+    variables = load(ANSIBLE_DIR / "roles" / "appliance" / "vars" / "main.yml")
     created = {name.removeprefix(terraform_names.parameter_prefix) for name in terraform_names.parameter_names}
     assert set(defaults["appliance_required_secrets"]) <= created
-    template = (ANSIBLE_DIR / "roles" / "appliance" / "templates" / "env.j2").read_text()
-    used = set(re.findall(r"appliance_secrets\['(\w+)'\]", template))
-    assert used == set(defaults["appliance_required_secrets"]) - {
+    files = variables["appliance_secret_files"]
+    assert set(files.values()) == set(defaults["appliance_required_secrets"]) - {
         "LLM_SECRET_TOKEN",
         "UNITY_CLIENT_TOKEN",
         "ADMIN_TOKEN",
+    }
+    compose = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())
+    assert {name: secret["file"] for name, secret in compose["secrets"].items()} == {
+        name: "${SECRETS_DIR:-./secrets}/" + name for name in files
     }
 
 
@@ -425,3 +426,13 @@ def test_the_host_roles_run_in_check_mode_against_this_machine(tmp_path: Path) -
     }
     # Every task ran (or was skipped by its condition, which the output lists too).
     assert expected <= executed, expected - executed
+
+
+def test_the_host_firewall_the_security_group_and_traefik_open_the_same_ports(terraform) -> None:
+    compose = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())
+    published = {int(port.split(":")[0]) for port in compose["services"]["traefik"]["ports"]}
+    firewall = set(load(ANSIBLE_DIR / "roles" / "base" / "defaults" / "main.yml")["base_firewall_allowed_tcp_ports"])
+    assert firewall == published
+    ingress = terraform.resources["aws_vpc_security_group_ingress_rule"]
+    security_group = set(ingress["public"]["for_each"].values()) | {ingress["admin"]["from_port"]}
+    assert security_group == published

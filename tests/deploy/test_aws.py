@@ -229,36 +229,46 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     install_dir = tmp_path / "wsbridge"
     install_dir.mkdir()
     first = render(moto, tmp_path, install_dir)
-    assert stats(first)["changed"] == 1 and stats(first)["failures"] == 0
+    assert stats(first)["changed"] == 3 and stats(first)["failures"] == 0, stats(first)
     env_file = install_dir / ".env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line and not line.startswith("#"))
-    for name in terraform_names.parameter_names:
-        short = name.rsplit("/", 1)[1]
-        if short in values:
-            assert values[short].strip("'") == secret_value(name)
-    assert {"REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MONITORING_BASIC_AUTH"} <= set(values)
-    # The appliance reads its tokens from SSM itself: none of them on the host.
+    # No secret in .env: the tokens stay in SSM (the appliance reads them), the rest
+    # is in secret files.
+    for value in aws["parameters"].values():
+        assert value not in env_file.read_text()
     assert not set(TOKENS) & set(values)
-    for name in TOKENS:
-        assert secret_value(terraform_names.parameter_prefix + name) not in env_file.read_text()
     assert values["AWS_REGION"] == terraform_names.region
     assert values["SSM_PREFIX"] == terraform_names.parameter_prefix
     assert values["WSBRIDGE_VERSION"].endswith("-0123456789ab")
-    assert "staging-value" not in env_file.read_text() and "nested-value" not in env_file.read_text()
+    secrets = install_dir / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    expected = {
+        "redis_password": "REDIS_PASSWORD",
+        "grafana_admin_password": "GRAFANA_ADMIN_PASSWORD",
+        "monitoring_htpasswd": "MONITORING_BASIC_AUTH",
+    }
+    assert {path.name for path in secrets.iterdir()} == set(expected)
+    for file, parameter in expected.items():
+        assert (secrets / file).read_text() == secret_value(terraform_names.parameter_prefix + parameter)
+        assert stat.S_IMODE((secrets / file).stat().st_mode) == 0o444
     # Secrets never reach the output.
     for value in aws["parameters"].values():
         assert value not in first.stdout + first.stderr
     # A second run changes nothing.
     second = render(moto, tmp_path, install_dir)
-    assert stats(second)["changed"] == 0 and stats(second)["ok"] >= 3
-    # The rendered file is a complete environment for the stack.
+    assert stats(second)["changed"] == 0 and stats(second)["ok"] >= 5
+    # The rendered file is a complete environment for the stack, and the secret files
+    # are the ones the stack mounts.
     result = compose_config(env_file)
     config = json.loads(result.stdout)
     appliance = config["services"]["appliance"]["environment"]
     assert appliance["TOKEN_STORE"] == "ssm"
     assert appliance["SSM_PREFIX"] == terraform_names.parameter_prefix
     assert appliance["AWS_REGION"] == terraform_names.region
+    assert {name: Path(secret["file"]).name for name, secret in config["secrets"].items()} == {
+        name: name for name in expected
+    }
     # What `docker inspect` would show: the resolved model holds no secret at all.
     for value in aws["parameters"].values():
         assert value not in result.stdout
@@ -281,7 +291,7 @@ def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
         assert f"Missing below {terraform_names.parameter_prefix}: ADMIN_TOKEN" in result.stdout
         for value in aws["parameters"].values():
             assert value not in result.stdout + result.stderr
-        assert not (install_dir / ".env").exists()
+        assert not (install_dir / ".env").exists() and not (install_dir / "secrets").exists()
     finally:
         moto.python(
             "import boto3, sys; boto3.client('ssm', region_name=sys.argv[3]).put_parameter("
