@@ -478,3 +478,36 @@ def test_the_image_tag_hash_follows_the_source_and_nothing_else(tmp_path: Path) 
     with (copies[1] / "appliance" / "__init__.py").open("a") as handle:
         handle.write("\n# changed\n")
     assert source_hash(copies[1]) != first, "a changed source must give a new tag"
+
+
+def test_the_compose_file_task_validates_with_compose(tmp_path: Path) -> None:
+    (task,) = [
+        t
+        for t in role_tasks("appliance")
+        if "docker-compose.prod.yml" in str(t.get("ansible.builtin.copy", {}).get("src"))
+    ]
+    validate = task["ansible.builtin.copy"]["validate"]
+    assert validate.startswith("docker compose ")
+
+    def check(compose_file: Path) -> subprocess.CompletedProcess[str]:
+        command = validate.replace("{{ appliance_install_dir | quote }}", str(tmp_path)).replace(
+            "%s", str(compose_file)
+        )
+        command = str(compose_binary()) + command.removeprefix("docker compose")
+        return subprocess.run(
+            command.split(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**ansible_env(tmp_path), "HOME": str(tmp_path)},
+        )
+
+    good = check(ANSIBLE_DIR.parent / "docker-compose.prod.yml")
+    assert good.returncode == 0, good.stderr
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        (ANSIBLE_DIR.parent / "docker-compose.prod.yml")
+        .read_text()
+        .replace("    networks:\n      - backend\n", "    networkz:\n      - backend\n", 1)
+    )
+    assert check(broken).returncode != 0
