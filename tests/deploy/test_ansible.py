@@ -511,3 +511,19 @@ def test_the_compose_file_task_validates_with_compose(tmp_path: Path) -> None:
         .replace("    networks:\n      - backend\n", "    networkz:\n      - backend\n", 1)
     )
     assert check(broken).returncode != 0
+
+
+def test_a_failed_first_certificate_is_requested_again_automatically() -> None:
+    tasks = load(ANSIBLE_DIR / "roles" / "appliance" / "tasks" / "main.yml")
+    (guarded,) = [task for task in tasks if "rescue" in task]
+    assert guarded["when"] == "appliance_check_public_url"
+    (check,) = guarded["block"]
+    assert check["ansible.builtin.uri"]["validate_certs"] is True
+    assert check["ansible.builtin.uri"]["url"] == "https://{{ appliance_domain }}:8443/readyz"
+    restart, again = guarded["rescue"]
+    module = restart["community.docker.docker_compose_v2"]
+    assert module["services"] == ["traefik"] and module["state"] == "restarted"
+    assert again["ansible.builtin.uri"]["url"] == check["ansible.builtin.uri"]["url"]
+    assert again["ansible.builtin.uri"]["validate_certs"] is True
+    docs = (ANSIBLE_DIR.parent / "docs" / "deploy.md").read_text()
+    assert "### When the first certificate fails (ACME)" in docs
