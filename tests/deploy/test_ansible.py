@@ -140,10 +140,15 @@ def test_tasks_that_touch_secrets_hide_them_from_the_log() -> None:
             assert "appliance_secrets.keys()" in yaml.safe_dump(task)
             continue
         assert task.get("no_log") is True, task["name"]
-    # No secret is rendered into .env: the tokens stay in SSM, the others are files.
+    # No token or password of the stack is rendered into .env: the tokens stay in SSM,
+    # the others are files. Only Alertmanager's receiver settings come from SSM.
     env_template = (ANSIBLE_DIR / "roles" / "appliance" / "templates" / "env.j2").read_text()
-    assert "appliance_secrets" not in env_template
-    for name in ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "REDIS_PASSWORD", "PASSWORD", "BASIC_AUTH"):
+    uses = re.findall(r"appliance_secrets\[[^\]]*\]", env_template)
+    assert uses == ["appliance_secrets[name]"], uses
+    assert "{% for name in appliance_alert_parameters if name in appliance_secrets %}" in env_template
+    alert = load(ANSIBLE_DIR / "roles" / "appliance" / "defaults" / "main.yml")["appliance_alert_parameters"]
+    assert all(name.startswith("ALERT_") for name in alert)
+    for name in ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "REDIS_PASSWORD", "BASIC_AUTH"):
         assert f"{name}=" not in env_template
 
 
@@ -289,6 +294,7 @@ def render_templates(tmp_path: Path, root: Path) -> dict[str, Any]:
         "appliance_domain": "bridge.test.example",
         "appliance_acme_email": "ops@test.example",
         "appliance_source_hash": {"stdout": "0123456789ab"},
+        "appliance_secrets": {"ALERT_WEBHOOK_URL": "https://hooks.test.example/alerts", "REDIS_PASSWORD": "r"},
         "appliance_compose_file": "docker-compose.yml",
     }
     playbook = tmp_path / "render.yml"
@@ -378,6 +384,11 @@ def test_the_env_file_is_a_dotenv_that_compose_reads(rendered: Path) -> None:
     env_file = rendered / "opt/wsbridge/.env"
     config = json.loads(compose_config(env_file).stdout)
     assert config["services"]["appliance"]["image"] == "wsbridge:2.0.0-0123456789ab"
+    # Receivers set in SSM reach Alertmanager; the others stay empty; no password leaks.
+    alertmanager = config["services"]["alertmanager"]["environment"]
+    assert alertmanager["ALERT_WEBHOOK_URL"] == "https://hooks.test.example/alerts"
+    assert alertmanager["ALERT_SLACK_WEBHOOK_URL"] == ""
+    assert "REDIS_PASSWORD" not in env_file.read_text()
     assert config["services"]["appliance"]["environment"]["AWS_REGION"] == "eu-central-1"
 
 

@@ -65,6 +65,7 @@ ec2.stop_instances(InstanceIds=[stopped])
 ssm = boto3.client("ssm", region_name=spec["region"])
 for name, value in spec["parameters"].items():
     ssm.put_parameter(Name=name, Value=value, Type="SecureString")
+ssm.put_parameter(Name=spec["prefix"] + "ALERT_WEBHOOK_URL", Value="https://hooks.test.example/x?a=1&b=2", Type="SecureString")
 ssm.put_parameter(Name="/WebSocket/staging/LLM_SECRET_TOKEN", Value="staging-value", Type="SecureString")
 ssm.put_parameter(Name=spec["prefix"] + "nested/LLM_SECRET_TOKEN", Value="nested-value", Type="SecureString")
 print(json.dumps({"host": host, "public_ip": address["PublicIp"]}))
@@ -277,6 +278,10 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     # are the ones the stack mounts.
     result = compose_config(env_file)
     config = json.loads(result.stdout)
+    # An Alertmanager receiver set as an SSM parameter reaches Alertmanager.
+    receivers = config["services"]["alertmanager"]["environment"]
+    assert receivers["ALERT_WEBHOOK_URL"] == "https://hooks.test.example/x?a=1&b=2"
+    assert receivers["ALERT_EMAIL_TO"] == ""
     appliance = config["services"]["appliance"]["environment"]
     assert appliance["TOKEN_STORE"] == "ssm"
     assert appliance["SSM_PREFIX"] == terraform_names.parameter_prefix

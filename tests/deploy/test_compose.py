@@ -423,13 +423,24 @@ def test_prometheus_yml_scrapes_the_stacks_targets_by_service_name_and_port() ->
         assert f"{service}:{port}" in targets, f"job {job} does not scrape {service}:{port}: {targets}"
 
 
-def test_alertmanager_reads_its_configuration_from_monitoring(services: dict[str, Any]) -> None:
+def test_alertmanager_renders_its_receivers_from_the_environment(services: dict[str, Any]) -> None:
     alertmanager = services["alertmanager"]
-    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    entrypoint = alertmanager["entrypoint"]
+    assert entrypoint[:4] == ["/bin/sh", "/etc/alertmanager/render.sh", "/etc/alertmanager", "/alertmanager/config"]
+    assert "--config.file=/alertmanager/config/alertmanager.yml" in entrypoint
     mounts = {volume["target"]: volume for volume in alertmanager["volumes"]}
     assert Path(mounts["/etc/alertmanager"]["source"]) == ROOT / "monitoring" / "alertmanager"
     assert mounts["/etc/alertmanager"]["read_only"] is True
+    assert mounts["/alertmanager"]["type"] == "volume"  # where render.sh writes
     assert "metrics" in alertmanager["networks"]
+    env = alertmanager["environment"]
+    assert set(env) >= {"ALERT_WEBHOOK_URL", "ALERT_SLACK_WEBHOOK_URL", "ALERT_EMAIL_TO", "ALERT_SMTP_PASSWORD"}
+    readme = ROOT / "monitoring" / "alertmanager" / "README.md"
+    if not readme.exists():
+        pytest.xfail("monitoring/alertmanager from the monitoring issue (#11) has not landed on this branch")
+    documented = set(re.findall(r"`(ALERT_[A-Z_]+)`", readme.read_text()))
+    assert documented == set(env), documented ^ set(env)
+    assert (ROOT / "monitoring" / "alertmanager" / "render.sh").is_file()
 
 
 def test_grafana_is_provisioned_with_the_stacks_prometheus(config: dict[str, Any]) -> None:
