@@ -22,14 +22,15 @@ __all__ = [
     "TextFormatter",
     "configure_logging",
     "connection_fields",
+    "learn_secrets",
     "weak_secrets",
 ]
 
 
 #: Shorter secrets are not masked: masking "a" would mangle every log line (and such a
-#: token is refused as weak at start-up anyway; see ``weak_secrets``).
+#: token is refused at start-up anyway; see ``Settings.token_problems``).
 MIN_MASKED_LENGTH = 8
-#: Tokens shorter than this are reported as weak when the appliance starts.
+#: Tokens shorter than this are refused when the appliance starts (``Settings.token_problems``).
 MIN_STRONG_LENGTH = 16
 
 
@@ -43,19 +44,37 @@ def weak_secrets(named: dict[str, str | None]) -> list[str]:
 #: of secrets, so these are masked by name, whatever their value.
 _TOKEN_HEADER = re.compile(r"(?i)\b(x-auth-token|sec-websocket-protocol|authorization)(\s*:\s*)[^\r\n\"]+")
 
+_FORMATTER = logging.Formatter()
+
 
 class RedactSecrets(logging.Filter):
     """Replace secret values in log records with ``***`` (defence in depth: we never log them)."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= MIN_MASKED_LENGTH]
+        # Longest first: a URL is masked whole before the password inside it.
+        self.secrets = sorted((s for s in secrets if len(s) >= MIN_MASKED_LENGTH), key=len, reverse=True)
+
+    def learn(self, secrets: list[str]) -> None:
+        """Mask these values too (a rotated token): the set grows, an old value stays masked."""
+        for secret in secrets:
+            if len(secret) >= MIN_MASKED_LENGTH and secret not in self.secrets:
+                self.secrets.append(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         masked = self.mask(message)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[0] is not None:
+            # Tracebacks carry exception messages (a connection URL, say): format them here,
+            # masked, so no formatter downstream ever sees the raw exception.
+            record.exc_text = self.mask(_FORMATTER.formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.mask(record.stack_info)
         return True
 
     def mask(self, text: str) -> str:
@@ -65,6 +84,14 @@ class RedactSecrets(logging.Filter):
         if _TOKEN_HEADER.search(text):
             text = _TOKEN_HEADER.sub(r"\1\2***", text)
         return text
+
+
+def learn_secrets(secrets: list[str]) -> None:
+    """Teach every redaction filter on the root logger's handlers new secret values."""
+    for handler in logging.getLogger().handlers:
+        for filter_ in handler.filters:
+            if isinstance(filter_, RedactSecrets):
+                filter_.learn(secrets)
 
 
 #: Per-connection context a log call may pass in ``extra`` (see :func:`connection_fields`).

@@ -260,7 +260,7 @@ READY = Gauge(
 )
 PUBLISH_SECONDS = Histogram(
     "wsbridge_redis_publish_seconds",
-    "Time from queueing a message for Redis to its publish returning (one sample per pipeline batch).",
+    "Time for one pipeline of publishes to Redis to return (one sample per batch of up to 512 messages).",
     buckets=INTERNAL_BUCKETS,
     registry=REGISTRY,
 )

@@ -402,6 +402,14 @@ def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
         value(scraped, f'wsbridge_messages_received_total{{{sel}, role="controller"}}') == 6
     )  # invalid JSON is not a message
     assert value(scraped, f'wsbridge_messages_received_total{{{sel}, role="client"}}') == 5
+    assert value(scraped, f'wsbridge_frames_sent_total{{{sel}, role="client"}}') == 5
+    assert value(scraped, f'wsbridge_frames_sent_total{{{sel}, role="controller"}}') == 7  # 5 replies, 2 errors
+    assert value(scraped, f"wsbridge_command_rtt_seconds_count{{{sel}}}") == 5
+    assert value(scraped, f"wsbridge_relay_seconds_count{{{sel}}}") >= 5
+    assert value(scraped, f"wsbridge_claim_seconds_count{{{sel}}}") == 3
+    assert value(scraped, f"wsbridge_redis_publish_seconds_count{{{sel}}}") >= 1
+    assert value(scraped, f"wsbridge_redis_outbox_messages{{{sel}}}") == 0
+    assert value(scraped, f"wsbridge_send_queue_messages_max{{{sel}}}") == 0
     assert value(scraped, f'sum(wsbridge_connections_opened_total{{{sel}, role="client"}})') == 2
     assert value(scraped, f'wsbridge_connections_opened_total{{{sel}, role="controller"}}') == 1
     assert value(scraped, f'wsbridge_errors_total{{{sel}, code="target_offline"}}') == 1
