@@ -334,17 +334,20 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server: RedisServer) -> Iterator[Stack]:
-    app = Appliance(redis_url=redis_server.url, name="prom-app")
-    app.start()
+def stack() -> Iterator[Stack]:
+    redis = RedisServer()  # The module's own: the last test stops and restarts it.
+    redis.start()
+    app = Appliance(redis_url=redis.url, name="prom-app")
     workdir = Path(tempfile.mkdtemp(prefix="wsb-prom-"))
-    stack = Stack(app, redis_server, workdir)
+    stack = Stack(app, redis, workdir)
     try:
+        app.start()
         stack.start()
         yield stack
     finally:
         stack.stop()
         app.stop()
+        redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -490,3 +493,41 @@ def test_the_metric_name_extraction_finds_what_queries_read() -> None:
     names = {name for _, expr in rule_expressions() + dashboard_expressions() for name in metric_names(expr)}
     assert set(NOT_RUN_HERE) | set(ONLY_WHILE_ACTIVE) <= names, "stale exceptions"
     assert len(dashboard_expressions()) > 50
+
+
+def test_redis_outage_shows_in_the_brokers_own_metrics_and_alerts(scraped: Stack) -> None:
+    """Last in this module: Redis goes away and comes back. The broker keeps wsbridge_broker_up
+    itself (/metrics no longer sets it), counts the outage and the reconnect, and the three
+    Redis alerts go pending with their exact labels."""
+    instance = f"127.0.0.1:{scraped.app.port}"
+
+    def pending(*names: str) -> list[dict[str, Any]] | None:
+        alerts = {a["labels"]["alertname"]: a for a in get_json(f"{scraped.api}/alerts")["data"]["alerts"]}
+        return [alerts[name] for name in names] if all(name in alerts for name in names) else None
+
+    scraped.redis.process.kill()  # A crash, not a shutdown.
+    scraped.redis.process.wait(timeout=10)
+    wait_until(
+        lambda: scraped.series("wsbridge_broker_up == 0") and scraped.series('redis_up{job="redis"} == 0'),
+        20,
+        "the outage in Prometheus",
+    )
+    assert value(scraped, 'wsbridge_redis_outages_total{job="appliance"}') == 1
+    unreachable, down, not_ready = wait_until(
+        lambda: pending("WSBridgeRedisUnreachable", "WSBridgeRedisDown", "WSBridgeNotReady"), 20, "the Redis alerts"
+    )
+    assert unreachable["labels"] == {
+        "alertname": "WSBridgeRedisUnreachable",
+        "instance": instance,
+        "job": "appliance",
+        "severity": "critical",
+    }
+    assert down["labels"]["job"] == "redis" and down["labels"]["severity"] == "critical"
+    assert not_ready["labels"]["instance"] == instance
+
+    scraped.redis.start()  # Same port: the broker reconnects on its own.
+    wait_until(lambda: scraped.series('wsbridge_broker_up{job="appliance"} == 1'), 30, "the broker to reconnect")
+    wait_until(
+        lambda: scraped.series('wsbridge_redis_reconnects_total{job="appliance"} == 1'), 10, "the reconnect count"
+    )
+    assert value(scraped, 'wsbridge_redis_outages_total{job="appliance"}') == 1
