@@ -28,7 +28,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .core.protocol import ErrorCode
@@ -71,6 +71,7 @@ __all__ = [
     "TOKEN_STORE_UP",
     "ByRole",
     "ScrapedCounter",
+    "ScrapedGauge",
     "close_label",
     "http_metrics",
     "record_close",
@@ -330,11 +331,33 @@ TOKEN_EVICTIONS = Counter(
     "Connections closed because their token expired or was revoked (4011).",
     registry=REGISTRY,
 )
-TOKEN_GRACE_ENDS = Gauge(
+
+
+class ScrapedGauge(Collector):
+    """A gauge by one label, read when scraped from state its owner keeps anyway (no series when empty)."""
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.source: Callable[[], dict[str, float]] = dict
+        REGISTRY.register(self)
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        family = self._family()
+        for value, number in self.source().items():
+            family.add_metric([value], number)
+        yield family
+
+
+TOKEN_GRACE_ENDS = ScrapedGauge(
     "wsbridge_token_grace_end_timestamp_seconds",
     "Unix time the grace window of a rotated token ends, while one is open (by token name).",
-    ["name"],
-    registry=REGISTRY,
+    "name",
 )
 
 # --- build ------------------------------------------------------------------------------------

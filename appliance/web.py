@@ -237,6 +237,14 @@ async def list_clients(request: Request) -> Response[dict[str, Any]]:
 # --- application -----------------------------------------------------------------------------
 
 
+def _grace_windows(store: TokenStore) -> dict[str, float]:
+    """Open grace windows by token name, for wsbridge_token_grace_end_timestamp_seconds."""
+    now = time.time()
+    return {
+        s.name: s.grace_ends for s in store.states.values() if s.grace_ends is not None and s.previous_accepted(now)
+    }
+
+
 def make_audit_log(redis: Any | None) -> AuditLog:
     if redis is None:
         return MemoryAuditLog()
@@ -274,6 +282,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         await relay.start()
         await token_service.start()
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
+        metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(token_store)
         if settings.token_store == "env":  # Read once at start and never failing; the SSM store keeps its own.
             metrics.TOKEN_STORE_UP.set(1)
             metrics.TOKEN_LAST_REFRESH.set_to_current_time()
