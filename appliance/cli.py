@@ -150,6 +150,24 @@ async def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    """Serve the MCP tools over stdio; stdout is the protocol, so messages go to stderr."""
+    settings = _load_settings()
+    token = (
+        args.token
+        or os.environ.get("WSBRIDGE_TOKEN")
+        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
+    )
+    if not token:
+        print("wsbridge mcp: no controller token (set --token, WSBRIDGE_TOKEN or LLM_SECRET_TOKEN)", file=sys.stderr)
+        return 2
+    from .mcp_tools import serve_stdio
+
+    url = args.url or f"http://127.0.0.1:{settings.web_socket_port}"
+    asyncio.run(serve_stdio(url, token))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="wsbridge", description="WebSocket Bridge relay appliance.")
     parser.add_argument("--version", action="version", version=f"wsbridge {__version__}")
@@ -167,8 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     send_parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     send_parser.add_argument("message", help="the command text")
 
+    mcp_parser = commands.add_parser("mcp", help="serve the bridge as MCP tools over stdio (for LLM clients)")
+    mcp_parser.add_argument(
+        "--url", help="http(s):// base URL of the appliance (default http://127.0.0.1:WEB_SOCKET_PORT)"
+    )
+    mcp_parser.add_argument("--token", help="controller token (default WSBRIDGE_TOKEN or LLM_SECRET_TOKEN)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "mcp":
+        sys.exit(_mcp(args))
     else:
         sys.exit(asyncio.run(_send(args)))

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 
 __all__ = [
     "BROKER_UP",
     "BUILD",
+    "COMMAND_OUTCOMES",
     "CONNECTIONS",
     "ERRORS",
     "MESSAGES",
@@ -14,6 +23,7 @@ __all__ = [
     "RECEIVED_FROM_CONTROLLERS",
     "REFUSED",
     "REGISTRY",
+    "REPLY_SECONDS",
     "THROTTLED",
     "render",
 ]
@@ -47,6 +57,18 @@ THROTTLED = Counter(
 )
 BROKER_UP = Gauge("wsbridge_broker_up", "1 when the broker (Redis) is reachable.", registry=REGISTRY)
 BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=REGISTRY)
+COMMAND_OUTCOMES = Counter(
+    "wsbridge_command_outcomes_total",
+    "Outcomes of commands with an id sent from this instance (delivered, queued, replied, timeout, or an error code).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+REPLY_SECONDS = Histogram(
+    "wsbridge_reply_seconds",
+    "Round-trip time from a command with an id to its client's reply, measured on the sender's instance.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:

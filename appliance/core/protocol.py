@@ -53,6 +53,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4008
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
+    DISCONNECTED = 4012  # An administrator disconnected this connection (DELETE /api/v1/clients/{id}).
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -69,6 +70,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.RESERVED_ID: "id LLM is reserved for controllers",
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.DISCONNECTED: "disconnected by an administrator",
 }
 
 
@@ -83,6 +85,9 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     DELIVERY_FAILED = "delivery_failed"
     UNSUPPORTED_FRAME = "unsupported_frame"
+    # Version 2 (commands with an id):
+    DUPLICATE_ID = "duplicate_id"  # the same controller has a command with this id in flight
+    QUEUE_FULL = "queue_full"  # the target's offline queue, or a v1 client's reply line, is full
 
 
 class Command(msgspec.Struct, frozen=True):
