@@ -87,30 +87,16 @@ def serve(args: argparse.Namespace) -> None:
         overrides["web_socket_port"] = args.port
     configured = _load_settings(**overrides)
     settings = _ensure_tokens(configured, overrides)
-    from .logs import configure_logging, weak_secrets
+    from .logs import configure_logging
     from .server import run
 
-    secrets_ = [
-        s.get_secret_value()
-        for s in (settings.llm_secret_token, settings.unity_client_token, settings.admin_token, settings.redis_password)
-        if s
-    ]
-    configure_logging(settings.log_level, secrets_)
-    weak = weak_secrets(
-        {
-            "LLM_SECRET_TOKEN": settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None,
-            "UNITY_CLIENT_TOKEN": settings.unity_client_token.get_secret_value()
-            if settings.unity_client_token
-            else None,
-            "ADMIN_TOKEN": settings.admin_token.get_secret_value() if settings.admin_token else None,
-        }
-    )
-    if weak:
-        print(
-            f"WARNING: {', '.join(weak)} shorter than 16 characters: guessable, and too short to be masked "
-            "in logs. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
-            file=sys.stderr,
+    problems = settings.token_problems()
+    if problems:
+        sys.exit(
+            f"wsbridge: refusing to start: {'; '.join(problems)}. "
+            "Generate a token with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+    configure_logging(settings.log_level, settings.secret_values())
     _print_banner(settings, show_tokens=settings is not configured)
     run(settings)
 

@@ -33,6 +33,7 @@ _REFUSAL_REASONS = {
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.INVALID_CLIENT_ID: "invalid_id",
     CloseCode.RESERVED_ID: "reserved_id",
+    CloseCode.ROLE_CONFLICT: "role_conflict",
     CloseCode.DUPLICATE_REJECTED: "duplicate",
     CloseCode.TRY_AGAIN_LATER: "broker_unavailable",
     CloseCode.GOING_AWAY: "shutting_down",
@@ -52,6 +53,7 @@ def make_broker(settings: Settings) -> Broker:
         presence_ttl=settings.presence_ttl,
         pool_size=settings.redis_publish_pool_size,
         display=settings.redis_display(),
+        outbox_limit=settings.redis_outbox_limit,
     )
 
 
@@ -202,6 +204,9 @@ async def list_clients(request: Request) -> Response[dict[str, Any]]:
 def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
     if settings.llm_secret_token is None or settings.unity_client_token is None:
         raise ValueError("LLM_SECRET_TOKEN and UNITY_CLIENT_TOKEN must both be set")
+    problems = settings.token_problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     relay = Relay(settings, broker or make_broker(settings))
     tokens = Tokens(
         controller=settings.llm_secret_token.get_secret_value(),

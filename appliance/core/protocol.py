@@ -50,6 +50,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4001
     INVALID_CLIENT_ID = 4002
     RESERVED_ID = 4003
+    ROLE_CONFLICT = 4004
     SLOW_CONSUMER = 4008
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
@@ -68,6 +69,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.UNAUTHORIZED: "missing or invalid X-Auth-Token",
     CloseCode.INVALID_CLIENT_ID: "client id must match ^[a-zA-Z0-9_-]{1,50}$",
     CloseCode.RESERVED_ID: "id LLM is reserved for controllers",
+    CloseCode.ROLE_CONFLICT: "id is in use by a connection of the other role",
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
     CloseCode.DISCONNECTED: "disconnected by an administrator",
@@ -81,6 +83,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_MESSAGE = "invalid_message"
     INVALID_TARGET = "invalid_target"
     TARGET_OFFLINE = "target_offline"
+    TARGET_NOT_CLIENT = "target_not_client"
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     DELIVERY_FAILED = "delivery_failed"
