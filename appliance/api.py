@@ -74,17 +74,21 @@ class CommandBody(Struct, forbid_unknown_fields=True):
             "generated if absent. A repeated (id) is never delivered twice from the queue."
         ),
     ] = None
-    wait_ms: Annotated[
-        int | None,
-        Meta(
-            ge=1,
-            description="Wait this long for the client's reply: 200 with the reply, or 504. "
-            "Without it the answer is 202 as soon as the command is delivered or queued.",
-        ),
-    ] = None
-    timeout_ms: Annotated[
-        int | None, Meta(ge=1, description="How long a queued command may wait for its client (without wait_ms).")
-    ] = None
+    wait_ms: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                description="Wait this long for the client's reply: 200 with the reply, or 504. "
+                "Without it the answer is 202 as soon as the command is delivered or queued.",
+            ),
+        ]
+        | None
+    ) = None
+    timeout_ms: (
+        Annotated[int, Meta(ge=1, description="How long a queued command may wait for its client (without wait_ms).")]
+        | None
+    ) = None
     queue: Annotated[
         bool, Meta(description="Keep the command for a client that is not connected and deliver it when it connects.")
     ] = False

@@ -21,7 +21,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ import msgspec
 
 from . import metrics
 from .brokers.base import BrokerUnavailable
-from .core.protocol import CloseCode, ErrorCode, ProtocolError, Role, encode_error
+from .core.protocol import CloseCode, ErrorCode, ProtocolError, encode_error
 from .core.protocol_v2 import (
     CommandId,
     Request,
@@ -42,6 +41,7 @@ from .core.protocol_v2 import (
     parse_client_reply,
     request_from_fields,
 )
+from .core.ratelimit import TokenBucket
 from .core.requests import Enqueued, Held, Pending, PendingTable, Routed, V1Matcher
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ class FanOut(msgspec.Struct, frozen=True):
 
 _event_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(Event)
+_fan_encoder = msgspec.json.Encoder()
+_fan_decoder = msgspec.json.Decoder(FanOut)
 
 
 @dataclass(slots=True)
@@ -132,6 +134,8 @@ class CommandService:
         self._awaiting: dict[tuple[str, CommandId], deque[tuple[Routed, float]]] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
+        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
+        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -199,7 +203,7 @@ class CommandService:
 
     async def _enqueue(self, target: str, routed: Routed) -> None:
         try:
-            enqueued = await self.relay.broker.enqueue(target, routed)
+            enqueued = await self.relay.broker.enqueue(target, routed, time.time())
         except BrokerUnavailable as exc:
             self.outcome(Event("e", routed.owner, routed.id, target, code="delivery_failed", detail=str(exc)))
             return
@@ -325,7 +329,7 @@ class CommandService:
         fan_in = self._fan_ins[key] = _FanIn()
         try:
             try:
-                fan_in.expected = await self.relay.broker.fan_out(fan)
+                fan_in.expected = await self.relay.broker.fan_out(_fan_encoder.encode(fan))
             except BrokerUnavailable as exc:
                 # Local clients still get it; other instances cannot be reached.
                 local = self.fan_in(fan)
@@ -356,12 +360,16 @@ class CommandService:
                 count += 1
         return count
 
-    def fan_in_remote(self, fan: FanOut) -> None:
-        """Another instance's broadcast: deliver locally and report the count back."""
+    def fan_in_remote(self, payload: bytes) -> None:
+        """A broadcast from any instance (this one too): deliver locally and report the count back."""
+        try:
+            fan = _fan_decoder.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("Ignoring a malformed broadcast")
+            return
         count = self.fan_in(fan)
-        self.relay.broker.send_to_instance(
-            fan.origin, Event("n", fan.owner, fan.id if fan.id is not None else "", count=count)
-        )
+        event = Event("n", fan.owner, fan.id if fan.id is not None else "", count=count)
+        self.relay.broker.send_to_instance(fan.origin, encode_event(event))
 
     # --- the target's side ------------------------------------------------------------------
 
@@ -438,7 +446,7 @@ class CommandService:
 
     async def _drain(self, conn: Connection) -> None:
         try:
-            queued = await self.relay.broker.take_queued(conn.client_id)
+            queued = await self.relay.broker.take_queued(conn.client_id, time.time())
         except BrokerUnavailable as exc:
             log.warning("Queued commands for %s stay queued: %s", conn.client_id, exc)
             return
@@ -457,7 +465,7 @@ class CommandService:
         if routed.reply_to == self.instance:
             self.outcome(event)
         else:
-            self.relay.broker.send_to_instance(routed.reply_to, event)
+            self.relay.broker.send_to_instance(routed.reply_to, encode_event(event))
 
     def _tell_error(self, routed: Routed, target: str, code: ErrorCode, detail: str) -> None:
         self._tell(routed, Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))
@@ -484,6 +492,11 @@ class CommandService:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         """
+        wait = self._http_bucket.try_take(time.time())
+        if wait > 0:
+            retry_ms = max(1, round(wait * 1000))
+            body = {"error": "rate_limited", "detail": "too many commands; retry later", "retry_after_ms": retry_ms}
+            return Outcome(429, body)
         if command_id is None:
             command_id = f"{controller}-{secrets.token_hex(6)}"
         fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
@@ -514,7 +527,8 @@ class CommandService:
         owner = await self.relay.broker.owner_of(client_id)
         if owner is None:
             return False
-        self.relay.broker.send_to_instance(owner.instance, Event("x", target=client_id, code=str(int(code))))
+        event = Event("x", target=client_id, code=str(int(code)))
+        self.relay.broker.send_to_instance(owner.instance, encode_event(event))
         return True
 
     def instance_event(self, payload: bytes | str) -> None:
@@ -543,5 +557,3 @@ _HTTP_STATUS = {
     "queue_full": 409,
     "target_not_client": 422,
 }
-
-_ = (Callable, Role)

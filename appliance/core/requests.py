@@ -178,6 +178,10 @@ class V1Matcher:
         self.max_waiting = max_waiting
         self._lines: dict[str, _Line] = {}
 
+    def has_line(self, client: str) -> bool:
+        """Whether ``client`` has a command in flight (then its next message is a reply)."""
+        return client in self._lines
+
     def in_flight(self, client: str) -> Routed | None:
         line = self._lines.get(client)
         return line.in_flight if line else None

@@ -24,6 +24,7 @@ from .protocol import (
     is_valid_client_id,
     parse_command,
 )
+from .protocol_v2 import Request, TargetKind, TimeoutPolicy, parse_request
 from .ratelimit import TokenBucket
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Publish",
     "SendError",
     "Session",
+    "Submit",
     "State",
     "Throttle",
     "authorize",
@@ -55,6 +57,8 @@ class Limits:
     max_message_bytes: int
     rate: float
     burst: int
+    #: Timeouts of commands with an id (protocol v2); None treats every command as version 1.
+    timeouts: TimeoutPolicy | None = None
 
 
 # --- Actions -------------------------------------------------------------------------
@@ -65,6 +69,13 @@ class Deliver:
     """Route a controller's command to its target, wherever it is connected."""
 
     command: Command
+
+
+@dataclass(slots=True)
+class Submit:
+    """A command with an id, or for ``*`` or a group: the command service tracks its outcome."""
+
+    request: Request
 
 
 @dataclass(slots=True)
@@ -100,7 +111,7 @@ class Close:
     reason: str
 
 
-Action = Deliver | Publish | SendError | Throttle | Close
+Action = Deliver | Submit | Publish | SendError | Throttle | Close
 
 
 def authorize(client_id: str, token: str | None, controller_token: str, client_token: str) -> Role | CloseCode:
@@ -118,6 +129,14 @@ def authorize(client_id: str, token: str | None, controller_token: str, client_t
     if client_id == CONTROLLER_ID:
         return CloseCode.RESERVED_ID
     return Role.CLIENT
+
+
+def _names_many(error: ProtocolError) -> bool:
+    """An ``invalid_target`` in version 1 that is ``*`` or ``group:<name>`` in version 2."""
+    if error.code is not ErrorCode.INVALID_TARGET:
+        return False
+    target = dict(error.extra).get("target")
+    return isinstance(target, str) and (target == "*" or target.startswith("group:"))
 
 
 def _utf8_length_exceeds(text: str, limit: int) -> bool:
@@ -141,6 +160,7 @@ class Session:
         "messages_out",
         "_max_bytes",
         "_bucket",
+        "_timeouts",
     )
 
     def __init__(self, client_id: str, role: Role, limits: Limits, now: float) -> None:
@@ -153,6 +173,7 @@ class Session:
         self.messages_out = 0
         self._max_bytes = limits.max_message_bytes
         self._bucket = TokenBucket(limits.rate, limits.burst, now)
+        self._timeouts = limits.timeouts
 
     def _require(self, *states: State) -> None:
         if self.state not in states:
@@ -186,6 +207,18 @@ class Session:
                 ErrorCode.RATE_LIMITED, "too many messages; retry later", retry_after_ms=max(1, round(wait * 1000))
             )
         parsed = parse_command(text)
+        if self._timeouts is not None and (
+            (isinstance(parsed, Command) and parsed.id is not None)
+            or (isinstance(parsed, ProtocolError) and _names_many(parsed))
+        ):
+            # Version 2 (an id, "*" or "group:..."): read the extra fields. Commands without
+            # id never get here, so the version-1 hot path parses once, as before.
+            request = parse_request(text, self._timeouts)
+            if isinstance(request, ProtocolError):
+                return _error(request.code, request.detail, **dict(request.extra))
+            if request.id is None and request.kind is TargetKind.CLIENT:
+                return Deliver(Command(request.target, request.message))
+            return Submit(request)
         if isinstance(parsed, ProtocolError):
             return _error(parsed.code, parsed.detail, **dict(parsed.extra))
         return Deliver(parsed)
