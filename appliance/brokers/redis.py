@@ -937,7 +937,8 @@ class RedisBroker(Broker):
         next_refresh = loop.time() + period
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._presence_dirty.wait(), max(0.0, next_refresh - loop.time()))
+                async with asyncio.timeout_at(next_refresh):
+                    await self._presence_dirty.wait()
                 await asyncio.sleep(0.2)  # Let a burst of connects settle into one write.
             self._presence_dirty.clear()
             refresh = loop.time() >= next_refresh

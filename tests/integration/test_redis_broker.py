@@ -1,0 +1,162 @@
+"""Promises only the Redis broker has to keep: lost keys, partitions, bounded outbox, cheap presence."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from broker_support import CLIENT, Cluster, Outcome, new_id, until
+from redis.asyncio import Redis
+from support import eventually
+from tcp_proxy import TcpProxy
+
+from appliance import metrics
+from appliance.brokers.redis import INSTANCE_KEY, OWNER_KEY
+from appliance.core.protocol import ErrorCode
+
+
+@pytest.fixture
+async def redis_cluster(redis_server):
+    # A short TTL: heartbeats every second, so lost keys come back within a test's patience.
+    made = Cluster("redis", redis_server.url, presence_ttl=3)
+    yield made
+    await made.stop()
+
+
+@pytest.fixture
+async def redis(redis_server):
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def test_a_vanished_owner_key_is_reasserted_by_its_holder(redis_cluster, redis):
+    """FLUSHALL, eviction: the holder writes its key back on the next heartbeat."""
+    a = await redis_cluster.node("a")
+    client_id = new_id()
+    claim = await a.claim(client_id)
+    await redis.delete(OWNER_KEY + client_id)
+
+    async def back():
+        return await redis.get(OWNER_KEY + client_id) == claim.owner.encode().encode()
+
+    await eventually(back, 10, "the owner key re-asserted")
+
+
+async def test_an_id_is_never_held_by_two_live_connections_after_its_key_vanished(redis_cluster, redis):
+    a, b = await redis_cluster.node("a"), await redis_cluster.node("b")
+    client_id = new_id()
+    first = await a.claim(client_id)
+    await redis.delete(OWNER_KEY + client_id)
+    second = await b.claim(client_id)  # Sees no owner: nobody tells A.
+    assert second.accepted
+    # A's heartbeat finds a newer owner and closes its connection as replaced.
+    await until(lambda: (client_id, first.owner) in a.inbox.replaced_owners, 10, "the old holder told")
+    assert await redis.get(OWNER_KEY + client_id) == second.owner.encode().encode()
+
+
+async def test_a_release_during_a_partition_does_not_block_a_reconnect_under_reject(redis_server):
+    proxy = await TcpProxy(redis_server.port).start()
+    long_ttl = Cluster("redis", redis_server.url, presence_ttl=60)  # Expiry alone would take 60 s.
+    try:
+        a = await long_ttl.node("a", url=proxy.url)
+        b = await long_ttl.node("b")
+        client_id = new_id()
+        claim = await a.claim(client_id)
+        proxy.cut()  # Redis keeps the owner key; A cannot reach it.
+        await until(lambda: not a.broker.health()[0], 20, "A notices the partition")
+        await a.release(client_id, claim.owner)  # Cannot reach Redis: must be retried later.
+        proxy.restore()
+
+        async def reconnect_accepted():
+            probe = await b.broker.claim(client_id, b.name, uuid.uuid4().hex[:16], CLIENT, True)
+            return probe.accepted
+
+        # Long before the owner key would expire: A retries the release as soon as it is back.
+        await eventually(reconnect_accepted, 10, "the id freed once A is back")
+        assert a.broker.health()[0]
+    finally:
+        await long_ttl.stop()
+        await proxy.stop()
+
+
+async def test_the_outbox_is_bounded_and_reports_delivery_failed_beyond_it(redis_server):
+    bounded = Cluster("redis", redis_server.url, outbox_limit=10)
+    try:
+        a, b = await bounded.node("a"), await bounded.node("b")
+        client_id = new_id()
+        await b.claim(client_id)
+        outcomes = [Outcome() for _ in range(30)]
+        for i, outcome in enumerate(outcomes):  # One event-loop pass: nothing is published meanwhile.
+            a.broker.send(client_id, f"m{i}", outcome)
+        results = [await outcome.result() for outcome in outcomes]
+        assert results == [None] * 10 + [ErrorCode.DELIVERY_FAILED] * 20
+        assert "too many messages waiting" in outcomes[-1].calls[0][1]
+    finally:
+        await bounded.stop()
+
+
+async def test_the_publisher_survives_a_failing_callback(redis_cluster):
+    a = await redis_cluster.node("a")
+    before = metrics.BROKER_TASK_ERRORS.labels(task="publisher")._value.get()
+
+    def broken(code, detail):
+        raise RuntimeError("a bug in a caller's callback")
+
+    a.broker.send(new_id(), "offline: its callback raises in the publisher", broken)
+    await until(lambda: metrics.BROKER_TASK_ERRORS.labels(task="publisher")._value.get() > before, 10, "counted")
+    outcome = Outcome()
+    a.broker.send(new_id(), "the publisher still works", outcome)
+    assert await outcome.result() is ErrorCode.TARGET_OFFLINE
+
+
+async def test_the_heartbeat_survives_an_unexpected_error(redis_cluster, redis):
+    a = await redis_cluster.node("a")
+    before = metrics.BROKER_TASK_ERRORS.labels(task="heartbeat")._value.get()
+    original = a.inbox.presence_record
+    failures = iter([True])
+
+    def flaky(client_id):
+        if next(failures, False):
+            raise RuntimeError("a bug while building a presence record")
+        return original(client_id)
+
+    a.inbox.presence_record = flaky
+    client_id = new_id()
+    claim = await a.claim(client_id)
+    await until(lambda: metrics.BROKER_TASK_ERRORS.labels(task="heartbeat")._value.get() > before, 10, "counted")
+    await redis.delete(OWNER_KEY + client_id)  # Only a live heartbeat brings it back.
+
+    async def back():
+        return await redis.get(OWNER_KEY + client_id) == claim.owner.encode().encode()
+
+    await eventually(back, 10, "the heartbeat running again")
+
+
+async def test_a_connect_writes_its_own_presence_record_only(redis_server, redis):
+    """O(1) per connect: the other records of the instance are not rewritten."""
+    slow_refresh = Cluster("redis", redis_server.url, presence_ttl=120)  # No periodic refresh during the test.
+    try:
+        a = await slow_refresh.node("a")
+        first = new_id()
+        await a.claim(first)
+        key = INSTANCE_KEY + a.name
+
+        async def written(client_id):
+            return await redis.hexists(key, client_id)
+
+        await eventually(lambda: written(first), 10, "the first record")
+        await redis.hset(key, "sentinel", b'{"id": "sentinel"}')  # A full rewrite would drop it.
+        second = new_id()
+        claim = await a.claim(second)
+        await eventually(lambda: written(second), 10, "the second record")
+        assert await redis.hexists(key, "sentinel")
+        await a.release(second, claim.owner)
+
+        async def deleted():
+            return not await redis.hexists(key, second)
+
+        await eventually(deleted, 10, "the released record deleted")
+        assert await redis.hexists(key, "sentinel") and await redis.hexists(key, first)
+    finally:
+        await slow_refresh.stop()
