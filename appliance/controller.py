@@ -139,6 +139,7 @@ class Controller:
         self.client = BridgeClient(url, controller_id, token, **client_options)
         self._waiters: dict[str | int, asyncio.Future[dict[str, Any]]] = {}
         self._other: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._unacked: set[str | int] = set()  # requests with no frame from the relay yet
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
@@ -166,13 +167,18 @@ class Controller:
             while True:
                 frame = json.loads(await self.client.receive())
                 key = frame.get("reply_to", frame.get("id")) if isinstance(frame, dict) else None
+                if key is None and isinstance(frame, dict) and "error" in frame and len(self._unacked) == 1:
+                    # An error the relay could not tie to an id (a frame too large to read, a rate
+                    # limit): with one request unanswered it can only be about that one.
+                    key = next(iter(self._unacked))
+                if key is not None:
+                    self._unacked.discard(key)
                 waiter = self._waiters.get(key) if key is not None else None
-                # Status "delivered"/"queued" is progress, not an outcome: the request keeps waiting.
-                if waiter is not None and frame.get("status") not in ("delivered", "queued"):
-                    if not waiter.done():
-                        waiter.set_result(frame)
-                else:
+                if waiter is None:
                     self._other.put_nowait(frame)
+                # Status "delivered"/"queued" is progress, not an outcome: the request keeps waiting.
+                elif frame.get("status") not in ("delivered", "queued") and not waiter.done():
+                    waiter.set_result(frame)
         except Exception as exc:  # The connection ended for good: wake every waiter with the reason.
             for waiter in self._waiters.values():
                 if not waiter.done():
@@ -191,6 +197,7 @@ class Controller:
         command_id = self.new_id()
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[command_id] = waiter
+        self._unacked.add(command_id)
         timeout_ms = max(1, round(timeout * 1000))
         try:
             fields: dict[str, Any] = {"id": command_id, "timeout_ms": timeout_ms}
@@ -205,6 +212,7 @@ class Controller:
                 raise ReplyTimeout("timeout", f"no reply from {target} within {timeout:g} s") from None
         finally:
             self._waiters.pop(command_id, None)
+            self._unacked.discard(command_id)
         if "reply_to" in frame:
             return Reply(command_id, frame["sender"], frame["message"], frame["rtt_ms"])
         if frame.get("status") == "timeout":
