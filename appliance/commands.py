@@ -222,7 +222,7 @@ class CommandService:
             self.pending.finish(routed.owner, routed.id)
             self._report(pending, Status.DELIVERED, **duplicate)
             return
-        self._report(pending, Status.QUEUED, keep=True, expires_in_ms=remaining, **duplicate)
+        self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
 
     def _fail_now(self, owner: str, request: Request, code: ErrorCode, detail: str) -> None:
         self._deliver_to_owner(
@@ -249,7 +249,7 @@ class CommandService:
             pending = self.pending.delivered(event.owner, event.id)
             if pending is not None:
                 metrics.COMMAND_OUTCOMES.labels(outcome="delivered").inc()
-                self._report(pending, Status.DELIVERED, keep=True)
+                self._report(pending, Status.DELIVERED)
             return
         pending = self.pending.finish(event.owner, event.id)
         if pending is None:
@@ -277,7 +277,7 @@ class CommandService:
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
         self._deliver_to_owner(pending.owner, pending, frame, event.code, event.detail)
 
-    def _report(self, pending: Pending, status: Status, keep: bool = False, **extra: Any) -> None:
+    def _report(self, pending: Pending, status: Status, **extra: Any) -> None:
         """A status for ``pending``'s owner: a status frame, or an HTTP outcome."""
         waiter = self._waiters.get(pending.owner)
         if waiter is None:
@@ -291,10 +291,9 @@ class CommandService:
         if status is Status.TIMEOUT:
             body["detail"] = f"{pending.target} did not reply in time"
             self._resolve(pending.owner, Outcome(504, body))
-        elif not waiter.want_reply:
+        elif status is Status.QUEUED or not waiter.want_reply or extra.get("duplicate"):
+            # Queued, delivered without wait_ms, or a repeat: the caller is answered now (202).
             self.pending.finish(pending.owner, pending.id)
-            self._resolve(pending.owner, Outcome(202, body))
-        elif status is Status.QUEUED and not keep:
             self._resolve(pending.owner, Outcome(202, body))
 
     def _deliver_to_owner(self, owner: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
