@@ -130,3 +130,29 @@ def _healthy(port: int) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_http_request_reply_bench_gets_every_reply() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for protocol in ("1", "2"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.http_reply",
+                "--concurrency",
+                "4",
+                "--duration",
+                "0.5",
+                "--protocol",
+                protocol,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout(60),
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        figures = json.loads(result.stdout)
+        assert set(figures["statuses"]) == {"200"} and figures["requests_per_s"] > 0, figures
