@@ -256,7 +256,10 @@ async def list_clients(
 )
 async def get_client(request: Request[Any, Any, Any], client_id: str) -> Response[ClientRecord]:
     _require(request, allow_controller=True)
-    records = await _commands(request).relay.clients()
+    try:
+        records = await _commands(request).relay.clients()
+    except BrokerUnavailable as exc:
+        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
     record = next((r for r in records if r["id"] == client_id), None)
     if record is None:
         body = {"error": "target_offline", "detail": f"{client_id} is not connected", "target": client_id}
@@ -273,15 +276,26 @@ async def get_client(request: Request[Any, Any, Any], client_id: str) -> Respons
 )
 async def delete_client(request: Request[Any, Any, Any], client_id: str) -> Response[None]:
     _require(request, allow_controller=False)
-    if not await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED):
+    try:
+        found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)
+    except BrokerUnavailable as exc:
+        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+    if not found:
         body = {"error": "target_offline", "detail": f"{client_id} is not connected", "target": client_id}
         return Response(body, status_code=404)  # type: ignore[arg-type]
     audit = getattr(request.app.state, "audit", None)
     if audit is not None:
         from .audit import AuditEvent
 
-        await audit.record(AuditEvent("client.disconnect", "admin", "api", client_id, "close 4012"))
+        await audit.record(
+            AuditEvent("client.disconnect", "ADMIN_TOKEN", _source(request), client_id, {"code": 4012, "via": "api"})
+        )
     return Response(None, status_code=204)
+
+
+def _source(request: Request[Any, Any, Any]) -> str:
+    client = request.client
+    return client.host if client else "unknown"
 
 
 def validation_as_422(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
@@ -338,16 +352,16 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     app = scope["app"]
     if not _bearer_allowed(scope, app.state.tokens):
         body = b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        start: Any = {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+        }
+        await send(start)
+        end: Any = {"type": "http.response.body", "body": body}
+        await send(end)
         return
-    scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")  # type: ignore[index]
+    scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
     await app.state.mcp_app(scope, receive, send)
 
 

@@ -28,7 +28,7 @@ import msgspec
 
 from . import metrics
 from .brokers.base import BrokerUnavailable
-from .core.protocol import CloseCode, ErrorCode, ProtocolError, encode_error
+from .core.protocol import CloseCode, ErrorCode, ProtocolError, Role, encode_error
 from .core.protocol_v2 import (
     CommandId,
     Request,
@@ -64,7 +64,7 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
     ``kind``: ``d`` delivered, ``r`` reply (``sender``, ``message``), ``e`` error
     (``code``, ``detail``), ``n`` fan-out count (``count``), ``x`` close a local
-    connection (``target``, ``code``).
+    connection (``target``, ``code``), ``q`` hand over what is queued for ``target``.
     """
 
     kind: str
@@ -133,6 +133,8 @@ class CommandService:
         # (client, command id) -> commands handed to that v2 client, oldest first, awaiting its reply.
         self._awaiting: dict[tuple[str, CommandId], deque[tuple[Routed, float]]] = {}
         self._waiters: dict[str, _Waiter] = {}
+        self._next_sweep = 0.0
+        self._queue_lock = asyncio.Lock()
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
         # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
         self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
@@ -166,8 +168,10 @@ class CommandService:
             self._report(pending, Status.TIMEOUT)
         for client, advance in self.matcher.expire(now).items():
             self._advance(client, advance, now)
-        for key in [k for k, line in self._awaiting.items() if line and line[-1][1] <= now]:
-            del self._awaiting[key]
+        if now >= self._next_sweep:  # Forgetting v2 commands nobody answered is housekeeping: once a second.
+            self._next_sweep = now + 1.0
+            for key in [k for k, line in self._awaiting.items() if line[-1][1] <= now]:
+                del self._awaiting[key]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -203,7 +207,10 @@ class CommandService:
 
     async def _enqueue(self, target: str, routed: Routed) -> None:
         try:
-            enqueued = await self.relay.broker.enqueue(target, routed, time.time())
+            # One at a time, so commands are queued in the order they were sent.
+            async with self._queue_lock:
+                enqueued = await self.relay.broker.enqueue(target, routed, time.time())
+                owner = await self.relay.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
         except BrokerUnavailable as exc:
             self.outcome(Event("e", routed.owner, routed.id, target, code="delivery_failed", detail=str(exc)))
             return
@@ -223,6 +230,9 @@ class CommandService:
             self._report(pending, Status.DELIVERED, **duplicate)
             return
         self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
+        if owner is not None and owner.role is Role.CLIENT:
+            # The target connected while this was being queued, after its own look at the queue.
+            self._tell_instance(owner.instance, Event("q", target=target))
 
     def _fail_now(self, owner: str, request: Request, code: ErrorCode, detail: str) -> None:
         self._deliver_to_owner(
@@ -235,6 +245,11 @@ class CommandService:
         """An outcome for a command sent from this instance (from any instance, via the broker)."""
         if event.kind == "x":
             self.relay.disconnect_local(event.target, event.code)
+            return
+        if event.kind == "q":
+            conn = self.relay.local_client(event.target)
+            if conn is not None:
+                self._spawn(self._drain(conn))
             return
         if event.kind == "n":
             fan_in = self._fan_ins.get((event.owner, event.id if event.id is not None else ""))
@@ -418,8 +433,12 @@ class CommandService:
             reply = parse_client_reply(text)
             if reply is None:
                 return False
-            line = self._awaiting.get((conn.client_id, reply.reply_to))
+            key = (conn.client_id, reply.reply_to)
+            line = self._awaiting.get(key)
+            while line and line[0][1] <= now:
+                line.popleft()  # Its sender has reported the timeout already.
             if not line:
+                self._awaiting.pop(key, None)
                 return False  # Nobody waits for it (late, or never asked): it reaches every controller.
             routed, _ = line.popleft()
             if not line:
@@ -445,13 +464,13 @@ class CommandService:
 
     async def _drain(self, conn: Connection) -> None:
         try:
-            queued = await self.relay.broker.take_queued(conn.client_id, time.time())
+            async with self._queue_lock:  # Two drains must not hand over out of order.
+                queued = await self.relay.broker.take_queued(conn.client_id, time.time())
+                now = time.time()
+                for routed in queued:
+                    self.hand_over(conn, routed, now)
         except BrokerUnavailable as exc:
             log.warning("Queued commands for %s stay queued: %s", conn.client_id, exc)
-            return
-        now = time.time()
-        for routed in queued:
-            self.hand_over(conn, routed, now)
 
     def client_closed(self, conn: Connection) -> None:
         for routed in self.matcher.disconnect(conn.client_id):
@@ -461,10 +480,13 @@ class CommandService:
                 del self._awaiting[key]
 
     def _tell(self, routed: Routed, event: Event) -> None:
-        if routed.reply_to == self.instance:
+        self._tell_instance(routed.reply_to, event)
+
+    def _tell_instance(self, instance: str, event: Event) -> None:
+        if instance == self.instance:
             self.outcome(event)
         else:
-            self.relay.broker.send_to_instance(routed.reply_to, encode_event(event))
+            self.relay.broker.send_to_instance(instance, encode_event(event))
 
     def _tell_error(self, routed: Routed, target: str, code: ErrorCode, detail: str) -> None:
         self._tell(routed, Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))

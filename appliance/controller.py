@@ -231,6 +231,7 @@ class HttpController:
         base = base_url.rstrip("/")
         if base.startswith(("ws://", "wss://")):
             base = "http" + base[2:]
+        self._timeout = timeout
         self._http = httpx.AsyncClient(base_url=base, headers={"X-Auth-Token": token}, timeout=timeout)
 
     def __repr__(self) -> str:  # Never show the token.
@@ -249,9 +250,7 @@ class HttpController:
         """``POST /api/v1/commands``: the decoded answer of a 2xx, else the typed error."""
         body = {"target": target, "message": message, **{k: v for k, v in fields.items() if v is not None}}
         wait_ms = body.get("wait_ms") or 0
-        response = await self._http.post(
-            "/api/v1/commands", json=body, timeout=self._http.timeout.read + wait_ms / 1000
-        )
+        response = await self._http.post("/api/v1/commands", json=body, timeout=self._timeout + wait_ms / 1000)
         return _decode(response)
 
     async def request(

@@ -259,7 +259,7 @@ class Connection:
 
     def presence_record(self, instance: str) -> dict[str, Any]:
         session = self.session
-        record = {
+        record: dict[str, Any] = {
             "id": session.client_id,
             "role": session.role.value,
             "instance": instance,

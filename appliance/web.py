@@ -46,7 +46,7 @@ _REFUSAL_REASONS = {
 
 
 def make_broker(settings: Settings) -> Broker:
-    queue = {
+    queue: dict[str, Any] = {
         "queue_max": settings.offline_queue_max,
         # A delivered (controller, id) is remembered as long as any command may live.
         "queue_remember_seconds": settings.command_timeout_max_ms / 1000,

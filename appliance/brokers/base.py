@@ -169,8 +169,8 @@ class Broker(abc.ABC):
         """Give up ``client_id`` if ``owner`` still holds it; a newer owner is never disturbed."""
 
     @abc.abstractmethod
-    def send(self, target: str, text: str, on_result: OnResult) -> None:
-        """Deliver ``text`` to the client ``target`` wherever it is, in order.
+    def send(self, target: str, text: str, on_result: OnResult, sender: str = "") -> None:
+        """Deliver ``text`` from the controller ``sender`` to the client ``target`` wherever it is, in order.
 
         ``on_result`` is called exactly once, possibly before ``send`` returns (see
         :data:`OnResult`): the caller learns the outcome of every message.

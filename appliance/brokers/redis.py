@@ -813,7 +813,9 @@ class RedisBroker(Broker):
             value = await self._redis.get(OWNER_KEY + client_id)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
-        return Owner.decode(value.decode()) if value else None
+        if not value:
+            return None
+        return Owner.decode(value.decode() if isinstance(value, bytes) else str(value))
 
     def send_to_controllers(self, frame: str) -> None:
         if self._bypass_outbox():

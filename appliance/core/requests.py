@@ -177,6 +177,14 @@ class V1Matcher:
     def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting
         self._lines: dict[str, _Line] = {}
+        # (deadline, seq, client) of each command put in flight; stale entries are skipped when popped,
+        # so a timer tick costs O(expired), not O(clients).
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+
+    def _fly(self, client: str, line: _Line, routed: Routed, deadline: float) -> None:
+        line.in_flight, line.in_flight_deadline = routed, deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._seq), client))
 
     def has_line(self, client: str) -> bool:
         """Whether ``client`` has a command in flight (then its next message is a reply)."""
@@ -194,7 +202,7 @@ class V1Matcher:
         line = self._lines.setdefault(client, _Line())
         deadline = now + routed.timeout_ms / 1000
         if line.in_flight is None:
-            line.in_flight, line.in_flight_deadline = routed, deadline
+            self._fly(client, line, routed, deadline)
             return Held.SEND
         if len(line.waiting) >= self.max_waiting:
             return Held.FULL
@@ -212,14 +220,23 @@ class V1Matcher:
     def expire(self, now: float) -> dict[str, Advance]:
         """Commands in flight whose deadline passed stop waiting for a reply; the next one goes."""
         advanced = {}
-        for client, line in list(self._lines.items()):
-            if line.in_flight is not None and line.in_flight_deadline <= now:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, client = heapq.heappop(deadlines)
+            line = self._lines.get(client)
+            if line is not None and line.in_flight is not None and line.in_flight_deadline <= now:
                 advanced[client] = self._next(client, line, now, None)
         return advanced
 
     def next_deadline(self) -> float | None:
-        deadlines = [line.in_flight_deadline for line in self._lines.values() if line.in_flight is not None]
-        return min(deadlines) if deadlines else None
+        deadlines = self._deadlines
+        while deadlines and not self._current(deadlines[0]):
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
+
+    def _current(self, entry: tuple[float, int, str]) -> bool:
+        line = self._lines.get(entry[2])
+        return line is not None and line.in_flight is not None and line.in_flight_deadline == entry[0]
 
     def disconnect(self, client: str) -> list[Routed]:
         """The client left: the commands still waiting were never handed over (the one in flight was)."""
@@ -234,7 +251,7 @@ class V1Matcher:
             if deadline <= now:
                 expired.append(routed)
                 continue
-            line.in_flight, line.in_flight_deadline = routed, deadline
+            self._fly(client, line, routed, deadline)
             break
         if line.in_flight is None:
             del self._lines[client]
