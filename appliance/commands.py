@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -135,6 +136,8 @@ class CommandService:
         self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = 0.0
         self._queue_lock = asyncio.Lock()
+        self._fan_seq = itertools.count()
+        self._fan_lock = asyncio.Lock()
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
         # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
         self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
@@ -335,15 +338,18 @@ class CommandService:
     # --- broadcast and groups -----------------------------------------------------------------
 
     def _fan_out(self, owner: str, controller: str, request: Request) -> None:
-        fan = FanOut(self.instance, owner, request.id, controller, request.message, request.group)
+        # Counts come back to this fan-out alone, even for several at once without ids.
+        tag = f"{owner}#{next(self._fan_seq)}"
+        fan = FanOut(self.instance, tag, request.id, controller, request.message, request.group)
         self._spawn(self._collect(owner, request, fan))
 
     async def _collect(self, owner: str, request: Request, fan: FanOut) -> None:
-        key = (owner, request.id if request.id is not None else "")
+        key = (fan.owner, request.id if request.id is not None else "")
         fan_in = self._fan_ins[key] = _FanIn()
         try:
             try:
-                fan_in.expected = await self.relay.broker.fan_out(_fan_encoder.encode(fan))
+                async with self._fan_lock:  # One publish at a time: broadcasts keep their order.
+                    fan_in.expected = await self.relay.broker.fan_out(_fan_encoder.encode(fan))
             except BrokerUnavailable as exc:
                 # Local clients still get it; other instances cannot be reached.
                 local = self.fan_in(fan)

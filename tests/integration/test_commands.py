@@ -164,6 +164,22 @@ async def test_broadcast_and_group_counts(relay):
         assert status["status"] == "delivered" and status["count"] >= 3
 
 
+async def test_broadcasts_keep_their_order_and_each_gets_its_own_count(relay):
+    group = uid("g")
+    async with relay.controller(uid("ctl")) as llm, relay.connect(f"{uid('a')}?groups={group}") as member:
+        await llm.send(command(f"group:{group}", "x1"))
+        await llm.send(command(f"group:{group}", "x2"))
+        await llm.send(command(f"group:{group}", "x3", id="third"))
+        await llm.send(command(f"group:{group}", "x4", id="fourth"))
+        assert [await recv(member) for _ in range(4)] == ["x1", "x2", "x3", "x4"]
+        statuses = [await recv_json(llm) for _ in range(2)]
+        assert statuses == [
+            {"id": "third", "status": "delivered", "target": f"group:{group}", "count": 1},
+            {"id": "fourth", "status": "delivered", "target": f"group:{group}", "count": 1},
+        ]
+        assert await nothing_arrives(llm)  # no status frames for the broadcasts without id
+
+
 async def test_invalid_group_name_is_refused_at_connect(relay):
     async with relay.connect(f"{uid('x')}?groups=bad%20name") as client:
         assert (await closed_with(client))[0] == 4002
