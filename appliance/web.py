@@ -94,7 +94,9 @@ class RelaySocket(WebSocket):
 async def _refuse(socket: WebSocket, code: CloseCode, reason: str | None = None) -> None:
     """Accept, then close with a code the client can read (an HTTP 403 would not say why)."""
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
-    await socket.accept()
+    # A browser that offered a subprotocol fails a handshake that selects none, and would
+    # never see the close code: select it for refusals too.
+    await socket.accept(subprotocols=SUBPROTOCOL_V2 if _offers_v2(socket) else None)
     await socket.close(code=int(code), reason=reason or CLOSE_REASONS[code])
 
 

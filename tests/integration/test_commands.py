@@ -180,6 +180,13 @@ async def test_broadcasts_keep_their_order_and_each_gets_its_own_count(relay):
         assert await nothing_arrives(llm)  # no status frames for the broadcasts without id
 
 
+async def test_v2_client_refused_still_gets_its_subprotocol_and_the_close_code(relay):
+    # Browsers fail a handshake that does not select the subprotocol they offered.
+    async with relay.connect(uid("x"), token="wrong", subprotocols=V2) as client:
+        assert client.subprotocol == "wsbridge.v2"
+        assert (await closed_with(client))[0] == 4001
+
+
 async def test_invalid_group_name_is_refused_at_connect(relay):
     async with relay.connect(f"{uid('x')}?groups=bad%20name") as client:
         assert (await closed_with(client))[0] == 4002
