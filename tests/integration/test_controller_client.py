@@ -7,10 +7,12 @@ import subprocess
 import sys
 import uuid
 
+import httpx
 import pytest
-from support import CONTROLLER_TOKEN, recv, timeout
+from support import ADMIN_TOKEN, CLIENT_TOKEN, CONTROLLER_TOKEN, recv, timeout
 
 import appliance.controller as controller_module
+from appliance.client import BridgeClient, BridgeClosed
 from appliance.controller import (
     ClientOffline,
     Controller,
@@ -118,6 +120,35 @@ async def test_http_controller_rate_limited(start_appliance):
         with pytest.raises(RateLimited) as limited:
             await http.request("nobody", "x", timeout=1)
         assert limited.value.retry_after_ms > 0
+
+
+async def test_bridge_client_speaks_v2_and_joins_groups(relay):
+    target, group = uid("dev"), uid("grp")
+    async with (
+        BridgeClient(relay.ws, target, CLIENT_TOKEN, v2=True, groups=[group]) as device,
+        Controller(relay.ws, uid("ctl"), CONTROLLER_TOKEN) as ctl,
+    ):
+
+        async def answer():
+            frame = json.loads(await device.receive())
+            await device.send_text(json.dumps({"reply_to": frame["id"], "message": "ack " + frame["message"]}))
+
+        answering = asyncio.create_task(answer())
+        reply = await ctl.request(target, "blink", timeout=5)
+        await answering
+        assert reply.message == "ack blink"
+        await ctl.send(f"group:{group}", "all blink")
+        assert json.loads(await asyncio.wait_for(device.receive(), timeout(5)))["message"] == "all blink"
+
+
+async def test_bridge_client_stops_for_good_after_an_admin_disconnect(relay):
+    target = uid("kicked")
+    async with BridgeClient(relay.ws, target, CLIENT_TOKEN) as device:
+        async with httpx.AsyncClient(base_url=relay.http, headers={"X-Auth-Token": ADMIN_TOKEN}) as admin:
+            assert (await admin.delete(f"/api/v1/clients/{target}")).status_code == 204
+        with pytest.raises(BridgeClosed) as closed:
+            await asyncio.wait_for(device.receive(), timeout(5))
+        assert closed.value.code == 4012
 
 
 def run_cli(app, *args):
