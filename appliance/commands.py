@@ -90,6 +90,10 @@ class FanOut(msgspec.Struct, frozen=True):
     group: str | None
 
 
+#: Bound once: a label lookup costs more than the increment (as in metrics.py).
+_OUTCOME = {
+    name: metrics.COMMAND_OUTCOMES.labels(outcome=name) for name in ("delivered", "queued", "replied", "timeout")
+}
 _event_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(Event)
 _fan_encoder = msgspec.json.Encoder()
@@ -167,7 +171,7 @@ class CommandService:
 
     def expire(self, now: float) -> None:
         for pending in self.pending.expire(now):
-            metrics.COMMAND_OUTCOMES.labels(outcome="timeout").inc()
+            _OUTCOME["timeout"].inc()
             self._report(pending, Status.TIMEOUT)
         for client, advance in self.matcher.expire(now).items():
             self._advance(client, advance, now)
@@ -224,7 +228,7 @@ class CommandService:
         pending = self.pending.get(routed.owner, routed.id)
         if pending is None:
             return
-        metrics.COMMAND_OUTCOMES.labels(outcome="queued").inc()
+        _OUTCOME["queued"].inc()
         remaining = max(0, round((pending.deadline - time.time()) * 1000))
         duplicate = {} if enqueued is Enqueued.QUEUED else {"duplicate": True}
         if enqueued is Enqueued.ALREADY_DELIVERED:
@@ -266,7 +270,7 @@ class CommandService:
         if event.kind == "d":
             pending = self.pending.delivered(event.owner, event.id)
             if pending is not None:
-                metrics.COMMAND_OUTCOMES.labels(outcome="delivered").inc()
+                _OUTCOME["delivered"].inc()
                 self._report(pending, Status.DELIVERED)
             return
         pending = self.pending.finish(event.owner, event.id)
@@ -274,7 +278,7 @@ class CommandService:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.
         if event.kind == "r":
             rtt_ms = (time.time() - pending.started) * 1000
-            metrics.COMMAND_OUTCOMES.labels(outcome="replied").inc()
+            _OUTCOME["replied"].inc()
             metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
             waiter = self._waiters.get(pending.owner)
             if waiter is not None:
@@ -291,7 +295,7 @@ class CommandService:
                 frame = encode_controller_reply(pending.id, event.sender, event.message, rtt_ms)
                 self._deliver_to_owner(pending.owner, pending, frame, "", "")
             return
-        metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()
+        metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
         self._deliver_to_owner(pending.owner, pending, frame, event.code, event.detail)
 
@@ -361,7 +365,7 @@ class CommandService:
                         await fan_in.done.wait()
         finally:
             del self._fan_ins[key]
-        metrics.COMMAND_OUTCOMES.labels(outcome="delivered").inc()
+        _OUTCOME["delivered"].inc()
         if request.id is None and owner not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": fan_in.count}

@@ -19,8 +19,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
-
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
 from .commands import CommandService
@@ -42,11 +40,6 @@ MAX_PENDING_MESSAGES = 10_000
 #: JSON, mostly ASCII): 64 KiB client messages escape to ~390 KB frames, so a count alone
 #: let a slow controller hold gigabytes.
 MAX_PENDING_CHARS = 4 << 20
-
-
-def _message_of(frame: str) -> str:
-    """The client's text back out of its reply frame (only for clients with commands to answer)."""
-    return msgspec.json.decode(frame)["message"]
 
 
 def _iso(epoch: float) -> str:
@@ -438,7 +431,7 @@ class Relay:
             metrics.RECEIVED_FROM_CLIENTS.inc()
             # Only clients with commands to answer (v2, or v1 with one in flight) cost a look.
             if (conn.v2 or self.commands.matcher.has_line(conn.client_id)) and self.commands.client_text(
-                conn, _message_of(action.frame)
+                conn, action.text
             ):
                 return  # A version-2 reply: it went to its sender only.
             self.broker.send_to_controllers(action.frame)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .protocol import (
     CONTROLLER_ID,
@@ -80,9 +80,14 @@ class Submit:
 
 @dataclass(slots=True)
 class Publish:
-    """Send a client's reply frame to every controller in the cluster."""
+    """Send a client's reply frame to every controller in the cluster.
+
+    ``text`` is the client's own text, for the command service (a version-2 reply goes to
+    its sender only); not compared, so the action still equals its frame.
+    """
 
     frame: str
+    text: str = field(default="", compare=False)
 
 
 @dataclass(slots=True)
@@ -228,7 +233,7 @@ class Session:
             # Clients cannot read error frames (they would take them for commands), so the
             # RFC 6455 code for "message too big" tells them instead.
             return Close(CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._max_bytes} bytes")
-        publish = Publish(encode_reply(self.client_id, text))
+        publish = Publish(encode_reply(self.client_id, text), text)
         wait = self._bucket.reserve(now)
         return Throttle(wait, publish) if wait > 0 else publish
 
