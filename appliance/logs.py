@@ -8,9 +8,9 @@ __all__ = ["RedactSecrets", "configure_logging", "weak_secrets"]
 
 
 #: Shorter secrets are not masked: masking "a" would mangle every log line (and such a
-#: token is refused as weak at start-up anyway; see ``weak_secrets``).
+#: token is refused at start-up anyway; see ``Settings.token_problems``).
 MIN_MASKED_LENGTH = 8
-#: Tokens shorter than this are reported as weak when the appliance starts.
+#: Tokens shorter than this are refused when the appliance starts (``Settings.token_problems``).
 MIN_STRONG_LENGTH = 16
 
 

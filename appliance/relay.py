@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,7 @@ __all__ = ["Connection", "Flusher", "Relay"]
 
 log = logging.getLogger(__name__)
 
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ASGISend = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 #: A connection that lets this many messages pile up unsent is too slow to keep (close 4008).
 MAX_PENDING_MESSAGES = 10_000

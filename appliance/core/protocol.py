@@ -22,6 +22,7 @@ __all__ = [
     "ErrorCode",
     "ProtocolError",
     "Role",
+    "command_id",
     "encode_error",
     "encode_reply",
     "is_valid_client_id",
@@ -121,6 +122,24 @@ class ProtocolError:
 _decoder = msgspec.json.Decoder()
 _command_decoder = msgspec.json.Decoder(Command)
 _encoder = msgspec.json.Encoder()
+
+
+class _IdOnly(msgspec.Struct):
+    id: str | int | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def command_id(text: str) -> str | int | None:
+    """The ``id`` of a frame that is refused before parsing (too large, rate limited), if readable.
+
+    Only refused frames pay for this, so the accepted path stays one decode.
+    """
+    try:
+        return _id_decoder.decode(text).id
+    except msgspec.DecodeError:
+        return None
 
 
 class _Reply(msgspec.Struct):

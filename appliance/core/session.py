@@ -19,6 +19,7 @@ from .protocol import (
     ErrorCode,
     ProtocolError,
     Role,
+    command_id,
     encode_error,
     encode_reply,
     is_valid_client_id,
@@ -144,6 +145,12 @@ def _names_many(error: ProtocolError) -> bool:
     return isinstance(target, str) and (target == "*" or target.startswith("group:"))
 
 
+def _echo(text: str) -> dict[str, str | int]:
+    """``{"id": ...}`` for an error frame about ``text``, when its id can be read."""
+    found = command_id(text)
+    return {} if found is None else {"id": found}
+
+
 def _utf8_length_exceeds(text: str, limit: int) -> bool:
     if len(text) * 4 <= limit:  # Fast path: even all 4-byte characters would fit.
         return False
@@ -205,11 +212,15 @@ class Session:
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"frame exceeds the limit of {self._max_bytes} bytes",
                 limit=self._max_bytes,
+                **_echo(text),
             )
         wait = self._bucket.try_take(now)
         if wait > 0:
             return _error(
-                ErrorCode.RATE_LIMITED, "too many messages; retry later", retry_after_ms=max(1, round(wait * 1000))
+                ErrorCode.RATE_LIMITED,
+                "too many messages; retry later",
+                retry_after_ms=max(1, round(wait * 1000)),
+                **_echo(text),
             )
         parsed = parse_command(text)
         if self._timeouts is not None and (
@@ -239,7 +250,7 @@ class Session:
 
     def delivery_failed(self, command: Command, code: ErrorCode, detail: str) -> SendError:
         """The broker could not deliver ``command``: tell the controller, naming the target."""
-        extra = {"target": command.target}
+        extra: dict[str, str | int] = {"target": command.target}
         if command.id is not None:
             extra["id"] = command.id
         return _error(code, detail, **extra)
