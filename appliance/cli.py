@@ -88,30 +88,16 @@ def serve(args: argparse.Namespace) -> None:
         overrides["web_socket_port"] = args.port
     configured = _load_settings(**overrides)
     settings = _ensure_tokens(configured, overrides)
-    from .logs import configure_logging, weak_secrets
+    from .logs import configure_logging
     from .server import run
 
-    secrets_ = [
-        s.get_secret_value()
-        for s in (settings.llm_secret_token, settings.unity_client_token, settings.admin_token, settings.redis_password)
-        if s
-    ]
-    configure_logging(settings.log_level, secrets_)
-    weak = weak_secrets(
-        {
-            "LLM_SECRET_TOKEN": settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None,
-            "UNITY_CLIENT_TOKEN": settings.unity_client_token.get_secret_value()
-            if settings.unity_client_token
-            else None,
-            "ADMIN_TOKEN": settings.admin_token.get_secret_value() if settings.admin_token else None,
-        }
-    )
-    if weak:
-        print(
-            f"WARNING: {', '.join(weak)} shorter than 16 characters: guessable, and too short to be masked "
-            "in logs. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
-            file=sys.stderr,
+    problems = settings.token_problems()
+    if problems:
+        sys.exit(
+            f"wsbridge: refusing to start: {'; '.join(problems)}. "
+            "Generate a token with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+    configure_logging(settings.log_level, settings.secret_values())
     _print_banner(settings, show_tokens=settings is not configured)
     run(settings)
 
@@ -187,6 +173,44 @@ async def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _send_wait(args: argparse.Namespace) -> int:
+    """``send --wait``: the command carries an id, so only the reply to it is printed (protocol v2)."""
+    from websockets.exceptions import InvalidHandshake
+
+    from .client import BridgeClosed
+    from .controller import CommandError, Controller, ReplyTimeout
+
+    settings = _load_settings()
+    token = (
+        args.token
+        or os.environ.get("WSBRIDGE_TOKEN")
+        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
+    )
+    if not token:
+        print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)
+        return 2
+    url = args.url or f"ws://127.0.0.1:{settings.web_socket_port}"
+    controller = Controller(url, args.id or f"cli-{secrets.token_hex(4)}", token, reconnect=False)
+    try:
+        async with asyncio.timeout(args.timeout + 10):  # The relay reports the timeout itself first.
+            async with controller:
+                reply = await controller.request(args.target, args.message, timeout=args.timeout)
+    except ReplyTimeout:
+        print(f"wsbridge send: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
+        return 3
+    except CommandError as exc:
+        print(f"error {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except BridgeClosed as exc:
+        print(f"wsbridge send: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        print(f"wsbridge send: cannot connect to {url}: {exc}", file=sys.stderr)
+        return 2
+    print(reply.message)
+    return 0
+
+
 def _mcp(args: argparse.Namespace) -> int:
     """Serve the MCP tools over stdio; stdout is the protocol, so messages go to stderr."""
     settings = _load_settings()
@@ -226,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     send_parser.add_argument("--id", help="controller id to connect as (default cli-<random>)")
     send_parser.add_argument("--token", help="controller token (default LLM_SECRET_TOKEN or WSBRIDGE_TOKEN)")
     send_parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    send_parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="send with an id and print only the reply to it (protocol v2 correlation)",
+    )
     send_parser.add_argument("message", help="the command text")
 
     mcp_parser = commands.add_parser("mcp", help="serve the bridge as MCP tools over stdio (for LLM clients)")
@@ -239,5 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         serve(args)
     elif args.command == "mcp":
         sys.exit(_mcp(args))
+    elif args.wait:
+        sys.exit(asyncio.run(_send_wait(args)))
     else:
         sys.exit(asyncio.run(_send(args)))

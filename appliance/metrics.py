@@ -13,6 +13,8 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "BROKER_OUTBOX_FULL",
+    "BROKER_TASK_ERRORS",
     "BROKER_UP",
     "BUILD",
     "COMMAND_OUTCOMES",
@@ -56,6 +58,17 @@ THROTTLED = Counter(
     "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY
 )
 BROKER_UP = Gauge("wsbridge_broker_up", "1 when the broker (Redis) is reachable.", registry=REGISTRY)
+BROKER_TASK_ERRORS = Counter(
+    "wsbridge_broker_task_errors_total",
+    "Unexpected errors in the broker's background tasks (each one logged; the task carries on).",
+    ["task"],
+    registry=REGISTRY,
+)
+BROKER_OUTBOX_FULL = Counter(
+    "wsbridge_broker_outbox_full_total",
+    "Messages refused because too many were waiting to be published to Redis (REDIS_OUTBOX_LIMIT).",
+    registry=REGISTRY,
+)
 BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=REGISTRY)
 COMMAND_OUTCOMES = Counter(
     "wsbridge_command_outcomes_total",

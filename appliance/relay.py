@@ -15,24 +15,31 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
+from .commands import CommandService
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
-from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State
+from .core.protocol_v2 import TimeoutPolicy, encode_client_command
+from .core.requests import Routed
+from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
 from .settings import Settings
 
 __all__ = ["Connection", "Flusher", "Relay"]
 
 log = logging.getLogger(__name__)
 
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ASGISend = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 #: A connection that lets this many messages pile up unsent is too slow to keep (close 4008).
 MAX_PENDING_MESSAGES = 10_000
+#: ... or this many characters of text (a character is at least one UTF-8 byte; frames are
+#: JSON, mostly ASCII): 64 KiB client messages escape to ~390 KB frames, so a count alone
+#: let a slow controller hold gigabytes.
+MAX_PENDING_CHARS = 4 << 20
 
 
 def _iso(epoch: float) -> str:
@@ -86,13 +93,32 @@ class Connection:
         "_send",
         "_flusher",
         "_pending",
+        "_pending_chars",
+        "_max_messages",
+        "_max_chars",
         "_writer",
         "_open",
         "_marked",
+        "v2",
+        "groups",
     )
 
-    def __init__(self, session: Session, send: ASGISend, remote: str, flusher: Flusher) -> None:
+    def __init__(
+        self,
+        session: Session,
+        send: ASGISend,
+        remote: str,
+        flusher: Flusher,
+        max_messages: int = MAX_PENDING_MESSAGES,
+        max_chars: int = MAX_PENDING_CHARS,
+        *,
+        v2: bool = False,
+        groups: tuple[str, ...] = (),
+    ) -> None:
         self.session = session
+        #: Speaks protocol version 2 (subprotocol ``wsbridge.v2``): commands arrive as JSON with id and sender.
+        self.v2 = v2
+        self.groups = groups
         self.conn_key = uuid.uuid4().hex[:16]
         self.remote = remote
         self.owner: Owner | None = None
@@ -100,6 +126,9 @@ class Connection:
         self._send = send
         self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
+        self._pending_chars = 0  # Text queued and not yet handed to the transport.
+        self._max_messages = max_messages
+        self._max_chars = max_chars
         self._writer: asyncio.Task[None] | None = None
         self._open = False
         self._marked = False
@@ -117,17 +146,24 @@ class Connection:
         self._open = True
         self._schedule()
 
-    def deliver(self, text: str) -> None:
+    def deliver(self, text: str) -> bool:
+        """Queue ``text``: True if queued, False if it will never be written (closing, or too slow)."""
         if self.close_code is not None:
-            return
-        if len(self._pending) >= MAX_PENDING_MESSAGES:
+            return False
+        self._pending_chars += len(text)
+        if self._pending_chars > self._max_chars or len(self._pending) >= self._max_messages:
             log.warning("%s is not reading; closing it as a slow consumer", self.client_id)
             metrics.REFUSED.labels(reason="slow_consumer").inc()
-            self._pending.clear()  # Free the memory now; the close goes out if the peer ever reads.
+            self._drop_pending()  # Free the memory now; the close goes out if the peer ever reads.
             self.close(CloseCode.SLOW_CONSUMER)
-            return
+            return False
         self._pending.append(text)
         self._schedule()
+        return True
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._pending_chars = 0
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Close after the frames already queued; later deliveries are dropped."""
@@ -156,8 +192,10 @@ class Connection:
         pending, session = self._pending, self.session
         while pending and self._writer is None:
             item = pending.popleft()
-            if not isinstance(item, str):
-                pending.clear()
+            if isinstance(item, str):
+                self._pending_chars -= len(item)
+            else:
+                self._drop_pending()
             step = self._send(self._event(item))
             try:
                 waiting_on = step.send(None)
@@ -166,7 +204,7 @@ class Connection:
                     session.sent(now)
                 continue
             except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
-                pending.clear()
+                self._drop_pending()
                 return
             # Back-pressure: a writer task finishes this send and owns the queue until it is empty.
             self._writer = asyncio.get_running_loop().create_task(self._finish(step, waiting_on, item))
@@ -190,13 +228,15 @@ class Connection:
             send, pending = self._send, self._pending
             while pending:
                 item = pending.popleft()
-                if not isinstance(item, str):
-                    pending.clear()
+                if isinstance(item, str):
+                    self._pending_chars -= len(item)
+                else:
+                    self._drop_pending()
                 await send(self._event(item))
                 if isinstance(item, str):
                     self.session.sent(time.time())
         except Exception:  # The peer is gone: the reader cleans up.
-            self._pending.clear()
+            self._drop_pending()
         finally:
             self._writer = None
 
@@ -212,7 +252,7 @@ class Connection:
 
     def presence_record(self, instance: str) -> dict[str, Any]:
         session = self.session
-        return {
+        record: dict[str, Any] = {
             "id": session.client_id,
             "role": session.role.value,
             "instance": instance,
@@ -222,6 +262,12 @@ class Connection:
             "messages_out": session.messages_out,
             "last_activity": _iso(session.last_activity),
         }
+        # Only when set, so version-1 records keep exactly their fields.
+        if self.v2:
+            record["protocol"] = 2
+        if self.groups:
+            record["groups"] = list(self.groups)
+        return record
 
 
 class Relay:
@@ -236,24 +282,45 @@ class Relay:
         self.draining = False
         self._claiming: dict[str, tuple[asyncio.Lock, int]] = {}
         self._kicked: dict[str, float] = {}  # conn_keys replaced before they finished opening
+        timeouts = TimeoutPolicy(settings.command_timeout_ms, settings.command_timeout_max_ms)
         self._limits = {
             Role.CLIENT: Limits(settings.max_message_bytes, settings.client_rate_limit, settings.client_rate_burst),
             Role.CONTROLLER: Limits(
-                settings.max_message_bytes, settings.controller_rate_limit, settings.controller_rate_burst
+                settings.max_message_bytes, settings.controller_rate_limit, settings.controller_rate_burst, timeouts
             ),
         }
+        self._groups: dict[str, set[Connection]] = {}
+        self.commands = CommandService(self)
         self._connections: dict[str, Connection] = {}  # by conn_key
         self._flusher = Flusher()
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.broker.start(self)
+        self.commands.start()
 
     async def stop(self) -> None:
+        await self.commands.stop()
         await self.broker.stop()
 
-    def new_connection(self, client_id: str, role: Role, send: ASGISend, remote: str) -> Connection:
+    def new_connection(
+        self,
+        client_id: str,
+        role: Role,
+        send: ASGISend,
+        remote: str,
+        *,
+        v2: bool = False,
+        groups: tuple[str, ...] = (),
+    ) -> Connection:
         session = Session(client_id, role, self._limits[role], time.time())
-        return Connection(session, send, remote, self._flusher)
+        settings = self.settings
+        max_chars = (
+            settings.controller_max_pending_bytes if role is Role.CONTROLLER else settings.client_max_pending_bytes
+        )
+        return Connection(
+            session, send, remote, self._flusher, settings.max_pending_messages, max_chars, v2=v2, groups=groups
+        )
 
     # --- lifecycle of one connection ----------------------------------------------------
 
@@ -270,31 +337,28 @@ class Relay:
             async with lock:
                 try:
                     claim = await self.broker.claim(
-                        client_id, self.instance, conn.conn_key, self.settings.duplicate_policy == "reject"
+                        client_id,
+                        self.instance,
+                        conn.conn_key,
+                        conn.role,
+                        self.settings.duplicate_policy == "reject",
                     )
                 except BrokerUnavailable as exc:
                     log.warning("Refusing %s: %s", client_id, exc)
                     return CloseCode.TRY_AGAIN_LATER
                 if not claim.accepted:
-                    return CloseCode.DUPLICATE_REJECTED
-                conn.owner = claim.owner
-                if claim.previous is not None:
-                    self.replaced(client_id, claim.previous)
-                if self._kicked.pop(conn.conn_key, None) is not None:
-                    await self.broker.release(client_id, conn.owner)
-                    return CloseCode.REPLACED
-                if self.draining:  # SIGTERM arrived during the claim: drain() has already run.
-                    await self.broker.release(client_id, conn.owner)
-                    return CloseCode.GOING_AWAY
-                older = self.local.get(client_id)
-                if older is not None:  # Claims for one id are serialized here, so this one is newer.
-                    self._close_replaced(older)
-                self.local[client_id] = conn
-                self._connections[conn.conn_key] = conn
-                if conn.role is Role.CONTROLLER:
-                    self.controllers.add(conn)
-                metrics.CONNECTIONS.labels(role=conn.role.value).inc()
-                return None
+                    return CloseCode.ROLE_CONFLICT if claim.role_conflict else CloseCode.DUPLICATE_REJECTED
+                assert claim.owner is not None
+                try:
+                    refusal = self._register(conn, claim.owner, claim.previous)
+                except BaseException:  # A bug after the claim must not leave the id held by nobody.
+                    await self._release_surely(client_id, claim.owner)
+                    raise
+                if refusal is not None:
+                    await self._release_surely(client_id, claim.owner)
+                elif conn.role is Role.CLIENT:
+                    self.commands.client_opened(conn)  # Commands queued while it was away go first.
+                return refusal
         finally:
             lock, users = self._claiming[client_id]
             if users == 1:
@@ -302,17 +366,56 @@ class Relay:
             else:
                 self._claiming[client_id] = (lock, users - 1)
 
+    def _register(self, conn: Connection, owner: Owner, previous: Owner | None) -> CloseCode | None:
+        """The claim succeeded: make ``conn`` the local holder of its id, unless it lost meanwhile."""
+        client_id = conn.client_id
+        if previous is not None:
+            self.replaced(client_id, previous)
+        if self._kicked.pop(conn.conn_key, None) is not None:
+            return CloseCode.REPLACED
+        if self.draining:  # SIGTERM arrived during the claim: drain() has already run.
+            return CloseCode.GOING_AWAY
+        older = self.local.get(client_id)
+        if older is not None:  # Claims for one id are serialized here, so this one is newer.
+            self._close_replaced(older)
+        conn.owner = owner
+        self.local[client_id] = conn
+        self._connections[conn.conn_key] = conn
+        if conn.role is Role.CONTROLLER:
+            self.controllers.add(conn)
+        for group in conn.groups:
+            self._groups.setdefault(group, set()).add(conn)
+        metrics.CONNECTIONS.labels(role=conn.role.value).inc()
+        return None
+
+    async def _release_surely(self, client_id: str, owner: Owner) -> None:
+        """Release an id even if the caller is being cancelled: the release runs to its end."""
+        task = asyncio.get_running_loop().create_task(self.broker.release(client_id, owner))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
     async def close(self, conn: Connection) -> None:
         """The connection is gone: unregister it, and release its id unless a newer one holds it."""
         conn.session.closed()
         if self._connections.pop(conn.conn_key, None) is None:
             return
         self.controllers.discard(conn)
+        for group in conn.groups:
+            members = self._groups.get(group)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self._groups[group]
         if self.local.get(conn.client_id) is conn:
             del self.local[conn.client_id]
+            if conn.role is Role.CLIENT:
+                self.commands.client_closed(conn)
+        if conn.role is Role.CONTROLLER:
+            self.commands.controller_closed(conn)
         metrics.CONNECTIONS.labels(role=conn.role.value).dec()
         if conn.owner is not None:
-            await self.broker.release(conn.client_id, conn.owner)
+            await self._release_surely(conn.client_id, conn.owner)
 
     # --- actions from the core ---------------------------------------------------------
 
@@ -326,7 +429,15 @@ class Relay:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
             metrics.RECEIVED_FROM_CLIENTS.inc()
+            # Only clients with commands to answer (v2, or v1 with one in flight) cost a look.
+            if (conn.v2 or self.commands.matcher.has_line(conn.client_id)) and self.commands.client_text(
+                conn, action.text
+            ):
+                return  # A version-2 reply: it went to its sender only.
             self.broker.send_to_controllers(action.frame)
+        elif type(action) is Submit:
+            metrics.RECEIVED_FROM_CONTROLLERS.inc()
+            self.commands.submit(conn, action.request)
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=action.code.value).inc()
             conn.deliver(action.frame)
@@ -336,19 +447,48 @@ class Relay:
     def _deliver(self, conn: Connection, command: Command) -> None:
         metrics.RECEIVED_FROM_CONTROLLERS.inc()
 
-        def failed(code: ErrorCode, detail: str) -> None:
-            self.perform(conn, conn.session.delivery_failed(command, code, detail))
+        def done(code: ErrorCode | None, detail: str) -> None:
+            # Success needs no frame in protocol v1; status frames would go here.
+            if code is not None:
+                self.perform(conn, conn.session.delivery_failed(command, code, detail))
 
-        self.broker.send(command.target, command.message, failed)
+        self.broker.send(command.target, command.message, done, conn.client_id)
 
     # --- Inbox: what the broker hands us ---------------------------------------------------
 
-    def deliver(self, client_id: str, text: str) -> bool:
+    def deliver(self, client_id: str, text: str, sender: str = "") -> ErrorCode | None:
         conn = self.local.get(client_id)
         if conn is None:
-            return False
-        conn.deliver(text)
-        return True
+            return ErrorCode.TARGET_OFFLINE
+        if conn.session.role is Role.CONTROLLER:
+            # Controllers send to clients only: raw text pushed into a controller could
+            # forge another client's {"sender": ...} reply.
+            return ErrorCode.TARGET_NOT_CLIENT
+        if conn.v2:
+            text = encode_client_command(None, sender, text)
+        if conn.deliver(text):
+            return None
+        return ErrorCode.DELIVERY_FAILED
+
+    def deliver_routed(self, client_id: str, routed: Routed) -> ErrorCode | None:
+        """A command with an id for a local client: the command service frames and tracks it."""
+        conn = self.local.get(client_id)
+        if conn is None:
+            return ErrorCode.TARGET_OFFLINE
+        if conn.session.role is Role.CONTROLLER:
+            return ErrorCode.TARGET_NOT_CLIENT
+        if conn.close_code is not None:
+            return ErrorCode.DELIVERY_FAILED
+        self.commands.hand_over(conn, routed, time.time())
+        return None
+
+    def instance_event(self, payload: bytes) -> None:
+        """An outcome or an order on this instance's channel."""
+        self.commands.instance_event(payload)
+
+    def fan_in(self, payload: bytes) -> None:
+        """A broadcast or group command from any instance: deliver locally, report the count."""
+        self.commands.fan_in_remote(payload)
 
     def deliver_to_controllers(self, frame: str) -> None:
         for conn in self.controllers:
@@ -373,6 +513,34 @@ class Relay:
 
     def presence_records(self) -> list[dict[str, Any]]:
         return [conn.presence_record(self.instance) for conn in self._connections.values() if conn.owner is not None]
+
+    def presence_record(self, client_id: str) -> dict[str, Any] | None:
+        conn = self.local.get(client_id)
+        return conn.presence_record(self.instance) if conn is not None and conn.owner is not None else None
+
+    # --- lookups for the command service --------------------------------------------------
+
+    def connection(self, conn_key: str) -> Connection | None:
+        return self._connections.get(conn_key)
+
+    def local_client(self, client_id: str) -> Connection | None:
+        conn = self.local.get(client_id)
+        return conn if conn is not None and conn.role is Role.CLIENT and conn.close_code is None else None
+
+    def local_clients(self, group: str | None) -> list[Connection]:
+        """Local clients, or the local members of ``group``."""
+        if group is None:
+            return [c for c in self.local.values() if c.role is Role.CLIENT and c.close_code is None]
+        return [c for c in self._groups.get(group, ()) if c.close_code is None]
+
+    def disconnect_local(self, client_id: str, code: int | str) -> bool:
+        """Close the local connection holding ``client_id`` with ``code``; False if there is none here."""
+        conn = self.local.get(client_id)
+        if conn is None or conn.close_code is not None:
+            return False
+        metrics.REFUSED.labels(reason="disconnected").inc()
+        conn.close(CloseCode(int(code)))
+        return True
 
     # --- service interface for the HTTP API and the dashboard ----------------------------
 

@@ -12,15 +12,18 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, WebSocket, get, websocket
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
+from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from msgspec import Struct
 
 from . import __version__, metrics
+from .api import API_HANDLERS, mcp_lifespan, validation_as_422
 from .audit import MemoryAuditLog
-from .brokers.base import Broker, BrokerUnavailable
+from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
-from .core.protocol import CLOSE_REASONS, CloseCode
+from .core.protocol import CLOSE_REASONS, CloseCode, Role
+from .core.protocol_v2 import SUBPROTOCOL_V2, parse_groups
 from .core.session import Throttle, authorize
 from .relay import Connection, Relay
 from .settings import Settings
@@ -33,6 +36,7 @@ _REFUSAL_REASONS = {
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.INVALID_CLIENT_ID: "invalid_id",
     CloseCode.RESERVED_ID: "reserved_id",
+    CloseCode.ROLE_CONFLICT: "role_conflict",
     CloseCode.DUPLICATE_REJECTED: "duplicate",
     CloseCode.TRY_AGAIN_LATER: "broker_unavailable",
     CloseCode.GOING_AWAY: "shutting_down",
@@ -42,8 +46,13 @@ _REFUSAL_REASONS = {
 
 
 def make_broker(settings: Settings) -> Broker:
+    queue: dict[str, Any] = {
+        "queue_max": settings.offline_queue_max,
+        # A delivered (controller, id) is remembered as long as any command may live.
+        "queue_remember_seconds": settings.command_timeout_max_ms / 1000,
+    }
     if not settings.redis_enabled:
-        return MemoryBroker()
+        return MemoryBroker(**queue)
     from .brokers.redis import RedisBroker
 
     return RedisBroker(
@@ -52,6 +61,8 @@ def make_broker(settings: Settings) -> Broker:
         presence_ttl=settings.presence_ttl,
         pool_size=settings.redis_publish_pool_size,
         display=settings.redis_display(),
+        outbox_limit=settings.redis_outbox_limit,
+        **queue,
     )
 
 
@@ -80,11 +91,19 @@ class RelaySocket(WebSocket):
         self.raw_send = send
 
 
-async def _refuse(socket: WebSocket, code: CloseCode) -> None:
+async def _refuse(socket: WebSocket, code: CloseCode, reason: str | None = None) -> None:
     """Accept, then close with a code the client can read (an HTTP 403 would not say why)."""
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
-    await socket.accept()
-    await socket.close(code=int(code), reason=CLOSE_REASONS[code])
+    # A browser that offered a subprotocol fails a handshake that selects none, and would
+    # never see the close code: select it for refusals too.
+    await socket.accept(subprotocols=SUBPROTOCOL_V2 if _offers_v2(socket) else None)
+    await socket.close(code=int(code), reason=reason or CLOSE_REASONS[code])
+
+
+def _offers_v2(socket: WebSocket) -> bool:
+    """Whether the client offered the subprotocol ``wsbridge.v2`` (RFC 6455 §4.1: a comma-separated list)."""
+    offered = socket.headers.get("sec-websocket-protocol") or ""
+    return SUBPROTOCOL_V2 in (p.strip() for p in offered.split(","))
 
 
 @websocket("/ws/{client_id:str}", websocket_class=RelaySocket)
@@ -96,7 +115,13 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         log.info("Refused connection for id %r: %s", client_id[:64], CLOSE_REASONS[decision])
         await _refuse(socket, decision)
         return
-    conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket))
+    groups = parse_groups(socket.query_params.get("groups")) if decision is Role.CLIENT else ()
+    if isinstance(groups, str):
+        log.info("Refused connection for id %r: %s", client_id, groups)
+        await _refuse(socket, CloseCode.INVALID_CLIENT_ID, groups)
+        return
+    v2 = _offers_v2(socket)
+    conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), v2=v2, groups=groups)
     try:
         refusal = await relay.open(conn)
     except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
@@ -106,7 +131,7 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         await _refuse(socket, refusal)
         return
     try:
-        await socket.accept()
+        await socket.accept(subprotocols=SUBPROTOCOL_V2 if v2 else None)
         conn.opened()
         await _read_frames(socket, relay, conn)
     except Exception as exc:  # The socket is gone; the finally block cleans up.
@@ -186,22 +211,15 @@ def metrics_endpoint(request: Request) -> bytes:
     return metrics.render()
 
 
-@get("/api/v1/clients")
-async def list_clients(request: Request) -> Response[dict[str, Any]]:
-    _require_token(request, allow_controller=True)
-    try:
-        records = await _relay(request).clients()
-    except BrokerUnavailable as exc:
-        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
-    return Response({"clients": records, "count": len(records)})
-
-
 # --- application -----------------------------------------------------------------------------
 
 
 def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
     if settings.llm_secret_token is None or settings.unity_client_token is None:
         raise ValueError("LLM_SECRET_TOKEN and UNITY_CLIENT_TOKEN must both be set")
+    problems = settings.token_problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     relay = Relay(settings, broker or make_broker(settings))
     tokens = Tokens(
         controller=settings.llm_secret_token.get_secret_value(),
@@ -215,14 +233,29 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
         metrics.BUILD.info({"version": __version__, "broker": relay.broker.name})
         log.info("Relay ready on broker %s as instance %s", relay.broker.describe(), relay.instance)
         try:
-            yield
+            async with mcp_lifespan(app):
+                yield
         finally:
             await relay.stop()
 
     return Litestar(
-        route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, list_clients],
-        state=State({"relay": relay, "tokens": tokens, "settings": settings, "audit": MemoryAuditLog()}),
+        route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, *API_HANDLERS],
+        state=State(
+            {
+                "relay": relay,
+                "commands": relay.commands,
+                "tokens": tokens,
+                "settings": settings,
+                "audit": MemoryAuditLog(),
+            }
+        ),
         lifespan=[lifespan],
-        openapi_config=None,
+        exception_handlers={ValidationException: validation_as_422},
+        openapi_config=OpenAPIConfig(
+            title="WebSocket Bridge",
+            version=__version__,
+            description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
+            path="/schema",
+        ),
         logging_config=None,
     )

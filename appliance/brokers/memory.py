@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from ..core.protocol import ErrorCode
-from .base import Broker, BrokerNotStarted, Claim, Inbox, OnFailure, Owner
+from ..core.protocol import Role
+from ..core.requests import Enqueued, OfflineQueue, Routed
+from .base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner, failure_detail
 
 __all__ = ["MemoryBroker"]
 
@@ -14,10 +15,11 @@ __all__ = ["MemoryBroker"]
 class MemoryBroker(Broker):
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, queue_max: int = 1000, queue_remember_seconds: float = 300.0) -> None:
         self._inbox: Inbox | None = None
         self._owners: dict[str, Owner] = {}
         self._generations = itertools.count(1)
+        self._queue = OfflineQueue(queue_max, queue_remember_seconds)
 
     @property
     def inbox(self) -> Inbox:
@@ -31,12 +33,14 @@ class MemoryBroker(Broker):
     async def stop(self) -> None:
         self._owners.clear()
 
-    async def claim(self, client_id: str, instance: str, conn_key: str, reject_if_taken: bool) -> Claim:
+    async def claim(self, client_id: str, instance: str, conn_key: str, role: Role, reject_if_taken: bool) -> Claim:
         inbox = self.inbox
         previous = self._owners.get(client_id)
+        if previous is not None and previous.role is not role:
+            return Claim(False, None, previous, role_conflict=True)
         if previous is not None and reject_if_taken:
             return Claim(False, None, previous)
-        owner = Owner(instance, conn_key, next(self._generations))
+        owner = Owner(instance, conn_key, next(self._generations), role)
         self._owners[client_id] = owner
         if previous is not None:
             inbox.replaced(client_id, previous)
@@ -46,9 +50,35 @@ class MemoryBroker(Broker):
         if self._owners.get(client_id) == owner:
             del self._owners[client_id]
 
-    def send(self, target: str, text: str, on_failure: OnFailure) -> None:
-        if not self.inbox.deliver(target, text):
-            on_failure(ErrorCode.TARGET_OFFLINE, f"{target} is not connected")
+    def send(self, target: str, text: str, on_result: OnResult, sender: str = "") -> None:
+        failure = self.inbox.deliver(target, text, sender)
+        if failure is None:
+            on_result(None, "")
+        else:
+            on_result(failure, failure_detail(failure, target))
+
+    def send_routed(self, target: str, routed: Routed, on_result: OnResult) -> None:
+        failure = self.inbox.deliver_routed(target, routed)
+        if failure is None:
+            on_result(None, "")
+        else:
+            on_result(failure, failure_detail(failure, target))
+
+    def send_to_instance(self, instance: str, payload: bytes) -> None:
+        self.inbox.instance_event(payload)  # One process: every instance is this one.
+
+    async def fan_out(self, payload: bytes) -> int:
+        self.inbox.fan_in(payload)
+        return 1
+
+    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+        return self._queue.enqueue(target, routed, now)
+
+    async def take_queued(self, target: str, now: float) -> list[Routed]:
+        return self._queue.take(target, now)
+
+    async def owner_of(self, client_id: str) -> Owner | None:
+        return self._owners.get(client_id)
 
     def send_to_controllers(self, frame: str) -> None:
         self.inbox.deliver_to_controllers(frame)

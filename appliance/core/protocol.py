@@ -22,6 +22,7 @@ __all__ = [
     "ErrorCode",
     "ProtocolError",
     "Role",
+    "command_id",
     "encode_error",
     "encode_reply",
     "is_valid_client_id",
@@ -50,6 +51,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4001
     INVALID_CLIENT_ID = 4002
     RESERVED_ID = 4003
+    ROLE_CONFLICT = 4004
     SLOW_CONSUMER = 4008
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
@@ -68,6 +70,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.UNAUTHORIZED: "missing or invalid X-Auth-Token",
     CloseCode.INVALID_CLIENT_ID: "client id must match ^[a-zA-Z0-9_-]{1,50}$",
     CloseCode.RESERVED_ID: "id LLM is reserved for controllers",
+    CloseCode.ROLE_CONFLICT: "id is in use by a connection of the other role",
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
     CloseCode.DISCONNECTED: "disconnected by an administrator",
@@ -81,6 +84,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_MESSAGE = "invalid_message"
     INVALID_TARGET = "invalid_target"
     TARGET_OFFLINE = "target_offline"
+    TARGET_NOT_CLIENT = "target_not_client"
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     DELIVERY_FAILED = "delivery_failed"
@@ -118,6 +122,24 @@ class ProtocolError:
 _decoder = msgspec.json.Decoder()
 _command_decoder = msgspec.json.Decoder(Command)
 _encoder = msgspec.json.Encoder()
+
+
+class _IdOnly(msgspec.Struct):
+    id: str | int | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def command_id(text: str) -> str | int | None:
+    """The ``id`` of a frame that is refused before parsing (too large, rate limited), if readable.
+
+    Only refused frames pay for this, so the accepted path stays one decode.
+    """
+    try:
+        return _id_decoder.decode(text).id
+    except msgspec.DecodeError:
+        return None
 
 
 class _Reply(msgspec.Struct):

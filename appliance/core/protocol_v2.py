@@ -138,8 +138,35 @@ def _invalid(detail: str, *extra: tuple[str, Any]) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_MESSAGE, detail, extra)
 
 
+class _Fields(msgspec.Struct):
+    """The well-formed shape, decoded in one typed pass; anything else takes the slow path."""
+
+    target: str
+    message: str
+    id: str | int | None = None
+    timeout_ms: int | None = None
+    queue: bool = False
+
+
+_fields_decoder = msgspec.json.Decoder(_Fields)
+
+
 def parse_request(text: str, policy: TimeoutPolicy) -> Request | ProtocolError:
     """Parse a controller frame with the version-2 fields; size limits are checked by the caller."""
+    try:
+        fields = _fields_decoder.decode(text)
+    except msgspec.DecodeError:
+        pass
+    else:
+        kind = target_kind(fields.target)
+        timeout_ms = policy.default_ms if fields.timeout_ms is None else fields.timeout_ms
+        if (
+            kind is not None
+            and (fields.id is None or is_valid_command_id(fields.id))
+            and 1 <= timeout_ms <= policy.max_ms
+            and not (fields.queue and (kind is not TargetKind.CLIENT or fields.id is None))
+        ):
+            return Request(fields.target, fields.message, fields.id, timeout_ms, fields.queue, kind)
     try:
         data = _decoder.decode(text)
     except msgspec.DecodeError:

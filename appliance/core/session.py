@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .protocol import (
     CONTROLLER_ID,
@@ -19,11 +19,13 @@ from .protocol import (
     ErrorCode,
     ProtocolError,
     Role,
+    command_id,
     encode_error,
     encode_reply,
     is_valid_client_id,
     parse_command,
 )
+from .protocol_v2 import Request, TargetKind, TimeoutPolicy, parse_request
 from .ratelimit import TokenBucket
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Publish",
     "SendError",
     "Session",
+    "Submit",
     "State",
     "Throttle",
     "authorize",
@@ -55,6 +58,8 @@ class Limits:
     max_message_bytes: int
     rate: float
     burst: int
+    #: Timeouts of commands with an id (protocol v2); None treats every command as version 1.
+    timeouts: TimeoutPolicy | None = None
 
 
 # --- Actions -------------------------------------------------------------------------
@@ -68,10 +73,22 @@ class Deliver:
 
 
 @dataclass(slots=True)
+class Submit:
+    """A command with an id, or for ``*`` or a group: the command service tracks its outcome."""
+
+    request: Request
+
+
+@dataclass(slots=True)
 class Publish:
-    """Send a client's reply frame to every controller in the cluster."""
+    """Send a client's reply frame to every controller in the cluster.
+
+    ``text`` is the client's own text, for the command service (a version-2 reply goes to
+    its sender only); not compared, so the action still equals its frame.
+    """
 
     frame: str
+    text: str = field(default="", compare=False)
 
 
 @dataclass(slots=True)
@@ -100,7 +117,7 @@ class Close:
     reason: str
 
 
-Action = Deliver | Publish | SendError | Throttle | Close
+Action = Deliver | Submit | Publish | SendError | Throttle | Close
 
 
 def authorize(client_id: str, token: str | None, controller_token: str, client_token: str) -> Role | CloseCode:
@@ -118,6 +135,20 @@ def authorize(client_id: str, token: str | None, controller_token: str, client_t
     if client_id == CONTROLLER_ID:
         return CloseCode.RESERVED_ID
     return Role.CLIENT
+
+
+def _names_many(error: ProtocolError) -> bool:
+    """An ``invalid_target`` in version 1 that is ``*`` or ``group:<name>`` in version 2."""
+    if error.code is not ErrorCode.INVALID_TARGET:
+        return False
+    target = dict(error.extra).get("target")
+    return isinstance(target, str) and (target == "*" or target.startswith("group:"))
+
+
+def _echo(text: str) -> dict[str, str | int]:
+    """``{"id": ...}`` for an error frame about ``text``, when its id can be read."""
+    found = command_id(text)
+    return {} if found is None else {"id": found}
 
 
 def _utf8_length_exceeds(text: str, limit: int) -> bool:
@@ -141,6 +172,7 @@ class Session:
         "messages_out",
         "_max_bytes",
         "_bucket",
+        "_timeouts",
     )
 
     def __init__(self, client_id: str, role: Role, limits: Limits, now: float) -> None:
@@ -153,6 +185,7 @@ class Session:
         self.messages_out = 0
         self._max_bytes = limits.max_message_bytes
         self._bucket = TokenBucket(limits.rate, limits.burst, now)
+        self._timeouts = limits.timeouts
 
     def _require(self, *states: State) -> None:
         if self.state not in states:
@@ -179,13 +212,29 @@ class Session:
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"frame exceeds the limit of {self._max_bytes} bytes",
                 limit=self._max_bytes,
+                **_echo(text),
             )
         wait = self._bucket.try_take(now)
         if wait > 0:
             return _error(
-                ErrorCode.RATE_LIMITED, "too many messages; retry later", retry_after_ms=max(1, round(wait * 1000))
+                ErrorCode.RATE_LIMITED,
+                "too many messages; retry later",
+                retry_after_ms=max(1, round(wait * 1000)),
+                **_echo(text),
             )
         parsed = parse_command(text)
+        if self._timeouts is not None and (
+            (isinstance(parsed, Command) and parsed.id is not None)
+            or (isinstance(parsed, ProtocolError) and _names_many(parsed))
+        ):
+            # Version 2 (an id, "*" or "group:..."): read the extra fields. Commands without
+            # id never get here, so the version-1 hot path parses once, as before.
+            request = parse_request(text, self._timeouts)
+            if isinstance(request, ProtocolError):
+                return _error(request.code, request.detail, **dict(request.extra))
+            if request.id is None and request.kind is TargetKind.CLIENT:
+                return Deliver(Command(request.target, request.message))
+            return Submit(request)
         if isinstance(parsed, ProtocolError):
             return _error(parsed.code, parsed.detail, **dict(parsed.extra))
         return Deliver(parsed)
@@ -195,13 +244,13 @@ class Session:
             # Clients cannot read error frames (they would take them for commands), so the
             # RFC 6455 code for "message too big" tells them instead.
             return Close(CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._max_bytes} bytes")
-        publish = Publish(encode_reply(self.client_id, text))
+        publish = Publish(encode_reply(self.client_id, text), text)
         wait = self._bucket.reserve(now)
         return Throttle(wait, publish) if wait > 0 else publish
 
     def delivery_failed(self, command: Command, code: ErrorCode, detail: str) -> SendError:
         """The broker could not deliver ``command``: tell the controller, naming the target."""
-        extra = {"target": command.target}
+        extra: dict[str, str | int] = {"target": command.target}
         if command.id is not None:
             extra["id"] = command.id
         return _error(code, detail, **extra)
