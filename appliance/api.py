@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -335,22 +334,22 @@ class LocalBackend:
         return outcome.body
 
 
-def _bearer_allowed(scope: Scope, tokens: Any) -> bool:
+def _bearer_allowed(scope: Scope, token_store: Any) -> bool:
+    """``Authorization: Bearer <token>`` with a controller or admin token, through the store's comparator."""
     headers = dict(scope.get("headers") or [])
     value = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, presented = value.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return False
-    allowed = [t for t in (tokens.controller, tokens.admin) if t]
-    matches = [hmac.compare_digest(presented.encode(), t.encode()) for t in allowed]
-    return any(matches)
+    grant = token_store.lookup(presented)
+    return grant is not None and grant.role in ("controller", "admin")
 
 
 @asgi("/mcp", is_mount=True, copy_scope=True)
 async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     """MCP streamable HTTP; ``Authorization: Bearer <controller token>``."""
     app = scope["app"]
-    if not _bearer_allowed(scope, app.state.tokens):
+    if not _bearer_allowed(scope, app.state.token_store):
         body = b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
         start: Any = {
             "type": "http.response.start",

@@ -35,6 +35,7 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.INVALID_CLIENT_ID,
         CloseCode.RESERVED_ID,
         CloseCode.REPLACED,
+        CloseCode.TOKEN_EXPIRED,  # the same token would be refused: a new one must come from the operator
         CloseCode.DISCONNECTED,  # an administrator decided; coming straight back would defeat it
     }
 )

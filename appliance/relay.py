@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,7 @@ from .core.protocol_v2 import TimeoutPolicy, encode_client_command
 from .core.requests import Routed
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
 from .settings import Settings
+from .tokens.base import Grant
 
 __all__ = ["Connection", "Flusher", "Relay"]
 
@@ -90,6 +91,7 @@ class Connection:
         "remote",
         "owner",
         "close_code",
+        "grant",
         "_send",
         "_flusher",
         "_pending",
@@ -123,6 +125,7 @@ class Connection:
         self.remote = remote
         self.owner: Owner | None = None
         self.close_code: int | None = None
+        self.grant: Grant | None = None  # the token (name, version) that opened it, for eviction
         self._send = send
         self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
@@ -261,6 +264,8 @@ class Connection:
             "messages_in": session.messages_in,
             "messages_out": session.messages_out,
             "last_activity": _iso(session.last_activity),
+            "token": self.grant.name if self.grant else None,
+            "token_version": self.grant.version if self.grant else None,
         }
         # Only when set, so version-1 records keep exactly their fields.
         if self.v2:
@@ -309,6 +314,7 @@ class Relay:
         role: Role,
         send: ASGISend,
         remote: str,
+        grant: Grant | None = None,
         *,
         v2: bool = False,
         groups: tuple[str, ...] = (),
@@ -318,9 +324,11 @@ class Relay:
         max_chars = (
             settings.controller_max_pending_bytes if role is Role.CONTROLLER else settings.client_max_pending_bytes
         )
-        return Connection(
+        conn = Connection(
             session, send, remote, self._flusher, settings.max_pending_messages, max_chars, v2=v2, groups=groups
         )
+        conn.grant = grant
+        return conn
 
     # --- lifecycle of one connection ----------------------------------------------------
 
@@ -552,6 +560,23 @@ class Relay:
         if self.draining:
             return False, "shutting down"
         return self.broker.health()
+
+    # --- tokens (appliance/tokens/service.py) --------------------------------------------
+
+    def grants(self) -> Counter[tuple[str, int]]:
+        """Local connections by the token (name, version) that opened them."""
+        return Counter((c.grant.name, c.grant.version) for c in self._connections.values() if c.grant is not None)
+
+    def evict(self, token_name: str, version: int, code: CloseCode) -> int:
+        """Close every local connection opened with this token version (expired or revoked)."""
+        victims = [
+            conn
+            for conn in self._connections.values()
+            if conn.grant is not None and conn.grant.name == token_name and conn.grant.version == version
+        ]
+        for conn in victims:
+            conn.close(code)
+        return len(victims)
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: refuse newcomers, close every socket with 1001 after its queued frames."""
