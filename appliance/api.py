@@ -130,8 +130,10 @@ class ClientRecord(Struct):
     messages_in: int
     messages_out: int
     last_activity: str
-    protocol: int = 1
-    groups: list[str] = []
+    token: Annotated[str | None, Meta(description="Name of the token that opened it (never its value).")] = None
+    token_version: int | None = None
+    protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
+    groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
 
 
 class ClientPage(Struct):
