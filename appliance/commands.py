@@ -140,6 +140,8 @@ class CommandService:
         self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = 0.0
         self._queue_lock = asyncio.Lock()
+        # Commands this instance queued and not yet seen delivered, until they expire: the offline-queue gauge.
+        self._queued_here: dict[tuple[str, CommandId], float] = {}
         self._fan_seq = itertools.count()
         self._fan_lock = asyncio.Lock()
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
@@ -175,8 +177,12 @@ class CommandService:
             self._report(pending, Status.TIMEOUT)
         for client, advance in self.matcher.expire(now).items():
             self._advance(client, advance, now)
+        metrics.PENDING_REQUESTS.set(len(self.pending))
         if now >= self._next_sweep:  # Forgetting v2 commands nobody answered is housekeeping: once a second.
             self._next_sweep = now + 1.0
+            for key in [k for k, expires in self._queued_here.items() if expires <= now]:
+                del self._queued_here[key]
+            metrics.OFFLINE_QUEUE.set(len(self._queued_here))
             for key in [k for k, line in self._awaiting.items() if line[-1][1] <= now]:
                 del self._awaiting[key]
 
@@ -229,6 +235,8 @@ class CommandService:
         if pending is None:
             return
         _OUTCOME["queued"].inc()
+        if enqueued is Enqueued.QUEUED:
+            self._queued_here[(routed.owner, routed.id)] = time.time() + routed.timeout_ms / 1000
         remaining = max(0, round((pending.deadline - time.time()) * 1000))
         duplicate = {} if enqueued is Enqueued.QUEUED else {"duplicate": True}
         if enqueued is Enqueued.ALREADY_DELIVERED:
@@ -268,6 +276,7 @@ class CommandService:
             return
         assert event.id is not None
         if event.kind == "d":
+            self._queued_here.pop((event.owner, event.id), None)
             pending = self.pending.delivered(event.owner, event.id)
             if pending is not None:
                 _OUTCOME["delivered"].inc()
