@@ -410,3 +410,37 @@ def contextlib_stack():
     import contextlib
 
     return contextlib.AsyncExitStack()
+
+
+def _gauge(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+async def test_metrics_show_pending_and_queued_commands(start_appliance):
+    from support import eventually
+
+    app = start_appliance(name="cmd-metrics")
+    target = uid("m")
+    async with app.controller(uid("ctl")) as llm:
+        await llm.send(command(target, "later", id="m1", queue=True, timeout_ms=20_000))
+        assert (await recv_json(llm))["status"] == "queued"
+
+        async def gauges():
+            _, body = await app.aget("/metrics")
+            pending = _gauge(body, "wsbridge_pending_requests")
+            queued = _gauge(body, "wsbridge_offline_queue_messages")
+            return (pending, queued) if (pending, queued) == (1, 1) else None
+
+        await eventually(gauges, 5, "the gauges to count the queued command")
+        async with app.connect(target) as client:
+            assert await recv(client) == "later"
+            await client.send("done")
+
+            async def drained():
+                _, body = await app.aget("/metrics")
+                idle = _gauge(body, "wsbridge_pending_requests") == 0
+                return idle and _gauge(body, "wsbridge_offline_queue_messages") == 0
+
+            await eventually(drained, 5, "the gauges to return to 0")
+        _, body = await app.aget("/metrics")
+        assert 'wsbridge_command_outcomes_total{outcome="replied"} 1.0' in body
