@@ -444,3 +444,24 @@ async def test_metrics_show_pending_and_queued_commands(start_appliance):
             await eventually(drained, 5, "the gauges to return to 0")
         _, body = await app.aget("/metrics")
         assert 'wsbridge_command_outcomes_total{outcome="replied"} 1.0' in body
+
+
+async def test_full_queues_are_refused_with_queue_full(start_appliance):
+    app = start_appliance({"OFFLINE_QUEUE_MAX": "2", "V1_REPLY_QUEUE": "1"}, name="cmd-full")
+    absent, busy = uid("absent"), uid("busy")
+    async with app.controller(uid("ctl")) as llm:
+        for i in range(3):
+            await llm.send(command(absent, f"q{i}", id=f"q{i}", queue=True, timeout_ms=20_000))
+        frames = [await recv_json(llm) for _ in range(3)]
+        assert [f.get("status", f.get("error")) for f in frames] == ["queued", "queued", "queue_full"]
+        assert frames[2]["id"] == "q2" and frames[2]["target"] == absent
+        async with api(app) as http:
+            response = await http.post("/api/v1/commands", json={"target": absent, "message": "x", "queue": True})
+            assert (response.status_code, response.json()["error"]) == (409, "queue_full")
+        async with app.connect(busy) as client:  # version 1: one in flight, one waiting, then full
+            for i in range(3):
+                await llm.send(command(busy, f"b{i}", id=f"b{i}"))
+            assert await recv(client) == "b0"
+            frames = [await recv_json(llm) for _ in range(2)]
+            assert {f.get("status", f.get("error")) for f in frames} == {"delivered", "queue_full"}
+            assert next(f for f in frames if "error" in f)["id"] == "b2"
