@@ -28,6 +28,7 @@ from .core.requests import Routed
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
 from .settings import Settings
 from .tokens.base import Grant
+from .wsbatch import MAX_BATCH_CHARS, batcher_for
 
 __all__ = ["Connection", "Flusher", "Relay"]
 
@@ -100,6 +101,7 @@ class Connection:
         "grant",
         "rtt_from",
         "_send",
+        "_batcher",
         "_flusher",
         "_pending",
         "_pending_chars",
@@ -137,6 +139,8 @@ class Connection:
         #: the reader observes wsbridge_command_rtt_seconds at the client's next message.
         self.rtt_from = 0.0
         self._send = send
+        # Several frames in one transport write when uvicorn's protocol is reachable (see wsbatch).
+        self._batcher = batcher_for(send)
         self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
         self._pending_chars = 0  # Text queued and not yet handed to the transport.
@@ -204,7 +208,30 @@ class Connection:
         self._marked = False
         pending, session = self._pending, self.session
         awaits_reply = session.role is Role.CLIENT  # Frames to a client are commands.
+        batcher = self._batcher
         while pending and self._writer is None:
+            if batcher is not None and isinstance(pending[0], str) and batcher.ready():
+                # The frames uvicorn would write one by one right now, in one write.
+                texts: list[str] = []
+                chars = 0
+                while pending and chars < MAX_BATCH_CHARS:
+                    text = pending[0]
+                    if not isinstance(text, str):
+                        break  # A close: uvicorn's own send writes it, after these.
+                    pending.popleft()
+                    texts.append(text)
+                    chars += len(text)
+                self._pending_chars -= chars
+                try:
+                    batcher.write(texts)
+                except Exception:  # The peer is gone (closing, OSError): the reader cleans up.
+                    self._drop_pending()
+                    return
+                for _ in texts:
+                    session.sent(now)
+                if awaits_reply and not self.rtt_from:
+                    self.rtt_from = now
+                continue
             item = pending.popleft()
             if isinstance(item, str):
                 self._pending_chars -= len(item)

@@ -1,0 +1,87 @@
+"""Several queued text frames of one connection in one transport write (uvicorn websockets-sansio).
+
+ASGI has one event per frame, and uvicorn writes each ``websocket.send`` with its own
+``transport.write`` (one syscall, one TCP segment). The relay often has several frames for
+one connection in one loop pass (a controller's replies, a v2 command's ``delivered`` status
+and its reply), so it frames them with the same websockets connection object uvicorn uses
+and writes them together: the bytes on the wire are identical, only the segments differ.
+
+This reaches into uvicorn's protocol object, so it is used only when the ASGI ``send``
+callable leads to the exact protocol class of the pinned uvicorn and only while that
+protocol is in the state in which its own ``send`` would write the frame at once;
+anything else (another server, back-pressure, closing) takes the plain ASGI path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["MAX_BATCH_CHARS", "FrameBatcher", "batcher_for"]
+
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.exceptions import InvalidState
+except ImportError:  # pragma: no cover - uvicorn without websockets: the plain path only.
+    WebSocketsSansIOProtocol = None  # type: ignore[assignment,misc]
+    InvalidState = Exception  # type: ignore[assignment,misc]
+
+#: Send wrappers known to act on HTTP events only (checked against the pinned versions).
+_TRANSPARENT = frozenset({"ExceptionHandlerMiddleware.__call__.<locals>.capture_response_started"})
+
+#: At most this many characters per write; the protocol's back-pressure is checked between writes.
+MAX_BATCH_CHARS = 64 << 10
+
+
+class FrameBatcher:
+    """Writes text frames straight through one uvicorn websockets-sansio protocol."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def ready(self) -> bool:
+        """True when uvicorn's ``send`` of a text frame would write it at once (no pause, open, not closing)."""
+        p = self._protocol
+        return (
+            p.writable.is_set()
+            and not p.disconnected
+            and p.handshake_complete
+            and not p.close_sent
+            and p.initial_response is None
+        )
+
+    def write(self, texts: list[str]) -> None:
+        """Frame ``texts`` and write them with one ``transport.write``; raises if the connection is not open."""
+        p = self._protocol
+        conn = p.conn
+        try:
+            for text in texts:
+                conn.send_text(text.encode())
+        except InvalidState:
+            raise ConnectionError("the WebSocket is closing") from None
+        p.transport.write(b"".join(conn.data_to_send()))
+
+
+def batcher_for(send: Callable[..., Any]) -> FrameBatcher | None:
+    """The batcher behind an ASGI ``send``: uvicorn's protocol, through send wrappers that keep it as ``send``.
+
+    Litestar's exception middleware wraps ``send`` in a closure over the original; the
+    wrapper only looks at HTTP events, so frames may skip it.
+    """
+    if WebSocketsSansIOProtocol is None:  # pragma: no cover
+        return None
+    for _ in range(4):
+        owner = getattr(send, "__self__", None)
+        if owner is not None:
+            if type(owner) is WebSocketsSansIOProtocol and getattr(send, "__func__", None) is (
+                WebSocketsSansIOProtocol.send
+            ):
+                return FrameBatcher(owner)
+            return None
+        code, closure = getattr(send, "__code__", None), getattr(send, "__closure__", None)
+        if code is None or not closure or code.co_qualname not in _TRANSPARENT or "send" not in code.co_freevars:
+            return None
+        send = closure[code.co_freevars.index("send")].cell_contents
+    return None

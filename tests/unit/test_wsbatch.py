@@ -1,0 +1,77 @@
+"""Batched frame writes through the real uvicorn websockets-sansio protocol behind Litestar.
+
+The batcher reaches into uvicorn's protocol object; these tests run the pinned uvicorn and
+Litestar in-process over a real socket, so an upgrade that moves what the batcher relies
+on fails here rather than silently falling back to one write per frame.
+"""
+
+import asyncio
+import socket
+
+import uvicorn
+import websockets
+from litestar import Litestar, websocket
+
+from appliance.core.protocol import CloseCode, Role
+from appliance.core.session import Limits, Session
+from appliance.relay import Connection, Flusher
+from appliance.web import RelaySocket
+from appliance.wsbatch import MAX_BATCH_CHARS, batcher_for
+
+found: list[bool] = []
+
+
+@websocket("/ws", websocket_class=RelaySocket)
+async def handler(socket: RelaySocket) -> None:
+    await socket.accept()
+    conn = Connection(Session("c1", Role.CLIENT, Limits(1 << 20, 0, 1), now=0), socket.raw_send, "x", Flusher())
+    found.append(conn._batcher is not None)
+    conn.opened()
+    conn.deliver("first")
+    conn.deliver("second")
+    conn.deliver("x" * (MAX_BATCH_CHARS + 10))  # Two writes: the batch stops at the limit.
+    conn.deliver("last")
+    conn.close(CloseCode.REPLACED)
+    await conn.flush(5)
+    assert conn.session.messages_out == 4
+    while (await socket.raw_receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def _serve() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        Litestar([handler]), ws="websockets-sansio", http="httptools", log_config=None, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, task, port
+
+
+def test_batcher_only_for_the_protocol_behind_known_wrappers():
+    async def send(event):
+        pass
+
+    assert batcher_for(send) is None  # Not uvicorn's: the plain ASGI path.
+
+
+async def test_frames_go_out_batched_intact_and_in_order_then_the_close():
+    found.clear()
+    server, task, port = await _serve()
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            received = [await asyncio.wait_for(ws.recv(), 10) for _ in range(4)]
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as closed:
+                code = closed.rcvd.code if closed.rcvd else None
+        assert received == ["first", "second", "x" * (MAX_BATCH_CHARS + 10), "last"]
+        assert code == CloseCode.REPLACED
+        assert found == [True]
+    finally:
+        server.should_exit = True
+        await task
