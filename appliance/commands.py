@@ -143,6 +143,7 @@ class CommandService:
         # Commands this instance queued and not yet seen delivered, until they expire: the offline-queue gauge.
         self._queued_here: dict[tuple[str, CommandId], float] = {}
         self._fan_seq = itertools.count()
+        self._http_seq = itertools.count()
         self._fan_lock = asyncio.Lock()
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
         # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
@@ -550,7 +551,7 @@ class CommandService:
         request = self.parse(fields)
         if isinstance(request, ProtocolError):
             return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
-        owner = f"h:{secrets.token_hex(8)}"
+        owner = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[owner] = _Waiter(future, wait_ms is not None, target)
         try:

@@ -374,6 +374,26 @@ def watch(gauge: Gauge, value: Callable[[], float]) -> None:
     gauge.set_function(value)
 
 
+class _Children:
+    """A metric whose ``labels()`` children are remembered by their values (4 lookups per request).
+
+    prometheus_client's ``labels()`` takes a lock and converts every value each time; the
+    label values here are few (route templates, methods, statuses of matched routes).
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def labels(self, *values: Any) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class _HttpMetrics(PrometheusMiddleware):
     """Litestar's HTTP metrics, registered on our registry instead of the global default one."""
 
@@ -382,8 +402,18 @@ class _HttpMetrics(PrometheusMiddleware):
     def _metric(self, kind: type, suffix: str, doc: str, labels: dict[str, Any], **extra: Any) -> Any:
         name = f"{self._config.prefix}_{suffix}"
         if name not in _HttpMetrics._metrics:
-            _HttpMetrics._metrics[name] = kind(name, doc, [*labels], registry=REGISTRY, **extra)
+            _HttpMetrics._metrics[name] = _Children(kind(name, doc, [*labels], registry=REGISTRY, **extra))
         return _HttpMetrics._metrics[name]
+
+    def _get_default_labels(self, request: Any) -> dict[str, str | int | float]:
+        """As Litestar's, without parsing the URL whose path ``group_path`` replaces by the route template."""
+        scope = request.scope
+        return {
+            "method": scope["method"] if scope["type"] == ScopeType.HTTP else scope["type"],
+            "path": scope["path_template"],
+            "status_code": 200,
+            "app_name": self._config.app_name,
+        }
 
     def request_count(self, labels: dict[str, Any]) -> Counter:
         return self._metric(Counter, "requests_total", "HTTP requests, by route template and status.", labels)
