@@ -5,6 +5,9 @@ ASGI has one event per frame, and uvicorn writes each ``websocket.send`` with it
 one connection in one loop pass (a controller's replies, a v2 command's ``delivered`` status
 and its reply), so it frames them with the same websockets connection object uvicorn uses
 and writes them together: the bytes on the wire are identical, only the segments differ.
+While the connection is open without extensions (the server disables per-message
+deflate), the frames are built here as websockets would build them, minus its
+per-frame object and checks.
 
 This reaches into uvicorn's protocol object, so it is used only when the ASGI ``send``
 callable leads to the exact protocol class of the pinned uvicorn and only while that
@@ -14,6 +17,7 @@ anything else (another server, back-pressure, closing) takes the plain ASGI path
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +26,11 @@ __all__ = ["MAX_BATCH_CHARS", "FrameBatcher", "batcher_for"]
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     from websockets.exceptions import InvalidState
+    from websockets.protocol import OPEN, SERVER
 except ImportError:  # pragma: no cover - uvicorn without websockets: the plain path only.
     WebSocketsSansIOProtocol = None  # type: ignore[assignment,misc]
     InvalidState = Exception  # type: ignore[assignment,misc]
+    OPEN = SERVER = None  # type: ignore[assignment]
 
 #: Send wrappers known to act on HTTP events only (checked against the pinned versions).
 _TRANSPARENT = frozenset({"ExceptionHandlerMiddleware.__call__.<locals>.capture_response_started"})
@@ -56,12 +62,37 @@ class FrameBatcher:
         """Frame ``texts`` and write them with one ``transport.write``; raises if the connection is not open."""
         p = self._protocol
         conn = p.conn
+        if (
+            conn.state is OPEN
+            and conn.side is SERVER
+            and not conn.extensions
+            and not conn.expect_continuation_frame
+            and not conn.debug
+            and not conn.writes
+        ):
+            # What send_text would append: final unmasked text frames, no extension (RFC 6455 5.2).
+            p.transport.write(b"".join([_frame(text.encode()) for text in texts]))
+            return
         try:
             for text in texts:
                 conn.send_text(text.encode())
         except InvalidState:
             raise ConnectionError("the WebSocket is closing") from None
         p.transport.write(b"".join(conn.data_to_send()))
+
+
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
+
+
+def _frame(data: bytes) -> bytes:
+    """A final, unmasked text frame: FIN + opcode 1, then the payload length in 7, 16 or 64 bits."""
+    length = len(data)
+    if length < 126:
+        return bytes((0x81, length)) + data
+    if length < 65536:
+        return _HEAD_16.pack(0x81, 126, length) + data
+    return _HEAD_64.pack(0x81, 127, length) + data
 
 
 def batcher_for(send: Callable[..., Any]) -> FrameBatcher | None:

@@ -8,15 +8,18 @@ on fails here rather than silently falling back to one write per frame.
 import asyncio
 import socket
 
+import pytest
 import uvicorn
 import websockets
 from litestar import Litestar, websocket
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from appliance.core.protocol import CloseCode, Role
 from appliance.core.session import Limits, Session
 from appliance.relay import Connection, Flusher
 from appliance.web import RelaySocket
-from appliance.wsbatch import MAX_BATCH_CHARS, batcher_for
+from appliance.wsbatch import MAX_BATCH_CHARS, _frame, batcher_for
 
 found: list[bool] = []
 
@@ -28,8 +31,8 @@ async def handler(socket: RelaySocket) -> None:
     found.append(conn._batcher is not None)
     conn.opened()
     conn.deliver("first")
-    conn.deliver("second")
-    conn.deliver("x" * (MAX_BATCH_CHARS + 10))  # Two writes: the batch stops at the limit.
+    conn.deliver("second é" * 40)  # A 16-bit length.
+    conn.deliver("x" * (MAX_BATCH_CHARS + 10))  # A 64-bit length.  # Two writes: the batch stops at the limit.
     conn.deliver("last")
     conn.close(CloseCode.REPLACED)
     await conn.flush(5)
@@ -52,6 +55,16 @@ async def _serve() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     return server, task, port
 
 
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70001])
+def test_frames_are_the_bytes_websockets_writes(length):
+    protocol = ServerProtocol()
+    protocol.state = State.OPEN
+    data = ("é" * length).encode()[:length]
+    data = data.decode(errors="ignore").encode()
+    protocol.send_text(data)
+    assert _frame(data) == b"".join(protocol.data_to_send())
+
+
 def test_batcher_only_for_the_protocol_behind_known_wrappers():
     async def send(event):
         pass
@@ -69,7 +82,7 @@ async def test_frames_go_out_batched_intact_and_in_order_then_the_close():
                 await asyncio.wait_for(ws.recv(), 10)
             except websockets.ConnectionClosed as closed:
                 code = closed.rcvd.code if closed.rcvd else None
-        assert received == ["first", "second", "x" * (MAX_BATCH_CHARS + 10), "last"]
+        assert received == ["first", "second é" * 40, "x" * (MAX_BATCH_CHARS + 10), "last"]
         assert code == CloseCode.REPLACED
         assert found == [True]
     finally:
