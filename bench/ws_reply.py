@@ -10,7 +10,9 @@ one as soon as an answer comes back.
   controller gets a ``delivered`` status frame and the ``reply_to`` frame per command.
 
 The ratio v2/v1 of completed commands per second is the cost of ids, status frames and
-correlation (issue 8: v2 costs at most 25 % of v1 throughput).
+correlation (issue 8: v2 costs at most 25 % of v1 throughput). ``--rounds`` alternates
+v1 and v2 and reports medians; the server's CPU per command is reported too, the
+figure a busy machine disturbs least.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import asyncio
 import itertools
 import json
 import secrets
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -86,12 +90,15 @@ class _Controller(WSListener):
         self.send(message["sender"])
 
 
-async def _loop(port: int, tokens: tuple[str, str], v2: bool, clients: int, outstanding: int, duration: float):
+async def _loop(
+    proc: Any, port: int, tokens: tuple[str, str], v2: bool, clients: int, outstanding: int, duration: float, rnd: int
+) -> tuple[float, float]:
+    """Completed commands per second and server CPU (us) per command, over ``duration``."""
     controller_token, client_token = tokens
     client_headers = {"X-Auth-Token": client_token}
     if v2:
         client_headers["Sec-WebSocket-Protocol"] = "wsbridge.v2"
-    prefix = "v2" if v2 else "v1"
+    prefix = f"{'v2' if v2 else 'v1'}r{rnd}"
     ids = [f"{prefix}-{i}" for i in range(clients)]
     transports = [
         (await ws_connect(lambda: _Echo(v2), f"ws://127.0.0.1:{port}/ws/{cid}", extra_headers=client_headers))[0]
@@ -106,16 +113,18 @@ async def _loop(port: int, tokens: tuple[str, str], v2: bool, clients: int, outs
     for i in range(outstanding):
         controller.send(ids[i % clients])
     await asyncio.sleep(1.0)  # warm-up
-    start_count, start = controller.completed, time.perf_counter()
+    start_count, start, cpu = controller.completed, time.perf_counter(), proc.cpu_seconds()
     await asyncio.sleep(duration)
-    rate = (controller.completed - start_count) / (time.perf_counter() - start)
+    done, cpu = controller.completed - start_count, proc.cpu_seconds() - cpu
+    rate = done / (time.perf_counter() - start)
     transport.disconnect()
     for t in transports:
         t.disconnect()
-    return rate
+    await asyncio.sleep(0.2)  # Let the server see them go before the next round.
+    return rate, 1e6 * cpu / max(done, 1)
 
 
-async def run(clients: int, outstanding: int, duration: float) -> dict:
+async def run(clients: int, outstanding: int, duration: float, rounds: int = 1) -> dict:
     raise_nofile_limit()
     tokens = (secrets.token_urlsafe(24), secrets.token_urlsafe(24))
     with tempfile.TemporaryDirectory(prefix="wsb-bench-ws-") as tmp, Processes(Path(tmp)) as procs:
@@ -123,16 +132,33 @@ async def run(clients: int, outstanding: int, duration: float) -> dict:
         settings = {"LLM_SECRET_TOKEN": tokens[0], "UNITY_CLIENT_TOKEN": tokens[1], "LOG_LEVEL": "WARNING"}
         proc = procs.start_appliance("ws-reply", port, settings)
         await wait_http_ok(proc, f"http://127.0.0.1:{port}/healthz")
-        v1 = await _loop(port, tokens, False, clients, outstanding, duration)
-        v2 = await _loop(port, tokens, True, clients, outstanding, duration)
-    return {"clients": clients, "outstanding": outstanding, "v1_per_s": v1, "v2_per_s": v2, "v2_over_v1": v2 / v1}
+        runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        for rnd in range(rounds):  # Interleaved, so a busy spell on the machine hits both versions.
+            for v2 in (False, True):
+                runs[v2].append(await _loop(proc, port, tokens, v2, clients, outstanding, duration, rnd))
+    v1, v2 = (statistics.median(r for r, _ in runs[k]) for k in (False, True))
+    v1_cpu, v2_cpu = (statistics.median(c for _, c in runs[k]) for k in (False, True))
+    return {
+        "clients": clients,
+        "outstanding": outstanding,
+        "rounds": rounds,
+        "v1_per_s": v1,
+        "v2_per_s": v2,
+        "v2_over_v1": v2 / v1,
+        # Server CPU per completed command: what a busy machine disturbs least.
+        "v1_server_cpu_us": v1_cpu,
+        "v2_server_cpu_us": v2_cpu,
+        "v1_over_v2_cpu": v1_cpu / v2_cpu,
+        "per_round_v2_over_v1": [b[0] / a[0] for a, b in zip(runs[False], runs[True], strict=True)],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ws_reply", description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--outstanding", type=int, default=100, help="commands in flight (at most one per client)")
-    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per version and round")
+    parser.add_argument("--rounds", type=int, default=1, help="v1 and v2 alternately, this many times; medians")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -140,7 +166,11 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    print(json.dumps(asyncio.run(run(args.clients, min(args.outstanding, args.clients), args.duration)), indent=2))
+    print(
+        json.dumps(
+            asyncio.run(run(args.clients, min(args.outstanding, args.clients), args.duration, args.rounds)), indent=2
+        )
+    )
 
 
 if __name__ == "__main__":
