@@ -559,7 +559,8 @@ class CommandService:
             return await future
         finally:
             self._waiters.pop(owner, None)
-            self.pending.drop_owner(owner)
+            if request.id is not None:  # This owner's only entry (a broadcast opens none): no scan of them all.
+                self.pending.finish(owner, request.id)
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
