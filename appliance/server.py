@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .relay import Relay
 from .settings import Settings
@@ -32,6 +35,62 @@ class _GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _JoinedWrites:
+    """A response's writes within one loop pass, joined into one ``transport.write``.
+
+    uvicorn writes the status line and headers at ``http.response.start`` and the body
+    at ``http.response.body``: two syscalls and two TCP segments for every small JSON
+    answer. Writes are held until the end of the pass (or a close), so a body sent right
+    after its start goes out with it; a streamed body still goes out as it comes.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, ...: the transport's own.
+        return getattr(self._transport, name)
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol whose request cycles write through :class:`_JoinedWrites`.
+
+    Only the cycle's transport is wrapped: a WebSocket upgrade keeps the real one.
+    """
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not before:
+            cycle.transport = _JoinedWrites(cycle.transport)  # type: ignore[assignment]
+
+    def shutdown(self) -> None:
+        # uvicorn closes the real transport of an idle connection: write what this pass still holds first.
+        if self.cycle is not None and isinstance(self.cycle.transport, _JoinedWrites):
+            self.cycle.transport.flush()
+        super().shutdown()
+
+
 def _tune_gc() -> None:
     """Fewer, cheaper collections: a relay holds many long-lived objects per connection.
 
@@ -52,7 +111,7 @@ def run(settings: Settings, token_store: TokenStore | None = None) -> None:
         host=settings.bind_host,
         port=settings.web_socket_port,
         loop="uvloop",
-        http="httptools",
+        http=_HttpProtocol,
         ws="websockets-sansio",
         ws_max_size=transport_max_size(settings),
         ws_ping_interval=settings.ping_interval,
