@@ -1,4 +1,4 @@
-"""The Unity client (unity_project/Assets/Scripts/Network) built with Mono and run against real appliances.
+"""The Unity client (the UPM package in unity_project/Packages/com.wsbridge.client) built with Mono and run against real appliances.
 
 ``BridgeClient.cs`` and ``BridgeProtocol.cs`` are compiled with ``mcs`` together with the C# test program
 ``unity/BridgeClientTests.cs`` and run with ``mono``, one scenario per process. This module plays the
@@ -25,12 +25,13 @@ from pathlib import Path
 import pytest
 from support import CLIENT_TOKEN, ROOT, Appliance, command, eventually, recv_json, timeout
 
-NETWORK = ROOT / "unity_project" / "Assets" / "Scripts" / "Network"
+PACKAGE = ROOT / "unity_project" / "Packages" / "com.wsbridge.client"
+CORE = PACKAGE / "Runtime" / "Core"
 HARNESS = Path(__file__).resolve().parent / "unity"
 # The newest C# Mono's mcs compiles; the Unity scripts promise to stay within it.
 LANGVERSION = "7.2"
-TRANSPORT = [NETWORK / "BridgeClient.cs", NETWORK / "BridgeProtocol.cs"]
-UNITY_SCRIPTS = [NETWORK / "CommandListener.cs", *sorted((NETWORK / "Examples").glob("*.cs"))]
+TRANSPORT = sorted(CORE.rglob("*.cs"))
+UNITY_SCRIPTS = [*sorted((PACKAGE / "Runtime" / "Unity").rglob("*.cs")), *sorted((PACKAGE / "Samples~").rglob("*.cs"))]
 
 
 def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
