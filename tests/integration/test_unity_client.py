@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import websockets
 from support import CLIENT_TOKEN, ROOT, Appliance, command, eventually, recv_json, timeout
 
 PACKAGE = ROOT / "unity_project" / "Packages" / "com.wsbridge.client"
@@ -378,3 +379,55 @@ async def test_command_listener_dispatches_to_the_example_light_on_the_main_thre
         await run.passes()
     lines = run.output
     assert "EVENT unhandled dance" in lines  # the UnityEvent fallback got the unknown command
+
+
+# --- hangs, races and final codes (issue 13) ------------------------------------------------------
+
+
+async def test_connect_timeout_holds_against_a_server_that_never_answers_the_upgrade(harness):
+    """Mono's ConnectAsync ignores cancellation once TCP is up: the client must still time out, retry, and stop at once."""
+    async with device(harness, "blackhole") as run:
+        line = await run.expect("EVENT stopped-in")
+        await run.passes()
+    assert int(line.split("ms=")[1]) < 1000, line
+
+
+async def test_send_racing_stop_never_leaves_a_message_for_a_later_start(harness):
+    async with device(harness, "sendrace") as run:
+        await run.passes(within=60)
+
+
+async def test_every_message_accepted_before_stop_reaches_the_controller(app, harness):
+    async with (
+        app.controller() as llm,
+        device(harness, "flush", url=app.ws, id="unity-flush", token=CLIENT_TOKEN) as run,
+    ):
+        accepted = int((await run.expect("EVENT accepted")).split()[-1])
+        await run.passes()
+        assert accepted > 0
+        received = [json.loads(await asyncio.wait_for(llm.recv(), timeout(10)))["message"] for _ in range(accepted)]
+        # Per sender thread the sequence is complete and in order: nothing accepted was lost or reordered.
+        by_thread: dict[str, list[int]] = {}
+        for message in received:
+            _, thread, number = message.split()
+            by_thread.setdefault(thread, []).append(int(number))
+        for numbers in by_thread.values():
+            assert numbers == list(range(len(numbers))), numbers[:20]
+        with pytest.raises(TimeoutError):  # and nothing more than what Send() accepted
+            await asyncio.wait_for(llm.recv(), 0.5)
+
+
+async def test_token_expired_4011_is_final_and_its_reason_reported(harness):
+    """A server that closes with 4011 (token expired or revoked): the client stops instead of retrying."""
+
+    async def expire(ws) -> None:
+        await ws.close(4011, "token expired or revoked; reconnect with the current token")
+
+    async with websockets.serve(expire, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            harness, "rejected", url=f"ws://127.0.0.1:{port}", id="unity-expired", token="old", expect_close=4011
+        ) as run:
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    assert line.startswith("EVENT rejected code=4011 reason=token expired"), line
