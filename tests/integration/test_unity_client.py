@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,7 @@ TRANSPORT = sorted(CORE.rglob("*.cs"))
 UNITY_SCRIPTS = [*sorted((PACKAGE / "Runtime" / "Unity").rglob("*.cs")), *sorted((PACKAGE / "Samples~").rglob("*.cs"))]
 
 
-def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
+def compile_cs(out: Path, sources: list[Path], target: str = "exe", defines: list[str] | None = None) -> Path:
     """mcs with warnings as errors: what compiles cleanly here also compiles in Unity without noise."""
     mcs = shutil.which("mcs")
     if mcs is None or shutil.which("mono") is None:
@@ -48,6 +49,7 @@ def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
             "-warnaserror+",
             "-r:System.Core",
             f"-target:{target}",
+            *(f"-define:{name}" for name in defines or []),
             f"-out:{out}",
             *map(str, sources),
         ],
@@ -133,7 +135,9 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def device(harness: Path, scenario: str, **options: object) -> AsyncIterator[Device]:
+async def device(
+    harness: Path, scenario: str, env: dict[str, str] | None = None, **options: object
+) -> AsyncIterator[Device]:
     args: list[str] = []
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
@@ -147,6 +151,7 @@ async def device(harness: Path, scenario: str, **options: object) -> AsyncIterat
         str(timeout(30)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     try:
         yield Device(process, scenario)
@@ -360,14 +365,20 @@ async def test_receive_watchdog_drops_a_silent_connection_and_reconnects(app, ha
     assert 'reason="receive timeout' in run.output
 
 
-async def test_command_listener_dispatches_to_the_example_light_on_the_main_thread(app, tmp_path):
-    exe = compile_cs(
-        tmp_path / "ListenerSmoke.exe",
-        [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs", HARNESS / "ListenerSmoke.cs"],
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The listener, the example and the Unity stand-in (UNITY_EDITOR defined, as in the editor's play mode)."""
+    return compile_cs(
+        tmp_path_factory.mktemp("unity-smoke") / "ListenerSmoke.exe",
+        [*TRANSPORT, *UNITY_SCRIPTS, *sorted(HARNESS.glob("Unity*.cs")), HARNESS / "ListenerSmoke.cs"],
+        defines=["UNITY_EDITOR"],
     )
+
+
+async def test_command_listener_dispatches_to_the_example_light_on_the_main_thread(app, smoke):
     async with (
         app.controller() as llm,
-        device(exe, "listener", url=app.ws, id="unity-light", token=CLIENT_TOKEN) as run,
+        device(smoke, "listener", url=app.ws, id="unity-light", token=CLIENT_TOKEN) as run,
     ):
         await run.expect("EVENT connected")
         assert await ask(llm, "unity-light", "off") == "light off"
@@ -376,9 +387,31 @@ async def test_command_listener_dispatches_to_the_example_light_on_the_main_thre
         assert await ask(llm, "unity-light", "dance") == "error: unknown command dance"
         assert await ask(llm, "unity-light", "on") == "light on"
         await llm.send(command("unity-light", "quit"))
+        await run.expect("EVENT resumed connections=2")  # the short pause kept connection 1, the long one replaced it
         await run.passes()
     lines = run.output
     assert "EVENT unhandled dance" in lines  # the UnityEvent fallback got the unknown command
+    await eventually(lambda: asyncio.to_thread(lambda: not listed(app, "unity-light")), 10, "unity-light to leave")
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_commands_never_run_late_and_teardown_never_blocks(request, start_appliance, smoke, broker):
+    """Disabled, paused, stalled frames, an old connection, the frame budget, a domain reload, a destroyed primary
+    listener, a dead socket on resume and at teardown (the C# program is the controller too; see ListenerSmoke.cs)."""
+    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
+    relay = start_appliance(redis_url=redis_url, name=f"unity-life-{broker}")
+    async with device(
+        smoke,
+        "lifecycle",
+        env={"UNITY_CLIENT_TOKEN": CLIENT_TOKEN},
+        url=relay.ws,
+        id="unity-life",
+        token=CLIENT_TOKEN,
+        controller_token=relay.env["LLM_SECRET_TOKEN"],
+    ) as run:
+        await run.passes(within=60)
+    assert "EVENT per-frame 5,5,2" in run.output
+    assert CLIENT_TOKEN not in run.output.replace(f"--token {CLIENT_TOKEN}", "")
 
 
 # --- hangs, races and final codes (issue 13) ------------------------------------------------------

@@ -331,7 +331,9 @@ namespace WebSocketBridge
             if (string.IsNullOrEmpty(name) || name.IndexOfAny(new[] { ' ', '\t', '\r', '\n' }) >= 0)
                 throw new ArgumentException("a command name is one non-empty word", "name");
             if (handler == null) throw new ArgumentNullException("handler");
-            bool replaced = handlers.ContainsKey(name) | asyncHandlers.Remove(name);
+            CommandHandler current;
+            // Registering the same handler again (a device re-registering with a successor listener) is no replacement.
+            bool replaced = (handlers.TryGetValue(name, out current) && current != handler) | asyncHandlers.Remove(name);
             handlers[name] = handler;
             return replaced;
         }
@@ -342,7 +344,8 @@ namespace WebSocketBridge
             if (string.IsNullOrEmpty(name) || name.IndexOfAny(new[] { ' ', '\t', '\r', '\n' }) >= 0)
                 throw new ArgumentException("a command name is one non-empty word", "name");
             if (handler == null) throw new ArgumentNullException("handler");
-            bool replaced = asyncHandlers.ContainsKey(name) | handlers.Remove(name);
+            AsyncCommandHandler current;
+            bool replaced = (asyncHandlers.TryGetValue(name, out current) && current != handler) | handlers.Remove(name);
             asyncHandlers[name] = handler;
             return replaced;
         }
