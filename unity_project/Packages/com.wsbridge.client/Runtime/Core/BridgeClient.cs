@@ -299,8 +299,13 @@ namespace WebSocketBridge
                 kickCts = new CancellationTokenSource();
                 SetState(BridgeState.Connecting);
                 var token = stopCts.Token;
+#if UNITY_WEBGL && !UNITY_EDITOR
+                // WebGL has no threads: the loop runs on the main thread between awaits, driven by BridgeTransports.Pump().
+                runTask = RunAsync(token);
+#else
                 // Task.Run: the loop never runs on (and never waits for) Unity's main-thread SynchronizationContext.
                 runTask = Task.Run(() => RunAsync(token));
+#endif
             }
         }
 

@@ -89,6 +89,15 @@ namespace WebSocketBridge
             return new ClientWebSocketTransport();
 #endif
         }
+
+        /// <summary>Call once per frame on the main thread: the WebGL transport moves the browser's events to the
+        /// connection here (CommandListener.Update does it). Does nothing on other platforms.</summary>
+        public static void Pump()
+        {
+#if UNITY_WEBGL && !UNITY_EDITOR
+            WebGLTransport.PumpAll();
+#endif
+        }
     }
 
     /// <summary>System.Net.WebSockets.ClientWebSocket: every platform except WebGL.</summary>

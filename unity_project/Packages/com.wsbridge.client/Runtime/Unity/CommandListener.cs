@@ -364,6 +364,7 @@ namespace WebSocketBridge
 
         private void Update()
         {
+            BridgeTransports.Pump(); // WebGL: the browser's socket events (no-op elsewhere)
             if (primary != null)
             {
                 // The listener this one forwarded to was destroyed (fake null): take over its connection and handlers.
