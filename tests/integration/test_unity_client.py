@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -464,3 +467,100 @@ async def test_token_expired_4011_is_final_and_its_reason_reported(harness):
             line = await run.expect("EVENT rejected")
             await run.passes()
     assert line.startswith("EVENT rejected code=4011 reason=token expired"), line
+
+
+# --- the UPM package ------------------------------------------------------------------------------
+
+# Unity's own assemblies a package asmdef may reference (the test framework's, for Tests/).
+UNITY_ASSEMBLIES = {"UnityEngine.TestRunner", "UnityEditor.TestRunner"}
+
+
+def asmdefs() -> dict[Path, dict]:
+    return {path: json.loads(path.read_text()) for path in sorted(PACKAGE.rglob("*.asmdef"))}
+
+
+def test_package_json_asmdefs_and_project_manifest_agree():
+    manifest = json.loads((PACKAGE / "package.json").read_text())
+    assert manifest["name"] == PACKAGE.name == "com.wsbridge.client"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", manifest["version"]), manifest["version"]
+    assert re.fullmatch(r"20\d\d\.\d", manifest["unity"]), manifest["unity"]
+    assert manifest["description"] and manifest["displayName"]
+    for sample in manifest["samples"]:
+        folder = PACKAGE / sample["path"]
+        assert sample["path"].startswith("Samples~/") and folder.is_dir() and list(folder.glob("*.cs")), sample
+    assert f"## [{manifest['version']}]" in (PACKAGE / "CHANGELOG.md").read_text()
+
+    definitions = asmdefs()
+    names = [definition["name"] for definition in definitions.values()]
+    assert len(names) == len(set(names)), names
+    for path, definition in definitions.items():
+        unknown = set(definition.get("references", [])) - set(names) - UNITY_ASSEMBLIES
+        assert not unknown, f"{path.relative_to(PACKAGE)} references unknown assemblies {unknown}"
+        # Every script of the assembly declares a namespace under its rootNamespace.
+        for script in path.parent.rglob("*.cs"):
+            declared = re.findall(r"^namespace ([\w.]+)", script.read_text(), re.M)
+            assert declared and all(n.startswith(definition["rootNamespace"]) for n in declared), script
+    core = definitions[CORE / "WebSocketBridge.Core.asmdef"]
+    assert core["noEngineReferences"] is True
+    for script in CORE.rglob("*.cs"):  # the transport and protocol code stays free of UnityEngine
+        code = "\n".join(line.split("//")[0] for line in script.read_text().splitlines())
+        assert "UnityEngine" not in code, script
+    unity = definitions[PACKAGE / "Runtime" / "Unity" / "WebSocketBridge.asmdef"]
+    assert unity["references"] == ["WebSocketBridge.Core"]
+    tests = definitions[PACKAGE / "Tests" / "Runtime" / "WebSocketBridge.Tests.asmdef"]
+    assert (
+        "UNITY_INCLUDE_TESTS" in tests["defineConstraints"] and "nunit.framework.dll" in tests["precompiledReferences"]
+    )
+
+    # unity_project/ opens as a project that uses the local package and runs its tests.
+    project = PACKAGE.parent.parent
+    dependencies = json.loads((project / "Packages" / "manifest.json").read_text())
+    assert dependencies["dependencies"][manifest["name"]] == f"file:{PACKAGE.name}"
+    assert manifest["name"] in dependencies["testables"]
+    version = re.search(
+        r"^m_EditorVersion: (\d+)\.(\d+)\.", (project / "ProjectSettings" / "ProjectVersion.txt").read_text(), re.M
+    )
+    assert version and tuple(map(int, version.groups())) >= tuple(map(int, manifest["unity"].split(".")))
+
+
+def test_every_package_file_has_a_meta_with_a_unique_guid():
+    sys.path.insert(0, str(HARNESS))
+    try:
+        add_meta = importlib.import_module("add_meta")
+    finally:
+        sys.path.remove(str(HARNESS))
+    guids: dict[str, Path] = {}
+    for path in sorted(PACKAGE.rglob("*")):
+        if path.suffix == ".meta":
+            assert path.with_suffix("").exists(), f"orphaned {path.relative_to(PACKAGE)}"
+            continue
+        if not add_meta.needs_meta(path):
+            continue
+        meta = path.with_name(path.name + ".meta")
+        assert meta.exists(), f"{path.relative_to(PACKAGE)} has no .meta (run tests/integration/unity/add_meta.py)"
+        text = meta.read_text()
+        guid = re.search(r"^guid: ([0-9a-f]{32})$", text, re.M)
+        assert guid, f"{meta.relative_to(PACKAGE)} has no valid guid"
+        assert guid[1] not in guids, f"{meta.relative_to(PACKAGE)} repeats the guid of {guids[guid[1]]}"
+        guids[guid[1]] = path
+        assert ("folderAsset: yes" in text) == path.is_dir(), meta
+    jslib = (PACKAGE / "Runtime" / "Plugins" / "WebGL" / "WsBridge.jslib.meta").read_text()
+    assert "WebGL: WebGL\n    second:\n      enabled: 1" in jslib  # the plugin is included in WebGL players
+
+
+async def test_package_nunit_tests_pass_and_every_script_compiles_for_webgl(tmp_path):
+    """Tests/Runtime (Unity Test Framework) run here against an NUnit stand-in; Core compiles with UNITY_WEBGL."""
+    exe = compile_cs(
+        tmp_path / "PackageTests.exe",
+        [*TRANSPORT, *sorted((PACKAGE / "Tests").rglob("*.cs")), HARNESS / "NUnitStandIn.cs"],
+    )
+    async with device(exe, "nunit") as run:
+        await run.passes()
+    assert "FAIL" not in run.output
+    compile_cs(tmp_path / "WebGL.dll", TRANSPORT, "library", defines=["UNITY_WEBGL"])
+    compile_cs(
+        tmp_path / "WebGLPlayer.dll",
+        [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs"],
+        "library",
+        defines=["UNITY_WEBGL"],
+    )
