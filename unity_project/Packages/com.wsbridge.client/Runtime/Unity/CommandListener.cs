@@ -650,16 +650,17 @@ namespace WebSocketBridge
                 status = "reconnecting in " + info.RetryDelay.TotalSeconds.ToString("0.0") + " s (" + info.Reason + ")";
                 if (info.WasConnected) Debug.LogWarning("[CommandListener] " + clientId + " disconnected: " + info);
             }
-            else if (info.CloseCode == BridgeCloseCodes.Normal || info.CloseCode == null)
+            else if (info.CloseCode == BridgeCloseCodes.Normal || (info.CloseCode == null && client.State != BridgeState.Rejected))
             {
                 status = "not connected";
             }
             else
             {
-                // Final: 4001 bad token, 4002 bad id, 4003 id reserved, 4010 replaced, 4011 token expired or revoked.
+                // Final: 4001 bad token, 4002 bad id, 4003 id reserved, 4010 replaced, 4011 token expired or revoked,
+                // or no close code: the appliance does not speak the requested protocol version.
                 running = false;
-                status = "rejected: " + info.CloseCode + " " + info.Reason;
-                Debug.LogError("[CommandListener] " + clientId + " gave up: " + info.CloseCode + " " + info.Reason, this);
+                status = "rejected: " + (info.CloseCode.HasValue ? info.CloseCode + " " : "") + info.Reason;
+                Debug.LogError("[CommandListener] " + clientId + " gave up: " + status, this);
             }
             var handler = Disconnected;
             if (handler != null) handler(info);
