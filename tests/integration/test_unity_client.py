@@ -564,3 +564,56 @@ async def test_package_nunit_tests_pass_and_every_script_compiles_for_webgl(tmp_
         "library",
         defines=["UNITY_WEBGL"],
     )
+
+
+async def test_v2_client_stops_with_a_reason_when_the_server_does_not_select_wsbridge_v2(harness):
+    """An appliance without protocol v2 would send bare text a v2 codec cannot read: the client says so and stops."""
+    offered: list[list[str]] = []
+
+    async def v1_only(ws) -> None:
+        offered.append(list(ws.request.headers.get_all("Sec-WebSocket-Protocol")))
+        await ws.wait_closed()
+
+    async with websockets.serve(v1_only, "127.0.0.1", 0) as server:  # selects no subprotocol
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            harness,
+            "rejected",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-v1only",
+            token="t",
+            protocol=2,
+            expect_close="none",
+        ) as run:
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    assert "did not accept protocol v2" in line, line
+    assert offered == [["wsbridge.v2"]]
+
+
+async def test_v2_codec_over_the_wire_with_mono_subprotocol_negotiation(harness):
+    """The C# v2 client against a server that selects wsbridge.v2: ids (integer, string, null), async replies."""
+    frames: list[str] = []
+    headers: list[str | None] = []
+
+    async def v2_server(ws) -> None:
+        headers.append(ws.request.headers.get("X-Auth-Token"))
+        await ws.send(json.dumps({"id": 7, "from": "llm-a", "message": "echo hi"}))
+        await ws.send(json.dumps({"id": "b-1", "from": "llm-b", "message": "later x"}))
+        await ws.send(json.dumps({"id": None, "from": "llm-a", "message": "echo plain"}))
+        for _ in range(3):
+            frames.append(await asyncio.wait_for(ws.recv(), timeout(10)))
+        await ws.send(json.dumps({"id": None, "from": "llm-a", "message": "quit"}))
+        frames.append(await asyncio.wait_for(ws.recv(), timeout(10)))
+        await ws.wait_closed()
+
+    async with websockets.serve(v2_server, "127.0.0.1", 0, subprotocols=["wsbridge.v2"]) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(harness, "v2", url=f"ws://127.0.0.1:{port}", id="unity-v2wire", token="tok") as run:
+            await run.passes()
+    assert headers == ["tok"]
+    replies = sorted(frames[:3])
+    assert replies == sorted(
+        ['{"reply_to":7,"message":"hi from llm-a"}', '{"reply_to":"b-1","message":"later x"}', "plain from llm-a"]
+    ), frames
+    assert frames[3] == "bye"

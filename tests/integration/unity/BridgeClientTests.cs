@@ -16,7 +16,7 @@
 //   blackhole                       offline: a server that accepts TCP and never answers the upgrade
 //   sendrace                        offline: Send() racing Stop() never leaves a message for a later Start()
 //   flush                           a burst of Send() then Stop(): every accepted message is sent
-//   v2                              protocol v2 device: replies from sync and async handlers carry reply_to
+//   v2                              protocol v2 device (--groups a,b): sync and async handlers' replies carry reply_to
 
 using System;
 using System.Collections.Generic;
@@ -272,8 +272,11 @@ internal static class Program
 
     private static void Rejected()
     {
-        int expected = int.Parse(Opt("expect-close"));
-        var client = new BridgeClient(ClientOptions(Opt("id"), Opt("token")));
+        // "none": no close code, e.g. protocol v2 requested from an appliance that does not select wsbridge.v2.
+        int? expected = Opt("expect-close") == "none" ? (int?)null : int.Parse(Opt("expect-close"));
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        options.ProtocolVersion = int.Parse(Opt("protocol", "1"));
+        var client = new BridgeClient(options);
         var disconnects = Trace(client, "rejected");
         client.MessageReceived += text => Fail("a rejected client received a message: " + Shorten(text));
         client.Start();
@@ -488,6 +491,8 @@ internal static class Program
     {
         var options = ClientOptions(Opt("id"), Opt("token"));
         options.ProtocolVersion = 2;
+        string groups = Opt("groups", "");
+        if (groups != "") options.Groups = groups.Split(',');
         var client = new BridgeClient(options);
         Trace(client, "v2");
         var dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(2));
