@@ -71,6 +71,17 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def webgl_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The harness with WebGLTransport, its plugin functions played by a browser-like ClientWebSocket."""
+    out = tmp_path_factory.mktemp("unity-webgl") / "WebGLTransportTests.exe"
+    return compile_cs(
+        out,
+        [*TRANSPORT, HARNESS / "BridgeClientTests.cs", HARNESS / "BrowserSocketEmulation.cs"],
+        defines=["WSBRIDGE_WEBGL_TESTS"],
+    )
+
+
+@pytest.fixture(scope="module")
 def app() -> Iterator[Appliance]:
     """One appliance with the default limits for the tests that do not restart or reconfigure it."""
     appliance = Appliance(name="unity")
@@ -415,6 +426,38 @@ async def test_commands_never_run_late_and_teardown_never_blocks(request, start_
         await run.passes(within=60)
     assert "EVENT per-frame 5,5,2" in run.output
     assert CLIENT_TOKEN not in run.output.replace(f"--token {CLIENT_TOKEN}", "")
+
+
+async def test_webgl_transport_authenticates_by_subprotocol_and_reconnects_after_a_restart(
+    start_appliance, webgl_harness
+):
+    """WebGLTransport.cs (polled per frame, no headers: the token only in Sec-WebSocket-Protocol) under BridgeClient."""
+    restarting = start_appliance(name="unity-webgl")
+    target = "unity-webgl"
+    async with device(
+        webgl_harness,
+        "device",
+        transport="webgl",
+        url=restarting.ws,
+        id=target,
+        token=CLIENT_TOKEN,
+        expect_connections=2,
+        expect_close=1001,
+    ) as run:
+        await run.expect("EVENT connected client=device connections=1")
+        async with restarting.controller() as llm:
+            assert await ask(llm, target, "echo héllo 🎮") == "héllo 🎮"
+            assert await ask(llm, target, "size " + payload(20000)) == size_and_hash(payload(20000))
+        restarting.terminate()
+        await run.expect("EVENT disconnected client=device code=1001")
+        restarting.start()
+        await run.expect("EVENT connected client=device connections=2")
+        async with restarting.controller() as llm:
+            assert await ask(llm, target, "echo after") == "after"
+            await quit_device(llm, target, run)
+    assert "EVENT transport webgl" in run.output
+    assert "EVENT offered wsbridge.v1,wsbridge.token.<token>" in run.output
+    assert CLIENT_TOKEN not in restarting.log()
 
 
 # --- hangs, races and final codes (issue 13) ------------------------------------------------------

@@ -40,6 +40,7 @@ internal static class Program
     private static readonly Dictionary<string, string> Options = new Dictionary<string, string>();
     private static readonly List<string> Failures = new List<string>();
     private static TimeSpan deadline = TimeSpan.FromSeconds(40);
+    private static Action checkTransport = () => { };
 
     private static int Main(string[] args)
     {
@@ -237,7 +238,9 @@ internal static class Program
 
     private static void Device()
     {
-        var client = new BridgeClient(ClientOptions(Opt("id"), Opt("token")));
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        if (Opt("transport", "clientwebsocket") == "webgl") UseWebGLTransport(options);
+        var client = new BridgeClient(options);
         var disconnects = Trace(client, "device");
         ServeCommands(client, DeviceHandlers(client, ""), "device");
         client.Start();
@@ -257,6 +260,7 @@ internal static class Program
             "the last disconnect should be our own 1000 close without retry, was " + last);
         Check(client.State == BridgeState.Stopped, "state after quit should be Stopped, is " + client.State);
         Check(client.QueuedMessages == 0, client.QueuedMessages + " messages left in the send queue");
+        checkTransport();
 
         if (expectClose != "")
         {
@@ -268,6 +272,28 @@ internal static class Program
         {
             Check(all.Length == 1, "expected one disconnect (our own close), saw: " + string.Join("; ", all.Select(d => d.ToString())));
         }
+    }
+
+    /// <summary>WebGLTransport over a browser-like socket, pumped every 5 ms by a "main thread" like Update would.</summary>
+    private static void UseWebGLTransport(BridgeClientOptions options)
+    {
+#if WSBRIDGE_WEBGL_TESTS
+        var browser = new BrowserSocketEmulation();
+        options.TransportFactory = () => new WebGLTransport(browser);
+        var frames = new Thread(() => { while (true) { BridgeTransports.Pump(); Thread.Sleep(5); } }) { IsBackground = true };
+        frames.Start();
+        checkTransport = () =>
+        {
+            foreach (var offered in browser.Offered)
+            {
+                Emit("EVENT offered " + offered.Replace(Opt("token"), "<token>"));
+                if (!offered.Contains("wsbridge.token." + Opt("token"))) Fail("the token was not offered as a subprotocol");
+            }
+        };
+        Emit("EVENT transport webgl");
+#else
+        throw new CheckFailed("this build has no WebGL transport (compile with -define:WSBRIDGE_WEBGL_TESTS)");
+#endif
     }
 
     private static void Rejected()

@@ -94,7 +94,7 @@ namespace WebSocketBridge
         /// connection here (CommandListener.Update does it). Does nothing on other platforms.</summary>
         public static void Pump()
         {
-#if UNITY_WEBGL && !UNITY_EDITOR
+#if (UNITY_WEBGL && !UNITY_EDITOR) || WSBRIDGE_WEBGL_TESTS
             WebGLTransport.PumpAll();
 #endif
         }
