@@ -78,6 +78,11 @@ internal static class ListenerSmoke
         target.GetType().GetField(name, BindingFlags.Instance | BindingFlags.NonPublic).SetValue(target, value);
     }
 
+    private static object Field(object target, string name)
+    {
+        return target.GetType().GetField(name, BindingFlags.Instance | BindingFlags.NonPublic).GetValue(target);
+    }
+
     /// <summary>A listener; the token from code, or (codeToken false) from UNITY_CLIENT_TOKEN, the default source.</summary>
     private static CommandListener NewListener(Player player, GameObject host, string url, bool codeToken = true)
     {
@@ -210,6 +215,19 @@ internal static class ListenerSmoke
             var host = new GameObject("Bridge");
             Check(Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN") == options["token"], "UNITY_CLIENT_TOKEN not set");
             var listener = NewListener(player, host, proxy.Url, codeToken: false);
+            int connectedEvents = 0;
+            var disconnectedEvents = new List<string>();
+            listener.ConnectedEvent.AddListener(() => connectedEvents++);
+            listener.DisconnectedEvent.AddListener(text => disconnectedEvents.Add(text));
+
+            // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
+            SetField(listener, "token", "typed-into-the-inspector");
+            SetField(listener, "protocolVersion", 3);
+            SetField(listener, "maxPendingCommands", 0);
+            Player.Message(listener, "OnValidate");
+            Check((string)Field(listener, "token") == "", "OnValidate should clear an unused Inspector token");
+            Check((int)Field(listener, "protocolVersion") == 1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
+            SetField(listener, "maxPendingCommands", 100);
             SetField(listener, "closeTimeout", 3f); // a polite close to a dead socket would take 3 s or more
             listener.Disconnect();
             listener.Connect();
@@ -226,6 +244,8 @@ internal static class ListenerSmoke
             };
             listener.RegisterAsync("echo", echo);
             player.FramesUntil(() => listener.IsConnected, "the listener's connection", deadline);
+            player.FramesUntil(() => connectedEvents == 1, "the Connected UnityEvent", deadline);
+            Check(disconnectedEvents.Count == 0, "no Disconnected UnityEvent yet: " + string.Join("; ", disconnectedEvents));
 
             controller.Send("status");
             Check(controller.Next(player) == "light on", "the late device registered with the listener");
@@ -276,6 +296,7 @@ internal static class ListenerSmoke
             Player.WaitUntil(() => client.Connections == connections + 1 && client.IsConnected, "the reconnect", deadline);
             refused = controller.Next(player);
             Check(refused == "error: echo not run: it arrived on an earlier connection", "old connection: " + refused);
+            Check(disconnectedEvents.Count == 1 && disconnectedEvents[0].Contains("reconnect requested"), "Disconnected UnityEvent: " + string.Join("; ", disconnectedEvents));
             Check(echoes == before, "a command of an old connection must not run");
             connections = client.Connections;
 
@@ -339,9 +360,15 @@ internal static class ListenerSmoke
             controller.Send("off");
             Check(controller.Next(player) == "light off" && !lamp.enabled, "handlers survive the destroyed primary");
 
-            // Teardown never blocks the main thread, even when the socket is dead.
+            // Quitting waits for the clean close at most Quit Wait Seconds (0.5 s), even when the socket is dead;
+            // teardown (OnDestroy) never blocks the main thread.
             proxy.Freeze();
             var last = additive.Client;
+            var quitting = Stopwatch.StartNew();
+            Player.Message(additive, "OnApplicationQuit");
+            quitting.Stop();
+            Emit("EVENT quit ms=" + quitting.ElapsedMilliseconds);
+            Check(quitting.Elapsed < TimeSpan.FromSeconds(1.5), "OnApplicationQuit waited " + quitting.ElapsedMilliseconds + " ms (bound 0.5 s)");
             var teardown = Stopwatch.StartNew();
             player.Unload(freshDevice, additive);
             teardown.Stop();
