@@ -498,13 +498,22 @@ internal static class Program
         bool stop = false;
         var senders = Enumerable.Range(0, 4).Select(t => Task.Run(() =>
         {
-            for (int i = 0; !Volatile.Read(ref stop); i++)
+            // Numbered by acceptance: a refused Send (queue full, stopped) is retried, not skipped. At most 400 per
+            // thread, spread over some milliseconds, so Stop() lands among them and the flush stays within the
+            // appliance's rate burst (a flush slowed beyond CloseTimeout is cut off by design).
+            int i = 0;
+            while (!Volatile.Read(ref stop) && i < 400)
             {
-                if (client.Send("seq " + t + " " + i)) Interlocked.Increment(ref accepted);
+                if (client.Send("seq " + t + " " + i))
+                {
+                    i++;
+                    Interlocked.Increment(ref accepted);
+                    if (i % 40 == 0) Thread.Sleep(1);
+                }
                 else if (client.State == BridgeState.Open) Thread.Sleep(1); // queue full: let the sender catch up
             }
         })).ToArray();
-        Thread.Sleep(50);
+        Thread.Sleep(5);
         client.Stop();
         Volatile.Write(ref stop, true);
         Task.WaitAll(senders);
