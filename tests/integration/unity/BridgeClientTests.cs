@@ -165,7 +165,7 @@ internal static class Program
             InitialReconnectDelay = TimeSpan.FromSeconds(0.1),
             MaxReconnectDelay = TimeSpan.FromSeconds(1),
             StableConnectionTime = TimeSpan.FromSeconds(2),
-            ConnectTimeout = TimeSpan.FromSeconds(5),
+            ConnectTimeout = TimeSpan.FromSeconds(double.Parse(Opt("connect-timeout", "5"), System.Globalization.CultureInfo.InvariantCulture)),
         };
     }
 

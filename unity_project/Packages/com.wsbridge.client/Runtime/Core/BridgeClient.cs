@@ -30,6 +30,7 @@
 
 using System;
 using System.Collections.Concurrent;
+using System.Collections.Generic;
 using System.Text;
 using System.Text.RegularExpressions;
 using System.Threading;
@@ -462,7 +463,13 @@ namespace WebSocketBridge
                             false, TimeSpan.Zero, wasConnected, null));
                         return;
                     }
-                    if (end.IsFinal || (end.CloseCode.HasValue && BridgeCloseCodes.IsFinal(end.CloseCode.Value)))
+                    if (end.CloseCode == BridgeCloseCodes.Replaced && AbandonedAttempts.MayHaveReplaced(Endpoint))
+                    {
+                        // Not another game instance: an attempt this process abandoned (connect timeout, stop) finished
+                        // its handshake late and took the id. Retry instead of giving up.
+                        end.Reason = "replaced by an abandoned connection attempt of this process; reconnecting";
+                    }
+                    else if (end.IsFinal || (end.CloseCode.HasValue && BridgeCloseCodes.IsFinal(end.CloseCode.Value)))
                     {
                         Finish(BridgeState.Rejected, new BridgeDisconnect(
                             end.Reason, end.CloseCode, false, TimeSpan.Zero, wasConnected, end.Error));
@@ -539,7 +546,7 @@ namespace WebSocketBridge
                 // Timed out or stopped: abandon the attempt. The caller disposes the transport; the orphaned task is
                 // observed so its eventual exception is not reported as unobserved.
                 transport.Abort();
-                Observe(connect);
+                Abandon(connect, transport);
                 if (stop.IsCancellationRequested) return new OperationCanceledException("stopped while connecting");
                 return new TimeoutException("no connection to " + Endpoint + " within " + options.ConnectTimeout.TotalSeconds + " s");
             }
@@ -830,6 +837,47 @@ namespace WebSocketBridge
             var done = new TaskCompletionSource<bool>();
             done.SetResult(true);
             return done.Task;
+        }
+
+        /// <summary>Mono may still finish an abandoned handshake later: then the server holds (and may have replaced this
+        /// client's live connection with) a connection nobody reads. It is aborted, and a 4010 soon after is not final.</summary>
+        private void Abandon(Task connect, IBridgeTransport transport)
+        {
+            var endpoint = Endpoint;
+            AbandonedAttempts.Begin(endpoint);
+            connect.ContinueWith(t =>
+            {
+                var ignored = t.Exception;
+                if (t.Status == TaskStatus.RanToCompletion) transport.Abort();
+                AbandonedAttempts.End(endpoint);
+            }, TaskContinuationOptions.ExecuteSynchronously);
+        }
+
+        /// <summary>Connection attempts abandoned while their handshake was still running, per endpoint (process-wide:
+        /// the listener replaces its client on Connect()). Mono cannot cancel such a handshake, and the server may
+        /// complete it even when the client reports a failure; it then registers the id again and closes the live
+        /// connection with 4010, which must not be final. Remembered for 30 s after the attempt was abandoned or ended.</summary>
+        private static class AbandonedAttempts
+        {
+            private static readonly Dictionary<string, DateTime> LastSeen = new Dictionary<string, DateTime>();
+            private static readonly TimeSpan Window = TimeSpan.FromSeconds(30);
+
+            public static void Begin(Uri endpoint) { Touch(endpoint); }
+            public static void End(Uri endpoint) { Touch(endpoint); }
+
+            private static void Touch(Uri endpoint)
+            {
+                lock (LastSeen) LastSeen[endpoint.AbsoluteUri] = DateTime.UtcNow;
+            }
+
+            public static bool MayHaveReplaced(Uri endpoint)
+            {
+                lock (LastSeen)
+                {
+                    DateTime seen;
+                    return LastSeen.TryGetValue(endpoint.AbsoluteUri, out seen) && DateTime.UtcNow - seen < Window;
+                }
+            }
         }
 
         /// <summary>How one connection (or attempt) ended.</summary>

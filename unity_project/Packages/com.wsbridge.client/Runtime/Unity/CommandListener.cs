@@ -245,7 +245,7 @@ namespace WebSocketBridge
         public void Connect()
         {
             if (primary != null) { primary.Connect(); return; }
-            DisposeClient();
+            var previous = DisposeClient();
             Rekey();
             running = true;
             try
@@ -271,7 +271,10 @@ namespace WebSocketBridge
                 created.Error += error => Post(created, () => Debug.LogWarning("[CommandListener] " + clientId + ": " + error.Message));
                 client = created;
                 status = "connecting to " + created.Endpoint;
-                created.Start();
+                // After the previous connection's close (in the background): the server then releases the id before
+                // this one claims it, so the two never replace each other (4010).
+                if (previous == null || previous.IsCompleted) created.Start();
+                else previous.ContinueWith(t => { if (Volatile.Read(ref client) == created) created.Start(); });
             }
             catch (ArgumentException e)
             {
@@ -667,13 +670,14 @@ namespace WebSocketBridge
             disconnected.Invoke(info.ToString());
         }
 
-        private void DisposeClient()
+        /// <summary>Stops the client without waiting; returns the task that completes when it has closed, or null.</summary>
+        private Task DisposeClient()
         {
             var old = client;
-            client = null;
-            if (old != null) old.StopAsync(); // non-blocking: teardown never waits for the network
+            Volatile.Write(ref client, null);
             WorkItem item;
             while (mainThreadQueue.TryDequeue(out item)) if (item.Text != null) Interlocked.Decrement(ref pendingCommands);
+            return old != null ? old.StopAsync() : null; // non-blocking: teardown never waits for the network
         }
     }
 }
