@@ -490,7 +490,10 @@ internal static class Program
 
     private static void Flush()
     {
-        var client = new BridgeClient(ClientOptions(Opt("id"), Opt("token")));
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        // The flush is bounded by CloseTimeout by design; on a loaded test machine 2 s can be too short for it.
+        options.CloseTimeout = TimeSpan.FromSeconds(10);
+        var client = new BridgeClient(options);
         Trace(client, "flush");
         client.Start();
         WaitUntil(() => client.IsConnected, "the connection");
