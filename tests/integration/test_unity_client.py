@@ -452,9 +452,9 @@ async def test_webgl_transport_authenticates_by_subprotocol_and_reconnects_after
         async with restarting.controller() as llm:
             assert await ask(llm, target, "echo héllo 🎮") == "héllo 🎮"
             assert await ask(llm, target, "size " + payload(20000)) == size_and_hash(payload(20000))
-        restarting.terminate()
+        await asyncio.to_thread(restarting.terminate)
         await run.expect("EVENT disconnected client=device code=1001")
-        restarting.start()
+        await asyncio.to_thread(restarting.start)
         await run.expect("EVENT connected client=device connections=2")
         async with restarting.controller() as llm:
             assert await ask(llm, target, "echo after") == "after"
