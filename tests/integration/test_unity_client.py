@@ -409,7 +409,11 @@ async def test_command_listener_dispatches_to_the_example_light_on_the_main_thre
         await run.passes()
     lines = run.output
     assert "EVENT unhandled dance" in lines  # the UnityEvent fallback got the unknown command
-    await eventually(lambda: asyncio.to_thread(lambda: not listed(app, "unity-light")), 10, "unity-light to leave")
+
+    async def gone() -> bool:
+        return not await listed(app, "unity-light")
+
+    await eventually(gone, 10, "unity-light to leave")
 
 
 @pytest.mark.parametrize("broker", ["memory", "redis"])
