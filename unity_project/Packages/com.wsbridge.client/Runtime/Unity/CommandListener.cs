@@ -368,12 +368,9 @@ namespace WebSocketBridge
         private void Update()
         {
             BridgeTransports.Pump(); // WebGL: the browser's socket events (no-op elsewhere)
-            if (primary != null)
-            {
-                // The listener this one forwarded to was destroyed (fake null): take over its connection and handlers.
-                if (!primary) TakeOver();
-                return;
-            }
+            // A forwarding listener has nothing to run; when its primary is destroyed, the primary's OnDestroy hands
+            // the connection and the handlers over (Promote) and this one runs them from then on.
+            if (primary != null) return;
             WorkItem item;
             for (int i = 0; i < maxItemsPerFrame && mainThreadQueue.TryDequeue(out item); i++)
             {
@@ -481,16 +478,6 @@ namespace WebSocketBridge
                 Debug.Log("[CommandListener] '" + clientId + "' takes over the connection of a destroyed listener", this);
                 Connect();
             }
-        }
-
-        private void TakeOver()
-        {
-            // Promote() normally runs from the primary's OnDestroy; this covers a primary that vanished without it.
-            var previous = primary;
-            primary = null;
-            Enlist();
-            if (primary == null && previous != null && previous.dispatcher != null) dispatcher = previous.dispatcher;
-            if (primary == null && client == null) Connect();
         }
 
         /// <summary>The client id was changed from code after OnEnable: file this listener under the new id.</summary>
