@@ -27,7 +27,15 @@ HARNESS = Path(__file__).resolve().parent / "webgl" / "harness.html"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator:
+def browser(request) -> Iterator:
+    """The session's Chromium of tests/browser/conftest.py when there is one (one Playwright per process), else our own."""
+    try:
+        shared = request.getfixturevalue("chromium")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        yield shared
+        return
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail("chromium not found: run the tests through `python3 dev.py test` (tools/apt/browser.txt)")
@@ -96,12 +104,6 @@ def test_jslib_connects_with_the_subprotocol_token_replies_and_reconnects_after_
     assert CLIENT_TOKEN not in app.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the appliance refuses before selecting the offered version subprotocol (web.py _refuse accepts without "
-    "subprotocols=...), so Chromium fails the handshake with 1006 and a WebGL client cannot see 4001; remove this "
-    "marker when _refuse accepts with the negotiated subprotocol",
-)
 def test_jslib_reports_a_refused_token_as_a_close_code(start_appliance, page):
     page, errors = page
     app = start_appliance(name="webgl-refused")

@@ -468,6 +468,16 @@ async def test_webgl_transport_authenticates_by_subprotocol_and_reconnects_after
     assert CLIENT_TOKEN not in restarting.log()
 
 
+async def test_webgl_transport_reports_a_refused_token_as_final(app, webgl_harness):
+    """A browser sees the refusal's close code (the appliance selects the offered version even when refusing)."""
+    async with device(
+        webgl_harness, "rejected", transport="webgl", url=app.ws, id="unity-webgl-bad", token="wrong", expect_close=4001
+    ) as run:
+        line = await run.expect("EVENT rejected")
+        await run.passes()
+    assert line.startswith("EVENT rejected code=4001 "), line
+
+
 # --- hangs, races and final codes (issue 13) ------------------------------------------------------
 
 

@@ -302,6 +302,7 @@ internal static class Program
         int? expected = Opt("expect-close") == "none" ? (int?)null : int.Parse(Opt("expect-close"));
         var options = ClientOptions(Opt("id"), Opt("token"));
         options.ProtocolVersion = int.Parse(Opt("protocol", "1"));
+        if (Opt("transport", "clientwebsocket") == "webgl") UseWebGLTransport(options);
         var client = new BridgeClient(options);
         var disconnects = Trace(client, "rejected");
         client.MessageReceived += text => Fail("a rejected client received a message: " + Shorten(text));
