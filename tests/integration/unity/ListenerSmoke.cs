@@ -84,13 +84,14 @@ internal static class ListenerSmoke
     }
 
     /// <summary>A listener; the token from code, or (codeToken false) from UNITY_CLIENT_TOKEN, the default source.</summary>
-    private static CommandListener NewListener(Player player, GameObject host, string url, bool codeToken = true)
+    private static CommandListener NewListener(Player player, GameObject host, string url, bool codeToken = true, Action<CommandListener> configure = null)
     {
         return player.Add<CommandListener>(host, l =>
         {
             l.ServerUrl = url;
             l.ClientId = options["id"];
             if (codeToken) l.Token = options["token"];
+            if (configure != null) configure(l);
         });
     }
 
@@ -214,7 +215,8 @@ internal static class ListenerSmoke
 
             var host = new GameObject("Bridge");
             Check(Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN") == options["token"], "UNITY_CLIENT_TOKEN not set");
-            var listener = NewListener(player, host, proxy.Url, codeToken: false);
+            // Close Timeout 3 s: a polite close to a dead socket would take that long (set before Start connects).
+            var listener = NewListener(player, host, proxy.Url, codeToken: false, configure: l => SetField(l, "closeTimeout", 3f));
             int connectedEvents = 0;
             var disconnectedEvents = new List<string>();
             listener.ConnectedEvent.AddListener(() => connectedEvents++);
@@ -228,9 +230,6 @@ internal static class ListenerSmoke
             Check((string)Field(listener, "token") == "", "OnValidate should clear an unused Inspector token");
             Check((int)Field(listener, "protocolVersion") == 1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
             SetField(listener, "maxPendingCommands", 100);
-            SetField(listener, "closeTimeout", 3f); // a polite close to a dead socket would take 3 s or more
-            listener.Disconnect();
-            listener.Connect();
             int echoes = 0;
             AsyncCommandHandler echo = async command =>
             {
