@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 import websockets
-from support import CLIENT_TOKEN, ROOT, Appliance, command, eventually, recv_json, timeout
+from moto_support import MotoServer, seed, unique_prefix
+from support import CLIENT_TOKEN, CONTROLLER_TOKEN, ROOT, Appliance, command, eventually, recv_json, timeout
 
 PACKAGE = ROOT / "unity_project" / "Packages" / "com.wsbridge.client"
 CORE = PACKAGE / "Runtime" / "Core"
@@ -638,6 +639,46 @@ async def test_package_nunit_tests_pass_and_every_script_compiles_for_webgl(tmp_
         "library",
         defines=["UNITY_WEBGL"],
     )
+
+
+async def test_token_revoked_by_the_operator_ends_the_connection_with_4011_and_no_retry(start_appliance, harness):
+    """The real appliance on a real (moto) SSM: rotate the client token, revoke the old one: 4011, final."""
+    moto = await asyncio.to_thread(MotoServer().start)
+    try:
+        prefix = unique_prefix()
+        seed(moto.ssm(), prefix, {"LLM_SECRET_TOKEN": CONTROLLER_TOKEN, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN})
+        # Embedded broker: the appliance learns of the revocation at its next refresh.
+        env = moto.appliance_env(prefix, TOKEN_ROTATION_ENABLED="true", TOKEN_REFRESH_SECONDS="0.5")
+        relay = start_appliance(env, name="unity-revoke")
+        async with device(
+            harness, "rejected", url=relay.ws, id="unity-revoked", token=CLIENT_TOKEN, expect_close=4011
+        ) as run:
+            await run.expect("EVENT connected client=rejected connections=1")
+            for action in ("rotate", "revoke"):
+                result = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        sys.executable,
+                        "-m",
+                        "appliance",
+                        "tokens",
+                        "--actor",
+                        "unity-test",
+                        action,
+                        "UNITY_CLIENT_TOKEN",
+                    ],
+                    env=relay.env,
+                    cwd=relay.workdir,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout(60),
+                )
+                assert result.returncode == 0, result.stderr
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    finally:
+        await asyncio.to_thread(moto.stop)
+    assert line.startswith("EVENT rejected code=4011 reason=token expired or revoked"), line
 
 
 async def test_a_4010_from_our_own_abandoned_attempt_is_retried(harness):
