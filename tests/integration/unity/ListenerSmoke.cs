@@ -99,7 +99,9 @@ internal static class ListenerSmoke
 
     private static void Listener(Player player)
     {
-        var listener = NewListener(player, new GameObject("Bridge"), options["url"]);
+        string protocol;
+        int version = options.TryGetValue("protocol", out protocol) ? int.Parse(protocol) : 1;
+        var listener = NewListener(player, new GameObject("Bridge"), options["url"], configure: l => l.ProtocolVersion = version);
         var lampObject = new GameObject("Lamp");
         var lamp = lampObject.AddComponent<Light>();
         var device = player.Add<LightController>(lampObject);
