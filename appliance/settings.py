@@ -126,8 +126,26 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )
 
+    # --- Commands with an id (protocol version 2, HTTP API, MCP) ----------------------------
+    command_timeout_ms: int = Field(
+        30_000, ge=1, description="Default time a command with an id waits for its reply (or, queued, its client)."
+    )
+    command_timeout_max_ms: int = Field(
+        300_000, ge=1, description="Largest timeout_ms / wait_ms a controller may ask for; longer is refused."
+    )
+    v1_reply_queue: int = Field(
+        100, ge=0, description="Commands with an id that may wait behind the one in flight to a version-1 client."
+    )
+    offline_queue_max: int = Field(
+        1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level of the appliance."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as human-readable text (default) or one JSON object per line for log shippers.",
     )
 
     @model_validator(mode="before")
@@ -137,7 +155,16 @@ class Settings(BaseSettings):
             for key in ("log_level", "LOG_LEVEL"):
                 if isinstance(data.get(key), str):
                     data[key] = data[key].upper()
+            for key in ("log_format", "LOG_FORMAT"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key].lower()
         return data
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> Settings:
+        if self.command_timeout_ms > self.command_timeout_max_ms:
+            raise ValueError("COMMAND_TIMEOUT_MS must not exceed COMMAND_TIMEOUT_MAX_MS")
+        return self
 
     @property
     def redis_enabled(self) -> bool:
