@@ -771,3 +771,77 @@ async def test_v2_codec_over_the_wire_with_mono_subprotocol_negotiation(harness)
         ['{"reply_to":7,"message":"hi from llm-a"}', '{"reply_to":"b-1","message":"later x"}', "plain from llm-a"]
     ), frames
     assert frames[3] == "bye"
+
+
+# --- protocol v2 end to end -----------------------------------------------------------------------
+
+
+async def next_reply(ws, within: float = 10.0) -> dict:
+    """The next frame that is not a status frame ({"id", "status", ...})."""
+    while "status" in (frame := await recv_json(ws, within)):
+        pass
+    return frame
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rtt(
+    request, start_appliance, harness, broker
+):
+    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
+    relay = start_appliance(redis_url=redis_url, name=f"unity-v2-{broker}")
+    target = "unity-v2"
+    async with (
+        relay.controller("llm-a") as first,
+        relay.controller("llm-b") as second,
+        device(harness, "v2", url=relay.ws, id=target, token=CLIENT_TOKEN, groups="lights,doors") as run,
+    ):
+        await run.expect("EVENT connected")
+        # A handler's return value answers the command with an integer id, to its sender only.
+        await first.send(json.dumps({"target": target, "message": "echo hi", "id": 7}))
+        reply = await next_reply(first)
+        assert reply["reply_to"] == 7 and reply["sender"] == target, reply
+        assert reply["message"] == "hi from llm-a", reply
+        assert isinstance(reply["rtt_ms"], int | float) and reply["rtt_ms"] >= 0, reply
+        # An async handler (Task<string>) with a string id.
+        await second.send(json.dumps({"target": target, "message": "later x", "id": "b-1"}))
+        reply = await next_reply(second)
+        assert (reply["reply_to"], reply["message"]) == ("b-1", "later x"), reply
+        # Group membership from the connect (?groups=...). Group commands wait for no reply (docs/protocol.md), so the
+        # device's answer reaches every controller as a plain client message.
+        await second.send(json.dumps({"target": "group:doors", "message": "echo via group", "id": "g"}))
+        for ws in (second, first):
+            plain = await next_reply(ws)
+            assert plain["sender"] == target and "via group from llm-b" in plain["message"], plain
+        # Neither controller saw the other's replies.
+        for ws in (first, second):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.5)
+        # A command without id gets a plain reply, which every controller receives, as in v1.
+        await first.send(command(target, "quit"))
+        for ws in (first, second):
+            assert await recv_json(ws) == {"sender": target, "message": "bye"}
+        await run.passes()
+
+
+async def test_v2_command_listener_replies_with_reply_to_on_the_main_thread(app, smoke):
+    """CommandListener with Protocol Version 2: the example light's replies and the unknown-command error carry
+    reply_to and reach the sending controller only; a command without id gets a plain reply."""
+    target = "unity-light-v2"
+    async with (
+        app.controller("llm-light") as llm,
+        app.controller("llm-other") as other,
+        device(smoke, "listener", url=app.ws, id=target, token=CLIENT_TOKEN, protocol=2) as run,
+    ):
+        await run.expect("EVENT connected")
+        for number, (text, expected) in enumerate(
+            [("off", "light off"), ("intensity 2.5", "intensity 2.5"), ("dance", "error: unknown command dance")]
+        ):
+            await llm.send(json.dumps({"target": target, "message": text, "id": number}))
+            reply = await next_reply(llm)
+            assert (reply["reply_to"], reply["sender"], reply["message"]) == (number, target, expected), reply
+        await llm.send(command(target, "on"))  # no id: plain reply to every controller
+        for ws in (llm, other):
+            assert await recv_json(ws) == {"sender": target, "message": "light on"}
+        await llm.send(command(target, "quit"))
+        await run.expect("EVENT resumed connections=2")
+        await run.passes()
