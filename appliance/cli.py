@@ -71,6 +71,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
                 f"  Controller token  LLM_SECRET_TOKEN={token(settings.llm_secret_token)}",
                 f"  Client token      UNITY_CLIENT_TOKEN={token(settings.unity_client_token)}",
                 f"  Admin token       ADMIN_TOKEN={token(settings.admin_token) if settings.admin_token else '(unset)'}",
+                f"  Dashboard     {base}/admin/   (sign in with ADMIN_TOKEN, or VIEWER_TOKEN read-only)",
                 f"  Health        {base}/healthz  {base}/readyz   Metrics {base}/metrics",
                 f'  Try it        wsbridge send --url {ws_base} --target unity_client_1 "MoveForward 10"',
             ]
@@ -92,7 +93,13 @@ def serve(args: argparse.Namespace) -> None:
 
     secrets_ = [
         s.get_secret_value()
-        for s in (settings.llm_secret_token, settings.unity_client_token, settings.admin_token, settings.redis_password)
+        for s in (
+            settings.llm_secret_token,
+            settings.unity_client_token,
+            settings.admin_token,
+            settings.viewer_token,
+            settings.redis_password,
+        )
         if s
     ]
     configure_logging(settings.log_level, secrets_)

@@ -81,6 +81,19 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )
 
+    # --- Dashboard (/admin) -----------------------------------------------------------
+    viewer_token: SecretStr | None = Field(
+        None, description="Optional read-only dashboard token: sees every page, can act on nothing."
+    )
+    grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
+    prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
+    dashboard_idle_timeout: int = Field(
+        1800, ge=10, description="Seconds without user activity after which a dashboard session ends."
+    )
+    dashboard_session_lifetime: int = Field(
+        43200, ge=10, description="Seconds after login at which a dashboard session ends, active or not."
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level of the appliance."
     )

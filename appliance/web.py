@@ -16,6 +16,8 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from msgspec import Struct
 
+from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
+
 from . import __version__, metrics
 from .audit import MemoryAuditLog
 from .brokers.base import Broker, BrokerUnavailable
@@ -221,6 +223,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, list_clients],
+        plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State({"relay": relay, "tokens": tokens, "settings": settings, "audit": MemoryAuditLog()}),
         lifespan=[lifespan],
         openapi_config=None,

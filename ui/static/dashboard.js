@@ -1,0 +1,56 @@
+// WebSocket Bridge dashboard: the few behaviours htmx attributes cannot express.
+// Served from the appliance (script-src 'self'); no eval, no inline handlers.
+(function () {
+  "use strict";
+
+  var paused = false;
+
+  function stateEl() { return document.getElementById("live-state"); }
+
+  function show(state, text) {
+    var el = stateEl();
+    if (!el) return;
+    el.className = "state state-" + state;
+    el.textContent = text;
+  }
+
+  var connected = false;
+  function showConnection() {
+    if (paused) show("paused", "Paused: the table is not refreshed");
+    else if (connected) show("live", "Live");
+    else show("lost", "Connection lost: reconnecting…");
+  }
+
+  document.addEventListener("htmx:sseOpen", function () { connected = true; showConnection(); });
+  document.addEventListener("htmx:sseError", function () { connected = false; showConnection(); });
+  document.addEventListener("htmx:sseClose", function () { connected = false; showConnection(); });
+
+  // Paused: refreshes triggered by the stream are dropped; the operator's own actions still run.
+  document.addEventListener("htmx:confirm", function (evt) {
+    var trigger = evt.detail && evt.detail.triggeringEvent;
+    if (paused && trigger && typeof trigger.type === "string" && trigger.type.indexOf("sse:") === 0) {
+      evt.preventDefault();
+    }
+  });
+
+  document.addEventListener("change", function (evt) {
+    if (evt.target && evt.target.id === "live-toggle") {
+      paused = !evt.target.checked;
+      showConnection();
+      var table = document.getElementById("clients-table");
+      if (!paused && table && window.htmx) window.htmx.trigger(table, "refresh");
+    }
+  });
+
+  // Copy buttons (e.g. a new token value shown once): data-copy-from names the element to copy.
+  document.addEventListener("click", function (evt) {
+    var button = evt.target && evt.target.closest ? evt.target.closest("[data-copy-from]") : null;
+    if (!button) return;
+    var source = document.getElementById(button.getAttribute("data-copy-from"));
+    if (source && navigator.clipboard) {
+      navigator.clipboard.writeText(source.textContent.trim()).then(function () {
+        button.textContent = "Copied";
+      });
+    }
+  });
+})();
