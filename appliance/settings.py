@@ -88,10 +88,10 @@ class Settings(BaseSettings):
     grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
     prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
     dashboard_idle_timeout: int = Field(
-        1800, ge=10, description="Seconds without user activity after which a dashboard session ends."
+        1800, ge=1, description="Seconds without user activity after which a dashboard session ends."
     )
     dashboard_session_lifetime: int = Field(
-        43200, ge=10, description="Seconds after login at which a dashboard session ends, active or not."
+        43200, ge=1, description="Seconds after login at which a dashboard session ends, active or not."
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

@@ -105,7 +105,7 @@ def forbidden(request: Request, exc: PermissionDeniedException) -> Response[str]
 
 def _safe_next(value: str | None) -> str:
     """Only a dashboard path: never an open redirect to another site."""
-    if value and value.startswith(PREFIX + "/") and not value.startswith("//") and "\\" not in value:
+    if value and value.startswith(PREFIX + "/") and ".." not in value and "\\" not in value:
         parts = urlsplit(value)
         if not parts.scheme and not parts.netloc:
             return value
@@ -208,8 +208,9 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     return Template("clients.html", context=context, headers=timing)
 
 
-@get("/clients/{client_id:str}", guards=[require_session])
+@get("/clients/{client_id:path}", guards=[require_session])
 async def client_detail(request: HTMXRequest, client_id: str) -> Template:
+    client_id = client_id.lstrip("/")  # A forged presence id may hold a slash; real ids cannot.
     records, error = await _records(request)
     entries = [r for r in records if r.get("id") == client_id]
     events = [e for e in await request.app.state.audit.recent(1000) if e.target == client_id][:50]
@@ -266,6 +267,16 @@ async def events(request: HTMXRequest) -> ServerSentEvent:
     return ServerSentEvent(stream(), headers={"x-accel-buffering": "no"})
 
 
+# --- audit trail ----------------------------------------------------------------------------------
+
+
+@get("/audit", guards=[require_session])
+async def audit_page(request: HTMXRequest, action: str = "", limit: int = 100) -> Template:
+    limit = limit if limit in (50, 100, 500, 1000) else 100
+    events = await request.app.state.audit.recent(limit, action[:50])
+    return Template("audit.html", context=_common(request, events=events, action=action[:50], limit=limit))
+
+
 # --- system -------------------------------------------------------------------------------------
 
 
@@ -305,4 +316,4 @@ async def system_page(request: HTMXRequest) -> Template:
     )
 
 
-ROUTES = [index, login_page, login, logout, session_check, clients_page, client_detail, events, system_page]
+ROUTES = [index, login_page, login, logout, session_check, clients_page, client_detail, events, audit_page, system_page]
