@@ -18,6 +18,7 @@ from jinja2_fragments.litestar import HTMXBlockTemplate
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.middleware.session.server_side import ServerSideSessionBackend
 from litestar.plugins.htmx import ClientRedirect, HTMXRequest
 from litestar.response import Redirect, ServerSentEvent, Template
 from litestar.response.sse import ServerSentEventMessage
@@ -224,8 +225,9 @@ async def _session_valid(request: Request, session_id: str | None) -> bool:
     if not session_id:
         return False
     config = _dashboard(request).session_config
-    raw = await config.backend.get(session_id, config.get_store_from_app(request.app))
-    session = config.backend.deserialize_data(raw) if raw is not None else None
+    backend = ServerSideSessionBackend(config=config)
+    raw = await backend.get(session_id, config.get_store_from_app(request.app))
+    session = backend.deserialize_data(raw) if raw is not None else None
     return session_problem(request.app.state, session, time.time()) is None
 
 

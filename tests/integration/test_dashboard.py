@@ -472,3 +472,13 @@ def test_sessions_end_after_idle_time_and_lifetime(start_appliance):
         assert b.get("/admin/clients").status_code == 303
     finally:
         b.close()
+
+
+def test_the_event_stream_ends_with_expired_when_the_session_is_signed_out_elsewhere(admin, app):
+    with admin.http.stream("GET", "/admin/events", timeout=timeout(20)) as stream:
+        events = _sse_events(stream, "expired", 15)
+        assert next(events)[0] == "hello"
+        other = httpx.Client(base_url=app.http, cookies=dict(admin.http.cookies.items()))
+        other.post("/admin/logout", headers={"x-csrftoken": admin.csrf})
+        other.close()
+        assert "expired" in [name for name, _ in events]
