@@ -4,6 +4,10 @@ However many dashboards are open, an instance reads cluster presence once per
 ``interval`` (and not at all when nobody watches). Each stream gets the counters and,
 at most once per poll, a "changed" signal when the set of connections changed; the page
 then re-fetches its table with its own filters, so nothing per-connection is pushed.
+
+Page requests share the same read: :meth:`PresenceWatcher.records` returns presence at
+most ``max_age`` seconds old and coalesces concurrent reads, so a "changed" signal that
+makes every open dashboard re-fetch at once costs the relay one read, not one per page.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from appliance.brokers.base import BrokerUnavailable
 
-from .query import summarize
+from .query import facets, summarize
 
 __all__ = ["PresenceWatcher", "Snapshot"]
 
@@ -52,15 +57,42 @@ class PresenceWatcher:
         self._watchers = 0
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._records: list[dict[str, Any]] | None = None
+        self._records_at = 0.0
+        self._reading: asyncio.Future[list[dict[str, Any]]] | None = None
+        self._described: tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, int]] | None = None
+
+    async def records(self, max_age: float = 1.0) -> list[dict[str, Any]]:
+        """Cluster presence at most ``max_age`` seconds old; raises BrokerUnavailable like the relay."""
+        if self._records is not None and time.monotonic() - self._records_at <= max_age:
+            return self._records
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        return await asyncio.shield(self._reading)
+
+    def describe(self, records: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """(filter menu values, counters) of ``records``, computed once per read."""
+        cached = self._described
+        if cached is None or cached[0] is not records:
+            cached = self._described = (records, facets(records), summarize(records))
+        return cached[1], cached[2]
+
+    async def _read(self) -> list[dict[str, Any]]:
+        try:
+            records = await self.relay.clients()
+            self._records, self._records_at = records, time.monotonic()
+            return records
+        finally:
+            self._reading = None
 
     async def _poll_once(self) -> None:
         seq = self.latest.seq + 1
         try:
-            records = await self.relay.clients()
+            records = await self.records(max_age=0.0)
         except BrokerUnavailable as exc:
             self.latest = Snapshot(seq, self.latest.counters, self.latest.digest, str(exc))
         else:
-            self.latest = Snapshot(seq, summarize(records), _digest(records))
+            self.latest = Snapshot(seq, self.describe(records)[1], _digest(records))
         async with self._changed:
             self._changed.notify_all()
 

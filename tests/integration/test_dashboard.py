@@ -338,7 +338,11 @@ async def test_client_detail_and_system_pages(admin, app):
         await eventually(shown, 5, "detail page shows the live connection")
         system = admin.get("/admin/system").text
         assert "ready" in system and "<code>dash</code> (this one)" in system and "memory" in system
-    assert "Not connected now." in admin.get("/admin/clients/detail-me").text
+
+    async def gone():
+        return "Not connected now." in admin.get("/admin/clients/detail-me").text
+
+    await eventually(gone, 5, "detail page says the client left")
 
 
 def test_login_and_logout_are_in_the_audit_trail(app):

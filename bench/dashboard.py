@@ -1,0 +1,156 @@
+"""Dashboard scenario: the clients list with 10,000 connections over two instances sharing Redis.
+
+    .venv/bin/python -m bench.dashboard [--clients 10000] [--requests 30]
+
+Starts Redis and two appliances (A and B), connects half the clients to each, signs in to A's
+dashboard like a browser (CSRF token from the page, session cookie) and requests the first page
+of the clients list and a filtered page (id prefix + role + instance) repeatedly. Reports the
+server time each response declares in ``Server-Timing`` (session, CSRF, presence read from Redis,
+filtering, sorting, paging and template rendering) and the time seen by the client.
+Target: median and p95 server time <= 100 ms for both pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.cookiejar
+import re
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .loadgen import LoadGenerator
+from .procs import Processes, free_port, raise_nofile_limit, wait_http_ok, wait_redis
+
+__all__ = ["main"]
+
+TARGET_MS = 100.0
+
+
+class _Dashboard:
+    """A signed-in dashboard session over urllib (no extra dependency)."""
+
+    def __init__(self, base: str, admin_token: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect()
+        )
+        page = self.opener.open(base + "/admin/login").read().decode()
+        csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page).group(1)
+        body = urllib.parse.urlencode({"token": admin_token, "_csrf_token": csrf}).encode()
+        try:
+            self.opener.open(base + "/admin/login", data=body)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 303:
+                raise RuntimeError(f"dashboard sign-in failed: {exc.code}") from exc
+
+    def timed(self, path: str) -> tuple[float, float, str]:
+        """(server ms, client ms, body) of one GET."""
+        started = time.perf_counter()
+        with self.opener.open(self.base + path) as response:
+            body = response.read().decode()
+            timing = response.headers["server-timing"]
+        client_ms = (time.perf_counter() - started) * 1000
+        return float(re.search(r"dur=([0-9.]+)", timing).group(1)), client_ms, body
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return f"median {statistics.median(ordered):6.1f} ms  p95 {p95:6.1f} ms  max {ordered[-1]:6.1f} ms"
+
+
+async def _run(clients: int, requests: int, workdir: Path) -> bool:
+    controller, client, admin = (secrets.token_urlsafe(24) for _ in range(3))
+    settings = {"LLM_SECRET_TOKEN": controller, "UNITY_CLIENT_TOKEN": client, "ADMIN_TOKEN": admin}
+    with Processes(workdir) as procs:
+        redis_port = free_port()
+        redis = procs.start_redis("redis-dash", redis_port)
+        await wait_redis(redis, redis_port)
+        urls = []
+        for name in ("a", "b"):
+            port = free_port()
+            proc = procs.start_appliance(
+                f"dash-{name}",
+                port,
+                {**settings, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "INSTANCE_ID": f"bench-{name}"},
+            )
+            await wait_http_ok(proc, f"http://127.0.0.1:{port}/readyz")
+            urls.append(f"127.0.0.1:{port}")
+        generators = [LoadGenerator(f"ws://{u}", f"ws://{u}", controller, client) for u in urls]
+        try:
+            half = clients // 2
+            started = time.monotonic()
+            counts = await asyncio.gather(
+                generators[0].connect_clients([f"dash-a-{i:05d}" for i in range(half)]),
+                generators[1].connect_clients([f"dash-b-{i:05d}" for i in range(clients - half)]),
+            )
+            print(f"connected {sum(counts)} clients in {time.monotonic() - started:.1f} s", flush=True)
+            dashboard = await asyncio.to_thread(_Dashboard, f"http://{urls[0]}", admin)
+            deadline = time.monotonic() + 60
+            while True:  # Presence reaches Redis shortly after the connects settle.
+                _, _, body = await asyncio.to_thread(dashboard.timed, "/admin/clients")
+                found = re.search(r"(\d+) of (\d+) connection", body)
+                if found and int(found.group(2)) >= sum(counts):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"presence never showed {sum(counts)} connections: {found and found.group(0)}")
+                await asyncio.sleep(0.5)
+            pages = {
+                "first page (50 rows)": "/admin/clients",
+                "filtered (prefix+role+instance, sorted by activity)": (
+                    "/admin/clients?q=dash-b-01&role=client&instance=bench-b&sort=last_activity&limit=50"
+                ),
+                "first page, 200 rows": "/admin/clients?limit=200",
+            }
+            ok = True
+            print(f"\n{clients} presence entries over 2 instances; {requests} requests each, to instance A:")
+            for label, path in pages.items():
+                for kind, pause in (("cold", 1.1), ("warm", 0.0)):
+                    # cold: presence is older than the pages' 1 s reuse window, so each request reads it
+                    # from Redis; warm: back to back, requests share one read.
+                    server, client_side = [], []
+                    for _ in range(requests):
+                        await asyncio.sleep(pause)
+                        s, c, _ = await asyncio.to_thread(dashboard.timed, path)
+                        server.append(s)
+                        client_side.append(c)
+                    verdict = "ok" if statistics.median(server) <= TARGET_MS else "MISSED"
+                    ok = ok and verdict == "ok"
+                    print(
+                        f"  {label:50s} {kind}  server {_summary(server)}   "
+                        f"client median {statistics.median(client_side):6.1f} ms  [{verdict}]",
+                        flush=True,
+                    )
+            return ok
+        finally:
+            for gen in generators:
+                await gen.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.dashboard", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10_000, help="connections, split over the two instances")
+    parser.add_argument("--requests", type=int, default=20, help="requests per page measured, cold and warm")
+    args = parser.parse_args(argv)
+    raise_nofile_limit()
+    with tempfile.TemporaryDirectory(prefix="wsbridge-bench-dash-") as tmp:
+        ok = asyncio.run(_run(args.clients, args.requests, Path(tmp)))
+    print("target (median server time <= 100 ms):", "met" if ok else "MISSED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
