@@ -60,7 +60,7 @@ class PresenceWatcher:
         self._records: list[dict[str, Any]] | None = None
         self._records_at = 0.0
         self._reading: asyncio.Future[list[dict[str, Any]]] | None = None
-        self._described: tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, int]] | None = None
+        self._described: tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, int], str] | None = None
 
     async def records(self, max_age: float = 1.0) -> list[dict[str, Any]]:
         """Cluster presence at most ``max_age`` seconds old; raises BrokerUnavailable like the relay."""
@@ -70,12 +70,12 @@ class PresenceWatcher:
             self._reading = asyncio.ensure_future(self._read())
         return await asyncio.shield(self._reading)
 
-    def describe(self, records: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, int]]:
-        """(filter menu values, counters) of ``records``, computed once per read."""
+    def describe(self, records: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, int], str]:
+        """(filter menu values, counters, membership digest) of ``records``, computed once per read."""
         cached = self._described
         if cached is None or cached[0] is not records:
-            cached = self._described = (records, facets(records), summarize(records))
-        return cached[1], cached[2]
+            cached = self._described = (records, facets(records), summarize(records), _digest(records))
+        return cached[1], cached[2], cached[3]
 
     async def _read(self) -> list[dict[str, Any]]:
         try:
@@ -92,7 +92,8 @@ class PresenceWatcher:
         except BrokerUnavailable as exc:
             self.latest = Snapshot(seq, self.latest.counters, self.latest.digest, str(exc))
         else:
-            self.latest = Snapshot(seq, self.describe(records)[1], _digest(records))
+            _, counters, digest = self.describe(records)
+            self.latest = Snapshot(seq, counters, digest)
         async with self._changed:
             self._changed.notify_all()
 

@@ -192,13 +192,14 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     query = ClientQuery.from_params(dict(request.query_params))
     records, error = await _records(request)
     page = run_query(records, query)
-    menus, counters = _dashboard(request).watcher.describe(records)
+    menus, counters, digest = _dashboard(request).watcher.describe(records)
     context = _common(
         request,
         query=query,
         page=page,
         facets=menus,
         counters=counters,
+        digest=digest,
         sorts=SORTS,
         page_sizes=PAGE_SIZES,
         error=error,
@@ -233,15 +234,19 @@ async def _session_valid(request: Request, session_id: str | None) -> bool:
 
 
 @get("/events", guards=[require_session])
-async def events(request: HTMXRequest) -> ServerSentEvent:
-    """One stream per page: counters on change, a throttled "changed" signal, "expired" at the end."""
+async def events(request: HTMXRequest, since: str = "") -> ServerSentEvent:
+    """One stream per page: counters on change, a throttled "changed" signal, "expired" at the end.
+
+    ``since`` is the membership digest the page was rendered with: if presence moved between
+    the page and the stream, the first snapshot already says "changed".
+    """
     dashboard = _dashboard(request)
     relay = request.app.state.relay
     session_id = request.get_session_id()
     engine = request.app.template_engine.engine
 
     async def stream() -> AsyncIterator[ServerSentEventMessage]:
-        digest, counters, checked = None, None, time.monotonic()
+        digest, counters, checked = since[:64] or None, None, time.monotonic()
         yield ServerSentEventMessage(event="hello", data="live")
         iterator = dashboard.watcher.snapshots()
         try:

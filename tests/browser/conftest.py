@@ -20,8 +20,10 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright i
 SCREENSHOTS = Path(os.environ.get("WSBRIDGE_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="wsb-screenshots-"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator:
+    """One browser per test module: Playwright's sync API holds an event loop on this thread while it
+    runs, so it must stop before the asyncio tests of later folders (pytest-asyncio) start."""
     executable = shutil.which("chromium")
     if executable is None:
         raise RuntimeError("chromium not found: run the tests through `python3 dev.py test` (tools/apt/browser.txt)")
