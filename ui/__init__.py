@@ -31,6 +31,7 @@ from litestar.template.config import TemplateConfig
 
 from appliance.settings import Settings
 
+from .actions import ACTION_ROUTES
 from .auth import SESSION_COOKIE, LoginLimiter
 from .live import PresenceWatcher
 from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
@@ -98,6 +99,7 @@ class DashboardPlugin(InitPluginProtocol):
             path=PREFIX,
             route_handlers=[
                 *ROUTES,
+                *ACTION_ROUTES,
                 create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
             ],
             middleware=[

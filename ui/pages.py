@@ -74,9 +74,16 @@ async def _audit(request: Request, action: str, actor: str, target: str = "", **
     await request.app.state.audit.record(AuditEvent(action, actor, _remote(request), target, detail))
 
 
+def services(request: Request) -> dict[str, bool]:
+    """Which action pages this build offers: those whose service exists on app.state."""
+    state = request.app.state
+    return {"send": hasattr(state, "commands"), "tokens": hasattr(state, "token_service")}
+
+
 def _common(request: Request, **context: Any) -> dict[str, Any]:
     session = request.scope.get("session")
     return {
+        "services": services(request),
         "principal": principal_of(request) if isinstance(session, dict) and session.get("role") else None,
         "version": __version__,
         "instance": request.app.state.relay.instance,
@@ -200,6 +207,7 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
         facets=menus,
         counters=counters,
         digest=digest,
+        can_disconnect=services(request)["send"] and principal_of(request).can_act,
         sorts=SORTS,
         page_sizes=PAGE_SIZES,
         error=error,
@@ -211,14 +219,16 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     return Template("clients.html", context=context)
 
 
-@get("/clients/{client_id:path}", guards=[require_session])
-async def client_detail(request: HTMXRequest, client_id: str) -> Template:
-    client_id = client_id.lstrip("/")  # A forged presence id may hold a slash; real ids cannot.
+@get("/client", guards=[require_session])
+async def client_detail(request: HTMXRequest, id: str = "") -> Template:
+    """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
+    client_id = id
     records, error = await _records(request)
     entries = [r for r in records if r.get("id") == client_id]
     events = [e for e in await request.app.state.audit.recent(1000) if e.target == client_id][:50]
     return Template(
-        "client.html", context=_common(request, client_id=client_id, entries=entries, events=events, error=error)
+        "client.html",
+        context=_common(request, client_id=client_id, entries=entries, events=events, error=error, urlencode=urlencode),
     )
 
 

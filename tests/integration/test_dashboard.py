@@ -6,6 +6,7 @@ The browser-only behaviour (htmx swaps, the live banner, no CSP violations) is i
 from __future__ import annotations
 
 import json
+import urllib.parse
 import re
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from support import ADMIN_TOKEN, CONTROLLER_TOKEN, eventually, timeout, wait_until
 
 VIEWER_TOKEN = "test-viewer-token-0123456789ab"
-PAGES = ["/admin/clients", "/admin/system", "/admin/clients/someone", "/admin/audit"]
+PAGES = ["/admin/clients", "/admin/system", "/admin/client?id=someone", "/admin/audit"]
 HX = {"HX-Request": "true"}
 
 
@@ -82,7 +83,7 @@ def test_every_page_redirects_to_the_login_without_a_session(browser, path):
     response = browser.get(path)
     assert response.status_code == 303
     assert response.headers["location"].startswith("/admin/login?next=")
-    assert path.replace("/", "%2F") in response.headers["location"]
+    assert urllib.parse.quote(path, safe="") in response.headers["location"]
 
 
 @pytest.mark.parametrize("path", [*PAGES, "/admin/session"])
@@ -333,14 +334,14 @@ async def test_client_detail_and_system_pages(admin, app):
     async with app.connect("detail-me"):
 
         async def shown():
-            return "Connection on <code>dash</code>" in admin.get("/admin/clients/detail-me").text
+            return "Connection on <code>dash</code>" in admin.get("/admin/client?id=detail-me").text
 
         await eventually(shown, 5, "detail page shows the live connection")
         system = admin.get("/admin/system").text
         assert "ready" in system and "<code>dash</code> (this one)" in system and "memory" in system
 
     async def gone():
-        return "Not connected now." in admin.get("/admin/clients/detail-me").text
+        return "Not connected now." in admin.get("/admin/client?id=detail-me").text
 
     await eventually(gone, 5, "detail page says the client left")
 
@@ -423,7 +424,7 @@ def test_client_controlled_text_is_escaped(start_appliance, redis_server):
             return html if "&lt;b&gt;x&lt;/b&gt;" in html else None  # The forged instance's name, escaped.
 
         listing = wait_until(lambda: page_with_entry("/admin/clients"), 5, "the forged entry listed")
-        detail = re.search(r'<a href="(/admin/clients/[^"]+)">&lt;script', listing).group(1)
+        detail = re.search(r'<a href="(/admin/client\?id=[^"]+)">&lt;script', listing).group(1).replace("&amp;", "&")
         for path in ("/admin/clients", "/admin/system", detail):
             html = wait_until(lambda p=path: page_with_entry(p), 5, f"evil entry on {path}")
             assert "<script>alert" not in html and "<img src=x" not in html and "<b>x</b>" not in html
@@ -500,3 +501,22 @@ def test_a_stream_opened_after_presence_moved_says_changed_at_once(admin):
             if name == "changed" or len(names) > 3:
                 break
         assert names[:3] == ["hello", "counters", "changed"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/admin/send", "/admin/client/disconnect", "/admin/clients/disconnect", "/admin/tokens/rotate"]
+)
+def test_the_viewer_token_cannot_act(browser, path):
+    browser.login(VIEWER_TOKEN)
+    browser.get("/admin/clients")
+    response = browser.post(
+        path, {"id": "x", "target": "x", "message": "m", "name": "ADMIN_TOKEN", "confirm": "ADMIN_TOKEN"}
+    )
+    assert response.status_code == 403
+    assert "read-only" in response.text
+
+
+@pytest.mark.parametrize("path", ["/admin/send", "/admin/client/disconnect", "/admin/tokens/rotate"])
+def test_actions_need_the_csrf_token(admin, path):
+    admin.get("/admin/clients")
+    assert admin.post(path, {"id": "x", "target": "x", "message": "m"}, csrf=False).status_code == 403
