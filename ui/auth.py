@@ -70,7 +70,8 @@ class Principal:
 
 
 def _version_of(token: str) -> str:
-    """A fingerprint of the token value: a changed token ends the sessions made with the old one.
+    """A fingerprint of the token value: a changed token ends the sessions made with the old one
+    (even where the store's version number does not move, as with a new value in ``.env``).
 
     Keyed with the token itself, so the stored value tells nothing about any other token.
     """
@@ -78,7 +79,7 @@ def _version_of(token: str) -> str:
 
 
 def _dashboard_tokens(settings: Settings) -> list[tuple[str, str, str]]:
-    """(role, name, value) of every token that may sign in to the dashboard."""
+    """(role, name, value) of every token that may sign in to the dashboard (without a token store)."""
     tokens = []
     if settings.admin_token is not None:
         tokens.append((ADMIN, "ADMIN_TOKEN", settings.admin_token.get_secret_value()))
@@ -88,10 +89,22 @@ def _dashboard_tokens(settings: Settings) -> list[tuple[str, str, str]]:
 
 
 def authenticate(app_state: Any, presented: str) -> Principal | None:
-    """The one place that checks a dashboard token (the token store replaces this body when it lands)."""
-    settings: Settings = app_state.settings
+    """The one place that checks a dashboard token: the token store's comparator when the app has one.
+
+    Only a token's current version signs in: a rotated-out admin token in its grace window still
+    works for the API, but a dashboard session made with it would end at once.
+    """
+    store = getattr(app_state, "token_store", None)
+    if store is not None:
+        grant = store.lookup(presented)
+        if grant is None or grant.role not in (ADMIN, VIEWER):
+            return None
+        version = _current_version(app_state, grant.name)
+        if version is None or not version.startswith(f"{grant.version}:"):
+            return None
+        return Principal(grant.role, grant.name, version)
     found = None
-    for role, name, value in _dashboard_tokens(settings):
+    for role, name, value in _dashboard_tokens(app_state.settings):
         # Every comparison runs, so timing does not tell which token was close.
         if hmac.compare_digest(presented.encode(), value.encode()) and found is None:
             found = Principal(role, name, _version_of(value))
@@ -99,6 +112,11 @@ def authenticate(app_state: Any, presented: str) -> Principal | None:
 
 
 def _current_version(app_state: Any, name: str) -> str | None:
+    """The version a session made now would carry; a session with another one has ended."""
+    store = getattr(app_state, "token_store", None)
+    if store is not None:
+        state = store.states().get(name)
+        return f"{state.current.version}:{_version_of(state.current.value)}" if state is not None else None
     for _, token_name, value in _dashboard_tokens(app_state.settings):
         if token_name == name:
             return _version_of(value)
