@@ -115,7 +115,7 @@ def _current_version(app_state: Any, name: str) -> str | None:
     """The version a session made now would carry; a session with another one has ended."""
     store = getattr(app_state, "token_store", None)
     if store is not None:
-        state = store.states().get(name)
+        state = store.states.get(name)
         return f"{state.current.version}:{_version_of(state.current.value)}" if state is not None else None
     for _, token_name, value in _dashboard_tokens(app_state.settings):
         if token_name == name:
