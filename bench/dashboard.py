@@ -1,4 +1,5 @@
-"""Dashboard scenario: the clients list with 10,000 connections over two instances sharing Redis.
+"""Dashboard scenario: the clients list with 10,000 connections over two instances sharing Redis,
+and what one open dashboard costs the relay.
 
     .venv/bin/python -m bench.dashboard [--clients 10000] [--requests 30]
 
@@ -7,7 +8,10 @@ dashboard like a browser (CSRF token from the page, session cookie) and requests
 of the clients list and a filtered page (id prefix + role + instance) repeatedly. Reports the
 server time each response declares in ``Server-Timing`` (session, CSRF, presence read from Redis,
 filtering, sorting, paging and template rendering) and the time seen by the client.
-Target: median and p95 server time <= 100 ms for both pages.
+Target: median server time <= 100 ms for both pages. Then, with the 10,000 clients still
+connected, a closed loop of commands on instance A runs with and without one open dashboard
+(its event stream, which polls presence once a second), in interleaved rounds; target: the
+dashboard costs less than 2 % of the relay's throughput.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -51,6 +56,17 @@ class _Dashboard:
             if exc.code != 303:
                 raise RuntimeError(f"dashboard sign-in failed: {exc.code}") from exc
 
+    def watch(self, stop: threading.Event) -> int:
+        """Hold the clients page's event stream open like a browser until ``stop``; events received."""
+        events = 0
+        with self.opener.open(self.base + "/admin/events", timeout=30) as stream:
+            while not stop.is_set():
+                line = stream.readline()
+                if not line:
+                    break
+                events += line.startswith(b"event:")
+        return events
+
     def timed(self, path: str) -> tuple[float, float, str]:
         """(server ms, client ms, body) of one GET."""
         started = time.perf_counter()
@@ -79,7 +95,7 @@ async def _run(clients: int, requests: int, workdir: Path) -> bool:
         redis_port = free_port()
         redis = procs.start_redis("redis-dash", redis_port)
         await wait_redis(redis, redis_port)
-        urls = []
+        urls, apps = [], []
         for name in ("a", "b"):
             port = free_port()
             proc = procs.start_appliance(
@@ -89,6 +105,7 @@ async def _run(clients: int, requests: int, workdir: Path) -> bool:
             )
             await wait_http_ok(proc, f"http://127.0.0.1:{port}/readyz")
             urls.append(f"127.0.0.1:{port}")
+            apps.append(proc)
         generators = [LoadGenerator(f"ws://{u}", f"ws://{u}", controller, client) for u in urls]
         try:
             half = clients // 2
@@ -136,10 +153,44 @@ async def _run(clients: int, requests: int, workdir: Path) -> bool:
                         f"client median {statistics.median(client_side):6.1f} ms  [{verdict}]",
                         flush=True,
                     )
+            ok = await _dashboard_cost(generators[0], dashboard, procs_a=apps[0]) and ok
             return ok
         finally:
             for gen in generators:
                 await gen.close()
+
+
+async def _closed_loop(gen: LoadGenerator, ids: list[str], proc) -> dict:
+    return await gen.closed_loop(ids, outstanding=200, duration=4.0, warmup=1.0, server_cpu=proc.cpu_seconds)
+
+
+async def _dashboard_cost(gen: LoadGenerator, dashboard: _Dashboard, procs_a, rounds: int = 3) -> bool:
+    """Relay throughput on instance A with and without one open dashboard (its event stream), interleaved."""
+    await gen.connect_controllers(1, prefix="dash-ctl")
+    ids = list(gen.clients)[:100]
+    await gen.probe(ids, timeout=30)
+    figures: dict[str, list[dict]] = {"without": [], "with": []}
+    for _ in range(rounds):
+        figures["without"].append(await _closed_loop(gen, ids, procs_a))
+        stop = threading.Event()
+        watcher = asyncio.ensure_future(asyncio.to_thread(dashboard.watch, stop))
+        await asyncio.sleep(1.0)
+        figures["with"].append(await _closed_loop(gen, ids, procs_a))
+        stop.set()
+        events = await watcher
+        assert events > 0, "the dashboard's event stream sent nothing"
+    rate = {k: statistics.median(r["round_trips_per_s"] for r in v) for k, v in figures.items()}
+    cpu = {k: statistics.median(r["server_cpu_us_per_round_trip"] for r in v) for k, v in figures.items()}
+    cost = 100 * (1 - rate["with"] / rate["without"])
+    cpu_cost = 100 * (cpu["with"] / cpu["without"] - 1)
+    print(
+        f"\nrelay closed loop on instance A (100 clients, 200 outstanding, {rounds} interleaved rounds, medians):\n"
+        f"  without a dashboard  {rate['without']:8.0f} round trips/s  {cpu['without']:6.1f} us server CPU each\n"
+        f"  one open dashboard   {rate['with']:8.0f} round trips/s  {cpu['with']:6.1f} us server CPU each\n"
+        f"  cost: {cost:+.1f} % throughput, {cpu_cost:+.1f} % CPU per round trip (target < 2 % throughput)",
+        flush=True,
+    )
+    return cost < 2.0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -199,7 +199,9 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     query = ClientQuery.from_params(dict(request.query_params))
     records, error = await _records(request)
     page = run_query(records, query)
-    menus, counters, digest = _dashboard(request).watcher.describe(records)
+    watcher = _dashboard(request).watcher
+    counters, digest = watcher.describe(records)
+    menus = watcher.facets(records)
     context = _common(
         request,
         query=query,
