@@ -54,6 +54,11 @@ def _token_service(request: Request) -> Any:
     return service
 
 
+def _session(request: Request) -> Any:
+    session = request.scope.get("session")
+    return session if isinstance(session, dict) else {}
+
+
 def _cut(text: Any) -> str:
     text = "" if text is None else str(text)
     return text if len(text) <= KEEP_CHARS else text[:KEEP_CHARS] + "…"
@@ -74,7 +79,7 @@ def _target_of(kind: str, value: str) -> str | None:
 @get("/send", guards=[require_session])
 async def send_page(request: HTMXRequest, target: str = "", kind: str = "client") -> Template:
     _commands(request)
-    history = list((request.scope.get("session") or {}).get("sent", []))
+    history = list(_session(request).get("sent", []))
     records, _ = await _records(request)
     ids = sorted({r["id"] for r in records if r.get("role") == "client"})[:500]
     return Template(
@@ -98,8 +103,8 @@ async def send(request: HTMXRequest) -> Response[Any]:
     queue = form.get("queue") == "on"
     pending_id = str(request.headers.get("x-pending-row") or "")[:40]
     if target is None or not message or not 0 <= wait_s <= 300:
-        entry = {"status": "invalid", "detail": "choose a target, type a message, and wait 0 to 300 s"}
-        return _send_result(request, entry, pending_id, status_code=HTTP_400_BAD_REQUEST)
+        invalid = {"status": "invalid", "detail": "choose a target, type a message, and wait 0 to 300 s"}
+        return _send_result(request, invalid, pending_id, status_code=HTTP_400_BAD_REQUEST)
     started = time.perf_counter()
     wait_ms = round(wait_s * 1000) if wait_s > 0 else None
     try:
@@ -108,7 +113,7 @@ async def send(request: HTMXRequest) -> Response[Any]:
     except BrokerUnavailable as exc:
         status_code, body = 503, {"error": "broker_unavailable", "detail": str(exc)}
     elapsed_ms = (time.perf_counter() - started) * 1000
-    entry = {
+    entry: dict[str, Any] = {
         "at": time.time(),
         "target": target,
         "message": message if len(message) <= KEEP_CHARS else None,
@@ -141,7 +146,7 @@ async def send(request: HTMXRequest) -> Response[Any]:
 def _send_result(request: HTMXRequest, entry: dict[str, Any], pending_id: str, status_code: int = 200) -> Response[Any]:
     if request.htmx:  # Always swapped: the row itself says what went wrong.
         return Template("send_row.html", context=_common(request, entry=entry, pending_id=pending_id))
-    history = list((request.scope.get("session") or {}).get("sent", []))
+    history = list(_session(request).get("sent", []))
     return Template(
         "send.html",
         context=_common(request, history=history, ids=[], target="", kind="client", result=entry, form={}),

@@ -153,14 +153,14 @@ def session_problem(app_state: Any, session: dict[str, Any] | None, now: float) 
 
 
 def principal_of(connection: ASGIConnection) -> Principal:
-    session = connection.scope.get("session") or {}
+    session: Any = connection.scope.get("session") or {}
     return Principal(session["role"], session["name"], session["version"])
 
 
 def require_session(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Guard: a valid session, else 401 (the router turns it into a redirect to the login page)."""
     now = time.time()
-    session = connection.scope.get("session")
+    session: Any = connection.scope.get("session")
     if session_problem(connection.app.state, session, now) is not None:
         connection.clear_session()
         raise NotAuthorizedException("sign in to the dashboard")

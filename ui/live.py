@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from appliance.brokers.base import BrokerUnavailable
@@ -128,7 +128,7 @@ class PresenceWatcher:
             await asyncio.sleep(self.interval)
         self._task = None
 
-    async def snapshots(self) -> AsyncIterator[Snapshot]:
+    async def snapshots(self) -> AsyncGenerator[Snapshot, None]:
         """Every new snapshot, starting with a fresh one; polling runs while anyone iterates."""
         self._watchers += 1
         try:

@@ -255,7 +255,8 @@ async def events(request: HTMXRequest, since: str = "") -> ServerSentEvent:
     dashboard = _dashboard(request)
     relay = request.app.state.relay
     session_id = request.get_session_id()
-    engine = request.app.template_engine.engine
+    engine: Any = request.app.template_engine
+    engine = engine.engine  # The Jinja environment, for rendering one block per event.
 
     async def stream() -> AsyncIterator[ServerSentEventMessage]:
         digest, counters, checked = since[:64] or None, None, time.monotonic()
