@@ -197,7 +197,9 @@ async def _records(request: Request) -> tuple[list[dict[str, Any]], str]:
 @get("/clients", guards=[require_session])
 async def clients_page(request: HTMXRequest) -> Response[Any]:
     query = ClientQuery.from_params(dict(request.query_params))
+    read_started = time.perf_counter()
     records, error = await _records(request)
+    timing = {"server-timing": f"presence;dur={(time.perf_counter() - read_started) * 1000:.1f}"}
     page = run_query(records, query)
     watcher = _dashboard(request).watcher
     counters, digest = watcher.describe(records)
@@ -217,8 +219,8 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     )
     partial = request.htmx and not request.htmx.history_restore_request and request.htmx.target == "clients-table"
     if partial:
-        return HTMXBlockTemplate(template_name="clients.html", block_name="table", context=context)
-    return Template("clients.html", context=context)
+        return HTMXBlockTemplate(template_name="clients.html", block_name="table", context=context, headers=timing)
+    return Template("clients.html", context=context, headers=timing)
 
 
 @get("/client", guards=[require_session])

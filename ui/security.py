@@ -52,7 +52,7 @@ class SecurityHeadersMiddleware(ASGIMiddleware):
             if message["type"] == "http.response.start":
                 headers = MutableScopeHeaders.from_message(message)
                 # Session, CSRF, handler and template rendering: what the bench's "server time" means.
-                headers["server-timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+                headers.add("server-timing", f"app;dur={(time.perf_counter() - started) * 1000:.1f}")
                 for name, value in _HEADERS.items():
                     headers[name] = value
                 if not static:  # Pages may hold secrets (a new token is shown once): never cache them.
