@@ -310,6 +310,12 @@ def _link(url: str | None) -> str | None:
     return None
 
 
+def _token_store_health(state: State) -> dict[str, Any] | None:
+    """The token store's own public health (last refresh, errors), when this build has a token store."""
+    store = getattr(state, "token_store", None)
+    return dict(store.health()) if store is not None else None
+
+
 @get("/system", guards=[require_session])
 async def system_page(request: HTMXRequest) -> Template:
     state: State = request.app.state
@@ -334,7 +340,7 @@ async def system_page(request: HTMXRequest) -> Template:
             error=error,
             grafana=_link(settings.grafana_url),
             prometheus=_link(settings.prometheus_url),
-            token_status=None,
+            token_status=_token_store_health(state),
         ),
     )
 

@@ -169,3 +169,34 @@ def test_sign_out(page, app, console):
     page.goto(app.http + "/admin/clients")
     page.wait_for_url(re.compile(r"/admin/login"))
     console.assert_clean()
+
+
+def test_the_banner_shows_a_lost_connection_and_recovers(page, start_appliance, console):
+    app = start_appliance(name="banner")
+    sign_in(page, app)
+    wait_live(page)
+    app.terminate()
+    page.locator("#live-state.state-lost").wait_for(timeout=ms(15))
+    assert "reconnecting" in page.locator("#live-state").inner_text()
+    app.start()  # Same port: the page's stream reconnects by itself.
+    # The restarted instance has no sessions in memory: the page is sent to the login, not left stale.
+    page.wait_for_url(re.compile(r"/admin/login"), timeout=ms(30))
+    console.errors.clear()  # The browser logs each failed reconnection attempt while the server is down.
+    console.assert_clean()
+
+
+def test_usable_on_a_phone(context, app, console, screenshot):
+    phone = context.browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        page = phone.new_page()
+        page.on("console", lambda m: console.errors.append(m.text) if m.type == "error" else None)
+        with client(app, "phone-1"):
+            sign_in(page, app)
+            page.locator('#clients-table tr[data-client-id="phone-1"]').wait_for(timeout=ms(10))
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 400, f"the page scrolls sideways on a phone ({width} px); only the table may"
+            assert page.get_by_label("Id starts with").is_visible()
+            screenshot(page, "clients-phone")
+    finally:
+        phone.close()
+    console.assert_clean()
