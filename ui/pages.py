@@ -128,7 +128,9 @@ def index() -> Redirect:
 
 
 @get("/login")
-async def login_page(request: HTMXRequest, next: str | None = None) -> Template:
+async def login_page(request: HTMXRequest, next: str | None = None) -> Response[Any]:
+    if session_problem(request.app.state, request.scope.get("session"), time.time()) is None:
+        return Redirect(_safe_next(next), status_code=HTTP_303_SEE_OTHER)  # Already signed in.
     request.clear_session()  # A visitor gets no session (and no store entry) before signing in.
     enabled = request.app.state.settings.admin_token is not None
     return Template("login.html", context=_common(request, next=_safe_next(next), enabled=enabled, error=""))

@@ -524,3 +524,10 @@ def test_the_viewer_token_cannot_act(browser, path):
 def test_actions_need_the_csrf_token(admin, path):
     admin.get("/admin/clients")
     assert admin.post(path, {"id": "x", "target": "x", "message": "m"}, csrf=False).status_code == 403
+
+
+def test_the_login_page_keeps_a_signed_in_session(admin):
+    response = admin.get("/admin/login?next=/admin/system")
+    assert response.status_code == 303 and response.headers["location"] == "/admin/system"
+    assert admin.get("/admin/clients").status_code == 200
+    assert admin.get("/admin/").headers["location"] == "/admin/clients"
