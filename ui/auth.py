@@ -138,7 +138,7 @@ def begin_session(connection: ASGIConnection, principal: Principal, now: float) 
     )
 
 
-def session_problem(app_state: Any, session: dict[str, Any] | None, now: float) -> str | None:
+def session_problem(app_state: Any, session: Any, now: float) -> str | None:
     """Why this session is no longer valid, or None if it is."""
     if not isinstance(session, dict) or "role" not in session:
         return "not signed in"
