@@ -200,3 +200,13 @@ def test_usable_on_a_phone(context, app, console, screenshot):
     finally:
         phone.close()
     console.assert_clean()
+
+
+def test_an_htmx_request_without_a_session_takes_the_whole_page_to_the_login(page, context, app, console):
+    sign_in(page, app)
+    wait_live(page)
+    context.clear_cookies()  # As if the session had expired: the next htmx request is refused.
+    page.get_by_label("Role").select_option("client")
+    page.wait_for_url(re.compile(r"/admin/login"), timeout=ms(10))
+    assert page.locator("#clients-table").count() == 0  # The login replaced the page, not a table cell.
+    console.assert_clean()
