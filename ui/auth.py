@@ -164,7 +164,9 @@ def require_session(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     if session_problem(connection.app.state, session, now) is not None:
         connection.clear_session()
         raise NotAuthorizedException("sign in to the dashboard")
-    if connection.headers.get(BACKGROUND_HEADER) != "1":
+    # The event stream (EventSource cannot send headers) and live refreshes are not user activity.
+    background = connection.headers.get(BACKGROUND_HEADER) == "1" or connection.url.path.endswith("/events")
+    if not background:
         session["seen"] = now  # A user action: the session middleware writes it back.
 
 

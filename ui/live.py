@@ -137,11 +137,12 @@ class PresenceWatcher:
                 self._task = asyncio.get_running_loop().create_task(self._run(), name="dashboard-presence")
             seen = 0
             while True:
-                if self.latest.seq != seen:
+                # A draining relay is reported within a second, so streams end before the shutdown grace.
+                if self.latest.seq != seen or self.relay.draining:
                     seen = self.latest.seq
                     yield self.latest
                 async with self._changed:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), self.interval * 5)
+                        await asyncio.wait_for(self._changed.wait(), 1.0)
         finally:
             self._watchers -= 1

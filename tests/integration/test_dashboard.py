@@ -533,3 +533,17 @@ def test_the_login_page_keeps_a_signed_in_session(admin):
     assert response.status_code == 303 and response.headers["location"] == "/admin/system"
     assert admin.get("/admin/clients").status_code == 200
     assert admin.get("/admin/").headers["location"] == "/admin/clients"
+
+
+def test_an_open_event_stream_does_not_hold_up_shutdown(start_appliance):
+    """SIGTERM: the stream ends by itself (the page reconnects elsewhere) instead of waiting out SHUTDOWN_GRACE."""
+    app = start_appliance({"SHUTDOWN_GRACE": "60"}, name="drain")
+    b = Browser(app.http)
+    b.login()
+    with b.http.stream("GET", "/admin/events", timeout=timeout(30)) as stream:
+        events = _sse_events(stream, "hello", 10)
+        assert next(events)[0] == "hello"
+        started = time.monotonic()
+        app.terminate(wait=60)
+        assert time.monotonic() - started < 20, "the event stream held the shutdown up"
+    b.close()
