@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from jinja2_fragments.litestar import HTMXBlockTemplate
 from litestar import Request, Response, get, post
 from litestar.exceptions import NotFoundException
+from litestar.params import FromQuery
 from litestar.plugins.htmx import HTMXRequest
 from litestar.response import Template
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
@@ -77,7 +78,7 @@ def _target_of(kind: str, value: str) -> str | None:
 
 
 @get("/send", guards=[require_session])
-async def send_page(request: HTMXRequest, target: str = "", kind: str = "client") -> Template:
+async def send_page(request: HTMXRequest, target: FromQuery[str] = "", kind: FromQuery[str] = "client") -> Template:
     _commands(request)
     history = list(_session(request).get("sent", []))
     records, _ = await _records(request)

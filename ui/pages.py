@@ -19,6 +19,7 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.middleware.session.server_side import ServerSideSessionBackend
+from litestar.params import FromQuery
 from litestar.plugins.htmx import ClientRedirect, HTMXRequest
 from litestar.response import Redirect, ServerSentEvent, Template
 from litestar.response.sse import ServerSentEventMessage
@@ -128,7 +129,7 @@ def index() -> Redirect:
 
 
 @get("/login")
-async def login_page(request: HTMXRequest, next: str | None = None) -> Response[Any]:
+async def login_page(request: HTMXRequest, next: FromQuery[str | None] = None) -> Response[Any]:
     if session_problem(request.app.state, request.scope.get("session"), time.time()) is None:
         return Redirect(_safe_next(next), status_code=HTTP_303_SEE_OTHER)  # Already signed in.
     request.clear_session()  # A visitor gets no session (and no store entry) before signing in.
@@ -226,7 +227,7 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
 
 
 @get("/client", guards=[require_session])
-async def client_detail(request: HTMXRequest, id: str = "") -> Template:
+async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Template:
     """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
     client_id = id
     records, error = await _records(request)
@@ -250,7 +251,7 @@ async def _session_valid(request: Request, session_id: str | None) -> bool:
 
 
 @get("/events", guards=[require_session])
-async def events(request: HTMXRequest, since: str = "") -> ServerSentEvent:
+async def events(request: HTMXRequest, since: FromQuery[str] = "") -> ServerSentEvent:
     """One stream per page: counters on change, a throttled "changed" signal, "expired" at the end.
 
     ``since`` is the membership digest the page was rendered with: if presence moved between
@@ -296,7 +297,7 @@ async def events(request: HTMXRequest, since: str = "") -> ServerSentEvent:
 
 
 @get("/audit", guards=[require_session])
-async def audit_page(request: HTMXRequest, action: str = "", limit: int = 100) -> Template:
+async def audit_page(request: HTMXRequest, action: FromQuery[str] = "", limit: FromQuery[int] = 100) -> Template:
     limit = limit if limit in (50, 100, 500, 1000) else 100
     events = await request.app.state.audit.recent(limit, action[:50])
     return Template("audit.html", context=_common(request, events=events, action=action[:50], limit=limit))
