@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
 
 __all__ = [
+    "BROKER_OUTBOX_FULL",
+    "BROKER_TASK_ERRORS",
     "BROKER_UP",
     "BUILD",
     "CONNECTIONS",
@@ -15,6 +17,10 @@ __all__ = [
     "REFUSED",
     "REGISTRY",
     "THROTTLED",
+    "TOKEN_EVICTIONS",
+    "TOKEN_LAST_REFRESH",
+    "TOKEN_REFRESH_FAILURES",
+    "TOKEN_STORE_UP",
     "render",
 ]
 
@@ -46,8 +52,42 @@ THROTTLED = Counter(
     "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY
 )
 BROKER_UP = Gauge("wsbridge_broker_up", "1 when the broker (Redis) is reachable.", registry=REGISTRY)
+BROKER_TASK_ERRORS = Counter(
+    "wsbridge_broker_task_errors_total",
+    "Unexpected errors in the broker's background tasks (each one logged; the task carries on).",
+    ["task"],
+    registry=REGISTRY,
+)
+BROKER_OUTBOX_FULL = Counter(
+    "wsbridge_broker_outbox_full_total",
+    "Messages refused because too many were waiting to be published to Redis (REDIS_OUTBOX_LIMIT).",
+    registry=REGISTRY,
+)
 BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=REGISTRY)
 
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+
+# --- token store (appliance/tokens) -------------------------------------------------------------
+TOKEN_STORE_UP = Gauge(
+    "wsbridge_token_store_up",
+    "1 when the last read of the token store succeeded (0: serving the last good tokens).",
+    registry=REGISTRY,
+)
+TOKEN_REFRESH_FAILURES = Counter(
+    "wsbridge_token_refresh_failures_total",
+    "Failed token-store refreshes (the last good tokens were kept).",
+    registry=REGISTRY,
+)
+TOKEN_LAST_REFRESH = Gauge(
+    "wsbridge_token_last_refresh_timestamp_seconds",
+    "When the token store was last read successfully.",
+    registry=REGISTRY,
+)
+TOKEN_EVICTIONS = Counter(
+    "wsbridge_token_evictions_total",
+    "Connections closed because their token expired or was revoked (4011).",
+    registry=REGISTRY,
+)

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,15 +24,20 @@ from .brokers.base import Broker, BrokerUnavailable, Owner
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State
 from .settings import Settings
+from .tokens.base import Grant
 
 __all__ = ["Connection", "Flusher", "Relay"]
 
 log = logging.getLogger(__name__)
 
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ASGISend = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 #: A connection that lets this many messages pile up unsent is too slow to keep (close 4008).
 MAX_PENDING_MESSAGES = 10_000
+#: ... or this many characters of text (a character is at least one UTF-8 byte; frames are
+#: JSON, mostly ASCII): 64 KiB client messages escape to ~390 KB frames, so a count alone
+#: let a slow controller hold gigabytes.
+MAX_PENDING_CHARS = 4 << 20
 
 
 def _iso(epoch: float) -> str:
@@ -83,23 +88,39 @@ class Connection:
         "remote",
         "owner",
         "close_code",
+        "grant",
         "_send",
         "_flusher",
         "_pending",
+        "_pending_chars",
+        "_max_messages",
+        "_max_chars",
         "_writer",
         "_open",
         "_marked",
     )
 
-    def __init__(self, session: Session, send: ASGISend, remote: str, flusher: Flusher) -> None:
+    def __init__(
+        self,
+        session: Session,
+        send: ASGISend,
+        remote: str,
+        flusher: Flusher,
+        max_messages: int = MAX_PENDING_MESSAGES,
+        max_chars: int = MAX_PENDING_CHARS,
+    ) -> None:
         self.session = session
         self.conn_key = uuid.uuid4().hex[:16]
         self.remote = remote
         self.owner: Owner | None = None
         self.close_code: int | None = None
+        self.grant: Grant | None = None  # the token (name, version) that opened it, for eviction
         self._send = send
         self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
+        self._pending_chars = 0  # Text queued and not yet handed to the transport.
+        self._max_messages = max_messages
+        self._max_chars = max_chars
         self._writer: asyncio.Task[None] | None = None
         self._open = False
         self._marked = False
@@ -117,17 +138,24 @@ class Connection:
         self._open = True
         self._schedule()
 
-    def deliver(self, text: str) -> None:
+    def deliver(self, text: str) -> bool:
+        """Queue ``text``: True if queued, False if it will never be written (closing, or too slow)."""
         if self.close_code is not None:
-            return
-        if len(self._pending) >= MAX_PENDING_MESSAGES:
+            return False
+        self._pending_chars += len(text)
+        if self._pending_chars > self._max_chars or len(self._pending) >= self._max_messages:
             log.warning("%s is not reading; closing it as a slow consumer", self.client_id)
             metrics.REFUSED.labels(reason="slow_consumer").inc()
-            self._pending.clear()  # Free the memory now; the close goes out if the peer ever reads.
+            self._drop_pending()  # Free the memory now; the close goes out if the peer ever reads.
             self.close(CloseCode.SLOW_CONSUMER)
-            return
+            return False
         self._pending.append(text)
         self._schedule()
+        return True
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._pending_chars = 0
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Close after the frames already queued; later deliveries are dropped."""
@@ -156,8 +184,10 @@ class Connection:
         pending, session = self._pending, self.session
         while pending and self._writer is None:
             item = pending.popleft()
-            if not isinstance(item, str):
-                pending.clear()
+            if isinstance(item, str):
+                self._pending_chars -= len(item)
+            else:
+                self._drop_pending()
             step = self._send(self._event(item))
             try:
                 waiting_on = step.send(None)
@@ -166,7 +196,7 @@ class Connection:
                     session.sent(now)
                 continue
             except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
-                pending.clear()
+                self._drop_pending()
                 return
             # Back-pressure: a writer task finishes this send and owns the queue until it is empty.
             self._writer = asyncio.get_running_loop().create_task(self._finish(step, waiting_on, item))
@@ -190,13 +220,15 @@ class Connection:
             send, pending = self._send, self._pending
             while pending:
                 item = pending.popleft()
-                if not isinstance(item, str):
-                    pending.clear()
+                if isinstance(item, str):
+                    self._pending_chars -= len(item)
+                else:
+                    self._drop_pending()
                 await send(self._event(item))
                 if isinstance(item, str):
                     self.session.sent(time.time())
         except Exception:  # The peer is gone: the reader cleans up.
-            self._pending.clear()
+            self._drop_pending()
         finally:
             self._writer = None
 
@@ -221,6 +253,8 @@ class Connection:
             "messages_in": session.messages_in,
             "messages_out": session.messages_out,
             "last_activity": _iso(session.last_activity),
+            "token": self.grant.name if self.grant else None,
+            "token_version": self.grant.version if self.grant else None,
         }
 
 
@@ -244,6 +278,7 @@ class Relay:
         }
         self._connections: dict[str, Connection] = {}  # by conn_key
         self._flusher = Flusher()
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.broker.start(self)
@@ -251,9 +286,17 @@ class Relay:
     async def stop(self) -> None:
         await self.broker.stop()
 
-    def new_connection(self, client_id: str, role: Role, send: ASGISend, remote: str) -> Connection:
+    def new_connection(
+        self, client_id: str, role: Role, send: ASGISend, remote: str, grant: Grant | None = None
+    ) -> Connection:
         session = Session(client_id, role, self._limits[role], time.time())
-        return Connection(session, send, remote, self._flusher)
+        settings = self.settings
+        max_chars = (
+            settings.controller_max_pending_bytes if role is Role.CONTROLLER else settings.client_max_pending_bytes
+        )
+        conn = Connection(session, send, remote, self._flusher, settings.max_pending_messages, max_chars)
+        conn.grant = grant
+        return conn
 
     # --- lifecycle of one connection ----------------------------------------------------
 
@@ -270,37 +313,59 @@ class Relay:
             async with lock:
                 try:
                     claim = await self.broker.claim(
-                        client_id, self.instance, conn.conn_key, self.settings.duplicate_policy == "reject"
+                        client_id,
+                        self.instance,
+                        conn.conn_key,
+                        conn.role,
+                        self.settings.duplicate_policy == "reject",
                     )
                 except BrokerUnavailable as exc:
                     log.warning("Refusing %s: %s", client_id, exc)
                     return CloseCode.TRY_AGAIN_LATER
                 if not claim.accepted:
-                    return CloseCode.DUPLICATE_REJECTED
-                conn.owner = claim.owner
-                if claim.previous is not None:
-                    self.replaced(client_id, claim.previous)
-                if self._kicked.pop(conn.conn_key, None) is not None:
-                    await self.broker.release(client_id, conn.owner)
-                    return CloseCode.REPLACED
-                if self.draining:  # SIGTERM arrived during the claim: drain() has already run.
-                    await self.broker.release(client_id, conn.owner)
-                    return CloseCode.GOING_AWAY
-                older = self.local.get(client_id)
-                if older is not None:  # Claims for one id are serialized here, so this one is newer.
-                    self._close_replaced(older)
-                self.local[client_id] = conn
-                self._connections[conn.conn_key] = conn
-                if conn.role is Role.CONTROLLER:
-                    self.controllers.add(conn)
-                metrics.CONNECTIONS.labels(role=conn.role.value).inc()
-                return None
+                    return CloseCode.ROLE_CONFLICT if claim.role_conflict else CloseCode.DUPLICATE_REJECTED
+                assert claim.owner is not None
+                try:
+                    refusal = self._register(conn, claim.owner, claim.previous)
+                except BaseException:  # A bug after the claim must not leave the id held by nobody.
+                    await self._release_surely(client_id, claim.owner)
+                    raise
+                if refusal is not None:
+                    await self._release_surely(client_id, claim.owner)
+                return refusal
         finally:
             lock, users = self._claiming[client_id]
             if users == 1:
                 del self._claiming[client_id]
             else:
                 self._claiming[client_id] = (lock, users - 1)
+
+    def _register(self, conn: Connection, owner: Owner, previous: Owner | None) -> CloseCode | None:
+        """The claim succeeded: make ``conn`` the local holder of its id, unless it lost meanwhile."""
+        client_id = conn.client_id
+        if previous is not None:
+            self.replaced(client_id, previous)
+        if self._kicked.pop(conn.conn_key, None) is not None:
+            return CloseCode.REPLACED
+        if self.draining:  # SIGTERM arrived during the claim: drain() has already run.
+            return CloseCode.GOING_AWAY
+        older = self.local.get(client_id)
+        if older is not None:  # Claims for one id are serialized here, so this one is newer.
+            self._close_replaced(older)
+        conn.owner = owner
+        self.local[client_id] = conn
+        self._connections[conn.conn_key] = conn
+        if conn.role is Role.CONTROLLER:
+            self.controllers.add(conn)
+        metrics.CONNECTIONS.labels(role=conn.role.value).inc()
+        return None
+
+    async def _release_surely(self, client_id: str, owner: Owner) -> None:
+        """Release an id even if the caller is being cancelled: the release runs to its end."""
+        task = asyncio.get_running_loop().create_task(self.broker.release(client_id, owner))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
 
     async def close(self, conn: Connection) -> None:
         """The connection is gone: unregister it, and release its id unless a newer one holds it."""
@@ -312,7 +377,7 @@ class Relay:
             del self.local[conn.client_id]
         metrics.CONNECTIONS.labels(role=conn.role.value).dec()
         if conn.owner is not None:
-            await self.broker.release(conn.client_id, conn.owner)
+            await self._release_surely(conn.client_id, conn.owner)
 
     # --- actions from the core ---------------------------------------------------------
 
@@ -336,19 +401,26 @@ class Relay:
     def _deliver(self, conn: Connection, command: Command) -> None:
         metrics.RECEIVED_FROM_CONTROLLERS.inc()
 
-        def failed(code: ErrorCode, detail: str) -> None:
-            self.perform(conn, conn.session.delivery_failed(command, code, detail))
+        def done(code: ErrorCode | None, detail: str) -> None:
+            # Success needs no frame in protocol v1; status frames would go here.
+            if code is not None:
+                self.perform(conn, conn.session.delivery_failed(command, code, detail))
 
-        self.broker.send(command.target, command.message, failed)
+        self.broker.send(command.target, command.message, done)
 
     # --- Inbox: what the broker hands us ---------------------------------------------------
 
-    def deliver(self, client_id: str, text: str) -> bool:
+    def deliver(self, client_id: str, text: str) -> ErrorCode | None:
         conn = self.local.get(client_id)
         if conn is None:
-            return False
-        conn.deliver(text)
-        return True
+            return ErrorCode.TARGET_OFFLINE
+        if conn.session.role is Role.CONTROLLER:
+            # Controllers send to clients only: raw text pushed into a controller could
+            # forge another client's {"sender": ...} reply.
+            return ErrorCode.TARGET_NOT_CLIENT
+        if conn.deliver(text):
+            return None
+        return ErrorCode.DELIVERY_FAILED
 
     def deliver_to_controllers(self, frame: str) -> None:
         for conn in self.controllers:
@@ -374,6 +446,10 @@ class Relay:
     def presence_records(self) -> list[dict[str, Any]]:
         return [conn.presence_record(self.instance) for conn in self._connections.values() if conn.owner is not None]
 
+    def presence_record(self, client_id: str) -> dict[str, Any] | None:
+        conn = self.local.get(client_id)
+        return conn.presence_record(self.instance) if conn is not None and conn.owner is not None else None
+
     # --- service interface for the HTTP API and the dashboard ----------------------------
 
     async def clients(self) -> list[dict[str, Any]]:
@@ -384,6 +460,23 @@ class Relay:
         if self.draining:
             return False, "shutting down"
         return self.broker.health()
+
+    # --- tokens (appliance/tokens/service.py) --------------------------------------------
+
+    def grants(self) -> Counter[tuple[str, int]]:
+        """Local connections by the token (name, version) that opened them."""
+        return Counter((c.grant.name, c.grant.version) for c in self._connections.values() if c.grant is not None)
+
+    def evict(self, token_name: str, version: int, code: CloseCode) -> int:
+        """Close every local connection opened with this token version (expired or revoked)."""
+        victims = [
+            conn
+            for conn in self._connections.values()
+            if conn.grant is not None and conn.grant.name == token_name and conn.grant.version == version
+        ]
+        for conn in victims:
+            conn.close(code)
+        return len(victims)
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: refuse newcomers, close every socket with 1001 after its queued frames."""

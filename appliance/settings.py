@@ -7,6 +7,7 @@ No other module reads ``os.environ``. Names of the original WebSocket Bridge
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Literal
@@ -36,6 +37,29 @@ class Settings(BaseSettings):
         None, description="Token for the dashboard and the admin HTTP API; unset disables admin access."
     )
 
+    # --- Token store (appliance/tokens) --------------------------------------------------
+    token_store: Literal["env", "ssm"] = Field(
+        "env", description="Where tokens come from: env (these settings, the default) or ssm (AWS SSM Parameter Store)."
+    )
+    ssm_prefix: str = Field(
+        "/WebSocket/prod/",
+        pattern=r"^/[A-Za-z0-9_.\-/]*/$",
+        description="SSM parameter path holding the tokens (LLM_SECRET_TOKEN, ..., client_tokens/<name>); ends with /.",
+    )
+    aws_region: str | None = Field(None, description="AWS region of the SSM parameters (TOKEN_STORE=ssm).")
+    ssm_endpoint_url: str | None = Field(
+        None, description="SSM endpoint URL override (a VPC endpoint, or a local moto server in tests)."
+    )
+    token_refresh_seconds: float = Field(
+        60.0, gt=0, description="Seconds between reads of the token store; Redis notifications are faster."
+    )
+    token_grace_seconds: float = Field(
+        900.0, ge=0, description="Seconds a rotated-out token stays valid (and its connections open)."
+    )
+    token_rotation_enabled: bool = Field(
+        False, description="Allow `wsbridge tokens rotate|revoke` and the dashboard to write SSM (needs IAM rights)."
+    )
+
     # --- Network ----------------------------------------------------------------------
     bind_host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 in containers.")
     web_socket_port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
@@ -48,14 +72,21 @@ class Settings(BaseSettings):
     )
 
     # --- Broker -----------------------------------------------------------------------
-    redis_url: str | None = Field(
-        None, description="redis:// or rediss:// URL; wins over REDIS_HOST/REDIS_PORT/REDIS_PASSWORD."
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis:// or rediss:// URL; wins over REDIS_HOST/REDIS_PORT/REDIS_PASSWORD. "
+        "A secret (it may hold the password): never shown in repr, logs or the banner.",
     )
     redis_host: str | None = Field(None, description="Redis host; unset (with no REDIS_URL) means the embedded broker.")
     redis_port: int = Field(6379, ge=1, le=65535, description="Redis port, with REDIS_HOST.")
     redis_password: SecretStr | None = Field(None, description="Redis password, with REDIS_HOST.")
     redis_publish_pool_size: int = Field(
         8, ge=1, le=256, description="Connections for publishing and presence; constant per instance."
+    )
+    redis_outbox_limit: int = Field(
+        100_000,
+        ge=1,
+        description="Messages waiting to be published to Redis; beyond it commands fail with delivery_failed.",
     )
     instance_id: str = Field(
         default_factory=default_instance_id,
@@ -69,6 +100,20 @@ class Settings(BaseSettings):
     client_rate_burst: int = Field(2000, ge=1, description="Client burst size (token-bucket capacity).")
     controller_rate_limit: float = Field(0.0, ge=0, description="Controller messages per second; 0 means unlimited.")
     controller_rate_burst: int = Field(1000, ge=1, description="Controller burst size (token-bucket capacity).")
+    max_pending_messages: int = Field(
+        10_000, ge=1, description="Frames queued unsent for one connection before it is closed as slow (4008)."
+    )
+    controller_max_pending_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Characters of text (about bytes) queued unsent for a controller before it is closed as slow "
+        "(4008); replies can be ~6x their client message after JSON escaping.",
+    )
+    client_max_pending_bytes: int = Field(
+        32 << 20,
+        ge=1024,
+        description="Characters of text (about bytes) queued unsent for a client before it is closed as slow (4008).",
+    )
     duplicate_policy: Literal["replace", "reject"] = Field(
         "replace", description="A second connection with a live id replaces the first (default) or is rejected."
     )
@@ -111,10 +156,61 @@ class Settings(BaseSettings):
     def redis_enabled(self) -> bool:
         return bool(self.redis_url or self.redis_host)
 
+    def token_problems(self) -> list[str]:
+        """Why the configured tokens are unsafe to start with (empty when they are fine).
+
+        One token for both roles would make every device a controller; a short one is
+        guessable and too short to be masked in logs.
+        """
+        from .logs import MIN_STRONG_LENGTH
+
+        named = {
+            "LLM_SECRET_TOKEN": self.llm_secret_token,
+            "UNITY_CLIENT_TOKEN": self.unity_client_token,
+            "ADMIN_TOKEN": self.admin_token,
+            "VIEWER_TOKEN": self.viewer_token,
+        }
+        values = {name: secret.get_secret_value() for name, secret in named.items() if secret is not None}
+        problems = [
+            f"{name} is shorter than {MIN_STRONG_LENGTH} characters"
+            for name, value in values.items()
+            if len(value) < MIN_STRONG_LENGTH
+        ]
+        names = list(values)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                if values[first] == values[second]:
+                    problems.append(f"{first} and {second} are the same token; every role needs its own")
+        return problems
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redaction filter."""
+        secrets = [
+            s.get_secret_value()
+            for s in (
+                self.llm_secret_token,
+                self.unity_client_token,
+                self.admin_token,
+                self.viewer_token,
+                self.redis_password,
+            )
+            if s is not None
+        ]
+        if self.redis_url is not None:
+            from urllib.parse import urlsplit
+
+            url = self.redis_url.get_secret_value()
+            secrets.append(url)
+            with contextlib.suppress(ValueError):
+                password = urlsplit(url).password
+                if password:
+                    secrets.append(password)
+        return secrets
+
     def redis_connection_url(self) -> str:
         """The Redis URL to connect to; contains the password, so never log it."""
         if self.redis_url:
-            return self.redis_url
+            return self.redis_url.get_secret_value()
         if not self.redis_host:
             raise RuntimeError("Redis is not configured: set REDIS_URL or REDIS_HOST")
         password = self.redis_password.get_secret_value() if self.redis_password else ""

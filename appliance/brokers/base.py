@@ -5,6 +5,13 @@ many), one test suite run against both. The relay owns the local connections
 and implements :class:`Inbox`; the broker owns everything cluster-wide:
 id ownership (duplicate resolution), routing, and presence.
 
+Every :meth:`Broker.send` ends in exactly one outcome, reported through its
+``on_result`` callback: ``on_result(None, "")`` once the text was handed to the
+queue of the target's live connection, or ``on_result(code, detail)`` with the
+error code the controller gets (``target_offline``, ``target_not_client``,
+``delivery_failed``). The relay turns a failure into an error frame; status frames
+(``delivered``) can be built on the success call without touching the brokers.
+
 Errors: :class:`BrokerUnavailable` when the backend cannot be reached (the
 relay refuses new connections with 1013 and reports not-ready), and
 :class:`BrokerNotStarted` when a backend is used before :meth:`Broker.start`.
@@ -17,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..core.protocol import ErrorCode
+from ..core.protocol import ErrorCode, Role
 
 __all__ = [
     "Broker",
@@ -26,8 +33,9 @@ __all__ = [
     "BrokerUnavailable",
     "Claim",
     "Inbox",
-    "OnFailure",
+    "OnResult",
     "Owner",
+    "failure_detail",
 ]
 
 
@@ -45,39 +53,67 @@ class BrokerNotStarted(BrokerError):
 
 @dataclass(frozen=True, slots=True)
 class Owner:
-    """Who holds an id: a connection on an instance. Higher generations are newer claims."""
+    """Who holds an id: a connection of a role on an instance. Higher generations are newer claims.
+
+    The role is part of ownership so that a connection of the other role can never
+    displace the holder (a client token must not take over a controller's id).
+    """
 
     instance: str
     conn_key: str
     generation: int
+    role: Role
 
     def encode(self) -> str:
-        return f"{self.generation}|{self.instance}|{self.conn_key}"
+        return f"{self.generation}|{self.role.value}|{self.instance}|{self.conn_key}"
 
     @classmethod
     def decode(cls, value: str) -> Owner:
-        generation, instance, conn_key = value.split("|", 2)
-        return cls(instance, conn_key, int(generation))
+        generation, role, instance, conn_key = value.split("|", 3)
+        return cls(instance, conn_key, int(generation), Role(role))
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The outcome of claiming an id: accepted or not, and whom it displaced or collided with."""
+    """The outcome of claiming an id: accepted or not, and whom it displaced or collided with.
+
+    ``role_conflict`` is true when the claim was refused because a connection of the
+    other role holds the id (whatever the duplicate policy).
+    """
 
     accepted: bool
     owner: Owner | None
     previous: Owner | None
+    role_conflict: bool = False
 
 
-#: Called when a message cannot be delivered, with the error code and a human detail.
-OnFailure = Callable[[ErrorCode, str], None]
+#: The one outcome of a send: ``(None, "")`` when the text was queued on the target's live
+#: connection, else the error code the controller gets and a human detail. Called exactly once.
+OnResult = Callable[[ErrorCode | None, str], None]
+
+
+#: Details of the errors the inbox reports.
+_DETAILS = {
+    ErrorCode.TARGET_OFFLINE: "{} is not connected",
+    ErrorCode.TARGET_NOT_CLIENT: "{} is a controller; controllers send to clients only",
+    ErrorCode.DELIVERY_FAILED: "{} is disconnecting; the message was not delivered",
+}
+
+
+def failure_detail(code: ErrorCode, target: str) -> str:
+    """The human detail of an error the inbox reported about ``target``."""
+    return _DETAILS.get(code, "{}: delivery failed").format(target)
 
 
 class Inbox(Protocol):
     """What a broker hands to the local instance (implemented by the relay)."""
 
-    def deliver(self, client_id: str, text: str) -> bool:
-        """Queue ``text`` for the local connection ``client_id``; False if there is none."""
+    def deliver(self, client_id: str, text: str) -> ErrorCode | None:
+        """Queue ``text`` for the local client ``client_id``: None if queued, else why not.
+
+        ``TARGET_OFFLINE`` when no local connection holds the id, ``TARGET_NOT_CLIENT``
+        when a controller holds it, ``DELIVERY_FAILED`` when the connection is closing.
+        """
 
     def deliver_to_controllers(self, frame: str) -> None:
         """Queue ``frame`` for every local controller."""
@@ -87,6 +123,9 @@ class Inbox(Protocol):
 
     def presence_records(self) -> list[dict[str, Any]]:
         """The local connections as presence records."""
+
+    def presence_record(self, client_id: str) -> dict[str, Any] | None:
+        """The presence record of the local connection holding ``client_id``, if any."""
 
 
 class Broker(abc.ABC):
@@ -101,11 +140,14 @@ class Broker(abc.ABC):
     async def stop(self) -> None: ...
 
     @abc.abstractmethod
-    async def claim(self, client_id: str, instance: str, conn_key: str, reject_if_taken: bool) -> Claim:
-        """Take ownership of ``client_id`` and start receiving its messages.
+    async def claim(self, client_id: str, instance: str, conn_key: str, role: Role, reject_if_taken: bool) -> Claim:
+        """Take ownership of ``client_id`` for a connection of ``role`` and start receiving its messages.
 
-        With ``reject_if_taken`` a live owner wins and the claim is refused;
-        otherwise the claim wins and the previous owner is told it was replaced.
+        A live owner of the other role always wins (``role_conflict``): one id is never
+        held by a controller and a client at once, though it may change role once freed.
+        With ``reject_if_taken`` a live owner of the same role wins and the claim is
+        refused; otherwise the claim wins and the previous owner is told it was replaced.
+        If the caller is cancelled, an ownership that was taken is given up again.
         """
 
     @abc.abstractmethod
@@ -113,8 +155,12 @@ class Broker(abc.ABC):
         """Give up ``client_id`` if ``owner`` still holds it; a newer owner is never disturbed."""
 
     @abc.abstractmethod
-    def send(self, target: str, text: str, on_failure: OnFailure) -> None:
-        """Deliver ``text`` to ``target`` wherever it is, in order; ``on_failure`` if it cannot."""
+    def send(self, target: str, text: str, on_result: OnResult) -> None:
+        """Deliver ``text`` to the client ``target`` wherever it is, in order.
+
+        ``on_result`` is called exactly once, possibly before ``send`` returns (see
+        :data:`OnResult`): the caller learns the outcome of every message.
+        """
 
     @abc.abstractmethod
     def send_to_controllers(self, frame: str) -> None:

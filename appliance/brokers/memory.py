@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from ..core.protocol import ErrorCode
-from .base import Broker, BrokerNotStarted, Claim, Inbox, OnFailure, Owner
+from ..core.protocol import Role
+from .base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner, failure_detail
 
 __all__ = ["MemoryBroker"]
 
@@ -31,12 +31,14 @@ class MemoryBroker(Broker):
     async def stop(self) -> None:
         self._owners.clear()
 
-    async def claim(self, client_id: str, instance: str, conn_key: str, reject_if_taken: bool) -> Claim:
+    async def claim(self, client_id: str, instance: str, conn_key: str, role: Role, reject_if_taken: bool) -> Claim:
         inbox = self.inbox
         previous = self._owners.get(client_id)
+        if previous is not None and previous.role is not role:
+            return Claim(False, None, previous, role_conflict=True)
         if previous is not None and reject_if_taken:
             return Claim(False, None, previous)
-        owner = Owner(instance, conn_key, next(self._generations))
+        owner = Owner(instance, conn_key, next(self._generations), role)
         self._owners[client_id] = owner
         if previous is not None:
             inbox.replaced(client_id, previous)
@@ -46,9 +48,12 @@ class MemoryBroker(Broker):
         if self._owners.get(client_id) == owner:
             del self._owners[client_id]
 
-    def send(self, target: str, text: str, on_failure: OnFailure) -> None:
-        if not self.inbox.deliver(target, text):
-            on_failure(ErrorCode.TARGET_OFFLINE, f"{target} is not connected")
+    def send(self, target: str, text: str, on_result: OnResult) -> None:
+        failure = self.inbox.deliver(target, text)
+        if failure is None:
+            on_result(None, "")
+        else:
+            on_result(failure, failure_detail(failure, target))
 
     def send_to_controllers(self, frame: str) -> None:
         self.inbox.deliver_to_controllers(frame)

@@ -22,15 +22,40 @@ __all__ = [
     "ErrorCode",
     "ProtocolError",
     "Role",
+    "command_id",
     "encode_error",
     "encode_reply",
     "is_valid_client_id",
     "parse_command",
+    "negotiate_subprotocol",
+    "SUBPROTOCOLS",
+    "TOKEN_SUBPROTOCOL_PREFIX",
 ]
 
 CLIENT_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,50}$")
 #: The seed's controller id; reserved for connections holding the controller token.
 CONTROLLER_ID = "LLM"
+
+
+#: Protocol versions a client may ask for in ``Sec-WebSocket-Protocol``, preferred first.
+SUBPROTOCOLS = ("wsbridge.v1",)
+#: Browsers and Unity WebGL cannot set headers on a WebSocket: they offer the token as the
+#: subprotocol entry ``wsbridge.token.<token>``, which the server never selects (never echoes).
+TOKEN_SUBPROTOCOL_PREFIX = "wsbridge.token."
+
+
+def negotiate_subprotocol(offered: list[str]) -> tuple[str | None, str | None]:
+    """(token offered as a subprotocol, version subprotocol to select) from the offered entries.
+
+    Nothing is selected when no known version was offered (the client speaks v1 then):
+    RFC 6455 §4.1 makes a client fail a handshake that selects a protocol it did not offer.
+    """
+    token = None
+    for entry in offered:
+        if entry.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+            token = entry[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+    selected = next((version for version in SUBPROTOCOLS if version in offered), None)
+    return token, selected
 
 
 class Role(str, enum.Enum):
@@ -50,9 +75,11 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4001
     INVALID_CLIENT_ID = 4002
     RESERVED_ID = 4003
+    ROLE_CONFLICT = 4004
     SLOW_CONSUMER = 4008
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
+    TOKEN_EXPIRED = 4011  # Final for the old token: reconnect with the current one.
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -67,8 +94,10 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.UNAUTHORIZED: "missing or invalid X-Auth-Token",
     CloseCode.INVALID_CLIENT_ID: "client id must match ^[a-zA-Z0-9_-]{1,50}$",
     CloseCode.RESERVED_ID: "id LLM is reserved for controllers",
+    CloseCode.ROLE_CONFLICT: "id is in use by a connection of the other role",
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.TOKEN_EXPIRED: "token expired or revoked; reconnect with the current token",
 }
 
 
@@ -79,6 +108,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_MESSAGE = "invalid_message"
     INVALID_TARGET = "invalid_target"
     TARGET_OFFLINE = "target_offline"
+    TARGET_NOT_CLIENT = "target_not_client"
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     DELIVERY_FAILED = "delivery_failed"
@@ -113,6 +143,24 @@ class ProtocolError:
 _decoder = msgspec.json.Decoder()
 _command_decoder = msgspec.json.Decoder(Command)
 _encoder = msgspec.json.Encoder()
+
+
+class _IdOnly(msgspec.Struct):
+    id: str | int | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def command_id(text: str) -> str | int | None:
+    """The ``id`` of a frame that is refused before parsing (too large, rate limited), if readable.
+
+    Only refused frames pay for this, so the accepted path stays one decode.
+    """
+    try:
+        return _id_decoder.decode(text).id
+    except msgspec.DecodeError:
+        return None
 
 
 class _Reply(msgspec.Struct):

@@ -1,0 +1,132 @@
+"""Drive brokers at their API: an inbox with the relay's answers, instances, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from support import eventually
+
+from appliance.brokers.base import Broker, Owner
+from appliance.brokers.memory import MemoryBroker
+from appliance.brokers.redis import RedisBroker
+from appliance.core.protocol import ErrorCode, Role
+
+__all__ = ["CLIENT", "CONTROLLER", "Cluster", "Inbox", "Node", "Outcome", "new_id", "until"]
+
+CLIENT, CONTROLLER = Role.CLIENT, Role.CONTROLLER
+
+
+class Inbox:
+    """Local connections of one instance, with the answers the relay gives."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.roles: dict[str, Role] = {}
+        self.closing: set[str] = set()
+        self.received: list[tuple[str, str]] = []
+        self.controller_frames: list[str] = []
+        self.replaced_owners: list[tuple[str, Owner]] = []
+
+    def connect(self, client_id: str, role: Role) -> None:
+        self.roles[client_id] = role
+
+    def deliver(self, client_id: str, text: str) -> ErrorCode | None:
+        role = self.roles.get(client_id)
+        if role is None:
+            return ErrorCode.TARGET_OFFLINE
+        if role is CONTROLLER:
+            return ErrorCode.TARGET_NOT_CLIENT
+        if client_id in self.closing:
+            return ErrorCode.DELIVERY_FAILED
+        self.received.append((client_id, text))
+        return None
+
+    def deliver_to_controllers(self, frame: str) -> None:
+        self.controller_frames.append(frame)
+
+    def replaced(self, client_id: str, owner: Owner) -> None:
+        self.replaced_owners.append((client_id, owner))
+
+    def presence_records(self) -> list[dict[str, Any]]:
+        return [r for r in map(self.presence_record, self.roles) if r is not None]
+
+    def presence_record(self, client_id: str) -> dict[str, Any] | None:
+        role = self.roles.get(client_id)
+        if role is None:
+            return None
+        return {"id": client_id, "role": role.value, "instance": self.instance}
+
+
+class Node:
+    def __init__(self, name: str, broker: Broker, inbox: Inbox) -> None:
+        self.name, self.broker, self.inbox = name, broker, inbox
+        self.keys = iter(uuid.uuid4().hex[:16] for _ in range(1000))
+
+    async def claim(self, client_id: str, role: Role = CLIENT, *, reject: bool = False):
+        claim = await self.broker.claim(client_id, self.name, next(self.keys), role, reject)
+        if claim.accepted:
+            self.inbox.connect(client_id, role)
+        return claim
+
+    async def release(self, client_id: str, owner: Owner) -> None:
+        self.inbox.roles.pop(client_id, None)
+        await self.broker.release(client_id, owner)
+
+
+class Outcome:
+    """Collects the calls of one ``on_result``: there must be exactly one."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ErrorCode | None, str]] = []
+
+    def __call__(self, code: ErrorCode | None, detail: str) -> None:
+        self.calls.append((code, detail))
+
+    async def result(self) -> ErrorCode | None:
+        async def arrived() -> bool:
+            return bool(self.calls)
+
+        await eventually(arrived, 15, "the outcome of a send")
+        await asyncio.sleep(0.2)  # A second outcome would come right behind the first.
+        assert len(self.calls) == 1, f"expected exactly one outcome, got {self.calls}"
+        return self.calls[0][0]
+
+
+class Cluster:
+    def __init__(self, kind: str, redis_url: str | None, **options: Any) -> None:
+        self.kind, self.redis_url, self.options = kind, redis_url, options
+        self.nodes: list[Node] = []
+        self._memory: Node | None = None
+
+    async def node(self, name: str, url: str | None = None) -> Node:
+        if self.kind == "memory":
+            if self._memory is None:
+                inbox = Inbox("memory")
+                broker = MemoryBroker()
+                await broker.start(inbox)
+                self._memory = Node("memory", broker, inbox)
+            return self._memory
+        instance = f"{name}-{uuid.uuid4().hex[:6]}"
+        inbox = Inbox(instance)
+        broker = RedisBroker(url or self.redis_url, instance=instance, **self.options)
+        await broker.start(inbox)
+        node = Node(instance, broker, inbox)
+        self.nodes.append(node)
+        return node
+
+    async def stop(self) -> None:
+        for node in [*self.nodes, *([self._memory] if self._memory else [])]:
+            await node.broker.stop()
+
+
+def new_id(prefix: str = "id") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def until(condition, within: float = 10.0, message: str = "condition"):
+    async def check():
+        return condition()
+
+    return await eventually(check, within, message)

@@ -1,0 +1,217 @@
+"""The broker contract, at the broker API, run against both brokers (one contract, two backends).
+
+``cluster`` gives "instances": with the memory broker every instance is the same
+process (one broker, one inbox); with Redis each is its own ``RedisBroker`` with its
+own inbox on a real Redis, so every promise is also checked across instances.
+The inbox of broker_support.py stands in for the relay's side of :class:`~appliance.brokers.base.Inbox`
+(the relay's own side is tested in test_relay_races.py and end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from broker_support import CLIENT, CONTROLLER, Cluster, Outcome, new_id, until
+from support import eventually
+
+from appliance.brokers.base import BrokerNotStarted
+from appliance.brokers.memory import MemoryBroker
+from appliance.brokers.redis import RedisBroker
+from appliance.core.protocol import ErrorCode
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cluster(request: pytest.FixtureRequest):
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+    made = Cluster(request.param, url)
+    yield made
+    await made.stop()
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+
+async def test_a_free_id_is_claimed_and_its_owner_records_the_role(cluster):
+    a = await cluster.node("a")
+    claim = await a.claim(new_id(), CONTROLLER)
+    assert claim.accepted and claim.previous is None and not claim.role_conflict
+    assert claim.owner.role is CONTROLLER and claim.owner.instance == a.name
+
+
+async def test_a_newer_claim_replaces_the_owner_and_tells_it(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    first = await a.claim(client_id)
+    second = await b.claim(client_id)
+    assert second.accepted and second.previous == first.owner
+    assert second.owner.generation > first.owner.generation
+    if cluster.kind == "redis":  # Across instances the old holder learns it on its channel.
+        await until(lambda: (client_id, first.owner) in a.inbox.replaced_owners, message="the kick")
+    else:
+        assert (client_id, first.owner) in a.inbox.replaced_owners
+
+
+async def test_reject_policy_keeps_the_owner(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    first = await a.claim(client_id)
+    second = await b.claim(client_id, reject=True)
+    assert not second.accepted and not second.role_conflict and second.previous == first.owner
+
+
+@pytest.mark.parametrize("reject", [False, True], ids=["replace", "reject"])
+@pytest.mark.parametrize("holder", [CONTROLLER, CLIENT], ids=["controller-holds", "client-holds"])
+async def test_the_other_role_never_displaces_the_owner(cluster, reject, holder):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    first = await a.claim(client_id, holder)
+    other = CLIENT if holder is CONTROLLER else CONTROLLER
+    refused = await b.broker.claim(client_id, b.name, "intruder", other, reject)
+    assert not refused.accepted and refused.role_conflict and refused.previous == first.owner
+    await asyncio.sleep(0.2)
+    assert a.inbox.replaced_owners == []
+    # The holder still gets its traffic (a client holder; a controller holder keeps refusing commands).
+    outcome = Outcome()
+    b.broker.send(client_id, "still yours?", outcome)
+    expected = None if holder is CLIENT else ErrorCode.TARGET_NOT_CLIENT
+    assert await outcome.result() is expected
+
+
+async def test_once_released_an_id_may_change_role(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    first = await a.claim(client_id, CONTROLLER)
+    await a.release(client_id, first.owner)
+    again = await b.claim(client_id, CLIENT, reject=True)
+    assert again.accepted and again.owner.role is CLIENT
+
+
+async def test_an_old_owners_release_never_removes_a_newer_owner(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    first = await a.claim(client_id)
+    second = await b.claim(client_id)
+    await a.broker.release(client_id, first.owner)
+    third = await a.broker.claim(client_id, a.name, "late", CLIENT, True)
+    assert not third.accepted and third.previous == second.owner
+
+
+# --- routing --------------------------------------------------------------------------------
+
+
+async def test_send_reaches_the_client_wherever_it_is_with_one_success(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    await b.claim(client_id)
+    outcomes = [Outcome() for _ in range(20)]
+    for i, outcome in enumerate(outcomes):
+        a.broker.send(client_id, f"m{i}", outcome)
+    for outcome in outcomes:
+        assert await outcome.result() is None
+    assert [text for cid, text in b.inbox.received if cid == client_id] == [f"m{i}" for i in range(20)]
+
+
+async def test_send_to_nobody_is_target_offline(cluster):
+    a = await cluster.node("a")
+    outcome = Outcome()
+    a.broker.send(new_id(), "hello?", outcome)
+    assert await outcome.result() is ErrorCode.TARGET_OFFLINE
+
+
+async def test_send_to_a_controller_is_refused_on_every_instance(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id("planner")
+    await b.claim(client_id, CONTROLLER)
+    outcome = Outcome()
+    a.broker.send(client_id, '{"sender": "forged", "message": "x"}', outcome)
+    assert await outcome.result() is ErrorCode.TARGET_NOT_CLIENT
+    assert "controllers send to clients only" in outcome.calls[0][1]
+    assert b.inbox.received == []
+
+
+async def test_a_subscribed_id_without_a_live_connection_is_reported_not_counted_as_delivered(cluster):
+    """The id's channel is still subscribed (its release is under way) but the connection is gone."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    await b.claim(client_id)
+    b.inbox.roles.pop(client_id)  # The connection went away; the broker has not been told yet.
+    outcome = Outcome()
+    a.broker.send(client_id, "into the void", outcome)
+    assert await outcome.result() is ErrorCode.TARGET_OFFLINE
+
+
+async def test_a_closing_connection_is_reported_as_delivery_failed(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    client_id = new_id()
+    await b.claim(client_id)
+    b.inbox.closing.add(client_id)
+    outcome = Outcome()
+    a.broker.send(client_id, "too late", outcome)
+    assert await outcome.result() is ErrorCode.DELIVERY_FAILED
+
+
+async def test_send_to_controllers_reaches_every_instance(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    frame = f'{{"sender":"{new_id()}","message":"hi"}}'
+    a.broker.send_to_controllers(frame)
+    await until(lambda: frame in a.inbox.controller_frames and frame in b.inbox.controller_frames)
+
+
+# --- presence and health --------------------------------------------------------------------
+
+
+async def test_presence_lists_every_instance_and_forgets_released_ids(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    one, two = new_id(), new_id()
+    await a.claim(one)
+    second = await b.claim(two, CONTROLLER)
+
+    async def ids():
+        return {r["id"] for r in await a.broker.presence()}
+
+    await eventually(lambda: _has(ids, {one, two}), 10, "both ids in presence")
+    await b.release(two, second.owner)
+    await eventually(lambda: _lacks(ids, two), 10, "the released id gone")
+
+
+async def _has(ids, wanted):
+    return wanted <= await ids()
+
+
+async def _lacks(ids, unwanted):
+    return unwanted not in await ids()
+
+
+async def test_health_is_ready_once_started_and_use_before_start_fails_loudly(cluster):
+    a = await cluster.node("a")
+    assert a.broker.health() == (True, "ok")
+    unstarted = MemoryBroker() if cluster.kind == "memory" else RedisBroker(cluster.redis_url, instance="x")
+    assert unstarted.health()[0] is False
+    with pytest.raises(BrokerNotStarted):
+        unstarted.send_to_controllers("x")
+
+
+async def test_a_cancelled_claim_leaves_the_id_free(cluster):
+    """Cancel a claim at every point of its way; the id must never stay held by nobody."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    for passes in range(12):
+        client_id = new_id()
+        task = asyncio.ensure_future(a.broker.claim(client_id, a.name, f"k{passes}", CLIENT, False))
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            claim = await task
+        except asyncio.CancelledError:
+            claim = None
+        if claim is not None and claim.accepted:  # Finished before the cancel: a normal release.
+            await a.broker.release(client_id, claim.owner)
+
+        async def free(client_id=client_id, passes=passes):
+            probe = await b.broker.claim(client_id, b.name, f"probe{passes}", CLIENT, True)
+            if probe.accepted:
+                await b.broker.release(client_id, probe.owner)
+            return probe.accepted
+
+        await eventually(free, 5, f"{client_id} free after a claim cancelled after {passes} passes")
