@@ -221,7 +221,9 @@ async def disconnect_many(request: HTMXRequest) -> Response[Any]:
 @get("/tokens", guards=[require_session])
 async def tokens_page(request: HTMXRequest) -> Template:
     service = _token_service(request)
-    return Template("tokens.html", context=_common(request, tokens=await service.cluster_status(), shown=None))
+    return Template(
+        "tokens.html", context=_common(request, tokens=await service.cluster_status(), shown=None, urlencode=urlencode)
+    )
 
 
 async def _token_action(request: HTMXRequest) -> tuple[Any, str, dict[str, Any]]:
@@ -238,7 +240,7 @@ def _token_result(
     request: HTMXRequest, tokens: list[dict[str, Any]], shown: Any, error: str, status: int = 200
 ) -> Template:
     template = "tokens.html"
-    context = _common(request, tokens=tokens, shown=shown, error=error)
+    context = _common(request, tokens=tokens, shown=shown, error=error, urlencode=urlencode)
     if request.htmx:
         return HTMXBlockTemplate(template_name=template, block_name="panel", context=context, status_code=status)
     return Template(template, context=context, status_code=status)

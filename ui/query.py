@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
-__all__ = ["PAGE_SIZES", "SORTS", "ClientQuery", "Page", "facets", "run_query", "summarize"]
+__all__ = ["PAGE_SIZES", "SORTS", "ClientQuery", "Page", "facets", "run_query", "summarize", "token_key"]
 
 #: Columns the table can be sorted by, and whether their natural order is descending.
 SORTS: dict[str, bool] = {
@@ -33,6 +33,14 @@ _NUMERIC = {"messages_in", "messages_out"}
 
 def _identity(record: dict[str, Any]) -> tuple[str, str]:
     return (str(record.get("id", "")), str(record.get("instance", "")))
+
+
+def token_key(record: dict[str, Any]) -> str:
+    """Which token version opened a connection, as the filter names it: ``NAME:version``."""
+    version = record.get("token_version")
+    if version is None:
+        return ""
+    return f"{record['token']}:{version}" if record.get("token") else str(version)
 
 
 def _groups(record: dict[str, Any]) -> list[str]:
@@ -70,7 +78,7 @@ class ClientQuery:
             role=params.get("role", "") if params.get("role", "") in ("client", "controller") else "",
             instance=params.get("instance", "")[:200],
             group=params.get("group", "")[:200],
-            token_version=params.get("token_version", "")[:50],
+            token_version=params.get("token_version", "")[:200],
             sort=sort,
             descending=descending,
             limit=limit if limit in PAGE_SIZES else 50,
@@ -83,7 +91,11 @@ class ClientQuery:
             and (not self.role or record.get("role") == self.role)
             and (not self.instance or record.get("instance") == self.instance)
             and (not self.group or self.group in _groups(record))
-            and (not self.token_version or str(record.get("token_version", "")) == self.token_version)
+            and (
+                not self.token_version
+                or token_key(record) == self.token_version
+                or str(record.get("token_version", "")) == self.token_version
+            )
         )
 
     def key(self, record: dict[str, Any]) -> tuple[Any, ...]:
@@ -165,7 +177,7 @@ def facets(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     """Values offered in the filter menus."""
     instances = sorted({str(r.get("instance", "")) for r in records})
     groups = sorted({g for r in records for g in _groups(r)})
-    versions = sorted({str(r["token_version"]) for r in records if r.get("token_version") is not None})
+    versions = sorted({token_key(r) for r in records if r.get("token_version") is not None})
     return {"instances": instances, "groups": groups, "token_versions": versions}
 
 

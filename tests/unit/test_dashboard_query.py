@@ -60,6 +60,9 @@ def test_groups_and_token_version_filter_when_presence_has_them():
     records = [record(1, groups=["red", "blue"], token_version=2), record(2, groups=["red"], token_version=3)]
     assert [r["id"] for r in run_query(records, ClientQuery(group="blue")).rows] == ["c-00001"]
     assert [r["id"] for r in run_query(records, ClientQuery(token_version="3")).rows] == ["c-00002"]
+    named = [record(3, token="UNITY_CLIENT_TOKEN", token_version=2), record(4, token="ADMIN_TOKEN", token_version=2)]
+    query = ClientQuery.from_params({"token_version": "UNITY_CLIENT_TOKEN:2"})
+    assert [r["id"] for r in run_query(named, query).rows] == ["c-00003"]
 
 
 def test_bad_parameters_fall_back_to_defaults():
