@@ -104,7 +104,17 @@ async def send(request: HTMXRequest) -> Response[Any]:
     queue = form.get("queue") == "on"
     pending_id = str(request.headers.get("x-pending-row") or "")[:40]
     if target is None or not message or not 0 <= wait_s <= 300:
-        invalid = {"status": "invalid", "detail": "choose a target, type a message, and wait 0 to 300 s"}
+        invalid = {
+            "at": time.time(),
+            "target": target or "",
+            "message": None,
+            "preview": _cut(message),
+            "status": "invalid",
+            "detail": "choose a target, type a message, and wait 0 to 300 s",
+            "reply": "",
+            "sender": "",
+            "rtt_ms": None,
+        }
         return _send_result(request, invalid, pending_id, status_code=HTTP_400_BAD_REQUEST)
     started = time.perf_counter()
     wait_ms = round(wait_s * 1000) if wait_s > 0 else None
