@@ -24,6 +24,7 @@ from litestar.plugins.htmx import ClientRedirect, HTMXRequest
 from litestar.response import Redirect, ServerSentEvent, Template
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_403_FORBIDDEN, HTTP_429_TOO_MANY_REQUESTS
+from litestar.stores.memory import MemoryStore
 
 from appliance import __version__
 from appliance.audit import AuditEvent
@@ -123,6 +124,14 @@ def _safe_next(value: str | None) -> str:
     return PREFIX + "/clients"
 
 
+async def _forget_expired(request: Request) -> None:
+    """Memory stores drop expired entries only when asked (Redis expires keys itself): ask at each sign-in."""
+    dashboard = _dashboard(request)
+    for store in (dashboard.session_config.get_store_from_app(request.app), dashboard.limiter.store):
+        if isinstance(store, MemoryStore):
+            await store.delete_expired()
+
+
 @get("/", sync_to_thread=False)
 def index() -> Redirect:
     return Redirect(PREFIX + "/clients", status_code=HTTP_303_SEE_OTHER)
@@ -158,6 +167,7 @@ async def login(request: HTMXRequest) -> Response[Any]:
     principal = authenticate(request.app.state, str(form.get("token") or ""))
     if principal is None:
         await limiter.failed(address)
+        await _forget_expired(request)
         request.clear_session()
         await _audit(request, "login.failed", "unknown")
         return Template(
@@ -166,6 +176,7 @@ async def login(request: HTMXRequest) -> Response[Any]:
             status_code=401,
         )
     await limiter.succeeded(address)
+    await _forget_expired(request)
     begin_session(request, principal, time.time())
     await _audit(request, "login", principal.name, role=principal.role)
     return Redirect(next_path, status_code=HTTP_303_SEE_OTHER)
