@@ -186,7 +186,8 @@ def _disconnect_result(request: HTMXRequest, closed: int, missing: int, back: st
     if missing:
         text += f" {missing} {'was' if missing == 1 else 'were'} no longer connected."
     if request.htmx:
-        return Template("result.html", context=_common(request, text=text))
+        # The table refreshes at once: its ticked rows would otherwise keep live updates paused.
+        return Template("result.html", context=_common(request, text=text), headers={"HX-Trigger": "refresh"})
     return Template("result.html", context=_common(request, text=text, back=back, full=True))
 
 
