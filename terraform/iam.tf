@@ -67,6 +67,7 @@ data "aws_iam_policy_document" "appliance" {
       actions = [
         "ssm:PutParameter",
         "ssm:LabelParameterVersion",
+        "ssm:UnlabelParameterVersion",
         "ssm:GetParameterHistory",
       ]
       resources = local.token_parameter_arns

@@ -164,7 +164,7 @@ variable "admin_allowed_cidrs" {
 
 variable "token_rotation_from_host" {
   type        = bool
-  description = "Let the host rewrite its token parameters (wsbridge tokens rotate on the host): PutParameter, LabelParameterVersion, GetParameterHistory on the tokens only."
+  description = "Let the host rewrite its token parameters (wsbridge tokens rotate on the host): PutParameter, LabelParameterVersion, UnlabelParameterVersion, GetParameterHistory on the tokens only."
   default     = false
 }
 

@@ -199,7 +199,12 @@ def test_rotation_from_the_host_may_write_only_the_token_parameters(
     assert terraform.variables["token_rotation_from_host"]["default"] is False
     by_sid = {statement["sid"]: statement for statement in dynamic}
     rotate = by_sid["RotateTokenParameters"]
-    assert set(rotate["actions"]) == {"ssm:PutParameter", "ssm:LabelParameterVersion", "ssm:GetParameterHistory"}
+    assert set(rotate["actions"]) == {
+        "ssm:PutParameter",
+        "ssm:LabelParameterVersion",
+        "ssm:UnlabelParameterVersion",  # the token service moves labels off the oldest of 100 versions
+        "ssm:GetParameterHistory",
+    }
     assert rotate["resources"] == "${local.token_parameter_arns}"
     arns = terraform.locals["token_parameter_arns"]
     tokens = terraform.string_list("token_names")
