@@ -77,7 +77,7 @@ def answering(app, client_id: str, reply) -> Iterator:
 def test_send_waits_for_the_reply_and_shows_it_escaped_with_its_round_trip(admin, app):
     evil = "<img src=x onerror=alert(1)>"
     with answering(app, "dash-echo", lambda text: f"done: {text} {evil}"):
-        wait_until(lambda: "dash-echo" in admin.get("/admin/send").text, 5, "dash-echo offered as a target")
+        wait_until(lambda: '<option value="dash-echo">' in admin.get("/admin/send").text, 5, "dash-echo offered")
         response = admin.post(
             "/admin/send",
             {"kind": "client", "target": "dash-echo", "message": "MoveForward <b>10</b>", "wait": "10"},
@@ -138,3 +138,26 @@ def test_bulk_disconnect_of_a_selection_and_of_everything_matching(admin, app):
             with pytest.raises(Exception):  # noqa: B017
                 sockets[i].recv(timeout=timeout(5))
             assert sockets[i].close_code == 4012
+
+
+def test_groups_protocol_and_token_version_are_shown_and_filter_the_table(admin, app):
+    v2 = connect(
+        f"{app.ws}/ws/grouped-1?groups=lights,kitchen",
+        additional_headers={"X-Auth-Token": CLIENT_TOKEN},
+        subprotocols=["wsbridge.v2"],
+        open_timeout=timeout(10),
+    )
+    with v2, ws(app, "ungrouped-1"):
+        wait_until(
+            lambda: 'data-client-id="grouped-1"' in admin.get("/admin/clients?q=grouped-1").text, 5, "grouped-1 listed"
+        )
+        page = admin.get("/admin/clients?q=").text
+        assert '<option value="kitchen"' in page and '<option value="UNITY_CLIENT_TOKEN:1"' in page
+        row = re.search(r'<tr data-client-id="grouped-1">(.*?)</tr>', page, re.S).group(1)
+        assert "lights, kitchen" in row and "UNITY_CLIENT_TOKEN v1" in row and ">2<" in row
+        grouped = re.findall(r'data-client-id="([^"]+)"', admin.get("/admin/clients?group=kitchen").text)
+        assert grouped == ["grouped-1"]
+        by_token = re.findall(
+            r'data-client-id="([^"]+)"', admin.get("/admin/clients?token_version=UNITY_CLIENT_TOKEN:1").text
+        )
+        assert {"grouped-1", "ungrouped-1"} <= set(by_token)
