@@ -26,7 +26,7 @@ from appliance.audit import message_digest
 from appliance.brokers.base import BrokerUnavailable
 
 from .auth import principal_of, require_admin, require_session
-from .pages import PREFIX, _audit, _common, _records
+from .pages import PREFIX, _audit, _common, _records, _remote
 from .query import ClientQuery
 
 __all__ = ["ACTION_ROUTES", "DISCONNECT_CODE", "HISTORY_LENGTH"]
@@ -267,7 +267,7 @@ async def rotate_token(request: HTMXRequest) -> Template:
         )
     principal = principal_of(request)
     try:
-        value = await service.rotate(name, principal.name, _remote_of(request))
+        value = await service.rotate(name, principal.name, _remote(request))
     except Exception as exc:  # RotationUnavailable, TokenStoreError: say why, change nothing.
         return _token_result(request, await service.cluster_status(), None, str(exc), 409)
     shown = {"name": name, "value": value}
@@ -280,15 +280,10 @@ async def revoke_token(request: HTMXRequest) -> Template:
     service, name, _ = await _token_action(request)
     principal = principal_of(request)
     try:
-        await service.revoke(name, principal.name, _remote_of(request))
+        await service.revoke(name, principal.name, _remote(request))
     except Exception as exc:
         return _token_result(request, await service.cluster_status(), None, str(exc), 409)
     return _token_result(request, await service.cluster_status(), None, "")
-
-
-def _remote_of(request: Request) -> str:
-    client = request.scope.get("client")
-    return client[0] if client else "unknown"
 
 
 ACTION_ROUTES = [send_page, send, disconnect_one, disconnect_many, tokens_page, rotate_token, revoke_token]

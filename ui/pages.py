@@ -1,4 +1,4 @@
-"""The dashboard's route handlers: sign-in, clients (page, table, live stream), client detail, system.
+"""The dashboard's pages: sign-in, clients (page, table, live stream), client detail, audit, system.
 
 Handlers only read through the relay's service methods (``Relay.clients()``,
 ``Relay.status()``) and the audit trail on ``app.state``; they never touch connections.
