@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     ping_interval: float = Field(20.0, gt=0, description="Seconds between server pings.")
     ping_timeout: float = Field(20.0, gt=0, description="Seconds without a pong before a peer is dead.")
     presence_ttl: int = Field(30, ge=3, description="Seconds a crashed instance's presence entries survive in Redis.")
+    history_per_client: int = Field(
+        50, ge=1, le=10_000, description="Closed connections kept in each id's connect history (newest first)."
+    )
+    history_ttl_seconds: int = Field(
+        7 * 86400, ge=60, description="Seconds an id's connect history is kept after its last connection closed."
+    )
+    history_max_clients: int = Field(
+        10_000, ge=1, description="Ids whose connect history the embedded broker keeps in memory (Redis: no cap)."
+    )
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )

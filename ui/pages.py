@@ -50,6 +50,8 @@ PREFIX = "/admin"
 LOGIN = PREFIX + "/login"
 #: Pages may show presence this many seconds old (one shared read serves every page meanwhile).
 PRESENCE_MAX_AGE = 1.0
+#: Closed connections shown on a client's page (the broker keeps HISTORY_PER_CLIENT at most).
+HISTORY_SHOWN = 50
 #: Seconds between the event stream's checks that its session is still valid.
 SESSION_RECHECK_SECONDS = 5.0
 
@@ -244,9 +246,31 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     records, error = await _records(request)
     entries = [r for r in records if r.get("id") == client_id]
     events = [e for e in await request.app.state.audit.recent(1000) if e.target == client_id][:50]
+    relay = request.app.state.relay
+    try:
+        history, history_error = await relay.history(client_id, HISTORY_SHOWN), ""
+    except BrokerUnavailable as exc:
+        history, history_error = [], str(exc)
+    settings = request.app.state.settings
     return Template(
         "client.html",
-        context=_common(request, client_id=client_id, entries=entries, events=events, error=error, urlencode=urlencode),
+        context=_common(
+            request,
+            client_id=client_id,
+            entries=entries,
+            events=events,
+            error=error,
+            history=history,
+            history_error=history_error,
+            history_kept={
+                "where": "in Redis, shared by every instance"
+                if settings.redis_enabled
+                else "in this instance's memory",
+                "per_client": settings.history_per_client,
+                "days": round(settings.history_ttl_seconds / 86400, 1),
+            },
+            urlencode=urlencode,
+        ),
     )
 
 
