@@ -176,6 +176,10 @@ async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> t
     while True:
         event = await receive()
         if event["type"] != "websocket.receive":
+            if "reason" not in event and event.get("code") == 1005:
+                # uvicorn's sans-I/O protocol reports a lost TCP connection as 1005 without a reason key,
+                # and a received close frame always with one: RFC 6455 §7.1.5 calls the former 1006.
+                return 1006, ""
             return event.get("code"), event.get("reason") or ""
         if conn.close_code is not None:
             continue  # Closing: drain what the peer still sends until it acknowledges.

@@ -282,6 +282,7 @@ class RedisBroker(Broker):
         self._history_ttl = history_ttl
         #: (id, JSON entry) not written yet, oldest first; written with the next presence write.
         self._history_out: deque[tuple[str, bytes]] = deque(maxlen=HISTORY_BACKLOG)
+        self._history_writing: list[tuple[str, bytes]] = []  # In the pipeline now: not readable from Redis yet.
         self._queue_max = queue_max
         self._queue_remember = queue_remember_seconds
         self._url = url
@@ -954,7 +955,7 @@ class RedisBroker(Broker):
         key = INSTANCE_KEY + self.instance
         inbox = self.inbox
         changed, self._presence_changed = self._presence_changed, set()
-        history = list(self._history_out)
+        history = self._history_writing = list(self._history_out)
         self._history_out.clear()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -980,6 +981,8 @@ class RedisBroker(Broker):
             self._presence_changed |= changed  # Written by the next attempt.
             self._history_out.extendleft(reversed(history))  # Oldest first again, ahead of newer ones.
             raise
+        finally:
+            self._history_writing = []
 
     def _queue_history(self, pipe: Any, history: list[tuple[str, bytes]]) -> None:
         for client_id, entry in history:
@@ -995,10 +998,13 @@ class RedisBroker(Broker):
         self._presence_dirty.set()  # The heartbeat writes it with the presence change, within ~0.2 s.
 
     async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
+        limit = min(limit, self._history_per_client)
         if limit < 1:
             return []
         # Entries of this instance not written yet come first: they are the newest.
-        unwritten = [_json_decode.decode(e) for i, e in reversed(self._history_out) if i == client_id]
+        unwritten = [
+            _json_decode.decode(e) for i, e in reversed([*self._history_writing, *self._history_out]) if i == client_id
+        ]
         if not self._up or self._redis is None:
             raise BrokerUnavailable(self.health()[1])
         try:

@@ -352,6 +352,31 @@ def test_client_detail_and_system_pages(admin, app):
     )
 
 
+def test_client_detail_shows_the_connect_history_with_close_codes_escaped(admin, app):
+    evil = "<img src=x onerror=alert(3)>"
+    with ws_connect(app, "history-me") as ws:
+        ws.close(code=4000, reason=evil)  # The peer's close reason is client-controlled text.
+    with ws_connect(app, "history-me") as older:
+        with ws_connect(app, "history-me"):  # Replaces the older one: 4010 by the relay.
+            wait_until(lambda: older.close_code == 4010, 5, "the older connection replaced")
+
+    def rows() -> list[tuple[str, str, str]] | None:
+        html = admin.get("/admin/client?id=history-me").text
+        found = re.findall(r'<tr data-close-code="(\d+)">.*?<td class="msg">([^<]*)</td><td>(relay|peer)</td>', html)
+        return found if len(found) == 3 else None
+
+    assert wait_until(rows, 5, "three closed connections on the detail page") == [
+        ("1000", "", "peer"),  # The newest closed itself when the with-block ended.
+        ("4010", "replaced by a newer connection", "relay"),
+        ("4000", "&lt;img src=x onerror=alert(3)&gt;", "peer"),
+    ]
+    html = admin.get("/admin/client?id=history-me").text
+    assert evil not in html and "<img" not in html
+    assert "kept in this instance&#39;s memory" in html and "the last 50" in html
+    assert "Connect history" in admin.get("/admin/client?id=never-seen").text
+    assert "No closed connection recorded." in admin.get("/admin/client?id=never-seen").text
+
+
 def test_login_and_logout_are_in_the_audit_trail(app):
     b = Browser(app.http, "203.0.113.9")
     try:
