@@ -10,7 +10,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from leak_scan import SCAN
 from support import Appliance, RedisServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_leaks() -> Iterator[None]:
+    """Fails the run if a token or password appears in anything the tests captured (SECURITY.md).
+
+    Session-scoped and requested first, so it is torn down last: after every appliance
+    has stopped and written its final log lines.
+    """
+    yield
+    leaks = SCAN.leaks()
+    assert not leaks, f"secrets leaked ({SCAN.summary()}): " + "; ".join(leaks)
 
 
 @pytest.fixture(scope="session")
