@@ -133,7 +133,7 @@ def command_id(text: str) -> str | int | None:
     """
     try:
         return _id_decoder.decode(text).id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -160,7 +160,7 @@ def parse_command(text: str) -> Command | ProtocolError:
     """Parse a controller frame; size limits are checked by the caller, before parsing."""
     try:
         command = _command_decoder.decode(text)
-    except msgspec.DecodeError:  # ValidationError is a DecodeError: explain it below.
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError: explain it below.
         pass
     else:
         if CLIENT_ID_PATTERN.fullmatch(command.target) is not None:
@@ -173,6 +173,8 @@ def _explain(text: str) -> Command | ProtocolError:
         data = _decoder.decode(text)
     except msgspec.DecodeError:
         return ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON")
+    except RecursionError:  # ``[[[[...`` a thousand deep: found by the property tests.
+        return ProtocolError(ErrorCode.INVALID_JSON, "frame is nested too deeply")
     if not isinstance(data, dict):
         return ProtocolError(ErrorCode.INVALID_MESSAGE, 'expected a JSON object {"target": ..., "message": ...}')
     command_id = data.get("id")
