@@ -143,10 +143,70 @@ def serve(args: list[str]) -> None:
     os.execv(str(bin_of(VENV, "wsbridge")), ["wsbridge", "serve", *args])
 
 
+#: Test folders that need neither system packages nor tool virtualenvs (pure code, no sockets).
+LIGHT_TEST_PATHS = ("tests/unit",)
+
+#: pytest options whose value is the next argument (so ``-k tests/unit`` is not taken for a path).
+PYTEST_OPTIONS_WITH_VALUE = frozenset(
+    [
+        "-k",
+        "-m",
+        "-p",
+        "-c",
+        "-o",
+        "-W",
+        "-r",
+        "--deselect",
+        "--ignore",
+        "--ignore-glob",
+        "--rootdir",
+        "--basetemp",
+        "--confcutdir",
+        "--junitxml",
+        "--junit-xml",
+        "--maxfail",
+        "--durations",
+        "--tb",
+        "--timeout",
+        "--import-mode",
+        "--log-level",
+        "--override-ini",
+    ]
+)
+
+
+def needs_everything(pytest_args: list[str]) -> bool:
+    """False only when every test path given lies under ``LIGHT_TEST_PATHS``.
+
+    No path means the whole suite; an argument that is neither an option nor an
+    existing path is taken to need everything too (installing more is the safe mistake).
+    """
+    paths, skip_value = [], False
+    for arg in pytest_args:
+        if skip_value:
+            skip_value = False
+        elif arg.startswith("-"):
+            skip_value = arg in PYTEST_OPTIONS_WITH_VALUE
+        else:
+            paths.append(arg)
+    if not paths:
+        return True
+    light = [(ROOT / folder).resolve() for folder in LIGHT_TEST_PATHS]
+    for arg in paths:
+        path = (ROOT / arg.split("::", 1)[0]).resolve()
+        if not path.exists() or not any(path == folder or folder in path.parents for folder in light):
+            return True
+    return False
+
+
 def test(args: list[str]) -> None:
-    ensure_system_packages()
-    ensure_project()
-    ensure_tool_venvs()
+    if needs_everything(args):
+        ensure_system_packages()
+        ensure_project()
+        ensure_tool_venvs()
+    else:
+        say("unit tests only: no system packages or tool virtualenvs needed")
+        ensure_project()
     env = {**os.environ, "WSBRIDGE_TOOL_VENVS": str(TOOL_VENVS), "PYTHONDONTWRITEBYTECODE": "1"}
     say("running the test suite")
     result = subprocess.run([str(bin_of(VENV, "python")), "-m", "pytest", *args], cwd=ROOT, env=env)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import __version__
 from .settings import Settings
@@ -20,7 +21,7 @@ __all__ = ["main"]
 DEV_ENV_FILE = Path(".env")
 
 
-def _load_settings(**overrides: object) -> Settings:
+def _load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -28,7 +29,7 @@ def _load_settings(**overrides: object) -> Settings:
         sys.exit(f"wsbridge: invalid configuration: {problems}")
 
 
-def _ensure_tokens(settings: Settings, overrides: dict[str, object]) -> Settings:
+def _ensure_tokens(settings: Settings, overrides: dict[str, Any]) -> Settings:
     """First run on a dev machine: generate both tokens into ./.env and say so."""
     have_controller, have_client = settings.llm_secret_token is not None, settings.unity_client_token is not None
     if have_controller and have_client:
@@ -60,7 +61,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
     broker = f"Redis ({settings.redis_display()})" if settings.redis_enabled else "embedded (in-memory)"
     assert settings.llm_secret_token is not None and settings.unity_client_token is not None
 
-    def token(secret) -> str:
+    def token(secret: SecretStr) -> str:
         return secret.get_secret_value() if show_tokens else "(configured, not shown)"
 
     print(
@@ -80,7 +81,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if args.host:
         overrides["bind_host"] = args.host
     if args.port:
@@ -101,6 +102,34 @@ def serve(args: argparse.Namespace) -> None:
     run(settings)
 
 
+#: ``wsbridge send`` exit codes, shown by ``--help`` and in the README.
+EXIT_CODES = """exit codes:
+  0  the target's reply was printed
+  1  the relay answered with an error frame (e.g. target_offline), printed on stderr
+  2  no connection: bad URL, connection refused, HTTP error at the handshake, wrong token
+     or another close code from the relay (also: bad arguments)
+  3  no reply from the target within --timeout"""
+
+
+def _refusal(url: str, exc: BaseException) -> str:
+    """One line for a failed handshake: the user mistyped a URL or pointed at the wrong server."""
+    if isinstance(exc, InvalidURI):
+        return f"invalid URL {url!r}: use the relay's ws:// or wss:// base URL, e.g. ws://127.0.0.1:8000"
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        return f"cannot connect to {url}: HTTP {status} at the handshake (is it the relay's base URL?)"
+    if isinstance(exc, TimeoutError):
+        return f"cannot connect to {url}: no handshake within the timeout"
+    return f"cannot connect to {url}: {exc}"
+
+
+def _is_answer(frame: object, target: str) -> bool:
+    """The target's reply, or an error frame (they can only be about our one command)."""
+    if not isinstance(frame, dict):
+        return False
+    return "error" in frame or frame.get("sender") == target
+
+
 async def _send(args: argparse.Namespace) -> int:
     from .client import BridgeClient, BridgeClosed
 
@@ -117,9 +146,17 @@ async def _send(args: argparse.Namespace) -> int:
     client = BridgeClient(url, args.id or f"cli-{secrets.token_hex(4)}", token, reconnect=False)
     try:
         async with asyncio.timeout(args.timeout):
-            async with client:
-                await client.send_command(args.target, args.message)
-                frame = await client.receive_json()
+            await client.connect()
+    except (OSError, InvalidURI, InvalidHandshake, TimeoutError) as exc:
+        print(f"wsbridge send: {_refusal(url, exc)}", file=sys.stderr)
+        return 2
+    try:
+        async with asyncio.timeout(args.timeout), client:
+            # No id: the command stays a plain version-1 command (an id opts into request/reply handling).
+            await client.send_command(args.target, args.message)
+            # Every client's text reaches every controller: skip other clients' messages.
+            while not _is_answer(frame := await client.receive_json(), args.target):
+                pass
     except TimeoutError:
         print(f"wsbridge send: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
         return 3
@@ -127,12 +164,12 @@ async def _send(args: argparse.Namespace) -> int:
         print(f"wsbridge send: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"wsbridge send: cannot connect to {url}: {exc}", file=sys.stderr)
+        print(f"wsbridge send: connection to {url} lost: {exc}", file=sys.stderr)
         return 2
     if "error" in frame:
         print(f"error {frame['error']}: {frame.get('detail', '')}", file=sys.stderr)
         return 1
-    print(frame.get("message", json.dumps(frame)))
+    print(frame["message"])
     return 0
 
 
@@ -145,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--host", help="address to listen on (BIND_HOST, default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="port to listen on (WEB_SOCKET_PORT, default 8000)")
 
-    send_parser = commands.add_parser("send", help="send one command as a controller and print the reply")
+    send_parser = commands.add_parser(
+        "send",
+        help="send one command as a controller and print the reply",
+        description="Send one command as a controller and print the target's reply.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     send_parser.add_argument("--target", required=True, help="client id to send to")
     send_parser.add_argument("--url", help="ws:// or wss:// base URL (default ws://127.0.0.1:WEB_SOCKET_PORT)")
     send_parser.add_argument("--id", help="controller id to connect as (default cli-<random>)")

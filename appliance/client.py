@@ -45,7 +45,11 @@ class BridgeClosed(Exception):
 
 
 class BridgeClient:
-    """One logical connection to the relay that survives restarts of the relay."""
+    """One logical connection to the relay that survives restarts of the relay.
+
+    One task may receive while another sends: after a drop, exactly one of them
+    reconnects and the others continue on the new socket.
+    """
 
     def __init__(
         self,
@@ -68,6 +72,8 @@ class BridgeClient:
         self.open_timeout = open_timeout
         self.max_size = max_size
         self._ws: ClientConnection | None = None
+        self._lock = asyncio.Lock()  # Held while (re)connecting: one socket at a time.
+        self._final: BridgeClosed | None = None  # Set once the relay closed us for good.
         self._closed = False
         self._delay = backoff_initial
         self._opened_at = 0.0
@@ -85,21 +91,35 @@ class BridgeClient:
 
     async def connect(self) -> None:
         """Open the connection, retrying transient failures when ``reconnect`` is on."""
+        async with self._lock:
+            if self._ws is None:
+                await self._open()
+                self._final = None  # An explicit connect after a final close starts afresh.
+
+    async def _open(self) -> None:
+        """Connect with backoff; only ever called with ``_lock`` held, so one socket at a time."""
         while True:
+            if self._closed:
+                raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
             try:
-                self._ws = await connect(
+                ws = await connect(
                     self.url,
                     additional_headers={"X-Auth-Token": self._token},
                     open_timeout=self.open_timeout,
                     max_size=self.max_size,
                     compression=None,
                 )
-                self.connections += 1
-                self._opened_at = time.monotonic()
-                return
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 if not self.reconnect or (isinstance(exc, InvalidStatus) and exc.response.status_code < 500):
                     raise
+            else:
+                if self._closed:  # close() ran while the handshake was under way.
+                    await ws.close()
+                    raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
+                self._ws = ws
+                self.connections += 1
+                self._opened_at = time.monotonic()
+                return
             await self._back_off()
 
     async def _back_off(self) -> None:
@@ -107,24 +127,42 @@ class BridgeClient:
         self._delay = min(self._delay * 2, self.backoff_max)
 
     async def _socket(self) -> ClientConnection:
-        if self._closed:
-            raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
-        if self._ws is None:
-            await self.connect()
-        assert self._ws is not None
-        return self._ws
+        """The live socket, opening one if none is (one task opens it, the others wait for it)."""
+        while True:
+            if self._closed:
+                raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
+            if self._final is not None:
+                raise BridgeClosed(self._final.code, self._final.reason)  # A fresh one per task.
+            if self._ws is not None:
+                return self._ws
+            async with self._lock:
+                if self._ws is None and self._final is None:
+                    await self._open()
 
-    async def _handle_closed(self, exc: ConnectionClosed) -> None:
-        received = exc.rcvd
-        code, reason = (received.code, received.reason) if received else (None, "connection lost")
-        self._ws = None
-        if self._closed or not self.reconnect or code in FINAL_CLOSE_CODES:
-            raise BridgeClosed(code, reason) from exc
-        # The relay refuses after accepting (1013, 4009, 1001), so a connection that did not
-        # last is a failed attempt: back off; one that lasted starts the backoff afresh.
-        if time.monotonic() - self._opened_at >= STABLE_AFTER:
-            self._delay = self.backoff_initial
-        await self._back_off()
+    async def _handle_closed(self, ws: ClientConnection, exc: ConnectionClosed) -> None:
+        """``ws`` failed under one task: reconnect once, however many tasks saw it fail.
+
+        A reader and a writer see the same drop; if both reconnected, the second socket
+        would replace the first (4010, which is final). The lock lets the first task in
+        reconnect while the others wait, then find a new socket and simply retry on it.
+        """
+        async with self._lock:
+            if self._final is not None:
+                raise BridgeClosed(self._final.code, self._final.reason)
+            if self._ws is not ws:  # Another task already replaced the failed socket.
+                return
+            self._ws = None
+            received = exc.rcvd
+            code, reason = (received.code, received.reason) if received else (None, "connection lost")
+            if self._closed or not self.reconnect or code in FINAL_CLOSE_CODES:
+                self._final = BridgeClosed(code, reason)
+                raise self._final from exc
+            # The relay refuses after accepting (1013, 4009, 1001), so a connection that did not
+            # last is a failed attempt: back off; one that lasted starts the backoff afresh.
+            if time.monotonic() - self._opened_at >= STABLE_AFTER:
+                self._delay = self.backoff_initial
+            await self._back_off()
+            await self._open()
 
     async def send_text(self, text: str) -> None:
         """Send a raw text frame (what a client sends back as its reply)."""
@@ -134,7 +172,7 @@ class BridgeClient:
                 await ws.send(text)
                 return
             except ConnectionClosed as exc:
-                await self._handle_closed(exc)
+                await self._handle_closed(ws, exc)
 
     async def send_command(self, target: str, message: str, **extra: Any) -> None:
         """Controllers: ask the relay to deliver ``message`` to ``target``."""
@@ -148,7 +186,7 @@ class BridgeClient:
                 frame = await ws.recv()
                 return frame if isinstance(frame, str) else frame.decode()
             except ConnectionClosed as exc:
-                await self._handle_closed(exc)
+                await self._handle_closed(ws, exc)
 
     async def receive_json(self) -> dict[str, Any]:
         """The next frame parsed as JSON (controllers receive replies and error frames)."""

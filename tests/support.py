@@ -1,7 +1,9 @@
 """Real parts for tests: a Redis server on a free port and appliance processes on uvicorn.
 
 Nothing here imitates the appliance: tests talk to real processes over real sockets.
-Timeouts scale with ``WSBRIDGE_TEST_TIMEOUT_SCALE`` for slow machines.
+Timeouts scale with ``WSBRIDGE_TEST_TIMEOUT_SCALE`` for slow machines. Async tests use the
+async helpers (``eventually``, ``aget``, ``acommand``): a blocking wait would keep their open
+sockets from answering pings (tests/unit/test_async_tests_do_not_block.py checks it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from leak_scan import SCAN, secrets_in_env
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -80,6 +83,17 @@ def http_get(url: str, token: str | None = None) -> tuple[int, Any]:
         return status, json.loads(body)
     except ValueError:
         return status, body.decode()
+
+
+async def http_aget(url: str, token: str | None = None) -> tuple[int, Any]:
+    """``http_get`` for async tests: waits without blocking the event loop (and the sockets it serves)."""
+    async with httpx.AsyncClient(timeout=timeout(5)) as http:
+        response = await http.get(url, headers={"X-Auth-Token": token} if token else {})
+    SCAN.capture(f"HTTP body of GET {urllib.parse.urlsplit(url).path}", response.content)
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, response.text
 
 
 class _Managed:
@@ -140,27 +154,45 @@ class RedisServer(_Managed):
         except OSError:
             return False
 
-    def command(self, *args: str) -> bytes:
-        """Send one command with redis-cli-free RESP and return the raw reply."""
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout(5)) as sock:
-            sock.sendall(payload.encode())
-            time.sleep(0.05)
-            chunks = []
-            sock.settimeout(0.3)
-            try:
-                while chunk := sock.recv(65536):
-                    chunks.append(chunk)
-            except TimeoutError:
-                pass
-            return b"".join(chunks)
+    #: Sent after each command: Redis answers ``+OK`` and closes, so the reply ends at EOF
+    #: (no parsing, no waiting for silence). Deprecated since Redis 7.2, still served.
+    _QUIT = b"*1\r\n$4\r\nQUIT\r\n"
 
-    def connected_clients(self) -> int:
-        info = self.command("INFO", "clients").decode()
-        for line in info.splitlines():
+    def _payload(self, args: tuple[str, ...]) -> bytes:
+        command = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        return command.encode() + self._QUIT
+
+    def command(self, *args: str) -> bytes:
+        """Send one command with redis-cli-free RESP and return the raw reply (sync tests and fixtures)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout(5)) as sock:
+            sock.sendall(self._payload(args))
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).removesuffix(b"+OK\r\n")
+
+    async def acommand(self, *args: str) -> bytes:
+        """``command`` for async tests: waits without blocking the event loop."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(self._payload(args))
+            reply = await asyncio.wait_for(reader.read(), timeout(5))  # Until Redis closes, after QUIT.
+        finally:
+            writer.close()
+        return reply.removesuffix(b"+OK\r\n")
+
+    @staticmethod
+    def _connected_clients(info: bytes) -> int:
+        for line in info.decode().splitlines():
             if line.startswith("connected_clients:"):
                 return int(line.split(":")[1]) - 1  # Not counting this query's own connection.
         raise AssertionError(f"no connected_clients in INFO: {info!r}")
+
+    def connected_clients(self) -> int:
+        return self._connected_clients(self.command("INFO", "clients"))
+
+    async def aconnected_clients(self) -> int:
+        return self._connected_clients(await self.acommand("INFO", "clients"))
 
     def stop(self) -> None:
         if self.process is not None:
@@ -232,6 +264,9 @@ class Appliance(_Managed):
 
     def get(self, path: str, token: str | None = None) -> tuple[int, Any]:
         return http_get(self.http + path, token)
+
+    async def aget(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        return await http_aget(self.http + path, token)
 
     def terminate(self, wait: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""

@@ -13,10 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from support import ROOT, free_port, timeout, wait_until
+import httpx
+from support import ROOT, eventually, free_port, http_aget, timeout
 from websockets.asyncio.client import connect
 
 
@@ -104,7 +104,7 @@ async def test_reference_relay_speaks_the_wire_contract(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until(lambda: _healthy(port), within=10, message="reference relay /healthz")
+        await eventually(lambda: _healthy(port), within=10, message="reference relay /healthz")
         url = f"ws://127.0.0.1:{port}/ws"
         async with (
             connect(f"{url}/LLM", additional_headers={"X-Auth-Token": token}) as controller,
@@ -124,9 +124,8 @@ async def test_reference_relay_speaks_the_wire_contract(tmp_path: Path) -> None:
         relay.wait(timeout=10)
 
 
-def _healthy(port: int) -> bool:
+async def _healthy(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-            return response.status == 200
-    except OSError:
+        return (await http_aget(f"http://127.0.0.1:{port}/healthz"))[0] == 200
+    except httpx.TransportError:
         return False

@@ -5,7 +5,7 @@ import contextlib
 import random
 
 import pytest
-from support import CONTROLLER_TOKEN, closed_with, command, eventually, recv, recv_json, timeout, wait_until
+from support import CONTROLLER_TOKEN, closed_with, command, eventually, recv, recv_json
 from websockets.exceptions import ConnectionClosed
 
 
@@ -40,32 +40,36 @@ async def test_presence_is_cluster_wide_and_shows_the_instance(pair):
     async with a.connect("c-on-a"), b.connect("c-on-b"):
 
         async def both_listed():
-            status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
+            status, body = await a.aget("/api/v1/clients", CONTROLLER_TOKEN)
             return status == 200 and {(r["id"], r["instance"]) for r in body["clients"]} == {
                 ("c-on-a", "inst-a"),
                 ("c-on-b", "inst-b"),
             }
 
         await eventually(both_listed, 5, "both clients in presence from instance A")
-    await eventually(lambda: _async(b.get("/api/v1/clients", CONTROLLER_TOKEN)[1]["count"] == 0), 5, "presence emptied")
 
+    async def emptied():
+        return (await b.aget("/api/v1/clients", CONTROLLER_TOKEN))[1]["count"] == 0
 
-async def _async(value):
-    return value
+    await eventually(emptied, 5, "presence emptied")
 
 
 async def test_redis_connections_do_not_grow_with_clients(pair, redis_server):
     a, _ = pair
-    before = redis_server.connected_clients()
+    before = await redis_server.aconnected_clients()
     sockets = [await a.connect(f"many-{i}") for i in range(200)]
     try:
         async with a.controller() as llm:
             for i in range(0, 200, 20):
                 await llm.send(command(f"many-{i}", "ping"))
                 assert await recv(sockets[i]) == "ping"
-        assert redis_server.connected_clients() <= before + 2  # At most the bounded pool filling up.
+        assert await redis_server.aconnected_clients() <= before + 2  # At most the bounded pool filling up.
     finally:
         await asyncio.gather(*(s.close() for s in sockets))
+
+
+async def _status_is(app, path, status):
+    return (await app.aget(path))[0] == status
 
 
 # --- duplicate ids -------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ async def test_new_connection_replaces_old_one_across_instances(pair):
 
 
 async def test_reject_policy_keeps_the_old_connection(start_appliance, redis_server):
-    redis_server.command("FLUSHALL")
+    await redis_server.acommand("FLUSHALL")
     env = {"DUPLICATE_POLICY": "reject"}
     a = start_appliance(env, redis_url=redis_server.url, name="rej-a")
     b = start_appliance(env, redis_url=redis_server.url, name="rej-b")
@@ -134,7 +138,7 @@ async def test_reconnect_storm_leaves_exactly_one_live_connection_per_id(pair):
                 assert ws.protocol.close_rcvd.code == 4010
 
         async def presence_is_exact():
-            status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
+            status, body = await a.aget("/api/v1/clients", CONTROLLER_TOKEN)
             listed = sorted(r["id"] for r in body["clients"] if r["id"].startswith("storm-"))
             return status == 200 and listed == sorted(ids)
 
@@ -149,7 +153,7 @@ async def test_reconnect_storm_leaves_exactly_one_live_connection_per_id(pair):
         await asyncio.gather(*(ws.close() for _, ws in sockets), return_exceptions=True)
 
     async def all_released():
-        status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
+        status, body = await a.aget("/api/v1/clients", CONTROLLER_TOKEN)
         return status == 200 and not [r for r in body["clients"] if r["id"].startswith("storm-")]
 
     await eventually(all_released, 10, "no stuck ids after the storm")
@@ -169,9 +173,9 @@ async def test_redis_outage_keeps_local_clients_and_recovers(start_appliance, ow
         await llm.send(command("remote", "before"))
         assert await recv(remote) == "before"
 
-        own_redis.kill()
-        wait_until(lambda: a.get("/readyz")[0] == 503, 15, "instance A not ready")
-        _status, body = a.get("/readyz")
+        await asyncio.to_thread(own_redis.kill)
+        await eventually(lambda: _status_is(a, "/readyz", 503), 15, "instance A not ready")
+        _status, body = await a.aget("/readyz")
         assert body["status"] == "not ready" and "redis" in body["reason"]
 
         # Local delivery goes on; cross-instance delivery fails loudly.
@@ -190,8 +194,9 @@ async def test_redis_outage_keeps_local_clients_and_recovers(start_appliance, ow
         async with a.connect("newcomer") as newcomer:
             assert (await closed_with(newcomer))[0] == 1013
 
-        own_redis.start()
-        wait_until(lambda: a.get("/readyz")[0] == 200 and b.get("/readyz")[0] == 200, 20, "both ready again")
+        await asyncio.to_thread(own_redis.start)
+        await eventually(lambda: _status_is(a, "/readyz", 200), 20, "instance A ready again")
+        await eventually(lambda: _status_is(b, "/readyz", 200), 20, "instance B ready again")
 
         await llm.send(command("remote", "after"))
         assert await recv(remote, 10) == "after"
@@ -199,7 +204,7 @@ async def test_redis_outage_keeps_local_clients_and_recovers(start_appliance, ow
         assert await recv_json(llm) == {"sender": "remote", "message": "reply after"}
 
         async def presence_restored():
-            status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
+            status, body = await a.aget("/api/v1/clients", CONTROLLER_TOKEN)
             return status == 200 and {"LLM", "local", "remote"} <= {r["id"] for r in body["clients"]}
 
         await eventually(presence_restored, 10, "presence rebuilt after the outage")
@@ -208,10 +213,10 @@ async def test_redis_outage_keeps_local_clients_and_recovers(start_appliance, ow
 async def test_instance_starts_while_redis_is_down_and_becomes_ready(start_appliance, own_redis):
     own_redis.kill()
     app = start_appliance(redis_url=own_redis.url, name="late", wait_ready=False)
-    status, body = app.get("/readyz")
+    status, body = await app.aget("/readyz")
     assert status == 503 and "redis" in body["reason"]
-    own_redis.start()
-    wait_until(lambda: app.get("/readyz")[0] == 200, timeout(20), "ready once Redis is up")
+    await asyncio.to_thread(own_redis.start)
+    await eventually(lambda: _status_is(app, "/readyz", 200), 20, "ready once Redis is up")
     async with app.controller() as llm, app.connect("c1") as client:
         await llm.send(command("c1", "works"))
         assert await recv(client) == "works"
@@ -224,11 +229,11 @@ async def test_a_crashed_instance_leaves_presence_and_frees_its_ids(start_applia
     client = await b.connect("orphan")
 
     async def listed():
-        status, body = a.get("/api/v1/clients", CONTROLLER_TOKEN)
+        status, body = await a.aget("/api/v1/clients", CONTROLLER_TOKEN)
         return status == 200 and any(r["id"] == "orphan" for r in body["clients"])
 
     await eventually(listed, 5, "the client listed from the other instance")
-    b.kill()  # SIGKILL: no cleanup runs; only the TTL can free the id.
+    await asyncio.to_thread(b.kill)  # SIGKILL: no cleanup runs; only the TTL can free the id.
     await client.close()
 
     async def gone():

@@ -2,13 +2,25 @@
 
 import asyncio
 import contextlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
-from support import CLIENT_TOKEN, CONTROLLER_TOKEN, closed_with, command, eventually, recv, recv_json, timeout
+from support import (
+    CLIENT_TOKEN,
+    CONTROLLER_TOKEN,
+    closed_with,
+    command,
+    eventually,
+    free_port,
+    recv,
+    recv_json,
+    timeout,
+)
 
 from appliance.client import BridgeClient, BridgeClosed
 
@@ -36,7 +48,7 @@ async def test_client_over_its_rate_is_slowed_and_loses_nothing(start_appliance)
             await client.send(f"r{i}")
         replies = [(await recv_json(llm))["message"] for _ in range(30)]
         assert replies == [f"r{i}" for i in range(30)]
-        _status, body = app.get("/metrics")
+        _status, body = await app.aget("/metrics")
         throttled = [line for line in body.splitlines() if line.startswith("wsbridge_client_throttled_total")]
         assert throttled and float(throttled[0].split()[-1]) >= 20
 
@@ -94,13 +106,78 @@ async def test_cli_send_reports_errors_with_exit_codes(start_appliance):
     assert denied.returncode == 2 and "4001" in denied.stderr
 
 
+async def test_cli_send_prints_the_targets_reply_not_another_clients_chatter(start_appliance):
+    app = start_appliance()
+    async with app.connect("echo-bot") as bot, app.connect("chatter") as chatter:
+        chatting = True
+
+        async def chat():
+            while chatting:
+                await chatter.send("unrelated chatter")
+                await asyncio.sleep(0.01)
+
+        async def echo():
+            text = await recv(bot, 15)
+            await asyncio.sleep(0.3)  # The chatter reaches the CLI first.
+            await bot.send(f"done: {text}")
+
+        tasks = [asyncio.create_task(chat()), asyncio.create_task(echo())]
+        result = await asyncio.to_thread(run_cli, app, "--target", "echo-bot", "MoveForward 10")
+        chatting = False
+        await asyncio.gather(*tasks)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "done: MoveForward 10", "")
+
+
+class _NotARelay(http.server.BaseHTTPRequestHandler):
+    """A real web server that is not the relay: every path is 404."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ws://127.0.0.1:{free}", "cannot connect"),  # Nothing listens there: connection refused.
+        ("ws://127.0.0.1:{port}/no/such/path", "HTTP 403"),  # The relay refuses an unknown WebSocket path.
+        ("ws://127.0.0.1:{web}", "HTTP 404"),  # A web server that is not the relay.
+        ("http://127.0.0.1:{port}", "ws:// or wss://"),
+        ("not a url", "ws:// or wss://"),
+    ],
+)
+async def test_cli_send_reports_a_bad_url_in_one_line_with_exit_code_2(start_appliance, url, expected):
+    app = start_appliance()
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARelay) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        url = url.format(free=free_port(), port=app.port, web=web.server_address[1])
+        result = await asyncio.to_thread(run_cli, app, "--url", url, "--target", "echo-bot", "hi")
+        web.shutdown()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("wsbridge send: ") and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_cli_send_help_documents_the_exit_codes():
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "send", "--help"], capture_output=True, text=True, timeout=timeout(30)
+    )
+    assert result.returncode == 0
+    for line in ("0 ", "1 ", "2 ", "3 "):
+        assert any(text.strip().startswith(line) for text in result.stdout.splitlines()), result.stdout
+
+
 async def test_client_library_reconnects_after_a_restart(start_appliance):
     app = start_appliance()
     client = BridgeClient(app.ws, "unity_client_1", CLIENT_TOKEN, backoff_max=0.5)
     await client.connect()
     receiving = asyncio.create_task(client.receive())
     await asyncio.to_thread(app.terminate)
-    app.start()  # Same port: the client comes back by itself.
+    await asyncio.to_thread(app.start)  # Same port: the client comes back by itself.
     async with BridgeClient(app.ws, "LLM", CONTROLLER_TOKEN) as llm:
 
         async def delivered():
@@ -119,6 +196,68 @@ async def test_client_library_reconnects_after_a_restart(start_appliance):
     await client.close()
 
 
+async def test_client_library_shared_by_a_reader_and_a_writer_survives_a_restart(start_appliance):
+    """Both tasks see the connection drop; only one may reconnect, or the second socket replaces the first."""
+    app = start_appliance()
+    client = BridgeClient(app.ws, "unity_client_1", CLIENT_TOKEN, backoff_max=0.5)
+    await client.connect()
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    async def reader():
+        while True:
+            received.put_nowait(await client.receive())
+
+    async def writer():
+        for i in range(1_000_000):
+            await client.send_text(f"tick {i}")
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
+    try:
+        await asyncio.sleep(0.1)  # Both tasks are using the first connection.
+        await asyncio.to_thread(app.terminate)
+        await asyncio.to_thread(app.start)  # Same port.
+        async with BridgeClient(app.ws, "LLM", CONTROLLER_TOKEN) as llm:
+            frames = []
+
+            async def collect():  # Keeps reading, so the ticks never back up into the close handshake.
+                while True:
+                    frames.append(await llm.receive_json())
+
+            tasks.append(asyncio.create_task(collect()))
+
+            async def ticks_arrive():
+                return any(frame.get("sender") == "unity_client_1" for frame in frames)
+
+            await eventually(ticks_arrive, 15, "the writer's messages after the restart")
+
+            async def command_arrives():
+                await llm.send_command("unity_client_1", "after restart")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout(0.5)):
+                        while await received.get() != "after restart":
+                            pass
+                        return True
+                return False
+
+            await eventually(command_arrives, 15, "the reader to receive after the restart")
+            await asyncio.sleep(timeout(0.5))  # A second socket would have replaced the first (4010) by now.
+            for task in tasks:  # Neither task gave up.
+                assert not task.done(), task.exception()
+        _status, body = await app.aget("/metrics")
+        replaced = [
+            line
+            for line in body.splitlines()
+            if line.startswith('wsbridge_connections_closed_total{reason="replaced"}')
+        ]
+        assert all(float(line.split()[-1]) == 0 for line in replaced), replaced  # It never replaced itself.
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+
+
 async def test_client_library_stops_on_final_close_codes(start_appliance):
     app = start_appliance()
     client = BridgeClient(app.ws, "unity_client_1", "wrong-token")
@@ -126,6 +265,26 @@ async def test_client_library_stops_on_final_close_codes(start_appliance):
     with pytest.raises(BridgeClosed) as closed:
         await asyncio.wait_for(client.receive(), timeout(5))
     assert closed.value.code == 4001
+
+
+async def test_a_final_close_stops_the_reader_and_the_writer_alike(start_appliance):
+    """After 4010 no task reconnects: that would take the id back from the newer connection."""
+    app = start_appliance()
+    client = BridgeClient(app.ws, "shared", CLIENT_TOKEN)
+    await client.connect()
+    reader = asyncio.create_task(client.receive())
+    async with app.connect("shared") as newer:
+        with pytest.raises(BridgeClosed) as closed:
+            await asyncio.wait_for(reader, timeout(5))
+        assert closed.value.code == 4010
+        with pytest.raises(BridgeClosed) as again:
+            await client.send_text("from the writer")
+        assert again.value.code == 4010
+        async with app.controller() as llm:  # The newer connection still holds the id.
+            await llm.send(command("shared", "to the newer one"))
+            assert await recv(newer) == "to the newer one"
+    assert client.connections == 1
+    await client.close()
 
 
 async def test_a_client_that_reads_slowly_gets_everything_in_order(start_appliance):
@@ -138,17 +297,18 @@ async def test_a_client_that_reads_slowly_gets_everything_in_order(start_applian
         received = [await recv(client, 20) for _ in range(2000)]
         assert [frame[:5] for frame in received] == [f"{i:05d}" for i in range(2000)]
         with pytest.raises(TimeoutError):  # And no error frame came back to the controller.
-            await asyncio.wait_for(llm.recv(), 0.2)
+            await asyncio.wait_for(llm.recv(), timeout(0.2))
 
 
 async def test_client_library_backs_off_while_its_id_is_refused(start_appliance):
     app = start_appliance({"DUPLICATE_POLICY": "reject"})
     async with app.connect("held"):  # Keeps the id, so every attempt is closed with 4009.
         client = BridgeClient(app.ws, "held", CLIENT_TOKEN, backoff_initial=0.05, backoff_max=0.4)
+        window = timeout(2)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(client.receive(), 2)
-    # Full jitter, doubling to 0.4 s: about ten tries in 2 s, never a tight loop.
-    assert 2 <= client.connections <= 30
+            await asyncio.wait_for(client.receive(), window)
+    # Full jitter, doubling to 0.4 s: about five tries a second, never a tight loop.
+    assert 2 <= client.connections <= 15 * window
 
 
 def _read_frames_raw(sock, buffer: bytes, until_opcode: int, within: float) -> list[tuple[int, bytes]]:

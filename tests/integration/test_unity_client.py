@@ -169,8 +169,8 @@ async def quit_device(llm, target: str, run: Device) -> None:
     await run.passes()
 
 
-def listed(app: Appliance, client_id: str) -> bool:
-    status, body = app.get("/api/v1/clients", token=app.env["LLM_SECRET_TOKEN"])
+async def listed(app: Appliance, client_id: str) -> bool:
+    status, body = await app.aget("/api/v1/clients", token=app.env["LLM_SECRET_TOKEN"])
     assert status == 200, body
     return any(record["id"] == client_id for record in body["clients"])
 
@@ -220,10 +220,14 @@ async def test_connects_with_the_token_header_and_closes_cleanly(app, harness):
         device(harness, "device", url=app.ws, id="unity-hello", token=CLIENT_TOKEN) as run,
     ):
         await run.expect("EVENT connected client=device connections=1")
-        await eventually(lambda: asyncio.to_thread(listed, app, "unity-hello"), 10, "unity-hello in /api/v1/clients")
+        await eventually(lambda: listed(app, "unity-hello"), 10, "unity-hello in /api/v1/clients")
         await quit_device(llm, "unity-hello", run)
+
     # Stop() closed with 1000 and the appliance saw it: the client is gone from the listing.
-    await eventually(lambda: asyncio.to_thread(lambda: not listed(app, "unity-hello")), 10, "unity-hello to leave")
+    async def gone() -> bool:
+        return not await listed(app, "unity-hello")
+
+    await eventually(gone, 10, "unity-hello to leave")
 
 
 async def test_command_from_controller_is_dispatched_and_the_reply_reaches_the_controller(app, harness):
@@ -288,9 +292,9 @@ async def test_reconnects_after_the_appliance_restarts(start_appliance, harness)
         await run.expect("EVENT connected client=device connections=1")
         async with restarting.controller() as llm:
             assert await ask(llm, target, "echo before") == "before"
-        restarting.terminate()  # SIGTERM: every socket is closed with 1001
+        await asyncio.to_thread(restarting.terminate)  # SIGTERM: every socket is closed with 1001
         await run.expect("EVENT disconnected client=device code=1001")
-        restarting.start()  # same port
+        await asyncio.to_thread(restarting.start)  # same port
         await run.expect("EVENT connected client=device connections=2")
         async with restarting.controller() as llm:
             assert await ask(llm, target, "echo after") == "after"
