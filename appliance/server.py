@@ -7,6 +7,9 @@ import socket
 
 import uvicorn
 
+from . import logflood
+from .admission import AdmissionMiddleware
+from .handshake_guard import guarded_http_protocol
 from .relay import Relay
 from .settings import Settings
 from .web import create_app
@@ -46,12 +49,13 @@ def _tune_gc() -> None:
 def run(settings: Settings) -> None:
     app = create_app(settings)
     _tune_gc()
+    logflood.install(settings.log_flood_burst, settings.log_flood_rate)
     config = uvicorn.Config(
-        app,
+        AdmissionMiddleware(app, settings),  # Floods, scanners and foreign origins stop here (SECURITY.md).
         host=settings.bind_host,
         port=settings.web_socket_port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_http_protocol(settings.handshake_timeout),  # Slowloris: uvicorn has no header deadline.
         ws="websockets-sansio",
         ws_max_size=transport_max_size(settings),
         ws_ping_interval=settings.ping_interval,

@@ -55,6 +55,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4008
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
+    TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -72,6 +73,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.ROLE_CONFLICT: "id is in use by a connection of the other role",
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
 }
 
 
