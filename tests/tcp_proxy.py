@@ -1,7 +1,9 @@
-"""A TCP forwarder the tests can cut: a network partition between an instance and Redis.
+"""A TCP forwarder the tests can cut or stall: a network partition between an instance and Redis.
 
 Killing Redis loses its data; a partition keeps Redis (and its keys) up while one
 instance cannot reach it, which is what a connection blip looks like in production.
+A stall is nastier: connections stay open and nothing flows (a blackholed route, a
+frozen VM), so only timeouts and pings can tell.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class TcpProxy:
         self.open = True
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -45,6 +49,7 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    await self._flowing.wait()  # Stalled: hold the data, read nothing more, close nothing.
                     dst.write(data)
                     await dst.drain()
             dst.close()
@@ -62,6 +67,13 @@ class TcpProxy:
 
     def restore(self) -> None:
         self.open = True
+
+    def stall(self) -> None:
+        """Stop forwarding in both directions without closing anything; new connections stall too."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     async def stop(self) -> None:
         self.cut()
