@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-__all__ = ["TcpProxy"]
+__all__ = ["LoadBalancer", "TcpProxy"]
 
 
 class TcpProxy:
@@ -40,7 +40,7 @@ class TcpProxy:
             writer.close()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await self._open_upstream()
         except OSError:
             writer.close()
             return
@@ -56,6 +56,9 @@ class TcpProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.difference_update((writer, up_writer))
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.target_port)
 
     def cut(self) -> None:
         """Drop every forwarded connection and refuse new ones (Redis itself stays up)."""
@@ -81,3 +84,26 @@ class TcpProxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+
+
+class LoadBalancer(TcpProxy):
+    """Round-robin TCP balancing over several ports, skipping those that refuse (an instance restarting)."""
+
+    def __init__(self, target_ports: list[int]) -> None:
+        super().__init__(target_ports[0])
+        self.target_ports = target_ports
+        self._next = 0
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(len(self.target_ports)):
+            port = self.target_ports[self._next % len(self.target_ports)]
+            self._next += 1
+            try:
+                return await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue
+        raise OSError("no instance is up")
