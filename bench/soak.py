@@ -171,7 +171,7 @@ async def run_soak(
         start_ns = _now() + 50_000_000
         interval = 1e9 / rate
         next_seq, next_churn, next_sample = 0, 1.0, 0.0
-        per_second = max(1, round(clients * reconnect_percent / 100))
+        per_second = max(1, round(clients * reconnect_percent / 100)) if reconnect_percent > 0 else 0
         while next_seq < total:
             now_ns = _now()
             elapsed = (now_ns - start_ns) / 1e9
@@ -283,10 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds left out of the slopes (default 10)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures to this JSON file")
+    parser.add_argument("--wsbridge", type=Path, default=None, help="the wsbridge script to run (default: this one)")
     args = parser.parse_args(argv)
     if raise_nofile_limit() < args.clients * 2 + 100:
         print("warning: the open-files limit is low for this many clients", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="wsbridge-soak-") as tmp, Processes(Path(tmp)) as procs:
+    with tempfile.TemporaryDirectory(prefix="wsbridge-soak-") as tmp, Processes(Path(tmp), args.wsbridge) as procs:
         result = asyncio.run(
             run_soak(procs, args.soak_minutes, args.rate, args.clients, args.reconnect_percent, args.warmup)
         )
