@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["AuditEvent", "AuditLog", "MemoryAuditLog", "message_digest"]
+__all__ = ["AuditEvent", "AuditLog", "MemoryAuditLog", "RedisAuditLog", "message_digest"]
 
 #: Events kept; older ones are dropped first.
 DEFAULT_CAPACITY = 1000
@@ -63,3 +64,29 @@ class MemoryAuditLog(AuditLog):
     async def recent(self, limit: int = 100, action_prefix: str = "") -> list[AuditEvent]:
         matching = [e for e in reversed(self._events) if e.action.startswith(action_prefix)]
         return matching[:limit]
+
+
+class RedisAuditLog(AuditLog):
+    """The trail in a Redis list shared by every instance (``wsb:audit``), newest first, trimmed to ``capacity``."""
+
+    KEY = "wsb:audit"
+
+    def __init__(self, redis: Any, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.redis = redis  # a redis.asyncio.Redis
+        self.capacity = capacity
+
+    async def record(self, event: AuditEvent) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.KEY, json.dumps(event.as_dict()))
+            pipe.ltrim(self.KEY, 0, self.capacity - 1)
+            await pipe.execute()
+
+    async def recent(self, limit: int = 100, action_prefix: str = "") -> list[AuditEvent]:
+        events = []
+        for raw in await self.redis.lrange(self.KEY, 0, self.capacity - 1):
+            event = AuditEvent(**json.loads(raw))
+            if event.action.startswith(action_prefix):
+                events.append(event)
+                if len(events) >= limit:
+                    break
+        return events

@@ -1,9 +1,11 @@
-"""``wsbridge``: run the appliance (``serve``) or send one command and print the reply (``send``)."""
+"""``wsbridge``: run the appliance (``serve``), send one command and print the reply (``send``), or
+show, rotate and revoke tokens (``tokens``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import sys
@@ -59,9 +61,13 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
     base = settings.public_url or f"http://{host}:{settings.web_socket_port}"
     ws_base = base.replace("http", "ws", 1)
     broker = f"Redis ({settings.redis_display()})" if settings.redis_enabled else "embedded (in-memory)"
-    assert settings.llm_secret_token is not None and settings.unity_client_token is not None
+    from_ssm = settings.token_store == "ssm"
 
-    def token(secret: SecretStr) -> str:
+    def token(secret: SecretStr | None) -> str:
+        if from_ssm:
+            return f"(from SSM {settings.ssm_prefix})"
+        if secret is None:
+            return "(unset)"
         return secret.get_secret_value() if show_tokens else "(configured, not shown)"
 
     print(
@@ -71,13 +77,25 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
                 f"  WebSocket     {ws_base}/ws/{{client_id}}   (header X-Auth-Token)",
                 f"  Controller token  LLM_SECRET_TOKEN={token(settings.llm_secret_token)}",
                 f"  Client token      UNITY_CLIENT_TOKEN={token(settings.unity_client_token)}",
-                f"  Admin token       ADMIN_TOKEN={token(settings.admin_token) if settings.admin_token else '(unset)'}",
+                f"  Admin token       ADMIN_TOKEN={token(settings.admin_token)}",
                 f"  Health        {base}/healthz  {base}/readyz   Metrics {base}/metrics",
                 f'  Try it        wsbridge send --url {ws_base} --target unity_client_1 "MoveForward 10"',
             ]
         ),
         flush=True,
     )
+
+
+def _load_token_store(settings: Settings):
+    """The configured token store, read now: unreachable or incomplete is one line and exit 1, no traceback."""
+    from .tokens import TokenStoreError, make_token_store
+
+    try:
+        store = make_token_store(settings)
+        store.load()
+    except TokenStoreError as exc:
+        sys.exit(f"wsbridge: cannot load tokens from the {settings.token_store} store: {exc}")
+    return store
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -87,8 +105,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.port:
         overrides["web_socket_port"] = args.port
     configured = _load_settings(**overrides)
-    settings = _ensure_tokens(configured, overrides)
-    from .logs import configure_logging
+    settings = _ensure_tokens(configured, overrides) if configured.token_store == "env" else configured
+    from .logs import configure_logging, weak_secrets
     from .server import run
 
     problems = settings.token_problems()
@@ -98,8 +116,16 @@ def serve(args: argparse.Namespace) -> None:
             "Generate a token with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
     configure_logging(settings.log_level, settings.secret_values())
+    token_store = _load_token_store(settings)
+    # The same rule for tokens read from SSM: a short one is guessable and too short to be masked in logs.
+    weak = weak_secrets({state.name: state.current.value for state in token_store.states.values()})
+    if weak:
+        sys.exit(
+            f"wsbridge: refusing to start: {', '.join(weak)} in the {settings.token_store} store shorter than "
+            "16 characters. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     _print_banner(settings, show_tokens=settings is not configured)
-    run(settings)
+    run(settings, token_store)
 
 
 #: ``wsbridge send`` exit codes, shown by ``--help`` and in the README.
@@ -173,6 +199,102 @@ async def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- wsbridge tokens -------------------------------------------------------------------------
+
+
+def _iso(epoch: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return "-" if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _print_status(entries: list[dict]) -> None:
+    header = ("TOKEN", "ROLE", "VERSION", "FINGERPRINT", "ROTATED", "PREVIOUS", "GRACE ENDS", "CONNECTIONS")
+    rows = [header]
+    for e in entries:
+        previous = "-"
+        if e["previous_version"] is not None:
+            state = "accepted" if e["previous_accepted"] else ("kept" if e["keep_connections"] else "expired")
+            previous = f"{e['previous_version']} ({state})"
+        counts = ", ".join(f"v{v}: {n}" for v, n in e["connections"].items()) or "0"
+        if e.get("connections_scope") not in (None, "cluster"):
+            counts += f" ({e['connections_scope']})"
+        name = e["name"] + (f" [{e['id_pattern']}]" if e.get("id_pattern") else "")
+        rows.append(
+            (name, e["role"], str(e["version"]), e["fingerprint"], _iso(e["rotated_at"]), previous,
+             _iso(e["grace_ends"]), counts)
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _redis_presence(redis):
+    """Presence records of every instance, read from Redis (the CLI has no broker of its own)."""
+    from .brokers.redis import INSTANCE_KEY
+
+    async def presence() -> list[dict]:
+        records: list[dict] = []
+        async for key in redis.scan_iter(match=INSTANCE_KEY + "*", count=500):
+            records.extend(json.loads(value) for value in (await redis.hgetall(key)).values())
+        return records
+
+    return presence
+
+
+async def _tokens(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from .tokens import TokenStoreError
+    from .tokens.service import TokenService
+    from .web import make_audit_log
+
+    settings = _load_settings()
+    store = _load_token_store(settings)
+    redis = notifier = presence = None
+    if settings.redis_enabled:
+        from redis.asyncio import Redis
+
+        from .tokens.notify import TokenNotifier
+
+        redis = Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=2, socket_timeout=5)
+        notifier, presence = TokenNotifier(redis), _redis_presence(redis)
+    service = TokenService(settings, store, make_audit_log(redis), notifier=notifier, presence=presence)
+    actor = args.actor or f"cli:{getpass.getuser()}"
+    source = f"cli@{socket.gethostname()}"
+    try:
+        if args.tokens_command == "status":
+            entries = await service.cluster_status()
+            if args.json:
+                print(json.dumps(entries, indent=2))
+            else:
+                _print_status(entries)
+        elif args.tokens_command == "rotate":
+            value = await service.rotate(args.name, actor, source, keep_connections=args.keep_connections)
+            state = store.states[args.name]
+            keep = "; their connections are kept" if args.keep_connections else ""
+            print(
+                f"Rotated {args.name} to version {state.current.version}. The previous version is accepted "
+                f"until {_iso(state.grace_ends)}{keep}. The new value is shown once:",
+                file=sys.stderr,
+            )
+            print(value, flush=True)
+        else:
+            version = await service.revoke(args.name, actor, source)
+            if version is None:
+                print(f"{args.name}: no previous version was in its grace window; nothing to revoke", file=sys.stderr)
+            else:
+                print(f"Revoked version {version} of {args.name}; its connections are being closed (4011)")
+    except TokenStoreError as exc:
+        print(f"wsbridge tokens: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if redis is not None:
+            await redis.aclose()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="wsbridge", description="WebSocket Bridge relay appliance.")
     parser.add_argument("--version", action="version", version=f"wsbridge {__version__}")
@@ -196,8 +318,23 @@ def main(argv: list[str] | None = None) -> None:
     send_parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     send_parser.add_argument("message", help="the command text")
 
+    tokens_parser = commands.add_parser("tokens", help="show, rotate or revoke tokens (rotation: TOKEN_STORE=ssm)")
+    tokens_parser.add_argument("--actor", help="who is acting, for the audit trail (default cli:<user>)")
+    token_commands = tokens_parser.add_subparsers(dest="tokens_command", required=True)
+    status_parser = token_commands.add_parser("status", help="versions, grace windows, connections; never values")
+    status_parser.add_argument("--json", action="store_true", help="print JSON")
+    rotate_parser = token_commands.add_parser("rotate", help="new random value; the old one has a grace window")
+    rotate_parser.add_argument("name", help="token name: LLM_SECRET_TOKEN, UNITY_CLIENT_TOKEN, ADMIN_TOKEN, ...")
+    rotate_parser.add_argument(
+        "--keep-connections", action="store_true", help="do not close old-token connections when the grace ends"
+    )
+    revoke_parser = token_commands.add_parser("revoke", help="end the grace window now and close old-token connections")
+    revoke_parser.add_argument("name", help="token name")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "tokens":
+        sys.exit(asyncio.run(_tokens(args)))
     else:
         sys.exit(asyncio.run(_send(args)))

@@ -27,7 +27,13 @@ __all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed"]
 
 #: Close codes after which reconnecting cannot succeed.
 FINAL_CLOSE_CODES = frozenset(
-    {CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, CloseCode.RESERVED_ID, CloseCode.REPLACED}
+    {
+        CloseCode.UNAUTHORIZED,
+        CloseCode.INVALID_CLIENT_ID,
+        CloseCode.RESERVED_ID,
+        CloseCode.REPLACED,
+        CloseCode.TOKEN_EXPIRED,  # the same token would be refused: a new one must come from the operator
+    }
 )
 
 

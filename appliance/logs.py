@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["RedactSecrets", "configure_logging", "weak_secrets"]
+__all__ = ["RedactSecrets", "configure_logging", "learn_secrets", "weak_secrets"]
 
 
 #: Shorter secrets are not masked: masking "a" would mangle every log line (and such a
-#: token is refused as weak at start-up anyway; see ``weak_secrets``).
+#: token is refused at start-up anyway; see ``Settings.token_problems``).
 MIN_MASKED_LENGTH = 8
-#: Tokens shorter than this are reported as weak when the appliance starts.
+#: Tokens shorter than this are refused when the appliance starts (``Settings.token_problems``).
 MIN_STRONG_LENGTH = 16
 
 
@@ -29,6 +29,12 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         # Longest first: a URL is masked whole before the password inside it.
         self.secrets = sorted((s for s in secrets if len(s) >= MIN_MASKED_LENGTH), key=len, reverse=True)
+
+    def learn(self, secrets: list[str]) -> None:
+        """Mask these values too (a rotated token): the set grows, an old value stays masked."""
+        for secret in secrets:
+            if len(secret) >= MIN_MASKED_LENGTH and secret not in self.secrets:
+                self.secrets.append(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -49,6 +55,14 @@ class RedactSecrets(logging.Filter):
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def learn_secrets(secrets: list[str]) -> None:
+    """Teach every redaction filter on the root logger's handlers new secret values."""
+    for handler in logging.getLogger().handlers:
+        for filter_ in handler.filters:
+            if isinstance(filter_, RedactSecrets):
+                filter_.learn(secrets)
 
 
 def configure_logging(level: str, secrets: list[str]) -> None:

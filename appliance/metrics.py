@@ -17,6 +17,10 @@ __all__ = [
     "REFUSED",
     "REGISTRY",
     "THROTTLED",
+    "TOKEN_EVICTIONS",
+    "TOKEN_LAST_REFRESH",
+    "TOKEN_REFRESH_FAILURES",
+    "TOKEN_STORE_UP",
     "render",
 ]
 
@@ -64,3 +68,26 @@ BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+
+# --- token store (appliance/tokens) -------------------------------------------------------------
+TOKEN_STORE_UP = Gauge(
+    "wsbridge_token_store_up",
+    "1 when the last read of the token store succeeded (0: serving the last good tokens).",
+    registry=REGISTRY,
+)
+TOKEN_REFRESH_FAILURES = Counter(
+    "wsbridge_token_refresh_failures_total",
+    "Failed token-store refreshes (the last good tokens were kept).",
+    registry=REGISTRY,
+)
+TOKEN_LAST_REFRESH = Gauge(
+    "wsbridge_token_last_refresh_timestamp_seconds",
+    "When the token store was last read successfully.",
+    registry=REGISTRY,
+)
+TOKEN_EVICTIONS = Counter(
+    "wsbridge_token_evictions_total",
+    "Connections closed because their token expired or was revoked (4011).",
+    registry=REGISTRY,
+)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +24,7 @@ from .brokers.base import Broker, BrokerUnavailable, Owner
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State
 from .settings import Settings
+from .tokens.base import Grant
 
 __all__ = ["Connection", "Flusher", "Relay"]
 
@@ -87,6 +88,7 @@ class Connection:
         "remote",
         "owner",
         "close_code",
+        "grant",
         "_send",
         "_flusher",
         "_pending",
@@ -112,6 +114,7 @@ class Connection:
         self.remote = remote
         self.owner: Owner | None = None
         self.close_code: int | None = None
+        self.grant: Grant | None = None  # the token (name, version) that opened it, for eviction
         self._send = send
         self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
@@ -250,6 +253,8 @@ class Connection:
             "messages_in": session.messages_in,
             "messages_out": session.messages_out,
             "last_activity": _iso(session.last_activity),
+            "token": self.grant.name if self.grant else None,
+            "token_version": self.grant.version if self.grant else None,
         }
 
 
@@ -281,13 +286,17 @@ class Relay:
     async def stop(self) -> None:
         await self.broker.stop()
 
-    def new_connection(self, client_id: str, role: Role, send: ASGISend, remote: str) -> Connection:
+    def new_connection(
+        self, client_id: str, role: Role, send: ASGISend, remote: str, grant: Grant | None = None
+    ) -> Connection:
         session = Session(client_id, role, self._limits[role], time.time())
         settings = self.settings
         max_chars = (
             settings.controller_max_pending_bytes if role is Role.CONTROLLER else settings.client_max_pending_bytes
         )
-        return Connection(session, send, remote, self._flusher, settings.max_pending_messages, max_chars)
+        conn = Connection(session, send, remote, self._flusher, settings.max_pending_messages, max_chars)
+        conn.grant = grant
+        return conn
 
     # --- lifecycle of one connection ----------------------------------------------------
 
@@ -451,6 +460,23 @@ class Relay:
         if self.draining:
             return False, "shutting down"
         return self.broker.health()
+
+    # --- tokens (appliance/tokens/service.py) --------------------------------------------
+
+    def grants(self) -> Counter[tuple[str, int]]:
+        """Local connections by the token (name, version) that opened them."""
+        return Counter((c.grant.name, c.grant.version) for c in self._connections.values() if c.grant is not None)
+
+    def evict(self, token_name: str, version: int, code: CloseCode) -> int:
+        """Close every local connection opened with this token version (expired or revoked)."""
+        victims = [
+            conn
+            for conn in self._connections.values()
+            if conn.grant is not None and conn.grant.name == token_name and conn.grant.version == version
+        ]
+        for conn in victims:
+            conn.close(code)
+        return len(victims)
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: refuse newcomers, close every socket with 1001 after its queued frames."""

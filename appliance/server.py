@@ -12,6 +12,7 @@ from .admission import AdmissionMiddleware
 from .handshake_guard import guarded_http_protocol
 from .relay import Relay
 from .settings import Settings
+from .tokens import TokenStore
 from .web import create_app
 
 __all__ = ["run", "transport_max_size"]
@@ -46,8 +47,8 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def run(settings: Settings) -> None:
-    app = create_app(settings)
+def run(settings: Settings, token_store: TokenStore | None = None) -> None:
+    app = create_app(settings, token_store=token_store)
     _tune_gc()
     logflood.install(settings.log_flood_burst, settings.log_flood_rate)
     config = uvicorn.Config(

@@ -37,6 +37,29 @@ class Settings(BaseSettings):
         None, description="Token for the dashboard and the admin HTTP API; unset disables admin access."
     )
 
+    # --- Token store (appliance/tokens) --------------------------------------------------
+    token_store: Literal["env", "ssm"] = Field(
+        "env", description="Where tokens come from: env (these settings, the default) or ssm (AWS SSM Parameter Store)."
+    )
+    ssm_prefix: str = Field(
+        "/WebSocket/prod/",
+        pattern=r"^/[A-Za-z0-9_.\-/]*/$",
+        description="SSM parameter path holding the tokens (LLM_SECRET_TOKEN, ..., client_tokens/<name>); ends with /.",
+    )
+    aws_region: str | None = Field(None, description="AWS region of the SSM parameters (TOKEN_STORE=ssm).")
+    ssm_endpoint_url: str | None = Field(
+        None, description="SSM endpoint URL override (a VPC endpoint, or a local moto server in tests)."
+    )
+    token_refresh_seconds: float = Field(
+        60.0, gt=0, description="Seconds between reads of the token store; Redis notifications are faster."
+    )
+    token_grace_seconds: float = Field(
+        900.0, ge=0, description="Seconds a rotated-out token stays valid (and its connections open)."
+    )
+    token_rotation_enabled: bool = Field(
+        False, description="Allow `wsbridge tokens rotate|revoke` and the dashboard to write SSM (needs IAM rights)."
+    )
+
     # --- Network ----------------------------------------------------------------------
     bind_host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 in containers.")
     web_socket_port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,16 +13,17 @@ from litestar import Litestar, Request, Response, WebSocket, get, websocket
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
-from msgspec import Struct
 
 from . import __version__, metrics
-from .audit import MemoryAuditLog
+from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker, BrokerUnavailable
 from .brokers.memory import MemoryBroker
-from .core.protocol import CLOSE_REASONS, CloseCode
+from .core.protocol import CLOSE_REASONS, CloseCode, negotiate_subprotocol
 from .core.session import Throttle, authorize
 from .relay import Connection, Relay
 from .settings import Settings
+from .tokens import Grant, TokenStore, make_token_store
+from .tokens.service import TokenService
 
 __all__ = ["create_app", "make_broker"]
 
@@ -39,6 +39,7 @@ _REFUSAL_REASONS = {
     CloseCode.GOING_AWAY: "shutting_down",
     CloseCode.REPLACED: "replaced",
     CloseCode.INTERNAL_ERROR: "internal_error",
+    CloseCode.TOKEN_EXPIRED: "token_expired",
 }
 
 
@@ -82,33 +83,42 @@ class RelaySocket(WebSocket):
         self.raw_send = send
 
 
-async def _refuse(socket: WebSocket, code: CloseCode) -> None:
-    """Accept, then close with a code the client can read (an HTTP 403 would not say why)."""
+async def _refuse(socket: WebSocket, code: CloseCode, subprotocol: str | None = None) -> None:
+    """Accept, then close with a code the client can read (an HTTP 403 would not say why).
+
+    A browser that offered subprotocols fails a handshake that selects none (1006, no code),
+    so a refusal selects the offered version too.
+    """
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
-    await socket.accept()
+    await socket.accept(subprotocols=subprotocol)
     await socket.close(code=int(code), reason=CLOSE_REASONS[code])
 
 
 @websocket("/ws/{client_id:str}", websocket_class=RelaySocket)
 async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     relay = _relay(socket)
-    tokens = socket.app.state.tokens
-    decision = authorize(client_id, socket.headers.get("x-auth-token"), tokens.controller, tokens.client)
+    # Browsers and WebGL cannot set X-Auth-Token: they offer `wsbridge.token.<token>` as a subprotocol.
+    offered_token, subprotocol = negotiate_subprotocol(socket.scope.get("subprotocols") or [])
+    grant = _token_store(socket).lookup(socket.headers.get("x-auth-token") or offered_token)
+    decision = authorize(client_id, grant.role if grant else None, grant.id_pattern if grant else None)
     if isinstance(decision, CloseCode):
         log.info("Refused connection for id %r: %s", client_id[:64], CLOSE_REASONS[decision])
-        await _refuse(socket, decision)
+        await _refuse(socket, decision, subprotocol)
         return
-    conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket))
+    conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant)
     try:
         refusal = await relay.open(conn)
     except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
         log.exception("Could not register %s", client_id)
         refusal = CloseCode.INTERNAL_ERROR
+    if refusal is None and grant is not None and not _token_store(socket).connection_allowed(grant.name, grant.version):
+        await relay.close(conn)  # The grace window ended while the id was being claimed: eviction missed it.
+        refusal = CloseCode.TOKEN_EXPIRED
     if refusal is not None:
-        await _refuse(socket, refusal)
+        await _refuse(socket, refusal, subprotocol)
         return
     try:
-        await socket.accept()
+        await socket.accept(subprotocols=subprotocol)  # Never the token entry: it would be echoed.
         conn.opened()
         await _read_frames(socket, relay, conn)
     except Exception as exc:  # The socket is gone; the finally block cleans up.
@@ -145,22 +155,20 @@ async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> N
 # --- HTTP API -------------------------------------------------------------------------------
 
 
-class Tokens(Struct, frozen=True):
-    controller: str
-    client: str
-    admin: str | None
+def _token_store(connection: Request | WebSocket) -> TokenStore:
+    return connection.app.state.token_store
 
 
-def _require_token(request: Request, *, allow_controller: bool) -> None:
-    presented = (request.headers.get("x-auth-token") or "").encode()
-    tokens: Tokens = request.app.state.tokens
-    allowed = [tokens.admin] + ([tokens.controller] if allow_controller else [])
+def _require_token(request: Request, *, allow_controller: bool) -> Grant:
+    """The admin (or controller) grant of the request's X-Auth-Token, through the store's one comparator."""
+    presented = request.headers.get("x-auth-token")
     if not presented:
         raise NotAuthorizedException("X-Auth-Token header required")
-    # Evaluate every comparison so timing does not tell which token was close.
-    matches = [hmac.compare_digest(presented, t.encode()) for t in allowed if t]
-    if not any(matches):
+    grant = _token_store(request).lookup(presented)
+    allowed = ("admin", "controller") if allow_controller else ("admin",)
+    if grant is None or grant.role not in allowed:
         raise PermissionDeniedException("token not allowed here")
+    return grant
 
 
 @get("/", sync_to_thread=False)
@@ -174,11 +182,15 @@ def healthz() -> dict[str, str]:
 
 
 @get("/readyz", sync_to_thread=False)
-def readyz(request: Request) -> Response[dict[str, str]]:
+def readyz(request: Request) -> Response[dict[str, Any]]:
     ready, reason = _relay(request).status()
+    # A failed token refresh keeps the last good tokens: still ready, and said so here.
+    tokens = _token_store(request).health()
     if ready:
-        return Response({"status": "ready", "broker": _relay(request).broker.describe()})
-    return Response({"status": "not ready", "reason": reason}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+        return Response({"status": "ready", "broker": _relay(request).broker.describe(), "tokens": tokens})
+    return Response(
+        {"status": "not ready", "reason": reason, "tokens": tokens}, status_code=HTTP_503_SERVICE_UNAVAILABLE
+    )
 
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
@@ -201,32 +213,62 @@ async def list_clients(request: Request) -> Response[dict[str, Any]]:
 # --- application -----------------------------------------------------------------------------
 
 
-def create_app(settings: Settings, broker: Broker | None = None) -> Litestar:
-    if settings.llm_secret_token is None or settings.unity_client_token is None:
-        raise ValueError("LLM_SECRET_TOKEN and UNITY_CLIENT_TOKEN must both be set")
+def make_audit_log(redis: Any | None) -> AuditLog:
+    if redis is None:
+        return MemoryAuditLog()
+    from .audit import RedisAuditLog
+
+    return RedisAuditLog(redis)
+
+
+def create_app(settings: Settings, broker: Broker | None = None, token_store: TokenStore | None = None) -> Litestar:
+    """The app. ``token_store`` may come loaded (``wsbridge serve`` loads it to fail fast); else it is loaded here."""
     problems = settings.token_problems()
     if problems:
         raise ValueError("; ".join(problems))
+    if token_store is None:
+        token_store = make_token_store(settings)
+        token_store.load()
     relay = Relay(settings, broker or make_broker(settings))
-    tokens = Tokens(
-        controller=settings.llm_secret_token.get_secret_value(),
-        client=settings.unity_client_token.get_secret_value(),
-        admin=settings.admin_token.get_secret_value() if settings.admin_token else None,
-    )
+    redis = None
+    if settings.redis_enabled:
+        from redis.asyncio import Redis
+
+        # Audit trail and token notifications; the broker keeps its own connections.
+        redis = Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=2, socket_timeout=5)
+    audit = make_audit_log(redis)
+    notifier = None
+    if redis is not None:
+        from .tokens.notify import TokenNotifier
+
+        notifier = TokenNotifier(redis)
+    token_service = TokenService(settings, token_store, audit, relay=relay, notifier=notifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
+        await token_service.start()
         metrics.BUILD.info({"version": __version__, "broker": relay.broker.name})
         log.info("Relay ready on broker %s as instance %s", relay.broker.describe(), relay.instance)
         try:
             yield
         finally:
+            await token_service.stop()
             await relay.stop()
+            if redis is not None:
+                await redis.aclose()
 
     return Litestar(
         route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, list_clients],
-        state=State({"relay": relay, "tokens": tokens, "settings": settings, "audit": MemoryAuditLog()}),
+        state=State(
+            {
+                "relay": relay,
+                "settings": settings,
+                "audit": audit,
+                "token_store": token_store,
+                "token_service": token_service,
+            }
+        ),
         lifespan=[lifespan],
         openapi_config=None,
         logging_config=None,

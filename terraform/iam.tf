@@ -1,5 +1,6 @@
 # The instance's role: read its own parameters (below ssm_parameter_prefix) and
-# decrypt them through SSM with the stack's key. Nothing else.
+# decrypt them through SSM with the stack's key; rewrite the token parameters only when
+# token_rotation_from_host; Session Manager. Nothing else.
 
 data "aws_iam_policy_document" "ec2_assume" {
   statement {
@@ -19,6 +20,16 @@ resource "aws_iam_role" "appliance" {
   assume_role_policy = data.aws_iam_policy_document.ec2_assume.json
 }
 
+locals {
+  # ARNs of the parameters: the prefix itself (GetParametersByPath), everything below
+  # it, and the token parameters a host-side rotation may rewrite.
+  ssm_arn_base = "arn:${data.aws_partition.current.partition}:ssm:${var.aws_region}:${data.aws_caller_identity.current.account_id}:parameter/${local.ssm_path}"
+  token_parameter_arns = concat(
+    [for name in local.token_names : "${local.ssm_arn_base}/${name}"],
+    ["${local.ssm_arn_base}/client_tokens/*"], # scoped client tokens (docs/deploy.md)
+  )
+}
+
 data "aws_iam_policy_document" "appliance" {
   statement {
     sid    = "ReadOwnParameters"
@@ -28,11 +39,7 @@ data "aws_iam_policy_document" "appliance" {
       "ssm:GetParameters",
       "ssm:GetParametersByPath",
     ]
-    # The path itself (GetParametersByPath) and everything below it.
-    resources = [
-      "arn:${data.aws_partition.current.partition}:ssm:${var.aws_region}:${data.aws_caller_identity.current.account_id}:parameter/${local.ssm_path}",
-      "arn:${data.aws_partition.current.partition}:ssm:${var.aws_region}:${data.aws_caller_identity.current.account_id}:parameter/${local.ssm_path}/*",
-    ]
+    resources = [local.ssm_arn_base, "${local.ssm_arn_base}/*"]
   }
 
   statement {
@@ -47,12 +54,54 @@ data "aws_iam_policy_document" "appliance" {
       values   = ["ssm.${var.aws_region}.amazonaws.com"]
     }
   }
+
+  # `wsbridge tokens rotate` on the host writes a new version, labels it, and reads
+  # the history (SSM keeps 100 versions); only on the token parameters, only when
+  # enabled.
+  dynamic "statement" {
+    for_each = var.token_rotation_from_host ? [1] : []
+
+    content {
+      sid    = "RotateTokenParameters"
+      effect = "Allow"
+      actions = [
+        "ssm:PutParameter",
+        "ssm:LabelParameterVersion",
+        "ssm:UnlabelParameterVersion",
+        "ssm:GetParameterHistory",
+      ]
+      resources = local.token_parameter_arns
+    }
+  }
+
+  dynamic "statement" {
+    for_each = var.token_rotation_from_host ? [1] : []
+
+    content {
+      sid       = "EncryptTokenParametersThroughSsm"
+      effect    = "Allow"
+      actions   = ["kms:Encrypt", "kms:GenerateDataKey"]
+      resources = [aws_kms_key.main.arn]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["ssm.${var.aws_region}.amazonaws.com"]
+      }
+    }
+  }
 }
 
 resource "aws_iam_role_policy" "appliance" {
   name   = "read-wsbridge-secrets"
   role   = aws_iam_role.appliance.id
   policy = data.aws_iam_policy_document.appliance.json
+}
+
+# Session Manager: a shell on the host without SSH (ssh_allowed_cidrs may be empty).
+resource "aws_iam_role_policy_attachment" "session_manager" {
+  role       = aws_iam_role.appliance.name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
 }
 
 resource "aws_iam_instance_profile" "appliance" {
@@ -80,14 +129,18 @@ data "aws_iam_policy_document" "flow_logs_assume" {
   }
 }
 
+# The permissions AWS documents for a flow-log role (VPC user guide, "IAM role for
+# publishing flow logs to CloudWatch Logs"), scoped to the stack's log group.
 data "aws_iam_policy_document" "flow_logs_write" {
   statement {
     effect = "Allow"
     actions = [
+      "logs:CreateLogGroup",
       "logs:CreateLogStream",
       "logs:PutLogEvents",
+      "logs:DescribeLogGroups",
       "logs:DescribeLogStreams",
     ]
-    resources = ["${aws_cloudwatch_log_group.flow_logs.arn}:*"]
+    resources = [aws_cloudwatch_log_group.flow_logs.arn, "${aws_cloudwatch_log_group.flow_logs.arn}:*"]
   }
 }

@@ -10,9 +10,13 @@ locals {
     ManagedBy   = "terraform"
   })
 
+  # The appliance's tokens (TOKEN_STORE=ssm reads them at run time; a host-side
+  # rotation may rewrite exactly these).
+  token_names = ["LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN"]
+
   # Secrets stored as SecureString below ssm_parameter_prefix (ssm.tf), each a random
   # 48-character password at first: the appliance's tokens, Redis, Grafana's admin.
-  secret_names = ["LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "REDIS_PASSWORD", "ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD"]
+  secret_names = concat(local.token_names, ["REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"])
 
   # Every parameter ssm.tf creates: those, plus Prometheus's basic-auth password and
   # its htpasswd line.

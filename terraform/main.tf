@@ -57,57 +57,46 @@ resource "aws_route_table_association" "public" {
   route_table_id = aws_route_table.public.id
 }
 
+# Rules are standalone resources only: inline ingress/egress blocks mixed with
+# aws_vpc_security_group_*_rule resources make every second apply remove the
+# standalone ones (the provider's documented conflict), so a second run would change
+# something. No inline rule may be added here (tests/deploy/test_terraform.py).
 resource "aws_security_group" "appliance" {
   name        = "${local.name}-appliance"
-  description = "WebSocket Bridge host: HTTP/HTTPS from anywhere, SSH from operators only"
+  description = "WebSocket Bridge host: WSS/HTTPS from anywhere, SSH from operators only"
   vpc_id      = aws_vpc.main.id
-
-  #checkov:skip=CKV_AWS_260:Port 80 must be open to the world: Traefik answers it only with a redirect to HTTPS.
-
-  ingress {
-    description = "HTTP, redirected to HTTPS by Traefik"
-    from_port   = 80
-    to_port     = 80
-    protocol    = "tcp"
-    cidr_blocks = ["0.0.0.0/0"]
-  }
-
-  ingress {
-    description = "HTTPS and WSS (Traefik; also the ACME TLS-ALPN-01 challenge)"
-    from_port   = 443
-    to_port     = 443
-    protocol    = "tcp"
-    cidr_blocks = ["0.0.0.0/0"]
-  }
-
-  egress {
-    description = "HTTPS out: package mirrors, Docker images, Let's Encrypt, AWS APIs"
-    from_port   = 443
-    to_port     = 443
-    protocol    = "tcp"
-    cidr_blocks = ["0.0.0.0/0"]
-  }
-
-  egress {
-    description = "HTTP out: Ubuntu package mirrors"
-    from_port   = 80
-    to_port     = 80
-    protocol    = "tcp"
-    cidr_blocks = ["0.0.0.0/0"]
-  }
-
-  egress {
-    description = "DNS to the VPC resolver"
-    from_port   = 53
-    to_port     = 53
-    protocol    = "udp"
-    cidr_blocks = [var.vpc_cidr]
-  }
 
   tags = { Name = "${local.name}-appliance" }
 }
 
-# SSH: one rule per operator network (validated: never /0); none when the list is empty.
+# Port 80 (redirected to HTTPS by Traefik), 443 (WebSockets, the ACME TLS-ALPN-01
+# challenge) from anywhere; 8443 (dashboard, API, Grafana, Prometheus) from
+# admin_allowed_cidrs.
+resource "aws_vpc_security_group_ingress_rule" "public" {
+  #checkov:skip=CKV_AWS_260:Port 80 must be open to the world: Traefik answers it only with a redirect to HTTPS.
+  for_each = { http = 80, wss = 443 }
+
+  security_group_id = aws_security_group.appliance.id
+  description       = "Public ${each.key} (Traefik)"
+  ip_protocol       = "tcp"
+  from_port         = each.value
+  to_port           = each.value
+  cidr_ipv4         = "0.0.0.0/0"
+}
+
+resource "aws_vpc_security_group_ingress_rule" "admin" {
+  for_each = toset(var.admin_allowed_cidrs)
+
+  security_group_id = aws_security_group.appliance.id
+  description       = "Dashboard, API, Grafana, Prometheus (Traefik websecure)"
+  ip_protocol       = "tcp"
+  from_port         = 8443
+  to_port           = 8443
+  cidr_ipv4         = each.value
+}
+
+# SSH: one rule per operator network (validated: never /0); none when the list is
+# empty, and Session Manager (AmazonSSMManagedInstanceCore) still reaches the host.
 resource "aws_vpc_security_group_ingress_rule" "ssh" {
   for_each = toset(var.ssh_allowed_cidrs)
 
@@ -117,6 +106,26 @@ resource "aws_vpc_security_group_ingress_rule" "ssh" {
   from_port         = 22
   to_port           = 22
   cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_egress_rule" "web" {
+  for_each = { https = 443, http = 80 }
+
+  security_group_id = aws_security_group.appliance.id
+  description       = "Out ${each.key}: package mirrors, images, Let's Encrypt, AWS APIs, alert receivers"
+  ip_protocol       = "tcp"
+  from_port         = each.value
+  to_port           = each.value
+  cidr_ipv4         = "0.0.0.0/0"
+}
+
+resource "aws_vpc_security_group_egress_rule" "dns" {
+  security_group_id = aws_security_group.appliance.id
+  description       = "DNS to the VPC resolver"
+  ip_protocol       = "udp"
+  from_port         = 53
+  to_port           = 53
+  cidr_ipv4         = var.vpc_cidr
 }
 
 # --- Flow logs (who talked to the host), encrypted with the stack's key ----------------
@@ -147,7 +156,10 @@ resource "aws_flow_log" "main" {
 
 # --- The host -----------------------------------------------------------------------------
 
+# No key pair when SSH is closed: Ansible then connects through Session Manager.
 resource "aws_key_pair" "operator" {
+  count = var.ssh_public_key == null ? 0 : 1
+
   key_name   = "${local.name}-operator"
   public_key = var.ssh_public_key
 }
@@ -156,7 +168,7 @@ resource "aws_instance" "appliance" {
   ami                  = data.aws_ssm_parameter.ubuntu_ami.value
   instance_type        = var.instance_type
   subnet_id            = aws_subnet.public.id
-  key_name             = aws_key_pair.operator.key_name
+  key_name             = one(aws_key_pair.operator[*].key_name)
   iam_instance_profile = aws_iam_instance_profile.appliance.name
   ebs_optimized        = true
   monitoring           = true
@@ -164,12 +176,13 @@ resource "aws_instance" "appliance" {
   vpc_security_group_ids      = [aws_security_group.appliance.id]
   associate_public_ip_address = false
 
-  # IMDSv2 only (session tokens), and one hop: containers cannot reach the metadata
-  # service, so nothing in the stack can borrow the instance's role.
+  # IMDSv2 only (session tokens). Two hops: the appliance's container reads its
+  # tokens from SSM with the instance's role (the bridge network is one hop more);
+  # the role grants nothing beyond the stack's parameters and key.
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
-    http_put_response_hop_limit = 1
+    http_put_response_hop_limit = 2
     instance_metadata_tags      = "disabled"
   }
 

@@ -24,7 +24,7 @@ output "ssm_parameter_names" {
 }
 
 output "ssm_parameter_prefix" {
-  description = "SSM path of the secrets (appliance_ssm_parameter_prefix in Ansible)."
+  description = "SSM path of the secrets (SSM_PREFIX of the appliance)."
   value       = var.ssm_parameter_prefix
 }
 
@@ -33,18 +33,37 @@ output "kms_key_arn" {
   value       = aws_kms_key.main.arn
 }
 
-output "ansible_inventory_filters" {
-  description = "Tag filters that find the host with Ansible's amazon.aws.aws_ec2 inventory plugin, and its region."
+# The single source of truth for Ansible: the inventory is generated from this output
+#   terraform output -json ansible_inventory > ../ansible/inventory/wsbridge.aws_ec2.yml
+# (JSON is YAML), so region, tags, parameter prefix and domain cannot disagree between
+# Terraform and the playbook. The host's variables come from `compose`.
+output "ansible_inventory" {
+  description = "Configuration of Ansible's amazon.aws.aws_ec2 inventory plugin that finds exactly this host, with its variables."
   value = {
-    region              = var.aws_region
-    "tag:Project"       = local.common_tags.Project
-    "tag:Environment"   = local.common_tags.Environment
-    "tag:Role"          = local.common_tags.Role
-    instance-state-name = "running"
+    plugin  = "amazon.aws.aws_ec2"
+    regions = [var.aws_region]
+    filters = {
+      "tag:Project"       = local.common_tags.Project
+      "tag:Environment"   = local.common_tags.Environment
+      "tag:Role"          = local.common_tags.Role
+      instance-state-name = "running"
+    }
+    hostnames = ["tag:Name", "instance-id"]
+    compose = {
+      ansible_host                   = "public_ip_address | default(private_ip_address, true)"
+      appliance_domain               = "'${var.domain_name}'"
+      appliance_aws_region           = "'${var.aws_region}'"
+      appliance_ssm_parameter_prefix = "'${var.ssm_parameter_prefix}'"
+      appliance_token_rotation       = var.token_rotation_from_host ? "true" : "false"
+    }
+    groups = {
+      wsbridge = "tags.Role == '${local.common_tags.Role}'"
+    }
+    strict = true
   }
 }
 
 output "ssh_command" {
-  description = "SSH to the host (from a network in ssh_allowed_cidrs)."
-  value       = "ssh ubuntu@${aws_eip.appliance.public_ip}"
+  description = "SSH to the host (from a network in ssh_allowed_cidrs), or a Session Manager shell when SSH is closed."
+  value       = length(var.ssh_allowed_cidrs) > 0 ? "ssh ubuntu@${aws_eip.appliance.public_ip}" : "aws ssm start-session --target ${aws_instance.appliance.id}"
 }

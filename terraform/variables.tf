@@ -98,7 +98,7 @@ variable "public_subnet_cidr" {
 
 variable "ssh_allowed_cidrs" {
   type        = list(string)
-  description = "Operator networks allowed to SSH to the host (Ansible). Empty closes port 22 entirely."
+  description = "Operator networks allowed to SSH to the host (Ansible). Empty closes port 22 entirely (Session Manager still works)."
   default     = []
 
   validation {
@@ -114,10 +114,11 @@ variable "ssh_allowed_cidrs" {
 
 variable "ssh_public_key" {
   type        = string
-  description = "OpenSSH public key installed for the default user (ubuntu), used by Ansible."
+  description = "OpenSSH public key installed for the default user (ubuntu), used by Ansible over SSH; null installs none (Session Manager only)."
+  default     = null
 
   validation {
-    condition     = can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+", var.ssh_public_key))
+    condition     = var.ssh_public_key == null || can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+", var.ssh_public_key))
     error_message = "ssh_public_key must be an OpenSSH public key line (ssh-ed25519 AAAA...)."
   }
 }
@@ -148,4 +149,32 @@ variable "extra_tags" {
   type        = map(string)
   description = "Additional tags for every resource (cost centre, owner); cannot override the tags Ansible filters on."
   default     = {}
+}
+
+variable "admin_allowed_cidrs" {
+  type        = list(string)
+  description = "Networks allowed to reach port 8443 (dashboard, API, Grafana, Prometheus). WebSockets (443) stay public."
+  default     = ["0.0.0.0/0"]
+
+  validation {
+    condition     = alltrue([for cidr in var.admin_allowed_cidrs : can(cidrhost(cidr, 0))])
+    error_message = "admin_allowed_cidrs must contain valid IPv4 CIDR blocks."
+  }
+}
+
+variable "token_rotation_from_host" {
+  type        = bool
+  description = "Let the host rewrite its token parameters (wsbridge tokens rotate on the host): PutParameter, LabelParameterVersion, UnlabelParameterVersion, GetParameterHistory on the tokens only."
+  default     = false
+}
+
+variable "secrets_version" {
+  type        = number
+  description = "Write-only version of the generated secrets: bump it to have Terraform write fresh random values to every parameter."
+  default     = 1
+
+  validation {
+    condition     = var.secrets_version >= 1 && floor(var.secrets_version) == var.secrets_version
+    error_message = "secrets_version must be a whole number, 1 or more."
+  }
 }

@@ -27,11 +27,35 @@ __all__ = [
     "encode_reply",
     "is_valid_client_id",
     "parse_command",
+    "negotiate_subprotocol",
+    "SUBPROTOCOLS",
+    "TOKEN_SUBPROTOCOL_PREFIX",
 ]
 
 CLIENT_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,50}$")
 #: The seed's controller id; reserved for connections holding the controller token.
 CONTROLLER_ID = "LLM"
+
+
+#: Protocol versions a client may ask for in ``Sec-WebSocket-Protocol``, preferred first.
+SUBPROTOCOLS = ("wsbridge.v1",)
+#: Browsers and Unity WebGL cannot set headers on a WebSocket: they offer the token as the
+#: subprotocol entry ``wsbridge.token.<token>``, which the server never selects (never echoes).
+TOKEN_SUBPROTOCOL_PREFIX = "wsbridge.token."
+
+
+def negotiate_subprotocol(offered: list[str]) -> tuple[str | None, str | None]:
+    """(token offered as a subprotocol, version subprotocol to select) from the offered entries.
+
+    Nothing is selected when no known version was offered (the client speaks v1 then):
+    RFC 6455 §4.1 makes a client fail a handshake that selects a protocol it did not offer.
+    """
+    token = None
+    for entry in offered:
+        if entry.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+            token = entry[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+    selected = next((version for version in SUBPROTOCOLS if version in offered), None)
+    return token, selected
 
 
 class Role(str, enum.Enum):
@@ -55,6 +79,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4008
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
+    TOKEN_EXPIRED = 4011  # Final for the old token: reconnect with the current one.
     TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
 
 
@@ -73,6 +98,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.ROLE_CONFLICT: "id is in use by a connection of the other role",
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.TOKEN_EXPIRED: "token expired or revoked; reconnect with the current token",
     CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
 }
 

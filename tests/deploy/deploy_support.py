@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
 TERRAFORM_DIR = ROOT / "terraform"
 COMPOSE_FILE = ROOT / "docker-compose.prod.yml"
+DEV_COMPOSE_FILE = ROOT / "docker-compose.yml"
+TRAEFIK_DYNAMIC_DIR = ROOT / "traefik" / "dynamic"
 SCALE = float(os.environ.get("WSBRIDGE_TEST_TIMEOUT_SCALE", "1"))
 
 
@@ -87,7 +89,7 @@ def compose_binary() -> Path:
     return found[0]
 
 
-def compose_config(env_file: Path, *, check: bool = True):
+def compose_config(env_file: Path, *, check: bool = True, compose_file: Path = COMPOSE_FILE, root: Path = ROOT):
     binary = compose_binary()
     # An empty HOME/DOCKER_CONFIG: no stray contexts or plugins of the machine.
     env = tool_env(binary.parent, HOME=str(env_file.parent), DOCKER_CONFIG=str(env_file.parent / ".docker"))
@@ -96,7 +98,7 @@ def compose_config(env_file: Path, *, check: bool = True):
         if re.fullmatch(r"(WSBRIDGE|ACME|LLM|UNITY|ADMIN|REDIS|GRAFANA|MONITORING|WS|WEB|TRAEFIK|PROMETHEUS)_\w+", key):
             del env[key]
     return run(
-        [binary, "--project-directory", ROOT, "-f", COMPOSE_FILE, "--env-file", env_file, "config", "--format", "json"],
+        [binary, "--project-directory", root, "-f", compose_file, "--env-file", env_file, "config", "--format", "json"],
         env=env,
         check=check,
         timeout=60,
@@ -118,9 +120,38 @@ class Terraform:
     locals: dict[str, Any]
     outputs: dict[str, dict[str, Any]]
     terraform: list[dict[str, Any]]
+    ephemeral: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    providers: list[dict[str, Any]] = field(default_factory=list)
 
     def variable_default(self, name: str) -> Any:
         return self.variables[name]["default"]
+
+    def string_list(self, local: str) -> list[str]:
+        """A local that is a list of strings, or concat() of such lists and other such locals."""
+        value = self.locals[local]
+        if isinstance(value, list):
+            return [str(item) for item in value]
+        assert value.startswith("${concat("), f"local.{local} changed shape, teach the test: {value!r}"
+        result: list[str] = []
+        for token in re.findall(r'local\.(\w+)|"([^"]+)"', value):
+            result.extend(self.string_list(token[0]) if token[0] else [token[1]])
+        return result
+
+    def with_values(self, **values: Any) -> Terraform:
+        """The same configuration with these variables set (as a terraform.tfvars would)."""
+        variables = {name: dict(spec) for name, spec in self.variables.items()}
+        for name, value in values.items():
+            variables[name]["default"] = value
+        return Terraform(
+            self.resources,
+            self.data,
+            variables,
+            self.locals,
+            self.outputs,
+            self.terraform,
+            self.ephemeral,
+            self.providers,
+        )
 
     def resolve(self, text: str) -> str:
         """Substitute ``${var.x}`` (defaults) and ``${local.x}`` (string locals) in a string."""
@@ -139,14 +170,16 @@ class Terraform:
         return re.sub(r"\$\{(var|local)\.([a-z_]+)\}", substitute, text)
 
 
-def load_terraform() -> Terraform:
+def load_terraform(directory: Path = TERRAFORM_DIR) -> Terraform:
     resources: dict[str, dict[str, dict[str, Any]]] = {}
     data: dict[str, dict[str, dict[str, Any]]] = {}
     variables: dict[str, dict[str, Any]] = {}
     locals_: dict[str, Any] = {}
     outputs: dict[str, dict[str, Any]] = {}
     terraform: list[dict[str, Any]] = []
-    for path in sorted(TERRAFORM_DIR.glob("*.tf")):
+    ephemeral: dict[str, dict[str, dict[str, Any]]] = {}
+    providers: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("*.tf")):
         with path.open() as handle:
             parsed = hcl2.load(handle, serialization_options=_HCL_OPTIONS)
         for block in parsed.get("resource", []):
@@ -162,7 +195,11 @@ def load_terraform() -> Terraform:
         for block in parsed.get("output", []):
             outputs.update(block)
         terraform.extend(parsed.get("terraform", []))
-    return Terraform(resources, data, variables, locals_, outputs, terraform)
+        for block in parsed.get("ephemeral", []):
+            for kind, named in block.items():
+                ephemeral.setdefault(kind, {}).update(named)
+        providers.extend(parsed.get("provider", []))
+    return Terraform(resources, data, variables, locals_, outputs, terraform, ephemeral, providers)
 
 
 @pytest.fixture(scope="session")
@@ -183,6 +220,10 @@ class TerraformNames:
 
 @pytest.fixture(scope="session")
 def terraform_names(terraform: Terraform) -> TerraformNames:
+    return names_of(terraform)
+
+
+def names_of(terraform: Terraform) -> TerraformNames:
     common = terraform.locals["common_tags"]
     # merge(var.extra_tags, {...}): the literal object is the second argument.
     match = re.fullmatch(r"\$\{merge\(var\.extra_tags, \{(.*)\}\)\}", common.replace("\n", " ").strip())
@@ -194,10 +235,7 @@ def terraform_names(terraform: Terraform) -> TerraformNames:
     }
     instance_tags = terraform.resources["aws_instance"]["appliance"]["tags"]
     prefix = terraform.variable_default("ssm_parameter_prefix")
-    names_expression = terraform.locals["ssm_parameter_names"]
-    listed = re.findall(r'"([A-Z_]+)"', names_expression)
-    if "local.secret_names" in names_expression:
-        listed = list(terraform.locals["secret_names"]) + listed
+    listed = terraform.string_list("ssm_parameter_names")
     return TerraformNames(
         tags=tags,
         instance_name=terraform.resolve(instance_tags["Name"]),
@@ -205,6 +243,47 @@ def terraform_names(terraform: Terraform) -> TerraformNames:
         parameter_prefix=prefix,
         parameter_names=[prefix + name for name in listed],
     )
+
+
+def ansible_inventory(terraform: Terraform) -> dict[str, Any]:
+    """What ``terraform output -json ansible_inventory`` prints, with the variables' defaults.
+
+    Terraform cannot run here, so the output's expression is evaluated for the few
+    forms it uses (variables, the common tags, string templates, one conditional).
+    """
+    value = terraform.outputs["ansible_inventory"]["value"]
+    tags = {f"local.common_tags.{key}": tag for key, tag in names_of(terraform).tags.items()}
+
+    def evaluate(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {evaluate_key(key): evaluate(item) for key, item in node.items()}
+        if isinstance(node, list):
+            return [evaluate(item) for item in node]
+        if not isinstance(node, str):
+            return node
+        whole = re.fullmatch(r"\$\{(.*)\}", node, re.DOTALL)
+        if whole and "${" not in whole.group(1):
+            expression = whole.group(1).strip()
+            conditional = re.fullmatch(r"var\.(\w+) \? \"(\w+)\" : \"(\w+)\"", expression)
+            if conditional:
+                return (
+                    conditional.group(2) if terraform.variable_default(conditional.group(1)) else conditional.group(3)
+                )
+            if expression in tags:
+                return tags[expression]
+            if expression.startswith("var."):
+                return terraform.variable_default(expression[4:])
+            if expression.startswith("[") and expression.endswith("]"):
+                return [evaluate("${" + part.strip() + "}") for part in expression[1:-1].split(",")]
+            raise AssertionError(f"teach the test this expression: {expression}")
+        for reference, tag in tags.items():
+            node = node.replace("${" + reference + "}", tag)
+        return terraform.resolve(node)
+
+    def evaluate_key(key: str) -> str:
+        return key.strip('"')
+
+    return evaluate(value)
 
 
 # --- moto: a local stand-in for AWS ----------------------------------------------------------------

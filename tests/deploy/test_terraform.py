@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from deploy_support import ROOT, TERRAFORM_DIR, Terraform, TerraformNames, run, tool_env, tool_venv
+from deploy_support import ROOT, TERRAFORM_DIR, Terraform, TerraformNames, ansible_inventory, run, tool_env, tool_venv
 
 REQUIRED_SECRETS = {"LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "REDIS_PASSWORD", "ADMIN_TOKEN"}
 
@@ -42,8 +43,9 @@ def describe(checks: list[dict[str, Any]]) -> str:
     return "\n".join(f"{c['check_id']} {c['resource']} {c['file_path']}: {c['check_name']}" for c in checks)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkov_terraform() -> dict[str, Any]:
+    # checkov is the slow one: once per session (the mutation tests reuse the function).
     return checkov("-d", str(TERRAFORM_DIR), "--framework", "terraform")
 
 
@@ -78,7 +80,7 @@ def test_every_variable_has_a_type_and_a_description(terraform: Terraform) -> No
 
 
 def test_every_output_has_a_description(terraform: Terraform) -> None:
-    assert {"public_ip", "public_dns", "instance_id", "ansible_inventory_filters"} <= set(terraform.outputs)
+    assert {"public_ip", "public_dns", "instance_id", "ansible_inventory"} <= set(terraform.outputs)
     for name, output in terraform.outputs.items():
         assert len(output.get("description", "")) > 10, f"output {name} has no description"
 
@@ -96,7 +98,9 @@ def test_the_instance_requires_imdsv2_and_an_encrypted_root_volume(terraform: Te
     (metadata,) = instance["metadata_options"]
     assert metadata["http_tokens"] == "required"
     assert metadata["http_endpoint"] == "enabled"
-    assert metadata["http_put_response_hop_limit"] == 1
+    # Two hops: the appliance's container reaches the instance profile (TOKEN_STORE=ssm)
+    # under IMDSv2; one more would let a container behind another NAT in too.
+    assert metadata["http_put_response_hop_limit"] == 2
     (root,) = instance["root_block_device"]
     assert root["encrypted"] is True
     assert root["kms_key_id"] == "${aws_kms_key.main.arn}"
@@ -105,74 +109,268 @@ def test_the_instance_requires_imdsv2_and_an_encrypted_root_volume(terraform: Te
     assert eip["instance"] == "${aws_instance.appliance.id}"
 
 
-def _cidrs(rule: dict[str, Any]) -> list[str]:
-    value = rule.get("cidr_blocks") or rule.get("cidr_ipv4") or []
-    return value if isinstance(value, list) else [value]
+def test_security_group_rules_are_standalone_resources_only(terraform: Terraform) -> None:
+    # Inline ingress/egress blocks next to aws_vpc_security_group_*_rule resources make
+    # every second apply delete the standalone rules (SSH among them).
+    for name, group in terraform.resources["aws_security_group"].items():
+        assert "ingress" not in group and "egress" not in group, f"aws_security_group.{name} has inline rules"
+    assert "aws_security_group_rule" not in terraform.resources, "use aws_vpc_security_group_*_rule only"
+    for kind in ("aws_vpc_security_group_ingress_rule", "aws_vpc_security_group_egress_rule"):
+        assert terraform.resources[kind], kind
+        for name, rule in terraform.resources[kind].items():
+            assert rule["security_group_id"] == "${aws_security_group.appliance.id}", f"{kind}.{name}"
 
 
-def test_ssh_is_never_open_to_the_world(terraform: Terraform) -> None:
-    ssh_rules = []
-    for group in terraform.resources["aws_security_group"].values():
-        for rule in group.get("ingress", []):
-            if rule["from_port"] <= 22 <= rule["to_port"]:
-                ssh_rules.append(rule)
-    for rule in terraform.resources.get("aws_vpc_security_group_ingress_rule", {}).values():
-        if rule["from_port"] <= 22 <= rule["to_port"]:
-            ssh_rules.append(rule)
-    assert ssh_rules, "no SSH rule found: this test would pass trivially"
-    for rule in ssh_rules:
-        cidrs = _cidrs(rule)
-        assert not any(c in ("0.0.0.0/0", "::/0") for c in cidrs), rule
-        # Only from the validated operator list.
-        assert all("var.ssh_allowed_cidrs" in c or "each.value" in c for c in cidrs), rule
+def _rules(terraform: Terraform, kind: str) -> dict[str, dict[str, Any]]:
+    return terraform.resources.get(kind, {})
+
+
+def test_ssh_is_never_open_to_the_world_and_can_be_closed(terraform: Terraform) -> None:
+    ingress = _rules(terraform, "aws_vpc_security_group_ingress_rule")
+    ssh = {
+        name: rule
+        for name, rule in ingress.items()
+        if isinstance(rule["from_port"], int) and rule["from_port"] <= 22 <= rule["to_port"]
+    }
+    assert set(ssh) == {"ssh"}, ssh
+    assert ssh["ssh"]["for_each"] == "${toset(var.ssh_allowed_cidrs)}"
+    assert ssh["ssh"]["cidr_ipv4"] == "${each.value}"
     variable = terraform.variables["ssh_allowed_cidrs"]
     assert variable["default"] == []
     assert any("0.0.0.0/0" in v["condition"] for v in variable["validation"]), "the validation must refuse /0"
-    # Every other world-open ingress is HTTP or HTTPS.
-    for group in terraform.resources["aws_security_group"].values():
-        for rule in group.get("ingress", []):
-            if "0.0.0.0/0" in _cidrs(rule):
-                assert (rule["from_port"], rule["to_port"]) in {(80, 80), (443, 443)}, rule
+    # With SSH closed the host is still reachable: Session Manager, no key pair needed.
+    attachment = terraform.resources["aws_iam_role_policy_attachment"]["session_manager"]
+    assert attachment["policy_arn"].endswith(":iam::aws:policy/AmazonSSMManagedInstanceCore")
+    assert attachment["role"] == "${aws_iam_role.appliance.name}"
+    assert terraform.variables["ssh_public_key"]["default"] is None
+    # World-open ingress is 80 and 443 only; 8443 follows admin_allowed_cidrs.
+    for name, rule in ingress.items():
+        if rule.get("cidr_ipv4") == "0.0.0.0/0":
+            assert name == "public", name
+    public = ingress["public"]["for_each"]
+    assert sorted(public.values()) == [80, 443]
+    assert ingress["admin"]["from_port"] == ingress["admin"]["to_port"] == 8443
+    assert ingress["admin"]["for_each"] == "${toset(var.admin_allowed_cidrs)}"
 
 
-def test_the_instance_policy_is_scoped_to_the_parameter_prefix_and_the_key(terraform: Terraform) -> None:
-    statements = terraform.data["aws_iam_policy_document"]["appliance"]["statement"]
-    actions = {action for statement in statements for action in statement["actions"]}
+def _statements(terraform: Terraform) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    document = terraform.data["aws_iam_policy_document"]["appliance"]
+    static = document["statement"]
+    dynamic = [block["statement"]["content"][0] for block in document.get("dynamic", [])]
+    for block in document.get("dynamic", []):
+        assert block["statement"]["for_each"] == "${var.token_rotation_from_host ? [1] : []}"
+    return static, dynamic
+
+
+def test_the_instance_policy_reads_only_below_the_prefix_and_decrypts_only_through_ssm(terraform: Terraform) -> None:
+    static, _ = _statements(terraform)
+    actions = {action for statement in static for action in statement["actions"]}
     assert actions == {"ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath", "kms:Decrypt"}
-    prefix = terraform.variable_default("ssm_parameter_prefix")
-    assert prefix == "/WebSocket/prod/"
-    for statement in statements:
+    assert terraform.variable_default("ssm_parameter_prefix") == "/WebSocket/prod/"
+    base = terraform.resolve(terraform.locals["ssm_arn_base"])
+    assert re.fullmatch(r"arn:\$\{[^}]+\}:ssm:eu-central-1:\$\{[^}]+\}:parameter/WebSocket/prod", base), base
+    for statement in static:
         assert statement["effect"] == "Allow"
         resources = statement["resources"]
         assert "*" not in resources
         if any(a.startswith("ssm:") for a in statement["actions"]):
-            for resource in resources:
-                resolved = terraform.resolve(resource)
-                assert re.fullmatch(
-                    r"arn:\$\{[^}]+\}:ssm:[a-z0-9-]+:\$\{[^}]+\}:parameter/WebSocket/prod(/\*)?", resolved
-                ), resolved
+            # The path itself (GetParametersByPath) and everything below it: nothing else.
+            assert resources == ["${local.ssm_arn_base}", "${local.ssm_arn_base}/*"]
         else:
-            assert resources == ["${aws_kms_key.main.arn}"]
-            (condition,) = statement["condition"]
-            assert condition["variable"] == "kms:ViaService"
-    # The role has that policy and no other (no managed policies attached).
+            _assert_key_through_ssm(statement)
+    # The role has that policy, Session Manager's, and no other.
     assert set(terraform.resources["aws_iam_role_policy"]) == {"appliance", "flow_logs"}
     assert terraform.resources["aws_iam_role_policy"]["appliance"]["role"] == "${aws_iam_role.appliance.id}"
-    assert "aws_iam_role_policy_attachment" not in terraform.resources
+    assert set(terraform.resources["aws_iam_role_policy_attachment"]) == {"session_manager"}
 
 
-def test_secrets_are_kms_encrypted_securestrings_that_terraform_never_overwrites(
+def _assert_key_through_ssm(statement: dict[str, Any]) -> None:
+    assert statement["resources"] == ["${aws_kms_key.main.arn}"], statement
+    (condition,) = statement["condition"]
+    assert condition["test"] == "StringEquals"
+    assert condition["variable"] == "kms:ViaService"
+    assert condition["values"] == ["ssm.${var.aws_region}.amazonaws.com"]
+
+
+def test_rotation_from_the_host_may_write_only_the_token_parameters(
+    terraform: Terraform, terraform_names: TerraformNames
+) -> None:
+    _, dynamic = _statements(terraform)
+    assert terraform.variables["token_rotation_from_host"]["default"] is False
+    by_sid = {statement["sid"]: statement for statement in dynamic}
+    rotate = by_sid["RotateTokenParameters"]
+    assert set(rotate["actions"]) == {
+        "ssm:PutParameter",
+        "ssm:LabelParameterVersion",
+        "ssm:UnlabelParameterVersion",  # the token service moves labels off the oldest of 100 versions
+        "ssm:GetParameterHistory",
+    }
+    assert rotate["resources"] == "${local.token_parameter_arns}"
+    arns = terraform.locals["token_parameter_arns"]
+    tokens = terraform.string_list("token_names")
+    assert tokens == ["LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN"]
+    assert "for name in local.token_names" in arns and "${local.ssm_arn_base}/${name}" in arns
+    assert "${local.ssm_arn_base}/client_tokens/*" in arns
+    # The tokens are parameters Terraform creates; Redis's password and the others are not
+    # writable from the host.
+    created = {name.removeprefix(terraform_names.parameter_prefix) for name in terraform_names.parameter_names}
+    assert set(tokens) <= created
+    assert not {"REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MONITORING_BASIC_AUTH"} & set(tokens)
+    encrypt = by_sid["EncryptTokenParametersThroughSsm"]
+    assert set(encrypt["actions"]) == {"kms:Encrypt", "kms:GenerateDataKey"}
+    _assert_key_through_ssm(encrypt)
+    assert set(by_sid) == {"RotateTokenParameters", "EncryptTokenParametersThroughSsm"}
+
+
+def test_the_flow_log_role_has_the_permissions_aws_documents(terraform: Terraform) -> None:
+    (statement,) = terraform.data["aws_iam_policy_document"]["flow_logs_write"]["statement"]
+    assert set(statement["actions"]) == {
+        "logs:CreateLogGroup",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "logs:DescribeLogGroups",
+        "logs:DescribeLogStreams",
+    }
+    for resource in statement["resources"]:
+        assert resource.startswith("${aws_cloudwatch_log_group.flow_logs.arn}"), resource
+    (assume,) = terraform.data["aws_iam_policy_document"]["flow_logs_assume"]["statement"]
+    assert assume["principals"][0]["identifiers"] == ["vpc-flow-logs.amazonaws.com"]
+
+
+def test_secrets_are_written_once_without_entering_the_state(
     terraform: Terraform, terraform_names: TerraformNames
 ) -> None:
     parameter = terraform.resources["aws_ssm_parameter"]["secret"]
     assert parameter["type"] == "SecureString"
     assert parameter["key_id"] == "${aws_kms_key.main.arn}"
-    (lifecycle,) = parameter["lifecycle"]
-    assert lifecycle["ignore_changes"] == ["${value}"] or lifecycle["ignore_changes"] == ["value"]
+    # Write-only: the value is neither in the plan nor in the state.
+    assert "value" not in parameter and "insecure_value" not in parameter
+    assert "ephemeral.random_password." in parameter["value_wo"]
+    assert parameter["value_wo_version"] == "${var.secrets_version}"
+    assert "random_password" not in terraform.resources, "a random_password resource keeps its result in the state"
+    assert set(terraform.ephemeral["random_password"]) == {"secret", "monitoring"}
     names = {name.removeprefix("/WebSocket/prod/") for name in terraform_names.parameter_names}
     assert names >= REQUIRED_SECRETS
     assert all(name.startswith("/WebSocket/prod/") for name in terraform_names.parameter_names)
     assert terraform.resources["aws_kms_key"]["main"]["enable_key_rotation"] is True
+
+
+def test_the_state_lives_in_s3_with_a_lockfile(terraform: Terraform) -> None:
+    (block,) = terraform.terraform
+    (backend,) = block["backend"]
+    assert set(backend) == {"s3"}
+    assert backend["s3"]["use_lockfile"] is True
+    assert backend["s3"]["encrypt"] is True
+    example = (TERRAFORM_DIR / "backend.hcl.example").read_text()
+    assert re.search(r"^bucket\s*=", example, re.MULTILINE) and re.search(r"^key\s*=", example, re.MULTILINE)
+    assert "terraform/backend.hcl" in (ROOT / ".gitignore").read_text()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+# Arguments the pinned provider majors no longer have: a configuration using one fails
+# at `terraform plan` on a real account.
+REMOVED_ARGUMENTS = {
+    "aws": {
+        6: {
+            "aws_eip": {"vpc"},
+            "aws_flow_log": {"log_group_name"},
+            "aws_instance": {"cpu_core_count", "cpu_threads_per_core"},
+            "aws_ssm_parameter": {"overwrite"},
+        }
+    }
+}
+# Features and the versions that brought them: (Terraform, provider) minimums.
+FEATURE_MINIMUMS = {
+    "ephemeral resources": ("1.10.0", "random", "3.7.0"),
+    "write-only arguments": ("1.11.0", "aws", "5.90.0"),
+    "S3 lockfile": ("1.10.0", None, None),
+}
+
+
+def _minimum(constraint: str) -> tuple[int, ...]:
+    match = re.search(r"(?:~>|>=|=)\s*(\d+(?:\.\d+)*)", constraint)
+    assert match, constraint
+    return _version(match.group(1) + ".0" * (2 - match.group(1).count(".")))
+
+
+def test_provider_version_constraints_are_honoured(terraform: Terraform) -> None:
+    (block,) = terraform.terraform
+    (providers,) = block["required_providers"]
+    for provider, majors in REMOVED_ARGUMENTS.items():
+        major = _minimum(providers[provider]["version"])[0]
+        for kind, removed in majors.get(major, {}).items():
+            for name, resource in terraform.resources.get(kind, {}).items():
+                used = removed & set(resource)
+                assert not used, f"{kind}.{name} uses {used}, removed in {provider} provider {major}.x"
+    assert terraform.resources["aws_eip"]["appliance"]["domain"] == "vpc"
+    terraform_minimum = _minimum(block["required_version"])
+    uses = {
+        "ephemeral resources": bool(terraform.ephemeral),
+        "write-only arguments": any(
+            key.endswith("_wo") for kind in terraform.resources.values() for r in kind.values() for key in r
+        ),
+        "S3 lockfile": block["backend"][0]["s3"].get("use_lockfile") is True,
+    }
+    assert any(uses.values()), "nothing to check: the test would pass trivially"
+    for feature, used in uses.items():
+        if not used:
+            continue
+        needed_terraform, provider, needed_provider = FEATURE_MINIMUMS[feature]
+        assert terraform_minimum >= _version(needed_terraform), f"{feature} need Terraform >= {needed_terraform}"
+        if provider:
+            assert _minimum(providers[provider]["version"]) >= _version(needed_provider), (
+                f"{feature} need {provider} >= {needed_provider}"
+            )
+
+
+REFERENCE = re.compile(
+    r"(?<![\w.])(?:"
+    r"var\.(?P<var>\w+)|local\.(?P<local>\w+)|data\.(?P<data>\w+\.\w+)|ephemeral\.(?P<ephemeral>\w+\.\w+)"
+    r"|(?P<resource>(?:aws|random)_\w+\.\w+)"
+    r")"
+)
+
+
+def references(node: Any) -> Iterator[tuple[str, str]]:
+    text = json.dumps(node)
+    for match in REFERENCE.finditer(text):
+        kind = match.lastgroup
+        assert kind
+        yield kind, match.group(kind)
+
+
+def test_every_reference_resolves_to_something_declared(terraform: Terraform) -> None:
+    declared = {
+        "var": set(terraform.variables),
+        "local": set(terraform.locals),
+        "data": {f"{kind}.{name}" for kind, named in terraform.data.items() for name in named},
+        "ephemeral": {f"{kind}.{name}" for kind, named in terraform.ephemeral.items() for name in named},
+        "resource": {f"{kind}.{name}" for kind, named in terraform.resources.items() for name in named},
+    }
+    blocks = [
+        terraform.resources,
+        terraform.data,
+        terraform.locals,
+        terraform.outputs,
+        terraform.ephemeral,
+        terraform.providers,
+        {name: variable.get("validation") for name, variable in terraform.variables.items()},
+    ]
+    found = 0
+    for block in blocks:
+        for kind, name in references(block):
+            found += 1
+            assert name in declared[kind], f"{kind} {name} is referenced but not declared"
+    assert found > 50, "too few references found: the pattern is wrong"
+    # And nothing declared is left unused (a leftover usually means a broken rename).
+    used = {(kind, name) for block in blocks for kind, name in references(block)}
+    for name in terraform.variables:
+        assert ("var", name) in used, f"variable {name} is never used"
+    for name in terraform.locals:
+        assert ("local", name) in used, f"local {name} is never used"
 
 
 def test_tags_are_merged_in_one_place_and_name_the_host(terraform_names: TerraformNames, terraform: Terraform) -> None:
@@ -183,19 +381,22 @@ def test_tags_are_merged_in_one_place_and_name_the_host(terraform_names: Terrafo
         "ManagedBy": "terraform",
     }
     assert terraform_names.instance_name == "websocket-bridge-prod-appliance"
-    (provider,) = [p["aws"] for p in _providers(terraform)]
+    (provider,) = [p["aws"] for p in terraform.providers]
     (default_tags,) = provider["default_tags"]
     assert default_tags["tags"] == "${local.common_tags}"
 
 
-def _providers(terraform: Terraform) -> list[dict[str, Any]]:
-    import hcl2
-
-    with (TERRAFORM_DIR / "versions.tf").open() as handle:
-        parsed = hcl2.load(
-            handle,
-            serialization_options=hcl2.SerializationOptions(
-                with_comments=False, explicit_blocks=False, strip_string_quotes=True
-            ),
-        )
-    return parsed["provider"]
+def test_the_ansible_inventory_output_uses_the_same_tags_region_and_prefix(
+    terraform: Terraform, terraform_names: TerraformNames
+) -> None:
+    inventory = ansible_inventory(terraform.with_values(domain_name="bridge.test.example"))
+    assert inventory["plugin"] == "amazon.aws.aws_ec2"
+    assert inventory["regions"] == [terraform_names.region]
+    tag_filters = {key.removeprefix("tag:"): v for key, v in inventory["filters"].items() if key.startswith("tag:")}
+    assert tag_filters.items() <= terraform_names.tags.items() and len(tag_filters) == 3
+    assert inventory["groups"]["wsbridge"] == f"tags.Role == '{terraform_names.tags['Role']}'"
+    compose = inventory["compose"]
+    assert compose["appliance_aws_region"] == f"'{terraform_names.region}'"
+    assert compose["appliance_ssm_parameter_prefix"] == f"'{terraform_names.parameter_prefix}'"
+    assert compose["appliance_domain"] == "'bridge.test.example'"
+    assert inventory["strict"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -11,7 +12,7 @@ from support import eventually
 from tcp_proxy import TcpProxy
 
 from appliance import metrics
-from appliance.brokers.redis import INSTANCE_KEY, OWNER_KEY
+from appliance.brokers.redis import CLIENT_CHANNEL, INSTANCE_KEY, OWNER_KEY
 from appliance.core.protocol import ErrorCode
 
 
@@ -160,3 +161,86 @@ async def test_a_connect_writes_its_own_presence_record_only(redis_server, redis
         assert await redis.hexists(key, "sentinel") and await redis.hexists(key, first)
     finally:
         await slow_refresh.stop()
+
+
+async def test_a_cancelled_claim_drops_its_subscription_too(redis_cluster, redis):
+    a = await redis_cluster.node("a")
+    ids = []
+    for passes in range(12):
+        client_id = new_id()
+        ids.append(client_id)
+        task = asyncio.ensure_future(a.broker.claim(client_id, a.name, f"k{passes}", CLIENT, False))
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            claim = await task
+        except asyncio.CancelledError:
+            continue
+        if claim.accepted:
+            await a.broker.release(client_id, claim.owner)
+
+    async def unsubscribed():
+        counts = await redis.pubsub_numsub(*(CLIENT_CHANNEL + client_id for client_id in ids))
+        return all(count == 0 for _, count in counts)
+
+    await eventually(unsubscribed, 10, "every channel of a cancelled claim unsubscribed")
+
+
+async def test_a_command_whose_receiver_never_answers_fails_after_the_outcome_timeout(redis_server, redis):
+    """The instance that received it died before it could answer: the controller is told."""
+    quick = Cluster("redis", redis_server.url, outcome_timeout=0.5)
+    mute = redis.pubsub()  # Receives like an instance, never answers (as if it had just died).
+    try:
+        a = await quick.node("a")
+        client_id = new_id()
+        await mute.subscribe(CLIENT_CHANNEL + client_id)
+        outcome = Outcome()
+        a.broker.send(client_id, "into a dying instance", outcome)
+        assert await outcome.result() is ErrorCode.DELIVERY_FAILED
+        assert "no answer from the instance holding it" in outcome.calls[0][1]
+    finally:
+        await mute.aclose()
+        await quick.stop()
+
+
+async def test_losing_redis_while_an_outcome_is_awaited_reports_it(redis_server, redis):
+    proxy = await TcpProxy(redis_server.port).start()
+    cluster = Cluster("redis", redis_server.url)
+    mute = redis.pubsub()
+    try:
+        a = await cluster.node("a", url=proxy.url)
+        client_id = new_id()
+        await mute.subscribe(CLIENT_CHANNEL + client_id)
+        outcome = Outcome()
+        a.broker.send(client_id, "in flight", outcome)
+
+        async def published():
+            message = await mute.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            return message is not None
+
+        await eventually(published, 10, "the command published")
+        proxy.cut()
+        assert await outcome.result() is ErrorCode.DELIVERY_FAILED
+        # "outcome unknown" (counted, no answer yet); if Redis went before PUBLISH answered, the
+        # command fell back to local delivery and failed as cross-instance: one outcome either way.
+        assert "outcome unknown" in outcome.calls[0][1] or "cross-instance delivery failed" in outcome.calls[0][1]
+    finally:
+        await mute.aclose()
+        await cluster.stop()
+        await proxy.stop()
+
+
+async def test_an_unreadable_owner_value_neither_breaks_claims_nor_leaks_the_id(redis_cluster, redis):
+    """An owner key written by another release (no role in it): refused cleanly, nothing held."""
+    a = await redis_cluster.node("a")
+    client_id = new_id()
+    await redis.set(OWNER_KEY + client_id, "7|old-instance|0123456789abcdef", ex=30)
+    refused = await a.broker.claim(client_id, a.name, "k1", CLIENT, False)
+    assert not refused.accepted and refused.role_conflict
+    assert await redis.get(OWNER_KEY + client_id) == b"7|old-instance|0123456789abcdef"
+
+    async def unsubscribed():
+        return (await redis.pubsub_numsub(CLIENT_CHANNEL + client_id))[0][1] == 0
+
+    await eventually(unsubscribed, 10, "the refused claim's channel unsubscribed")

@@ -131,7 +131,7 @@ async def test_the_redis_url_never_shows_in_logs_or_answers(start_appliance):
     app = start_appliance(
         {"REDIS_URL": f"redis://:{password}@127.0.0.1:{free_port()}/0"}, name="secret-url", wait_ready=False
     )
-    status, body = app.get("/readyz")
+    status, body = await app.aget("/readyz")
     assert status == 503 and password not in str(body)
 
     async def failure_logged():

@@ -185,8 +185,13 @@ async def test_clients_endpoint_lists_live_connections(relay):
             "messages_in",
             "messages_out",
             "last_activity",
+            "token",
+            "token_version",
         }
         assert records["c-presence"]["messages_in"] == 1
+        # Which token opened each connection (name and version; never the value), for `wsbridge tokens status`.
+        assert (records["c-presence"]["token"], records["c-presence"]["token_version"]) == ("UNITY_CLIENT_TOKEN", 1)
+        assert records["LLM"]["token"] == "LLM_SECRET_TOKEN"
         assert (await relay.aget("/api/v1/clients", ADMIN_TOKEN))[0] == 200
 
 

@@ -14,6 +14,7 @@ def test_final_close_codes_are_the_ones_retrying_cannot_fix():
         CloseCode.INVALID_CLIENT_ID,
         CloseCode.RESERVED_ID,
         CloseCode.REPLACED,
+        CloseCode.TOKEN_EXPIRED,
     } == client.FINAL_CLOSE_CODES
 
 

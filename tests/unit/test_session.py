@@ -18,7 +18,6 @@ from appliance.core.session import (
     authorize,
 )
 
-CONTROLLER, CLIENT = "controller-secret", "client-secret"
 UNLIMITED = Limits(max_message_bytes=64, rate=0, burst=1)
 
 
@@ -28,21 +27,25 @@ def error_of(action):
 
 
 @pytest.mark.parametrize(
-    ("client_id", "token", "expected"),
+    ("client_id", "role", "id_pattern", "expected"),
     [
-        ("LLM", CONTROLLER, Role.CONTROLLER),
-        ("planner-2", CONTROLLER, Role.CONTROLLER),
-        ("unity_client_1", CLIENT, Role.CLIENT),
-        ("LLM", CLIENT, CloseCode.RESERVED_ID),
-        ("unity_client_1", "wrong", CloseCode.UNAUTHORIZED),
-        ("unity_client_1", None, CloseCode.UNAUTHORIZED),
-        ("unity_client_1", "", CloseCode.UNAUTHORIZED),
-        ("bad id", CLIENT, CloseCode.INVALID_CLIENT_ID),
-        ("x" * 51, CONTROLLER, CloseCode.INVALID_CLIENT_ID),
+        ("LLM", "controller", None, Role.CONTROLLER),
+        ("planner-2", "controller", None, Role.CONTROLLER),
+        ("unity_client_1", "client", None, Role.CLIENT),
+        ("LLM", "client", None, CloseCode.RESERVED_ID),
+        ("unity_client_1", None, None, CloseCode.UNAUTHORIZED),
+        ("unity_client_1", "admin", None, CloseCode.UNAUTHORIZED),
+        ("unity_client_1", "viewer", None, CloseCode.UNAUTHORIZED),
+        ("bad id", "client", None, CloseCode.INVALID_CLIENT_ID),
+        ("x" * 51, "controller", None, CloseCode.INVALID_CLIENT_ID),
+        ("lights_kitchen", "client", "lights_*", Role.CLIENT),
+        ("door_1", "client", "lights_*", CloseCode.UNAUTHORIZED),
+        ("Lights_1", "client", "lights_*", CloseCode.UNAUTHORIZED),  # case-sensitive, like ids
+        ("LLM", "client", "*", CloseCode.RESERVED_ID),
     ],
 )
-def test_authorize(client_id, token, expected):
-    assert authorize(client_id, token, CONTROLLER, CLIENT) == expected
+def test_authorize(client_id, role, id_pattern, expected):
+    assert authorize(client_id, role, id_pattern) == expected
 
 
 def test_controller_command_becomes_deliver():

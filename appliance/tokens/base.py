@@ -1,0 +1,246 @@
+"""The token store contract: which token a connection or request presented, and what it grants.
+
+One contract, two backends (:mod:`.env` for the embedded default, :mod:`.ssm` for AWS
+SSM Parameter Store). Every check of a token, WebSocket or HTTP, goes through
+:meth:`TokenStore.lookup`, the one comparator: it compares SHA-256 digests with
+:func:`hmac.compare_digest` against *every* candidate, so the time it takes says
+nothing about which token, or how many, were close.
+
+A token name has one current version and, right after a rotation, a previous
+version that stays valid for the grace window. Errors: :class:`TokenStoreUnavailable`
+(the backend cannot be read; the message is safe to show, it holds no value),
+:class:`TokenStoreNotStarted` (used before :meth:`TokenStore.load`), and
+:class:`RotationUnavailable` (this store or configuration cannot rotate).
+"""
+
+from __future__ import annotations
+
+import abc
+import fnmatch
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ROLE_BY_NAME",
+    "SCOPED_PREFIX",
+    "Grant",
+    "RotationUnavailable",
+    "TokenState",
+    "TokenStore",
+    "TokenStoreError",
+    "TokenStoreNotStarted",
+    "TokenStoreUnavailable",
+    "TokenVersion",
+    "fingerprint",
+    "role_of",
+]
+
+#: Fixed token names (the seed's SSM names) and the role each grants.
+ROLE_BY_NAME = {
+    "LLM_SECRET_TOKEN": "controller",
+    "UNITY_CLIENT_TOKEN": "client",
+    "ADMIN_TOKEN": "admin",
+    "VIEWER_TOKEN": "viewer",
+}
+#: Scoped client tokens are named ``client_tokens/<name>``; each grants the client role for matching ids only.
+SCOPED_PREFIX = "client_tokens/"
+_SCOPED_NAME = re.compile(r"^client_tokens/[A-Za-z0-9_.-]{1,64}$")
+#: An id pattern is a shell-style glob over the client-id alphabet (``lights_*``, ``kiosk-?``).
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_*?-]{1,50}$")
+
+
+class TokenStoreError(RuntimeError):
+    """Base class of token-store errors."""
+
+
+class TokenStoreUnavailable(TokenStoreError):
+    """The backend cannot be read or written; the message names no value."""
+
+
+class TokenStoreNotStarted(TokenStoreError):
+    """The store was used before ``load()``."""
+
+
+class RotationUnavailable(TokenStoreError):
+    """Rotation was asked of a store or configuration that cannot do it (env store, rotation disabled)."""
+
+
+def role_of(name: str) -> str | None:
+    """The role a token name grants, or None for names that are not tokens (``REDIS_PASSWORD``)."""
+    if name in ROLE_BY_NAME:
+        return ROLE_BY_NAME[name]
+    if _SCOPED_NAME.match(name):
+        return "client"
+    return None
+
+
+def fingerprint(value: str) -> str:
+    """A short public handle on a value (32 bits of its SHA-256): tells versions apart, reveals nothing."""
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a valid token grants: a role, which token (name and version) opened it, and for scoped
+    client tokens the ids it may use."""
+
+    role: str  # "controller" | "client" | "admin" | "viewer"
+    name: str
+    version: int
+    id_pattern: str | None = None
+
+    def allows_id(self, client_id: str) -> bool:
+        return self.id_pattern is None or fnmatch.fnmatchcase(client_id, self.id_pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVersion:
+    version: int
+    value: str = field(repr=False)
+    modified_at: float | None = None  # when this version was written (epoch seconds), if known
+    id_pattern: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """One token name: its current version and, during a grace window, the previous one."""
+
+    name: str
+    role: str
+    current: TokenVersion
+    previous: TokenVersion | None = None
+    grace_ends: float | None = None  # the previous version is accepted until then
+    keep_connections: bool = False  # connections opened with the previous version survive its expiry
+
+    def previous_accepted(self, now: float) -> bool:
+        return self.previous is not None and self.grace_ends is not None and now < self.grace_ends
+
+    def status(self, now: float) -> dict[str, Any]:
+        """What may be shown of this token: never a value."""
+        previous = self.previous
+        return {
+            "name": self.name,
+            "role": self.role,
+            "version": self.current.version,
+            "fingerprint": fingerprint(self.current.value),
+            "rotated_at": self.current.modified_at,
+            "id_pattern": self.current.id_pattern,
+            "previous_version": previous.version if previous else None,
+            "previous_fingerprint": fingerprint(previous.value) if previous else None,
+            "grace_ends": self.grace_ends if previous else None,
+            "previous_accepted": self.previous_accepted(now),
+            "keep_connections": self.keep_connections if previous else False,
+        }
+
+
+class TokenStore(abc.ABC):
+    """Valid tokens by name; :meth:`lookup` is the one comparator of the appliance."""
+
+    name: str
+    #: Whether :mod:`.service` can rotate and revoke through this store.
+    rotatable = False
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._states: dict[str, TokenState] | None = None
+        # (digest, grant, accepted until) for every acceptable value; rebuilt on each change.
+        self._candidates: list[tuple[bytes, Grant, float | None]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    # --- loading ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Read every token now (blocking); raises :class:`TokenStoreUnavailable` if it cannot."""
+
+    async def refresh(self) -> bool:
+        """Re-read the tokens; a failure keeps the last good values. True if the read succeeded."""
+        return True
+
+    def health(self) -> dict[str, Any]:
+        """For ``/readyz``: public detail, no values."""
+        return {"store": self.name, "ok": True}
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (synchronously) after every change of the valid tokens."""
+        self._listeners.append(listener)
+
+    def _publish(self, states: dict[str, TokenState]) -> None:
+        candidates: list[tuple[bytes, Grant, float | None]] = []
+        for state in states.values():
+            current = state.current
+            candidates.append(
+                (_digest(current.value), Grant(state.role, state.name, current.version, current.id_pattern), None)
+            )
+            previous = state.previous
+            if previous is not None and state.grace_ends is not None:
+                grant = Grant(state.role, state.name, previous.version, previous.id_pattern)
+                candidates.append((_digest(previous.value), grant, state.grace_ends))
+        changed = states != self._states
+        self._states, self._candidates = states, candidates
+        if changed:
+            for listener in self._listeners:
+                listener()
+
+    @property
+    def states(self) -> dict[str, TokenState]:
+        if self._states is None:
+            raise TokenStoreNotStarted(f"{type(self).__name__} used before load()")
+        return self._states
+
+    # --- the comparator -----------------------------------------------------------------
+
+    def lookup(self, presented: str | None) -> Grant | None:
+        """The grant of ``presented``, or None. Constant-time in the value, whatever the number of tokens."""
+        if self._states is None:
+            raise TokenStoreNotStarted(f"{type(self).__name__} used before load()")
+        if not presented:
+            return None
+        digest = _digest(presented)
+        now = self.clock()
+        found: Grant | None = None
+        for candidate, grant, until in self._candidates:  # No early exit: every candidate is compared.
+            if hmac.compare_digest(digest, candidate) and (until is None or now < until):
+                found = grant
+        return found
+
+    # --- for eviction, status and log redaction ------------------------------------------
+
+    def connection_allowed(self, name: str, version: int) -> bool:
+        """Whether a connection opened with (name, version) may stay open now."""
+        state = self.states.get(name)
+        if state is None:
+            return False
+        if version == state.current.version:
+            return True
+        if state.previous is None or version != state.previous.version:
+            return False
+        return state.keep_connections or state.previous_accepted(self.clock())
+
+    def next_expiry(self) -> float | None:
+        """The next moment a grace window ends (connections may have to be evicted then)."""
+        now = self.clock()
+        ends = [s.grace_ends for s in self.states.values() if s.grace_ends is not None and s.grace_ends > now]
+        return min(ends) if ends else None
+
+    def status(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [self.states[name].status(now) for name in sorted(self.states)]
+
+    def secret_values(self) -> list[str]:
+        """Every known value, for the log filter; never for anything that leaves the process."""
+        values = []
+        for state in self.states.values():
+            values.append(state.current.value)
+            if state.previous is not None:
+                values.append(state.previous.value)
+        return values
