@@ -14,6 +14,7 @@ from .relay import Relay
 from .settings import Settings
 from .tokens import TokenStore
 from .web import create_app
+from .ws_protocol import OrderedWebSocketsProtocol
 
 __all__ = ["run", "transport_max_size"]
 
@@ -57,7 +58,7 @@ def run(settings: Settings, token_store: TokenStore | None = None) -> None:
         port=settings.web_socket_port,
         loop="uvloop",
         http=guarded_http_protocol(settings.handshake_timeout),  # Slowloris: uvicorn has no header deadline.
-        ws="websockets-sansio",
+        ws=OrderedWebSocketsProtocol,  # websockets-sansio, keeping frames that precede a protocol error.
         ws_max_size=transport_max_size(settings),
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

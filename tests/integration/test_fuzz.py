@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import CONTROLLER_TOKEN, command, recv, timeout
+from support import CLIENT_TOKEN, CONTROLLER_TOKEN, command, recv, timeout
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -216,3 +216,71 @@ async def test_fuzzed_frames_get_documented_answers_and_routing_goes_on(relay):
     assert grown < MAX_RSS_GROWTH_MB, f"RSS grew {grown:.0f} MB"
     assert elapsed < timeout(30), f"fuzz run took {elapsed:.0f} s"
     print(f"fuzz: {FRAMES_PER_BROKER} frames in {elapsed:.1f} s, RSS +{grown:.1f} MB, {seen_errors}, {seen_closes}")
+
+
+def expected_client_text(kind: str, payload: object) -> str | None:
+    """What a controller must receive for a client's fuzzed frame; None when the client must be closed."""
+    if kind in ("bad_utf8", "bad_binary", "huge"):
+        return None
+    text = "".join(payload) if kind == "fragmented" else payload.decode() if kind == "binary" else payload
+    return None if len(text.encode()) > MAX_MESSAGE_BYTES else text
+
+
+@pytest.mark.slow
+async def test_fuzzed_client_frames_reach_controllers_exactly_or_close_with_1007_or_1009(relay):
+    """A leaked device token is the likelier attacker: its frames reach controllers verbatim, or it is closed."""
+    rng = random.Random(21)
+    fuzz = Fuzzer(rng, target="fuzz-sink")
+    pid = relay.process.pid
+    closes: set[int] = set()
+    started = time.monotonic()
+
+    def open_device():
+        return connect(f"{relay.ws}/ws/fuzz-dev", additional_headers={"X-Auth-Token": CLIENT_TOKEN}, max_size=None)
+
+    async with relay.controller("fuzz-watch", max_size=None) as llm:
+        baseline = rss_mb(pid)
+        device = await open_device()
+        expected: list[str] = []
+        for i in range(FRAMES_PER_BROKER):
+            kind, payload = fuzz.frame()
+            text = expected_client_text(kind, payload)
+            try:
+                await send_raw(device, kind, payload)
+            except ConnectionClosed:
+                pass
+            if text is not None:
+                expected.append(text)
+                if i % 10:
+                    continue
+            if text is None:  # This frame must close the device; what it sent before still arrives.
+                try:
+                    await asyncio.wait_for(device.wait_closed(), timeout(5))
+                except TimeoutError:
+                    raise AssertionError(f"a {kind} frame from a client did not close it") from None
+                received = device.protocol.close_rcvd
+                code = received.code if received else 1006
+                assert code in (1007, 1009) or (kind == "huge" and code == 1006), (kind, code)
+                closes.add(code)
+                got = [await next_message(llm) for _ in expected]
+                assert got == expected, "messages sent before the bad frame were lost or altered"
+                device = await open_device()
+            else:  # A probe: every message sent before it reaches the controller first, verbatim, in order.
+                probe = f"probe-{i}"
+                await device.send(probe)
+                got = []
+                while (message := await next_message(llm)) != probe:
+                    got.append(message)
+                assert got == expected, f"client messages lost or altered before {probe}"
+            expected = []
+        await device.close()
+        grown = rss_mb(pid) - baseline
+    assert {1007, 1009} & closes
+    assert grown < MAX_RSS_GROWTH_MB, f"RSS grew {grown:.0f} MB"
+    assert time.monotonic() - started < timeout(30)
+
+
+async def next_message(llm: ClientConnection) -> str:
+    frame = json.loads(await asyncio.wait_for(llm.recv(), timeout(10)))
+    assert frame["sender"] == "fuzz-dev", frame
+    return frame["message"]
