@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import sys
@@ -115,7 +116,7 @@ def serve(args: argparse.Namespace) -> None:
             f"wsbridge: refusing to start: {'; '.join(problems)}. "
             "Generate a token with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
-    configure_logging(settings.log_level, settings.secret_values())
+    configure_logging(settings.log_level, settings.secret_values(), settings.log_format, settings.instance_id)
     token_store = _load_token_store(settings)
     # The same rule for tokens read from SSM: a short one is guessable and too short to be masked in logs.
     weak = weak_secrets({state.name: state.current.value for state in token_store.states.values()})
@@ -124,7 +125,13 @@ def serve(args: argparse.Namespace) -> None:
             f"wsbridge: refusing to start: {', '.join(weak)} in the {settings.token_store} store shorter than "
             "16 characters. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
-    _print_banner(settings, show_tokens=settings is not configured)
+    if settings.log_format == "json":
+        # stdout is a stream of JSON lines for a log shipper: no banner, never a token.
+        logging.getLogger("appliance").info(
+            "WebSocket Bridge %s starting on %s:%s", __version__, settings.bind_host, settings.web_socket_port
+        )
+    else:
+        _print_banner(settings, show_tokens=settings is not configured)
     run(settings, token_store)
 
 

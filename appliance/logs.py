@@ -1,10 +1,30 @@
-"""Logging set-up with a filter that masks every configured secret, whatever logs it."""
+"""Logging set-up: human-readable or JSON lines, with a filter that masks every configured secret.
+
+``LOG_FORMAT=text`` (the default) writes ``time LEVEL logger: message [client_id=... conn=...]``;
+``LOG_FORMAT=json`` writes one JSON object per line for log shippers (fields in
+:data:`JSON_FIELDS`, documented in docs/deploy.md). Lines about one connection carry its
+client id and connection key: log them with ``extra=connection_fields(...)``. Secrets
+are masked in the message, the traceback and every field, in both formats.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import time
+from typing import Any
 
-__all__ = ["RedactSecrets", "configure_logging", "learn_secrets", "weak_secrets"]
+__all__ = [
+    "JSON_FIELDS",
+    "JsonFormatter",
+    "RedactSecrets",
+    "TextFormatter",
+    "configure_logging",
+    "connection_fields",
+    "learn_secrets",
+    "weak_secrets",
+]
 
 
 #: Shorter secrets are not masked: masking "a" would mangle every log line (and such a
@@ -18,6 +38,11 @@ def weak_secrets(named: dict[str, str | None]) -> list[str]:
     """Names of the configured secrets that are too short to be safe."""
     return [name for name, value in named.items() if value is not None and len(value) < MIN_STRONG_LENGTH]
 
+
+#: Headers that carry tokens, as uvicorn and websockets log them at DEBUG ("< x-auth-token: ...").
+#: A presented token that is not configured (a typo, a rotated-out one) is not in the list
+#: of secrets, so these are masked by name, whatever their value.
+_TOKEN_HEADER = re.compile(r"(?i)\b(x-auth-token|sec-websocket-protocol|authorization)(\s*:\s*)[^\r\n\"]+")
 
 _FORMATTER = logging.Formatter()
 
@@ -38,22 +63,26 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(secret in message for secret in self.secrets):
-            record.msg, record.args = self._mask(message), None
+        masked = self.mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
         if record.exc_info and record.exc_info[0] is not None:
             # Tracebacks carry exception messages (a connection URL, say): format them here,
             # masked, so no formatter downstream ever sees the raw exception.
-            record.exc_text = self._mask(_FORMATTER.formatException(record.exc_info))
+            record.exc_text = self.mask(_FORMATTER.formatException(record.exc_info))
             record.exc_info = None
         elif record.exc_text:
-            record.exc_text = self._mask(record.exc_text)
+            record.exc_text = self.mask(record.exc_text)
         if record.stack_info:
-            record.stack_info = self._mask(record.stack_info)
+            record.stack_info = self.mask(record.stack_info)
         return True
 
-    def _mask(self, text: str) -> str:
+    def mask(self, text: str) -> str:
         for secret in self.secrets:
-            text = text.replace(secret, "***")
+            if secret in text:
+                text = text.replace(secret, "***")
+        if _TOKEN_HEADER.search(text):
+            text = _TOKEN_HEADER.sub(r"\1\2***", text)
         return text
 
 
@@ -65,10 +94,78 @@ def learn_secrets(secrets: list[str]) -> None:
                 filter_.learn(secrets)
 
 
-def configure_logging(level: str, secrets: list[str]) -> None:
+#: Per-connection context a log call may pass in ``extra`` (see :func:`connection_fields`).
+CONTEXT_FIELDS = ("client_id", "conn", "role", "remote")
+
+#: Fields of a JSON log line: always ``ts``, ``level``, ``logger``, ``message``, ``instance``;
+#: the context fields when the line is about one connection; ``exc`` with a traceback.
+JSON_FIELDS = ("ts", "level", "logger", "message", "instance", *CONTEXT_FIELDS, "exc")
+
+
+def connection_fields(client_id: str, conn: str | None = None, role: str | None = None) -> dict[str, str]:
+    """``extra=`` for a log line about one connection (its id and, once known, its key and role)."""
+    fields = {"client_id": client_id}
+    if conn is not None:
+        fields["conn"] = conn
+    if role is not None:
+        fields["role"] = role
+    return fields
+
+
+class TextFormatter(logging.Formatter):
+    """The human-readable format, with the connection context appended when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = " ".join(f"{key}={getattr(record, key)}" for key in CONTEXT_FIELDS if hasattr(record, key))
+        if not context:
+            return line
+        first, newline, rest = line.partition("\n")  # Keep a traceback below the first line.
+        return f"{first} [{context}]{newline}{rest}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``LOG_FORMAT=json``); every string field is masked again."""
+
+    def __init__(self, instance: str, redact: RedactSecrets) -> None:
+        super().__init__()
+        self.instance = instance
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = time.gmtime(record.created)
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "instance": self.instance,
+        }
+        for key in CONTEXT_FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = str(value)
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["exc"] = (entry.get("exc", "") + "\n" + record.stack_info).strip()
+        for key, value in entry.items():
+            if isinstance(value, str):
+                entry[key] = self.redact.mask(value)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, secrets: list[str], fmt: str = "text", instance: str = "") -> None:
+    """Send every log record (ours, uvicorn's, libraries') through one masked handler on stderr."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactSecrets(secrets))
+    redact = RedactSecrets(secrets)
+    handler.setFormatter(JsonFormatter(instance, redact) if fmt == "json" else TextFormatter())
+    handler.addFilter(redact)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,35 +1,160 @@
-"""Prometheus metrics: one ``wsbridge_`` prefix, base units, no client ids as labels."""
+"""Prometheus metrics: one ``wsbridge_`` prefix, base units, bounded labels (never a client id).
+
+Every metric of the appliance is declared here, once, with its help text, labels and
+buckets; ``monitoring/rules/`` and the Grafana dashboards use these names and
+``monitoring/runbook.md`` explains them. The hot path never looks a label up: each
+labelled series it touches is bound once below (``FRAMES_SENT.client``,
+``CLOSED_BY_PEER[code]``), so counting a frame is one attribute access and one ``inc``.
+
+Scrape-time values (queue depths, outbox depth, seconds since a refresh) are gauges
+with a callback (:func:`watch`), computed when Prometheus asks rather than on every
+message.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics, generate_latest
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from litestar.enums import ScopeType
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusMiddleware
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .core.protocol import ErrorCode
 
 __all__ = [
     "BROKER_OUTBOX_FULL",
     "BROKER_TASK_ERRORS",
     "BROKER_UP",
     "BUILD",
+    "CLAIM_SECONDS",
+    "CLOSES",
+    "CLOSE_CODE_LABELS",
+    "COMMAND_OUTCOMES",
+    "COMMAND_RTT",
     "CONNECTIONS",
     "ERRORS",
+    "FRAMES_SENT",
     "MESSAGES",
+    "OFFLINE_QUEUE",
+    "OPENED",
+    "PENDING_REQUESTS",
+    "PUBLISH_SECONDS",
+    "READY",
     "RECEIVED_FROM_CLIENTS",
     "RECEIVED_FROM_CONTROLLERS",
+    "REDIS_OUTAGES",
+    "REDIS_OUTBOX",
+    "REDIS_RECONNECTS",
     "REFUSED",
     "REGISTRY",
+    "RELAY_SECONDS",
+    "REPLY_SECONDS",
+    "SEND_QUEUE_BYTES_MAX",
+    "SEND_QUEUE_MESSAGES_MAX",
     "THROTTLED",
     "TOKEN_EVICTIONS",
+    "TOKEN_GRACE_ENDS",
     "TOKEN_LAST_REFRESH",
     "TOKEN_REFRESH_FAILURES",
     "TOKEN_STORE_UP",
+    "ByRole",
+    "ScrapedCounter",
+    "ScrapedGauge",
+    "close_label",
+    "http_metrics",
+    "record_close",
     "render",
+    "set_build_info",
+    "watch",
 ]
 
 disable_created_metrics()  # The _created series only add noise to every counter.
 
 #: Our own registry, so the metrics of one app are not mixed with a library's defaults.
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, memory, open files, start time) on our registry: the default registry is not served.
+ProcessCollector(registry=REGISTRY)
+
+ROLES = ("controller", "client")
+
+
+class ByRole:
+    """The two role-labelled children of a metric, bound once (``m.controller.inc()``)."""
+
+    __slots__ = ("controller", "client")
+
+    def __init__(self, metric: Counter | Gauge) -> None:
+        self.controller = metric.labels(role="controller")
+        self.client = metric.labels(role="client")
+
+    def __getitem__(self, role: str):  # For code that holds the role as a string (Role.value).
+        return self.controller if role == "controller" else self.client
+
+
+# --- connections --------------------------------------------------------------------------
 
 CONNECTIONS = Gauge("wsbridge_connections", "Open WebSocket connections on this instance.", ["role"], registry=REGISTRY)
+OPENED = ByRole(
+    Counter(
+        "wsbridge_connections_opened_total",
+        "WebSocket connections accepted (authorized and registered), by role.",
+        ["role"],
+        registry=REGISTRY,
+    )
+)
+REFUSED = Counter(
+    "wsbridge_connections_closed_total",
+    "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+#: Close codes counted by their number: RFC 6455 §7.4.1's and the range docs/protocol.md
+#: documents (4001-4013). Anything else (a peer's private code) is "other", so a
+#: misbehaving peer cannot create series.
+CLOSE_CODE_LABELS = frozenset(
+    {"1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1012", "1013"}
+    | {str(code) for code in range(4001, 4014)}
+)
+CLOSES = Counter(
+    "wsbridge_closes_total",
+    "Closed WebSocket connections by close code and by who closed first: relay (this appliance) or peer.",
+    ["code", "by"],
+    registry=REGISTRY,
+)
+_closes_bound: dict[tuple[int | None, bool], Any] = {}
+
+
+def close_label(code: int | None) -> str:
+    """The bounded label of a close code (1005 when the peer sent none, ``other`` if unknown)."""
+    text = "1005" if code is None else str(int(code))
+    return text if text in CLOSE_CODE_LABELS else "other"
+
+
+def record_close(code: int | None, by_relay: bool) -> None:
+    """Count one closed connection (once per connection, when it is unregistered)."""
+    child = _closes_bound.get((code, by_relay))
+    if child is None:
+        child = CLOSES.labels(code=close_label(code), by="relay" if by_relay else "peer")
+        if len(_closes_bound) < 256:  # Bounded cache: a peer's odd codes map to "other" anyway.
+            _closes_bound[code, by_relay] = child
+    child.inc()
+
+
+# --- messages -----------------------------------------------------------------------------
+
 MESSAGES = Counter(
     "wsbridge_messages_received_total",
     "Messages received from connections, by sender role.",
@@ -39,19 +164,85 @@ MESSAGES = Counter(
 # Bound once: label lookups cost more than the increment on the hot path.
 RECEIVED_FROM_CONTROLLERS = MESSAGES.labels(role="controller")
 RECEIVED_FROM_CLIENTS = MESSAGES.labels(role="client")
+
+
+class ScrapedCounter(Collector):
+    """A counter by role summed at scrape time from counts the relay keeps anyway.
+
+    Frames sent are the hottest path of all (a fan-out writes one per client); the
+    sessions already count them (``messages_out``), so the relay reports the sums and
+    the send path pays nothing for the metric.
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.source: Callable[[], dict[str, float]] = lambda: dict.fromkeys(ROLES, 0.0)
+        REGISTRY.register(self)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=["role"])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        family = self._family()
+        for role, count in self.source().items():
+            family.add_metric([role], count)
+        yield family
+
+
+FRAMES_SENT = ScrapedCounter(
+    "wsbridge_frames_sent_total", "Text frames written to connections, by the receiving connection's role."
+)
 ERRORS = Counter(
     "wsbridge_errors_total", "Error frames sent to controllers, by error code.", ["code"], registry=REGISTRY
 )
-REFUSED = Counter(
-    "wsbridge_connections_closed_total",
-    "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
-    ["reason"],
-    registry=REGISTRY,
-)
+for _code in ErrorCode:  # Every documented code starts at 0: a rate, not "no data", before the first error.
+    ERRORS.labels(code=_code.value)
 THROTTLED = Counter(
     "wsbridge_client_throttled_total", "Client messages delayed by the client rate limit.", registry=REGISTRY
 )
-BROKER_UP = Gauge("wsbridge_broker_up", "1 when the broker (Redis) is reachable.", registry=REGISTRY)
+
+#: Round trips are human- and device-scale: a millisecond to half a minute.
+RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Time inside the appliance is CPU-scale: 50 µs to a second.
+INTERNAL_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+COMMAND_RTT = Histogram(
+    "wsbridge_command_rtt_seconds",
+    "Command round trip seen at the client's instance: command queued for a client until that client's next message.",
+    buckets=RTT_BUCKETS,
+    registry=REGISTRY,
+)
+RELAY_SECONDS = Histogram(
+    "wsbridge_relay_seconds",
+    "Time inside the appliance from receiving a frame to writing what it caused (one sample per event-loop pass).",
+    buckets=INTERNAL_BUCKETS,
+    registry=REGISTRY,
+)
+
+# --- queues -------------------------------------------------------------------------------
+
+SEND_QUEUE_MESSAGES_MAX = Gauge(
+    "wsbridge_send_queue_messages_max",
+    "Frames waiting in the fullest per-connection send queue (4008 slow_consumer closes it at its limit).",
+    registry=REGISTRY,
+)
+SEND_QUEUE_BYTES_MAX = Gauge(
+    "wsbridge_send_queue_bytes_max",
+    "UTF-8 bytes waiting in the fullest per-connection send queue.",
+    registry=REGISTRY,
+)
+REDIS_OUTBOX = Gauge("wsbridge_redis_outbox_messages", "Messages waiting to be published to Redis.", registry=REGISTRY)
+
+# --- broker -------------------------------------------------------------------------------
+
+BROKER_UP = Gauge(
+    "wsbridge_broker_up",
+    "1 when the broker (Redis) is reachable; set by the broker on every change.",
+    registry=REGISTRY,
+)
 BROKER_TASK_ERRORS = Counter(
     "wsbridge_broker_task_errors_total",
     "Unexpected errors in the broker's background tasks (each one logged; the task carries on).",
@@ -63,14 +254,63 @@ BROKER_OUTBOX_FULL = Counter(
     "Messages refused because too many were waiting to be published to Redis (REDIS_OUTBOX_LIMIT).",
     registry=REGISTRY,
 )
-BUILD = Info("wsbridge_build", "Version and broker of this instance.", registry=REGISTRY)
+READY = Gauge(
+    "wsbridge_ready",
+    "1 when this instance answers /readyz with 200 (broker reachable, not shutting down).",
+    registry=REGISTRY,
+)
+PUBLISH_SECONDS = Histogram(
+    "wsbridge_redis_publish_seconds",
+    "Time for one pipeline of publishes to Redis to return (one sample per batch of up to 512 messages).",
+    buckets=INTERNAL_BUCKETS,
+    registry=REGISTRY,
+)
+REDIS_OUTAGES = Counter(
+    "wsbridge_redis_outages_total", "Times this instance lost Redis (reachable to unreachable).", registry=REGISTRY
+)
+REDIS_RECONNECTS = Counter(
+    "wsbridge_redis_reconnects_total",
+    "Times this instance got Redis back after an outage (resubscribed and re-registered its ids).",
+    registry=REGISTRY,
+)
+CLAIM_SECONDS = Histogram(
+    "wsbridge_claim_seconds",
+    "Time to claim a connection's id cluster-wide (the broker's part of the handshake).",
+    buckets=(*INTERNAL_BUCKETS, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
 
+# --- controller API (request/reply, offline queue) -------------------------------------------
+# Names shared with the controller-API branch (appliance/commands.py increments them).
 
-def render() -> bytes:
-    return generate_latest(REGISTRY)
+COMMAND_OUTCOMES = Counter(
+    "wsbridge_command_outcomes_total",
+    "Outcomes of commands with an id sent from this instance (delivered, queued, replied, timeout, or an error code).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+#: Known values start at 0, so rate() and the timeout-ratio alert work before the first event.
+COMMAND_OUTCOME_VALUES = ("delivered", "queued", "replied", "timeout")
+for _outcome in COMMAND_OUTCOME_VALUES:
+    COMMAND_OUTCOMES.labels(outcome=_outcome)
+REPLY_SECONDS = Histogram(
+    "wsbridge_reply_seconds",
+    "Round-trip time from a command with an id to its client's reply, measured on the sender's instance.",
+    buckets=RTT_BUCKETS,
+    registry=REGISTRY,
+)
+PENDING_REQUESTS = Gauge(
+    "wsbridge_pending_requests", "Commands with an id waiting for their reply or timeout.", registry=REGISTRY
+)
+OFFLINE_QUEUE = Gauge(
+    "wsbridge_offline_queue_messages",
+    "Commands queued for clients that are not connected (this instance's view).",
+    registry=REGISTRY,
+)
 
+# --- token store ------------------------------------------------------------------------------
+# Names shared with the token-store branch (appliance/tokens/ sets them).
 
-# --- token store (appliance/tokens) -------------------------------------------------------------
 TOKEN_STORE_UP = Gauge(
     "wsbridge_token_store_up",
     "1 when the last read of the token store succeeded (0: serving the last good tokens).",
@@ -91,3 +331,90 @@ TOKEN_EVICTIONS = Counter(
     "Connections closed because their token expired or was revoked (4011).",
     registry=REGISTRY,
 )
+
+
+class ScrapedGauge(Collector):
+    """A gauge by one label, read when scraped from state its owner keeps anyway (no series when empty)."""
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.source: Callable[[], dict[str, float]] = dict
+        REGISTRY.register(self)
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        family = self._family()
+        for value, number in self.source().items():
+            family.add_metric([value], number)
+        yield family
+
+
+TOKEN_GRACE_ENDS = ScrapedGauge(
+    "wsbridge_token_grace_end_timestamp_seconds",
+    "Unix time the grace window of a rotated token ends, while one is open (by token name).",
+    "name",
+)
+
+# --- build ------------------------------------------------------------------------------------
+
+BUILD = Info("wsbridge_build", "Version, broker and instance id of this instance.", registry=REGISTRY)
+
+
+def set_build_info(version: str, broker: str, instance: str) -> None:
+    BUILD.info({"version": version, "broker": broker, "instance": instance})
+
+
+def watch(gauge: Gauge, value: Callable[[], float]) -> None:
+    """Compute ``gauge`` when scraped (queue depths): nothing on the hot path."""
+    gauge.set_function(value)
+
+
+class _HttpMetrics(PrometheusMiddleware):
+    """Litestar's HTTP metrics, registered on our registry instead of the global default one."""
+
+    _metrics: ClassVar[dict[str, Any]] = {}
+
+    def _metric(self, kind: type, suffix: str, doc: str, labels: dict[str, Any], **extra: Any) -> Any:
+        name = f"{self._config.prefix}_{suffix}"
+        if name not in _HttpMetrics._metrics:
+            _HttpMetrics._metrics[name] = kind(name, doc, [*labels], registry=REGISTRY, **extra)
+        return _HttpMetrics._metrics[name]
+
+    def request_count(self, labels: dict[str, Any]) -> Counter:
+        return self._metric(Counter, "requests_total", "HTTP requests, by route template and status.", labels)
+
+    def request_time(self, labels: dict[str, Any]) -> Histogram:
+        return self._metric(
+            Histogram, "request_duration_seconds", "HTTP request duration, by route template.", labels, **self._kwargs
+        )
+
+    def requests_in_progress(self, labels: dict[str, Any]) -> Gauge:
+        return self._metric(Gauge, "requests_in_progress", "HTTP requests being served.", labels)
+
+    def requests_error_count(self, labels: dict[str, Any]) -> Counter:
+        return self._metric(Counter, "requests_error_total", "HTTP requests answered with a 5xx status.", labels)
+
+
+def http_metrics() -> Any:
+    """Middleware for ``wsbridge_http_*``: HTTP only (WebSockets have their own metrics), by route template.
+
+    Litestar runs middleware only for matched routes, so a scanner's 404s create no series.
+    """
+    config = PrometheusConfig(
+        app_name="wsbridge",
+        prefix="wsbridge_http",
+        group_path=True,
+        scopes={ScopeType.HTTP},
+        middleware_class=_HttpMetrics,
+        buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+    )
+    return config.middleware
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

@@ -53,11 +53,14 @@ class Flusher:
     fan-out time.
     """
 
-    __slots__ = ("_dirty", "_scheduled")
+    __slots__ = ("_dirty", "_scheduled", "received_at")
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
         self._scheduled = False
+        #: When the reader got the first frame since the last flush (0: none). One histogram
+        #: sample per flush, not per frame, keeps wsbridge_relay_seconds off the per-frame path.
+        self.received_at = 0.0
 
     def mark(self, conn: Connection) -> None:
         self._dirty.append(conn)
@@ -69,6 +72,9 @@ class Flusher:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         now = time.time()
+        if self.received_at:
+            metrics.RELAY_SECONDS.observe(now - self.received_at)
+            self.received_at = 0.0
         for conn in dirty:
             conn._write_now(now)
 
@@ -89,6 +95,7 @@ class Connection:
         "owner",
         "close_code",
         "grant",
+        "rtt_from",
         "_send",
         "_flusher",
         "_pending",
@@ -115,6 +122,9 @@ class Connection:
         self.owner: Owner | None = None
         self.close_code: int | None = None
         self.grant: Grant | None = None  # the token (name, version) that opened it, for eviction
+        #: When the oldest command this client has not answered yet was written (0: none);
+        #: the reader observes wsbridge_command_rtt_seconds at the client's next message.
+        self.rtt_from = 0.0
         self._send = send
         self._flusher = flusher
         self._pending: deque[str | tuple[int, str]] = deque()
@@ -182,6 +192,7 @@ class Connection:
         """Called by the flusher: write the queue synchronously while the transport has room."""
         self._marked = False
         pending, session = self._pending, self.session
+        awaits_reply = session.role is Role.CLIENT  # Frames to a client are commands.
         while pending and self._writer is None:
             item = pending.popleft()
             if isinstance(item, str):
@@ -194,12 +205,24 @@ class Connection:
             except StopIteration:
                 if isinstance(item, str):
                     session.sent(now)
+                    if awaits_reply and not self.rtt_from:
+                        self.rtt_from = now
                 continue
             except Exception:  # The peer is gone (ClientDisconnected, OSError): the reader cleans up.
                 self._drop_pending()
                 return
             # Back-pressure: a writer task finishes this send and owns the queue until it is empty.
             self._writer = asyncio.get_running_loop().create_task(self._finish(step, waiting_on, item))
+
+    def _sent(self, now: float) -> None:
+        """A frame was written by the writer task (the slow path; _write_now inlines this)."""
+        self.session.sent(now)
+        if self.session.role is Role.CLIENT and not self.rtt_from:
+            self.rtt_from = now
+
+    def queued(self) -> tuple[int, int]:
+        """Frames and characters waiting to be written (for the queue-depth gauges)."""
+        return len(self._pending), self._pending_chars
 
     async def _finish(self, step: Any, waiting_on: Any, item: str | tuple[int, str]) -> None:
         """Drive a send that suspended to completion, as a task would, then drain the queue."""
@@ -216,7 +239,7 @@ class Connection:
                     waiting_on = step.send(None)
             except StopIteration:
                 if isinstance(item, str):
-                    self.session.sent(time.time())
+                    self._sent(time.time())
             send, pending = self._send, self._pending
             while pending:
                 item = pending.popleft()
@@ -226,7 +249,7 @@ class Connection:
                     self._drop_pending()
                 await send(self._event(item))
                 if isinstance(item, str):
-                    self.session.sent(time.time())
+                    self._sent(time.time())
         except Exception:  # The peer is gone: the reader cleans up.
             self._drop_pending()
         finally:
@@ -278,6 +301,13 @@ class Relay:
         }
         self._connections: dict[str, Connection] = {}  # by conn_key
         self._flusher = Flusher()
+        self.flusher = self._flusher  # The reader stamps received_at on it.
+        # Frames written to connections that are gone, by role; live ones are summed at scrape
+        # time from their sessions' counts, so the write path pays nothing for the metric.
+        self._sent_by_gone = {Role.CONTROLLER.value: 0, Role.CLIENT.value: 0}
+        metrics.FRAMES_SENT.source = self.frames_sent
+        metrics.watch(metrics.SEND_QUEUE_MESSAGES_MAX, lambda: self.fullest_queue()[0])
+        metrics.watch(metrics.SEND_QUEUE_BYTES_MAX, lambda: self.fullest_queue()[1])
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -311,6 +341,7 @@ class Relay:
         self._claiming[client_id] = (lock, users + 1)
         try:
             async with lock:
+                started = time.perf_counter()
                 try:
                     claim = await self.broker.claim(
                         client_id,
@@ -322,6 +353,8 @@ class Relay:
                 except BrokerUnavailable as exc:
                     log.warning("Refusing %s: %s", client_id, exc)
                     return CloseCode.TRY_AGAIN_LATER
+                finally:
+                    metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
                 if not claim.accepted:
                     return CloseCode.ROLE_CONFLICT if claim.role_conflict else CloseCode.DUPLICATE_REJECTED
                 assert claim.owner is not None
@@ -376,8 +409,20 @@ class Relay:
         if self.local.get(conn.client_id) is conn:
             del self.local[conn.client_id]
         metrics.CONNECTIONS.labels(role=conn.role.value).dec()
+        self._sent_by_gone[conn.role.value] += conn.session.messages_out
         if conn.owner is not None:
             await self._release_surely(conn.client_id, conn.owner)
+
+    def frames_sent(self) -> dict[str, float]:
+        """Frames written so far by receiving role (wsbridge_frames_sent_total, summed when scraped)."""
+        totals: dict[str, float] = dict(self._sent_by_gone)
+        for conn in self._connections.values():
+            totals[conn.role.value] += conn.session.messages_out
+        return totals
+
+    def fullest_queue(self) -> tuple[int, int]:
+        """(frames, characters) waiting in the fullest send queue, when scraped."""
+        return max((conn.queued() for conn in self._connections.values()), default=(0, 0))
 
     # --- actions from the core ---------------------------------------------------------
 

@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level of the appliance."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as human-readable text (default) or one JSON object per line for log shippers.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -183,6 +187,9 @@ class Settings(BaseSettings):
             for key in ("log_level", "LOG_LEVEL"):
                 if isinstance(data.get(key), str):
                     data[key] = data[key].upper()
+            for key in ("log_format", "LOG_FORMAT"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key].lower()
         return data
 
     @property

@@ -20,6 +20,7 @@ from .brokers.base import Broker, BrokerUnavailable
 from .brokers.memory import MemoryBroker
 from .core.protocol import CLOSE_REASONS, CloseCode, negotiate_subprotocol
 from .core.session import Throttle, authorize
+from .logs import connection_fields
 from .relay import Connection, Relay
 from .settings import Settings
 from .tokens import Grant, TokenStore, make_token_store
@@ -83,6 +84,10 @@ class RelaySocket(WebSocket):
         self.raw_send = send
 
 
+def _fields(conn: Connection) -> dict[str, str]:
+    return {**connection_fields(conn.client_id, conn.conn_key, conn.role.value), "remote": conn.remote}
+
+
 async def _refuse(socket: WebSocket, code: CloseCode, subprotocol: str | None = None) -> None:
     """Accept, then close with a code the client can read (an HTTP 403 would not say why).
 
@@ -90,6 +95,7 @@ async def _refuse(socket: WebSocket, code: CloseCode, subprotocol: str | None = 
     so a refusal selects the offered version too.
     """
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
+    metrics.record_close(int(code), by_relay=True)
     await socket.accept(subprotocols=subprotocol)
     await socket.close(code=int(code), reason=CLOSE_REASONS[code])
 
@@ -102,14 +108,19 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     grant = _token_store(socket).lookup(socket.headers.get("x-auth-token") or offered_token)
     decision = authorize(client_id, grant.role if grant else None, grant.id_pattern if grant else None)
     if isinstance(decision, CloseCode):
-        log.info("Refused connection for id %r: %s", client_id[:64], CLOSE_REASONS[decision])
+        log.info(
+            "Refused connection for id %r: %s",
+            client_id[:64],
+            CLOSE_REASONS[decision],
+            extra=connection_fields(client_id[:64]),
+        )
         await _refuse(socket, decision, subprotocol)
         return
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant)
     try:
         refusal = await relay.open(conn)
     except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
-        log.exception("Could not register %s", client_id)
+        log.exception("Could not register %s", client_id, extra=connection_fields(client_id, conn.conn_key))
         refusal = CloseCode.INTERNAL_ERROR
     if refusal is None and grant is not None and not _token_store(socket).connection_allowed(grant.name, grant.version):
         await relay.close(conn)  # The grace window ended while the id was being claimed: eviction missed it.
@@ -117,23 +128,32 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
     if refusal is not None:
         await _refuse(socket, refusal, subprotocol)
         return
+    peer_code: int | None = 1006  # What uvicorn reports for a connection lost without a close frame.
     try:
         await socket.accept(subprotocols=subprotocol)  # Never the token entry: it would be echoed.
         conn.opened()
-        await _read_frames(socket, relay, conn)
+        metrics.OPENED[conn.role.value].inc()
+        log.info("Connected as %s from %s", conn.role.value, conn.remote, extra=_fields(conn))
+        peer_code = await _read_frames(socket, relay, conn)
     except Exception as exc:  # The socket is gone; the finally block cleans up.
-        log.debug("Connection %s ended: %r", client_id, exc)
+        log.debug("Connection %s ended: %r", client_id, exc, extra=connection_fields(client_id, conn.conn_key))
     finally:
+        # Whoever sent the first close frame closed it: the relay if it had started closing.
+        by_relay = conn.close_code is not None
+        code = conn.close_code if by_relay else peer_code
+        metrics.record_close(code, by_relay)
+        log.info("Disconnected: close code %s from the %s", code, "relay" if by_relay else "peer", extra=_fields(conn))
         await relay.close(conn)
 
 
-async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> None:
+async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> int | None:
+    """Feed received frames to the session until the peer is gone; returns the peer's close code."""
     receive, session, perform = socket.raw_receive, conn.session, relay.perform
-    clock = time.time
+    clock, flusher, rtt = time.time, relay.flusher, metrics.COMMAND_RTT
     while True:
         event = await receive()
         if event["type"] != "websocket.receive":
-            return
+            return event.get("code")
         if conn.close_code is not None:
             continue  # Closing: drain what the peer still sends until it acknowledges.
         text = event.get("text")
@@ -143,7 +163,13 @@ async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> N
             except UnicodeDecodeError:
                 perform(conn, session.receive_undecodable())
                 continue
-        action = session.receive_text(text, clock())
+        now = clock()
+        if not flusher.received_at:
+            flusher.received_at = now
+        if conn.rtt_from:  # Only clients have one: the command they were sent before this message.
+            rtt.observe(now - conn.rtt_from)
+            conn.rtt_from = 0.0
+        action = session.receive_text(text, now)
         if type(action) is Throttle:
             # Over its rate: stop reading, so TCP slows the peer down and nothing is lost.
             metrics.THROTTLED.inc()
@@ -195,8 +221,6 @@ def readyz(request: Request) -> Response[dict[str, Any]]:
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
 def metrics_endpoint(request: Request) -> bytes:
-    ready, _ = _relay(request).status()
-    metrics.BROKER_UP.set(1 if ready else 0)
     return metrics.render()
 
 
@@ -211,6 +235,14 @@ async def list_clients(request: Request) -> Response[dict[str, Any]]:
 
 
 # --- application -----------------------------------------------------------------------------
+
+
+def _grace_windows(store: TokenStore) -> dict[str, float]:
+    """Open grace windows by token name, for wsbridge_token_grace_end_timestamp_seconds."""
+    now = time.time()
+    return {
+        s.name: s.grace_ends for s in store.states.values() if s.grace_ends is not None and s.previous_accepted(now)
+    }
 
 
 def make_audit_log(redis: Any | None) -> AuditLog:
@@ -230,6 +262,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         token_store = make_token_store(settings)
         token_store.load()
     relay = Relay(settings, broker or make_broker(settings))
+    metrics.watch(metrics.READY, lambda: 1.0 if relay.status()[0] else 0.0)
     redis = None
     if settings.redis_enabled:
         from redis.asyncio import Redis
@@ -248,7 +281,11 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
         await token_service.start()
-        metrics.BUILD.info({"version": __version__, "broker": relay.broker.name})
+        metrics.set_build_info(__version__, relay.broker.name, relay.instance)
+        metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(token_store)
+        if settings.token_store == "env":  # Read once at start and never failing; the SSM store keeps its own.
+            metrics.TOKEN_STORE_UP.set(1)
+            metrics.TOKEN_LAST_REFRESH.set_to_current_time()
         log.info("Relay ready on broker %s as instance %s", relay.broker.describe(), relay.instance)
         try:
             yield
@@ -270,6 +307,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             }
         ),
         lifespan=[lifespan],
+        middleware=[metrics.http_metrics()],
         openapi_config=None,
         logging_config=None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from .. import metrics
 from ..core.protocol import Role
 from .base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner, failure_detail
 
@@ -27,6 +28,7 @@ class MemoryBroker(Broker):
 
     async def start(self, inbox: Inbox) -> None:
         self._inbox = inbox
+        metrics.BROKER_UP.set(1)  # In-process: reachable as long as the process runs.
 
     async def stop(self) -> None:
         self._owners.clear()

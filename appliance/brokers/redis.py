@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -238,6 +239,7 @@ class RedisBroker(Broker):
         self._pubsub: PubSub | None = None
         self._subs = _Subscriptions()
         self._up = False
+        self._ever_up = False  # Reconnects are counted from the second time Redis is reachable.
         self._reason = "not started"
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -274,6 +276,8 @@ class RedisBroker(Broker):
 
     async def start(self, inbox: Inbox) -> None:
         self._inbox = inbox
+        metrics.BROKER_UP.set(0)  # Until the subscriber is confirmed; then kept by _mark_down/_reassert_all.
+        metrics.watch(metrics.REDIS_OUTBOX, lambda: len(self._outbox))
         # One immediate retry replaces a pooled connection that went stale while Redis restarted;
         # anything longer is the subscriber's reconnect loop's job, not a command's.
         common: dict[str, Any] = dict(socket_connect_timeout=3, socket_timeout=10, retry=Retry(NoBackoff(), 1))
@@ -335,7 +339,9 @@ class RedisBroker(Broker):
         detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         if self._up:
             log.error("Lost Redis at %s (%s); cross-instance delivery is failing", self._display, detail)
+            metrics.REDIS_OUTAGES.inc()
         self._up = False
+        metrics.BROKER_UP.set(0)
         self._reason = type(exc).__name__
         self._subscriber_ready.clear()
         self._subs.fail_all(BrokerUnavailable(self.health()[1]))
@@ -439,7 +445,10 @@ class RedisBroker(Broker):
             return False
         if not self._up:
             log.info("Redis at %s is reachable; routing through it", self._display)
-        self._up = True
+            if self._ever_up:
+                metrics.REDIS_RECONNECTS.inc()
+        self._up = self._ever_up = True
+        metrics.BROKER_UP.set(1)
         self._reason = "ok"
         self._subscriber_ready.set()
         return True
@@ -728,11 +737,13 @@ class RedisBroker(Broker):
                     self._fall_back(batch)
                     continue
                 self._publishing = True
+                started = time.perf_counter()
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for channel, payload, *_ in batch:
                             pipe.publish(channel, payload)
                         receivers = await pipe.execute()
+                    metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
                 except (RedisError, OSError) as exc:
                     self._mark_down(exc)
                     self._reconnect_requested = True  # The subscriber may not have noticed yet.

@@ -1,0 +1,72 @@
+"""The appliance's own metrics, through the app's real /metrics: bounded labels, scrape-time values."""
+
+import time
+
+from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance import metrics
+from appliance.settings import Settings
+from appliance.tokens.base import TokenState, TokenVersion
+from appliance.tokens.env import EnvTokenStore
+from appliance.web import create_app
+
+CONTROLLER, CLIENT = "controller-token-0123456789abcdef", "client-token-0123456789abcdef"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def settings() -> Settings:
+    return Settings(_env_file=None, llm_secret_token=CONTROLLER, unity_client_token=CLIENT)
+
+
+def test_an_open_grace_window_is_exported_by_token_name_and_a_closed_one_is_not():
+    store = EnvTokenStore(settings())
+    store.load()
+    now = time.time()
+    states = dict(store.states)
+    old = TokenVersion(1, "previous-client-token-0123456789")
+    states["UNITY_CLIENT_TOKEN"] = TokenState(
+        "UNITY_CLIENT_TOKEN", "client", TokenVersion(2, CLIENT), previous=old, grace_ends=now + 600
+    )
+    states["LLM_SECRET_TOKEN"] = TokenState(
+        "LLM_SECRET_TOKEN", "controller", TokenVersion(2, CONTROLLER), previous=old, grace_ends=now - 1
+    )
+    store._publish(states)
+    with TestClient(create_app(settings(), token_store=store)) as client:
+        found = samples(client.get("/metrics").text)
+    grace = {labels: v for (name, labels), v in found.items() if name == "wsbridge_token_grace_end_timestamp_seconds"}
+    assert grace == {(("name", "UNITY_CLIENT_TOKEN"),): now + 600}
+
+
+def test_close_codes_are_bounded_labels():
+    before = samples(metrics.render().decode())
+    metrics.record_close(4999, by_relay=False)  # a peer's private code
+    metrics.record_close(None, by_relay=False)  # no close frame at all
+    metrics.record_close(4008, by_relay=True)
+    after = samples(metrics.render().decode())
+
+    def delta(code: str, by: str) -> float:
+        key = ("wsbridge_closes_total", (("by", by), ("code", code)))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert (delta("other", "peer"), delta("1005", "peer"), delta("4008", "relay")) == (1, 1, 1)
+    assert not any(labels and ("code", "4999") in labels for _, labels in after)
+
+
+def test_http_metrics_cover_http_routes_by_template_and_nothing_else():
+    with TestClient(create_app(settings())) as client:
+        client.get("/healthz")
+        client.get("/no/such/page")  # a scanner's 404 creates no series
+        found = samples(client.get("/metrics").text)
+    paths = {dict(labels)["path"] for name, labels in found if name == "wsbridge_http_requests_total"}
+    assert "/healthz" in paths and not any(p.startswith("/no/") for p in paths)
+    assert any(name.startswith("process_") for name, _ in found)
+    (build,) = [dict(labels) for name, labels in found if name == "wsbridge_build_info"]
+    assert build["instance"] == settings().instance_id and build["broker"] == "memory"
