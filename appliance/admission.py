@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter
 
 from .core.admission import Admission, AdmissionLimits, Refusal, parse_networks
-from .core.protocol import CLOSE_REASONS, CloseCode
+from .core.protocol import CLOSE_REASONS, CloseCode, negotiate_subprotocol
 from .metrics import REGISTRY
 from .settings import Settings
 
@@ -63,7 +63,6 @@ _FAILED_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, 
 _UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-_TOKEN_PROTOCOL = "wsbridge.token."
 
 
 def limits_from(settings: Settings) -> AdmissionLimits:
@@ -120,7 +119,7 @@ class OriginPolicy:
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
     """The headers admission reads (first occurrence of each)."""
-    wanted = {b"origin", b"host", b"x-auth-token", b"sec-websocket-protocol", b"sec-fetch-site"}
+    wanted = {b"origin", b"host", b"x-auth-token", b"sec-fetch-site"}
     found: dict[bytes, bytes] = {}
     for name, value in scope.get("headers", ()):
         if name in wanted and name not in found:
@@ -128,17 +127,13 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return found
 
 
-def _token_key(headers: dict[bytes, bytes]) -> str | None:
-    """A digest of the presented token (header first, as the relay reads it); the value itself is never kept."""
-    token = headers.get(b"x-auth-token")
-    if token is None and (offered := headers.get(b"sec-websocket-protocol")):
-        for entry in offered.decode("latin-1").split(","):
-            if entry.strip().startswith(_TOKEN_PROTOCOL):
-                token = entry.strip()[len(_TOKEN_PROTOCOL) :].encode("latin-1")
-                break
+def _token_key(scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+    """A digest of the presented token, read as the relay reads it; the value itself is never kept."""
+    header = headers.get(b"x-auth-token")
+    token = header.decode("latin-1") if header else negotiate_subprotocol(list(scope.get("subprotocols") or []))[0]
     if not token:
         return None
-    return hashlib.blake2b(token, digest_size=16).hexdigest()
+    return hashlib.blake2b(token.encode("latin-1", "replace"), digest_size=16).hexdigest()
 
 
 def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
@@ -189,7 +184,7 @@ class AdmissionMiddleware:
             self._refused("origin", address)
             await _reject_upgrade(receive, send, 403, b"origin not allowed", [])
             return
-        token_key = _token_key(headers)
+        token_key = _token_key(scope, headers)
         refusal = self.admission.admit_socket(address, token_key, self.clock())
         if refusal is Refusal.COOLDOWN:
             self._refused(refusal.value, address)

@@ -119,6 +119,10 @@ async def test_connections_per_token_are_capped_with_4013_whatever_the_address(s
     try:
         async with dial(app, "dev-2", CLIENT_TOKEN, "203.0.113.49") as ws:
             assert (await closed_with(ws))[0] == 4013
+        async with connect(  # The same token offered as a subprotocol (browsers) counts the same.
+            f"{app.ws}/ws/dev-3", subprotocols=["wsbridge.v1", f"wsbridge.token.{CLIENT_TOKEN}"]
+        ) as ws:
+            assert (await closed_with(ws))[0] == 4013
         async with app.controller("LLM") as llm, app.controller("LLM2") as llm2:  # Another token: its own budget.
             await llm.send(command("dev-0", "go"))
             assert await recv(held[0]) == "go"
