@@ -206,6 +206,62 @@ async def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _send_wait(args: argparse.Namespace) -> int:
+    """``send --wait``: the command carries an id, so only the reply to it is printed (protocol v2)."""
+    from websockets.exceptions import InvalidHandshake
+
+    from .client import BridgeClosed
+    from .controller import CommandError, Controller, ReplyTimeout
+
+    settings = _load_settings()
+    token = (
+        args.token
+        or os.environ.get("WSBRIDGE_TOKEN")
+        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
+    )
+    if not token:
+        print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)
+        return 2
+    url = args.url or f"ws://127.0.0.1:{settings.web_socket_port}"
+    controller = Controller(url, args.id or f"cli-{secrets.token_hex(4)}", token, reconnect=False)
+    try:
+        async with asyncio.timeout(args.timeout + 10):  # The relay reports the timeout itself first.
+            async with controller:
+                reply = await controller.request(args.target, args.message, timeout=args.timeout)
+    except ReplyTimeout:
+        print(f"wsbridge send: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
+        return 3
+    except CommandError as exc:
+        print(f"error {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except BridgeClosed as exc:
+        print(f"wsbridge send: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        print(f"wsbridge send: cannot connect to {url}: {exc}", file=sys.stderr)
+        return 2
+    print(reply.message)
+    return 0
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    """Serve the MCP tools over stdio; stdout is the protocol, so messages go to stderr."""
+    settings = _load_settings()
+    token = (
+        args.token
+        or os.environ.get("WSBRIDGE_TOKEN")
+        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
+    )
+    if not token:
+        print("wsbridge mcp: no controller token (set --token, WSBRIDGE_TOKEN or LLM_SECRET_TOKEN)", file=sys.stderr)
+        return 2
+    from .mcp_tools import serve_stdio
+
+    url = args.url or f"http://127.0.0.1:{settings.web_socket_port}"
+    asyncio.run(serve_stdio(url, token))
+    return 0
+
+
 # --- wsbridge tokens -------------------------------------------------------------------------
 
 
@@ -323,6 +379,11 @@ def main(argv: list[str] | None = None) -> None:
     send_parser.add_argument("--id", help="controller id to connect as (default cli-<random>)")
     send_parser.add_argument("--token", help="controller token (default LLM_SECRET_TOKEN or WSBRIDGE_TOKEN)")
     send_parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    send_parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="send with an id and print only the reply to it (protocol v2 correlation)",
+    )
     send_parser.add_argument("message", help="the command text")
 
     tokens_parser = commands.add_parser("tokens", help="show, rotate or revoke tokens (rotation: TOKEN_STORE=ssm)")
@@ -337,11 +398,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     revoke_parser = token_commands.add_parser("revoke", help="end the grace window now and close old-token connections")
     revoke_parser.add_argument("name", help="token name")
+    mcp_parser = commands.add_parser("mcp", help="serve the bridge as MCP tools over stdio (for LLM clients)")
+    mcp_parser.add_argument(
+        "--url", help="http(s):// base URL of the appliance (default http://127.0.0.1:WEB_SOCKET_PORT)"
+    )
+    mcp_parser.add_argument("--token", help="controller token (default WSBRIDGE_TOKEN or LLM_SECRET_TOKEN)")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args)
     elif args.command == "tokens":
         sys.exit(asyncio.run(_tokens(args)))
+    elif args.command == "mcp":
+        sys.exit(_mcp(args))
+    elif args.wait:
+        sys.exit(asyncio.run(_send_wait(args)))
     else:
         sys.exit(asyncio.run(_send(args)))

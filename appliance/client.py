@@ -16,12 +16,15 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
 
 from .core.protocol import CloseCode
+from .core.protocol_v2 import SUBPROTOCOL_V2
 
 __all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed"]
 
@@ -33,6 +36,7 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.RESERVED_ID,
         CloseCode.REPLACED,
         CloseCode.TOKEN_EXPIRED,  # the same token would be refused: a new one must come from the operator
+        CloseCode.DISCONNECTED,  # an administrator decided; coming straight back would defeat it
     }
 )
 
@@ -68,8 +72,12 @@ class BridgeClient:
         backoff_max: float = 5.0,
         open_timeout: float = 10.0,
         max_size: int | None = 16 * 1024 * 1024,
+        v2: bool = False,
+        groups: Sequence[str] = (),
     ) -> None:
-        self.url = url.rstrip("/") + f"/ws/{client_id}"
+        self.url = url.rstrip("/") + f"/ws/{client_id}" + (f"?groups={','.join(groups)}" if groups else "")
+        #: Protocol version 2 (subprotocol ``wsbridge.v2``): commands arrive as ``{"id", "from", "message"}``.
+        self.v2 = v2
         self.client_id = client_id
         self._token = token
         self.reconnect = reconnect
@@ -114,6 +122,7 @@ class BridgeClient:
                     open_timeout=self.open_timeout,
                     max_size=self.max_size,
                     compression=None,
+                    subprotocols=[Subprotocol(SUBPROTOCOL_V2)] if self.v2 else None,
                 )
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 if not self.reconnect or (isinstance(exc, InvalidStatus) and exc.response.status_code < 500):

@@ -21,8 +21,11 @@ from typing import Any
 
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
+from .commands import CommandService
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
-from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State
+from .core.protocol_v2 import TimeoutPolicy, encode_client_command
+from .core.requests import Routed
+from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
 from .settings import Settings
 from .tokens.base import Grant
 
@@ -105,6 +108,8 @@ class Connection:
         "_writer",
         "_open",
         "_marked",
+        "v2",
+        "groups",
     )
 
     def __init__(
@@ -115,8 +120,14 @@ class Connection:
         flusher: Flusher,
         max_messages: int = MAX_PENDING_MESSAGES,
         max_chars: int = MAX_PENDING_CHARS,
+        *,
+        v2: bool = False,
+        groups: tuple[str, ...] = (),
     ) -> None:
         self.session = session
+        #: Speaks protocol version 2 (subprotocol ``wsbridge.v2``): commands arrive as JSON with id and sender.
+        self.v2 = v2
+        self.groups = groups
         self.conn_key = uuid.uuid4().hex[:16]
         self.remote = remote
         self.owner: Owner | None = None
@@ -267,7 +278,7 @@ class Connection:
 
     def presence_record(self, instance: str) -> dict[str, Any]:
         session = self.session
-        return {
+        record: dict[str, Any] = {
             "id": session.client_id,
             "role": session.role.value,
             "instance": instance,
@@ -279,6 +290,12 @@ class Connection:
             "token": self.grant.name if self.grant else None,
             "token_version": self.grant.version if self.grant else None,
         }
+        # Only when set, so version-1 records keep exactly their fields.
+        if self.v2:
+            record["protocol"] = 2
+        if self.groups:
+            record["groups"] = list(self.groups)
+        return record
 
 
 class Relay:
@@ -293,12 +310,15 @@ class Relay:
         self.draining = False
         self._claiming: dict[str, tuple[asyncio.Lock, int]] = {}
         self._kicked: dict[str, float] = {}  # conn_keys replaced before they finished opening
+        timeouts = TimeoutPolicy(settings.command_timeout_ms, settings.command_timeout_max_ms)
         self._limits = {
             Role.CLIENT: Limits(settings.max_message_bytes, settings.client_rate_limit, settings.client_rate_burst),
             Role.CONTROLLER: Limits(
-                settings.max_message_bytes, settings.controller_rate_limit, settings.controller_rate_burst
+                settings.max_message_bytes, settings.controller_rate_limit, settings.controller_rate_burst, timeouts
             ),
         }
+        self._groups: dict[str, set[Connection]] = {}
+        self.commands = CommandService(self)
         self._connections: dict[str, Connection] = {}  # by conn_key
         self._flusher = Flusher()
         self.flusher = self._flusher  # The reader stamps received_at on it.
@@ -312,19 +332,31 @@ class Relay:
 
     async def start(self) -> None:
         await self.broker.start(self)
+        self.commands.start()
 
     async def stop(self) -> None:
+        await self.commands.stop()
         await self.broker.stop()
 
     def new_connection(
-        self, client_id: str, role: Role, send: ASGISend, remote: str, grant: Grant | None = None
+        self,
+        client_id: str,
+        role: Role,
+        send: ASGISend,
+        remote: str,
+        grant: Grant | None = None,
+        *,
+        v2: bool = False,
+        groups: tuple[str, ...] = (),
     ) -> Connection:
         session = Session(client_id, role, self._limits[role], time.time())
         settings = self.settings
         max_chars = (
             settings.controller_max_pending_bytes if role is Role.CONTROLLER else settings.client_max_pending_bytes
         )
-        conn = Connection(session, send, remote, self._flusher, settings.max_pending_messages, max_chars)
+        conn = Connection(
+            session, send, remote, self._flusher, settings.max_pending_messages, max_chars, v2=v2, groups=groups
+        )
         conn.grant = grant
         return conn
 
@@ -365,6 +397,8 @@ class Relay:
                     raise
                 if refusal is not None:
                     await self._release_surely(client_id, claim.owner)
+                elif conn.role is Role.CLIENT:
+                    self.commands.client_opened(conn)  # Commands queued while it was away go first.
                 return refusal
         finally:
             lock, users = self._claiming[client_id]
@@ -390,6 +424,8 @@ class Relay:
         self._connections[conn.conn_key] = conn
         if conn.role is Role.CONTROLLER:
             self.controllers.add(conn)
+        for group in conn.groups:
+            self._groups.setdefault(group, set()).add(conn)
         metrics.CONNECTIONS.labels(role=conn.role.value).inc()
         return None
 
@@ -406,8 +442,18 @@ class Relay:
         if self._connections.pop(conn.conn_key, None) is None:
             return
         self.controllers.discard(conn)
+        for group in conn.groups:
+            members = self._groups.get(group)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self._groups[group]
         if self.local.get(conn.client_id) is conn:
             del self.local[conn.client_id]
+            if conn.role is Role.CLIENT:
+                self.commands.client_closed(conn)
+        if conn.role is Role.CONTROLLER:
+            self.commands.controller_closed(conn)
         metrics.CONNECTIONS.labels(role=conn.role.value).dec()
         self._sent_by_gone[conn.role.value] += conn.session.messages_out
         if conn.owner is not None:
@@ -436,7 +482,15 @@ class Relay:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
             metrics.RECEIVED_FROM_CLIENTS.inc()
+            # Only clients with commands to answer (v2, or v1 with one in flight) cost a look.
+            if (conn.v2 or self.commands.matcher.has_line(conn.client_id)) and self.commands.client_text(
+                conn, action.text
+            ):
+                return  # A version-2 reply: it went to its sender only.
             self.broker.send_to_controllers(action.frame)
+        elif type(action) is Submit:
+            metrics.RECEIVED_FROM_CONTROLLERS.inc()
+            self.commands.submit(conn, action.request)
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=action.code.value).inc()
             conn.deliver(action.frame)
@@ -451,11 +505,11 @@ class Relay:
             if code is not None:
                 self.perform(conn, conn.session.delivery_failed(command, code, detail))
 
-        self.broker.send(command.target, command.message, done)
+        self.broker.send(command.target, command.message, done, conn.client_id)
 
     # --- Inbox: what the broker hands us ---------------------------------------------------
 
-    def deliver(self, client_id: str, text: str) -> ErrorCode | None:
+    def deliver(self, client_id: str, text: str, sender: str = "") -> ErrorCode | None:
         conn = self.local.get(client_id)
         if conn is None:
             return ErrorCode.TARGET_OFFLINE
@@ -463,9 +517,31 @@ class Relay:
             # Controllers send to clients only: raw text pushed into a controller could
             # forge another client's {"sender": ...} reply.
             return ErrorCode.TARGET_NOT_CLIENT
+        if conn.v2:
+            text = encode_client_command(None, sender, text)
         if conn.deliver(text):
             return None
         return ErrorCode.DELIVERY_FAILED
+
+    def deliver_routed(self, client_id: str, routed: Routed) -> ErrorCode | None:
+        """A command with an id for a local client: the command service frames and tracks it."""
+        conn = self.local.get(client_id)
+        if conn is None:
+            return ErrorCode.TARGET_OFFLINE
+        if conn.session.role is Role.CONTROLLER:
+            return ErrorCode.TARGET_NOT_CLIENT
+        if conn.close_code is not None:
+            return ErrorCode.DELIVERY_FAILED
+        self.commands.hand_over(conn, routed, time.time())
+        return None
+
+    def instance_event(self, payload: bytes) -> None:
+        """An outcome or an order on this instance's channel."""
+        self.commands.instance_event(payload)
+
+    def fan_in(self, payload: bytes) -> None:
+        """A broadcast or group command from any instance: deliver locally, report the count."""
+        self.commands.fan_in_remote(payload)
 
     def deliver_to_controllers(self, frame: str) -> None:
         for conn in self.controllers:
@@ -494,6 +570,30 @@ class Relay:
     def presence_record(self, client_id: str) -> dict[str, Any] | None:
         conn = self.local.get(client_id)
         return conn.presence_record(self.instance) if conn is not None and conn.owner is not None else None
+
+    # --- lookups for the command service --------------------------------------------------
+
+    def connection(self, conn_key: str) -> Connection | None:
+        return self._connections.get(conn_key)
+
+    def local_client(self, client_id: str) -> Connection | None:
+        conn = self.local.get(client_id)
+        return conn if conn is not None and conn.role is Role.CLIENT and conn.close_code is None else None
+
+    def local_clients(self, group: str | None) -> list[Connection]:
+        """Local clients, or the local members of ``group``."""
+        if group is None:
+            return [c for c in self.local.values() if c.role is Role.CLIENT and c.close_code is None]
+        return [c for c in self._groups.get(group, ()) if c.close_code is None]
+
+    def disconnect_local(self, client_id: str, code: int | str) -> bool:
+        """Close the local connection holding ``client_id`` with ``code``; False if there is none here."""
+        conn = self.local.get(client_id)
+        if conn is None or conn.close_code is not None:
+            return False
+        metrics.REFUSED.labels(reason="disconnected").inc()
+        conn.close(CloseCode(int(code)))
+        return True
 
     # --- service interface for the HTTP API and the dashboard ----------------------------
 

@@ -141,12 +141,12 @@ class Settings(BaseSettings):
         60.0, ge=0, description="Seconds an address that failed too many handshakes is refused (HTTP 429)."
     )
     http_requests_per_second: float = Field(
-        20.0,
+        100.0,
         ge=0,
         description="HTTP requests per second per address (health, readiness and metrics excepted); beyond, 429. "
         "0: no limit.",
     )
-    http_burst: int = Field(100, ge=1, description="HTTP requests one address may make in a burst.")
+    http_burst: int = Field(200, ge=1, description="HTTP requests one address may make in a burst.")
     limits_exempt_ips: str = Field(
         "127.0.0.1,::1",
         description="Comma-separated addresses/CIDRs never limited per address (same-host peers by default).",
@@ -172,6 +172,20 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )
 
+    # --- Commands with an id (protocol version 2, HTTP API, MCP) ----------------------------
+    command_timeout_ms: int = Field(
+        30_000, ge=1, description="Default time a command with an id waits for its reply (or, queued, its client)."
+    )
+    command_timeout_max_ms: int = Field(
+        300_000, ge=1, description="Largest timeout_ms / wait_ms a controller may ask for; longer is refused."
+    )
+    v1_reply_queue: int = Field(
+        100, ge=0, description="Commands with an id that may wait behind the one in flight to a version-1 client."
+    )
+    offline_queue_max: int = Field(
+        1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level of the appliance."
     )
@@ -191,6 +205,12 @@ class Settings(BaseSettings):
                 if isinstance(data.get(key), str):
                     data[key] = data[key].lower()
         return data
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> Settings:
+        if self.command_timeout_ms > self.command_timeout_max_ms:
+            raise ValueError("COMMAND_TIMEOUT_MS must not exceed COMMAND_TIMEOUT_MAX_MS")
+        return self
 
     @property
     def redis_enabled(self) -> bool:

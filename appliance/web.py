@@ -11,14 +11,17 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, WebSocket, get, websocket
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
+from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
 from . import __version__, metrics
+from .api import API_HANDLERS, mcp_lifespan, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
-from .brokers.base import Broker, BrokerUnavailable
+from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
-from .core.protocol import CLOSE_REASONS, CloseCode, negotiate_subprotocol
+from .core.protocol import CLOSE_REASONS, CloseCode, Role, negotiate_subprotocol
+from .core.protocol_v2 import SUBPROTOCOL_V2, parse_groups
 from .core.session import Throttle, authorize
 from .logs import connection_fields
 from .relay import Connection, Relay
@@ -45,8 +48,13 @@ _REFUSAL_REASONS = {
 
 
 def make_broker(settings: Settings) -> Broker:
+    queue: dict[str, Any] = {
+        "queue_max": settings.offline_queue_max,
+        # A delivered (controller, id) is remembered as long as any command may live.
+        "queue_remember_seconds": settings.command_timeout_max_ms / 1000,
+    }
     if not settings.redis_enabled:
-        return MemoryBroker()
+        return MemoryBroker(**queue)
     from .brokers.redis import RedisBroker
 
     return RedisBroker(
@@ -56,6 +64,7 @@ def make_broker(settings: Settings) -> Broker:
         pool_size=settings.redis_publish_pool_size,
         display=settings.redis_display(),
         outbox_limit=settings.redis_outbox_limit,
+        **queue,
     )
 
 
@@ -88,7 +97,9 @@ def _fields(conn: Connection) -> dict[str, str]:
     return {**connection_fields(conn.client_id, conn.conn_key, conn.role.value), "remote": conn.remote}
 
 
-async def _refuse(socket: WebSocket, code: CloseCode, subprotocol: str | None = None) -> None:
+async def _refuse(
+    socket: WebSocket, code: CloseCode, subprotocol: str | None = None, reason: str | None = None
+) -> None:
     """Accept, then close with a code the client can read (an HTTP 403 would not say why).
 
     A browser that offered subprotocols fails a handshake that selects none (1006, no code),
@@ -97,7 +108,7 @@ async def _refuse(socket: WebSocket, code: CloseCode, subprotocol: str | None = 
     metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
     metrics.record_close(int(code), by_relay=True)
     await socket.accept(subprotocols=subprotocol)
-    await socket.close(code=int(code), reason=CLOSE_REASONS[code])
+    await socket.close(code=int(code), reason=reason or CLOSE_REASONS[code])
 
 
 @websocket("/ws/{client_id:str}", websocket_class=RelaySocket)
@@ -116,7 +127,13 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         )
         await _refuse(socket, decision, subprotocol)
         return
-    conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant)
+    groups = parse_groups(socket.query_params.get("groups")) if decision is Role.CLIENT else ()
+    if isinstance(groups, str):
+        log.info("Refused connection for id %r: %s", client_id, groups)
+        await _refuse(socket, CloseCode.INVALID_CLIENT_ID, subprotocol, groups)
+        return
+    v2 = subprotocol == SUBPROTOCOL_V2
+    conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant, v2=v2, groups=groups)
     try:
         refusal = await relay.open(conn)
     except Exception:  # A bug must not turn into an HTTP 403 that clients take as final.
@@ -224,16 +241,6 @@ def metrics_endpoint(request: Request) -> bytes:
     return metrics.render()
 
 
-@get("/api/v1/clients")
-async def list_clients(request: Request) -> Response[dict[str, Any]]:
-    _require_token(request, allow_controller=True)
-    try:
-        records = await _relay(request).clients()
-    except BrokerUnavailable as exc:
-        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
-    return Response({"clients": records, "count": len(records)})
-
-
 # --- application -----------------------------------------------------------------------------
 
 
@@ -288,7 +295,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             metrics.TOKEN_LAST_REFRESH.set_to_current_time()
         log.info("Relay ready on broker %s as instance %s", relay.broker.describe(), relay.instance)
         try:
-            yield
+            async with mcp_lifespan(app):
+                yield
         finally:
             await token_service.stop()
             await relay.stop()
@@ -296,10 +304,11 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, list_clients],
+        route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, *API_HANDLERS],
         state=State(
             {
                 "relay": relay,
+                "commands": relay.commands,
                 "settings": settings,
                 "audit": audit,
                 "token_store": token_store,
@@ -308,6 +317,12 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         ),
         lifespan=[lifespan],
         middleware=[metrics.http_metrics()],
-        openapi_config=None,
+        exception_handlers={ValidationException: validation_as_422},
+        openapi_config=OpenAPIConfig(
+            title="WebSocket Bridge",
+            version=__version__,
+            description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
+            path="/schema",
+        ),
         logging_config=None,
     )

@@ -12,6 +12,7 @@ from appliance.brokers.base import Broker, Owner
 from appliance.brokers.memory import MemoryBroker
 from appliance.brokers.redis import RedisBroker
 from appliance.core.protocol import ErrorCode, Role
+from appliance.core.requests import Routed
 
 __all__ = ["CLIENT", "CONTROLLER", "Cluster", "Inbox", "Node", "Outcome", "new_id", "until"]
 
@@ -26,13 +27,39 @@ class Inbox:
         self.roles: dict[str, Role] = {}
         self.closing: set[str] = set()
         self.received: list[tuple[str, str]] = []
+        self.senders: list[str] = []  # the controller each received text came from
+        self.routed: list[tuple[str, Routed]] = []
+        self.events: list[bytes] = []
+        self.fanned: list[bytes] = []
+        self.arrivals: list[str] = []  # texts and routed messages in arrival order
         self.controller_frames: list[str] = []
         self.replaced_owners: list[tuple[str, Owner]] = []
 
     def connect(self, client_id: str, role: Role) -> None:
         self.roles[client_id] = role
 
-    def deliver(self, client_id: str, text: str) -> ErrorCode | None:
+    def deliver(self, client_id: str, text: str, sender: str = "") -> ErrorCode | None:
+        failure = self._refusal(client_id)
+        if failure is None:
+            self.received.append((client_id, text))
+            self.senders.append(sender)
+            self.arrivals.append(text)
+        return failure
+
+    def deliver_routed(self, client_id: str, routed: Routed) -> ErrorCode | None:
+        failure = self._refusal(client_id)
+        if failure is None:
+            self.routed.append((client_id, routed))
+            self.arrivals.append(routed.message)
+        return failure
+
+    def instance_event(self, payload: bytes) -> None:
+        self.events.append(payload)
+
+    def fan_in(self, payload: bytes) -> None:
+        self.fanned.append(payload)
+
+    def _refusal(self, client_id: str) -> ErrorCode | None:
         role = self.roles.get(client_id)
         if role is None:
             return ErrorCode.TARGET_OFFLINE
@@ -40,7 +67,6 @@ class Inbox:
             return ErrorCode.TARGET_NOT_CLIENT
         if client_id in self.closing:
             return ErrorCode.DELIVERY_FAILED
-        self.received.append((client_id, text))
         return None
 
     def deliver_to_controllers(self, frame: str) -> None:
@@ -104,7 +130,7 @@ class Cluster:
         if self.kind == "memory":
             if self._memory is None:
                 inbox = Inbox("memory")
-                broker = MemoryBroker()
+                broker = MemoryBroker(**{k: v for k, v in self.options.items() if k.startswith("queue_")})
                 await broker.start(inbox)
                 self._memory = Node("memory", broker, inbox)
             return self._memory

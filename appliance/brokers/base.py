@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..core.protocol import ErrorCode, Role
+from ..core.requests import Enqueued, Routed
 
 __all__ = [
     "Broker",
@@ -108,12 +109,25 @@ def failure_detail(code: ErrorCode, target: str) -> str:
 class Inbox(Protocol):
     """What a broker hands to the local instance (implemented by the relay)."""
 
-    def deliver(self, client_id: str, text: str) -> ErrorCode | None:
-        """Queue ``text`` for the local client ``client_id``: None if queued, else why not.
+    def deliver(self, client_id: str, text: str, sender: str = "") -> ErrorCode | None:
+        """Queue ``text`` from the controller ``sender`` for the local client ``client_id``: None if queued.
 
         ``TARGET_OFFLINE`` when no local connection holds the id, ``TARGET_NOT_CLIENT``
         when a controller holds it, ``DELIVERY_FAILED`` when the connection is closing.
         """
+
+    def deliver_routed(self, client_id: str, routed: Routed) -> ErrorCode | None:
+        """A command with an id for the local client ``client_id``; the same outcomes as :meth:`deliver`.
+
+        None means the command service took it (handed over, or waiting its turn); it
+        reports the later outcomes on the sender's instance channel itself.
+        """
+
+    def instance_event(self, payload: bytes) -> None:
+        """A message on this instance's channel (a command outcome, an order) from any instance."""
+
+    def fan_in(self, payload: bytes) -> None:
+        """A broadcast or group command from any instance, for the local clients."""
 
     def deliver_to_controllers(self, frame: str) -> None:
         """Queue ``frame`` for every local controller."""
@@ -155,8 +169,8 @@ class Broker(abc.ABC):
         """Give up ``client_id`` if ``owner`` still holds it; a newer owner is never disturbed."""
 
     @abc.abstractmethod
-    def send(self, target: str, text: str, on_result: OnResult) -> None:
-        """Deliver ``text`` to the client ``target`` wherever it is, in order.
+    def send(self, target: str, text: str, on_result: OnResult, sender: str = "") -> None:
+        """Deliver ``text`` from the controller ``sender`` to the client ``target`` wherever it is, in order.
 
         ``on_result`` is called exactly once, possibly before ``send`` returns (see
         :data:`OnResult`): the caller learns the outcome of every message.
@@ -165,6 +179,32 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def send_to_controllers(self, frame: str) -> None:
         """Deliver ``frame`` to every controller in the cluster."""
+
+    # --- commands with an id (protocol version 2) ------------------------------------------
+
+    @abc.abstractmethod
+    def send_routed(self, target: str, routed: Routed, on_result: OnResult) -> None:
+        """Like :meth:`send`, in order with it, but the target's inbox gets :meth:`Inbox.deliver_routed`."""
+
+    @abc.abstractmethod
+    def send_to_instance(self, instance: str, payload: bytes) -> None:
+        """Hand ``payload`` to ``instance``'s :meth:`Inbox.instance_event` (best effort: lost in an outage)."""
+
+    @abc.abstractmethod
+    async def fan_out(self, payload: bytes) -> int:
+        """Hand ``payload`` to every instance's :meth:`Inbox.fan_in`; returns how many instances got it."""
+
+    @abc.abstractmethod
+    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+        """Keep ``routed`` for the absent ``target`` (bounded, expiring, never twice per (controller, id))."""
+
+    @abc.abstractmethod
+    async def take_queued(self, target: str, now: float) -> list[Routed]:
+        """``target`` connected: its unexpired queued commands, oldest first, removed from the queue."""
+
+    @abc.abstractmethod
+    async def owner_of(self, client_id: str) -> Owner | None:
+        """Who holds ``client_id`` now, anywhere in the cluster."""
 
     @abc.abstractmethod
     async def presence(self) -> list[dict[str, Any]]:

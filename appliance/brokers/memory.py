@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import metrics
 from ..core.protocol import Role
+from ..core.requests import Enqueued, OfflineQueue, Routed
 from .base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner, failure_detail
 
 __all__ = ["MemoryBroker"]
@@ -15,10 +16,11 @@ __all__ = ["MemoryBroker"]
 class MemoryBroker(Broker):
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, queue_max: int = 1000, queue_remember_seconds: float = 300.0) -> None:
         self._inbox: Inbox | None = None
         self._owners: dict[str, Owner] = {}
         self._generations = itertools.count(1)
+        self._queue = OfflineQueue(queue_max, queue_remember_seconds)
 
     @property
     def inbox(self) -> Inbox:
@@ -50,12 +52,35 @@ class MemoryBroker(Broker):
         if self._owners.get(client_id) == owner:
             del self._owners[client_id]
 
-    def send(self, target: str, text: str, on_result: OnResult) -> None:
-        failure = self.inbox.deliver(target, text)
+    def send(self, target: str, text: str, on_result: OnResult, sender: str = "") -> None:
+        failure = self.inbox.deliver(target, text, sender)
         if failure is None:
             on_result(None, "")
         else:
             on_result(failure, failure_detail(failure, target))
+
+    def send_routed(self, target: str, routed: Routed, on_result: OnResult) -> None:
+        failure = self.inbox.deliver_routed(target, routed)
+        if failure is None:
+            on_result(None, "")
+        else:
+            on_result(failure, failure_detail(failure, target))
+
+    def send_to_instance(self, instance: str, payload: bytes) -> None:
+        self.inbox.instance_event(payload)  # One process: every instance is this one.
+
+    async def fan_out(self, payload: bytes) -> int:
+        self.inbox.fan_in(payload)
+        return 1
+
+    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+        return self._queue.enqueue(target, routed, now)
+
+    async def take_queued(self, target: str, now: float) -> list[Routed]:
+        return self._queue.take(target, now)
+
+    async def owner_of(self, client_id: str) -> Owner | None:
+        return self._owners.get(client_id)
 
     def send_to_controllers(self, frame: str) -> None:
         self.inbox.deliver_to_controllers(frame)

@@ -6,8 +6,10 @@ bounded pool for publishing (batched into pipelines, in order) and presence.
 
 Keys (prefix ``wsb:``):
 
-- ``wsb:c:{id}``: channel of one id; payload ``m{seq}|{origin}\n<text>`` to deliver,
-  ``k<owner>`` to close the connection ``owner`` that a newer claim replaced.
+- ``wsb:c:{id}``: channel of one id; payload ``m{seq}|{origin}|{sender}\n<text>`` to deliver
+  (``sender``: the controller, which a version-2 client is told), ``r{seq}|{origin}\n<json>``
+  to deliver a command with an id (:class:`~appliance.core.requests.Routed`), ``k<owner>``
+  to close the connection ``owner`` that a newer claim replaced.
   ``PUBLISH`` returns the number of instances subscribed, so 0 means ``target_offline``.
 - ``wsb:i:{instance}``: the outcome channel of one instance. Every instance that
   receives a command answers on the origin's channel, batched per event-loop pass:
@@ -16,7 +18,13 @@ Keys (prefix ``wsb:``):
   or closing). The origin resolves each command's ``on_result`` exactly once: at the
   first success, or when every counted receiver failed; a command without answer
   after 10 to 20 s (its receiver died) or when Redis is lost fails with
-  ``delivery_failed``. Status frames (``delivered``) can use the same path.
+  ``delivery_failed``. ``e<json>`` carries the command service's events (status,
+  reply, fan-out count, disconnect order) to the instance that needs them.
+- ``wsb:fan``: broadcast and group commands, subscribed by every instance; ``PUBLISH``
+  returns how many instances will report a count.
+- ``wsb:q:{id}``: list of commands queued for an absent client (JSON, oldest first), with
+  a TTL of its longest-lived entry; ``wsb:qd:{controller}:{id}`` remembers a queued or
+  delivered command so that a repeat is never delivered twice.
 - ``wsb:controllers``: channel of reply frames for every controller.
 - ``wsb:owner:{id}``: who holds the id (``generation|role|instance|conn_key``), with a
   TTL refreshed by the holder, so a crashed instance's ids free themselves; the
@@ -53,6 +61,7 @@ from redis.exceptions import RedisError
 
 from .. import metrics
 from ..core.protocol import ErrorCode, Role
+from ..core.requests import Enqueued, Routed
 from .base import Broker, BrokerNotStarted, BrokerUnavailable, Claim, Inbox, OnResult, Owner, failure_detail
 
 __all__ = ["RedisBroker"]
@@ -63,6 +72,9 @@ PREFIX = "wsb:"
 CONTROLLERS = f"{PREFIX}controllers"
 CLIENT_CHANNEL = f"{PREFIX}c:"
 INSTANCE_CHANNEL = f"{PREFIX}i:"
+FAN_CHANNEL = f"{PREFIX}fan"
+QUEUE_KEY = f"{PREFIX}q:"
+QUEUE_SEEN_KEY = f"{PREFIX}qd:"
 OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
 GENERATION_KEY = f"{PREFIX}generation"
@@ -105,6 +117,18 @@ end
 return lost
 """
 
+# Offline queue: refuse a repeat (answer its state) or a full queue; else append, keep the
+# list as long as its longest-lived entry, and remember (controller, id).
+ENQUEUE = """
+local seen = redis.call('GET', KEYS[2])
+if seen then return seen end
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+redis.call('SET', KEYS[2], 'q', 'PX', ARGV[4])
+return 'ok'
+"""
+
 PUBLISH_BATCH = 512
 #: Outcomes are gathered this long before they are published to their origin.
 ANSWER_DELAY_SECONDS = 0.002
@@ -115,6 +139,21 @@ OUTCOME_TIMEOUT_SECONDS = 10.0
 _json = msgspec.json.Encoder()
 _json_decode = msgspec.json.Decoder()
 _CODES = {code.value: code for code in ErrorCode}
+
+
+class _QueuedEntry(msgspec.Struct, frozen=True):
+    routed: Routed
+    expires: float  # epoch seconds on the enqueuing instance's clock
+
+
+_routed_decode = msgspec.json.Decoder(Routed).decode
+_queued_decode = msgspec.json.Decoder(_QueuedEntry).decode
+_ENQUEUED = {
+    "ok": Enqueued.QUEUED,
+    "q": Enqueued.ALREADY_QUEUED,
+    "d": Enqueued.ALREADY_DELIVERED,
+    "full": Enqueued.FULL,
+}
 
 #: What waits in the outbox: (channel, payload, seq of a command or 0, target, text).
 #: Commands carry target and text, controller frames a text, outcome batches neither:
@@ -134,11 +173,13 @@ def _decode_owner(value: bytes) -> Owner | None:
 class _Pending:
     """A published command waiting for its outcome from the instances that received it."""
 
-    __slots__ = ("on_result", "target", "receivers", "failures", "failure")
+    __slots__ = ("on_result", "target", "receivers", "failures", "failure", "sender", "routed")
 
-    def __init__(self, on_result: OnResult, target: str) -> None:
+    def __init__(self, on_result: OnResult, target: str, sender: str = "", routed: Routed | None = None) -> None:
         self.on_result = on_result
         self.target = target
+        self.sender = sender  # For local delivery when Redis is lost (the payload is not kept).
+        self.routed = routed
         self.receivers = -1  # Unknown until PUBLISH answers.
         self.failures = 0
         self.failure: ErrorCode | None = None
@@ -225,7 +266,11 @@ class RedisBroker(Broker):
         display: str = "redis",
         outbox_limit: int = 100_000,
         outcome_timeout: float = OUTCOME_TIMEOUT_SECONDS,
+        queue_max: int = 1000,
+        queue_remember_seconds: float = 300.0,
     ) -> None:
+        self._queue_max = queue_max
+        self._queue_remember = queue_remember_seconds
         self._url = url
         self._display = display
         self.instance = instance
@@ -260,6 +305,7 @@ class RedisBroker(Broker):
         self._reply_channel = INSTANCE_CHANNEL + instance
         self._origin = instance.encode()
         self._origin_tail = b"|" + self._origin + b"\n"
+        self._origin_sep = b"|" + self._origin + b"|"
         self._answers: dict[bytes, list[bytes]] = {}  # Outcomes to send to other instances, per origin.
         self._answers_scheduled = False
 
@@ -379,7 +425,12 @@ class RedisBroker(Broker):
                 await self._pubsub.aclose()
         self._pubsub = _SubscriberConnection(self._sub_client.connection_pool, ignore_subscribe_messages=False)
         self._subs.reset_counts()
-        channels = [self._reply_channel, CONTROLLERS, *(ch for ch, refs in self._subs.refs.items() if refs > 0)]
+        channels = [
+            self._reply_channel,
+            CONTROLLERS,
+            FAN_CHANNEL,
+            *(ch for ch, refs in self._subs.refs.items() if refs > 0),
+        ]
         for start in range(0, len(channels), 1000):
             chunk = channels[start : start + 1000]
             for channel in chunk:
@@ -492,14 +543,25 @@ class RedisBroker(Broker):
         if channel == b"wsb:controllers":
             inbox.deliver_to_controllers(data.decode())
             return
+        if channel == b"wsb:fan":
+            inbox.fan_in(data)
+            return
         kind = data[:1]
         if kind == b"m":
             head, _, text = data.partition(b"\n")
-            seq, _, origin = head[1:].partition(b"|")
-            failure = inbox.deliver(channel[len(CLIENT_CHANNEL) :].decode(), text.decode())
+            seq, _, rest = head[1:].partition(b"|")
+            origin, _, sender = rest.partition(b"|")
+            failure = inbox.deliver(channel[len(CLIENT_CHANNEL) :].decode(), text.decode(), sender.decode())
             self._answer(origin, seq, failure)
         elif kind == b"a":
             self._on_answers(data[1:])
+        elif kind == b"e":
+            inbox.instance_event(data[1:])
+        elif kind == b"r":
+            head, _, body = data.partition(b"\n")
+            seq, _, origin = head[1:].partition(b"|")
+            failure = inbox.deliver_routed(channel[len(CLIENT_CHANNEL) :].decode(), _routed_decode(body))
+            self._answer(origin, seq, failure)
         elif kind == b"k":
             replaced = _decode_owner(data[1:])
             if replaced is not None:
@@ -686,20 +748,105 @@ class RedisBroker(Broker):
 
     # --- routing ----------------------------------------------------------------------
 
-    def send(self, target: str, text: str, on_result: OnResult) -> None:
+    def send(self, target: str, text: str, on_result: OnResult, sender: str = "") -> None:
         if self._bypass_outbox():
-            self._deliver_locally(target, text, on_result)
+            self._deliver_locally(target, text, on_result, sender)
             return
         if len(self._outbox) >= self._outbox_limit:
             metrics.BROKER_OUTBOX_FULL.inc()
             on_result(ErrorCode.DELIVERY_FAILED, f"{target}: too many messages waiting for Redis; retry later")
             return
         seq = next(self._seq)
-        self._pending[seq] = _Pending(on_result, target)
-        self._outbox.append(
-            (CLIENT_CHANNEL + target, b"m" + str(seq).encode() + self._origin_tail + text.encode(), seq, target, text)
-        )
+        self._pending[seq] = _Pending(on_result, target, sender)
+        head = b"m" + str(seq).encode() + self._origin_sep + sender.encode() + b"\n"
+        self._outbox.append((CLIENT_CHANNEL + target, head + text.encode(), seq, target, text))
         self._outbox_ready.set()
+
+    def send_routed(self, target: str, routed: Routed, on_result: OnResult) -> None:
+        if self._bypass_outbox():
+            self._deliver_locally(target, routed, on_result)
+            return
+        if len(self._outbox) >= self._outbox_limit:
+            metrics.BROKER_OUTBOX_FULL.inc()
+            on_result(ErrorCode.DELIVERY_FAILED, f"{target}: too many messages waiting for Redis; retry later")
+            return
+        seq = next(self._seq)
+        self._pending[seq] = _Pending(on_result, target, routed=routed)
+        payload = b"r" + str(seq).encode() + self._origin_tail + _json.encode(routed)
+        # On the target's channel, so it keeps its order with the commands without id.
+        self._outbox.append((CLIENT_CHANNEL + target, payload, seq, target, None))
+        self._outbox_ready.set()
+
+    def send_to_instance(self, instance: str, payload: bytes) -> None:
+        if instance == self.instance:
+            self.inbox.instance_event(payload)
+            return
+        if not self._up:
+            return  # Best effort: the sender's own deadline reports the timeout.
+        self._outbox.append((INSTANCE_CHANNEL + instance, b"e" + payload, 0, None, None))
+        self._outbox_ready.set()
+
+    async def fan_out(self, payload: bytes) -> int:
+        if not self._up or self._redis is None:
+            raise BrokerUnavailable(self.health()[1])
+        try:
+            return int(await self._redis.publish(FAN_CHANNEL, payload))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
+
+    @staticmethod
+    def _seen_key(routed: Routed) -> str:
+        kind = "i" if isinstance(routed.id, int) else "s"
+        return f"{QUEUE_SEEN_KEY}{routed.controller}:{kind}{routed.id}"
+
+    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+        if self._redis is None or not self._up:
+            raise BrokerUnavailable(self.health()[1])
+        ttl_ms = max(1, routed.timeout_ms)
+        entry = _json.encode(_QueuedEntry(routed, now + routed.timeout_ms / 1000))
+        try:
+            answer = await self._redis.eval(
+                ENQUEUE,
+                2,
+                QUEUE_KEY + target,
+                self._seen_key(routed),
+                entry,
+                self._queue_max,
+                ttl_ms,
+                max(ttl_ms, round(self._queue_remember * 1000)),
+            )
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
+        return _ENQUEUED[answer.decode() if isinstance(answer, bytes) else str(answer)]
+
+    async def take_queued(self, target: str, now: float) -> list[Routed]:
+        if self._redis is None or not self._up:
+            raise BrokerUnavailable(self.health()[1])
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.lrange(QUEUE_KEY + target, 0, -1)
+                pipe.delete(QUEUE_KEY + target)
+                raw, _ = await pipe.execute()
+            taken = [e.routed for e in map(_queued_decode, raw) if e.expires > now]
+            if taken:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for routed in taken:
+                        pipe.set(self._seen_key(routed), "d", px=round(self._queue_remember * 1000))
+                    await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
+        return taken
+
+    async def owner_of(self, client_id: str) -> Owner | None:
+        if self._redis is None:
+            raise BrokerUnavailable(self.health()[1])
+        try:
+            value = await self._redis.get(OWNER_KEY + client_id)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
+        if not value:
+            return None
+        return Owner.decode(value.decode() if isinstance(value, bytes) else str(value))
 
     def send_to_controllers(self, frame: str) -> None:
         if self._bypass_outbox():
@@ -715,8 +862,11 @@ class RedisBroker(Broker):
         """During an outage deliver locally at once, but never ahead of older queued messages."""
         return not self._up and not self._outbox and not self._publishing
 
-    def _deliver_locally(self, target: str, text: str, on_result: OnResult) -> None:
-        failure = self.inbox.deliver(target, text)
+    def _deliver_locally(self, target: str, text: str | Routed, on_result: OnResult, sender: str = "") -> None:
+        if isinstance(text, Routed):
+            failure = self.inbox.deliver_routed(target, text)
+        else:
+            failure = self.inbox.deliver(target, text, sender)
         if failure is None:
             on_result(None, "")
         elif failure is ErrorCode.TARGET_OFFLINE:
@@ -772,14 +922,15 @@ class RedisBroker(Broker):
 
     def _fall_back(self, batch: list[_Item]) -> None:
         for _, _, seq, target, text in batch:
-            if text is None:
-                continue  # An outcome batch for another instance: it times out there.
             if target is None:
-                self.inbox.deliver_to_controllers(text)
-                continue
+                if text is not None:
+                    self.inbox.deliver_to_controllers(text)
+                continue  # Else an outcome batch for another instance: it times out there.
             pending = self._pending.pop(seq, None) or self._pending_old.pop(seq, None)
             if pending is not None:  # None: resolved already; never deliver what was reported failed.
-                self._deliver_locally(target, text, pending.on_result)
+                body = pending.routed if pending.routed is not None else text
+                assert body is not None
+                self._deliver_locally(target, body, pending.on_result, pending.sender)
 
     # --- presence ---------------------------------------------------------------------
 

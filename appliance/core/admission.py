@@ -62,8 +62,8 @@ class AdmissionLimits:
     connections_per_token: int = 0
     failed_handshakes_per_minute: int = 30
     cooldown_seconds: float = 60.0
-    http_rate: float = 20.0
-    http_burst: int = 100
+    http_rate: float = 100.0
+    http_burst: int = 200
     exempt: tuple[Network, ...] = field(default_factory=tuple)
 
 

@@ -38,7 +38,7 @@ CONTROLLER_ID = "LLM"
 
 
 #: Protocol versions a client may ask for in ``Sec-WebSocket-Protocol``, preferred first.
-SUBPROTOCOLS = ("wsbridge.v1",)
+SUBPROTOCOLS = ("wsbridge.v2", "wsbridge.v1")  # v2: commands as JSON with id and sender (protocol_v2)
 #: Browsers and Unity WebGL cannot set headers on a WebSocket: they offer the token as the
 #: subprotocol entry ``wsbridge.token.<token>``, which the server never selects (never echoes).
 TOKEN_SUBPROTOCOL_PREFIX = "wsbridge.token."
@@ -80,6 +80,7 @@ class CloseCode(enum.IntEnum):
     DUPLICATE_REJECTED = 4009
     REPLACED = 4010
     TOKEN_EXPIRED = 4011  # Final for the old token: reconnect with the current one.
+    DISCONNECTED = 4012  # An administrator disconnected this connection (DELETE /api/v1/clients/{id}).
     TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
 
 
@@ -99,6 +100,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.DUPLICATE_REJECTED: "id already connected",
     CloseCode.REPLACED: "replaced by a newer connection",
     CloseCode.TOKEN_EXPIRED: "token expired or revoked; reconnect with the current token",
+    CloseCode.DISCONNECTED: "disconnected by an administrator",
     CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
 }
 
@@ -115,6 +117,9 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     DELIVERY_FAILED = "delivery_failed"
     UNSUPPORTED_FRAME = "unsupported_frame"
+    # Version 2 (commands with an id):
+    DUPLICATE_ID = "duplicate_id"  # the same controller has a command with this id in flight
+    QUEUE_FULL = "queue_full"  # the target's offline queue, or a v1 client's reply line, is full
 
 
 class Command(msgspec.Struct, frozen=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .protocol import (
     CONTROLLER_ID,
@@ -25,6 +25,7 @@ from .protocol import (
     is_valid_client_id,
     parse_command,
 )
+from .protocol_v2 import Request, TargetKind, TimeoutPolicy, parse_request
 from .ratelimit import TokenBucket
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Publish",
     "SendError",
     "Session",
+    "Submit",
     "State",
     "Throttle",
     "authorize",
@@ -56,6 +58,8 @@ class Limits:
     max_message_bytes: int
     rate: float
     burst: int
+    #: Timeouts of commands with an id (protocol v2); None treats every command as version 1.
+    timeouts: TimeoutPolicy | None = None
 
 
 # --- Actions -------------------------------------------------------------------------
@@ -69,10 +73,22 @@ class Deliver:
 
 
 @dataclass(slots=True)
+class Submit:
+    """A command with an id, or for ``*`` or a group: the command service tracks its outcome."""
+
+    request: Request
+
+
+@dataclass(slots=True)
 class Publish:
-    """Send a client's reply frame to every controller in the cluster."""
+    """Send a client's reply frame to every controller in the cluster.
+
+    ``text`` is the client's own text, for the command service (a version-2 reply goes to
+    its sender only); not compared, so the action still equals its frame.
+    """
 
     frame: str
+    text: str = field(default="", compare=False)
 
 
 @dataclass(slots=True)
@@ -101,7 +117,7 @@ class Close:
     reason: str
 
 
-Action = Deliver | Publish | SendError | Throttle | Close
+Action = Deliver | Submit | Publish | SendError | Throttle | Close
 
 
 def authorize(client_id: str, role: str | None, id_pattern: str | None = None) -> Role | CloseCode:
@@ -121,6 +137,14 @@ def authorize(client_id: str, role: str | None, id_pattern: str | None = None) -
     if client_id == CONTROLLER_ID:
         return CloseCode.RESERVED_ID
     return Role.CLIENT
+
+
+def _names_many(error: ProtocolError) -> bool:
+    """An ``invalid_target`` in version 1 that is ``*`` or ``group:<name>`` in version 2."""
+    if error.code is not ErrorCode.INVALID_TARGET:
+        return False
+    target = dict(error.extra).get("target")
+    return isinstance(target, str) and (target == "*" or target.startswith("group:"))
 
 
 def _echo(text: str) -> dict[str, str | int]:
@@ -150,6 +174,7 @@ class Session:
         "messages_out",
         "_max_bytes",
         "_bucket",
+        "_timeouts",
     )
 
     def __init__(self, client_id: str, role: Role, limits: Limits, now: float) -> None:
@@ -162,6 +187,7 @@ class Session:
         self.messages_out = 0
         self._max_bytes = limits.max_message_bytes
         self._bucket = TokenBucket(limits.rate, limits.burst, now)
+        self._timeouts = limits.timeouts
 
     def _require(self, *states: State) -> None:
         if self.state not in states:
@@ -199,6 +225,18 @@ class Session:
                 **_echo(text),
             )
         parsed = parse_command(text)
+        if self._timeouts is not None and (
+            (isinstance(parsed, Command) and parsed.id is not None)
+            or (isinstance(parsed, ProtocolError) and _names_many(parsed))
+        ):
+            # Version 2 (an id, "*" or "group:..."): read the extra fields. Commands without
+            # id never get here, so the version-1 hot path parses once, as before.
+            request = parse_request(text, self._timeouts)
+            if isinstance(request, ProtocolError):
+                return _error(request.code, request.detail, **dict(request.extra))
+            if request.id is None and request.kind is TargetKind.CLIENT:
+                return Deliver(Command(request.target, request.message))
+            return Submit(request)
         if isinstance(parsed, ProtocolError):
             return _error(parsed.code, parsed.detail, **dict(parsed.extra))
         return Deliver(parsed)
@@ -208,7 +246,7 @@ class Session:
             # Clients cannot read error frames (they would take them for commands), so the
             # RFC 6455 code for "message too big" tells them instead.
             return Close(CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._max_bytes} bytes")
-        publish = Publish(encode_reply(self.client_id, text))
+        publish = Publish(encode_reply(self.client_id, text), text)
         wait = self._bucket.reserve(now)
         return Throttle(wait, publish) if wait > 0 else publish
 

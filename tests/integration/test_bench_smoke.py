@@ -129,3 +129,44 @@ async def _healthy(port: int) -> bool:
         return (await http_aget(f"http://127.0.0.1:{port}/healthz"))[0] == 200
     except httpx.TransportError:
         return False
+
+
+def test_http_request_reply_bench_gets_every_reply() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for protocol in ("1", "2"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.http_reply",
+                "--concurrency",
+                "4",
+                "--duration",
+                "0.5",
+                "--protocol",
+                protocol,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout(60),
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        figures = json.loads(result.stdout)
+        assert set(figures["statuses"]) == {"200"} and figures["requests_per_s"] > 0, figures
+
+
+def test_ws_request_reply_bench_compares_v1_and_v2() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ws_reply", "--clients", "4", "--duration", "0.5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout(60),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["v1_per_s"] > 0 and figures["v2_per_s"] > 0, figures

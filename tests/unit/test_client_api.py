@@ -15,6 +15,7 @@ def test_final_close_codes_are_the_ones_retrying_cannot_fix():
         CloseCode.RESERVED_ID,
         CloseCode.REPLACED,
         CloseCode.TOKEN_EXPIRED,
+        CloseCode.DISCONNECTED,
     } == client.FINAL_CLOSE_CODES
 
 

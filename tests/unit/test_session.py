@@ -5,6 +5,7 @@ import json
 import pytest
 
 from appliance.core.protocol import CloseCode, ErrorCode, Role
+from appliance.core.protocol_v2 import TargetKind, TimeoutPolicy
 from appliance.core.session import (
     Close,
     Deliver,
@@ -14,6 +15,7 @@ from appliance.core.session import (
     SendError,
     Session,
     State,
+    Submit,
     Throttle,
     authorize,
 )
@@ -136,3 +138,42 @@ def test_events_after_close_raise():
     session.closed()
     with pytest.raises(InvalidState):
         session.closing()
+
+
+# --- protocol version 2: commands with an id ------------------------------------------------------
+
+
+V2_LIMITS = Limits(max_message_bytes=65536, rate=0, burst=1, timeouts=TimeoutPolicy(1000, 5000))
+
+
+def test_command_with_id_becomes_a_submit_with_its_timeout():
+    session = Session("LLM", Role.CONTROLLER, V2_LIMITS, now=0.0)
+    action = session.receive_text('{"target": "u1", "message": "m", "id": "a", "timeout_ms": 2500}', 0.0)
+    assert isinstance(action, Submit)
+    assert (action.request.id, action.request.timeout_ms, action.request.kind) == ("a", 2500, TargetKind.CLIENT)
+
+
+def test_command_without_id_stays_on_the_version_1_path():
+    session = Session("LLM", Role.CONTROLLER, V2_LIMITS, now=0.0)
+    action = session.receive_text('{"target": "u1", "message": "m", "timeout_ms": 999999}', 0.0)
+    assert isinstance(action, Deliver)  # unknown fields are ignored, as in version 1
+
+
+def test_broadcast_and_group_targets_are_submitted_and_bad_ones_keep_the_v1_error():
+    session = Session("LLM", Role.CONTROLLER, V2_LIMITS, now=0.0)
+    assert isinstance(session.receive_text('{"target": "*", "message": "m"}', 0.0), Submit)
+    assert session.receive_text('{"target": "group:red", "message": "m"}', 0.0).request.group == "red"
+    error = session.receive_text('{"target": "not valid!", "message": "m"}', 0.0)
+    assert error.code is ErrorCode.INVALID_TARGET
+    assert "group" not in error.frame  # the version-1 detail, byte for byte
+
+
+def test_bad_v2_field_is_an_error_frame_naming_the_id():
+    session = Session("LLM", Role.CONTROLLER, V2_LIMITS, now=0.0)
+    error = session.receive_text('{"target": "u1", "message": "m", "id": 3, "timeout_ms": 5001}', 0.0)
+    assert error.code is ErrorCode.INVALID_MESSAGE and '"id":3' in error.frame
+
+
+def test_without_a_timeout_policy_every_command_is_version_1():
+    session = Session("LLM", Role.CONTROLLER, Limits(65536, 0, 1), now=0.0)
+    assert isinstance(session.receive_text('{"target": "u1", "message": "m", "id": 1}', 0.0), Deliver)

@@ -1,0 +1,387 @@
+"""HTTP command API (``/api/v1/commands``, ``/api/v1/clients/...``) and the MCP endpoint ``/mcp``.
+
+Handlers are thin: they authenticate, let Litestar validate the body (one error
+shape, 422), and call the command service on ``app.state.commands``. The request
+and response types are msgspec Structs with descriptions, so the OpenAPI schema
+Litestar serves at ``/schema/openapi.json`` is accurate enough to generate an LLM
+tool definition from.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from litestar import Request, Response, delete, get, post
+from litestar.exceptions import ValidationException
+from litestar.handlers import asgi
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.types import Receive, Scope, Send
+from msgspec import Meta, Struct
+
+from .brokers.base import BrokerUnavailable
+from .commands import CommandService
+from .controller import ReplyTimeout, error_for
+from .core.protocol import CloseCode
+from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
+
+__all__ = [
+    "API_HANDLERS",
+    "CommandBody",
+    "LocalBackend",
+    "filter_clients",
+    "mcp_lifespan",
+    "validation_as_422",
+]
+
+MAX_PAGE = 1000
+
+
+# --- auth: the one place this module checks tokens (the token store replaces it) -----------
+
+
+def _require(request: Request[Any, Any, Any], *, allow_controller: bool) -> None:
+    from .web import _require_token  # web imports this module: import at call time.
+
+    _require_token(request, allow_controller=allow_controller)
+
+
+# --- bodies --------------------------------------------------------------------------------------
+
+CommandId = str | int
+
+
+class CommandBody(Struct, forbid_unknown_fields=True):
+    """A command for one client, every client (``*``) or a group (``group:<name>``)."""
+
+    target: Annotated[
+        str,
+        Meta(
+            description='A client id (^[a-zA-Z0-9_-]{1,50}$), "*" for every client, or "group:<name>".',
+            examples=["unity_client_1"],
+        ),
+    ]
+    message: Annotated[str, Meta(description="The text the client receives.", examples=["MoveForward 10"])]
+    id: Annotated[
+        CommandId | None,
+        Meta(
+            description=f"Your id for this command (string of 1-{MAX_COMMAND_ID_LENGTH} characters, or integer); "
+            "generated if absent. A repeated (id) is never delivered twice from the queue."
+        ),
+    ] = None
+    wait_ms: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                description="Wait this long for the client's reply: 200 with the reply, or 504. "
+                "Without it the answer is 202 as soon as the command is delivered or queued.",
+            ),
+        ]
+        | None
+    ) = None
+    timeout_ms: (
+        Annotated[int, Meta(ge=1, description="How long a queued command may wait for its client (without wait_ms).")]
+        | None
+    ) = None
+    queue: Annotated[
+        bool, Meta(description="Keep the command for a client that is not connected and deliver it when it connects.")
+    ] = False
+
+
+class CommandResult(Struct):
+    id: CommandId
+    status: Literal["delivered", "queued", "replied", "timeout"]
+    target: str
+    sender: str | None = None
+    message: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
+    rtt_ms: Annotated[float | None, Meta(description="Round trip to the reply, in milliseconds.")] = None
+    count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
+    expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
+    duplicate: bool | None = None
+    detail: str | None = None
+
+
+class ErrorBody(Struct):
+    error: Annotated[
+        str,
+        Meta(
+            description="target_offline, message_too_large, rate_limited, queue_full, duplicate_id, "
+            "delivery_failed, invalid_target, target_not_client, ..."
+        ),
+    ]
+    detail: str
+    target: str | None = None
+    id: CommandId | None = None
+    limit: int | None = None
+    retry_after_ms: int | None = None
+
+
+class ClientRecord(Struct):
+    id: str
+    role: str
+    instance: str
+    connected_since: str
+    remote: str
+    messages_in: int
+    messages_out: int
+    last_activity: str
+    token: Annotated[str | None, Meta(description="Name of the token that opened it (never its value).")] = None
+    token_version: int | None = None
+    protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
+    groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
+
+
+class ClientPage(Struct):
+    clients: list[ClientRecord]
+    count: Annotated[int, Meta(description="Connections matching the filters, cluster-wide.")]
+    next_cursor: Annotated[str | None, Meta(description="Pass as cursor for the next page; null on the last.")] = None
+
+
+def _commands(request: Request[Any, Any, Any]) -> CommandService:
+    return request.app.state.commands
+
+
+_COMMAND_RESPONSES = {
+    200: ResponseSpec(CommandResult, description="The client replied (with wait_ms)."),
+    202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
+    404: ResponseSpec(ErrorBody, description="target_offline: the target is not connected anywhere."),
+    409: ResponseSpec(ErrorBody, description="queue_full or duplicate_id."),
+    413: ResponseSpec(ErrorBody, description="message_too_large."),
+    429: ResponseSpec(ErrorBody, description="rate_limited; retry after retry_after_ms."),
+    503: ResponseSpec(ErrorBody, description="delivery_failed: the target's instance cannot be reached."),
+    504: ResponseSpec(CommandResult, description="timeout: no reply within wait_ms."),
+}
+
+
+@post(
+    "/api/v1/commands",
+    status_code=202,
+    responses=_COMMAND_RESPONSES,
+    summary="Send a command to a client and optionally wait for its reply",
+    tags=["commands"],
+)
+async def post_command(request: Request[Any, Any, Any], data: CommandBody) -> Response[dict[str, Any]]:
+    """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
+    _require(request, allow_controller=True)
+    commands = _commands(request)
+    limit = commands.relay.settings.command_timeout_max_ms
+    for name, value in (("wait_ms", data.wait_ms), ("timeout_ms", data.timeout_ms)):
+        if value is not None and value > limit:
+            raise ValidationException(f"{name} must be at most {limit}", extra=[{"key": name, "message": "too large"}])
+    outcome = await commands.send_command(
+        data.target,
+        data.message,
+        command_id=data.id,
+        wait_ms=data.wait_ms,
+        timeout_ms=data.timeout_ms,
+        queue=data.queue,
+    )
+    headers = {}
+    if outcome.http_status == 429 and "retry_after_ms" in outcome.body:
+        headers["Retry-After"] = str(max(1, -(-int(outcome.body["retry_after_ms"]) // 1000)))
+    return Response(outcome.body, status_code=outcome.http_status, headers=headers)
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+def _encode_cursor(record: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(f"{record['id']}\x00{record['instance']}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        client_id, instance = raw.split("\x00", 1)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationException("cursor is not one this API returned", extra=[{"key": "cursor"}]) from None
+    return client_id, instance
+
+
+def filter_clients(
+    records: list[dict[str, Any]],
+    *,
+    role: str | None = None,
+    group: str | None = None,
+    prefix: str | None = None,
+    limit: int = MAX_PAGE,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """One page of presence records, sorted by (id, instance), after the filters."""
+    matching = [
+        r
+        for r in records
+        if (role is None or r["role"] == role)
+        and (group is None or group in r.get("groups", ()))
+        and (prefix is None or r["id"].startswith(prefix))
+    ]
+    matching.sort(key=lambda r: (r["id"], r["instance"]))
+    start = 0
+    if cursor:
+        after = _decode_cursor(cursor)
+        start = next((i for i, r in enumerate(matching) if (r["id"], r["instance"]) > after), len(matching))
+    page = matching[start : start + limit]
+    more = start + limit < len(matching)
+    return {"clients": page, "count": len(matching), "next_cursor": _encode_cursor(page[-1]) if more and page else None}
+
+
+@get("/api/v1/clients", summary="List live connections across the cluster", tags=["clients"])
+async def list_clients(
+    request: Request[Any, Any, Any],
+    role: Annotated[Literal["client", "controller"] | None, Parameter(description="Only this role.")] = None,
+    group: Annotated[str | None, Parameter(description="Only clients in this group.")] = None,
+    prefix: Annotated[str | None, Parameter(description="Only ids starting with this.")] = None,
+    limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="Page size.")] = MAX_PAGE,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page.")] = None,
+) -> Response[ClientPage]:
+    """Every live connection in the cluster, filtered and paginated."""
+    _require(request, allow_controller=True)
+    try:
+        records = await _commands(request).relay.clients()
+    except BrokerUnavailable as exc:
+        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+    page = filter_clients(records, role=role, group=group, prefix=prefix, limit=limit, cursor=cursor)
+    return Response(page)  # type: ignore[arg-type]
+
+
+@get(
+    "/api/v1/clients/{client_id:str}",
+    summary="One live connection",
+    tags=["clients"],
+    responses={404: ResponseSpec(ErrorBody, description="not connected")},
+)
+async def get_client(request: Request[Any, Any, Any], client_id: str) -> Response[ClientRecord]:
+    _require(request, allow_controller=True)
+    try:
+        records = await _commands(request).relay.clients()
+    except BrokerUnavailable as exc:
+        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+    record = next((r for r in records if r["id"] == client_id), None)
+    if record is None:
+        body = {"error": "target_offline", "detail": f"{client_id} is not connected", "target": client_id}
+        return Response(body, status_code=404)  # type: ignore[arg-type]
+    return Response(record)  # type: ignore[arg-type]
+
+
+@delete(
+    "/api/v1/clients/{client_id:str}",
+    status_code=204,
+    summary="Disconnect a connection (admin token only; close code 4012)",
+    tags=["clients"],
+    responses={404: ResponseSpec(ErrorBody, description="not connected")},
+)
+async def delete_client(request: Request[Any, Any, Any], client_id: str) -> Response[None]:
+    _require(request, allow_controller=False)
+    try:
+        found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)
+    except BrokerUnavailable as exc:
+        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+    if not found:
+        body = {"error": "target_offline", "detail": f"{client_id} is not connected", "target": client_id}
+        return Response(body, status_code=404)  # type: ignore[arg-type]
+    audit = getattr(request.app.state, "audit", None)
+    if audit is not None:
+        from .audit import AuditEvent
+
+        await audit.record(
+            AuditEvent("client.disconnect", "ADMIN_TOKEN", _source(request), client_id, {"code": 4012, "via": "api"})
+        )
+    return Response(None, status_code=204)
+
+
+def _source(request: Request[Any, Any, Any]) -> str:
+    client = request.client
+    return client.host if client else "unknown"
+
+
+def validation_as_422(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    """Litestar's validation error shape, with 422 (Unprocessable Content) as the status."""
+    body: dict[str, Any] = {"status_code": 422, "detail": exc.detail}
+    if exc.extra:
+        body["extra"] = exc.extra
+    return Response(body, status_code=422)
+
+
+# --- MCP over streamable HTTP ------------------------------------------------------------------
+
+
+class LocalBackend:
+    """The MCP tools' backend inside the appliance: the command service, no HTTP hop."""
+
+    def __init__(self, commands: CommandService) -> None:
+        self.commands = commands
+
+    async def clients(self, **filters: Any) -> dict[str, Any]:
+        records = await self.commands.relay.clients()
+        return filter_clients(records, **{k: v for k, v in filters.items() if v is not None})
+
+    async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]:
+        outcome = await self.commands.send_command(
+            target,
+            message,
+            wait_ms=fields.get("wait_ms"),
+            timeout_ms=fields.get("timeout_ms"),
+            queue=bool(fields.get("queue")),
+            controller="mcp",
+        )
+        if outcome.http_status == 504:
+            raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))
+        if outcome.http_status >= 300:
+            raise error_for(outcome.body)
+        return outcome.body
+
+
+def _bearer_allowed(scope: Scope, token_store: Any) -> bool:
+    """``Authorization: Bearer <token>`` with a controller or admin token, through the store's comparator."""
+    headers = dict(scope.get("headers") or [])
+    value = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, presented = value.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    grant = token_store.lookup(presented)
+    return grant is not None and grant.role in ("controller", "admin")
+
+
+@asgi("/mcp", is_mount=True, copy_scope=True)
+async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """MCP streamable HTTP; ``Authorization: Bearer <controller token>``."""
+    app = scope["app"]
+    if not _bearer_allowed(scope, app.state.token_store):
+        body = b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
+        start: Any = {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+        }
+        await send(start)
+        end: Any = {"type": "http.response.body", "body": body}
+        await send(end)
+        return
+    scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
+    await app.state.mcp_app(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
+    """Build the MCP tool server on the command service and run its session manager."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    from .mcp_tools import build_mcp_server
+
+    server = build_mcp_server(LocalBackend(app.state.commands))
+    # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
+    # legitimate names behind the load balancer.
+    app.state.mcp_app = server.streamable_http_app(
+        streamable_http_path="/mcp",
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+    )
+    async with server.session_manager.run():
+        yield
+
+
+API_HANDLERS = [post_command, list_clients, get_client, delete_client, mcp_endpoint]

@@ -1,0 +1,599 @@
+"""The command service: commands with an id, their outcomes, replies, broadcast, the offline queue.
+
+One object per instance, on ``app.state.commands``. The WebSocket relay hands it
+controller commands that carry an ``id`` (or name ``*`` or a group) and every
+client message; the HTTP API, the MCP tools and the dashboard call
+:meth:`CommandService.send_command` and :meth:`CommandService.disconnect`.
+
+A command travels from the sender's instance (where its :class:`PendingTable` entry
+waits, with its deadline) to the target's instance, which frames it for the client
+(version-1 text, or version-2 JSON), keeps version-1 clients' replies in order
+(:class:`V1Matcher`), and reports every outcome back to the sender's instance as an
+:class:`Event` through the broker's per-instance channel. The decisions are the pure
+objects of :mod:`appliance.core.requests`; this module only moves their results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from . import metrics
+from .brokers.base import BrokerUnavailable
+from .core.protocol import CloseCode, ErrorCode, ProtocolError, Role, encode_error
+from .core.protocol_v2 import (
+    CommandId,
+    Request,
+    Status,
+    TargetKind,
+    TimeoutPolicy,
+    encode_client_command,
+    encode_controller_reply,
+    encode_status,
+    parse_client_reply,
+    request_from_fields,
+)
+from .core.ratelimit import TokenBucket
+from .core.requests import Enqueued, Held, Pending, PendingTable, Routed, V1Matcher
+
+if TYPE_CHECKING:
+    from .relay import Connection, Relay
+
+__all__ = ["CommandService", "Event", "FanOut", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+#: How often deadlines are checked; a timeout is reported at most this late.
+TICK_SECONDS = 0.02
+#: How long a broadcast waits for the other instances' counts.
+FAN_IN_SECONDS = 2.0
+#: The controller name HTTP commands carry (v2 clients see it as "from").
+HTTP_CONTROLLER = "http"
+
+
+class Event(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An outcome travelling back to the sender's instance.
+
+    ``kind``: ``d`` delivered, ``r`` reply (``sender``, ``message``), ``e`` error
+    (``code``, ``detail``), ``n`` fan-out count (``count``), ``x`` close a local
+    connection (``target``, ``code``), ``q`` hand over what is queued for ``target``.
+    """
+
+    kind: str
+    owner: str = ""
+    id: CommandId | None = None
+    target: str = ""
+    sender: str = ""
+    message: str = ""
+    code: str = ""
+    detail: str = ""
+    count: int = 0
+
+
+class FanOut(msgspec.Struct, frozen=True):
+    """A broadcast or group command, sent to every instance; each counts its local receivers."""
+
+    origin: str
+    owner: str
+    id: CommandId | None
+    controller: str
+    message: str
+    group: str | None
+
+
+#: Bound once: a label lookup costs more than the increment (as in metrics.py).
+_OUTCOME = {
+    name: metrics.COMMAND_OUTCOMES.labels(outcome=name) for name in ("delivered", "queued", "replied", "timeout")
+}
+_event_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+_fan_encoder = msgspec.json.Encoder()
+_fan_decoder = msgspec.json.Decoder(FanOut)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an HTTP caller learns: an HTTP status and a JSON body."""
+
+    http_status: int
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """An HTTP request (or another in-process caller) waiting for one command's outcome."""
+
+    future: asyncio.Future[Outcome]
+    want_reply: bool
+    target: str
+
+
+@dataclass(slots=True)
+class _FanIn:
+    expected: int | None = None
+    answers: int = 0
+    count: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class CommandService:
+    """This instance's part of request/reply: pending commands, client lines, outcomes."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        settings = relay.settings
+        self.policy = TimeoutPolicy(settings.command_timeout_ms, settings.command_timeout_max_ms)
+        self.instance = relay.instance
+        self.pending = PendingTable()
+        self.matcher = V1Matcher(settings.v1_reply_queue)
+        # (client, command id) -> commands handed to that v2 client, oldest first, awaiting its reply.
+        self._awaiting: dict[tuple[str, CommandId], deque[tuple[Routed, float]]] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._next_sweep = 0.0
+        self._queue_lock = asyncio.Lock()
+        # Commands this instance queued and not yet seen delivered, until they expire: the offline-queue gauge.
+        self._queued_here: dict[tuple[str, CommandId], float] = {}
+        self._fan_seq = itertools.count()
+        self._fan_lock = asyncio.Lock()
+        self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
+        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
+        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.expire(time.time())
+            except Exception:  # A bug here must not stop every later timeout.
+                log.exception("Expiring commands failed")
+
+    def expire(self, now: float) -> None:
+        for pending in self.pending.expire(now):
+            _OUTCOME["timeout"].inc()
+            self._report(pending, Status.TIMEOUT)
+        for client, advance in self.matcher.expire(now).items():
+            self._advance(client, advance, now)
+        metrics.PENDING_REQUESTS.set(len(self.pending))
+        if now >= self._next_sweep:  # Forgetting v2 commands nobody answered is housekeeping: once a second.
+            self._next_sweep = now + 1.0
+            for key in [k for k, expires in self._queued_here.items() if expires <= now]:
+                del self._queued_here[key]
+            metrics.OFFLINE_QUEUE.set(len(self._queued_here))
+            for key in [k for k, line in self._awaiting.items() if line[-1][1] <= now]:
+                del self._awaiting[key]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the sender's side: WebSocket controllers ---------------------------------------------
+
+    def submit(self, conn: Connection, request: Request) -> None:
+        """A controller's command with an id, or for ``*`` or a group."""
+        self._submit(conn.conn_key, conn.client_id, request)
+
+    def _submit(self, owner: str, controller: str, request: Request) -> None:
+        now = time.time()
+        if request.kind is not TargetKind.CLIENT:
+            self._fan_out(owner, controller, request)
+            return
+        assert request.id is not None
+        if self.pending.open(owner, request.id, request.target, now, request.timeout_ms) is None:
+            self._fail_now(owner, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
+            return
+        routed = Routed(controller, request.id, request.message, self.instance, owner, request.timeout_ms)
+
+        def result(code: ErrorCode | None, detail: str) -> None:
+            if code is None:
+                return  # The target's instance has it and reports the outcome.
+            if code is ErrorCode.TARGET_OFFLINE and request.queue:
+                self._spawn(self._enqueue(request.target, routed))
+                return
+            self.outcome(Event("e", owner, request.id, request.target, code=code.value, detail=detail))
+
+        self.relay.broker.send_routed(request.target, routed, result)
+
+    async def _enqueue(self, target: str, routed: Routed) -> None:
+        try:
+            # One at a time, so commands are queued in the order they were sent.
+            async with self._queue_lock:
+                enqueued = await self.relay.broker.enqueue(target, routed, time.time())
+                owner = await self.relay.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
+        except BrokerUnavailable as exc:
+            self.outcome(Event("e", routed.owner, routed.id, target, code="delivery_failed", detail=str(exc)))
+            return
+        if enqueued is Enqueued.FULL:
+            detail = f"{target} already has {self.relay.settings.offline_queue_max} queued commands"
+            self.outcome(Event("e", routed.owner, routed.id, target, code="queue_full", detail=detail))
+            return
+        pending = self.pending.get(routed.owner, routed.id)
+        if pending is None:
+            return
+        _OUTCOME["queued"].inc()
+        if enqueued is Enqueued.QUEUED:
+            self._queued_here[(routed.owner, routed.id)] = time.time() + routed.timeout_ms / 1000
+        remaining = max(0, round((pending.deadline - time.time()) * 1000))
+        duplicate = {} if enqueued is Enqueued.QUEUED else {"duplicate": True}
+        if enqueued is Enqueued.ALREADY_DELIVERED:
+            # Delivered before: never again. The repeat's outcome is that delivery.
+            self.pending.finish(routed.owner, routed.id)
+            self._report(pending, Status.DELIVERED, **duplicate)
+            return
+        self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
+        if owner is not None and owner.role is Role.CLIENT:
+            # The target connected while this was being queued, after its own look at the queue.
+            self._tell_instance(owner.instance, Event("q", target=target))
+
+    def _fail_now(self, owner: str, request: Request, code: ErrorCode, detail: str) -> None:
+        self._deliver_to_owner(
+            owner, None, encode_error(code, detail, target=request.target, id=request.id), code.value, detail
+        )
+
+    # --- the sender's side: outcomes --------------------------------------------------------
+
+    def outcome(self, event: Event) -> None:
+        """An outcome for a command sent from this instance (from any instance, via the broker)."""
+        if event.kind == "x":
+            self.relay.disconnect_local(event.target, event.code)
+            return
+        if event.kind == "q":
+            conn = self.relay.local_client(event.target)
+            if conn is not None:
+                self._spawn(self._drain(conn))
+            return
+        if event.kind == "n":
+            fan_in = self._fan_ins.get((event.owner, event.id if event.id is not None else ""))
+            if fan_in is not None:
+                fan_in.answers += 1
+                fan_in.count += event.count
+                if fan_in.expected is not None and fan_in.answers >= fan_in.expected:
+                    fan_in.done.set()
+            return
+        assert event.id is not None
+        if event.kind == "d":
+            self._queued_here.pop((event.owner, event.id), None)
+            pending = self.pending.delivered(event.owner, event.id)
+            if pending is not None:
+                _OUTCOME["delivered"].inc()
+                self._report(pending, Status.DELIVERED)
+            return
+        pending = self.pending.finish(event.owner, event.id)
+        if pending is None:
+            return  # Timed out already, or the controller left: the outcome has nobody to go to.
+        if event.kind == "r":
+            rtt_ms = (time.time() - pending.started) * 1000
+            _OUTCOME["replied"].inc()
+            metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
+            waiter = self._waiters.get(pending.owner)
+            if waiter is not None:
+                body = {
+                    "id": pending.id,
+                    "status": Status.REPLIED.value,
+                    "target": pending.target,
+                    "sender": event.sender,
+                    "message": event.message,
+                    "rtt_ms": round(rtt_ms, 3),
+                }
+                self._resolve(pending.owner, Outcome(200, body))
+            else:
+                frame = encode_controller_reply(pending.id, event.sender, event.message, rtt_ms)
+                self._deliver_to_owner(pending.owner, pending, frame, "", "")
+            return
+        metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
+        frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
+        self._deliver_to_owner(pending.owner, pending, frame, event.code, event.detail)
+
+    def _report(self, pending: Pending, status: Status, **extra: Any) -> None:
+        """A status for ``pending``'s owner: a status frame, or an HTTP outcome."""
+        waiter = self._waiters.get(pending.owner)
+        if waiter is None:
+            if status is Status.TIMEOUT:
+                extra["timeout_ms"] = round((pending.deadline - pending.started) * 1000)
+            conn = self.relay.connection(pending.owner)
+            if conn is not None:
+                conn.deliver(encode_status(pending.id, status, pending.target, **extra))
+            return
+        body = {"id": pending.id, "status": status.value, "target": pending.target, **extra}
+        if status is Status.TIMEOUT:
+            body["detail"] = f"{pending.target} did not reply in time"
+            self._resolve(pending.owner, Outcome(504, body))
+        elif status is Status.QUEUED or not waiter.want_reply or extra.get("duplicate"):
+            # Queued, delivered without wait_ms, or a repeat: the caller is answered now (202).
+            self.pending.finish(pending.owner, pending.id)
+            self._resolve(pending.owner, Outcome(202, body))
+
+    def _deliver_to_owner(self, owner: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
+        waiter = self._waiters.get(owner)
+        if waiter is None:
+            conn = self.relay.connection(owner)
+            if conn is not None:
+                if code:
+                    metrics.ERRORS.labels(code=code).inc()
+                conn.deliver(frame)
+            return
+        body = msgspec.json.decode(frame)
+        self._resolve(owner, Outcome(_HTTP_STATUS.get(code, 502), body))
+
+    def _resolve(self, owner: str, outcome: Outcome) -> None:
+        waiter = self._waiters.pop(owner, None)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_result(outcome)
+
+    def controller_closed(self, conn: Connection) -> None:
+        """A controller left: its commands still in flight have nobody to report to."""
+        self.pending.drop_owner(conn.conn_key)
+
+    # --- broadcast and groups -----------------------------------------------------------------
+
+    def _fan_out(self, owner: str, controller: str, request: Request) -> None:
+        # Counts come back to this fan-out alone, even for several at once without ids.
+        tag = f"{owner}#{next(self._fan_seq)}"
+        fan = FanOut(self.instance, tag, request.id, controller, request.message, request.group)
+        self._spawn(self._collect(owner, request, fan))
+
+    async def _collect(self, owner: str, request: Request, fan: FanOut) -> None:
+        key = (fan.owner, request.id if request.id is not None else "")
+        fan_in = self._fan_ins[key] = _FanIn()
+        try:
+            try:
+                async with self._fan_lock:  # One publish at a time: broadcasts keep their order.
+                    fan_in.expected = await self.relay.broker.fan_out(_fan_encoder.encode(fan))
+            except BrokerUnavailable as exc:
+                # Local clients still get it; other instances cannot be reached.
+                local = self.fan_in(fan)
+                fan_in.expected, fan_in.count = None, local
+                log.warning("Broadcast reached only this instance: %s", exc)
+            if fan_in.expected is not None and fan_in.answers < fan_in.expected:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FAN_IN_SECONDS):
+                        await fan_in.done.wait()
+        finally:
+            del self._fan_ins[key]
+        _OUTCOME["delivered"].inc()
+        if request.id is None and owner not in self._waiters:
+            return  # A WebSocket broadcast without id gets no status frame, as in version 1.
+        body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": fan_in.count}
+        if owner in self._waiters:
+            self._resolve(owner, Outcome(202, body))
+        else:
+            conn = self.relay.connection(owner)
+            if conn is not None and request.id is not None:
+                conn.deliver(encode_status(request.id, Status.DELIVERED, request.target, count=fan_in.count))
+
+    def fan_in(self, fan: FanOut) -> int:
+        """Deliver a broadcast or group command to the local clients; the count of receivers."""
+        count = 0
+        for conn in self.relay.local_clients(fan.group):
+            if conn.deliver(self._frame_for(conn, fan.id, fan.controller, fan.message)):
+                count += 1
+        return count
+
+    def fan_in_remote(self, payload: bytes) -> None:
+        """A broadcast from any instance (this one too): deliver locally and report the count back."""
+        try:
+            fan = _fan_decoder.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("Ignoring a malformed broadcast")
+            return
+        count = self.fan_in(fan)
+        event = Event("n", fan.owner, fan.id if fan.id is not None else "", count=count)
+        self.relay.broker.send_to_instance(fan.origin, encode_event(event))
+
+    # --- the target's side ------------------------------------------------------------------
+
+    @staticmethod
+    def _frame_for(conn: Connection, command_id: CommandId | None, controller: str, message: str) -> str:
+        return encode_client_command(command_id, controller, message) if conn.v2 else message
+
+    def deliver_routed(self, client_id: str, routed: Routed) -> bool:
+        """A command with an id for a local client; False when no local client holds the id."""
+        conn = self.relay.local_client(client_id)
+        if conn is None:
+            return False
+        self.hand_over(conn, routed, time.time())
+        return True
+
+    def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
+        if conn.v2:
+            if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
+                line = self._awaiting.setdefault((conn.client_id, routed.id), deque())
+                line.append((routed, now + routed.timeout_ms / 1000))
+                self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
+            else:
+                self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+            return
+        held = self.matcher.submit(conn.client_id, routed, now)
+        if held is Held.SEND:
+            self._send_v1(conn, routed)
+        elif held is Held.FULL:
+            self._tell_error(
+                routed,
+                conn.client_id,
+                ErrorCode.QUEUE_FULL,
+                f"{self.matcher.max_waiting} commands already wait for {conn.client_id}'s replies",
+            )
+
+    def _send_v1(self, conn: Connection, routed: Routed) -> None:
+        if conn.deliver(routed.message):
+            self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
+        else:
+            self.matcher.disconnect(conn.client_id)
+            self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+
+    def client_text(self, conn: Connection, text: str) -> bool:
+        """A client's message; True when it was a version-2 reply (then it goes to its sender only)."""
+        now = time.time()
+        if conn.v2:
+            reply = parse_client_reply(text)
+            if reply is None:
+                return False
+            key = (conn.client_id, reply.reply_to)
+            line = self._awaiting.get(key)
+            while line and line[0][1] <= now:
+                line.popleft()  # Its sender has reported the timeout already.
+            if not line:
+                self._awaiting.pop(key, None)
+                return False  # Nobody waits for it (late, or never asked): it reaches every controller.
+            routed, _ = line.popleft()
+            if not line:
+                del self._awaiting[(conn.client_id, reply.reply_to)]
+            self._tell(routed, Event("r", routed.owner, routed.id, conn.client_id, conn.client_id, reply.message))
+            return True
+        if self.matcher.in_flight(conn.client_id) is not None:
+            self._advance(conn.client_id, self.matcher.client_message(conn.client_id, now), now, text)
+        return False
+
+    def _advance(self, client_id: str, advance: Any, now: float, text: str | None = None) -> None:
+        if advance.replied is not None and text is not None:
+            routed = advance.replied
+            self._tell(routed, Event("r", routed.owner, routed.id, client_id, client_id, text))
+        if advance.send is not None:
+            conn = self.relay.local_client(client_id)
+            if conn is not None:
+                self._send_v1(conn, advance.send)
+
+    def client_opened(self, conn: Connection) -> None:
+        """A client connected: hand over what was queued for it, oldest first."""
+        self._spawn(self._drain(conn))
+
+    async def _drain(self, conn: Connection) -> None:
+        try:
+            async with self._queue_lock:  # Two drains must not hand over out of order.
+                queued = await self.relay.broker.take_queued(conn.client_id, time.time())
+                now = time.time()
+                for routed in queued:
+                    self.hand_over(conn, routed, now)
+        except BrokerUnavailable as exc:
+            log.warning("Queued commands for %s stay queued: %s", conn.client_id, exc)
+
+    def client_closed(self, conn: Connection) -> None:
+        for routed in self.matcher.disconnect(conn.client_id):
+            self._tell_error(routed, conn.client_id, ErrorCode.TARGET_OFFLINE, f"{conn.client_id} disconnected")
+        if conn.v2:
+            for key in [k for k in self._awaiting if k[0] == conn.client_id]:
+                del self._awaiting[key]
+
+    def _tell(self, routed: Routed, event: Event) -> None:
+        self._tell_instance(routed.reply_to, event)
+
+    def _tell_instance(self, instance: str, event: Event) -> None:
+        if instance == self.instance:
+            self.outcome(event)
+        else:
+            self.relay.broker.send_to_instance(instance, encode_event(event))
+
+    def _tell_error(self, routed: Routed, target: str, code: ErrorCode, detail: str) -> None:
+        self._tell(routed, Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))
+
+    # --- service interface: HTTP API, MCP tools, dashboard -------------------------------------
+
+    def parse(self, fields: dict[str, Any]) -> Request | ProtocolError:
+        return request_from_fields(fields, self.policy)
+
+    async def send_command(
+        self,
+        target: str,
+        message: str,
+        *,
+        command_id: CommandId | None = None,
+        wait_ms: int | None = None,
+        timeout_ms: int | None = None,
+        queue: bool = False,
+        controller: str = HTTP_CONTROLLER,
+    ) -> Outcome:
+        """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
+
+        Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
+        delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
+        413 too large, 422 invalid, 503 when the target's instance cannot be reached.
+        """
+        wait = self._http_bucket.try_take(time.time())
+        if wait > 0:
+            retry_ms = max(1, round(wait * 1000))
+            body = {"error": "rate_limited", "detail": "too many commands; retry later", "retry_after_ms": retry_ms}
+            return Outcome(429, body)
+        if command_id is None:
+            command_id = f"{controller}-{secrets.token_hex(6)}"
+        fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
+        effective = wait_ms if wait_ms is not None else timeout_ms
+        if effective is not None:
+            fields["timeout_ms"] = effective
+        if len(message.encode()) > self.relay.settings.max_message_bytes:
+            limit = self.relay.settings.max_message_bytes
+            body = {"error": "message_too_large", "detail": f"message exceeds {limit} bytes", "limit": limit}
+            return Outcome(413, body)
+        request = self.parse(fields)
+        if isinstance(request, ProtocolError):
+            return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
+        owner = f"h:{secrets.token_hex(8)}"
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[owner] = _Waiter(future, wait_ms is not None, target)
+        try:
+            self._submit(owner, controller, request)
+            return await future
+        finally:
+            self._waiters.pop(owner, None)
+            self.pending.drop_owner(owner)
+
+    async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
+        """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
+        if self.relay.disconnect_local(client_id, code):
+            return True
+        owner = await self.relay.broker.owner_of(client_id)
+        if owner is None:
+            return False
+        event = Event("x", target=client_id, code=str(int(code)))
+        self.relay.broker.send_to_instance(owner.instance, encode_event(event))
+        return True
+
+    def instance_event(self, payload: bytes | str) -> None:
+        """The broker's per-instance channel: an outcome or an order for this instance."""
+        try:
+            event = _event_decoder.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("Ignoring a malformed instance event")
+            return
+        self.outcome(event)
+
+
+def encode_event(event: Event) -> bytes:
+    return _event_encoder.encode(event)
+
+
+_HTTP_STATUS = {
+    "": 200,
+    ErrorCode.TARGET_OFFLINE.value: 404,
+    ErrorCode.INVALID_TARGET.value: 422,
+    ErrorCode.INVALID_MESSAGE.value: 422,
+    ErrorCode.MESSAGE_TOO_LARGE.value: 413,
+    ErrorCode.RATE_LIMITED.value: 429,
+    ErrorCode.DELIVERY_FAILED.value: 503,
+    "duplicate_id": 409,
+    "queue_full": 409,
+    "target_not_client": 422,
+}

@@ -1,0 +1,273 @@
+"""Wire protocol version 2: command ids with status frames, replies, broadcast and groups. No I/O.
+
+Everything here is additive to :mod:`.protocol`: a controller frame without an
+``id`` and a client that did not ask for ``wsbridge.v2`` see exactly the version-1
+bytes. The frames (documented with examples in ``docs/protocol.md``):
+
+- controller → relay: ``{"target", "message", "id"?, "timeout_ms"?, "queue"?}``,
+  where ``target`` is a client id, ``"*"`` (every client) or ``"group:<name>"``;
+- relay → controller status: ``{"id", "status": "delivered"|"queued"|"timeout", ...}``;
+- relay → v2 client: ``{"id", "from", "message"}`` (``"id": null`` for a command without id);
+- v2 client → relay reply: ``{"reply_to", "message"}``;
+- relay → the sending controller: ``{"reply_to", "sender", "message", "rtt_ms"}``.
+
+``*`` and ``:`` are outside the id pattern, so broadcast and group targets can never
+collide with a client id.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .protocol import CLIENT_ID_PATTERN, ErrorCode, ProtocolError
+
+__all__ = [
+    "BROADCAST",
+    "GROUP_PREFIX",
+    "MAX_COMMAND_ID_LENGTH",
+    "MAX_GROUPS",
+    "SUBPROTOCOL_V2",
+    "ClientReply",
+    "CommandId",
+    "Request",
+    "Status",
+    "TargetKind",
+    "TimeoutPolicy",
+    "encode_client_command",
+    "encode_controller_reply",
+    "encode_status",
+    "is_valid_command_id",
+    "parse_client_reply",
+    "parse_groups",
+    "parse_request",
+    "request_from_fields",
+    "target_kind",
+]
+
+#: Subprotocol a client offers in ``Sec-WebSocket-Protocol`` to receive version-2 frames.
+SUBPROTOCOL_V2 = "wsbridge.v2"
+#: Target naming every client in the cluster.
+BROADCAST = "*"
+#: Prefix of a group target: ``group:<name>``, where ``<name>`` matches the id pattern.
+GROUP_PREFIX = "group:"
+MAX_COMMAND_ID_LENGTH = 64
+#: Groups one client may join at connect time.
+MAX_GROUPS = 16
+#: JSON integers an id may take: what every JSON library (JavaScript's included) reads exactly.
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+CommandId = str | int
+
+
+class TargetKind(str, enum.Enum):
+    CLIENT = "client"
+    GROUP = "group"
+    BROADCAST = "broadcast"
+
+
+class Status(str, enum.Enum):
+    """Outcomes of a command with an id; a reply is reported by the reply frame itself."""
+
+    DELIVERED = "delivered"
+    QUEUED = "queued"
+    REPLIED = "replied"  # HTTP API only: WebSocket controllers receive the reply frame.
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutPolicy:
+    """How long a command with an id waits for its outcome: a default and a ceiling (settings)."""
+
+    default_ms: int
+    max_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A controller command as version 2 reads it (a command without id is a Request with ``id=None``)."""
+
+    target: str
+    message: str
+    id: CommandId | None
+    timeout_ms: int
+    queue: bool
+    kind: TargetKind
+
+    @property
+    def group(self) -> str | None:
+        return self.target[len(GROUP_PREFIX) :] if self.kind is TargetKind.GROUP else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReply:
+    """A version-2 client's answer to the command ``reply_to``."""
+
+    reply_to: CommandId
+    message: str
+
+
+def is_valid_command_id(value: object) -> bool:
+    """A string of 1 to 64 characters or an integer JSON can carry exactly (booleans are not ids)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+    return isinstance(value, str) and 0 < len(value) <= MAX_COMMAND_ID_LENGTH
+
+
+def target_kind(target: str) -> TargetKind | None:
+    """What a target names, or None when it is not a valid target."""
+    if CLIENT_ID_PATTERN.fullmatch(target) is not None:
+        return TargetKind.CLIENT
+    if target == BROADCAST:
+        return TargetKind.BROADCAST
+    if target.startswith(GROUP_PREFIX) and CLIENT_ID_PATTERN.fullmatch(target[len(GROUP_PREFIX) :]) is not None:
+        return TargetKind.GROUP
+    return None
+
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _invalid(detail: str, *extra: tuple[str, Any]) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_MESSAGE, detail, extra)
+
+
+class _Fields(msgspec.Struct):
+    """The well-formed shape, decoded in one typed pass; anything else takes the slow path."""
+
+    target: str
+    message: str
+    id: str | int | None = None
+    timeout_ms: int | None = None
+    queue: bool = False
+
+
+_fields_decoder = msgspec.json.Decoder(_Fields)
+
+
+def parse_request(text: str, policy: TimeoutPolicy) -> Request | ProtocolError:
+    """Parse a controller frame with the version-2 fields; size limits are checked by the caller."""
+    try:
+        fields = _fields_decoder.decode(text)
+    except msgspec.DecodeError:
+        pass
+    else:
+        kind = target_kind(fields.target)
+        timeout_ms = policy.default_ms if fields.timeout_ms is None else fields.timeout_ms
+        if (
+            kind is not None
+            and (fields.id is None or is_valid_command_id(fields.id))
+            and 1 <= timeout_ms <= policy.max_ms
+            and not (fields.queue and (kind is not TargetKind.CLIENT or fields.id is None))
+        ):
+            return Request(fields.target, fields.message, fields.id, timeout_ms, fields.queue, kind)
+    try:
+        data = _decoder.decode(text)
+    except msgspec.DecodeError:
+        return ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON")
+    if not isinstance(data, dict):
+        return _invalid('expected a JSON object {"target": ..., "message": ...}')
+    return request_from_fields(data, policy)
+
+
+def request_from_fields(data: dict[str, Any], policy: TimeoutPolicy) -> Request | ProtocolError:
+    """Validate decoded fields (shared by the WebSocket frame and the HTTP body)."""
+    command_id = data.get("id")
+    echo: tuple[tuple[str, Any], ...] = ()
+    if command_id is not None:
+        if not is_valid_command_id(command_id):
+            return _invalid(f'"id" must be a string of 1 to {MAX_COMMAND_ID_LENGTH} characters or an integer')
+        echo = (("id", command_id),)
+    target, message = data.get("target"), data.get("message")
+    if not isinstance(target, str):
+        return _invalid('"target" is missing or not a string', *echo)
+    if not isinstance(message, str):
+        return _invalid('"message" is missing or not a string', ("target", target), *echo)
+    kind = target_kind(target)
+    if kind is None:
+        return ProtocolError(
+            ErrorCode.INVALID_TARGET,
+            'target must be a client id matching ^[a-zA-Z0-9_-]{1,50}$, "*" or "group:<name>"',
+            (("target", target), *echo),
+        )
+    timeout_ms = data.get("timeout_ms")
+    if timeout_ms is None:
+        timeout_ms = policy.default_ms
+    elif isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= policy.max_ms:
+        return _invalid(f'"timeout_ms" must be an integer from 1 to {policy.max_ms}', ("target", target), *echo)
+    queue = data.get("queue", False)
+    if not isinstance(queue, bool):
+        return _invalid('"queue" must be true or false', ("target", target), *echo)
+    if queue and kind is not TargetKind.CLIENT:
+        return _invalid('"queue" applies to one client id, not to "*" or a group', ("target", target), *echo)
+    if queue and command_id is None:
+        return _invalid('"queue" needs an "id", so that a repeated command is not delivered twice', ("target", target))
+    return Request(target, message, command_id, timeout_ms, queue, kind)
+
+
+def parse_groups(value: str | None) -> tuple[str, ...] | str:
+    """The ``groups`` query parameter (``a,b``): the group names, or an error text."""
+    if not value:
+        return ()
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",")))
+    if len(names) > MAX_GROUPS:
+        return f"at most {MAX_GROUPS} groups"
+    for name in names:
+        if CLIENT_ID_PATTERN.fullmatch(name) is None:
+            return "group names must match ^[a-zA-Z0-9_-]{1,50}$"
+    return names
+
+
+def parse_client_reply(text: str) -> ClientReply | None:
+    """A version-2 client frame ``{"reply_to", "message"}``, or None when it is plain text.
+
+    Anything else a v2 client sends is plain text and reaches every controller as in
+    version 1, so a client never loses a message by sending JSON of its own.
+    """
+    if not text.startswith("{"):
+        return None
+    try:
+        data = _decoder.decode(text)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(data, dict) or set(data) != {"reply_to", "message"}:
+        return None
+    reply_to, message = data["reply_to"], data["message"]
+    if not is_valid_command_id(reply_to) or not isinstance(message, str):
+        return None
+    return ClientReply(reply_to, message)
+
+
+class _ClientCommand(msgspec.Struct):
+    id: CommandId | None
+    # "from" is a Python keyword; msgspec renames the field on the wire.
+    from_: str = msgspec.field(name="from")
+    message: str = ""
+
+
+class _ControllerReply(msgspec.Struct):
+    reply_to: CommandId
+    sender: str
+    message: str
+    rtt_ms: float
+
+
+def encode_client_command(command_id: CommandId | None, controller: str, message: str) -> str:
+    """What a version-2 client receives: ``{"id":…,"from":"<controller>","message":"…"}``."""
+    return _encoder.encode(_ClientCommand(command_id, controller, message)).decode()
+
+
+def encode_controller_reply(reply_to: CommandId, sender: str, message: str, rtt_ms: float) -> str:
+    """The reply, to the sending controller only: ``{"reply_to","sender","message","rtt_ms"}``."""
+    return _encoder.encode(_ControllerReply(reply_to, sender, message, round(rtt_ms, 3))).decode()
+
+
+def encode_status(command_id: CommandId, status: Status, target: str, **extra: Any) -> str:
+    """A status frame: ``{"id":…,"status":"delivered","target":"…", …}``."""
+    return _encoder.encode({"id": command_id, "status": status.value, "target": target, **extra}).decode()

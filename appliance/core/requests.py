@@ -1,0 +1,339 @@
+"""Bookkeeping for commands with an id: deadlines, reply matching, the offline queue. No I/O.
+
+Three plain objects, each fed with events and a clock reading:
+
+- :class:`PendingTable` lives on the instance of whoever sent the command (a
+  controller's connection or an HTTP request). It holds each command until its one
+  final outcome: a reply, an error, or its deadline (``timeout``).
+- :class:`V1Matcher` lives on the instance of a version-1 client. Such a client
+  cannot say which command it answers, so while one command with an id is in flight
+  to it, its next message is that command's reply; later commands with an id wait
+  behind it in a bounded line and are handed over one at a time.
+- :class:`OfflineQueue` keeps commands for a client that is not connected, in order,
+  until they expire, and remembers (controller, id) so a repeated command is never
+  delivered twice. The Redis broker keeps the same records in Redis lists; this is
+  the embedded broker's store and the model both follow.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from .protocol_v2 import CommandId
+
+__all__ = [
+    "Advance",
+    "Enqueued",
+    "Held",
+    "OfflineQueue",
+    "Pending",
+    "PendingTable",
+    "Routed",
+    "V1Matcher",
+]
+
+
+class Routed(msgspec.Struct, frozen=True):
+    """A command with an id on its way to a client's instance, with where to report its outcome.
+
+    ``reply_to`` names the sender's instance and ``owner`` its entry in that instance's
+    :class:`PendingTable` (a connection key, or an HTTP waiter's key). Deadlines cross
+    instances as a duration, so clocks of different machines never need to agree.
+    """
+
+    controller: str
+    id: CommandId
+    message: str
+    reply_to: str
+    owner: str
+    timeout_ms: int
+
+
+# --- the sender's side -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Pending:
+    """One command waiting for its outcome."""
+
+    owner: str
+    id: CommandId
+    target: str
+    started: float
+    deadline: float
+    delivered: bool = False
+
+    @property
+    def key(self) -> tuple[str, CommandId]:
+        return (self.owner, self.id)
+
+
+class PendingTable:
+    """Commands in flight, each with a deadline; every entry leaves by exactly one outcome."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, CommandId], Pending] = {}
+        self._deadlines: list[tuple[float, int, tuple[str, CommandId]]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def open(self, owner: str, command_id: CommandId, target: str, now: float, timeout_ms: int) -> Pending | None:
+        """Start waiting; None when ``owner`` already has ``command_id`` in flight."""
+        key = (owner, command_id)
+        if key in self._entries:
+            return None
+        pending = Pending(owner, command_id, target, now, now + timeout_ms / 1000)
+        self._entries[key] = pending
+        heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), key))
+        return pending
+
+    def get(self, owner: str, command_id: CommandId) -> Pending | None:
+        return self._entries.get((owner, command_id))
+
+    def delivered(self, owner: str, command_id: CommandId) -> Pending | None:
+        """The command reached the target's socket; it still waits for a reply or its deadline.
+
+        None when the entry is gone (already timed out) or was already reported delivered,
+        so each status frame is sent once.
+        """
+        pending = self._entries.get((owner, command_id))
+        if pending is None or pending.delivered:
+            return None
+        pending.delivered = True
+        return pending
+
+    def finish(self, owner: str, command_id: CommandId) -> Pending | None:
+        """The final outcome (reply or error) arrived: the entry leaves; None if it already left."""
+        return self._entries.pop((owner, command_id), None)
+
+    def expire(self, now: float) -> list[Pending]:
+        """Entries whose deadline has passed, removed: each gets a ``timeout``."""
+        expired = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, key = heapq.heappop(deadlines)
+            pending = self._entries.get(key)
+            if pending is not None and pending.deadline <= now:
+                del self._entries[key]
+                expired.append(pending)
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` next has work (entries that left early are skipped lazily)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2] not in self._entries:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
+
+    def drop_owner(self, owner: str) -> list[Pending]:
+        """The owner went away (controller disconnected): forget its entries without outcomes."""
+        gone = [key for key in self._entries if key[0] == owner]
+        return [self._entries.pop(key) for key in gone]
+
+
+# --- a version-1 client's side -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Line:
+    in_flight: Routed | None = None
+    in_flight_deadline: float = 0.0
+    waiting: deque[tuple[Routed, float]] = field(default_factory=deque)
+
+
+class Held(enum.Enum):
+    """What :meth:`V1Matcher.submit` decided."""
+
+    SEND = "send"  # hand it to the socket now: it is the one in flight
+    WAIT = "wait"  # another command is in flight: it waits its turn
+    FULL = "full"  # the line is full: refuse it
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """The outcome of a step in one client's line.
+
+    ``replied`` is the command the client's message answers (if one was in flight);
+    ``send`` is the next command to hand to the socket now; ``expired`` were waiting
+    and passed their deadline unsent (their senders time them out on their own).
+    """
+
+    replied: Routed | None = None
+    send: Routed | None = None
+    expired: tuple[Routed, ...] = ()
+
+
+class V1Matcher:
+    """FIFO reply matching for version-1 clients: one command with an id in flight per client."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._lines: dict[str, _Line] = {}
+        # (deadline, seq, client) of each command put in flight; stale entries are skipped when popped,
+        # so a timer tick costs O(expired), not O(clients).
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+
+    def _fly(self, client: str, line: _Line, routed: Routed, deadline: float) -> None:
+        line.in_flight, line.in_flight_deadline = routed, deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._seq), client))
+
+    def has_line(self, client: str) -> bool:
+        """Whether ``client`` has a command in flight (then its next message is a reply)."""
+        return client in self._lines
+
+    def in_flight(self, client: str) -> Routed | None:
+        line = self._lines.get(client)
+        return line.in_flight if line else None
+
+    def waiting(self, client: str) -> int:
+        line = self._lines.get(client)
+        return len(line.waiting) if line else 0
+
+    def submit(self, client: str, routed: Routed, now: float) -> Held:
+        line = self._lines.setdefault(client, _Line())
+        deadline = now + routed.timeout_ms / 1000
+        if line.in_flight is None:
+            self._fly(client, line, routed, deadline)
+            return Held.SEND
+        if len(line.waiting) >= self.max_waiting:
+            return Held.FULL
+        line.waiting.append((routed, deadline))
+        return Held.WAIT
+
+    def client_message(self, client: str, now: float) -> Advance:
+        """The client sent a message: it answers the command in flight, if any."""
+        line = self._lines.get(client)
+        if line is None or line.in_flight is None:
+            return Advance()
+        replied = line.in_flight
+        return self._next(client, line, now, replied)
+
+    def expire(self, now: float) -> dict[str, Advance]:
+        """Commands in flight whose deadline passed stop waiting for a reply; the next one goes."""
+        advanced = {}
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, client = heapq.heappop(deadlines)
+            line = self._lines.get(client)
+            if line is not None and line.in_flight is not None and line.in_flight_deadline <= now:
+                advanced[client] = self._next(client, line, now, None)
+        return advanced
+
+    def next_deadline(self) -> float | None:
+        deadlines = self._deadlines
+        while deadlines and not self._current(deadlines[0]):
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
+
+    def _current(self, entry: tuple[float, int, str]) -> bool:
+        line = self._lines.get(entry[2])
+        return line is not None and line.in_flight is not None and line.in_flight_deadline == entry[0]
+
+    def disconnect(self, client: str) -> list[Routed]:
+        """The client left: the commands still waiting were never handed over (the one in flight was)."""
+        line = self._lines.pop(client, None)
+        return [routed for routed, _ in line.waiting] if line else []
+
+    def _next(self, client: str, line: _Line, now: float, replied: Routed | None) -> Advance:
+        expired = []
+        line.in_flight = None
+        while line.waiting:
+            routed, deadline = line.waiting.popleft()
+            if deadline <= now:
+                expired.append(routed)
+                continue
+            self._fly(client, line, routed, deadline)
+            break
+        if line.in_flight is None:
+            del self._lines[client]
+        return Advance(replied, line.in_flight, tuple(expired))
+
+
+# --- commands for clients that are not connected -----------------------------------------
+
+
+class Enqueued(enum.Enum):
+    """What :meth:`OfflineQueue.enqueue` did."""
+
+    QUEUED = "queued"
+    ALREADY_QUEUED = "already_queued"  # same (controller, id) waits already: not queued twice
+    ALREADY_DELIVERED = "already_delivered"  # same (controller, id) was delivered: never again
+    FULL = "full"
+
+
+@dataclass(slots=True)
+class _Queued:
+    routed: Routed
+    expires: float
+
+
+class OfflineQueue:
+    """Per-target queues of commands for absent clients, bounded, ordered, expiring, de-duplicated."""
+
+    def __init__(self, max_per_target: int, remember_seconds: float) -> None:
+        self.max_per_target = max_per_target
+        #: How long a delivered (controller, id) is remembered, so a late repeat is not delivered again.
+        self.remember_seconds = remember_seconds
+        self._queues: dict[str, deque[_Queued]] = {}
+        # (controller, id) -> (delivered?, forget at): a repeat within the command's lifetime is recognised.
+        self._seen: dict[tuple[str, CommandId], tuple[bool, float]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+        self.expire(now)
+        key = (routed.controller, routed.id)
+        seen = self._seen.get(key)
+        if seen is not None:
+            return Enqueued.ALREADY_DELIVERED if seen[0] else Enqueued.ALREADY_QUEUED
+        queue = self._queues.setdefault(target, deque())
+        if len(queue) >= self.max_per_target:
+            return Enqueued.FULL
+        expires = now + routed.timeout_ms / 1000
+        queue.append(_Queued(routed, expires))
+        self._seen[key] = (False, expires)
+        return Enqueued.QUEUED
+
+    def take(self, target: str, now: float) -> list[Routed]:
+        """The target connected: its unexpired commands, oldest first, now marked delivered."""
+        queue = self._queues.pop(target, None)
+        if not queue:
+            return []
+        taken = []
+        for item in queue:
+            if item.expires > now:
+                taken.append(item.routed)
+                self._seen[(item.routed.controller, item.routed.id)] = (
+                    True,
+                    max(item.expires, now + self.remember_seconds),
+                )
+        return taken
+
+    def expire(self, now: float) -> list[Routed]:
+        """Drop what outlived its deadline (its sender reports the timeout) and old de-duplication marks."""
+        expired = []
+        for target in list(self._queues):
+            queue = self._queues[target]
+            while queue and queue[0].expires <= now:
+                expired.append(queue.popleft().routed)
+            # Later entries can expire earlier (shorter timeout_ms): sweep those too.
+            if any(item.expires <= now for item in queue):
+                kept = deque(item for item in queue if item.expires > now)
+                expired.extend(item.routed for item in queue if item.expires <= now)
+                queue = self._queues[target] = kept
+            if not queue:
+                del self._queues[target]
+        for key, (_, forget_at) in list(self._seen.items()):
+            if forget_at <= now:
+                del self._seen[key]
+        return expired

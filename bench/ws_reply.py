@@ -1,0 +1,147 @@
+"""``python -m bench.ws_reply``: what protocol version 2 costs over version 1, on one instance.
+
+The same closed loop twice against one appliance (embedded broker): a controller keeps
+``--outstanding`` commands in flight to ``--clients`` echo clients and sends the next
+one as soon as an answer comes back.
+
+- ``v1``: commands without id, version-1 clients echo the text, the controller counts
+  ``{"sender", "message"}`` frames (the seed's protocol);
+- ``v2``: commands with an id, version-2 clients answer ``{"reply_to", "message"}``, the
+  controller gets a ``delivered`` status frame and the ``reply_to`` frame per command.
+
+The ratio v2/v1 of completed commands per second is the cost of ids, status frames and
+correlation (issue 8: v2 costs at most 25 % of v1 throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from .procs import Processes, free_port, raise_nofile_limit, wait_http_ok
+
+__all__ = ["main", "run"]
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+class _Echo(WSListener):
+    def __init__(self, v2: bool) -> None:
+        self.v2 = v2
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.TEXT:
+            payload = frame.get_payload_as_bytes()
+            if self.v2:
+                command = _decode(payload)
+                transport.send(WSMsgType.TEXT, _encode({"reply_to": command["id"], "message": command["message"]}))
+            else:
+                transport.send(WSMsgType.TEXT, payload)
+        elif frame.msg_type is WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+
+
+class _Controller(WSListener):
+    """Counts answers and sends the next command to the client that answered."""
+
+    def __init__(self, v2: bool) -> None:
+        self.v2 = v2
+        self.transport: WSTransport | None = None
+        self.completed = 0
+        self.ids = itertools.count()
+        self.frames = {}  # client id -> encoded command without id (v1)
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def send(self, target: str) -> None:
+        assert self.transport is not None
+        if self.v2:
+            body = {"target": target, "message": "ping", "id": next(self.ids), "timeout_ms": 60_000}
+            self.transport.send(WSMsgType.TEXT, _encode(body))
+        else:
+            self.transport.send(WSMsgType.TEXT, self.frames[target])
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not WSMsgType.TEXT:
+            if frame.msg_type is WSMsgType.PING:
+                transport.send_pong(frame.get_payload_as_bytes())
+            return
+        message = _decode(frame.get_payload_as_bytes())
+        if "error" in message:
+            raise RuntimeError(f"error frame: {message}")
+        if self.v2 and "reply_to" not in message:
+            return  # a status frame ("delivered"): progress, not an answer
+        self.completed += 1
+        self.send(message["sender"])
+
+
+async def _loop(port: int, tokens: tuple[str, str], v2: bool, clients: int, outstanding: int, duration: float):
+    controller_token, client_token = tokens
+    client_headers = {"X-Auth-Token": client_token}
+    if v2:
+        client_headers["Sec-WebSocket-Protocol"] = "wsbridge.v2"
+    prefix = "v2" if v2 else "v1"
+    ids = [f"{prefix}-{i}" for i in range(clients)]
+    transports = [
+        (await ws_connect(lambda: _Echo(v2), f"ws://127.0.0.1:{port}/ws/{cid}", extra_headers=client_headers))[0]
+        for cid in ids
+    ]
+    transport, controller = await ws_connect(
+        lambda: _Controller(v2),
+        f"ws://127.0.0.1:{port}/ws/bench-{prefix}",
+        extra_headers={"X-Auth-Token": controller_token},
+    )
+    controller.frames = {cid: json.dumps({"target": cid, "message": "ping"}).encode() for cid in ids}
+    for i in range(outstanding):
+        controller.send(ids[i % clients])
+    await asyncio.sleep(1.0)  # warm-up
+    start_count, start = controller.completed, time.perf_counter()
+    await asyncio.sleep(duration)
+    rate = (controller.completed - start_count) / (time.perf_counter() - start)
+    transport.disconnect()
+    for t in transports:
+        t.disconnect()
+    return rate
+
+
+async def run(clients: int, outstanding: int, duration: float) -> dict:
+    raise_nofile_limit()
+    tokens = (secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+    with tempfile.TemporaryDirectory(prefix="wsb-bench-ws-") as tmp, Processes(Path(tmp)) as procs:
+        port = free_port()
+        settings = {"LLM_SECRET_TOKEN": tokens[0], "UNITY_CLIENT_TOKEN": tokens[1], "LOG_LEVEL": "WARNING"}
+        proc = procs.start_appliance("ws-reply", port, settings)
+        await wait_http_ok(proc, f"http://127.0.0.1:{port}/healthz")
+        v1 = await _loop(port, tokens, False, clients, outstanding, duration)
+        v2 = await _loop(port, tokens, True, clients, outstanding, duration)
+    return {"clients": clients, "outstanding": outstanding, "v1_per_s": v1, "v2_per_s": v2, "v2_over_v1": v2 / v1}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ws_reply", description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--outstanding", type=int, default=100, help="commands in flight (at most one per client)")
+    parser.add_argument("--duration", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(run(args.clients, min(args.outstanding, args.clients), args.duration)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

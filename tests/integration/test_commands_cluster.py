@@ -1,0 +1,138 @@
+"""Request/reply, broadcast, queue and disconnect across instances sharing one real Redis."""
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import pytest
+from support import ADMIN_TOKEN, CONTROLLER_TOKEN, closed_with, command, recv, recv_json, timeout
+
+V2 = ["wsbridge.v2"]
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def trio(redis_server):
+    """Three instances on one Redis: a (controllers), b (HTTP), c (clients)."""
+    from support import Appliance
+
+    apps = [Appliance(redis_url=redis_server.url, name=f"cmd-{n}") for n in "abc"]
+    for app in apps:
+        app.start()
+    yield apps
+    for app in apps:
+        app.stop()
+
+
+async def nothing_arrives(ws, within: float = 0.3) -> bool:
+    try:
+        frame = await asyncio.wait_for(ws.recv(), within)
+    except TimeoutError:
+        return True
+    raise AssertionError(f"unexpected frame {frame!r}")
+
+
+async def test_ws_request_reply_with_controller_and_client_on_different_instances(trio):
+    a, b, c = trio
+    v2, v1, ctl = uid("v2"), uid("v1"), uid("ctl")
+    async with (
+        a.controller(ctl) as llm,
+        b.controller(uid("other")) as other,
+        c.connect(v2, subprotocols=V2) as client2,
+        c.connect(v1) as client1,
+    ):
+        await llm.send(command(v2, "jump", id="x1"))
+        assert await recv_json(client2) == {"id": "x1", "from": ctl, "message": "jump"}
+        assert await recv_json(llm) == {"id": "x1", "status": "delivered", "target": v2}
+        await client2.send(json.dumps({"reply_to": "x1", "message": "jumped"}))
+        reply = await recv_json(llm)
+        assert (reply["reply_to"], reply["sender"], reply["message"]) == ("x1", v2, "jumped")
+        assert await nothing_arrives(other)  # the v2 reply went to its sender only
+
+        await llm.send(command(v1, "sit", id=7))
+        assert await recv(client1) == "sit"
+        assert (await recv_json(llm))["status"] == "delivered"
+        await client1.send("sat")
+        assert await recv_json(other) == {"sender": v1, "message": "sat"}  # v1 frame to every controller
+        frames = [await recv_json(llm) for _ in range(2)]
+        reply = next(f for f in frames if "reply_to" in f)
+        assert (reply["reply_to"], reply["sender"], reply["message"]) == (7, v1, "sat")
+
+        await llm.send(command(v2, "slow", id="t1", timeout_ms=300))
+        await recv(client2)
+        assert (await recv_json(llm))["status"] == "delivered"
+        assert (await recv_json(llm))["status"] == "timeout"
+
+
+async def test_http_request_on_one_instance_reply_from_a_client_on_another(trio):
+    _, b, c = trio
+    v2, v1 = uid("v2"), uid("v1")
+    async with (
+        c.connect(v2, subprotocols=V2) as client2,
+        c.connect(v1) as client1,
+        httpx.AsyncClient(base_url=b.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}, timeout=timeout(15)) as http,
+    ):
+
+        async def answer():
+            frame = await recv_json(client2)
+            await client2.send(json.dumps({"reply_to": frame["id"], "message": "v2 says hi"}))
+            assert await recv(client1) == "hello v1"
+            await client1.send("v1 says hi")
+
+        answering = asyncio.create_task(answer())
+        r2 = await http.post("/api/v1/commands", json={"target": v2, "message": "hello v2", "wait_ms": 5000})
+        r1 = await http.post("/api/v1/commands", json={"target": v1, "message": "hello v1", "wait_ms": 5000})
+        await answering
+        assert (r2.status_code, r2.json()["message"]) == (200, "v2 says hi")
+        assert (r1.status_code, r1.json()["message"]) == (200, "v1 says hi")
+        offline = await http.post("/api/v1/commands", json={"target": uid("gone"), "message": "x", "wait_ms": 500})
+        assert offline.status_code == 404
+
+
+async def test_broadcast_and_group_counts_are_cluster_wide(trio):
+    a, b, c = trio
+    group = uid("grp")
+    async with (
+        a.controller(uid("ctl")) as llm,
+        b.connect(f"{uid('m')}?groups={group}") as m1,
+        c.connect(f"{uid('m')}?groups={group}", subprotocols=V2) as m2,
+        c.connect(f"{uid('m')}?groups={group}") as m3,
+        b.connect(uid("outsider")) as outsider,
+    ):
+        await llm.send(command(f"group:{group}", "rally", id="g"))
+        assert await recv(m1) == "rally"
+        assert (await recv_json(m2))["message"] == "rally"
+        assert await recv(m3) == "rally"
+        assert await recv_json(llm) == {"id": "g", "status": "delivered", "target": f"group:{group}", "count": 3}
+        assert await nothing_arrives(outsider)
+        async with httpx.AsyncClient(base_url=b.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}) as http:
+            response = await http.post("/api/v1/commands", json={"target": "*", "message": "all"})
+            assert response.status_code == 202
+            assert response.json()["count"] >= 4
+        assert await recv(outsider) == "all"
+
+
+async def test_command_queued_on_one_instance_is_delivered_on_another(trio):
+    a, _, c = trio
+    target = uid("later")
+    async with a.controller(uid("ctl")) as llm:
+        await llm.send(command(target, "first", id="q1", queue=True, timeout_ms=20_000))
+        await llm.send(command(target, "second", id="q2", queue=True, timeout_ms=20_000))
+        assert [(await recv_json(llm))["status"] for _ in range(2)] == ["queued", "queued"]
+        async with c.connect(target, subprotocols=V2) as client:
+            assert [(await recv_json(client))["message"] for _ in range(2)] == ["first", "second"]
+            delivered = {(await recv_json(llm))["id"] for _ in range(2)}
+            assert delivered == {"q1", "q2"}
+
+
+async def test_admin_disconnect_reaches_another_instance(trio):
+    a, _, c = trio
+    target = uid("kick")
+    async with c.connect(target) as client:
+        async with httpx.AsyncClient(base_url=a.http, headers={"X-Auth-Token": ADMIN_TOKEN}) as http:
+            assert (await http.delete(f"/api/v1/clients/{target}")).status_code == 204
+        assert (await closed_with(client))[0] == 4012

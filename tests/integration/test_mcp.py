@@ -1,0 +1,121 @@
+"""The MCP tools, driven by the official MCP client: `wsbridge mcp` over stdio, and /mcp over streamable HTTP."""
+
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import uuid
+
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from support import CLIENT_TOKEN, CONTROLLER_TOKEN, ROOT, timeout
+
+V2 = ["wsbridge.v2"]
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def bridge(redis_server):
+    from support import Appliance
+
+    app = Appliance(redis_url=redis_server.url, name="mcp")
+    app.start()
+    yield app
+    app.stop()
+
+
+@contextlib.asynccontextmanager
+async def answering_client(app, client_id, *, groups=None):
+    """A v2 client that answers every command with 'ok: <message>'."""
+    path = client_id + (f"?groups={groups}" if groups else "")
+    async with app.connect(path, subprotocols=V2) as ws:
+
+        async def answer():
+            async for raw in ws:
+                frame = json.loads(raw)
+                await ws.send(json.dumps({"reply_to": frame["id"], "message": "ok: " + frame["message"]}))
+
+        task = asyncio.create_task(answer())
+        try:
+            yield ws
+        finally:
+            task.cancel()
+
+
+def stdio_client(app):
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "appliance", "mcp", "--url", app.http, "--token", CONTROLLER_TOKEN],
+        cwd=tempfile.mkdtemp(prefix="wsb-mcp-"),  # no stray .env
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    return Client(params, read_timeout_seconds=timeout(30))
+
+
+def http_client(app, token=CONTROLLER_TOKEN):
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=timeout(30))
+    return Client(streamable_http_client(f"{app.http}/mcp", http_client=http), read_timeout_seconds=timeout(30))
+
+
+@pytest.fixture(params=["stdio", "http"])
+def mcp_client(request, bridge):
+    return stdio_client(bridge) if request.param == "stdio" else http_client(bridge)
+
+
+async def test_tools_are_listed_with_descriptions_for_a_model(mcp_client):
+    async with mcp_client as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert set(tools) == {"list_clients", "send_command", "broadcast"}
+    send = tools["send_command"]
+    assert "ONE client" in send.description and "list_clients" in send.description
+    assert send.input_schema["required"] == ["target", "message"]  # never a default target
+
+
+async def test_send_command_returns_the_reply_and_list_clients_finds_the_client(mcp_client, bridge):
+    target = uid("mcp")
+    async with answering_client(bridge, target), mcp_client as client:
+        listed = await client.call_tool("list_clients", {"id_prefix": target})
+        assert not listed.is_error
+        assert [c["id"] for c in listed.structured_content["clients"]] == [target]
+        result = await client.call_tool("send_command", {"target": target, "message": "hello", "timeout_seconds": 5})
+        assert not result.is_error, result.content
+        assert result.structured_content["status"] == "replied"
+        assert result.structured_content["reply"] == "ok: hello"
+        assert result.structured_content["rtt_ms"] >= 0
+
+
+async def test_errors_tell_the_model_what_to_do(mcp_client):
+    async with mcp_client as client:
+        offline = await client.call_tool("send_command", {"target": "nobody-mcp", "message": "x"})
+        assert offline.is_error
+        text = offline.content[0].text
+        assert "not connected" in text and "list_clients" in text and "queue=true" in text
+        wildcard = await client.call_tool("send_command", {"target": "*", "message": "x"})
+        assert wildcard.is_error and "broadcast" in wildcard.content[0].text
+
+
+async def test_broadcast_reports_the_count(mcp_client, bridge):
+    group = uid("team")
+    async with (
+        answering_client(bridge, uid("m"), groups=group),
+        answering_client(bridge, uid("m"), groups=group),
+        mcp_client as client,
+    ):
+        result = await client.call_tool("broadcast", {"message": "go", "group": group})
+        assert not result.is_error, result.content
+        assert result.structured_content["count"] == 2
+
+
+@pytest.mark.parametrize("token", [None, CLIENT_TOKEN])
+async def test_http_mcp_needs_the_controller_token(bridge, token):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers) as http:
+        response = await http.post(f"{bridge.http}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert response.status_code == 401

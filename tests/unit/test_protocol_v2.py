@@ -1,0 +1,169 @@
+"""Version-2 frames: parsing of the new command fields and the exact bytes of each new frame."""
+
+import json
+
+import pytest
+
+from appliance.core.protocol import ErrorCode, ProtocolError
+from appliance.core.protocol_v2 import (
+    MAX_GROUPS,
+    ClientReply,
+    Request,
+    Status,
+    TargetKind,
+    TimeoutPolicy,
+    encode_client_command,
+    encode_controller_reply,
+    encode_status,
+    is_valid_command_id,
+    parse_client_reply,
+    parse_groups,
+    parse_request,
+    request_from_fields,
+    target_kind,
+)
+
+POLICY = TimeoutPolicy(default_ms=30_000, max_ms=300_000)
+
+
+def test_seed_command_reads_as_a_request_without_id_and_default_timeout():
+    assert parse_request('{"target": "unity_client_1", "message": "MoveForward 10"}', POLICY) == Request(
+        "unity_client_1", "MoveForward 10", None, 30_000, False, TargetKind.CLIENT
+    )
+
+
+def test_all_v2_fields_are_read():
+    request = parse_request('{"target":"u1","message":"m","id":"a-1","timeout_ms":1500,"queue":true}', POLICY)
+    assert request == Request("u1", "m", "a-1", 1500, True, TargetKind.CLIENT)
+
+
+@pytest.mark.parametrize(
+    ("target", "kind", "group"),
+    [
+        ("u1", TargetKind.CLIENT, None),
+        ("*", TargetKind.BROADCAST, None),
+        ("group:red-team", TargetKind.GROUP, "red-team"),
+    ],
+)
+def test_targets_name_a_client_everybody_or_a_group(target, kind, group):
+    request = parse_request(json.dumps({"target": target, "message": "m", "id": 1}), POLICY)
+    assert isinstance(request, Request)
+    assert request.kind is kind
+    assert request.group == group
+
+
+@pytest.mark.parametrize("target", ["group:", "group:bad name", "**", "group:a:b", "Group:x", "x" * 51, ""])
+def test_malformed_targets_are_invalid_target_with_the_id_echoed(target):
+    error = parse_request(json.dumps({"target": target, "message": "m", "id": 7}), POLICY)
+    assert isinstance(error, ProtocolError)
+    assert error.code is ErrorCode.INVALID_TARGET
+    assert dict(error.extra) == {"target": target, "id": 7}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"id": ""},
+        {"id": "x" * 65},
+        {"id": True},
+        {"id": 1.5},
+        {"id": 2**53},
+        {"id": ["a"]},
+        {"timeout_ms": 0},
+        {"timeout_ms": 300_001},
+        {"timeout_ms": "100"},
+        {"timeout_ms": True},
+        {"queue": "yes"},
+        {"queue": True, "target": "*"},
+        {"queue": True, "target": "group:g"},
+        {"queue": True, "id": None},
+    ],
+)
+def test_bad_v2_fields_are_invalid_message(fields):
+    data = {"target": "u1", "message": "m", "id": "c1", **fields}
+    error = request_from_fields(data, POLICY)
+    assert isinstance(error, ProtocolError), fields
+    assert error.code is ErrorCode.INVALID_MESSAGE
+
+
+def test_timeout_bounds_are_inclusive_and_named_in_the_detail():
+    assert isinstance(request_from_fields({"target": "u", "message": "m", "timeout_ms": 1}, POLICY), Request)
+    assert isinstance(request_from_fields({"target": "u", "message": "m", "timeout_ms": 300_000}, POLICY), Request)
+    error = request_from_fields({"target": "u", "message": "m", "timeout_ms": 300_001, "id": 3}, POLICY)
+    assert isinstance(error, ProtocolError)
+    assert "300000" in error.detail
+    assert dict(error.extra)["id"] == 3
+
+
+def test_command_id_rules():
+    assert is_valid_command_id("x" * 64)
+    assert is_valid_command_id(0)
+    assert is_valid_command_id(-(2**53 - 1))
+    assert not is_valid_command_id("x" * 65)
+    assert not is_valid_command_id(False)
+    assert not is_valid_command_id(None)
+
+
+def test_not_json_and_not_an_object_keep_their_v1_codes():
+    assert parse_request("nope", POLICY).code is ErrorCode.INVALID_JSON
+    assert parse_request("[1]", POLICY).code is ErrorCode.INVALID_MESSAGE
+
+
+def test_target_kind_never_confuses_ids_with_broadcast_or_groups():
+    assert target_kind("group") is TargetKind.CLIENT  # a plain id that happens to be called "group"
+    assert target_kind("*") is TargetKind.BROADCAST
+    assert target_kind("group:g") is TargetKind.GROUP
+    assert target_kind("a*") is None
+
+
+def test_groups_parameter():
+    assert parse_groups(None) == ()
+    assert parse_groups("") == ()
+    assert parse_groups("red,blue,red") == ("red", "blue")
+    assert parse_groups("bad name") == "group names must match ^[a-zA-Z0-9_-]{1,50}$"
+    assert parse_groups("a,,b").startswith("group names")
+    assert parse_groups(",".join(f"g{i}" for i in range(MAX_GROUPS))) == tuple(f"g{i}" for i in range(MAX_GROUPS))
+    assert parse_groups(",".join(f"g{i}" for i in range(MAX_GROUPS + 1))) == f"at most {MAX_GROUPS} groups"
+
+
+def test_client_command_frame_bytes():
+    assert (
+        encode_client_command("c-1", "LLM", "MoveForward 10") == '{"id":"c-1","from":"LLM","message":"MoveForward 10"}'
+    )
+    assert encode_client_command(None, "LLM", 'say "hi"') == '{"id":null,"from":"LLM","message":"say \\"hi\\""}'
+    assert encode_client_command(5, "planner", "héllo") == '{"id":5,"from":"planner","message":"héllo"}'
+
+
+def test_controller_reply_frame_bytes():
+    assert encode_controller_reply("c-1", "u1", "done", 12.34567) == (
+        '{"reply_to":"c-1","sender":"u1","message":"done","rtt_ms":12.346}'
+    )
+
+
+def test_status_frame_bytes():
+    assert encode_status("c-1", Status.DELIVERED, "u1") == '{"id":"c-1","status":"delivered","target":"u1"}'
+    assert encode_status(9, Status.DELIVERED, "*", count=3) == '{"id":9,"status":"delivered","target":"*","count":3}'
+    assert encode_status("q", Status.QUEUED, "u1", expires_in_ms=5000) == (
+        '{"id":"q","status":"queued","target":"u1","expires_in_ms":5000}'
+    )
+    assert encode_status("t", Status.TIMEOUT, "u1", timeout_ms=100) == (
+        '{"id":"t","status":"timeout","target":"u1","timeout_ms":100}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"reply_to": "c-1", "message": "done"}', ClientReply("c-1", "done")),
+        ('{"reply_to": 4, "message": ""}', ClientReply(4, "")),
+        ("done", None),
+        ('{"reply_to": "c-1"}', None),
+        ('{"reply_to": "c-1", "message": "m", "extra": 1}', None),  # the client's own JSON, not a reply
+        ('{"reply_to": true, "message": "m"}', None),
+        ('{"reply_to": "c-1", "message": 5}', None),
+        ('{"reply_to": "c-1", "message": "m"', None),
+        ("[1, 2]", None),
+    ],
+)
+def test_client_reply_parsing_treats_anything_else_as_plain_text(text, expected):
+    assert parse_client_reply(text) == expected
