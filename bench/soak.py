@@ -51,6 +51,8 @@ class _Frame(msgspec.Struct):
     message: str | None = None
     error: str | None = None
     id: int | None = None
+    status: str | None = None  # Version 2 status frames (the commands carry an id).
+    reply_to: int | None = None  # Version 2 sends the reply to its controller twice: this copy is skipped.
 
 
 _decode = msgspec.json.Decoder(_Frame).decode
@@ -76,7 +78,10 @@ class _SoakController(WSListener):
         now = _now()
         if incoming.error is not None:
             self.soak.reported(incoming.id, incoming.error)
-        elif incoming.message is not None:
+        elif incoming.status is not None:
+            if incoming.status == "timeout":  # No reply within the command's timeout: reported, not lost.
+                self.soak.reported(incoming.id, "timeout")
+        elif incoming.reply_to is None and incoming.message is not None:
             seq, _, _ = incoming.message.partition(" ")
             self.soak.answered(int(seq), now)
 

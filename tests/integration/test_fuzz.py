@@ -143,6 +143,8 @@ async def drain(ws: ClientConnection, seen_errors: set[str], seen_closes: set[in
                 seen_errors.add(data["error"])
                 if probe is not None and data.get("id") == probe:
                     return True
+            elif "status" in data:  # Version 2: a fuzzed frame with a valid id gets status frames (documented).
+                assert data["status"] in ("delivered", "queued", "timeout"), data
             elif data.get("sender") != "good-dev":  # Every controller gets the good client's replies too.
                 raise AssertionError(f"controller got a non-error frame from the fuzzer's traffic: {frame[:200]!r}")
     except TimeoutError:
