@@ -240,3 +240,98 @@ async def test_a_rolling_restart_under_steady_traffic_reports_every_command_it_c
 
 #: Seconds to wait for the last commands' outcomes: the cross-instance outcome timeout is 10 to 20 s.
 OUTCOME_WAIT = 21
+
+
+@pytest.mark.slow
+async def test_a_rolling_restart_with_the_offline_queue_loses_no_command_for_reconnecting_clients(
+    redis_server, start_appliance
+):
+    """The same roll with ``"queue": true`` (controller API, #8): commands wait for their client.
+
+    Every command sent on the controller connection that survived must reach its client
+    (exactly once) or be reported; the figures are printed for docs/deploy.md.
+    """
+    from support import CLIENT_TOKEN
+
+    from appliance.client import BridgeClient
+
+    a = await asyncio.to_thread(start_appliance, redis_url=redis_server.url, name="rollq-a")
+    b = await asyncio.to_thread(start_appliance, redis_url=redis_server.url, name="rollq-b")
+    balancer = await LoadBalancer([a.port, b.port]).start()
+    delivered: dict[int, int] = {}
+    outcomes: dict[int, str] = {}  # id -> "replied" or an error / timeout
+    sent_on: dict[int, int] = {}
+    stop = asyncio.Event()
+
+    async def device(i: int) -> None:
+        async with BridgeClient(balancer.ws, f"rollq-{i}", CLIENT_TOKEN, backoff_initial=0.05, backoff_max=0.5) as dev:
+            while not stop.is_set():
+                try:
+                    text = await asyncio.wait_for(dev.receive(), 0.2)
+                except TimeoutError:
+                    continue
+                n = int(text[1:])
+                delivered[n] = delivered.get(n, 0) + 1
+                await dev.send_text(f"done {n}")  # Version-1 clients' replies free their reply line.
+
+    async def controller_reader(llm: BridgeClient) -> None:
+        while True:
+            data = await llm.receive_json()
+            if "reply_to" in data:
+                outcomes[data["reply_to"]] = "replied"
+            elif "error" in data and "id" in data:
+                outcomes[data["id"]] = data["error"]
+            elif data.get("status") == "timeout":
+                outcomes[data["id"]] = "timeout"
+
+    devices = [asyncio.create_task(device(i)) for i in range(CLIENTS)]
+    try:
+        async with BridgeClient(balancer.ws, "rollq-llm", CONTROLLER_TOKEN, backoff_initial=0.05) as llm:
+            reader = asyncio.create_task(controller_reader(llm))
+
+            async def traffic() -> None:
+                n = 0
+                while not stop.is_set():
+                    sent_on[n] = llm.connections
+                    await llm.send_command(f"rollq-{n % CLIENTS}", f"c{n}", id=n, queue=True, timeout_ms=15_000)
+                    n += 1
+                    await asyncio.sleep(1 / COMMANDS_PER_SECOND)
+
+            await asyncio.sleep(timeout(2))
+            sender = asyncio.create_task(traffic())
+            await asyncio.sleep(2)
+            for app in (a, b):
+                await asyncio.to_thread(app.terminate)
+                await asyncio.to_thread(app.start)
+                await asyncio.sleep(2)
+            stop.set()
+            await sender
+            final_connection = llm.connections
+            waited = time.monotonic()
+            while any(n not in outcomes for n, c in sent_on.items() if c == final_connection):
+                if time.monotonic() - waited > timeout(20):
+                    break
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1)
+            reader.cancel()
+    finally:
+        stop.set()
+        await asyncio.gather(*devices, return_exceptions=True)
+        await balancer.stop()
+
+    ours = [n for n, c in sent_on.items() if c == final_connection]
+    lost = [n for n in ours if n not in delivered]
+    unreported = [n for n in lost if outcomes.get(n) in (None, "replied")]
+    duplicated = [n for n, times in delivered.items() if times > 1]
+    codes = Counter(outcomes.get(n, "none") for n in lost)
+    print(
+        f"rolling restart (offline queue): {len(sent_on)} commands, {len(ours)} on the surviving controller "
+        f"connection: {len(ours) - len(lost)} reached their client, {len(lost)} did not ({dict(codes)}), "
+        f"{len(unreported)} of them unreported, {len(duplicated)} duplicated; "
+        f"all connections: {len(delivered)} of {len(sent_on)} reached their client"
+    )
+    assert len(sent_on) > COMMANDS_PER_SECOND * 4 and len(ours) > COMMANDS_PER_SECOND
+    assert not duplicated
+    assert not unreported, f"lost without a report: {unreported[:20]}"
+    # SIGTERM drains before it closes, and the queue holds what a reconnecting client misses.
+    assert not lost, f"commands lost for reconnecting clients: {lost[:20]} ({dict(codes)})"
