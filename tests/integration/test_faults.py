@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections import Counter
 
 import pytest
-from support import CONTROLLER_TOKEN, command, http_aget, timeout
+from support import CONTROLLER_TOKEN, RedisServer, command, eventually, http_aget, recv, timeout, wait_until
 from tcp_proxy import LoadBalancer, TcpProxy
 from websockets.asyncio.client import connect
 
@@ -335,3 +336,47 @@ async def test_a_rolling_restart_with_the_offline_queue_loses_no_command_for_rec
     assert not unreported, f"lost without a report: {unreported[:20]}"
     # SIGTERM drains before it closes, and the queue holds what a reconnecting client misses.
     assert not lost, f"commands lost for reconnecting clients: {lost[:20]} ({dict(codes)})"
+
+
+class _AofRedis(RedisServer):
+    """A redis-server with the append-only file on, every write fsynced (docs/deploy.md)."""
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"),
+                *("--appendfsync", "always", "--dir", self.dir, "--loglevel", "warning"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+
+
+@pytest.mark.slow
+async def test_queued_commands_survive_a_redis_crash_with_aof(start_appliance):
+    """Commands queued for an offline client are in Redis; with AOF a SIGKILLed Redis brings them back."""
+    redis = _AofRedis()
+    redis.start()
+    try:
+        app = await asyncio.to_thread(start_appliance, redis_url=redis.url, name="aof")
+        async with app.controller("aof-llm") as llm:
+            for i in range(5):
+                await llm.send(command("aof-dev", f"queued {i}", id=f"q{i}", queue=True, timeout_ms=120_000))
+                status = json.loads(await recv(llm))
+                assert (status["id"], status["status"]) == (f"q{i}", "queued"), status
+            redis.kill()  # SIGKILL: nothing is flushed at exit; appendfsync always wrote every command.
+            redis.start()
+
+            async def ready_again() -> bool:
+                return (await http_aget(app.http + "/readyz"))[0] == 200
+
+            await eventually(ready_again, 30, "the instance back on the restarted Redis")
+            async with app.connect("aof-dev") as dev:
+                got = []
+                for _ in range(5):  # A version-1 client gets one command with an id at a time: reply to each.
+                    got.append(await recv(dev, 10))
+                    await dev.send(f"done: {got[-1]}")
+                assert got == [f"queued {i}" for i in range(5)]
+    finally:
+        redis.stop()
