@@ -172,6 +172,19 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )
 
+    # --- Dashboard (/admin) -----------------------------------------------------------
+    viewer_token: SecretStr | None = Field(
+        None, description="Optional read-only dashboard token: sees every page, can act on nothing."
+    )
+    grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
+    prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
+    dashboard_idle_timeout: int = Field(
+        1800, ge=1, description="Seconds without user activity after which a dashboard session ends."
+    )
+    dashboard_session_lifetime: int = Field(
+        43200, ge=1, description="Seconds after login at which a dashboard session ends, active or not."
+    )
+
     # --- Commands with an id (protocol version 2, HTTP API, MCP) ----------------------------
     command_timeout_ms: int = Field(
         30_000, ge=1, description="Default time a command with an id waits for its reply (or, queued, its client)."
@@ -228,6 +241,7 @@ class Settings(BaseSettings):
             "LLM_SECRET_TOKEN": self.llm_secret_token,
             "UNITY_CLIENT_TOKEN": self.unity_client_token,
             "ADMIN_TOKEN": self.admin_token,
+            "VIEWER_TOKEN": self.viewer_token,
         }
         values = {name: secret.get_secret_value() for name, secret in named.items() if secret is not None}
         problems = [
@@ -246,7 +260,13 @@ class Settings(BaseSettings):
         """Every configured secret, for the log redaction filter."""
         secrets = [
             s.get_secret_value()
-            for s in (self.llm_secret_token, self.unity_client_token, self.admin_token, self.redis_password)
+            for s in (
+                self.llm_secret_token,
+                self.unity_client_token,
+                self.admin_token,
+                self.viewer_token,
+                self.redis_password,
+            )
             if s is not None
         ]
         if self.redis_url is not None:

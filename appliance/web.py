@@ -15,6 +15,8 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
+from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
+
 from . import __version__, metrics
 from .api import API_HANDLERS, mcp_lifespan, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
@@ -305,6 +307,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
 
     return Litestar(
         route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, *API_HANDLERS],
+        plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {
                 "relay": relay,
