@@ -357,7 +357,7 @@ class _AofRedis(RedisServer):
 async def test_queued_commands_survive_a_redis_crash_with_aof(start_appliance):
     """Commands queued for an offline client are in Redis; with AOF a SIGKILLed Redis brings them back."""
     redis = _AofRedis()
-    redis.start()
+    await asyncio.to_thread(redis.start)
     try:
         app = await asyncio.to_thread(start_appliance, redis_url=redis.url, name="aof")
         async with app.controller("aof-llm") as llm:
@@ -365,8 +365,8 @@ async def test_queued_commands_survive_a_redis_crash_with_aof(start_appliance):
                 await llm.send(command("aof-dev", f"queued {i}", id=f"q{i}", queue=True, timeout_ms=120_000))
                 status = json.loads(await recv(llm))
                 assert (status["id"], status["status"]) == (f"q{i}", "queued"), status
-            redis.kill()  # SIGKILL: nothing is flushed at exit; appendfsync always wrote every command.
-            redis.start()
+            await asyncio.to_thread(redis.kill)  # SIGKILL: nothing flushed at exit; appendfsync always wrote each.
+            await asyncio.to_thread(redis.start)
 
             async def ready_again() -> bool:
                 return (await http_aget(app.http + "/readyz"))[0] == 200
@@ -379,4 +379,4 @@ async def test_queued_commands_survive_a_redis_crash_with_aof(start_appliance):
                     await dev.send(f"done: {got[-1]}")
                 assert got == [f"queued {i}" for i in range(5)]
     finally:
-        redis.stop()
+        await asyncio.to_thread(redis.stop)
