@@ -177,10 +177,7 @@ class AdmissionMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)
         address = self._address(scope)
-        origin = headers.get(b"origin")
-        if origin is not None and not self.origins.allows(
-            origin.decode("latin-1"), (headers.get(b"host") or b"").decode("latin-1") or None, scope.get("scheme", "")
-        ):
+        if self._foreign(scope, headers, require_origin=False):
             self._refused("origin", address)
             await _reject_upgrade(receive, send, 403, b"origin not allowed", [])
             return
@@ -230,12 +227,23 @@ class AdmissionMiddleware:
         await self.app(scope, receive, observed)
 
     def _cross_origin(self, scope: Scope) -> bool:
-        headers = _headers(scope)
-        if headers.get(b"sec-fetch-site") == b"cross-site":
-            return True
+        return self._foreign(scope, _headers(scope), require_origin=True)
+
+    def _foreign(self, scope: Scope, headers: dict[bytes, bytes], *, require_origin: bool) -> bool:
+        """True when a browser sent this from a page of an origin that is not allowed.
+
+        ``Sec-Fetch-Site`` (set by the browser, never by a page) decides first: a
+        same-origin request may carry ``Origin: null`` (the dashboard's
+        ``Referrer-Policy: no-referrer`` makes Chromium send that on form posts). Without
+        it, the ``Origin`` header decides; a request with neither is not from a browser
+        page (or from one too old to send them) and passes.
+        """
+        site = headers.get(b"sec-fetch-site")
+        if site in (b"same-origin", b"none"):
+            return False
         origin = headers.get(b"origin")
         if origin is None:
-            return False  # Not a browser, or a same-origin navigation by an old one.
+            return require_origin and site is not None  # A cross-site browser request we cannot place.
         host = (headers.get(b"host") or b"").decode("latin-1") or None
         return not self.origins.allows(origin.decode("latin-1"), host, scope.get("scheme", ""))
 

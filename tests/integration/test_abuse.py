@@ -175,11 +175,18 @@ async def test_browser_origins_are_checked_and_clients_without_origin_still_conn
         assert cross_site.status_code == 403
         own = await http.post(app.http + "/api/v1/clients", headers={"Origin": app.http})
         assert own.status_code != 403  # Reaches the app (405: the API has no POST there).
+        # A same-origin form post under Referrer-Policy: no-referrer carries Origin: null (Chromium).
+        null_same = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+        assert (await http.post(app.http + "/api/v1/clients", headers=null_same)).status_code != 403
+        null_foreign = {"Origin": "null", "Sec-Fetch-Site": "cross-site"}
+        assert (await http.post(app.http + "/api/v1/clients", headers=null_foreign)).status_code == 403
+        allowed_site = {"Origin": "https://game.example.com", "Sec-Fetch-Site": "cross-site"}
+        assert (await http.post(app.http + "/api/v1/clients", headers=allowed_site)).status_code != 403
         reads = await http.get(app.http + "/", headers={"Origin": "https://evil.example"})
         assert reads.status_code == 200
     text = await metrics(app)
     assert metric(text, 'wsbridge_admission_refused_total{reason="origin"}') == 2
-    assert metric(text, 'wsbridge_admission_refused_total{reason="cross_origin"}') == 2
+    assert metric(text, 'wsbridge_admission_refused_total{reason="cross_origin"}') == 3
 
 
 @pytest.mark.slow
