@@ -7,10 +7,14 @@ import socket
 
 import uvicorn
 
+from . import logflood
+from .admission import AdmissionMiddleware
+from .handshake_guard import guarded_http_protocol
 from .relay import Relay
 from .settings import Settings
 from .tokens import TokenStore
 from .web import create_app
+from .ws_protocol import OrderedWebSocketsProtocol
 
 __all__ = ["run", "transport_max_size"]
 
@@ -47,13 +51,14 @@ def _tune_gc() -> None:
 def run(settings: Settings, token_store: TokenStore | None = None) -> None:
     app = create_app(settings, token_store=token_store)
     _tune_gc()
+    logflood.install(settings.log_flood_burst, settings.log_flood_rate)
     config = uvicorn.Config(
-        app,
+        AdmissionMiddleware(app, settings),  # Floods, scanners and foreign origins stop here (SECURITY.md).
         host=settings.bind_host,
         port=settings.web_socket_port,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        http=guarded_http_protocol(settings.handshake_timeout),  # Slowloris: uvicorn has no header deadline.
+        ws=OrderedWebSocketsProtocol,  # websockets-sansio, keeping frames that precede a protocol error.
         ws_max_size=transport_max_size(settings),
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

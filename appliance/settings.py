@@ -118,6 +118,52 @@ class Settings(BaseSettings):
         "replace", description="A second connection with a live id replaces the first (default) or is rejected."
     )
 
+    # --- Abuse limits (appliance/core/admission.py; SECURITY.md) -----------------------------
+    allowed_origins: str = Field(
+        "",
+        description="Comma-separated origins (https://game.example.com) whose browser pages may open WebSockets and "
+        "make state-changing HTTP requests, besides the appliance's own origin; * allows any. Requests without an "
+        "Origin header (non-browser clients) are not affected.",
+    )
+    max_connections_per_address: int = Field(
+        1000, ge=0, description="WebSockets one address (IPv6: one /64) may hold at once; beyond, 4013. 0: no limit."
+    )
+    max_connections_per_token: int = Field(
+        0, ge=0, description="WebSockets one token may hold on this instance at once; beyond, 4013. 0: no limit."
+    )
+    max_failed_handshakes_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Failed handshakes (4001, 4002, 4003; HTTP 401/403) one address may cause per minute before it "
+        "is refused with HTTP 429 for HANDSHAKE_COOLDOWN seconds. 0: no limit.",
+    )
+    handshake_cooldown: float = Field(
+        60.0, ge=0, description="Seconds an address that failed too many handshakes is refused (HTTP 429)."
+    )
+    http_requests_per_second: float = Field(
+        100.0,
+        ge=0,
+        description="HTTP requests per second per address (health, readiness and metrics excepted); beyond, 429. "
+        "0: no limit.",
+    )
+    http_burst: int = Field(200, ge=1, description="HTTP requests one address may make in a burst.")
+    limits_exempt_ips: str = Field(
+        "127.0.0.1,::1",
+        description="Comma-separated addresses/CIDRs never limited per address (same-host peers by default).",
+    )
+    handshake_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a peer has from opening TCP (or starting a request) to sending complete HTTP headers; "
+        "slower peers (slowloris) are dropped.",
+    )
+    log_flood_burst: int = Field(
+        20, ge=1, description="Lines of one kind (logger and message) logged in a burst before lines are suppressed."
+    )
+    log_flood_rate: float = Field(
+        1.0, gt=0, description="Lines of one kind logged per second after a burst; the rest are counted, not written."
+    )
+
     # --- Liveness ---------------------------------------------------------------------
     ping_interval: float = Field(20.0, gt=0, description="Seconds between server pings.")
     ping_timeout: float = Field(20.0, gt=0, description="Seconds without a pong before a peer is dead.")

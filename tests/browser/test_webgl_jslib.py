@@ -76,7 +76,7 @@ def ask(app, target: str, text: str) -> dict:
 
 def test_jslib_connects_with_the_subprotocol_token_replies_and_reconnects_after_a_restart(start_appliance, page):
     page, errors = page
-    app = start_appliance(name="webgl")
+    app = start_appliance({"ALLOWED_ORIGINS": "null"}, name="webgl")  # about:blank sends Origin: null
     page.evaluate(
         "([url, token]) => startClient(url, ['wsbridge.v1', 'wsbridge.token.' + token])",
         [f"{app.ws}/ws/webgl-1", CLIENT_TOKEN],
@@ -106,7 +106,7 @@ def test_jslib_connects_with_the_subprotocol_token_replies_and_reconnects_after_
 
 def test_jslib_reports_a_refused_token_as_a_close_code(start_appliance, page):
     page, errors = page
-    app = start_appliance(name="webgl-refused")
+    app = start_appliance({"ALLOWED_ORIGINS": "null"}, name="webgl-refused")  # about:blank sends Origin: null
     page.evaluate(
         "([url]) => { bridge.stopped = true; startClient(url, ['wsbridge.v1', 'wsbridge.token.wrong-token']); }",
         [f"{app.ws}/ws/webgl-2"],
