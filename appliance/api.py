@@ -119,6 +119,28 @@ class ErrorBody(Struct):
     id: CommandId | None = None
     limit: int | None = None
     retry_after_ms: int | None = None
+    history: Annotated[
+        list[dict[str, Any]] | None, Meta(description="GET /api/v1/clients/{id}: the id's connect history.")
+    ] = None
+
+
+class HistoryEntry(Struct):
+    """One closed connection of an id (appliance/core/history.py)."""
+
+    connected_at: str
+    closed_at: str
+    duration_seconds: float
+    role: str
+    instance: Annotated[str, Meta(description="The instance that held the connection.")]
+    remote: Annotated[str, Meta(description="Address the connection came from (as the relay saw it).")]
+    code: Annotated[int, Meta(description="Close code: the relay's (closed_by relay) or the one the peer sent.")]
+    reason: Annotated[str, Meta(description="Close reason sent with the code (the peer's text when closed_by peer).")]
+    closed_by: Annotated[Literal["relay", "peer"], Meta(description="Who sent the first close frame.")]
+    protocol: int = 1
+    token: str | None = None
+    token_version: int | None = None
+    messages_in: int = 0
+    messages_out: int = 0
 
 
 class ClientRecord(Struct):
@@ -134,6 +156,10 @@ class ClientRecord(Struct):
     token_version: int | None = None
     protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
     groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
+    history: Annotated[
+        list[HistoryEntry],
+        Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
+    ] = []
 
 
 class ClientPage(Struct):
@@ -253,19 +279,37 @@ async def list_clients(
     "/api/v1/clients/{client_id:str}",
     summary="One live connection",
     tags=["clients"],
-    responses={404: ResponseSpec(ErrorBody, description="not connected")},
+    responses={
+        404: ResponseSpec(
+            ErrorBody, description="not connected (target_offline); the body still carries its history, if any"
+        )
+    },
 )
-async def get_client(request: Request[Any, Any, Any], client_id: str) -> Response[ClientRecord]:
+async def get_client(
+    request: Request[Any, Any, Any],
+    client_id: str,
+    history_limit: Annotated[
+        int, Parameter(ge=0, le=10_000, description="Connect history entries to include (capped by the setting).")
+    ] = 20,
+) -> Response[ClientRecord]:
+    """One live connection with its id's connect history (closed connections, close codes, who closed them)."""
     _require(request, allow_controller=True)
+    relay = _commands(request).relay
     try:
-        records = await _commands(request).relay.clients()
+        records = await relay.clients()
+        history = await relay.history(client_id, history_limit)
     except BrokerUnavailable as exc:
         return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
     record = next((r for r in records if r["id"] == client_id), None)
     if record is None:
-        body = {"error": "target_offline", "detail": f"{client_id} is not connected", "target": client_id}
+        body = {
+            "error": "target_offline",
+            "detail": f"{client_id} is not connected",
+            "target": client_id,
+            "history": history,
+        }
         return Response(body, status_code=404)  # type: ignore[arg-type]
-    return Response(record)  # type: ignore[arg-type]
+    return Response({**record, "history": history})  # type: ignore[arg-type]
 
 
 @delete(

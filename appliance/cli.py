@@ -79,6 +79,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
                 f"  Controller token  LLM_SECRET_TOKEN={token(settings.llm_secret_token)}",
                 f"  Client token      UNITY_CLIENT_TOKEN={token(settings.unity_client_token)}",
                 f"  Admin token       ADMIN_TOKEN={token(settings.admin_token)}",
+                f"  Dashboard     {base}/admin/   (sign in with ADMIN_TOKEN, or VIEWER_TOKEN read-only)",
                 f"  Health        {base}/healthz  {base}/readyz   Metrics {base}/metrics",
                 f'  Try it        wsbridge send --url {ws_base} --target unity_client_1 "MoveForward 10"',
             ]

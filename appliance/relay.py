@@ -22,6 +22,7 @@ from typing import Any
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
 from .commands import CommandService
+from .core.history import close_entry
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import TimeoutPolicy, encode_client_command
 from .core.requests import Routed
@@ -98,6 +99,7 @@ class Connection:
         "remote",
         "owner",
         "close_code",
+        "close_reason",
         "grant",
         "rtt_from",
         "_send",
@@ -134,6 +136,7 @@ class Connection:
         self.remote = remote
         self.owner: Owner | None = None
         self.close_code: int | None = None
+        self.close_reason = ""  # The reason the relay sent with close_code (connect history).
         self.grant: Grant | None = None  # the token (name, version) that opened it, for eviction
         #: When the oldest command this client has not answered yet was written (0: none);
         #: the reader observes wsbridge_command_rtt_seconds at the client's next message.
@@ -187,9 +190,10 @@ class Connection:
         if self.close_code is not None:
             return
         self.close_code = code
+        self.close_reason = reason or CLOSE_REASONS[code]
         if self.session.state is State.OPEN:
             self.session.closing()
-        self._pending.append((int(code), reason or CLOSE_REASONS[code]))
+        self._pending.append((int(code), self.close_reason))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -623,6 +627,27 @@ class Relay:
         return True
 
     # --- service interface for the HTTP API and the dashboard ----------------------------
+
+    def record_close(self, conn: Connection, code: int | None, reason: str, by_relay: bool) -> None:
+        """Add a connection that was open to its id's connect history (once, at close; never waits)."""
+        if conn.owner is None:
+            return  # Refused before it was registered: never connected.
+        entry = close_entry(
+            conn.presence_record(self.instance),
+            connected_at=conn.session.connected_since,
+            closed_at=time.time(),
+            code=code,
+            reason=reason,
+            by_relay=by_relay,
+        )
+        try:
+            self.broker.record_history(conn.client_id, entry)
+        except Exception:  # History is best effort: a bug here must not keep the id from being released.
+            log.exception("Could not record the connect history of %s", conn.client_id)
+
+    async def history(self, client_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        """``client_id``'s connect history, cluster-wide, newest first (raises BrokerUnavailable)."""
+        return await self.broker.history(client_id, min(limit, self.settings.history_per_client))
 
     async def clients(self) -> list[dict[str, Any]]:
         records = await self.broker.presence()

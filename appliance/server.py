@@ -10,12 +10,16 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import logflood
+from .admission import AdmissionMiddleware
+from .handshake_guard import guarded_http_protocol
 from .relay import Relay
 from .settings import Settings
 from .tokens import TokenStore
 from .web import create_app
+from .ws_protocol import OrderedWebSocketsProtocol
 
-__all__ = ["run", "transport_max_size"]
+__all__ = ["joined_writes", "run", "transport_max_size"]
 
 
 def transport_max_size(settings: Settings) -> int:
@@ -71,24 +75,27 @@ class _JoinedWrites:
         return getattr(self._transport, name)
 
 
-class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol whose request cycles write through :class:`_JoinedWrites`.
+def joined_writes(base: type[HttpToolsProtocol]) -> type[HttpToolsProtocol]:
+    """``base`` (uvicorn's httptools protocol) whose request cycles write through :class:`_JoinedWrites`.
 
     Only the cycle's transport is wrapped: a WebSocket upgrade keeps the real one.
     """
 
-    def on_headers_complete(self) -> None:
-        before = self.cycle
-        super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle is not before:
-            cycle.transport = _JoinedWrites(cycle.transport)  # type: ignore[assignment]
+    class JoinedWritesProtocol(base):  # type: ignore[valid-type,misc]
+        def on_headers_complete(self) -> None:
+            before = self.cycle
+            super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle is not before:
+                cycle.transport = _JoinedWrites(cycle.transport)
 
-    def shutdown(self) -> None:
-        # uvicorn closes the real transport of an idle connection: write what this pass still holds first.
-        if self.cycle is not None and isinstance(self.cycle.transport, _JoinedWrites):
-            self.cycle.transport.flush()
-        super().shutdown()
+        def shutdown(self) -> None:
+            # uvicorn closes the real transport of an idle connection: write what this pass still holds first.
+            if self.cycle is not None and isinstance(self.cycle.transport, _JoinedWrites):
+                self.cycle.transport.flush()
+            super().shutdown()
+
+    return JoinedWritesProtocol
 
 
 def _tune_gc() -> None:
@@ -106,13 +113,15 @@ def _tune_gc() -> None:
 def run(settings: Settings, token_store: TokenStore | None = None) -> None:
     app = create_app(settings, token_store=token_store)
     _tune_gc()
+    logflood.install(settings.log_flood_burst, settings.log_flood_rate)
     config = uvicorn.Config(
-        app,
+        AdmissionMiddleware(app, settings),  # Floods, scanners and foreign origins stop here (SECURITY.md).
         host=settings.bind_host,
         port=settings.web_socket_port,
         loop="uvloop",
-        http=_HttpProtocol,
-        ws="websockets-sansio",
+        # Slowloris: uvicorn has no header deadline; one write per response.
+        http=joined_writes(guarded_http_protocol(settings.handshake_timeout)),
+        ws=OrderedWebSocketsProtocol,  # websockets-sansio, keeping frames that precede a protocol error.
         ws_max_size=transport_max_size(settings),
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

@@ -118,12 +118,80 @@ class Settings(BaseSettings):
         "replace", description="A second connection with a live id replaces the first (default) or is rejected."
     )
 
+    # --- Abuse limits (appliance/core/admission.py; SECURITY.md) -----------------------------
+    allowed_origins: str = Field(
+        "",
+        description="Comma-separated origins (https://game.example.com) whose browser pages may open WebSockets and "
+        "make state-changing HTTP requests, besides the appliance's own origin; * allows any. Requests without an "
+        "Origin header (non-browser clients) are not affected.",
+    )
+    max_connections_per_address: int = Field(
+        1000, ge=0, description="WebSockets one address (IPv6: one /64) may hold at once; beyond, 4013. 0: no limit."
+    )
+    max_connections_per_token: int = Field(
+        0, ge=0, description="WebSockets one token may hold on this instance at once; beyond, 4013. 0: no limit."
+    )
+    max_failed_handshakes_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Failed handshakes (4001, 4002, 4003; HTTP 401/403) one address may cause per minute before it "
+        "is refused with HTTP 429 for HANDSHAKE_COOLDOWN seconds. 0: no limit.",
+    )
+    handshake_cooldown: float = Field(
+        60.0, ge=0, description="Seconds an address that failed too many handshakes is refused (HTTP 429)."
+    )
+    http_requests_per_second: float = Field(
+        100.0,
+        ge=0,
+        description="HTTP requests per second per address (health, readiness and metrics excepted); beyond, 429. "
+        "0: no limit.",
+    )
+    http_burst: int = Field(200, ge=1, description="HTTP requests one address may make in a burst.")
+    limits_exempt_ips: str = Field(
+        "127.0.0.1,::1",
+        description="Comma-separated addresses/CIDRs never limited per address (same-host peers by default).",
+    )
+    handshake_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a peer has from opening TCP (or starting a request) to sending complete HTTP headers; "
+        "slower peers (slowloris) are dropped.",
+    )
+    log_flood_burst: int = Field(
+        20, ge=1, description="Lines of one kind (logger and message) logged in a burst before lines are suppressed."
+    )
+    log_flood_rate: float = Field(
+        1.0, gt=0, description="Lines of one kind logged per second after a burst; the rest are counted, not written."
+    )
+
     # --- Liveness ---------------------------------------------------------------------
     ping_interval: float = Field(20.0, gt=0, description="Seconds between server pings.")
     ping_timeout: float = Field(20.0, gt=0, description="Seconds without a pong before a peer is dead.")
     presence_ttl: int = Field(30, ge=3, description="Seconds a crashed instance's presence entries survive in Redis.")
+    history_per_client: int = Field(
+        50, ge=1, le=10_000, description="Closed connections kept in each id's connect history (newest first)."
+    )
+    history_ttl_seconds: int = Field(
+        7 * 86400, ge=60, description="Seconds an id's connect history is kept after its last connection closed."
+    )
+    history_max_clients: int = Field(
+        10_000, ge=1, description="Ids whose connect history the embedded broker keeps in memory (Redis: no cap)."
+    )
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
+    )
+
+    # --- Dashboard (/admin) -----------------------------------------------------------
+    viewer_token: SecretStr | None = Field(
+        None, description="Optional read-only dashboard token: sees every page, can act on nothing."
+    )
+    grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
+    prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
+    dashboard_idle_timeout: int = Field(
+        1800, ge=1, description="Seconds without user activity after which a dashboard session ends."
+    )
+    dashboard_session_lifetime: int = Field(
+        43200, ge=1, description="Seconds after login at which a dashboard session ends, active or not."
     )
 
     # --- Commands with an id (protocol version 2, HTTP API, MCP) ----------------------------
@@ -182,6 +250,7 @@ class Settings(BaseSettings):
             "LLM_SECRET_TOKEN": self.llm_secret_token,
             "UNITY_CLIENT_TOKEN": self.unity_client_token,
             "ADMIN_TOKEN": self.admin_token,
+            "VIEWER_TOKEN": self.viewer_token,
         }
         values = {name: secret.get_secret_value() for name, secret in named.items() if secret is not None}
         problems = [
@@ -200,7 +269,13 @@ class Settings(BaseSettings):
         """Every configured secret, for the log redaction filter."""
         secrets = [
             s.get_secret_value()
-            for s in (self.llm_secret_token, self.unity_client_token, self.admin_token, self.redis_password)
+            for s in (
+                self.llm_secret_token,
+                self.unity_client_token,
+                self.admin_token,
+                self.viewer_token,
+                self.redis_password,
+            )
             if s is not None
         ]
         if self.redis_url is not None:

@@ -15,6 +15,8 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
+from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
+
 from . import __version__, metrics
 from .api import API_HANDLERS, mcp_lifespan, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
@@ -52,9 +54,11 @@ def make_broker(settings: Settings) -> Broker:
         "queue_max": settings.offline_queue_max,
         # A delivered (controller, id) is remembered as long as any command may live.
         "queue_remember_seconds": settings.command_timeout_max_ms / 1000,
+        "history_per_client": settings.history_per_client,
+        "history_ttl": settings.history_ttl_seconds,
     }
     if not settings.redis_enabled:
-        return MemoryBroker(**queue)
+        return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)
     from .brokers.redis import RedisBroker
 
     return RedisBroker(
@@ -146,12 +150,13 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         await _refuse(socket, refusal, subprotocol)
         return
     peer_code: int | None = 1006  # What uvicorn reports for a connection lost without a close frame.
+    peer_reason = ""
     try:
         await socket.accept(subprotocols=subprotocol)  # Never the token entry: it would be echoed.
         conn.opened()
         metrics.OPENED[conn.role.value].inc()
         log.info("Connected as %s from %s", conn.role.value, conn.remote, extra=_fields(conn))
-        peer_code = await _read_frames(socket, relay, conn)
+        peer_code, peer_reason = await _read_frames(socket, relay, conn)
     except Exception as exc:  # The socket is gone; the finally block cleans up.
         log.debug("Connection %s ended: %r", client_id, exc, extra=connection_fields(client_id, conn.conn_key))
     finally:
@@ -160,17 +165,22 @@ async def relay_socket(socket: RelaySocket, client_id: str) -> None:
         code = conn.close_code if by_relay else peer_code
         metrics.record_close(code, by_relay)
         log.info("Disconnected: close code %s from the %s", code, "relay" if by_relay else "peer", extra=_fields(conn))
+        relay.record_close(conn, code, conn.close_reason if by_relay else peer_reason, by_relay)
         await relay.close(conn)
 
 
-async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> int | None:
-    """Feed received frames to the session until the peer is gone; returns the peer's close code."""
+async def _read_frames(socket: RelaySocket, relay: Relay, conn: Connection) -> tuple[int | None, str]:
+    """Feed received frames to the session until the peer is gone; returns the peer's close code and reason."""
     receive, session, perform = socket.raw_receive, conn.session, relay.perform
     clock, flusher, rtt = time.time, relay.flusher, metrics.COMMAND_RTT
     while True:
         event = await receive()
         if event["type"] != "websocket.receive":
-            return event.get("code")
+            if "reason" not in event and event.get("code") == 1005:
+                # uvicorn's sans-I/O protocol reports a lost TCP connection as 1005 without a reason key,
+                # and a received close frame always with one: RFC 6455 §7.1.5 calls the former 1006.
+                return 1006, ""
+            return event.get("code"), event.get("reason") or ""
         if conn.close_code is not None:
             continue  # Closing: drain what the peer still sends until it acknowledges.
         text = event.get("text")
@@ -305,6 +315,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
 
     return Litestar(
         route_handlers=[relay_socket, root, healthz, readyz, metrics_endpoint, *API_HANDLERS],
+        plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {
                 "relay": relay,

@@ -33,7 +33,12 @@ except ImportError:  # pragma: no cover - uvicorn without websockets: the plain 
     OPEN = SERVER = None  # type: ignore[assignment]
 
 #: Send wrappers known to act on HTTP events only (checked against the pinned versions).
-_TRANSPARENT = frozenset({"ExceptionHandlerMiddleware.__call__.<locals>.capture_response_started"})
+_TRANSPARENT = frozenset(
+    {
+        "ExceptionHandlerMiddleware.__call__.<locals>.capture_response_started",  # Litestar: HTTP events only
+        "AdmissionMiddleware._websocket.<locals>.observed",  # admission.py: websocket.close only
+    }
+)
 
 #: At most this many characters per write; the protocol's back-pressure is checked between writes.
 MAX_BATCH_CHARS = 64 << 10
@@ -98,15 +103,16 @@ def _frame(data: bytes) -> bytes:
 def batcher_for(send: Callable[..., Any]) -> FrameBatcher | None:
     """The batcher behind an ASGI ``send``: uvicorn's protocol, through send wrappers that keep it as ``send``.
 
-    Litestar's exception middleware wraps ``send`` in a closure over the original; the
-    wrapper only looks at HTTP events, so frames may skip it.
+    Litestar's exception middleware and the admission middleware wrap ``send`` in closures
+    over the original; they only look at HTTP events and closes, so text frames may skip them.
     """
     if WebSocketsSansIOProtocol is None:  # pragma: no cover
         return None
     for _ in range(4):
         owner = getattr(send, "__self__", None)
         if owner is not None:
-            if type(owner) is WebSocketsSansIOProtocol and getattr(send, "__func__", None) is (
+            # uvicorn's protocol or a subclass of it (ws_protocol.py) that keeps its send.
+            if isinstance(owner, WebSocketsSansIOProtocol) and getattr(send, "__func__", None) is (
                 WebSocketsSansIOProtocol.send
             ):
                 return FrameBatcher(owner)

@@ -130,7 +130,7 @@ class Cluster:
         if self.kind == "memory":
             if self._memory is None:
                 inbox = Inbox("memory")
-                broker = MemoryBroker(**{k: v for k, v in self.options.items() if k.startswith("queue_")})
+                broker = MemoryBroker(**{k: v for k, v in self.options.items() if k.startswith(("queue_", "history_"))})
                 await broker.start(inbox)
                 self._memory = Node("memory", broker, inbox)
             return self._memory

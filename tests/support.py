@@ -19,12 +19,14 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from leak_scan import SCAN, secrets_in_env
 from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,7 @@ CONTROLLER_TOKEN = "test-controller-token-0123456789"
 CLIENT_TOKEN = "test-client-token-9876543210"
 ADMIN_TOKEN = "test-admin-token-abcdefabcdef"
 TOKENS = (CONTROLLER_TOKEN, CLIENT_TOKEN, ADMIN_TOKEN)
+SCAN.add_secrets({"CONTROLLER_TOKEN": CONTROLLER_TOKEN, "CLIENT_TOKEN": CLIENT_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN})
 
 
 def timeout(seconds: float) -> float:
@@ -75,6 +78,7 @@ def http_get(url: str, token: str | None = None) -> tuple[int, Any]:
             status = response.status
     except urllib.error.HTTPError as exc:
         body, status = exc.read(), exc.code
+    SCAN.capture(f"HTTP body of GET {urllib.parse.urlsplit(url).path}", body)
     try:
         return status, json.loads(body)
     except ValueError:
@@ -85,6 +89,7 @@ async def http_aget(url: str, token: str | None = None) -> tuple[int, Any]:
     """``http_get`` for async tests: waits without blocking the event loop (and the sockets it serves)."""
     async with httpx.AsyncClient(timeout=timeout(5)) as http:
         response = await http.get(url, headers={"X-Auth-Token": token} if token else {})
+    SCAN.capture(f"HTTP body of GET {urllib.parse.urlsplit(url).path}", response.content)
     try:
         return response.status_code, response.json()
     except ValueError:
@@ -221,6 +226,8 @@ class Appliance(_Managed):
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
+        SCAN.add_secrets(secrets_in_env(self.env))
+        SCAN.add_log(self.log_path, name)
 
     @property
     def http(self) -> str:
@@ -271,6 +278,10 @@ class Appliance(_Managed):
 
     def stop(self) -> None:
         if self.process is not None:
+            try:  # The final metrics, for the leak scan: every counter the test moved.
+                SCAN.capture(f"/metrics of {self.name}", http_get(self.http + "/metrics")[1])
+            except OSError:
+                pass
             try:
                 self.terminate()
             except subprocess.TimeoutExpired:
@@ -297,7 +308,10 @@ class Appliance(_Managed):
 
 
 async def recv(ws: ClientConnection, within: float = 5.0) -> str:
-    return await asyncio.wait_for(ws.recv(), timeout(within))
+    frame = await asyncio.wait_for(ws.recv(), timeout(within))
+    if isinstance(frame, str) and frame.startswith('{"error"'):
+        SCAN.capture("error frame", frame)
+    return frame
 
 
 async def recv_json(ws: ClientConnection, within: float = 5.0) -> dict[str, Any]:
@@ -313,6 +327,8 @@ async def closed_with(ws: ClientConnection, within: float = 5.0) -> tuple[int | 
     except Exception:
         pass
     received = ws.protocol.close_rcvd
+    if received:
+        SCAN.capture(f"close reason ({received.code})", received.reason)
     return (received.code, received.reason) if received else (None, "")
 
 

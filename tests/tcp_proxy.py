@@ -1,7 +1,9 @@
-"""A TCP forwarder the tests can cut: a network partition between an instance and Redis.
+"""A TCP forwarder the tests can cut or stall: a network partition between an instance and Redis.
 
 Killing Redis loses its data; a partition keeps Redis (and its keys) up while one
 instance cannot reach it, which is what a connection blip looks like in production.
+A stall is nastier: connections stay open and nothing flows (a blackholed route, a
+frozen VM), so only timeouts and pings can tell.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-__all__ = ["TcpProxy"]
+__all__ = ["LoadBalancer", "TcpProxy"]
 
 
 class TcpProxy:
@@ -21,6 +23,8 @@ class TcpProxy:
         self.open = True
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -36,7 +40,7 @@ class TcpProxy:
             writer.close()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await self._open_upstream()
         except OSError:
             writer.close()
             return
@@ -45,12 +49,16 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    await self._flowing.wait()  # Stalled: hold the data, read nothing more, close nothing.
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.difference_update((writer, up_writer))
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.target_port)
 
     def cut(self) -> None:
         """Drop every forwarded connection and refuse new ones (Redis itself stays up)."""
@@ -63,9 +71,39 @@ class TcpProxy:
     def restore(self) -> None:
         self.open = True
 
+    def stall(self) -> None:
+        """Stop forwarding in both directions without closing anything; new connections stall too."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def stop(self) -> None:
         self.cut()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+
+
+class LoadBalancer(TcpProxy):
+    """Round-robin TCP balancing over several ports, skipping those that refuse (an instance restarting)."""
+
+    def __init__(self, target_ports: list[int]) -> None:
+        super().__init__(target_ports[0])
+        self.target_ports = target_ports
+        self._next = 0
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(len(self.target_ports)):
+            port = self.target_ports[self._next % len(self.target_ports)]
+            self._next += 1
+            try:
+                return await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue
+        raise OSError("no instance is up")

@@ -1,1 +1,131 @@
-"""The admin dashboard (Jinja2 + htmx), served by the appliance's Litestar app."""
+"""The admin dashboard (Jinja2 + htmx), served by the appliance's Litestar app under ``/admin``.
+
+``create_app`` mounts it with one plugin, :class:`DashboardPlugin`, which contributes
+everything the dashboard needs and nothing app-wide: a router with its own session,
+CSRF and security-header middleware (the WebSocket endpoint and the token-header HTTP
+API are untouched), the template engine, the session store and the static files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Any
+
+from litestar import Router
+from litestar.config.app import AppConfig
+from litestar.config.csrf import CSRFConfig
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.csrf import CSRFMiddleware
+from litestar.middleware.session.server_side import ServerSideSessionConfig
+from litestar.plugins import InitPluginProtocol
+from litestar.plugins.htmx import HTMXConfig, HTMXPlugin, HTMXRequest
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.static_files import create_static_files_router
+from litestar.stores.base import Store
+from litestar.stores.memory import MemoryStore
+from litestar.stores.registry import StoreRegistry
+from litestar.template.config import TemplateConfig
+
+from appliance.settings import Settings
+
+from .actions import ACTION_ROUTES
+from .auth import SESSION_COOKIE, LoginLimiter
+from .live import PresenceWatcher
+from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
+from .security import SecurityHeadersMiddleware
+from .templating import configure_environment
+
+__all__ = ["PREFIX", "DashboardPlugin"]
+
+HERE = Path(__file__).resolve().parent
+SESSION_STORE = "wsbridge-dashboard-sessions"
+CSRF_COOKIE = "wsb_csrf"
+
+
+def _stores(settings: Settings) -> tuple[Store, Store, Any]:
+    """(sessions, failed logins, close): in Redis when configured, so every instance sees the same ones."""
+    if settings.redis_enabled:
+        from litestar.stores.redis import RedisStore
+
+        root = RedisStore.with_client(settings.redis_connection_url(), namespace="wsb:dashboard")
+
+        async def close() -> None:
+            await root._redis.aclose(close_connection_pool=True)
+
+        return root.with_namespace("session"), root.with_namespace("login"), close
+
+    async def nothing() -> None:
+        pass
+
+    return MemoryStore(), MemoryStore(), nothing
+
+
+def _csrf_secret(settings: Settings) -> str:
+    """Shared by every instance (they share the admin token), so any instance checks any page's token."""
+    seed = settings.admin_token.get_secret_value() if settings.admin_token else settings.instance_id
+    return hmac.new(seed.encode(), b"wsbridge dashboard csrf", hashlib.sha256).hexdigest()
+
+
+class DashboardPlugin(InitPluginProtocol):
+    """Mounts the dashboard on an app whose state holds ``relay``, ``settings`` and ``audit``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        settings = self.settings
+        sessions, logins, close_stores = _stores(settings)
+        session_config = ServerSideSessionConfig(
+            key=SESSION_COOKIE,
+            store=SESSION_STORE,
+            path=PREFIX,
+            httponly=True,
+            samesite="strict",
+            max_age=settings.dashboard_idle_timeout,  # Cookie and store entry; both renewed by each response.
+            exclude=[f"^{PREFIX}/static/"],
+        )
+        csrf = CSRFConfig(
+            secret=_csrf_secret(settings),
+            cookie_name=CSRF_COOKIE,
+            cookie_path=PREFIX,
+            cookie_httponly=True,  # Scripts never read it: the page carries the token for htmx's headers.
+            cookie_samesite="strict",
+            exclude=[f"^{PREFIX}/static/"],
+        )
+        router = Router(
+            path=PREFIX,
+            route_handlers=[
+                *ROUTES,
+                *ACTION_ROUTES,
+                create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
+            ],
+            middleware=[
+                SecurityHeadersMiddleware(),
+                session_config.middleware,
+                DefineMiddleware(CSRFMiddleware, config=csrf),
+            ],
+            request_class=HTMXRequest,
+            exception_handlers={NotAuthorizedException: auth_failed, PermissionDeniedException: forbidden},
+            include_in_schema=False,
+        )
+        app_config.route_handlers.append(router)
+        app_config.template_config = TemplateConfig(
+            directory=HERE / "templates", engine=JinjaTemplateEngine, engine_callback=configure_environment
+        )
+        registry = app_config.stores
+        if registry is None:
+            app_config.stores = {SESSION_STORE: sessions}
+        elif isinstance(registry, StoreRegistry):
+            registry.register(SESSION_STORE, sessions)
+        else:
+            registry[SESSION_STORE] = sessions
+        app_config.state["dashboard"] = DashboardState(
+            PresenceWatcher(app_config.state["relay"]), LoginLimiter(logins), session_config
+        )
+
+        app_config.on_shutdown.append(close_stores)
+        # The htmx plugin, without making HTMXRequest the request class of the whole app.
+        return HTMXPlugin(HTMXConfig(set_request_class_globally=False)).on_app_init(app_config)

@@ -210,6 +210,20 @@ class Broker(abc.ABC):
     async def presence(self) -> list[dict[str, Any]]:
         """Every live connection in the cluster."""
 
+    # --- connect history (appliance/core/history.py) ----------------------------------------
+
+    @abc.abstractmethod
+    def record_history(self, client_id: str, entry: dict[str, Any]) -> None:
+        """Add a closed connection's entry to ``client_id``'s connect history, newest first.
+
+        Never waits: called once per close, off the message path; the Redis broker writes it
+        with the next presence write (a lost entry during an outage is retried, bounded).
+        """
+
+    @abc.abstractmethod
+    async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
+        """``client_id``'s connect history across the cluster, newest first, at most ``limit`` entries."""
+
     @abc.abstractmethod
     def health(self) -> tuple[bool, str]:
         """(ready, reason): whether cluster-wide routing works now."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from .. import metrics
+from ..core.history import HistoryBook
 from ..core.protocol import Role
 from ..core.requests import Enqueued, OfflineQueue, Routed
 from .base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner, failure_detail
@@ -16,8 +18,17 @@ __all__ = ["MemoryBroker"]
 class MemoryBroker(Broker):
     name = "memory"
 
-    def __init__(self, *, queue_max: int = 1000, queue_remember_seconds: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        queue_max: int = 1000,
+        queue_remember_seconds: float = 300.0,
+        history_per_client: int = 50,
+        history_ttl: float = 7 * 86400,
+        history_max_clients: int = 10_000,
+    ) -> None:
         self._inbox: Inbox | None = None
+        self._history = HistoryBook(history_per_client, history_max_clients, history_ttl)
         self._owners: dict[str, Owner] = {}
         self._generations = itertools.count(1)
         self._queue = OfflineQueue(queue_max, queue_remember_seconds)
@@ -87,6 +98,12 @@ class MemoryBroker(Broker):
 
     async def presence(self) -> list[dict[str, Any]]:
         return self.inbox.presence_records()
+
+    def record_history(self, client_id: str, entry: dict[str, Any]) -> None:
+        self._history.add(client_id, entry, time.time())
+
+    async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
+        return self._history.entries(client_id, limit, time.time())
 
     def health(self) -> tuple[bool, str]:
         return (self._inbox is not None, "ok" if self._inbox is not None else "broker not started")

@@ -33,6 +33,10 @@ Keys (prefix ``wsb:``):
 - ``wsb:instance:{name}``: hash of that instance's presence records, same TTL; one
   field is written or deleted per connect or disconnect, the whole hash only on the
   periodic refresh and after an outage.
+- ``wsb:hist:{id}``: the id's connect history (JSON entries of
+  :func:`~appliance.core.history.close_entry`, newest first), ``LPUSH`` + ``LTRIM`` to
+  ``HISTORY_PER_CLIENT`` + ``EXPIRE`` ``HISTORY_TTL_SECONDS``, written in the same pipeline
+  as the presence change of the close that produced it (never on the handshake's path).
 
 During an outage the instance keeps its local clients: a command whose target is
 local is delivered directly, others fail with ``delivery_failed``; the subscriber
@@ -77,6 +81,9 @@ QUEUE_KEY = f"{PREFIX}q:"
 QUEUE_SEEN_KEY = f"{PREFIX}qd:"
 OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
+HISTORY_KEY = f"{PREFIX}hist:"
+#: History entries waiting for Redis (an outage): beyond this many, the oldest are dropped.
+HISTORY_BACKLOG = 10_000
 GENERATION_KEY = f"{PREFIX}generation"
 
 # Atomic claim: a live owner of the other role always wins (2); a reject-policy claim loses
@@ -268,7 +275,14 @@ class RedisBroker(Broker):
         outcome_timeout: float = OUTCOME_TIMEOUT_SECONDS,
         queue_max: int = 1000,
         queue_remember_seconds: float = 300.0,
+        history_per_client: int = 50,
+        history_ttl: int = 7 * 86400,
     ) -> None:
+        self._history_per_client = history_per_client
+        self._history_ttl = history_ttl
+        #: (id, JSON entry) not written yet, oldest first; written with the next presence write.
+        self._history_out: deque[tuple[str, bytes]] = deque(maxlen=HISTORY_BACKLOG)
+        self._history_writing: list[tuple[str, bytes]] = []  # In the pipeline now: not readable from Redis yet.
         self._queue_max = queue_max
         self._queue_remember = queue_remember_seconds
         self._url = url
@@ -363,6 +377,7 @@ class RedisBroker(Broker):
                     for client_id, owner in [*self._owners.items(), *self._unreleased.items()]:
                         pipe.eval(RELEASE, 1, OWNER_KEY + client_id, owner.encode())
                     pipe.delete(INSTANCE_KEY + self.instance)
+                    self._queue_history(pipe, list(self._history_out))
                     await pipe.execute()
         self._fail_pending(self._pending, "the instance is shutting down")
         self._fail_pending(self._pending_old, "the instance is shutting down")
@@ -940,6 +955,8 @@ class RedisBroker(Broker):
         key = INSTANCE_KEY + self.instance
         inbox = self.inbox
         changed, self._presence_changed = self._presence_changed, set()
+        history = self._history_writing = list(self._history_out)
+        self._history_out.clear()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 if full:
@@ -958,10 +975,43 @@ class RedisBroker(Broker):
                     if gone:
                         pipe.hdel(key, *gone)
                 pipe.expire(key, self.presence_ttl)
+                self._queue_history(pipe, history)
                 await pipe.execute()
         except BaseException:
             self._presence_changed |= changed  # Written by the next attempt.
+            self._history_out.extendleft(reversed(history))  # Oldest first again, ahead of newer ones.
             raise
+        finally:
+            self._history_writing = []
+
+    def _queue_history(self, pipe: Any, history: list[tuple[str, bytes]]) -> None:
+        for client_id, entry in history:
+            key = HISTORY_KEY + client_id
+            pipe.lpush(key, entry)
+            pipe.ltrim(key, 0, self._history_per_client - 1)
+            pipe.expire(key, self._history_ttl)
+
+    # --- connect history --------------------------------------------------------------
+
+    def record_history(self, client_id: str, entry: dict[str, Any]) -> None:
+        self._history_out.append((client_id, _json.encode(entry)))
+        self._presence_dirty.set()  # The heartbeat writes it with the presence change, within ~0.2 s.
+
+    async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
+        limit = min(limit, self._history_per_client)
+        if limit < 1:
+            return []
+        # Entries of this instance not written yet come first: they are the newest.
+        unwritten = [
+            _json_decode.decode(e) for i, e in reversed([*self._history_writing, *self._history_out]) if i == client_id
+        ]
+        if not self._up or self._redis is None:
+            raise BrokerUnavailable(self.health()[1])
+        try:
+            stored = await self._redis.lrange(HISTORY_KEY + client_id, 0, limit - 1)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
+        return [*unwritten, *(_json_decode.decode(e) for e in stored)][:limit]
 
     async def _heartbeat(self) -> None:
         """Write changed records soon after a connect or disconnect; every third of the TTL

@@ -81,6 +81,7 @@ class CloseCode(enum.IntEnum):
     REPLACED = 4010
     TOKEN_EXPIRED = 4011  # Final for the old token: reconnect with the current one.
     DISCONNECTED = 4012  # An administrator disconnected this connection (DELETE /api/v1/clients/{id}).
+    TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -100,6 +101,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.REPLACED: "replaced by a newer connection",
     CloseCode.TOKEN_EXPIRED: "token expired or revoked; reconnect with the current token",
     CloseCode.DISCONNECTED: "disconnected by an administrator",
+    CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
 }
 
 
@@ -164,7 +166,7 @@ def command_id(text: str) -> str | int | None:
     """
     try:
         return _id_decoder.decode(text).id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -191,7 +193,7 @@ def parse_command(text: str) -> Command | ProtocolError:
     """Parse a controller frame; size limits are checked by the caller, before parsing."""
     try:
         command = _command_decoder.decode(text)
-    except msgspec.DecodeError:  # ValidationError is a DecodeError: explain it below.
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError: explain it below.
         pass
     else:
         if CLIENT_ID_PATTERN.fullmatch(command.target) is not None:
@@ -204,6 +206,8 @@ def _explain(text: str) -> Command | ProtocolError:
         data = _decoder.decode(text)
     except msgspec.DecodeError:
         return ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON")
+    except RecursionError:  # ``[[[[...`` a thousand deep: found by the property tests.
+        return ProtocolError(ErrorCode.INVALID_JSON, "frame is nested too deeply")
     if not isinstance(data, dict):
         return ProtocolError(ErrorCode.INVALID_MESSAGE, 'expected a JSON object {"target": ..., "message": ...}')
     command_id = data.get("id")

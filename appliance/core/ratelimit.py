@@ -26,6 +26,13 @@ class TokenBucket:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
             self._updated = now
 
+    def full(self, now: float) -> bool:
+        """True when the bucket has refilled completely (it then behaves like a new one)."""
+        if self.unlimited:
+            return True
+        self._refill(now)
+        return self._tokens >= self.burst
+
     def try_take(self, now: float) -> float:
         """Take a token if one is there: returns 0.0, else the seconds until one will be (nothing taken)."""
         if self.unlimited:

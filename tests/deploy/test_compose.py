@@ -230,6 +230,14 @@ def test_the_appliance_reads_its_tokens_from_ssm(services: dict[str, Any]) -> No
     )
 
 
+def test_the_dashboard_links_to_grafana_and_prometheus_where_they_are_served(services: dict[str, Any]) -> None:
+    """The System page's links must be the URLs Grafana and Prometheus say they are served at."""
+    env = services["appliance"]["environment"]
+    assert env["GRAFANA_URL"] == services["grafana"]["environment"]["GF_SERVER_ROOT_URL"]
+    external = next(arg for arg in services["prometheus"]["command"] if arg.startswith("--web.external-url="))
+    assert env["PROMETHEUS_URL"] == external.split("=", 1)[1]
+
+
 def network_is_internal(services: dict[str, Any], name: str) -> bool:
     model = yaml.safe_load(COMPOSE_FILE.read_text())
     return bool(model["networks"][name].get("internal"))

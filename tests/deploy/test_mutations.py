@@ -102,6 +102,7 @@ def _run(mutation: Mutation, base: Path) -> tuple[Mutation, int, str]:
     return mutation, result.returncode, result.stdout[-3000:]
 
 
+@pytest.mark.timeout(900)  # 46 copies of the repo, each running one test: ~40 s quiet, 2 min under load
 def test_every_mutation_fails_the_test_that_claims_to_catch_it(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         outcomes = list(pool.map(lambda m: _run(m, tmp_path), MUTATIONS))

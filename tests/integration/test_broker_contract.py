@@ -215,3 +215,34 @@ async def test_a_cancelled_claim_leaves_the_id_free(cluster):
             return probe.accepted
 
         await eventually(free, 5, f"{client_id} free after a claim cancelled after {passes} passes")
+
+
+# --- connect history ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_connect_history_is_shared_capped_and_newest_first(kind, request):
+    url = request.getfixturevalue("redis_server").url if kind == "redis" else None
+    cluster = Cluster(kind, url, history_per_client=3)
+    try:
+        a, b = await cluster.node("a"), await cluster.node("b")
+        client_id, other = new_id(), new_id()
+        for n in range(5):
+            a.broker.record_history(client_id, {"code": 4000 + n, "closed_by": "peer"})
+        a.broker.record_history(other, {"code": 1000})
+        # Readable at once where it was written (even before Redis has it), then from any instance.
+        assert [e["code"] for e in await a.broker.history(client_id, 10)] == [4004, 4003, 4002]
+
+        async def on_b() -> bool:
+            return [e["code"] for e in await b.broker.history(client_id, 10)] == [4004, 4003, 4002]
+
+        await eventually(on_b, 10, "history on the other instance")
+        assert [e["code"] for e in await b.broker.history(client_id, 2)] == [4004, 4003]
+        assert await b.broker.history(client_id, 0) == []
+        assert await b.broker.history(new_id(), 10) == []
+        assert [e["code"] for e in await b.broker.history(other, 10)] == [1000]
+        if kind == "redis":
+            reply = await request.getfixturevalue("redis_server").acommand("TTL", f"wsb:hist:{client_id}")
+            assert 0 < int(reply.strip().lstrip(b":")) <= 7 * 86400
+    finally:
+        await cluster.stop()

@@ -1,4 +1,4 @@
-"""The Unity client (unity_project/Assets/Scripts/Network) built with Mono and run against real appliances.
+"""The Unity client (the UPM package in unity_project/Packages/com.wsbridge.client) built with Mono and run against real appliances.
 
 ``BridgeClient.cs`` and ``BridgeProtocol.cs`` are compiled with ``mcs`` together with the C# test program
 ``unity/BridgeClientTests.cs`` and run with ``mono``, one scenario per process. This module plays the
@@ -15,25 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from support import CLIENT_TOKEN, ROOT, Appliance, command, eventually, recv_json, timeout
+import websockets
+from moto_support import MotoServer, seed, unique_prefix
+from support import CLIENT_TOKEN, CONTROLLER_TOKEN, ROOT, Appliance, command, eventually, recv_json, timeout
 
-NETWORK = ROOT / "unity_project" / "Assets" / "Scripts" / "Network"
+PACKAGE = ROOT / "unity_project" / "Packages" / "com.wsbridge.client"
+CORE = PACKAGE / "Runtime" / "Core"
 HARNESS = Path(__file__).resolve().parent / "unity"
 # The newest C# Mono's mcs compiles; the Unity scripts promise to stay within it.
 LANGVERSION = "7.2"
-TRANSPORT = [NETWORK / "BridgeClient.cs", NETWORK / "BridgeProtocol.cs"]
-UNITY_SCRIPTS = [NETWORK / "CommandListener.cs", *sorted((NETWORK / "Examples").glob("*.cs"))]
+TRANSPORT = sorted(CORE.rglob("*.cs"))
+UNITY_SCRIPTS = [*sorted((PACKAGE / "Runtime" / "Unity").rglob("*.cs")), *sorted((PACKAGE / "Samples~").rglob("*.cs"))]
 
 
-def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
+def compile_cs(out: Path, sources: list[Path], target: str = "exe", defines: list[str] | None = None) -> Path:
     """mcs with warnings as errors: what compiles cleanly here also compiles in Unity without noise."""
     mcs = shutil.which("mcs")
     if mcs is None or shutil.which("mono") is None:
@@ -46,6 +53,7 @@ def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
             "-warnaserror+",
             "-r:System.Core",
             f"-target:{target}",
+            *(f"-define:{name}" for name in defines or []),
             f"-out:{out}",
             *map(str, sources),
         ],
@@ -61,6 +69,17 @@ def compile_cs(out: Path, sources: list[Path], target: str = "exe") -> Path:
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("unity") / "BridgeClientTests.exe"
     return compile_cs(out, [*TRANSPORT, HARNESS / "BridgeClientTests.cs"])
+
+
+@pytest.fixture(scope="module")
+def webgl_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The harness with WebGLTransport, its plugin functions played by a browser-like ClientWebSocket."""
+    out = tmp_path_factory.mktemp("unity-webgl") / "WebGLTransportTests.exe"
+    return compile_cs(
+        out,
+        [*TRANSPORT, HARNESS / "BridgeClientTests.cs", HARNESS / "BrowserSocketEmulation.cs"],
+        defines=["WSBRIDGE_WEBGL_TESTS"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +150,9 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def device(harness: Path, scenario: str, **options: object) -> AsyncIterator[Device]:
+async def device(
+    harness: Path, scenario: str, env: dict[str, str] | None = None, **options: object
+) -> AsyncIterator[Device]:
     args: list[str] = []
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
@@ -145,6 +166,7 @@ async def device(harness: Path, scenario: str, **options: object) -> AsyncIterat
         str(timeout(30)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     try:
         yield Device(process, scenario)
@@ -362,14 +384,20 @@ async def test_receive_watchdog_drops_a_silent_connection_and_reconnects(app, ha
     assert 'reason="receive timeout' in run.output
 
 
-async def test_command_listener_dispatches_to_the_example_light_on_the_main_thread(app, tmp_path):
-    exe = compile_cs(
-        tmp_path / "ListenerSmoke.exe",
-        [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs", HARNESS / "ListenerSmoke.cs"],
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The listener, the example and the Unity stand-in (UNITY_EDITOR defined, as in the editor's play mode)."""
+    return compile_cs(
+        tmp_path_factory.mktemp("unity-smoke") / "ListenerSmoke.exe",
+        [*TRANSPORT, *UNITY_SCRIPTS, *sorted(HARNESS.glob("Unity*.cs")), HARNESS / "ListenerSmoke.cs"],
+        defines=["UNITY_EDITOR"],
     )
+
+
+async def test_command_listener_dispatches_to_the_example_light_on_the_main_thread(app, smoke):
     async with (
         app.controller() as llm,
-        device(exe, "listener", url=app.ws, id="unity-light", token=CLIENT_TOKEN) as run,
+        device(smoke, "listener", url=app.ws, id="unity-light", token=CLIENT_TOKEN) as run,
     ):
         await run.expect("EVENT connected")
         assert await ask(llm, "unity-light", "off") == "light off"
@@ -378,6 +406,442 @@ async def test_command_listener_dispatches_to_the_example_light_on_the_main_thre
         assert await ask(llm, "unity-light", "dance") == "error: unknown command dance"
         assert await ask(llm, "unity-light", "on") == "light on"
         await llm.send(command("unity-light", "quit"))
+        await run.expect("EVENT resumed connections=2")  # the short pause kept connection 1, the long one replaced it
         await run.passes()
     lines = run.output
     assert "EVENT unhandled dance" in lines  # the UnityEvent fallback got the unknown command
+
+    async def gone() -> bool:
+        return not await listed(app, "unity-light")
+
+    await eventually(gone, 10, "unity-light to leave")
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_commands_never_run_late_and_teardown_never_blocks(request, start_appliance, smoke, broker):
+    """Disabled, paused, stalled frames, an old connection, the frame budget, a domain reload, a destroyed primary
+    listener, a dead socket on resume and at teardown (the C# program is the controller too; see ListenerSmoke.cs)."""
+    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
+    relay = start_appliance(redis_url=redis_url, name=f"unity-life-{broker}")
+    async with device(
+        smoke,
+        "lifecycle",
+        env={"UNITY_CLIENT_TOKEN": CLIENT_TOKEN},
+        url=relay.ws,
+        id="unity-life",
+        token=CLIENT_TOKEN,
+        controller_token=relay.env["LLM_SECRET_TOKEN"],
+    ) as run:
+        await run.passes(within=60)
+    assert "EVENT per-frame 5,5,2" in run.output
+    assert CLIENT_TOKEN not in run.output.replace(f"--token {CLIENT_TOKEN}", "")
+
+
+async def test_webgl_transport_authenticates_by_subprotocol_and_reconnects_after_a_restart(
+    start_appliance, webgl_harness
+):
+    """WebGLTransport.cs (polled per frame, no headers: the token only in Sec-WebSocket-Protocol) under BridgeClient."""
+    restarting = start_appliance(name="unity-webgl")
+    target = "unity-webgl"
+    async with device(
+        webgl_harness,
+        "device",
+        transport="webgl",
+        url=restarting.ws,
+        id=target,
+        token=CLIENT_TOKEN,
+        expect_connections=2,
+        expect_close=1001,
+    ) as run:
+        await run.expect("EVENT connected client=device connections=1")
+        async with restarting.controller() as llm:
+            assert await ask(llm, target, "echo héllo 🎮") == "héllo 🎮"
+            assert await ask(llm, target, "size " + payload(20000)) == size_and_hash(payload(20000))
+        await asyncio.to_thread(restarting.terminate)
+        await run.expect("EVENT disconnected client=device code=1001")
+        await asyncio.to_thread(restarting.start)
+        await run.expect("EVENT connected client=device connections=2")
+        async with restarting.controller() as llm:
+            assert await ask(llm, target, "echo after") == "after"
+            await quit_device(llm, target, run)
+    assert "EVENT transport webgl" in run.output
+    assert "EVENT offered wsbridge.v1,wsbridge.token.<token>" in run.output
+    assert CLIENT_TOKEN not in restarting.log()
+
+
+async def test_webgl_transport_reports_a_refused_token_as_final(app, webgl_harness):
+    """A browser sees the refusal's close code (the appliance selects the offered version even when refusing)."""
+    async with device(
+        webgl_harness, "rejected", transport="webgl", url=app.ws, id="unity-webgl-bad", token="wrong", expect_close=4001
+    ) as run:
+        line = await run.expect("EVENT rejected")
+        await run.passes()
+    assert line.startswith("EVENT rejected code=4001 "), line
+
+
+# --- hangs, races and final codes (issue 13) ------------------------------------------------------
+
+
+async def test_connect_timeout_holds_against_a_server_that_never_answers_the_upgrade(harness):
+    """Mono's ConnectAsync ignores cancellation once TCP is up: the client must still time out, retry, and stop at once."""
+    async with device(harness, "blackhole") as run:
+        line = await run.expect("EVENT stopped-in")
+        await run.passes()
+    assert int(line.split("ms=")[1]) < 1000, line
+
+
+async def test_send_racing_stop_never_leaves_a_message_for_a_later_start(harness):
+    async with device(harness, "sendrace") as run:
+        await run.passes(within=60)
+
+
+async def test_every_message_accepted_before_stop_reaches_the_controller(app, harness):
+    async with (
+        app.controller() as llm,
+        device(harness, "flush", url=app.ws, id="unity-flush", token=CLIENT_TOKEN) as run,
+    ):
+        received: list[str] = []
+
+        async def read() -> None:  # read all along: a controller that stops reading slows the sender down
+            while True:
+                received.append(json.loads(await llm.recv())["message"])
+
+        reader = asyncio.create_task(read())
+        try:
+            accepted = int((await run.expect("EVENT accepted")).split()[-1])
+            await run.passes()
+            assert accepted > 0
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: asyncio.sleep(0, len(received) >= accepted), 10, f"{accepted} messages")
+            await asyncio.sleep(0.5)  # and nothing more than what Send() accepted
+        finally:
+            reader.cancel()
+        assert len(received) == accepted, (
+            f"{accepted} accepted, {len(received)} received:\n{run.output}\n{app.log()[-4000:]}"
+        )
+        # Per sender thread the sequence is complete and in order: nothing accepted was lost or reordered.
+        by_thread: dict[str, list[int]] = {}
+        for message in received:
+            _, thread, number = message.split()
+            by_thread.setdefault(thread, []).append(int(number))
+        for numbers in by_thread.values():
+            assert numbers == list(range(len(numbers))), numbers[:20]
+
+
+async def test_token_expired_4011_is_final_and_its_reason_reported(harness):
+    """A server that closes with 4011 (token expired or revoked): the client stops instead of retrying."""
+
+    async def expire(ws) -> None:
+        await ws.close(4011, "token expired or revoked; reconnect with the current token")
+
+    async with websockets.serve(expire, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            harness, "rejected", url=f"ws://127.0.0.1:{port}", id="unity-expired", token="old", expect_close=4011
+        ) as run:
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    assert line.startswith("EVENT rejected code=4011 reason=token expired"), line
+
+
+# --- the UPM package ------------------------------------------------------------------------------
+
+# Unity's own assemblies a package asmdef may reference (the test framework's, for Tests/).
+UNITY_ASSEMBLIES = {"UnityEngine.TestRunner", "UnityEditor.TestRunner"}
+
+
+def asmdefs() -> dict[Path, dict]:
+    return {path: json.loads(path.read_text()) for path in sorted(PACKAGE.rglob("*.asmdef"))}
+
+
+def test_package_json_asmdefs_and_project_manifest_agree():
+    manifest = json.loads((PACKAGE / "package.json").read_text())
+    assert manifest["name"] == PACKAGE.name == "com.wsbridge.client"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", manifest["version"]), manifest["version"]
+    assert re.fullmatch(r"20\d\d\.\d", manifest["unity"]), manifest["unity"]
+    assert manifest["description"] and manifest["displayName"]
+    for sample in manifest["samples"]:
+        folder = PACKAGE / sample["path"]
+        assert sample["path"].startswith("Samples~/") and folder.is_dir() and list(folder.glob("*.cs")), sample
+    assert f"## [{manifest['version']}]" in (PACKAGE / "CHANGELOG.md").read_text()
+
+    definitions = asmdefs()
+    names = [definition["name"] for definition in definitions.values()]
+    assert len(names) == len(set(names)), names
+    for path, definition in definitions.items():
+        unknown = set(definition.get("references", [])) - set(names) - UNITY_ASSEMBLIES
+        assert not unknown, f"{path.relative_to(PACKAGE)} references unknown assemblies {unknown}"
+        # Every script of the assembly declares a namespace under its rootNamespace.
+        for script in path.parent.rglob("*.cs"):
+            declared = re.findall(r"^namespace ([\w.]+)", script.read_text(), re.M)
+            assert declared and all(n.startswith(definition["rootNamespace"]) for n in declared), script
+    core = definitions[CORE / "WebSocketBridge.Core.asmdef"]
+    assert core["noEngineReferences"] is True
+    for script in CORE.rglob("*.cs"):  # the transport and protocol code stays free of UnityEngine
+        code = "\n".join(line.split("//")[0] for line in script.read_text().splitlines())
+        assert "UnityEngine" not in code, script
+    unity = definitions[PACKAGE / "Runtime" / "Unity" / "WebSocketBridge.asmdef"]
+    assert unity["references"] == ["WebSocketBridge.Core"]
+    tests = definitions[PACKAGE / "Tests" / "Runtime" / "WebSocketBridge.Tests.asmdef"]
+    assert (
+        "UNITY_INCLUDE_TESTS" in tests["defineConstraints"] and "nunit.framework.dll" in tests["precompiledReferences"]
+    )
+
+    # unity_project/ opens as a project that uses the local package and runs its tests.
+    project = PACKAGE.parent.parent
+    dependencies = json.loads((project / "Packages" / "manifest.json").read_text())
+    assert dependencies["dependencies"][manifest["name"]] == f"file:{PACKAGE.name}"
+    assert manifest["name"] in dependencies["testables"]
+    version = re.search(
+        r"^m_EditorVersion: (\d+)\.(\d+)\.", (project / "ProjectSettings" / "ProjectVersion.txt").read_text(), re.M
+    )
+    assert version and tuple(map(int, version.groups())) >= tuple(map(int, manifest["unity"].split(".")))
+
+
+def test_every_package_file_has_a_meta_with_a_unique_guid():
+    sys.path.insert(0, str(HARNESS))
+    try:
+        add_meta = importlib.import_module("add_meta")
+    finally:
+        sys.path.remove(str(HARNESS))
+    guids: dict[str, Path] = {}
+    for path in sorted(PACKAGE.rglob("*")):
+        if path.suffix == ".meta":
+            assert path.with_suffix("").exists(), f"orphaned {path.relative_to(PACKAGE)}"
+            continue
+        if not add_meta.needs_meta(path):
+            continue
+        meta = path.with_name(path.name + ".meta")
+        assert meta.exists(), f"{path.relative_to(PACKAGE)} has no .meta (run tests/integration/unity/add_meta.py)"
+        text = meta.read_text()
+        guid = re.search(r"^guid: ([0-9a-f]{32})$", text, re.M)
+        assert guid, f"{meta.relative_to(PACKAGE)} has no valid guid"
+        assert guid[1] not in guids, f"{meta.relative_to(PACKAGE)} repeats the guid of {guids[guid[1]]}"
+        guids[guid[1]] = path
+        assert ("folderAsset: yes" in text) == path.is_dir(), meta
+    jslib = (PACKAGE / "Runtime" / "Plugins" / "WebGL" / "WsBridge.jslib.meta").read_text()
+    assert "WebGL: WebGL\n    second:\n      enabled: 1" in jslib  # the plugin is included in WebGL players
+
+
+async def test_package_nunit_tests_pass_and_every_script_compiles_for_webgl(tmp_path):
+    """Tests/Runtime (Unity Test Framework) run here against an NUnit stand-in; Core compiles with UNITY_WEBGL."""
+    exe = compile_cs(
+        tmp_path / "PackageTests.exe",
+        [*TRANSPORT, *sorted((PACKAGE / "Tests").rglob("*.cs")), HARNESS / "NUnitStandIn.cs"],
+    )
+    async with device(exe, "nunit") as run:
+        await run.passes()
+    assert "FAIL" not in run.output
+    compile_cs(tmp_path / "WebGL.dll", TRANSPORT, "library", defines=["UNITY_WEBGL"])
+    compile_cs(
+        tmp_path / "WebGLPlayer.dll",
+        [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs"],
+        "library",
+        defines=["UNITY_WEBGL"],
+    )
+
+
+async def test_token_revoked_by_the_operator_ends_the_connection_with_4011_and_no_retry(start_appliance, harness):
+    """The real appliance on a real (moto) SSM: rotate the client token, revoke the old one: 4011, final."""
+    moto = await asyncio.to_thread(MotoServer().start)
+    try:
+        prefix = unique_prefix()
+        seed(moto.ssm(), prefix, {"LLM_SECRET_TOKEN": CONTROLLER_TOKEN, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN})
+        # Embedded broker: the appliance learns of the revocation at its next refresh.
+        env = moto.appliance_env(prefix, TOKEN_ROTATION_ENABLED="true", TOKEN_REFRESH_SECONDS="0.5")
+        relay = start_appliance(env, name="unity-revoke")
+        async with device(
+            harness, "rejected", url=relay.ws, id="unity-revoked", token=CLIENT_TOKEN, expect_close=4011
+        ) as run:
+            await run.expect("EVENT connected client=rejected connections=1")
+            for action in ("rotate", "revoke"):
+                result = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        sys.executable,
+                        "-m",
+                        "appliance",
+                        "tokens",
+                        "--actor",
+                        "unity-test",
+                        action,
+                        "UNITY_CLIENT_TOKEN",
+                    ],
+                    env=relay.env,
+                    cwd=relay.workdir,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout(60),
+                )
+                assert result.returncode == 0, result.stderr
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    finally:
+        await asyncio.to_thread(moto.stop)
+    assert line.startswith("EVENT rejected code=4011 reason=token expired or revoked"), line
+
+
+async def test_a_4010_from_our_own_abandoned_attempt_is_retried(harness):
+    """Mono cannot cancel a handshake: an attempt abandoned after the connect timeout may still complete at the
+    server, which then replaces the client's live connection (4010). That 4010 is not another game instance."""
+    order: dict[object, int] = {}
+    live: list = []
+
+    async def slow_first(connection, request) -> None:
+        order[connection] = len(order) + 1
+        if order[connection] == 1:
+            await asyncio.sleep(1.0)  # answers after the client's 0.3 s connect timeout
+
+    async def appliance_like(ws) -> None:
+        number = order[ws]
+        if number == 1:  # the abandoned attempt registers late and takes the id, as the appliance would
+            await live[0].close(4010, "replaced by a newer connection")
+        elif number == 2:
+            live.append(ws)
+        else:
+            await ws.send("quit")
+            assert await ws.recv() == "bye"
+        await ws.wait_closed()
+
+    async with websockets.serve(appliance_like, "127.0.0.1", 0, process_request=slow_first) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            harness,
+            "device",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-orphan",
+            token="t",
+            connect_timeout=0.3,
+            expect_connections=2,
+            expect_close=4010,
+        ) as run:
+            line = await run.expect("EVENT disconnected client=device code=4010")
+            await run.passes()
+    assert "willRetry=True" in line and "abandoned connection attempt" in line, line
+
+
+async def test_v2_client_stops_with_a_reason_when_the_server_does_not_select_wsbridge_v2(harness):
+    """An appliance without protocol v2 would send bare text a v2 codec cannot read: the client says so and stops."""
+    offered: list[list[str]] = []
+
+    async def v1_only(ws) -> None:
+        offered.append(list(ws.request.headers.get_all("Sec-WebSocket-Protocol")))
+        await ws.wait_closed()
+
+    async with websockets.serve(v1_only, "127.0.0.1", 0) as server:  # selects no subprotocol
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            harness,
+            "rejected",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-v1only",
+            token="t",
+            protocol=2,
+            expect_close="none",
+        ) as run:
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    assert "did not accept protocol v2" in line, line
+    assert offered == [["wsbridge.v2"]]
+
+
+async def test_v2_codec_over_the_wire_with_mono_subprotocol_negotiation(harness):
+    """The C# v2 client against a server that selects wsbridge.v2: ids (integer, string, null), async replies."""
+    frames: list[str] = []
+    headers: list[str | None] = []
+
+    async def v2_server(ws) -> None:
+        headers.append(ws.request.headers.get("X-Auth-Token"))
+        await ws.send(json.dumps({"id": 7, "from": "llm-a", "message": "echo hi"}))
+        await ws.send(json.dumps({"id": "b-1", "from": "llm-b", "message": "later x"}))
+        await ws.send(json.dumps({"id": None, "from": "llm-a", "message": "echo plain"}))
+        for _ in range(3):
+            frames.append(await asyncio.wait_for(ws.recv(), timeout(10)))
+        await ws.send(json.dumps({"id": None, "from": "llm-a", "message": "quit"}))
+        frames.append(await asyncio.wait_for(ws.recv(), timeout(10)))
+        await ws.wait_closed()
+
+    async with websockets.serve(v2_server, "127.0.0.1", 0, subprotocols=["wsbridge.v2"]) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(harness, "v2", url=f"ws://127.0.0.1:{port}", id="unity-v2wire", token="tok") as run:
+            await run.passes()
+    assert headers == ["tok"]
+    replies = sorted(frames[:3])
+    assert replies == sorted(
+        ['{"reply_to":7,"message":"hi from llm-a"}', '{"reply_to":"b-1","message":"later x"}', "plain from llm-a"]
+    ), frames
+    assert frames[3] == "bye"
+
+
+# --- protocol v2 end to end -----------------------------------------------------------------------
+
+
+async def next_reply(ws, within: float = 10.0) -> dict:
+    """The next frame that is not a status frame ({"id", "status", ...})."""
+    while "status" in (frame := await recv_json(ws, within)):
+        pass
+    return frame
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rtt(
+    request, start_appliance, harness, broker
+):
+    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
+    relay = start_appliance(redis_url=redis_url, name=f"unity-v2-{broker}")
+    target = "unity-v2"
+    async with (
+        relay.controller("llm-a") as first,
+        relay.controller("llm-b") as second,
+        device(harness, "v2", url=relay.ws, id=target, token=CLIENT_TOKEN, groups="lights,doors") as run,
+    ):
+        await run.expect("EVENT connected")
+        # A handler's return value answers the command with an integer id, to its sender only.
+        await first.send(json.dumps({"target": target, "message": "echo hi", "id": 7}))
+        reply = await next_reply(first)
+        assert reply["reply_to"] == 7 and reply["sender"] == target, reply
+        assert reply["message"] == "hi from llm-a", reply
+        assert isinstance(reply["rtt_ms"], int | float) and reply["rtt_ms"] >= 0, reply
+        # An async handler (Task<string>) with a string id.
+        await second.send(json.dumps({"target": target, "message": "later x", "id": "b-1"}))
+        reply = await next_reply(second)
+        assert (reply["reply_to"], reply["message"]) == ("b-1", "later x"), reply
+        # Group membership from the connect (?groups=...). Group commands wait for no reply (docs/protocol.md), so the
+        # device's answer reaches every controller as a plain client message.
+        await second.send(json.dumps({"target": "group:doors", "message": "echo via group", "id": "g"}))
+        for ws in (second, first):
+            plain = await next_reply(ws)
+            assert plain["sender"] == target and "via group from llm-b" in plain["message"], plain
+        # Neither controller saw the other's replies.
+        for ws in (first, second):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.5)
+        # A command without id gets a plain reply, which every controller receives, as in v1.
+        await first.send(command(target, "quit"))
+        for ws in (first, second):
+            assert await recv_json(ws) == {"sender": target, "message": "bye"}
+        await run.passes()
+
+
+async def test_v2_command_listener_replies_with_reply_to_on_the_main_thread(app, smoke):
+    """CommandListener with Protocol Version 2: the example light's replies and the unknown-command error carry
+    reply_to and reach the sending controller only; a command without id gets a plain reply."""
+    target = "unity-light-v2"
+    async with (
+        app.controller("llm-light") as llm,
+        app.controller("llm-other") as other,
+        device(smoke, "listener", url=app.ws, id=target, token=CLIENT_TOKEN, protocol=2) as run,
+    ):
+        await run.expect("EVENT connected")
+        for number, (text, expected) in enumerate(
+            [("off", "light off"), ("intensity 2.5", "intensity 2.5"), ("dance", "error: unknown command dance")]
+        ):
+            await llm.send(json.dumps({"target": target, "message": text, "id": number}))
+            reply = await next_reply(llm)
+            assert (reply["reply_to"], reply["sender"], reply["message"]) == (number, target, expected), reply
+        await llm.send(command(target, "on"))  # no id: plain reply to every controller
+        for ws in (llm, other):
+            assert await recv_json(ws) == {"sender": target, "message": "light on"}
+        await llm.send(command(target, "quit"))
+        await run.expect("EVENT resumed connections=2")
+        await run.passes()

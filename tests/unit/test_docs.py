@@ -41,7 +41,7 @@ def test_every_folder_in_the_layout_exists():
 def test_the_dashboard_is_promised_only_once_the_app_serves_it(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # No .env from the developer's tree.
     settings = Settings(llm_secret_token="c" * 32, unity_client_token="u" * 32)
-    serves_ui = any(route.path.startswith("/ui") for route in create_app(settings).routes)
+    serves_ui = any(route.path.startswith(("/ui", "/admin")) for route in create_app(settings).routes)
     if not serves_ui:
         text = README.lower()
         assert "/ui/" not in text and "admin dashboard" not in text  # (Grafana's dashboards exist.)

@@ -1,5 +1,7 @@
 """Batched frame writes through the real uvicorn websockets-sansio protocol behind Litestar.
 
+Also the joined HTTP response writes of appliance/server.py, on the same server.
+
 The batcher reaches into uvicorn's protocol object; these tests run the pinned uvicorn and
 Litestar in-process over a real socket, so an upgrade that moves what the batcher relies
 on fails here rather than silently falling back to one write per frame.
@@ -11,14 +13,19 @@ import socket
 import pytest
 import uvicorn
 import websockets
-from litestar import Litestar, websocket
+from litestar import Litestar, get, websocket
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from appliance.admission import AdmissionMiddleware
 from appliance.core.protocol import CloseCode, Role
 from appliance.core.session import Limits, Session
+from appliance.handshake_guard import guarded_http_protocol
 from appliance.relay import Connection, Flusher
+from appliance.server import joined_writes
+from appliance.settings import Settings
 from appliance.web import RelaySocket
+from appliance.ws_protocol import OrderedWebSocketsProtocol
 from appliance.wsbatch import MAX_BATCH_CHARS, _frame, batcher_for
 
 found: list[bool] = []
@@ -45,8 +52,14 @@ async def _serve() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # The server's own chain: admission middleware, its protocols (see appliance/server.py).
+    settings = Settings(_env_file=None, llm_secret_token="c" * 32, unity_client_token="u" * 32)
     config = uvicorn.Config(
-        Litestar([handler]), ws="websockets-sansio", http="httptools", log_config=None, lifespan="off"
+        AdmissionMiddleware(Litestar([handler, hello]), settings),
+        ws=OrderedWebSocketsProtocol,
+        http=joined_writes(guarded_http_protocol(5)),
+        log_config=None,
+        lifespan="off",
     )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -85,6 +98,27 @@ async def test_frames_go_out_batched_intact_and_in_order_then_the_close():
         assert received == ["first", "second é" * 40, "x" * (MAX_BATCH_CHARS + 10), "last"]
         assert code == CloseCode.REPLACED
         assert found == [True]
+    finally:
+        server.should_exit = True
+        await task
+
+
+@get("/hello", sync_to_thread=False)
+def hello() -> dict[str, str]:
+    return {"hello": "world"}
+
+
+async def test_http_answers_are_whole_through_the_joined_writes():
+    server, task, port = await _serve()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):  # Kept alive: each answer complete, none mixed with the next.
+            writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+            assert await asyncio.wait_for(reader.readexactly(length), 10) == b'{"hello":"world"}'
+        writer.close()
     finally:
         server.should_exit = True
         await task

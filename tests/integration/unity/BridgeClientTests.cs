@@ -13,10 +13,16 @@
 //   rejected --expect-close C       the server refuses the connection; the client must not retry
 //   replaced                        a second client with the same id takes over; the first gets 4010
 //   watchdog                        --receive-timeout S: an idle connection is dropped and re-opened
+//   blackhole                       offline: a server that accepts TCP and never answers the upgrade
+//   sendrace                        offline: Send() racing Stop() never leaves a message for a later Start()
+//   flush                           a burst of Send() then Stop(): every accepted message is sent
+//   v2                              protocol v2 device (--groups a,b): sync and async handlers' replies carry reply_to
 
 using System;
 using System.Collections.Generic;
 using System.Linq;
+using System.Net;
+using System.Net.Sockets;
 using System.Security.Cryptography;
 using System.Text;
 using System.Threading;
@@ -34,6 +40,7 @@ internal static class Program
     private static readonly Dictionary<string, string> Options = new Dictionary<string, string>();
     private static readonly List<string> Failures = new List<string>();
     private static TimeSpan deadline = TimeSpan.FromSeconds(40);
+    private static Action checkTransport = () => { };
 
     private static int Main(string[] args)
     {
@@ -57,6 +64,10 @@ internal static class Program
                 case "rejected": Rejected(); break;
                 case "replaced": Replaced(); break;
                 case "watchdog": Watchdog(); break;
+                case "blackhole": BlackHole(); break;
+                case "sendrace": SendRace(); break;
+                case "flush": Flush(); break;
+                case "v2": V2Device(); break;
                 default: Console.Error.WriteLine("unknown scenario " + args[0]); return 64;
             }
         }
@@ -154,7 +165,7 @@ internal static class Program
             InitialReconnectDelay = TimeSpan.FromSeconds(0.1),
             MaxReconnectDelay = TimeSpan.FromSeconds(1),
             StableConnectionTime = TimeSpan.FromSeconds(2),
-            ConnectTimeout = TimeSpan.FromSeconds(5),
+            ConnectTimeout = TimeSpan.FromSeconds(double.Parse(Opt("connect-timeout", "5"), System.Globalization.CultureInfo.InvariantCulture)),
         };
     }
 
@@ -227,7 +238,9 @@ internal static class Program
 
     private static void Device()
     {
-        var client = new BridgeClient(ClientOptions(Opt("id"), Opt("token")));
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        if (Opt("transport", "clientwebsocket") == "webgl") UseWebGLTransport(options);
+        var client = new BridgeClient(options);
         var disconnects = Trace(client, "device");
         ServeCommands(client, DeviceHandlers(client, ""), "device");
         client.Start();
@@ -247,6 +260,7 @@ internal static class Program
             "the last disconnect should be our own 1000 close without retry, was " + last);
         Check(client.State == BridgeState.Stopped, "state after quit should be Stopped, is " + client.State);
         Check(client.QueuedMessages == 0, client.QueuedMessages + " messages left in the send queue");
+        checkTransport();
 
         if (expectClose != "")
         {
@@ -260,10 +274,36 @@ internal static class Program
         }
     }
 
+    /// <summary>WebGLTransport over a browser-like socket, pumped every 5 ms by a "main thread" like Update would.</summary>
+    private static void UseWebGLTransport(BridgeClientOptions options)
+    {
+#if WSBRIDGE_WEBGL_TESTS
+        var browser = new BrowserSocketEmulation();
+        options.TransportFactory = () => new WebGLTransport(browser);
+        var frames = new Thread(() => { while (true) { BridgeTransports.Pump(); Thread.Sleep(5); } }) { IsBackground = true };
+        frames.Start();
+        checkTransport = () =>
+        {
+            foreach (var offered in browser.Offered)
+            {
+                Emit("EVENT offered " + offered.Replace(Opt("token"), "<token>"));
+                if (!offered.Contains("wsbridge.token." + Opt("token"))) Fail("the token was not offered as a subprotocol");
+            }
+        };
+        Emit("EVENT transport webgl");
+#else
+        throw new CheckFailed("this build has no WebGL transport (compile with -define:WSBRIDGE_WEBGL_TESTS)");
+#endif
+    }
+
     private static void Rejected()
     {
-        int expected = int.Parse(Opt("expect-close"));
-        var client = new BridgeClient(ClientOptions(Opt("id"), Opt("token")));
+        // "none": no close code, e.g. protocol v2 requested from an appliance that does not select wsbridge.v2.
+        int? expected = Opt("expect-close") == "none" ? (int?)null : int.Parse(Opt("expect-close"));
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        options.ProtocolVersion = int.Parse(Opt("protocol", "1"));
+        if (Opt("transport", "clientwebsocket") == "webgl") UseWebGLTransport(options);
+        var client = new BridgeClient(options);
         var disconnects = Trace(client, "rejected");
         client.MessageReceived += text => Fail("a rejected client received a message: " + Shorten(text));
         client.Start();
@@ -333,8 +373,221 @@ internal static class Program
         Check(client.State == BridgeState.Stopped, "state after Stop() should be Stopped, is " + client.State);
     }
 
+    /// <summary>Accepts TCP connections and never answers the WebSocket upgrade; counts what the client closed.</summary>
+    private sealed class BlackHoleServer : IDisposable
+    {
+        private readonly TcpListener listener = new TcpListener(IPAddress.Loopback, 0);
+        private readonly List<TcpClient> accepted = new List<TcpClient>();
+        private int closedByClient;
+
+        public BlackHoleServer()
+        {
+            listener.Start();
+            Task.Run(async () =>
+            {
+                while (true)
+                {
+                    TcpClient peer;
+                    try { peer = await listener.AcceptTcpClientAsync(); }
+                    catch (Exception) { return; }
+                    lock (accepted) accepted.Add(peer);
+                    StartDrain(peer);
+                }
+            });
+        }
+
+        public string Url { get { return "ws://127.0.0.1:" + ((IPEndPoint)listener.LocalEndpoint).Port; } }
+        public int Accepted { get { lock (accepted) return accepted.Count; } }
+        public int ClosedByClient { get { return Volatile.Read(ref closedByClient); } }
+
+        private void StartDrain(TcpClient peer)
+        {
+            var draining = DrainAsync(peer);
+            draining.ContinueWith(t => t.Exception);
+        }
+
+        private async Task DrainAsync(TcpClient peer)
+        {
+            var buffer = new byte[4096];
+            try
+            {
+                var stream = peer.GetStream();
+                while (await stream.ReadAsync(buffer, 0, buffer.Length) > 0) { } // read the upgrade request, answer nothing
+            }
+            catch (Exception) { }
+            Interlocked.Increment(ref closedByClient);
+        }
+
+        public void Dispose()
+        {
+            listener.Stop();
+            lock (accepted) foreach (var peer in accepted) peer.Close();
+        }
+    }
+
+    private static void BlackHole()
+    {
+        using (var hole = new BlackHoleServer())
+        {
+            var client = new BridgeClient(new BridgeClientOptions
+            {
+                ServerUrl = hole.Url, ClientId = "blackhole", Token = "t",
+                ConnectTimeout = TimeSpan.FromSeconds(0.3),
+                InitialReconnectDelay = TimeSpan.FromMilliseconds(20), MaxReconnectDelay = TimeSpan.FromMilliseconds(50),
+                CloseTimeout = TimeSpan.FromSeconds(2),
+            });
+            var disconnects = Trace(client, "blackhole");
+            client.Start();
+            // A connect that never completes is abandoned after ConnectTimeout and retried as usual.
+            WaitUntil(() => Snapshot(disconnects).Length >= 3, "three timed-out attempts against the black hole");
+            var seen = Snapshot(disconnects);
+            Check(seen.All(d => d.WillRetry && !d.WasConnected && d.Reason.Contains("within 0.3 s")),
+                "each attempt should time out and be retried: " + string.Join("; ", seen.Select(d => d.ToString())));
+            Check(hole.Accepted >= 3, "the black hole should have seen the TCP connections, saw " + hole.Accepted);
+            Check(client.State == BridgeState.Connecting || client.State == BridgeState.WaitingToReconnect,
+                "state between attempts: " + client.State);
+            // Stop() during a hanging connect ends at once, not after the close timeouts.
+            WaitUntil(() => client.State == BridgeState.Connecting, "the next attempt to be under way");
+            var watch = System.Diagnostics.Stopwatch.StartNew();
+            client.Stop();
+            watch.Stop();
+            Emit("EVENT stopped-in ms=" + watch.ElapsedMilliseconds);
+            Check(watch.Elapsed < TimeSpan.FromSeconds(1), "Stop() during a hanging connect took " + watch.ElapsedMilliseconds + " ms");
+            Check(client.State == BridgeState.Stopped && client.Completion.IsCompleted, "stopped, state " + client.State);
+            // One socket per attempt, none opened behind the client's back. (Mono offers no way to close the socket of
+            // an abandoned upgrade: it stays until the server drops it; the client only stops waiting for it.)
+            Check(hole.Accepted <= client.ConnectAttempts, hole.Accepted + " TCP connections for " + client.ConnectAttempts + " attempts");
+        }
+    }
+
+    private static void SendRace()
+    {
+        // Nothing listens on port 1: the client is always between attempts, where Send() queues.
+        for (int round = 0; round < 200; round++)
+        {
+            var client = new BridgeClient(new BridgeClientOptions
+            {
+                ServerUrl = "ws://127.0.0.1:1", ClientId = "race", Token = "t",
+                InitialReconnectDelay = TimeSpan.FromMilliseconds(1), MaxReconnectDelay = TimeSpan.FromMilliseconds(2),
+            });
+            client.Start();
+            int accepted = 0;
+            bool stopped = false;
+            var senders = Enumerable.Range(0, 3).Select(i => Task.Run(() =>
+            {
+                while (!Volatile.Read(ref stopped)) if (client.Send("m")) Interlocked.Increment(ref accepted);
+            })).ToArray();
+            Thread.Sleep(round % 3);
+            client.Stop();
+            Volatile.Write(ref stopped, true);
+            Task.WaitAll(senders);
+            Check(client.State == BridgeState.Stopped, "round " + round + ": state " + client.State);
+            // A message accepted while disconnected and not sent before the stop is dropped with the stop; nothing
+            // may stay queued for a later Start() to send.
+            Check(client.QueuedMessages == 0, "round " + round + ": " + client.QueuedMessages + " message(s) left queued after Stop()");
+            Check(!client.Send("late"), "Send() after Stop() must return false");
+        }
+    }
+
+    private static void Flush()
+    {
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        // The flush is bounded by CloseTimeout by design; on a loaded test machine 2 s can be too short for it.
+        options.CloseTimeout = TimeSpan.FromSeconds(10);
+        var client = new BridgeClient(options);
+        Trace(client, "flush");
+        client.Start();
+        WaitUntil(() => client.IsConnected, "the connection");
+        int accepted = 0;
+        bool stop = false;
+        var senders = Enumerable.Range(0, 4).Select(t => Task.Run(() =>
+        {
+            // Numbered by acceptance: a refused Send (queue full, stopped) is retried, not skipped. At most 400 per
+            // thread, spread over some milliseconds, so Stop() lands among them and the flush stays within the
+            // appliance's rate burst (a flush slowed beyond CloseTimeout is cut off by design).
+            int i = 0;
+            while (!Volatile.Read(ref stop) && i < 400)
+            {
+                if (client.Send("seq " + t + " " + i))
+                {
+                    i++;
+                    Interlocked.Increment(ref accepted);
+                    if (i % 40 == 0) Thread.Sleep(1);
+                }
+                else if (client.State == BridgeState.Open) Thread.Sleep(1); // queue full: let the sender catch up
+            }
+        })).ToArray();
+        Thread.Sleep(5);
+        client.Stop();
+        Volatile.Write(ref stop, true);
+        Task.WaitAll(senders);
+        Check(client.State == BridgeState.Stopped, "state " + client.State);
+        Check(client.LastDisconnect.CloseCode == BridgeCloseCodes.Normal, "closed with 1000: " + client.LastDisconnect);
+        Emit("EVENT accepted " + Volatile.Read(ref accepted));
+    }
+
+    private static void V2Device()
+    {
+        var options = ClientOptions(Opt("id"), Opt("token"));
+        options.ProtocolVersion = 2;
+        string groups = Opt("groups", "");
+        if (groups != "") options.Groups = groups.Split(',');
+        var client = new BridgeClient(options);
+        Trace(client, "v2");
+        var dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(2));
+        dispatcher.Register("echo", c => c.Arguments + " from " + c.From);
+        dispatcher.RegisterAsync("later", async c => { await Task.Delay(50); return "later " + c.Arguments; });
+        dispatcher.Register("quit", c => { client.Send("bye"); client.Stop(); return null; });
+        client.MessageReceived += text =>
+        {
+            var result = dispatcher.Dispatch(text);
+            if (!result.Handled) Fail("unexpected v2 message: " + Shorten(text));
+            if (result.Reply != null) client.Send(result.Reply);
+            if (result.PendingReply != null) result.PendingReply.ContinueWith(t => { if (t.Result != null) client.Send(t.Result); });
+        };
+        client.Start();
+        Wait(client.Completion, "the controller's quit command");
+        Check(client.LastDisconnect != null && client.LastDisconnect.CloseCode == BridgeCloseCodes.Normal,
+            "v2 client should end with its own close, got " + client.LastDisconnect);
+    }
+
+    private static void V2Codec()
+    {
+        var codec = new JsonCommandCodec();
+        BridgeCommand command;
+        Check(codec.TryDecode("{\"id\":7,\"from\":\"LLM\",\"message\":\"move 1 2\"}", out command), "decode v2 with integer id");
+        CheckEqual(command.Name, "move", "v2 name");
+        CheckEqual(command.Arguments, "1 2", "v2 arguments");
+        CheckEqual(command.From, "LLM", "v2 from");
+        CheckEqual(codec.EncodeReply(command, "moved"), "{\"reply_to\":7,\"message\":\"moved\"}", "v2 reply to integer id");
+        Check(codec.TryDecode(" { \"message\" : \"say \\\"hi\\\" \\u00e9\\n\" , \"id\" : \"a-1\", \"from\": \"c\" } ", out command), "decode v2 with string id and escapes");
+        CheckEqual(command.Arguments, "\"hi\" \u00e9\n", "v2 escapes");
+        CheckEqual(codec.EncodeReply(command, "q\"\\\n\u0001 🎮"), "{\"reply_to\":\"a-1\",\"message\":\"q\\\"\\\\\\n\\u0001 🎮\"}", "v2 reply escaping");
+        Check(codec.TryDecode("{\"id\":null,\"from\":\"LLM\",\"message\":\"on\"}", out command) && command.CorrelationId == null, "null id");
+        CheckEqual(codec.EncodeReply(command, "lit"), "lit", "reply to a command without id is bare text");
+        Check(!codec.TryDecode("on", out command), "bare text is not a v2 command");
+        Check(!codec.TryDecode("{\"id\":true,\"message\":\"on\"}", out command), "a boolean id is refused");
+        Check(!codec.TryDecode("{\"id\":1,\"message\":{\"x\":1}}", out command), "a non-string message is refused");
+        Check(!codec.TryDecode("{\"id\":1,\"message\":\"on\"} trailing", out command), "trailing text is refused");
+
+        // Async handlers: the task's result is the reply; a faulted task becomes an error reply.
+        var dispatcher = new CommandDispatcher(codec);
+        dispatcher.RegisterAsync("slow", c => Task.FromResult("done " + c.Arguments));
+        dispatcher.RegisterAsync("fail", c => { var t = new TaskCompletionSource<string>(); t.SetException(new InvalidOperationException("nope")); return t.Task; });
+        var slow = dispatcher.Dispatch("{\"id\":\"x\",\"from\":\"L\",\"message\":\"slow 5\"}");
+        Check(slow.Handled && slow.Reply == null && slow.PendingReply != null, "async handler gives a pending reply");
+        CheckEqual(slow.PendingReply.Result, "{\"reply_to\":\"x\",\"message\":\"done 5\"}", "async reply");
+        CheckEqual(dispatcher.Dispatch("{\"id\":2,\"from\":\"L\",\"message\":\"fail\"}").PendingReply.Result,
+            "{\"reply_to\":2,\"message\":\"error: fail: nope\"}", "failed async handler");
+        CheckEqual(BridgeClient.BuildEndpoint("ws://h", "x", new[] { "red", "blue" }).ToString(), "ws://h/ws/x?groups=red,blue", "groups query");
+        CheckThrows<ArgumentException>(() => new BridgeClient(new BridgeClientOptions { ServerUrl = "ws://h", ClientId = "ok", Token = "t", Groups = new[] { "bad group" } }), "bad group name");
+        Check(BridgeCloseCodes.IsFinal(BridgeCloseCodes.TokenExpired), "4011 token expired is final");
+        Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.DisconnectedByAdmin), "4012 is retried");
+    }
+
     private static void SelfTest()
     {
+        V2Codec();
         // Full jitter: within [0, min(max, initial * 2^attempt)], and actually random.
         var random = new Random(1);
         var initial = TimeSpan.FromMilliseconds(100);

@@ -1,21 +1,36 @@
 // ListenerSmoke.cs: drives CommandListener and the example LightController the way the Unity player does
-// (Awake, OnEnable, Start, then Update once per frame on one "main" thread), against the real appliance,
-// with the UnityEngine stand-in (UnityEngineStub.cs). Used by test_unity_client.py; C# 7.2 (mcs).
+// (UnityHarness.cs: Awake, OnEnable, Start, Update per frame on one main thread with a frame-pumped
+// SynchronizationContext, a controllable clock, fake-null destroyed objects; any logged error fails),
+// against the real appliance. Used by test_unity_client.py; C# 7.2 (mcs).
 //
-// Usage: mono ListenerSmoke.exe listener --url U --id ID --token T [--deadline S]
-// The controller (Python) sends commands; "quit" ends the run. Exits non-zero with "FAIL: ..." on a failed check.
+// Usage: mono ListenerSmoke.exe <scenario> --url U --id ID --token T [--controller-token C] [--deadline S]
+//   listener   the controller (Python) sends light commands; "quit" ends the run; then pause/resume and teardown
+//   lifecycle  this program is also the controller (a BridgeClient with the controller token) and checks that
+//              commands never run late: disabled, paused, stalled frames, an old connection, the frame budget,
+//              a domain reload, a destroyed primary listener, a dead socket on resume and at teardown
 
 using System;
+using System.Collections.Concurrent;
 using System.Collections.Generic;
+using System.Diagnostics;
 using System.Reflection;
+using System.Text.RegularExpressions;
 using System.Threading;
+using System.Threading.Tasks;
 using UnityEngine;
 using WebSocketBridge;
 using WebSocketBridge.Examples;
 
+internal sealed class CheckFailed : Exception
+{
+    public CheckFailed(string message) : base(message) { }
+}
+
 internal static class ListenerSmoke
 {
     private static readonly object OutputLock = new object();
+    private static Dictionary<string, string> options;
+    private static TimeSpan deadline;
 
     private static void Emit(string line)
     {
@@ -26,26 +41,30 @@ internal static class ListenerSmoke
         }
     }
 
-    /// <summary>Calls a Unity message (private, like in real scripts) if the component declares it.</summary>
-    private static void Message(object component, string name, params object[] args)
+    private static void Check(bool condition, string message)
     {
-        var method = component.GetType().GetMethod(name, BindingFlags.Instance | BindingFlags.Static | BindingFlags.Public | BindingFlags.NonPublic);
-        if (method != null) method.Invoke(method.IsStatic ? null : component, args);
+        if (!condition) throw new CheckFailed(message);
     }
 
     private static int Main(string[] args)
     {
-        var options = new Dictionary<string, string>();
+        options = new Dictionary<string, string>();
         for (int i = 1; i + 1 < args.Length; i += 2) options[args[i].TrimStart('-')] = args[i + 1];
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(double.Parse(options["deadline"], System.Globalization.CultureInfo.InvariantCulture));
-        int code;
+        deadline = TimeSpan.FromSeconds(double.Parse(options["deadline"], System.Globalization.CultureInfo.InvariantCulture));
+        var player = new Player();
+        int code = 0;
         try
         {
-            code = Run(options, deadline);
+            if (args[0] == "listener") Listener(player);
+            else if (args[0] == "lifecycle") Lifecycle(player);
+            else throw new CheckFailed("unknown scenario " + args[0]);
+            if (player.Failure != null) throw new CheckFailed(player.Failure);
+            Emit("PASS " + args[0]);
         }
         catch (Exception e)
         {
-            Emit("FAIL: unexpected exception: " + e);
+            var failed = e as CheckFailed;
+            Emit("FAIL: " + (failed != null ? failed.Message : "unexpected exception: " + e));
             code = 1;
         }
         // Not a return from Main: see Program.Exit in BridgeClientTests.cs (a Mono 6.8 shutdown hang).
@@ -54,90 +73,320 @@ internal static class ListenerSmoke
         return code;
     }
 
-    private static int Run(Dictionary<string, string> options, DateTime deadline)
+    private static void SetField(object target, string name, object value)
     {
-        int mainThread = Thread.CurrentThread.ManagedThreadId;
-        typeof(CommandListener).GetMethod("ResetStatics", BindingFlags.Static | BindingFlags.NonPublic).Invoke(null, null);
+        target.GetType().GetField(name, BindingFlags.Instance | BindingFlags.NonPublic).SetValue(target, value);
+    }
 
-        var root = new GameObject("Bridge");
-        var listener = root.AddComponent<CommandListener>();
-        listener.ServerUrl = options["url"];
-        listener.ClientId = options["id"];
-        listener.Token = options["token"];
+    private static object Field(object target, string name)
+    {
+        return target.GetType().GetField(name, BindingFlags.Instance | BindingFlags.NonPublic).GetValue(target);
+    }
+
+    /// <summary>A listener; the token from code, or (codeToken false) from UNITY_CLIENT_TOKEN, the default source.</summary>
+    private static CommandListener NewListener(Player player, GameObject host, string url, bool codeToken = true, Action<CommandListener> configure = null)
+    {
+        return player.Add<CommandListener>(host, l =>
+        {
+            l.ServerUrl = url;
+            l.ClientId = options["id"];
+            if (codeToken) l.Token = options["token"];
+            if (configure != null) configure(l);
+        });
+    }
+
+    // ---- driven by the Python controller -----------------------------------------------------------
+
+    private static void Listener(Player player)
+    {
+        string protocol;
+        int version = options.TryGetValue("protocol", out protocol) ? int.Parse(protocol) : 1;
+        var listener = NewListener(player, new GameObject("Bridge"), options["url"], configure: l => l.ProtocolVersion = version);
         var lampObject = new GameObject("Lamp");
         var lamp = lampObject.AddComponent<Light>();
-        var device = lampObject.AddComponent<LightController>();
+        var device = player.Add<LightController>(lampObject);
 
         bool quit = false;
-        string failure = null;
         listener.Connected += () => Emit("EVENT connected");
         listener.UnhandledCommand.AddListener(text => Emit("EVENT unhandled " + text));
         listener.Register("quit", command =>
         {
-            if (Thread.CurrentThread.ManagedThreadId != mainThread) failure = "a handler ran off the main thread";
+            if (Thread.CurrentThread.ManagedThreadId != player.MainThread) player.Fail("a handler ran off the main thread");
             quit = true;
             return null;
         });
 
-        // Unity's order: CommandListener has DefaultExecutionOrder(-1000), so its Awake/OnEnable come first.
-        Message(listener, "Awake");
-        Message(listener, "OnEnable");
-        Message(device, "Awake");
-        Message(device, "OnEnable");
-        Message(listener, "Start");
-        Message(device, "Start");
-
         // A second listener with the same id (a reloaded scene) must forward, not open a second connection.
-        var reloaded = new GameObject("Bridge (reloaded scene)").AddComponent<CommandListener>();
-        reloaded.ClientId = options["id"];
-        reloaded.ServerUrl = options["url"];
-        reloaded.Token = options["token"];
-        Message(reloaded, "Awake");
-        Message(reloaded, "Start");
-        if (reloaded.Client != listener.Client) failure = "a second listener with the same id opened its own connection";
+        var reloaded = NewListener(player, new GameObject("Bridge (reloaded scene)"), options["url"]);
+        Check(reloaded.Client == listener.Client, "a second listener with the same id opened its own connection");
 
-        while (!quit && failure == null)
-        {
-            if (DateTime.UtcNow > deadline) { failure = "timed out waiting for the controller's quit"; break; }
-            Message(listener, "Update");
-            Message(reloaded, "Update");
-            Thread.Sleep(5); // one frame
-        }
+        player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
+        Check(lamp.enabled, "the lamp should be on after the controller's last \"on\"");
+        Check(Math.Abs(lamp.intensity - 2.5f) < 1e-6, "intensity should be 2.5, is " + lamp.intensity);
 
-        if (failure == null && !lamp.enabled) failure = "the lamp should be on after the controller's last \"on\"";
-        if (failure == null && Math.Abs(lamp.intensity - 2.5f) > 1e-6) failure = "intensity should be 2.5, is " + lamp.intensity;
-
-        // Pause and resume: a short pause keeps the connection.
+        // A short pause keeps the connection: compared after the time an (immediate) reconnect would have taken.
         var client = listener.Client;
         int connectionsBefore = client.Connections;
-        Message(listener, "OnApplicationPause", true);
-        Message(listener, "OnApplicationPause", false);
-        if (failure == null && client.Connections != connectionsBefore) failure = "a short pause should not reconnect";
+        Player.Message(listener, "OnApplicationPause", true);
+        player.Advance(1);
+        Player.Message(listener, "OnApplicationPause", false);
+        var settle = Stopwatch.StartNew();
+        while (settle.Elapsed < TimeSpan.FromSeconds(0.5)) player.Frame();
+        Check(client.Connections == connectionsBefore && client.IsConnected,
+            "a short pause should not reconnect: connections " + connectionsBefore + " -> " + client.Connections);
 
-        // A long pause (here: any pause, reconnectAfterPauseSeconds = 0) reconnects at once, without a backoff.
-        typeof(CommandListener).GetField("reconnectAfterPauseSeconds", BindingFlags.Instance | BindingFlags.NonPublic).SetValue(listener, 0f);
-        Message(listener, "OnApplicationPause", true);
-        Message(listener, "OnApplicationPause", false);
-        while (failure == null && !(client.Connections == connectionsBefore + 1 && client.IsConnected))
+        // A long pause (longer than Reconnect After Pause Seconds, 5 s) reconnects at once, without a backoff.
+        Player.Message(listener, "OnApplicationPause", true);
+        player.Advance(6);
+        Player.Message(listener, "OnApplicationPause", false);
+        player.FramesUntil(() => client.Connections == connectionsBefore + 1 && client.IsConnected, "a reconnect after a long pause", deadline);
+        Emit("EVENT resumed connections=" + client.Connections);
+
+        player.Unload(device, listener, reloaded);
+        Check(CommandListener.Find(options["id"]) == null, "the destroyed listener is still registered");
+        Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
+    }
+
+    // ---- this program is the controller too -----------------------------------------------------------
+
+    /// <summary>A controller connection: sends commands to the device and reads the replies it gets.</summary>
+    private sealed class Controller
+    {
+        private static readonly Regex MessageField = new Regex("\"message\":\"((?:[^\"\\\\]|\\\\.)*)\"");
+        private readonly BridgeClient client;
+        private readonly BlockingCollection<string> replies = new BlockingCollection<string>();
+        private readonly string target;
+
+        public Controller(string url, string token, string target)
         {
-            if (DateTime.UtcNow > deadline) failure = "no reconnect after resuming from a long pause";
-            Message(listener, "Update");
-            Thread.Sleep(5);
+            this.target = target;
+            client = new BridgeClient(new BridgeClientOptions { ServerUrl = url, ClientId = target + "-llm", Token = token });
+            client.MessageReceived += frame =>
+            {
+                var match = MessageField.Match(frame);
+                replies.Add(match.Success ? Regex.Unescape(match.Groups[1].Value) : frame);
+            };
+            client.Start();
+            Player.WaitUntil(() => client.IsConnected, "the controller connection", TimeSpan.FromSeconds(10));
         }
-        if (failure == null && client.State != BridgeState.Open) failure = "after the resume reconnect the state should be Open, is " + client.State;
 
-        Message(device, "OnDisable");
-        Message(device, "OnDestroy");
-        Message(listener, "OnDestroy"); // disposes the client: closes with 1000
-        if (failure == null && client.State != BridgeState.Stopped) failure = "OnDestroy should stop the client, state " + client.State;
-        if (failure == null && CommandListener.Find(options["id"]) != null) failure = "the destroyed listener is still registered";
-
-        if (failure != null)
+        public void Send(string command)
         {
-            Emit("FAIL: " + failure);
-            return 1;
+            Check(client.Send("{\"target\":\"" + target + "\",\"message\":\"" + command + "\"}"), "controller send");
         }
-        Emit("PASS listener");
-        return 0;
+
+        /// <summary>The next reply, pumping frames meanwhile (or not, to simulate a stalled main thread).</summary>
+        public string Next(Player player, bool pump = true)
+        {
+            var until = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+            string reply;
+            while (!replies.TryTake(out reply, 5))
+            {
+                if (DateTime.UtcNow > until) throw new CheckFailed("no reply within 10 s");
+                if (pump) player.Frame();
+            }
+            Emit("EVENT reply " + reply);
+            return reply;
+        }
+
+        public void NoMore(Player player, string what)
+        {
+            var quiet = Stopwatch.StartNew();
+            while (quiet.Elapsed < TimeSpan.FromSeconds(0.3))
+            {
+                string extra;
+                if (replies.TryTake(out extra, 5)) throw new CheckFailed(what + ": unexpected reply " + extra);
+                player.Frame();
+            }
+        }
+
+        public void Stop() { client.Stop(); }
+    }
+
+    private static void Lifecycle(Player player)
+    {
+        string id = options["id"];
+        var controller = new Controller(options["url"], options["controller-token"], id);
+        using (var proxy = new FreezableProxy(new Uri(options["url"])))
+        {
+            // The example device appears before any listener (scene order): it must wait, not give up with an error.
+            var lampObject = new GameObject("Lamp");
+            var lamp = lampObject.AddComponent<Light>();
+            var device = player.Add<LightController>(lampObject);
+            for (int i = 0; i < 3; i++) player.Frame();
+
+            var host = new GameObject("Bridge");
+            Check(Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN") == options["token"], "UNITY_CLIENT_TOKEN not set");
+            // Close Timeout 3 s: a polite close to a dead socket would take that long (set before Start connects).
+            var listener = NewListener(player, host, proxy.Url, codeToken: false, configure: l => SetField(l, "closeTimeout", 3f));
+            int connectedEvents = 0;
+            var disconnectedEvents = new List<string>();
+            listener.ConnectedEvent.AddListener(() => connectedEvents++);
+            listener.DisconnectedEvent.AddListener(text => disconnectedEvents.Add(text));
+
+            // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
+            SetField(listener, "token", "typed-into-the-inspector");
+            SetField(listener, "protocolVersion", 3);
+            SetField(listener, "maxPendingCommands", 0);
+            Player.Message(listener, "OnValidate");
+            Check((string)Field(listener, "token") == "", "OnValidate should clear an unused Inspector token");
+            Check((int)Field(listener, "protocolVersion") == 1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
+            SetField(listener, "maxPendingCommands", 100);
+            int echoes = 0;
+            AsyncCommandHandler echo = async command =>
+            {
+                echoes++;
+                if (Thread.CurrentThread.ManagedThreadId != player.MainThread) player.Fail("echo started off the main thread");
+                int frame = player.Frames;
+                await Task.Yield(); // continues at a later frame, on the main thread (frame-pumped context)
+                if (Thread.CurrentThread.ManagedThreadId != player.MainThread) player.Fail("echo resumed off the main thread");
+                if (player.Frames == frame) player.Fail("the continuation ran within the same frame");
+                return command.Arguments;
+            };
+            listener.RegisterAsync("echo", echo);
+            player.FramesUntil(() => listener.IsConnected, "the listener's connection", deadline);
+            player.FramesUntil(() => connectedEvents == 1, "the Connected UnityEvent", deadline);
+            Check(disconnectedEvents.Count == 0, "no Disconnected UnityEvent yet: " + string.Join("; ", disconnectedEvents));
+
+            controller.Send("status");
+            Check(controller.Next(player) == "light on", "the late device registered with the listener");
+            controller.Send("echo hello");
+            Check(controller.Next(player) == "hello", "async handler reply");
+
+            // Disabled: refused at once, visibly; enabled again: runs.
+            player.Disable(listener);
+            controller.Send("echo while-disabled");
+            string refused = controller.Next(player, pump: false);
+            Check(refused == "error: echo not run: the device is disabled", "disabled: " + refused);
+            player.Enable(listener);
+            controller.Send("echo enabled");
+            Check(controller.Next(player) == "enabled", "enabled again");
+
+            // Application paused: refused at once. A short pause keeps the connection.
+            var client = listener.Client;
+            int connections = client.Connections;
+            Player.Message(listener, "OnApplicationPause", true);
+            controller.Send("echo while-paused");
+            refused = controller.Next(player, pump: false);
+            Check(refused == "error: echo not run: the application is paused", "paused: " + refused);
+            player.Advance(1);
+            Player.Message(listener, "OnApplicationPause", false);
+
+            // No frames (editor paused, a long frame): the queue is bounded, and what waited too long is refused.
+            SetField(listener, "maxPendingCommands", 2);
+            int before = echoes;
+            controller.Send("echo one");
+            controller.Send("echo two");
+            controller.Send("echo three");
+            refused = controller.Next(player, pump: false);
+            Check(refused == "error: echo not run: busy: 2 commands are waiting", "queue bound: " + refused);
+            Player.WaitUntil(() => listener.PendingCommands == 2, "two pending commands", deadline);
+            player.Advance(11);
+            for (int i = 0; i < 2; i++)
+            {
+                refused = controller.Next(player);
+                Check(refused.StartsWith("error: echo not run: it waited 11.0 s for the main thread", StringComparison.Ordinal), "stale: " + refused);
+            }
+            Check(echoes == before, "stale commands must not run");
+            SetField(listener, "maxPendingCommands", 100);
+
+            // A command received on a connection that was replaced before it ran is not run.
+            controller.Send("echo old-connection");
+            Player.WaitUntil(() => listener.PendingCommands == 1, "one pending command", deadline);
+            client.ReconnectNow();
+            Player.WaitUntil(() => client.Connections == connections + 1 && client.IsConnected, "the reconnect", deadline);
+            refused = controller.Next(player);
+            Check(refused == "error: echo not run: it arrived on an earlier connection", "old connection: " + refused);
+            Check(disconnectedEvents.Count == 1 && disconnectedEvents[0].Contains("reconnect requested"), "Disconnected UnityEvent: " + string.Join("; ", disconnectedEvents));
+            Check(echoes == before, "a command of an old connection must not run");
+            connections = client.Connections;
+
+            // Per-frame budget: at most Max Items Per Frame commands run in one frame.
+            SetField(listener, "maxItemsPerFrame", 5);
+            int counted = 0;
+            listener.Register("count", command => { counted++; return null; });
+            for (int i = 0; i < 12; i++) controller.Send("count");
+            Player.WaitUntil(() => listener.PendingCommands == 12, "twelve pending commands", deadline);
+            var perFrame = new List<int>();
+            while (counted < 12) { int c = counted; player.Frame(); perFrame.Add(counted - c); }
+            Emit("EVENT per-frame " + string.Join(",", perFrame));
+            Check(string.Join(",", perFrame) == "5,5,2", "5 per frame expected, saw " + string.Join(",", perFrame));
+            SetField(listener, "maxItemsPerFrame", 100);
+
+            // Resume after a long pause on a silently dead socket: reconnect at once, not after the close timeout.
+            proxy.Freeze();
+            Player.Message(listener, "OnApplicationPause", true);
+            player.Advance(10);
+            Player.Message(listener, "OnApplicationPause", false);
+            var resume = Stopwatch.StartNew();
+            player.FramesUntil(() => client.Connections == connections + 1 && client.IsConnected, "the resume reconnect", deadline);
+            Emit("EVENT resume-reconnect ms=" + resume.ElapsedMilliseconds);
+            Check(resume.Elapsed < TimeSpan.FromSeconds(1.5), "resume reconnect took " + resume.ElapsedMilliseconds + " ms (close timeout 3 s)");
+            controller.Send("echo after-resume");
+            Check(controller.Next(player) == "after-resume", "commands after the resume");
+
+            // Domain reload (scripts recompiled during play): the old client is closed, the new domain's listener
+            // (serialized fields restored, OnEnable only) reconnects instead of showing a stale "connected".
+            UnityEditor.AssemblyReloadEvents.RaiseBeforeAssemblyReload();
+            Check(client.State == BridgeState.Stopped, "the old client should be stopped before the reload, is " + client.State);
+            Player.Message(device, "OnDisable");
+            Player.Message(listener, "OnDisable");
+            player.Drop(listener);
+            player.Drop(device);
+            Player.ResetStatics();
+            var reloadedHost = new GameObject("Bridge");
+            var fresh = reloadedHost.AddComponent<CommandListener>();
+            CopySerialized(listener, fresh);
+            Player.Message(fresh, "OnEnable");
+            player.Track(fresh);
+            Check(!fresh.Status.StartsWith("connected", StringComparison.Ordinal), "stale status after reload: " + fresh.Status);
+            var freshDevice = lampObject.AddComponent<LightController>();
+            CopySerialized(device, freshDevice);
+            Player.Message(freshDevice, "Awake");
+            Player.Message(freshDevice, "OnEnable");
+            player.Track(freshDevice);
+            player.FramesUntil(() => fresh.IsConnected, "the reconnect after the domain reload", deadline);
+            controller.Send("on");
+            Check(controller.Next(player) == "light on", "device handlers after the reload");
+
+            // An additive scene with a listener of the same id forwards; when the primary is destroyed, it takes
+            // over the connection and the handlers (the device re-registers with the new Default).
+            var additive = NewListener(player, new GameObject("Bridge (additive)"), proxy.Url, codeToken: false);
+            Check(additive.Client == fresh.Client, "the additive scene's listener should forward");
+            var oldClient = fresh.Client;
+            player.Unload(fresh); // its OnDestroy first, the device stays
+            Check(!fresh && fresh == null, "fake null after destroy");
+            player.FramesUntil(() => additive.IsConnected && additive.Client != oldClient, "the additive listener to take over", deadline);
+            Check(CommandListener.Default == additive && CommandListener.Find(id) == additive, "the successor is registered");
+            controller.Send("off");
+            Check(controller.Next(player) == "light off" && !lamp.enabled, "handlers survive the destroyed primary");
+
+            // Quitting waits for the clean close at most Quit Wait Seconds (0.5 s), even when the socket is dead;
+            // teardown (OnDestroy) never blocks the main thread.
+            proxy.Freeze();
+            var last = additive.Client;
+            var quitting = Stopwatch.StartNew();
+            Player.Message(additive, "OnApplicationQuit");
+            quitting.Stop();
+            Emit("EVENT quit ms=" + quitting.ElapsedMilliseconds);
+            Check(quitting.Elapsed < TimeSpan.FromSeconds(1.5), "OnApplicationQuit waited " + quitting.ElapsedMilliseconds + " ms (bound 0.5 s)");
+            var teardown = Stopwatch.StartNew();
+            player.Unload(freshDevice, additive);
+            teardown.Stop();
+            Emit("EVENT teardown ms=" + teardown.ElapsedMilliseconds);
+            Check(teardown.Elapsed < TimeSpan.FromMilliseconds(100), "OnDestroy blocked the main thread for " + teardown.ElapsedMilliseconds + " ms");
+            Player.WaitUntil(() => last.State == BridgeState.Stopped, "the client to stop in the background", deadline);
+            controller.Stop();
+        }
+    }
+
+    /// <summary>What Unity's serializer keeps across a domain reload: [SerializeField] and public fields.</summary>
+    private static void CopySerialized(object from, object to)
+    {
+        foreach (var field in from.GetType().GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic))
+        {
+            if (field.IsPublic || field.GetCustomAttributes(typeof(SerializeField), false).Length > 0)
+                field.SetValue(to, field.GetValue(from));
+        }
     }
 }

@@ -12,8 +12,27 @@ namespace UnityEngine
     public class Object
     {
         public string name;
+        private bool destroyed;
+
         public static void DontDestroyOnLoad(Object target) { }
-        public static implicit operator bool(Object exists) { return !ReferenceEquals(exists, null); }
+
+        /// <summary>Marks the object destroyed: from then on it compares equal to null, like Unity's "fake null"
+        /// (the C# object still exists, the engine object does not). The harness calls OnDisable/OnDestroy itself.</summary>
+        public static void DestroyImmediate(Object target) { target.destroyed = true; }
+
+        public static implicit operator bool(Object exists) { return !ReferenceEquals(exists, null) && !exists.destroyed; }
+
+        public static bool operator ==(Object a, Object b)
+        {
+            bool aNull = ReferenceEquals(a, null) || a.destroyed;
+            bool bNull = ReferenceEquals(b, null) || b.destroyed;
+            if (aNull || bNull) return aNull && bNull;
+            return ReferenceEquals(a, b);
+        }
+
+        public static bool operator !=(Object a, Object b) { return !(a == b); }
+        public override bool Equals(object other) { return this == (other as Object); }
+        public override int GetHashCode() { return base.GetHashCode(); }
     }
 
     public sealed class GameObject : Object
@@ -54,14 +73,30 @@ namespace UnityEngine
 
     public static class Debug
     {
+        /// <summary>Not Unity: the harness fails a test on every error logged, unless it expects it.</summary>
+        public static event Action<string> ErrorLogged;
+
+        private static void Error(string text)
+        {
+            Console.WriteLine("[Unity] " + text);
+            var handler = ErrorLogged;
+            if (handler != null) handler(text);
+        }
+
         public static void Log(object message) { Console.WriteLine("[Unity] " + message); }
         public static void Log(object message, Object context) { Log(message); }
         public static void LogWarning(object message) { Console.WriteLine("[Unity] warning: " + message); }
         public static void LogWarning(object message, Object context) { LogWarning(message); }
-        public static void LogError(object message) { Console.WriteLine("[Unity] error: " + message); }
+        public static void LogError(object message) { Error("error: " + message); }
         public static void LogError(object message, Object context) { LogError(message); }
-        public static void LogException(Exception exception) { Console.WriteLine("[Unity] exception: " + exception); }
+        public static void LogException(Exception exception) { Error("exception: " + exception); }
         public static void LogException(Exception exception, Object context) { LogException(exception); }
+    }
+
+    public static class Mathf
+    {
+        public static float Max(float a, float b) { return a > b ? a : b; }
+        public static float Clamp(float value, float min, float max) { return value < min ? min : value > max ? max : value; }
     }
 
     public static class Time
@@ -82,6 +117,9 @@ namespace UnityEngine
     [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
     public sealed class SerializeField : Attribute { }
 
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
+    public sealed class HideInInspector : Attribute { }
+
     [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = true)]
     public class HeaderAttribute : Attribute { public HeaderAttribute(string header) { } }
 
@@ -101,8 +139,30 @@ namespace UnityEngine
     public class DefaultExecutionOrder : Attribute { public DefaultExecutionOrder(int order) { } }
 }
 
+namespace UnityEditor
+{
+    /// <summary>Editor-only in Unity (compiled here with UNITY_EDITOR defined); the harness raises it to simulate
+    /// a script recompile during play.</summary>
+    public static class AssemblyReloadEvents
+    {
+        public delegate void AssemblyReloadCallback();
+        public static event AssemblyReloadCallback beforeAssemblyReload;
+        public static void RaiseBeforeAssemblyReload() { var h = beforeAssemblyReload; if (h != null) h(); }
+    }
+}
+
 namespace UnityEngine.Events
 {
+    public class UnityEvent
+    {
+        private readonly System.Collections.Generic.List<UnityAction> listeners = new System.Collections.Generic.List<UnityAction>();
+        public void AddListener(UnityAction call) { listeners.Add(call); }
+        public void RemoveListener(UnityAction call) { listeners.Remove(call); }
+        public void Invoke() { foreach (var call in listeners.ToArray()) call(); }
+    }
+
+    public delegate void UnityAction();
+
     // Abstract as in Unity before 2020.1, so that a script using the generic type directly fails here too.
     public abstract class UnityEvent<T0>
     {

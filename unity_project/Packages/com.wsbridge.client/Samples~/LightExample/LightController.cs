@@ -13,7 +13,7 @@ namespace WebSocketBridge.Examples
     [RequireComponent(typeof(Light))]
     public sealed class LightController : MonoBehaviour
     {
-        [Tooltip("Listener to register with; empty means the first CommandListener of the game (CommandListener.Default).")]
+        [Tooltip("Listener to register with; empty means CommandListener.Default, waited for if it is not there yet.")]
         [SerializeField] private CommandListener listener;
 
         private Light lamp;
@@ -32,12 +32,21 @@ namespace WebSocketBridge.Examples
 
         private void OnEnable()
         {
-            registeredWith = listener != null ? listener : CommandListener.Default;
-            if (registeredWith == null)
-            {
-                Debug.LogError("[LightController] no CommandListener in the scene", this);
-                return;
-            }
+            TryRegister();
+        }
+
+        private void Update()
+        {
+            // The listener may not exist yet at OnEnable (scene order, additive scenes), or may have been destroyed
+            // and replaced (fake null): keep trying instead of giving up.
+            if (registeredWith == null) TryRegister();
+        }
+
+        private void TryRegister()
+        {
+            var target = listener != null ? listener : CommandListener.Default;
+            if (target == null) return;
+            registeredWith = target;
             registeredWith.Register("on", on);
             registeredWith.Register("off", off);
             registeredWith.Register("toggle", toggle);
@@ -47,7 +56,7 @@ namespace WebSocketBridge.Examples
 
         private void OnDisable()
         {
-            if (registeredWith == null) return;
+            if (registeredWith == null) return; // also true when the listener was destroyed first (scene unload)
             registeredWith.Unregister("on", on);
             registeredWith.Unregister("off", off);
             registeredWith.Unregister("toggle", toggle);

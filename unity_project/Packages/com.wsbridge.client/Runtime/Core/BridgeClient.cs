@@ -2,20 +2,24 @@
 //
 // Plain C# with no UnityEngine dependency, so it is compiled and tested outside the editor
 // (tests/integration/test_unity_client.py builds it with Mono's mcs and runs it against the real
-// appliance). Language level: C# 7.2 at most, the newest that Mono's mcs compiles (the tests pass
+// appliance). The socket itself is behind IBridgeTransport (BridgeTransport.cs): ClientWebSocket on
+// desktop, mobile and in the editor, the browser's WebSocket in WebGL builds. Language level: C# 7.2 at most, the newest that Mono's mcs compiles (the tests pass
 // -langversion:7.2); Unity compiles newer C#, but do not use newer features here.
 //
 // What it does:
-//   * connects to ws(s)://host/ws/{clientId} with the X-Auth-Token header;
-//   * reassembles fragmented and large messages (ReceiveAsync is looped until EndOfMessage);
+//   * connects to ws(s)://host/ws/{clientId}[?groups=a,b] with the token (header, or subprotocol in browsers),
+//     offering wsbridge.v2 when protocol v2 is chosen; the connect is raced against ConnectTimeout, because
+//     Mono's ClientWebSocket ignores cancellation once TCP is up and the upgrade answer never comes;
+//   * the transport reassembles fragmented and large messages up to a size cap;
 //   * has one send queue drained by one sender loop: ClientWebSocket allows a single outstanding
 //     SendAsync, so no caller ever touches the socket directly;
 //   * reconnects on its own with exponential backoff and full jitter, capped, and resets the
 //     backoff after a connection stayed up for StableConnectionTime;
 //   * does not retry close codes that a retry cannot fix (4001 bad token, 4002 invalid id, 4003 id
-//     reserved for controllers, 4010 replaced by a newer connection with the same id) and reports them;
+//     reserved for controllers, 4010 replaced by a newer connection with the same id, 4011 token expired or
+//     revoked) and reports them;
 //   * keepalive: ClientWebSocket.Options.KeepAliveInterval plus an optional receive watchdog;
-//   * Stop()/Dispose() flush the send queue and close with 1000.
+//   * Stop()/Dispose() flush the send queue and close with 1000, bounded by CloseTimeout; StopAsync() never blocks.
 //
 // It only moves text messages. The meaning of a message (a command, a reply, a future protocol
 // with command ids and correlated replies) belongs to a codec on top (BridgeProtocol.cs), so a new
@@ -26,8 +30,7 @@
 
 using System;
 using System.Collections.Concurrent;
-using System.IO;
-using System.Net.WebSockets;
+using System.Collections.Generic;
 using System.Text;
 using System.Text.RegularExpressions;
 using System.Threading;
@@ -68,11 +71,14 @@ namespace WebSocketBridge
         public const int ReservedClientId = 4003; // client token used with the controller id LLM: do not retry.
         public const int DuplicateRejected = 4009;// id already connected and DUPLICATE_POLICY=reject: retry later.
         public const int Replaced = 4010;         // a newer connection with the same id took over: do not retry.
+        public const int TokenExpired = 4011;     // token expired or revoked: do not retry; reconnect with the current token.
+        public const int DisconnectedByAdmin = 4012; // an administrator disconnected this client: retried with backoff.
 
         /// <summary>True for close codes after which reconnecting cannot help (the client gives up).</summary>
         public static bool IsFinal(int code)
         {
-            return code == Unauthorized || code == InvalidClientId || code == ReservedClientId || code == Replaced;
+            return code == Unauthorized || code == InvalidClientId || code == ReservedClientId || code == Replaced
+                || code == TokenExpired;
         }
     }
 
@@ -120,6 +126,13 @@ namespace WebSocketBridge
         public string ClientId;
         /// <summary>The client token (UNITY_CLIENT_TOKEN of the appliance). Never logged.</summary>
         public string Token;
+        /// <summary>Wire protocol: 1 (default, bare text commands) or 2 (JSON commands with ids and replies with
+        /// reply_to, negotiated with the subprotocol wsbridge.v2). See BridgeProtocol.cs.</summary>
+        public int ProtocolVersion = 1;
+        /// <summary>Groups to join at connect (sent as ?groups=a,b); controllers can address a group at once.</summary>
+        public string[] Groups = new string[0];
+        /// <summary>Creates the socket of each connection attempt; null chooses by platform (BridgeTransports).</summary>
+        public Func<IBridgeTransport> TransportFactory;
 
         /// <summary>Backoff ceiling of the first retry; doubles per failed attempt.</summary>
         public TimeSpan InitialReconnectDelay = TimeSpan.FromSeconds(0.5);
@@ -128,7 +141,8 @@ namespace WebSocketBridge
         /// <summary>A connection that lasted this long resets the backoff. Resetting on connect alone
         /// would let a server that accepts and immediately closes (4009, 1011) be hammered.</summary>
         public TimeSpan StableConnectionTime = TimeSpan.FromSeconds(10);
-        /// <summary>Limit for the TCP + TLS + WebSocket handshake.</summary>
+        /// <summary>Limit for the TCP + TLS + WebSocket handshake. Enforced even when the transport ignores
+        /// cancellation: the attempt is abandoned, its socket disposed, and the usual backoff applies.</summary>
         public TimeSpan ConnectTimeout = TimeSpan.FromSeconds(10);
         /// <summary>ClientWebSocket keepalive: unsolicited pongs that keep NATs and proxies from dropping an idle
         /// connection and make a dead network fail the next write. The appliance also pings every PING_INTERVAL
@@ -138,7 +152,8 @@ namespace WebSocketBridge
         /// disables it. ClientWebSocket answers server pings internally and does not report them, so only
         /// enable this when the controller sends something regularly (e.g. a periodic status command).</summary>
         public TimeSpan ReceiveTimeout = TimeSpan.Zero;
-        /// <summary>How long Stop() waits to flush the send queue and for the server's close frame.</summary>
+        /// <summary>How long Stop() waits to flush the send queue and for the server's close frame (Stop() blocks at
+        /// most twice this plus one second; StopAsync() never blocks).</summary>
         public TimeSpan CloseTimeout = TimeSpan.FromSeconds(2);
         /// <summary>Size of each ReceiveAsync read; messages of any size up to MaxIncomingMessageBytes are reassembled.</summary>
         public int ReceiveBufferSize = 16 * 1024;
@@ -159,8 +174,6 @@ namespace WebSocketBridge
         /// <summary>The appliance's client id rule.</summary>
         public static readonly Regex ClientIdPattern = new Regex("^[a-zA-Z0-9_-]{1,50}$");
 
-        private static readonly UTF8Encoding Utf8 = new UTF8Encoding(false);
-
         // Events are raised on a thread-pool thread. A throwing handler is reported through Error
         // and never breaks the connection loop.
         public event Action Connected;
@@ -172,6 +185,7 @@ namespace WebSocketBridge
         private readonly Random jitter;
         private readonly object sync = new object();
         private readonly ConcurrentQueue<string> sendQueue = new ConcurrentQueue<string>();
+        private readonly BridgeConnectRequest request;
         private readonly SemaphoreSlim sendSignal = new SemaphoreSlim(0);
         private int queuedCount;
         private int state = (int)BridgeState.Idle;
@@ -180,6 +194,7 @@ namespace WebSocketBridge
         private long lastReceiveTicks;
         private CancellationTokenSource stopCts;
         private CancellationTokenSource kickCts = new CancellationTokenSource();
+        private volatile bool kickAbandons;
         private Task runTask = CompletedTask();
         private BridgeDisconnect lastDisconnect;
 
@@ -195,7 +210,22 @@ namespace WebSocketBridge
                 throw new ArgumentException("Token is empty; set the client token (UNITY_CLIENT_TOKEN)", "options");
             if (this.options.MaxReconnectDelay < this.options.InitialReconnectDelay)
                 throw new ArgumentException("MaxReconnectDelay is smaller than InitialReconnectDelay", "options");
-            Endpoint = BuildEndpoint(this.options.ServerUrl, this.options.ClientId);
+            if (this.options.ProtocolVersion != 1 && this.options.ProtocolVersion != 2)
+                throw new ArgumentException("ProtocolVersion must be 1 or 2", "options");
+            foreach (var group in this.options.Groups ?? new string[0])
+            {
+                if (group == null || !ClientIdPattern.IsMatch(group))
+                    throw new ArgumentException("a group name must match ^[a-zA-Z0-9_-]{1,50}$", "options");
+            }
+            Endpoint = BuildEndpoint(this.options.ServerUrl, this.options.ClientId, this.options.Groups);
+            request = new BridgeConnectRequest
+            {
+                Endpoint = Endpoint,
+                Token = this.options.Token,
+                // v1 offers no subprotocol, exactly like the seed client, so old appliances accept it.
+                SubProtocols = this.options.ProtocolVersion == 2 ? new[] { BridgeProtocols.V2 } : new string[0],
+                KeepAliveInterval = this.options.KeepAliveInterval,
+            };
             // Seeded per instance: Random() seeds from the clock on .NET Framework/Mono, so clients started
             // in the same tick would pick the same "random" delays and reconnect in lock step.
             jitter = new Random(Guid.NewGuid().GetHashCode());
@@ -214,11 +244,19 @@ namespace WebSocketBridge
         public BridgeDisconnect LastDisconnect { get { lock (sync) return lastDisconnect; } }
         /// <summary>Completes when the connection loop has ended: after Stop() or a final close code.</summary>
         public Task Completion { get { lock (sync) return runTask; } }
+        /// <summary>The protocol version of this client (1 or 2).</summary>
+        public int ProtocolVersion { get { return options.ProtocolVersion; } }
         /// <summary>Messages waiting to be sent.</summary>
         public int QueuedMessages { get { return Volatile.Read(ref queuedCount); } }
 
         /// <summary>ws(s)://host[:port][/prefix]/ws/{clientId} from a ws, wss, http or https base URL.</summary>
         public static Uri BuildEndpoint(string serverUrl, string clientId)
+        {
+            return BuildEndpoint(serverUrl, clientId, null);
+        }
+
+        /// <summary>As above, with ?groups=a,b when groups are given.</summary>
+        public static Uri BuildEndpoint(string serverUrl, string clientId, string[] groups)
         {
             if (string.IsNullOrEmpty(serverUrl)) throw new ArgumentException("ServerUrl is empty", "serverUrl");
             Uri baseUri;
@@ -237,6 +275,7 @@ namespace WebSocketBridge
             // Accept a URL that already ends in /ws (the endpoint prefix) as well as the bare host.
             if (path.EndsWith("/ws", StringComparison.Ordinal)) path = path.Substring(0, path.Length - 3);
             builder.Path = path + "/ws/" + Uri.EscapeDataString(clientId);
+            if (groups != null && groups.Length > 0) builder.Query = "groups=" + string.Join(",", groups);
             return builder.Uri;
         }
 
@@ -261,26 +300,35 @@ namespace WebSocketBridge
                 kickCts = new CancellationTokenSource();
                 SetState(BridgeState.Connecting);
                 var token = stopCts.Token;
+#if UNITY_WEBGL && !UNITY_EDITOR
+                // WebGL has no threads: the loop runs on the main thread between awaits, driven by BridgeTransports.Pump().
+                runTask = RunAsync(token);
+#else
                 // Task.Run: the loop never runs on (and never waits for) Unity's main-thread SynchronizationContext.
                 runTask = Task.Run(() => RunAsync(token));
+#endif
             }
         }
 
         /// <summary>Queues a text message. Thread-safe. Returns false when the queue is full or the client
         /// is stopped or rejected. Messages queued while disconnected are sent after the next connect.
+        /// A message accepted while connected is sent before a Stop() closes the connection; one accepted while
+        /// disconnected is dropped if the client stops before it reconnects. Never sent after a later Start().
         /// Delivery is at most once: a message being written when the connection breaks is lost.</summary>
         public bool Send(string text)
         {
             if (text == null) throw new ArgumentNullException("text");
-            var current = State;
-            if (current == BridgeState.Stopping || current == BridgeState.Stopped || current == BridgeState.Rejected)
-                return false;
-            if (Interlocked.Increment(ref queuedCount) > options.MaxQueuedMessages)
+            // Under the lock that Stop()/Finish() take: a Send racing a stop either lands in the queue before the
+            // stop's flush (and is sent) or sees the stop and returns false; it never lands after the final drain.
+            lock (sync)
             {
-                Interlocked.Decrement(ref queuedCount);
-                return false;
+                var current = (BridgeState)state;
+                if (current == BridgeState.Stopping || current == BridgeState.Stopped || current == BridgeState.Rejected)
+                    return false;
+                if (queuedCount >= options.MaxQueuedMessages) return false;
+                Interlocked.Increment(ref queuedCount);
+                sendQueue.Enqueue(text);
             }
-            sendQueue.Enqueue(text);
             sendSignal.Release();
             return true;
         }
@@ -288,19 +336,33 @@ namespace WebSocketBridge
         /// <summary>Reconnect now: skips a pending backoff delay, or replaces the current connection (which may be
         /// silently dead, e.g. after the app was suspended) with a new one. The old one is closed with 1000 (waiting
         /// up to CloseTimeout for the server, then aborted); queued messages go out on the new one. No effect when
-        /// not running.</summary>
+        /// not running. Messages received on the old connection after this call are stale (see ConnectionNumber).</summary>
         public void ReconnectNow()
+        {
+            Kick(false);
+        }
+
+        /// <summary>Reconnect now without waiting for the old connection: it gets a close frame if it can take one
+        /// at once and is then aborted. For a socket that is probably dead (the app was suspended): no close timeout.</summary>
+        public void ReconnectImmediately()
+        {
+            Kick(true);
+        }
+
+        private void Kick(bool abandon)
         {
             CancellationTokenSource kick;
             lock (sync)
             {
                 kick = kickCts;
                 kickCts = new CancellationTokenSource();
+                kickAbandons = abandon;
             }
             try { kick.Cancel(); } catch (ObjectDisposedException) { }
         }
 
-        /// <summary>Flushes the send queue (up to CloseTimeout), closes with 1000 and ends the loop.</summary>
+        /// <summary>Starts stopping and returns at once: flushes the send queue (up to CloseTimeout), closes with
+        /// 1000 and ends the loop. The task completes when that is done. Never blocks the caller.</summary>
         public Task StopAsync()
         {
             lock (sync)
@@ -318,20 +380,30 @@ namespace WebSocketBridge
             }
         }
 
-        /// <summary>Stops and waits for the close handshake (bounded by CloseTimeout). Called from one of this
-        /// client's own event handlers it does not wait (the loop is busy running that handler).</summary>
+        /// <summary>Stops and waits for the close handshake, at most twice CloseTimeout plus one second. Called from
+        /// one of this client's own event handlers it does not wait (the loop is busy running that handler).</summary>
         public void Stop()
         {
+            Stop(options.CloseTimeout + options.CloseTimeout + TimeSpan.FromSeconds(1));
+        }
+
+        /// <summary>Stops and waits at most <paramref name="wait"/>. Returns true when the loop has ended.</summary>
+        public bool Stop(TimeSpan wait)
+        {
             var task = StopAsync();
-            if (raisingEventsOf == this) return;
-            try { task.Wait(options.CloseTimeout + options.CloseTimeout + TimeSpan.FromSeconds(1)); }
-            catch (AggregateException) { }
+            if (raisingEventsOf == this) return task.IsCompleted;
+            try { return task.Wait(wait); }
+            catch (AggregateException) { return true; }
         }
 
         public void Dispose()
         {
             Stop();
         }
+
+        /// <summary>Number of the current connection (equals Connections once it is open); a message whose
+        /// connection number differs from this one arrived on an earlier connection.</summary>
+        public int ConnectionNumber { get { return Volatile.Read(ref connections); } }
 
         // ---- connection loop -------------------------------------------------------------------
 
@@ -349,14 +421,22 @@ namespace WebSocketBridge
                     SessionEnd end;
                     DateTime openedAt = DateTime.UtcNow;
                     bool wasConnected = false;
-                    using (var ws = CreateSocket())
+                    var transport = options.TransportFactory != null ? options.TransportFactory() : BridgeTransports.CreateDefault();
+                    try
                     {
-                        Exception connectError = await ConnectAsync(ws, stop).ConfigureAwait(false);
+                        Exception connectError = await ConnectAsync(transport, stop).ConfigureAwait(false);
                         if (connectError != null)
                         {
                             end = stop.IsCancellationRequested
                                 ? SessionEnd.Stopped()
                                 : SessionEnd.Broken("connect failed: " + connectError.Message, connectError);
+                        }
+                        else if (options.ProtocolVersion == 2 && transport.SubProtocol != BridgeProtocols.V2)
+                        {
+                            // An appliance without v2 would deliver bare text that a v2 codec cannot read: say so, do not retry.
+                            wasConnected = true;
+                            await CloseOutputAsync(transport, BridgeCloseCodes.Normal, "protocol v2 not supported").ConfigureAwait(false);
+                            end = SessionEnd.Unsupported("the server did not accept protocol v2 (subprotocol " + BridgeProtocols.V2 + ")");
                         }
                         else
                         {
@@ -367,8 +447,12 @@ namespace WebSocketBridge
                             Raise(Connected);
                             // A ReconnectNow() during the connect is satisfied by this fresh connection.
                             lock (sync) kick = kickCts.Token;
-                            end = await RunSessionAsync(ws, stop, kick).ConfigureAwait(false);
+                            end = await RunSessionAsync(transport, stop, kick).ConfigureAwait(false);
                         }
+                    }
+                    finally
+                    {
+                        transport.Dispose();
                     }
                     if (end.Error != null && !end.IsStopped) RaiseError(end.Error);
 
@@ -379,7 +463,13 @@ namespace WebSocketBridge
                             false, TimeSpan.Zero, wasConnected, null));
                         return;
                     }
-                    if (end.CloseCode.HasValue && BridgeCloseCodes.IsFinal(end.CloseCode.Value))
+                    if (end.CloseCode == BridgeCloseCodes.Replaced && AbandonedAttempts.MayHaveReplaced(Endpoint))
+                    {
+                        // Not another game instance: an attempt this process abandoned (connect timeout, stop) finished
+                        // its handshake late and took the id. Retry instead of giving up.
+                        end.Reason = "replaced by an abandoned connection attempt of this process; reconnecting";
+                    }
+                    else if (end.IsFinal || (end.CloseCode.HasValue && BridgeCloseCodes.IsFinal(end.CloseCode.Value)))
                     {
                         Finish(BridgeState.Rejected, new BridgeDisconnect(
                             end.Reason, end.CloseCode, false, TimeSpan.Zero, wasConnected, end.Error));
@@ -417,45 +507,52 @@ namespace WebSocketBridge
 
         private void Finish(BridgeState final, BridgeDisconnect info)
         {
-            // Nothing queued will ever be sent now; drop it so a later Start() begins clean.
-            string ignored;
-            while (sendQueue.TryDequeue(out ignored)) Interlocked.Decrement(ref queuedCount);
+            // Nothing queued will ever be sent now; drop it so a later Start() begins clean. Under the lock Send()
+            // takes, together with the state change: no Send() can slip a message in after this drain.
             lock (sync)
             {
+                string ignored;
+                while (sendQueue.TryDequeue(out ignored)) Interlocked.Decrement(ref queuedCount);
                 lastDisconnect = info;
                 SetState(final);
             }
             RaiseDisconnected(info);
         }
 
-        private ClientWebSocket CreateSocket()
+        /// <summary>Connects, bounded by ConnectTimeout and Stop() even when the transport ignores cancellation
+        /// (Mono's ClientWebSocket does once TCP is up): the attempt is abandoned and its socket aborted.</summary>
+        private async Task<Exception> ConnectAsync(IBridgeTransport transport, CancellationToken stop)
         {
-            var ws = new ClientWebSocket();
-            ws.Options.SetRequestHeader("X-Auth-Token", options.Token);
-            if (options.KeepAliveInterval > TimeSpan.Zero) ws.Options.KeepAliveInterval = options.KeepAliveInterval;
-            return ws;
-        }
-
-        private async Task<Exception> ConnectAsync(ClientWebSocket ws, CancellationToken stop)
-        {
-            using (var timeout = CancellationTokenSource.CreateLinkedTokenSource(stop))
+            using (var attempt = CancellationTokenSource.CreateLinkedTokenSource(stop))
             {
-                timeout.CancelAfter(options.ConnectTimeout);
-                try
+                Task connect;
+                try { connect = transport.ConnectAsync(request, attempt.Token); }
+                catch (Exception e) { return e; }
+                var limit = Task.Delay(options.ConnectTimeout, attempt.Token);
+                var first = await Task.WhenAny(connect, limit).ConfigureAwait(false);
+                attempt.Cancel();
+                if (first == connect)
                 {
-                    await ws.ConnectAsync(Endpoint, timeout.Token).ConfigureAwait(false);
-                    return null;
+                    try
+                    {
+                        await connect.ConfigureAwait(false);
+                        return null;
+                    }
+                    catch (Exception e)
+                    {
+                        return e;
+                    }
                 }
-                catch (Exception e)
-                {
-                    if (timeout.IsCancellationRequested && !stop.IsCancellationRequested)
-                        return new TimeoutException("no connection to " + Endpoint + " within " + options.ConnectTimeout.TotalSeconds + " s", e);
-                    return e;
-                }
+                // Timed out or stopped: abandon the attempt. The caller disposes the transport; the orphaned task is
+                // observed so its eventual exception is not reported as unobserved.
+                transport.Abort();
+                Abandon(connect, transport);
+                if (stop.IsCancellationRequested) return new OperationCanceledException("stopped while connecting");
+                return new TimeoutException("no connection to " + Endpoint + " within " + options.ConnectTimeout.TotalSeconds + " s");
             }
         }
 
-        private async Task<SessionEnd> RunSessionAsync(ClientWebSocket ws, CancellationToken stop, CancellationToken kick)
+        private async Task<SessionEnd> RunSessionAsync(IBridgeTransport ws, CancellationToken stop, CancellationToken kick)
         {
             Volatile.Write(ref lastReceiveTicks, DateTime.UtcNow.Ticks);
             var draining = new CancellationTokenSource();  // stop: send what is queued, then leave
@@ -479,16 +576,38 @@ namespace WebSocketBridge
                 watchdogCts.Cancel();
                 await watchdogTask.ConfigureAwait(false);
 
+                if (first == kicked.Task && kickAbandons && !stop.IsCancellationRequested)
+                {
+                    // The socket is probably dead (app suspended): a close frame if it goes out at once, no waiting.
+                    leaving.Cancel();
+                    if (await Task.WhenAny(sendTask, Task.Delay(100)).ConfigureAwait(false) != sendTask) abort.Cancel();
+                    await sendTask.ConfigureAwait(false);
+                    abort.Cancel();
+                    using (var quick = new CancellationTokenSource(TimeSpan.FromMilliseconds(250)))
+                    {
+                        try
+                        {
+                            var close = ws.CloseOutputAsync(BridgeCloseCodes.Normal, "client reconnecting", quick.Token);
+                            await Task.WhenAny(close, Task.Delay(250)).ConfigureAwait(false);
+                            Observe(close);
+                        }
+                        catch (Exception) { /* dead already */ }
+                    }
+                    ws.Abort();
+                    await receiveTask.ConfigureAwait(false);
+                    return SessionEnd.Reconnect();
+                }
+
                 if (first == stopped.Task || first == kicked.Task)
                 {
                     // Stop() and ReconnectNow() close politely: the server then releases the id before the next
                     // connection claims it (no replace race). A dead connection costs CloseTimeout, then an abort.
-                    bool stopping = first == stopped.Task;
+                    bool stopping = first == stopped.Task || stop.IsCancellationRequested;
                     (stopping ? draining : leaving).Cancel();
                     if (await Task.WhenAny(sendTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != sendTask)
                         abort.Cancel();
                     await sendTask.ConfigureAwait(false);
-                    await CloseOutputAsync(ws, WebSocketCloseStatus.NormalClosure, stopping ? "client stopping" : "client reconnecting").ConfigureAwait(false);
+                    await CloseOutputAsync(ws, BridgeCloseCodes.Normal, stopping ? "client stopping" : "client reconnecting").ConfigureAwait(false);
                     // Wait for the server's close frame so the server sees a clean 1000 close.
                     if (await Task.WhenAny(receiveTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != receiveTask)
                         ws.Abort();
@@ -501,14 +620,14 @@ namespace WebSocketBridge
                 {
                     var end = await receiveTask.ConfigureAwait(false);
                     await sendTask.ConfigureAwait(false);
-                    if (ws.State == WebSocketState.CloseReceived)
+                    if (ws.CloseReceived)
                     {
                         // Complete the close handshake the server started (RFC 6455 §5.5.1).
-                        await CloseOutputAsync(ws, WebSocketCloseStatus.NormalClosure, "").ConfigureAwait(false);
+                        await CloseOutputAsync(ws, BridgeCloseCodes.Normal, "").ConfigureAwait(false);
                     }
                     else if (end.LocalCloseCode.HasValue)
                     {
-                        await CloseOutputAsync(ws, (WebSocketCloseStatus)end.LocalCloseCode.Value, end.Reason).ConfigureAwait(false);
+                        await CloseOutputAsync(ws, end.LocalCloseCode.Value, end.Reason).ConfigureAwait(false);
                     }
                     return end;
                 }
@@ -543,7 +662,7 @@ namespace WebSocketBridge
         }
 
         /// <summary>The only writer of the socket. Returns the send exception, or null when it left normally.</summary>
-        private async Task<Exception> SendLoopAsync(ClientWebSocket ws, CancellationToken draining, CancellationToken leaving, CancellationToken abort)
+        private async Task<Exception> SendLoopAsync(IBridgeTransport ws, CancellationToken draining, CancellationToken leaving, CancellationToken abort)
         {
             try
             {
@@ -561,10 +680,7 @@ namespace WebSocketBridge
                         continue;
                     }
                     Interlocked.Decrement(ref queuedCount);
-                    var bytes = Utf8.GetBytes(text);
-                    // One frame per message; the server reassembles fragments anyway, but needs no help.
-                    // Cancelling SendAsync aborts the socket, which is what abort means.
-                    await ws.SendAsync(new ArraySegment<byte>(bytes), WebSocketMessageType.Text, true, abort).ConfigureAwait(false);
+                    await ws.SendAsync(text, abort).ConfigureAwait(false);
                 }
                 return null;
             }
@@ -574,38 +690,27 @@ namespace WebSocketBridge
             }
         }
 
-        private async Task<SessionEnd> ReceiveLoopAsync(ClientWebSocket ws)
+        private async Task<SessionEnd> ReceiveLoopAsync(IBridgeTransport ws)
         {
-            var buffer = new byte[Math.Max(1024, options.ReceiveBufferSize)];
-            var message = new MemoryStream();
             try
             {
                 while (true)
                 {
-                    // No cancellation token: cancelling a ReceiveAsync aborts the socket, which would make a
-                    // clean close impossible. Ending the session closes or aborts the socket instead.
-                    var result = await ws.ReceiveAsync(new ArraySegment<byte>(buffer), CancellationToken.None).ConfigureAwait(false);
+                    var frame = await ws.ReceiveAsync(Math.Max(1024, options.MaxIncomingMessageBytes)).ConfigureAwait(false);
                     Volatile.Write(ref lastReceiveTicks, DateTime.UtcNow.Ticks);
-                    if (result.MessageType == WebSocketMessageType.Close)
+                    switch (frame.Kind)
                     {
-                        int code = result.CloseStatus.HasValue ? (int)result.CloseStatus.Value : BridgeCloseCodes.NoStatus;
-                        string reason = result.CloseStatusDescription;
-                        if (string.IsNullOrEmpty(reason)) reason = DescribeCloseCode(code);
-                        return SessionEnd.Closed(code, reason);
+                        case BridgeFrameKind.Close:
+                            string reason = frame.CloseReason;
+                            if (string.IsNullOrEmpty(reason)) reason = DescribeCloseCode(frame.CloseCode);
+                            return SessionEnd.Closed(frame.CloseCode, reason);
+                        case BridgeFrameKind.TooBig:
+                            return SessionEnd.LocalClose(BridgeCloseCodes.MessageTooBig,
+                                "incoming message larger than " + options.MaxIncomingMessageBytes + " bytes");
+                        default:
+                            RaiseMessage(frame.Text);
+                            break;
                     }
-                    if (message.Length + result.Count > options.MaxIncomingMessageBytes)
-                    {
-                        return SessionEnd.LocalClose(BridgeCloseCodes.MessageTooBig,
-                            "incoming message larger than " + options.MaxIncomingMessageBytes + " bytes");
-                    }
-                    message.Write(buffer, 0, result.Count);
-                    if (!result.EndOfMessage) continue;
-
-                    // Decode the whole message at once: a multi-byte UTF-8 character may straddle two reads.
-                    string text = Utf8.GetString(message.GetBuffer(), 0, (int)message.Length);
-                    if (message.Capacity > 4 * buffer.Length) message = new MemoryStream(); // give a big one back
-                    else message.SetLength(0);
-                    RaiseMessage(text);
                 }
             }
             catch (Exception e)
@@ -614,12 +719,23 @@ namespace WebSocketBridge
             }
         }
 
-        private async Task CloseOutputAsync(ClientWebSocket ws, WebSocketCloseStatus status, string reason)
+        private async Task CloseOutputAsync(IBridgeTransport ws, int code, string reason)
         {
-            if (ws.State != WebSocketState.Open && ws.State != WebSocketState.CloseReceived) return;
+            if (!ws.CanSendClose) return;
             using (var timeout = new CancellationTokenSource(options.CloseTimeout))
             {
-                try { await ws.CloseOutputAsync(status, reason, timeout.Token).ConfigureAwait(false); }
+                try
+                {
+                    var close = ws.CloseOutputAsync(code, reason, timeout.Token);
+                    // Bounded even if the transport ignores the token.
+                    if (await Task.WhenAny(close, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != close)
+                    {
+                        Observe(close);
+                        ws.Abort();
+                        return;
+                    }
+                    await close.ConfigureAwait(false);
+                }
                 catch (Exception) { /* the peer is gone already; nothing left to close */ }
             }
         }
@@ -651,6 +767,8 @@ namespace WebSocketBridge
                 case 4008: return "too many undelivered messages";
                 case BridgeCloseCodes.DuplicateRejected: return "client id already connected";
                 case BridgeCloseCodes.Replaced: return "replaced by a newer connection";
+                case BridgeCloseCodes.TokenExpired: return "token expired or revoked; reconnect with the current token";
+                case BridgeCloseCodes.DisconnectedByAdmin: return "disconnected by an administrator";
                 default: return "closed with code " + code;
             }
         }
@@ -708,11 +826,58 @@ namespace WebSocketBridge
             finally { raisingEventsOf = previous; }
         }
 
+        /// <summary>An abandoned task's exception is read, so it is never reported as unobserved.</summary>
+        private static void Observe(Task task)
+        {
+            task.ContinueWith(t => { var ignored = t.Exception; }, TaskContinuationOptions.ExecuteSynchronously);
+        }
+
         private static Task CompletedTask()
         {
             var done = new TaskCompletionSource<bool>();
             done.SetResult(true);
             return done.Task;
+        }
+
+        /// <summary>Mono may still finish an abandoned handshake later: then the server holds (and may have replaced this
+        /// client's live connection with) a connection nobody reads. It is aborted, and a 4010 soon after is not final.</summary>
+        private void Abandon(Task connect, IBridgeTransport transport)
+        {
+            var endpoint = Endpoint;
+            AbandonedAttempts.Begin(endpoint);
+            connect.ContinueWith(t =>
+            {
+                var ignored = t.Exception;
+                if (t.Status == TaskStatus.RanToCompletion) transport.Abort();
+                AbandonedAttempts.End(endpoint);
+            }, TaskContinuationOptions.ExecuteSynchronously);
+        }
+
+        /// <summary>Connection attempts abandoned while their handshake was still running, per endpoint (process-wide:
+        /// the listener replaces its client on Connect()). Mono cannot cancel such a handshake, and the server may
+        /// complete it even when the client reports a failure; it then registers the id again and closes the live
+        /// connection with 4010, which must not be final. Remembered for 30 s after the attempt was abandoned or ended.</summary>
+        private static class AbandonedAttempts
+        {
+            private static readonly Dictionary<string, DateTime> LastSeen = new Dictionary<string, DateTime>();
+            private static readonly TimeSpan Window = TimeSpan.FromSeconds(30);
+
+            public static void Begin(Uri endpoint) { Touch(endpoint); }
+            public static void End(Uri endpoint) { Touch(endpoint); }
+
+            private static void Touch(Uri endpoint)
+            {
+                lock (LastSeen) LastSeen[endpoint.AbsoluteUri] = DateTime.UtcNow;
+            }
+
+            public static bool MayHaveReplaced(Uri endpoint)
+            {
+                lock (LastSeen)
+                {
+                    DateTime seen;
+                    return LastSeen.TryGetValue(endpoint.AbsoluteUri, out seen) && DateTime.UtcNow - seen < Window;
+                }
+            }
         }
 
         /// <summary>How one connection (or attempt) ended.</summary>
@@ -724,6 +889,7 @@ namespace WebSocketBridge
             public Exception Error;
             public bool IsStopped;
             public bool IsKicked;
+            public bool IsFinal;         // a local reason not to retry
 
             public static SessionEnd Closed(int code, string reason)
             {
@@ -738,6 +904,11 @@ namespace WebSocketBridge
             public static SessionEnd Broken(string reason, Exception error)
             {
                 return new SessionEnd { Reason = reason, Error = error };
+            }
+
+            public static SessionEnd Unsupported(string reason)
+            {
+                return new SessionEnd { Reason = reason, IsFinal = true };
             }
 
             public static SessionEnd Stopped()

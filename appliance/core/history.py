@@ -1,0 +1,94 @@
+"""Connect history: one entry per connection that opened and closed, bounded, with the clock passed in.
+
+An entry says when the connection opened, from where, on which instance, with which token
+version and protocol, when it closed, with which close code and reason, and who closed it
+(``relay`` when the relay sent the first close frame, ``peer`` otherwise; 1006 when the
+peer vanished without one). Entries are built once, at close, so the message path never
+pays for them. :class:`HistoryBook` keeps them in memory (the embedded broker); the Redis
+broker keeps the same entries in a capped, expiring list per id (``wsb:hist:{id}``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["MAX_REASON_CHARS", "HistoryBook", "close_entry"]
+
+#: RFC 6455 §5.5: a control frame's payload is at most 125 bytes, so a close reason fits in 123;
+#: anything longer did not come from a WebSocket and is cut.
+MAX_REASON_CHARS = 123
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def close_entry(
+    presence: dict[str, Any], *, connected_at: float, closed_at: float, code: int | None, reason: str, by_relay: bool
+) -> dict[str, Any]:
+    """The history entry of a closed connection, from its presence record and how it ended.
+
+    ``code`` None (the peer sent a close frame without a code) is recorded as 1005, as
+    RFC 6455 §7.1.5 says an endpoint reports it.
+    """
+    return {
+        "connected_at": _iso(connected_at),
+        "closed_at": _iso(closed_at),
+        "duration_seconds": round(max(0.0, closed_at - connected_at), 3),
+        "role": presence.get("role"),
+        "instance": presence.get("instance"),
+        "remote": presence.get("remote"),
+        "token": presence.get("token"),
+        "token_version": presence.get("token_version"),
+        "protocol": presence.get("protocol", 1),
+        "messages_in": presence.get("messages_in", 0),
+        "messages_out": presence.get("messages_out", 0),
+        "code": 1005 if code is None else int(code),
+        "reason": (reason or "")[:MAX_REASON_CHARS],
+        "closed_by": "relay" if by_relay else "peer",
+    }
+
+
+class HistoryBook:
+    """Per-id connect histories in memory: at most ``per_id`` entries for each of ``max_ids`` ids,
+    each id forgotten ``ttl`` seconds after its last entry (the Redis list's EXPIRE, here)."""
+
+    __slots__ = ("per_id", "max_ids", "ttl", "_books")
+
+    def __init__(self, per_id: int, max_ids: int, ttl: float) -> None:
+        if per_id < 1 or max_ids < 1 or ttl <= 0:
+            raise ValueError("per_id and max_ids must be at least 1 and ttl positive")
+        self.per_id = per_id
+        self.max_ids = max_ids
+        self.ttl = ttl
+        #: id -> (time of the last entry, newest-first entries); least recently written first.
+        self._books: OrderedDict[str, tuple[float, deque[dict[str, Any]]]] = OrderedDict()
+
+    def add(self, client_id: str, entry: dict[str, Any], now: float) -> None:
+        found = self._books.pop(client_id, None)
+        entries = found[1] if found is not None else deque(maxlen=self.per_id)
+        entries.appendleft(entry)
+        self._books[client_id] = (now, entries)
+        self._expire(now)
+        while len(self._books) > self.max_ids:
+            self._books.popitem(last=False)  # The id written longest ago goes first.
+
+    def _expire(self, now: float) -> None:
+        while self._books:
+            client_id, (at, _) = next(iter(self._books.items()))
+            if now - at < self.ttl:
+                return
+            del self._books[client_id]
+
+    def entries(self, client_id: str, limit: int, now: float) -> list[dict[str, Any]]:
+        """Newest first, at most ``limit``."""
+        self._expire(now)
+        found = self._books.get(client_id)
+        if found is None or limit < 1:
+            return []
+        return list(found[1])[:limit]
+
+    def __len__(self) -> int:
+        return len(self._books)

@@ -1,0 +1,308 @@
+"""A bounded soak: steady traffic with reconnecting clients on two instances sharing Redis.
+
+``python -m bench.soak`` deploys the ``redis`` target (Redis and two instances; the
+controller on A, the clients on B, so every command crosses Redis), connects
+``--clients`` echoing clients, then for ``--soak-minutes`` sends ``--rate`` commands per
+second on a fixed schedule while ``--reconnect-percent`` of the clients drop and
+reconnect every second. It reports:
+
+- RSS and open file descriptors of both instances and Redis, sampled every 5 s, with the
+  slope after warm-up (least squares; flat means no leak);
+- every command's outcome: answered, reported (an error frame, e.g. ``target_offline``
+  while its client was reconnecting), or **lost** (neither) — split into commands whose
+  client was dropped by the soak around that time (the reply may die with the client:
+  protocol v1 has no acknowledgements) and the others, which must be zero;
+- latency from the scheduled send time (no coordinated omission): p50/p99 of the first
+  and the last window (a minute each, or a third of a shorter run).
+
+Do not run the full 10 minutes on a shared machine; ``--soak-minutes 1`` is the smoke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
+
+from .loadgen import LoadGenerator, latency_summary
+from .procs import Processes, raise_nofile_limit
+from .runner import _deploy, _ids, _Tokens
+
+__all__ = ["main", "run_soak", "slope"]
+
+_now = time.perf_counter_ns
+SAMPLE_SECONDS = 5.0
+#: Commands to a client dropped within this many seconds of their send count as churn-affected.
+CHURN_MARGIN_S = 2.0
+
+
+class _Frame(msgspec.Struct):
+    sender: str | None = None
+    message: str | None = None
+    error: str | None = None
+    id: int | None = None
+    status: str | None = None  # Version 2 status frames (the commands carry an id).
+    reply_to: int | None = None  # Version 2 sends the reply to its controller twice: this copy is skipped.
+
+
+_decode = msgspec.json.Decoder(_Frame).decode
+
+
+class _SoakController(WSListener):
+    """Sends commands with an ``id``, so error frames say which command they are about."""
+
+    def __init__(self, soak: _Soak) -> None:
+        self.soak = soak
+        self.transport: WSTransport | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not WSMsgType.TEXT:
+            if frame.msg_type is WSMsgType.CLOSE:
+                self.soak.controller_closed = True
+                transport.disconnect()
+            return
+        incoming = _decode(frame.get_payload_as_bytes())
+        now = _now()
+        if incoming.error is not None:
+            self.soak.reported(incoming.id, incoming.error)
+        elif incoming.status is not None:
+            if incoming.status == "timeout":  # No reply within the command's timeout: reported, not lost.
+                self.soak.reported(incoming.id, "timeout")
+        elif incoming.reply_to is None and incoming.message is not None:
+            seq, _, _ = incoming.message.partition(" ")
+            self.soak.answered(int(seq), now)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.transport = None
+        self.soak.controller_closed = True
+
+
+class _Soak:
+    def __init__(self, total: int) -> None:
+        self.scheduled = [0] * total
+        self.target = [0] * total
+        self.outcome = bytearray(total)  # 0 pending, 1 answered, 2 reported
+        self.latency = [0] * total
+        self.errors: Counter[str] = Counter()
+        self.controller_closed = False
+        self.duplicates = 0
+
+    def answered(self, seq: int, now: int) -> None:
+        if self.outcome[seq]:
+            self.duplicates += self.outcome[seq] == 1
+            return
+        self.outcome[seq] = 1
+        self.latency[seq] = now - self.scheduled[seq]
+
+    def reported(self, seq: int | None, error: str) -> None:
+        self.errors[error] += 1
+        if seq is not None and not self.outcome[seq]:
+            self.outcome[seq] = 2
+
+
+def slope(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, value) samples, per second."""
+    if len(samples) < 2:
+        return 0.0
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_v = sum(v for _, v in samples) / n
+    var = sum((t - mean_t) ** 2 for t, _ in samples)
+    return sum((t - mean_t) * (v - mean_v) for t, v in samples) / var if var else 0.0
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+async def run_soak(
+    procs: Processes, minutes: float, rate: float, clients: int, reconnect_percent: float, warmup: float, log=print
+) -> dict:
+    tokens = _Tokens()
+    # The soak's clients all come from 127.0.0.1, which is exempt from per-address limits by default.
+    deployment = await _deploy("redis", procs, tokens, "soak")
+    a, b, redis = deployment.server_pids
+    gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
+    duration = minutes * 60
+    total = int(rate * duration)
+    soak = _Soak(total)
+    ids = _ids(clients, "soak")
+    dropped_at: dict[str, list[float]] = {cid: [] for cid in ids}
+    samples: dict[str, list[tuple[float, float]]] = {}
+    try:
+        connected = await gen.connect_clients(ids)
+        log(f"  {connected}/{clients} clients on instance B")
+        controller = await gen._connect(
+            f"{deployment.controller_url}/ws/soak-llm",
+            {"X-Auth-Token": tokens.controller},
+            lambda: _SoakController(soak),
+        )
+        if controller is None:
+            raise RuntimeError("the controller could not connect")
+        await asyncio.sleep(1)
+        rng = random.Random(7)
+        reconnects = 0
+        pending: set[asyncio.Task] = set()
+
+        async def reconnect(cid: str) -> None:
+            client = gen.clients.pop(cid, None)
+            if client is not None and client.transport is not None:
+                client.transport.disconnect()
+            await asyncio.sleep(rng.uniform(0.05, 0.5))  # Unity's backoff, roughly.
+            await gen.connect_clients([cid])
+
+        def sample(elapsed: float) -> None:
+            for name, proc in (("a", a), ("b", b), ("redis", redis)):
+                samples.setdefault(f"{name}_rss_mib", []).append((elapsed, proc.rss_kib() / 1024))
+                samples.setdefault(f"{name}_fds", []).append((elapsed, _fds(proc.pid)))
+
+        log(f"  {rate:g} commands/s for {minutes:g} min, {reconnect_percent:g} % of clients reconnecting per second")
+        start_ns = _now() + 50_000_000
+        interval = 1e9 / rate
+        next_seq, next_churn, next_sample = 0, 1.0, 0.0
+        per_second = max(1, round(clients * reconnect_percent / 100)) if reconnect_percent > 0 else 0
+        while next_seq < total:
+            now_ns = _now()
+            elapsed = (now_ns - start_ns) / 1e9
+            while next_seq < total and start_ns + next_seq * interval <= now_ns:
+                seq = next_seq
+                target = seq % clients
+                soak.scheduled[seq] = int(start_ns + seq * interval)
+                soak.target[seq] = target
+                if controller.transport is not None:
+                    controller.transport.send(
+                        WSMsgType.TEXT,
+                        f'{{"target":"{ids[target]}","message":"{seq} x","id":{seq}}}'.encode(),
+                    )
+                next_seq += 1
+            if elapsed >= next_churn:
+                next_churn += 1.0
+                for cid in rng.sample(ids, per_second):
+                    dropped_at[cid].append(elapsed)
+                    task = asyncio.ensure_future(reconnect(cid))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    reconnects += 1
+            if elapsed >= next_sample:
+                next_sample += SAMPLE_SECONDS
+                sample(elapsed)
+            await asyncio.sleep(0.001)
+        for _ in range(125):  # Up to 25 s: cross-instance outcome timeouts take up to 20 s.
+            if 0 not in soak.outcome:
+                break
+            await asyncio.sleep(0.2)
+        if pending:
+            await asyncio.wait(pending, timeout=15)
+        sample(duration)
+    finally:
+        await gen.close()
+        procs.stop_all()
+
+    lost = [seq for seq in range(total) if not soak.outcome[seq]]
+
+    def churned(seq: int) -> bool:
+        t = (soak.scheduled[seq] - start_ns) / 1e9
+        return any(abs(t - d) <= CHURN_MARGIN_S for d in dropped_at[ids[soak.target[seq]]])
+
+    lost_churned = sum(1 for seq in lost if churned(seq))
+    window = min(60.0, duration / 3)
+
+    def window_latency(first: bool) -> dict:
+        lo, hi = (0, int(window * rate)) if first else (total - int(window * rate), total)
+        lo = max(lo, int(warmup * rate)) if first else lo
+        return latency_summary([soak.latency[s] for s in range(lo, hi) if soak.outcome[s] == 1])
+
+    after_warmup = {key: [(t, v) for t, v in points if t >= warmup] for key, points in samples.items()}
+    return {
+        "minutes": minutes,
+        "rate": rate,
+        "clients": clients,
+        "reconnects": reconnects,
+        "sent": total,
+        "answered": soak.outcome.count(1),
+        "reported": soak.outcome.count(2),
+        "errors": dict(soak.errors),
+        "lost_churned": lost_churned,
+        "lost_other": len(lost) - lost_churned,
+        "duplicates": soak.duplicates,
+        "controller_dropped": soak.controller_closed,
+        "first_window": window_latency(True),
+        "last_window": window_latency(False),
+        "window_seconds": window,
+        "slopes_per_minute": {key: 60 * slope(points) for key, points in after_warmup.items()},
+        "start_end": {key: (points[0][1], points[-1][1]) for key, points in samples.items() if points},
+        "samples": samples,
+        "server_closes": dict(gen.server_closes),
+        "connect_failures": dict(gen.connect_failures),
+    }
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"soak: {result['minutes']:g} min, {result['rate']:g} commands/s, {result['clients']} clients, "
+        f"{result['reconnects']} reconnects",
+        f"commands: {result['sent']} sent, {result['answered']} answered, {result['reported']} reported "
+        f"{result['errors']}, lost: {result['lost_churned']} around a reconnect of their client, "
+        f"{result['lost_other']} otherwise; {result['duplicates']} duplicated",
+        "",
+        f"| window ({result['window_seconds']:.0f} s) | replies | p50 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("first_window", "last_window"):
+        w = result[name]
+        lines.append(
+            f"| {name.split('_')[0]} | {w['count']} | {w['p50_ms']:.2f} | {w['p99_ms']:.2f} | {w['max_ms']:.1f} |"
+        )
+    lines += ["", "| process | start → end | slope after warm-up, per minute |", "|---|---|---|"]
+    for key, per_minute in sorted(result["slopes_per_minute"].items()):
+        first, last = result["start_end"][key]
+        lines.append(f"| {key} | {first:.1f} → {last:.1f} | {per_minute:+.2f} |")
+    if result["server_closes"] or result["connect_failures"]:
+        lines.append(f"server closes: {result['server_closes']}, connect failures: {result['connect_failures']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--soak-minutes", type=float, default=10.0, help="length of the soak (default 10)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="commands per second (default 1000)")
+    parser.add_argument("--clients", type=int, default=1000, help="echoing clients (default 1000)")
+    parser.add_argument(
+        "--reconnect-percent", type=float, default=5.0, help="clients dropped and reconnected per second (default 5)"
+    )
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds left out of the slopes (default 10)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures to this JSON file")
+    parser.add_argument("--wsbridge", type=Path, default=None, help="the wsbridge script to run (default: this one)")
+    args = parser.parse_args(argv)
+    if raise_nofile_limit() < args.clients * 2 + 100:
+        print("warning: the open-files limit is low for this many clients", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="wsbridge-soak-") as tmp, Processes(Path(tmp), args.wsbridge) as procs:
+        result = asyncio.run(
+            run_soak(procs, args.soak_minutes, args.rate, args.clients, args.reconnect_percent, args.warmup)
+        )
+    print()
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if result["lost_other"] or result["duplicates"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

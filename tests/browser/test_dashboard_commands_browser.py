@@ -1,0 +1,92 @@
+"""Send a command and disconnect a client from the dashboard, in real headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+
+import pytest
+from support import ADMIN_TOKEN, CLIENT_TOKEN, timeout
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.slow
+
+
+def ms(seconds: float) -> float:
+    return timeout(seconds) * 1000
+
+
+@pytest.fixture(scope="module")
+def app():
+    from support import Appliance
+
+    appliance = Appliance(name="browser-cmd").start()
+    yield appliance
+    appliance.stop()
+
+
+def sign_in(page, app, path: str) -> None:
+    page.goto(app.http + path)
+    page.get_by_label("Admin or viewer token").fill(ADMIN_TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(re.escape(path) + "$"))
+
+
+def test_send_a_command_and_see_the_reply_appear(page, app, console, screenshot):
+    with connect(f"{app.ws}/ws/unity-1", additional_headers={"X-Auth-Token": CLIENT_TOKEN}) as unity:
+
+        def answer() -> None:
+            with contextlib.suppress(Exception):
+                for text in unity:
+                    unity.send(f"done: {text} <script>alert(1)</script>")
+
+        threading.Thread(target=answer, daemon=True).start()
+        sign_in(page, app, "/admin/send")
+        page.get_by_label("Client id or group").fill("unity-1")
+        page.get_by_label("Message").fill("MoveForward 10")
+        page.get_by_role("button", name="Send", exact=True).click()
+        row = page.locator("#sent-rows tr.status-replied").first
+        row.wait_for(timeout=ms(15))
+        assert "done: MoveForward 10 <script>alert(1)</script>" in row.inner_text()
+        assert page.locator("#sent-rows tr.pending").count() == 0
+        assert page.locator("#sent-rows script").count() == 0
+        screenshot(page, "send")
+    console.assert_clean()
+
+
+def test_disconnect_a_client_after_confirming(page, app, console):
+    with connect(f"{app.ws}/ws/kick-me", additional_headers={"X-Auth-Token": CLIENT_TOKEN}) as socket:
+        sign_in(page, app, "/admin/clients")
+        page.locator('#clients-table tr[data-client-id="kick-me"] a').click()
+        page.wait_for_url(re.compile(r"/admin/client\?id=kick-me"))
+        page.get_by_role("button", name="Disconnect").click()  # The confirm dialog is accepted by the fixture.
+        page.get_by_text("Disconnected 1 connection").wait_for(timeout=ms(10))
+        with pytest.raises(Exception):  # noqa: B017 (closed by the server)
+            socket.recv(timeout=timeout(5))
+        assert socket.close_code == 4012
+    console.assert_clean()
+
+
+def test_bulk_disconnect_of_selected_rows(page, app, console):
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(connect(f"{app.ws}/ws/sel-{i}", additional_headers={"X-Auth-Token": CLIENT_TOKEN}))
+            for i in range(3)
+        ]
+        sign_in(page, app, "/admin/clients")
+        for i in range(3):
+            page.locator(f'#clients-table tr[data-client-id="sel-{i}"]').wait_for(timeout=ms(10))
+        page.get_by_label("Select sel-0").check()
+        page.get_by_label("Select sel-2").check()
+        page.get_by_role("button", name="Disconnect selected").click()
+        page.get_by_text("Disconnected 2 connections").wait_for(timeout=ms(10))
+        for i in (0, 2):
+            with pytest.raises(Exception):  # noqa: B017 (closed by the server)
+                sockets[i].recv(timeout=timeout(5))
+            assert sockets[i].close_code == 4012
+        sockets[1].ping().wait(timeout(5))  # The one left unticked is still connected.
+        # The table refreshes (ticked rows no longer hold live updates back) and loses the two.
+        page.locator('#clients-table tr[data-client-id="sel-0"]').wait_for(state="detached", timeout=ms(15))
+        assert page.locator('#clients-table tr[data-client-id="sel-1"]').count() == 1
+    console.assert_clean()

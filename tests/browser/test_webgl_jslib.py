@@ -1,0 +1,116 @@
+"""The Unity WebGL transport's JavaScript half (WsBridge.jslib) in real headless Chromium against a real appliance.
+
+The plugin is loaded into ``webgl/harness.html``, a stand-in for the Emscripten runtime of a Unity WebGL
+player with only the helpers the plugin may use; the page's small loop does what ``WebGLTransport.cs``
+does in C# (poll once per frame, reply, reconnect after a close). The token travels as the subprotocol
+``wsbridge.token.<token>`` next to ``wsbridge.v1``, since browsers cannot set headers.
+
+Chromium is Debian's package (tools/apt/browser.txt), driven by Playwright (test extra); nothing is
+downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import CLIENT_TOKEN, CONTROLLER_TOKEN, ROOT, timeout
+from websockets.sync.client import connect
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+
+JSLIB = ROOT / "unity_project" / "Packages" / "com.wsbridge.client" / "Runtime" / "Plugins" / "WebGL" / "WsBridge.jslib"
+HARNESS = Path(__file__).resolve().parent / "webgl" / "harness.html"
+
+
+@pytest.fixture(scope="module")
+def browser(request) -> Iterator:
+    """The session's Chromium of tests/browser/conftest.py when there is one (one Playwright per process), else our own."""
+    try:
+        shared = request.getfixturevalue("chromium")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        yield shared
+        return
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium not found: run the tests through `python3 dev.py test` (tools/apt/browser.txt)")
+    with playwright_api.sync_playwright() as playwright:
+        # --no-sandbox: the tests may run as root (CI), where Chromium refuses its sandbox.
+        launched = playwright.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator:
+    context = browser.new_context()
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    # Chromium logs every failed WebSocket attempt (the server is down during the restart): expected, not a defect.
+    tab.on(
+        "console",
+        lambda message: errors.append(message.text)
+        if message.type == "error" and not message.text.startswith("WebSocket connection to")
+        else None,
+    )
+    tab.set_content(HARNESS.read_text())
+    tab.add_script_tag(content=JSLIB.read_text())
+    tab.evaluate("install()")
+    tab.set_default_timeout(timeout(20) * 1000)
+    yield tab, errors
+    context.close()
+
+
+def ask(app, target: str, text: str) -> dict:
+    """One command from a controller (X-Auth-Token, like the LLM side), and its reply frame."""
+    with connect(f"{app.ws}/ws/webgl-llm", additional_headers={"X-Auth-Token": CONTROLLER_TOKEN}) as llm:
+        llm.send(json.dumps({"target": target, "message": text}))
+        return json.loads(llm.recv(timeout=timeout(10)))
+
+
+def test_jslib_connects_with_the_subprotocol_token_replies_and_reconnects_after_a_restart(start_appliance, page):
+    page, errors = page
+    app = start_appliance({"ALLOWED_ORIGINS": "null"}, name="webgl")  # about:blank sends Origin: null
+    page.evaluate(
+        "([url, token]) => startClient(url, ['wsbridge.v1', 'wsbridge.token.' + token])",
+        [f"{app.ws}/ws/webgl-1", CLIENT_TOKEN],
+    )
+    page.wait_for_function("bridge.connections === 1", timeout=timeout(10) * 1000)
+    # The appliance selected the version protocol, never the token entry (it would be echoed back).
+    assert page.evaluate("bridge.protocol") == "wsbridge.v1"
+
+    reply = ask(app, "webgl-1", "echo héllo 🎮 from the LLM")
+    assert reply == {"sender": "webgl-1", "message": "héllo 🎮 from the LLM"}
+
+    app.terminate()  # every socket closed with 1001
+    page.wait_for_function("bridge.closes.length >= 1", timeout=timeout(10) * 1000)
+    assert page.evaluate("bridge.closes[0].code") == 1001
+    app.start()  # same port; the page's loop reconnects
+    page.wait_for_function("bridge.connections === 2", timeout=timeout(20) * 1000)
+    assert ask(app, "webgl-1", "echo after restart") == {"sender": "webgl-1", "message": "after restart"}
+
+    # A local close with a code browsers may not send (1009) goes out as 1000 instead of throwing.
+    with connect(f"{app.ws}/ws/webgl-llm", additional_headers={"X-Auth-Token": CONTROLLER_TOKEN}) as llm:
+        llm.send(json.dumps({"target": "webgl-1", "message": "close-too-big"}))
+        page.wait_for_function("bridge.closes.length >= 2", timeout=timeout(10) * 1000)
+    page.evaluate("bridge.stopped = true")
+    assert errors == []
+    assert CLIENT_TOKEN not in app.log()
+
+
+def test_jslib_reports_a_refused_token_as_a_close_code(start_appliance, page):
+    page, errors = page
+    app = start_appliance({"ALLOWED_ORIGINS": "null"}, name="webgl-refused")  # about:blank sends Origin: null
+    page.evaluate(
+        "([url]) => { bridge.stopped = true; startClient(url, ['wsbridge.v1', 'wsbridge.token.wrong-token']); }",
+        [f"{app.ws}/ws/webgl-2"],
+    )
+    page.wait_for_function("bridge.closes.length === 1", timeout=timeout(10) * 1000)
+    assert page.evaluate("bridge.closes[0].code") == 4001
+    assert errors == []

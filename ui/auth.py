@@ -1,0 +1,203 @@
+"""Dashboard sign-in: a token exchanged for a server-side session, checked on every request.
+
+The browser never holds the token: it is posted once to ``/admin/login`` and exchanged for
+a random session id in an HttpOnly, SameSite=Strict cookie (Secure behind TLS, see
+:mod:`ui.security`). The session lives in Litestar's server-side session store (Redis when
+Redis is configured, so any instance serves any page; memory otherwise) and ends
+
+- after ``DASHBOARD_IDLE_TIMEOUT`` seconds without a user action (background refreshes and
+  the event stream do not count: a forgotten tab must not stay signed in forever),
+- ``DASHBOARD_SESSION_LIFETIME`` seconds after sign-in, whatever happens,
+- at logout, and when the token it was granted for changes (rotation ends every session).
+
+Failed sign-ins are counted per remote address in the same store; past the limit the
+address is refused with 429 until the window ends, even with the right token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers import BaseRouteHandler
+from litestar.stores.base import Store
+from litestar.utils.scope.state import ScopeState
+
+from appliance.settings import Settings
+
+__all__ = [
+    "ADMIN",
+    "BACKGROUND_HEADER",
+    "LOGIN_FAILURES_ALLOWED",
+    "LOGIN_WINDOW_SECONDS",
+    "SESSION_COOKIE",
+    "VIEWER",
+    "LoginLimiter",
+    "Principal",
+    "authenticate",
+    "begin_session",
+    "principal_of",
+    "require_admin",
+    "require_session",
+    "session_problem",
+]
+
+SESSION_COOKIE = "wsb_session"
+#: Sent by requests the page makes on its own (live refreshes): they do not count as activity.
+BACKGROUND_HEADER = "x-dashboard-background"
+ADMIN, VIEWER = "admin", "viewer"
+LOGIN_FAILURES_ALLOWED = 5
+LOGIN_WINDOW_SECONDS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is signed in: a token's role and name (never its value) and the version it had."""
+
+    role: str  # ADMIN or VIEWER
+    name: str  # e.g. "ADMIN_TOKEN"
+    version: str
+
+    @property
+    def can_act(self) -> bool:
+        return self.role == ADMIN
+
+
+def _version_of(token: str) -> str:
+    """A fingerprint of the token value: a changed token ends the sessions made with the old one
+    (even where the store's version number does not move, as with a new value in ``.env``).
+
+    Keyed with the token itself, so the stored value tells nothing about any other token.
+    """
+    return hmac.new(token.encode(), b"wsbridge dashboard session", hashlib.sha256).hexdigest()[:16]
+
+
+def _dashboard_tokens(settings: Settings) -> list[tuple[str, str, str]]:
+    """(role, name, value) of every token that may sign in to the dashboard (without a token store)."""
+    tokens = []
+    if settings.admin_token is not None:
+        tokens.append((ADMIN, "ADMIN_TOKEN", settings.admin_token.get_secret_value()))
+    if settings.viewer_token is not None:
+        tokens.append((VIEWER, "VIEWER_TOKEN", settings.viewer_token.get_secret_value()))
+    return tokens
+
+
+def authenticate(app_state: Any, presented: str) -> Principal | None:
+    """The one place that checks a dashboard token: the token store's comparator when the app has one.
+
+    Only a token's current version signs in: a rotated-out admin token in its grace window still
+    works for the API, but a dashboard session made with it would end at once.
+    """
+    store = getattr(app_state, "token_store", None)
+    if store is not None:
+        grant = store.lookup(presented)
+        if grant is None or grant.role not in (ADMIN, VIEWER):
+            return None
+        version = _current_version(app_state, grant.name)
+        if version is None or not version.startswith(f"{grant.version}:"):
+            return None
+        return Principal(grant.role, grant.name, version)
+    found = None
+    for role, name, value in _dashboard_tokens(app_state.settings):
+        # Every comparison runs, so timing does not tell which token was close.
+        if hmac.compare_digest(presented.encode(), value.encode()) and found is None:
+            found = Principal(role, name, _version_of(value))
+    return found
+
+
+def _current_version(app_state: Any, name: str) -> str | None:
+    """The version a session made now would carry; a session with another one has ended."""
+    store = getattr(app_state, "token_store", None)
+    if store is not None:
+        state = store.states.get(name)
+        return f"{state.current.version}:{_version_of(state.current.value)}" if state is not None else None
+    for _, token_name, value in _dashboard_tokens(app_state.settings):
+        if token_name == name:
+            return _version_of(value)
+    return None
+
+
+def begin_session(connection: ASGIConnection, principal: Principal, now: float) -> None:
+    """Start a session under a fresh id: an id the browser brought along is never promoted (fixation)."""
+    connection.cookies.pop(SESSION_COOKIE, None)  # The session backend reads the id from these cookies.
+    ScopeState.from_scope(connection.scope).session_id = secrets.token_hex(32)
+    connection.set_session(
+        {
+            "role": principal.role,
+            "name": principal.name,
+            "version": principal.version,
+            "created": now,
+            "seen": now,
+        }
+    )
+
+
+def session_problem(app_state: Any, session: Any, now: float) -> str | None:
+    """Why this session is no longer valid, or None if it is."""
+    if not isinstance(session, dict) or "role" not in session:
+        return "not signed in"
+    settings: Settings = app_state.settings
+    if now - float(session.get("created", 0)) > settings.dashboard_session_lifetime:
+        return "session lifetime reached"
+    if now - float(session.get("seen", 0)) > settings.dashboard_idle_timeout:
+        return "idle timeout"
+    if _current_version(app_state, session.get("name", "")) != session.get("version"):
+        return "token changed"
+    return None
+
+
+def principal_of(connection: ASGIConnection) -> Principal:
+    session: Any = connection.scope.get("session") or {}
+    return Principal(session["role"], session["name"], session["version"])
+
+
+def require_session(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: a valid session, else 401 (the router turns it into a redirect to the login page)."""
+    now = time.time()
+    session: Any = connection.scope.get("session")
+    if session_problem(connection.app.state, session, now) is not None:
+        connection.clear_session()
+        raise NotAuthorizedException("sign in to the dashboard")
+    # The event stream (EventSource cannot send headers) and live refreshes are not user activity.
+    background = connection.headers.get(BACKGROUND_HEADER) == "1" or connection.url.path.endswith("/events")
+    if not background:
+        session["seen"] = now  # A user action: the session middleware writes it back.
+
+
+def require_admin(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Guard for actions: the viewer token sees everything and may do nothing."""
+    require_session(connection, handler)
+    if not principal_of(connection).can_act:
+        raise PermissionDeniedException("the viewer token is read-only")
+
+
+class LoginLimiter:
+    """Failed sign-ins per remote address in a fixed window, kept in a (possibly shared) store."""
+
+    def __init__(self, store: Store, allowed: int = LOGIN_FAILURES_ALLOWED, window: int = LOGIN_WINDOW_SECONDS) -> None:
+        self.store = store
+        self.allowed = allowed
+        self.window = window
+
+    async def retry_after(self, address: str) -> int:
+        """Seconds until ``address`` may try again; 0 if it may now."""
+        raw = await self.store.get(address)
+        if raw is None or int(raw) < self.allowed:
+            return 0
+        return max(1, await self.store.expires_in(address) or self.window)
+
+    async def failed(self, address: str) -> None:
+        raw = await self.store.get(address)
+        remaining = await self.store.expires_in(address) if raw is not None else None
+        count = int(raw or 0) + 1
+        # The window starts at the first failure; later failures do not extend it.
+        await self.store.set(address, str(count), expires_in=remaining or self.window)
+
+    async def succeeded(self, address: str) -> None:
+        await self.store.delete(address)

@@ -1,0 +1,194 @@
+"""The clients table's query: filter, sort and page presence records (pure: no I/O, no clock).
+
+Paging is by cursor, not offset: the cursor names the last row shown (its sort key and
+identity), so the next page starts right after it even when rows were added or removed
+in between.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import heapq
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
+
+__all__ = ["PAGE_SIZES", "SORTS", "ClientQuery", "Page", "facets", "run_query", "summarize", "token_key"]
+
+#: Columns the table can be sorted by, and whether their natural order is descending.
+SORTS: dict[str, bool] = {
+    "id": False,
+    "instance": False,
+    "connected_since": True,
+    "last_activity": True,
+    "messages_in": True,
+    "messages_out": True,
+}
+PAGE_SIZES = (25, 50, 100, 200)
+_NUMERIC = {"messages_in", "messages_out"}
+
+
+def _identity(record: dict[str, Any]) -> tuple[str, str]:
+    return (str(record.get("id", "")), str(record.get("instance", "")))
+
+
+def token_key(record: dict[str, Any]) -> str:
+    """Which token version opened a connection, as the filter names it: ``NAME:version``."""
+    version = record.get("token_version")
+    if version is None:
+        return ""
+    return f"{record['token']}:{version}" if record.get("token") else str(version)
+
+
+def _groups(record: dict[str, Any]) -> list[str]:
+    groups = record.get("groups") or []
+    return [str(g) for g in groups] if isinstance(groups, list | tuple) else [str(groups)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientQuery:
+    """What the operator asked for; every field comes from the query string and is validated here."""
+
+    prefix: str = ""
+    role: str = ""
+    instance: str = ""
+    group: str = ""
+    token_version: str = ""
+    sort: str = "id"
+    descending: bool = False
+    limit: int = 50
+    cursor: str = ""
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> ClientQuery:
+        sort = params.get("sort", "id")
+        if sort not in SORTS:
+            sort = "id"
+        order = params.get("order", "")
+        descending = SORTS[sort] if order not in ("asc", "desc") else order == "desc"
+        try:
+            limit = int(params.get("limit", "50"))
+        except ValueError:
+            limit = 50
+        return cls(
+            prefix=params.get("q", "").strip()[:200],
+            role=params.get("role", "") if params.get("role", "") in ("client", "controller") else "",
+            instance=params.get("instance", "")[:200],
+            group=params.get("group", "")[:200],
+            token_version=params.get("token_version", "")[:200],
+            sort=sort,
+            descending=descending,
+            limit=limit if limit in PAGE_SIZES else 50,
+            cursor=params.get("cursor", "")[:1000],
+        )
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        return (
+            (not self.prefix or str(record.get("id", "")).startswith(self.prefix))
+            and (not self.role or record.get("role") == self.role)
+            and (not self.instance or record.get("instance") == self.instance)
+            and (not self.group or self.group in _groups(record))
+            and (
+                not self.token_version
+                or token_key(record) == self.token_version
+                or str(record.get("token_version", "")) == self.token_version
+            )
+        )
+
+    def key(self, record: dict[str, Any]) -> tuple[Any, ...]:
+        raw = record.get(self.sort)
+        value = int(raw or 0) if self.sort in _NUMERIC else str(raw or "")
+        return (value, *_identity(record))
+
+    def params(self, **changes: Any) -> dict[str, str]:
+        """The query string of this query with ``changes``, for links (empty values left out)."""
+        values = {
+            "q": self.prefix,
+            "role": self.role,
+            "instance": self.instance,
+            "group": self.group,
+            "token_version": self.token_version,
+            "sort": self.sort,
+            "order": "desc" if self.descending else "asc",
+            "limit": str(self.limit),
+            "cursor": self.cursor,
+        }
+        values.update({k: str(v) for k, v in changes.items()})
+        return {k: v for k, v in values.items() if v}
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[dict[str, Any]]
+    matching: int  # rows that pass the filters, on every page
+    total: int  # rows before filtering
+    next_cursor: str = ""
+    first: bool = True
+    columns: dict[str, bool] = field(default_factory=dict)
+
+
+def _encode_cursor(key: tuple[Any, ...]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, query: ClientQuery) -> tuple[Any, ...] | None:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    if not isinstance(raw, list) or len(raw) != 3 or not all(isinstance(v, str) for v in raw[1:]):
+        return None
+    expected = int if query.sort in _NUMERIC else str
+    if not isinstance(raw[0], expected) or isinstance(raw[0], bool):
+        return None
+    return tuple(raw)
+
+
+def run_query(records: Iterable[dict[str, Any]], query: ClientQuery) -> Page:
+    """One page of ``records`` for ``query``; a cursor that does not parse starts at the first page.
+
+    Only the page is ordered (a heap selection, O(n log page)), never the whole list: the
+    first page of 10,000 rows costs one pass over them.
+    """
+    everything = records if isinstance(records, list) else list(records)
+    matching = [r for r in everything if query.matches(r)]
+    keyed = [(query.key(r), r) for r in matching]
+    after = _decode_cursor(query.cursor, query) if query.cursor else None
+    if after is not None:
+        keyed = [kr for kr in keyed if (kr[0] < after if query.descending else kr[0] > after)]
+    select = heapq.nlargest if query.descending else heapq.nsmallest
+    window = select(query.limit + 1, keyed, key=itemgetter(0))
+    more = len(window) > query.limit
+    window = window[: query.limit]
+    return Page(
+        rows=[r for _, r in window],
+        matching=len(matching),
+        total=len(everything),
+        next_cursor=_encode_cursor(window[-1][0]) if more else "",
+        first=after is None,
+        columns={name: any(name in r for r in everything) for name in ("groups", "token_version", "protocol")},
+    )
+
+
+def facets(records: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Values offered in the filter menus."""
+    instances = sorted({str(r.get("instance", "")) for r in records})
+    groups = sorted({g for r in records for g in _groups(r)})
+    versions = sorted({token_key(r) for r in records if r.get("token_version") is not None})
+    return {"instances": instances, "groups": groups, "token_versions": versions}
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """The counters at the top of the page."""
+    clients = sum(1 for r in records if r.get("role") == "client")
+    return {
+        "connections": len(records),
+        "clients": clients,
+        "controllers": len(records) - clients,
+        "instances": len({r.get("instance") for r in records}),
+        "messages_in": sum(int(r.get("messages_in") or 0) for r in records),
+        "messages_out": sum(int(r.get("messages_out") or 0) for r in records),
+    }

@@ -1,0 +1,670 @@
+// CommandListener.cs: the Unity side of the WebSocket Bridge. Owns one BridgeClient, runs received
+// commands on Unity's main thread through registered handlers, and sends their results back.
+//
+// C# 7.2 at most: the tests compile this file with Mono's mcs against a stand-in for the UnityEngine
+// types it uses (tests/integration/unity/UnityEngineStub.cs), so keep to the Unity API used here or
+// extend the stand-in with the same signatures as Unity's.
+//
+// Usage (see unity_project/README.md): put it on a root GameObject of the first scene, fill in the
+// server URL and client id, provide the token (environment variable UNITY_CLIENT_TOKEN by default, or
+// listener.Token from code), and register handlers from device scripts:
+//
+//     listener.Register("on", command => { light.enabled = true; return "light on"; });
+//     listener.RegisterAsync("scan", async command => { await Scan(); return "scanned"; });
+//
+// Threading: BridgeClient raises its events on thread-pool threads; this component only queues them
+// and handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run
+// on the main thread and may use any Unity API.
+//
+// Commands never run late in a burst: while the listener is disabled or the app is paused a command is
+// refused at once with an "error: ..." reply; one that waited longer than Command Max Age (editor paused,
+// a long frame) or that arrived on a connection since replaced is refused instead of run; the queue is
+// bounded (Max Pending Commands) and a command beyond it is refused with "error: busy".
+
+using System;
+using System.Collections.Concurrent;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.Threading;
+using System.Threading.Tasks;
+using UnityEngine;
+using UnityEngine.Events;
+using Debug = UnityEngine.Debug;
+
+namespace WebSocketBridge
+{
+    /// <summary>A UnityEvent with the raw text of a command no handler claimed. A concrete subclass so that
+    /// it serializes in every Unity version (generic UnityEvent&lt;T&gt; fields need Unity 2020.1+).</summary>
+    [Serializable]
+    public class UnhandledCommandEvent : UnityEvent<string> { }
+
+    /// <summary>A UnityEvent with a one-line description of a disconnect (code, reason, retry).</summary>
+    [Serializable]
+    public class BridgeDisconnectedEvent : UnityEvent<string> { }
+
+    /// <summary>Where the listener takes the client token from.</summary>
+    public enum TokenSource
+    {
+        /// <summary>An environment variable (UNITY_CLIENT_TOKEN by default): nothing is saved in scenes.</summary>
+        EnvironmentVariable,
+        /// <summary>Only what code sets through <see cref="CommandListener.Token"/> (from your own config).</summary>
+        Code,
+        /// <summary>The Inspector field: saved into the scene in plain text. Development only.</summary>
+        Inspector,
+    }
+
+    [DisallowMultipleComponent]
+    [AddComponentMenu("WebSocket Bridge/Command Listener")]
+    // Awake/OnEnable before ordinary scripts, so devices can register handlers in their own OnEnable.
+    [DefaultExecutionOrder(-1000)]
+    public sealed class CommandListener : MonoBehaviour
+    {
+        [Header("Connection")]
+        [Tooltip("Base URL of the appliance: wss://bridge.example.com (or ws://localhost:8000 for development).")]
+        [SerializeField] private string serverUrl = "ws://localhost:8000";
+
+        [Tooltip("This client's id (letters, digits, _ and -, at most 50). Controllers send commands to it.")]
+        [SerializeField] private string clientId = "unity-client";
+
+        [Tooltip("Where the client token comes from. The default keeps it out of scenes and version control.")]
+        [SerializeField] private TokenSource tokenSource = TokenSource.EnvironmentVariable;
+
+        [Tooltip("The environment variable holding the token (Token Source = Environment Variable).")]
+        [SerializeField] private string tokenVariable = "UNITY_CLIENT_TOKEN";
+
+        [Tooltip("Token Source = Inspector only: saved in the scene file in plain text. Development only.")]
+        [SerializeField] private string token = "";
+
+        [Tooltip("Wire protocol: 1 (bare text, the default) or 2 (command ids; replies reach only the sending controller).")]
+        [SerializeField] private int protocolVersion = 1;
+
+        [Tooltip("Groups to join at connect; controllers can address them as group:<name>.")]
+        [SerializeField] private string[] groups = new string[0];
+
+        [Tooltip("Connect in Start(). Otherwise call Connect() yourself.")]
+        [SerializeField] private bool connectOnStart = true;
+
+        [Header("Timeouts and limits")]
+        [Tooltip("Limit for opening a connection, in seconds.")]
+        [SerializeField] private float connectTimeout = 10f;
+
+        [Tooltip("How long a stop waits to flush queued messages and for the server's close, in seconds.")]
+        [SerializeField] private float closeTimeout = 2f;
+
+        [Tooltip("On application quit, wait at most this long for the clean close, in seconds (0: do not wait).")]
+        [SerializeField] private float quitWaitSeconds = 0.5f;
+
+        [Tooltip("Outgoing messages kept while disconnected; Send() returns false beyond this.")]
+        [SerializeField] private int maxQueuedMessages = 1000;
+
+        [Tooltip("Commands waiting for the main thread; beyond this a command is refused with \"error: busy\".")]
+        [SerializeField] private int maxPendingCommands = 100;
+
+        [Tooltip("A command that waited longer than this for the main thread (editor paused, long frame) is refused, in seconds.")]
+        [SerializeField] private float commandMaxAge = 10f;
+
+        [Tooltip("Most commands and events handled per frame.")]
+        [SerializeField] private int maxItemsPerFrame = 100;
+
+        [Header("Reconnect")]
+        [Tooltip("Largest delay between reconnect attempts, in seconds.")]
+        [SerializeField] private float maxReconnectDelay = 30f;
+
+        [Tooltip("After the app was paused (backgrounded) for longer than this, in seconds, reconnect at once: " +
+                 "mobile systems often kill the socket of a suspended app without telling it.")]
+        [SerializeField] private float reconnectAfterPauseSeconds = 5f;
+
+        [Header("Commands")]
+        [Tooltip("Reply \"error: unknown command <name>\" to commands no handler is registered for.")]
+        [SerializeField] private bool replyToUnknownCommands = true;
+
+        [Tooltip("Log every command and reply (never the token).")]
+        [SerializeField] private bool logTraffic = false;
+
+        [Header("Events")]
+        [Tooltip("Called with the raw text of commands no handler is registered for.")]
+        [SerializeField] private UnhandledCommandEvent unhandledCommand = new UnhandledCommandEvent();
+
+        [Tooltip("Called on the main thread when the connection is up.")]
+        [SerializeField] private UnityEvent connected = new UnityEvent();
+
+        [Tooltip("Called on the main thread when the connection ended or an attempt failed, with a description.")]
+        [SerializeField] private BridgeDisconnectedEvent disconnected = new BridgeDisconnectedEvent();
+
+        [Header("Status (read only)")]
+        [SerializeField] private string status = "not connected";
+
+        // Survives a domain reload (script recompile during play): the listener was connected, so it reconnects.
+        [SerializeField, HideInInspector] private bool running;
+
+        // One listener per client id: a second one with the same id (a reloaded or additive scene) forwards to the
+        // first instead of connecting, because a second connection with the same id would replace the first (4010).
+        private static readonly Dictionary<string, CommandListener> Primaries = new Dictionary<string, CommandListener>();
+        private static readonly Stopwatch Uptime = Stopwatch.StartNew();
+
+        /// <summary>Seconds on a monotonic clock; replaceable so tests can move time (not Time.*: read off the main thread).</summary>
+        internal static Func<double> Clock = () => Uptime.Elapsed.TotalSeconds;
+
+        private readonly ConcurrentQueue<WorkItem> mainThreadQueue = new ConcurrentQueue<WorkItem>();
+        private readonly List<CommandListener> followers = new List<CommandListener>();
+        private CommandDispatcher dispatcher;
+        private CommandListener primary;
+        private string registeredId;
+        private string codeToken;
+        private BridgeClient client;
+        private int pendingCommands;
+        private volatile bool acceptingCommands;
+        private volatile bool paused;
+        private double pausedAt = -1;
+
+        /// <summary>Raised on the main thread when the connection is up.</summary>
+        public event Action Connected;
+        /// <summary>Raised on the main thread when the connection ended or an attempt failed.</summary>
+        public event Action<BridgeDisconnect> Disconnected;
+
+        /// <summary>The listener that owns the connection of the first client id; devices use it when they are not
+        /// given one. May be null early (devices should retry, see the LightController sample).</summary>
+        public static CommandListener Default { get; private set; }
+
+        /// <summary>The listener that owns the connection of a client id, or null.</summary>
+        public static CommandListener Find(string id)
+        {
+            CommandListener found;
+            return id != null && Primaries.TryGetValue(id, out found) && found != null ? found : null;
+        }
+
+        public string ServerUrl { get { return serverUrl; } set { serverUrl = value; } }
+        public string ClientId { get { return clientId; } set { clientId = value; } }
+        /// <summary>Sets the token from code (your own configuration) and selects TokenSource.Code. Write-only on
+        /// purpose: the token is never read back for display or logs, and never serialized from here.</summary>
+        public string Token { set { codeToken = value; tokenSource = TokenSource.Code; } }
+        public int ProtocolVersion { get { return protocolVersion; } set { protocolVersion = value; } }
+        public string[] Groups { get { return groups; } set { groups = value ?? new string[0]; } }
+        public BridgeClient Client { get { return Owner.client; } }
+        public bool IsConnected { get { var c = Owner.client; return c != null && c.IsConnected; } }
+        public UnhandledCommandEvent UnhandledCommand { get { return Owner.unhandledCommand; } }
+        public UnityEvent ConnectedEvent { get { return Owner.connected; } }
+        public BridgeDisconnectedEvent DisconnectedEvent { get { return Owner.disconnected; } }
+        /// <summary>One line for a status display: connected, reconnecting (and why), or rejected (and why).</summary>
+        public string Status { get { return Owner.status; } }
+        /// <summary>Commands received and waiting for the main thread.</summary>
+        public int PendingCommands { get { return Volatile.Read(ref Owner.pendingCommands); } }
+
+        /// <summary>Replaces the protocol's codec (v1 text or v2 JSON by default). Set it before registering.</summary>
+        public void UseCodec(ICommandCodec codec)
+        {
+            Owner.dispatcher = new CommandDispatcher(codec);
+        }
+
+        // The listener that really owns the connection and the handlers (itself, or the first one with this id).
+        private CommandListener Owner { get { return primary != null ? primary : this; } }
+
+        private CommandDispatcher Dispatcher
+        {
+            get
+            {
+                if (dispatcher == null) dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(protocolVersion == 2 ? 2 : 1));
+                return dispatcher;
+            }
+        }
+
+        /// <summary>Registers the handler of a command name (main thread). The handler's return value is sent back
+        /// as the reply; return null to send nothing. Replaces an existing handler of that name, with a warning.</summary>
+        public void Register(string commandName, CommandHandler handler)
+        {
+            if (Owner.Dispatcher.Register(commandName, handler))
+                Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
+        }
+
+        /// <summary>Registers a handler that answers later: the task's result is the reply (v2: with reply_to).</summary>
+        public void RegisterAsync(string commandName, AsyncCommandHandler handler)
+        {
+            if (Owner.Dispatcher.RegisterAsync(commandName, handler))
+                Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
+        }
+
+        /// <summary>Removes a handler if it is still the one registered for the name (main thread).</summary>
+        public void Unregister(string commandName, CommandHandler handler)
+        {
+            Owner.Dispatcher.Unregister(commandName, handler);
+        }
+
+        public void Unregister(string commandName, AsyncCommandHandler handler)
+        {
+            Owner.Dispatcher.Unregister(commandName, handler);
+        }
+
+        /// <summary>Sends a text message to the controllers (any thread). False if it could not be queued.</summary>
+        public bool Send(string text)
+        {
+            var c = Owner.client;
+            return c != null && c.Send(text);
+        }
+
+        /// <summary>(Re)connects with the current Inspector settings.</summary>
+        public void Connect()
+        {
+            if (primary != null) { primary.Connect(); return; }
+            var previous = DisposeClient();
+            Rekey();
+            running = true;
+            try
+            {
+                var options = new BridgeClientOptions
+                {
+                    ServerUrl = serverUrl,
+                    ClientId = clientId,
+                    Token = EffectiveToken(),
+                    ProtocolVersion = protocolVersion == 2 ? 2 : 1,
+                    Groups = groups ?? new string[0],
+                    MaxReconnectDelay = TimeSpan.FromSeconds(Math.Max(1f, maxReconnectDelay)),
+                    ConnectTimeout = TimeSpan.FromSeconds(Math.Max(0.1f, connectTimeout)),
+                    CloseTimeout = TimeSpan.FromSeconds(Math.Max(0.1f, closeTimeout)),
+                    MaxQueuedMessages = Math.Max(1, maxQueuedMessages),
+                };
+                if (dispatcher != null && dispatcher.Codec is JsonCommandCodec != (options.ProtocolVersion == 2))
+                    Debug.LogWarning("[CommandListener] the codec does not match protocol version " + options.ProtocolVersion, this);
+                var created = new BridgeClient(options);
+                created.Connected += () => Post(created, OnClientConnected);
+                created.Disconnected += info => Post(created, () => OnClientDisconnected(info));
+                created.MessageReceived += text => Receive(created, text);
+                created.Error += error => Post(created, () => Debug.LogWarning("[CommandListener] " + clientId + ": " + error.Message));
+                client = created;
+                status = "connecting to " + created.Endpoint;
+                // After the previous connection's close (in the background): the server then releases the id before
+                // this one claims it, so the two never replace each other (4010).
+                if (previous == null || previous.IsCompleted) created.Start();
+                else previous.ContinueWith(t => { if (Volatile.Read(ref client) == created) created.Start(); });
+            }
+            catch (ArgumentException e)
+            {
+                // Bad Inspector settings: say which, do not throw from a Unity message.
+                running = false;
+                status = "not connected: " + e.Message;
+                Debug.LogError("[CommandListener] cannot connect: " + e.Message, this);
+            }
+        }
+
+        /// <summary>Closes the connection (1000) and stops reconnecting. Does not block: the close completes in the
+        /// background (Client.Completion).</summary>
+        public void Disconnect()
+        {
+            if (primary != null) { primary.Disconnect(); return; }
+            running = false;
+            DisposeClient();
+            status = "not connected";
+        }
+
+        // ---- Unity messages -------------------------------------------------------------------
+
+        [RuntimeInitializeOnLoadMethod(RuntimeInitializeLoadType.SubsystemRegistration)]
+        private static void ResetStatics()
+        {
+            // Entering play mode without a domain reload keeps statics; start clean.
+            Primaries.Clear();
+            Default = null;
+        }
+
+        private void Awake()
+        {
+            // Survive scene changes: the connection and the handlers stay. Needs a root GameObject.
+            DontDestroyOnLoad(gameObject);
+        }
+
+        private void OnEnable()
+        {
+            // Registration happens here, not in Awake: after a domain reload (scripts recompiled during play) Unity
+            // calls OnEnable but not Awake, and the statics are empty again.
+            Enlist();
+            acceptingCommands = true;
+#if UNITY_EDITOR
+            UnityEditor.AssemblyReloadEvents.beforeAssemblyReload += OnBeforeAssemblyReload;
+#endif
+            if (primary == null && running && client == null)
+            {
+                // The domain was reloaded while connected: the old client is gone; connect again rather than show a
+                // stale "connected" status.
+                status = "reconnecting after a script reload";
+                Connect();
+            }
+        }
+
+        private void OnDisable()
+        {
+            acceptingCommands = false;
+#if UNITY_EDITOR
+            UnityEditor.AssemblyReloadEvents.beforeAssemblyReload -= OnBeforeAssemblyReload;
+#endif
+            // Commands waiting for a main thread this component no longer runs on are refused, not run later.
+            RefuseQueued("the device is disabled");
+        }
+
+        private void Start()
+        {
+            if (primary == null && connectOnStart && client == null) Connect();
+        }
+
+        private void OnValidate()
+        {
+            if (protocolVersion != 1 && protocolVersion != 2) protocolVersion = 1;
+            connectTimeout = Mathf.Max(0.1f, connectTimeout);
+            closeTimeout = Mathf.Max(0.1f, closeTimeout);
+            quitWaitSeconds = Mathf.Clamp(quitWaitSeconds, 0f, 5f);
+            maxQueuedMessages = Math.Max(1, maxQueuedMessages);
+            maxPendingCommands = Math.Max(1, maxPendingCommands);
+            maxItemsPerFrame = Math.Max(1, maxItemsPerFrame);
+            commandMaxAge = Mathf.Max(0.1f, commandMaxAge);
+            maxReconnectDelay = Mathf.Max(1f, maxReconnectDelay);
+            if (!string.IsNullOrEmpty(clientId) && !BridgeClient.ClientIdPattern.IsMatch(clientId))
+                Debug.LogWarning("[CommandListener] client id '" + clientId + "' must match ^[a-zA-Z0-9_-]{1,50}$", this);
+            if (tokenSource != TokenSource.Inspector && !string.IsNullOrEmpty(token))
+            {
+                // Do not keep a token in the scene that is not even used.
+                token = "";
+                Debug.LogWarning("[CommandListener] the Inspector token is only kept with Token Source = Inspector; cleared", this);
+            }
+        }
+
+        private void Update()
+        {
+            BridgeTransports.Pump(); // WebGL: the browser's socket events (no-op elsewhere)
+            // A forwarding listener has nothing to run; when its primary is destroyed, the primary's OnDestroy hands
+            // the connection and the handlers over (Promote) and this one runs them from then on.
+            if (primary != null) return;
+            WorkItem item;
+            for (int i = 0; i < maxItemsPerFrame && mainThreadQueue.TryDequeue(out item); i++)
+            {
+                try { item.Run(this); }
+                catch (Exception e) { Debug.LogException(e, this); }
+            }
+        }
+
+        private void OnApplicationPause(bool pause)
+        {
+            if (primary != null || client == null) return;
+            if (pause)
+            {
+                paused = true;
+                pausedAt = Clock();
+                return;
+            }
+            paused = false;
+            double pausedFor = pausedAt < 0 ? 0 : Clock() - pausedAt;
+            pausedAt = -1;
+            // A rejected client (bad token, replaced) stays stopped; anything else reconnects now rather than
+            // after a backoff delay or a keepalive failure, without waiting for a close on the probably dead socket.
+            if (client.State == BridgeState.Rejected || client.State == BridgeState.Stopped) return;
+            if (!client.IsConnected || pausedFor >= reconnectAfterPauseSeconds) client.ReconnectImmediately();
+        }
+
+        private void OnApplicationQuit()
+        {
+            // The only place that waits, briefly: a clean 1000 close lets the appliance release the id at once.
+            if (primary != null || client == null) return;
+            running = false;
+            var old = client;
+            client = null;
+            old.Stop(TimeSpan.FromSeconds(quitWaitSeconds));
+        }
+
+        private void OnDestroy()
+        {
+            CommandListener registered;
+            if (registeredId != null && Primaries.TryGetValue(registeredId, out registered) && registered == this)
+                Primaries.Remove(registeredId);
+            if (primary != null)
+            {
+                primary.followers.Remove(this);
+                return;
+            }
+            // Never blocks the main thread: the client closes in the background.
+            DisposeClient();
+            var successor = followers.Find(f => f != null && f);
+            followers.Clear();
+            if (successor != null) successor.Promote(this);
+            if (Default == this) Default = successor != null ? successor : null;
+        }
+
+#if UNITY_EDITOR
+        private void OnBeforeAssemblyReload()
+        {
+            // The domain is about to be unloaded with every thread of the old client: close it now (bounded) instead
+            // of leaving an abandoned socket; OnEnable after the reload reconnects because running stays true.
+            if (primary != null || client == null) return;
+            var old = client;
+            client = null;
+            old.Stop(TimeSpan.FromSeconds(quitWaitSeconds));
+            status = "stopped for a script reload";
+        }
+#endif
+
+        // ---- registration ---------------------------------------------------------------------
+
+        private void Enlist()
+        {
+            string id = clientId ?? "";
+            CommandListener existing;
+            if (Primaries.TryGetValue(id, out existing) && existing != null && existing && existing != this)
+            {
+                if (primary != existing)
+                {
+                    primary = existing;
+                    if (!existing.followers.Contains(this)) existing.followers.Add(this);
+                    Debug.Log("[CommandListener] '" + id + "' is already connected by another listener; this one forwards to it", this);
+                }
+                return;
+            }
+            primary = null;
+            registeredId = id;
+            Primaries[id] = this;
+            if (Default == null || !Default) Default = this;
+        }
+
+        /// <summary>The primary was destroyed: this follower becomes the owner, keeps its handlers and connects.</summary>
+        private void Promote(CommandListener previous)
+        {
+            primary = null;
+            dispatcher = previous.dispatcher;
+            unhandledCommand = previous.unhandledCommand;
+            foreach (var follower in previous.followers)
+            {
+                if (follower != this && follower != null && follower) { follower.primary = this; followers.Add(follower); }
+            }
+            codeToken = codeToken ?? previous.codeToken;
+            registeredId = clientId ?? "";
+            Primaries[registeredId] = this;
+            if (previous.running)
+            {
+                Debug.Log("[CommandListener] '" + clientId + "' takes over the connection of a destroyed listener", this);
+                Connect();
+            }
+        }
+
+        /// <summary>The client id was changed from code after OnEnable: file this listener under the new id.</summary>
+        private void Rekey()
+        {
+            string id = clientId ?? "";
+            if (registeredId == id) return;
+            CommandListener registered;
+            if (registeredId != null && Primaries.TryGetValue(registeredId, out registered) && registered == this)
+                Primaries.Remove(registeredId);
+            if (Primaries.TryGetValue(id, out registered) && registered != null && registered && registered != this)
+                Debug.LogWarning("[CommandListener] two listeners now use the client id '" + id + "'; they will replace each other (4010)", this);
+            else
+                Primaries[id] = this;
+            registeredId = id;
+        }
+
+        private string EffectiveToken()
+        {
+            switch (tokenSource)
+            {
+                case TokenSource.Inspector: return token;
+                case TokenSource.Code: return codeToken;
+                default: return Environment.GetEnvironmentVariable(string.IsNullOrEmpty(tokenVariable) ? "UNITY_CLIENT_TOKEN" : tokenVariable);
+            }
+        }
+
+        // ---- handling ------------------------------------------------------------------------
+
+        /// <summary>One thing for the main thread: an event of a client, or a received command.</summary>
+        private struct WorkItem
+        {
+            public BridgeClient Source;
+            public Action Event;
+            public string Text;
+            public double ReceivedAt;
+            public int Connection;
+
+            public void Run(CommandListener listener)
+            {
+                // Events and commands of a client replaced by Connect() are stale.
+                if (Source != listener.client) return;
+                if (Event != null) Event();
+                else listener.HandleCommand(this);
+            }
+        }
+
+        private void Post(BridgeClient source, Action action)
+        {
+            mainThreadQueue.Enqueue(new WorkItem { Source = source, Event = action });
+        }
+
+        /// <summary>On the client's thread: queue the command, or refuse it at once when it could only run late.</summary>
+        private void Receive(BridgeClient source, string text)
+        {
+            string refusal = null;
+            if (!acceptingCommands) refusal = "the device is disabled";
+            else if (paused) refusal = "the application is paused";
+            else if (Interlocked.Increment(ref pendingCommands) > maxPendingCommands)
+            {
+                Interlocked.Decrement(ref pendingCommands);
+                refusal = "busy: " + maxPendingCommands + " commands are waiting";
+            }
+            if (refusal != null)
+            {
+                Refuse(source, text, refusal);
+                return;
+            }
+            mainThreadQueue.Enqueue(new WorkItem { Source = source, Text = text, ReceivedAt = Clock(), Connection = source.ConnectionNumber });
+        }
+
+        /// <summary>Replies "error: ..." to a command that is not run (any thread: only the codec is used).</summary>
+        private void Refuse(BridgeClient source, string text, string why)
+        {
+            // The dispatcher is main-thread only; its codec is stateless and safe here.
+            var current = dispatcher;
+            var codec = current != null ? current.Codec : BridgeProtocols.CodecFor(source.ProtocolVersion);
+            BridgeCommand command;
+            if (!codec.TryDecode(text, out command)) return;
+            if (!source.Send(codec.EncodeReply(command, "error: " + command.Name + " not run: " + why)))
+                Debug.LogWarning("[CommandListener] refusal dropped: the send queue is full or the client stopped");
+        }
+
+        private void RefuseQueued(string why)
+        {
+            var keep = new List<WorkItem>();
+            WorkItem item;
+            while (mainThreadQueue.TryDequeue(out item))
+            {
+                if (item.Text == null) { keep.Add(item); continue; }
+                Interlocked.Decrement(ref pendingCommands);
+                if (item.Source == client) Refuse(item.Source, item.Text, why);
+            }
+            foreach (var kept in keep) mainThreadQueue.Enqueue(kept);
+        }
+
+        private void HandleCommand(WorkItem item)
+        {
+            Interlocked.Decrement(ref pendingCommands);
+            var source = item.Source;
+            string text = item.Text;
+            if (item.Connection != source.ConnectionNumber)
+            {
+                // Arrived on a connection that has since been replaced (ReconnectNow, resume): not run.
+                Refuse(source, text, "it arrived on an earlier connection");
+                return;
+            }
+            double age = Clock() - item.ReceivedAt;
+            if (age > commandMaxAge)
+            {
+                Refuse(source, text, "it waited " + age.ToString("0.0", System.Globalization.CultureInfo.InvariantCulture) +
+                                     " s for the main thread (limit " + commandMaxAge + " s)");
+                return;
+            }
+            if (logTraffic) Debug.Log("[CommandListener] " + clientId + " <- " + text);
+            var result = Dispatcher.Dispatch(text);
+            if (result.Exception != null) Debug.LogException(result.Exception, this);
+            string reply = result.Reply;
+            if (!result.Handled)
+            {
+                unhandledCommand.Invoke(text);
+                if (replyToUnknownCommands && result.Command != null)
+                    reply = Dispatcher.EncodeError(result.Command, "unknown command " + result.Command.Name);
+            }
+            if (result.PendingReply != null)
+            {
+                SendLater(source, result.PendingReply);
+                return;
+            }
+            SendReply(source, reply);
+        }
+
+        private async void SendLater(BridgeClient source, Task<string> pending)
+        {
+            // Awaited on the main thread's SynchronizationContext: the continuation runs in a later frame there.
+            string reply = await pending;
+            SendReply(source, reply);
+        }
+
+        private void SendReply(BridgeClient source, string reply)
+        {
+            if (reply == null) return;
+            if (logTraffic) Debug.Log("[CommandListener] " + clientId + " -> " + reply);
+            if (!source.Send(reply)) Debug.LogWarning("[CommandListener] reply dropped: the send queue is full or the client stopped");
+        }
+
+        private void OnClientConnected()
+        {
+            status = "connected to " + client.Endpoint;
+            Debug.Log("[CommandListener] " + clientId + " connected to " + client.Endpoint);
+            var handler = Connected;
+            if (handler != null) handler();
+            connected.Invoke();
+        }
+
+        private void OnClientDisconnected(BridgeDisconnect info)
+        {
+            if (info.WillRetry)
+            {
+                status = "reconnecting in " + info.RetryDelay.TotalSeconds.ToString("0.0") + " s (" + info.Reason + ")";
+                if (info.WasConnected) Debug.LogWarning("[CommandListener] " + clientId + " disconnected: " + info);
+            }
+            else if (info.CloseCode == BridgeCloseCodes.Normal || (info.CloseCode == null && client.State != BridgeState.Rejected))
+            {
+                status = "not connected";
+            }
+            else
+            {
+                // Final: 4001 bad token, 4002 bad id, 4003 id reserved, 4010 replaced, 4011 token expired or revoked,
+                // or no close code: the appliance does not speak the requested protocol version.
+                running = false;
+                status = "rejected: " + (info.CloseCode.HasValue ? info.CloseCode + " " : "") + info.Reason;
+                Debug.LogError("[CommandListener] " + clientId + " gave up: " + status, this);
+            }
+            var handler = Disconnected;
+            if (handler != null) handler(info);
+            disconnected.Invoke(info.ToString());
+        }
+
+        /// <summary>Stops the client without waiting; returns the task that completes when it has closed, or null.</summary>
+        private Task DisposeClient()
+        {
+            var old = client;
+            Volatile.Write(ref client, null);
+            WorkItem item;
+            while (mainThreadQueue.TryDequeue(out item)) if (item.Text != null) Interlocked.Decrement(ref pendingCommands);
+            return old != null ? old.StopAsync() : null; // non-blocking: teardown never waits for the network
+        }
+    }
+}
