@@ -407,7 +407,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args)
+        try:
+            serve(args)
+        except KeyboardInterrupt:
+            # uvicorn re-raises Ctrl+C after its graceful shutdown, which was already logged: no traceback.
+            sys.exit(130)
     elif args.command == "tokens":
         sys.exit(asyncio.run(_tokens(args)))
     elif args.command == "mcp":

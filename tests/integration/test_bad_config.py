@@ -1,6 +1,8 @@
-"""``wsbridge serve`` with a configuration it cannot use: one clear line, no traceback, no secret."""
+"""``wsbridge serve``'s own output: a configuration it cannot use gives one clear line, no traceback, no
+secret; Ctrl+C in the terminal (the README's quick start) ends it without a traceback."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import tempfile
 
 import pytest
 
-from tests.support import timeout
+from tests.support import free_port, timeout, wait_until
 
 TOKENS = {"LLM_SECRET_TOKEN": "c" * 32, "UNITY_CLIENT_TOKEN": "u" * 32, "ADMIN_TOKEN": "a" * 32}
 
@@ -41,3 +43,28 @@ def test_a_malformed_redis_url_is_refused_in_one_line_without_the_password(url):
     assert "Traceback" not in output and "hunter2" not in output, output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsbridge: invalid configuration: REDIS_URL: "), output
+
+
+def test_ctrl_c_stops_the_server_without_a_traceback(tmp_path):
+    # Started from a Python process, SIGINT is not ignored: the appliance gets it as a terminal's Ctrl+C does.
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **TOKENS},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "Application startup complete" in log.read_text(), 30, "the appliance to start")
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=timeout(20))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "Shutting down" in output, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert code in (0, 130), output
