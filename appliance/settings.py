@@ -245,6 +245,9 @@ class Settings(BaseSettings):
             )
             if s is not None
         ]
+        if self.redis_password is not None and self.redis_host:
+            # The URL built from REDIS_HOST holds the password URL-quoted, which the raw value does not match.
+            secrets.append(self.redis_connection_url())
         if self.redis_url is not None:
             from urllib.parse import urlsplit
 
