@@ -68,3 +68,33 @@ def test_ctrl_c_stops_the_server_without_a_traceback(tmp_path):
     assert "Shutting down" in output, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     assert code in (0, 130), output
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("SSM_ENDPOINT_URL", "not-a-url"), ("AWS_REGION", "no such region!")],
+)
+def test_an_unusable_ssm_setting_is_refused_in_one_line(tmp_path, setting, value):
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "TOKEN_STORE": "ssm",
+        "AWS_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        setting: value,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--host", "127.0.0.1", "--port", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout(60),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsbridge: cannot load tokens from the ssm store: "), output
+    assert setting in lines[0], output
