@@ -2,6 +2,7 @@
 secret; Ctrl+C in the terminal (the README's quick start) ends it without a traceback."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,3 +99,23 @@ def test_an_unusable_ssm_setting_is_refused_in_one_line(tmp_path, setting, value
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsbridge: cannot load tokens from the ssm store: "), output
     assert setting in lines[0], output
+
+
+def test_the_banners_try_it_command_runs_from_the_same_shell(tmp_path):
+    """`python3 dev.py serve` does not put .venv/bin on PATH: the banner names a wsbridge that exists."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "appliance", "serve", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1])],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **TOKENS},
+            capture_output=True,
+            text=True,
+            timeout=timeout(30),
+        )
+    line = next(line for line in result.stdout.splitlines() if "Try it" in line)
+    program = line.split()[2]
+    found = shutil.which(program, path="/usr/bin:/bin") if "/" not in program else program
+    assert found and os.access(found, os.X_OK), line
+    assert line.split()[3] == "send", line
