@@ -43,6 +43,8 @@ def _tune_gc() -> None:
     The bench saw full collections of 10,000 idle connections take up to 66 ms, the
     whole latency tail; freezing start-up objects and collecting the old generation
     less often keeps refcounting (which frees almost everything here) doing the work.
+    That needs every closed connection freed by refcounting alone: a cycle would wait for a
+    full collection, which this makes rare (tests/integration/test_connection_cycles.py).
     """
     gc.collect()
     gc.freeze()
