@@ -85,7 +85,9 @@ def _csrf_secret(settings: Settings, seed: str | None = None) -> str:
     instance id would differ per instance (a POST landing on another one is refused) and is guessable.
     """
     if seed is None:
-        seed = settings.admin_token.get_secret_value() if settings.admin_token else settings.instance_id
+        # Tokens in SSM and no Redis to share a seed: one instance, so a random secret of its own
+        # (a restart invalidates open pages' forms, which then reload; the instance id was guessable).
+        seed = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_hex(32)
     return hmac.new(seed.encode(), b"wsbridge dashboard csrf", hashlib.sha256).hexdigest()
 
 
