@@ -14,6 +14,7 @@ from litestar.connection.base import empty_receive, empty_send
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
 from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
@@ -352,6 +353,14 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             version=__version__,
             description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
             path="/schema",
+            # Declared so a generated client (an LLM tool definition) sends the header; /healthz,
+            # /readyz and / ignore it.
+            components=Components(
+                security_schemes={
+                    "XAuthToken": SecurityScheme(type="apiKey", name="X-Auth-Token", security_scheme_in="header")
+                }
+            ),
+            security=[{"XAuthToken": []}],
         ),
         logging_config=None,
     )

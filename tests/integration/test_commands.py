@@ -420,6 +420,10 @@ def test_openapi_schema_describes_the_command_api(relay):
     props = schema["components"]["schemas"][ref]["properties"]
     assert {"target", "message", "id", "wait_ms", "queue"} <= set(props)
     assert schema["components"]["schemas"][ref]["required"] == ["message", "target"]
+    # A client generated from the schema must know to send the token header.
+    scheme = schema["components"]["securitySchemes"]["XAuthToken"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-Auth-Token")
+    assert schema["security"] == [{"XAuthToken": []}]
     assert relay.get("/schema")[0] == 200
 
 
