@@ -81,7 +81,7 @@ def _print_banner(settings: Settings, show_tokens: bool) -> None:
                 f"  Admin token       ADMIN_TOKEN={token(settings.admin_token)}",
                 f"  Dashboard     {base}/admin/   (sign in with ADMIN_TOKEN, or VIEWER_TOKEN read-only)",
                 f"  Health        {base}/healthz  {base}/readyz   Metrics {base}/metrics",
-                f'  Try it        wsbridge send --url {ws_base} --target unity_client_1 "MoveForward 10"',
+                f'  Try it        {_wsbridge_command()} send --url {ws_base} --target unity_client_1 "MoveForward 10"',
             ]
         ),
         flush=True,
@@ -98,6 +98,18 @@ def _load_token_store(settings: Settings):
     except TokenStoreError as exc:
         sys.exit(f"wsbridge: cannot load tokens from the {settings.token_store} store: {exc}")
     return store
+
+
+def _wsbridge_command() -> str:
+    """``wsbridge`` when it is on PATH, else its path: ``python3 dev.py serve`` leaves .venv/bin off PATH."""
+    import shutil
+
+    if shutil.which("wsbridge"):
+        return "wsbridge"
+    script = Path(sys.executable).with_name("wsbridge")
+    if not script.exists():
+        return "wsbridge"
+    return str(script.relative_to(Path.cwd())) if script.is_relative_to(Path.cwd()) else str(script)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -407,7 +419,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args)
+        try:
+            serve(args)
+        except KeyboardInterrupt:
+            # uvicorn re-raises Ctrl+C after its graceful shutdown, which was already logged: no traceback.
+            sys.exit(130)
     elif args.command == "tokens":
         sys.exit(asyncio.run(_tokens(args)))
     elif args.command == "mcp":

@@ -29,7 +29,7 @@ import msgspec
 
 from . import metrics
 from .brokers.base import BrokerUnavailable
-from .core.protocol import CloseCode, ErrorCode, ProtocolError, Role, encode_error
+from .core.protocol import CONTROLLER_ID, CloseCode, ErrorCode, ProtocolError, Role, encode_error
 from .core.protocol_v2 import (
     CommandId,
     Request,
@@ -213,8 +213,11 @@ class CommandService:
             if code is None:
                 return  # The target's instance has it and reports the outcome.
             if code is ErrorCode.TARGET_OFFLINE and request.queue:
-                self._spawn(self._enqueue(request.target, routed))
-                return
+                if request.target == CONTROLLER_ID:  # No client may ever hold it (4003): never queue for it.
+                    code, detail = ErrorCode.TARGET_NOT_CLIENT, f"{CONTROLLER_ID} is reserved for controllers"
+                else:
+                    self._spawn(self._enqueue(request.target, routed))
+                    return
             self.outcome(Event("e", owner, request.id, request.target, code=code.value, detail=detail))
 
         self.relay.broker.send_routed(request.target, routed, result)

@@ -50,6 +50,12 @@ def guarded_http_protocol(timeout: float) -> type[HttpToolsProtocol]:
             self._disarm()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self) -> None:
+            super().handle_websocket_upgrade()
+            # The WebSocket protocol owns the transport now, and connection_lost (which drops the
+            # parser) never comes here: the parser's callbacks would keep this protocol in a cycle.
+            self.parser = None  # type: ignore[assignment]
+
         def _arm(self) -> None:
             self._disarm()
             self._header_deadline = self.loop.call_later(timeout, self._expired)

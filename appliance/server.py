@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from litestar import Litestar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import logflood
@@ -19,7 +20,7 @@ from .tokens import TokenStore
 from .web import create_app
 from .ws_protocol import OrderedWebSocketsProtocol
 
-__all__ = ["joined_writes", "run", "transport_max_size"]
+__all__ = ["build_server", "joined_writes", "run", "transport_max_size"]
 
 
 def transport_max_size(settings: Settings) -> int:
@@ -104,16 +105,16 @@ def _tune_gc() -> None:
     The bench saw full collections of 10,000 idle connections take up to 66 ms, the
     whole latency tail; freezing start-up objects and collecting the old generation
     less often keeps refcounting (which frees almost everything here) doing the work.
+    That needs every closed connection freed by refcounting alone: a cycle would wait for a
+    full collection, which this makes rare (tests/integration/test_connection_cycles.py).
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
 
 
-def run(settings: Settings, token_store: TokenStore | None = None) -> None:
-    app = create_app(settings, token_store=token_store)
-    _tune_gc()
-    logflood.install(settings.log_flood_burst, settings.log_flood_rate)
+def build_server(app: Litestar, settings: Settings) -> uvicorn.Server:
+    """The uvicorn server ``run`` serves ``app`` on (the tests run this exact stack in-process)."""
     config = uvicorn.Config(
         AdmissionMiddleware(app, settings),  # Floods, scanners and foreign origins stop here (SECURITY.md).
         host=settings.bind_host,
@@ -134,4 +135,11 @@ def run(settings: Settings, token_store: TokenStore | None = None) -> None:
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
-    _GracefulServer(config, app.state.relay).run()
+    return _GracefulServer(config, app.state.relay)
+
+
+def run(settings: Settings, token_store: TokenStore | None = None) -> None:
+    app = create_app(settings, token_store=token_store)
+    _tune_gc()
+    logflood.install(settings.log_flood_burst, settings.log_flood_rate)
+    build_server(app, settings).run()

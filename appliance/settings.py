@@ -13,7 +13,7 @@ import socket
 from typing import Literal
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "default_instance_id"]
@@ -24,7 +24,10 @@ def default_instance_id() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # --- Authentication -------------------------------------------------------------
     llm_secret_token: SecretStr | None = Field(
@@ -228,6 +231,25 @@ class Settings(BaseSettings):
                     data[key] = data[key].lower()
         return data
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        """A URL redis-py cannot open fails here, in one line that never repeats the URL (it may hold a password)."""
+        if value is None or not value.get_secret_value():
+            return value
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value.get_secret_value())
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("not a valid URL (expected redis://[:password@]host[:port][/db])") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("the scheme must be redis://, rediss:// or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("no host (expected redis://[:password@]host[:port][/db])")
+        return value
+
     @model_validator(mode="after")
     def _timeouts_consistent(self) -> Settings:
         if self.command_timeout_ms > self.command_timeout_max_ms:
@@ -278,6 +300,9 @@ class Settings(BaseSettings):
             )
             if s is not None
         ]
+        if self.redis_password is not None and self.redis_host:
+            # The URL built from REDIS_HOST holds the password URL-quoted, which the raw value does not match.
+            secrets.append(self.redis_connection_url())
         if self.redis_url is not None:
             from urllib.parse import urlsplit
 

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Litestar, Request, Response, WebSocket, get, websocket
+from litestar.connection.base import empty_receive, empty_send
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
 from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
@@ -87,6 +89,11 @@ class RelaySocket(WebSocket):
     Litestar wraps ``receive`` and ``send`` to track the connection state; once the
     handshake is done the relay tracks state itself, and the two extra coroutine
     layers per frame were a measurable share of the fan-out time.
+
+    Litestar's wrappers are closures over the socket, a reference cycle that would keep the
+    socket, and through the raw callables uvicorn's whole connection, until a full garbage
+    collection (rare here: ``appliance/server.py`` tunes the collector for latency).
+    ``release`` breaks it when the connection ends, so refcounting frees it at once.
     """
 
     __slots__ = ("raw_receive", "raw_send")
@@ -95,6 +102,11 @@ class RelaySocket(WebSocket):
         super().__init__(scope, receive, send)
         self.raw_receive = receive
         self.raw_send = send
+
+    def release(self) -> None:
+        """Drop the ASGI callables (and the cycle through Litestar's wrappers): the connection is over."""
+        self.receive = self.raw_receive = empty_receive
+        self.send = self.raw_send = empty_send
 
 
 def _fields(conn: Connection) -> dict[str, str]:
@@ -117,6 +129,13 @@ async def _refuse(
 
 @websocket("/ws/{client_id:str}", websocket_class=RelaySocket)
 async def relay_socket(socket: RelaySocket, client_id: str) -> None:
+    try:
+        await _serve(socket, client_id)
+    finally:
+        socket.release()
+
+
+async def _serve(socket: RelaySocket, client_id: str) -> None:
     relay = _relay(socket)
     # Browsers and WebGL cannot set X-Auth-Token: they offer `wsbridge.token.<token>` as a subprotocol.
     offered_token, subprotocol = negotiate_subprotocol(socket.scope.get("subprotocols") or [])
@@ -334,6 +353,14 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             version=__version__,
             description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
             path="/schema",
+            # Declared so a generated client (an LLM tool definition) sends the header; /healthz,
+            # /readyz and / ignore it.
+            components=Components(
+                security_schemes={
+                    "XAuthToken": SecurityScheme(type="apiKey", name="X-Auth-Token", security_scheme_in="header")
+                }
+            ),
+            security=[{"XAuthToken": []}],
         ),
         logging_config=None,
     )

@@ -6,6 +6,11 @@ connection without handing the already-parsed message to the app: a client's las
 message was lost silently. Found by the fuzz test of client frames
 (``tests/integration/test_fuzz.py``). Here the parsed events are delivered first, then the
 connection fails as before, with the same close code.
+
+It also ends the connection's parser when the socket is lost: websockets' parser is a
+generator whose frame holds the ``ServerProtocol``, a reference cycle that otherwise keeps
+every closed connection's protocol objects until a full garbage collection (rare here:
+``appliance/server.py`` tunes the collector for latency).
 """
 
 from __future__ import annotations
@@ -21,3 +26,7 @@ class OrderedWebSocketsProtocol(WebSocketsSansIOProtocol):
         self.handle_events()  # Frames parsed before the error, in order (uvicorn drops them).
         if self.conn.parser_exc is not None:
             self.handle_parser_exception()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.conn.parser.close()  # Nothing parses after this; frees conn by refcounting (see above).

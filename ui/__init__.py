@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from litestar.stores.base import Store
 from litestar.stores.memory import MemoryStore
 from litestar.stores.registry import StoreRegistry
 from litestar.template.config import TemplateConfig
+from redis.exceptions import RedisError
 
 from appliance.settings import Settings
 
@@ -43,10 +46,13 @@ __all__ = ["PREFIX", "DashboardPlugin"]
 HERE = Path(__file__).resolve().parent
 SESSION_STORE = "wsbridge-dashboard-sessions"
 CSRF_COOKIE = "wsb_csrf"
+CSRF_SEED_KEY = "wsb:dashboard:csrf-seed"
+
+log = logging.getLogger(__name__)
 
 
-def _stores(settings: Settings) -> tuple[Store, Store, Any]:
-    """(sessions, failed logins, close): in Redis when configured, so every instance sees the same ones."""
+def _stores(settings: Settings) -> tuple[Store, Store, Any, Any]:
+    """(sessions, failed logins, close, shared seed): in Redis when configured, so every instance sees the same."""
     if settings.redis_enabled:
         from litestar.stores.redis import RedisStore
 
@@ -55,17 +61,33 @@ def _stores(settings: Settings) -> tuple[Store, Store, Any]:
         async def close() -> None:
             await root._redis.aclose(close_connection_pool=True)
 
-        return root.with_namespace("session"), root.with_namespace("login"), close
+        def shared_seed() -> str:
+            # Created once by whichever instance starts first, never expires: survives restarts and deploys.
+            # Read at start, synchronously: Litestar copies the router (and its CSRF config) when mounting it.
+            from redis import Redis
+
+            with Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=3, socket_timeout=3) as sync:
+                sync.set(CSRF_SEED_KEY, secrets.token_hex(32), nx=True)
+                return sync.get(CSRF_SEED_KEY).decode()
+
+        return root.with_namespace("session"), root.with_namespace("login"), close, shared_seed
 
     async def nothing() -> None:
         pass
 
-    return MemoryStore(), MemoryStore(), nothing
+    return MemoryStore(), MemoryStore(), nothing, None
 
 
-def _csrf_secret(settings: Settings) -> str:
-    """Shared by every instance (they share the admin token), so any instance checks any page's token."""
-    seed = settings.admin_token.get_secret_value() if settings.admin_token else settings.instance_id
+def _csrf_secret(settings: Settings, seed: str | None = None) -> str:
+    """Shared by every instance (they share the admin token), so any instance checks any page's token.
+
+    Without ADMIN_TOKEN in the settings (tokens in SSM) the seed is a random one kept in Redis; the
+    instance id would differ per instance (a POST landing on another one is refused) and is guessable.
+    """
+    if seed is None:
+        # Tokens in SSM and no Redis to share a seed: one instance, so a random secret of its own
+        # (a restart invalidates open pages' forms, which then reload; the instance id was guessable).
+        seed = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_hex(32)
     return hmac.new(seed.encode(), b"wsbridge dashboard csrf", hashlib.sha256).hexdigest()
 
 
@@ -77,7 +99,7 @@ class DashboardPlugin(InitPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         settings = self.settings
-        sessions, logins, close_stores = _stores(settings)
+        sessions, logins, close_stores, shared_seed = _stores(settings)
         session_config = ServerSideSessionConfig(
             key=SESSION_COOKIE,
             store=SESSION_STORE,
@@ -87,8 +109,16 @@ class DashboardPlugin(InitPluginProtocol):
             max_age=settings.dashboard_idle_timeout,  # Cookie and store entry; both renewed by each response.
             exclude=[f"^{PREFIX}/static/"],
         )
+        seed = None
+        if settings.admin_token is None and shared_seed is not None:
+            try:
+                seed = shared_seed()
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "Dashboard CSRF secret not shared (%s): a POST to another instance fails", type(exc).__name__
+                )
         csrf = CSRFConfig(
-            secret=_csrf_secret(settings),
+            secret=_csrf_secret(settings, seed),
             cookie_name=CSRF_COOKIE,
             cookie_path=PREFIX,
             cookie_httponly=True,  # Scripts never read it: the page carries the token for htmx's headers.

@@ -144,7 +144,9 @@ async def login_page(request: HTMXRequest, next: FromQuery[str | None] = None) -
     if session_problem(request.app.state, request.scope.get("session"), time.time()) is None:
         return Redirect(_safe_next(next), status_code=HTTP_303_SEE_OTHER)  # Already signed in.
     request.clear_session()  # A visitor gets no session (and no store entry) before signing in.
-    enabled = request.app.state.settings.admin_token is not None
+    # ADMIN_TOKEN may live only in the token store (SSM in production), not in the settings.
+    store = getattr(request.app.state, "token_store", None)
+    enabled = "ADMIN_TOKEN" in store.states if store is not None else request.app.state.settings.admin_token is not None
     return Template("login.html", context=_common(request, next=_safe_next(next), enabled=enabled, error=""))
 
 

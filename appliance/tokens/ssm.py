@@ -96,6 +96,10 @@ class SsmTokenStore(TokenStore):
             )
         except BotoCoreError as exc:  # NoRegionError, mostly: say which setting fixes it.
             raise TokenStoreUnavailable(f"cannot create the SSM client ({_describe(exc)}); set AWS_REGION") from exc
+        except ValueError as exc:  # botocore: "Invalid endpoint: ..."
+            raise TokenStoreUnavailable(
+                f"cannot create the SSM client ({exc}); SSM_ENDPOINT_URL must be an http(s):// URL"
+            ) from exc
 
     def describe(self) -> str:
         return f"ssm:{self.prefix}"

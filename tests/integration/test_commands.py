@@ -253,6 +253,15 @@ async def test_queued_command_expires_with_timeout(relay):
             assert await nothing_arrives(client, 0.5)
 
 
+async def test_nothing_is_queued_for_the_controller_id_which_no_client_can_hold(relay):
+    async with relay.controller(uid("ctl")) as llm, api(relay) as http:
+        await llm.send(command("LLM", "x", id="for-llm", queue=True))
+        refused = await recv_json(llm)
+        assert (refused["error"], refused["id"]) == ("target_not_client", "for-llm")
+        response = await http.post("/api/v1/commands", json={"target": "LLM", "message": "x", "queue": True})
+        assert response.status_code != 202 and response.json()["error"] == "target_not_client"
+
+
 async def test_queue_without_id_is_a_version_1_command(relay):
     # Without an id a command behaves exactly as in version 1, where unknown fields are ignored.
     async with relay.controller(uid("ctl")) as llm:
@@ -411,6 +420,10 @@ def test_openapi_schema_describes_the_command_api(relay):
     props = schema["components"]["schemas"][ref]["properties"]
     assert {"target", "message", "id", "wait_ms", "queue"} <= set(props)
     assert schema["components"]["schemas"][ref]["required"] == ["message", "target"]
+    # A client generated from the schema must know to send the token header.
+    scheme = schema["components"]["securitySchemes"]["XAuthToken"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-Auth-Token")
+    assert schema["security"] == [{"XAuthToken": []}]
     assert relay.get("/schema")[0] == 200
 
 

@@ -113,3 +113,38 @@ def test_rotating_the_admin_token_ends_every_dashboard_session(start_appliance, 
     assert operator.get("/admin/clients").status_code == 303
     assert operator.login(ADMIN_TOKEN).status_code == 401  # The old value, in its grace window, no longer signs in.
     assert operator.login(new_admin).status_code == 303
+
+
+def test_with_tokens_from_ssm_a_dashboard_post_works_on_every_instance_and_after_a_restart(moto, redis_server):
+    """Production's shape (docker-compose.prod.yml): tokens only in SSM, no ADMIN_TOKEN in the environment,
+    two instances behind a load balancer without sticky sessions, containers restarted by a deploy. The
+    page's CSRF token must be accepted by whichever instance gets the POST, also after a restart."""
+    from support import Appliance
+
+    redis_server.command("FLUSHALL")
+    prefix = unique_prefix()
+    seed(moto.ssm(), prefix, SEED)
+    started: list[Appliance] = []
+
+    def start(name: str) -> Appliance:
+        app = Appliance(moto.appliance_env(prefix), redis_url=redis_server.url, name=name)
+        del app.env["ADMIN_TOKEN"]  # Only SSM has it, as in production.
+        started.append(app)
+        return app.start()
+
+    a, b = start("csrf-a"), start("csrf-b")
+    browser = Browser(a.http)
+    try:
+        page = browser.get("/admin/login")  # The page and its CSRF token from instance a ...
+        assert 'name="token"' in page.text and "dashboard is disabled" not in page.text
+        browser.http.base_url = httpx.URL(b.http)  # ... the POST to instance b.
+        assert browser.post("/admin/login", {"token": ADMIN_TOKEN}).status_code == 303
+        b.stop()
+        c = start("csrf-c")  # A restart: the browser keeps its CSRF cookie.
+        browser.http.base_url = httpx.URL(c.http)
+        browser.get("/admin/clients")
+        assert browser.post("/admin/logout", {}).status_code in (200, 303)
+    finally:
+        browser.http.close()
+        for app in started:
+            app.stop()

@@ -544,6 +544,31 @@ async def test_token_expired_4011_is_final_and_its_reason_reported(harness):
     assert line.startswith("EVENT rejected code=4011 reason=token expired"), line
 
 
+def admin_delete(app: Appliance, client_id: str) -> int:
+    """DELETE /api/v1/clients/{id} with the admin token (blocking: run it in a thread)."""
+    import urllib.request
+
+    from support import ADMIN_TOKEN
+
+    request = urllib.request.Request(
+        f"{app.http}/api/v1/clients/{client_id}", method="DELETE", headers={"X-Auth-Token": ADMIN_TOKEN}
+    )
+    with urllib.request.urlopen(request, timeout=timeout(10)) as response:
+        return response.status
+
+
+async def test_disconnected_by_an_administrator_4012_is_final_as_documented(app, harness):
+    """DELETE /api/v1/clients/{id} (docs/protocol.md: 4012, "not automatically: a person decided it"):
+    the Unity client stops, as the Python client does, instead of coming straight back."""
+    async with device(harness, "rejected", url=app.ws, id="unity-kicked", token=CLIENT_TOKEN, expect_close=4012) as run:
+        await run.expect("EVENT connected client=rejected connections=1")
+        assert await asyncio.to_thread(admin_delete, app, "unity-kicked") == 204
+        line = await run.expect("EVENT rejected")
+        await run.passes()
+    assert line.startswith("EVENT rejected code=4012 reason=disconnected by an administrator"), line
+    assert not await listed(app, "unity-kicked")
+
+
 # --- the UPM package ------------------------------------------------------------------------------
 
 # Unity's own assemblies a package asmdef may reference (the test framework's, for Tests/).

@@ -66,3 +66,22 @@ def test_tracebacks_are_masked_too():
     formatted = logging.Formatter().format(record)
     assert "ConnectionError: could not connect with ***" in formatted
     assert "s3cret" not in formatted
+
+
+def test_a_refused_redis_url_is_not_repeated_in_the_error(monkeypatch, tmp_path):
+    """Settings() raised anywhere (a traceback, a test report) must not print the password it refused."""
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        make(monkeypatch, tmp_path, REDIS_URL="notaurl://:hunter2-redis-password@cache:6380/0")
+    assert "REDIS_URL" in str(refused.value).upper()
+    assert "hunter2-redis-password" not in str(refused.value)
+
+
+def test_the_connection_url_built_from_redis_host_is_masked_whole(monkeypatch, tmp_path):
+    """REDIS_HOST + REDIS_PASSWORD: the URL the appliance builds holds the password URL-quoted,
+    a form the raw password does not match."""
+    settings = make(monkeypatch, tmp_path, REDIS_HOST="cache", REDIS_PASSWORD="p@ss:w0rd/hunter2#%41")
+    masked = RedactSecrets(settings.secret_values()).mask(f"cannot reach {settings.redis_connection_url()}")
+    assert "hunter2" not in masked and "w0rd" not in masked, masked

@@ -582,7 +582,7 @@ internal static class Program
         CheckEqual(BridgeClient.BuildEndpoint("ws://h", "x", new[] { "red", "blue" }).ToString(), "ws://h/ws/x?groups=red,blue", "groups query");
         CheckThrows<ArgumentException>(() => new BridgeClient(new BridgeClientOptions { ServerUrl = "ws://h", ClientId = "ok", Token = "t", Groups = new[] { "bad group" } }), "bad group name");
         Check(BridgeCloseCodes.IsFinal(BridgeCloseCodes.TokenExpired), "4011 token expired is final");
-        Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.DisconnectedByAdmin), "4012 is retried");
+        Check(BridgeCloseCodes.IsFinal(BridgeCloseCodes.DisconnectedByAdmin), "4012 disconnected by an administrator is final");
     }
 
     private static void SelfTest()

@@ -17,7 +17,7 @@
 //     backoff after a connection stayed up for StableConnectionTime;
 //   * does not retry close codes that a retry cannot fix (4001 bad token, 4002 invalid id, 4003 id
 //     reserved for controllers, 4010 replaced by a newer connection with the same id, 4011 token expired or
-//     revoked) and reports them;
+//     revoked, 4012 disconnected by an administrator) and reports them;
 //   * keepalive: ClientWebSocket.Options.KeepAliveInterval plus an optional receive watchdog;
 //   * Stop()/Dispose() flush the send queue and close with 1000, bounded by CloseTimeout; StopAsync() never blocks.
 //
@@ -72,13 +72,13 @@ namespace WebSocketBridge
         public const int DuplicateRejected = 4009;// id already connected and DUPLICATE_POLICY=reject: retry later.
         public const int Replaced = 4010;         // a newer connection with the same id took over: do not retry.
         public const int TokenExpired = 4011;     // token expired or revoked: do not retry; reconnect with the current token.
-        public const int DisconnectedByAdmin = 4012; // an administrator disconnected this client: retried with backoff.
+        public const int DisconnectedByAdmin = 4012; // an administrator disconnected this client: do not retry (a person decided).
 
         /// <summary>True for close codes after which reconnecting cannot help (the client gives up).</summary>
         public static bool IsFinal(int code)
         {
             return code == Unauthorized || code == InvalidClientId || code == ReservedClientId || code == Replaced
-                || code == TokenExpired;
+                || code == TokenExpired || code == DisconnectedByAdmin;
         }
     }
 

@@ -64,6 +64,7 @@ namespace WebSocketBridge.Tests
         {
             Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.Unauthorized));
             Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.TokenExpired));
+            Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.DisconnectedByAdmin));
             Assert.IsFalse(BridgeCloseCodes.IsFinal(BridgeCloseCodes.GoingAway));
         }
 
