@@ -473,14 +473,20 @@ internal static class Program
             client.Start();
             int accepted = 0;
             bool stopped = false;
-            var senders = Enumerable.Range(0, 3).Select(i => Task.Run(() =>
+            // Dedicated threads, not Task.Run: three senders spinning until Stop() returns would hold the thread pool
+            // the client's loop runs on (Mono adds pool threads slowly, and not at all while the CPU is busy), so the
+            // loop could not finish the stop within Stop()'s wait and the round saw "Stopping" instead of "Stopped".
+            var senders = Enumerable.Range(0, 3).Select(i => new Thread(() =>
             {
                 while (!Volatile.Read(ref stopped)) if (client.Send("m")) Interlocked.Increment(ref accepted);
-            })).ToArray();
+            }) { IsBackground = true }).ToArray();
+            foreach (var sender in senders) sender.Start();
             Thread.Sleep(round % 3);
-            client.Stop();
+            // Waits for the loop's end (bounded by the harness deadline, not Stop()'s fixed 5 s), then checks what it left.
+            bool ended = client.Stop(deadline);
             Volatile.Write(ref stopped, true);
-            Task.WaitAll(senders);
+            foreach (var sender in senders) sender.Join();
+            Check(ended, "round " + round + ": the loop did not end within " + deadline.TotalSeconds + " s of Stop(), state " + client.State);
             Check(client.State == BridgeState.Stopped, "round " + round + ": state " + client.State);
             // A message accepted while disconnected and not sent before the stop is dropped with the stop; nothing
             // may stay queued for a later Start() to send.
@@ -661,7 +667,8 @@ internal static class Program
         CheckThrows<InvalidOperationException>(() => refused.Start(), "Start() twice");
         Check(refused.Send("queued while offline"), "Send() while reconnecting queues");
         WaitUntil(() => refused.ConnectAttempts >= 3, "three connection attempts");
-        refused.Stop();
+        // Bounded by the harness deadline, not Stop()'s fixed 5 s: on a loaded machine the loop may take longer to wake.
+        Check(refused.Stop(deadline), "the loop did not end within " + deadline.TotalSeconds + " s of Stop(), state " + refused.State);
         Check(refused.State == BridgeState.Stopped, "Stop() while retrying gives Stopped, not " + refused.State);
         Check(refused.Completion.IsCompleted, "the loop has ended after Stop()");
         var refusalsSeen = Snapshot(refusals);
