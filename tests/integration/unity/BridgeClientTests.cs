@@ -475,12 +475,17 @@ internal static class Program
             client.Start();
             int accepted = 0;
             bool stopped = false;
-            // Dedicated threads, not Task.Run: three senders spinning until Stop() returns would hold the thread pool
-            // the client's loop runs on (Mono adds pool threads slowly, and not at all while the CPU is busy), so the
-            // loop could not finish the stop within Stop()'s wait and the round saw "Stopping" instead of "Stopped".
+            // Dedicated threads, not Task.Run, and each leaves once it has seen the stop refuse a Send (every later
+            // Send is refused too; the final check below proves it): three senders spinning on the client's lock until
+            // Stop() returned starved the loop that must take that lock (and a pool thread) to finish the stop, so on
+            // a loaded machine it could miss Stop()'s fixed wait and the round saw "Stopping" instead of "Stopped".
             var senders = Enumerable.Range(0, 3).Select(i => new Thread(() =>
             {
-                while (!Volatile.Read(ref stopped)) if (client.Send("m")) Interlocked.Increment(ref accepted);
+                while (!Volatile.Read(ref stopped))
+                {
+                    if (client.Send("m")) Interlocked.Increment(ref accepted);
+                    else if (client.State == BridgeState.Stopping || client.State == BridgeState.Stopped) break;
+                }
             }) { IsBackground = true }).ToArray();
             foreach (var sender in senders) sender.Start();
             Thread.Sleep(round % 3);
