@@ -369,7 +369,8 @@ internal static class Program
         var first = Snapshot(disconnects).First();
         Check(first.WillRetry && first.CloseCode == null && first.Reason.StartsWith("receive timeout", StringComparison.Ordinal),
             "the first disconnect should be the watchdog's, with a retry: " + first);
-        client.Stop();
+        // Bounded by the harness deadline, not Stop()'s fixed 5 s: on a loaded machine the close may take longer.
+        Check(client.Stop(deadline), "the loop did not end within " + deadline.TotalSeconds + " s of Stop(), state " + client.State);
         Check(client.State == BridgeState.Stopped, "state after Stop() should be Stopped, is " + client.State);
     }
 
