@@ -487,7 +487,7 @@ async def test_connect_timeout_holds_against_a_server_that_never_answers_the_upg
     async with device(harness, "blackhole") as run:
         line = await run.expect("EVENT stopped-in")
         await run.passes()
-    assert int(line.split("ms=")[1]) < 1000, line
+    assert int(line.split("ms=")[1]) < 5000, line  # half the scenario's 10 s CloseTimeout: at once, not after it
 
 
 async def test_send_racing_stop_never_leaves_a_message_for_a_later_start(harness):
@@ -715,7 +715,11 @@ async def test_a_4010_from_our_own_abandoned_attempt_is_retried(harness):
     async def slow_first(connection, request) -> None:
         order[connection] = len(order) + 1
         if order[connection] == 1:
-            await asyncio.sleep(1.0)  # answers after the client's 0.3 s connect timeout
+            # Answers only once the client has given up on it (0.3 s connect timeout) and its next attempt is live:
+            # waited for, not a fixed sleep that a loaded machine could outlast.
+            async with asyncio.timeout(timeout(15)):
+                while not live:
+                    await asyncio.sleep(0.01)
 
     async def appliance_like(ws) -> None:
         number = order[ws]

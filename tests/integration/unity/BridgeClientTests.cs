@@ -369,7 +369,8 @@ internal static class Program
         var first = Snapshot(disconnects).First();
         Check(first.WillRetry && first.CloseCode == null && first.Reason.StartsWith("receive timeout", StringComparison.Ordinal),
             "the first disconnect should be the watchdog's, with a retry: " + first);
-        client.Stop();
+        // Bounded by the harness deadline, not Stop()'s fixed 5 s: on a loaded machine the close may take longer.
+        Check(client.Stop(deadline), "the loop did not end within " + deadline.TotalSeconds + " s of Stop(), state " + client.State);
         Check(client.State == BridgeState.Stopped, "state after Stop() should be Stopped, is " + client.State);
     }
 
@@ -434,7 +435,9 @@ internal static class Program
                 ServerUrl = hole.Url, ClientId = "blackhole", Token = "t",
                 ConnectTimeout = TimeSpan.FromSeconds(0.3),
                 InitialReconnectDelay = TimeSpan.FromMilliseconds(20), MaxReconnectDelay = TimeSpan.FromMilliseconds(50),
-                CloseTimeout = TimeSpan.FromSeconds(2),
+                // Long, so "at once" and "after the close timeouts" stay far apart on a loaded machine (a stop that
+                // waited for them would take 10 s or more; one that does not takes milliseconds).
+                CloseTimeout = TimeSpan.FromSeconds(10),
             });
             var disconnects = Trace(client, "blackhole");
             client.Start();
@@ -452,7 +455,7 @@ internal static class Program
             client.Stop();
             watch.Stop();
             Emit("EVENT stopped-in ms=" + watch.ElapsedMilliseconds);
-            Check(watch.Elapsed < TimeSpan.FromSeconds(1), "Stop() during a hanging connect took " + watch.ElapsedMilliseconds + " ms");
+            Check(watch.Elapsed < TimeSpan.FromSeconds(5), "Stop() during a hanging connect took " + watch.ElapsedMilliseconds + " ms");
             Check(client.State == BridgeState.Stopped && client.Completion.IsCompleted, "stopped, state " + client.State);
             // One socket per attempt, none opened behind the client's back. (Mono offers no way to close the socket of
             // an abandoned upgrade: it stays until the server drops it; the client only stops waiting for it.)
@@ -473,14 +476,25 @@ internal static class Program
             client.Start();
             int accepted = 0;
             bool stopped = false;
-            var senders = Enumerable.Range(0, 3).Select(i => Task.Run(() =>
+            // Dedicated threads, not Task.Run, and each leaves once it has seen the stop refuse a Send (every later
+            // Send is refused too; the final check below proves it): three senders spinning on the client's lock until
+            // Stop() returned starved the loop that must take that lock (and a pool thread) to finish the stop, so on
+            // a loaded machine it could miss Stop()'s fixed wait and the round saw "Stopping" instead of "Stopped".
+            var senders = Enumerable.Range(0, 3).Select(i => new Thread(() =>
             {
-                while (!Volatile.Read(ref stopped)) if (client.Send("m")) Interlocked.Increment(ref accepted);
-            })).ToArray();
+                while (!Volatile.Read(ref stopped))
+                {
+                    if (client.Send("m")) Interlocked.Increment(ref accepted);
+                    else if (client.State == BridgeState.Stopping || client.State == BridgeState.Stopped) break;
+                }
+            }) { IsBackground = true }).ToArray();
+            foreach (var sender in senders) sender.Start();
             Thread.Sleep(round % 3);
-            client.Stop();
+            // Waits for the loop's end (bounded by the harness deadline, not Stop()'s fixed 5 s), then checks what it left.
+            bool ended = client.Stop(deadline);
             Volatile.Write(ref stopped, true);
-            Task.WaitAll(senders);
+            foreach (var sender in senders) sender.Join();
+            Check(ended, "round " + round + ": the loop did not end within " + deadline.TotalSeconds + " s of Stop(), state " + client.State);
             Check(client.State == BridgeState.Stopped, "round " + round + ": state " + client.State);
             // A message accepted while disconnected and not sent before the stop is dropped with the stop; nothing
             // may stay queued for a later Start() to send.
@@ -661,7 +675,8 @@ internal static class Program
         CheckThrows<InvalidOperationException>(() => refused.Start(), "Start() twice");
         Check(refused.Send("queued while offline"), "Send() while reconnecting queues");
         WaitUntil(() => refused.ConnectAttempts >= 3, "three connection attempts");
-        refused.Stop();
+        // Bounded by the harness deadline, not Stop()'s fixed 5 s: on a loaded machine the loop may take longer to wake.
+        Check(refused.Stop(deadline), "the loop did not end within " + deadline.TotalSeconds + " s of Stop(), state " + refused.State);
         Check(refused.State == BridgeState.Stopped, "Stop() while retrying gives Stopped, not " + refused.State);
         Check(refused.Completion.IsCompleted, "the loop has ended after Stop()");
         var refusalsSeen = Snapshot(refusals);
