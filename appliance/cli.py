@@ -176,15 +176,20 @@ def _is_answer(frame: object, target: str) -> bool:
     return "error" in frame or frame.get("sender") == target
 
 
-async def _send(args: argparse.Namespace) -> int:
-    from .client import BridgeClient, BridgeClosed
-
-    settings = _load_settings()
-    token = (
+def _controller_token(args: argparse.Namespace, settings: Settings) -> str | None:
+    """The token a controller command uses: --token, then WSBRIDGE_TOKEN, then LLM_SECRET_TOKEN."""
+    return (
         args.token
         or os.environ.get("WSBRIDGE_TOKEN")
         or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
     )
+
+
+async def _send(args: argparse.Namespace) -> int:
+    from .client import BridgeClient, BridgeClosed
+
+    settings = _load_settings()
+    token = _controller_token(args, settings)
     if not token:
         print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)
         return 2
@@ -221,17 +226,11 @@ async def _send(args: argparse.Namespace) -> int:
 
 async def _send_wait(args: argparse.Namespace) -> int:
     """``send --wait``: the command carries an id, so only the reply to it is printed (protocol v2)."""
-    from websockets.exceptions import InvalidHandshake
-
     from .client import BridgeClosed
     from .controller import CommandError, Controller, ReplyTimeout
 
     settings = _load_settings()
-    token = (
-        args.token
-        or os.environ.get("WSBRIDGE_TOKEN")
-        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
-    )
+    token = _controller_token(args, settings)
     if not token:
         print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)
         return 2
@@ -250,8 +249,8 @@ async def _send_wait(args: argparse.Namespace) -> int:
     except BridgeClosed as exc:
         print(f"wsbridge send: {exc}", file=sys.stderr)
         return 2
-    except (OSError, InvalidHandshake, TimeoutError) as exc:
-        print(f"wsbridge send: cannot connect to {url}: {exc}", file=sys.stderr)
+    except (OSError, InvalidURI, InvalidHandshake, TimeoutError) as exc:
+        print(f"wsbridge send: {_refusal(url, exc)}", file=sys.stderr)
         return 2
     print(reply.message)
     return 0
@@ -260,11 +259,7 @@ async def _send_wait(args: argparse.Namespace) -> int:
 def _mcp(args: argparse.Namespace) -> int:
     """Serve the MCP tools over stdio; stdout is the protocol, so messages go to stderr."""
     settings = _load_settings()
-    token = (
-        args.token
-        or os.environ.get("WSBRIDGE_TOKEN")
-        or (settings.llm_secret_token.get_secret_value() if settings.llm_secret_token else None)
-    )
+    token = _controller_token(args, settings)
     if not token:
         print("wsbridge mcp: no controller token (set --token, WSBRIDGE_TOKEN or LLM_SECRET_TOKEN)", file=sys.stderr)
         return 2

@@ -151,12 +151,13 @@ class _NotARelay(http.server.BaseHTTPRequestHandler):
         ("not a url", "ws:// or wss://"),
     ],
 )
-async def test_cli_send_reports_a_bad_url_in_one_line_with_exit_code_2(start_appliance, url, expected):
+@pytest.mark.parametrize("wait", [[], ["--wait"]], ids=["plain", "wait"])
+async def test_cli_send_reports_a_bad_url_in_one_line_with_exit_code_2(start_appliance, url, expected, wait):
     app = start_appliance()
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARelay) as web:
         threading.Thread(target=web.serve_forever, daemon=True).start()
         url = url.format(free=free_port(), port=app.port, web=web.server_address[1])
-        result = await asyncio.to_thread(run_cli, app, "--url", url, "--target", "echo-bot", "hi")
+        result = await asyncio.to_thread(run_cli, app, *wait, "--url", url, "--target", "echo-bot", "hi")
         web.shutdown()
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("wsbridge send: ") and result.stderr.count("\n") == 1, result.stderr
