@@ -185,15 +185,23 @@ def _controller_token(args: argparse.Namespace, settings: Settings) -> str | Non
     )
 
 
-async def _send(args: argparse.Namespace) -> int:
-    from .client import BridgeClient, BridgeClosed
-
+def _send_target(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(relay URL, controller token) for ``send``; None after saying on stderr that no token is set."""
     settings = _load_settings()
     token = _controller_token(args, settings)
     if not token:
         print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)
+        return None
+    return args.url or f"ws://127.0.0.1:{settings.web_socket_port}", token
+
+
+async def _send(args: argparse.Namespace) -> int:
+    from .client import BridgeClient, BridgeClosed
+
+    target = _send_target(args)
+    if target is None:
         return 2
-    url = args.url or f"ws://127.0.0.1:{settings.web_socket_port}"
+    url, token = target
     client = BridgeClient(url, args.id or f"cli-{secrets.token_hex(4)}", token, reconnect=False)
     try:
         async with asyncio.timeout(args.timeout):
@@ -229,12 +237,10 @@ async def _send_wait(args: argparse.Namespace) -> int:
     from .client import BridgeClosed
     from .controller import CommandError, Controller, ReplyTimeout
 
-    settings = _load_settings()
-    token = _controller_token(args, settings)
-    if not token:
-        print("wsbridge send: no controller token (set LLM_SECRET_TOKEN, WSBRIDGE_TOKEN or --token)", file=sys.stderr)
+    target = _send_target(args)
+    if target is None:
         return 2
-    url = args.url or f"ws://127.0.0.1:{settings.web_socket_port}"
+    url, token = target
     controller = Controller(url, args.id or f"cli-{secrets.token_hex(4)}", token, reconnect=False)
     try:
         async with asyncio.timeout(args.timeout + 10):  # The relay reports the timeout itself first.

@@ -34,7 +34,7 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
 
-class _Echo(WSListener):
+class EchoClient(WSListener):
     """A client that answers every command: v2 with ``reply_to``, v1 with the text back."""
 
     def __init__(self, v2: bool) -> None:
@@ -95,7 +95,7 @@ async def run(concurrency: int, duration: float, warmup: float, v2: bool) -> dic
         transports = []
         for i in range(concurrency):
             transport, _ = await ws_connect(
-                lambda: _Echo(v2), f"ws://127.0.0.1:{port}/ws/rr-{i}", extra_headers=headers
+                lambda: EchoClient(v2), f"ws://127.0.0.1:{port}/ws/rr-{i}", extra_headers=headers
             )
             transports.append(transport)
         now = time.perf_counter()

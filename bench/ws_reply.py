@@ -31,28 +31,13 @@ from typing import Any
 import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from .http_reply import EchoClient
 from .procs import Processes, free_port, raise_nofile_limit, wait_http_ok
 
 __all__ = ["main", "run"]
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
-
-
-class _Echo(WSListener):
-    def __init__(self, v2: bool) -> None:
-        self.v2 = v2
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is WSMsgType.TEXT:
-            payload = frame.get_payload_as_bytes()
-            if self.v2:
-                command = _decode(payload)
-                transport.send(WSMsgType.TEXT, _encode({"reply_to": command["id"], "message": command["message"]}))
-            else:
-                transport.send(WSMsgType.TEXT, payload)
-        elif frame.msg_type is WSMsgType.PING:
-            transport.send_pong(frame.get_payload_as_bytes())
 
 
 class _Controller(WSListener):
@@ -101,7 +86,7 @@ async def _loop(
     prefix = f"{'v2' if v2 else 'v1'}r{rnd}"
     ids = [f"{prefix}-{i}" for i in range(clients)]
     transports = [
-        (await ws_connect(lambda: _Echo(v2), f"ws://127.0.0.1:{port}/ws/{cid}", extra_headers=client_headers))[0]
+        (await ws_connect(lambda: EchoClient(v2), f"ws://127.0.0.1:{port}/ws/{cid}", extra_headers=client_headers))[0]
         for cid in ids
     ]
     transport, controller = await ws_connect(
