@@ -65,7 +65,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
     ``kind``: ``d`` delivered, ``r`` reply (``sender``, ``message``), ``e`` error
     (``code``, ``detail``), ``n`` fan-out count (``count``), ``x`` close a local
-    connection (``target``, ``code``), ``q`` hand over what is queued for ``target``.
+    connection (``target``, ``code``), ``q`` hand over what is queued for ``target``,
+    ``c`` send ``target``'s recent commands (at most ``count``) to instance ``sender``,
+    ``C`` those commands (``message``, JSON) for the question ``owner``.
     """
 
     kind: str
@@ -270,6 +272,9 @@ class CommandService:
             if conn is not None:
                 self._spawn(self._drain(conn))
             return
+        if event.kind in ("c", "C"):  # A client's recent commands: asked for, or answered (relay.py).
+            self.relay.recent_event(event)
+            return
         if event.kind == "n":
             fan_in = self._fan_ins.get((event.owner, event.id if event.id is not None else ""))
             if fan_in is not None:
@@ -392,9 +397,12 @@ class CommandService:
     def fan_in(self, fan: FanOut) -> int:
         """Deliver a broadcast or group command to the local clients; the count of receivers."""
         count = 0
+        now = time.time()
         for conn in self.relay.local_clients(fan.group):
             if conn.deliver(self._frame_for(conn, fan.id, fan.controller, fan.message)):
                 count += 1
+                if conn.recent is not None:  # Replies to a broadcast reach every controller: never matched.
+                    conn.recent.untracked(now, fan.controller, fan.id, fan.message)
         return count
 
     def fan_in_remote(self, payload: bytes) -> None:
@@ -423,31 +431,39 @@ class CommandService:
         return True
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
+        recent = conn.recent
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
+                deadline = now + routed.timeout_ms / 1000
                 line = self._awaiting.setdefault((conn.client_id, routed.id), deque())
-                line.append((routed, now + routed.timeout_ms / 1000))
+                line.append((routed, deadline))
+                if recent is not None:
+                    recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
                 self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
             else:
-                self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+                self._fail(conn, routed, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
             return
         held = self.matcher.submit(conn.client_id, routed, now)
         if held is Held.SEND:
-            self._send_v1(conn, routed)
+            self._send_v1(conn, routed, now)
         elif held is Held.FULL:
-            self._tell_error(
-                routed,
-                conn.client_id,
-                ErrorCode.QUEUE_FULL,
-                f"{self.matcher.max_waiting} commands already wait for {conn.client_id}'s replies",
-            )
+            detail = f"{self.matcher.max_waiting} commands already wait for {conn.client_id}'s replies"
+            self._fail(conn, routed, ErrorCode.QUEUE_FULL, detail)
 
-    def _send_v1(self, conn: Connection, routed: Routed) -> None:
+    def _fail(self, conn: Connection, routed: Routed, code: ErrorCode, detail: str) -> None:
+        if conn.recent is not None:
+            conn.recent.failed(time.time(), routed.controller, routed.id, routed.message, f"{code.value}: {detail}")
+        self._tell_error(routed, conn.client_id, code, detail)
+
+    def _send_v1(self, conn: Connection, routed: Routed, now: float) -> None:
         if conn.deliver(routed.message):
+            if conn.recent is not None:
+                deadline = self.matcher.deadline(conn.client_id) or now + routed.timeout_ms / 1000
+                conn.recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
             self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
         else:
             self.matcher.disconnect(conn.client_id)
-            self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+            self._fail(conn, routed, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
 
     def client_text(self, conn: Connection, text: str) -> bool:
         """A client's message; True when it was a version-2 reply (then it goes to its sender only)."""
@@ -466,10 +482,15 @@ class CommandService:
             routed, _ = line.popleft()
             if not line:
                 del self._awaiting[(conn.client_id, reply.reply_to)]
+            if conn.recent is not None:
+                conn.recent.replied(routed, now, reply.message)
             self._tell(routed, Event("r", routed.owner, routed.id, conn.client_id, conn.client_id, reply.message))
             return True
         if self.matcher.in_flight(conn.client_id) is not None:
-            self._advance(conn.client_id, self.matcher.client_message(conn.client_id, now), now, text)
+            advance = self.matcher.client_message(conn.client_id, now)
+            if advance.replied is not None and conn.recent is not None:
+                conn.recent.replied(advance.replied, now, text)
+            self._advance(conn.client_id, advance, now, text)
         return False
 
     def _advance(self, client_id: str, advance: Any, now: float, text: str | None = None) -> None:
@@ -479,7 +500,7 @@ class CommandService:
         if advance.send is not None:
             conn = self.relay.local_client(client_id)
             if conn is not None:
-                self._send_v1(conn, advance.send)
+                self._send_v1(conn, advance.send, now)
 
     def client_opened(self, conn: Connection) -> None:
         """A client connected: hand over what was queued for it, oldest first."""

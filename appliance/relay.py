@@ -15,16 +15,19 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
-from .commands import CommandService
+from .commands import CommandService, Event, encode_event
 from .core.history import close_entry
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import TimeoutPolicy, encode_client_command
+from .core.recent import ClosedLogs, CommandLog
 from .core.requests import Routed
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
 from .settings import Settings
@@ -43,6 +46,10 @@ MAX_PENDING_MESSAGES = 10_000
 #: JSON, mostly ASCII): 64 KiB client messages escape to ~390 KB frames, so a count alone
 #: let a slow controller hold gigabytes.
 MAX_PENDING_CHARS = 4 << 20
+#: How long a reader waits for another instance's part of a client's recent commands.
+RECENT_QUERY_SECONDS = 1.0
+
+_json_encoder = msgspec.json.Encoder()
 
 
 def _iso(epoch: float) -> str:
@@ -114,6 +121,7 @@ class Connection:
         "_marked",
         "v2",
         "groups",
+        "recent",
     )
 
     def __init__(
@@ -141,6 +149,8 @@ class Connection:
         #: When the oldest command this client has not answered yet was written (0: none);
         #: the reader observes wsbridge_command_rtt_seconds at the client's next message.
         self.rtt_from = 0.0
+        #: The client's recent commands (appliance/core/recent.py); None for controllers or when disabled.
+        self.recent: CommandLog | None = None
         self._send = send
         # Several frames in one transport write when uvicorn's protocol is reachable (see wsbatch).
         self._batcher = batcher_for(send)
@@ -360,6 +370,9 @@ class Relay:
         metrics.watch(metrics.SEND_QUEUE_MESSAGES_MAX, lambda: self.fullest_queue()[0])
         metrics.watch(metrics.SEND_QUEUE_BYTES_MAX, lambda: self.fullest_queue()[1])
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._closed_logs = ClosedLogs(settings.recent_commands_max_closed, settings.recent_commands_ttl_seconds)
+        self._recent_queries: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+        self._recent_seq = 0
 
     async def start(self) -> None:
         await self.broker.start(self)
@@ -450,6 +463,15 @@ class Relay:
         older = self.local.get(client_id)
         if older is not None:  # Claims for one id are serialized here, so this one is newer.
             self._close_replaced(older)
+        if conn.role is Role.CLIENT and self.settings.recent_commands_per_client:
+            # The id's log continues: from the connection it replaces, or from its last one here.
+            conn.recent = (older.recent if older is not None else None) or self._closed_logs.take(
+                client_id, time.time()
+            )
+            if conn.recent is None:
+                conn.recent = CommandLog(
+                    self.settings.recent_commands_per_client, self.settings.recent_commands_max_chars
+                )
         conn.owner = owner
         self.local[client_id] = conn
         self._connections[conn.conn_key] = conn
@@ -483,6 +505,8 @@ class Relay:
             del self.local[conn.client_id]
             if conn.role is Role.CLIENT:
                 self.commands.client_closed(conn)
+                if conn.recent is not None:
+                    self._closed_logs.keep(conn.client_id, conn.recent, time.time())
         if conn.role is Role.CONTROLLER:
             self.commands.controller_closed(conn)
         metrics.CONNECTIONS.labels(role=conn.role.value).dec()
@@ -548,9 +572,9 @@ class Relay:
             # Controllers send to clients only: raw text pushed into a controller could
             # forge another client's {"sender": ...} reply.
             return ErrorCode.TARGET_NOT_CLIENT
-        if conn.v2:
-            text = encode_client_command(None, sender, text)
-        if conn.deliver(text):
+        if conn.deliver(encode_client_command(None, sender, text) if conn.v2 else text):
+            if conn.recent is not None:  # Cut and stamped now, formatted only when read.
+                conn.recent.untracked(time.time(), sender, None, text)
             return None
         return ErrorCode.DELIVERY_FAILED
 
@@ -648,6 +672,88 @@ class Relay:
     async def history(self, client_id: str, limit: int = 50) -> list[dict[str, Any]]:
         """``client_id``'s connect history, cluster-wide, newest first (raises BrokerUnavailable)."""
         return await self.broker.history(client_id, min(limit, self.settings.history_per_client))
+
+    # --- recent commands of a client (appliance/core/recent.py) ---------------------------
+    #
+    # Each instance keeps the logs of the clients it holds (and held, for a while) in memory;
+    # a reader asks the instances that hold or held the id over the broker's per-instance
+    # channel. Chosen over flushing the logs to Redis: the message path pays one append and
+    # no Redis write, whatever the traffic (a broadcast to 10,000 clients would otherwise
+    # rewrite 10,000 lists each second), and nothing is encoded until somebody looks. The
+    # price: a log lives as long as its instance (gone on restart, unreadable while that
+    # instance is down; the reader says so).
+
+    def local_recent(self, client_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """``client_id``'s recent commands as this instance recorded them, newest first."""
+        now = time.time()
+        conn = self.local.get(client_id)
+        log_ = conn.recent if conn is not None else None
+        if log_ is None:
+            log_ = self._closed_logs.get(client_id, now)
+        if log_ is None:
+            return []
+        return [{**entry, "instance": self.instance} for entry in log_.view(now, limit)]
+
+    async def recent_commands(
+        self, client_id: str, where: Iterable[str] = (), timeout: float = RECENT_QUERY_SECONDS
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """``client_id``'s recent commands across the cluster, newest first, and the instances that did not answer.
+
+        Asks this instance, the one holding the id now, and the instances in ``where``
+        (those of its connect history); never more than the setting's count.
+        """
+        limit = self.settings.recent_commands_per_client
+        if not limit:
+            return [], []
+        entries = self.local_recent(client_id, limit)
+        instances = set(where)
+        with contextlib.suppress(BrokerUnavailable):
+            owner = await self.broker.owner_of(client_id)
+            if owner is not None:
+                instances.add(owner.instance)
+        instances.discard(self.instance)
+        ordered = sorted(instances)
+        answers = await asyncio.gather(*(self._ask_recent(i, client_id, limit, timeout) for i in ordered))
+        silent = []
+        for instance, answer in zip(ordered, answers, strict=True):
+            if answer is None:
+                silent.append(instance)
+            else:
+                entries.extend(answer)
+        entries.sort(key=lambda e: e["at"], reverse=True)
+        return entries[:limit], silent
+
+    async def _ask_recent(
+        self, instance: str, client_id: str, limit: int, timeout: float
+    ) -> list[dict[str, Any]] | None:
+        self._recent_seq += 1
+        key = f"r{self._recent_seq}"
+        future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._recent_queries[key] = future
+        try:
+            self.broker.send_to_instance(
+                instance, encode_event(Event("c", key, target=client_id, sender=self.instance, count=limit))
+            )
+            async with asyncio.timeout(timeout):
+                return await future
+        except (TimeoutError, BrokerUnavailable):
+            return None
+        finally:
+            self._recent_queries.pop(key, None)
+
+    def recent_event(self, event: Event) -> None:
+        """``c``: another instance asks for an id's log; ``C``: the answer to one of our questions."""
+        if event.kind == "c":
+            entries = self.local_recent(event.target, event.count or None)
+            answer = Event("C", event.owner, message=_json_encoder.encode(entries).decode())
+            self.broker.send_to_instance(event.sender, encode_event(answer))
+            return
+        future = self._recent_queries.get(event.owner)
+        if future is not None and not future.done():
+            try:
+                future.set_result(msgspec.json.decode(event.message))
+            except msgspec.DecodeError:
+                future.set_result([])
 
     async def clients(self) -> list[dict[str, Any]]:
         records = await self.broker.presence()

@@ -194,6 +194,11 @@ class V1Matcher:
         line = self._lines.get(client)
         return line.in_flight if line else None
 
+    def deadline(self, client: str) -> float | None:
+        """When the command in flight to ``client`` stops waiting for its reply."""
+        line = self._lines.get(client)
+        return line.in_flight_deadline if line is not None and line.in_flight is not None else None
+
     def waiting(self, client: str) -> int:
         line = self._lines.get(client)
         return len(line.waiting) if line else 0
