@@ -155,7 +155,9 @@ class RecentCommand(Struct):
     """
 
     at: Annotated[str, Meta(description="When the relay handed it to the client's socket (UTC).")]
-    controller: Annotated[str, Meta(description="Who sent it: a controller's id, or http for the API/dashboard.")]
+    controller: Annotated[
+        str, Meta(description="Who sent it: a controller's id; http, dashboard or mcp for those paths.")
+    ]
     message: Annotated[str, Meta(description="The command's text, cut to the length cap (… marks a cut).")]
     outcome: Annotated[
         Literal["replied", "pending", "timeout", "error", "uncorrelated"],

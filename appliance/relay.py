@@ -27,7 +27,7 @@ from .commands import CommandService, Event, encode_event
 from .core.history import close_entry
 from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import TimeoutPolicy, encode_client_command
-from .core.recent import ClosedLogs, CommandLog
+from .core.recent import ClosedLogs, CommandLog, cut
 from .core.requests import Routed
 from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
 from .settings import Settings
@@ -573,8 +573,13 @@ class Relay:
             # forge another client's {"sender": ...} reply.
             return ErrorCode.TARGET_NOT_CLIENT
         if conn.deliver(encode_client_command(None, sender, text) if conn.v2 else text):
-            if conn.recent is not None:  # Cut and stamped now, formatted only when read.
-                conn.recent.untracked(time.time(), sender, None, text)
+            recent = conn.recent
+            if recent is not None:
+                # CommandLog.untracked, inlined on the version-1 hot path (the call cost as much as
+                # the append): stamped and cut now, formatted only when somebody reads.
+                recent.entries.append(
+                    (time.time(), sender, None, text if len(text) <= recent.max_chars else cut(text, recent.max_chars))
+                )
             return None
         return ErrorCode.DELIVERY_FAILED
 

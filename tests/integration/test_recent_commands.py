@@ -130,6 +130,20 @@ async def test_commands_from_every_path_with_their_replies_and_round_trips(pair)
         assert "no reply correlation" in section
         assert f"{one[1]['rtt_ms']} ms" in section
 
+        # A broadcast reaches both; its replies go to every controller, so none is matched to it.
+        await ctl.send(command("*", "all hands", id="b1"))
+        assert await recv(v1) == "all hands"
+        assert (await recv_json(v2))["message"] == "all hands"
+
+        async def broadcast_recorded() -> bool:
+            for client_id in (v1_id, v2_id):
+                newest = (await _detail(http, reader.http, client_id))["recent_commands"][0]
+                if (newest["message"], newest["id"], newest["outcome"]) != ("all hands", "b1", "uncorrelated"):
+                    return False
+            return True
+
+        await eventually(broadcast_recorded, 10, "the broadcast in both clients' details")
+
 
 async def test_only_the_last_n_are_kept_and_they_outlive_the_connection(pair):
     holder, reader = pair
@@ -155,3 +169,15 @@ async def test_only_the_last_n_are_kept_and_they_outlive_the_connection(pair):
 
         # Disconnected: the detail is a 404 that still carries the last N commands.
         await eventually(gone_but_kept, 10, f"the last {PER_CLIENT} commands after the client left")
+
+
+async def test_the_openapi_schema_describes_recent_commands(pair):
+    _, reader = pair
+    status, schema = await reader.aget("/schema/openapi.json")
+    assert status == 200
+    schemas = schema["components"]["schemas"]
+    record = schemas["ClientRecord"]["properties"]["recent_commands"]
+    assert record["items"]["$ref"].endswith("/RecentCommand")
+    props = schemas["RecentCommand"]["properties"]
+    assert {"at", "controller", "id", "message", "outcome", "reply", "rtt_ms", "instance"} <= set(props)
+    assert set(props["outcome"]["enum"]) == {"replied", "pending", "timeout", "error", "uncorrelated"}

@@ -95,6 +95,18 @@ def test_later_commands_wait_in_order_and_are_handed_over_one_at_a_time():
     assert (step.replied, step.send) == (c, None)
 
 
+def test_the_deadline_of_the_command_in_flight_is_the_one_it_was_submitted_with():
+    matcher = V1Matcher(max_waiting=2)
+    a, b = routed("a"), routed("b")
+    matcher.submit("u1", a, 10.0)
+    matcher.submit("u1", b, 11.0)  # Waits; its deadline runs from now, not from when it is handed over.
+    assert matcher.deadline("u1") == 10.0 + a.timeout_ms / 1000
+    matcher.client_message("u1", 10.5)
+    assert matcher.deadline("u1") == 11.0 + b.timeout_ms / 1000
+    matcher.client_message("u1", 10.6)
+    assert matcher.deadline("u1") is None
+
+
 def test_a_message_with_nothing_in_flight_answers_nothing():
     matcher = V1Matcher(max_waiting=2)
     assert matcher.client_message("u1", 0.0).replied is None
