@@ -340,11 +340,8 @@ async def get_client(
     except BrokerUnavailable as exc:
         return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
     record = next((r for r in records if r["id"] == client_id), None)
-    # The instances that hold or held the id keep its recent commands.
-    where = {h["instance"] for h in history if h.get("instance")}
-    if record is not None:
-        where.add(record["instance"])
-    recent, _ = await relay.recent_commands(client_id, where)
+    # Kept by the instances that hold or held the id: the relay asks them.
+    recent, _ = await relay.recent_commands(client_id, history)
     if record is None:
         body = {
             "error": "target_offline",

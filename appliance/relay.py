@@ -700,18 +700,24 @@ class Relay:
         return [{**entry, "instance": self.instance} for entry in log_.view(now, limit)]
 
     async def recent_commands(
-        self, client_id: str, where: Iterable[str] = (), timeout: float = RECENT_QUERY_SECONDS
+        self, client_id: str, history: Iterable[dict[str, Any]] = (), timeout: float = RECENT_QUERY_SECONDS
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """``client_id``'s recent commands across the cluster, newest first, and the instances that did not answer.
 
-        Asks this instance, the one holding the id now, and the instances in ``where``
-        (those of its connect history); never more than the setting's count.
+        Asks this instance, the one holding the id now, and those where one of its
+        connections (``history``, its connect history) closed recently enough to still keep
+        its log; never more than the setting's count.
         """
         limit = self.settings.recent_commands_per_client
         if not limit:
             return [], []
         entries = self.local_recent(client_id, limit)
-        instances = set(where)
+        cutoff = time.time() - self.settings.recent_commands_ttl_seconds
+        instances = {
+            h["instance"]
+            for h in history
+            if h.get("instance") and datetime.fromisoformat(h["closed_at"]).timestamp() >= cutoff
+        }
         with contextlib.suppress(BrokerUnavailable):
             owner = await self.broker.owner_of(client_id)
             if owner is not None:

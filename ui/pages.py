@@ -255,8 +255,7 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
         history, history_error = [], str(exc)
     settings = request.app.state.settings
     # Kept by the instances that hold or held the id (appliance/core/recent.py), asked through the relay.
-    where = {r["instance"] for r in entries} | {h["instance"] for h in history if h.get("instance")}
-    recent, recent_silent = await relay.recent_commands(client_id, where)
+    recent, recent_silent = await relay.recent_commands(client_id, history)
     return Template(
         "client.html",
         context=_common(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 
 import httpx
@@ -181,3 +182,30 @@ async def test_the_openapi_schema_describes_recent_commands(pair):
     props = schemas["RecentCommand"]["properties"]
     assert {"at", "controller", "id", "message", "outcome", "reply", "rtt_ms", "instance"} <= set(props)
     assert set(props["outcome"]["enum"]) == {"replied", "pending", "timeout", "error", "uncorrelated"}
+
+
+async def test_an_instance_that_held_the_id_and_does_not_answer_is_named(pair, request):
+    holder, reader = pair
+    if holder is reader:
+        pytest.skip("one instance: nobody else to ask")
+    from appliance.core.history import close_entry
+
+    redis_server = request.getfixturevalue("redis_server")
+    client_id = f"rcg-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    # A connection that closed a minute ago on an instance that is gone now.
+    entry = close_entry(
+        {"role": "client", "instance": "ghost-instance", "remote": "203.0.113.9:1"},
+        connected_at=now - 120,
+        closed_at=now - 60,
+        code=1006,
+        reason="",
+        by_relay=False,
+    )
+    await redis_server.acommand("LPUSH", f"wsb:hist:{client_id}", json.dumps(entry))
+    async with holder.connect(client_id):
+        started = time.monotonic()
+        html = await _dashboard_page(reader.http, client_id)
+        assert time.monotonic() - started < timeout(10)
+        section = html[html.index('id="recent-commands"') :]
+        assert "No answer from ghost-instance" in section
