@@ -401,8 +401,9 @@ class CommandService:
         for conn in self.relay.local_clients(fan.group):
             if conn.deliver(self._frame_for(conn, fan.id, fan.controller, fan.message)):
                 count += 1
-                if conn.recent is not None:  # Replies to a broadcast reach every controller: never matched.
-                    conn.recent.untracked(now, fan.controller, fan.id, fan.message)
+                recent = self.relay.command_log(conn)
+                if recent is not None:  # Replies to a broadcast reach every controller: never matched.
+                    recent.untracked(now, fan.controller, fan.id, fan.message)
         return count
 
     def fan_in_remote(self, payload: bytes) -> None:
@@ -431,7 +432,7 @@ class CommandService:
         return True
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
-        recent = conn.recent
+        recent = self.relay.command_log(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
                 deadline = now + routed.timeout_ms / 1000
@@ -451,15 +452,17 @@ class CommandService:
             self._fail(conn, routed, ErrorCode.QUEUE_FULL, detail)
 
     def _fail(self, conn: Connection, routed: Routed, code: ErrorCode, detail: str) -> None:
-        if conn.recent is not None:
-            conn.recent.failed(time.time(), routed.controller, routed.id, routed.message, f"{code.value}: {detail}")
+        recent = self.relay.command_log(conn)
+        if recent is not None:
+            recent.failed(time.time(), routed.controller, routed.id, routed.message, f"{code.value}: {detail}")
         self._tell_error(routed, conn.client_id, code, detail)
 
     def _send_v1(self, conn: Connection, routed: Routed, now: float) -> None:
         if conn.deliver(routed.message):
-            if conn.recent is not None:
+            recent = self.relay.command_log(conn)
+            if recent is not None:
                 deadline = self.matcher.deadline(conn.client_id) or now + routed.timeout_ms / 1000
-                conn.recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
+                recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
             self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
         else:
             self.matcher.disconnect(conn.client_id)

@@ -371,6 +371,7 @@ class Relay:
         metrics.watch(metrics.SEND_QUEUE_BYTES_MAX, lambda: self.fullest_queue()[1])
         self._cleanups: set[asyncio.Task[None]] = set()
         self._closed_logs = ClosedLogs(settings.recent_commands_max_closed, settings.recent_commands_ttl_seconds)
+        self._recent_size = settings.recent_commands_per_client  # 0: not recorded
         self._recent_queries: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._recent_seq = 0
 
@@ -463,15 +464,12 @@ class Relay:
         older = self.local.get(client_id)
         if older is not None:  # Claims for one id are serialized here, so this one is newer.
             self._close_replaced(older)
-        if conn.role is Role.CLIENT and self.settings.recent_commands_per_client:
-            # The id's log continues: from the connection it replaces, or from its last one here.
+        if conn.role is Role.CLIENT and self._recent_size:
+            # The id's log continues: from the connection it replaces, or from its last one here
+            # (else it is made at the first command: an idle client costs nothing).
             conn.recent = (older.recent if older is not None else None) or self._closed_logs.take(
                 client_id, time.time()
             )
-            if conn.recent is None:
-                conn.recent = CommandLog(
-                    self.settings.recent_commands_per_client, self.settings.recent_commands_max_chars
-                )
         conn.owner = owner
         self.local[client_id] = conn
         self._connections[conn.conn_key] = conn
@@ -574,6 +572,8 @@ class Relay:
             return ErrorCode.TARGET_NOT_CLIENT
         if conn.deliver(encode_client_command(None, sender, text) if conn.v2 else text):
             recent = conn.recent
+            if recent is None and self._recent_size:
+                recent = self.command_log(conn)
             if recent is not None:
                 # CommandLog.untracked, inlined on the version-1 hot path (the call cost as much as
                 # the append): stamped and cut now, formatted only when somebody reads.
@@ -687,6 +687,13 @@ class Relay:
     # rewrite 10,000 lists each second), and nothing is encoded until somebody looks. The
     # price: a log lives as long as its instance (gone on restart, unreadable while that
     # instance is down; the reader says so).
+
+    def command_log(self, conn: Connection) -> CommandLog | None:
+        """``conn``'s log of recent commands, made at its first command; None when they are not recorded."""
+        recent = conn.recent
+        if recent is None and self._recent_size:
+            recent = conn.recent = CommandLog(self._recent_size, self.settings.recent_commands_max_chars)
+        return recent
 
     def local_recent(self, client_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         """``client_id``'s recent commands as this instance recorded them, newest first."""

@@ -209,3 +209,22 @@ async def test_an_instance_that_held_the_id_and_does_not_answer_is_named(pair, r
         assert time.monotonic() - started < timeout(10)
         section = html[html.index('id="recent-commands"') :]
         assert "No answer from ghost-instance" in section
+
+
+@pytest.fixture
+def disabled(start_appliance):
+    return start_appliance(env={"RECENT_COMMANDS_PER_CLIENT": "0"}, name="recent-off")
+
+
+async def test_zero_disables_recording(disabled):
+    app = disabled
+    client_id = f"rco-{uuid.uuid4().hex[:8]}"
+    async with (
+        httpx.AsyncClient(timeout=timeout(15)) as http,
+        app.controller() as ctl,
+        app.connect(client_id) as client,
+    ):
+        await ctl.send(command(client_id, "not kept"))
+        assert await recv(client) == "not kept"
+        assert (await _detail(http, app.http, client_id))["recent_commands"] == []
+        assert "Not recorded (RECENT_COMMANDS_PER_CLIENT is 0)" in await _dashboard_page(app.http, client_id)
