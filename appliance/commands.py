@@ -273,7 +273,7 @@ class CommandService:
                 self._spawn(self._drain(conn))
             return
         if event.kind in ("c", "C"):  # A client's recent commands: asked for, or answered (relay.py).
-            self.relay.recent_event(event)
+            self.relay.recent.event(event)
             return
         if event.kind == "n":
             fan_in = self._fan_ins.get((event.owner, event.id if event.id is not None else ""))
@@ -401,7 +401,7 @@ class CommandService:
         for conn in self.relay.local_clients(fan.group):
             if conn.deliver(self._frame_for(conn, fan.id, fan.controller, fan.message)):
                 count += 1
-                recent = self.relay.command_log(conn)
+                recent = self.relay.recent.log_for(conn)
                 if recent is not None:  # Replies to a broadcast reach every controller: never matched.
                     recent.untracked(now, fan.controller, fan.id, fan.message)
         return count
@@ -432,7 +432,7 @@ class CommandService:
         return True
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
-        recent = self.relay.command_log(conn)
+        recent = self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
                 deadline = now + routed.timeout_ms / 1000
@@ -452,14 +452,14 @@ class CommandService:
             self._fail(conn, routed, ErrorCode.QUEUE_FULL, detail)
 
     def _fail(self, conn: Connection, routed: Routed, code: ErrorCode, detail: str) -> None:
-        recent = self.relay.command_log(conn)
+        recent = self.relay.recent.log_for(conn)
         if recent is not None:
             recent.failed(time.time(), routed.controller, routed.id, routed.message, f"{code.value}: {detail}")
         self._tell_error(routed, conn.client_id, code, detail)
 
     def _send_v1(self, conn: Connection, routed: Routed, now: float) -> None:
         if conn.deliver(routed.message):
-            recent = self.relay.command_log(conn)
+            recent = self.relay.recent.log_for(conn)
             if recent is not None:
                 deadline = self.matcher.deadline(conn.client_id) or now + routed.timeout_ms / 1000
                 recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
