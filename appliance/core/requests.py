@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-class Routed(msgspec.Struct, frozen=True):
+class Routed(msgspec.Struct, frozen=True, omit_defaults=True):
     """A command with an id on its way to a client's instance, with where to report its outcome.
 
     ``reply_to`` names the sender's instance and ``owner`` its entry in that instance's
@@ -53,6 +53,8 @@ class Routed(msgspec.Struct, frozen=True):
     reply_to: str
     owner: str
     timeout_ms: int
+    #: Sent with ``"queue": true``: if its client leaves before it is handed over, it is queued, not refused.
+    queue: bool = False
 
 
 # --- the sender's side -------------------------------------------------------------------
