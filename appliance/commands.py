@@ -224,7 +224,6 @@ class CommandService:
                 if request.target == CONTROLLER_ID:  # No client may ever hold it (4003): never queue for it.
                     code, detail = ErrorCode.TARGET_NOT_CLIENT, f"{CONTROLLER_ID} is reserved for controllers"
                 else:
-                    self._queueable.pop((owner, request.id), None)
                     self._spawn(self._enqueue(request.target, routed))
                     return
             self.outcome(Event("e", owner, request.id, request.target, code=code.value, detail=detail))
@@ -236,7 +235,7 @@ class CommandService:
         try:
             # One at a time, so commands are queued in the order they were sent.
             async with self._queue_lock:
-                enqueued = await self.relay.broker.enqueue(target, routed, time.time())
+                enqueued = await self.relay.broker.enqueue(target, routed, time.time(), requeue=requeue)
                 owner = await self.relay.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
         except BrokerUnavailable as exc:
             self.outcome(Event("e", routed.owner, routed.id, target, code="delivery_failed", detail=str(exc)))
@@ -245,8 +244,8 @@ class CommandService:
             detail = f"{target} already has {self.relay.settings.offline_queue_max} queued commands"
             self.outcome(Event("e", routed.owner, routed.id, target, code="queue_full", detail=detail))
             return
-        if requeue and enqueued is not Enqueued.QUEUED:
-            # Taken from the queue once already (and never handed over): it is not queued twice.
+        if requeue and enqueued is not Enqueued.QUEUED:  # Already queued again (cannot happen twice): say so.
+            self._queueable.pop((routed.owner, routed.id), None)  # This target_offline is final.
             detail = f"{target} disconnected before the command was handed over"
             self.outcome(Event("e", routed.owner, routed.id, target, code="target_offline", detail=detail))
             return
@@ -261,6 +260,7 @@ class CommandService:
         if enqueued is Enqueued.ALREADY_DELIVERED:
             # Delivered before: never again. The repeat's outcome is that delivery.
             self.pending.finish(routed.owner, routed.id)
+            self._queueable.pop((routed.owner, routed.id), None)
             self._report(pending, Status.DELIVERED, **duplicate)
             return
         self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
@@ -302,13 +302,14 @@ class CommandService:
                 _OUTCOME["delivered"].inc()
                 self._report(pending, Status.DELIVERED)
             return
-        queueable = self._queueable.pop((event.owner, event.id), None)
+        queueable = self._queueable.get((event.owner, event.id))
         if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
             pending = self.pending.get(event.owner, event.id)
             if pending is not None and not pending.delivered:
                 # Its client left before the command was handed over: queue it for the client's return.
                 self._spawn(self._enqueue(*queueable, requeue=True))
                 return
+        self._queueable.pop((event.owner, event.id), None)
         pending = self.pending.finish(event.owner, event.id)
         if pending is None:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.

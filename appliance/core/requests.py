@@ -292,11 +292,12 @@ class OfflineQueue:
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
-    def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+    def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
+        """Queue ``routed``; ``requeue``: it was taken from the queue but never handed over, so again."""
         self.expire(now)
         key = (routed.controller, routed.id)
         seen = self._seen.get(key)
-        if seen is not None:
+        if seen is not None and not (requeue and seen[0]):
             return Enqueued.ALREADY_DELIVERED if seen[0] else Enqueued.ALREADY_QUEUED
         queue = self._queues.setdefault(target, deque())
         if len(queue) >= self.max_per_target:

@@ -542,3 +542,25 @@ async def test_a_v1_client_leaving_mid_command_leaves_every_command_exactly_one_
             assert frames[2][0] == {"id": 2, "status": "delivered", "target": target}
             assert (frames[2][-1]["reply_to"], frames[2][-1]["message"]) == (2, "second done")
             assert await nothing_arrives(again)
+
+
+async def test_queued_commands_handed_to_a_v1_client_that_leaves_again_wait_for_its_next_return(relay):
+    """Taken from the queue, one waited behind the first when the client left again: queued once more."""
+    target = uid("flaky")
+    async with relay.controller(uid("ctl")) as llm:
+        await llm.send(command(target, "first", id=1, queue=True, timeout_ms=1500))
+        await llm.send(command(target, "second", id=2, queue=True, timeout_ms=20_000))
+        frames = await outcomes_by_id(llm, {1, 2}, until=lambda key, frame: frame.get("status") == "queued")
+        assert [f["status"] for f in frames[1] + frames[2]] == ["queued", "queued"]
+        async with relay.connect(target) as client:
+            assert await recv(client) == "first"  # "second" waits for its reply, which never comes.
+            assert (await next_status(llm)) == {"id": 1, "status": "delivered", "target": target}
+        frames = await outcomes_by_id(llm, {1, 2}, until=lambda key, frame: frame.get("status") == "queued")
+        assert frames[1] == [{"id": 1, "status": "timeout", "target": target, "timeout_ms": 1500}]
+        assert [f.get("status") for f in frames[2]] == ["queued"]
+        async with relay.connect(target) as again:
+            assert await recv(again) == "second"
+            await again.send("second done")
+            frames = await outcomes_by_id(llm, {2})
+            assert frames[2][0] == {"id": 2, "status": "delivered", "target": target}
+            assert (frames[2][-1]["reply_to"], frames[2][-1]["message"]) == (2, "second done")
