@@ -144,6 +144,9 @@ class CommandService:
         self._queue_lock = asyncio.Lock()
         # Commands this instance queued and not yet seen delivered, until they expire: the offline-queue gauge.
         self._queued_here: dict[tuple[str, CommandId], float] = {}
+        # Commands sent from here with "queue": true and not yet handed to a socket: if their client leaves
+        # first (target_offline from its instance), they are queued for its return instead of refused.
+        self._queueable: dict[tuple[str, CommandId], tuple[str, Routed]] = {}
         self._fan_seq = itertools.count()
         self._http_seq = itertools.count()
         self._fan_lock = asyncio.Lock()
@@ -176,6 +179,7 @@ class CommandService:
 
     def expire(self, now: float) -> None:
         for pending in self.pending.expire(now):
+            self._queueable.pop(pending.key, None)
             _OUTCOME["timeout"].inc()
             self._report(pending, Status.TIMEOUT)
         for client, advance in self.matcher.expire(now).items():
@@ -209,7 +213,11 @@ class CommandService:
         if self.pending.open(owner, request.id, request.target, now, request.timeout_ms) is None:
             self._fail_now(owner, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
             return
-        routed = Routed(controller, request.id, request.message, self.instance, owner, request.timeout_ms)
+        routed = Routed(
+            controller, request.id, request.message, self.instance, owner, request.timeout_ms, request.queue
+        )
+        if request.queue and request.target != CONTROLLER_ID:
+            self._queueable[(owner, request.id)] = (request.target, routed)
 
         def result(code: ErrorCode | None, detail: str) -> None:
             if code is None:
@@ -224,11 +232,12 @@ class CommandService:
 
         self.relay.broker.send_routed(request.target, routed, result)
 
-    async def _enqueue(self, target: str, routed: Routed) -> None:
+    async def _enqueue(self, target: str, routed: Routed, requeue: bool = False) -> None:
+        """Queue ``routed`` for ``target``; ``requeue``: its client left before it was handed over."""
         try:
             # One at a time, so commands are queued in the order they were sent.
             async with self._queue_lock:
-                enqueued = await self.relay.broker.enqueue(target, routed, time.time())
+                enqueued = await self.relay.broker.enqueue(target, routed, time.time(), requeue=requeue)
                 owner = await self.relay.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
         except BrokerUnavailable as exc:
             self.outcome(Event("e", routed.owner, routed.id, target, code="delivery_failed", detail=str(exc)))
@@ -236,6 +245,11 @@ class CommandService:
         if enqueued is Enqueued.FULL:
             detail = f"{target} already has {self.relay.settings.offline_queue_max} queued commands"
             self.outcome(Event("e", routed.owner, routed.id, target, code="queue_full", detail=detail))
+            return
+        if requeue and enqueued is not Enqueued.QUEUED:  # Already queued again (cannot happen twice): say so.
+            self._queueable.pop((routed.owner, routed.id), None)  # This target_offline is final.
+            detail = f"{target} disconnected before the command was handed over"
+            self.outcome(Event("e", routed.owner, routed.id, target, code="target_offline", detail=detail))
             return
         pending = self.pending.get(routed.owner, routed.id)
         if pending is None:
@@ -248,6 +262,7 @@ class CommandService:
         if enqueued is Enqueued.ALREADY_DELIVERED:
             # Delivered before: never again. The repeat's outcome is that delivery.
             self.pending.finish(routed.owner, routed.id)
+            self._queueable.pop((routed.owner, routed.id), None)
             self._report(pending, Status.DELIVERED, **duplicate)
             return
         self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
@@ -286,11 +301,20 @@ class CommandService:
         assert event.id is not None
         if event.kind == "d":
             self._queued_here.pop((event.owner, event.id), None)
+            self._queueable.pop((event.owner, event.id), None)
             pending = self.pending.delivered(event.owner, event.id)
             if pending is not None:
                 _OUTCOME["delivered"].inc()
                 self._report(pending, Status.DELIVERED)
             return
+        queueable = self._queueable.get((event.owner, event.id))
+        if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
+            pending = self.pending.get(event.owner, event.id)
+            if pending is not None and not pending.delivered:
+                # Its client left before the command was handed over: queue it for the client's return.
+                self._spawn(self._enqueue(*queueable, requeue=True))
+                return
+        self._queueable.pop((event.owner, event.id), None)
         pending = self.pending.finish(event.owner, event.id)
         if pending is None:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.
@@ -355,7 +379,8 @@ class CommandService:
 
     def controller_closed(self, conn: Connection) -> None:
         """A controller left: its commands still in flight have nobody to report to."""
-        self.pending.drop_owner(conn.conn_key)
+        for pending in self.pending.drop_owner(conn.conn_key):
+            self._queueable.pop(pending.key, None)
 
     # --- broadcast and groups -----------------------------------------------------------------
 
@@ -442,7 +467,8 @@ class CommandService:
                     recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
                 self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
             else:
-                self._fail(conn, routed, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+                self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
+                self._tell_gone(routed, conn.client_id)
             return
         held = self.matcher.submit(conn.client_id, routed, now)
         if held is Held.SEND:
@@ -452,10 +478,14 @@ class CommandService:
             self._fail(conn, routed, ErrorCode.QUEUE_FULL, detail)
 
     def _fail(self, conn: Connection, routed: Routed, code: ErrorCode, detail: str) -> None:
+        self._note_failed(conn, routed, f"{code.value}: {detail}")
+        self._tell_error(routed, conn.client_id, code, detail)
+
+    def _note_failed(self, conn: Connection, routed: Routed, detail: str) -> None:
+        """The client's log of recent commands shows one that never reached its socket."""
         recent = self.relay.recent.log_for(conn)
         if recent is not None:
-            recent.failed(time.time(), routed.controller, routed.id, routed.message, f"{code.value}: {detail}")
-        self._tell_error(routed, conn.client_id, code, detail)
+            recent.failed(time.time(), routed.controller, routed.id, routed.message, detail)
 
     def _send_v1(self, conn: Connection, routed: Routed, now: float) -> None:
         if conn.deliver(routed.message):
@@ -465,8 +495,21 @@ class CommandService:
                 recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
             self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
         else:
-            self.matcher.disconnect(conn.client_id)
-            self._fail(conn, routed, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+            self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
+            self._tell_gone(routed, conn.client_id)
+            self._abandon_line(conn.client_id)
+
+    def _tell_gone(self, routed: Routed, client_id: str) -> None:
+        """``routed`` was never handed over: its client's connection is closing."""
+        if routed.queue:  # Its sender queues it for the client's return.
+            self._tell_error(routed, client_id, ErrorCode.TARGET_OFFLINE, f"{client_id} is disconnecting")
+        else:
+            self._tell_error(routed, client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+
+    def _abandon_line(self, client_id: str) -> None:
+        """The client's connection is closing: the commands waiting in its line get their outcome now."""
+        for routed in self.matcher.disconnect(client_id):
+            self._tell_error(routed, client_id, ErrorCode.TARGET_OFFLINE, f"{client_id} disconnected")
 
     def client_text(self, conn: Connection, text: str) -> bool:
         """A client's message; True when it was a version-2 reply (then it goes to its sender only)."""
@@ -504,6 +547,9 @@ class CommandService:
             conn = self.relay.local_client(client_id)
             if conn is not None:
                 self._send_v1(conn, advance.send, now)
+            else:  # Closing: the next command was never handed over, nor were those behind it.
+                self._tell_gone(advance.send, client_id)
+                self._abandon_line(client_id)
 
     def client_opened(self, conn: Connection) -> None:
         """A client connected: hand over what was queued for it, oldest first."""
@@ -520,8 +566,7 @@ class CommandService:
             log.warning("Queued commands for %s stay queued: %s", conn.client_id, exc)
 
     def client_closed(self, conn: Connection) -> None:
-        for routed in self.matcher.disconnect(conn.client_id):
-            self._tell_error(routed, conn.client_id, ErrorCode.TARGET_OFFLINE, f"{conn.client_id} disconnected")
+        self._abandon_line(conn.client_id)
         if conn.v2:
             for key in [k for k in self._awaiting if k[0] == conn.client_id]:
                 del self._awaiting[key]
@@ -588,6 +633,7 @@ class CommandService:
             self._waiters.pop(owner, None)
             if request.id is not None:  # This owner's only entry (a broadcast opens none): no scan of them all.
                 self.pending.finish(owner, request.id)
+                self._queueable.pop((owner, request.id), None)
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""

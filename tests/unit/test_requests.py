@@ -211,3 +211,14 @@ def test_take_skips_expired_commands_even_without_a_sweep():
     queue.enqueue("u1", a, 0.0)
     queue.enqueue("u1", b, 0.0)
     assert queue.take("u1", 1.0) == [b]
+
+
+def test_a_command_taken_but_never_handed_over_can_be_queued_again_once():
+    queue = OfflineQueue(max_per_target=10, remember_seconds=60)
+    a = routed("a")
+    assert queue.enqueue("u1", a, 0.0) is Enqueued.QUEUED
+    assert queue.take("u1", 0.1) == [a]
+    assert queue.enqueue("u1", a, 0.2) is Enqueued.ALREADY_DELIVERED  # a repeat: never again
+    assert queue.enqueue("u1", a, 0.2, requeue=True) is Enqueued.QUEUED  # its client left before it got it
+    assert queue.enqueue("u1", a, 0.3, requeue=True) is Enqueued.ALREADY_QUEUED  # still one copy
+    assert queue.take("u1", 0.4) == [a]
