@@ -280,37 +280,50 @@ class CommandService:
             return
         assert event.id is not None
         if event.kind == "d":
-            self._queued_here.pop((event.owner, event.id), None)
-            pending = self.pending.delivered(event.owner, event.id)
-            if pending is not None:
-                _OUTCOME["delivered"].inc()
-                self._report(pending, Status.DELIVERED)
+            self._delivered(event.owner, event.id)
+            return
+        if event.kind == "r":
+            self._replied(event.owner, event.id, event.sender, event.message)
             return
         pending = self.pending.finish(event.owner, event.id)
         if pending is None:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.
-        if event.kind == "r":
-            rtt_ms = (time.time() - pending.started) * 1000
-            _OUTCOME["replied"].inc()
-            metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
-            waiter = self._waiters.get(pending.owner)
-            if waiter is not None:
-                body = {
-                    "id": pending.id,
-                    "status": Status.REPLIED.value,
-                    "target": pending.target,
-                    "sender": event.sender,
-                    "message": event.message,
-                    "rtt_ms": round(rtt_ms, 3),
-                }
-                self._resolve(pending.owner, Outcome(200, body))
-            else:
-                frame = encode_controller_reply(pending.id, event.sender, event.message, rtt_ms)
-                self._deliver_to_owner(pending.owner, pending, frame, "", "")
-            return
         metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
         self._deliver_to_owner(pending.owner, pending, frame, event.code, event.detail)
+
+    def _delivered(self, owner: str, command_id: CommandId) -> None:
+        """The ``d`` outcome: the command reached its client's socket."""
+        if self._queued_here:
+            self._queued_here.pop((owner, command_id), None)
+        pending = self.pending.delivered(owner, command_id)
+        if pending is not None:
+            _OUTCOME["delivered"].inc()
+            self._report(pending, Status.DELIVERED)
+
+    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str) -> None:
+        """The ``r`` outcome: the client's reply, to the sender only."""
+        pending = self.pending.finish(owner, command_id)
+        if pending is None:
+            return  # Timed out already, or the controller left: the reply has nobody to go to.
+        rtt_ms = (time.time() - pending.started) * 1000
+        _OUTCOME["replied"].inc()
+        metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
+        waiter = self._waiters.get(owner)
+        if waiter is None:
+            conn = self.relay.connection(owner)
+            if conn is not None:
+                conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
+            return
+        body = {
+            "id": command_id,
+            "status": Status.REPLIED.value,
+            "target": pending.target,
+            "sender": sender,
+            "message": message,
+            "rtt_ms": round(rtt_ms, 3),
+        }
+        self._resolve(owner, Outcome(200, body))
 
     def _report(self, pending: Pending, status: Status, **extra: Any) -> None:
         """A status for ``pending``'s owner: a status frame, or an HTTP outcome."""
@@ -425,9 +438,16 @@ class CommandService:
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
-                line = self._awaiting.setdefault((conn.client_id, routed.id), deque())
+                client_id = conn.client_id
+                key = (client_id, routed.id)
+                line = self._awaiting.get(key)
+                if line is None:
+                    line = self._awaiting[key] = deque()
                 line.append((routed, now + routed.timeout_ms / 1000))
-                self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
+                if routed.reply_to == self.instance:  # Sent from here: no event to build and dispatch.
+                    self._delivered(routed.owner, routed.id)
+                else:
+                    self._tell(routed, Event("d", routed.owner, routed.id, client_id))
             else:
                 self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
             return
@@ -465,8 +485,11 @@ class CommandService:
                 return False  # Nobody waits for it (late, or never asked): it reaches every controller.
             routed, _ = line.popleft()
             if not line:
-                del self._awaiting[(conn.client_id, reply.reply_to)]
-            self._tell(routed, Event("r", routed.owner, routed.id, conn.client_id, conn.client_id, reply.message))
+                del self._awaiting[key]
+            if routed.reply_to == self.instance:
+                self._replied(routed.owner, routed.id, key[0], reply.message)
+            else:
+                self._tell(routed, Event("r", routed.owner, routed.id, key[0], key[0], reply.message))
             return True
         if self.matcher.in_flight(conn.client_id) is not None:
             self._advance(conn.client_id, self.matcher.client_message(conn.client_id, now), now, text)
