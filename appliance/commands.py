@@ -298,7 +298,7 @@ class CommandService:
             self._queued_here.pop((owner, command_id), None)
         pending = self.pending.delivered(owner, command_id)
         if pending is not None:
-            _OUTCOME["delivered"].inc()
+            metrics.DELIVERED.count += 1
             self._report(pending, Status.DELIVERED)
 
     def _replied(self, owner: str, command_id: CommandId, sender: str, message: str) -> None:
@@ -307,7 +307,7 @@ class CommandService:
         if pending is None:
             return  # Timed out already, or the controller left: the reply has nobody to go to.
         rtt_ms = (time.time() - pending.started) * 1000
-        _OUTCOME["replied"].inc()
+        metrics.REPLIED.count += 1
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
         waiter = self._waiters.get(owner)
         if waiter is None:
