@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         json.dumps(
             asyncio.run(
-                run(args.clients, min(args.outstanding, args.clients), args.duration, args.rounds, args.wsbridge)
+                run(
+                    args.clients,
+                    min(args.outstanding, args.clients),
+                    args.duration,
+                    args.rounds,
+                    args.wsbridge.resolve() if args.wsbridge else None,
+                )
             ),
             indent=2,
         )
