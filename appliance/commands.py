@@ -38,6 +38,7 @@ from .core.protocol_v2 import (
     TimeoutPolicy,
     encode_client_command,
     encode_controller_reply,
+    encode_delivered,
     encode_status,
     parse_client_reply,
     request_from_fields,
@@ -297,9 +298,15 @@ class CommandService:
         if self._queued_here:
             self._queued_here.pop((owner, command_id), None)
         pending = self.pending.delivered(owner, command_id)
-        if pending is not None:
-            metrics.DELIVERED.count += 1
-            self._report(pending, Status.DELIVERED)
+        if pending is None:
+            return
+        metrics.DELIVERED.count += 1
+        if pending.owner not in self._waiters:
+            conn = self.relay.connection(owner)
+            if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
+                conn.deliver(encode_delivered(pending.id, pending.target))
+            return
+        self._report(pending, Status.DELIVERED)
 
     def _replied(self, owner: str, command_id: CommandId, sender: str, message: str) -> None:
         """The ``r`` outcome: the client's reply, to the sender only."""

@@ -39,6 +39,7 @@ __all__ = [
     "TimeoutPolicy",
     "encode_client_command",
     "encode_controller_reply",
+    "encode_delivered",
     "encode_status",
     "is_valid_command_id",
     "parse_client_reply",
@@ -271,6 +272,17 @@ def encode_client_command(command_id: CommandId | None, controller: str, message
 def encode_controller_reply(reply_to: CommandId, sender: str, message: str, rtt_ms: float) -> str:
     """The reply, to the sending controller only: ``{"reply_to","sender","message","rtt_ms"}``."""
     return _encoder.encode(_ControllerReply(reply_to, sender, message, round(rtt_ms, 3))).decode()
+
+
+def encode_delivered(command_id: CommandId, client_id: str) -> str:
+    """``{"id":…,"status":"delivered","target":"<client id>"}``, the status of every command to one client.
+
+    A template: the same bytes as :func:`encode_status` at a fraction of the cost. A client
+    id matches the id pattern, so it needs no escaping; an integer id is its digits.
+    """
+    if type(command_id) is int:
+        return f'{{"id":{command_id},"status":"delivered","target":"{client_id}"}}'
+    return f'{{"id":{_encoder.encode(command_id).decode()},"status":"delivered","target":"{client_id}"}}'
 
 
 def encode_status(command_id: CommandId, status: Status, target: str, **extra: Any) -> str:

@@ -14,6 +14,7 @@ from appliance.core.protocol_v2 import (
     TimeoutPolicy,
     encode_client_command,
     encode_controller_reply,
+    encode_delivered,
     encode_status,
     is_valid_command_id,
     parse_client_reply,
@@ -149,6 +150,18 @@ def test_status_frame_bytes():
     assert encode_status("t", Status.TIMEOUT, "u1", timeout_ms=100) == (
         '{"id":"t","status":"timeout","target":"u1","timeout_ms":100}'
     )
+
+
+@pytest.mark.parametrize(
+    "command_id",
+    [0, -7, 2**53 - 1, -(2**53 - 1), "c-1", 'a"b', "back\\slash", "ü€😀", "\x00\x1f\x7f", "\u2028", "x" * 64],
+)
+def test_the_delivered_template_writes_the_bytes_of_the_encoded_object(command_id):
+    expected = json.dumps(
+        {"id": command_id, "status": "delivered", "target": "u-1_A"}, separators=(",", ":"), ensure_ascii=False
+    )
+    assert encode_delivered(command_id, "u-1_A") == encode_status(command_id, Status.DELIVERED, "u-1_A") == expected
+    assert json.loads(encode_delivered(command_id, "u-1_A"))["id"] == command_id
 
 
 @pytest.mark.parametrize(
