@@ -113,6 +113,10 @@ class Tally:
         self.count = 0
         _TALLIES.append(self)
 
+    def inc(self, amount: int = 1) -> None:
+        """As a prometheus child's ``inc`` (hot paths write ``tally.count += 1`` instead)."""
+        self.count += amount
+
     def fold(self) -> None:
         if self.count:
             count, self.count = self.count, 0
@@ -227,9 +231,9 @@ MESSAGES = Counter(
     ["role"],
     registry=REGISTRY,
 )
-# Bound once: label lookups cost more than the increment on the hot path.
-RECEIVED_FROM_CONTROLLERS = MESSAGES.labels(role="controller")
-RECEIVED_FROM_CLIENTS = MESSAGES.labels(role="client")
+# Counted per message: plain ints (Tally), folded when scraped.
+RECEIVED_FROM_CONTROLLERS = Tally(MESSAGES.labels(role="controller"))
+RECEIVED_FROM_CLIENTS = Tally(MESSAGES.labels(role="client"))
 
 
 class ScrapedCounter(Collector):

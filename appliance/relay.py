@@ -512,7 +512,7 @@ class Relay:
         if type(action) is Deliver:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
-            metrics.RECEIVED_FROM_CLIENTS.inc()
+            metrics.RECEIVED_FROM_CLIENTS.count += 1
             # Only clients with commands to answer (v2, or v1 with one in flight) cost a look.
             if (conn.v2 or self.commands.matcher.has_line(conn.client_id)) and self.commands.client_text(
                 conn, action.text
@@ -520,7 +520,7 @@ class Relay:
                 return  # A version-2 reply: it went to its sender only.
             self.broker.send_to_controllers(action.frame)
         elif type(action) is Submit:
-            metrics.RECEIVED_FROM_CONTROLLERS.inc()
+            metrics.RECEIVED_FROM_CONTROLLERS.count += 1
             self.commands.submit(conn, action.request)
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=action.code.value).inc()
@@ -529,7 +529,7 @@ class Relay:
             conn.close(action.code, action.reason)
 
     def _deliver(self, conn: Connection, command: Command) -> None:
-        metrics.RECEIVED_FROM_CONTROLLERS.inc()
+        metrics.RECEIVED_FROM_CONTROLLERS.count += 1
 
         def done(code: ErrorCode | None, detail: str) -> None:
             # Success needs no frame in protocol v1; status frames would go here.
