@@ -231,8 +231,7 @@ class Connection:
                 except Exception:  # The peer is gone (closing, OSError): the reader cleans up.
                     self._drop_pending()
                     return
-                for _ in texts:
-                    session.sent(now)
+                session.sent(now, len(texts))
                 if awaits_reply and not self.rtt_from:
                     self.rtt_from = now
                 continue

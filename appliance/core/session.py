@@ -257,8 +257,8 @@ class Session:
             extra["id"] = command.id
         return _error(code, detail, **extra)
 
-    def sent(self, now: float) -> None:
-        self.messages_out += 1
+    def sent(self, now: float, frames: int = 1) -> None:
+        self.messages_out += frames
         self.last_activity = now
 
     def closing(self) -> None:
