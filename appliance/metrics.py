@@ -4,7 +4,9 @@ Every metric of the appliance is declared here, once, with its help text, labels
 buckets; ``monitoring/rules/`` and the Grafana dashboards use these names and
 ``monitoring/runbook.md`` explains them. The hot path never looks a label up: each
 labelled series it touches is bound once below (``FRAMES_SENT.client``,
-``CLOSED_BY_PEER[code]``), so counting a frame is one attribute access and one ``inc``.
+``CLOSED_BY_PEER[code]``), so counting a frame is one attribute access and one ``inc``;
+the series counted once or more per message are :class:`Tally` objects (a plain int
+folded in at scrape time) or a :class:`FastHistogram`, so they take no lock at all.
 
 Scrape-time values (queue depths, outbox depth, seconds since a refresh) are gauges
 with a callback (:func:`watch`), computed when Prometheus asks rather than on every
