@@ -122,6 +122,10 @@ class ErrorBody(Struct):
     history: Annotated[
         list[dict[str, Any]] | None, Meta(description="GET /api/v1/clients/{id}: the id's connect history.")
     ] = None
+    recent_commands: Annotated[
+        list[dict[str, Any]] | None,
+        Meta(description="GET /api/v1/clients/{id}: the commands last sent to the id, while still kept."),
+    ] = None
 
 
 class HistoryEntry(Struct):
@@ -143,6 +147,34 @@ class HistoryEntry(Struct):
     messages_out: int = 0
 
 
+class RecentCommand(Struct):
+    """One command handed to a client's socket (appliance/core/recent.py), newest first.
+
+    Kept in the memory of the instance that held the client: the last
+    RECENT_COMMANDS_PER_CLIENT per client, texts cut to RECENT_COMMANDS_MAX_CHARS.
+    """
+
+    at: Annotated[str, Meta(description="When the relay handed it to the client's socket (UTC).")]
+    controller: Annotated[
+        str, Meta(description="Who sent it: a controller's id; http, dashboard or mcp for those paths.")
+    ]
+    message: Annotated[str, Meta(description="The command's text, cut to the length cap (… marks a cut).")]
+    outcome: Annotated[
+        Literal["replied", "pending", "timeout", "error", "uncorrelated"],
+        Meta(
+            description="uncorrelated: no reply can be matched (no id, or a broadcast); pending: waiting for the "
+            "reply; replied, timeout, error (see detail)."
+        ),
+    ]
+    instance: Annotated[str, Meta(description="The instance that held the client and recorded it.")]
+    id: Annotated[CommandId | None, Meta(description="The command's id, if it had one.")] = None
+    reply: Annotated[str | None, Meta(description="The client's reply (outcome replied), cut to the cap.")] = None
+    rtt_ms: Annotated[
+        float | None, Meta(description="From handing the command to the socket to the reply, as that instance saw it.")
+    ] = None
+    detail: Annotated[str | None, Meta(description="Why it failed (outcome error).")] = None
+
+
 class ClientRecord(Struct):
     id: str
     role: str
@@ -159,6 +191,12 @@ class ClientRecord(Struct):
     history: Annotated[
         list[HistoryEntry],
         Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
+    ] = []
+    recent_commands: Annotated[
+        list[RecentCommand],
+        Meta(
+            description="Commands last sent to the id and their replies, newest first (GET /api/v1/clients/{id} only)."
+        ),
     ] = []
 
 
@@ -292,7 +330,8 @@ async def get_client(
         int, Parameter(ge=0, le=10_000, description="Connect history entries to include (capped by the setting).")
     ] = 20,
 ) -> Response[ClientRecord]:
-    """One live connection with its id's connect history (closed connections, close codes, who closed them)."""
+    """One live connection with its id's connect history (closed connections, close codes, who closed them)
+    and the commands last sent to it, with their replies and round-trip times."""
     _require(request, allow_controller=True)
     relay = _commands(request).relay
     try:
@@ -301,15 +340,18 @@ async def get_client(
     except BrokerUnavailable as exc:
         return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
     record = next((r for r in records if r["id"] == client_id), None)
+    # Kept by the instances that hold or held the id: the relay asks them.
+    recent, _ = await relay.recent_commands(client_id, history)
     if record is None:
         body = {
             "error": "target_offline",
             "detail": f"{client_id} is not connected",
             "target": client_id,
             "history": history,
+            "recent_commands": recent,
         }
         return Response(body, status_code=404)  # type: ignore[arg-type]
-    return Response({**record, "history": history})  # type: ignore[arg-type]
+    return Response({**record, "history": history, "recent_commands": recent})  # type: ignore[arg-type]
 
 
 @delete(

@@ -66,7 +66,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
     ``kind``: ``d`` delivered, ``r`` reply (``sender``, ``message``), ``e`` error
     (``code``, ``detail``), ``n`` fan-out count (``count``), ``x`` close a local
-    connection (``target``, ``code``), ``q`` hand over what is queued for ``target``.
+    connection (``target``, ``code``), ``q`` hand over what is queued for ``target``,
+    ``c`` send ``target``'s recent commands (at most ``count``) to instance ``sender``,
+    ``C`` those commands (``message``, JSON) for the question ``owner``.
     """
 
     kind: str
@@ -143,6 +145,9 @@ class CommandService:
         self._queue_lock = asyncio.Lock()
         # Commands this instance queued and not yet seen delivered, until they expire: the offline-queue gauge.
         self._queued_here: dict[tuple[str, CommandId], float] = {}
+        # Commands sent from here with "queue": true and not yet handed to a socket: if their client leaves
+        # first (target_offline from its instance), they are queued for its return instead of refused.
+        self._queueable: dict[tuple[str, CommandId], tuple[str, Routed]] = {}
         self._fan_seq = itertools.count()
         self._http_seq = itertools.count()
         self._fan_lock = asyncio.Lock()
@@ -175,6 +180,7 @@ class CommandService:
 
     def expire(self, now: float) -> None:
         for pending in self.pending.expire(now):
+            self._queueable.pop(pending.key, None)
             _OUTCOME["timeout"].inc()
             self._report(pending, Status.TIMEOUT)
         for client, advance in self.matcher.expire(now).items():
@@ -208,7 +214,11 @@ class CommandService:
         if self.pending.open(owner, request.id, request.target, now, request.timeout_ms) is None:
             self._fail_now(owner, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
             return
-        routed = Routed(controller, request.id, request.message, self.instance, owner, request.timeout_ms)
+        routed = Routed(
+            controller, request.id, request.message, self.instance, owner, request.timeout_ms, request.queue
+        )
+        if request.queue and request.target != CONTROLLER_ID:
+            self._queueable[(owner, request.id)] = (request.target, routed)
 
         def result(code: ErrorCode | None, detail: str) -> None:
             if code is None:
@@ -223,11 +233,12 @@ class CommandService:
 
         self.relay.broker.send_routed(request.target, routed, result)
 
-    async def _enqueue(self, target: str, routed: Routed) -> None:
+    async def _enqueue(self, target: str, routed: Routed, requeue: bool = False) -> None:
+        """Queue ``routed`` for ``target``; ``requeue``: its client left before it was handed over."""
         try:
             # One at a time, so commands are queued in the order they were sent.
             async with self._queue_lock:
-                enqueued = await self.relay.broker.enqueue(target, routed, time.time())
+                enqueued = await self.relay.broker.enqueue(target, routed, time.time(), requeue=requeue)
                 owner = await self.relay.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
         except BrokerUnavailable as exc:
             self.outcome(Event("e", routed.owner, routed.id, target, code="delivery_failed", detail=str(exc)))
@@ -235,6 +246,11 @@ class CommandService:
         if enqueued is Enqueued.FULL:
             detail = f"{target} already has {self.relay.settings.offline_queue_max} queued commands"
             self.outcome(Event("e", routed.owner, routed.id, target, code="queue_full", detail=detail))
+            return
+        if requeue and enqueued is not Enqueued.QUEUED:  # Already queued again (cannot happen twice): say so.
+            self._queueable.pop((routed.owner, routed.id), None)  # This target_offline is final.
+            detail = f"{target} disconnected before the command was handed over"
+            self.outcome(Event("e", routed.owner, routed.id, target, code="target_offline", detail=detail))
             return
         pending = self.pending.get(routed.owner, routed.id)
         if pending is None:
@@ -247,6 +263,7 @@ class CommandService:
         if enqueued is Enqueued.ALREADY_DELIVERED:
             # Delivered before: never again. The repeat's outcome is that delivery.
             self.pending.finish(routed.owner, routed.id)
+            self._queueable.pop((routed.owner, routed.id), None)
             self._report(pending, Status.DELIVERED, **duplicate)
             return
         self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
@@ -271,6 +288,9 @@ class CommandService:
             if conn is not None:
                 self._spawn(self._drain(conn))
             return
+        if event.kind in ("c", "C"):  # A client's recent commands: asked for, or answered (relay.py).
+            self.relay.recent.event(event)
+            return
         if event.kind == "n":
             fan_in = self._fan_ins.get((event.owner, event.id if event.id is not None else ""))
             if fan_in is not None:
@@ -286,6 +306,14 @@ class CommandService:
         if event.kind == "r":
             self._replied(event.owner, event.id, event.sender, event.message)
             return
+        queueable = self._queueable.get((event.owner, event.id))
+        if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
+            pending = self.pending.get(event.owner, event.id)
+            if pending is not None and not pending.delivered:
+                # Its client left before the command was handed over: queue it for the client's return.
+                self._spawn(self._enqueue(*queueable, requeue=True))
+                return
+        self._queueable.pop((event.owner, event.id), None)
         pending = self.pending.finish(event.owner, event.id)
         if pending is None:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.
@@ -297,6 +325,8 @@ class CommandService:
         """The ``d`` outcome: the command reached its client's socket."""
         if self._queued_here:
             self._queued_here.pop((owner, command_id), None)
+        if self._queueable:
+            self._queueable.pop((owner, command_id), None)
         pending = self.pending.delivered(owner, command_id)
         if pending is None:
             return
@@ -370,7 +400,8 @@ class CommandService:
 
     def controller_closed(self, conn: Connection) -> None:
         """A controller left: its commands still in flight have nobody to report to."""
-        self.pending.drop_owner(conn.conn_key)
+        for pending in self.pending.drop_owner(conn.conn_key):
+            self._queueable.pop(pending.key, None)
 
     # --- broadcast and groups -----------------------------------------------------------------
 
@@ -412,9 +443,13 @@ class CommandService:
     def fan_in(self, fan: FanOut) -> int:
         """Deliver a broadcast or group command to the local clients; the count of receivers."""
         count = 0
+        now = time.time()
         for conn in self.relay.local_clients(fan.group):
             if conn.deliver(self._frame_for(conn, fan.id, fan.controller, fan.message)):
                 count += 1
+                recent = self.relay.recent.log_for(conn)
+                if recent is not None:  # Replies to a broadcast reach every controller: never matched.
+                    recent.untracked(now, fan.controller, fan.id, fan.message)
         return count
 
     def fan_in_remote(self, payload: bytes) -> None:
@@ -443,38 +478,66 @@ class CommandService:
         return True
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
+        recent = self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
                 client_id = conn.client_id
                 key = (client_id, routed.id)
+                deadline = now + routed.timeout_ms / 1000
                 line = self._awaiting.get(key)
                 if line is None:
                     line = self._awaiting[key] = deque()
-                line.append((routed, now + routed.timeout_ms / 1000))
+                line.append((routed, deadline))
+                if recent is not None:
+                    recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
                 if routed.reply_to == self.instance:  # Sent from here: no event to build and dispatch.
                     self._delivered(routed.owner, routed.id)
                 else:
                     self._tell(routed, Event("d", routed.owner, routed.id, client_id))
             else:
-                self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+                self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
+                self._tell_gone(routed, conn.client_id)
             return
         held = self.matcher.submit(conn.client_id, routed, now)
         if held is Held.SEND:
-            self._send_v1(conn, routed)
+            self._send_v1(conn, routed, now)
         elif held is Held.FULL:
-            self._tell_error(
-                routed,
-                conn.client_id,
-                ErrorCode.QUEUE_FULL,
-                f"{self.matcher.max_waiting} commands already wait for {conn.client_id}'s replies",
-            )
+            detail = f"{self.matcher.max_waiting} commands already wait for {conn.client_id}'s replies"
+            self._fail(conn, routed, ErrorCode.QUEUE_FULL, detail)
 
-    def _send_v1(self, conn: Connection, routed: Routed) -> None:
+    def _fail(self, conn: Connection, routed: Routed, code: ErrorCode, detail: str) -> None:
+        self._note_failed(conn, routed, f"{code.value}: {detail}")
+        self._tell_error(routed, conn.client_id, code, detail)
+
+    def _note_failed(self, conn: Connection, routed: Routed, detail: str) -> None:
+        """The client's log of recent commands shows one that never reached its socket."""
+        recent = self.relay.recent.log_for(conn)
+        if recent is not None:
+            recent.failed(time.time(), routed.controller, routed.id, routed.message, detail)
+
+    def _send_v1(self, conn: Connection, routed: Routed, now: float) -> None:
         if conn.deliver(routed.message):
+            recent = self.relay.recent.log_for(conn)
+            if recent is not None:
+                deadline = self.matcher.deadline(conn.client_id) or now + routed.timeout_ms / 1000
+                recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
             self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
         else:
-            self.matcher.disconnect(conn.client_id)
-            self._tell_error(routed, conn.client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+            self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
+            self._tell_gone(routed, conn.client_id)
+            self._abandon_line(conn.client_id)
+
+    def _tell_gone(self, routed: Routed, client_id: str) -> None:
+        """``routed`` was never handed over: its client's connection is closing."""
+        if routed.queue:  # Its sender queues it for the client's return.
+            self._tell_error(routed, client_id, ErrorCode.TARGET_OFFLINE, f"{client_id} is disconnecting")
+        else:
+            self._tell_error(routed, client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+
+    def _abandon_line(self, client_id: str) -> None:
+        """The client's connection is closing: the commands waiting in its line get their outcome now."""
+        for routed in self.matcher.disconnect(client_id):
+            self._tell_error(routed, client_id, ErrorCode.TARGET_OFFLINE, f"{client_id} disconnected")
 
     def client_text(self, conn: Connection, text: str) -> bool:
         """A client's message; True when it was a version-2 reply (then it goes to its sender only)."""
@@ -493,13 +556,18 @@ class CommandService:
             routed, _ = line.popleft()
             if not line:
                 del self._awaiting[key]
+            if conn.recent is not None:
+                conn.recent.replied(routed, now, reply.message)
             if routed.reply_to == self.instance:
                 self._replied(routed.owner, routed.id, key[0], reply.message)
             else:
                 self._tell(routed, Event("r", routed.owner, routed.id, key[0], key[0], reply.message))
             return True
         if self.matcher.in_flight(conn.client_id) is not None:
-            self._advance(conn.client_id, self.matcher.client_message(conn.client_id, now), now, text)
+            advance = self.matcher.client_message(conn.client_id, now)
+            if advance.replied is not None and conn.recent is not None:
+                conn.recent.replied(advance.replied, now, text)
+            self._advance(conn.client_id, advance, now, text)
         return False
 
     def _advance(self, client_id: str, advance: Any, now: float, text: str | None = None) -> None:
@@ -509,7 +577,10 @@ class CommandService:
         if advance.send is not None:
             conn = self.relay.local_client(client_id)
             if conn is not None:
-                self._send_v1(conn, advance.send)
+                self._send_v1(conn, advance.send, now)
+            else:  # Closing: the next command was never handed over, nor were those behind it.
+                self._tell_gone(advance.send, client_id)
+                self._abandon_line(client_id)
 
     def client_opened(self, conn: Connection) -> None:
         """A client connected: hand over what was queued for it, oldest first."""
@@ -526,8 +597,7 @@ class CommandService:
             log.warning("Queued commands for %s stay queued: %s", conn.client_id, exc)
 
     def client_closed(self, conn: Connection) -> None:
-        for routed in self.matcher.disconnect(conn.client_id):
-            self._tell_error(routed, conn.client_id, ErrorCode.TARGET_OFFLINE, f"{conn.client_id} disconnected")
+        self._abandon_line(conn.client_id)
         if conn.v2:
             for key in [k for k in self._awaiting if k[0] == conn.client_id]:
                 del self._awaiting[key]
@@ -594,6 +664,7 @@ class CommandService:
             self._waiters.pop(owner, None)
             if request.id is not None:  # This owner's only entry (a broadcast opens none): no scan of them all.
                 self.pending.finish(owner, request.id)
+                self._queueable.pop((owner, request.id), None)
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""

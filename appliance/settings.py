@@ -180,6 +180,22 @@ class Settings(BaseSettings):
     history_max_clients: int = Field(
         10_000, ge=1, description="Ids whose connect history the embedded broker keeps in memory (Redis: no cap)."
     )
+    recent_commands_per_client: int = Field(
+        50,
+        ge=0,
+        le=1000,
+        description="Commands kept per client for its detail page (sender, message, reply, round-trip time), "
+        "newest first, in the memory of the instance holding the client; 0 disables.",
+    )
+    recent_commands_max_chars: int = Field(
+        200, ge=16, le=65_536, description="Characters kept of each recorded command and reply (longer ones are cut)."
+    )
+    recent_commands_ttl_seconds: int = Field(
+        3600, ge=1, description="Seconds a disconnected client's recent commands stay readable on its last instance."
+    )
+    recent_commands_max_closed: int = Field(
+        1000, ge=1, description="Disconnected clients whose recent commands each instance keeps (oldest go first)."
+    )
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds SIGTERM waits for in-flight work after closing sockets with 1001."
     )

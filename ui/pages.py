@@ -254,6 +254,8 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     except BrokerUnavailable as exc:
         history, history_error = [], str(exc)
     settings = request.app.state.settings
+    # Kept by the instances that hold or held the id (appliance/core/recent.py), asked through the relay.
+    recent, recent_silent = await relay.recent_commands(client_id, history)
     return Template(
         "client.html",
         context=_common(
@@ -270,6 +272,13 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
                 else "in this instance's memory",
                 "per_client": settings.history_per_client,
                 "days": round(settings.history_ttl_seconds / 86400, 1),
+            },
+            recent=recent,
+            recent_silent=recent_silent,
+            recent_kept={
+                "per_client": settings.recent_commands_per_client,
+                "chars": settings.recent_commands_max_chars,
+                "minutes": round(settings.recent_commands_ttl_seconds / 60),
             },
             urlencode=urlencode,
         ),

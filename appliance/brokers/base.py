@@ -195,8 +195,12 @@ class Broker(abc.ABC):
         """Hand ``payload`` to every instance's :meth:`Inbox.fan_in`; returns how many instances got it."""
 
     @abc.abstractmethod
-    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
-        """Keep ``routed`` for the absent ``target`` (bounded, expiring, never twice per (controller, id))."""
+    async def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
+        """Keep ``routed`` for the absent ``target`` (bounded, expiring, never twice per (controller, id)).
+
+        ``requeue``: it was taken from the queue but its client left before it was handed over,
+        so its "delivered" mark does not refuse it.
+        """
 
     @abc.abstractmethod
     async def take_queued(self, target: str, now: float) -> list[Routed]:

@@ -84,8 +84,8 @@ class MemoryBroker(Broker):
         self.inbox.fan_in(payload)
         return 1
 
-    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
-        return self._queue.enqueue(target, routed, now)
+    async def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
+        return self._queue.enqueue(target, routed, now, requeue=requeue)
 
     async def take_queued(self, target: str, now: float) -> list[Routed]:
         return self._queue.take(target, now)

@@ -128,7 +128,7 @@ return lost
 # list as long as its longest-lived entry, and remember (controller, id).
 ENQUEUE = """
 local seen = redis.call('GET', KEYS[2])
-if seen then return seen end
+if seen and not (ARGV[5] == '1' and seen == 'd') then return seen end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
@@ -814,7 +814,7 @@ class RedisBroker(Broker):
         kind = "i" if isinstance(routed.id, int) else "s"
         return f"{QUEUE_SEEN_KEY}{routed.controller}:{kind}{routed.id}"
 
-    async def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+    async def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
         if self._redis is None or not self._up:
             raise BrokerUnavailable(self.health()[1])
         ttl_ms = max(1, routed.timeout_ms)
@@ -829,6 +829,7 @@ class RedisBroker(Broker):
                 self._queue_max,
                 ttl_ms,
                 max(ttl_ms, round(self._queue_remember * 1000)),
+                "1" if requeue else "0",
             )
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc

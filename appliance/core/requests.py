@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-class Routed(msgspec.Struct, frozen=True):
+class Routed(msgspec.Struct, frozen=True, omit_defaults=True):
     """A command with an id on its way to a client's instance, with where to report its outcome.
 
     ``reply_to`` names the sender's instance and ``owner`` its entry in that instance's
@@ -53,6 +53,8 @@ class Routed(msgspec.Struct, frozen=True):
     reply_to: str
     owner: str
     timeout_ms: int
+    #: Sent with ``"queue": true``: if its client leaves before it is handed over, it is queued, not refused.
+    queue: bool = False
 
 
 #: Stale deadline-heap entries tolerated beyond twice the live ones before the heap is rebuilt.
@@ -220,6 +222,11 @@ class V1Matcher:
         line = self._lines.get(client)
         return line.in_flight if line else None
 
+    def deadline(self, client: str) -> float | None:
+        """When the command in flight to ``client`` stops waiting for its reply."""
+        line = self._lines.get(client)
+        return line.in_flight_deadline if line is not None and line.in_flight is not None else None
+
     def waiting(self, client: str) -> int:
         line = self._lines.get(client)
         return len(line.waiting) if line else 0
@@ -316,11 +323,12 @@ class OfflineQueue:
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
-    def enqueue(self, target: str, routed: Routed, now: float) -> Enqueued:
+    def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
+        """Queue ``routed``; ``requeue``: it was taken from the queue but never handed over, so again."""
         self.expire(now)
         key = (routed.controller, routed.id)
         seen = self._seen.get(key)
-        if seen is not None:
+        if seen is not None and not (requeue and seen[0]):
             return Enqueued.ALREADY_DELIVERED if seen[0] else Enqueued.ALREADY_QUEUED
         queue = self._queues.setdefault(target, deque())
         if len(queue) >= self.max_per_target:

@@ -52,6 +52,13 @@ def test_send_a_command_and_see_the_reply_appear(page, app, console, screenshot)
         assert page.locator("#sent-rows tr.pending").count() == 0
         assert page.locator("#sent-rows script").count() == 0
         screenshot(page, "send")
+        # The client's detail page lists it among its recent commands, with the reply and round trip.
+        page.goto(app.http + "/admin/client?id=unity-1")
+        recent = page.locator('#recent-commands tr[data-outcome="replied"]').first
+        recent.wait_for(timeout=ms(10))
+        assert re.search(r"MoveForward 10.*done: MoveForward 10 <script>.* ms", recent.inner_text(), re.S)
+        assert page.locator("#recent-commands script").count() == 0
+        screenshot(page, "client-recent-commands")
     console.assert_clean()
 
 

@@ -86,6 +86,10 @@ async def test_offline_queue_keeps_order_bounds_and_forgets_nothing_twice(cluste
     assert await b.broker.take_queued(target, now + 1.0) == []
     assert await a.broker.enqueue(target, routed("1"), now + 2) is Enqueued.ALREADY_DELIVERED
     assert await a.broker.enqueue(target, routed("1", controller="other"), now + 2) is Enqueued.QUEUED
+    # Taken but never handed over (its client left first): queued again, once.
+    assert await a.broker.enqueue(target, routed("1"), now + 2, requeue=True) is Enqueued.QUEUED
+    assert await a.broker.enqueue(target, routed("1"), now + 2, requeue=True) is Enqueued.ALREADY_QUEUED
+    assert [r.id for r in await b.broker.take_queued(target, now + 3)] == ["1", "1"]  # other's, then the requeued
 
 
 async def test_owner_of_names_the_holder_anywhere(cluster):

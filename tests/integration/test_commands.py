@@ -486,3 +486,81 @@ async def test_full_queues_are_refused_with_queue_full(start_appliance):
             frames = [await recv_json(llm) for _ in range(2)]
             assert {f.get("status", f.get("error")) for f in frames} == {"delivered", "queue_full"}
             assert next(f for f in frames if "error" in f)["id"] == "b2"
+
+
+# --- a client that leaves mid-command ----------------------------------------------------------
+
+
+async def outcomes_by_id(ws, ids: set, until=None, within: float = 10.0) -> dict:
+    """The frames about ``ids``, by id, until each has a final outcome (reply, timeout or error).
+
+    ``until(key, frame)`` may end an id's wait at another frame (``queued``). Plain client
+    messages (every controller gets them) are skipped; a second final outcome fails the test.
+    """
+    frames: dict = {i: [] for i in ids}
+    final: set = set()
+    done: set = set()
+    async with asyncio.timeout(timeout(within)):
+        while done != ids:
+            frame = await recv_json(ws, within)
+            key = frame.get("reply_to", frame.get("id"))
+            if key not in ids:
+                continue
+            frames[key].append(frame)
+            if "reply_to" in frame or "error" in frame or frame.get("status") == "timeout":
+                assert key not in final, f"a second final outcome for {key}: {frames[key]}"
+                final.add(key)
+                done.add(key)
+            elif until is not None and until(key, frame):
+                done.add(key)
+    return frames
+
+
+async def test_a_v1_client_leaving_mid_command_leaves_every_command_exactly_one_outcome(relay):
+    """In flight: timeout. Waiting in its line: target_offline, or with "queue": true queued for its return."""
+    target = uid("leaver")
+    async with relay.controller(uid("ctl")) as llm:
+        async with relay.connect(target) as client:
+            await llm.send(command(target, "first", id=1, timeout_ms=1500))
+            await llm.send(command(target, "second", id=2, queue=True, timeout_ms=20_000))
+            await llm.send(command(target, "third", id=3))
+            await llm.send(command(target, "ping"))  # Without id: never held back, and behind 2 and 3 in order.
+            assert await recv(client) == "first"
+            assert await recv(client) == "ping"  # So 2 and 3 now wait in its line.
+        # The client left without answering "first"; "second" and "third" were never handed over.
+        frames = await outcomes_by_id(llm, {1, 2, 3}, until=lambda key, frame: frame.get("status") == "queued")
+        assert frames[1] == [
+            {"id": 1, "status": "delivered", "target": target},
+            {"id": 1, "status": "timeout", "target": target, "timeout_ms": 1500},
+        ]
+        assert [f.get("status") for f in frames[2]] == ["queued"]
+        assert [(f["error"], f["id"]) for f in frames[3]] == [("target_offline", 3)]
+        async with relay.connect(target) as again:
+            assert await recv(again) == "second"
+            await again.send("second done")
+            frames = await outcomes_by_id(llm, {2})
+            assert frames[2][0] == {"id": 2, "status": "delivered", "target": target}
+            assert (frames[2][-1]["reply_to"], frames[2][-1]["message"]) == (2, "second done")
+            assert await nothing_arrives(again)
+
+
+async def test_queued_commands_handed_to_a_v1_client_that_leaves_again_wait_for_its_next_return(relay):
+    """Taken from the queue, one waited behind the first when the client left again: queued once more."""
+    target = uid("flaky")
+    async with relay.controller(uid("ctl")) as llm:
+        await llm.send(command(target, "first", id=1, queue=True, timeout_ms=1500))
+        await llm.send(command(target, "second", id=2, queue=True, timeout_ms=20_000))
+        frames = await outcomes_by_id(llm, {1, 2}, until=lambda key, frame: frame.get("status") == "queued")
+        assert [f["status"] for f in frames[1] + frames[2]] == ["queued", "queued"]
+        async with relay.connect(target) as client:
+            assert await recv(client) == "first"  # "second" waits for its reply, which never comes.
+            assert (await next_status(llm)) == {"id": 1, "status": "delivered", "target": target}
+        frames = await outcomes_by_id(llm, {1, 2}, until=lambda key, frame: frame.get("status") == "queued")
+        assert frames[1] == [{"id": 1, "status": "timeout", "target": target, "timeout_ms": 1500}]
+        assert [f.get("status") for f in frames[2]] == ["queued"]
+        async with relay.connect(target) as again:
+            assert await recv(again) == "second"
+            await again.send("second done")
+            frames = await outcomes_by_id(llm, {2})
+            assert frames[2][0] == {"id": 2, "status": "delivered", "target": target}
+            assert (frames[2][-1]["reply_to"], frames[2][-1]["message"]) == (2, "second done")

@@ -1,6 +1,7 @@
 """Request/reply, broadcast, queue and disconnect across instances sharing one real Redis."""
 
 import asyncio
+import contextlib
 import json
 import uuid
 
@@ -136,3 +137,40 @@ async def test_admin_disconnect_reaches_another_instance(trio):
         async with httpx.AsyncClient(base_url=a.http, headers={"X-Auth-Token": ADMIN_TOKEN}) as http:
             assert (await http.delete(f"/api/v1/clients/{target}")).status_code == 204
         assert (await closed_with(client))[0] == 4012
+
+
+async def test_a_client_leaving_mid_command_on_another_instance_leaves_every_command_one_outcome(trio):
+    """The controller on a, the client on c: in flight → timeout; waiting (queue) → queued, then delivered."""
+    a, _, c = trio
+    target = uid("leaver")
+    final = lambda f: "reply_to" in f or "error" in f or f.get("status") == "timeout"  # noqa: E731
+    async with a.controller(uid("ctl")) as llm:
+        async with c.connect(target) as client:
+            await llm.send(command(target, "first", id=1, timeout_ms=1500))
+            await llm.send(command(target, "second", id=2, queue=True, timeout_ms=20_000))
+            await llm.send(command(target, "ping"))  # Without id: never held back, and behind 2 in order.
+            assert await recv(client) == "first"
+            assert await recv(client) == "ping"  # So 2 waits in its line.
+        frames: dict = {1: [], 2: []}
+        while not (any(map(final, frames[1])) and frames[2]):
+            frame = await recv_json(llm, 10)
+            key = frame.get("reply_to", frame.get("id"))
+            if key in frames:
+                frames[key].append(frame)
+        assert [f["status"] for f in frames[1]] == ["delivered", "timeout"]
+        assert [f.get("status") for f in frames[2]] == ["queued"]
+        async with c.connect(target) as again:
+            assert await recv(again) == "second"
+            await again.send("second done")
+            while not any(map(final, frames[2])):
+                frame = await recv_json(llm, 10)
+                if frame.get("reply_to", frame.get("id")) == 2:
+                    frames[2].append(frame)
+            assert [f.get("status") for f in frames[2]] == ["queued", "delivered", None]
+            assert (frames[2][-1]["reply_to"], frames[2][-1]["message"]) == (2, "second done")
+        # Only the plain copy of the reply (every controller gets it) may follow: no second outcome for either.
+        later = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                later.append(json.loads(await asyncio.wait_for(llm.recv(), 0.5)))
+        assert all(set(f) == {"sender", "message"} for f in later), later

@@ -143,3 +143,30 @@ async def test_a_command_to_a_closing_client_gets_delivery_failed_with_its_id(ma
         "id": "c-1",
     }
     assert "too late" not in client_socket.frames()
+
+
+async def test_a_queued_command_to_a_closing_client_is_queued_for_its_return(make_relay):
+    """With "queue": true a client that is leaving is as good as offline: queued, not delivery_failed."""
+    relay = await make_relay()
+    target = f"leaving-{uuid.uuid4().hex[:8]}"  # Redis queues outlive a test.
+    client, client_socket, _ = await open_id(relay, target)
+    llm, llm_socket, _ = await open_id(relay, "LLM", Role.CONTROLLER)
+    client.close(CloseCode.REPLACED)  # Closing: its reader has not cleaned up yet.
+    frame = {"target": target, "message": "when back", "id": "q-1", "queue": True, "timeout_ms": 20_000}
+    relay.perform(llm, llm.session.receive_text(json.dumps(frame), time.time()))
+
+    async def statuses():
+        return [json.loads(f) for f in llm_socket.frames()]
+
+    [queued] = await eventually(statuses, 10, "the queued status")
+    assert queued | {"expires_in_ms": 0} == {"id": "q-1", "status": "queued", "target": target, "expires_in_ms": 0}
+    await relay.close(client)
+    _, again_socket, refusal = await open_id(relay, target)
+    assert refusal is None
+
+    async def handed_over():
+        return again_socket.frames() == ["when back"] and len(llm_socket.frames()) == 2
+
+    await eventually(handed_over, 10, "the queued command on the new connection")
+    assert json.loads(llm_socket.frames()[1]) == {"id": "q-1", "status": "delivered", "target": target}
+    assert "when back" not in client_socket.frames()

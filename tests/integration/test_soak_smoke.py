@@ -16,14 +16,13 @@ import pytest
 from support import ROOT, timeout
 
 
-@pytest.mark.slow
-def test_a_short_soak_answers_or_reports_every_command_and_samples_every_process(tmp_path: Path) -> None:
+def run_soak(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "soak.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [
             *(sys.executable, "-m", "bench.soak", "--soak-minutes", "0.15", "--rate", "100", "--clients", "50"),
-            *("--warmup", "2", "--json", str(out)),
+            *("--warmup", "2", "--timeout-ms", "5000", "--json", str(out), *extra),
         ],
         cwd=ROOT,
         env=env,
@@ -32,11 +31,21 @@ def test_a_short_soak_answers_or_reports_every_command_and_samples_every_process
         timeout=timeout(90),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())
+    return result, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_a_short_soak_gives_every_command_exactly_one_outcome_and_samples_every_process(tmp_path: Path) -> None:
+    result, figures = run_soak(tmp_path)
     assert figures["sent"] == 900
-    assert figures["answered"] + figures["reported"] + figures["lost_churned"] == figures["sent"]
-    assert figures["lost_other"] == 0 and figures["duplicates"] == 0
+    assert figures["queue"] is True and figures["timeout_ms"] == 5000
+    assert figures["answered"] + figures["reported"] == figures["sent"]
+    assert sum(figures["errors"].values()) == figures["reported"]
+    assert figures["lost"] == 0 and figures["duplicates"] == 0 and figures["mismatched_replies"] == 0
     assert figures["reconnects"] >= 15  # 5 % of 50 clients, every second.
     assert figures["answered"] > figures["sent"] * 0.8
+    # Commands for a reconnecting client are queued and handed over when it is back.
+    assert figures["queued_then_delivered"] > 0
     assert set(figures["slopes_per_minute"]) == {f"{p}_{m}" for p in ("a", "b", "redis") for m in ("rss_mib", "fds")}
-    assert "| first |" in result.stdout and "| last |" in result.stdout
+    assert "| first |" in result.stdout and "| last, not queued |" in result.stdout
+    assert "lost (no outcome at all): 0" in result.stdout

@@ -124,6 +124,18 @@ def test_later_commands_wait_in_order_and_are_handed_over_one_at_a_time():
     assert (step.replied, step.send) == (c, None)
 
 
+def test_the_deadline_of_the_command_in_flight_is_the_one_it_was_submitted_with():
+    matcher = V1Matcher(max_waiting=2)
+    a, b = routed("a"), routed("b")
+    matcher.submit("u1", a, 10.0)
+    matcher.submit("u1", b, 11.0)  # Waits; its deadline runs from now, not from when it is handed over.
+    assert matcher.deadline("u1") == 10.0 + a.timeout_ms / 1000
+    matcher.client_message("u1", 10.5)
+    assert matcher.deadline("u1") == 11.0 + b.timeout_ms / 1000
+    matcher.client_message("u1", 10.6)
+    assert matcher.deadline("u1") is None
+
+
 def test_a_message_with_nothing_in_flight_answers_nothing():
     matcher = V1Matcher(max_waiting=2)
     assert matcher.client_message("u1", 0.0).replied is None
@@ -228,3 +240,14 @@ def test_take_skips_expired_commands_even_without_a_sweep():
     queue.enqueue("u1", a, 0.0)
     queue.enqueue("u1", b, 0.0)
     assert queue.take("u1", 1.0) == [b]
+
+
+def test_a_command_taken_but_never_handed_over_can_be_queued_again_once():
+    queue = OfflineQueue(max_per_target=10, remember_seconds=60)
+    a = routed("a")
+    assert queue.enqueue("u1", a, 0.0) is Enqueued.QUEUED
+    assert queue.take("u1", 0.1) == [a]
+    assert queue.enqueue("u1", a, 0.2) is Enqueued.ALREADY_DELIVERED  # a repeat: never again
+    assert queue.enqueue("u1", a, 0.2, requeue=True) is Enqueued.QUEUED  # its client left before it got it
+    assert queue.enqueue("u1", a, 0.3, requeue=True) is Enqueued.ALREADY_QUEUED  # still one copy
+    assert queue.take("u1", 0.4) == [a]

@@ -1,0 +1,182 @@
+"""Recent commands of one client: what was handed to its socket, by whom, and what came back. No I/O.
+
+The instance that holds a client sees every command written to it (whatever path it took:
+a WebSocket controller, ``POST /api/v1/commands``, the dashboard, a broadcast, the offline
+queue) and every reply it matches (version 2 by ``reply_to``, version 1 by FIFO order), so
+it keeps the log there, in memory, in a ring of the last ``size`` commands. Recording is
+one ``deque.append`` of a tuple on the version-1 hot path; nothing is formatted until
+someone reads (:meth:`CommandLog.view`). Texts are cut to ``max_chars`` when recorded, so a
+client's log holds at most ``size * (2 * max_chars)`` characters of text.
+
+:class:`ClosedLogs` keeps the logs of clients that disconnected for ``ttl`` seconds (at most
+``max_ids`` of them), so a reconnect on the same instance continues its log and a detail
+page still shows the last commands of a client that has just left.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["ClosedLogs", "CommandLog", "Tracked", "cut"]
+
+#: Marks a text that was cut to the length cap.
+ELLIPSIS = "…"
+
+
+def cut(text: str, max_chars: int) -> str:
+    """``text``, or its first ``max_chars`` characters and an ellipsis."""
+    return text if len(text) <= max_chars else text[:max_chars] + ELLIPSIS
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+class Tracked:
+    """A command with an id whose reply the relay can match: its outcome is filled in later.
+
+    ``key`` is whatever identifies it to the matcher (the routed command object itself);
+    it is compared by identity and never shown.
+    """
+
+    __slots__ = ("at", "controller", "id", "message", "deadline", "key", "outcome", "reply", "rtt_ms", "detail")
+
+    def __init__(self, at: float, controller: str, command_id: Any, message: str, deadline: float, key: object) -> None:
+        self.at = at
+        self.controller = controller
+        self.id = command_id
+        self.message = message
+        self.deadline = deadline
+        self.key = key
+        self.outcome = ""  # "" while waiting; "replied" or "error" once known
+        self.reply = ""
+        self.rtt_ms = 0.0
+        self.detail = ""
+
+
+class CommandLog:
+    """The last ``size`` commands handed to one client's socket, oldest first.
+
+    Entries are ``(at, controller, id, message)`` tuples for commands whose reply cannot
+    be matched (no id, or a broadcast), and :class:`Tracked` objects for the rest.
+    """
+
+    __slots__ = ("entries", "max_chars")
+
+    def __init__(self, size: int, max_chars: int) -> None:
+        if size < 1 or max_chars < 1:
+            raise ValueError("size and max_chars must be at least 1")
+        self.entries: deque[tuple[float, str, Any, str] | Tracked] = deque(maxlen=size)
+        self.max_chars = max_chars
+
+    def untracked(self, now: float, controller: str, command_id: Any, message: str) -> None:
+        """A command no reply will be matched to (the version-1 hot path: one append)."""
+        if len(message) > self.max_chars:
+            message = message[: self.max_chars] + ELLIPSIS
+        self.entries.append((now, controller, command_id, message))
+
+    def tracked(self, now: float, controller: str, command_id: Any, message: str, deadline: float, key: object) -> None:
+        """A command whose reply the relay will match (an id, sent to this one client)."""
+        self.entries.append(Tracked(now, controller, command_id, cut(message, self.max_chars), deadline, key))
+
+    def failed(self, now: float, controller: str, command_id: Any, message: str, detail: str) -> None:
+        """A command that never reached the socket (line full, client disconnecting)."""
+        entry = Tracked(now, controller, command_id, cut(message, self.max_chars), now, None)
+        entry.outcome, entry.detail = "error", detail
+        self.entries.append(entry)
+
+    def replied(self, key: object, now: float, text: str) -> bool:
+        """The reply to the command ``key`` arrived; False when it is no longer in the ring."""
+        for entry in reversed(self.entries):  # Replies answer recent commands: newest first.
+            if type(entry) is Tracked and entry.key is key:
+                if entry.outcome:
+                    return False
+                entry.outcome = "replied"
+                entry.reply = cut(text, self.max_chars)
+                entry.rtt_ms = round(max(0.0, now - entry.at) * 1000, 3)
+                entry.key = None  # The matcher's object is not kept alive by the log.
+                return True
+        return False
+
+    def view(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first, at most ``limit``, as plain dicts (JSON-ready); timeouts are decided here."""
+        shown: list[dict[str, Any]] = []
+        for entry in reversed(self.entries):
+            if limit is not None and len(shown) >= limit:
+                break
+            if type(entry) is tuple:
+                at, controller, command_id, message = entry
+                shown.append(
+                    {
+                        "at": _iso(at),
+                        "controller": controller,
+                        "id": command_id,
+                        "message": message,
+                        "outcome": "uncorrelated",
+                    }
+                )
+                continue
+            assert isinstance(entry, Tracked)
+            outcome = entry.outcome or ("timeout" if now >= entry.deadline else "pending")
+            item: dict[str, Any] = {
+                "at": _iso(entry.at),
+                "controller": entry.controller,
+                "id": entry.id,
+                "message": entry.message,
+                "outcome": outcome,
+            }
+            if outcome == "replied":
+                item["reply"] = entry.reply
+                item["rtt_ms"] = entry.rtt_ms
+            elif outcome == "error":
+                item["detail"] = entry.detail
+            shown.append(item)
+        return shown
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class ClosedLogs:
+    """Logs of clients that disconnected, each forgotten ``ttl`` seconds after it closed,
+    at most ``max_ids`` (the one closed longest ago goes first)."""
+
+    __slots__ = ("max_ids", "ttl", "_logs")
+
+    def __init__(self, max_ids: int, ttl: float) -> None:
+        if max_ids < 1 or ttl <= 0:
+            raise ValueError("max_ids must be at least 1 and ttl positive")
+        self.max_ids = max_ids
+        self.ttl = ttl
+        self._logs: OrderedDict[str, tuple[float, CommandLog]] = OrderedDict()
+
+    def keep(self, client_id: str, log: CommandLog, now: float) -> None:
+        self._logs.pop(client_id, None)
+        if len(log):
+            self._logs[client_id] = (now, log)
+        self._expire(now)
+        while len(self._logs) > self.max_ids:
+            self._logs.popitem(last=False)
+
+    def take(self, client_id: str, now: float) -> CommandLog | None:
+        """The id reconnected here: its log continues on the new connection."""
+        self._expire(now)
+        found = self._logs.pop(client_id, None)
+        return found[1] if found is not None else None
+
+    def get(self, client_id: str, now: float) -> CommandLog | None:
+        self._expire(now)
+        found = self._logs.get(client_id)
+        return found[1] if found is not None else None
+
+    def _expire(self, now: float) -> None:
+        while self._logs:
+            client_id, (at, _) = next(iter(self._logs.items()))
+            if now - at < self.ttl:
+                return
+            del self._logs[client_id]
+
+    def __len__(self) -> int:
+        return len(self._logs)
