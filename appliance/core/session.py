@@ -147,6 +147,13 @@ def _names_many(error: ProtocolError) -> bool:
     return isinstance(target, str) and (target == "*" or target.startswith("group:"))
 
 
+def _accepted(request: Request) -> Deliver | Submit:
+    """A command without id for one client is delivered as in version 1; the others are tracked."""
+    if request.id is None and request.kind is TargetKind.CLIENT:
+        return Deliver(Command(request.target, request.message))
+    return Submit(request)
+
+
 def _echo(text: str) -> dict[str, str | int]:
     """``{"id": ...}`` for an error frame about ``text``, when its id can be read."""
     found = command_id(text)
@@ -224,22 +231,25 @@ class Session:
                 retry_after_ms=max(1, round(wait * 1000)),
                 **_echo(text),
             )
+        timeouts = self._timeouts
+        if timeouts is not None and '"id"' in text:
+            # Most likely version 2 with an id: one decode. A frame that fails it (or
+            # spells "id" with escapes) takes the two-step path below, which decides
+            # whether version 1 or 2 explains what is wrong, exactly as before.
+            request = parse_request(text, timeouts)
+            if type(request) is Request:
+                return _accepted(request)
         parsed = parse_command(text)
-        if self._timeouts is not None and (
-            (isinstance(parsed, Command) and parsed.id is not None)
-            or (isinstance(parsed, ProtocolError) and _names_many(parsed))
-        ):
-            # Version 2 (an id, "*" or "group:..."): read the extra fields. Commands without
-            # id never get here, so the version-1 hot path parses once, as before.
-            request = parse_request(text, self._timeouts)
-            if isinstance(request, ProtocolError):
-                return _error(request.code, request.detail, **dict(request.extra))
-            if request.id is None and request.kind is TargetKind.CLIENT:
-                return Deliver(Command(request.target, request.message))
-            return Submit(request)
-        if isinstance(parsed, ProtocolError):
+        if type(parsed) is Command:
+            if parsed.id is None or timeouts is None:
+                return Deliver(parsed)  # Version 1: one decode.
+        elif timeouts is None or not _names_many(parsed):
             return _error(parsed.code, parsed.detail, **dict(parsed.extra))
-        return Deliver(parsed)
+        # Version 2 (an id, "*" or "group:..."): read the extra fields.
+        request = parse_request(text, timeouts)
+        if isinstance(request, ProtocolError):
+            return _error(request.code, request.detail, **dict(request.extra))
+        return _accepted(request)
 
     def _client_frame(self, text: str, now: float) -> Action:
         if _utf8_length_exceeds(text, self._max_bytes):
