@@ -270,8 +270,13 @@ def encode_client_command(command_id: CommandId | None, controller: str, message
 
 
 def encode_controller_reply(reply_to: CommandId, sender: str, message: str, rtt_ms: float) -> str:
-    """The reply, to the sending controller only: ``{"reply_to","sender","message","rtt_ms"}``."""
-    return _encoder.encode(_ControllerReply(reply_to, sender, message, round(rtt_ms, 3))).decode()
+    """The reply, to the sending controller only: ``{"reply_to","sender","message","rtt_ms"}``.
+
+    ``rtt_ms`` to three decimals as ``round(ms * 1000) / 1000``: ``round(ms, 3)`` goes
+    through a decimal string (0.28 µs, half of this function's cost); a measured time
+    loses nothing when a half-way tie goes the other way.
+    """
+    return _encoder.encode(_ControllerReply(reply_to, sender, message, round(rtt_ms * 1000) / 1000)).decode()
 
 
 def encode_delivered(command_id: CommandId, client_id: str) -> str:

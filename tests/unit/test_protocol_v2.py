@@ -141,6 +141,18 @@ def test_controller_reply_frame_bytes():
     )
 
 
+@pytest.mark.parametrize(
+    "rtt_ms", [0.0, 0.0004, 0.0005, 0.0015, 0.1234567, 1.0, 2.5005, 999.9995, 12345.6789, 6e4, 1e-7]
+)
+def test_controller_reply_rtt_is_rounded_to_three_decimals(rtt_ms):
+    # The frame rounds without round(x, 3) (slow): the same figure, but for a half-way
+    # tie (0.0005), which may go the other way in the last decimal.
+    frame = json.loads(encode_controller_reply(1, "u1", "m", rtt_ms))
+    assert frame["rtt_ms"] == pytest.approx(round(rtt_ms, 3), abs=0.0010001)
+    assert abs(frame["rtt_ms"] - rtt_ms) <= 0.0005 + 1e-12
+    assert len(repr(frame["rtt_ms"]).split(".")[1]) <= 3
+
+
 def test_status_frame_bytes():
     assert encode_status("c-1", Status.DELIVERED, "u1") == '{"id":"c-1","status":"delivered","target":"u1"}'
     assert encode_status(9, Status.DELIVERED, "*", count=3) == '{"id":9,"status":"delivered","target":"*","count":3}'
