@@ -117,22 +117,30 @@ class ClientReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def is_valid_command_id(value: object) -> bool:
-    """A string of 1 to 64 characters or an integer JSON can carry exactly (booleans are not ids)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
+    """A string of 1 to 64 characters or an integer JSON can carry exactly (booleans are not ids).
+
+    Exact type tests (decoded JSON holds plain ``int`` and ``str``): ``type(True)`` is
+    ``bool``, so booleans fail without a test of their own; half the cost of ``isinstance``.
+    """
+    if type(value) is int:
         return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
-    return isinstance(value, str) and 0 < len(value) <= MAX_COMMAND_ID_LENGTH
+    return type(value) is str and 0 < len(value) <= MAX_COMMAND_ID_LENGTH
+
+
+# Enum members as module constants: ``TargetKind.CLIENT`` is an attribute lookup through
+# the enum's metaclass (50 ns on Python 3.11), paid once per command.
+_CLIENT, _BROADCAST, _GROUP = TargetKind.CLIENT, TargetKind.BROADCAST, TargetKind.GROUP
+_match_client_id = CLIENT_ID_PATTERN.fullmatch
 
 
 def target_kind(target: str) -> TargetKind | None:
     """What a target names, or None when it is not a valid target."""
-    if CLIENT_ID_PATTERN.fullmatch(target) is not None:
-        return TargetKind.CLIENT
+    if _match_client_id(target) is not None:
+        return _CLIENT
     if target == BROADCAST:
-        return TargetKind.BROADCAST
-    if target.startswith(GROUP_PREFIX) and CLIENT_ID_PATTERN.fullmatch(target[len(GROUP_PREFIX) :]) is not None:
-        return TargetKind.GROUP
+        return _BROADCAST
+    if target.startswith(GROUP_PREFIX) and _match_client_id(target[len(GROUP_PREFIX) :]) is not None:
+        return _GROUP
     return None
 
 
@@ -170,7 +178,7 @@ def parse_request(text: str, policy: TimeoutPolicy) -> Request | ProtocolError:
             kind is not None
             and (fields.id is None or is_valid_command_id(fields.id))
             and 1 <= timeout_ms <= policy.max_ms
-            and not (fields.queue and (kind is not TargetKind.CLIENT or fields.id is None))
+            and not (fields.queue and (kind is not _CLIENT or fields.id is None))
         ):
             return Request(fields.target, fields.message, fields.id, timeout_ms, fields.queue, kind)
     try:
