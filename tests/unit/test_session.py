@@ -12,6 +12,7 @@ from appliance.core.session import (
     InvalidState,
     Limits,
     Publish,
+    ReplyOrPublish,
     SendError,
     Session,
     State,
@@ -204,3 +205,11 @@ def test_one_decode_path_for_frames_with_id_gives_what_the_two_step_path_gave(fr
         assert action.frame == expected
     else:
         assert action == expected
+
+
+def test_version_2_client_text_builds_its_reply_frame_only_when_published():
+    session = Session("u2", Role.CLIENT, UNLIMITED, now=0, v2=True)
+    action = session.receive_text('{"reply_to":1,"message":"ok"}', now=0)
+    assert action == ReplyOrPublish("u2", '{"reply_to":1,"message":"ok"}')
+    # Published (no command waits for it): the same frame a version-1 client's text makes.
+    assert action.frame == '{"sender":"u2","message":"{\\"reply_to\\":1,\\"message\\":\\"ok\\"}"}'
