@@ -128,6 +128,15 @@ class _FanIn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+#: A command handed to a v2 client and the time its sender stops waiting for the reply.
+_Awaiting = tuple[Routed, float]
+
+
+def _last_deadline(line: _Awaiting | deque[_Awaiting]) -> float:
+    """When the newest command of a v2 client's line for one id stops waiting."""
+    return line[1] if isinstance(line, tuple) else line[-1][1]
+
+
 class CommandService:
     """This instance's part of request/reply: pending commands, client lines, outcomes."""
 
@@ -138,8 +147,10 @@ class CommandService:
         self.instance = relay.instance
         self.pending = PendingTable()
         self.matcher = V1Matcher(settings.v1_reply_queue)
-        # (client, command id) -> commands handed to that v2 client, oldest first, awaiting its reply.
-        self._awaiting: dict[tuple[str, CommandId], deque[tuple[Routed, float]]] = {}
+        # (client, command id) -> the command handed to that v2 client awaiting its reply, with its
+        # deadline: one (routed, deadline) pair, or a deque of them, oldest first, when controllers
+        # use the same id for one client (rare; a deque for every command cost 0.1 us).
+        self._awaiting: dict[tuple[str, CommandId], _Awaiting | deque[_Awaiting]] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = 0.0
         self._queue_lock = asyncio.Lock()
@@ -191,7 +202,7 @@ class CommandService:
             for key in [k for k, expires in self._queued_here.items() if expires <= now]:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
-            for key in [k for k, line in self._awaiting.items() if line[-1][1] <= now]:
+            for key in [k for k, line in self._awaiting.items() if _last_deadline(line) <= now]:
                 del self._awaiting[key]
 
     def _spawn(self, coro: Any) -> None:
@@ -484,10 +495,12 @@ class CommandService:
                 client_id = conn.client_id
                 key = (client_id, routed.id)
                 deadline = now + routed.timeout_ms / 1000
-                line = self._awaiting.get(key)
-                if line is None:
-                    line = self._awaiting[key] = deque()
-                line.append((routed, deadline))
+                entry = (routed, deadline)
+                line = self._awaiting.setdefault(key, entry)
+                if line is not entry:  # Another command with this id waits for this client's reply.
+                    if isinstance(line, tuple):
+                        line = self._awaiting[key] = deque((line,))
+                    line.append(entry)
                 if recent is not None:
                     recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
                 if routed.reply_to == self.instance:  # Sent from here: no event to build and dispatch.
@@ -548,14 +561,22 @@ class CommandService:
                 return False
             key = (conn.client_id, reply.reply_to)
             line = self._awaiting.get(key)
-            while line and line[0][1] <= now:
-                line.popleft()  # Its sender has reported the timeout already.
-            if not line:
-                self._awaiting.pop(key, None)
-                return False  # Nobody waits for it (late, or never asked): it reaches every controller.
-            routed, _ = line.popleft()
-            if not line:
+            if line is None:
+                return False  # Nobody waits for it (never asked, or late): it reaches every controller.
+            if isinstance(line, tuple):
                 del self._awaiting[key]
+                routed, deadline = line
+                if deadline <= now:
+                    return False  # Late: its sender has reported the timeout already.
+            else:
+                while line and line[0][1] <= now:
+                    line.popleft()  # Its sender has reported the timeout already.
+                if not line:
+                    del self._awaiting[key]
+                    return False
+                routed, _ = line.popleft()
+                if not line:
+                    del self._awaiting[key]
             if conn.recent is not None:
                 conn.recent.replied(routed, now, reply.message)
             if routed.reply_to == self.instance:
