@@ -38,6 +38,7 @@ from .core.protocol_v2 import (
     TimeoutPolicy,
     encode_client_command,
     encode_controller_reply,
+    encode_delivered,
     encode_status,
     parse_client_reply,
     request_from_fields,
@@ -127,6 +128,15 @@ class _FanIn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+#: A command handed to a v2 client and the time its sender stops waiting for the reply.
+_Awaiting = tuple[Routed, float]
+
+
+def _last_deadline(line: _Awaiting | deque[_Awaiting]) -> float:
+    """When the newest command of a v2 client's line for one id stops waiting."""
+    return line[1] if isinstance(line, tuple) else line[-1][1]
+
+
 class CommandService:
     """This instance's part of request/reply: pending commands, client lines, outcomes."""
 
@@ -137,8 +147,10 @@ class CommandService:
         self.instance = relay.instance
         self.pending = PendingTable()
         self.matcher = V1Matcher(settings.v1_reply_queue)
-        # (client, command id) -> commands handed to that v2 client, oldest first, awaiting its reply.
-        self._awaiting: dict[tuple[str, CommandId], deque[tuple[Routed, float]]] = {}
+        # (client, command id) -> the command handed to that v2 client awaiting its reply, with its
+        # deadline: one (routed, deadline) pair, or a deque of them, oldest first, when controllers
+        # use the same id for one client (rare; a deque for every command cost 0.1 us).
+        self._awaiting: dict[tuple[str, CommandId], _Awaiting | deque[_Awaiting]] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = 0.0
         self._queue_lock = asyncio.Lock()
@@ -190,7 +202,7 @@ class CommandService:
             for key in [k for k, expires in self._queued_here.items() if expires <= now]:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
-            for key in [k for k, line in self._awaiting.items() if line[-1][1] <= now]:
+            for key in [k for k, line in self._awaiting.items() if _last_deadline(line) <= now]:
                 del self._awaiting[key]
 
     def _spawn(self, coro: Any) -> None:
@@ -300,12 +312,10 @@ class CommandService:
             return
         assert event.id is not None
         if event.kind == "d":
-            self._queued_here.pop((event.owner, event.id), None)
-            self._queueable.pop((event.owner, event.id), None)
-            pending = self.pending.delivered(event.owner, event.id)
-            if pending is not None:
-                _OUTCOME["delivered"].inc()
-                self._report(pending, Status.DELIVERED)
+            self._delivered(event.owner, event.id)
+            return
+        if event.kind == "r":
+            self._replied(event.owner, event.id, event.sender, event.message)
             return
         queueable = self._queueable.get((event.owner, event.id))
         if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
@@ -318,28 +328,50 @@ class CommandService:
         pending = self.pending.finish(event.owner, event.id)
         if pending is None:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.
-        if event.kind == "r":
-            rtt_ms = (time.time() - pending.started) * 1000
-            _OUTCOME["replied"].inc()
-            metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
-            waiter = self._waiters.get(pending.owner)
-            if waiter is not None:
-                body = {
-                    "id": pending.id,
-                    "status": Status.REPLIED.value,
-                    "target": pending.target,
-                    "sender": event.sender,
-                    "message": event.message,
-                    "rtt_ms": round(rtt_ms, 3),
-                }
-                self._resolve(pending.owner, Outcome(200, body))
-            else:
-                frame = encode_controller_reply(pending.id, event.sender, event.message, rtt_ms)
-                self._deliver_to_owner(pending.owner, pending, frame, "", "")
-            return
         metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
         self._deliver_to_owner(pending.owner, pending, frame, event.code, event.detail)
+
+    def _delivered(self, owner: str, command_id: CommandId) -> None:
+        """The ``d`` outcome: the command reached its client's socket."""
+        if self._queued_here:
+            self._queued_here.pop((owner, command_id), None)
+        if self._queueable:
+            self._queueable.pop((owner, command_id), None)
+        pending = self.pending.delivered(owner, command_id)
+        if pending is None:
+            return
+        metrics.DELIVERED.count += 1
+        if pending.owner not in self._waiters:
+            conn = self.relay.connection(owner)
+            if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
+                conn.deliver(encode_delivered(pending.id, pending.target))
+            return
+        self._report(pending, Status.DELIVERED)
+
+    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str) -> None:
+        """The ``r`` outcome: the client's reply, to the sender only."""
+        pending = self.pending.finish(owner, command_id)
+        if pending is None:
+            return  # Timed out already, or the controller left: the reply has nobody to go to.
+        rtt_ms = (time.time() - pending.started) * 1000
+        metrics.REPLIED.count += 1
+        metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
+        waiter = self._waiters.get(owner)
+        if waiter is None:
+            conn = self.relay.connection(owner)
+            if conn is not None:
+                conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
+            return
+        body = {
+            "id": command_id,
+            "status": Status.REPLIED.value,
+            "target": pending.target,
+            "sender": sender,
+            "message": message,
+            "rtt_ms": round(rtt_ms, 3),
+        }
+        self._resolve(owner, Outcome(200, body))
 
     def _report(self, pending: Pending, status: Status, **extra: Any) -> None:
         """A status for ``pending``'s owner: a status frame, or an HTTP outcome."""
@@ -460,12 +492,21 @@ class CommandService:
         recent = self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
+                client_id = conn.client_id
+                key = (client_id, routed.id)
                 deadline = now + routed.timeout_ms / 1000
-                line = self._awaiting.setdefault((conn.client_id, routed.id), deque())
-                line.append((routed, deadline))
+                entry = (routed, deadline)
+                line = self._awaiting.setdefault(key, entry)
+                if line is not entry:  # Another command with this id waits for this client's reply.
+                    if isinstance(line, tuple):
+                        line = self._awaiting[key] = deque((line,))
+                    line.append(entry)
                 if recent is not None:
                     recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
-                self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
+                if routed.reply_to == self.instance:  # Sent from here: no event to build and dispatch.
+                    self._delivered(routed.owner, routed.id)
+                else:
+                    self._tell(routed, Event("d", routed.owner, routed.id, client_id))
             else:
                 self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
                 self._tell_gone(routed, conn.client_id)
@@ -520,17 +561,28 @@ class CommandService:
                 return False
             key = (conn.client_id, reply.reply_to)
             line = self._awaiting.get(key)
-            while line and line[0][1] <= now:
-                line.popleft()  # Its sender has reported the timeout already.
-            if not line:
-                self._awaiting.pop(key, None)
-                return False  # Nobody waits for it (late, or never asked): it reaches every controller.
-            routed, _ = line.popleft()
-            if not line:
-                del self._awaiting[(conn.client_id, reply.reply_to)]
+            if line is None:
+                return False  # Nobody waits for it (never asked, or late): it reaches every controller.
+            if isinstance(line, tuple):
+                del self._awaiting[key]
+                routed, deadline = line
+                if deadline <= now:
+                    return False  # Late: its sender has reported the timeout already.
+            else:
+                while line and line[0][1] <= now:
+                    line.popleft()  # Its sender has reported the timeout already.
+                if not line:
+                    del self._awaiting[key]
+                    return False
+                routed, _ = line.popleft()
+                if not line:
+                    del self._awaiting[key]
             if conn.recent is not None:
                 conn.recent.replied(routed, now, reply.message)
-            self._tell(routed, Event("r", routed.owner, routed.id, conn.client_id, conn.client_id, reply.message))
+            if routed.reply_to == self.instance:
+                self._replied(routed.owner, routed.id, key[0], reply.message)
+            else:
+                self._tell(routed, Event("r", routed.owner, routed.id, key[0], key[0], reply.message))
             return True
         if self.matcher.in_flight(conn.client_id) is not None:
             advance = self.matcher.client_message(conn.client_id, now)

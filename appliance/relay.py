@@ -27,7 +27,7 @@ from .core.protocol import CLOSE_REASONS, CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import TimeoutPolicy, encode_client_command
 from .core.recent import CommandLog, cut
 from .core.requests import Routed
-from .core.session import Close, Deliver, Limits, Publish, SendError, Session, State, Submit
+from .core.session import Close, Deliver, Limits, Publish, ReplyOrPublish, SendError, Session, State, Submit
 from .recent import RecentCommands
 from .settings import Settings
 from .tokens.base import Grant
@@ -237,8 +237,7 @@ class Connection:
                 except Exception:  # The peer is gone (closing, OSError): the reader cleans up.
                     self._drop_pending()
                     return
-                for _ in texts:
-                    session.sent(now)
+                session.sent(now, len(texts))
                 if awaits_reply and not self.rtt_from:
                     self.rtt_from = now
                 continue
@@ -388,7 +387,7 @@ class Relay:
         v2: bool = False,
         groups: tuple[str, ...] = (),
     ) -> Connection:
-        session = Session(client_id, role, self._limits[role], time.time())
+        session = Session(client_id, role, self._limits[role], time.time(), v2=v2)
         settings = self.settings
         max_chars = (
             settings.controller_max_pending_bytes if role is Role.CONTROLLER else settings.client_max_pending_bytes
@@ -523,16 +522,18 @@ class Relay:
         if type(action) is Deliver:
             self._deliver(conn, action.command)
         elif type(action) is Publish:
-            metrics.RECEIVED_FROM_CLIENTS.inc()
-            # Only clients with commands to answer (v2, or v1 with one in flight) cost a look.
-            if (conn.v2 or self.commands.matcher.has_line(conn.client_id)) and self.commands.client_text(
-                conn, action.text
-            ):
-                return  # A version-2 reply: it went to its sender only.
+            metrics.RECEIVED_FROM_CLIENTS.count += 1
+            # Only v1 clients with a command in flight cost a look (their reply line).
+            if self.commands.matcher.has_line(conn.client_id):
+                self.commands.client_text(conn, action.text)
             self.broker.send_to_controllers(action.frame)
         elif type(action) is Submit:
-            metrics.RECEIVED_FROM_CONTROLLERS.inc()
+            metrics.RECEIVED_FROM_CONTROLLERS.count += 1
             self.commands.submit(conn, action.request)
+        elif type(action) is ReplyOrPublish:
+            metrics.RECEIVED_FROM_CLIENTS.count += 1
+            if not self.commands.client_text(conn, action.text):  # A reply_to answer goes to its sender only.
+                self.broker.send_to_controllers(action.frame)
         elif type(action) is SendError:
             metrics.ERRORS.labels(code=action.code.value).inc()
             conn.deliver(action.frame)
@@ -540,7 +541,7 @@ class Relay:
             conn.close(action.code, action.reason)
 
     def _deliver(self, conn: Connection, command: Command) -> None:
-        metrics.RECEIVED_FROM_CONTROLLERS.inc()
+        metrics.RECEIVED_FROM_CONTROLLERS.count += 1
 
         def done(code: ErrorCode | None, detail: str) -> None:
             # Success needs no frame in protocol v1; status frames would go here.

@@ -76,7 +76,7 @@ class FrameBatcher:
             and not conn.writes
         ):
             # What send_text would append: final unmasked text frames, no extension (RFC 6455 5.2).
-            p.transport.write(b"".join([_frame(text.encode()) for text in texts]))
+            p.transport.write(_frames(texts))
             return
         try:
             for text in texts:
@@ -88,6 +88,28 @@ class FrameBatcher:
 
 _HEAD_16 = struct.Struct("!BBH")
 _HEAD_64 = struct.Struct("!BBQ")
+
+
+#: The two header bytes of every final text frame shorter than 126 bytes (most relay frames).
+_SHORT_HEADS = [bytes((0x81, length)) for length in range(126)]
+
+
+def _frames(texts: list[str]) -> bytes:
+    """``texts`` as consecutive final, unmasked text frames: the bytes of ``_frame`` on each, joined.
+
+    Short frames take their header from a table and nothing is concatenated twice.
+    """
+    parts = []
+    heads = _SHORT_HEADS
+    for text in texts:
+        data = text.encode()
+        length = len(data)
+        if length < 126:
+            parts.append(heads[length])
+            parts.append(data)
+        else:
+            parts.append(_frame(data))
+    return b"".join(parts)
 
 
 def _frame(data: bytes) -> bytes:

@@ -109,10 +109,10 @@ async def _loop(
     return rate, 1e6 * cpu / max(done, 1)
 
 
-async def run(clients: int, outstanding: int, duration: float, rounds: int = 1) -> dict:
+async def run(clients: int, outstanding: int, duration: float, rounds: int = 1, wsbridge: Path | None = None) -> dict:
     raise_nofile_limit()
     tokens = (secrets.token_urlsafe(24), secrets.token_urlsafe(24))
-    with tempfile.TemporaryDirectory(prefix="wsb-bench-ws-") as tmp, Processes(Path(tmp)) as procs:
+    with tempfile.TemporaryDirectory(prefix="wsb-bench-ws-") as tmp, Processes(Path(tmp), wsbridge) as procs:
         port = free_port()
         settings = {"LLM_SECRET_TOKEN": tokens[0], "UNITY_CLIENT_TOKEN": tokens[1], "LOG_LEVEL": "WARNING"}
         proc = procs.start_appliance("ws-reply", port, settings)
@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outstanding", type=int, default=100, help="commands in flight (at most one per client)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per version and round")
     parser.add_argument("--rounds", type=int, default=1, help="v1 and v2 alternately, this many times; medians")
+    parser.add_argument(
+        "--wsbridge",
+        type=Path,
+        default=None,
+        help="the appliance executable (default: this venv's; e.g. another build)",
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -153,7 +159,16 @@ def main(argv: list[str] | None = None) -> None:
         pass
     print(
         json.dumps(
-            asyncio.run(run(args.clients, min(args.outstanding, args.clients), args.duration, args.rounds)), indent=2
+            asyncio.run(
+                run(
+                    args.clients,
+                    min(args.outstanding, args.clients),
+                    args.duration,
+                    args.rounds,
+                    args.wsbridge.resolve() if args.wsbridge else None,
+                )
+            ),
+            indent=2,
         )
     )
 

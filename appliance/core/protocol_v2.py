@@ -39,6 +39,7 @@ __all__ = [
     "TimeoutPolicy",
     "encode_client_command",
     "encode_controller_reply",
+    "encode_delivered",
     "encode_status",
     "is_valid_command_id",
     "parse_client_reply",
@@ -86,9 +87,12 @@ class TimeoutPolicy:
     max_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A controller command as version 2 reads it (a command without id is a Request with ``id=None``)."""
+class Request(msgspec.Struct, frozen=True):
+    """A controller command as version 2 reads it (a command without id is a Request with ``id=None``).
+
+    A frozen Struct rather than a frozen dataclass: one is built per command, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs several times as much.
+    """
 
     target: str
     message: str
@@ -102,31 +106,41 @@ class Request:
         return self.target[len(GROUP_PREFIX) :] if self.kind is TargetKind.GROUP else None
 
 
-@dataclass(frozen=True, slots=True)
-class ClientReply:
-    """A version-2 client's answer to the command ``reply_to``."""
+class ClientReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A version-2 client's answer to the command ``reply_to``: exactly these two fields.
+
+    Decoded straight from the frame, in one typed pass (no dict, no key-set comparison).
+    """
 
     reply_to: CommandId
     message: str
 
 
 def is_valid_command_id(value: object) -> bool:
-    """A string of 1 to 64 characters or an integer JSON can carry exactly (booleans are not ids)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
+    """A string of 1 to 64 characters or an integer JSON can carry exactly (booleans are not ids).
+
+    Exact type tests (decoded JSON holds plain ``int`` and ``str``): ``type(True)`` is
+    ``bool``, so booleans fail without a test of their own; half the cost of ``isinstance``.
+    """
+    if type(value) is int:
         return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
-    return isinstance(value, str) and 0 < len(value) <= MAX_COMMAND_ID_LENGTH
+    return type(value) is str and 0 < len(value) <= MAX_COMMAND_ID_LENGTH
+
+
+# Enum members as module constants: ``TargetKind.CLIENT`` is an attribute lookup through
+# the enum's metaclass (50 ns on Python 3.11), paid once per command.
+_CLIENT, _BROADCAST, _GROUP = TargetKind.CLIENT, TargetKind.BROADCAST, TargetKind.GROUP
+_match_client_id = CLIENT_ID_PATTERN.fullmatch
 
 
 def target_kind(target: str) -> TargetKind | None:
     """What a target names, or None when it is not a valid target."""
-    if CLIENT_ID_PATTERN.fullmatch(target) is not None:
-        return TargetKind.CLIENT
+    if _match_client_id(target) is not None:
+        return _CLIENT
     if target == BROADCAST:
-        return TargetKind.BROADCAST
-    if target.startswith(GROUP_PREFIX) and CLIENT_ID_PATTERN.fullmatch(target[len(GROUP_PREFIX) :]) is not None:
-        return TargetKind.GROUP
+        return _BROADCAST
+    if target.startswith(GROUP_PREFIX) and _match_client_id(target[len(GROUP_PREFIX) :]) is not None:
+        return _GROUP
     return None
 
 
@@ -164,7 +178,7 @@ def parse_request(text: str, policy: TimeoutPolicy) -> Request | ProtocolError:
             kind is not None
             and (fields.id is None or is_valid_command_id(fields.id))
             and 1 <= timeout_ms <= policy.max_ms
-            and not (fields.queue and (kind is not TargetKind.CLIENT or fields.id is None))
+            and not (fields.queue and (kind is not _CLIENT or fields.id is None))
         ):
             return Request(fields.target, fields.message, fields.id, timeout_ms, fields.queue, kind)
     try:
@@ -224,6 +238,9 @@ def parse_groups(value: str | None) -> tuple[str, ...] | str:
     return names
 
 
+_reply_decoder = msgspec.json.Decoder(ClientReply)
+
+
 def parse_client_reply(text: str) -> ClientReply | None:
     """A version-2 client frame ``{"reply_to", "message"}``, or None when it is plain text.
 
@@ -233,15 +250,12 @@ def parse_client_reply(text: str) -> ClientReply | None:
     if not text.startswith("{"):
         return None
     try:
-        data = _decoder.decode(text)
-    except msgspec.DecodeError:
+        # Exactly {"reply_to": string or integer, "message": string}: a missing, extra or
+        # mistyped field (a boolean id too) fails the typed decode.
+        reply = _reply_decoder.decode(text)
+    except (msgspec.DecodeError, RecursionError):
         return None
-    if not isinstance(data, dict) or set(data) != {"reply_to", "message"}:
-        return None
-    reply_to, message = data["reply_to"], data["message"]
-    if not is_valid_command_id(reply_to) or not isinstance(message, str):
-        return None
-    return ClientReply(reply_to, message)
+    return reply if is_valid_command_id(reply.reply_to) else None
 
 
 class _ClientCommand(msgspec.Struct):
@@ -264,8 +278,24 @@ def encode_client_command(command_id: CommandId | None, controller: str, message
 
 
 def encode_controller_reply(reply_to: CommandId, sender: str, message: str, rtt_ms: float) -> str:
-    """The reply, to the sending controller only: ``{"reply_to","sender","message","rtt_ms"}``."""
-    return _encoder.encode(_ControllerReply(reply_to, sender, message, round(rtt_ms, 3))).decode()
+    """The reply, to the sending controller only: ``{"reply_to","sender","message","rtt_ms"}``.
+
+    ``rtt_ms`` to three decimals as ``round(ms * 1000) / 1000``: ``round(ms, 3)`` goes
+    through a decimal string (0.28 µs, half of this function's cost); a measured time
+    loses nothing when a half-way tie goes the other way.
+    """
+    return _encoder.encode(_ControllerReply(reply_to, sender, message, round(rtt_ms * 1000) / 1000)).decode()
+
+
+def encode_delivered(command_id: CommandId, client_id: str) -> str:
+    """``{"id":…,"status":"delivered","target":"<client id>"}``, the status of every command to one client.
+
+    A template: the same bytes as :func:`encode_status` at a fraction of the cost. A client
+    id matches the id pattern, so it needs no escaping; an integer id is its digits.
+    """
+    if type(command_id) is int:
+        return f'{{"id":{command_id},"status":"delivered","target":"{client_id}"}}'
+    return f'{{"id":{_encoder.encode(command_id).decode()},"status":"delivered","target":"{client_id}"}}'
 
 
 def encode_status(command_id: CommandId, status: Status, target: str, **extra: Any) -> str:

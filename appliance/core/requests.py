@@ -57,6 +57,10 @@ class Routed(msgspec.Struct, frozen=True, omit_defaults=True):
     queue: bool = False
 
 
+#: Stale deadline-heap entries tolerated beyond twice the live ones before the heap is rebuilt.
+_COMPACT_SLACK = 1024
+
+
 # --- the sender's side -------------------------------------------------------------------
 
 
@@ -94,8 +98,26 @@ class PendingTable:
             return None
         pending = Pending(owner, command_id, target, now, now + timeout_ms / 1000)
         self._entries[key] = pending
-        heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), key))
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._entries) + _COMPACT_SLACK:
+            deadlines = self._deadlines = self._compacted()
+        heapq.heappush(deadlines, (pending.deadline, next(self._seq), key))
         return pending
+
+    def _compacted(self) -> list[tuple[float, int, tuple[str, CommandId]]]:
+        """The deadline heap without the entries of commands that already left.
+
+        Replies remove entries long before their deadline, so without this the heap would
+        hold every command of the last ``timeout_ms`` (a minute of traffic at the default
+        ceiling): memory, and garbage-collector work over it. Rebuilt when it is more than
+        twice the live entries, so the cost per command stays constant.
+        """
+        entries = self._entries
+        live = [
+            entry for entry in self._deadlines if (p := entries.get(entry[2])) is not None and p.deadline == entry[0]
+        ]
+        heapq.heapify(live)
+        return live
 
     def get(self, owner: str, command_id: CommandId) -> Pending | None:
         return self._entries.get((owner, command_id))
@@ -186,7 +208,11 @@ class V1Matcher:
 
     def _fly(self, client: str, line: _Line, routed: Routed, deadline: float) -> None:
         line.in_flight, line.in_flight_deadline = routed, deadline
-        heapq.heappush(self._deadlines, (deadline, next(self._seq), client))
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._lines) + _COMPACT_SLACK:  # Stale: answered before their deadline.
+            deadlines = self._deadlines = [entry for entry in deadlines if self._current(entry)]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (deadline, next(self._seq), client))
 
     def has_line(self, client: str) -> bool:
         """Whether ``client`` has a command in flight (then its next message is a reply)."""

@@ -34,6 +34,7 @@ __all__ = [
     "InvalidState",
     "Limits",
     "Publish",
+    "ReplyOrPublish",
     "SendError",
     "Session",
     "Submit",
@@ -92,6 +93,22 @@ class Publish:
 
 
 @dataclass(slots=True)
+class ReplyOrPublish:
+    """A version-2 client's text: a ``reply_to`` answer for its sender, else published as :class:`Publish`.
+
+    The reply frame ``{"sender","message"}`` is built only when the text is published: a
+    reply to a command that waits for it (the usual case) goes to its sender as another frame.
+    """
+
+    sender: str
+    text: str
+
+    @property
+    def frame(self) -> str:
+        return encode_reply(self.sender, self.text)
+
+
+@dataclass(slots=True)
 class SendError:
     """Send an error frame back to this (controller) connection."""
 
@@ -108,7 +125,7 @@ class Throttle:
     """Stop reading from this connection for ``seconds`` before acting on ``then``."""
 
     seconds: float
-    then: Publish
+    then: Publish | ReplyOrPublish
 
 
 @dataclass(slots=True)
@@ -117,7 +134,7 @@ class Close:
     reason: str
 
 
-Action = Deliver | Submit | Publish | SendError | Throttle | Close
+Action = Deliver | Submit | Publish | ReplyOrPublish | SendError | Throttle | Close
 
 
 def authorize(client_id: str, role: str | None, id_pattern: str | None = None) -> Role | CloseCode:
@@ -145,6 +162,13 @@ def _names_many(error: ProtocolError) -> bool:
         return False
     target = dict(error.extra).get("target")
     return isinstance(target, str) and (target == "*" or target.startswith("group:"))
+
+
+def _accepted(request: Request) -> Deliver | Submit:
+    """A command without id for one client is delivered as in version 1; the others are tracked."""
+    if request.id is None and request.kind is TargetKind.CLIENT:
+        return Deliver(Command(request.target, request.message))
+    return Submit(request)
 
 
 def _echo(text: str) -> dict[str, str | int]:
@@ -175,9 +199,10 @@ class Session:
         "_max_bytes",
         "_bucket",
         "_timeouts",
+        "_v2",
     )
 
-    def __init__(self, client_id: str, role: Role, limits: Limits, now: float) -> None:
+    def __init__(self, client_id: str, role: Role, limits: Limits, now: float, *, v2: bool = False) -> None:
         self.client_id = client_id
         self.role = role
         self.state = State.OPEN
@@ -188,6 +213,8 @@ class Session:
         self._max_bytes = limits.max_message_bytes
         self._bucket = TokenBucket(limits.rate, limits.burst, now)
         self._timeouts = limits.timeouts
+        #: A client that speaks protocol version 2 (it may answer with ``reply_to``).
+        self._v2 = v2
 
     def _require(self, *states: State) -> None:
         if self.state not in states:
@@ -224,29 +251,34 @@ class Session:
                 retry_after_ms=max(1, round(wait * 1000)),
                 **_echo(text),
             )
+        timeouts = self._timeouts
+        if timeouts is not None and '"id"' in text:
+            # Most likely version 2 with an id: one decode. A frame that fails it (or
+            # spells "id" with escapes) takes the two-step path below, which decides
+            # whether version 1 or 2 explains what is wrong, exactly as before.
+            request = parse_request(text, timeouts)
+            if type(request) is Request:
+                return _accepted(request)
         parsed = parse_command(text)
-        if self._timeouts is not None and (
-            (isinstance(parsed, Command) and parsed.id is not None)
-            or (isinstance(parsed, ProtocolError) and _names_many(parsed))
-        ):
-            # Version 2 (an id, "*" or "group:..."): read the extra fields. Commands without
-            # id never get here, so the version-1 hot path parses once, as before.
-            request = parse_request(text, self._timeouts)
-            if isinstance(request, ProtocolError):
-                return _error(request.code, request.detail, **dict(request.extra))
-            if request.id is None and request.kind is TargetKind.CLIENT:
-                return Deliver(Command(request.target, request.message))
-            return Submit(request)
-        if isinstance(parsed, ProtocolError):
+        if isinstance(parsed, Command):
+            if parsed.id is None or timeouts is None:
+                return Deliver(parsed)  # Version 1: one decode.
+        elif timeouts is None or not _names_many(parsed):
             return _error(parsed.code, parsed.detail, **dict(parsed.extra))
-        return Deliver(parsed)
+        # Version 2 (an id, "*" or "group:..."): read the extra fields.
+        request = parse_request(text, timeouts)
+        if isinstance(request, ProtocolError):
+            return _error(request.code, request.detail, **dict(request.extra))
+        return _accepted(request)
 
     def _client_frame(self, text: str, now: float) -> Action:
         if _utf8_length_exceeds(text, self._max_bytes):
             # Clients cannot read error frames (they would take them for commands), so the
             # RFC 6455 code for "message too big" tells them instead.
             return Close(CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._max_bytes} bytes")
-        publish = Publish(encode_reply(self.client_id, text), text)
+        publish: Publish | ReplyOrPublish = (
+            ReplyOrPublish(self.client_id, text) if self._v2 else Publish(encode_reply(self.client_id, text), text)
+        )
         wait = self._bucket.reserve(now)
         return Throttle(wait, publish) if wait > 0 else publish
 
@@ -257,8 +289,8 @@ class Session:
             extra["id"] = command.id
         return _error(code, detail, **extra)
 
-    def sent(self, now: float) -> None:
-        self.messages_out += 1
+    def sent(self, now: float, frames: int = 1) -> None:
+        self.messages_out += frames
         self.last_activity = now
 
     def closing(self) -> None:

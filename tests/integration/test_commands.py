@@ -59,6 +59,29 @@ async def test_v2_client_gets_id_and_sender_and_its_reply_goes_to_the_sender_onl
         assert await nothing_arrives(other)
 
 
+async def test_two_controllers_using_one_id_for_one_v2_client_get_its_replies_oldest_first(relay):
+    target = uid("v2")
+    async with (
+        relay.controller(uid("first")) as first,
+        relay.controller(uid("second")) as second,
+        relay.connect(target, subprotocols=V2) as client,
+    ):
+        await first.send(command(target, "a", id=7))
+        assert (await recv_json(client))["message"] == "a"
+        await second.send(command(target, "b", id=7))
+        assert (await recv_json(client))["message"] == "b"
+        assert (await next_status(first))["status"] == "delivered"
+        assert (await next_status(second))["status"] == "delivered"
+        await client.send(json.dumps({"reply_to": 7, "message": "for a"}))
+        await client.send(json.dumps({"reply_to": 7, "message": "for b"}))
+        assert (await recv_json(first))["message"] == "for a"
+        assert (await recv_json(second))["message"] == "for b"
+        # A third answer has nobody waiting: every controller gets it as plain client text.
+        await client.send(json.dumps({"reply_to": 7, "message": "extra"}))
+        assert (await recv_json(first))["sender"] == target
+        assert (await recv_json(second))["sender"] == target
+
+
 async def test_v2_client_plain_text_reaches_every_controller_as_version_1(relay):
     target = uid("v2")
     async with relay.controller(uid("ctl")) as llm, relay.connect(target, subprotocols=V2) as client:

@@ -3,6 +3,7 @@
 import time
 
 from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import metrics
@@ -70,3 +71,27 @@ def test_http_metrics_cover_http_routes_by_template_and_nothing_else():
     assert any(name.startswith("process_") for name, _ in found)
     (build,) = [dict(labels) for name, labels in found if name == "wsbridge_build_info"]
     assert build["instance"] == settings().instance_id and build["broker"] == "memory"
+
+
+def test_tallied_outcomes_are_exact_at_every_scrape():
+    key = ("wsbridge_command_outcomes_total", (("outcome", "replied"),))
+    before = samples(metrics.render().decode())[key]
+    metrics.REPLIED.count += 3
+    assert samples(metrics.render().decode())[key] == before + 3
+    assert samples(metrics.render().decode())[key] == before + 3  # folded once, not again
+    metrics.REPLIED.count += 1
+    assert samples(metrics.render().decode())[key] == before + 4
+
+
+def test_the_lock_free_reply_histogram_is_exposed_exactly_as_prometheus_clients():
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = metrics.FastHistogram("wsbridge_reply_seconds", "Reply time.", metrics.RTT_BUCKETS, registry=ours)
+    reference = Histogram("wsbridge_reply_seconds", "Reply time.", buckets=metrics.RTT_BUCKETS, registry=theirs)
+    assert generate_latest(ours) == generate_latest(theirs)  # empty
+    # Bucket edges exactly (le is "less or equal"), between them, beyond the last, zero.
+    for value in (0.0, 0.001, 0.0010001, 0.0025, 0.3, 5.0, 30.0, 31.0, 1e9):
+        reference.observe(value)
+        fast.observe(value)
+    assert generate_latest(ours) == generate_latest(theirs)
+    assert isinstance(metrics.REPLY_SECONDS, metrics.FastHistogram)
+    assert "wsbridge_reply_seconds_count" in metrics.render().decode()

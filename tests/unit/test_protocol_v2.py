@@ -14,6 +14,7 @@ from appliance.core.protocol_v2 import (
     TimeoutPolicy,
     encode_client_command,
     encode_controller_reply,
+    encode_delivered,
     encode_status,
     is_valid_command_id,
     parse_client_reply,
@@ -140,6 +141,18 @@ def test_controller_reply_frame_bytes():
     )
 
 
+@pytest.mark.parametrize(
+    "rtt_ms", [0.0, 0.0004, 0.0005, 0.0015, 0.1234567, 1.0, 2.5005, 999.9995, 12345.6789, 6e4, 1e-7]
+)
+def test_controller_reply_rtt_is_rounded_to_three_decimals(rtt_ms):
+    # The frame rounds without round(x, 3) (slow): the same figure, but for a half-way
+    # tie (0.0005), which may go the other way in the last decimal.
+    frame = json.loads(encode_controller_reply(1, "u1", "m", rtt_ms))
+    assert frame["rtt_ms"] == pytest.approx(round(rtt_ms, 3), abs=0.0010001)
+    assert abs(frame["rtt_ms"] - rtt_ms) <= 0.0005 + 1e-12
+    assert len(repr(frame["rtt_ms"]).split(".")[1]) <= 3
+
+
 def test_status_frame_bytes():
     assert encode_status("c-1", Status.DELIVERED, "u1") == '{"id":"c-1","status":"delivered","target":"u1"}'
     assert encode_status(9, Status.DELIVERED, "*", count=3) == '{"id":9,"status":"delivered","target":"*","count":3}'
@@ -149,6 +162,18 @@ def test_status_frame_bytes():
     assert encode_status("t", Status.TIMEOUT, "u1", timeout_ms=100) == (
         '{"id":"t","status":"timeout","target":"u1","timeout_ms":100}'
     )
+
+
+@pytest.mark.parametrize(
+    "command_id",
+    [0, -7, 2**53 - 1, -(2**53 - 1), "c-1", 'a"b', "back\\slash", "ü€😀", "\x00\x1f\x7f", "\u2028", "x" * 64],
+)
+def test_the_delivered_template_writes_the_bytes_of_the_encoded_object(command_id):
+    expected = json.dumps(
+        {"id": command_id, "status": "delivered", "target": "u-1_A"}, separators=(",", ":"), ensure_ascii=False
+    )
+    assert encode_delivered(command_id, "u-1_A") == encode_status(command_id, Status.DELIVERED, "u-1_A") == expected
+    assert json.loads(encode_delivered(command_id, "u-1_A"))["id"] == command_id
 
 
 @pytest.mark.parametrize(

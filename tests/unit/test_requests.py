@@ -57,6 +57,24 @@ def test_expiry_order_follows_deadlines_not_insertion():
     assert [p.id for p in table.expire(1.0)] == ["slow"]
 
 
+def test_answered_commands_do_not_pile_up_in_the_deadline_heap_and_live_ones_still_expire_in_order():
+    # Replies come long before a minute-long deadline: the heap must not keep a minute of traffic.
+    table = PendingTable()
+    table.open("c", "same-deadline-1", "u1", 0.0, 60_000)
+    table.open("c", "same-deadline-2", "u1", 0.0, 60_000)
+    table.open("c", "early", "u1", 0.0, 30_000)
+    for i in range(20_000):
+        table.open("c", i, "u1", i / 1000, 60_000)
+        table.finish("c", i)
+    assert len(table._deadlines) < 3 * 1024  # bounded by the live entries, not by the traffic
+    table.open("c", 1, "u1", 100.0, 10)  # an id reused after it finished: only its new deadline counts
+    assert table.next_deadline() == 30.0
+    assert [p.id for p in table.expire(59.0)] == ["early"]
+    assert [p.id for p in table.expire(60.0)] == ["same-deadline-1", "same-deadline-2"]  # ties keep their order
+    assert [p.id for p in table.expire(100.01)] == [1]
+    assert len(table) == 0
+
+
 def test_dropping_an_owner_forgets_only_its_entries():
     table = PendingTable()
     table.open("a", 1, "u", 0.0, 100)
@@ -77,6 +95,17 @@ def test_first_command_goes_at_once_and_the_next_message_is_its_reply():
     assert advance.replied == first
     assert advance.send is None
     assert matcher.in_flight("u1") is None
+
+
+def test_answered_v1_commands_do_not_pile_up_in_the_deadline_heap():
+    matcher = V1Matcher(max_waiting=2)
+    for i in range(20_000):
+        assert matcher.submit("u1", routed(i, timeout_ms=60_000), i / 1000) is Held.SEND
+        assert matcher.client_message("u1", i / 1000).replied is not None
+    assert len(matcher._deadlines) < 3 * 1024
+    matcher.submit("u1", routed("late", timeout_ms=100), 50.0)
+    assert matcher.next_deadline() == 50.1
+    assert list(matcher.expire(50.1)) == ["u1"]
 
 
 def test_later_commands_wait_in_order_and_are_handed_over_one_at_a_time():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from appliance.core.protocol import CloseCode, ErrorCode, Role
+from appliance.core.protocol import CloseCode, Command, ErrorCode, Role
 from appliance.core.protocol_v2 import TargetKind, TimeoutPolicy
 from appliance.core.session import (
     Close,
@@ -12,6 +12,7 @@ from appliance.core.session import (
     InvalidState,
     Limits,
     Publish,
+    ReplyOrPublish,
     SendError,
     Session,
     State,
@@ -177,3 +178,38 @@ def test_bad_v2_field_is_an_error_frame_naming_the_id():
 def test_without_a_timeout_policy_every_command_is_version_1():
     session = Session("LLM", Role.CONTROLLER, Limits(65536, 0, 1), now=0.0)
     assert isinstance(session.receive_text('{"target": "u1", "message": "m", "id": 1}', 0.0), Deliver)
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        # '"id"' appears, but not as a field: version 1, with or without valid v2 extras.
+        ('{"target":"u1","message":"m","note":"id"}', Deliver(Command("u1", "m"))),
+        ('{"target":"u1","message":"m","note":"id","timeout_ms":999999}', Deliver(Command("u1", "m"))),
+        ('{"target":"u1","message":"m","note":"id","queue":true}', Deliver(Command("u1", "m"))),
+        # An id key spelt with an escape still makes a version-2 command.
+        ('{"target":"u1","message":"m","\\u0069d":7}', "submit 7"),
+        # A bad target keeps the version-1 error, naming the id.
+        (
+            '{"target":"bad!","message":"m","id":1}',
+            '{"error":"invalid_target","detail":"target must match ^[a-zA-Z0-9_-]{1,50}$","target":"bad!","id":1}',
+        ),
+    ],
+)
+def test_one_decode_path_for_frames_with_id_gives_what_the_two_step_path_gave(frame, expected):
+    session = Session("LLM", Role.CONTROLLER, V2_LIMITS, now=0.0)
+    action = session.receive_text(frame, 0.0)
+    if expected == "submit 7":
+        assert isinstance(action, Submit) and action.request.id == 7
+    elif isinstance(expected, str):
+        assert action.frame == expected
+    else:
+        assert action == expected
+
+
+def test_version_2_client_text_builds_its_reply_frame_only_when_published():
+    session = Session("u2", Role.CLIENT, UNLIMITED, now=0, v2=True)
+    action = session.receive_text('{"reply_to":1,"message":"ok"}', now=0)
+    assert action == ReplyOrPublish("u2", '{"reply_to":1,"message":"ok"}')
+    # Published (no command waits for it): the same frame a version-1 client's text makes.
+    assert action.frame == '{"sender":"u2","message":"{\\"reply_to\\":1,\\"message\\":\\"ok\\"}"}'

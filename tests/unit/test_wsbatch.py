@@ -26,7 +26,7 @@ from appliance.server import joined_writes
 from appliance.settings import Settings
 from appliance.web import RelaySocket
 from appliance.ws_protocol import OrderedWebSocketsProtocol
-from appliance.wsbatch import MAX_BATCH_CHARS, _frame, batcher_for
+from appliance.wsbatch import MAX_BATCH_CHARS, _frame, _frames, batcher_for
 
 found: list[bool] = []
 
@@ -76,6 +76,15 @@ def test_frames_are_the_bytes_websockets_writes(length):
     data = data.decode(errors="ignore").encode()
     protocol.send_text(data)
     assert _frame(data) == b"".join(protocol.data_to_send())
+
+
+def test_several_frames_are_the_bytes_websockets_writes_for_each_in_turn():
+    texts = ["", "ping", "é" * 62, "x" * 125, "y" * 126, '{"id":1,"status":"delivered","target":"u"}', "z" * 65536, "w"]
+    protocol = ServerProtocol()
+    protocol.state = State.OPEN
+    for text in texts:
+        protocol.send_text(text.encode())
+    assert _frames(texts) == b"".join(protocol.data_to_send())
 
 
 def test_batcher_only_for_the_protocol_behind_known_wrappers():

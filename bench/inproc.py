@@ -1,0 +1,86 @@
+"""In-process cost of one command and its reply through ``Relay.perform`` (v1 and v2).
+
+The end-to-end benchmarks swing by tens of percent on a shared machine; this one runs
+the server's bookkeeping without sockets (a fake ASGI send, send queues cleared) and
+reports the fastest of N rounds, which is stable enough to compare single commits:
+
+    python -m bench.inproc --rounds 15 --n 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import time
+from typing import Any
+
+__all__ = ["main", "measure"]
+
+
+async def measure(rounds: int, n: int) -> dict[str, float]:
+    """Fastest µs per command (command frame plus reply frame) for v1 and v2."""
+    os.environ.update(
+        {"LLM_SECRET_TOKEN": "x" * 24, "UNITY_CLIENT_TOKEN": "y" * 24, "LOG_LEVEL": "WARNING", "CLIENT_RATE_LIMIT": "0"}
+    )
+    from appliance.brokers.base import Owner
+    from appliance.brokers.memory import MemoryBroker
+    from appliance.core.protocol import Role
+    from appliance.relay import Relay
+    from appliance.settings import Settings
+
+    relay = Relay(Settings(_env_file=None), MemoryBroker())  # type: ignore[call-arg]
+    await relay.broker.start(relay)
+
+    async def send(event: Any) -> None:
+        pass
+
+    def connect(client_id: str, role: Role, v2: bool = False) -> Any:
+        conn = relay.new_connection(client_id, role, send, "127.0.0.1", v2=v2)
+        relay._register(conn, Owner(relay.instance, conn.conn_key, 1, role), None)
+        return conn
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    ctl = connect("bench", Role.CONTROLLER)
+    clients = {False: connect("c1", Role.CLIENT), True: connect("c2", Role.CLIENT, v2=True)}
+    frames = {
+        False: [('{"target":"c1","message":"ping"}', "ping")] * n,
+        True: [
+            (f'{{"target":"c2","message":"ping","id":{i},"timeout_ms":60000}}', f'{{"reply_to":{i},"message":"ping"}}')
+            for i in range(n)
+        ],
+    }
+    best = {False: float("inf"), True: float("inf")}
+    perform = relay.perform
+    for _ in range(rounds):
+        for v2 in (False, True):
+            client = clients[v2]
+            start = time.perf_counter()
+            for i, (command, reply) in enumerate(frames[v2]):
+                now = time.time()
+                perform(ctl, ctl.session.receive_text(command, now))
+                perform(client, client.session.receive_text(reply, now))
+                if i & 63 == 0:  # What the flusher would have written.
+                    ctl._pending.clear()
+                    client._pending.clear()
+                    ctl._pending_chars = client._pending_chars = 0
+            best[v2] = min(best[v2], (time.perf_counter() - start) / n * 1e6)
+            ctl._pending.clear()
+            client._pending.clear()
+    return {"v1": best[False], "v2": best[True]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--n", type=int, default=20_000, help="commands per round")
+    args = parser.parse_args(argv)
+    best = asyncio.run(measure(args.rounds, args.n))
+    print(f"µs per command (fastest of {args.rounds} rounds of {args.n}): v1 {best['v1']:.2f}  v2 {best['v2']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
