@@ -281,17 +281,16 @@ RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 #: Time inside the appliance is CPU-scale: 50 µs to a second.
 INTERNAL_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-COMMAND_RTT = Histogram(
+# Observed once per client message and once per loop pass: lock-free, like REPLY_SECONDS.
+COMMAND_RTT = FastHistogram(
     "wsbridge_command_rtt_seconds",
     "Command round trip seen at the client's instance: command queued for a client until that client's next message.",
-    buckets=RTT_BUCKETS,
-    registry=REGISTRY,
+    RTT_BUCKETS,
 )
-RELAY_SECONDS = Histogram(
+RELAY_SECONDS = FastHistogram(
     "wsbridge_relay_seconds",
     "Time inside the appliance from receiving a frame to writing what it caused (one sample per event-loop pass).",
-    buckets=INTERNAL_BUCKETS,
-    registry=REGISTRY,
+    INTERNAL_BUCKETS,
 )
 
 # --- queues -------------------------------------------------------------------------------
