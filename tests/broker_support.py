@@ -78,6 +78,20 @@ class Inbox:
     def presence_records(self) -> list[dict[str, Any]]:
         return [r for r in map(self.presence_record, self.roles) if r is not None]
 
+    def presence_summary(self) -> dict[str, Any]:
+        records = self.presence_records()
+        clients = sum(1 for r in records if r["role"] == "client")
+        return {
+            "instance": self.instance,
+            "epoch": "test",
+            "membership": len(records),
+            "connections": len(records),
+            "clients": clients,
+            "controllers": len(records) - clients,
+            "messages_in": 0,
+            "messages_out": 0,
+        }
+
     def presence_record(self, client_id: str) -> dict[str, Any] | None:
         role = self.roles.get(client_id)
         if role is None:

@@ -33,6 +33,10 @@ Keys (prefix ``wsb:``):
 - ``wsb:instance:{name}``: hash of that instance's presence records, same TTL; one
   field is written or deleted per connect or disconnect, the whole hash only on the
   periodic refresh and after an outage.
+- ``wsb:summary:{name}``: that instance's counters and membership version (JSON of
+  :meth:`~appliance.brokers.base.Inbox.presence_summary`), same TTL, written in the same
+  transaction as its presence hash; ``wsb:instances`` is the set of names, so an idle
+  dashboard reads two small keys instead of every presence record.
 - ``wsb:hist:{id}``: the id's connect history (JSON entries of
   :func:`~appliance.core.history.close_entry`, newest first), ``LPUSH`` + ``LTRIM`` to
   ``HISTORY_PER_CLIENT`` + ``EXPIRE`` ``HISTORY_TTL_SECONDS``, written in the same pipeline
@@ -82,6 +86,8 @@ QUEUE_SEEN_KEY = f"{PREFIX}qd:"
 OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
+SUMMARY_KEY = f"{PREFIX}summary:"
+INSTANCES_KEY = f"{PREFIX}instances"
 #: History entries waiting for Redis (an outage): beyond this many, the oldest are dropped.
 HISTORY_BACKLOG = 10_000
 GENERATION_KEY = f"{PREFIX}generation"
@@ -376,7 +382,8 @@ class RedisBroker(Broker):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for client_id, owner in [*self._owners.items(), *self._unreleased.items()]:
                         pipe.eval(RELEASE, 1, OWNER_KEY + client_id, owner.encode())
-                    pipe.delete(INSTANCE_KEY + self.instance)
+                    pipe.delete(INSTANCE_KEY + self.instance, SUMMARY_KEY + self.instance)
+                    pipe.srem(INSTANCES_KEY, self.instance)
                     self._queue_history(pipe, list(self._history_out))
                     await pipe.execute()
         self._fail_pending(self._pending, "the instance is shutting down")
@@ -976,6 +983,9 @@ class RedisBroker(Broker):
                     if gone:
                         pipe.hdel(key, *gone)
                 pipe.expire(key, self.presence_ttl)
+                # Taken with the records above (no await between): the version matches what is written.
+                pipe.set(SUMMARY_KEY + self.instance, _json.encode(inbox.presence_summary()), ex=self.presence_ttl)
+                pipe.sadd(INSTANCES_KEY, self.instance)
                 self._queue_history(pipe, history)
                 await pipe.execute()
         except BaseException:
@@ -1057,3 +1067,19 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
         return records
+
+    async def presence_summary(self) -> list[dict[str, Any]]:
+        if not self._up or self._redis is None:
+            raise BrokerUnavailable(self.health()[1])
+        summaries = [self.inbox.presence_summary()]
+        try:
+            names = sorted(n.decode() for n in await self._redis.smembers(INSTANCES_KEY))
+            others = [name for name in names if name != self.instance]
+            values = await self._redis.mget([SUMMARY_KEY + name for name in others]) if others else []
+            gone = [name for name, value in zip(others, values, strict=True) if value is None]
+            if gone:  # Stopped without saying so (its key expired): forget the name.
+                await self._redis.srem(INSTANCES_KEY, *gone)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
+        summaries.extend(_json_decode.decode(value) for value in values if value is not None)
+        return summaries
