@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import zlib
 from typing import Any
 
 from support import eventually
@@ -84,7 +85,7 @@ class Inbox:
         return {
             "instance": self.instance,
             "epoch": "test",
-            "membership": len(records),
+            "membership": zlib.crc32(",".join(sorted(self.roles)).encode()),
             "connections": len(records),
             "clients": clients,
             "controllers": len(records) - clients,
