@@ -1073,7 +1073,8 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(self.health()[1])
         summaries = [self.inbox.presence_summary()]
         try:
-            names = sorted(n.decode() for n in await self._redis.smembers(INSTANCES_KEY))
+            members = await self._redis.smembers(INSTANCES_KEY)
+            names = sorted(n.decode() if isinstance(n, bytes) else n for n in members)
             others = [name for name in names if name != self.instance]
             values = await self._redis.mget([SUMMARY_KEY + name for name in others]) if others else []
             gone = [name for name, value in zip(others, values, strict=True) if value is None]
