@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 from broker_support import CLIENT, CONTROLLER, Cluster, Outcome, new_id, until
+from redis.asyncio import Redis
 from support import eventually
 
 from appliance.brokers.base import BrokerNotStarted
@@ -205,6 +206,17 @@ async def test_presence_summary_counts_every_instance_and_moves_with_membership(
             return b.name not in (await totals())[1]
 
         await eventually(forgotten, 10, "a stopped instance's summary gone")
+        # A crashed instance's name is forgotten once its keys expired, but not while its presence is there.
+        raw = Redis.from_url(cluster.redis_url)
+        try:
+            await raw.sadd("wsb:instances", "crashed", "old-version")
+            await raw.hset("wsb:instance:old-version", "x", '{"id": "x", "role": "client", "instance": "old-version"}')
+            await a.broker.presence_summary()
+            assert await raw.smembers("wsb:instances") == {a.name.encode(), b"old-version"}
+            assert "x" in {r["id"] for r in await a.broker.presence()}
+        finally:
+            await raw.delete("wsb:instance:old-version")
+            await raw.aclose()
 
 
 async def _has(ids, wanted):
