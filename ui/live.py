@@ -82,18 +82,32 @@ class PresenceWatcher:
         self._task: asyncio.Task[None] | None = None
         self._records: list[dict[str, Any]] | None = None
         self._records_at = 0.0
-        self._reading: asyncio.Future[list[dict[str, Any]]] | None = None
+        # The read in flight and the poll seq when it started.
+        self._reading: tuple[asyncio.Future[list[dict[str, Any]]], int] | None = None
         self._digest = ""  # the membership digest read just before self._records
+        self._moved = 0  # seq of the last poll whose digest differed from the one before
         self._described: tuple[list[dict[str, Any]], dict[str, int]] | None = None
         self._facets: tuple[list[dict[str, Any]], dict[str, list[str]]] | None = None
 
     async def records(self, max_age: float = 1.0) -> list[dict[str, Any]]:
-        """Cluster presence at most ``max_age`` seconds old; raises BrokerUnavailable like the relay."""
-        if self._records is not None and time.monotonic() - self._records_at <= max_age:
+        """Cluster presence at most ``max_age`` seconds old; raises BrokerUnavailable like the relay.
+
+        Never older than the last "changed" a stream sent: a page re-fetching on that signal gets
+        a read that started after the poll which saw the change (one read shared by every page).
+        """
+        current = self._watchers == 0 or self._digest == self.latest.digest
+        if self._records is not None and current and time.monotonic() - self._records_at <= max_age:
             return self._records
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(self._read())
-        return await asyncio.shield(self._reading)
+        reading = self._reading
+        if reading is None or reading[1] < self._moved:
+            future = asyncio.ensure_future(self._read())
+            reading = self._reading = (future, self.latest.seq)
+            future.add_done_callback(self._done_reading)
+        return await asyncio.shield(reading[0])
+
+    def _done_reading(self, future: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if self._reading is not None and self._reading[0] is future:
+            self._reading = None
 
     def describe(self, records: list[dict[str, Any]]) -> tuple[dict[str, int], str]:
         """(counters, membership digest) of ``records``, computed once per read.
@@ -114,13 +128,12 @@ class PresenceWatcher:
         return cached[1]
 
     async def _read(self) -> list[dict[str, Any]]:
-        try:
-            digest = summary_digest(await self.relay.cluster_summary())
-            records = await self.relay.clients(ordered=False)  # run_query selects its page itself.
-            self._records, self._records_at, self._digest = records, time.monotonic(), digest
-            return records
-        finally:
-            self._reading = None
+        started = time.monotonic()
+        digest = summary_digest(await self.relay.cluster_summary())
+        records = await self.relay.clients(ordered=False)  # run_query selects its page itself.
+        if started >= self._records_at:  # An older read finishing late never replaces a newer one.
+            self._records, self._records_at, self._digest = records, started, digest
+        return records
 
     async def _poll_once(self) -> None:
         seq = self.latest.seq + 1
@@ -130,7 +143,10 @@ class PresenceWatcher:
         except BrokerUnavailable as exc:
             self.latest = Snapshot(seq, self.latest.counters, self.latest.digest, str(exc))
         else:
-            self.latest = Snapshot(seq, summary_counters(summaries), summary_digest(summaries))
+            digest = summary_digest(summaries)
+            if digest != self.latest.digest:
+                self._moved = seq
+            self.latest = Snapshot(seq, summary_counters(summaries), digest)
             spent = time.perf_counter() - started
             self.interval = min(MAX_INTERVAL, max(self.min_interval, spent / POLL_BUDGET))
         async with self._changed:
