@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -48,7 +49,13 @@ MAX_PENDING_CHARS = 4 << 20
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+    return _iso_second(int(epoch))  # Whole seconds, as shown: cached, many records share a second.
+
+
+@functools.lru_cache(maxsize=8192)
+def _iso_second(second: int) -> str:
+    """Formatting dominated building 10,000 presence records; most of them share a few seconds."""
+    return datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
 
 
 class Flusher:
@@ -356,6 +363,9 @@ class Relay:
         self._groups: dict[str, set[Connection]] = {}
         self.commands = CommandService(self)
         self._connections: dict[str, Connection] = {}  # by conn_key
+        # Moves on every connect and leave (never per message): the dashboard's cheap "list changed" test.
+        self.membership = 0
+        self.epoch = uuid.uuid4().hex[:8]  # Tells a restarted instance's counter from its previous life.
         self._flusher = Flusher()
         self.flusher = self._flusher  # The reader stamps received_at on it.
         # Frames written to connections that are gone, by role; live ones are summed at scrape
@@ -462,6 +472,7 @@ class Relay:
         conn.owner = owner
         self.local[client_id] = conn
         self._connections[conn.conn_key] = conn
+        self.membership += 1
         if conn.role is Role.CONTROLLER:
             self.controllers.add(conn)
         for group in conn.groups:
@@ -481,6 +492,7 @@ class Relay:
         conn.session.closed()
         if self._connections.pop(conn.conn_key, None) is None:
             return
+        self.membership += 1
         self.controllers.discard(conn)
         for group in conn.groups:
             members = self._groups.get(group)
@@ -618,6 +630,27 @@ class Relay:
     def presence_records(self) -> list[dict[str, Any]]:
         return [conn.presence_record(self.instance) for conn in self._connections.values() if conn.owner is not None]
 
+    def presence_summary(self) -> dict[str, Any]:
+        """This instance's counters and membership version, without building a record per connection."""
+        clients = messages_in = messages_out = 0
+        for conn in self._connections.values():
+            session = conn.session
+            messages_in += session.messages_in
+            messages_out += session.messages_out
+            if conn.role is Role.CLIENT:
+                clients += 1
+        connections = len(self._connections)
+        return {
+            "instance": self.instance,
+            "epoch": self.epoch,
+            "membership": self.membership,
+            "connections": connections,
+            "clients": clients,
+            "controllers": connections - clients,
+            "messages_in": messages_in,
+            "messages_out": messages_out,
+        }
+
     def presence_record(self, client_id: str) -> dict[str, Any] | None:
         conn = self.local.get(client_id)
         return conn.presence_record(self.instance) if conn is not None and conn.owner is not None else None
@@ -679,9 +712,20 @@ class Relay:
         """
         return await self.recent.read(client_id, history)
 
-    async def clients(self) -> list[dict[str, Any]]:
+    async def clients(self, *, ordered: bool = True) -> list[dict[str, Any]]:
+        """Cluster presence, by id then instance; ``ordered=False`` skips the sort for callers that
+        select their own page (the dashboard's table)."""
         records = await self.broker.presence()
+        if not ordered:
+            return records
         return sorted(records, key=lambda r: (r["id"], r["instance"]))
+
+    async def cluster_summary(self) -> list[dict[str, Any]]:
+        """Per instance: connection and message counters and a membership version (see Broker.presence_summary).
+
+        A few small reads however many connections there are: what an idle dashboard polls.
+        """
+        return await self.broker.presence_summary()
 
     def status(self) -> tuple[bool, str]:
         if self.draining:

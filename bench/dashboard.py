@@ -10,7 +10,7 @@ server time each response declares in ``Server-Timing`` (session, CSRF, presence
 filtering, sorting, paging and template rendering) and the time seen by the client.
 Target: median server time <= 100 ms for both pages. Then, with the 10,000 clients still
 connected, a closed loop of commands on instance A runs with and without one open dashboard
-(its event stream, which polls presence once a second), in interleaved rounds; target: the
+(its event stream, which polls the instances' presence summaries once a second), in interleaved rounds; target: the
 dashboard costs less than 2 % of the relay's throughput (judged on server CPU per round trip,
 which a busy machine disturbs far less than throughput; both are printed).
 """

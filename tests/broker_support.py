@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import zlib
 from typing import Any
 
 from support import eventually
@@ -77,6 +78,20 @@ class Inbox:
 
     def presence_records(self) -> list[dict[str, Any]]:
         return [r for r in map(self.presence_record, self.roles) if r is not None]
+
+    def presence_summary(self) -> dict[str, Any]:
+        records = self.presence_records()
+        clients = sum(1 for r in records if r["role"] == "client")
+        return {
+            "instance": self.instance,
+            "epoch": "test",
+            "membership": zlib.crc32(",".join(sorted(self.roles)).encode()),
+            "connections": len(records),
+            "clients": clients,
+            "controllers": len(records) - clients,
+            "messages_in": 0,
+            "messages_out": 0,
+        }
 
     def presence_record(self, client_id: str) -> dict[str, Any] | None:
         role = self.roles.get(client_id)

@@ -1,19 +1,23 @@
-"""Live updates: one presence poll per instance, fanned out to every open dashboard's event stream.
+"""Live updates: one presence-summary poll per instance, fanned out to every open dashboard's event stream.
 
-However many dashboards are open, an instance reads cluster presence once per
-``interval`` (and not at all when nobody watches). Each stream gets the counters and,
-at most once per poll, a "changed" signal when the set of connections changed; the page
-then re-fetches its table with its own filters, so nothing per-connection is pushed.
+However many dashboards are open, an instance polls once per ``interval`` (and not at all
+when nobody watches), and a poll is cheap: :meth:`Relay.cluster_summary` reads each
+instance's counters and membership version (a few small Redis keys, never the 10,000
+records), so an idle dashboard costs the relay next to nothing. Each stream gets the
+counters and, at most once per poll, a "changed" signal when a membership version moved
+(a connection came or went on any instance); the page then re-fetches its table with its
+own filters, and only that reads the full presence list.
 
-Page requests share the same read: :meth:`PresenceWatcher.records` returns presence at
-most ``max_age`` seconds old and coalesces concurrent reads, so a "changed" signal that
-makes every open dashboard re-fetch at once costs the relay one read, not one per page.
+Page requests share that read: :meth:`PresenceWatcher.records` returns presence at most
+``max_age`` seconds old and coalesces concurrent reads, so a "changed" signal that makes
+every open dashboard re-fetch at once costs the relay one read, not one per page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -23,7 +27,7 @@ from appliance.brokers.base import BrokerUnavailable
 
 from .query import facets, summarize
 
-__all__ = ["PresenceWatcher", "Snapshot"]
+__all__ = ["PresenceWatcher", "Snapshot", "summary_counters", "summary_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +44,25 @@ class Snapshot:
         self.error = error
 
 
-def _digest(records: list[dict[str, Any]]) -> str:
-    """Changes when a connection comes or goes (not when its message counters move).
+def summary_counters(summaries: list[dict[str, Any]]) -> dict[str, int]:
+    """The counters at the top of the page, from the instances' summaries (same keys as ``summarize``)."""
+    counters = {
+        key: sum(int(s.get(key) or 0) for s in summaries)
+        for key in ("connections", "clients", "controllers", "messages_in", "messages_out")
+    }
+    counters["instances"] = sum(1 for s in summaries if s.get("connections"))
+    return counters
 
-    An order-independent sum of per-connection hashes: one pass, no sort (10,000 records in
-    about a millisecond). Python's string hashes differ between processes, so a page rendered
-    by one instance and a stream served by another disagree once: one extra refresh, no harm.
+
+def summary_digest(summaries: list[dict[str, Any]]) -> str:
+    """Changes when a connection comes or goes anywhere (not when message counters move).
+
+    Built from every instance's (name, epoch, membership version): a restarted instance has a
+    new epoch, so its counter starting again from zero still reads as a change.
     """
-    total = 0
-    for r in records:
-        total += hash((r.get("id"), r.get("instance"), r.get("connected_since")))
-    return f"{len(records):x}-{total & 0xFFFFFFFFFFFFFFFF:016x}"
+    parts = sorted(f"{s.get('instance')}|{s.get('epoch')}|{s.get('membership')}" for s in summaries)
+    digest = hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
+    return f"{sum(int(s.get('connections') or 0) for s in summaries):x}-{digest}"
 
 
 #: Polling never takes more than this share of the instance's time: a slow read (10,000 entries
@@ -70,24 +82,43 @@ class PresenceWatcher:
         self._task: asyncio.Task[None] | None = None
         self._records: list[dict[str, Any]] | None = None
         self._records_at = 0.0
-        self._reading: asyncio.Future[list[dict[str, Any]]] | None = None
-        self._described: tuple[list[dict[str, Any]], dict[str, int], str] | None = None
+        # The read in flight and the poll seq when it started.
+        self._reading: tuple[asyncio.Future[list[dict[str, Any]]], int] | None = None
+        self._digest = ""  # the membership digest read just before self._records
+        self._moved = 0  # seq of the last poll whose digest differed from the one before
+        self._described: tuple[list[dict[str, Any]], dict[str, int]] | None = None
         self._facets: tuple[list[dict[str, Any]], dict[str, list[str]]] | None = None
 
     async def records(self, max_age: float = 1.0) -> list[dict[str, Any]]:
-        """Cluster presence at most ``max_age`` seconds old; raises BrokerUnavailable like the relay."""
-        if self._records is not None and time.monotonic() - self._records_at <= max_age:
+        """Cluster presence at most ``max_age`` seconds old; raises BrokerUnavailable like the relay.
+
+        Never older than the last "changed" a stream sent: a page re-fetching on that signal gets
+        a read that started after the poll which saw the change (one read shared by every page).
+        """
+        current = self._watchers == 0 or self._digest == self.latest.digest
+        if self._records is not None and current and time.monotonic() - self._records_at <= max_age:
             return self._records
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(self._read())
-        return await asyncio.shield(self._reading)
+        reading = self._reading
+        if reading is None or reading[1] < self._moved:
+            future = asyncio.ensure_future(self._read())
+            reading = self._reading = (future, self.latest.seq)
+            future.add_done_callback(self._done_reading)
+        return await asyncio.shield(reading[0])
+
+    def _done_reading(self, future: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if self._reading is not None and self._reading[0] is future:
+            self._reading = None
 
     def describe(self, records: list[dict[str, Any]]) -> tuple[dict[str, int], str]:
-        """(counters, membership digest) of ``records``, computed once per read."""
+        """(counters, membership digest) of ``records``, computed once per read.
+
+        The digest is the one read just before these records, so a connection that came while
+        they were read makes the page's stream say "changed" once more (never one too few).
+        """
         cached = self._described
         if cached is None or cached[0] is not records:
-            cached = self._described = (records, summarize(records), _digest(records))
-        return cached[1], cached[2]
+            cached = self._described = (records, summarize(records))
+        return cached[1], self._digest if records is self._records else ""
 
     def facets(self, records: list[dict[str, Any]]) -> dict[str, list[str]]:
         """The filter menus' values, computed once per read and only when a page asks."""
@@ -97,23 +128,25 @@ class PresenceWatcher:
         return cached[1]
 
     async def _read(self) -> list[dict[str, Any]]:
-        try:
-            records = await self.relay.clients()
-            self._records, self._records_at = records, time.monotonic()
-            return records
-        finally:
-            self._reading = None
+        started = time.monotonic()
+        digest = summary_digest(await self.relay.cluster_summary())
+        records = await self.relay.clients(ordered=False)  # run_query selects its page itself.
+        if started >= self._records_at:  # An older read finishing late never replaces a newer one.
+            self._records, self._records_at, self._digest = records, started, digest
+        return records
 
-    async def _poll_once(self, max_age: float = 0.0) -> None:
+    async def _poll_once(self) -> None:
         seq = self.latest.seq + 1
         started = time.perf_counter()
         try:
-            records = await self.records(max_age)
+            summaries = await self.relay.cluster_summary()
         except BrokerUnavailable as exc:
             self.latest = Snapshot(seq, self.latest.counters, self.latest.digest, str(exc))
         else:
-            counters, digest = self.describe(records)
-            self.latest = Snapshot(seq, counters, digest)
+            digest = summary_digest(summaries)
+            if digest != self.latest.digest:
+                self._moved = seq
+            self.latest = Snapshot(seq, summary_counters(summaries), digest)
             spent = time.perf_counter() - started
             self.interval = min(MAX_INTERVAL, max(self.min_interval, spent / POLL_BUDGET))
         async with self._changed:
@@ -132,7 +165,7 @@ class PresenceWatcher:
         """Every new snapshot, starting with a fresh one; polling runs while anyone iterates."""
         self._watchers += 1
         try:
-            await self._poll_once(max_age=self.min_interval)  # A page's own read is recent enough.
+            await self._poll_once()
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._run(), name="dashboard-presence")
             seen = 0

@@ -246,7 +246,7 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
     client_id = id
     records, error = await _records(request)
-    entries = [r for r in records if r.get("id") == client_id]
+    entries = sorted((r for r in records if r.get("id") == client_id), key=lambda r: str(r.get("instance")))
     events = [e for e in await request.app.state.audit.recent(1000) if e.target == client_id][:50]
     relay = request.app.state.relay
     try:

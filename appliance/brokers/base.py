@@ -141,6 +141,10 @@ class Inbox(Protocol):
     def presence_record(self, client_id: str) -> dict[str, Any] | None:
         """The presence record of the local connection holding ``client_id``, if any."""
 
+    def presence_summary(self) -> dict[str, Any]:
+        """The local counters: ``instance``, ``epoch``, ``membership`` (moves on every connect and
+        leave), ``connections``, ``clients``, ``controllers``, ``messages_in``, ``messages_out``."""
+
 
 class Broker(abc.ABC):
     """Cluster-wide routing, id ownership and presence."""
@@ -213,6 +217,14 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def presence(self) -> list[dict[str, Any]]:
         """Every live connection in the cluster."""
+
+    @abc.abstractmethod
+    async def presence_summary(self) -> list[dict[str, Any]]:
+        """Every instance's :meth:`Inbox.presence_summary`, in a few small reads (never one per connection).
+
+        Its ``(instance, epoch, membership)`` triples change whenever :meth:`presence` gains or
+        loses a connection, so a watcher reads this and the full list only when it moved.
+        """
 
     # --- connect history (appliance/core/history.py) ----------------------------------------
 

@@ -99,6 +99,9 @@ class MemoryBroker(Broker):
     async def presence(self) -> list[dict[str, Any]]:
         return self.inbox.presence_records()
 
+    async def presence_summary(self) -> list[dict[str, Any]]:
+        return [self.inbox.presence_summary()]
+
     def record_history(self, client_id: str, entry: dict[str, Any]) -> None:
         self._history.add(client_id, entry, time.time())
 

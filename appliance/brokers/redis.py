@@ -33,6 +33,11 @@ Keys (prefix ``wsb:``):
 - ``wsb:instance:{name}``: hash of that instance's presence records, same TTL; one
   field is written or deleted per connect or disconnect, the whole hash only on the
   periodic refresh and after an outage.
+- ``wsb:summary:{name}``: that instance's counters and membership version (JSON of
+  :meth:`~appliance.brokers.base.Inbox.presence_summary`), same TTL, written in the same
+  transaction as its presence hash; ``wsb:instances`` is the set of names (added with
+  every presence write), so an idle dashboard reads two small keys instead of every
+  presence record, and a full presence read needs no SCAN of the keyspace.
 - ``wsb:hist:{id}``: the id's connect history (JSON entries of
   :func:`~appliance.core.history.close_entry`, newest first), ``LPUSH`` + ``LTRIM`` to
   ``HISTORY_PER_CLIENT`` + ``EXPIRE`` ``HISTORY_TTL_SECONDS``, written in the same pipeline
@@ -82,6 +87,8 @@ QUEUE_SEEN_KEY = f"{PREFIX}qd:"
 OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
+SUMMARY_KEY = f"{PREFIX}summary:"
+INSTANCES_KEY = f"{PREFIX}instances"
 #: History entries waiting for Redis (an outage): beyond this many, the oldest are dropped.
 HISTORY_BACKLOG = 10_000
 GENERATION_KEY = f"{PREFIX}generation"
@@ -105,6 +112,19 @@ return {1, owner, previous or ''}
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# Forget instances that stopped without saying so: only those whose summary and presence keys
+# (KEYS[2i], KEYS[2i + 1], written with the name in one transaction) are both gone, checked
+# atomically so a name re-added meanwhile stays.
+FORGET_INSTANCES = """
+local gone = 0
+for i, name in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[2 * i], KEYS[2 * i + 1]) == 0 then
+    gone = gone + redis.call('SREM', KEYS[1], name)
+  end
+end
+return gone
 """
 
 # Heartbeat and after an outage: keep each claim if it is still ours or free again (evicted,
@@ -349,6 +369,7 @@ class RedisBroker(Broker):
         self._sub_client = Redis(connection_pool=sub_pool)
         self._claim = self._redis.register_script(CLAIM)
         self._release = self._redis.register_script(RELEASE)
+        self._forget_instances = self._redis.register_script(FORGET_INSTANCES)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._subscriber(), name="redis-subscriber"),
@@ -376,7 +397,8 @@ class RedisBroker(Broker):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for client_id, owner in [*self._owners.items(), *self._unreleased.items()]:
                         pipe.eval(RELEASE, 1, OWNER_KEY + client_id, owner.encode())
-                    pipe.delete(INSTANCE_KEY + self.instance)
+                    pipe.delete(INSTANCE_KEY + self.instance, SUMMARY_KEY + self.instance)
+                    pipe.srem(INSTANCES_KEY, self.instance)
                     self._queue_history(pipe, list(self._history_out))
                     await pipe.execute()
         self._fail_pending(self._pending, "the instance is shutting down")
@@ -976,6 +998,9 @@ class RedisBroker(Broker):
                     if gone:
                         pipe.hdel(key, *gone)
                 pipe.expire(key, self.presence_ttl)
+                # Taken with the records above (no await between): the version matches what is written.
+                pipe.set(SUMMARY_KEY + self.instance, _json.encode(inbox.presence_summary()), ex=self.presence_ttl)
+                pipe.sadd(INSTANCES_KEY, self.instance)
                 self._queue_history(pipe, history)
                 await pipe.execute()
         except BaseException:
@@ -1044,16 +1069,39 @@ class RedisBroker(Broker):
     async def presence(self) -> list[dict[str, Any]]:
         if not self._up or self._redis is None:
             raise BrokerUnavailable(self.health()[1])
-        local = self.inbox.presence_records()
-        records = list(local)
+        records = self.inbox.presence_records()
         try:
-            keys = [key async for key in self._redis.scan_iter(match=INSTANCE_KEY + "*", count=500)]
-            own = (INSTANCE_KEY + self.instance).encode()
-            for key in keys:
-                if key == own:
-                    continue
-                for value in (await self._redis.hgetall(key)).values():
-                    records.append(_json_decode.decode(value))
+            others = await self._other_instances()
+            async with self._redis.pipeline(transaction=False) as pipe:  # One round trip for every instance.
+                for name in others:
+                    pipe.hgetall(INSTANCE_KEY + name)
+                hashes = await pipe.execute() if others else []
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
+        decode = _json_decode.decode
+        for values in hashes:
+            records.extend(decode(value) for value in values.values())
         return records
+
+    async def _other_instances(self) -> list[str]:
+        """The names in ``wsb:instances`` but this one (every instance adds itself with each presence write)."""
+        assert self._redis is not None
+        members = await self._redis.smembers(INSTANCES_KEY)
+        names = sorted(n.decode() if isinstance(n, bytes) else n for n in members)
+        return [name for name in names if name != self.instance]
+
+    async def presence_summary(self) -> list[dict[str, Any]]:
+        if not self._up or self._redis is None:
+            raise BrokerUnavailable(self.health()[1])
+        summaries = [self.inbox.presence_summary()]
+        try:
+            others = await self._other_instances()
+            values = await self._redis.mget([SUMMARY_KEY + name for name in others]) if others else []
+            gone = [name for name, value in zip(others, values, strict=True) if value is None]
+            if gone:  # Stopped without saying so (its keys expired): forget the name.
+                keys = [INSTANCES_KEY, *(key for n in gone for key in (SUMMARY_KEY + n, INSTANCE_KEY + n))]
+                await self._forget_instances(keys=keys, args=gone)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis unreachable ({type(exc).__name__})") from exc
+        summaries.extend(_json_decode.decode(value) for value in values if value is not None)
+        return summaries

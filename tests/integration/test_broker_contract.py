@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 from broker_support import CLIENT, CONTROLLER, Cluster, Outcome, new_id, until
+from redis.asyncio import Redis
 from support import eventually
 
 from appliance.brokers.base import BrokerNotStarted
@@ -173,6 +174,49 @@ async def test_presence_lists_every_instance_and_forgets_released_ids(cluster):
     await eventually(lambda: _has(ids, {one, two}), 10, "both ids in presence")
     await b.release(two, second.owner)
     await eventually(lambda: _lacks(ids, two), 10, "the released id gone")
+
+
+async def test_presence_summary_counts_every_instance_and_moves_with_membership(cluster):
+    """What an idle dashboard polls instead of presence(): per-instance counters and a membership version."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    one, two = new_id(), new_id()
+    await a.claim(one)
+    second = await b.claim(two, CONTROLLER)
+
+    async def totals():
+        summaries = await a.broker.presence_summary()
+        return {k: sum(s[k] for s in summaries) for k in ("connections", "clients", "controllers")}, {
+            s["instance"]: s["membership"] for s in summaries
+        }
+
+    async def counted(wanted):
+        return (await totals())[0] == wanted
+
+    await eventually(lambda: counted({"connections": 2, "clients": 1, "controllers": 1}), 10, "both counted")
+    versions = (await totals())[1]
+    assert set(versions) == {a.name, b.name}
+    await b.release(two, second.owner)
+    await eventually(lambda: counted({"connections": 1, "clients": 1, "controllers": 0}), 10, "the release counted")
+    assert (await totals())[1][b.name] != versions[b.name]
+    if cluster.kind == "redis":
+        await b.broker.stop()
+        cluster.nodes.remove(b)
+
+        async def forgotten():
+            return b.name not in (await totals())[1]
+
+        await eventually(forgotten, 10, "a stopped instance's summary gone")
+        # A crashed instance's name is forgotten once its keys expired, but not while its presence is there.
+        raw = Redis.from_url(cluster.redis_url)
+        try:
+            await raw.sadd("wsb:instances", "crashed", "old-version")
+            await raw.hset("wsb:instance:old-version", "x", '{"id": "x", "role": "client", "instance": "old-version"}')
+            await a.broker.presence_summary()
+            assert await raw.smembers("wsb:instances") == {a.name.encode(), b"old-version"}
+            assert "x" in {r["id"] for r in await a.broker.presence()}
+        finally:
+            await raw.delete("wsb:instance:old-version")
+            await raw.aclose()
 
 
 async def _has(ids, wanted):

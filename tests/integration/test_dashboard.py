@@ -427,6 +427,52 @@ def test_the_event_stream_sends_counters_and_a_changed_signal(admin, app):
             assert "changed" in seen
 
 
+def _command_calls(redis_server, *commands: str) -> int:
+    """How many times Redis has run these commands (INFO commandstats), for counting what a watcher reads."""
+    stats = redis_server.command("INFO", "commandstats").decode()
+    return sum(
+        int(found.group(1))
+        for command in commands
+        for found in [re.search(rf"cmdstat_{command}:calls=(\d+)", stats)]
+        if found
+    )
+
+
+def test_an_idle_stream_reads_no_presence_records_and_still_sees_the_other_instance(start_appliance, redis_server):
+    """An open dashboard polls two small keys, never the whole presence list, yet a connect on
+    another instance still makes its page re-fetch, and the counters include that instance."""
+    redis_server.command("FLUSHALL")
+    a = start_appliance(redis_url=redis_server.url, name="idle-a")
+    b = start_appliance(redis_url=redis_server.url, name="idle-b")
+    browser = Browser(a.http)
+    sockets = contextlib.ExitStack()
+    try:
+        for n in range(3):
+            sockets.enter_context(ws_connect(b, f"idle-{n}"))
+        assert browser.login().status_code == 303
+        wait_until(lambda: 'data-counter="connections">3<' in browser.get("/admin/clients").text, 10, "3 on b listed")
+        with browser.http.stream("GET", "/admin/events", timeout=timeout(30)) as stream:
+            events = _sse_events(stream, "changed", 20)
+            assert [next(events)[0], next(events)[0]] == ["hello", "counters"]
+            full_reads = _command_calls(redis_server, "hgetall", "scan")
+            polls = _command_calls(redis_server, "mget")
+            time.sleep(3.5)  # About three polls of an idle stream.
+            assert _command_calls(redis_server, "hgetall", "scan") == full_reads, "an idle stream read every record"
+            assert _command_calls(redis_server, "mget") >= polls + 2, "the stream stopped polling"
+            with ws_connect(b, "idle-late"):
+                seen = []
+                for name, data in events:
+                    seen.append((name, data))
+                    if name == "changed":
+                        break
+                counters = [data for name, data in seen if name == "counters"]
+                assert counters and 'data-counter="connections">4<' in counters[-1]
+                assert 'data-counter="instances">1<' in counters[-1]
+    finally:
+        sockets.close()
+        browser.close()
+
+
 # --- escaping -------------------------------------------------------------------------------------
 
 
@@ -446,6 +492,7 @@ def test_client_controlled_text_is_escaped(start_appliance, redis_server):
     }
     redis_server.command("HSET", "wsb:instance:forged", "evil", json.dumps(evil))
     redis_server.command("EXPIRE", "wsb:instance:forged", "60")
+    redis_server.command("SADD", "wsb:instances", "forged")  # As every instance names itself.
     b = Browser(app.http)
     try:
         b.login()
