@@ -542,10 +542,8 @@ class CommandService:
 
     def _tell_gone(self, routed: Routed, client_id: str) -> None:
         """``routed`` was never handed over: its client's connection is closing."""
-        if routed.queue:  # Its sender queues it for the client's return.
-            self._tell_error(routed, client_id, ErrorCode.TARGET_OFFLINE, f"{client_id} is disconnecting")
-        else:
-            self._tell_error(routed, client_id, ErrorCode.DELIVERY_FAILED, "the client is disconnecting")
+        detail = f"{client_id} is disconnecting" if routed.queue else "the client is disconnecting"
+        self._tell_error(routed, client_id, routed.closing_error, detail)
 
     def _abandon_line(self, client_id: str) -> None:
         """The client's connection is closing: the commands waiting in its line get their outcome now."""

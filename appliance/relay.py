@@ -593,8 +593,8 @@ class Relay:
             return ErrorCode.TARGET_OFFLINE
         if conn.session.role is Role.CONTROLLER:
             return ErrorCode.TARGET_NOT_CLIENT
-        if conn.close_code is not None:  # Closing: a queueable command is queued by its sender instead.
-            return ErrorCode.TARGET_OFFLINE if routed.queue else ErrorCode.DELIVERY_FAILED
+        if conn.close_code is not None:
+            return routed.closing_error
         self.commands.hand_over(conn, routed, time.time())
         return None
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from .protocol import ErrorCode
 from .protocol_v2 import CommandId
 
 __all__ = [
@@ -55,6 +56,12 @@ class Routed(msgspec.Struct, frozen=True, omit_defaults=True):
     timeout_ms: int
     #: Sent with ``"queue": true``: if its client leaves before it is handed over, it is queued, not refused.
     queue: bool = False
+
+    @property
+    def closing_error(self) -> ErrorCode:
+        """Its client's connection is closing, so it was never handed over: a queueable command is
+        queued by its sender for the client's return (``target_offline``), any other one failed."""
+        return ErrorCode.TARGET_OFFLINE if self.queue else ErrorCode.DELIVERY_FAILED
 
 
 #: Stale deadline-heap entries tolerated beyond twice the live ones before the heap is rebuilt.
