@@ -103,6 +103,20 @@ def test_paused_table_is_not_refreshed_until_live_again(page, app, console):
     console.assert_clean()
 
 
+def test_a_change_held_back_by_a_selection_shows_once_the_selection_is_cleared(page, app, console):
+    with client(app, "ticked-1"):
+        sign_in(page, app)
+        wait_live(page)
+        page.get_by_label("Select ticked-1").check()
+        with client(app, "came-while-ticked"):
+            # The stream says "changed" once; the ticked row holds that refresh back.
+            page.wait_for_timeout(ms(2.5))
+            assert "came-while-ticked" not in rows(page)
+            page.get_by_label("Select ticked-1").uncheck()  # Nothing ticked: the held-back refresh runs.
+            page.locator('#clients-table tr[data-client-id="came-while-ticked"]').wait_for(timeout=ms(10))
+    console.assert_clean()
+
+
 def test_html_in_client_controlled_fields_stays_inert(page, app, redis_server, console, screenshot):
     evil = "<img src=x onerror=alert(document.domain)>"
     forged = {

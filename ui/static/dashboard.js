@@ -29,13 +29,32 @@
     return document.querySelector("#clients-table input.select:checked") !== null;
   }
 
-  // Paused, or rows selected for an action: refreshes triggered by the stream are dropped (a refresh
-  // would clear the selection); the operator's own actions still run.
+  // Paused, or rows selected for an action: table refreshes triggered by the stream are held back (a
+  // refresh would clear the selection); the operator's own actions still run. The stream says
+  // "changed" once per change, so a held-back refresh is remembered and runs as soon as the table
+  // is live and nothing is ticked (after an action's own refresh, or when the last box is unticked).
+  var missed = false;
+  function isTable(elt) { return elt && elt.id === "clients-table"; }
+
+  function catchUp() {
+    var table = document.getElementById("clients-table");
+    if (missed && !paused && !hasSelection() && table && window.htmx) {
+      missed = false;
+      window.htmx.trigger(table, "refresh");
+    }
+  }
+
   document.addEventListener("htmx:confirm", function (evt) {
     var trigger = evt.detail && evt.detail.triggeringEvent;
-    if ((paused || hasSelection()) && trigger && typeof trigger.type === "string" && trigger.type.indexOf("sse:") === 0) {
+    var fromStream = trigger && typeof trigger.type === "string" && trigger.type.indexOf("sse:") === 0;
+    if (fromStream && isTable(evt.detail.elt) && (paused || hasSelection())) {
+      missed = true;
       evt.preventDefault();
     }
+  });
+
+  document.addEventListener("htmx:afterSettle", function (evt) {
+    if (isTable(evt.detail && evt.detail.elt) || isTable(evt.target)) catchUp();
   });
 
   // Send: a pending row appears at once and is replaced by the outcome when the server answers.
@@ -67,7 +86,12 @@
       paused = !evt.target.checked;
       showConnection();
       var table = document.getElementById("clients-table");
-      if (!paused && table && window.htmx) window.htmx.trigger(table, "refresh");
+      if (!paused && table && window.htmx) {
+        missed = false;
+        window.htmx.trigger(table, "refresh");
+      }
+    } else if (evt.target && evt.target.classList && evt.target.classList.contains("select")) {
+      catchUp();
     }
   });
 
