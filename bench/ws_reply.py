@@ -77,8 +77,8 @@ class _Controller(WSListener):
 
 async def _loop(
     proc: Any, port: int, tokens: tuple[str, str], v2: bool, clients: int, outstanding: int, duration: float, rnd: int
-) -> tuple[float, float]:
-    """Completed commands per second and server CPU (us) per command, over ``duration``."""
+) -> tuple[float, float, float]:
+    """Completed commands per second, server and load generator CPU (us) per command, over ``duration``."""
     controller_token, client_token = tokens
     client_headers = {"X-Auth-Token": client_token}
     if v2:
@@ -99,14 +99,16 @@ async def _loop(
         controller.send(ids[i % clients])
     await asyncio.sleep(1.0)  # warm-up
     start_count, start, cpu = controller.completed, time.perf_counter(), proc.cpu_seconds()
+    own_cpu = time.process_time()
     await asyncio.sleep(duration)
     done, cpu = controller.completed - start_count, proc.cpu_seconds() - cpu
+    own_cpu = time.process_time() - own_cpu
     rate = done / (time.perf_counter() - start)
     transport.disconnect()
     for t in transports:
         t.disconnect()
     await asyncio.sleep(0.2)  # Let the server see them go before the next round.
-    return rate, 1e6 * cpu / max(done, 1)
+    return rate, 1e6 * cpu / max(done, 1), 1e6 * own_cpu / max(done, 1)
 
 
 async def run(clients: int, outstanding: int, duration: float, rounds: int = 1, wsbridge: Path | None = None) -> dict:
@@ -117,12 +119,13 @@ async def run(clients: int, outstanding: int, duration: float, rounds: int = 1, 
         settings = {"LLM_SECRET_TOKEN": tokens[0], "UNITY_CLIENT_TOKEN": tokens[1], "LOG_LEVEL": "WARNING"}
         proc = procs.start_appliance("ws-reply", port, settings)
         await wait_http_ok(proc, f"http://127.0.0.1:{port}/healthz")
-        runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
         for rnd in range(rounds):  # Interleaved, so a busy spell on the machine hits both versions.
             for v2 in (False, True):
                 runs[v2].append(await _loop(proc, port, tokens, v2, clients, outstanding, duration, rnd))
-    v1, v2 = (statistics.median(r for r, _ in runs[k]) for k in (False, True))
-    v1_cpu, v2_cpu = (statistics.median(c for _, c in runs[k]) for k in (False, True))
+    v1, v2 = (statistics.median(r[0] for r in runs[k]) for k in (False, True))
+    v1_cpu, v2_cpu = (statistics.median(r[1] for r in runs[k]) for k in (False, True))
+    v1_gen, v2_gen = (statistics.median(r[2] for r in runs[k]) for k in (False, True))
     return {
         "clients": clients,
         "outstanding": outstanding,
@@ -134,6 +137,9 @@ async def run(clients: int, outstanding: int, duration: float, rounds: int = 1, 
         "v1_server_cpu_us": v1_cpu,
         "v2_server_cpu_us": v2_cpu,
         "v1_over_v2_cpu": v1_cpu / v2_cpu,
+        # The load generator shares the machine: its CPU per command is taken from the server's.
+        "v1_generator_cpu_us": v1_gen,
+        "v2_generator_cpu_us": v2_gen,
         "per_round_v2_over_v1": [b[0] / a[0] for a, b in zip(runs[False], runs[True], strict=True)],
     }
 
