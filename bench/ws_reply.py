@@ -55,9 +55,8 @@ class _Controller(WSListener):
 
     def send(self, target: str) -> None:
         assert self.transport is not None
-        if self.v2:
-            body = {"target": target, "message": "ping", "id": next(self.ids), "timeout_ms": 60_000}
-            self.transport.send(WSMsgType.TEXT, _encode(body))
+        if self.v2:  # As cheap as v1's prepared frames: the generator shares the machine with the server.
+            self.transport.send(WSMsgType.TEXT, b"%s%d}" % (self.frames[target], next(self.ids)))
         else:
             self.transport.send(WSMsgType.TEXT, self.frames[target])
 
@@ -66,11 +65,14 @@ class _Controller(WSListener):
             if frame.msg_type is WSMsgType.PING:
                 transport.send_pong(frame.get_payload_as_bytes())
             return
-        message = _decode(frame.get_payload_as_bytes())
+        payload = frame.get_payload_as_bytes()
+        if self.v2 and payload.startswith(b'{"id":') and b'"status":"delivered"' in payload:
+            return  # progress, not an answer
+        message = _decode(payload)
         if "error" in message:
             raise RuntimeError(f"error frame: {message}")
         if self.v2 and "reply_to" not in message:
-            return  # a status frame ("delivered"): progress, not an answer
+            raise RuntimeError(f"unexpected frame: {message}")
         self.completed += 1
         self.send(message["sender"])
 
@@ -94,7 +96,10 @@ async def _loop(
         f"ws://127.0.0.1:{port}/ws/bench-{prefix}",
         extra_headers={"X-Auth-Token": controller_token},
     )
-    controller.frames = {cid: json.dumps({"target": cid, "message": "ping"}).encode() for cid in ids}
+    if v2:  # Completed with the id by _Controller.send.
+        controller.frames = {cid: b'{"target":"%s","message":"ping","timeout_ms":60000,"id":' % cid.encode() for cid in ids}
+    else:
+        controller.frames = {cid: json.dumps({"target": cid, "message": "ping"}).encode() for cid in ids}
     for i in range(outstanding):
         controller.send(ids[i % clients])
     await asyncio.sleep(1.0)  # warm-up
