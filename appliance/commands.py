@@ -44,6 +44,7 @@ from .core.protocol_v2 import (
     request_from_fields,
 )
 from .core.ratelimit import TokenBucket
+from .core.recent import Tracked
 from .core.requests import Enqueued, Held, Pending, PendingTable, Routed, V1Matcher
 
 if TYPE_CHECKING:
@@ -128,8 +129,9 @@ class _FanIn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-#: A command handed to a v2 client and the time its sender stops waiting for the reply.
-_Awaiting = tuple[Routed, float]
+#: A command handed to a v2 client, the time its sender stops waiting for the reply, and its
+#: entry in the client's log of recent commands (None when that log is off).
+_Awaiting = tuple[Routed, float, Tracked | None]
 
 
 def _last_deadline(line: _Awaiting | deque[_Awaiting]) -> float:
@@ -145,6 +147,7 @@ class CommandService:
         settings = relay.settings
         self.policy = TimeoutPolicy(settings.command_timeout_ms, settings.command_timeout_max_ms)
         self.instance = relay.instance
+        self._connections = relay.connections_by_key
         self.pending = PendingTable()
         self.matcher = V1Matcher(settings.v1_reply_queue)
         # (client, command id) -> the command handed to that v2 client awaiting its reply, with its
@@ -343,23 +346,23 @@ class CommandService:
             return
         metrics.DELIVERED.count += 1
         if pending.owner not in self._waiters:
-            conn = self.relay.connection(owner)
+            conn = self._connections.get(owner)
             if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
                 conn.deliver(encode_delivered(pending.id, pending.target))
             return
         self._report(pending, Status.DELIVERED)
 
-    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str) -> None:
-        """The ``r`` outcome: the client's reply, to the sender only."""
+    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str, now: float = 0.0) -> None:
+        """The ``r`` outcome: the client's reply, to the sender only (``now``: when it arrived, if known)."""
         pending = self.pending.finish(owner, command_id)
         if pending is None:
             return  # Timed out already, or the controller left: the reply has nobody to go to.
-        rtt_ms = (time.time() - pending.started) * 1000
+        rtt_ms = ((now or time.time()) - pending.started) * 1000
         metrics.REPLIED.count += 1
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
         waiter = self._waiters.get(owner)
         if waiter is None:
-            conn = self.relay.connection(owner)
+            conn = self._connections.get(owner)
             if conn is not None:
                 conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
             return
@@ -489,20 +492,23 @@ class CommandService:
         return True
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
-        recent = self.relay.recent.log_for(conn)
+        recent = conn.recent if conn.recent is not None else self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
                 client_id = conn.client_id
                 key = (client_id, routed.id)
                 deadline = now + routed.timeout_ms / 1000
-                entry = (routed, deadline)
+                tracked = (
+                    None
+                    if recent is None
+                    else recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
+                )
+                entry = (routed, deadline, tracked)
                 line = self._awaiting.setdefault(key, entry)
                 if line is not entry:  # Another command with this id waits for this client's reply.
                     if isinstance(line, tuple):
                         line = self._awaiting[key] = deque((line,))
                     line.append(entry)
-                if recent is not None:
-                    recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
                 if routed.reply_to == self.instance:  # Sent from here: no event to build and dispatch.
                     self._delivered(routed.owner, routed.id)
                 else:
@@ -563,7 +569,7 @@ class CommandService:
                 return False  # Nobody waits for it (never asked, or late): it reaches every controller.
             if isinstance(line, tuple):
                 del self._awaiting[key]
-                routed, deadline = line
+                routed, deadline, tracked = line
                 if deadline <= now:
                     return False  # Late: its sender has reported the timeout already.
             else:
@@ -572,13 +578,13 @@ class CommandService:
                 if not line:
                     del self._awaiting[key]
                     return False
-                routed, _ = line.popleft()
+                routed, _, tracked = line.popleft()
                 if not line:
                     del self._awaiting[key]
-            if conn.recent is not None:
-                conn.recent.replied(routed, now, reply.message)
+            if tracked is not None and conn.recent is not None:
+                conn.recent.answered(tracked, now, reply.message)
             if routed.reply_to == self.instance:
-                self._replied(routed.owner, routed.id, key[0], reply.message)
+                self._replied(routed.owner, routed.id, key[0], reply.message, now)
             else:
                 self._tell(routed, Event("r", routed.owner, routed.id, key[0], key[0], reply.message))
             return True

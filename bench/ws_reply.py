@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import secrets
 import statistics
 import tempfile
@@ -32,7 +33,7 @@ import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from .http_reply import EchoClient
-from .procs import Processes, free_port, raise_nofile_limit, wait_http_ok
+from .procs import Processes, _tree, free_port, raise_nofile_limit, wait_http_ok
 
 __all__ = ["main", "run"]
 
@@ -97,7 +98,9 @@ async def _loop(
         extra_headers={"X-Auth-Token": controller_token},
     )
     if v2:  # Completed with the id by _Controller.send.
-        controller.frames = {cid: b'{"target":"%s","message":"ping","timeout_ms":60000,"id":' % cid.encode() for cid in ids}
+        controller.frames = {
+            cid: b'{"target":"%s","message":"ping","timeout_ms":60000,"id":' % cid.encode() for cid in ids
+        }
     else:
         controller.frames = {cid: json.dumps({"target": cid, "message": "ping"}).encode() for cid in ids}
     for i in range(outstanding):
@@ -116,7 +119,9 @@ async def _loop(
     return rate, 1e6 * cpu / max(done, 1), 1e6 * own_cpu / max(done, 1)
 
 
-async def run(clients: int, outstanding: int, duration: float, rounds: int = 1, wsbridge: Path | None = None) -> dict:
+async def run(
+    clients: int, outstanding: int, duration: float, rounds: int = 1, wsbridge: Path | None = None, pin: bool = False
+) -> dict:
     raise_nofile_limit()
     tokens = (secrets.token_urlsafe(24), secrets.token_urlsafe(24))
     with tempfile.TemporaryDirectory(prefix="wsb-bench-ws-") as tmp, Processes(Path(tmp), wsbridge) as procs:
@@ -124,6 +129,12 @@ async def run(clients: int, outstanding: int, duration: float, rounds: int = 1, 
         settings = {"LLM_SECRET_TOKEN": tokens[0], "UNITY_CLIENT_TOKEN": tokens[1], "LOG_LEVEL": "WARNING"}
         proc = procs.start_appliance("ws-reply", port, settings)
         await wait_http_ok(proc, f"http://127.0.0.1:{port}/healthz")
+        if pin and len(os.sched_getaffinity(0)) >= 2:
+            # The appliance on one core, this generator on another: neither moves nor evicts the other's caches.
+            cores = sorted(os.sched_getaffinity(0))
+            for pid in _tree(proc.pid):
+                os.sched_setaffinity(pid, {cores[0]})
+            os.sched_setaffinity(0, {cores[1]})
         runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
         for rnd in range(rounds):  # Interleaved, so a busy spell on the machine hits both versions.
             for v2 in (False, True):
@@ -161,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="the appliance executable (default: this venv's; e.g. another build)",
     )
+    parser.add_argument(
+        "--pin", action="store_true", help="pin the appliance and this generator to one core each (steadier figures)"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.duration,
                     args.rounds,
                     args.wsbridge.resolve() if args.wsbridge else None,
+                    args.pin,
                 )
             ),
             indent=2,

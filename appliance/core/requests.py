@@ -71,9 +71,8 @@ _COMPACT_SLACK = 1024
 # --- the sender's side -------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Pending:
-    """One command waiting for its outcome."""
+class Pending(msgspec.Struct, gc=False):
+    """One command waiting for its outcome (a Struct: built in half the time of a dataclass, once per command)."""
 
     owner: str
     id: CommandId
