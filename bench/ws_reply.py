@@ -120,13 +120,20 @@ async def _loop(
 
 
 async def run(
-    clients: int, outstanding: int, duration: float, rounds: int = 1, wsbridge: Path | None = None, pin: bool = False
+    clients: int,
+    outstanding: int,
+    duration: float,
+    rounds: int = 1,
+    wsbridge: Path | None = None,
+    pin: bool = False,
+    extra_settings: dict[str, str] | None = None,
 ) -> dict:
     raise_nofile_limit()
     tokens = (secrets.token_urlsafe(24), secrets.token_urlsafe(24))
     with tempfile.TemporaryDirectory(prefix="wsb-bench-ws-") as tmp, Processes(Path(tmp), wsbridge) as procs:
         port = free_port()
         settings = {"LLM_SECRET_TOKEN": tokens[0], "UNITY_CLIENT_TOKEN": tokens[1], "LOG_LEVEL": "WARNING"}
+        settings.update(extra_settings or {})
         proc = procs.start_appliance("ws-reply", port, settings)
         await wait_http_ok(proc, f"http://127.0.0.1:{port}/healthz")
         if pin and len(os.sched_getaffinity(0)) >= 2:
@@ -175,7 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pin", action="store_true", help="pin the appliance and this generator to one core each (steadier figures)"
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an appliance setting for this run, e.g. RECENT_COMMANDS_PER_CLIENT=0 (repeatable)",
+    )
     args = parser.parse_args(argv)
+    extra = dict(item.split("=", 1) for item in args.setting)
     try:
         import uvloop
 
@@ -192,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.rounds,
                     args.wsbridge.resolve() if args.wsbridge else None,
                     args.pin,
+                    extra,
                 )
             ),
             indent=2,
