@@ -23,6 +23,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -44,7 +45,7 @@ from .core.protocol_v2 import (
     request_from_fields,
 )
 from .core.ratelimit import TokenBucket
-from .core.recent import Tracked
+from .core.recent import Tracked, cut
 from .core.requests import Enqueued, Held, Pending, PendingTable, Routed, V1Matcher
 
 if TYPE_CHECKING:
@@ -215,11 +216,8 @@ class CommandService:
 
     # --- the sender's side: WebSocket controllers ---------------------------------------------
 
-    def submit(self, conn: Connection, request: Request) -> None:
-        """A controller's command with an id, or for ``*`` or a group."""
-        self._submit(conn.conn_key, conn.client_id, request)
-
-    def _submit(self, owner: str, controller: str, request: Request) -> None:
+    def submit(self, owner: str, controller: str, request: Request) -> None:
+        """A command with an id, or for ``*`` or a group, from ``owner`` (a controller's connection or a waiter)."""
         now = time.time()
         if request.kind is not TargetKind.CLIENT:
             self._fan_out(owner, controller, request)
@@ -233,19 +231,19 @@ class CommandService:
         )
         if request.queue and request.target != CONTROLLER_ID:
             self._queueable[(owner, request.id)] = (request.target, routed)
+        # A partial, not a closure: no cell per captured name and no function object per command.
+        self.relay.broker.send_routed(request.target, routed, partial(self._routed_result, request.target, routed))
 
-        def result(code: ErrorCode | None, detail: str) -> None:
-            if code is None:
-                return  # The target's instance has it and reports the outcome.
-            if code is ErrorCode.TARGET_OFFLINE and request.queue:
-                if request.target == CONTROLLER_ID:  # No client may ever hold it (4003): never queue for it.
-                    code, detail = ErrorCode.TARGET_NOT_CLIENT, f"{CONTROLLER_ID} is reserved for controllers"
-                else:
-                    self._spawn(self._enqueue(request.target, routed))
-                    return
-            self.outcome(Event("e", owner, request.id, request.target, code=code.value, detail=detail))
-
-        self.relay.broker.send_routed(request.target, routed, result)
+    def _routed_result(self, target: str, routed: Routed, code: ErrorCode | None, detail: str) -> None:
+        if code is None:
+            return  # The target's instance has it and reports the outcome.
+        if code is ErrorCode.TARGET_OFFLINE and routed.queue:
+            if target == CONTROLLER_ID:  # No client may ever hold it (4003): never queue for it.
+                code, detail = ErrorCode.TARGET_NOT_CLIENT, f"{CONTROLLER_ID} is reserved for controllers"
+            else:
+                self._spawn(self._enqueue(target, routed))
+                return
+        self.outcome(Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))
 
     async def _enqueue(self, target: str, routed: Routed, requeue: bool = False) -> None:
         """Queue ``routed`` for ``target``; ``requeue``: its client left before it was handed over."""
@@ -495,14 +493,16 @@ class CommandService:
         recent = conn.recent if conn.recent is not None else self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
-                client_id = conn.client_id
+                client_id = conn.session.client_id
                 key = (client_id, routed.id)
                 deadline = now + routed.timeout_ms / 1000
-                tracked = (
-                    None
-                    if recent is None
-                    else recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
-                )
+                tracked = None
+                if recent is not None:  # CommandLog.tracked, inlined: a call costs as much as the rest.
+                    message = routed.message
+                    if len(message) > recent.max_chars:
+                        message = cut(message, recent.max_chars)
+                    tracked = Tracked(now, routed.controller, routed.id, message, deadline, routed)
+                    recent.entries.append(tracked)
                 entry = (routed, deadline, tracked)
                 line = self._awaiting.setdefault(key, entry)
                 if line is not entry:  # Another command with this id waits for this client's reply.
@@ -683,7 +683,7 @@ class CommandService:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[owner] = _Waiter(future, wait_ms is not None, target)
         try:
-            self._submit(owner, controller, request)
+            self.submit(owner, controller, request)
             return await future
         finally:
             self._waiters.pop(owner, None)

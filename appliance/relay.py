@@ -541,7 +541,7 @@ class Relay:
             self.broker.send_to_controllers(action.frame)
         elif type(action) is Submit:
             metrics.RECEIVED_FROM_CONTROLLERS.count += 1
-            self.commands.submit(conn, action.request)
+            self.commands.submit(conn.conn_key, conn.session.client_id, action.request)
         elif type(action) is ReplyOrPublish:
             metrics.RECEIVED_FROM_CLIENTS.count += 1
             if not self.commands.client_text(conn, action.text):  # A reply_to answer goes to its sender only.
