@@ -191,7 +191,8 @@ class Connection:
             self.close(CloseCode.SLOW_CONSUMER)
             return False
         self._pending.append(text)
-        self._schedule()
+        if not self._marked:  # Already marked: the flusher writes it with the rest (no call per frame).
+            self._schedule()
         return True
 
     def _drop_pending(self) -> None:

@@ -261,7 +261,8 @@ class Session:
             # whether version 1 or 2 explains what is wrong, exactly as before.
             request = parse_request(text, timeouts)
             if type(request) is Request:
-                return _accepted(request)
+                # _accepted, inlined for the usual version-2 frame (an id, one client).
+                return Submit(request) if request.id is not None else _accepted(request)
         parsed = parse_command(text)
         if isinstance(parsed, Command):
             if parsed.id is None or timeouts is None:
