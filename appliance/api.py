@@ -19,7 +19,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.handlers import asgi
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.types import Receive, Scope, Send
 from msgspec import Meta, Struct
 
@@ -229,7 +229,7 @@ _COMMAND_RESPONSES = {
     summary="Send a command to a client and optionally wait for its reply",
     tags=["commands"],
 )
-async def post_command(request: Request[Any, Any, Any], data: CommandBody) -> Response[dict[str, Any]]:
+async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBody]) -> Response[dict[str, Any]]:
     """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
     _require(request, allow_controller=True)
     commands = _commands(request)
@@ -325,7 +325,7 @@ async def list_clients(
 )
 async def get_client(
     request: Request[Any, Any, Any],
-    client_id: str,
+    client_id: FromPath[str],
     history_limit: Annotated[
         int, Parameter(ge=0, le=10_000, description="Connect history entries to include (capped by the setting).")
     ] = 20,
@@ -361,7 +361,7 @@ async def get_client(
     tags=["clients"],
     responses={404: ResponseSpec(ErrorBody, description="not connected")},
 )
-async def delete_client(request: Request[Any, Any, Any], client_id: str) -> Response[None]:
+async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str]) -> Response[None]:
     _require(request, allow_controller=False)
     try:
         found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)

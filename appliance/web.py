@@ -15,6 +15,7 @@ from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import FromPath
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
 from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
@@ -128,7 +129,7 @@ async def _refuse(
 
 
 @websocket("/ws/{client_id:str}", websocket_class=RelaySocket)
-async def relay_socket(socket: RelaySocket, client_id: str) -> None:
+async def relay_socket(socket: RelaySocket, client_id: FromPath[str]) -> None:
     try:
         await _serve(socket, client_id)
     finally:
