@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import msgspec
+import redis
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from .loadgen import LoadGenerator, latency_summary
@@ -190,6 +191,7 @@ async def run_soak(
     ids = _ids(clients, "soak")
     dropped_at: dict[str, list[float]] = {cid: [] for cid in ids}
     samples: dict[str, list[tuple[float, float]]] = {}
+    redis_by_prefix: dict[str, dict[str, int]] = {}
     try:
         connected = await gen.connect_clients(ids)
         log(f"  {connected}/{clients} clients on instance B")
@@ -216,6 +218,10 @@ async def run_soak(
             for name, proc in (("a", a), ("b", b), ("redis", redis)):
                 samples.setdefault(f"{name}_rss_mib", []).append((elapsed, proc.rss_kib() / 1024))
                 samples.setdefault(f"{name}_fds", []).append((elapsed, _fds(proc.pid)))
+            # What Redis holds, not what its allocator kept: tells data growth from fragmentation.
+            used, keys = _redis_data(deployment.redis_port)
+            samples.setdefault("redis_used_mib", []).append((elapsed, used / 2**20))
+            samples.setdefault("redis_keys", []).append((elapsed, keys))
 
         log(f"  {rate:g} commands/s for {minutes:g} min, {reconnect_percent:g} % of clients reconnecting per second")
         fields = f',"timeout_ms":{timeout_ms}' + (',"queue":true' if queue else "")
@@ -259,6 +265,7 @@ async def run_soak(
         if pending:
             await asyncio.wait(pending, timeout=15)
         sample((_now() - start_ns) / 1e9)  # At its real time: the wait for outcomes may have taken a while.
+        redis_by_prefix = _redis_by_prefix(deployment.redis_port)
     finally:
         await gen.close()
         procs.stop_all()
@@ -329,9 +336,35 @@ async def run_soak(
         "slopes_per_minute": {key: 60 * slope(points) for key, points in after_warmup.items()},
         "start_end": {key: (points[0][1], points[-1][1]) for key, points in samples.items() if points},
         "samples": samples,
+        "redis_by_prefix": redis_by_prefix,
         "server_closes": dict(gen.server_closes),
         "connect_failures": dict(gen.connect_failures),
     }
+
+
+def _redis_data(port: int | None) -> tuple[int, int]:
+    """(``used_memory`` in bytes, number of keys) of the soak's Redis."""
+    client = redis.Redis(port=port or 6379, socket_timeout=2)
+    try:
+        return int(client.info("memory")["used_memory"]), int(client.dbsize())
+    finally:
+        client.close()
+
+
+def _redis_by_prefix(port: int | None) -> dict[str, dict[str, int]]:
+    """Keys and bytes (``MEMORY USAGE``) by key prefix up to the second ``:``, at the end of the soak."""
+    client = redis.Redis(port=port or 6379, socket_timeout=5)
+    found: dict[str, dict[str, int]] = {}
+    try:
+        for key in client.scan_iter(count=1000):
+            name = key.decode(errors="replace")
+            prefix = ":".join(name.split(":")[:2])
+            entry = found.setdefault(prefix, {"keys": 0, "bytes": 0})
+            entry["keys"] += 1
+            entry["bytes"] += int(client.memory_usage(key) or 0)
+    finally:
+        client.close()
+    return dict(sorted(found.items(), key=lambda item: -item[1]["bytes"]))
 
 
 def report(result: dict) -> str:
@@ -365,6 +398,10 @@ def report(result: dict) -> str:
     for key, per_minute in sorted(result["slopes_per_minute"].items()):
         first, last = result["start_end"][key]
         lines.append(f"| {key} | {first:.1f} → {last:.1f} | {per_minute:+.2f} |")
+    if result.get("redis_by_prefix"):
+        lines += ["", "| Redis keys at the end, by prefix | keys | bytes |", "|---|---|---|"]
+        for prefix, entry in result["redis_by_prefix"].items():
+            lines.append(f"| `{prefix}` | {entry['keys']} | {entry['bytes']} |")
     for example in result["lost_examples"]:
         lines.append(f"lost: {example}")
     if result["errors_without_id"]:

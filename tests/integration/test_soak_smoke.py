@@ -46,6 +46,11 @@ def test_a_short_soak_gives_every_command_exactly_one_outcome_and_samples_every_
     assert figures["answered"] > figures["sent"] * 0.8
     # Commands for a reconnecting client are queued and handed over when it is back.
     assert figures["queued_then_delivered"] > 0
-    assert set(figures["slopes_per_minute"]) == {f"{p}_{m}" for p in ("a", "b", "redis") for m in ("rss_mib", "fds")}
+    processes = {f"{p}_{m}" for p in ("a", "b", "redis") for m in ("rss_mib", "fds")}
+    assert set(figures["slopes_per_minute"]) == processes | {"redis_used_mib", "redis_keys"}
+    # What Redis holds at the end, by key prefix (presence and connect histories among them).
+    assert figures["redis_by_prefix"]["wsb:owner"]["keys"] > 0 and figures["redis_by_prefix"]["wsb:hist"]["keys"] > 0
+    assert all(entry["bytes"] > 0 for entry in figures["redis_by_prefix"].values())
+    assert "| Redis keys at the end, by prefix |" in result.stdout
     assert "| first |" in result.stdout and "| last, not queued |" in result.stdout
     assert "lost (no outcome at all): 0" in result.stdout
