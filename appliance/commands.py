@@ -45,7 +45,7 @@ from .core.protocol_v2 import (
     request_from_fields,
 )
 from .core.ratelimit import TokenBucket
-from .core.recent import Tracked, cut
+from .core.recent import Tracked
 from .core.requests import Enqueued, Held, Pending, PendingTable, Routed, V1Matcher
 
 if TYPE_CHECKING:
@@ -148,12 +148,11 @@ class CommandService:
         settings = relay.settings
         self.policy = TimeoutPolicy(settings.command_timeout_ms, settings.command_timeout_max_ms)
         self.instance = relay.instance
-        self._connections = relay.connections_by_key
         self.pending = PendingTable()
         self.matcher = V1Matcher(settings.v1_reply_queue)
         # (client, command id) -> the command handed to that v2 client awaiting its reply, with its
-        # deadline: one (routed, deadline) pair, or a deque of them, oldest first, when controllers
-        # use the same id for one client (rare; a deque for every command cost 0.1 us).
+        # deadline and recent-commands entry: one such triple, or a deque of them, oldest first, when
+        # controllers use the same id for one client (rare; a deque for every command cost 0.1 us).
         self._awaiting: dict[tuple[str, CommandId], _Awaiting | deque[_Awaiting]] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._next_sweep = 0.0
@@ -316,7 +315,7 @@ class CommandService:
             self._delivered(event.owner, event.id)
             return
         if event.kind == "r":
-            self._replied(event.owner, event.id, event.sender, event.message)
+            self._replied(event.owner, event.id, event.sender, event.message, time.time())
             return
         queueable = self._queueable.get((event.owner, event.id))
         if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
@@ -344,23 +343,23 @@ class CommandService:
             return
         metrics.DELIVERED.count += 1
         if pending.owner not in self._waiters:
-            conn = self._connections.get(owner)
+            conn = self.relay.connection(owner)
             if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
                 conn.deliver(encode_delivered(pending.id, pending.target))
             return
         self._report(pending, Status.DELIVERED)
 
-    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str, now: float = 0.0) -> None:
-        """The ``r`` outcome: the client's reply, to the sender only (``now``: when it arrived, if known)."""
+    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str, now: float) -> None:
+        """The ``r`` outcome: the client's reply (arrived at ``now``), to the sender only."""
         pending = self.pending.finish(owner, command_id)
         if pending is None:
             return  # Timed out already, or the controller left: the reply has nobody to go to.
-        rtt_ms = ((now or time.time()) - pending.started) * 1000
+        rtt_ms = (now - pending.started) * 1000
         metrics.REPLIED.count += 1
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
         waiter = self._waiters.get(owner)
         if waiter is None:
-            conn = self._connections.get(owner)
+            conn = self.relay.connection(owner)
             if conn is not None:
                 conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
             return
@@ -490,19 +489,17 @@ class CommandService:
         return True
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
-        recent = conn.recent if conn.recent is not None else self.relay.recent.log_for(conn)
+        recent = self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
                 client_id = conn.session.client_id
                 key = (client_id, routed.id)
                 deadline = now + routed.timeout_ms / 1000
-                tracked = None
-                if recent is not None:  # CommandLog.tracked, inlined: a call costs as much as the rest.
-                    message = routed.message
-                    if len(message) > recent.max_chars:
-                        message = cut(message, recent.max_chars)
-                    tracked = Tracked(now, routed.controller, routed.id, message, deadline, routed)
-                    recent.entries.append(tracked)
+                tracked = (
+                    None
+                    if recent is None
+                    else recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
+                )
                 entry = (routed, deadline, tracked)
                 line = self._awaiting.setdefault(key, entry)
                 if line is not entry:  # Another command with this id waits for this client's reply.

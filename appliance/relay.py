@@ -362,8 +362,8 @@ class Relay:
             ),
         }
         self._groups: dict[str, set[Connection]] = {}
-        self._connections: dict[str, Connection] = {}  # by conn_key
         self.commands = CommandService(self)
+        self._connections: dict[str, Connection] = {}  # by conn_key
         # Moves on every connect and leave (never per message): the dashboard's cheap "list changed" test.
         self.membership = 0
         self.epoch = uuid.uuid4().hex[:8]  # Tells a restarted instance's counter from its previous life.
@@ -660,11 +660,6 @@ class Relay:
 
     def connection(self, conn_key: str) -> Connection | None:
         return self._connections.get(conn_key)
-
-    @property
-    def connections_by_key(self) -> dict[str, Connection]:
-        """The live table itself, for the command service's per-command lookups (no call each); read only."""
-        return self._connections
 
     def local_client(self, client_id: str) -> Connection | None:
         conn = self.local.get(client_id)
