@@ -10,9 +10,11 @@ broker keeps the same entries in a capped, expiring list per id (``wsb:hist:{id}
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
+
+from .expiring import ByLastWrite
 
 __all__ = ["MAX_REASON_CHARS", "HistoryBook", "close_entry"]
 
@@ -55,40 +57,28 @@ class HistoryBook:
     """Per-id connect histories in memory: at most ``per_id`` entries for each of ``max_ids`` ids,
     each id forgotten ``ttl`` seconds after its last entry (the Redis list's EXPIRE, here)."""
 
-    __slots__ = ("per_id", "max_ids", "ttl", "_books")
+    __slots__ = ("per_id", "_books")
 
     def __init__(self, per_id: int, max_ids: int, ttl: float) -> None:
-        if per_id < 1 or max_ids < 1 or ttl <= 0:
-            raise ValueError("per_id and max_ids must be at least 1 and ttl positive")
+        if per_id < 1:
+            raise ValueError("per_id must be at least 1")
         self.per_id = per_id
-        self.max_ids = max_ids
-        self.ttl = ttl
-        #: id -> (time of the last entry, newest-first entries); least recently written first.
-        self._books: OrderedDict[str, tuple[float, deque[dict[str, Any]]]] = OrderedDict()
+        #: id -> newest-first entries.
+        self._books: ByLastWrite[deque[dict[str, Any]]] = ByLastWrite(max_ids, ttl)
 
     def add(self, client_id: str, entry: dict[str, Any], now: float) -> None:
-        found = self._books.pop(client_id, None)
-        entries = found[1] if found is not None else deque(maxlen=self.per_id)
+        entries = self._books.pop(client_id, now)
+        if entries is None:
+            entries = deque(maxlen=self.per_id)
         entries.appendleft(entry)
-        self._books[client_id] = (now, entries)
-        self._expire(now)
-        while len(self._books) > self.max_ids:
-            self._books.popitem(last=False)  # The id written longest ago goes first.
-
-    def _expire(self, now: float) -> None:
-        while self._books:
-            client_id, (at, _) = next(iter(self._books.items()))
-            if now - at < self.ttl:
-                return
-            del self._books[client_id]
+        self._books.put(client_id, entries, now)
 
     def entries(self, client_id: str, limit: int, now: float) -> list[dict[str, Any]]:
         """Newest first, at most ``limit``."""
-        self._expire(now)
-        found = self._books.get(client_id)
+        found = self._books.get(client_id, now)
         if found is None or limit < 1:
             return []
-        return list(found[1])[:limit]
+        return list(found)[:limit]
 
     def __len__(self) -> int:
         return len(self._books)

@@ -15,11 +15,13 @@ page still shows the last commands of a client that has just left.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+
+from .expiring import ByLastWrite
 
 __all__ = ["ClosedLogs", "CommandLog", "Tracked", "cut"]
 
@@ -154,40 +156,23 @@ class ClosedLogs:
     """Logs of clients that disconnected, each forgotten ``ttl`` seconds after it closed,
     at most ``max_ids`` (the one closed longest ago goes first)."""
 
-    __slots__ = ("max_ids", "ttl", "_logs")
+    __slots__ = ("_logs",)
 
     def __init__(self, max_ids: int, ttl: float) -> None:
-        if max_ids < 1 or ttl <= 0:
-            raise ValueError("max_ids must be at least 1 and ttl positive")
-        self.max_ids = max_ids
-        self.ttl = ttl
-        self._logs: OrderedDict[str, tuple[float, CommandLog]] = OrderedDict()
+        self._logs: ByLastWrite[CommandLog] = ByLastWrite(max_ids, ttl)
 
     def keep(self, client_id: str, log: CommandLog, now: float) -> None:
-        self._logs.pop(client_id, None)
         if len(log):
-            self._logs[client_id] = (now, log)
-        self._expire(now)
-        while len(self._logs) > self.max_ids:
-            self._logs.popitem(last=False)
+            self._logs.put(client_id, log, now)
+        else:
+            self._logs.pop(client_id, now)
 
     def take(self, client_id: str, now: float) -> CommandLog | None:
         """The id reconnected here: its log continues on the new connection."""
-        self._expire(now)
-        found = self._logs.pop(client_id, None)
-        return found[1] if found is not None else None
+        return self._logs.pop(client_id, now)
 
     def get(self, client_id: str, now: float) -> CommandLog | None:
-        self._expire(now)
-        found = self._logs.get(client_id)
-        return found[1] if found is not None else None
-
-    def _expire(self, now: float) -> None:
-        while self._logs:
-            client_id, (at, _) = next(iter(self._logs.items()))
-            if now - at < self.ttl:
-                return
-            del self._logs[client_id]
+        return self._logs.get(client_id, now)
 
     def __len__(self) -> int:
         return len(self._logs)
