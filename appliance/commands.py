@@ -63,7 +63,7 @@ FAN_IN_SECONDS = 2.0
 HTTP_CONTROLLER = "http"
 
 
-class Event(msgspec.Struct, frozen=True, omit_defaults=True):
+class Event(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """An outcome travelling back to the sender's instance.
 
     ``kind``: ``d`` delivered, ``r`` reply (``sender``, ``message``), ``e`` error

@@ -87,7 +87,7 @@ class TimeoutPolicy:
     max_ms: int
 
 
-class Request(msgspec.Struct, frozen=True):
+class Request(msgspec.Struct, frozen=True, gc=False):
     """A controller command as version 2 reads it (a command without id is a Request with ``id=None``).
 
     A frozen Struct rather than a frozen dataclass: one is built per command, and a frozen
@@ -106,7 +106,7 @@ class Request(msgspec.Struct, frozen=True):
         return self.target[len(GROUP_PREFIX) :] if self.kind is TargetKind.GROUP else None
 
 
-class ClientReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class ClientReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """A version-2 client's answer to the command ``reply_to``: exactly these two fields.
 
     Decoded straight from the frame, in one typed pass (no dict, no key-set comparison).
@@ -152,7 +152,7 @@ def _invalid(detail: str, *extra: tuple[str, Any]) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_MESSAGE, detail, extra)
 
 
-class _Fields(msgspec.Struct):
+class _Fields(msgspec.Struct, gc=False):
     """The well-formed shape, decoded in one typed pass; anything else takes the slow path."""
 
     target: str
@@ -258,14 +258,14 @@ def parse_client_reply(text: str) -> ClientReply | None:
     return reply if is_valid_command_id(reply.reply_to) else None
 
 
-class _ClientCommand(msgspec.Struct):
+class _ClientCommand(msgspec.Struct, gc=False):
     id: CommandId | None
     # "from" is a Python keyword; msgspec renames the field on the wire.
     from_: str = msgspec.field(name="from")
     message: str = ""
 
 
-class _ControllerReply(msgspec.Struct):
+class _ControllerReply(msgspec.Struct, gc=False):
     reply_to: CommandId
     sender: str
     message: str

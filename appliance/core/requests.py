@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 
-class Routed(msgspec.Struct, frozen=True, omit_defaults=True):
+class Routed(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """A command with an id on its way to a client's instance, with where to report its outcome.
 
     ``reply_to`` names the sender's instance and ``owner`` its entry in that instance's
