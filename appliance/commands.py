@@ -480,16 +480,10 @@ class CommandService:
     def _frame_for(conn: Connection, command_id: CommandId | None, controller: str, message: str) -> str:
         return encode_client_command(command_id, controller, message) if conn.v2 else message
 
-    def deliver_routed(self, client_id: str, routed: Routed) -> bool:
-        """A command with an id for a local client; False when no local client holds the id."""
-        conn = self.relay.local_client(client_id)
-        if conn is None:
-            return False
-        self.hand_over(conn, routed, time.time())
-        return True
-
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None:
-        recent = self.relay.recent.log_for(conn)
+        recent = conn.recent
+        if recent is None:  # Its first command (log_for makes the log), or commands are not recorded.
+            recent = self.relay.recent.log_for(conn)
         if conn.v2:
             if conn.deliver(encode_client_command(routed.id, routed.controller, routed.message)):
                 client_id = conn.session.client_id
@@ -560,7 +554,7 @@ class CommandService:
             reply = parse_client_reply(text)
             if reply is None:
                 return False
-            key = (conn.client_id, reply.reply_to)
+            key = (conn.session.client_id, reply.reply_to)
             line = self._awaiting.get(key)
             if line is None:
                 return False  # Nobody waits for it (never asked, or late): it reaches every controller.

@@ -364,6 +364,9 @@ class Relay:
         self._groups: dict[str, set[Connection]] = {}
         self.commands = CommandService(self)
         self._connections: dict[str, Connection] = {}  # by conn_key
+        #: The open connection with this conn_key, or None (the command service's owners). The dict's
+        #: own ``get``: called for every status and reply frame, and a method around it is a Python frame.
+        self.connection: Callable[[str], Connection | None] = self._connections.get
         # Moves on every connect and leave (never per message): the dashboard's cheap "list changed" test.
         self.membership = 0
         self.epoch = uuid.uuid4().hex[:8]  # Tells a restarted instance's counter from its previous life.
@@ -657,9 +660,6 @@ class Relay:
         return conn.presence_record(self.instance) if conn is not None and conn.owner is not None else None
 
     # --- lookups for the command service --------------------------------------------------
-
-    def connection(self, conn_key: str) -> Connection | None:
-        return self._connections.get(conn_key)
 
     def local_client(self, client_id: str) -> Connection | None:
         conn = self.local.get(client_id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -62,6 +62,11 @@ MAX_GROUPS = 16
 _MAX_SAFE_INTEGER = 2**53 - 1
 
 CommandId = str | int
+#: A command id as the typed decoders check it, in C: the same rule as :func:`is_valid_command_id`.
+_ValidCommandId = (
+    Annotated[int, msgspec.Meta(ge=-_MAX_SAFE_INTEGER, le=_MAX_SAFE_INTEGER)]
+    | Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_COMMAND_ID_LENGTH)]
+)
 
 
 class TargetKind(str, enum.Enum):
@@ -112,7 +117,7 @@ class ClientReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=Fa
     Decoded straight from the frame, in one typed pass (no dict, no key-set comparison).
     """
 
-    reply_to: CommandId
+    reply_to: _ValidCommandId
     message: str
 
 
@@ -153,11 +158,12 @@ def _invalid(detail: str, *extra: tuple[str, Any]) -> ProtocolError:
 
 
 class _Fields(msgspec.Struct, gc=False):
-    """The well-formed shape, decoded in one typed pass; anything else takes the slow path."""
+    """The well-formed shape, decoded and checked in one typed pass; anything else takes the slow path,
+    which says what is wrong."""
 
     target: str
     message: str
-    id: str | int | None = None
+    id: _ValidCommandId | None = None
     timeout_ms: int | None = None
     queue: bool = False
 
@@ -172,11 +178,11 @@ def parse_request(text: str, policy: TimeoutPolicy) -> Request | ProtocolError:
     except msgspec.DecodeError:
         pass
     else:
-        kind = target_kind(fields.target)
+        # A client id (the usual target) without a call: in the server a call costs more than the match.
+        kind = _CLIENT if _match_client_id(fields.target) is not None else target_kind(fields.target)
         timeout_ms = policy.default_ms if fields.timeout_ms is None else fields.timeout_ms
         if (
             kind is not None
-            and (fields.id is None or is_valid_command_id(fields.id))
             and 1 <= timeout_ms <= policy.max_ms
             and not (fields.queue and (kind is not _CLIENT or fields.id is None))
         ):
@@ -250,12 +256,11 @@ def parse_client_reply(text: str) -> ClientReply | None:
     if not text.startswith("{"):
         return None
     try:
-        # Exactly {"reply_to": string or integer, "message": string}: a missing, extra or
-        # mistyped field (a boolean id too) fails the typed decode.
-        reply = _reply_decoder.decode(text)
+        # Exactly {"reply_to": a valid id, "message": string}: a missing, extra or mistyped
+        # field (a boolean id, an empty or too long one) fails the typed decode.
+        return _reply_decoder.decode(text)
     except (msgspec.DecodeError, RecursionError):
         return None
-    return reply if is_valid_command_id(reply.reply_to) else None
 
 
 class _ClientCommand(msgspec.Struct, gc=False):

@@ -83,7 +83,9 @@ class CommandLog:
         self, now: float, controller: str, command_id: Any, message: str, deadline: float, key: object
     ) -> Tracked:
         """A command whose reply the relay will match (an id, sent to this one client); its entry."""
-        entry = Tracked(now, controller, command_id, cut(message, self.max_chars), deadline, key)
+        if len(message) > self.max_chars:
+            message = cut(message, self.max_chars)
+        entry = Tracked(now, controller, command_id, message, deadline, key)
         self.entries.append(entry)
         return entry
 

@@ -87,6 +87,17 @@ def test_bad_v2_fields_are_invalid_message(fields):
     assert error.code is ErrorCode.INVALID_MESSAGE
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"id": ""}, {"id": "x" * 65}, {"id": True}, {"id": 1.5}, {"id": 2**53}, {"id": -(2**53)}, {"timeout_ms": 0}],
+)
+def test_the_frame_parser_refuses_what_the_field_check_refuses(fields):
+    """parse_request's typed fast path holds the same rules, so a bad frame reaches the explaining path."""
+    error = parse_request(json.dumps({"target": "u1", "message": "m", "id": "c1", **fields}), POLICY)
+    assert isinstance(error, ProtocolError), fields
+    assert error.code is ErrorCode.INVALID_MESSAGE
+
+
 def test_timeout_bounds_are_inclusive_and_named_in_the_detail():
     assert isinstance(request_from_fields({"target": "u", "message": "m", "timeout_ms": 1}, POLICY), Request)
     assert isinstance(request_from_fields({"target": "u", "message": "m", "timeout_ms": 300_000}, POLICY), Request)
@@ -185,6 +196,15 @@ def test_the_delivered_template_writes_the_bytes_of_the_encoded_object(command_i
         ('{"reply_to": "c-1"}', None),
         ('{"reply_to": "c-1", "message": "m", "extra": 1}', None),  # the client's own JSON, not a reply
         ('{"reply_to": true, "message": "m"}', None),
+        # The id rule of is_valid_command_id, checked by the typed decoder itself.
+        ('{"reply_to": "", "message": "m"}', None),
+        (json.dumps({"reply_to": "x" * 65, "message": "m"}), None),
+        (json.dumps({"reply_to": "x" * 64, "message": "m"}), ClientReply("x" * 64, "m")),
+        (json.dumps({"reply_to": "😀" * 64, "message": "m"}), ClientReply("😀" * 64, "m")),  # characters, not bytes
+        (json.dumps({"reply_to": 2**53, "message": "m"}), None),
+        (json.dumps({"reply_to": -(2**53), "message": "m"}), None),
+        (json.dumps({"reply_to": -(2**53 - 1), "message": "m"}), ClientReply(-(2**53 - 1), "m")),
+        ('{"reply_to": 1.5, "message": "m"}', None),
         ('{"reply_to": "c-1", "message": 5}', None),
         ('{"reply_to": "c-1", "message": "m"', None),
         ("[1, 2]", None),
