@@ -164,6 +164,8 @@ class CommandService:
         self._queueable: dict[tuple[str, CommandId], tuple[str, Routed]] = {}
         self._fan_seq = itertools.count()
         self._http_seq = itertools.count()
+        self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
+        self._id_seq = itertools.count()
         self._fan_lock = asyncio.Lock()
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
         # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
@@ -658,7 +660,9 @@ class CommandService:
             body = {"error": "rate_limited", "detail": "too many commands; retry later", "retry_after_ms": retry_ms}
             return Outcome(429, body)
         if command_id is None:
-            command_id = f"{controller}-{secrets.token_hex(6)}"
+            # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
+            # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
+            command_id = f"{controller}-{self._id_prefix}{next(self._id_seq):x}"
         fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
         effective = wait_ms if wait_ms is not None else timeout_ms
         if effective is not None:

@@ -171,8 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ws_reply", description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--outstanding", type=int, default=100, help="commands in flight (at most one per client)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per version and round")
-    parser.add_argument("--rounds", type=int, default=1, help="v1 and v2 alternately, this many times; medians")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per version and round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="v1 and v2 alternately, this many times; medians (one round swings)"
+    )
     parser.add_argument(
         "--wsbridge",
         type=Path,

@@ -160,7 +160,7 @@ def test_http_request_reply_bench_gets_every_reply() -> None:
 def test_ws_request_reply_bench_compares_v1_and_v2() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
-        [sys.executable, "-m", "bench.ws_reply", "--clients", "4", "--duration", "0.5"],
+        [sys.executable, "-m", "bench.ws_reply", "--clients", "4", "--duration", "0.5", "--rounds", "1"],
         cwd=ROOT,
         env=env,
         capture_output=True,

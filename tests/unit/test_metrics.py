@@ -95,3 +95,48 @@ def test_the_lock_free_reply_histogram_is_exposed_exactly_as_prometheus_clients(
     assert generate_latest(ours) == generate_latest(theirs)
     assert isinstance(metrics.REPLY_SECONDS, metrics.FastHistogram)
     assert "wsbridge_reply_seconds_count" in metrics.render().decode()
+
+
+def test_http_metrics_count_status_errors_duration_and_in_progress_per_route_template():
+    """The same series and labels as Litestar's own middleware: a status per response, errors from 500 on."""
+    from litestar import Litestar, get
+    from litestar.exceptions import HTTPException
+    from litestar.params import FromPath
+
+    @get("/t/item/{name:str}", sync_to_thread=False)
+    def item(name: FromPath[str]) -> str:
+        time.sleep(0.002)
+        if name == "broken":
+            raise HTTPException(status_code=503, detail="down")
+        if name == "crash":
+            raise RuntimeError("bug")
+        return name
+
+    def value(found, name, **labels):
+        key = (
+            name,
+            tuple(sorted({"app_name": "wsbridge", "method": "GET", "path": "/t/item/{name}", **labels}.items())),
+        )
+        return found.get(key, 0.0)
+
+    before = samples(metrics.render().decode())
+    with TestClient(Litestar([item], middleware=[metrics.http_metrics()])) as client:
+        assert client.get("/t/item/a").status_code == 200
+        assert client.get("/t/item/b").status_code == 200
+        assert client.get("/t/item/broken").status_code == 503
+        assert client.get("/t/item/crash").status_code == 500
+    after = samples(metrics.render().decode())
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("wsbridge_http_requests_total", status_code="200") == 2
+    assert delta("wsbridge_http_requests_total", status_code="503") == 1
+    assert delta("wsbridge_http_requests_total", status_code="500") == 1
+    assert delta("wsbridge_http_requests_error_total", status_code="200") == 0
+    assert delta("wsbridge_http_requests_error_total", status_code="503") == 1
+    assert delta("wsbridge_http_requests_error_total", status_code="500") == 1
+    assert delta("wsbridge_http_request_duration_seconds_count", status_code="200") == 2
+    assert delta("wsbridge_http_request_duration_seconds_sum", status_code="200") >= 0.004  # both slept 2 ms
+    assert delta("wsbridge_http_request_duration_seconds_bucket", status_code="200", le="0.001") == 0
+    assert value(after, "wsbridge_http_requests_in_progress", status_code="200") == 0  # each one ended
