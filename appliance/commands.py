@@ -171,12 +171,14 @@ class CommandService:
         # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
         self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
         self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        self._loop = asyncio.get_running_loop()  # get_running_loop() costs a getpid syscall (Python 3.11)
+        self._ticker = self._loop.create_task(self._tick())
 
     async def stop(self) -> None:
         tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
@@ -185,6 +187,7 @@ class CommandService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._loop = None
 
     async def _tick(self) -> None:
         while True:
@@ -675,7 +678,7 @@ class CommandService:
         if isinstance(request, ProtocolError):
             return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
         owner = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
         self._waiters[owner] = _Waiter(future, wait_ms is not None, target)
         try:
             self.submit(owner, controller, request)

@@ -67,11 +67,14 @@ class Flusher:
     fan-out time.
     """
 
-    __slots__ = ("_dirty", "_scheduled", "received_at")
+    __slots__ = ("_dirty", "_loop", "_scheduled", "received_at")
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
         self._scheduled = False
+        #: The serving loop, from start to stop: asyncio.get_running_loop() costs a getpid syscall
+        #: on Python 3.11, and mark() schedules once per loop pass.
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: When the reader got the first frame since the last flush (0: none). One histogram
         #: sample per flush, not per frame, keeps wsbridge_relay_seconds off the per-frame path.
         self.received_at = 0.0
@@ -80,7 +83,10 @@ class Flusher:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+
+    def bind(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._loop = loop
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -383,12 +389,14 @@ class Relay:
         self._recording = bool(settings.recent_commands_per_client)
 
     async def start(self) -> None:
+        self._flusher.bind(asyncio.get_running_loop())
         await self.broker.start(self)
         self.commands.start()
 
     async def stop(self) -> None:
         await self.commands.stop()
         await self.broker.stop()
+        self._flusher.bind(None)
 
     def new_connection(
         self,

@@ -51,9 +51,9 @@ class _JoinedWrites:
 
     __slots__ = ("_held", "_loop", "_transport")
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop  # The protocol's: get_running_loop() would cost a getpid syscall per request.
         self._held: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
@@ -88,7 +88,7 @@ def joined_writes(base: type[HttpToolsProtocol]) -> type[HttpToolsProtocol]:
             super().on_headers_complete()
             cycle = self.cycle
             if cycle is not None and cycle is not before:
-                cycle.transport = _JoinedWrites(cycle.transport)
+                cycle.transport = _JoinedWrites(cycle.transport, self.loop)
 
         def shutdown(self) -> None:
             # uvicorn closes the real transport of an idle connection: write what this pass still holds first.
