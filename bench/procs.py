@@ -23,7 +23,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["Proc", "Processes", "cpu_seconds", "free_port", "machine_busy_seconds", "raise_nofile_limit", "rss_kib"]
+__all__ = [
+    "Proc",
+    "Processes",
+    "cpu_seconds",
+    "free_port",
+    "machine_busy_seconds",
+    "process_tree",
+    "raise_nofile_limit",
+    "rss_kib",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -83,7 +92,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -95,7 +104,7 @@ def _tree(pid: int) -> list[int]:
 def rss_kib(pid: int) -> int:
     """VmRSS of a process and its descendants, in KiB (from /proc/<pid>/status)."""
     total = 0
-    for member in _tree(pid):
+    for member in process_tree(pid):
         try:
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -109,7 +118,7 @@ def rss_kib(pid: int) -> int:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its descendants so far."""
     total = 0.0
-    for member in _tree(pid):
+    for member in process_tree(pid):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

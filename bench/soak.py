@@ -183,7 +183,7 @@ async def run_soak(
     tokens = _Tokens()
     # The soak's clients all come from 127.0.0.1, which is exempt from per-address limits by default.
     deployment = await _deploy("redis", procs, tokens, "soak")
-    a, b, redis = deployment.server_pids
+    a, b, redis_server = deployment.server_pids
     gen = LoadGenerator(deployment.controller_url, deployment.client_url, tokens.controller, tokens.client)
     duration = minutes * 60
     total = int(rate * duration)
@@ -215,7 +215,7 @@ async def run_soak(
             await gen.connect_clients([cid])
 
         def sample(elapsed: float) -> None:
-            for name, proc in (("a", a), ("b", b), ("redis", redis)):
+            for name, proc in (("a", a), ("b", b), ("redis", redis_server)):
                 samples.setdefault(f"{name}_rss_mib", []).append((elapsed, proc.rss_kib() / 1024))
                 samples.setdefault(f"{name}_fds", []).append((elapsed, _fds(proc.pid)))
             # What Redis holds, not what its allocator kept: tells data growth from fragmentation.

@@ -33,7 +33,7 @@ import msgspec
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from .http_reply import EchoClient
-from .procs import Processes, _tree, free_port, raise_nofile_limit, wait_http_ok
+from .procs import Processes, free_port, process_tree, raise_nofile_limit, wait_http_ok
 
 __all__ = ["main", "run"]
 
@@ -139,7 +139,7 @@ async def run(
         if pin and len(os.sched_getaffinity(0)) >= 2:
             # The appliance on one core, this generator on another: neither moves nor evicts the other's caches.
             cores = sorted(os.sched_getaffinity(0))
-            for pid in _tree(proc.pid):
+            for pid in process_tree(proc.pid):
                 os.sched_setaffinity(pid, {cores[0]})
             os.sched_setaffinity(0, {cores[1]})
         runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}

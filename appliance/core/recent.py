@@ -76,7 +76,7 @@ class CommandLog:
     def untracked(self, now: float, controller: str, command_id: Any, message: str) -> None:
         """A command no reply will be matched to (the version-1 hot path: one append)."""
         if len(message) > self.max_chars:
-            message = message[: self.max_chars] + ELLIPSIS
+            message = cut(message, self.max_chars)
         self.entries.append((now, controller, command_id, message))
 
     def tracked(
@@ -110,7 +110,9 @@ class CommandLog:
         if entry.outcome:
             return False
         entry.outcome = "replied"
-        entry.reply = text if len(text) <= self.max_chars else cut(text, self.max_chars)
+        if len(text) > self.max_chars:
+            text = cut(text, self.max_chars)
+        entry.reply = text
         entry.replied_at = now
         entry.key = None  # The matcher's object is not kept alive by the log.
         return True
