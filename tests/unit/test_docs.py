@@ -61,13 +61,14 @@ def _layout_modules() -> tuple[set[str], list[str]]:
 
     A line that starts with ``name/`` under ``appliance/`` (or a top-level ``ui/``) sets the folder for
     itself and the indented lines after it; a line that starts with a module goes back to ``appliance/``.
-    A ``name/`` later in a line descends into that sub-folder; ``dir/file.py`` is relative to ``appliance/``.
+    A ``name/`` later in a line descends into that sub-folder, for the rest of the entry (its indented
+    lines too); ``dir/file.py`` is relative to ``appliance/``.
     """
     layout = re.search(r"```\n(.*?)```", _section("Layout"), re.S)
     assert layout is not None
     named: set[str] = set()
     unknown: list[str] = []
-    base = "appliance/"
+    context = "appliance/"
     for line in layout.group(1).splitlines():
         stripped = line.strip()
         if not stripped:
@@ -75,10 +76,9 @@ def _layout_modules() -> tuple[set[str], list[str]]:
         indent = len(line) - len(line.lstrip())
         first = stripped.split()[0]
         if indent == 0:
-            base = first if first.endswith("/") else ""
+            context = first if first.endswith("/") else ""
         elif indent == 2:
-            base = f"appliance/{first}" if first.endswith("/") else "appliance/"
-        context = base
+            context = f"appliance/{first}" if first.endswith("/") else "appliance/"
         for token in re.findall(r"[\w./]+", stripped):
             if token.endswith(".py"):
                 path = f"appliance/{token}" if "/" in token else f"{context}{token}"
