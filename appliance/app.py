@@ -26,7 +26,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from ui import DashboardPlugin
 
 from . import __version__, metrics
-from .api import API_HANDLERS, validation_as_422
+from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
@@ -171,7 +171,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         ),
         lifespan=[lifespan],
         middleware=[metrics.http_metrics()],
-        exception_handlers={ValidationException: validation_as_422},
+        exception_handlers={ValidationException: validation_as_422, ApiError: api_error},
         openapi_config=OpenAPIConfig(
             title="WebSocket Bridge",
             version=__version__,
