@@ -59,8 +59,17 @@ def negotiate_subprotocol(offered: list[str]) -> tuple[str | None, str | None]:
 
 
 class Role(str, enum.Enum):
+    """Who a token speaks for. Only controllers and clients open relay connections (``CONNECTION_ROLES``);
+    admin and viewer tokens reach the HTTP API and the dashboard."""
+
     CONTROLLER = "controller"
     CLIENT = "client"
+    ADMIN = "admin"
+    VIEWER = "viewer"
+
+
+#: The roles a WebSocket connection to the relay can have.
+CONNECTION_ROLES = (Role.CONTROLLER, Role.CLIENT)
 
 
 class CloseCode(enum.IntEnum):

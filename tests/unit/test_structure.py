@@ -96,3 +96,25 @@ def test_no_class_in_appliance_is_over_400_lines():
                 if lines > MAX_CLASS_LINES:
                     long[f"{path.relative_to(ROOT)}:{node.name}"] = lines
     assert long == {}
+
+
+def test_metrics_py_declares_every_metric_or_names_the_module_that_does():
+    import re
+
+    from appliance import metrics
+
+    declared_here = set(re.findall(r'"(wsbridge_[a-z_]+)"', (ROOT / "appliance" / "metrics.py").read_text()))
+    elsewhere = {}
+    for path in _python_files():
+        if path.name != "metrics.py":
+            for name in re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(wsbridge_[a-z_]+)"', path.read_text()):
+                elsewhere[name] = str(path.relative_to(ROOT / "appliance").with_suffix(".py"))
+    assert elsewhere, "the guards' own metrics are found"
+    undeclared = {name: module for name, module in elsewhere.items() if name in declared_here}
+    assert undeclared == {}, "declared twice"
+    unnamed = {
+        name: module
+        for name, module in elsewhere.items()
+        if f"``{name}``" not in (metrics.__doc__ or "") or f"appliance/{module}" not in (metrics.__doc__ or "")
+    }
+    assert unnamed == {}, "metrics.py's docstring must say where these live"
