@@ -54,6 +54,7 @@ def make_broker(settings: Settings) -> Broker:
         "queue_remember_seconds": settings.command_timeout_max_ms / 1000,
         "history_per_client": settings.history_per_client,
         "history_ttl": settings.history_ttl_seconds,
+        "idempotency_window": settings.idempotency_window_seconds,
     }
     if not settings.redis_enabled:
         return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)

@@ -37,6 +37,8 @@ class LocalBackend:
             timeout_ms=fields.get("timeout_ms"),
             queue=bool(fields.get("queue")),
             controller="mcp",
+            command_id=fields.get("id"),
+            idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
         if outcome.http_status == 504:
             raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))

@@ -226,6 +226,13 @@ class Settings(BaseSettings):
     offline_queue_max: int = Field(
         1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
     )
+    idempotency_window_seconds: int = Field(
+        600,
+        ge=1,
+        le=86400,
+        description="Seconds a command id (HTTP id, Idempotency-Key, MCP idempotency_key) is remembered: "
+        "a repeat within them returns the first command's outcome instead of sending it again.",
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level of the appliance."

@@ -37,6 +37,7 @@ from ..registry import LocalConnections
 from ..settings import Settings
 from .broadcast import Broadcasts
 from .handover import ClientLines
+from .idempotency import IdempotentSends, fingerprint
 from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter
 
 __all__ = ["TICK_SECONDS", "CommandService"]
@@ -88,6 +89,7 @@ class CommandService:
             queue_lock=self._queue_lock,
             spawn=self._spawn,
         )
+        self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
         self.broadcasts = Broadcasts(
             self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
         )
@@ -369,13 +371,24 @@ class CommandService:
         timeout_ms: int | None = None,
         queue: bool = False,
         controller: str = HTTP_CONTROLLER,
+        idempotency_key: str | None = None,
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
         Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
+
+        With ``idempotency_key``, a repeat within the window gets the first command's
+        outcome and never reaches a client twice (appliance/commands/idempotency.py).
         """
+        if idempotency_key is not None:
+            own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
+            once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            # A repeat waits as long as the first command may.
+            same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
+            return await self.idempotent.send(*same, once)
         wait = self._http_bucket.try_take(time.time())
         if wait > 0:
             retry_ms = max(1, round(wait * 1000))
