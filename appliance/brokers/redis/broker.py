@@ -24,6 +24,7 @@ from .ownership import Ownership
 from .presence import Presence
 from .queue import RedisQueue
 from .subscriber import Subscriber
+from .target import RedisTarget
 
 __all__ = ["RedisBroker"]
 
@@ -37,7 +38,7 @@ class RedisBroker(Broker):
 
     def __init__(
         self,
-        url: str,
+        target: str | RedisTarget,
         *,
         instance: str,
         presence_ttl: int = 30,
@@ -51,12 +52,15 @@ class RedisBroker(Broker):
         history_ttl: int = 7 * 86400,
     ) -> None:
         self.instance = instance
+        self._origin = instance.encode()
         self.presence_ttl = presence_ttl
         self._inbox: Inbox | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._link = link = Link(url, display=display, pool_size=pool_size)
+        if isinstance(target, str):
+            target = RedisTarget(url=target)
+        self._link = link = Link(target, display=display, pool_size=pool_size)
         self._subscriber = Subscriber(link, INSTANCE_CHANNEL + instance, self._on_message, self._lost, self._came_back)
         self._outbox = Outbox(
             link,
@@ -198,6 +202,8 @@ class RedisBroker(Broker):
             head, _, text = data.partition(b"\n")
             seq, _, rest = head[1:].partition(b"|")
             origin, _, sender = rest.partition(b"|")
+            if origin == self._origin and self._outcomes.get(int(seq)) is None:
+                return  # Ours, and reported already (delivered locally when Redis failed, or failed): never twice.
             failure = inbox.deliver(channel[_CLIENT_PREFIX:].decode(), text.decode(), sender.decode())
             self._outcomes.answer(origin, seq, failure)
         elif kind == b"a":
@@ -207,6 +213,8 @@ class RedisBroker(Broker):
         elif kind == b"r":
             head, _, body = data.partition(b"\n")
             seq, _, origin = head[1:].partition(b"|")
+            if origin == self._origin and self._outcomes.get(int(seq)) is None:
+                return  # As above.
             failure = inbox.deliver_routed(channel[_CLIENT_PREFIX:].decode(), decode_routed(body))
             self._outcomes.answer(origin, seq, failure)
         elif kind == b"k":
