@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from redis_topologies import MASTER_NAME, SentinelGroup
+from redis.asyncio import Redis
+from redis_topologies import MASTER_NAME, ClusterGroup, SentinelGroup
 from support import eventually
 
 from appliance.brokers.base import Broker, Owner
 from appliance.brokers.memory import MemoryBroker
 from appliance.brokers.redis import RedisBroker, RedisTarget
+from appliance.brokers.redis.keys import Keys
 from appliance.core.protocol import ErrorCode, Role
 from appliance.core.requests import Routed
 
@@ -27,19 +29,28 @@ __all__ = [
     "Node",
     "Outcome",
     "backend",
+    "cluster_group",
     "new_id",
     "sentinel_group",
     "until",
 ]
 
 #: Every broker backend the contract runs on.
-BACKENDS = ["memory", "redis", "sentinel"]
+BACKENDS = ["memory", "redis", "sentinel", "cluster"]
 
 
 @pytest.fixture(scope="session")
 def sentinel_group() -> Iterator[SentinelGroup]:
     """A primary, a replica and three Sentinels for the session; tests that kill one make their own."""
     group = SentinelGroup().start()
+    yield group
+    group.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_group() -> Iterator[ClusterGroup]:
+    """A Redis Cluster (three primaries, three replicas) for the session; tests that kill a node make their own."""
+    group = ClusterGroup().start()
     yield group
     group.stop()
 
@@ -55,6 +66,9 @@ def backend(request: pytest.FixtureRequest, kind: str) -> tuple[str | RedisTarge
         group = request.getfixturevalue("sentinel_group")
         sentinels = tuple(("127.0.0.1", s.port) for s in group.sentinels)
         return RedisTarget(sentinels=sentinels, sentinel_master=MASTER_NAME), group.master().url
+    if kind == "cluster":
+        url = request.getfixturevalue("cluster_group").url
+        return RedisTarget(url=url, cluster=True), url
     raise ValueError(kind)
 
 
@@ -186,6 +200,12 @@ class Cluster:
         self.redis_url = redis_url or (target if isinstance(target, str) else None)
         self.nodes: list[Node] = []
         self._memory: Node | None = None
+        self.keys = Keys(tagged=kind == "cluster")
+
+    def raw(self) -> Redis:
+        """A plain client of the backend's data (a cluster client on a Cluster), for direct reads and writes."""
+        assert self.redis_url is not None
+        return RedisTarget(url=self.redis_url, cluster=self.kind == "cluster").client(max_connections=4)
 
     @classmethod
     def of(cls, request: pytest.FixtureRequest, kind: str, **options: Any) -> Cluster:

@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 from support import free_port, timeout, wait_until
 
-__all__ = ["RedisProcess", "SentinelGroup", "MASTER_NAME"]
+__all__ = ["MASTER_NAME", "ClusterGroup", "RedisProcess", "SentinelGroup"]
 
 MASTER_NAME = "wsbmaster"
 
@@ -154,3 +154,70 @@ class SentinelGroup:
     def stop(self) -> None:
         for process in [*self.sentinels, self.replica, self.primary]:
             process.stop()
+
+
+class ClusterGroup:
+    """A Redis Cluster of three primaries and three replicas (node timeout 1 s, so a failover takes a few)."""
+
+    def __init__(self, *, node_timeout_ms: int = 1000) -> None:
+        self.nodes = [
+            RedisProcess(
+                f"cluster{i}",
+                [
+                    "cluster-enabled yes",
+                    "cluster-config-file nodes.conf",
+                    f"cluster-port {free_port()}",  # Else port + 10000, which may be taken or above 65535.
+                    f"cluster-node-timeout {node_timeout_ms}",
+                    "cluster-replica-validity-factor 0",  # Any replica may take over, however stale.
+                ],
+            )
+            for i in range(6)
+        ]
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL: any node (the first)."""
+        return self.nodes[0].url
+
+    def start(self) -> ClusterGroup:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli not found (Debian's redis-tools)")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout(60),
+        )
+        wait_until(self.healthy, 60, "the cluster in state ok on every node")
+        return self
+
+    def healthy(self) -> bool:
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                info = node.command("CLUSTER", "INFO")
+            except (OSError, redis.RedisError):
+                return False
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" not in text:
+                return False
+        return True
+
+    def primary_of(self, key: str) -> RedisProcess:
+        """The node serving ``key``'s slot now, as a live node sees it."""
+        live = next(node for node in self.nodes if node.process is not None)
+        slot = int(live.command("CLUSTER", "KEYSLOT", key))  # type: ignore[call-overload]
+        for start, end, primary, *_ in live.command("CLUSTER", "SLOTS"):  # type: ignore[union-attr]
+            if start <= slot <= end:
+                return next(node for node in self.nodes if node.port == int(primary[1]))
+        raise AssertionError(f"no primary serves slot {slot}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

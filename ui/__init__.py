@@ -62,7 +62,7 @@ def _stores(settings: Settings) -> tuple[Store, Store, Any, Any]:
         root = RedisStore(target.client(max_connections=32), namespace="wsb:dashboard")
 
         async def close() -> None:
-            await root._redis.aclose(close_connection_pool=True)
+            await root._redis.aclose()  # It owns its pool (RedisTarget.client).
 
         def shared_seed() -> str:
             # Created once by whichever instance starts first, never expires: survives restarts and deploys.

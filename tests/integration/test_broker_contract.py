@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from broker_support import BACKENDS, CLIENT, CONTROLLER, Cluster, Outcome, new_id, sentinel_group, until
-from redis.asyncio import Redis
+from broker_support import BACKENDS, CLIENT, CONTROLLER, Cluster, Outcome, cluster_group, new_id, sentinel_group, until
 from support import eventually
 
 from appliance.brokers.base import BrokerNotStarted
@@ -21,7 +20,7 @@ from appliance.brokers.memory import MemoryBroker
 from appliance.brokers.redis import RedisBroker
 from appliance.core.protocol import ErrorCode
 
-__all__ = ["sentinel_group"]  # A fixture of broker_support, used through the backend.
+__all__ = ["cluster_group", "sentinel_group"]  # Fixtures of broker_support, used through the backend.
 
 
 @pytest.fixture(params=BACKENDS)
@@ -208,15 +207,16 @@ async def test_presence_summary_counts_every_instance_and_moves_with_membership(
 
         await eventually(forgotten, 10, "a stopped instance's summary gone")
         # A crashed instance's name is forgotten once its keys expired, but not while its presence is there.
-        raw = Redis.from_url(cluster.redis_url)
+        raw = cluster.raw()
+        old = cluster.keys.presence("old-version")
         try:
             await raw.sadd("wsb:instances", "crashed", "old-version")
-            await raw.hset("wsb:instance:old-version", "x", '{"id": "x", "role": "client", "instance": "old-version"}')
+            await raw.hset(old, "x", '{"id": "x", "role": "client", "instance": "old-version"}')
             await a.broker.presence_summary()
             assert await raw.smembers("wsb:instances") == {a.name.encode(), b"old-version"}
             assert "x" in {r["id"] for r in await a.broker.presence()}
         finally:
-            await raw.delete("wsb:instance:old-version")
+            await raw.delete(old)
             await raw.aclose()
 
 
@@ -286,9 +286,9 @@ async def test_connect_history_is_shared_capped_and_newest_first(kind, request):
         assert await b.broker.history(new_id(), 10) == []
         assert [e["code"] for e in await b.broker.history(other, 10)] == [1000]
         if kind != "memory":
-            raw = Redis.from_url(cluster.redis_url)
+            raw = cluster.raw()
             try:
-                assert 0 < await raw.ttl(f"wsb:hist:{client_id}") <= 7 * 86400
+                assert 0 < await raw.ttl(cluster.keys.history(client_id)) <= 7 * 86400
             finally:
                 await raw.aclose()
     finally:

@@ -1,18 +1,18 @@
 """The broker contract for commands with an id, at the broker API, against both brokers.
 
 Routed commands, the per-instance channel, fan-out with instance counts, the offline
-queue and owner lookup; the same tests for the memory broker and Redis (one server, and Sentinels).
+queue and owner lookup; the same tests for the memory broker and Redis (one server, Sentinels, a Cluster).
 """
 
 from __future__ import annotations
 
 import pytest
-from broker_support import BACKENDS, CONTROLLER, Cluster, Outcome, new_id, sentinel_group, until
+from broker_support import BACKENDS, CONTROLLER, Cluster, Outcome, cluster_group, new_id, sentinel_group, until
 
 from appliance.core.protocol import ErrorCode
 from appliance.core.requests import Enqueued, Routed
 
-__all__ = ["sentinel_group"]  # A fixture of broker_support, used through the backend.
+__all__ = ["cluster_group", "sentinel_group"]  # Fixtures of broker_support, used through the backend.
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from ... import metrics
 from ..base import BrokerUnavailable
+from .keys import Keys
 from .target import RedisTarget
 
 __all__ = ["Link"]
@@ -29,6 +30,8 @@ class Link:
 
     def __init__(self, target: RedisTarget, *, display: str, pool_size: int) -> None:
         self.target = target
+        self.keys = Keys(tagged=target.cluster)
+        self.sharded = target.cluster  # SPUBLISH/SSUBSCRIBE instead of PUBLISH/SUBSCRIBE.
         self.display = display
         self._pool_size = pool_size
         self.redis: Redis | None = None
@@ -43,8 +46,9 @@ class Link:
         common: dict[str, Any] = dict(socket_connect_timeout=3, socket_timeout=10, retry=Retry(NoBackoff(), 1))
         self.redis = self.target.client(max_connections=self._pool_size, **common)
         # No retries on the subscriber: it must see every loss (see subscriber.SubscriberConnection).
-        common["retry"] = Retry(NoBackoff(), 0)
-        self.sub_client = self.target.client(max_connections=1, **common)
+        if not self.sharded:  # On a Cluster the subscriber opens one connection per primary itself.
+            common["retry"] = Retry(NoBackoff(), 0)
+            self.sub_client = self.target.client(max_connections=1, **common)
 
     async def close(self) -> None:
         for client in (self.sub_client, self.redis):
@@ -55,7 +59,7 @@ class Link:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.connection_pool.disconnect()
-                sentinels = getattr(client.connection_pool, "sentinel_manager", None)
+                sentinels = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
                 if sentinels is not None:  # The connections that ask the Sentinels where the master is.
                     with contextlib.suppress(Exception):
                         await sentinels.aclose()

@@ -7,17 +7,19 @@
   where the master is now; a connection to a master demoted to replica is dropped at its
   first write (``READONLY``), and Sentinel itself closes client connections when it
   reconfigures a server.
-- ``REDIS_CLUSTER=true``: see :mod:`.cluster`.
+- ``REDIS_CLUSTER=true``: redis-py's cluster client; see :mod:`.cluster`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
+import redis.cluster
 import redis.sentinel
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 if TYPE_CHECKING:
@@ -74,8 +76,14 @@ class RedisTarget:
                 password=self.password,
                 **options,
             )
+        if self.cluster:
+            # redis-py's cluster client follows the slot map. It is not a Redis subclass, but has every
+            # command the appliance uses (single-slot pipelines and scripts, pub/sub); its per-node
+            # pools fail instead of waiting when full, hence the larger bound.
+            cluster = RedisCluster.from_url(self.url, max_connections=max_connections * 4, **options)
+            return cast(Redis, cluster)
         pool = BlockingConnectionPool.from_url(self.url, max_connections=max_connections, timeout=timeout, **options)
-        return Redis(connection_pool=pool)
+        return Redis.from_pool(pool)
 
     def sync_client(self, **options: Any) -> redis.Redis:
         """A blocking client, for the few reads at start that cannot wait for the event loop."""
@@ -85,6 +93,8 @@ class RedisTarget:
                 sentinel_options["password"] = self.sentinel_password
             sentinel = redis.sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_options)
             return sentinel.master_for(self.sentinel_master, password=self.password, **options)
+        if self.cluster:
+            return cast(redis.Redis, redis.cluster.RedisCluster.from_url(self.url, **options))
         return redis.Redis.from_url(self.url, **options)
 
 
