@@ -1,11 +1,13 @@
-"""Redis Sentinel failover under steady traffic: real processes all the way.
+"""Redis failover under steady traffic: real processes all the way.
 
-A primary, a replica and three Sentinels (down-after 1 s), two appliances on
-``REDIS_SENTINELS``, clients on both, a controller sending steadily; the primary is
-SIGKILLed. Promised (docs/deploy.md, "Redis high availability"): no command delivered
-twice, every command gets an outcome (``delivery_failed`` at worst), ``/readyz`` says 503
-meanwhile, and once an instance is ready again its ids and presence are on the new
-primary. The figures are printed for bench/README.md.
+Sentinel: a primary, a replica and three Sentinels (down-after 1 s), two appliances on
+``REDIS_SENTINELS``. Cluster: three primaries and three replicas (node timeout 1 s), two
+appliances on ``REDIS_CLUSTER=true``. Clients on both appliances, a controller sending
+steadily; a primary is SIGKILLed (on the Cluster, the one holding a remote client's
+slot). Promised (README, "Redis that fails over"): no command delivered twice, every
+command gets an outcome (``delivery_failed`` at worst), ``/readyz`` says 503 meanwhile, and
+once an instance is ready again its ids and presence are on the new primary. The figures
+are printed for bench/README.md.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import time
 from collections import Counter
 
 import pytest
-from redis.asyncio import Redis
-from redis_topologies import SentinelGroup
+from redis_topologies import ClusterGroup, SentinelGroup
 from support import CONTROLLER_TOKEN, command, http_aget, timeout
 from websockets.asyncio.client import connect
 
-from appliance.brokers.redis import INSTANCE_KEY, OWNER_KEY
+from appliance.brokers.redis import RedisTarget
+from appliance.brokers.redis.keys import Keys
 
 #: Documented: after the Sentinels promoted the replica, every instance is ready again within this.
 READY_AFTER_PROMOTION_SECONDS = 10
@@ -31,11 +33,47 @@ COMMANDS_PER_SECOND = 60
 OUTCOME_WAIT = 25
 
 
-@pytest.fixture
-def sentinels():
-    group = SentinelGroup(down_after_ms=1000).start()
-    yield group
-    group.stop()
+class Topology:
+    """What the test needs of a Redis that fails over, Sentinel or Cluster."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.group: SentinelGroup | ClusterGroup = SentinelGroup() if kind == "sentinel" else ClusterGroup()
+        self.keys = Keys(tagged=kind == "cluster")
+        self.watched = ""  # On a Cluster: a key whose primary is killed.
+
+    @property
+    def env(self) -> dict[str, str]:
+        if isinstance(self.group, SentinelGroup):
+            return self.group.env
+        return {"REDIS_URL": self.group.url, "REDIS_CLUSTER": "true"}
+
+    def primary(self):
+        group = self.group
+        return group.master() if isinstance(group, SentinelGroup) else group.primary_of(self.watched)
+
+    def promoted(self, old_port: int) -> bool:
+        try:
+            if isinstance(self.group, SentinelGroup):
+                return self.group.master_port() != old_port
+            return self.group.primary_of(self.watched).port != old_port and self.group.healthy()
+        except Exception:
+            return False
+
+    def raw(self):
+        """A client of the data after the failover."""
+        if isinstance(self.group, SentinelGroup):
+            return RedisTarget(url=self.group.master().url).client(max_connections=2)
+        live = next(node for node in self.group.nodes if node.process is not None)
+        return RedisTarget(url=live.url, cluster=True).client(max_connections=2)
+
+
+@pytest.fixture(params=["sentinel", "cluster"])
+def topology(request):
+    made = Topology(request.param)
+    made.group.start()
+    yield made
+    made.group.stop()
 
 
 async def _status(app) -> int | None:
@@ -47,14 +85,20 @@ async def _status(app) -> int | None:
 
 @pytest.mark.slow
 async def test_a_primary_killed_under_traffic_fails_over_without_a_duplicate_or_a_lost_outcome(
-    sentinels, start_appliance
+    topology, start_appliance
 ):
-    env = {**sentinels.env, "PRESENCE_TTL": "9"}
+    env = {**topology.env, "PRESENCE_TTL": "9"}
     a = await asyncio.to_thread(start_appliance, env, name="fo-a")
     b = await asyncio.to_thread(start_appliance, env, name="fo-b")
     apps = [a, b]
     names = [f"fo-{i}" for i in range(2 * CLIENTS_PER_INSTANCE)]
     home = {name: apps[i % 2] for i, name in enumerate(names)}  # fo-0 on A, fo-1 on B, ...
+    if isinstance(topology.group, ClusterGroup):  # Kill the primary of a client on B, not the node of REDIS_URL.
+        topology.watched = next(
+            key
+            for key in (topology.keys.client_channel(n) for n in names if home[n] is b)
+            if topology.group.primary_of(key) is not topology.group.nodes[0]
+        )
     received: dict[str, list[int]] = {name: [] for name in names}
     errors: Counter[str] = Counter()
     unknown = 0
@@ -94,7 +138,7 @@ async def test_a_primary_killed_under_traffic_fails_over_without_a_duplicate_or_
             sender = asyncio.create_task(traffic())
             await _wait(all_connected, 20, "every client receiving")
             await asyncio.sleep(2)
-            old_master = sentinels.master()
+            old_master = topology.primary()
             killed = time.monotonic()
             old_master.kill()
 
@@ -108,24 +152,21 @@ async def test_a_primary_killed_under_traffic_fails_over_without_a_duplicate_or_
             reported = time.monotonic() - killed
 
             async def promoted() -> bool:
-                try:
-                    return await asyncio.to_thread(sentinels.master_port) != old_master.port
-                except Exception:
-                    return False
+                return await asyncio.to_thread(topology.promoted, old_master.port)
 
-            await _wait(promoted, 60, "the Sentinels promoting the replica")
+            await _wait(promoted, 60, "a replica promoted")
             promoted_after = time.monotonic() - killed
             await _wait(lambda: both(200), READY_AFTER_PROMOTION_SECONDS + 30, "both instances ready again")
             ready_after = time.monotonic() - killed
 
             # Ready means re-asserted: every id owned and every record present on the new primary.
-            new_master = Redis.from_url(sentinels.master().url)
+            new_master = topology.raw()
             try:
                 for name in names:
-                    owner = await new_master.get(OWNER_KEY + name)
+                    owner = await new_master.get(topology.keys.owner(name))
                     assert owner is not None and owner.decode().split("|")[2] == home[name].name, (name, owner)
                 for app in apps:
-                    ids = {k.decode() for k in await new_master.hkeys(INSTANCE_KEY + app.name)}
+                    ids = {k.decode() for k in await new_master.hkeys(topology.keys.presence(app.name))}
                     assert {n for n in names if home[n] is app} <= ids
             finally:
                 await new_master.aclose()
@@ -163,7 +204,7 @@ async def test_a_primary_killed_under_traffic_fails_over_without_a_duplicate_or_
         elif start is None:
             start = sent_at[n]
     print(
-        f"sentinel failover: {sent} commands at {COMMANDS_PER_SECOND}/s to {len(names)} clients on 2 instances; "
+        f"{topology.kind} failover: {sent} commands at {COMMANDS_PER_SECOND}/s to {len(names)} clients on 2 instances; "
         f"/readyz 503 after {reported:.1f} s, replica promoted after {promoted_after:.1f} s, both ready "
         f"after {ready_after:.1f} s; cross-instance routing stopped for {gap:.1f} s; "
         f"{undelivered} not delivered, {sum(errors.values())} reported ({dict(errors)}, {unknown} 'outcome "
