@@ -422,28 +422,43 @@ class LocalBackend:
         return outcome.body
 
 
-def _bearer_allowed(scope: Scope, token_store: Any) -> bool:
-    """``Authorization: Bearer <token>`` with a controller or admin token, through the store's comparator."""
+def _bearer_refusal(scope: Scope, token_store: Any) -> tuple[int, bytes] | None:
+    """Why ``Authorization: Bearer <token>`` does not open /mcp, or None when it does.
+
+    Only a missing token answers 401 (which MCP clients take as "sign in with OAuth"); a token
+    that is wrong or of the wrong role answers 403 with words a person can act on, since this
+    bridge has no OAuth to offer and the MCP Inspector otherwise reports only that it needs a TTY.
+    """
     headers = dict(scope.get("headers") or [])
     value = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, presented = value.partition(" ")
     if scheme.lower() != "bearer" or not presented:
-        return False
+        return 401, b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
     grant = token_store.lookup(presented)
-    return grant is not None and grant.role in ("controller", "admin")
+    if grant is None:
+        return 403, (
+            b'{"error":"forbidden","detail":"the bearer token is not a token of this bridge: '
+            b'use the controller token (LLM_SECRET_TOKEN)"}'
+        )
+    if grant.role not in ("controller", "admin"):
+        return 403, (
+            b'{"error":"forbidden","detail":"a client token cannot use /mcp: '
+            b'use the controller token (LLM_SECRET_TOKEN)"}'
+        )
+    return None
 
 
 @asgi("/mcp", is_mount=True, copy_scope=True)
 async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     """MCP streamable HTTP; ``Authorization: Bearer <controller token>``."""
     app = scope["app"]
-    if not _bearer_allowed(scope, app.state.token_store):
-        body = b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
-        start: Any = {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-        }
+    refusal = _bearer_refusal(scope, app.state.token_store)
+    if refusal is not None:
+        status, body = refusal
+        headers = [(b"content-type", b"application/json")]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        start: Any = {"type": "http.response.start", "status": status, "headers": headers}
         await send(start)
         end: Any = {"type": "http.response.body", "body": body}
         await send(end)
@@ -461,9 +476,12 @@ async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
 
     server = build_mcp_server(LocalBackend(app.state.commands))
     # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
-    # legitimate names behind the load balancer.
+    # legitimate names behind the load balancer. Stateless: the tools keep no session state,
+    # and a session held in one instance's memory answered 404 on every other replica
+    # behind a load balancer without sticky sessions (docker-compose.prod.yml runs two).
     app.state.mcp_app = server.streamable_http_app(
         streamable_http_path="/mcp",
+        stateless_http=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
     async with server.session_manager.run():
