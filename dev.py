@@ -24,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -94,9 +96,28 @@ LOCKED_EXTRAS = {"server.lock": ("server",), "dev.lock": tuple(EXTRAS.split(",")
 UV = "uv==0.13.8"
 
 
+def _name(requirement: str) -> str:
+    """A requirement's project name, normalized (PEP 503): ``"PyYAML==6.0"`` -> ``"pyyaml"``."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else requirement
+
+
+def missing_from_lock(lock: Path, extras: tuple[str, ...]) -> list[str]:
+    """pyproject.toml's requirements (base and ``extras``) that ``lock`` does not pin."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in extras:
+        wanted += project["optional-dependencies"][extra]
+    pinned = {_name(line) for line in lock.read_text().splitlines() if "==" in line and not line.startswith(" ")}
+    return [requirement for requirement in wanted if _name(requirement) not in pinned]
+
+
 def ensure_project() -> None:
     """The locked dependencies (hash-checked), then the project itself without resolving again."""
     lock = LOCKS / "dev.lock"
+    missing = missing_from_lock(lock, LOCKED_EXTRAS[lock.name])
+    if missing:
+        sys.exit(f"{lock.relative_to(ROOT)} lacks {', '.join(missing)}: run python3 dev.py lock and commit it")
     ensure_venv(
         VENV,
         [ROOT / "pyproject.toml", lock],

@@ -136,3 +136,12 @@ def test_the_hosts_image_build_gets_the_lock() -> None:
 
     variables = yaml.safe_load((ROOT / "ansible" / "roles" / "appliance" / "vars" / "main.yml").read_text())
     assert "requirements" in variables["appliance_build_context"]
+
+
+def test_dev_py_stops_with_the_command_to_run_when_the_lock_lacks_a_dependency(tmp_path, monkeypatch) -> None:
+    assert dev.missing_from_lock(LOCKS / "dev.lock", dev.LOCKED_EXTRAS["dev.lock"]) == []
+    stale = tmp_path / "dev.lock"
+    stale.write_text(re.sub(r"(?m)^litestar==.*$", "", (LOCKS / "dev.lock").read_text()))
+    litestar = [r for r in PYPROJECT["optional-dependencies"]["server"] if r.startswith("litestar")]
+    assert dev.missing_from_lock(stale, ("server",)) == litestar
+    assert dev._name("uvicorn[standard]==0.54.0") == "uvicorn" and dev._name("PyYAML==6.0.4") == "pyyaml"
