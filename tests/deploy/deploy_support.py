@@ -317,12 +317,15 @@ def names_of(terraform: Terraform) -> TerraformNames:
     )
 
 
-def ansible_inventory(terraform: Terraform) -> dict[str, Any]:
+def ansible_inventory(terraform: Terraform, applied: dict[str, str] | None = None) -> dict[str, Any]:
     """What ``terraform output -json ansible_inventory`` prints, with the variables' defaults.
 
     Terraform cannot run here, so the output's expression is evaluated for the few
     forms it uses (variables, the common tags, string templates, one conditional).
+    ``applied`` gives the attributes only an apply knows (``aws_sns_topic.alerts.arn``
+    to an ARN); references without one stay as written.
     """
+    applied = applied or {}
     value = terraform.outputs["ansible_inventory"]["value"]
     tags = {f"local.common_tags.{key}": tag for key, tag in names_of(terraform).tags.items()}
 
@@ -348,7 +351,7 @@ def ansible_inventory(terraform: Terraform) -> dict[str, Any]:
             if expression.startswith("[") and expression.endswith("]"):
                 return [evaluate("${" + part.strip() + "}") for part in expression[1:-1].split(",")]
             raise AssertionError(f"teach the test this expression: {expression}")
-        for reference, tag in tags.items():
+        for reference, tag in {**tags, **applied}.items():
             node = node.replace("${" + reference + "}", tag)
         return terraform.resolve(node)
 

@@ -624,3 +624,23 @@ def test_the_credit_mode_is_chosen_and_documented(terraform: Terraform) -> None:
     docs = (ROOT / "docs" / "deploy.md").read_text()
     assert f'`cpu_credits = "{terraform.variable_default("cpu_credits")}"` (the default)' in docs
     assert "per vCPU-hour" in docs
+
+
+def test_every_documented_put_parameter_of_a_stack_secret_names_the_stacks_key(
+    terraform: Terraform, terraform_names: TerraformNames
+) -> None:
+    """Without --key-id, put-parameter --overwrite moves the secret to alias/aws/ssm (the next apply moves it back)."""
+    alias = terraform.resolve(terraform.resources["aws_kms_alias"]["main"]["name"])
+    recipes = []
+    for path in (ROOT / "docs" / "deploy.md", ROOT / "README.md"):
+        text = path.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            command = line[line.find("aws ssm put-parameter") :] if "aws ssm put-parameter" in line else ""
+            names = re.findall(r"--name\s+(\S+)", command)
+            if names and names[0] in terraform_names.parameter_names:
+                recipes.append(command)
+                assert f"--key-id {alias}" in command, f"{path.name}: {command}"
+    assert recipes, "the rotation recipe is gone: the test would pass trivially"
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert "`wsbridge tokens rotate <name>`" in docs
+    assert "**Do not bump `secrets_version` to rotate one secret.**" in docs
