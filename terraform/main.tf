@@ -187,8 +187,10 @@ resource "aws_instance" "appliance" {
   associate_public_ip_address = false
 
   # IMDSv2 only (session tokens). Two hops: the appliance's container reads its
-  # tokens from SSM with the instance's role (the bridge network is one hop more);
-  # the role grants nothing beyond the stack's parameters and key.
+  # tokens from SSM, and Alertmanager publishes to SNS, with the instance's role (the
+  # bridge network is one hop more). Which containers get there is the host's
+  # decision: the docker role's metadata guard lets only the compose file's `aws`
+  # network through (docs/deploy.md, Security notes).
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
