@@ -644,3 +644,26 @@ def test_every_documented_put_parameter_of_a_stack_secret_names_the_stacks_key(
     docs = (ROOT / "docs" / "deploy.md").read_text()
     assert "`wsbridge tokens rotate <name>`" in docs
     assert "**Do not bump `secrets_version` to rotate one secret.**" in docs
+
+
+def test_the_readme_steps_name_every_file_and_input_a_first_deploy_needs(terraform: Terraform) -> None:
+    """Followed literally, the README's steps must be enough: state bucket, backend.hcl, tfvars, Ansible."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploy to AWS", 1)[1].split("\n## ", 1)[0]
+    for needed in (
+        "backend.hcl",
+        "terraform.tfvars",
+        "tools/venvs/ansible.txt",  # Ansible and the collections it bundles
+        "ansible-galaxy collection install -r ansible/requirements.yml",
+        "put-bucket-versioning",  # the state bucket
+        "terraform output -json ansible_inventory",
+        "ansible-playbook site.yml",
+    ):
+        assert needed in section, f"the README's deploy steps never mention {needed}"
+    # Every input without a default is named, in the README and in docs/deploy.md's table.
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name, variable in terraform.variables.items():
+        if "default" not in variable:
+            assert f"`{name}`" in section, f"the README's steps never ask for {name}"
+            assert f"| `{name}` |" in docs, f"docs/deploy.md's table of required inputs lacks {name}"
+    assert "aws_ssm" not in section and "ansible_connection: amazon.aws.aws_ssm" not in docs
