@@ -391,9 +391,14 @@ def test_redis_configuration_is_accepted_by_a_real_redis(services: dict[str, Any
         assert cli("config", "get", "maxmemory-policy", auth=admin).endswith("noeviction")
         assert cli("config", "get", "maxmemory", auth=admin).endswith(str(64 * 1024 * 1024))
         assert "NOAUTH" in cli("get", "x", auth={}) or "Authentication" in cli("get", "x", auth={})
-        exporter = ["--user", "exporter", "--pass", "unused"]
+        # As the exporter logs in: its service's user and password (test_monitoring_stack.py runs the exporter).
+        login = services["redis_exporter"]["environment"]
+        exporter = ["--user", login["REDIS_USER"], "--pass", login["REDIS_PASSWORD"], "--no-auth-warning"]
         assert "redis_version" in cli(*exporter, "info", "server", auth={})
         assert "NOPERM" in cli(*exporter, "get", "wsbridge:owner:x", auth={})
+        # CONFIG GET answers requirepass with the password: the exporter's user may not run it.
+        assert "NOPERM" in cli(*exporter, "config", "get", "requirepass", auth={})
+        assert "pw-of-the-test" not in cli(*exporter, "config", "get", "*", auth={})
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -446,7 +451,7 @@ def test_alertmanager_renders_its_receivers_from_the_environment(services: dict[
     readme = ROOT / "monitoring" / "alertmanager" / "README.md"
     if not readme.exists():
         pytest.xfail("monitoring/alertmanager from the monitoring issue (#11) has not landed on this branch")
-    documented = set(re.findall(r"`(ALERT_[A-Z_]+)`", readme.read_text()))
+    documented = set(re.findall(r"`(ALERTS?_[A-Z_]+|AWS_REGION)`", readme.read_text()))
     assert documented == set(env), documented ^ set(env)
     assert (ROOT / "monitoring" / "alertmanager" / "render.sh").is_file()
 
@@ -557,3 +562,36 @@ def test_the_dev_stack_takes_the_seed_env(tmp_path: Path) -> None:
     assert appliance["LLM_SECRET_TOKEN"] == "seed-llm"
     assert appliance["REDIS_PASSWORD"] == "seed-redis-password"
     assert appliance["LOG_LEVEL"] == "DEBUG"
+
+
+def read_only_table() -> dict[str, tuple[str, list[str]]]:
+    """docs/deploy.md's "Read-only containers" table: service to (image, paths written at start)."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("## Read-only containers", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`[\w-]+`", cells[0]):
+            paths = re.findall(r"`(/[^`]*)`", cells[2])
+            assert paths or cells[2] == "none", line
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), paths)
+    return rows
+
+
+def test_every_read_only_container_can_write_what_its_image_writes_at_start(services: dict[str, Any]) -> None:
+    """Each path an image writes at start (docs/deploy.md's table) lies on a tmpfs or a volume of its service."""
+    table = read_only_table()
+    read_only = {name for name, service in services.items() if service.get("read_only")}
+    assert set(table) == read_only, (
+        f"the table and the compose file list different read-only services: {set(table) ^ read_only}"
+    )
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for name, (image, paths) in table.items():
+        # ${NAME:-default} and ${NAME:?message} are written ${NAME} in the table.
+        assert re.sub(r"\$\{(\w+)[^}]*\}", r"${\1}", raw[name]["image"]) == image, f"{name}: the table says {image}"
+        writable = [entry.split(":", 1)[0] for entry in services[name].get("tmpfs", [])]
+        writable += [volume["target"] for volume in services[name].get("volumes", []) if not volume.get("read_only")]
+        for path in paths:
+            assert any(path == mount or path.startswith(mount.rstrip("/") + "/") for mount in writable), (
+                f"{name} writes {path} at start, but it is on the read-only root filesystem: {writable}"
+            )
