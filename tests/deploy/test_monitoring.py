@@ -45,13 +45,18 @@ def tool(name: str) -> str:
 
 def run(*args: str | Path, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [str(a) for a in args], input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout(60)
+        [str(a) for a in args], input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout(180)
     )
 
 
 def alerts() -> list[dict[str, Any]]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def records() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "record" in rule]
 
 
 def anchor(heading: str) -> str:
@@ -85,7 +90,7 @@ def test_prometheus_config_passes_promtool_with_its_rules(prometheus_config: Pat
     result = run(tool("promtool"), "check", "config", prometheus_config)
     assert result.returncode == 0, result.stdout + result.stderr
     # The glob must find the rules file (an empty match would also be "valid").
-    assert f"SUCCESS: {len(alerts()) + 6} rules found" in result.stdout + result.stderr
+    assert f"SUCCESS: {len(alerts()) + len(records())} rules found" in result.stdout + result.stderr
 
 
 def test_every_scrape_timeout_is_below_its_interval() -> None:
@@ -167,7 +172,8 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
     for rule in alerts():
         name = rule["alert"]
         assert re.fullmatch(r"WSBridge[A-Z][A-Za-z]+", name), name
-        assert rule["labels"]["severity"] in ({"none"} if name == WATCHDOG else {"critical", "warning"}), name
+        # info: shown, never sent (Alertmanager's quiet receiver); none: the Watchdog's heartbeat.
+        assert rule["labels"]["severity"] in ({"none"} if name == WATCHDOG else {"critical", "warning", "info"}), name
         annotations = rule["annotations"]
         summary = annotations["summary"]
         assert summary.endswith(".") and summary.count(". ") == 0 and "\n" not in summary, name
@@ -235,7 +241,8 @@ def test_alertmanager_config_renders_for_every_receiver_and_passes_amtool(
 
     config = yaml.safe_load((tmp_path / "alertmanager.yml").read_text())
     assert config["route"]["receiver"] == "oncall"
-    oncall, heartbeat = config["receivers"]
+    oncall, quiet, heartbeat = config["receivers"]
+    assert quiet == {"name": "quiet"}
     kinds = {"sns": "sns_configs", "webhook": "webhook_configs", "slack": "slack_configs", "email": "email_configs"}
     assert oncall["name"] == "oncall"
     assert set(oncall) - {"name"} == {kinds[name] for name in receivers}
@@ -291,6 +298,7 @@ def test_the_watchdog_goes_to_the_dead_mans_switch_only_and_often(tmp_path: Path
     assert receivers("alertname=WSBridgeWatchdog", "severity=none") == "deadmansswitch"
     assert receivers("alertname=WSBridgeRedisDown", "severity=critical") == "oncall"
     assert receivers("alertname=WSBridgeDiskPressure", "severity=warning") == "oncall"
+    assert receivers("alertname=WSBridgeTokenGraceEnding", "severity=info") == "quiet"
     (watchdog,) = [
         route
         for route in yaml.safe_load(config.read_text())["route"]["routes"]
@@ -305,7 +313,7 @@ def test_the_unrendered_alertmanager_config_is_valid_and_notifies_nobody() -> No
     check = run(tool("amtool"), "check-config", ALERTMANAGER / "alertmanager.yml")
     assert check.returncode == 0, check.stdout + check.stderr
     config = yaml.safe_load((ALERTMANAGER / "alertmanager.yml").read_text())
-    assert config["receivers"] == [{"name": "oncall"}, {"name": "deadmansswitch"}]
+    assert config["receivers"] == [{"name": "oncall"}, {"name": "quiet"}, {"name": "deadmansswitch"}]
 
 
 def test_alertmanager_refuses_to_start_without_a_required_setting(tmp_path: Path) -> None:

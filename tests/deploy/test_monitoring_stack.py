@@ -177,6 +177,9 @@ class Stack:
         for arg in service["entrypoint"]:
             if arg == "/bin/alertmanager":
                 arg = binary("prometheus-alertmanager")
+            elif arg.startswith("--web.external-url="):
+                assert arg.endswith(":8443/alertmanager/"), arg
+                arg = f"--web.external-url=http://127.0.0.1:{self.ports['alertmanager']}/alertmanager/"
             else:
                 for target, source in paths.items():
                     arg = re.sub(rf"(^|=){re.escape(target)}(?=/|$)", rf"\g<1>{source}", arg)
@@ -239,10 +242,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.start_node_exporter()
         stack.start_alertmanager()
         ports = stack.ports
-        wait_for(lambda: fetch(f"http://127.0.0.1:{ports['alertmanager']}/-/ready"), 30, "Alertmanager", stack.logs)
+        wait_for(
+            lambda: fetch(f"http://127.0.0.1:{ports['alertmanager']}/alertmanager/-/ready"),
+            30,
+            "Alertmanager",
+            stack.logs,
+        )
         # A firing alert, posted now: the route's group_wait (30 s) runs while the rest starts.
         alert = [{"labels": {"alertname": "WSBridgeDeliveryTest", "severity": "critical", "instance": "stack-test"}}]
-        posted = fetch(f"http://127.0.0.1:{ports['alertmanager']}/api/v2/alerts", json.dumps(alert).encode())
+        posted = fetch(
+            f"http://127.0.0.1:{ports['alertmanager']}/alertmanager/api/v2/alerts", json.dumps(alert).encode()
+        )
         assert posted is not None, stack.logs()
         stack.start_prometheus()
         wait_for(

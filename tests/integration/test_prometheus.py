@@ -220,6 +220,8 @@ class Stack:
                     f"--config.file={alertmanager_dir / 'alertmanager.yml'}",
                     f"--storage.path={work / 'am-data'}",
                     f"--web.listen-address=127.0.0.1:{self.ports['alertmanager']}",
+                    # As in production: served under /alertmanager/ (prometheus.yml's path_prefix).
+                    f"--web.external-url=http://127.0.0.1:{self.ports['alertmanager']}/alertmanager/",
                     "--cluster.listen-address=",
                 ],
                 work,
@@ -302,7 +304,7 @@ class Stack:
             )
         )
         for name, url in (
-            ("alertmanager", f"http://127.0.0.1:{self.ports['alertmanager']}/-/ready"),
+            ("alertmanager", f"http://127.0.0.1:{self.ports['alertmanager']}/alertmanager/-/ready"),
             ("node_exporter", f"http://127.0.0.1:{self.ports['node']}/metrics"),
             ("redis_exporter", f"http://127.0.0.1:{self.ports['redis']}/metrics"),
             ("traefik", f"http://127.0.0.1:{self.ports['traefik']}/metrics"),
@@ -396,7 +398,9 @@ def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) -> None:
         assert (job, "1") in up, f"{job} is not scraped: {up}\n{scraped.logs()}"
     # Prometheus found the Alertmanager it is configured with.
     active = get_json(f"{scraped.api}/alertmanagers")["data"]["activeAlertmanagers"]
-    assert [a["url"] for a in active] == [f"http://127.0.0.1:{scraped.ports['alertmanager']}/api/v2/alerts"]
+    assert [a["url"] for a in active] == [
+        f"http://127.0.0.1:{scraped.ports['alertmanager']}/alertmanager/api/v2/alerts"
+    ]
 
 
 def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
