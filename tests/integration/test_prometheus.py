@@ -55,6 +55,8 @@ NOT_RUN_HERE = {
 ONLY_WHILE_ACTIVE = {
     "wsbridge_token_grace_end_timestamp_seconds": "exists only during a token's grace window",
     "wsbridge_broker_task_errors_total": "its task label is known only at the first error",
+    "wsbridge_admission_refused_total": "its reason label is known only at the first refusal",
+    "wsbridge_http_requests_error_total": "its labels are known only at the first request that raises",
 }
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
 
@@ -90,9 +92,9 @@ def dashboard_expressions() -> list[tuple[str, str]]:
                 found.append((f"{path.stem}: {panel['title']}", target["expr"]))
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
-                # label_values(selector, label) is Grafana's; Prometheus evaluates the selector.
-                selector = re.fullmatch(r"label_values\((.+), *\w+\)", variable["definition"]).group(1)
-                found.append((f"{path.stem}: variable {variable['name']}", selector))
+                # label_values(selector, label) and query_result(query) are Grafana's; Prometheus evaluates the inside.
+                match = re.fullmatch(r"label_values\((.+), *\w+\)|query_result\((.+)\)", variable["definition"])
+                found.append((f"{path.stem}: variable {variable['name']}", match.group(1) or match.group(2)))
     return found
 
 
@@ -535,3 +537,17 @@ def test_redis_outage_shows_in_the_brokers_own_metrics_and_alerts(scraped: Stack
         lambda: scraped.series('wsbridge_redis_reconnects_total{job="appliance"} == 1'), 10, "the reconnect count"
     )
     assert value(scraped, 'wsbridge_redis_outages_total{job="appliance"}') == 1
+
+
+def test_the_instance_variable_shows_each_appliances_own_id_and_filters_on_its_address(scraped: Stack) -> None:
+    """Grafana's query_result renders each series as text; the variable's regex picks the id to show and the address."""
+    (series,) = scraped.series('wsbridge_build_info{job="appliance"}')
+    labels = ", ".join(f'{key}="{value}"' for key, value in sorted(series["metric"].items()) if key != "__name__")
+    rendered = f"wsbridge_build_info{{{labels}}} 1 {int(time.time() * 1000)}"
+    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
+        (variable,) = [v for v in json.loads(path.read_text())["templating"]["list"] if v["name"] == "instance"]
+        pattern = variable["regex"].strip("/").replace("(?<", "(?P<")
+        match = re.search(pattern, rendered)
+        assert match, (path.name, rendered)
+        assert match.group("value") == f"127.0.0.1:{scraped.app.port}"  # what the panels filter on
+        assert match.group("text") == series["metric"]["exported_instance"]  # the appliance's own id
