@@ -50,6 +50,9 @@ CERT_DAYS = 10
 #: needs Docker and cgroups of containers); the name is that of cAdvisor's documentation.
 NOT_RUN_HERE = {
     "container_memory_working_set_bytes": "cAdvisor",
+    "container_start_time_seconds": "cAdvisor",
+    "container_oom_events_total": "cAdvisor",
+    "container_last_seen": "cAdvisor",
 }
 #: Series that exist only while something is happening, with no zero value before.
 ONLY_WHILE_ACTIVE = {
@@ -57,6 +60,11 @@ ONLY_WHILE_ACTIVE = {
     "wsbridge_broker_task_errors_total": "its task label is known only at the first error",
     "wsbridge_admission_refused_total": "its reason label is known only at the first refusal",
     "wsbridge_http_requests_error_total": "its labels are known only at the first request that raises",
+    "traefik_service_requests_total": "Traefik here routes nothing (it serves a certificate and its metrics)",
+    **{
+        f"wsbridge:slo_availability_errors:ratio_rate{window}": "recorded from traefik_service_requests_total"
+        for window in ("5m", "30m", "1h", "6h")
+    },
 }
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
 
