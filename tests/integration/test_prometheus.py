@@ -559,3 +559,25 @@ def test_the_instance_variable_shows_each_appliances_own_id_and_filters_on_its_a
         assert match, (path.name, rendered)
         assert match.group("value") == f"127.0.0.1:{scraped.app.port}"  # what the panels filter on
         assert match.group("text") == series["metric"]["exported_instance"]  # the appliance's own id
+
+
+def test_no_panel_is_empty_on_a_healthy_stack(scraped: Stack) -> None:
+    """Every panel shows something (a zero line at least) once the stack has run a little traffic.
+
+    Panels fed only by what this machine cannot run (cAdvisor) are the exception.
+    """
+    empty, checked = [], 0
+    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        stack_ = list(dashboard["panels"])
+        while stack_:
+            panel = stack_.pop()
+            stack_.extend(panel.get("panels", []))
+            exprs = [grafana_to_promql(target["expr"]) for target in panel.get("targets", [])]
+            if not exprs or all(metric_names(e) & set(NOT_RUN_HERE) for e in exprs):
+                continue
+            checked += 1
+            if not any(scraped.series(expr) for expr in exprs):
+                empty.append(f"{path.stem}: {panel['title']}")
+    assert checked > 40, checked
+    assert not empty, f"panels with no data on a healthy stack: {empty}"
