@@ -203,6 +203,29 @@ def test_no_middleware_is_defined_in_labels(services: dict[str, Any]) -> None:
     assert flags["--providers.file.directory"] == "/etc/traefik/dynamic"
 
 
+def test_the_replicas_the_alerts_expect_follow_the_stacks_setting(tmp_path: Path) -> None:
+    """WSBRIDGE_REPLICAS sets the appliance's replicas and what Prometheus's entrypoint records as expected."""
+    config = json.loads(
+        compose_config(write_env(tmp_path / "three.env", {**TEST_ENV, "WSBRIDGE_REPLICAS": "3"})).stdout
+    )
+    services = config["services"]
+    assert services["appliance"]["deploy"]["replicas"] == 3
+    assert services["prometheus"]["environment"]["WSBRIDGE_REPLICAS"] == "3"
+    script = unescape(services["prometheus"]["entrypoint"][2]).replace("/prometheus/", f"{tmp_path}/")
+    script = script.replace("exec /bin/prometheus", "exec true")
+    for value, ok in (("three", False), ("3", True)):
+        result = subprocess.run(
+            ["sh", "-c", script, "prometheus"],
+            env={"PATH": "/usr/bin:/bin", "WSBRIDGE_REPLICAS": value},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert (result.returncode == 0) == ok, result.stderr
+    written = yaml.safe_load((tmp_path / "stack-rules" / "replicas.yml").read_text())
+    assert written["groups"][0]["rules"] == [{"record": "wsbridge:replicas:expected", "expr": "vector(3)"}]
+
+
 def test_the_appliance_runs_two_replicas_behind_traefik_with_a_graceful_stop(services: dict[str, Any]) -> None:
     appliance = services["appliance"]
     assert appliance["deploy"]["replicas"] == 2

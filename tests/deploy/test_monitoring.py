@@ -79,8 +79,9 @@ def runbook_sections() -> dict[str, str]:
 def prometheus_config(tmp_path: Path) -> Path:
     """prometheus.yml with its rule_files pointed at the repository's rules (as mounted in production)."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
-    config["rule_files"] = [str(MONITORING / "rules" / "*.yml")]
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml", "/prometheus/stack-rules/*.yml"]
+    # The second is written by the service's entrypoint (test_monitoring_stack.py runs it); its test copy here.
+    config["rule_files"] = [str(MONITORING / "rules" / "*.yml"), str(RULE_TESTS.parent / "stack.rules.yml")]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -91,6 +92,7 @@ def test_prometheus_config_passes_promtool_with_its_rules(prometheus_config: Pat
     assert result.returncode == 0, result.stdout + result.stderr
     # The glob must find the rules file (an empty match would also be "valid").
     assert f"SUCCESS: {len(alerts()) + len(records())} rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 1 rules found" in result.stdout + result.stderr  # wsbridge:replicas:expected
 
 
 def test_every_scrape_timeout_is_below_its_interval() -> None:

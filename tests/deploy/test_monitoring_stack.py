@@ -188,9 +188,10 @@ class Stack:
         self.start("alertmanager", entrypoint, self.environment("alertmanager"))
 
     def start_prometheus(self) -> None:
+        data = self.work / "prometheus-data"
         config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-        assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
-        config["rule_files"] = [str(MONITORING / "rules" / "*.yml")]
+        assert config["rule_files"] == ["/etc/prometheus/rules/*.yml", "/prometheus/stack-rules/*.yml"]
+        config["rule_files"] = [str(MONITORING / "rules" / "*.yml"), f"{data}/stack-rules/*.yml"]
         local = {
             "alertmanager:9093": f"127.0.0.1:{self.ports['alertmanager']}",
             "redis_exporter:9121": f"127.0.0.1:{self.ports['redis_exporter']}",
@@ -209,13 +210,18 @@ class Stack:
             if name == "--config.file":
                 arg = f"{name}={path}"
             elif name == "--storage.tsdb.path":
-                arg = f"{name}={self.work / 'prometheus-data'}"
+                arg = f"{name}={data}"
             elif name == "--web.external-url":
                 assert arg.endswith(":8443/prometheus/")
                 arg = f"{name}=http://127.0.0.1:{self.ports['prometheus']}/prometheus/"
             command.append(arg)
         command.append(f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}")
-        self.start("prometheus", [binary("prometheus"), *command])
+        # The service's entrypoint (it writes the expected replicas as a rule, then execs Prometheus).
+        shell, flag, script, name = [unescape(part) for part in self.services["prometheus"]["entrypoint"]]
+        script = script.replace("/prometheus/", f"{data}/").replace(
+            "exec /bin/prometheus", f"exec {binary('prometheus')}"
+        )
+        self.start("prometheus", [shell, flag, script, name, *command], self.environment("prometheus"))
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{self.ports['prometheus']}/prometheus/api/v1/query?" + urllib.parse.urlencode(
@@ -312,3 +318,16 @@ def test_a_firing_alert_reaches_the_oncall_webhook(stack: Stack) -> None:
     (alert,) = wait_for(delivered, 90, "the notification at the oncall webhook", stack.logs)
     assert alert["status"] == "firing"
     assert alert["labels"]["severity"] == "critical"
+
+
+def test_the_alerts_expect_as_many_replicas_as_the_stack_runs(stack: Stack) -> None:
+    """The entrypoint wrote WSBRIDGE_REPLICAS (the appliance's deploy.replicas) as wsbridge:replicas:expected."""
+    replicas = stack.services["appliance"]["deploy"]["replicas"]
+    assert stack.environment("prometheus")["WSBRIDGE_REPLICAS"] == str(replicas)
+    (expected,) = wait_for(
+        lambda: stack.query("wsbridge:replicas:expected"), 60, "the recorded expectation", stack.logs
+    )
+    assert expected["value"][1] == str(replicas)
+    # The rule unit tests use a copy of that file: it must be what the entrypoint writes.
+    written = yaml.safe_load((stack.work / "prometheus-data" / "stack-rules" / "replicas.yml").read_text())
+    assert written == yaml.safe_load((MONITORING / "rules" / "tests" / "stack.rules.yml").read_text())
