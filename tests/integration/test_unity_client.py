@@ -77,7 +77,12 @@ def webgl_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("unity-webgl") / "WebGLTransportTests.exe"
     return compile_cs(
         out,
-        [*TRANSPORT, HARNESS / "BridgeClientTests.cs", HARNESS / "BrowserSocketEmulation.cs"],
+        [
+            *TRANSPORT,
+            HARNESS / "BridgeClientTests.cs",
+            HARNESS / "BrowserSocketEmulation.cs",
+            HARNESS / "WebGLPlayerEmulation.cs",
+        ],
         defines=["WSBRIDGE_WEBGL_TESTS"],
     )
 
@@ -477,6 +482,60 @@ async def test_webgl_transport_reports_a_refused_token_as_final(app, webgl_harne
         line = await run.expect("EVENT rejected")
         await run.passes()
     assert line.startswith("EVENT rejected code=4001 "), line
+
+
+# --- the WebGL player: one thread, frames, no thread pool, no timers (issue 25) -----------------------
+
+
+async def test_webgl_player_connects_answers_and_times_out_a_connect_on_one_thread_with_a_starved_pool(
+    app, webgl_harness
+):
+    """WebGLPlayerEmulation.cs: the client runs from the frame loop alone; every pool thread is held by a blocker
+    and at the end nothing waits in the pool's queue or for a timer. First a connect the server never answers times
+    out by the frame clock, then the device connects to the real appliance and answers commands."""
+    target = "unity-webgl-frames"
+    async with (
+        app.controller() as llm,
+        device(webgl_harness, "frameloop", url=app.ws, id=target, token=CLIENT_TOKEN, silent=1) as run,
+    ):
+        await run.expect("EVENT starved workers=")
+        await run.expect("EVENT timed-out attempts=")
+        await run.expect("EVENT connected client=device connections=1")
+        assert await ask(llm, target, "echo héllo 🎮") == "héllo 🎮"
+        assert await ask(llm, target, "size " + payload(20000)) == size_and_hash(payload(20000))
+        await quit_device(llm, target, run)
+
+
+async def test_webgl_player_reconnects_after_a_1011_on_one_thread_with_a_starved_pool(webgl_harness):
+    """A server error (1011) on the first connection: the backoff runs on the frame clock and the client comes back."""
+    connections: list[object] = []
+
+    async def failing_first(ws) -> None:
+        connections.append(ws)
+        if len(connections) == 1:
+            await ws.close(1011, "internal error")
+            return
+        await ws.send("echo again")
+        assert await asyncio.wait_for(ws.recv(), timeout(10)) == "again"
+        await ws.send("quit")
+        assert await asyncio.wait_for(ws.recv(), timeout(10)) == "bye"
+        await ws.wait_closed()
+
+    async with websockets.serve(failing_first, "127.0.0.1", 0, subprotocols=["wsbridge.v1"]) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            webgl_harness,
+            "frameloop",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-webgl-1011",
+            token="t",
+            expect_connections=2,
+            expect_close=1011,
+        ) as run:
+            await run.expect("EVENT disconnected client=device code=1011")
+            await run.expect("EVENT connected client=device connections=2")
+            await run.passes()
+    assert len(connections) == 2
 
 
 # --- hangs, races and final codes (issue 13) ------------------------------------------------------

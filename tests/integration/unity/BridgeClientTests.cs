@@ -17,6 +17,8 @@
 //   sendrace                        offline: Send() racing Stop() never leaves a message for a later Start()
 //   flush                           a burst of Send() then Stop(): every accepted message is sent
 //   v2                              protocol v2 device (--groups a,b): sync and async handlers' replies carry reply_to
+//   frameloop                       WebGL player emulation (WebGLPlayerEmulation.cs): one thread, frames, a starved pool;
+//                                   --silent 1 first times out a connect; then a device like "device" until quit
 
 using System;
 using System.Collections.Generic;
@@ -68,6 +70,7 @@ internal static class Program
                 case "sendrace": SendRace(); break;
                 case "flush": Flush(); break;
                 case "v2": V2Device(); break;
+                case "frameloop": FrameLoopDevice(); break;
                 default: Console.Error.WriteLine("unknown scenario " + args[0]); return 64;
             }
         }
@@ -295,6 +298,87 @@ internal static class Program
         throw new CheckFailed("this build has no WebGL transport (compile with -define:WSBRIDGE_WEBGL_TESTS)");
 #endif
     }
+
+    /// <summary>The device in an emulated WebGL player: everything on the main thread, frame by frame; the pool runs nothing.</summary>
+    private static void FrameLoopDevice()
+    {
+#if WSBRIDGE_WEBGL_TESTS
+        var player = new WebGLPlayer();
+        var pool = new StarvedPool();
+        pool.Starve();
+        try { FrameLoopDevice(player, pool); }
+        finally { pool.Release(); }
+#else
+        throw new CheckFailed("this build has no WebGL transport (compile with -define:WSBRIDGE_WEBGL_TESTS)");
+#endif
+    }
+
+#if WSBRIDGE_WEBGL_TESTS
+    private static void FrameLoopDevice(WebGLPlayer player, StarvedPool pool)
+    {
+        Emit("EVENT starved workers=" + pool.Workers);
+        var browser = new BrowserSocketEmulation { RequireThread = player.MainThread };
+
+        if (Opt("silent", "0") == "1")
+        {
+            // A connect the server never answers times out by the frame clock (no timer), is retried, and Stop() ends it.
+            using (var silent = new SilentServer())
+            {
+                var options = new BridgeClientOptions
+                {
+                    ServerUrl = silent.Url, ClientId = "silent", Token = "t",
+                    ConnectTimeout = TimeSpan.FromSeconds(0.3),
+                    InitialReconnectDelay = TimeSpan.FromMilliseconds(20), MaxReconnectDelay = TimeSpan.FromMilliseconds(50),
+                    FrameLoop = BridgeFrameLoop.Main,
+                    TransportFactory = () => new WebGLTransport(browser),
+                };
+                var client = new BridgeClient(options);
+                var timeouts = new List<BridgeDisconnect>();
+                client.Disconnected += info => { player.OnMainThread("Disconnected"); timeouts.Add(info); };
+                client.Start();
+                player.FramesUntil(() => timeouts.Count >= 2, "two timed-out connects", deadline);
+                Check(timeouts.All(d => d.WillRetry && !d.WasConnected && d.Reason.Contains("within 0.3 s")),
+                    "each attempt should time out and be retried: " + string.Join("; ", timeouts.Select(d => d.ToString())));
+                Emit("EVENT timed-out attempts=" + timeouts.Count + " accepted=" + silent.Accepted);
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                client.Stop(TimeSpan.FromSeconds(10)); // never blocks on the frame loop: the close finishes in later frames
+                Check(watch.Elapsed < TimeSpan.FromSeconds(1), "Stop() blocked the only thread for " + watch.ElapsedMilliseconds + " ms");
+                player.FramesUntil(() => client.Completion.IsCompleted, "the stop", deadline);
+                Check(client.State == BridgeState.Stopped, "stopped, state " + client.State);
+            }
+        }
+
+        var device = ClientOptions(Opt("id"), Opt("token"));
+        device.FrameLoop = BridgeFrameLoop.Main;
+        device.TransportFactory = () => new WebGLTransport(browser);
+        var bridge = new BridgeClient(device);
+        var disconnects = Trace(bridge, "device");
+        bridge.Connected += () => player.OnMainThread("Connected");
+        bridge.Disconnected += info => player.OnMainThread("Disconnected");
+        bridge.MessageReceived += text => player.OnMainThread("MessageReceived");
+        ServeCommands(bridge, DeviceHandlers(bridge, ""), "device");
+        bridge.Start();
+        player.FramesUntil(() => bridge.Completion.IsCompleted, "the controller's quit command", deadline);
+        Emit("EVENT frames=" + player.Frames);
+
+        Check(player.OffThread == null, player.OffThread);
+        Check(browser.WrongThread == null, browser.WrongThread);
+        pool.CheckNothingUsedThePool();
+        string expectClose = Opt("expect-close", "");
+        Check(bridge.Connections == int.Parse(Opt("expect-connections", "1")), "connections: " + bridge.Connections);
+        var all = Snapshot(disconnects);
+        var last = all.LastOrDefault();
+        Check(last != null && last.CloseCode == BridgeCloseCodes.Normal && !last.WillRetry,
+            "the last disconnect should be our own 1000 close without retry, was " + last);
+        Check(bridge.State == BridgeState.Stopped, "state after quit should be Stopped, is " + bridge.State);
+        if (expectClose != "")
+        {
+            int code = int.Parse(expectClose);
+            Check(all.Any(d => d.CloseCode == code && d.WillRetry && d.WasConnected),
+                "expected a disconnect with code " + code + " and a retry; saw: " + string.Join("; ", all.Select(d => d.ToString())));
+        }
+    }
+#endif
 
     private static void Rejected()
     {

@@ -299,6 +299,8 @@ namespace WebSocketBridge
         public Task<string> PendingReply;
         /// <summary>The handler's exception; Reply then carries "error: ...".</summary>
         public Exception Exception;
+        /// <summary>For an async handler: its own task, to observe (and log) the exception of a failed one.</summary>
+        public Task HandlerTask;
     }
 
     /// <summary>Maps command names (case-insensitive) to handlers. Not thread-safe by design: register, unregister
@@ -416,6 +418,7 @@ namespace WebSocketBridge
                     result.Reply = Codec.EncodeReply(command, "error: " + command.Name + ": " + e.Message);
                     return result;
                 }
+                result.HandlerTask = task;
                 var codec = Codec;
                 // ContinueWith without a scheduler argument runs on the current one; the await-free form keeps the
                 // reply encoding off any particular thread, and the caller sends it.

@@ -90,13 +90,29 @@ namespace WebSocketBridge
 #endif
         }
 
-        /// <summary>Call once per frame on the main thread: the WebGL transport moves the browser's events to the
-        /// connection here (CommandListener.Update does it). Does nothing on other platforms.</summary>
+        /// <summary>The frame loop clients run on by default: BridgeFrameLoop.Main in WebGL players (no threads), else
+        /// null (thread pool and timers).</summary>
+        public static BridgeFrameLoop DefaultFrameLoop
+        {
+            get
+            {
+#if UNITY_WEBGL && !UNITY_EDITOR
+                return BridgeFrameLoop.Main;
+#else
+                return null;
+#endif
+            }
+        }
+
+        /// <summary>Call once per frame on the main thread (CommandListener.Update does it): the WebGL transport moves
+        /// the browser's events to the connection, then the clients on BridgeFrameLoop.Main run what is due. Cheap
+        /// where nothing uses them.</summary>
         public static void Pump()
         {
 #if (UNITY_WEBGL && !UNITY_EDITOR) || WSBRIDGE_WEBGL_TESTS
             WebGLTransport.PumpAll();
 #endif
+            BridgeFrameLoop.Main.Pump();
         }
     }
 
