@@ -422,6 +422,42 @@ async def test_command_listener_dispatches_to_the_example_light_on_the_main_thre
     await eventually(gone, 10, "unity-light to leave")
 
 
+async def test_reloading_the_boot_scene_keeps_one_listener_and_duplicates_destroy_themselves(app, smoke):
+    """Issue 25 item 3: a stand-in that keeps DontDestroyOnLoad objects across loads; three loads, one listener."""
+    target = "unity-reloads"
+    async with (
+        app.controller() as llm,
+        device(smoke, "reloads", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        assert await ask(llm, target, "off") == "light off"  # the lamp of the last load, through the first listener
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
+async def test_v1_replies_keep_the_command_order_with_async_handlers_and_their_exceptions_are_logged(app, smoke):
+    """Issue 25 items 7 and 6: v1 has no ids, so "slow" (an async handler, five frames) must answer before "echo"."""
+    target = "unity-v1-order"
+    async with (
+        app.controller() as llm,
+        device(smoke, "v1order", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        await llm.send(command(target, "slow first"))
+        await llm.send(command(target, "echo second"))
+        replies = [(await recv_json(llm))["message"] for _ in range(2)]
+        assert replies == ["first", "second"]
+        assert await ask(llm, target, "boom") == "error: boom: fuse blown"
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
+async def test_commands_a_replaced_client_delivers_late_do_not_fill_the_pending_count(smoke):
+    """Issue 25 item 4: offline; 100 such commands used to leave every later command refused as busy."""
+    async with device(smoke, "stale", id="unity-stale", token="t") as run:
+        await run.passes()
+
+
 @pytest.mark.parametrize("broker", ["memory", "redis"])
 async def test_commands_never_run_late_and_teardown_never_blocks(request, start_appliance, smoke, broker):
     """Disabled, paused, stalled frames, an old connection, the frame budget, a domain reload, a destroyed primary

@@ -14,7 +14,22 @@ namespace UnityEngine
         public string name;
         private bool destroyed;
 
-        public static void DontDestroyOnLoad(Object target) { }
+        /// <summary>Keeps the target's GameObject when a scene is loaded (Player.LoadScene unloads every other one).</summary>
+        public static void DontDestroyOnLoad(Object target)
+        {
+            var host = target as GameObject;
+            if (host == null && target is Component) host = ((Component)target).gameObject;
+            if (host != null) host.KeptAcrossLoads = true;
+        }
+
+        /// <summary>Destroyed at the end of the frame, like Unity (Player.Frame runs OnDisable/OnDestroy then).</summary>
+        public static void Destroy(Object target)
+        {
+            lock (DestroyQueue) DestroyQueue.Add(target);
+        }
+
+        /// <summary>Not Unity: what Destroy() scheduled, for the harness to destroy at the end of the frame.</summary>
+        internal static readonly List<Object> DestroyQueue = new List<Object>();
 
         /// <summary>Marks the object destroyed: from then on it compares equal to null, like Unity's "fake null"
         /// (the C# object still exists, the engine object does not). The harness calls OnDisable/OnDestroy itself.</summary>
@@ -39,6 +54,9 @@ namespace UnityEngine
     {
         private readonly List<Component> components = new List<Component>();
         public GameObject(string name) { this.name = name; }
+        /// <summary>Not Unity: DontDestroyOnLoad was called for it.</summary>
+        internal bool KeptAcrossLoads;
+        internal List<Component> Components { get { return components; } }
         public T AddComponent<T>() where T : Component, new()
         {
             var component = new T();

@@ -137,8 +137,9 @@ namespace WebSocketBridge
         // Survives a domain reload (script recompile during play): the listener was connected, so it reconnects.
         [SerializeField, HideInInspector] private bool running;
 
-        // One listener per client id: a second one with the same id (a reloaded or additive scene) forwards to the
-        // first instead of connecting, because a second connection with the same id would replace the first (4010).
+        // One listener per client id: a second one with the same id (the boot scene loaded again, an additive scene)
+        // destroys itself, because a second connection with the same id would replace the first (4010) and a kept
+        // duplicate would pile up with every reload. Until it is gone (end of frame) it forwards to the first.
         private static readonly Dictionary<string, CommandListener> Primaries = new Dictionary<string, CommandListener>();
         private static readonly Stopwatch Uptime = Stopwatch.StartNew();
 
@@ -146,7 +147,10 @@ namespace WebSocketBridge
         internal static Func<double> Clock = () => Uptime.Elapsed.TotalSeconds;
 
         private readonly ConcurrentQueue<WorkItem> mainThreadQueue = new ConcurrentQueue<WorkItem>();
-        private readonly List<CommandListener> followers = new List<CommandListener>();
+        // Protocol v1 matches replies to commands by order: while an async handler's reply is pending, later commands
+        // wait here (main thread only) and run after it, so a late reply is never taken as the answer to the next one.
+        private readonly Queue<WorkItem> heldCommands = new Queue<WorkItem>();
+        private Task<string> replyInFlight;
         private CommandDispatcher dispatcher;
         private CommandListener primary;
         private string registeredId;
@@ -274,7 +278,8 @@ namespace WebSocketBridge
                 // After the previous connection's close (in the background): the server then releases the id before
                 // this one claims it, so the two never replace each other (4010).
                 if (previous == null || previous.IsCompleted) created.Start();
-                else previous.ContinueWith(t => { if (Volatile.Read(ref client) == created) created.Start(); });
+                // ExecuteSynchronously: where the previous client ends, not on a pool thread (WebGL has none that runs).
+                else previous.ContinueWith(t => { if (Volatile.Read(ref client) == created) created.Start(); }, TaskContinuationOptions.ExecuteSynchronously);
             }
             catch (ArgumentException e)
             {
@@ -307,8 +312,17 @@ namespace WebSocketBridge
 
         private void Awake()
         {
+            // A duplicate is not kept across loads: it goes with its scene (and destroys itself in OnEnable).
+            if (IsDuplicate()) return;
             // Survive scene changes: the connection and the handlers stay. Needs a root GameObject.
             DontDestroyOnLoad(gameObject);
+        }
+
+        /// <summary>Another live listener already owns this client id.</summary>
+        private bool IsDuplicate()
+        {
+            CommandListener existing;
+            return Primaries.TryGetValue(clientId ?? "", out existing) && existing != null && existing && existing != this;
         }
 
         private void OnEnable()
@@ -368,12 +382,18 @@ namespace WebSocketBridge
         private void Update()
         {
             BridgeTransports.Pump(); // WebGL: the browser's socket events (no-op elsewhere)
-            // A forwarding listener has nothing to run; when its primary is destroyed, the primary's OnDestroy hands
-            // the connection and the handlers over (Promote) and this one runs them from then on.
+            // A duplicate (destroyed at the end of this frame) has nothing to run.
             if (primary != null) return;
-            WorkItem item;
-            for (int i = 0; i < maxItemsPerFrame && mainThreadQueue.TryDequeue(out item); i++)
+            for (int i = 0; i < maxItemsPerFrame; i++)
             {
+                WorkItem item;
+                if (replyInFlight == null && heldCommands.Count > 0) item = heldCommands.Dequeue();
+                else if (!mainThreadQueue.TryDequeue(out item)) break;
+                if (item.Text != null && replyInFlight != null)
+                {
+                    heldCommands.Enqueue(item);
+                    continue;
+                }
                 try { item.Run(this); }
                 catch (Exception e) { Debug.LogException(e, this); }
             }
@@ -412,17 +432,10 @@ namespace WebSocketBridge
             CommandListener registered;
             if (registeredId != null && Primaries.TryGetValue(registeredId, out registered) && registered == this)
                 Primaries.Remove(registeredId);
-            if (primary != null)
-            {
-                primary.followers.Remove(this);
-                return;
-            }
+            if (primary != null) return;
             // Never blocks the main thread: the client closes in the background.
             DisposeClient();
-            var successor = followers.Find(f => f != null && f);
-            followers.Clear();
-            if (successor != null) successor.Promote(this);
-            if (Default == this) Default = successor != null ? successor : null;
+            if (Default == this) Default = null;
         }
 
 #if UNITY_EDITOR
@@ -448,9 +461,11 @@ namespace WebSocketBridge
             {
                 if (primary != existing)
                 {
+                    // Handlers registered with this one meanwhile (devices of the same scene, in their OnEnable) go to
+                    // the listener that owns the connection; this one is gone at the end of the frame.
                     primary = existing;
-                    if (!existing.followers.Contains(this)) existing.followers.Add(this);
-                    Debug.Log("[CommandListener] '" + id + "' is already connected by another listener; this one forwards to it", this);
+                    Debug.Log("[CommandListener] '" + id + "' already has a listener (kept across scene loads); this duplicate destroys itself", this);
+                    Destroy(this);
                 }
                 return;
             }
@@ -458,26 +473,6 @@ namespace WebSocketBridge
             registeredId = id;
             Primaries[id] = this;
             if (Default == null || !Default) Default = this;
-        }
-
-        /// <summary>The primary was destroyed: this follower becomes the owner, keeps its handlers and connects.</summary>
-        private void Promote(CommandListener previous)
-        {
-            primary = null;
-            dispatcher = previous.dispatcher;
-            unhandledCommand = previous.unhandledCommand;
-            foreach (var follower in previous.followers)
-            {
-                if (follower != this && follower != null && follower) { follower.primary = this; followers.Add(follower); }
-            }
-            codeToken = codeToken ?? previous.codeToken;
-            registeredId = clientId ?? "";
-            Primaries[registeredId] = this;
-            if (previous.running)
-            {
-                Debug.Log("[CommandListener] '" + clientId + "' takes over the connection of a destroyed listener", this);
-                Connect();
-            }
         }
 
         /// <summary>The client id was changed from code after OnEnable: file this listener under the new id.</summary>
@@ -518,8 +513,12 @@ namespace WebSocketBridge
 
             public void Run(CommandListener listener)
             {
-                // Events and commands of a client replaced by Connect() are stale.
-                if (Source != listener.client) return;
+                // Events and commands of a client replaced by Connect() are stale; a stale command still leaves the count.
+                if (Source != listener.client)
+                {
+                    if (Text != null) Interlocked.Decrement(ref listener.pendingCommands);
+                    return;
+                }
                 if (Event != null) Event();
                 else listener.HandleCommand(this);
             }
@@ -565,6 +564,12 @@ namespace WebSocketBridge
         {
             var keep = new List<WorkItem>();
             WorkItem item;
+            while (heldCommands.Count > 0)
+            {
+                item = heldCommands.Dequeue();
+                Interlocked.Decrement(ref pendingCommands);
+                if (item.Source == client) Refuse(item.Source, item.Text, why);
+            }
             while (mainThreadQueue.TryDequeue(out item))
             {
                 if (item.Text == null) { keep.Add(item); continue; }
@@ -604,16 +609,20 @@ namespace WebSocketBridge
             }
             if (result.PendingReply != null)
             {
-                SendLater(source, result.PendingReply);
+                if (!(Dispatcher.Codec is JsonCommandCodec)) replyInFlight = result.PendingReply; // v1: one at a time
+                SendLater(source, result.PendingReply, result.HandlerTask);
                 return;
             }
             SendReply(source, reply);
         }
 
-        private async void SendLater(BridgeClient source, Task<string> pending)
+        private async void SendLater(BridgeClient source, Task<string> pending, Task handler)
         {
             // Awaited on the main thread's SynchronizationContext: the continuation runs in a later frame there.
             string reply = await pending;
+            // The reply says "error: ..."; the exception itself is logged like a synchronous handler's.
+            if (handler != null && handler.IsFaulted) Debug.LogException(handler.Exception.GetBaseException(), this);
+            if (replyInFlight == pending) replyInFlight = null;
             SendReply(source, reply);
         }
 
@@ -664,6 +673,8 @@ namespace WebSocketBridge
             Volatile.Write(ref client, null);
             WorkItem item;
             while (mainThreadQueue.TryDequeue(out item)) if (item.Text != null) Interlocked.Decrement(ref pendingCommands);
+            while (heldCommands.Count > 0) { heldCommands.Dequeue(); Interlocked.Decrement(ref pendingCommands); }
+            replyInFlight = null;
             return old != null ? old.StopAsync() : null; // non-blocking: teardown never waits for the network
         }
     }
