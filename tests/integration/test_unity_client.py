@@ -99,9 +99,10 @@ def app() -> Iterator[Appliance]:
 class Device:
     """One run of the C# test program; its ``EVENT``/``FAIL`` lines are read as they come."""
 
-    def __init__(self, process: asyncio.subprocess.Process, scenario: str) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, scenario: str, workdir: Path) -> None:
         self.process = process
         self.scenario = scenario
+        self.workdir = workdir
         self.lines: list[str] = []
 
     async def _next_line(self, within: float) -> str:
@@ -109,7 +110,9 @@ class Device:
         raw = await asyncio.wait_for(self.process.stdout.readline(), timeout(within))
         if not raw:
             await self.process.wait()
-            raise AssertionError(f"{self.scenario} exited ({self.process.returncode}) early:\n{self.output}")
+            raise AssertionError(
+                f"{self.scenario} exited ({self.process.returncode}) early:\n{self.output}{self._crash_reports()}"
+            )
         line = raw.decode(errors="replace").rstrip("\n")
         self.lines.append(line)
         if line.startswith("FAIL:"):
@@ -149,6 +152,11 @@ class Device:
                     self.lines.append(raw.decode(errors="replace").rstrip("\n"))
         return self.output
 
+    def _crash_reports(self) -> str:
+        """A native crash of the Mono runtime leaves mono_crash.*.json in the working directory (a temporary one)."""
+        reports = sorted(self.workdir.glob("mono_crash.*.json"))
+        return "".join(f"\nMono crash report {report}" for report in reports)
+
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -172,9 +180,11 @@ async def device(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **(env or {})},
+        # Not the repository: a native crash of Mono writes mono_crash.*.json into the working directory.
+        cwd=harness.parent,
     )
     try:
-        yield Device(process, scenario)
+        yield Device(process, scenario, harness.parent)
     finally:
         if process.returncode is None:
             process.kill()
