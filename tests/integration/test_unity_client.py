@@ -462,6 +462,19 @@ async def test_v1_replies_keep_the_command_order_with_async_handlers_and_their_e
         await run.passes()
 
 
+async def test_a_device_build_without_environment_variables_takes_the_token_from_a_resource_asset(app, smoke):
+    """Issue 25 item 2: no UNITY_CLIENT_TOKEN (Android, iOS, WebGL have none); the editor warns until the asset exists."""
+    target = "unity-device-token"
+    async with (
+        app.controller() as llm,
+        device(smoke, "devicetoken", env={"UNITY_CLIENT_TOKEN": ""}, url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        assert await ask(llm, target, "ping") == "pong"
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
 async def test_commands_a_replaced_client_delivers_late_do_not_fill_the_pending_count(smoke):
     """Issue 25 item 4: offline; 100 such commands used to leave every later command refused as busy."""
     async with device(smoke, "stale", id="unity-stale", token="t") as run:

@@ -7,6 +7,8 @@
 //   listener   the controller (Python) sends light commands; "quit" ends the run; then pause/resume and teardown
 //   reloads    the boot scene (a listener and a lamp) loaded three times: one listener stays, duplicates destroy themselves
 //   v1order    protocol v1 with an async handler: replies keep the commands' order; its exception is logged
+//   devicetoken a WebGL/Android-like player without environment variables: the editor warns while no token asset
+//              exists; with Resources/WsBridgeToken the default token source connects
 //   stale      offline: commands a replaced client delivered after Connect() never count against Max Pending Commands
 //   lifecycle  this program is also the controller (a BridgeClient with the controller token) and checks that
 //              commands never run late: disabled, paused, stalled frames, an old connection, the frame budget,
@@ -16,6 +18,7 @@ using System;
 using System.Collections.Concurrent;
 using System.Collections.Generic;
 using System.Diagnostics;
+using System.Linq;
 using System.Reflection;
 using System.Text.RegularExpressions;
 using System.Threading;
@@ -63,6 +66,7 @@ internal static class ListenerSmoke
             else if (args[0] == "reloads") Reloads(player);
             else if (args[0] == "stale") StaleClient(player);
             else if (args[0] == "v1order") V1Order(player);
+            else if (args[0] == "devicetoken") DeviceToken(player);
             else throw new CheckFailed("unknown scenario " + args[0]);
             if (player.Failure != null) throw new CheckFailed(player.Failure);
             Emit("PASS " + args[0]);
@@ -418,6 +422,39 @@ internal static class ListenerSmoke
         Check(first.Client.Connections == 1, "one connection through all the loads, saw " + first.Client.Connections);
         var client = first.Client;
         player.Unload(player.Live<MonoBehaviour>());
+        Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
+    }
+
+    /// <summary>Issue 25 item 2: device players have no environment variables. The editor warns while a build would
+    /// have no token; the default source then takes the token from the Resources text asset.</summary>
+    private static void DeviceToken(Player player)
+    {
+        Check(string.IsNullOrEmpty(Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN")), "UNITY_CLIENT_TOKEN must not be set here");
+        var warnings = new List<string>();
+        UnityEngine.Debug.WarningLogged += text => warnings.Add(text);
+        UnityEditor.EditorUserBuildSettings.activeBuildTarget = UnityEditor.BuildTarget.WebGL;
+        var host = new GameObject("Bridge");
+        var listener = host.AddComponent<CommandListener>(); // not yet awake: the Inspector is being edited
+        SetField(listener, "serverUrl", options["url"]);
+        SetField(listener, "clientId", options["id"]);
+        Player.Message(listener, "OnValidate");
+        Check(warnings.Any(w => w.Contains("WebGL build would have no token") && w.Contains("scoped client token")),
+            "no editor warning about a WebGL build without a token: " + string.Join(" | ", warnings));
+        warnings.Clear();
+        UnityEngine.Resources.Assets["WsBridgeToken"] = new TextAsset(options["token"] + "\n");
+        Player.Message(listener, "OnValidate");
+        Check(!warnings.Any(w => w.Contains("no token")), "warned although the token asset exists: " + string.Join(" | ", warnings));
+        bool quit = false;
+        listener.Register("ping", command => "pong");
+        listener.Register("quit", command => { quit = true; return null; });
+        listener.Connected += () => Emit("EVENT connected");
+        Player.Message(listener, "Awake");
+        Player.Message(listener, "OnEnable");
+        Player.Message(listener, "Start");
+        player.Track(listener);
+        player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
+        var client = listener.Client;
+        player.Unload(listener);
         Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
     }
 

@@ -103,12 +103,38 @@ namespace UnityEngine
 
         public static void Log(object message) { Console.WriteLine("[Unity] " + message); }
         public static void Log(object message, Object context) { Log(message); }
-        public static void LogWarning(object message) { Console.WriteLine("[Unity] warning: " + message); }
+        /// <summary>Not Unity: the harness can check that a warning was logged.</summary>
+        public static event Action<string> WarningLogged;
+
+        public static void LogWarning(object message)
+        {
+            Console.WriteLine("[Unity] warning: " + message);
+            var handler = WarningLogged;
+            if (handler != null) handler(message.ToString());
+        }
         public static void LogWarning(object message, Object context) { LogWarning(message); }
         public static void LogError(object message) { Error("error: " + message); }
         public static void LogError(object message, Object context) { LogError(message); }
         public static void LogException(Exception exception) { Error("exception: " + exception); }
         public static void LogException(Exception exception, Object context) { LogException(exception); }
+    }
+
+    public class TextAsset : Object
+    {
+        public TextAsset(string text) { this.text = text; }
+        public string text { get; private set; }
+    }
+
+    public static class Resources
+    {
+        /// <summary>Not Unity: the assets of the Resources folders, by path without extension.</summary>
+        public static readonly Dictionary<string, Object> Assets = new Dictionary<string, Object>();
+
+        public static T Load<T>(string path) where T : Object
+        {
+            Object asset;
+            return Assets.TryGetValue(path, out asset) ? asset as T : null;
+        }
     }
 
     public static class Mathf
@@ -159,6 +185,14 @@ namespace UnityEngine
 
 namespace UnityEditor
 {
+    public enum BuildTarget { StandaloneOSX = 2, StandaloneWindows = 5, iOS = 9, Android = 13, StandaloneWindows64 = 19, WebGL = 20, StandaloneLinux64 = 24 }
+
+    public static class EditorUserBuildSettings
+    {
+        /// <summary>Settable here (in Unity it follows File > Build Settings).</summary>
+        public static BuildTarget activeBuildTarget = BuildTarget.StandaloneLinux64;
+    }
+
     /// <summary>Editor-only in Unity (compiled here with UNITY_EDITOR defined); the harness raises it to simulate
     /// a script recompile during play.</summary>
     public static class AssemblyReloadEvents

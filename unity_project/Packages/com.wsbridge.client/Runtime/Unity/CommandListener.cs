@@ -45,12 +45,17 @@ namespace WebSocketBridge
     /// <summary>Where the listener takes the client token from.</summary>
     public enum TokenSource
     {
-        /// <summary>An environment variable (UNITY_CLIENT_TOKEN by default): nothing is saved in scenes.</summary>
+        /// <summary>An environment variable (UNITY_CLIENT_TOKEN by default): nothing is saved in scenes. Where the variable
+        /// is not set (Android, iOS and WebGL players have none) the Resources text asset (Token Resource) is used.</summary>
         EnvironmentVariable,
-        /// <summary>Only what code sets through <see cref="CommandListener.Token"/> (from your own config).</summary>
+        /// <summary>Only what code sets through <see cref="CommandListener.Token"/> (your own configuration, or a token
+        /// fetched at runtime from your game's backend), then Connect().</summary>
         Code,
         /// <summary>The Inspector field: saved into the scene in plain text. Development only.</summary>
         Inspector,
+        /// <summary>A text asset in a Resources folder (Token Resource, default Assets/Resources/WsBridgeToken.txt), kept
+        /// out of version control: the token source of device builds. In a WebGL build it is public (use a scoped token).</summary>
+        Resource,
     }
 
     [DisallowMultipleComponent]
@@ -71,6 +76,10 @@ namespace WebSocketBridge
 
         [Tooltip("The environment variable holding the token (Token Source = Environment Variable).")]
         [SerializeField] private string tokenVariable = "UNITY_CLIENT_TOKEN";
+
+        [Tooltip("The text asset holding the token, as a Resources path (Token Source = Resource, and where the environment " +
+                 "variable is not set): Assets/Resources/WsBridgeToken.txt by default. Keep it out of version control.")]
+        [SerializeField] private string tokenResource = "WsBridgeToken";
 
         [Tooltip("Token Source = Inspector only: saved in the scene file in plain text. Development only.")]
         [SerializeField] private string token = "";
@@ -254,6 +263,7 @@ namespace WebSocketBridge
             running = true;
             try
             {
+                if (string.IsNullOrEmpty(EffectiveToken())) throw new ArgumentException(MissingTokenHelp());
                 var options = new BridgeClientOptions
                 {
                     ServerUrl = serverUrl,
@@ -377,6 +387,9 @@ namespace WebSocketBridge
                 token = "";
                 Debug.LogWarning("[CommandListener] the Inspector token is only kept with Token Source = Inspector; cleared", this);
             }
+#if UNITY_EDITOR
+            WarnIfBuildsHaveNoToken();
+#endif
         }
 
         private void Update()
@@ -496,9 +509,55 @@ namespace WebSocketBridge
             {
                 case TokenSource.Inspector: return token;
                 case TokenSource.Code: return codeToken;
-                default: return Environment.GetEnvironmentVariable(string.IsNullOrEmpty(tokenVariable) ? "UNITY_CLIENT_TOKEN" : tokenVariable);
+                case TokenSource.Resource: return ResourceToken();
+                default:
+                    var value = Environment.GetEnvironmentVariable(TokenVariable);
+                    return string.IsNullOrEmpty(value) ? ResourceToken() : value;
             }
         }
+
+        private string TokenVariable { get { return string.IsNullOrEmpty(tokenVariable) ? "UNITY_CLIENT_TOKEN" : tokenVariable; } }
+        private string TokenResource { get { return string.IsNullOrEmpty(tokenResource) ? "WsBridgeToken" : tokenResource; } }
+
+        /// <summary>The token in the Resources text asset (whitespace around it ignored), or null.</summary>
+        private string ResourceToken()
+        {
+            var asset = Resources.Load<TextAsset>(TokenResource);
+            if (asset == null) return null;
+            var text = asset.text.Trim();
+            return text.Length > 0 ? text : null;
+        }
+
+        private string MissingTokenHelp()
+        {
+            switch (tokenSource)
+            {
+                case TokenSource.Code: return "no token: set listener.Token from code (your configuration, or fetched from your backend) before Connect()";
+                case TokenSource.Inspector: return "no token in the Inspector field";
+                case TokenSource.Resource: return "no token: add the text asset Resources/" + TokenResource + " (keep it out of version control)";
+                default:
+                    return "no token: neither the environment variable " + TokenVariable + " (editor, desktop) nor the text asset Resources/" +
+                           TokenResource + " (device builds have no environment variables) is set";
+            }
+        }
+
+#if UNITY_EDITOR
+        /// <summary>Warns in the editor when a build for the active target would have no token (device players have no
+        /// environment variables).</summary>
+        private void WarnIfBuildsHaveNoToken()
+        {
+            var target = UnityEditor.EditorUserBuildSettings.activeBuildTarget;
+            bool noEnvironment = target == UnityEditor.BuildTarget.Android || target == UnityEditor.BuildTarget.iOS ||
+                                 target == UnityEditor.BuildTarget.WebGL;
+            if (!noEnvironment) return;
+            if (tokenSource == TokenSource.Code || (tokenSource == TokenSource.Inspector && !string.IsNullOrEmpty(token))) return;
+            if (ResourceToken() != null) return;
+            Debug.LogWarning("[CommandListener] a " + target + " build would have no token: players on " + target +
+                             " have no environment variables. Add Assets/Resources/" + TokenResource + ".txt (out of version control), " +
+                             "or set listener.Token from code." + (target == UnityEditor.BuildTarget.WebGL
+                                 ? " A token in a WebGL build is public: use a scoped client token." : ""), this);
+        }
+#endif
 
         // ---- handling ------------------------------------------------------------------------
 
