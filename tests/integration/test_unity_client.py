@@ -475,6 +475,42 @@ async def test_a_device_build_without_environment_variables_takes_the_token_from
         await run.passes()
 
 
+@pytest.fixture(scope="module")
+def smoke_webgl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The listener with the WebGL transport over the browser emulation (and the frame loop)."""
+    return compile_cs(
+        tmp_path_factory.mktemp("unity-smoke-webgl") / "ListenerSmokeWebGL.exe",
+        [
+            *TRANSPORT,
+            *UNITY_SCRIPTS,
+            *sorted(HARNESS.glob("Unity*.cs")),
+            HARNESS / "ListenerSmoke.cs",
+            HARNESS / "BrowserSocketEmulation.cs",
+        ],
+        defines=["UNITY_EDITOR", "WSBRIDGE_WEBGL_TESTS"],
+    )
+
+
+async def test_a_command_that_waited_in_a_hidden_webgl_tab_is_refused_not_run_late(app, smoke_webgl):
+    """Issue 25 item 5: the browser stamps what it queues; the listener counts that time (Command Max Age 1 s)."""
+    target = "unity-hidden-tab"
+    async with (
+        app.controller() as llm,
+        device(smoke_webgl, "hiddentab", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        assert await ask(llm, target, "echo visible") == "visible"
+        assert await ask(llm, target, "hide") == "hidden"
+        await run.expect("EVENT hidden")  # no frame runs from now on for 3 s
+        await llm.send(command(target, "echo while-hidden"))  # waits ~3 s in the browser's queue
+        refused = (await recv_json(llm, 20))["message"]
+        assert refused.startswith("error: echo not run: it waited "), refused
+        assert "(limit 1 s)" in refused, refused
+        assert await ask(llm, target, "echo visible-again") == "visible-again"
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
 async def test_commands_a_replaced_client_delivers_late_do_not_fill_the_pending_count(smoke):
     """Issue 25 item 4: offline; 100 such commands used to leave every later command refused as busy."""
     async with device(smoke, "stale", id="unity-stale", token="t") as run:

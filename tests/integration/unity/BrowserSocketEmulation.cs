@@ -1,7 +1,8 @@
 // BrowserSocketEmulation.cs: the five WsBridge.jslib functions played the way a browser behaves, so
 // WebGLTransport.cs runs in Mono against a real appliance (compiled with WSBRIDGE_WEBGL_TESTS): no request
 // headers (the token only as a subprotocol), the handshake fails (close 1006) when the server selects none of
-// the offered subprotocols, events queued for polling, whole text messages, close codes a browser may not send
+// the offered subprotocols, events queued for polling and messages stamped on arrival (Poll reports their age, as
+// the plugin does), whole messages (binary ones decoded as UTF-8 text), close codes a browser may not send
 // replaced by 1000. The plugin's JavaScript itself is tested in Chromium (tests/browser/test_webgl_jslib.py).
 //
 // The browser is not the game: its network runs outside the player's thread and without the player's thread
@@ -12,6 +13,8 @@
 
 using System;
 using System.Collections.Concurrent;
+using System.Collections.Generic;
+using System.Diagnostics;
 using System.IO;
 using System.Net.Sockets;
 using System.Security.Cryptography;
@@ -25,7 +28,13 @@ internal sealed class BrowserSocketEmulation : IWebGLSocketApi
     {
         public TcpClient Tcp;
         public Stream Stream;
-        public readonly ConcurrentQueue<string> Events = new ConcurrentQueue<string>();
+        // Each event with the Stopwatch time it arrived.
+        public readonly ConcurrentQueue<KeyValuePair<long, string>> Events = new ConcurrentQueue<KeyValuePair<long, string>>();
+
+        public void Add(string ev)
+        {
+            Events.Enqueue(new KeyValuePair<long, string>(Stopwatch.GetTimestamp(), ev));
+        }
         public readonly BlockingCollection<byte[]> Outgoing = new BlockingCollection<byte[]>();
         public volatile bool Open;
         public volatile bool Closing;
@@ -76,18 +85,18 @@ internal sealed class BrowserSocketEmulation : IWebGLSocketApi
             {
                 // RFC 6455 §4.1: a browser fails the connection when none of its subprotocols was selected.
                 entry.Tcp.Close();
-                entry.Events.Enqueue("c1006 ");
+                entry.Add("c1006 ");
                 return;
             }
             entry.Open = true;
             new Thread(() => Write(entry)) { IsBackground = true, Name = "browser socket writer" }.Start();
-            entry.Events.Enqueue("o" + selected);
+            entry.Add("o" + selected);
             Read(entry);
         }
         catch (Exception)
         {
             entry.Open = false;
-            entry.Events.Enqueue("c1006 ");
+            entry.Add("c1006 ");
         }
         finally
         {
@@ -148,7 +157,7 @@ internal sealed class BrowserSocketEmulation : IWebGLSocketApi
             if (payload == null)
             {
                 entry.Open = false;
-                entry.Events.Enqueue("c1006 ");
+                entry.Add("c1006 ");
                 return;
             }
             switch (opcode)
@@ -164,7 +173,7 @@ internal sealed class BrowserSocketEmulation : IWebGLSocketApi
                             entry.Outgoing.TryAdd(Frame(0x8, payload.Length >= 2 ? new[] { payload[0], payload[1] } : new byte[0]));
                         }
                         entry.Open = false;
-                        entry.Events.Enqueue("c" + code + " " + reason);
+                        entry.Add("c" + code + " " + reason);
                         try { entry.Tcp.Client.Shutdown(SocketShutdown.Send); } catch (Exception) { }
                         return;
                     }
@@ -179,8 +188,8 @@ internal sealed class BrowserSocketEmulation : IWebGLSocketApi
                     message.Write(payload, 0, payload.Length);
                     if (opcode != 0) message.Position = 0;
                     if (!fin) break;
-                    // Whole messages only; binary ones are dropped like the plugin does.
-                    if (opcode != 0x2) entry.Events.Enqueue("m" + Encoding.UTF8.GetString(message.GetBuffer(), 0, (int)message.Length));
+                    // Whole messages only; binary ones decoded as UTF-8 text like the plugin does.
+                    entry.Add("m" + Encoding.UTF8.GetString(message.GetBuffer(), 0, (int)message.Length));
                     message.SetLength(0);
                     break;
             }
@@ -269,8 +278,11 @@ internal sealed class BrowserSocketEmulation : IWebGLSocketApi
     {
         OnCaller("WsBridgePoll");
         Entry entry;
-        string ev;
-        return sockets.TryGetValue(socket, out entry) && entry.Events.TryDequeue(out ev) ? ev : null;
+        KeyValuePair<long, string> ev;
+        if (!sockets.TryGetValue(socket, out entry) || !entry.Events.TryDequeue(out ev)) return null;
+        if (ev.Value[0] != 'm') return ev.Value;
+        long waitedMs = (Stopwatch.GetTimestamp() - ev.Key) * 1000 / Stopwatch.Frequency;
+        return "m" + waitedMs + " " + ev.Value.Substring(1);
     }
 
     public int Send(int socket, string text)

@@ -9,6 +9,8 @@
 //   v1order    protocol v1 with an async handler: replies keep the commands' order; its exception is logged
 //   devicetoken a WebGL/Android-like player without environment variables: the editor warns while no token asset
 //              exists; with Resources/WsBridgeToken the default token source connects
+//   hiddentab  (built with WSBRIDGE_WEBGL_TESTS) the WebGL transport on the frame loop: a command that waited in the
+//              browser while the tab was hidden is refused with a reply, not run late
 //   stale      offline: commands a replaced client delivered after Connect() never count against Max Pending Commands
 //   lifecycle  this program is also the controller (a BridgeClient with the controller token) and checks that
 //              commands never run late: disabled, paused, stalled frames, an old connection, the frame budget,
@@ -67,6 +69,7 @@ internal static class ListenerSmoke
             else if (args[0] == "stale") StaleClient(player);
             else if (args[0] == "v1order") V1Order(player);
             else if (args[0] == "devicetoken") DeviceToken(player);
+            else if (args[0] == "hiddentab") HiddenTab(player);
             else throw new CheckFailed("unknown scenario " + args[0]);
             if (player.Failure != null) throw new CheckFailed(player.Failure);
             Emit("PASS " + args[0]);
@@ -425,6 +428,49 @@ internal static class ListenerSmoke
         Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
     }
 
+    /// <summary>Issue 25 item 5: a hidden tab stops the player loop and WebGL players get no OnApplicationPause; the
+    /// browser keeps receiving. The time a command waited there counts against Command Max Age.</summary>
+    private static void HiddenTab(Player player)
+    {
+#if WSBRIDGE_WEBGL_TESTS
+        var browser = new BrowserSocketEmulation { RequireThread = player.MainThread };
+        var listener = NewListener(player, new GameObject("Bridge"), options["url"], configure: l =>
+        {
+            l.ConfigureClient = o =>
+            {
+                o.FrameLoop = BridgeFrameLoop.Main;
+                o.TransportFactory = () => new WebGLTransport(browser);
+            };
+            SetField(l, "commandMaxAge", 1f);
+        });
+        bool quit = false, hide = false;
+        int ran = 0;
+        listener.Register("echo", command => { ran++; return command.Arguments; });
+        listener.Register("hide", command => { hide = true; return "hidden"; });
+        listener.Register("quit", command => { quit = true; return null; });
+        listener.Connected += () => Emit("EVENT connected");
+        while (!quit && player.Failure == null)
+        {
+            player.FramesUntil(() => hide || quit || player.Failure != null, "a command from the controller", deadline);
+            if (!hide) break;
+            hide = false;
+            for (int i = 0; i < 5; i++) player.Frame(); // the "hidden" reply goes out
+            int before = ran;
+            Emit("EVENT hidden");
+            Thread.Sleep(3000); // the tab is hidden: no frame runs while the browser receives
+            player.FramesUntil(() => listener.PendingCommands == 0 && browser.Live > 0, "the commands queued while hidden", deadline);
+            Check(ran == before, "a command that waited in the hidden tab ran");
+        }
+        Check(browser.WrongThread == null, browser.WrongThread);
+        var client = listener.Client;
+        player.Unload(listener);
+        // The close frame went out in OnDestroy; the rest of the close needs someone to pump (another listener).
+        player.FramesUntil(() => { BridgeTransports.Pump(); return client.State == BridgeState.Stopped; }, "the client to stop after OnDestroy", deadline);
+#else
+        throw new CheckFailed("built without WSBRIDGE_WEBGL_TESTS");
+#endif
+    }
+
     /// <summary>Issue 25 item 2: device players have no environment variables. The editor warns while a build would
     /// have no token; the default source then takes the token from the Resources text asset.</summary>
     private static void DeviceToken(Player player)
@@ -496,14 +542,14 @@ internal static class ListenerSmoke
         var replaced = listener.Client;
         listener.Connect();
         Check(listener.Client != null && listener.Client != replaced, "Connect() should replace the client");
-        var receivedField = typeof(BridgeClient).GetField("MessageReceived", BindingFlags.Instance | BindingFlags.NonPublic);
-        var fromReplaced = (Action<string>)receivedField.GetValue(replaced);
-        for (int i = 0; i < 100; i++) fromReplaced("count"); // what the replaced client's receive loop still delivers
+        var receivedField = typeof(BridgeClient).GetField("MessageReceivedWithAge", BindingFlags.Instance | BindingFlags.NonPublic);
+        var fromReplaced = (Action<string, TimeSpan>)receivedField.GetValue(replaced);
+        for (int i = 0; i < 100; i++) fromReplaced("count", TimeSpan.Zero); // what the replaced client's receive loop still delivers
         for (int i = 0; i < 3; i++) player.Frame();
         Check(listener.PendingCommands == 0, listener.PendingCommands + " command(s) of the replaced client still counted as pending");
         Check(ran == 0, "a command of the replaced client ran");
-        var fromCurrent = (Action<string>)receivedField.GetValue(listener.Client);
-        fromCurrent("count");
+        var fromCurrent = (Action<string, TimeSpan>)receivedField.GetValue(listener.Client);
+        fromCurrent("count", TimeSpan.Zero);
         player.FramesUntil(() => ran == 1, "the current client's command to run", deadline);
         player.Unload(listener);
     }

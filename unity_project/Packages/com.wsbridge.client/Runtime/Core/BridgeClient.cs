@@ -185,6 +185,9 @@ namespace WebSocketBridge
         public event Action Connected;
         public event Action<BridgeDisconnect> Disconnected;
         public event Action<string> MessageReceived;
+        /// <summary>Like MessageReceived, with how long the message waited before the client could read it (WebGL: in the
+        /// browser while the page did not run, e.g. a hidden tab); zero on other transports.</summary>
+        public event Action<string, TimeSpan> MessageReceivedWithAge;
         public event Action<Exception> Error;
 
         private readonly BridgeClientOptions options;
@@ -735,7 +738,7 @@ namespace WebSocketBridge
                             return SessionEnd.LocalClose(BridgeCloseCodes.MessageTooBig,
                                 "incoming message larger than " + options.MaxIncomingMessageBytes + " bytes");
                         default:
-                            RaiseMessage(frame.Text);
+                            RaiseMessage(frame.Text, frame.Age);
                             break;
                     }
                 }
@@ -907,10 +910,12 @@ namespace WebSocketBridge
             Invoke(() => handler());
         }
 
-        private void RaiseMessage(string text)
+        private void RaiseMessage(string text, TimeSpan age)
         {
             var handler = MessageReceived;
             if (handler != null) Invoke(() => handler(text));
+            var aged = MessageReceivedWithAge;
+            if (aged != null) Invoke(() => aged(text, age));
         }
 
         private void RaiseDisconnected(BridgeDisconnect info)

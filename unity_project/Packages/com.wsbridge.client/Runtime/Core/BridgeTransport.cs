@@ -49,8 +49,12 @@ namespace WebSocketBridge
         public string Text;
         public int CloseCode;
         public string CloseReason;
+        /// <summary>How long the message waited before it was read (the browser queues messages while the page does
+        /// not run, e.g. in a hidden tab); zero where nothing waits.</summary>
+        public TimeSpan Age;
 
         public static BridgeFrame Message(string text) { return new BridgeFrame { Kind = BridgeFrameKind.Text, Text = text }; }
+        public static BridgeFrame Message(string text, TimeSpan age) { return new BridgeFrame { Kind = BridgeFrameKind.Text, Text = text, Age = age }; }
         public static BridgeFrame Closed(int code, string reason) { return new BridgeFrame { Kind = BridgeFrameKind.Close, CloseCode = code, CloseReason = reason }; }
         public static BridgeFrame TooBig() { return new BridgeFrame { Kind = BridgeFrameKind.TooBig }; }
     }
@@ -166,6 +170,7 @@ namespace WebSocketBridge
                     return BridgeFrame.Closed(code, result.CloseStatusDescription);
                 }
                 if (message.Length + result.Count > maxMessageBytes) return BridgeFrame.TooBig();
+                // Binary messages are decoded as UTF-8 text like text ones (so does the WebGL plugin).
                 message.Write(buffer, 0, result.Count);
                 if (!result.EndOfMessage) continue;
                 // Decode the whole message at once: a multi-byte UTF-8 character may straddle two reads.

@@ -24,7 +24,8 @@ using System.Threading.Tasks;
 
 namespace WebSocketBridge
 {
-    /// <summary>The functions of WsBridge.jslib. Events from Poll: "o&lt;protocol&gt;", "m&lt;text&gt;", "c&lt;code&gt; &lt;reason&gt;", or null.</summary>
+    /// <summary>The functions of WsBridge.jslib. Events from Poll: "o&lt;protocol&gt;", "m&lt;age ms&gt; &lt;text&gt;" (how long the
+    /// message waited in the page), "c&lt;code&gt; &lt;reason&gt;", or null.</summary>
     public interface IWebGLSocketApi
     {
         int Open(string url, string protocols);
@@ -116,7 +117,10 @@ namespace WebSocketBridge
                         opened.TrySetResult(true);
                         break;
                     case 'm':
-                        Deliver(Utf8.GetByteCount(rest) > maxMessageBytes ? BridgeFrame.TooBig() : BridgeFrame.Message(rest));
+                        int gap = rest.IndexOf(' ');
+                        long ageMs = long.Parse(rest.Substring(0, gap), CultureInfo.InvariantCulture);
+                        string text = rest.Substring(gap + 1);
+                        Deliver(Utf8.GetByteCount(text) > maxMessageBytes ? BridgeFrame.TooBig() : BridgeFrame.Message(text, TimeSpan.FromMilliseconds(ageMs)));
                         break;
                     case 'c':
                         int space = rest.IndexOf(' ');

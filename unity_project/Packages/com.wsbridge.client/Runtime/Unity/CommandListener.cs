@@ -16,7 +16,8 @@
 // and handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run
 // on the main thread and may use any Unity API.
 //
-// Commands never run late in a burst: while the listener is disabled or the app is paused a command is
+// Commands never run late in a burst (the time a command waited in the browser of a hidden WebGL tab counts too,
+// where OnApplicationPause never comes): while the listener is disabled or the app is paused a command is
 // refused at once with an "error: ..." reply; one that waited longer than Command Max Age (editor paused,
 // a long frame) or that arrived on a connection since replaced is refused instead of run; the queue is
 // bounded (Max Pending Commands) and a command beyond it is refused with "error: busy".
@@ -200,6 +201,8 @@ namespace WebSocketBridge
         public BridgeDisconnectedEvent DisconnectedEvent { get { return Owner.disconnected; } }
         /// <summary>One line for a status display: connected, reconnecting (and why), or rejected (and why).</summary>
         public string Status { get { return Owner.status; } }
+        /// <summary>Adjusts the client's options before each Connect() (a custom transport, backoff, a frame loop).</summary>
+        public Action<BridgeClientOptions> ConfigureClient { get; set; }
         /// <summary>Commands received and waiting for the main thread.</summary>
         public int PendingCommands { get { return Volatile.Read(ref Owner.pendingCommands); } }
 
@@ -276,12 +279,13 @@ namespace WebSocketBridge
                     CloseTimeout = TimeSpan.FromSeconds(Math.Max(0.1f, closeTimeout)),
                     MaxQueuedMessages = Math.Max(1, maxQueuedMessages),
                 };
+                if (ConfigureClient != null) ConfigureClient(options);
                 if (dispatcher != null && dispatcher.Codec is JsonCommandCodec != (options.ProtocolVersion == 2))
                     Debug.LogWarning("[CommandListener] the codec does not match protocol version " + options.ProtocolVersion, this);
                 var created = new BridgeClient(options);
                 created.Connected += () => Post(created, OnClientConnected);
                 created.Disconnected += info => Post(created, () => OnClientDisconnected(info));
-                created.MessageReceived += text => Receive(created, text);
+                created.MessageReceivedWithAge += (text, age) => Receive(created, text, age);
                 created.Error += error => Post(created, () => Debug.LogWarning("[CommandListener] " + clientId + ": " + error.Message));
                 client = created;
                 status = "connecting to " + created.Endpoint;
@@ -447,7 +451,10 @@ namespace WebSocketBridge
                 Primaries.Remove(registeredId);
             if (primary != null) return;
             // Never blocks the main thread: the client closes in the background.
-            DisposeClient();
+            var closing = DisposeClient();
+            // WebGL: the frame loop is pumped by listeners' Update; run the flush and the close frame now, in case
+            // this was the last listener (the browser completes the close handshake by itself).
+            if (closing != null && !closing.IsCompleted) BridgeTransports.Pump();
             if (Default == this) Default = null;
         }
 
@@ -589,7 +596,7 @@ namespace WebSocketBridge
         }
 
         /// <summary>On the client's thread: queue the command, or refuse it at once when it could only run late.</summary>
-        private void Receive(BridgeClient source, string text)
+        private void Receive(BridgeClient source, string text, TimeSpan waited)
         {
             string refusal = null;
             if (!acceptingCommands) refusal = "the device is disabled";
@@ -604,7 +611,8 @@ namespace WebSocketBridge
                 Refuse(source, text, refusal);
                 return;
             }
-            mainThreadQueue.Enqueue(new WorkItem { Source = source, Text = text, ReceivedAt = Clock(), Connection = source.ConnectionNumber });
+            // The time it waited before the client could read it counts (WebGL: in the browser while the tab was hidden).
+            mainThreadQueue.Enqueue(new WorkItem { Source = source, Text = text, ReceivedAt = Clock() - waited.TotalSeconds, Connection = source.ConnectionNumber });
         }
 
         /// <summary>Replies "error: ..." to a command that is not run (any thread: only the codec is used).</summary>
