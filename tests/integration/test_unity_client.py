@@ -1006,6 +1006,31 @@ async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rt
         await run.passes()
 
 
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_v2_replies_to_a_broadcast_reach_every_controller_as_the_clients_plain_message(
+    request, start_appliance, harness, broker
+):
+    """Issue 25 item 8: the C# v2 client answers a broadcast's id with {"reply_to", "message"}; nothing waits for that
+    id (broadcasts wait for no reply), so controllers get {"sender", "message"}, not the envelope as text."""
+    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
+    relay = start_appliance(redis_url=redis_url, name=f"unity-v2-broadcast-{broker}")
+    target = "unity-v2-everyone"
+    async with (
+        relay.controller("llm-a") as first,
+        relay.controller("llm-b") as second,
+        device(harness, "v2", url=relay.ws, id=target, token=CLIENT_TOKEN, groups="lights") as run,
+    ):
+        await run.expect("EVENT connected")
+        for addressed, command_id in (("*", "b-7"), ("group:lights", "g-8")):
+            await first.send(json.dumps({"target": addressed, "message": "echo everyone", "id": command_id}))
+            for ws in (first, second):
+                assert await next_reply(ws) == {"sender": target, "message": "everyone from llm-a"}
+        await first.send(command(target, "quit"))
+        for ws in (first, second):
+            assert await recv_json(ws) == {"sender": target, "message": "bye"}
+        await run.passes()
+
+
 async def test_v2_command_listener_replies_with_reply_to_on_the_main_thread(app, smoke):
     """CommandListener with Protocol Version 2: the example light's replies and the unknown-command error carry
     reply_to and reach the sending controller only; a command without id gets a plain reply."""
