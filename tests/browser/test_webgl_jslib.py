@@ -11,14 +11,17 @@ downloaded at run time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import CLIENT_TOKEN, CONTROLLER_TOKEN, ROOT, timeout
 from websockets.sync.client import connect
+from websockets.sync.server import serve
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
 
@@ -150,4 +153,31 @@ def test_jslib_stamps_what_a_hidden_tab_queues_and_bounds_the_queue(start_applia
         page.wait_for_function("bridge.closes.length === 1", timeout=timeout(10) * 1000)
     assert page.evaluate("bridge.messages.slice(2)") == ["burst 0", "burst 1", "burst 2"]
     assert page.evaluate("bridge.closes[0].code") == 4008
+    assert errors == []
+
+
+def test_jslib_decodes_a_binary_message_as_text_like_the_desktop_transport(page):
+    """Issue 25 item 10: ClientWebSocket's transport reads a binary message as UTF-8 text; the plugin dropped it."""
+    page, errors = page
+
+    def binary_then_text(ws) -> None:
+        ws.send("héllo 🎮".encode())  # bytes: a binary frame
+        ws.send("text")
+        with contextlib.suppress(Exception):
+            ws.recv(timeout=timeout(10))
+
+    with serve(binary_then_text, "127.0.0.1", 0, subprotocols=["wsbridge.v1"]) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            port = server.socket.getsockname()[1]
+            page.evaluate(
+                "([url]) => { bridge.stopped = true; startClient(url, ['wsbridge.v1', 'wsbridge.token.t']); }",
+                [f"ws://127.0.0.1:{port}/ws/webgl-binary"],
+            )
+            page.wait_for_function("bridge.messages.length === 2", timeout=timeout(10) * 1000)
+            assert page.evaluate("bridge.messages") == ["héllo 🎮", "text"]
+        finally:
+            server.shutdown()
+            thread.join(timeout(10))
     assert errors == []

@@ -36,6 +36,8 @@ CORE = PACKAGE / "Runtime" / "Core"
 HARNESS = Path(__file__).resolve().parent / "unity"
 # The newest C# Mono's mcs compiles; the Unity scripts promise to stay within it.
 LANGVERSION = "7.2"
+# Where the package is installed from by git URL (unity_project/README.md) and documented (package.json).
+REPOSITORY = "https://github.com/wsbridge/websocket-bridge"
 TRANSPORT = sorted(CORE.rglob("*.cs"))
 UNITY_SCRIPTS = [*sorted((PACKAGE / "Runtime" / "Unity").rglob("*.cs")), *sorted((PACKAGE / "Samples~").rglob("*.cs"))]
 
@@ -579,6 +581,23 @@ async def test_webgl_transport_reports_a_refused_token_as_final(app, webgl_harne
     assert line.startswith("EVENT rejected code=4001 "), line
 
 
+async def test_webgl_transport_refuses_a_token_a_browser_cannot_send_once_with_the_reason(app, webgl_harness):
+    """Issue 25 item 10: new WebSocket() throws on such a subprotocol, which looked like a 1006 retried forever."""
+    async with device(
+        webgl_harness,
+        "rejected",
+        transport="webgl",
+        url=app.ws,
+        id="unity-webgl-badchars",
+        token="has space",
+        expect_close="none",
+    ) as run:
+        line = await run.expect("EVENT rejected")
+        await run.passes()
+    assert "characters a browser cannot send" in line, line
+    assert "has space" not in run.output.replace("--token has space", "")
+
+
 # --- the WebGL player: one thread, frames, no thread pool, no timers (issue 25) -----------------------
 
 
@@ -739,6 +758,13 @@ def test_package_json_asmdefs_and_project_manifest_agree():
     assert re.fullmatch(r"\d+\.\d+\.\d+", manifest["version"]), manifest["version"]
     assert re.fullmatch(r"20\d\d\.\d", manifest["unity"]), manifest["unity"]
     assert manifest["description"] and manifest["displayName"]
+    assert manifest["license"] == "MIT"  # the repository's (pyproject.toml)
+    for url in (manifest["documentationUrl"], manifest["changelogUrl"]):  # the repository the README installs from
+        assert url.startswith(REPOSITORY + "/blob/main/unity_project/"), url
+    assert (
+        f"{REPOSITORY}.git?path=/unity_project/Packages/com.wsbridge.client"
+        in (ROOT / "unity_project" / "README.md").read_text()
+    )
     for sample in manifest["samples"]:
         folder = PACKAGE / sample["path"]
         assert sample["path"].startswith("Samples~/") and folder.is_dir() and list(folder.glob("*.cs")), sample

@@ -666,6 +666,13 @@ internal static class Program
         Check(!codec.TryDecode("on", out command), "bare text is not a v2 command");
         Check(!codec.TryDecode("{\"id\":true,\"message\":\"on\"}", out command), "a boolean id is refused");
         Check(!codec.TryDecode("{\"id\":1,\"message\":{\"x\":1}}", out command), "a non-string message is refused");
+        // Unknown nested fields (a newer appliance's) are skipped, not a reason to refuse the command (issue 25 item 10).
+        Check(codec.TryDecode("{\"id\":2,\"meta\":{\"tags\":[\"a\",{\"b\":\"}]\"}],\"n\":{}},\"from\":\"L\",\"message\":\"on now\",\"x\":[]}", out command)
+            && command.Name == "on" && command.Arguments == "now" && command.CorrelationId == "2", "nested unknown fields are skipped");
+        Check(!codec.TryDecode("{\"id\":2,\"meta\":{\"a\":[1,2},\"message\":\"on\"", out command), "an unbalanced nested value is refused");
+        CheckEqual(BridgeClient.DescribeCloseCode(4004), "the client id is in use by a controller", "4004 described");
+        CheckEqual(BridgeClient.DescribeCloseCode(4013), "too many connections from this address or with this token", "4013 described");
+        Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.RoleConflict) && !BridgeCloseCodes.IsFinal(BridgeCloseCodes.TooManyConnections), "4004 and 4013 are retried");
         Check(!codec.TryDecode("{\"id\":1,\"message\":\"on\"} trailing", out command), "trailing text is refused");
 
         // Async handlers: the task's result is the reply; a faulted task becomes an error reply.

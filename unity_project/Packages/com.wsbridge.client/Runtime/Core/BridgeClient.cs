@@ -71,10 +71,12 @@ namespace WebSocketBridge
         public const int Unauthorized = 4001;     // missing or wrong token: do not retry.
         public const int InvalidClientId = 4002;  // id does not match ^[a-zA-Z0-9_-]{1,50}$: do not retry.
         public const int ReservedClientId = 4003; // client token used with the controller id LLM: do not retry.
+        public const int RoleConflict = 4004;     // the id is held by a connection of the other role (a controller): retry later.
         public const int DuplicateRejected = 4009;// id already connected and DUPLICATE_POLICY=reject: retry later.
         public const int Replaced = 4010;         // a newer connection with the same id took over: do not retry.
         public const int TokenExpired = 4011;     // token expired or revoked: do not retry; reconnect with the current token.
         public const int DisconnectedByAdmin = 4012; // an administrator disconnected this client: do not retry (a person decided).
+        public const int TooManyConnections = 4013;  // this address or token holds too many connections: retry later.
 
         /// <summary>True for close codes after which reconnecting cannot help (the client gives up).</summary>
         public static bool IsFinal(int code)
@@ -455,7 +457,12 @@ namespace WebSocketBridge
                     try
                     {
                         Exception connectError = await ConnectAsync(transport, stop).ConfigureAwait(onLoop);
-                        if (connectError != null)
+                        if (connectError is ArgumentException)
+                        {
+                            // The transport refused the request itself (e.g. a token a browser cannot send): no retry helps.
+                            end = SessionEnd.Unsupported("cannot connect: " + connectError.Message);
+                        }
+                        else if (connectError != null)
                         {
                             end = stop.IsCancellationRequested
                                 ? SessionEnd.Stopped()
@@ -866,7 +873,7 @@ namespace WebSocketBridge
             }
         }
 
-        private static string DescribeCloseCode(int code)
+        internal static string DescribeCloseCode(int code)
         {
             switch (code)
             {
@@ -880,11 +887,13 @@ namespace WebSocketBridge
                 case BridgeCloseCodes.Unauthorized: return "unauthorized";
                 case BridgeCloseCodes.InvalidClientId: return "invalid client id";
                 case BridgeCloseCodes.ReservedClientId: return "client id reserved for controllers";
+                case BridgeCloseCodes.RoleConflict: return "the client id is in use by a controller";
                 case 4008: return "too many undelivered messages";
                 case BridgeCloseCodes.DuplicateRejected: return "client id already connected";
                 case BridgeCloseCodes.Replaced: return "replaced by a newer connection";
                 case BridgeCloseCodes.TokenExpired: return "token expired or revoked; reconnect with the current token";
                 case BridgeCloseCodes.DisconnectedByAdmin: return "disconnected by an administrator";
+                case BridgeCloseCodes.TooManyConnections: return "too many connections from this address or with this token";
                 default: return "closed with code " + code;
             }
         }

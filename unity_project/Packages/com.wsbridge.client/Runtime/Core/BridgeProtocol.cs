@@ -152,10 +152,11 @@ namespace WebSocketBridge
         }
     }
 
-    /// <summary>The JSON the v2 frames need: one flat object of scalars. Values are kept as JSON text.</summary>
+    /// <summary>The JSON the v2 frames need: one object; values are kept as JSON text. Nested objects and arrays (fields
+    /// a newer appliance may add) are skipped over whole, so they never make the frame unreadable.</summary>
     internal static class MiniJson
     {
-        /// <summary>Reads {"key": scalar, ...}; nested objects and arrays are refused.</summary>
+        /// <summary>Reads {"key": value, ...}; a nested object or array is kept as its JSON text.</summary>
         public static bool TryReadObject(string json, out Dictionary<string, string> fields)
         {
             fields = null;
@@ -174,7 +175,10 @@ namespace WebSocketBridge
                 i = SkipSpace(json, keyEnd);
                 if (i >= json.Length || json[i] != ':') return false;
                 i = SkipSpace(json, i + 1);
-                int valueEnd = i < json.Length && json[i] == '"' ? ScanString(json, i) : ScanScalar(json, i);
+                int valueEnd = i >= json.Length ? -1
+                    : json[i] == '"' ? ScanString(json, i)
+                    : json[i] == '{' || json[i] == '[' ? ScanNested(json, i)
+                    : ScanScalar(json, i);
                 if (valueEnd <= i) return false;
                 result[key] = json.Substring(i, valueEnd - i);
                 i = SkipSpace(json, valueEnd);
@@ -265,6 +269,28 @@ namespace WebSocketBridge
             {
                 if (s[i] == '\\') { i++; continue; }
                 if (s[i] == '"') return i + 1;
+            }
+            return -1;
+        }
+
+        /// <summary>End (exclusive) of the object or array starting at i (brackets balanced, strings skipped), or -1.</summary>
+        private static int ScanNested(string s, int i)
+        {
+            int depth = 0;
+            for (; i < s.Length; i++)
+            {
+                char c = s[i];
+                if (c == '"')
+                {
+                    int end = ScanString(s, i);
+                    if (end < 0) return -1;
+                    i = end - 1;
+                }
+                else if (c == '{' || c == '[') depth++;
+                else if (c == '}' || c == ']')
+                {
+                    if (--depth == 0) return i + 1;
+                }
             }
             return -1;
         }

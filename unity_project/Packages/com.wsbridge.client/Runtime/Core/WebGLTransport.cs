@@ -94,6 +94,11 @@ namespace WebSocketBridge
 
         public Task ConnectAsync(BridgeConnectRequest request, CancellationToken cancel)
         {
+            // new WebSocket() throws on a subprotocol outside RFC 7230's token characters, and the browser would report
+            // it as an unexplained 1006 on every attempt: refuse it here, once, with the reason (the token is not shown).
+            if (!IsToken(request.Token))
+                throw new ArgumentException("the token contains characters a browser cannot send as a WebSocket subprotocol " +
+                                            "(allowed: letters, digits and !#$%&'*+-.^_`|~); use a token made of those", "request");
             var protocols = new List<string>(request.SubProtocols);
             if (protocols.Count == 0) protocols.Add(BridgeProtocols.V1); // the server must have a protocol to select
             protocols.Add(BridgeConnectRequest.TokenSubProtocolPrefix + request.Token);
@@ -101,6 +106,18 @@ namespace WebSocketBridge
             lock (Live) Live.Add(this);
             cancel.Register(() => opened.TrySetCanceled());
             return opened.Task;
+        }
+
+        /// <summary>RFC 7230 tchar: what a Sec-WebSocket-Protocol value may contain.</summary>
+        internal static bool IsToken(string value)
+        {
+            if (string.IsNullOrEmpty(value)) return false;
+            foreach (char c in value)
+            {
+                bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || "!#$%&'*+-.^_`|~".IndexOf(c) >= 0;
+                if (!ok) return false;
+            }
+            return true;
         }
 
         private void Pump()
