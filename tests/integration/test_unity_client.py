@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -596,6 +597,37 @@ async def test_webgl_transport_refuses_a_token_a_browser_cannot_send_once_with_t
         await run.passes()
     assert "characters a browser cannot send" in line, line
     assert "has space" not in run.output.replace("--token has space", "")
+
+
+async def test_webgl_transport_gives_up_with_a_reason_after_repeated_refused_opens(webgl_harness):
+    """Issue 25 item 10: an origin the appliance refuses (403) reaches a page as a close 1006 before open, like a server
+    that is down. After MaxRefusedOpens such attempts in a row the client stops and says what to check."""
+    handshakes: list[str] = []
+
+    async def refuse_origin(connection, request):
+        handshakes.append(request.path)
+        return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+
+    async def never(ws) -> None:
+        raise AssertionError("the handshake was refused")
+
+    async with websockets.serve(never, "127.0.0.1", 0, process_request=refuse_origin) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            webgl_harness,
+            "rejected",
+            transport="webgl",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-webgl-403",
+            token="t",
+            expect_close="none",
+            max_refused_opens=3,
+            expect_attempts=3,
+        ) as run:
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    assert "gave up after 3 attempts" in line and "ALLOWED_ORIGINS" in line, line
+    assert len(handshakes) == 3
 
 
 # --- the WebGL player: one thread, frames, no thread pool, no timers (issue 25) -----------------------

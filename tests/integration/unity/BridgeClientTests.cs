@@ -386,6 +386,7 @@ internal static class Program
         int? expected = Opt("expect-close") == "none" ? (int?)null : int.Parse(Opt("expect-close"));
         var options = ClientOptions(Opt("id"), Opt("token"));
         options.ProtocolVersion = int.Parse(Opt("protocol", "1"));
+        options.MaxRefusedOpens = int.Parse(Opt("max-refused-opens", "0"));
         if (Opt("transport", "clientwebsocket") == "webgl") UseWebGLTransport(options);
         var client = new BridgeClient(options);
         var disconnects = Trace(client, "rejected");
@@ -401,9 +402,11 @@ internal static class Program
         Check(!last.WillRetry, "a final close code must not be retried: " + last);
         Check(!string.IsNullOrEmpty(last.Reason), "the close reason should be reported");
         Check(client.State == BridgeState.Rejected, "state should be Rejected, is " + client.State);
-        Check(client.ConnectAttempts == 1, "expected exactly one connection attempt, saw " + client.ConnectAttempts);
+        int attempts = int.Parse(Opt("expect-attempts", "1"));
+        Check(client.ConnectAttempts == attempts, "expected " + attempts + " connection attempt(s), saw " + client.ConnectAttempts);
         var all = Snapshot(disconnects);
-        Check(all.Length == 1 && !all[0].WillRetry, "expected one final disconnect, saw: " + string.Join("; ", all.Select(d => d.ToString())));
+        Check(all.Length == attempts && !all.Last().WillRetry && all.Take(attempts - 1).All(d => d.WillRetry),
+            "expected " + (attempts - 1) + " retried and one final disconnect, saw: " + string.Join("; ", all.Select(d => d.ToString())));
         Check(!client.Send("late"), "Send() on a rejected client should return false");
     }
 

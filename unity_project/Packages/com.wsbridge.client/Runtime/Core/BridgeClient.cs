@@ -169,6 +169,10 @@ namespace WebSocketBridge
         /// loop: on the thread that pumps it, with no thread pool and no timer (the default in WebGL players, where
         /// there are neither): call BridgeTransports.Pump() once per frame (CommandListener.Update does).</summary>
         public BridgeFrameLoop FrameLoop = BridgeTransports.DefaultFrameLoop;
+        /// <summary>Give up (Rejected, with the reason) after this many opens in a row that ended before the connection
+        /// opened without a reason (a browser's 1006: a server that is down, an origin not in ALLOWED_ORIGINS). 0 retries
+        /// forever (the default except in WebGL players, where it is 10: about five minutes of backoff).</summary>
+        public int MaxRefusedOpens = BridgeTransports.DefaultMaxRefusedOpens;
 
         internal BridgeClientOptions Copy()
         {
@@ -442,6 +446,7 @@ namespace WebSocketBridge
         private async Task RunAsync(CancellationToken stop)
         {
             int attempt = 0;
+            int refusedOpens = 0;
             try
             {
                 while (!stop.IsCancellationRequested)
@@ -462,6 +467,13 @@ namespace WebSocketBridge
                             // The transport refused the request itself (e.g. a token a browser cannot send): no retry helps.
                             end = SessionEnd.Unsupported("cannot connect: " + connectError.Message);
                         }
+                        else if (connectError is BridgeOpenRefusedException && !stop.IsCancellationRequested &&
+                                 options.MaxRefusedOpens > 0 && ++refusedOpens >= options.MaxRefusedOpens)
+                        {
+                            end = SessionEnd.Unsupported("gave up after " + refusedOpens + " attempts that ended before the connection " +
+                                                         "opened (" + connectError.Message + "): is the server up at " + Endpoint.GetLeftPart(UriPartial.Authority) +
+                                                         ", and is this page's origin in the appliance's ALLOWED_ORIGINS?");
+                        }
                         else if (connectError != null)
                         {
                             end = stop.IsCancellationRequested
@@ -478,6 +490,7 @@ namespace WebSocketBridge
                         else
                         {
                             wasConnected = true;
+                            refusedOpens = 0;
                             openedAt = DateTime.UtcNow;
                             Interlocked.Increment(ref connections);
                             SetStateUnlessStopping(BridgeState.Open);

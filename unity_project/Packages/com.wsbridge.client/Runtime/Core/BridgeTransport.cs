@@ -14,6 +14,13 @@ using System.Threading.Tasks;
 
 namespace WebSocketBridge
 {
+    /// <summary>The peer ended a connection before it opened, without saying why (a browser's close 1006 before open: the
+    /// server is down, or it refused the handshake, e.g. an origin not in ALLOWED_ORIGINS, which a page cannot tell apart).</summary>
+    public sealed class BridgeOpenRefusedException : IOException
+    {
+        public BridgeOpenRefusedException(string message) : base(message) { }
+    }
+
     /// <summary>What a transport needs to open a connection.</summary>
     public sealed class BridgeConnectRequest
     {
@@ -96,6 +103,20 @@ namespace WebSocketBridge
 
         /// <summary>The frame loop clients run on by default: BridgeFrameLoop.Main in WebGL players (no threads), else
         /// null (thread pool and timers).</summary>
+        /// <summary>Consecutive opens refused without a reason after which a client gives up (0: never): 10 in WebGL
+        /// players, where a refused origin looks exactly like a server that is down (1006 before open).</summary>
+        public static int DefaultMaxRefusedOpens
+        {
+            get
+            {
+#if UNITY_WEBGL && !UNITY_EDITOR
+                return 10;
+#else
+                return 0;
+#endif
+            }
+        }
+
         public static BridgeFrameLoop DefaultFrameLoop
         {
             get

@@ -146,7 +146,7 @@ namespace WebSocketBridge
                         closeReceived = open;
                         open = false;
                         // A handshake the browser refused (no server, wrong subprotocol answer) ends as a close without open.
-                        opened.TrySetException(new IOException("the browser could not open the WebSocket (close code " + code + ")"));
+                        opened.TrySetException(new BridgeOpenRefusedException("the browser could not open the WebSocket (close code " + code + ")"));
                         Deliver(BridgeFrame.Closed(code, reason));
                         lock (Live) Live.Remove(this);
                         return;
