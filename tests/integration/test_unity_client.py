@@ -835,6 +835,29 @@ def test_package_json_asmdefs_and_project_manifest_agree():
     assert version and tuple(map(int, version.groups())) >= tuple(map(int, manifest["unity"].split(".")))
 
 
+def test_the_readme_says_what_a_webgl_build_needs():
+    """Issue 25 item 11: ALLOWED_ORIGINS, the characters a token may use (the ones WebGLTransport accepts), Run In
+    Background, scoped tokens; and the close codes the client describes are in its table."""
+    readme = (ROOT / "unity_project" / "README.md").read_text()
+    webgl = readme.split("## WebGL", 1)[1].split("\n## ", 1)[0]
+    for needed in ("ALLOWED_ORIGINS", "Run In Background", "scoped client token", "MaxRefusedOpens", "4008"):
+        assert needed in webgl, needed
+    transport = (CORE / "WebGLTransport.cs").read_text()
+    allowed = re.search(r'"([^"]+)"\.IndexOf\(c\) >= 0', transport)
+    assert allowed and f"letters, digits and ``{allowed[1]}``" in webgl, (
+        "the README's token characters differ from IsToken's"
+    )
+    builds = readme.split("### Tokens in builds", 1)[1].split("\n## ", 1)[0]
+    assert "WsBridgeToken.txt" in builds and "public" in builds and "scoped client token" in builds
+    assert "/Assets/Resources/WsBridgeToken.txt" in (ROOT / "unity_project" / ".gitignore").read_text()
+    client = (CORE / "BridgeClient.cs").read_text()
+    described = {int(code) for code in re.findall(r"const int \w+ = (4\d\d\d);", client)}
+    table = readme.split("## What the connection does", 1)[1].split("\n## ", 1)[0]
+    assert {4004, 4013} <= described
+    for code in described:
+        assert str(code) in table, code
+
+
 def test_every_package_file_has_a_meta_with_a_unique_guid():
     sys.path.insert(0, str(HARNESS))
     try:
