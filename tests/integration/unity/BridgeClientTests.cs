@@ -673,6 +673,18 @@ internal static class Program
         Check(codec.TryDecode("{\"id\":2,\"meta\":{\"tags\":[\"a\",{\"b\":\"}]\"}],\"n\":{}},\"from\":\"L\",\"message\":\"on now\",\"x\":[]}", out command)
             && command.Name == "on" && command.Arguments == "now" && command.CorrelationId == "2", "nested unknown fields are skipped");
         Check(!codec.TryDecode("{\"id\":2,\"meta\":{\"a\":[1,2},\"message\":\"on\"", out command), "an unbalanced nested value is refused");
+        // The command manifest (issue 25 item 9): registered handlers with their descriptions and arguments.
+        var described = new CommandDispatcher();
+        described.Register("intensity", c => "ok");
+        described.RegisterAsync("Scan", c => Task.FromResult("ok"));
+        described.Describe("intensity", "Sets the light's \"intensity\"", new CommandArgument("value", "number", "0..8"),
+            new CommandArgument("fade", "boolean", "") { Required = false });
+        CheckEqual(described.ManifestJson(),
+            "{\"type\":\"manifest\",\"commands\":[{\"name\":\"intensity\",\"description\":\"Sets the light's \\\"intensity\\\"\",\"arguments\":" +
+            "{\"type\":\"object\",\"properties\":{\"value\":{\"type\":\"number\",\"description\":\"0..8\"},\"fade\":{\"type\":\"boolean\",\"description\":\"\"}}," +
+            "\"required\":[\"value\"]}},{\"name\":\"Scan\",\"description\":\"\",\"arguments\":{\"type\":\"object\",\"properties\":{},\"required\":[]}}]}",
+            "manifest");
+        CheckThrows<ArgumentException>(() => new CommandArgument("x", "object", ""), "argument types are JSON Schema scalars");
         CheckEqual(BridgeClient.DescribeCloseCode(4004), "the client id is in use by a controller", "4004 described");
         CheckEqual(BridgeClient.DescribeCloseCode(4013), "too many connections from this address or with this token", "4013 described");
         Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.RoleConflict) && !BridgeCloseCodes.IsFinal(BridgeCloseCodes.TooManyConnections), "4004 and 4013 are retried");

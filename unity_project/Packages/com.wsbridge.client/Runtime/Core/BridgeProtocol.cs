@@ -304,6 +304,27 @@ namespace WebSocketBridge
         }
     }
 
+    /// <summary>One argument of a command, for the command manifest (what an LLM reads to know how to call it).</summary>
+    public sealed class CommandArgument
+    {
+        public CommandArgument(string name, string type, string description)
+        {
+            if (string.IsNullOrEmpty(name)) throw new ArgumentException("an argument needs a name", "name");
+            if (type != "string" && type != "number" && type != "integer" && type != "boolean")
+                throw new ArgumentException("type is one of string, number, integer, boolean", "type");
+            Name = name;
+            Type = type;
+            Description = description ?? "";
+            Required = true;
+        }
+
+        public string Name { get; private set; }
+        /// <summary>JSON Schema type: string, number, integer or boolean.</summary>
+        public string Type { get; private set; }
+        public string Description { get; private set; }
+        public bool Required { get; set; }
+    }
+
     /// <summary>A command handler: returns the reply text, or null to send no reply.</summary>
     public delegate string CommandHandler(BridgeCommand command);
 
@@ -337,6 +358,8 @@ namespace WebSocketBridge
             new Dictionary<string, CommandHandler>(StringComparer.OrdinalIgnoreCase);
         private readonly Dictionary<string, AsyncCommandHandler> asyncHandlers =
             new Dictionary<string, AsyncCommandHandler>(StringComparer.OrdinalIgnoreCase);
+        private readonly Dictionary<string, KeyValuePair<string, CommandArgument[]>> descriptions =
+            new Dictionary<string, KeyValuePair<string, CommandArgument[]>>(StringComparer.OrdinalIgnoreCase);
 
         public CommandDispatcher() : this(new TextCommandCodec()) { }
 
@@ -395,6 +418,45 @@ namespace WebSocketBridge
             if (name == null || !handlers.TryGetValue(name, out current)) return false;
             if (handler != null && current != handler) return false;
             return handlers.Remove(name);
+        }
+
+        /// <summary>Says what a command does and which arguments it takes, for the manifest (arguments in order, as the
+        /// words after the name).</summary>
+        public void Describe(string name, string description, params CommandArgument[] arguments)
+        {
+            if (string.IsNullOrEmpty(name)) throw new ArgumentException("a command name is one non-empty word", "name");
+            descriptions[name] = new KeyValuePair<string, CommandArgument[]>(description ?? "", arguments ?? new CommandArgument[0]);
+        }
+
+        /// <summary>The command manifest of the registered handlers: {"type":"manifest","commands":[{"name","description",
+        /// "arguments": a JSON Schema object}]}, names sorted. Provisional: the appliance does not accept it yet (issue 21
+        /// item 4 specifies the frame); CommandListener sends it only when Send Manifest is on.</summary>
+        public string ManifestJson()
+        {
+            var names = new List<string>(CommandNames);
+            names.Sort(StringComparer.OrdinalIgnoreCase);
+            var json = new StringBuilder("{\"type\":\"manifest\",\"commands\":[");
+            for (int n = 0; n < names.Count; n++)
+            {
+                KeyValuePair<string, CommandArgument[]> described;
+                if (!descriptions.TryGetValue(names[n], out described))
+                    described = new KeyValuePair<string, CommandArgument[]>("", new CommandArgument[0]);
+                if (n > 0) json.Append(',');
+                json.Append("{\"name\":").Append(MiniJson.Quote(names[n]));
+                json.Append(",\"description\":").Append(MiniJson.Quote(described.Key));
+                json.Append(",\"arguments\":{\"type\":\"object\",\"properties\":{");
+                var required = new List<string>();
+                for (int a = 0; a < described.Value.Length; a++)
+                {
+                    var argument = described.Value[a];
+                    if (a > 0) json.Append(',');
+                    json.Append(MiniJson.Quote(argument.Name)).Append(":{\"type\":").Append(MiniJson.Quote(argument.Type));
+                    json.Append(",\"description\":").Append(MiniJson.Quote(argument.Description)).Append('}');
+                    if (argument.Required) required.Add(MiniJson.Quote(argument.Name));
+                }
+                json.Append("},\"required\":[").Append(string.Join(",", required.ToArray())).Append("]}}");
+            }
+            return json.Append("]}").ToString();
         }
 
         public bool IsRegistered(string name)

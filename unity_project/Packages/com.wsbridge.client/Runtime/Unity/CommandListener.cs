@@ -128,6 +128,10 @@ namespace WebSocketBridge
         [Tooltip("Reply \"error: unknown command <name>\" to commands no handler is registered for.")]
         [SerializeField] private bool replyToUnknownCommands = true;
 
+        [Tooltip("Send the command manifest (registered commands, descriptions, arguments) after each connect. Leave off " +
+                 "until the appliance accepts manifest frames: an older one hands it to every controller as a message.")]
+        [SerializeField] private bool sendManifest = false;
+
         [Tooltip("Log every command and reply (never the token).")]
         [SerializeField] private bool logTraffic = false;
 
@@ -231,6 +235,23 @@ namespace WebSocketBridge
             if (Owner.Dispatcher.Register(commandName, handler))
                 Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
         }
+
+        /// <summary>Registers a handler and says what it does and which arguments it takes (the command manifest).</summary>
+        public void Register(string commandName, CommandHandler handler, string description, params CommandArgument[] arguments)
+        {
+            Register(commandName, handler);
+            Owner.Dispatcher.Describe(commandName, description, arguments);
+        }
+
+        /// <summary>RegisterAsync with a description and arguments (the command manifest).</summary>
+        public void RegisterAsync(string commandName, AsyncCommandHandler handler, string description, params CommandArgument[] arguments)
+        {
+            RegisterAsync(commandName, handler);
+            Owner.Dispatcher.Describe(commandName, description, arguments);
+        }
+
+        /// <summary>The registered commands with their descriptions and arguments, as the manifest's JSON.</summary>
+        public string Manifest { get { return Owner.Dispatcher.ManifestJson(); } }
 
         /// <summary>Registers a handler that answers later: the task's result is the reply (v2: with reply_to).</summary>
         public void RegisterAsync(string commandName, AsyncCommandHandler handler)
@@ -704,6 +725,7 @@ namespace WebSocketBridge
         {
             status = "connected to " + client.Endpoint;
             Debug.Log("[CommandListener] " + clientId + " connected to " + client.Endpoint);
+            if (sendManifest && !client.Send(Dispatcher.ManifestJson())) Debug.LogWarning("[CommandListener] manifest not sent: the send queue is full");
             var handler = Connected;
             if (handler != null) handler();
             connected.Invoke();
