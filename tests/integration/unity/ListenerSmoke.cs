@@ -242,11 +242,11 @@ internal static class ListenerSmoke
 
             // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
             SetField(listener, "token", "typed-into-the-inspector");
-            SetField(listener, "protocolVersion", 3);
+            SetField(listener, "protocolVersion", (BridgeProtocolVersion)3); // an out-of-range value in a scene file
             SetField(listener, "maxPendingCommands", 0);
             Player.Message(listener, "OnValidate");
             Check((string)Field(listener, "token") == "", "OnValidate should clear an unused Inspector token");
-            Check((int)Field(listener, "protocolVersion") == 1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
+            Check((BridgeProtocolVersion)Field(listener, "protocolVersion") == BridgeProtocolVersion.V1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
             SetField(listener, "maxPendingCommands", 100);
             int echoes = 0;
             AsyncCommandHandler echo = async command =>

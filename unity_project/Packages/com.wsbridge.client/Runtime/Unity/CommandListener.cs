@@ -59,6 +59,15 @@ namespace WebSocketBridge
         Resource,
     }
 
+    /// <summary>The wire protocol version, as the Inspector shows it (serialized as 1 or 2, like the int it replaced).</summary>
+    public enum BridgeProtocolVersion
+    {
+        /// <summary>Bare text commands and replies, matched by order (every appliance).</summary>
+        V1 = 1,
+        /// <summary>Command ids; replies with reply_to reach only the sending controller.</summary>
+        V2 = 2,
+    }
+
     [DisallowMultipleComponent]
     [AddComponentMenu("WebSocket Bridge/Command Listener")]
     // Awake/OnEnable before ordinary scripts, so devices can register handlers in their own OnEnable.
@@ -86,7 +95,7 @@ namespace WebSocketBridge
         [SerializeField] private string token = "";
 
         [Tooltip("Wire protocol: 1 (bare text, the default) or 2 (command ids; replies reach only the sending controller).")]
-        [SerializeField] private int protocolVersion = 1;
+        [SerializeField] private BridgeProtocolVersion protocolVersion = BridgeProtocolVersion.V1;
 
         [Tooltip("Groups to join at connect; controllers can address them as group:<name>.")]
         [SerializeField] private string[] groups = new string[0];
@@ -196,7 +205,7 @@ namespace WebSocketBridge
         /// <summary>Sets the token from code (your own configuration) and selects TokenSource.Code. Write-only on
         /// purpose: the token is never read back for display or logs, and never serialized from here.</summary>
         public string Token { set { codeToken = value; tokenSource = TokenSource.Code; } }
-        public int ProtocolVersion { get { return protocolVersion; } set { protocolVersion = value; } }
+        public int ProtocolVersion { get { return (int)protocolVersion; } set { protocolVersion = (BridgeProtocolVersion)value; } }
         public string[] Groups { get { return groups; } set { groups = value ?? new string[0]; } }
         public BridgeClient Client { get { return Owner.client; } }
         public bool IsConnected { get { var c = Owner.client; return c != null && c.IsConnected; } }
@@ -223,7 +232,7 @@ namespace WebSocketBridge
         {
             get
             {
-                if (dispatcher == null) dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(protocolVersion == 2 ? 2 : 1));
+                if (dispatcher == null) dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(protocolVersion == BridgeProtocolVersion.V2 ? 2 : 1));
                 return dispatcher;
             }
         }
@@ -293,7 +302,7 @@ namespace WebSocketBridge
                     ServerUrl = serverUrl,
                     ClientId = clientId,
                     Token = EffectiveToken(),
-                    ProtocolVersion = protocolVersion == 2 ? 2 : 1,
+                    ProtocolVersion = protocolVersion == BridgeProtocolVersion.V2 ? 2 : 1,
                     Groups = groups ?? new string[0],
                     MaxReconnectDelay = TimeSpan.FromSeconds(Math.Max(1f, maxReconnectDelay)),
                     ConnectTimeout = TimeSpan.FromSeconds(Math.Max(0.1f, connectTimeout)),
@@ -395,7 +404,7 @@ namespace WebSocketBridge
 
         private void OnValidate()
         {
-            if (protocolVersion != 1 && protocolVersion != 2) protocolVersion = 1;
+            if (protocolVersion != BridgeProtocolVersion.V1 && protocolVersion != BridgeProtocolVersion.V2) protocolVersion = BridgeProtocolVersion.V1;
             connectTimeout = Mathf.Max(0.1f, connectTimeout);
             closeTimeout = Mathf.Max(0.1f, closeTimeout);
             quitWaitSeconds = Mathf.Clamp(quitWaitSeconds, 0f, 5f);
