@@ -708,6 +708,26 @@ internal static class Program
     private static void SelfTest()
     {
         V2Codec();
+        // The frame loop: delays complete at the first Pump after their deadline, by the clock (no timer).
+        long fakeNow = 0;
+        var loop = new BridgeFrameLoop(() => fakeNow);
+        fakeNow = 100 * System.Diagnostics.Stopwatch.Frequency; // not pumped for 100 s: deadlines still count from now
+        var second = loop.Delay(TimeSpan.FromSeconds(1), CancellationToken.None);
+        var cancelled = new CancellationTokenSource();
+        var never = loop.Delay(TimeSpan.FromSeconds(1), cancelled.Token);
+        fakeNow += System.Diagnostics.Stopwatch.Frequency / 2;
+        loop.Pump();
+        Check(!second.IsCompleted, "a 1 s delay completed after 0.5 s");
+        cancelled.Cancel();
+        Check(never.IsCanceled, "a cancelled delay is cancelled at once");
+        fakeNow += System.Diagnostics.Stopwatch.Frequency / 2;
+        loop.Pump();
+        Check(second.IsCompleted && loop.Pending == 0, "a 1 s delay completes at the first Pump after 1 s");
+        int ran = 0;
+        loop.Post(_ => { ran++; loop.Post(__ => ran++, null); }, null);
+        loop.Pump();
+        Check(ran == 2, "work posted during a Pump runs in the same Pump");
+
         // Full jitter: within [0, min(max, initial * 2^attempt)], and actually random.
         var random = new Random(1);
         var initial = TimeSpan.FromMilliseconds(100);

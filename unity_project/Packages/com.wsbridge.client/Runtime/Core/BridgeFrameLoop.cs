@@ -31,7 +31,6 @@ namespace WebSocketBridge
         private readonly List<Deadline> deadlines = new List<Deadline>();
         private readonly Func<long> clock;
         private SynchronizationContext outer;
-        private long now;
         private bool pumping;
 
         private sealed class Deadline
@@ -48,7 +47,6 @@ namespace WebSocketBridge
         {
             if (clock == null) throw new ArgumentNullException("clock");
             this.clock = clock;
-            now = clock();
         }
 
         /// <summary>The context that was current when Pump() was called (Unity's): events are raised under it.</summary>
@@ -76,8 +74,8 @@ namespace WebSocketBridge
             return this;
         }
 
-        /// <summary>A task that completes at the first Pump at least <paramref name="delay"/> after now (the clock of the
-        /// current frame), or is cancelled with <paramref name="cancel"/>. No timer: the frame loop checks it.</summary>
+        /// <summary>A task that completes at the first Pump at least <paramref name="delay"/> from now, or is cancelled with
+        /// <paramref name="cancel"/>. No timer: each Pump compares the deadlines with the clock it read.</summary>
         public Task Delay(TimeSpan delay, CancellationToken cancel)
         {
             var done = new TaskCompletionSource<bool>();
@@ -88,7 +86,8 @@ namespace WebSocketBridge
             }
             var deadline = new Deadline
             {
-                Due = Volatile.Read(ref now) + (long)(delay.TotalSeconds * Stopwatch.Frequency),
+                // From the clock, not the last frame's reading: the loop may not have been pumped for a while.
+                Due = clock() + (long)(delay.TotalSeconds * Stopwatch.Frequency),
                 Done = done,
             };
             lock (gate) deadlines.Add(deadline);
@@ -118,7 +117,6 @@ namespace WebSocketBridge
             try
             {
                 long current = clock();
-                Volatile.Write(ref now, current);
                 List<Deadline> due = null;
                 lock (gate)
                 {
