@@ -41,6 +41,7 @@ LANGVERSION = "7.2"
 REPOSITORY = "https://github.com/wsbridge/websocket-bridge"
 TRANSPORT = sorted(CORE.rglob("*.cs"))
 UNITY_SCRIPTS = [*sorted((PACKAGE / "Runtime" / "Unity").rglob("*.cs")), *sorted((PACKAGE / "Samples~").rglob("*.cs"))]
+EDITOR_SCRIPTS = sorted((PACKAGE / "Editor").rglob("*.cs"))
 
 
 def compile_cs(out: Path, sources: list[Path], target: str = "exe", defines: list[str] | None = None) -> Path:
@@ -249,6 +250,13 @@ async def test_selftest_backoff_endpoint_codec_and_retry_loop(harness):
 
 async def test_listener_and_example_compile_against_the_unity_stand_in(tmp_path):
     compile_cs(tmp_path / "UnityScripts.dll", [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs"], "library")
+    # The editor assembly (the read-only Status drawer) too, in the editor.
+    compile_cs(
+        tmp_path / "UnityEditorScripts.dll",
+        [*TRANSPORT, *UNITY_SCRIPTS, *EDITOR_SCRIPTS, HARNESS / "UnityEngineStub.cs"],
+        "library",
+        defines=["UNITY_EDITOR"],
+    )
 
 
 # --- against a running appliance ----------------------------------------------------------------
@@ -819,6 +827,8 @@ def test_package_json_asmdefs_and_project_manifest_agree():
         assert "UnityEngine" not in code, script
     unity = definitions[PACKAGE / "Runtime" / "Unity" / "WebSocketBridge.asmdef"]
     assert unity["references"] == ["WebSocketBridge.Core"]
+    editor = definitions[PACKAGE / "Editor" / "WebSocketBridge.Editor.asmdef"]
+    assert editor["includePlatforms"] == ["Editor"] and editor["references"] == ["WebSocketBridge"]
     tests = definitions[PACKAGE / "Tests" / "Runtime" / "WebSocketBridge.Tests.asmdef"]
     assert (
         "UNITY_INCLUDE_TESTS" in tests["defineConstraints"] and "nunit.framework.dll" in tests["precompiledReferences"]

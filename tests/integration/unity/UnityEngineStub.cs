@@ -162,6 +162,19 @@ namespace UnityEngine
     public sealed class SerializeField : Attribute { }
 
     [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
+    public abstract class PropertyAttribute : Attribute { }
+
+    public struct Rect
+    {
+        public float x, y, width, height;
+    }
+
+    public class GUIContent
+    {
+        public string text;
+    }
+
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
     public sealed class HideInInspector : Attribute { }
 
     [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = true)]
@@ -185,6 +198,32 @@ namespace UnityEngine
 
 namespace UnityEditor
 {
+    public class SerializedProperty { }
+
+    public abstract class PropertyDrawer
+    {
+        public virtual float GetPropertyHeight(SerializedProperty property, UnityEngine.GUIContent label) { return 18f; }
+        public virtual void OnGUI(UnityEngine.Rect position, SerializedProperty property, UnityEngine.GUIContent label) { }
+    }
+
+    [AttributeUsage(AttributeTargets.Class, AllowMultiple = true)]
+    public sealed class CustomPropertyDrawer : Attribute
+    {
+        public CustomPropertyDrawer(Type type) { }
+    }
+
+    public static class EditorGUI
+    {
+        public static float GetPropertyHeight(SerializedProperty property, UnityEngine.GUIContent label, bool includeChildren) { return 18f; }
+        public static bool PropertyField(UnityEngine.Rect position, SerializedProperty property, UnityEngine.GUIContent label, bool includeChildren) { return false; }
+
+        public struct DisabledScope : IDisposable
+        {
+            public DisabledScope(bool disabled) { }
+            public void Dispose() { }
+        }
+    }
+
     public enum BuildTarget { StandaloneOSX = 2, StandaloneWindows = 5, iOS = 9, Android = 13, StandaloneWindows64 = 19, WebGL = 20, StandaloneLinux64 = 24 }
 
     public static class EditorUserBuildSettings

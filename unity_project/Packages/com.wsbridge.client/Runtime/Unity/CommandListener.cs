@@ -59,6 +59,10 @@ namespace WebSocketBridge
         Resource,
     }
 
+    /// <summary>Shows a serialized field in the Inspector without letting it be edited (Editor/ReadOnlyFieldDrawer.cs).</summary>
+    [AttributeUsage(AttributeTargets.Field)]
+    public sealed class ReadOnlyFieldAttribute : PropertyAttribute { }
+
     /// <summary>The wire protocol version, as the Inspector shows it (serialized as 1 or 2, like the int it replaced).</summary>
     public enum BridgeProtocolVersion
     {
@@ -154,8 +158,8 @@ namespace WebSocketBridge
         [Tooltip("Called on the main thread when the connection ended or an attempt failed, with a description.")]
         [SerializeField] private BridgeDisconnectedEvent disconnected = new BridgeDisconnectedEvent();
 
-        [Header("Status (read only)")]
-        [SerializeField] private string status = "not connected";
+        [Header("Status")]
+        [SerializeField, ReadOnlyField] private string status = "not connected";
 
         // Survives a domain reload (script recompile during play): the listener was connected, so it reconnects.
         [SerializeField, HideInInspector] private bool running;
