@@ -12,9 +12,10 @@
 //     listener.Register("on", command => { light.enabled = true; return "light on"; });
 //     listener.RegisterAsync("scan", async command => { await Scan(); return "scanned"; });
 //
-// Threading: BridgeClient raises its events on thread-pool threads; this component only queues them
-// and handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run
-// on the main thread and may use any Unity API.
+// Threading: BridgeClient raises its events on thread-pool threads (in WebGL players: on the main thread, in
+// the frame loop that Update pumps through BridgeTransports.Pump()); this component only queues them and
+// handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run on the
+// main thread and may use any Unity API.
 //
 // Commands never run late in a burst (the time a command waited in the browser of a hidden WebGL tab counts too,
 // where OnApplicationPause never comes): while the listener is disabled or the app is paused a command is
