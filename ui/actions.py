@@ -181,6 +181,18 @@ async def _disconnect(request: Request, client_ids: list[str], reason: str) -> t
     return closed, missing
 
 
+def _action_error(request: HTMXRequest, text: str, status_code: int, back: str) -> Template:
+    """An action refused: the message in the page, where the action's own result would appear.
+
+    htmx swaps it like a result (dashboard.js swaps HTML error answers into their target).
+    """
+    if request.htmx:
+        return Template("result.html", context=_common(request, text=text, error=True), status_code=status_code)
+    return Template(
+        "result.html", context=_common(request, text=text, error=True, back=back, full=True), status_code=status_code
+    )
+
+
 def _disconnect_result(request: HTMXRequest, closed: int, missing: int, back: str) -> Response[Any]:
     text = f"Disconnected {closed} connection{'s' if closed != 1 else ''} (close code {DISCONNECT_CODE})."
     if missing:
@@ -195,7 +207,7 @@ def _disconnect_result(request: HTMXRequest, closed: int, missing: int, back: st
 async def disconnect_one(request: HTMXRequest) -> Response[Any]:
     client_id = str((await request.form()).get("id") or "")
     if not client_id:
-        return Response("No client id.", status_code=HTTP_400_BAD_REQUEST, media_type="text/plain")
+        return _action_error(request, "No client id given.", HTTP_400_BAD_REQUEST, f"{PREFIX}/clients")
     closed, missing = await _disconnect(request, [client_id], "one")
     return _disconnect_result(request, closed, missing, f"{PREFIX}/client?{urlencode({'id': client_id})}")
 
@@ -209,21 +221,29 @@ async def disconnect_many(request: HTMXRequest) -> Response[Any]:
         params["limit"] = "200"
         records, _ = await _records(request)
         query = ClientQuery.from_params(params)
-        ids = sorted({r["id"] for r in records if query.matches(r)})
+        # Controllers (the LLM side) go only when asked for: ticked, or the filter names their role.
+        controllers = form.get("controllers") == "on" or query.role == "controller"
+        ids = sorted({r["id"] for r in records if query.matches(r) and (controllers or r.get("role") == "client")})
         how = "matching " + ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if v and k != "limit")
+        if controllers:
+            how += " with controllers"
     else:
-        ids = sorted({str(v) for v in form.getall("id")}) if hasattr(form, "getall") else []
+        # getall without a default raises KeyError when no box is ticked.
+        ids = sorted({str(v) for v in form.getall("id", [])})
         how = "selection"
+    back = f"{PREFIX}/clients"
     if not ids:
-        return Response("Nothing selected.", status_code=HTTP_400_BAD_REQUEST, media_type="text/plain")
+        text = "Nothing to disconnect: tick the connections first." if how == "selection" else "No connection matches."
+        return _action_error(request, text, HTTP_400_BAD_REQUEST, back)
     if len(ids) > BULK_LIMIT:
-        return Response(
-            f"{len(ids)} connections: narrow the filter to {BULK_LIMIT} or fewer.",
-            status_code=HTTP_409_CONFLICT,
-            media_type="text/plain",
-        )
+        text = f"Not disconnected: {len(ids)} connections match; narrow the filter to {BULK_LIMIT} or fewer."
+        return _action_error(request, text, HTTP_409_CONFLICT, back)
+    if how != "selection" and str(form.get("confirm") or "").strip() != str(len(ids)):
+        # Typed, not a click on confirm(): the operator says how many connections go.
+        text = f"Not disconnected: {len(ids)} connection{'s' if len(ids) != 1 else ''} match now; type {len(ids)} to confirm."
+        return _action_error(request, text, HTTP_400_BAD_REQUEST, back)
     closed, missing = await _disconnect(request, ids, how)
-    return _disconnect_result(request, closed, missing, f"{PREFIX}/clients")
+    return _disconnect_result(request, closed, missing, back)
 
 
 # --- tokens ----------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class ClientQuery:
 class Page:
     rows: list[dict[str, Any]]
     matching: int  # rows that pass the filters, on every page
+    matching_clients: int  # of which clients (a bulk disconnect leaves controllers alone unless asked)
     total: int  # rows before filtering
     next_cursor: str = ""
     first: bool = True
@@ -166,6 +167,7 @@ def run_query(records: Iterable[dict[str, Any]], query: ClientQuery) -> Page:
     return Page(
         rows=[r for _, r in window],
         matching=len(matching),
+        matching_clients=sum(1 for r in matching if r.get("role") == "client"),
         total=len(everything),
         next_cursor=_encode_cursor(window[-1][0]) if more else "",
         first=after is None,
