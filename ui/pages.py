@@ -254,8 +254,8 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     except BrokerUnavailable as exc:
         history, history_error = [], str(exc)
     settings = request.app.state.settings
-    # Kept by the instances that hold or held the id (appliance/core/recent.py), asked through the relay.
-    recent, recent_silent = await relay.recent_commands(client_id, history)
+    # Kept by the instances that hold or held the id (appliance/core/recent.py), asked by appliance/recent.py.
+    recent, recent_silent = await request.app.state.recent.read(client_id, history)
     return Template(
         "client.html",
         context=_common(
