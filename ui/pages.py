@@ -377,7 +377,7 @@ async def system_page(request: HTMXRequest) -> Template:
     except BrokerUnavailable as exc:
         summaries, error = [], str(exc)
     instances = {str(s.get("instance")): s for s in summaries}
-    instances.setdefault(relay.instance, relay.presence_summary() if error else {})
+    instances.setdefault(relay.instance, {})  # This one, even when the broker does not answer.
     return Template(
         "system.html",
         context=_common(
