@@ -81,11 +81,30 @@ def _target_of(kind: str, value: str) -> str | None:
 async def send_page(request: HTMXRequest, target: FromQuery[str] = "", kind: FromQuery[str] = "client") -> Template:
     _commands(request)
     history = list(_session(request).get("sent", []))
-    records, _ = await _records(request)
-    ids = sorted({r["id"] for r in records if r.get("role") == "client"})[:500]
     return Template(
         "send.html",
-        context=_common(request, history=history, ids=ids, target=target, kind=kind, result=None, form={}),
+        context=_common(request, history=history, ids=[], target=target, kind=kind, result=None, form={}),
+    )
+
+
+#: Target suggestions offered at once (the datalist asks again as the operator types).
+SUGGESTIONS = 50
+
+
+@get("/send/targets", guards=[require_session])
+async def send_targets(request: HTMXRequest, target: FromQuery[str] = "", kind: FromQuery[str] = "client") -> Template:
+    """Ids (or groups) that contain what was typed, any case: asked as the operator types, so every
+    client of a large cluster can be found, not only the first few hundred."""
+    _commands(request)
+    records, _ = await _records(request)
+    needle = target.strip()[:200].casefold()
+    if kind == "group":
+        names = {str(g) for r in records if r.get("role") == "client" for g in (r.get("groups") or [])}
+    else:
+        names = {str(r["id"]) for r in records if r.get("role") == "client"}
+    found = sorted(n for n in names if needle in n.casefold())
+    return HTMXBlockTemplate(
+        template_name="send.html", block_name="suggestions", context=_common(request, ids=found[:SUGGESTIONS])
     )
 
 
@@ -306,4 +325,13 @@ async def revoke_token(request: HTMXRequest) -> Template:
     return _token_result(request, await service.cluster_status(), None, "")
 
 
-ACTION_ROUTES = [send_page, send, disconnect_one, disconnect_many, tokens_page, rotate_token, revoke_token]
+ACTION_ROUTES = [
+    send_page,
+    send_targets,
+    send,
+    disconnect_one,
+    disconnect_many,
+    tokens_page,
+    rotate_token,
+    revoke_token,
+]

@@ -52,7 +52,7 @@ def _groups(record: dict[str, Any]) -> list[str]:
 class ClientQuery:
     """What the operator asked for; every field comes from the query string and is validated here."""
 
-    prefix: str = ""
+    search: str = ""  # a piece of the id, the address or a group, any case
     role: str = ""
     instance: str = ""
     group: str = ""
@@ -74,7 +74,7 @@ class ClientQuery:
         except ValueError:
             limit = 50
         return cls(
-            prefix=params.get("q", "").strip()[:200],
+            search=params.get("q", "").strip()[:200],
             role=params.get("role", "") if params.get("role", "") in ("client", "controller") else "",
             instance=params.get("instance", "")[:200],
             group=params.get("group", "")[:200],
@@ -87,7 +87,7 @@ class ClientQuery:
 
     def matches(self, record: dict[str, Any]) -> bool:
         return (
-            (not self.prefix or str(record.get("id", "")).startswith(self.prefix))
+            (not self.search or self._found(record))
             and (not self.role or record.get("role") == self.role)
             and (not self.instance or record.get("instance") == self.instance)
             and (not self.group or self.group in _groups(record))
@@ -98,6 +98,15 @@ class ClientQuery:
             )
         )
 
+    def _found(self, record: dict[str, Any]) -> bool:
+        """The search text anywhere in the id, the remote address or a group name, ignoring case."""
+        needle = self.search.casefold()
+        return (
+            needle in str(record.get("id", "")).casefold()
+            or needle in str(record.get("remote", "")).casefold()
+            or any(needle in group.casefold() for group in _groups(record))
+        )
+
     def key(self, record: dict[str, Any]) -> tuple[Any, ...]:
         raw = record.get(self.sort)
         value = int(raw or 0) if self.sort in _NUMERIC else str(raw or "")
@@ -106,7 +115,7 @@ class ClientQuery:
     def params(self, **changes: Any) -> dict[str, str]:
         """The query string of this query with ``changes``, for links (empty values left out)."""
         values = {
-            "q": self.prefix,
+            "q": self.search,
             "role": self.role,
             "instance": self.instance,
             "group": self.group,

@@ -83,6 +83,23 @@ def page(new_page):
     return new_page()
 
 
+@pytest.fixture
+def page_with(chromium, console) -> Iterator:
+    """``page_with(**options)``: a watched page in a context of its own (a time zone, a color scheme...)."""
+    contexts = []
+
+    def open_page(**options):
+        context = chromium.new_context(**{"viewport": {"width": 1280, "height": 800}, **options})
+        contexts.append(context)
+        tab = context.new_page()
+        watch(tab, console)
+        return tab
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
 def watch(page, console: Console) -> None:
     def on_console(message) -> None:
         if message.type == "error":

@@ -56,6 +56,24 @@ def test_filters_combine():
     assert page.matching == 10 and page.total == 1000
 
 
+def test_search_finds_a_piece_of_the_id_the_address_or_a_group_in_any_case():
+    records = [
+        record(1, id="Unity-Lobby-01", remote="10.1.2.3:5000"),
+        record(2, id="robot-7", remote="192.168.9.9:1", groups=["Kitchen", "lights"]),
+        record(3, id="other", remote="172.16.0.1:2"),
+    ]
+
+    def ids(q: str) -> list[str]:
+        return [r["id"] for r in run_query(records, ClientQuery.from_params({"q": q})).rows]
+
+    assert ids("lobby") == ["Unity-Lobby-01"]  # Inside the id, any case.
+    assert ids("LOBBY-0") == ["Unity-Lobby-01"]
+    assert ids("192.168.") == ["robot-7"]  # By address.
+    assert ids("kitch") == ["robot-7"]  # By group.
+    assert ids("zzz") == []
+    assert ids("") == ["Unity-Lobby-01", "other", "robot-7"]
+
+
 def test_groups_and_token_version_filter_when_presence_has_them():
     records = [record(1, groups=["red", "blue"], token_version=2), record(2, groups=["red"], token_version=3)]
     assert [r["id"] for r in run_query(records, ClientQuery(group="blue")).rows] == ["c-00001"]

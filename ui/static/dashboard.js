@@ -241,6 +241,35 @@
     if (box) box.hidden = true;
   });
 
+  // Times: relative in the page, absolute on hover, in UTC (as the server writes them) or, by the
+  // operator's choice kept in this browser, in local time.
+  var ZONE_KEY = "wsbridge.dashboard.times";
+  function zone() {
+    try { return window.localStorage.getItem(ZONE_KEY) === "local" ? "local" : "utc"; } catch (e) { return "utc"; }
+  }
+  function showTimes(root) {
+    var local = zone() === "local";
+    var times = (root || document).querySelectorAll("time[datetime]");
+    for (var i = 0; i < times.length; i++) {
+      var at = new Date(times[i].getAttribute("datetime"));
+      if (isNaN(at.getTime())) continue;
+      times[i].title = local
+        ? at.toLocaleString(undefined, { hour12: false, timeZoneName: "short" })
+        : at.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+    }
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    var select = document.getElementById("time-zone");
+    if (select) select.value = zone();
+    showTimes(document);
+  });
+  document.addEventListener("htmx:load", function (evt) { if (zone() === "local") showTimes(evt.target); });
+  document.addEventListener("change", function (evt) {
+    if (!evt.target || evt.target.id !== "time-zone") return;
+    try { window.localStorage.setItem(ZONE_KEY, evt.target.value); } catch (e) { /* private mode: this page only */ }
+    showTimes(document);
+  });
+
   // Copy buttons (e.g. a new token value shown once): data-copy-from names the element to copy.
   document.addEventListener("click", function (evt) {
     var button = evt.target && evt.target.closest ? evt.target.closest("[data-copy-from]") : null;
