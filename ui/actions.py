@@ -155,7 +155,12 @@ async def send(request: HTMXRequest) -> Response[Any]:
         "reply": _cut(body.get("message")) if body.get("status") == "replied" else "",
         "sender": str(body.get("sender") or ""),
         "detail": _cut(body.get("detail")),
-        "rtt_ms": body.get("rtt_ms") if body.get("rtt_ms") is not None else round(elapsed_ms, 1),
+        # A round trip only where there was one (a reply): an offline target or a delivery has none.
+        "rtt_ms": body.get("rtt_ms")
+        if body.get("rtt_ms") is not None
+        else (round(elapsed_ms, 1) if body.get("status") == "replied" else None),
+        # A group or everyone: how many clients received it, cluster-wide.
+        "count": body.get("count"),
     }
     session = request.scope.get("session")
     if isinstance(session, dict):
@@ -271,9 +276,8 @@ async def disconnect_many(request: HTMXRequest) -> Response[Any]:
 @get("/tokens", guards=[require_session])
 async def tokens_page(request: HTMXRequest) -> Template:
     service = _token_service(request)
-    return Template(
-        "tokens.html", context=_common(request, tokens=await service.cluster_status(), shown=None, urlencode=urlencode)
-    )
+    context = _common(request, tokens=await service.cluster_status(), shown=None, urlencode=urlencode)
+    return Template("tokens.html", context={**context, "unrotatable": service.rotation_unavailable()})
 
 
 async def _token_action(request: HTMXRequest) -> tuple[Any, str, dict[str, Any]]:
@@ -291,6 +295,7 @@ def _token_result(
 ) -> Template:
     template = "tokens.html"
     context = _common(request, tokens=tokens, shown=shown, error=error, urlencode=urlencode)
+    context["unrotatable"] = _token_service(request).rotation_unavailable()
     if request.htmx:
         return HTMXBlockTemplate(template_name=template, block_name="panel", context=context, status_code=status)
     return Template(template, context=context, status_code=status)
@@ -305,8 +310,9 @@ async def rotate_token(request: HTMXRequest) -> Template:
             request, await service.cluster_status(), None, f"Type {name} to confirm the rotation.", 400
         )
     principal = principal_of(request)
+    keep = form.get("keep_connections") == "on"  # As the CLI's --keep-connections.
     try:
-        value = await service.rotate(name, principal.name, _remote(request))
+        value = await service.rotate(name, principal.name, _remote(request), keep_connections=keep)
     except Exception as exc:  # RotationUnavailable, TokenStoreError: say why, change nothing.
         return _token_result(request, await service.cluster_status(), None, str(exc), 409)
     shown = {"name": name, "value": value}

@@ -242,7 +242,7 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
 
 
 @get("/client", guards=[require_session])
-async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Template:
+async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Response[Any]:
     """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
     client_id = id
     records, error = await _records(request)
@@ -256,33 +256,31 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     settings = request.app.state.settings
     # Kept by the instances that hold or held the id (appliance/core/recent.py), asked by appliance/recent.py.
     recent, recent_silent = await request.app.state.recent.read(client_id, history)
-    return Template(
-        "client.html",
-        context=_common(
-            request,
-            client_id=client_id,
-            entries=entries,
-            events=events,
-            error=error,
-            history=history,
-            history_error=history_error,
-            history_kept={
-                "where": "in Redis, shared by every instance"
-                if settings.redis_enabled
-                else "in this instance's memory",
-                "per_client": settings.history_per_client,
-                "days": round(settings.history_ttl_seconds / 86400, 1),
-            },
-            recent=recent,
-            recent_silent=recent_silent,
-            recent_kept={
-                "per_client": settings.recent_commands_per_client,
-                "chars": settings.recent_commands_max_chars,
-                "minutes": round(settings.recent_commands_ttl_seconds / 60),
-            },
-            urlencode=urlencode,
-        ),
+    context = _common(
+        request,
+        client_id=client_id,
+        entries=entries,
+        events=events,
+        error=error,
+        history=history,
+        history_error=history_error,
+        history_kept={
+            "where": "in Redis, shared by every instance" if settings.redis_enabled else "in this instance's memory",
+            "per_client": settings.history_per_client,
+            "days": round(settings.history_ttl_seconds / 86400, 1),
+        },
+        recent=recent,
+        recent_silent=recent_silent,
+        recent_kept={
+            "per_client": settings.recent_commands_per_client,
+            "chars": settings.recent_commands_max_chars,
+            "minutes": round(settings.recent_commands_ttl_seconds / 60),
+        },
+        urlencode=urlencode,
     )
+    if request.htmx and not request.htmx.history_restore_request and request.htmx.target == "client-live":
+        return HTMXBlockTemplate(template_name="client.html", block_name="live", context=context)
+    return Template("client.html", context=context)
 
 
 async def _session_valid(request: Request, session_id: str | None) -> bool:

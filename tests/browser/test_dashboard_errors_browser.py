@@ -81,6 +81,13 @@ def test_a_refused_rotation_shows_why_in_the_page(page, app, console):
     console.assert_clean(409)
 
 
+def test_rotation_is_not_offered_where_the_store_cannot_rotate(page, app, console):
+    sign_in(page, app, "/admin/tokens")
+    assert "rotation needs TOKEN_STORE=ssm" in page.locator("#rotation-note").inner_text()
+    assert page.get_by_role("button", name="Rotate").count() == 0
+    console.assert_clean()
+
+
 def test_a_wrong_typed_confirmation_says_what_to_type(page, app, console):
     sign_in(page, app, "/admin/tokens")
     page.evaluate(

@@ -49,6 +49,8 @@
   // "changed" once per change, so a held-back refresh is remembered and runs as soon as the table
   // is live and nothing is ticked (after an action's own refresh, or when the last box is unticked).
   function isTable(elt) { return elt && elt.id === "clients-table"; }
+  // A region the page refreshes on its own (the clients table, a client's page).
+  function isLive(elt) { return Boolean(elt && elt.hasAttribute && elt.hasAttribute("data-background-header")); }
 
   function catchUp() {
     var table = document.getElementById("clients-table");
@@ -89,7 +91,7 @@
 
   document.addEventListener("htmx:beforeSwap", function (evt) {
     var target = evt.detail.target;
-    if (!isTable(target)) return;
+    if (!isLive(target)) return;
     var active = document.activeElement;
     var wrap = target;
     kept = {
@@ -102,7 +104,7 @@
 
   document.addEventListener("htmx:afterSwap", function (evt) {
     var table = evt.target;
-    if (!isTable(table) || !kept) return;
+    if (!isLive(table) || !kept) return;
     var place = kept;
     kept = null;
     table.scrollLeft = place.left;
@@ -183,11 +185,11 @@
     if (box) box.hidden = true;
   });
 
-  // The table's own requests (live refreshes) say they are not the operator's activity: they do
-  // not keep an idle session alive. The table's forms and links are the operator's own.
+  // Live refreshes (of the clients table, of a client's page) say they are not the operator's
+  // activity: they do not keep an idle session alive. The forms and links inside are the operator's own.
   document.addEventListener("htmx:configRequest", function (evt) {
     var elt = evt.detail.elt;
-    if (isTable(elt) && elt.getAttribute("data-background-header")) {
+    if (elt && elt.getAttribute && elt.getAttribute("data-background-header")) {
       evt.detail.headers[elt.getAttribute("data-background-header")] = "1";
     }
   });
