@@ -7,9 +7,13 @@ A page and its htmx partial come from the same template: the partial is a block 
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -40,7 +44,7 @@ from .auth import (
     session_problem,
 )
 from .live import PresenceWatcher
-from .query import PAGE_SIZES, SORTS, ClientQuery, run_query
+from .query import AUDIT_LIMITS, PAGE_SIZES, SORTS, AuditQuery, ClientQuery, run_query
 
 __all__ = ["PREFIX", "ROUTES", "DashboardState", "auth_failed", "forbidden"]
 
@@ -340,11 +344,45 @@ async def events(request: HTMXRequest, since: FromQuery[str] = "") -> ServerSent
 # --- audit trail ----------------------------------------------------------------------------------
 
 
+#: The whole trail is read when a filter beyond the action is set (it is bounded: 1,000 events).
+AUDIT_READ = 1000
+CSV_COLUMNS = ("time_utc", "action", "actor", "source", "target", "detail")
+
+
+async def _audit_events(request: Request, query: AuditQuery) -> list[AuditEvent]:
+    return query.select(await request.app.state.audit.recent(AUDIT_READ, query.action))
+
+
 @get("/audit", guards=[require_session])
-async def audit_page(request: HTMXRequest, action: FromQuery[str] = "", limit: FromQuery[int] = 100) -> Template:
-    limit = limit if limit in (50, 100, 500, 1000) else 100
-    events = await request.app.state.audit.recent(limit, action[:50])
-    return Template("audit.html", context=_common(request, events=events, action=action[:50], limit=limit))
+async def audit_page(request: HTMXRequest) -> Template:
+    query = AuditQuery.from_params(dict(request.query_params))
+    events = await _audit_events(request, query)
+    context = _common(request, events=events, query=query, limits=AUDIT_LIMITS, urlencode=urlencode)
+    return Template("audit.html", context=context)
+
+
+def _csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: never a formula (OWASP "CSV injection")."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+@get("/audit.csv", guards=[require_session])
+async def audit_csv(request: HTMXRequest) -> Response[str]:
+    """The filtered trail as CSV, as the page shows it (same filters, same limit)."""
+    query = AuditQuery.from_params(dict(request.query_params))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for e in await _audit_events(request, query):
+        at = datetime.fromtimestamp(e.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        detail = json.dumps(e.detail, sort_keys=True, separators=(",", ":"), default=str)
+        writer.writerow([_csv_cell(str(v)) for v in (at, e.action, e.actor, e.source, e.target, detail)])
+    name = f"wsbridge-audit-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.csv"
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )
 
 
 # --- system -------------------------------------------------------------------------------------
@@ -392,4 +430,16 @@ async def system_page(request: HTMXRequest) -> Template:
     )
 
 
-ROUTES = [index, login_page, login, logout, session_check, clients_page, client_detail, events, audit_page, system_page]
+ROUTES = [
+    index,
+    login_page,
+    login,
+    logout,
+    session_check,
+    clients_page,
+    client_detail,
+    events,
+    audit_page,
+    audit_csv,
+    system_page,
+]

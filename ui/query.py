@@ -13,10 +13,22 @@ import heapq
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
-__all__ = ["PAGE_SIZES", "SORTS", "ClientQuery", "Page", "facets", "run_query", "summarize", "token_key"]
+__all__ = [
+    "AUDIT_LIMITS",
+    "PAGE_SIZES",
+    "SORTS",
+    "AuditQuery",
+    "ClientQuery",
+    "Page",
+    "facets",
+    "run_query",
+    "summarize",
+    "token_key",
+]
 
 #: Columns the table can be sorted by, and whether their natural order is descending.
 SORTS: dict[str, bool] = {
@@ -203,3 +215,76 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, int]:
         "messages_in": sum(int(r.get("messages_in") or 0) for r in records),
         "messages_out": sum(int(r.get("messages_out") or 0) for r in records),
     }
+
+
+AUDIT_LIMITS = (50, 100, 500, 1000)
+
+
+def _utc_epoch(value: str) -> float | None:
+    """A ``datetime-local`` value (the page says times are UTC), or an ISO time with its own zone."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """The audit page's filters: action prefix, actor and target (a piece of either, any case), time range."""
+
+    action: str = ""
+    actor: str = ""
+    target: str = ""
+    since: str = ""
+    until: str = ""
+    limit: int = 100
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> AuditQuery:
+        try:
+            limit = int(params.get("limit", "100"))
+        except ValueError:
+            limit = 100
+        return cls(
+            action=params.get("action", "").strip()[:50],
+            actor=params.get("actor", "").strip()[:100],
+            target=params.get("target", "").strip()[:200],
+            since=params.get("since", "").strip()[:40],
+            until=params.get("until", "").strip()[:40],
+            limit=limit if limit in AUDIT_LIMITS else 100,
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.action or self.actor or self.target or self.since or self.until)
+
+    def select(self, events: Iterable[Any]) -> list[Any]:
+        """The newest ``limit`` of ``events`` (newest first) that match; an unreadable time bound is ignored."""
+        actor, target = self.actor.casefold(), self.target.casefold()
+        since, until = _utc_epoch(self.since) if self.since else None, _utc_epoch(self.until) if self.until else None
+        chosen = []
+        for event in events:
+            if (
+                event.action.startswith(self.action)
+                and (not actor or actor in event.actor.casefold())
+                and (not target or target in str(event.target).casefold())
+                and (since is None or event.at >= since)
+                and (until is None or event.at <= until)
+            ):
+                chosen.append(event)
+                if len(chosen) >= self.limit:
+                    break
+        return chosen
+
+    def params(self, **changes: Any) -> dict[str, str]:
+        values = {
+            "action": self.action,
+            "actor": self.actor,
+            "target": self.target,
+            "since": self.since,
+            "until": self.until,
+            "limit": str(self.limit),
+        }
+        values.update({k: str(v) for k, v in changes.items()})
+        return {k: v for k, v in values.items() if v}

@@ -119,3 +119,32 @@ def test_times_and_system_values_read_as_an_operator_expects(page_with, start_ap
     assert page.locator("#token-store").inner_text().count("yes") >= 1
     screenshot(page, "system-values")
     console.assert_clean()
+
+
+def test_audit_filters_and_csv_export(page, start_appliance, console, tmp_path):
+    app = start_appliance(name="views-audit")
+    with connect(f"{app.ws}/ws/audit-target", additional_headers={"X-Auth-Token": CLIENT_TOKEN}):
+        sign_in(page, app, "/admin/client?id=audit-target")
+        page.get_by_role("button", name="Disconnect").click()
+        page.get_by_text("Disconnected 1 connection").wait_for(timeout=ms(10))
+    page.goto(app.http + "/admin/audit")
+    filters = page.locator("#audit-filters")
+    filters.get_by_label("By").fill("admin_tok")  # A piece of the actor's name, any case.
+    filters.get_by_label("Target contains").fill("AUDIT-TARG")
+    filters.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(r"actor=admin_tok"))
+    actions = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
+    assert actions == ["client.disconnect"]
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export these rows as CSV").click()
+    path = tmp_path / "audit.csv"
+    download.value.save_as(path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "time_utc,action,actor,source,target,detail"
+    assert len(lines) == 2 and ",client.disconnect,ADMIN_TOKEN," in lines[1] and ",audit-target," in lines[1]
+    # A time range after every event: nothing.
+    filters = page.locator("#audit-filters")
+    filters.get_by_label("From (UTC)").fill("2099-01-01T00:00:00")
+    filters.get_by_role("button", name="Filter").click()
+    page.locator("#audit .empty", has_text="No events match these filters").wait_for(timeout=ms(10))
+    console.assert_clean()

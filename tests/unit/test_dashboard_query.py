@@ -99,3 +99,25 @@ def test_summary_counts_roles_instances_and_messages():
         "messages_in": sum(i % 7 for i in range(20)),
         "messages_out": sum(i % 5 for i in range(20)),
     }
+
+
+def test_audit_query_filters_by_actor_target_and_utc_time_range():
+    from appliance.audit import AuditEvent
+    from ui.query import AuditQuery
+
+    events = [
+        AuditEvent("client.disconnect", "ADMIN_TOKEN", "1.2.3.4", "Unity-7", at=1_800_000_100.0),
+        AuditEvent("login", "VIEWER_TOKEN", "1.2.3.4", at=1_800_000_050.0),
+        AuditEvent("client.disconnect", "ADMIN_TOKEN", "1.2.3.4", "other", at=1_800_000_000.0),
+    ]
+
+    def chosen(**params: str) -> list[str]:
+        return [f"{e.action}:{e.target}" for e in AuditQuery.from_params(params).select(events)]
+
+    assert chosen(actor="viewer") == ["login:"]
+    assert chosen(target="unity") == ["client.disconnect:Unity-7"]
+    # datetime-local values are UTC: 1_800_000_050 is 2027-01-15T08:00:50Z.
+    assert chosen(since="2027-01-15T08:00:50") == ["client.disconnect:Unity-7", "login:"]
+    assert chosen(until="2027-01-15T08:00:49") == ["client.disconnect:other"]
+    assert chosen(since="not a time") == [e for e in chosen()]  # Unreadable: ignored, not an error.
+    assert chosen(limit="50", action="client.") == ["client.disconnect:Unity-7", "client.disconnect:other"]
