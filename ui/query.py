@@ -98,9 +98,9 @@ class ClientQuery:
         )
 
     def matches(self, record: dict[str, Any]) -> bool:
+        # Exact comparisons first: the search, the dearest test, then runs on fewer records.
         return (
-            (not self.search or self._found(record))
-            and (not self.role or record.get("role") == self.role)
+            (not self.role or record.get("role") == self.role)
             and (not self.instance or record.get("instance") == self.instance)
             and (not self.group or self.group in _groups(record))
             and (
@@ -108,16 +108,19 @@ class ClientQuery:
                 or token_key(record) == self.token_version
                 or str(record.get("token_version", "")) == self.token_version
             )
+            and (not self.search or self._found(record, self.search.lower()))
         )
 
-    def _found(self, record: dict[str, Any]) -> bool:
+    @staticmethod
+    def _found(record: dict[str, Any], needle: str) -> bool:
         """The search text anywhere in the id, the remote address or a group name, ignoring case."""
-        needle = self.search.casefold()
-        return (
-            needle in str(record.get("id", "")).casefold()
-            or needle in str(record.get("remote", "")).casefold()
-            or any(needle in group.casefold() for group in _groups(record))
-        )
+        client_id = record.get("id", "")
+        if needle in client_id or needle in client_id.lower():
+            return True
+        if needle in str(record.get("remote", "")):  # Addresses have no case (IPv6 hex is written lower).
+            return True
+        groups = record.get("groups")
+        return bool(groups) and any(needle in group.lower() for group in _groups(record))
 
     def key(self, record: dict[str, Any]) -> tuple[Any, ...]:
         raw = record.get(self.sort)

@@ -100,7 +100,9 @@ def test_a_wrong_typed_confirmation_says_what_to_type(page, app, console):
     console.assert_clean(400)
 
 
-def test_disconnect_all_matching_beyond_the_limit_says_to_narrow_the_filter(page, app, redis_server, console):
+def test_disconnect_all_matching_beyond_the_limit_says_to_narrow_the_filter(
+    page, app, redis_server, console, screenshot
+):
     forge_instance(redis_server, "forged-many", 1001, "many-")
     try:
         sign_in(page, app, "/admin/clients?q=many-")
@@ -111,6 +113,7 @@ def test_disconnect_all_matching_beyond_the_limit_says_to_narrow_the_filter(page
         alert = page.locator("#action-result [role=alert]")
         alert.wait_for(timeout=ms(10))
         assert "narrow the filter to 1000 or fewer" in alert.inner_text()
+        screenshot(page, "clients-action-error")
     finally:
         unforge_instance(redis_server, "forged-many")
     console.assert_clean(409)

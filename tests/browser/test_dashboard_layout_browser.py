@@ -151,7 +151,7 @@ def axe_violations(page) -> list[str]:
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 @pytest.mark.parametrize("width", WIDTHS)
-def test_no_serious_accessibility_violation(page, populated, width, scheme, console):
+def test_no_serious_accessibility_violation(page, populated, width, scheme, console, screenshot):
     app = populated
     source = AXE.read_text()
     page.route(
@@ -167,6 +167,8 @@ def test_no_serious_accessibility_violation(page, populated, width, scheme, cons
     for path in PAGES:
         visit(page, app, path)
         problems[path] = axe_violations(page)
+        if scheme == "dark" and path in ("/admin/clients", "/admin/tokens"):
+            screenshot(page, f"dark-{width}-{path.removeprefix('/admin/')}")
     problems = {path: found for path, found in problems.items() if found}
     assert not problems, json.dumps(problems, indent=1)
     console.assert_clean()

@@ -121,7 +121,7 @@ def test_times_and_system_values_read_as_an_operator_expects(page_with, start_ap
     console.assert_clean()
 
 
-def test_audit_filters_and_csv_export(page, start_appliance, console, tmp_path):
+def test_audit_filters_and_csv_export(page, start_appliance, console, tmp_path, screenshot):
     app = start_appliance(name="views-audit")
     with connect(f"{app.ws}/ws/audit-target", additional_headers={"X-Auth-Token": CLIENT_TOKEN}):
         sign_in(page, app, "/admin/client?id=audit-target")
@@ -135,6 +135,7 @@ def test_audit_filters_and_csv_export(page, start_appliance, console, tmp_path):
     page.wait_for_url(re.compile(r"actor=admin_tok"))
     actions = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
     assert actions == ["client.disconnect"]
+    screenshot(page, "audit-filtered")
     with page.expect_download() as download:
         page.get_by_role("link", name="Export these rows as CSV").click()
     path = tmp_path / "audit.csv"

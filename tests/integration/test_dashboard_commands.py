@@ -77,7 +77,11 @@ def answering(app, client_id: str, reply) -> Iterator:
 def test_send_waits_for_the_reply_and_shows_it_escaped_with_its_round_trip(admin, app):
     evil = "<img src=x onerror=alert(1)>"
     with answering(app, "dash-echo", lambda text: f"done: {text} {evil}"):
-        wait_until(lambda: '<option value="dash-echo">' in admin.get("/admin/send").text, 5, "dash-echo offered")
+        wait_until(
+            lambda: '<option value="dash-echo">' in admin.get("/admin/send/targets?target=ECHO").text,
+            5,
+            "dash-echo suggested",
+        )
         response = admin.post(
             "/admin/send",
             {"kind": "client", "target": "dash-echo", "message": "MoveForward <b>10</b>", "wait": "10"},
