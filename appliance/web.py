@@ -21,6 +21,7 @@ from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from ui import DashboardPlugin  # ui uses appliance's settings, audit and brokers, never this module
 
 from . import __version__, metrics
+from .admission import max_request_bytes
 from .api import API_HANDLERS, mcp_lifespan, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
@@ -49,6 +50,7 @@ _REFUSAL_REASONS = {
     CloseCode.REPLACED: "replaced",
     CloseCode.INTERNAL_ERROR: "internal_error",
     CloseCode.TOKEN_EXPIRED: "token_expired",
+    CloseCode.GROUP_NOT_ALLOWED: "group_not_allowed",
 }
 
 
@@ -155,6 +157,10 @@ async def _serve(socket: RelaySocket, client_id: str) -> None:
     if isinstance(groups, str):
         log.info("Refused connection for id %r: %s", client_id, groups)
         await _refuse(socket, CloseCode.INVALID_CLIENT_ID, subprotocol, groups)
+        return
+    if grant is not None and not grant.allows_groups(groups):  # A scoped token joins only the groups it names.
+        log.info("Refused connection for id %r: groups not allowed for %s", client_id, grant.name)
+        await _refuse(socket, CloseCode.GROUP_NOT_ALLOWED, subprotocol)
         return
     v2 = subprotocol == SUBPROTOCOL_V2
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant, v2=v2, groups=groups)
@@ -347,6 +353,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             }
         ),
         lifespan=[lifespan],
+        # The admission middleware refuses a larger Content-Length unread; this bounds chunked bodies too.
+        request_max_body_size=max_request_bytes(settings),
         middleware=[metrics.http_metrics()],
         exception_handlers={ValidationException: validation_as_422},
         openapi_config=OpenAPIConfig(

@@ -156,7 +156,7 @@ async def login(request: HTMXRequest) -> Response[Any]:
     address = _remote(request)
     limiter = _dashboard(request).limiter
     next_path = _safe_next(form.get("next"))
-    wait = await limiter.retry_after(address)
+    wait = await limiter.attempt(address)  # Counted before the token is judged: a burst gets five judged at most.
     if wait:
         request.clear_session()
         await _audit(request, "login.refused", "unknown", detail="rate limited")
@@ -170,7 +170,6 @@ async def login(request: HTMXRequest) -> Response[Any]:
         )
     principal = authenticate(request.app.state, str(form.get("token") or ""))
     if principal is None:
-        await limiter.failed(address)
         await _forget_expired(request)
         request.clear_session()
         await _audit(request, "login.failed", "unknown")

@@ -1,0 +1,200 @@
+"""Attacks from issue #20 replayed against real appliances; each test failed before its fix.
+
+Real uvicorn (``wsbridge serve``), a real moto SSM for scoped tokens, real Redis where the
+case is about a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from moto_support import MotoServer, seed, unique_prefix
+from support import (
+    ADMIN_TOKEN,
+    CLIENT_TOKEN,
+    CONTROLLER_TOKEN,
+    SCAN,
+    closed_with,
+    command,
+    eventually,
+    recv,
+    recv_json,
+    timeout,
+)
+from websockets.asyncio.client import connect
+
+SEED = {"LLM_SECRET_TOKEN": CONTROLLER_TOKEN, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN}
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+def scoped_token(name: str) -> str:
+    value = secrets.token_urlsafe(32)
+    SCAN.add_secrets({f"client_tokens/{name}": value})
+    return value
+
+
+# --- 1. scoped client tokens and groups -------------------------------------------------------------
+
+
+async def test_scoped_token_joins_only_the_groups_it_names_and_the_shared_token_any(start_appliance, moto):
+    prefix = unique_prefix()
+    kiosks, bare = scoped_token("kiosks"), scoped_token("bare")
+    seed(
+        moto.ssm(),
+        prefix,
+        {
+            **SEED,
+            "client_tokens/kiosks": json.dumps({"ids": "kiosk-*", "groups": ["kiosks"], "token": kiosks}),
+            "client_tokens/bare": json.dumps({"ids": "bare-*", "token": bare}),
+        },
+    )
+    app = start_appliance(moto.appliance_env(prefix), name="groups")
+    # The attack: a kiosk token joining another fleet's groups is refused before it is registered.
+    async with app.connect("kiosk-7?groups=lights,doors", kiosks) as intruder:
+        assert (await closed_with(intruder))[0] == 4014
+    async with app.connect("kiosk-8?groups=kiosks,lights", kiosks) as intruder:
+        assert (await closed_with(intruder))[0] == 4014
+    async with app.connect("bare-1?groups=kiosks", bare) as intruder:  # no "groups": no group at all
+        assert (await closed_with(intruder))[0] == 4014
+    async with (
+        app.connect("kiosk-1?groups=kiosks", kiosks) as kiosk,
+        app.connect("bare-2", bare) as plain,
+        app.connect("lamp_1?groups=lights", CLIENT_TOKEN) as lamp,  # the shared token: any group, as before
+        app.controller() as llm,
+    ):
+        await llm.send(command("group:lights", "on", id=1))
+        assert await recv(lamp) == "on"
+        assert (await recv_json(llm))["count"] == 1  # the refused intruders are not counted
+        await llm.send(command("group:kiosks", "wake", id=2))
+        assert await recv(kiosk) == "wake"
+        assert (await recv_json(llm))["count"] == 1
+        await llm.send(command("bare-2", "hello"))
+        assert await recv(plain) == "hello"
+    body = (await app.aget("/metrics"))[1]
+    assert 'wsbridge_connections_closed_total{reason="group_not_allowed"} 3.0' in body
+
+
+# --- 3. the sign-in lock-out under a burst ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_burst_of_sign_ins_from_one_address_gets_at_most_five_judged(start_appliance, request, backend):
+    redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    app = start_appliance(redis_url=redis_url, name=f"burst-{backend}")
+    async with httpx.AsyncClient(
+        base_url=app.http, timeout=timeout(60), limits=httpx.Limits(max_connections=200)
+    ) as http:
+        page = await http.get("/admin/login")
+        csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+        guesses = [f"wrong-guess-{i:03d}" for i in range(149)]
+        guesses.insert(75, ADMIN_TOKEN)  # the right one in the middle of the burst, from the same address
+
+        async def sign_in(token: str) -> int:
+            response = await http.post("/admin/login", data={"token": token, "_csrf_token": csrf})
+            return response.status_code
+
+        statuses = await asyncio.gather(*(sign_in(token) for token in guesses))
+    judged = [status for status in statuses if status != 429]
+    assert len(judged) <= 5, sorted(statuses)
+    assert set(judged) <= {401, 303}
+    # The lock-out holds afterwards too, whoever got in: the right token is refused now.
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as late:
+        page = await late.get("/admin/login")
+        csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+        response = await late.post("/admin/login", data={"token": ADMIN_TOKEN, "_csrf_token": csrf})
+        if 303 not in judged:  # the right one lost the race: the address stays locked out
+            assert response.status_code == 429
+
+
+# --- 2. slow request bodies ------------------------------------------------------------------------------
+
+SLOW_BODY = (
+    b"POST /api/v1/commands HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\nContent-Length: 100\r\n%s\r\n"
+)
+
+
+async def slow_body(app, address: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request that announces 100 bytes of body and never sends them."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    forwarded = f"X-Forwarded-For: {address}\r\n".encode() if address else b""
+    writer.write(SLOW_BODY % forwarded)
+    await writer.drain()
+    return reader, writer
+
+
+async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout(within)):
+            while await reader.read(65536):
+                pass  # An answer, if any; then the end.
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass  # Aborted: a reset is a close too.
+    return True
+
+
+async def test_a_body_that_never_comes_is_dropped_at_the_deadline_and_healthz_stays_served(start_appliance):
+    app = start_appliance({"HANDSHAKE_TIMEOUT": "2"}, name="slowbody")
+    held = [await slow_body(app) for _ in range(200)]
+    try:
+        for _ in range(3):
+            status, _ = await app.aget("/healthz")
+            assert status == 200
+        async with app.connect("device_1") as device, app.controller() as llm:
+            await llm.send(command("device_1", "still served"))
+            assert await recv(device) == "still served"
+        closed = await asyncio.gather(*(closed_by_server(reader, 30) for reader, _ in held))
+        assert all(closed), f"{closed.count(False)} of {len(closed)} slow bodies still open"
+    finally:
+        for _, writer in held:
+            writer.close()
+    metrics_text = (await app.aget("/metrics"))[1]
+    assert "wsbridge_handshake_timeouts_total 200.0" in metrics_text
+
+
+async def test_requests_waiting_for_their_body_count_in_the_per_address_cap(start_appliance):
+    app = start_appliance(
+        {"HANDSHAKE_TIMEOUT": "60", "MAX_CONNECTIONS_PER_ADDRESS": "20", "LIMITS_EXEMPT_IPS": ""}, name="slowcap"
+    )
+    attacker, bystander = "203.0.113.9", "203.0.113.10"
+    held = [await slow_body(app, attacker) for _ in range(20)]
+    try:
+        async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as http:
+
+            async def refused() -> bool:
+                # With a valid token, so no failed handshake (and no cool-down) can explain a 429.
+                headers = {"X-Forwarded-For": attacker, "X-Auth-Token": CONTROLLER_TOKEN}
+                response = await http.get("/api/v1/clients", headers=headers)
+                return response.status_code == 429 and response.json()["error"] == "too_many_connections"
+
+            await eventually(refused, 10, "the attacker's 21st request refused")
+            response = await http.get(
+                "/api/v1/clients", headers={"X-Forwarded-For": bystander, "X-Auth-Token": CONTROLLER_TOKEN}
+            )
+            assert response.status_code == 200
+            assert (await app.aget("/healthz"))[0] == 200
+        # A body announced too large is refused before a byte of it is read, at once and not at the deadline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+        writer.write(b"POST /api/v1/commands HTTP/1.1\r\nHost: bridge\r\nContent-Length: 500000000\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(65536), timeout(10))
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"body_too_large" in answer
+        headers = {"X-Auth-Token": CLIENT_TOKEN, "X-Forwarded-For": attacker}
+        async with connect(f"{app.ws}/ws/device_2", additional_headers=headers) as device:
+            assert (await closed_with(device))[0] == 4013
+    finally:
+        for _, writer in held:
+            writer.close()
