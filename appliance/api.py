@@ -461,9 +461,12 @@ async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
 
     server = build_mcp_server(LocalBackend(app.state.commands))
     # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
-    # legitimate names behind the load balancer.
+    # legitimate names behind the load balancer. Stateless: the tools keep no session state,
+    # and a session held in one instance's memory answered 404 on every other replica
+    # behind a load balancer without sticky sessions (docker-compose.prod.yml runs two).
     app.state.mcp_app = server.streamable_http_app(
         streamable_http_path="/mcp",
+        stateless_http=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
     async with server.session_manager.run():

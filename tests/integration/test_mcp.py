@@ -119,3 +119,57 @@ async def test_http_mcp_needs_the_controller_token(bridge, token):
     async with httpx2.AsyncClient(headers=headers) as http:
         response = await http.post(f"{bridge.http}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
     assert response.status_code == 401
+
+
+async def test_http_mcp_sessions_work_across_two_instances_without_sticky_sessions(redis_server):
+    """docker-compose.prod.yml runs two replicas behind Traefik without sticky sessions.
+
+    Spoken as the MCP Inspector and the TypeScript client speak it (``initialize``, then the
+    ``mcp-session-id`` it returned), each request on the next instance: a session kept in one
+    instance's memory answered ``404 Session not found`` on the other.
+    """
+    from support import Appliance
+
+    a = Appliance(redis_url=redis_server.url, name="mcp-rr-a")
+    b = Appliance(redis_url=redis_server.url, name="mcp-rr-b")
+    await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+    instances = [a, b]
+    session: dict[str, str] = {}
+
+    async def rpc(http: httpx2.AsyncClient, n: int, method: str, params: dict | None = None) -> dict | None:
+        message: dict = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+        if not method.startswith("notifications/"):
+            message["id"] = n
+        response = await http.post(f"{instances[n % 2].http}/mcp", json=message, headers=session)
+        assert response.status_code in (200, 202), (method, instances[n % 2].name, response.status_code, response.text)
+        if "mcp-session-id" in response.headers:
+            session["mcp-session-id"] = response.headers["mcp-session-id"]
+        if response.status_code == 202:
+            return None
+        if response.headers["content-type"].startswith("text/event-stream"):
+            data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+            return json.loads(data[-1])
+        return response.json()
+
+    try:
+        target = uid("rr")
+        headers = {"Authorization": f"Bearer {CONTROLLER_TOKEN}", "Accept": "application/json, text/event-stream"}
+        async with answering_client(a, target), httpx2.AsyncClient(headers=headers, timeout=timeout(30)) as http:
+            init = await rpc(
+                http,
+                0,
+                "initialize",
+                {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "rr", "version": "1"}},
+            )
+            assert init is not None and "serverInfo" in init["result"]
+            await rpc(http, 1, "notifications/initialized")
+            listed = await rpc(http, 3, "tools/list")  # on b
+            assert listed is not None
+            assert {tool["name"] for tool in listed["result"]["tools"]} >= {"send_command", "list_clients"}
+            for n in (4, 5):  # one call on each instance; the client sits on a
+                call = {"name": "send_command", "arguments": {"target": target, "message": f"m{n}"}}
+                sent = await rpc(http, n, "tools/call", call)
+                assert sent is not None and not sent["result"].get("isError"), sent
+                assert sent["result"]["structuredContent"]["reply"] == f"ok: m{n}"
+    finally:
+        await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
