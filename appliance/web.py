@@ -14,6 +14,7 @@ from litestar.connection.base import empty_receive, empty_send
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
@@ -362,6 +363,10 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             version=__version__,
             description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
             path="/schema",
+            # The schema only (at /schema and /schema/openapi.json), no documentation UI: Litestar's UIs load
+            # third-party scripts without SRI (Redoc from a mutable URL) on the dashboard's origin, outside the
+            # dashboard's CSP, so such a script could read a CSRF token and act as a signed-in admin (#20).
+            render_plugins=[JsonRenderPlugin()],
             # Declared so a generated client (an LLM tool definition) sends the header; /healthz,
             # /readyz and / ignore it.
             components=Components(

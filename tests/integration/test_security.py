@@ -7,9 +7,11 @@ case is about a cluster.
 from __future__ import annotations
 
 import asyncio
+import html.parser
 import json
 import re
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 
 import httpx
@@ -198,3 +200,96 @@ async def test_requests_waiting_for_their_body_count_in_the_per_address_cap(star
     finally:
         for _, writer in held:
             writer.close()
+
+
+# --- 5. no page loads a script from elsewhere ------------------------------------------------------------
+
+#: Where the crawl starts: the public pages, the documentation UIs Litestar can serve, the dashboard.
+START_PAGES = [
+    "/",
+    "/healthz",
+    "/readyz",
+    "/schema",
+    "/schema/openapi.json",
+    "/schema/swagger",
+    "/schema/redoc",
+    "/schema/elements",
+    "/schema/rapidoc",
+    "/schema/openapi.yaml",
+    "/admin/",
+    "/admin/login",
+    "/admin/clients",
+    "/admin/system",
+    "/admin/audit",
+    "/admin/client?id=crawl_1",
+    "/admin/send",
+    "/admin/tokens",
+]
+
+
+_LOADS = frozenset({("script", "src"), ("link", "href"), ("iframe", "src"), ("img", "src"), ("embed", "src")})
+
+
+class _References(html.parser.HTMLParser):
+    """Every URL a page makes the browser load (scripts, styles, frames, images) and every link it offers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if value is None:
+                continue
+            if (tag, name) in _LOADS:
+                self.loads.append(value)
+            elif tag == "a" and name == "href":
+                self.links.append(value)
+
+
+async def test_no_page_of_the_appliance_references_a_script_outside_its_own_origin(start_appliance):
+    app = start_appliance({"VIEWER_TOKEN": secrets.token_urlsafe(32)}, name="crawl")
+    own = urllib.parse.urlsplit(app.http).netloc
+    async with (
+        app.connect("crawl_1"),
+        httpx.AsyncClient(base_url=app.http, timeout=timeout(10), follow_redirects=True) as http,
+    ):
+        page = await http.get("/admin/login")
+        csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+        signed_in = await http.post("/admin/login", data={"token": ADMIN_TOKEN, "_csrf_token": csrf})
+        assert signed_in.url.path == "/admin/clients"
+        seen: set[str] = set()
+        queue = list(START_PAGES)
+        foreign: list[tuple[str, str]] = []
+        html_pages = 0
+        while queue and len(seen) < 200:
+            path = queue.pop(0)
+            if path in seen or "logout" in path or path.endswith("/events"):
+                continue
+            seen.add(path)
+            async with http.stream("GET", path) as response:
+                kind = response.headers.get("content-type", "")
+                if "text/html" not in kind:
+                    continue
+                body = (await response.aread()).decode(errors="replace")
+            html_pages += 1
+            parser = _References()
+            parser.feed(body)
+            for url in parser.loads:
+                parts = urllib.parse.urlsplit(url)
+                if (parts.scheme or parts.netloc) and parts.netloc != own:
+                    foreign.append((path, url))
+            if "<script" in body:  # Any page with a script carries the strict policy.
+                assert "script-src 'self'" in response.headers.get("content-security-policy", ""), path
+            for link in parser.links:
+                parts = urllib.parse.urlsplit(urllib.parse.urljoin(app.http + path, link))
+                if parts.netloc == own and parts.path not in seen:
+                    queue.append(parts.path + (f"?{parts.query}" if parts.query else ""))
+    assert html_pages >= 8, seen
+    assert foreign == []
+    # The schema stays for tools and LLM tool definitions; no documentation UI is served.
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as http:
+        assert (await http.get("/schema/openapi.json")).json()["info"]["title"] == "WebSocket Bridge"
+        for ui in ("/schema/swagger", "/schema/redoc", "/schema/elements", "/schema/rapidoc"):
+            assert (await http.get(ui)).status_code == 404
