@@ -208,6 +208,11 @@ class Settings(BaseSettings):
     viewer_token: SecretStr | None = Field(
         None, description="Optional read-only dashboard token: sees every page, can act on nothing."
     )
+    viewer_sees_messages: bool = Field(
+        False,
+        description="Whether the viewer token sees command and reply texts on a client's page; by default it sees "
+        "their outcome, time and round trip only.",
+    )
     grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
     prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
     dashboard_idle_timeout: int = Field(

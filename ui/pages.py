@@ -240,6 +240,10 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     return Template("clients.html", context=context, headers=timing)
 
 
+#: What the viewer token does not see of a recent command unless VIEWER_SEES_MESSAGES is set.
+_TEXTS = frozenset({"message", "reply"})
+
+
 @get("/client", guards=[require_session])
 async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Template:
     """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
@@ -255,6 +259,9 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     settings = request.app.state.settings
     # Kept by the instances that hold or held the id (appliance/core/recent.py), asked through the relay.
     recent, recent_silent = await relay.recent_commands(client_id, history)
+    texts_shown = principal_of(request).can_act or settings.viewer_sees_messages
+    if not texts_shown:  # Outcome, time and round trip only: texts are what the devices are told and answer.
+        recent = [{key: value for key, value in c.items() if key not in _TEXTS} for c in recent]
     return Template(
         "client.html",
         context=_common(
@@ -274,6 +281,7 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
             },
             recent=recent,
             recent_silent=recent_silent,
+            texts_shown=texts_shown,
             recent_kept={
                 "per_client": settings.recent_commands_per_client,
                 "chars": settings.recent_commands_max_chars,

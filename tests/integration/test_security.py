@@ -293,3 +293,42 @@ async def test_no_page_of_the_appliance_references_a_script_outside_its_own_orig
         assert (await http.get("/schema/openapi.json")).json()["info"]["title"] == "WebSocket Bridge"
         for ui in ("/schema/swagger", "/schema/redoc", "/schema/elements", "/schema/rapidoc"):
             assert (await http.get(ui)).status_code == 404
+
+
+# --- 6. the viewer and command texts ------------------------------------------------------------------------
+
+
+async def _sign_in(http: httpx.AsyncClient, token: str) -> None:
+    page = await http.get("/admin/login")
+    csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+    response = await http.post("/admin/login", data={"token": token, "_csrf_token": csrf})
+    assert response.status_code == 303, response.text
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_the_viewer_sees_outcomes_but_not_texts_unless_allowed(start_appliance, allowed):
+    viewer_token = secrets.token_urlsafe(32)
+    env = {"VIEWER_TOKEN": viewer_token, **({"VIEWER_SEES_MESSAGES": "true"} if allowed else {})}
+    app = start_appliance(env, name=f"viewer-{allowed}")
+    async with app.connect("kiosk_9") as kiosk, app.controller() as llm:
+        await llm.send(command("kiosk_9", "OPEN-THE-SAFE-4711", id=1))
+        assert await recv(kiosk) == "OPEN-THE-SAFE-4711"
+        await kiosk.send("SAFE-CODE-0815")
+        assert (await recv_json(llm))["status"] == "delivered"
+        async with (
+            httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as viewer,
+            httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as admin,
+        ):
+            await _sign_in(viewer, viewer_token)
+            await _sign_in(admin, ADMIN_TOKEN)
+
+            async def replied() -> str | None:
+                page = (await viewer.get("/admin/client?id=kiosk_9")).text
+                return page if 'data-outcome="replied"' in page else None
+
+            page = await eventually(replied, 10, "the reply on the viewer's client page")
+            assert ("OPEN-THE-SAFE-4711" in page) is allowed
+            assert ("SAFE-CODE-0815" in page) is allowed
+            assert " ms</td>" in page  # the round trip stays
+            admin_page = (await admin.get("/admin/client?id=kiosk_9")).text
+            assert "OPEN-THE-SAFE-4711" in admin_page and "SAFE-CODE-0815" in admin_page
