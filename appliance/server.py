@@ -13,11 +13,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import logflood
 from .admission import AdmissionMiddleware
+from .app import create_app
 from .handshake_guard import guarded_http_protocol
 from .relay import Relay
 from .settings import Settings
 from .tokens import TokenStore
-from .web import create_app
 from .ws_protocol import OrderedWebSocketsProtocol
 
 __all__ = ["build_server", "joined_writes", "run", "transport_max_size"]

@@ -257,8 +257,8 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     except BrokerUnavailable as exc:
         history, history_error = [], str(exc)
     settings = request.app.state.settings
-    # Kept by the instances that hold or held the id (appliance/core/recent.py), asked through the relay.
-    recent, recent_silent = await relay.recent_commands(client_id, history)
+    # Kept by the instances that hold or held the id (appliance/core/recent.py), asked by appliance/recent.py.
+    recent, recent_silent = await request.app.state.recent.read(client_id, history)
     texts_shown = principal_of(request).can_act or settings.viewer_sees_messages
     if not texts_shown:  # Outcome, time and round trip only: texts are what the devices are told and answer.
         recent = [{key: value for key, value in c.items() if key not in _TEXTS} for c in recent]

@@ -4,8 +4,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from appliance.app import create_app
 from appliance.settings import Settings
-from appliance.web import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
