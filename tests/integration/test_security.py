@@ -332,3 +332,45 @@ async def test_the_viewer_sees_outcomes_but_not_texts_unless_allowed(start_appli
             assert " ms</td>" in page  # the round trip stays
             admin_page = (await admin.get("/admin/client?id=kiosk_9")).text
             assert "OPEN-THE-SAFE-4711" in admin_page and "SAFE-CODE-0815" in admin_page
+
+
+# --- 7. commands sent with the admin token are audited, whatever the channel -------------------------------
+
+
+async def test_commands_sent_with_the_admin_token_through_the_api_and_mcp_are_audit_events(start_appliance):
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    app = start_appliance(name="audit-admin")
+    async with app.connect("valve_3") as valve:
+
+        async def answer() -> None:
+            async for text in valve:
+                await valve.send("done: " + str(text))
+
+        answering = asyncio.create_task(answer())
+        try:
+            async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as http:
+                for token, text in ((ADMIN_TOKEN, "API-BY-ADMIN"), (CONTROLLER_TOKEN, "API-BY-CONTROLLER")):
+                    body = {"target": "valve_3", "message": text, "wait_ms": 5000}
+                    sent = await http.post("/api/v1/commands", json=body, headers={"X-Auth-Token": token})
+                    assert sent.status_code == 200, sent.text
+            bearer = httpx2.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=timeout(30))
+            mcp = Client(
+                streamable_http_client(f"{app.http}/mcp", http_client=bearer), read_timeout_seconds=timeout(30)
+            )
+            async with mcp as client:
+                result = await client.call_tool("send_command", {"target": "valve_3", "message": "MCP-BY-ADMIN"})
+                assert not result.is_error, result.content
+        finally:
+            answering.cancel()
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as admin:
+        await _sign_in(admin, ADMIN_TOKEN)
+        trail = (await admin.get("/admin/audit?action=command.send")).text
+    rows = re.findall(r"<tr><td>[^<]*</td><td>command\.send</td>.*?</tr>", trail)
+    assert len(rows) == 2, rows  # the admin's two; the controller's commands are its own, not audited
+    assert any("via=api" in row and "ADMIN_TOKEN" in row and "valve_3" in row for row in rows)
+    assert any("via=mcp" in row and "ADMIN_TOKEN" in row and "valve_3" in row for row in rows)
+    assert all("status=replied" in row and "message=sha256:" in row for row in rows)
+    assert "API-BY-ADMIN" not in trail and "MCP-BY-ADMIN" not in trail  # a digest, never the text
