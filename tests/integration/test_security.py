@@ -30,6 +30,7 @@ from support import (
     timeout,
 )
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 SEED = {"LLM_SECRET_TOKEN": CONTROLLER_TOKEN, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN}
 
@@ -374,3 +375,51 @@ async def test_commands_sent_with_the_admin_token_through_the_api_and_mcp_are_au
     assert any("via=mcp" in row and "ADMIN_TOKEN" in row and "valve_3" in row for row in rows)
     assert all("status=replied" in row and "message=sha256:" in row for row in rows)
     assert "API-BY-ADMIN" not in trail and "MCP-BY-ADMIN" not in trail  # a digest, never the text
+
+
+# --- 9. X-Forwarded-For ------------------------------------------------------------------------------------------
+
+
+async def test_forwarded_for_values_that_are_not_client_addresses_fall_back_to_the_peer(start_appliance):
+    # The test's own address (127.0.0.1) is a trusted proxy (the default FORWARDED_ALLOW_IPS) but not exempt.
+    app = start_appliance({"LIMITS_EXEMPT_IPS": "192.0.2.1"}, name="xff")
+    forged = "<b>xff</b> 200 OK forged line"
+    async with connect(
+        f"{app.ws}/ws/xff_1", additional_headers={"X-Auth-Token": CLIENT_TOKEN, "X-Forwarded-For": "<b>xff</b>"}
+    ):
+        listed = (await app.aget("/api/v1/clients", CONTROLLER_TOKEN))[1]
+        remote = next(c["remote"] for c in listed["clients"] if c["id"] == "xff_1")
+        assert remote.startswith("127.0.0.1:"), remote
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as http:
+        # Sign-ins with a different junk value each: one address (the peer's), so the lock-out holds.
+        page = await http.get("/admin/login")
+        csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+        statuses = []
+        for i in range(8):
+            response = await http.post(
+                "/admin/login",
+                data={"token": f"guess-{i}", "_csrf_token": csrf},
+                headers={"X-Forwarded-For": f"not-an-ip-{i}" if i % 2 else f"{forged} {i}"},
+            )
+            statuses.append(response.status_code)
+        assert statuses == [401] * 5 + [429] * 3, statuses
+    text = (await app.aget("/metrics"))[1]
+    assert "wsbridge_forwarded_for_refused_total 9.0" in text
+    assert "<b>xff</b>" not in app.log() and "forged line" not in app.log()
+
+
+async def test_an_exempt_address_cannot_be_claimed_in_x_forwarded_for(start_appliance):
+    app = start_appliance(
+        {"LIMITS_EXEMPT_IPS": "192.0.2.1", "MAX_FAILED_HANDSHAKES_PER_MINUTE": "3", "HANDSHAKE_COOLDOWN": "60"},
+        name="xff-exempt",
+    )
+    codes = []
+    headers = {"X-Auth-Token": "wrong-token", "X-Forwarded-For": "192.0.2.1"}
+    for _ in range(6):
+        try:
+            async with connect(f"{app.ws}/ws/xff_2", additional_headers=headers) as ws:
+                codes.append((await closed_with(ws))[0])
+        except InvalidStatus as refused:
+            codes.append(refused.response.status_code)
+    # Counted under the peer's address, which is not exempt: the cool-down comes.
+    assert codes[:3] == [4001] * 3 and 429 in codes[3:], codes
