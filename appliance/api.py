@@ -17,6 +17,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
 from msgspec import Meta, Struct
 
+from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
 from .commands import CommandService
@@ -240,7 +241,7 @@ async def post_command(
     ] = None,
 ) -> Response[dict[str, Any]]:
     """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
-    require_token(request, allow_controller=True)
+    grant = require_token(request, allow_controller=True)
     commands = _commands(request)
     limit = commands.settings.command_timeout_max_ms
     for name, value in (("wait_ms", data.wait_ms), ("timeout_ms", data.timeout_ms)):
@@ -256,6 +257,16 @@ async def post_command(
         timeout_ms=data.timeout_ms,
         queue=data.queue,
         idempotency_key=idempotency_key,
+    )
+    await audit_admin_command(
+        getattr(request.app.state, "audit", None),
+        grant.name,
+        grant.role,
+        _source(request),
+        data.target,
+        data.message,
+        outcome.body.get("status") or outcome.body.get("error"),
+        "api",
     )
     headers = {}
     if outcome.http_status == 429 and "retry_after_ms" in outcome.body:

@@ -21,11 +21,13 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.exceptions import ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from ui import DashboardPlugin
 
 from . import __version__, metrics
+from .admission import max_request_bytes
 from .api import API_HANDLERS, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
@@ -173,6 +175,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             }
         ),
         lifespan=[lifespan],
+        # The admission middleware refuses a larger Content-Length unread; this bounds chunked bodies too.
+        request_max_body_size=max_request_bytes(settings),
         middleware=[metrics.http_metrics()],
         exception_handlers={ValidationException: validation_as_422},
         openapi_config=OpenAPIConfig(
@@ -180,6 +184,10 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             version=__version__,
             description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
             path="/schema",
+            # The schema only (at /schema and /schema/openapi.json), no documentation UI: Litestar's UIs load
+            # third-party scripts without SRI (Redoc from a mutable URL) on the dashboard's origin, outside the
+            # dashboard's CSP, so such a script could read a CSRF token and act as a signed-in admin (#20).
+            render_plugins=[JsonRenderPlugin()],
             # Declared so a generated client (an LLM tool definition) sends the header; /healthz,
             # /readyz and / ignore it.
             components=Components(
