@@ -4,7 +4,8 @@ Every metric of the appliance is declared here, once, with its help text, labels
 buckets, except the guards' own, declared next to the one place that counts them, on
 this module's ``REGISTRY``: ``wsbridge_admission_refused_total`` and
 ``wsbridge_address_cooldowns_total`` (appliance/admission.py),
-``wsbridge_handshake_timeouts_total`` (appliance/handshake_guard.py) and
+``wsbridge_handshake_timeouts_total`` (appliance/handshake_guard.py),
+``wsbridge_forwarded_for_refused_total`` (appliance/forwarded.py) and
 ``wsbridge_log_lines_suppressed_total`` (appliance/logflood.py). ``monitoring/rules/`` and
 the Grafana dashboards use these names and
 ``monitoring/runbook.md`` explains them. The hot path never looks a label up: each

@@ -307,8 +307,8 @@ async def test_http_errors(relay):
         queued = {"target": uid("q"), "message": "x", "queue": True, "wait_ms": 10_000, "id": "hq"}
         response = await http.post("/api/v1/commands", json=queued)
         assert (response.status_code, response.json()["status"]) == (202, "queued")  # queued: not awaited
-        response = await http.post("/api/v1/commands", json=queued)
-        assert (response.status_code, response.json()["duplicate"]) == (202, True)
+        response = await http.post("/api/v1/commands", json=queued)  # a retry: the first outcome, not queued twice
+        assert (response.status_code, response.json()["status"], response.json()["replayed"]) == (202, "queued", True)
         response = await http.post("/api/v1/commands", json={"target": target, "message": "x" * 70_000})
         assert response.status_code == 413
         assert response.json()["error"] == "message_too_large"
