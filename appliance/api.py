@@ -9,7 +9,7 @@ tool definition from.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -161,6 +161,12 @@ class RecentCommand(Struct, omit_defaults=True):
     detail: Annotated[str | None, Meta(description="Why it failed (outcome error).")] = None
 
 
+#: Absent unless set (the single-record GET always sets them, empty or not): ``UNSET`` typed as the list, so
+#: the schema says "a list" exactly as before while an unset field is left out of the JSON.
+_ABSENT_HISTORYENTRY = cast(list[HistoryEntry], UNSET)
+_ABSENT_RECENTCOMMAND = cast(list[RecentCommand], UNSET)
+
+
 class ClientRecord(Struct, omit_defaults=True):
     id: str
     role: str
@@ -177,15 +183,15 @@ class ClientRecord(Struct, omit_defaults=True):
     protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
     groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
     history: Annotated[
-        list[HistoryEntry] | UnsetType,
+        list[HistoryEntry],
         Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
-    ] = UNSET
+    ] = _ABSENT_HISTORYENTRY
     recent_commands: Annotated[
-        list[RecentCommand] | UnsetType,
+        list[RecentCommand],
         Meta(
             description="Commands last sent to the id and their replies, newest first (GET /api/v1/clients/{id} only)."
         ),
-    ] = UNSET
+    ] = _ABSENT_RECENTCOMMAND
 
 
 class ClientPage(Struct):
