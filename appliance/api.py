@@ -1,4 +1,4 @@
-"""HTTP command API (``/api/v1/commands``, ``/api/v1/clients/...``) and the MCP endpoint ``/mcp``.
+"""HTTP command API (``/api/v1/commands``, ``/api/v1/clients/...``); the MCP endpoint is appliance/mcp_http.py.
 
 Handlers are thin: they authenticate, let Litestar validate the body (one error
 shape, 422), and call the command service on ``app.state.commands``. The request
@@ -9,45 +9,25 @@ tool definition from.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
-from litestar.handlers import asgi
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
-from litestar.types import Receive, Scope, Send
 from msgspec import Meta, Struct
 
+from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
+from .client_pages import MAX_PAGE, filter_clients
 from .commands import CommandService
-from .controller import ReplyTimeout, error_for
 from .core.protocol import CloseCode
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
+from .http_auth import require_token
+from .recent import RecentCommands
+from .relay import Relay
 
-__all__ = [
-    "API_HANDLERS",
-    "CommandBody",
-    "LocalBackend",
-    "filter_clients",
-    "mcp_lifespan",
-    "validation_as_422",
-]
-
-MAX_PAGE = 1000
-
-
-# --- auth: the one place this module checks tokens (the token store replaces it) -----------
-
-
-def _require(request: Request[Any, Any, Any], *, allow_controller: bool) -> None:
-    from .web import _require_token  # web imports this module: import at call time.
-
-    _require_token(request, allow_controller=allow_controller)
+__all__ = ["API_HANDLERS", "CommandBody", "validation_as_422"]
 
 
 # --- bodies --------------------------------------------------------------------------------------
@@ -70,7 +50,9 @@ class CommandBody(Struct, forbid_unknown_fields=True):
         CommandId | None,
         Meta(
             description=f"Your id for this command (string of 1-{MAX_COMMAND_ID_LENGTH} characters, or integer); "
-            "generated if absent. A repeated (id) is never delivered twice from the queue."
+            "generated if absent. It also makes the command safe to retry: the same id within "
+            "IDEMPOTENCY_WINDOW_SECONDS (default 600) returns the first command's outcome (marked replayed), "
+            "or waits for it, and never reaches the client twice; the same id for another command is 409."
         ),
     ] = None
     wait_ms: (
@@ -103,6 +85,9 @@ class CommandResult(Struct):
     count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
     expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
     duplicate: bool | None = None
+    replayed: Annotated[
+        bool | None, Meta(description="true: the outcome of an earlier request with the same id or Idempotency-Key.")
+    ] = None
     detail: str | None = None
 
 
@@ -210,6 +195,14 @@ def _commands(request: Request[Any, Any, Any]) -> CommandService:
     return request.app.state.commands
 
 
+def _relay(request: Request[Any, Any, Any]) -> Relay:
+    return request.app.state.relay
+
+
+def _recent(request: Request[Any, Any, Any]) -> RecentCommands:
+    return request.app.state.recent
+
+
 _COMMAND_RESPONSES = {
     200: ResponseSpec(CommandResult, description="The client replied (with wait_ms)."),
     202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
@@ -222,6 +215,10 @@ _COMMAND_RESPONSES = {
 }
 
 
+#: Long enough for a UUID or a hash with a prefix; short enough to keep Redis keys small.
+MAX_IDEMPOTENCY_KEY_LENGTH = 200
+
+
 @post(
     "/api/v1/commands",
     status_code=202,
@@ -229,14 +226,29 @@ _COMMAND_RESPONSES = {
     summary="Send a command to a client and optionally wait for its reply",
     tags=["commands"],
 )
-async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBody]) -> Response[dict[str, Any]]:
+async def post_command(
+    request: Request[Any, Any, Any],
+    data: JSONBody[CommandBody],
+    idempotency_key: Annotated[
+        str | None,
+        Parameter(
+            header="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+            description="Makes a retry safe without choosing an id: the same key within the window returns the "
+            "first command's outcome and never sends it twice (takes precedence over id for that).",
+        ),
+    ] = None,
+) -> Response[dict[str, Any]]:
     """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
-    _require(request, allow_controller=True)
+    grant = require_token(request, allow_controller=True)
     commands = _commands(request)
-    limit = commands.relay.settings.command_timeout_max_ms
+    limit = commands.settings.command_timeout_max_ms
     for name, value in (("wait_ms", data.wait_ms), ("timeout_ms", data.timeout_ms)):
         if value is not None and value > limit:
             raise ValidationException(f"{name} must be at most {limit}", extra=[{"key": name, "message": "too large"}])
+    if idempotency_key is None and data.id is not None:
+        idempotency_key = f"id:{data.id!r}"  # repr: the string "7" and the integer 7 are different ids
     outcome = await commands.send_command(
         data.target,
         data.message,
@@ -244,6 +256,17 @@ async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBo
         wait_ms=data.wait_ms,
         timeout_ms=data.timeout_ms,
         queue=data.queue,
+        idempotency_key=idempotency_key,
+    )
+    await audit_admin_command(
+        getattr(request.app.state, "audit", None),
+        grant.name,
+        grant.role,
+        _source(request),
+        data.target,
+        data.message,
+        outcome.body.get("status") or outcome.body.get("error"),
+        "api",
     )
     headers = {}
     if outcome.http_status == 429 and "retry_after_ms" in outcome.body:
@@ -252,46 +275,6 @@ async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBo
 
 
 # --- clients ---------------------------------------------------------------------------------
-
-
-def _encode_cursor(record: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(f"{record['id']}\x00{record['instance']}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[str, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        client_id, instance = raw.split("\x00", 1)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ValidationException("cursor is not one this API returned", extra=[{"key": "cursor"}]) from None
-    return client_id, instance
-
-
-def filter_clients(
-    records: list[dict[str, Any]],
-    *,
-    role: str | None = None,
-    group: str | None = None,
-    prefix: str | None = None,
-    limit: int = MAX_PAGE,
-    cursor: str | None = None,
-) -> dict[str, Any]:
-    """One page of presence records, sorted by (id, instance), after the filters."""
-    matching = [
-        r
-        for r in records
-        if (role is None or r["role"] == role)
-        and (group is None or group in r.get("groups", ()))
-        and (prefix is None or r["id"].startswith(prefix))
-    ]
-    matching.sort(key=lambda r: (r["id"], r["instance"]))
-    start = 0
-    if cursor:
-        after = _decode_cursor(cursor)
-        start = next((i for i, r in enumerate(matching) if (r["id"], r["instance"]) > after), len(matching))
-    page = matching[start : start + limit]
-    more = start + limit < len(matching)
-    return {"clients": page, "count": len(matching), "next_cursor": _encode_cursor(page[-1]) if more and page else None}
 
 
 @get("/api/v1/clients", summary="List live connections across the cluster", tags=["clients"])
@@ -304,9 +287,9 @@ async def list_clients(
     cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page.")] = None,
 ) -> Response[ClientPage]:
     """Every live connection in the cluster, filtered and paginated."""
-    _require(request, allow_controller=True)
+    require_token(request, allow_controller=True)
     try:
-        records = await _commands(request).relay.clients()
+        records = await _relay(request).clients()
     except BrokerUnavailable as exc:
         return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
     page = filter_clients(records, role=role, group=group, prefix=prefix, limit=limit, cursor=cursor)
@@ -332,16 +315,16 @@ async def get_client(
 ) -> Response[ClientRecord]:
     """One live connection with its id's connect history (closed connections, close codes, who closed them)
     and the commands last sent to it, with their replies and round-trip times."""
-    _require(request, allow_controller=True)
-    relay = _commands(request).relay
+    require_token(request, allow_controller=True)
+    relay = _relay(request)
     try:
         records = await relay.clients()
         history = await relay.history(client_id, history_limit)
     except BrokerUnavailable as exc:
         return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
     record = next((r for r in records if r["id"] == client_id), None)
-    # Kept by the instances that hold or held the id: the relay asks them.
-    recent, _ = await relay.recent_commands(client_id, history)
+    # Kept by the instances that hold or held the id: the recent-commands service asks them.
+    recent, _ = await _recent(request).read(client_id, history)
     if record is None:
         body = {
             "error": "target_offline",
@@ -362,7 +345,7 @@ async def get_client(
     responses={404: ResponseSpec(ErrorBody, description="not connected")},
 )
 async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str]) -> Response[None]:
-    _require(request, allow_controller=False)
+    require_token(request, allow_controller=False)
     try:
         found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)
     except BrokerUnavailable as exc:
@@ -393,81 +376,4 @@ def validation_as_422(request: Request[Any, Any, Any], exc: ValidationException)
     return Response(body, status_code=422)
 
 
-# --- MCP over streamable HTTP ------------------------------------------------------------------
-
-
-class LocalBackend:
-    """The MCP tools' backend inside the appliance: the command service, no HTTP hop."""
-
-    def __init__(self, commands: CommandService) -> None:
-        self.commands = commands
-
-    async def clients(self, **filters: Any) -> dict[str, Any]:
-        records = await self.commands.relay.clients()
-        return filter_clients(records, **{k: v for k, v in filters.items() if v is not None})
-
-    async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]:
-        outcome = await self.commands.send_command(
-            target,
-            message,
-            wait_ms=fields.get("wait_ms"),
-            timeout_ms=fields.get("timeout_ms"),
-            queue=bool(fields.get("queue")),
-            controller="mcp",
-        )
-        if outcome.http_status == 504:
-            raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))
-        if outcome.http_status >= 300:
-            raise error_for(outcome.body)
-        return outcome.body
-
-
-def _bearer_allowed(scope: Scope, token_store: Any) -> bool:
-    """``Authorization: Bearer <token>`` with a controller or admin token, through the store's comparator."""
-    headers = dict(scope.get("headers") or [])
-    value = headers.get(b"authorization", b"").decode("latin-1")
-    scheme, _, presented = value.partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        return False
-    grant = token_store.lookup(presented)
-    return grant is not None and grant.role in ("controller", "admin")
-
-
-@asgi("/mcp", is_mount=True, copy_scope=True)
-async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    """MCP streamable HTTP; ``Authorization: Bearer <controller token>``."""
-    app = scope["app"]
-    if not _bearer_allowed(scope, app.state.token_store):
-        body = b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
-        start: Any = {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-        }
-        await send(start)
-        end: Any = {"type": "http.response.body", "body": body}
-        await send(end)
-        return
-    scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
-    await app.state.mcp_app(scope, receive, send)
-
-
-@contextlib.asynccontextmanager
-async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
-    """Build the MCP tool server on the command service and run its session manager."""
-    from mcp.server.transport_security import TransportSecuritySettings
-
-    from .mcp_tools import build_mcp_server
-
-    server = build_mcp_server(LocalBackend(app.state.commands))
-    # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
-    # legitimate names behind the load balancer.
-    app.state.mcp_app = server.streamable_http_app(
-        streamable_http_path="/mcp",
-        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
-    )
-    async with server.session_manager.run():
-        yield
-
-
-API_HANDLERS = [post_command, list_clients, get_client, delete_client, mcp_endpoint]
+API_HANDLERS = [post_command, list_clients, get_client, delete_client]

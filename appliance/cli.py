@@ -323,9 +323,9 @@ async def _tokens(args: argparse.Namespace) -> int:
     import getpass
     import socket
 
+    from .app import make_audit_log
     from .tokens import TokenStoreError
     from .tokens.service import TokenService
-    from .web import make_audit_log
 
     settings = _load_settings()
     store = _load_token_store(settings)

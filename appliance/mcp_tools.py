@@ -11,10 +11,23 @@ wrong and what to do next, and ``send_command`` never picks a target on its own.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+import json
+from collections.abc import Awaitable, Callable
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,  # pydantic needs these on Python < 3.12
+    Protocol,
+    TypeVar,
+)
 
+import httpx
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from . import __version__
 from .controller import (
@@ -29,6 +42,7 @@ from .controller import (
     ReplyTimeout,
 )
 from .core.protocol import CLIENT_ID_PATTERN
+from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
 
 __all__ = ["Backend", "build_mcp_server", "explain", "serve_stdio"]
 
@@ -59,9 +73,9 @@ def explain(exc: CommandError, target: str) -> str:
         )
     if isinstance(exc, ReplyTimeout):
         return (
-            f"The command reached '{target}' (or its queue) but no reply came in time. The client may still "
-            "be working: call send_command again with a larger timeout_seconds, or with wait=false if no "
-            "reply is needed."
+            f"The command reached '{target}' (or its queue) but no reply came in time. Do not send it again: "
+            "the client may still be working on it, and a second send would run it twice. Next time use a "
+            "larger timeout_seconds, or send a different command that asks the client for its state."
         )
     if isinstance(exc, RateLimited):
         wait = exc.retry_after_ms
@@ -79,85 +93,235 @@ def explain(exc: CommandError, target: str) -> str:
     return f"The bridge refused the command ({exc.code}): {exc.detail}"
 
 
+#: Bounds of the tools' arguments, checked by the tools themselves so that stdio and /mcp
+#: answer a bad value with the same words (the HTTP API behind stdio has its own limits).
+_T = TypeVar("_T")
+
+LIMIT_RANGE = (1, 1000)
+TIMEOUT_RANGE = (0.1, 300.0)
+
+
+def _refuse(code: str, text: str) -> ToolError:
+    """Every tool failure names a code first, then says what to do next."""
+    return ToolError(f"[{code}] {text}")
+
+
 def _check_client_id(target: str) -> None:
     if target in ("*", "") or target.startswith("group:"):
-        raise ToolError(
+        raise _refuse(
+            "not_one_client",
             f"send_command needs one client id, not '{target}'. Use broadcast to reach every client or a group, "
-            "or call list_clients to pick a client id."
+            "or call list_clients to pick a client id.",
         )
     if CLIENT_ID_PATTERN.fullmatch(target) is None:
-        raise ToolError(
+        raise _refuse(
+            "invalid_target",
             f"'{target}' is not a valid client id (letters, digits, _ and -, at most 50). Call list_clients "
-            "and copy a client id exactly."
+            "and copy a client id exactly.",
         )
+
+
+def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not low <= value <= high:
+        raise _refuse("invalid_argument", f"{name} must be between {low:g} and {high:g}; {value:g} was given.")
+
+
+async def _reach(call: Callable[[], Awaitable[_T]]) -> _T:
+    """A backend that cannot be reached (stdio's HTTP hop) is a tool failure the model can act on."""
+    try:
+        return await call()
+    except (OSError, httpx.TransportError) as exc:
+        raise _refuse(
+            "unreachable", f"The bridge cannot be reached ({type(exc).__name__}). Retry in a few seconds."
+        ) from None
+
+
+class ClientInfo(TypedDict):
+    id: str
+    role: str
+    instance: str
+    connected_since: str
+    groups: NotRequired[list[str]]
+    protocol: NotRequired[int]
+    last_activity: NotRequired[str]
+
+
+class ClientList(TypedDict):
+    clients: list[ClientInfo]
+    next_cursor: str | None
+
+
+class CommandOutcome(TypedDict):
+    status: Literal["replied", "delivered", "queued"]
+    target: str
+    id: NotRequired[str]
+    reply: NotRequired[str]
+    rtt_ms: NotRequired[float]
+    expires_in_ms: NotRequired[int]
+    replayed: NotRequired[bool]
+
+
+class BroadcastOutcome(TypedDict):
+    status: Literal["delivered"]
+    target: str
+    count: int
+
+
+_CLIENT_FIELDS = tuple(ClientInfo.__annotations__)
+_KEY_SCHEMA = {"minLength": 1, "maxLength": MAX_COMMAND_ID_LENGTH}
+IDEMPOTENCY_KEY_HELP = (
+    "A key of your choosing (e.g. a UUID) that makes this call safe to retry: calling again with the same "
+    "key returns the first call's outcome and never runs the command twice."
+)
+
+
+def _keyed(idempotency_key: str | None) -> dict[str, Any]:
+    """The key travels as the command's id, which the HTTP API and the command service deduplicate by."""
+    if idempotency_key is None:
+        return {}
+    if not 1 <= len(idempotency_key) <= MAX_COMMAND_ID_LENGTH:
+        raise _refuse(
+            "invalid_argument",
+            f"idempotency_key must have 1 to {MAX_COMMAND_ID_LENGTH} characters; {len(idempotency_key)} were given.",
+        )
+    return {"id": idempotency_key}
+
+
+_TARGET_SCHEMA = {"pattern": CLIENT_ID_PATTERN.pattern}
+
+DRIVE_A_DEVICE = """You are driving devices (games, robots, kiosks) through WebSocket Bridge.
+
+1. Call list_clients to see which client ids are connected (role "client"). Use an id exactly as listed.
+2. Call send_command with that id as target and a command text the device understands, for example
+   "MoveForward 10". It returns the device's reply.
+3. If the reply does not come in time, do not send the same command again: the device may still be
+   working, and a second send runs it twice. Wait, or send a different command that asks for its state.
+4. To reach every device or one group at once, call broadcast; it reports how many received it.
+{goal}"""
 
 
 def build_mcp_server(backend: Backend) -> MCPServer:
     """The MCP server with the bridge's three tools, bound to ``backend``."""
     server = MCPServer(name="websocket-bridge", version=__version__, instructions=INSTRUCTIONS)
 
-    @server.tool()
+    @server.tool(
+        title="List connected clients",
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        ),
+    )
     async def list_clients(
-        role: Literal["client", "controller", "any"] = "client",
-        group: str | None = None,
-        id_prefix: str | None = None,
-        limit: int = 100,
-        cursor: str | None = None,
-    ) -> dict[str, Any]:
+        role: Annotated[
+            Literal["client", "controller", "any"],
+            Field(description='Which connections: "client" (devices that accept commands), "controller" or "any".'),
+        ] = "client",
+        group: Annotated[str | None, Field(description="Only clients that joined this group.")] = None,
+        id_prefix: Annotated[str | None, Field(description="Only ids that start with this text.")] = None,
+        limit: Annotated[
+            int,
+            Field(
+                description="At most this many entries per page.",
+                json_schema_extra={"minimum": LIMIT_RANGE[0], "maximum": LIMIT_RANGE[1]},
+            ),
+        ] = 100,
+        cursor: Annotated[
+            str | None, Field(description="next_cursor of the previous page, to get the page after it.")
+        ] = None,
+    ) -> ClientList:
         """List the connections of the bridge, by default the clients (games, devices) that accept commands.
 
-        Returns {"clients": [{"id", "role", "groups", "instance", "connected_since", ...}], "next_cursor"}.
-        Use an "id" from this list as the target of send_command. Filter with group (a group name the
-        clients joined) or id_prefix; when next_cursor is not null, call again with cursor=next_cursor
-        for the next page.
+        Use an "id" from this list as the target of send_command. When next_cursor is not null, call
+        again with cursor=next_cursor for the next page.
         """
+        _check_range("limit", limit, LIMIT_RANGE)
         filters = {"role": None if role == "any" else role, "group": group, "prefix": id_prefix, "limit": limit}
         try:
-            page = await backend.clients(**filters, cursor=cursor)
+            page = await _reach(lambda: backend.clients(**filters, cursor=cursor))
+        except (InvalidCommand, ValueError) as exc:
+            if cursor:
+                raise _refuse(
+                    "invalid_cursor", "The cursor is not one this bridge gave out. Call list_clients without cursor."
+                ) from None
+            raise _refuse("invalid_argument", f"The listing was refused: {exc}. Fix the arguments and retry.") from None
         except CommandError as exc:
-            raise ToolError(f"Could not list clients ({exc.code}): {exc.detail}") from None
-        return {"clients": page.get("clients", []), "next_cursor": page.get("next_cursor")}
+            raise _refuse(exc.code, f"Could not list clients: {exc.detail}. Retry in a few seconds.") from None
+        clients = [{k: c[k] for k in _CLIENT_FIELDS if k in c} for c in page.get("clients", [])]
+        return {"clients": clients, "next_cursor": page.get("next_cursor")}  # type: ignore[typeddict-item]
 
-    @server.tool()
+    @server.tool(
+        title="Send a command to one client",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
+        ),
+    )
     async def send_command(
-        target: str,
-        message: str,
-        wait: bool = True,
-        timeout_seconds: float = 10.0,
-        queue: bool = False,
-    ) -> dict[str, Any]:
+        target: Annotated[
+            str,
+            Field(
+                description="The exact client id, as listed by list_clients (no wildcards; use broadcast for many).",
+                json_schema_extra=_TARGET_SCHEMA,
+            ),
+        ],
+        message: Annotated[str, Field(description='The command text the client understands, e.g. "MoveForward 10".')],
+        wait: Annotated[
+            bool, Field(description="true: return the client's reply; false: return once the command is delivered.")
+        ] = True,
+        timeout_seconds: Annotated[
+            float,
+            Field(
+                description="How long to wait for the reply (or, with wait=false, for delivery), in seconds.",
+                json_schema_extra={"minimum": TIMEOUT_RANGE[0], "maximum": TIMEOUT_RANGE[1]},
+            ),
+        ] = 10.0,
+        queue: Annotated[
+            bool, Field(description="true: keep the command for a client that is not connected yet.")
+        ] = False,
+        idempotency_key: Annotated[
+            str | None, Field(description=IDEMPOTENCY_KEY_HELP, json_schema_extra=_KEY_SCHEMA)
+        ] = None,
+    ) -> CommandOutcome:
         """Send a text command to ONE client and, with wait=true (the default), return that client's reply.
 
-        target: the exact client id, as listed by list_clients (no wildcards; use broadcast for many).
-        message: the command text the client understands, e.g. "MoveForward 10".
-        wait: true returns {"status": "replied", "reply": ..., "rtt_ms": ...}; false returns as soon as
-        the command is delivered ({"status": "delivered"}).
-        timeout_seconds: how long to wait for the reply (1 ms to the bridge's maximum).
-        queue: true keeps the command for a client that is not connected yet and delivers it when it
-        connects ({"status": "queued"} with wait=false).
+        Take the target from list_clients; use broadcast to reach many clients.
+
+        Returns {"status": "replied", "reply", "rtt_ms"} with wait=true; {"status": "delivered"} (or
+        "queued" with queue=true for a client not connected yet) with wait=false.
         """
         _check_client_id(target)
-        timeout_ms = max(1, round(timeout_seconds * 1000))
+        _check_range("timeout_seconds", timeout_seconds, TIMEOUT_RANGE)
+        timeout_ms = round(timeout_seconds * 1000)
         fields: dict[str, Any] = {"queue": True} if queue else {}
-        if wait:
-            fields["wait_ms"] = timeout_ms
-        else:
-            fields["timeout_ms"] = timeout_ms
+        fields.update(_keyed(idempotency_key))
+        fields["wait_ms" if wait else "timeout_ms"] = timeout_ms
         try:
-            answer = await backend.command(target, message, **fields)
+            answer = await _reach(lambda: backend.command(target, message, **fields))
         except CommandError as exc:
-            raise ToolError(explain(exc, target)) from None
+            raise _refuse(exc.code, explain(exc, target)) from None
         if answer.get("status") == "replied":
-            return {
-                "status": "replied",
-                "target": target,
-                "reply": answer.get("message"),
-                "rtt_ms": answer.get("rtt_ms"),
-            }
-        return {k: v for k, v in answer.items() if k in ("status", "target", "id", "expires_in_ms")}
+            answer = {**answer, "reply": answer.get("message", ""), "rtt_ms": answer.get("rtt_ms", 0.0)}
+        kept = {k: answer[k] for k in ("status", "id", "reply", "rtt_ms", "expires_in_ms", "replayed") if k in answer}
+        return {"target": target, **kept}  # type: ignore[typeddict-item]
 
-    @server.tool()
-    async def broadcast(message: str, group: str | None = None) -> dict[str, Any]:
+    @server.tool(
+        title="Broadcast a command",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
+        ),
+    )
+    async def broadcast(
+        message: Annotated[str, Field(description="The command text every receiving client gets.")],
+        idempotency_key: Annotated[
+            str | None, Field(description=IDEMPOTENCY_KEY_HELP, json_schema_extra=_KEY_SCHEMA)
+        ] = None,
+        group: Annotated[
+            str | None,
+            Field(
+                description="Only the clients that joined this group; absent: every client.",
+                json_schema_extra=_TARGET_SCHEMA,
+            ),
+        ] = None,
+    ) -> BroadcastOutcome:
         """Send a text command to every connected client, or to the clients in one group; no replies are awaited.
 
         Returns {"status": "delivered", "count": N}: how many clients received it across the cluster
@@ -165,14 +329,46 @@ def build_mcp_server(backend: Backend) -> MCPServer:
         """
         target = "*" if group is None else f"group:{group}"
         if group is not None and CLIENT_ID_PATTERN.fullmatch(group) is None:
-            raise ToolError(f"'{group}' is not a valid group name (letters, digits, _ and -, at most 50).")
+            raise _refuse(
+                "invalid_target", f"'{group}' is not a valid group name (letters, digits, _ and -, at most 50)."
+            )
         try:
-            answer = await backend.command(target, message)
+            answer = await _reach(lambda: backend.command(target, message, **_keyed(idempotency_key)))
         except CommandError as exc:
-            raise ToolError(explain(exc, target)) from None
-        return {"status": answer.get("status", "delivered"), "target": target, "count": answer.get("count", 0)}
+            raise _refuse(exc.code, explain(exc, target)) from None
+        return {"status": "delivered", "target": target, "count": int(answer.get("count", 0))}
 
+    @server.resource(
+        "wsbridge://clients",
+        name="clients",
+        title="Connected clients",
+        description="The clients connected across the cluster, as list_clients returns them (first 1000).",
+        mime_type="application/json",
+    )
+    async def clients_resource() -> str:
+        page = await _reach(lambda: backend.clients(role="client", limit=LIMIT_RANGE[1]))
+        clients = [{k: c[k] for k in _CLIENT_FIELDS if k in c} for c in page.get("clients", [])]
+        return json.dumps({"clients": clients, "next_cursor": page.get("next_cursor")})
+
+    @server.prompt(name="drive_a_device", title="Drive a device", description="How to drive devices with these tools.")
+    def drive_a_device(goal: Annotated[str, Field(description="What the devices should do.")] = "") -> str:
+        return DRIVE_A_DEVICE.format(goal=f"\nGoal: {goal}" if goal else "")
+
+    _forbid_unknown_arguments(server)
     return server
+
+
+def _forbid_unknown_arguments(server: MCPServer) -> None:
+    """A misspelt argument (``timeout`` for ``timeout_seconds``) is refused, not silently ignored.
+
+    The SDK's argument models ignore extra keys; there is no public switch, so each tool's model
+    is rebuilt with ``extra="forbid"`` (tests/integration/test_mcp.py fails if the SDK changes).
+    """
+    for tool in server._tool_manager.list_tools():
+        model = tool.fn_metadata.arg_model
+        model.model_config["extra"] = "forbid"
+        model.model_rebuild(force=True)
+        tool.parameters["additionalProperties"] = False
 
 
 async def serve_stdio(url: str, token: str) -> None:

@@ -139,7 +139,10 @@ class Settings(BaseSettings):
         "Origin header (non-browser clients) are not affected.",
     )
     max_connections_per_address: int = Field(
-        1000, ge=0, description="WebSockets one address (IPv6: one /64) may hold at once; beyond, 4013. 0: no limit."
+        1000,
+        ge=0,
+        description="WebSockets and unanswered HTTP requests one address (IPv6: one /64) may hold at once; beyond, "
+        "4013 (HTTP: 429). 0: no limit.",
     )
     max_connections_per_token: int = Field(
         0, ge=0, description="WebSockets one token may hold on this instance at once; beyond, 4013. 0: no limit."
@@ -167,8 +170,9 @@ class Settings(BaseSettings):
     handshake_timeout: float = Field(
         10.0,
         gt=0,
-        description="Seconds a peer has from opening TCP (or starting a request) to sending complete HTTP headers; "
-        "slower peers (slowloris) are dropped.",
+        description="Seconds a peer has from opening TCP (or starting a request) to sending its complete HTTP request: "
+        "the headers of a WebSocket handshake, headers and body of an HTTP request; slower peers (slowloris, "
+        "slow bodies) are dropped.",
     )
     log_flood_burst: int = Field(
         20, ge=1, description="Lines of one kind (logger and message) logged in a burst before lines are suppressed."
@@ -214,6 +218,11 @@ class Settings(BaseSettings):
     viewer_token: SecretStr | None = Field(
         None, description="Optional read-only dashboard token: sees every page, can act on nothing."
     )
+    viewer_sees_messages: bool = Field(
+        False,
+        description="Whether the viewer token sees command and reply texts on a client's page; by default it sees "
+        "their outcome, time and round trip only.",
+    )
     grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
     prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
     dashboard_idle_timeout: int = Field(
@@ -235,6 +244,13 @@ class Settings(BaseSettings):
     )
     offline_queue_max: int = Field(
         1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
+    )
+    idempotency_window_seconds: int = Field(
+        600,
+        ge=1,
+        le=86400,
+        description="Seconds a command id (HTTP id, Idempotency-Key, MCP idempotency_key) is remembered: "
+        "a repeat within them returns the first command's outcome instead of sending it again.",
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

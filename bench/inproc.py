@@ -27,10 +27,16 @@ async def measure(rounds: int, n: int) -> dict[str, float]:
     from appliance.brokers.base import Owner
     from appliance.brokers.memory import MemoryBroker
     from appliance.core.protocol import Role
-    from appliance.relay import Relay
     from appliance.settings import Settings
 
-    relay = Relay(Settings(_env_file=None), MemoryBroker())  # type: ignore[call-arg]
+    try:
+        from appliance.app import wire_relay
+    except ImportError:  # A build from before the composition root (compare with --extra-target-style checkouts).
+        from appliance.relay import Relay
+
+        relay = Relay(Settings(_env_file=None), MemoryBroker())  # type: ignore[call-arg]
+    else:
+        relay = wire_relay(Settings(_env_file=None), MemoryBroker()).relay  # type: ignore[call-arg]
     await relay.broker.start(relay)
 
     async def send(event: Any) -> None:

@@ -5,7 +5,7 @@ notifications from any instance), closes connections whose token version is no
 longer allowed with 4011 ``TOKEN_EXPIRED`` (at the end of a grace window, or at
 once on revocation), teaches the log filter every new value, and records every
 rotation and revocation in the audit trail. ``wsbridge tokens`` builds one without
-a relay (no connections of its own) to rotate from a shell.
+connections of its own to rotate from a shell.
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import metrics
 from ..audit import AuditEvent, AuditLog
 from ..core.protocol import CloseCode
 from ..logs import learn_secrets
+from ..registry import LocalConnections
 from ..settings import Settings
 from .base import RotationUnavailable, TokenStore
 from .notify import TokenNotifier
-
-if TYPE_CHECKING:
-    from ..relay import Relay
 
 __all__ = ["TokenService", "new_token"]
 
@@ -48,16 +46,17 @@ class TokenService:
         store: TokenStore,
         audit: AuditLog,
         *,
-        relay: Relay | None = None,
+        local: LocalConnections | None = None,
         notifier: TokenNotifier | None = None,
         presence: Presence | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.audit = audit
-        self.relay = relay
+        #: This instance's connections (None in ``wsbridge tokens``, which holds none).
+        self.local = local
         self.notifier = notifier
-        self._presence = presence or (relay.clients if relay is not None else None)
+        self._presence = presence
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         store.on_change(self._store_changed)
@@ -71,7 +70,7 @@ class TokenService:
     async def start(self) -> None:
         learn_secrets(self.store.secret_values())
         loop = asyncio.get_running_loop()
-        if self.relay is not None:
+        if self.local is not None:
             self._tasks.append(loop.create_task(self._enforce(), name="tokens-enforce"))
         if self.store.rotatable:
             self._tasks.append(loop.create_task(self._poll(), name="tokens-refresh"))
@@ -103,12 +102,12 @@ class TokenService:
 
     def enforce(self) -> int:
         """Close local connections whose token version is no longer allowed; how many were closed."""
-        if self.relay is None:
+        if self.local is None:
             return 0
         closed = 0
-        for name, version in self.relay.grants():
+        for name, version in self.local.grants():
             if not self.store.connection_allowed(name, version):
-                count = self.relay.evict(name, version, CloseCode.TOKEN_EXPIRED)
+                count = self.local.evict(name, version, CloseCode.TOKEN_EXPIRED)
                 metrics.TOKEN_EVICTIONS.inc(count)
                 log.info("Closed %d connection(s) opened with %s version %d (expired or revoked)", count, name, version)
                 closed += count
@@ -118,7 +117,7 @@ class TokenService:
 
     def status(self) -> list[dict[str, Any]]:
         """Every token: versions, rotation time, grace end, fingerprints, this instance's connections per version."""
-        local = self.relay.grants() if self.relay is not None else Counter()
+        local = self.local.grants() if self.local is not None else Counter()
         return [self._with_counts(entry, local) for entry in self.store.status()]
 
     async def cluster_status(self) -> list[dict[str, Any]]:
@@ -133,8 +132,8 @@ class TokenService:
                     counts[(record["token"], int(record["token_version"]))] += 1
         except Exception as exc:  # Counts are informative; the versions are what status is for.
             log.warning("Connection counts unavailable (%s)", exc)
-            counts = self.relay.grants() if self.relay is not None else Counter()
-            scope = "local" if self.relay is not None else "unavailable"
+            counts = self.local.grants() if self.local is not None else Counter()
+            scope = "local" if self.local is not None else "unavailable"
         return [{**self._with_counts(entry, counts), "connections_scope": scope} for entry in self.store.status()]
 
     @staticmethod
@@ -146,13 +145,18 @@ class TokenService:
 
     # --- rotation and revocation -------------------------------------------------------------
 
-    def _check_rotatable(self) -> Any:
+    def rotation_unavailable(self) -> str | None:
+        """Why rotation cannot be done here, or None: the dashboard hides its buttons and says why."""
         if not self.store.rotatable:
-            raise RotationUnavailable(
-                "rotation needs TOKEN_STORE=ssm; with the env store, change the token in .env and restart"
-            )
+            return "rotation needs TOKEN_STORE=ssm; with the env store, change the token in .env and restart"
         if not self.settings.token_rotation_enabled:
-            raise RotationUnavailable("token rotation is disabled: set TOKEN_ROTATION_ENABLED=true")
+            return "token rotation is disabled: set TOKEN_ROTATION_ENABLED=true"
+        return None
+
+    def _check_rotatable(self) -> Any:
+        reason = self.rotation_unavailable()
+        if reason is not None:
+            raise RotationUnavailable(reason)
         return self.store
 
     async def rotate(self, name: str, actor: str, source: str, *, keep_connections: bool = False) -> str:

@@ -293,3 +293,30 @@ async def test_connect_history_is_shared_capped_and_newest_first(kind, request):
                 await raw.aclose()
     finally:
         await cluster.stop()
+
+
+# --- idempotency records ----------------------------------------------------------------------
+
+
+async def test_an_idempotency_key_is_claimed_by_exactly_one_of_many_at_once(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    key = new_id()
+    answers = await asyncio.gather(
+        *(node.broker.idempotency_claim(key, f"claim-{n}") for n, node in enumerate([a, b, a, b, a, b]))
+    )
+    winners = [n for n, held in enumerate(answers) if held is None]
+    assert len(winners) == 1
+    assert {held for held in answers if held is not None} == {f"claim-{winners[0]}"}
+
+
+async def test_an_idempotency_record_is_read_replaced_and_dropped_anywhere(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    key = new_id()
+    assert await b.broker.idempotency_get(key) is None
+    assert await a.broker.idempotency_claim(key, "pending") is None
+    await a.broker.idempotency_set(key, "done")
+    assert await b.broker.idempotency_get(key) == "done"
+    assert await b.broker.idempotency_claim(key, "other") == "done"
+    await b.broker.idempotency_drop(key)
+    assert await a.broker.idempotency_get(key) is None
+    assert await a.broker.idempotency_claim(key, "again") is None

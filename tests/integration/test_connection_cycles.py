@@ -21,12 +21,13 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.asyncio.client import connect
 from websockets.server import ServerProtocol
 
+from appliance.app import create_app
+from appliance.connections import Connection
 from appliance.core.session import Session
 from appliance.handshake_guard import guarded_http_protocol
-from appliance.relay import Connection
 from appliance.server import build_server
 from appliance.settings import Settings
-from appliance.web import RelaySocket, create_app
+from appliance.web import RelaySocket
 
 ROUNDS = 60
 

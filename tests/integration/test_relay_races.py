@@ -10,6 +10,7 @@ import uuid
 import pytest
 from support import eventually
 
+from appliance.app import wire_relay
 from appliance.brokers.memory import MemoryBroker
 from appliance.brokers.redis import RedisBroker
 from appliance.core.protocol import CloseCode, Role
@@ -55,7 +56,7 @@ async def make_relay(request):
         else:
             url = request.getfixturevalue("redis_server").url
             broker = RedisBroker(url, instance=config.instance_id, presence_ttl=30)
-        relay = Relay(config, broker)
+        relay = wire_relay(config, broker).relay
         await relay.start()
         started.append(relay)
         return relay

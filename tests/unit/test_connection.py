@@ -2,9 +2,9 @@
 
 import asyncio
 
+from appliance.connections import MAX_PENDING_MESSAGES, Connection, Flusher
 from appliance.core.protocol import CloseCode, Role
 from appliance.core.session import Limits, Session
-from appliance.relay import MAX_PENDING_MESSAGES, Connection, Flusher
 
 
 def make(send):

@@ -2,9 +2,9 @@
 
 import asyncio
 
+from appliance.connections import Connection, Flusher
 from appliance.core.protocol import CloseCode, Role
 from appliance.core.session import Limits, Session
-from appliance.relay import Connection, Flusher
 
 
 def make(send, role=Role.CLIENT, **bounds):

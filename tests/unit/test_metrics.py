@@ -7,10 +7,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import metrics
+from appliance.app import create_app
 from appliance.settings import Settings
 from appliance.tokens.base import TokenState, TokenVersion
 from appliance.tokens.env import EnvTokenStore
-from appliance.web import create_app
 
 CONTROLLER, CLIENT = "controller-token-0123456789abcdef", "client-token-0123456789abcdef"
 

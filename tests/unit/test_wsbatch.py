@@ -18,10 +18,10 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from appliance.admission import AdmissionMiddleware
+from appliance.connections import Connection, Flusher
 from appliance.core.protocol import CloseCode, Role
 from appliance.core.session import Limits, Session
 from appliance.handshake_guard import guarded_http_protocol
-from appliance.relay import Connection, Flusher
 from appliance.server import joined_writes
 from appliance.settings import Settings
 from appliance.web import RelaySocket

@@ -17,6 +17,7 @@ from ..base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner
 from .cluster import ClusterSubscriber
 from .codec import decode_owner, decode_routed
 from .history import HistoryLog
+from .idempotency import IdempotencyRecords
 from .keys import FAN_CHANNEL
 from .link import Link, unavailable
 from .outbox import Outbox
@@ -49,6 +50,7 @@ class RedisBroker(Broker):
         queue_remember_seconds: float = 300.0,
         history_per_client: int = 50,
         history_ttl: int = 7 * 86400,
+        idempotency_window: float = 600.0,
     ) -> None:
         self.instance = instance
         self._origin = instance.encode()
@@ -80,6 +82,7 @@ class RedisBroker(Broker):
             link, self._subscriber, lambda: self.inbox, self._presence.changed, self._spawn, ttl=presence_ttl
         )
         self._queue = RedisQueue(link, max_per_client=queue_max, remember_seconds=queue_remember_seconds)
+        self._idempotency = IdempotencyRecords(link, window=idempotency_window)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -265,6 +268,18 @@ class RedisBroker(Broker):
 
     async def take_queued(self, target: str, now: float) -> list[Routed]:
         return await self._queue.take(target, now)
+
+    async def idempotency_claim(self, key: str, record: str) -> str | None:
+        return await self._idempotency.claim(key, record)
+
+    async def idempotency_get(self, key: str) -> str | None:
+        return await self._idempotency.get(key)
+
+    async def idempotency_set(self, key: str, record: str) -> None:
+        await self._idempotency.set(key, record)
+
+    async def idempotency_drop(self, key: str) -> None:
+        await self._idempotency.drop(key)
 
     async def presence(self) -> list[dict[str, Any]]:
         return await self._presence.records()

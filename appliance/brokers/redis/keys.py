@@ -11,6 +11,7 @@ __all__ = [
     "FAN_CHANNEL",
     "GENERATION_KEY",
     "HISTORY_KEY",
+    "IDEMPOTENCY_KEY",
     "INSTANCES_KEY",
     "INSTANCE_CHANNEL",
     "INSTANCE_KEY",
@@ -32,6 +33,7 @@ QUEUE_SEEN_KEY = f"{PREFIX}qd:"
 OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
+IDEMPOTENCY_KEY = f"{PREFIX}idem:"
 SUMMARY_KEY = f"{PREFIX}summary:"
 INSTANCES_KEY = f"{PREFIX}instances"
 GENERATION_KEY = f"{PREFIX}generation"

@@ -1,0 +1,1 @@
+"""Brokers: how instances share presence, routing and queues (``base.Broker``; memory and Redis)."""

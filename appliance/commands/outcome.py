@@ -1,0 +1,52 @@
+"""What an in-process caller (the HTTP API, the MCP tools, the dashboard) learns about its command."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from .. import metrics
+from ..core.protocol import ErrorCode
+
+__all__ = ["HTTP_CONTROLLER", "HTTP_STATUS", "OUTCOMES", "Outcome", "Waiter"]
+
+#: The controller name HTTP commands carry (v2 clients see it as "from").
+HTTP_CONTROLLER = "http"
+
+#: Bound once: a label lookup costs more than the increment (as in metrics.py).
+OUTCOMES = {
+    name: metrics.COMMAND_OUTCOMES.labels(outcome=name) for name in ("delivered", "queued", "replied", "timeout")
+}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an HTTP caller learns: an HTTP status and a JSON body."""
+
+    http_status: int
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Waiter:
+    """An HTTP request (or another in-process caller) waiting for one command's outcome."""
+
+    future: asyncio.Future[Outcome]
+    want_reply: bool
+    target: str
+
+
+#: The HTTP status of each error code ("" is a reply).
+HTTP_STATUS = {
+    "": 200,
+    ErrorCode.TARGET_OFFLINE.value: 404,
+    ErrorCode.INVALID_TARGET.value: 422,
+    ErrorCode.INVALID_MESSAGE.value: 422,
+    ErrorCode.MESSAGE_TOO_LARGE.value: 413,
+    ErrorCode.RATE_LIMITED.value: 429,
+    ErrorCode.DELIVERY_FAILED.value: 503,
+    ErrorCode.DUPLICATE_ID.value: 409,
+    ErrorCode.QUEUE_FULL.value: 409,
+    ErrorCode.TARGET_NOT_CLIENT.value: 422,
+}

@@ -1,0 +1,464 @@
+"""The sender's side of a command: its pending entry, its outcome, the offline queue, in-process callers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from .. import metrics
+from ..brokers.base import Broker, BrokerUnavailable
+from ..connections import Connection
+from ..core.events import (
+    Counted,
+    Delivered,
+    Disconnect,
+    Drain,
+    Failed,
+    InstanceEvent,
+    RecentAnswer,
+    RecentAsk,
+    Replied,
+    decode_event,
+    encode_event,
+)
+from ..core.protocol import CONTROLLER_ID, CloseCode, ErrorCode, ProtocolError, Role, encode_error
+from ..core.protocol_v2 import (
+    CommandId,
+    Request,
+    Status,
+    TargetKind,
+    TimeoutPolicy,
+    encode_controller_reply,
+    encode_delivered,
+    encode_status,
+    request_from_fields,
+)
+from ..core.ratelimit import TokenBucket
+from ..core.requests import Enqueued, Pending, PendingTable, Routed
+from ..recent_logs import RecentLogs
+from ..registry import LocalConnections
+from ..settings import Settings
+from .broadcast import Broadcasts
+from .handover import ClientLines
+from .idempotency import IdempotentSends, fingerprint
+from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter
+
+__all__ = ["TICK_SECONDS", "CommandService"]
+
+log = logging.getLogger(__name__)
+
+#: How often deadlines are checked; a timeout is reported at most this late.
+TICK_SECONDS = 0.02
+
+
+class CommandService:
+    """This instance's part of request/reply: pending commands, outcomes, the queue; and the relay's hooks."""
+
+    def __init__(self, settings: Settings, broker: Broker, local: LocalConnections, recent_logs: RecentLogs) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.local = local
+        self.policy = TimeoutPolicy(settings.command_timeout_ms, settings.command_timeout_max_ms)
+        self.instance = settings.instance_id
+        self.pending = PendingTable()
+        self._waiters: dict[str, Waiter] = {}
+        self._next_sweep = 0.0
+        self._queue_lock = asyncio.Lock()
+        # Commands this instance queued and not yet seen delivered, until they expire: the offline-queue gauge.
+        self._queued_here: dict[tuple[str, CommandId], float] = {}
+        # Commands sent from here with "queue": true and not yet handed to a socket: if their client leaves
+        # first (target_offline from its instance), they are queued for its return instead of refused.
+        self._queueable: dict[tuple[str, CommandId], tuple[str, Routed]] = {}
+        self._http_seq = itertools.count()
+        self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
+        self._id_seq = itertools.count()
+        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
+        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Recent-commands questions and answers from other instances (``c``, ``C``): the recent-commands
+        #: service (appliance/recent.py) sets this when it is wired.
+        self.recent_event: Callable[[RecentAsk | RecentAnswer], None] = lambda event: None
+        self.lines = ClientLines(
+            self.instance,
+            broker,
+            local,
+            recent_logs,
+            settings.v1_reply_queue,
+            outcome=self.outcome,
+            delivered=self._delivered,
+            replied=self._replied,
+            queue_lock=self._queue_lock,
+            spawn=self._spawn,
+        )
+        self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
+        self.broadcasts = Broadcasts(
+            self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
+        )
+        # The relay's hooks (relay.CommandHooks) that the target's side answers, bound once: no extra
+        # call per frame on the hot path.
+        self.matcher = self.lines.matcher
+        self.client_text = self.lines.client_text
+        self.hand_over = self.lines.hand_over
+        self.client_opened = self.lines.client_opened
+        self.client_closed = self.lines.client_closed
+        self.fan_in_remote = self.broadcasts.fan_in_remote
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()  # get_running_loop() costs a getpid syscall (Python 3.11)
+        self._ticker = self._loop.create_task(self._tick())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loop = None
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.expire(time.time())
+            except Exception:  # A bug here must not stop every later timeout.
+                log.exception("Expiring commands failed")
+
+    def expire(self, now: float) -> None:
+        for pending in self.pending.expire(now):
+            self._queueable.pop(pending.key, None)
+            OUTCOMES["timeout"].inc()
+            self._report(pending, Status.TIMEOUT)
+        self.lines.expire(now)
+        metrics.PENDING_REQUESTS.set(len(self.pending))
+        if now >= self._next_sweep:  # Forgetting v2 commands nobody answered is housekeeping: once a second.
+            self._next_sweep = now + 1.0
+            for key in [k for k, expires in self._queued_here.items() if expires <= now]:
+                del self._queued_here[key]
+            metrics.OFFLINE_QUEUE.set(len(self._queued_here))
+            self.lines.forget_unanswered(now)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the sender's side: WebSocket controllers ---------------------------------------------
+
+    def submit(self, waiter: str, controller: str, request: Request) -> None:
+        """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
+        now = time.time()
+        if request.kind is not TargetKind.CLIENT:
+            self.broadcasts.fan_out(waiter, controller, request)
+            return
+        assert request.id is not None
+        if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
+            self._fail_now(waiter, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
+            return
+        routed = Routed(
+            controller, request.id, request.message, self.instance, waiter, request.timeout_ms, request.queue
+        )
+        if request.queue and request.target != CONTROLLER_ID:
+            self._queueable[(waiter, request.id)] = (request.target, routed)
+        # A partial, not a closure: no cell per captured name and no function object per command.
+        self.broker.send_routed(request.target, routed, partial(self._routed_result, request.target, routed))
+
+    def _routed_result(self, target: str, routed: Routed, code: ErrorCode | None, detail: str) -> None:
+        if code is None:
+            return  # The target's instance has it and reports the outcome.
+        if code is ErrorCode.TARGET_OFFLINE and routed.queue:
+            if target == CONTROLLER_ID:  # No client may ever hold it (4003): never queue for it.
+                code, detail = ErrorCode.TARGET_NOT_CLIENT, f"{CONTROLLER_ID} is reserved for controllers"
+            else:
+                self._spawn(self._enqueue(target, routed))
+                return
+        self.outcome(Failed(routed.waiter, routed.id, target, code.value, detail))
+
+    def _failed(self, routed: Routed, target: str, code: ErrorCode, detail: str) -> None:
+        self.outcome(Failed(routed.waiter, routed.id, target, code.value, detail))
+
+    async def _enqueue(self, target: str, routed: Routed, requeue: bool = False) -> None:
+        """Queue ``routed`` for ``target``; ``requeue``: its client left before it was handed over."""
+        try:
+            # One at a time, so commands are queued in the order they were sent.
+            async with self._queue_lock:
+                enqueued = await self.broker.enqueue(target, routed, time.time(), requeue=requeue)
+                holder = await self.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
+        except BrokerUnavailable as exc:
+            self._failed(routed, target, ErrorCode.DELIVERY_FAILED, str(exc))
+            return
+        if enqueued is Enqueued.FULL:
+            detail = f"{target} already has {self.settings.offline_queue_max} queued commands"
+            self._failed(routed, target, ErrorCode.QUEUE_FULL, detail)
+            return
+        if requeue and enqueued is not Enqueued.QUEUED:  # Already queued again (cannot happen twice): say so.
+            self._queueable.pop((routed.waiter, routed.id), None)  # This target_offline is final.
+            detail = f"{target} disconnected before the command was handed over"
+            self._failed(routed, target, ErrorCode.TARGET_OFFLINE, detail)
+            return
+        pending = self.pending.get(routed.waiter, routed.id)
+        if pending is None:
+            return
+        OUTCOMES["queued"].inc()
+        if enqueued is Enqueued.QUEUED:
+            self._queued_here[(routed.waiter, routed.id)] = time.time() + routed.timeout_ms / 1000
+        remaining = max(0, round((pending.deadline - time.time()) * 1000))
+        duplicate = {} if enqueued is Enqueued.QUEUED else {"duplicate": True}
+        if enqueued is Enqueued.ALREADY_DELIVERED:
+            # Delivered before: never again. The repeat's outcome is that delivery.
+            self.pending.finish(routed.waiter, routed.id)
+            self._queueable.pop((routed.waiter, routed.id), None)
+            self._report(pending, Status.DELIVERED, **duplicate)
+            return
+        self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
+        if holder is not None and holder.role is Role.CLIENT:
+            # The target connected while this was being queued, after its own look at the queue.
+            self.lines.tell_instance(holder.instance, Drain(target))
+
+    def _fail_now(self, waiter: str, request: Request, code: ErrorCode, detail: str) -> None:
+        self._deliver_to_waiter(
+            waiter, None, encode_error(code, detail, target=request.target, id=request.id), code.value, detail
+        )
+
+    # --- the sender's side: outcomes --------------------------------------------------------
+
+    def outcome(self, event: InstanceEvent) -> None:
+        """An outcome for a command sent from this instance, or an order for it (from any instance, via the broker)."""
+        if isinstance(event, Delivered):  # The commonest first.
+            self._delivered(event.waiter, event.id)
+        elif isinstance(event, Replied):
+            self._replied(event.waiter, event.id, event.client, event.message, time.time())
+        elif isinstance(event, Failed):
+            self._failed_outcome(event)
+        elif isinstance(event, Counted):
+            self.broadcasts.counted(event)
+        else:
+            self._order(event)
+
+    def _order(self, event: Disconnect | Drain | RecentAsk | RecentAnswer) -> None:
+        """Orders for this instance, which holds the client they name: not outcomes of its own commands."""
+        if isinstance(event, Disconnect):
+            self.local.disconnect_local(event.target, event.code)
+        elif isinstance(event, Drain):
+            conn = self.local.local_client(event.target)
+            if conn is not None:
+                self._spawn(self.lines.drain(conn))
+        else:  # A client's recent commands: asked for, or answered (recent.py).
+            self.recent_event(event)
+
+    def _failed_outcome(self, event: Failed) -> None:
+        queueable = self._queueable.get((event.waiter, event.id))
+        if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
+            pending = self.pending.get(event.waiter, event.id)
+            if pending is not None and not pending.delivered:
+                # Its client left before the command was handed over: queue it for the client's return.
+                self._spawn(self._enqueue(*queueable, requeue=True))
+                return
+        self._queueable.pop((event.waiter, event.id), None)
+        pending = self.pending.finish(event.waiter, event.id)
+        if pending is None:
+            return  # Timed out already, or the controller left: the outcome has nobody to go to.
+        metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
+        frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
+        self._deliver_to_waiter(pending.waiter, pending, frame, event.code, event.detail)
+
+    def _delivered(self, waiter: str, command_id: CommandId) -> None:
+        """The command reached its client's socket."""
+        if self._queued_here:
+            self._queued_here.pop((waiter, command_id), None)
+        if self._queueable:
+            self._queueable.pop((waiter, command_id), None)
+        pending = self.pending.delivered(waiter, command_id)
+        if pending is None:
+            return
+        metrics.DELIVERED.count += 1
+        if pending.waiter not in self._waiters:
+            conn = self.local.connection(waiter)
+            if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
+                conn.deliver(encode_delivered(pending.id, pending.target))
+            return
+        self._report(pending, Status.DELIVERED)
+
+    def _replied(self, waiter: str, command_id: CommandId, sender: str, message: str, now: float) -> None:
+        """The client's reply (arrived at ``now``), to the sender only."""
+        pending = self.pending.finish(waiter, command_id)
+        if pending is None:
+            return  # Timed out already, or the controller left: the reply has nobody to go to.
+        rtt_ms = (now - pending.started) * 1000
+        metrics.REPLIED.count += 1
+        metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
+        waiting = self._waiters.get(waiter)
+        if waiting is None:
+            conn = self.local.connection(waiter)
+            if conn is not None:
+                conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
+            return
+        body = {
+            "id": command_id,
+            "status": Status.REPLIED.value,
+            "target": pending.target,
+            "sender": sender,
+            "message": message,
+            "rtt_ms": round(rtt_ms, 3),
+        }
+        self._resolve(waiter, Outcome(200, body))
+
+    def _report(self, pending: Pending, status: Status, **extra: Any) -> None:
+        """A status for ``pending``'s waiter: a status frame, or an HTTP outcome."""
+        waiting = self._waiters.get(pending.waiter)
+        if waiting is None:
+            if status is Status.TIMEOUT:
+                extra["timeout_ms"] = round((pending.deadline - pending.started) * 1000)
+            conn = self.local.connection(pending.waiter)
+            if conn is not None:
+                conn.deliver(encode_status(pending.id, status, pending.target, **extra))
+            return
+        body = {"id": pending.id, "status": status.value, "target": pending.target, **extra}
+        if status is Status.TIMEOUT:
+            body["detail"] = f"{pending.target} did not reply in time"
+            self._resolve(pending.waiter, Outcome(504, body))
+        elif status is Status.QUEUED or not waiting.want_reply or extra.get("duplicate"):
+            # Queued, delivered without wait_ms, or a repeat: the caller is answered now (202).
+            self.pending.finish(pending.waiter, pending.id)
+            self._resolve(pending.waiter, Outcome(202, body))
+
+    def _deliver_to_waiter(self, waiter: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
+        waiting = self._waiters.get(waiter)
+        if waiting is None:
+            conn = self.local.connection(waiter)
+            if conn is not None:
+                if code:
+                    metrics.ERRORS.labels(code=code).inc()
+                conn.deliver(frame)
+            return
+        body = msgspec.json.decode(frame)
+        self._resolve(waiter, Outcome(HTTP_STATUS.get(code, 502), body))
+
+    def _resolve(self, waiter: str, outcome: Outcome) -> None:
+        waiting = self._waiters.pop(waiter, None)
+        if waiting is not None and not waiting.future.done():
+            waiting.future.set_result(outcome)
+
+    def controller_closed(self, conn: Connection) -> None:
+        """A controller left: its commands still in flight have nobody to report to."""
+        for pending in self.pending.drop_waiter(conn.conn_key):
+            self._queueable.pop(pending.key, None)
+
+    def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
+        """A broadcast or group command reached ``count`` clients cluster-wide."""
+        OUTCOMES["delivered"].inc()
+        if request.id is None and waiter not in self._waiters:
+            return  # A WebSocket broadcast without id gets no status frame, as in version 1.
+        body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
+        if waiter in self._waiters:
+            self._resolve(waiter, Outcome(202, body))
+        else:
+            conn = self.local.connection(waiter)
+            if conn is not None and request.id is not None:
+                conn.deliver(encode_status(request.id, Status.DELIVERED, request.target, count=count))
+
+    # --- service interface: HTTP API, MCP tools, dashboard -------------------------------------
+
+    def parse(self, fields: dict[str, Any]) -> Request | ProtocolError:
+        return request_from_fields(fields, self.policy)
+
+    async def send_command(
+        self,
+        target: str,
+        message: str,
+        *,
+        command_id: CommandId | None = None,
+        wait_ms: int | None = None,
+        timeout_ms: int | None = None,
+        queue: bool = False,
+        controller: str = HTTP_CONTROLLER,
+        idempotency_key: str | None = None,
+    ) -> Outcome:
+        """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
+
+        Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
+        delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
+        413 too large, 422 invalid, 503 when the target's instance cannot be reached.
+
+        With ``idempotency_key``, a repeat within the window gets the first command's
+        outcome and never reaches a client twice (appliance/commands/idempotency.py).
+        """
+        if idempotency_key is not None:
+            own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
+            once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            # A repeat waits as long as the first command may.
+            same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
+            return await self.idempotent.send(*same, once)
+        wait = self._http_bucket.try_take(time.time())
+        if wait > 0:
+            retry_ms = max(1, round(wait * 1000))
+            body = {
+                "error": ErrorCode.RATE_LIMITED.value,
+                "detail": "too many commands; retry later",
+                "retry_after_ms": retry_ms,
+            }
+            return Outcome(429, body)
+        if command_id is None:
+            # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
+            # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
+            command_id = f"{controller}-{self._id_prefix}{next(self._id_seq):x}"
+        fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
+        effective = wait_ms if wait_ms is not None else timeout_ms
+        if effective is not None:
+            fields["timeout_ms"] = effective
+        limit = self.settings.max_message_bytes
+        if len(message.encode()) > limit:
+            body = {
+                "error": ErrorCode.MESSAGE_TOO_LARGE.value,
+                "detail": f"message exceeds {limit} bytes",
+                "limit": limit,
+            }
+            return Outcome(413, body)
+        request = self.parse(fields)
+        if isinstance(request, ProtocolError):
+            return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
+        waiter = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
+        future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
+        self._waiters[waiter] = Waiter(future, wait_ms is not None, target)
+        try:
+            self.submit(waiter, controller, request)
+            return await future
+        finally:
+            self._waiters.pop(waiter, None)
+            if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
+                self.pending.finish(waiter, request.id)
+                self._queueable.pop((waiter, request.id), None)
+
+    async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
+        """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
+        if self.local.disconnect_local(client_id, code):
+            return True
+        holder = await self.broker.owner_of(client_id)
+        if holder is None:
+            return False
+        event = Disconnect(client_id, str(int(code)))
+        self.broker.send_to_instance(holder.instance, encode_event(event))
+        return True
+
+    def instance_event(self, payload: bytes | str) -> None:
+        """The broker's per-instance channel: an outcome or an order for this instance."""
+        try:
+            event = decode_event(payload)
+        except msgspec.DecodeError:
+            log.warning("Ignoring a malformed instance event")
+            return
+        self.outcome(event)
