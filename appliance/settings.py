@@ -192,7 +192,9 @@ class Settings(BaseSettings):
         7 * 86400, ge=60, description="Seconds an id's connect history is kept after its last connection closed."
     )
     history_max_clients: int = Field(
-        10_000, ge=1, description="Ids whose connect history the embedded broker keeps in memory (Redis: no cap)."
+        2000,
+        ge=1,
+        description="Ids with a connect history, cluster-wide (Redis) or in memory; beyond, the oldest go first.",
     )
     recent_commands_per_client: int = Field(
         50,

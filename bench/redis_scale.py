@@ -100,8 +100,15 @@ async def _measure(procs: Processes, kind: str, instances: int, args: argparse.N
         )
         await gen.connect_controllers(1, prefix=f"ctl-{pair}-")
         ids = [f"dev-{pair}-{i}" for i in range(args.clients // (instances // 2))]
-        connected = await gen.connect_clients(ids)
-        assert connected == len(ids), f"{connected} of {len(ids)} clients connected"
+        connected = 0
+        for _ in range(10):  # A fresh cluster may refuse a few claims while its nodes agree on the slots.
+            connected = await gen.connect_clients(ids)
+            if connected == len(ids):
+                break
+            for cid in [cid for cid, client in gen.clients.items() if client.transport is None]:
+                del gen.clients[cid]
+            await asyncio.sleep(1)
+        assert connected == len(ids), f"{connected} of {len(ids)} clients connected: {dict(gen.connect_failures)}"
         generators.append((gen, ids))
     servers = [proc for proc, _ in apps] + redis_procs
 

@@ -27,7 +27,7 @@ class MemoryBroker(Broker):
         queue_max_total: int = 100_000,
         history_per_client: int = 50,
         history_ttl: float = 7 * 86400,
-        history_max_clients: int = 10_000,
+        history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
         idempotency_max_keys: int = 100_000,
     ) -> None:
