@@ -82,6 +82,7 @@ class CloseCode(enum.IntEnum):
     TOKEN_EXPIRED = 4011  # Final for the old token: reconnect with the current one.
     DISCONNECTED = 4012  # An administrator disconnected this connection (DELETE /api/v1/clients/{id}).
     TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
+    GROUP_NOT_ALLOWED = 4014  # A scoped client token asked to join a group it does not name.
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -102,6 +103,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.TOKEN_EXPIRED: "token expired or revoked; reconnect with the current token",
     CloseCode.DISCONNECTED: "disconnected by an administrator",
     CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
+    CloseCode.GROUP_NOT_ALLOWED: "this token may not join the requested groups",
 }
 
 
