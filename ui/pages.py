@@ -160,7 +160,7 @@ async def login(request: HTMXRequest) -> Response[Any]:
     address = _remote(request)
     limiter = _dashboard(request).limiter
     next_path = _safe_next(form.get("next"))
-    wait = await limiter.retry_after(address)
+    wait = await limiter.attempt(address)  # Counted before the token is judged: a burst gets five judged at most.
     if wait:
         request.clear_session()
         await _audit(request, "login.refused", "unknown", detail="rate limited")
@@ -174,7 +174,6 @@ async def login(request: HTMXRequest) -> Response[Any]:
         )
     principal = authenticate(request.app.state, str(form.get("token") or ""))
     if principal is None:
-        await limiter.failed(address)
         await _forget_expired(request)
         request.clear_session()
         await _audit(request, "login.failed", "unknown")
@@ -245,6 +244,10 @@ async def clients_page(request: HTMXRequest) -> Response[Any]:
     return Template("clients.html", context=context, headers=timing)
 
 
+#: What the viewer token does not see of a recent command unless VIEWER_SEES_MESSAGES is set.
+_TEXTS = frozenset({"message", "reply"})
+
+
 @get("/client", guards=[require_session])
 async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Response[Any]:
     """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
@@ -260,6 +263,9 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Respon
     settings = request.app.state.settings
     # Kept by the instances that hold or held the id (appliance/core/recent.py), asked by appliance/recent.py.
     recent, recent_silent = await request.app.state.recent.read(client_id, history)
+    texts_shown = principal_of(request).can_act or settings.viewer_sees_messages
+    if not texts_shown:  # Outcome, time and round trip only: texts are what the devices are told and answer.
+        recent = [{key: value for key, value in c.items() if key not in _TEXTS} for c in recent]
     context = _common(
         request,
         client_id=client_id,
@@ -275,6 +281,7 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Respon
         },
         recent=recent,
         recent_silent=recent_silent,
+        texts_shown=texts_shown,
         recent_kept={
             "per_client": settings.recent_commands_per_client,
             "chars": settings.recent_commands_max_chars,
