@@ -50,7 +50,7 @@ from ..settings import Settings
 from .broadcast import Broadcasts
 from .handover import ClientLines
 from .idempotency import IdempotentSends, fingerprint
-from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter
+from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
 
 __all__ = ["TICK_SECONDS", "CommandService"]
 
@@ -402,13 +402,7 @@ class CommandService:
             return await self.idempotent.send(*same, once)
         wait = self._http_bucket.try_take(time.time())
         if wait > 0:
-            retry_ms = max(1, round(wait * 1000))
-            body = {
-                "error": ErrorCode.RATE_LIMITED.value,
-                "detail": "too many commands; retry later",
-                "retry_after_ms": retry_ms,
-            }
-            return Outcome(429, body)
+            return rate_limited(wait)
         if command_id is None:
             # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
             # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
@@ -417,14 +411,8 @@ class CommandService:
         effective = wait_ms if wait_ms is not None else timeout_ms
         if effective is not None:
             fields["timeout_ms"] = effective
-        limit = self.settings.max_message_bytes
-        if len(message.encode()) > limit:
-            body = {
-                "error": ErrorCode.MESSAGE_TOO_LARGE.value,
-                "detail": f"message exceeds {limit} bytes",
-                "limit": limit,
-            }
-            return Outcome(413, body)
+        if len(message.encode()) > self.settings.max_message_bytes:
+            return too_large(self.settings.max_message_bytes)
         request = self.parse(fields)
         if isinstance(request, ProtocolError):
             return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
