@@ -59,7 +59,11 @@ def make_broker(settings: Settings) -> Broker:
         "idempotency_window": settings.idempotency_window_seconds,
     }
     if not settings.redis_enabled:
-        return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)
+        return MemoryBroker(
+            **queue,
+            history_max_clients=settings.history_max_clients,
+            queue_max_total=settings.offline_queue_max_total,
+        )
     from .brokers.redis import RedisBroker, RedisTarget
 
     return RedisBroker(
