@@ -12,7 +12,10 @@ What a refused peer sees (docs/protocol.md, "Abuse limits"):
 - over the per-address or per-token connection cap: the WebSocket is accepted and closed
   with 4013, so that clients (Unity too) can read why and back off;
 - HTTP requests over the per-address rate, or during a cool-down: 429 with ``Retry-After``;
-  a state-changing request (POST, PUT, PATCH, DELETE) from a foreign origin: 403.
+  a state-changing request (POST, PUT, PATCH, DELETE) from a foreign origin: 403;
+- an HTTP request while its address already holds ``MAX_CONNECTIONS_PER_ADDRESS``
+  WebSockets and unanswered requests: 429 (each request counts until its answer starts);
+- a body announced larger than :func:`max_request_bytes`: 413, before a byte of it is read.
 
 The failed handshakes counted are the relay's own refusals (4001, 4002, 4003) and HTTP
 401/403 answers, read from the messages the app sends; the app needs no hook for them.
@@ -35,7 +38,7 @@ from .core.protocol import CLOSE_REASONS, CloseCode, negotiate_subprotocol
 from .metrics import REGISTRY
 from .settings import Settings
 
-__all__ = ["AdmissionMiddleware", "OriginPolicy", "REFUSED", "COOLDOWNS", "limits_from"]
+__all__ = ["AdmissionMiddleware", "OriginPolicy", "REFUSED", "COOLDOWNS", "limits_from", "max_request_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]  # Litestar types its own s
 REFUSED = Counter(
     "wsbridge_admission_refused_total",
     "Handshakes and HTTP requests refused before the app: cooldown, address_limit, token_limit, http_rate, origin, "
-    "cross_origin.",
+    "cross_origin, body_too_large.",
     ["reason"],
     registry=REGISTRY,
 )
@@ -75,6 +78,11 @@ def limits_from(settings: Settings) -> AdmissionLimits:
         http_burst=settings.http_burst,
         exempt=parse_networks(settings.limits_exempt_ips),
     )
+
+
+def max_request_bytes(settings: Settings) -> int:
+    """The largest HTTP request body accepted: a command of MAX_MESSAGE_BYTES, JSON-escaped, with room to spare."""
+    return max(8 * settings.max_message_bytes, 1 << 20)
 
 
 def _origin(value: str) -> str | None:
@@ -119,7 +127,7 @@ class OriginPolicy:
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
     """The headers admission reads (first occurrence of each)."""
-    wanted = {b"origin", b"host", b"x-auth-token", b"sec-fetch-site"}
+    wanted = {b"origin", b"host", b"x-auth-token", b"sec-fetch-site", b"content-length"}
     found: dict[bytes, bytes] = {}
     for name, value in scope.get("headers", ()):
         if name in wanted and name not in found:
@@ -148,6 +156,7 @@ class AdmissionMiddleware:
         self.clock = clock
         self.admission = Admission(limits_from(settings), clock())
         self.origins = OriginPolicy(settings.allowed_origins, settings.public_url)
+        self.max_body = max_request_bytes(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -214,20 +223,39 @@ class AdmissionMiddleware:
             self._refused("cooldown" if cooling else "http_rate", address)
             await _respond(send, 429, "cooldown" if cooling else "rate_limited", _retry_after(wait))
             return
-        if scope.get("method", "GET") not in _SAFE_METHODS and self._cross_origin(scope):
+        headers = _headers(scope)
+        if scope.get("method", "GET") not in _SAFE_METHODS and self._foreign(scope, headers, require_origin=True):
             self._refused("cross_origin", address)
             await _respond(send, 403, "cross_origin", [])
             return
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:  # Checked before a byte of the body is read.
+            self._refused("body_too_large", address)
+            await _respond(send, 413, "body_too_large", [(b"connection", b"close")])
+            return
+        if self.admission.admit_request(address, self.clock()) is not None:
+            self._refused("address_limit", address)
+            await _respond(send, 429, "too_many_connections", [*_retry_after(1), (b"connection", b"close")])
+            return
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.admission.release_request(address)
 
         async def observed(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start" and message.get("status") in (401, 403):
-                self._failed(address)
+            if message["type"] == "http.response.start":
+                release()  # Answered: no longer a request the peer may hold open for nothing.
+                if message.get("status") in (401, 403):
+                    self._failed(address)
             await send(message)
 
-        await self.app(scope, receive, observed)
-
-    def _cross_origin(self, scope: Scope) -> bool:
-        return self._foreign(scope, _headers(scope), require_origin=True)
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            release()
 
     def _foreign(self, scope: Scope, headers: dict[bytes, bytes], *, require_origin: bool) -> bool:
         """True when a browser sent this from a page of an origin that is not allowed.
@@ -261,6 +289,9 @@ _BODIES = {
     "cooldown": b'{"error":"cooldown","detail":"too many failed requests from this address; retry later"}',
     "rate_limited": b'{"error":"rate_limited","detail":"too many requests from this address; retry later"}',
     "cross_origin": b'{"error":"cross_origin","detail":"state-changing requests from another origin are refused"}',
+    "body_too_large": b'{"error":"body_too_large","detail":"the request body is larger than this appliance accepts"}',
+    "too_many_connections": b'{"error":"too_many_connections","detail":"too many open requests and connections '
+    b'from this address; retry later"}',
 }
 
 

@@ -21,11 +21,13 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.exceptions import ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from ui import DashboardPlugin
 
 from . import __version__, metrics
+from .admission import max_request_bytes
 from .api import API_HANDLERS, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
@@ -54,13 +56,14 @@ def make_broker(settings: Settings) -> Broker:
         "queue_remember_seconds": settings.command_timeout_max_ms / 1000,
         "history_per_client": settings.history_per_client,
         "history_ttl": settings.history_ttl_seconds,
+        "idempotency_window": settings.idempotency_window_seconds,
     }
     if not settings.redis_enabled:
         return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)
-    from .brokers.redis import RedisBroker
+    from .brokers.redis import RedisBroker, RedisTarget
 
     return RedisBroker(
-        settings.redis_connection_url(),
+        RedisTarget.from_settings(settings),
         instance=settings.instance_id,
         presence_ttl=settings.presence_ttl,
         pool_size=settings.redis_publish_pool_size,
@@ -121,10 +124,12 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
     metrics.watch(metrics.READY, lambda: 1.0 if relay.status()[0] else 0.0)
     redis = None
     if settings.redis_enabled:
-        from redis.asyncio import Redis
+        from .brokers.redis import RedisTarget
 
         # Audit trail and token notifications; the broker keeps its own connections.
-        redis = Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=2, socket_timeout=5)
+        redis = RedisTarget.from_settings(settings).client(
+            max_connections=32, socket_connect_timeout=2, socket_timeout=5
+        )
     audit = make_audit_log(redis)
     notifier = None
     if redis is not None:
@@ -170,6 +175,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             }
         ),
         lifespan=[lifespan],
+        # The admission middleware refuses a larger Content-Length unread; this bounds chunked bodies too.
+        request_max_body_size=max_request_bytes(settings),
         middleware=[metrics.http_metrics()],
         exception_handlers={ValidationException: validation_as_422},
         openapi_config=OpenAPIConfig(
@@ -177,6 +184,10 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             version=__version__,
             description="HTTP API of the WebSocket Bridge relay. Authenticate with the X-Auth-Token header.",
             path="/schema",
+            # The schema only (at /schema and /schema/openapi.json), no documentation UI: Litestar's UIs load
+            # third-party scripts without SRI (Redoc from a mutable URL) on the dashboard's origin, outside the
+            # dashboard's CSP, so such a script could read a CSRF token and act as a signed-in admin (#20).
+            render_plugins=[JsonRenderPlugin()],
             # Declared so a generated client (an LLM tool definition) sends the header; /healthz,
             # /readyz and / ignore it.
             components=Components(

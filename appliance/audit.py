@@ -12,12 +12,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["AuditEvent", "AuditLog", "MemoryAuditLog", "RedisAuditLog", "message_digest"]
+__all__ = ["AuditEvent", "AuditLog", "MemoryAuditLog", "RedisAuditLog", "audit_admin_command", "message_digest"]
+
+log = logging.getLogger(__name__)
 
 #: Events kept; older ones are dropped first.
 DEFAULT_CAPACITY = 1000
@@ -90,3 +93,23 @@ class RedisAuditLog(AuditLog):
                 if len(events) >= limit:
                     break
         return events
+
+
+async def audit_admin_command(
+    audit: AuditLog | None, actor: str, role: str, source: str, target: str, message: str, status: Any, via: str
+) -> None:
+    """Record a command sent with the admin token through the API or MCP as ``command.send``, as the dashboard does.
+
+    SECURITY.md's advice for a leaked admin token is to review these events, so every channel the
+    admin token can send through records one. A failure to record is logged, never the caller's error:
+    the command has been sent.
+    """
+    if audit is None or role != "admin":
+        return
+    event = AuditEvent(
+        "command.send", actor, source, target, {"message": message_digest(message), "status": status, "via": via}
+    )
+    try:
+        await audit.record(event)
+    except Exception:
+        log.exception("Could not store audit event %s", event.as_dict())

@@ -1,11 +1,14 @@
-"""Drops peers that do not finish their HTTP headers in time (slowloris), which uvicorn does not.
+"""Drops peers that do not finish sending their HTTP request in time (slowloris), which uvicorn does not.
 
 uvicorn's ``timeout_keep_alive`` only runs *between* requests, and every byte received
-cancels it: a peer that opens TCP and sends nothing, or sends its headers one byte at a
-time, holds a socket (and a file descriptor) forever. This protocol arms a timer when
-the connection opens and when a request starts, and disarms it when the headers are
-complete (for a WebSocket upgrade that is the whole HTTP part of the handshake). When it
-fires, the connection is aborted without an answer: nothing is owed to such a peer.
+cancels it: a peer that opens TCP and sends nothing, sends its headers one byte at a
+time, or announces a body (``Content-Length: 100``) and never sends it, holds a socket
+(and a file descriptor, and a request task waiting for the body) forever. This protocol
+arms a timer when the connection opens and when a request starts, and disarms it when
+the request is complete: headers *and* body for HTTP, the headers for a WebSocket
+upgrade (that is the whole HTTP part of the handshake). Time the app then takes to
+answer is not counted. When it fires, the connection is aborted without an answer:
+nothing is owed to such a peer.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ __all__ = ["HANDSHAKE_TIMEOUTS", "guarded_http_protocol"]
 
 HANDSHAKE_TIMEOUTS = Counter(
     "wsbridge_handshake_timeouts_total",
-    "Connections dropped because their HTTP headers were not complete within HANDSHAKE_TIMEOUT.",
+    "Connections dropped because their HTTP request (headers, and body) was not complete within HANDSHAKE_TIMEOUT.",
     registry=REGISTRY,
 )
 
 
 def guarded_http_protocol(timeout: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a deadline on request headers (pass as ``Config(http=...)``)."""
+    """uvicorn's httptools protocol with a deadline on each request, headers and body (``Config(http=...)``)."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_deadline: asyncio.TimerHandle | None = None
@@ -43,8 +46,14 @@ def guarded_http_protocol(timeout: float) -> type[HttpToolsProtocol]:
                 self._arm()
 
         def on_headers_complete(self) -> None:
-            self._disarm()
             super().on_headers_complete()
+            if self.parser.should_upgrade() and self._should_upgrade():
+                self._disarm()  # A WebSocket handshake is complete with its headers.
+            # Otherwise the body has to arrive within the same deadline (on_message_complete).
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

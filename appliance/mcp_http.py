@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 
+from .audit import AuditLog, audit_admin_command
 from .client_pages import filter_clients
 from .commands import CommandService
 from .controller import ReplyTimeout, error_for
@@ -17,13 +19,18 @@ from .relay import Relay
 
 __all__ = ["LocalBackend", "mcp_endpoint", "mcp_lifespan"]
 
+#: Who called /mcp in this request: (token name, role, source address), for the audit trail. The MCP
+#: session manager runs the tools in tasks started from the request, which copy its context.
+_caller: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
+
 
 class LocalBackend:
     """The MCP tools' backend inside the appliance: the command service, no HTTP hop."""
 
-    def __init__(self, commands: CommandService, relay: Relay) -> None:
+    def __init__(self, commands: CommandService, relay: Relay, audit: AuditLog | None = None) -> None:
         self.commands = commands
         self.relay = relay
+        self.audit = audit
 
     async def clients(self, **filters: Any) -> dict[str, Any]:
         records = await self.relay.clients()
@@ -37,12 +44,26 @@ class LocalBackend:
             timeout_ms=fields.get("timeout_ms"),
             queue=bool(fields.get("queue")),
             controller="mcp",
+            command_id=fields.get("id"),
+            idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
+        caller = _caller.get()
+        if caller is not None:
+            name, role, source = caller
+            status = outcome.body.get("status") or outcome.body.get("error")
+            await audit_admin_command(self.audit, name, role, source, target, message, status, "mcp")
         if outcome.http_status == 504:
             raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))
         if outcome.http_status >= 300:
             raise error_for(outcome.body)
         return outcome.body
+
+
+def _bearer(scope: Scope) -> str:
+    """The token of ``Authorization: Bearer <token>``, or ""."""
+    value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    scheme, _, presented = value.partition(" ")
+    return presented if scheme.lower() == "bearer" else ""
 
 
 def bearer_refusal(scope: Scope, token_store: Any) -> tuple[int, bytes] | None:
@@ -52,10 +73,8 @@ def bearer_refusal(scope: Scope, token_store: Any) -> tuple[int, bytes] | None:
     that is wrong or of the wrong role answers 403 with words a person can act on, since this
     bridge has no OAuth to offer and the MCP Inspector otherwise reports only that it needs a TTY.
     """
-    headers = dict(scope.get("headers") or [])
-    value = headers.get(b"authorization", b"").decode("latin-1")
-    scheme, _, presented = value.partition(" ")
-    if scheme.lower() != "bearer" or not presented:
+    presented = _bearer(scope)
+    if not presented:
         return 401, b'{"error":"unauthorized","detail":"Authorization: Bearer <controller token> required"}'
     if bearer_allowed(scope, token_store):
         return None
@@ -84,6 +103,9 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         end: Any = {"type": "http.response.body", "body": body}
         await send(end)
         return
+    grant = app.state.token_store.lookup(_bearer(scope))
+    client = scope.get("client")
+    _caller.set((grant.name, grant.role, client[0] if client else "unknown") if grant is not None else None)
     scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
     await app.state.mcp_app(scope, receive, send)
 
@@ -95,7 +117,7 @@ async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
 
     from .mcp_tools import build_mcp_server
 
-    server = build_mcp_server(LocalBackend(app.state.commands, app.state.relay))
+    server = build_mcp_server(LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None)))
     # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
     # legitimate names behind the load balancer. Stateless: the tools keep no session state,
     # and a session held in one instance's memory answered 404 on every other replica

@@ -14,6 +14,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from . import logflood
 from .admission import AdmissionMiddleware
 from .app import create_app
+from .forwarded import ForwardedForMiddleware
 from .handshake_guard import guarded_http_protocol
 from .relay import Relay
 from .settings import Settings
@@ -116,7 +117,8 @@ def _tune_gc() -> None:
 def build_server(app: Litestar, settings: Settings) -> uvicorn.Server:
     """The uvicorn server ``run`` serves ``app`` on (the tests run this exact stack in-process)."""
     config = uvicorn.Config(
-        AdmissionMiddleware(app, settings),  # Floods, scanners and foreign origins stop here (SECURITY.md).
+        # X-Forwarded-For checked (forwarded.py), then floods, scanners and foreign origins stop (SECURITY.md).
+        ForwardedForMiddleware(AdmissionMiddleware(app, settings), settings),
         host=settings.bind_host,
         port=settings.web_socket_port,
         loop="uvloop",
@@ -132,8 +134,7 @@ def build_server(app: Litestar, settings: Settings) -> uvicorn.Server:
         log_level=settings.log_level.lower(),
         lifespan="on",
         server_header=False,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
+        proxy_headers=False,  # ForwardedForMiddleware reads X-Forwarded-For, accepting only IP addresses.
     )
     return _GracefulServer(config, app.state.relay)
 

@@ -40,6 +40,7 @@ _REFUSAL_REASONS = {
     CloseCode.REPLACED: "replaced",
     CloseCode.INTERNAL_ERROR: "internal_error",
     CloseCode.TOKEN_EXPIRED: "token_expired",
+    CloseCode.GROUP_NOT_ALLOWED: "group_not_allowed",
 }
 
 
@@ -123,6 +124,10 @@ async def _serve(socket: RelaySocket, client_id: str) -> None:
     if isinstance(groups, str):
         log.info("Refused connection for id %r: %s", client_id, groups)
         await _refuse(socket, CloseCode.INVALID_CLIENT_ID, subprotocol, groups)
+        return
+    if grant is not None and not grant.allows_groups(groups):  # A scoped token joins only the groups it names.
+        log.info("Refused connection for id %r: groups not allowed for %s", client_id, grant.name)
+        await _refuse(socket, CloseCode.GROUP_NOT_ALLOWED, subprotocol)
         return
     v2 = subprotocol == SUBPROTOCOL_V2
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant, v2=v2, groups=groups)

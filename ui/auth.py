@@ -10,12 +10,14 @@ Redis is configured, so any instance serves any page; memory otherwise) and ends
 - ``DASHBOARD_SESSION_LIFETIME`` seconds after sign-in, whatever happens,
 - at logout, and when the token it was granted for changes (rotation ends every session).
 
-Failed sign-ins are counted per remote address in the same store; past the limit the
-address is refused with 429 until the window ends, even with the right token.
+Sign-in attempts are counted per remote address in the same store, atomically and before the
+token is judged (:class:`LoginLimiter`); past the limit the address is refused with 429 until
+the window ends, even with the right token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -27,6 +29,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.stores.base import Store
+from litestar.stores.redis import RedisStore
 from litestar.utils.scope.state import ScopeState
 
 from appliance.settings import Settings
@@ -178,26 +181,55 @@ def require_admin(connection: ASGIConnection, handler: BaseRouteHandler) -> None
 
 
 class LoginLimiter:
-    """Failed sign-ins per remote address in a fixed window, kept in a (possibly shared) store."""
+    """Sign-in attempts per remote address in a fixed window, counted atomically *before* the token is judged.
+
+    Every attempt takes a number first; only the first ``allowed`` in a window are judged, the
+    rest are refused unjudged, so a burst of 150 concurrent guesses gets at most five judged
+    (reading, checking and writing back the count let every one of them through). A success
+    gives its own number back rather than clearing the count: clearing it let the wrong guesses
+    of a burst be judged after a concurrent right one. The count therefore holds the failures and
+    the attempts in flight. In Redis, shared by every instance, counting is one MULTI (create
+    with the window's expiry if absent, INCR, TTL); in memory, the same steps under a lock.
+    """
+
+    #: Gives a number back only while the window lives (a DECR of an expired key would create one without expiry).
+    _GIVE_BACK = "if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end return 0"
 
     def __init__(self, store: Store, allowed: int = LOGIN_FAILURES_ALLOWED, window: int = LOGIN_WINDOW_SECONDS) -> None:
         self.store = store
         self.allowed = allowed
         self.window = window
+        self._lock = asyncio.Lock()
 
-    async def retry_after(self, address: str) -> int:
-        """Seconds until ``address`` may try again; 0 if it may now."""
-        raw = await self.store.get(address)
-        if raw is None or int(raw) < self.allowed:
+    async def attempt(self, address: str) -> int:
+        """Count one attempt from ``address``: 0 if it may be judged, else the seconds until it may try again."""
+        if isinstance(self.store, RedisStore):
+            # The store's own client and key scheme, so the count lives next to the sessions (wsb:dashboard_login:*).
+            key = self.store._make_key(address)
+            pipe = self.store._redis.pipeline(transaction=True)
+            pipe.set(
+                key, 0, ex=self.window, nx=True
+            )  # The window starts at the first attempt; later ones do not extend it.
+            pipe.incr(key)
+            pipe.ttl(key)
+            _, count, ttl = await pipe.execute()
+        else:
+            async with self._lock:
+                raw = await self.store.get(address)
+                ttl = (await self.store.expires_in(address) if raw is not None else None) or self.window
+                count = int(raw or 0) + 1
+                await self.store.set(address, str(count), expires_in=ttl)
+        if int(count) <= self.allowed:
             return 0
-        return max(1, await self.store.expires_in(address) or self.window)
-
-    async def failed(self, address: str) -> None:
-        raw = await self.store.get(address)
-        remaining = await self.store.expires_in(address) if raw is not None else None
-        count = int(raw or 0) + 1
-        # The window starts at the first failure; later failures do not extend it.
-        await self.store.set(address, str(count), expires_in=remaining or self.window)
+        return max(1, int(ttl) if ttl and int(ttl) > 0 else self.window)
 
     async def succeeded(self, address: str) -> None:
-        await self.store.delete(address)
+        """A judged attempt was right: it gives its number back (the failures stay counted)."""
+        if isinstance(self.store, RedisStore):
+            await self.store._redis.eval(self._GIVE_BACK, 1, self.store._make_key(address))
+            return
+        async with self._lock:
+            raw = await self.store.get(address)
+            remaining = await self.store.expires_in(address) if raw is not None else None
+            if raw is not None and remaining:
+                await self.store.set(address, str(max(0, int(raw) - 1)), expires_in=remaining)

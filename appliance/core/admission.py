@@ -6,8 +6,9 @@ decides, with the clock passed in, before any work is done for a peer:
 
 - an address that failed too many handshakes (wrong token, bad id; also HTTP 401/403)
   within a minute is refused for a cool-down, cheaply (HTTP 429 before the upgrade);
-- an address may hold ``connections_per_address`` WebSockets at once, a token
-  ``connections_per_token`` (4013 beyond either);
+- an address may hold ``connections_per_address`` WebSockets and unanswered HTTP
+  requests at once (4013, or HTTP 429, beyond), a token ``connections_per_token``
+  WebSockets (4013 beyond);
 - an address may make ``http_rate`` HTTP API requests per second (429 beyond).
 
 IPv6 peers are grouped by /64, the block one subscriber usually holds, so a host cannot
@@ -142,6 +143,27 @@ class Admission:
         return not already
 
     # --- HTTP -------------------------------------------------------------------------------
+
+    def admit_request(self, address: str, now: float) -> Refusal | None:
+        """Count an HTTP request in the address's connections until it is answered; admitted ones must be released.
+
+        A request still sending its body has not been authenticated by anything yet: counted with
+        the WebSockets, one host cannot hold more of them than ``connections_per_address``.
+        """
+        self._maybe_prune(now)
+        if self.exempt(address):
+            return None
+        key = address_key(address)
+        cap = self.limits.connections_per_address
+        if cap and self._by_address.get(key, 0) >= cap:
+            return Refusal.ADDRESS_LIMIT
+        self._by_address[key] = self._by_address.get(key, 0) + 1
+        return None
+
+    def release_request(self, address: str) -> None:
+        """A request admitted by :meth:`admit_request` has been answered (or its connection is gone)."""
+        if not self.exempt(address):
+            _decrement(self._by_address, address_key(address))
 
     def admit_http(self, address: str, now: float) -> float:
         """0.0 to serve the request, else the seconds until this address may ask again."""

@@ -82,6 +82,7 @@ class CloseCode(enum.IntEnum):
     TOKEN_EXPIRED = 4011  # Final for the old token: reconnect with the current one.
     DISCONNECTED = 4012  # An administrator disconnected this connection (DELETE /api/v1/clients/{id}).
     TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
+    GROUP_NOT_ALLOWED = 4014  # A scoped client token asked to join a group it does not name.
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -102,6 +103,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.TOKEN_EXPIRED: "token expired or revoked; reconnect with the current token",
     CloseCode.DISCONNECTED: "disconnected by an administrator",
     CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
+    CloseCode.GROUP_NOT_ALLOWED: "this token may not join the requested groups",
 }
 
 
@@ -125,9 +127,11 @@ class ErrorCode(str, enum.Enum):
 class Command(msgspec.Struct, frozen=True):
     """A controller's request to deliver ``message`` to ``target``.
 
-    A msgspec Struct so that a well-formed frame decodes straight into it, which is
-    several times cheaper than a dict plus checks; malformed frames take the slow
-    path that explains what is wrong.
+    A msgspec Struct so that a well-formed frame decodes straight into it: 0.33 µs a
+    command against 0.66 µs for a dict plus checks (:func:`_explain`, the plain path),
+    1.6 % of a v1 round trip (about 20 µs of server CPU; ``python -m bench.micro``).
+    Malformed frames take the plain path, which explains what is wrong;
+    tests/unit/test_fast_paths.py checks that both paths agree on any frame.
     """
 
     target: str

@@ -52,6 +52,8 @@ SCOPED_PREFIX = "client_tokens/"
 _SCOPED_NAME = re.compile(r"^client_tokens/[A-Za-z0-9_.-]{1,64}$")
 #: An id pattern is a shell-style glob over the client-id alphabet (``lights_*``, ``kiosk-?``).
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_*?-]{1,50}$")
+#: A group a scoped client token may join: a name as in ``?groups=`` (no glob: each group is named).
+GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 
 
 class TokenStoreError(RuntimeError):
@@ -91,15 +93,21 @@ def _digest(value: str) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a valid token grants: a role, which token (name and version) opened it, and for scoped
-    client tokens the ids it may use."""
+    client tokens the ids it may use and the groups it may join."""
 
     role: str  # "controller" | "client" | "admin" | "viewer"
     name: str
     version: int
     id_pattern: str | None = None
+    #: The groups a connection may join; None (the shared client token): any group, as before groups were scoped.
+    groups: tuple[str, ...] | None = None
 
     def allows_id(self, client_id: str) -> bool:
         return self.id_pattern is None or fnmatch.fnmatchcase(client_id, self.id_pattern)
+
+    def allows_groups(self, groups: tuple[str, ...]) -> bool:
+        """Whether a connection with this grant may join every one of ``groups``."""
+        return self.groups is None or all(group in self.groups for group in groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +116,7 @@ class TokenVersion:
     value: str = field(repr=False)
     modified_at: float | None = None  # when this version was written (epoch seconds), if known
     id_pattern: str | None = None
+    groups: tuple[str, ...] | None = None  # scoped client tokens: the groups they may join (None: any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +143,7 @@ class TokenState:
             "fingerprint": fingerprint(self.current.value),
             "rotated_at": self.current.modified_at,
             "id_pattern": self.current.id_pattern,
+            "groups": list(self.current.groups) if self.current.groups is not None else None,
             "previous_version": previous.version if previous else None,
             "previous_fingerprint": fingerprint(previous.value) if previous else None,
             "grace_ends": self.grace_ends if previous else None,
@@ -179,11 +189,15 @@ class TokenStore(abc.ABC):
         for state in states.values():
             current = state.current
             candidates.append(
-                (_digest(current.value), Grant(state.role, state.name, current.version, current.id_pattern), None)
+                (
+                    _digest(current.value),
+                    Grant(state.role, state.name, current.version, current.id_pattern, current.groups),
+                    None,
+                )
             )
             previous = state.previous
             if previous is not None and state.grace_ends is not None:
-                grant = Grant(state.role, state.name, previous.version, previous.id_pattern)
+                grant = Grant(state.role, state.name, previous.version, previous.id_pattern, previous.groups)
                 candidates.append((_digest(previous.value), grant, state.grace_ends))
         changed = states != self._states
         self._states, self._candidates = states, candidates

@@ -3,7 +3,8 @@
 Layout under the prefix (default ``/WebSocket/prod/``): ``LLM_SECRET_TOKEN``,
 ``UNITY_CLIENT_TOKEN``, ``ADMIN_TOKEN`` (optional), ``VIEWER_TOKEN`` (optional), and
 scoped client tokens ``client_tokens/<name>`` whose value is the JSON object
-``{"ids": "<glob>", "token": "<token>"}``. Other names under the prefix (``REDIS_PASSWORD``)
+``{"ids": "<glob>", "groups": ["<group>", ...], "token": "<token>"}`` (``groups`` optional:
+absent, the token joins no group). Other names under the prefix (``REDIS_PASSWORD``)
 are not tokens and are ignored.
 
 Rotation keeps its state in SSM itself, so every instance (and a restarted one)
@@ -32,6 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .. import metrics
 from .base import (
+    GROUP_NAME,
     ID_PATTERN,
     SCOPED_PREFIX,
     TokenState,
@@ -190,20 +192,28 @@ class SsmTokenStore(TokenStore):
     def _version(self, name: str, parameter: dict[str, Any]) -> TokenVersion | None:
         modified = parameter.get("LastModifiedDate")
         modified_at = modified.timestamp() if modified is not None else None
-        value, pattern = parameter["Value"], None
+        value, pattern, groups = parameter["Value"], None, None
         if name.startswith(SCOPED_PREFIX):
             try:
                 data = json.loads(value)
-                value, pattern = data["token"], data["ids"]
-            except (ValueError, KeyError, TypeError):
-                log.warning('Ignoring %s%s: expected {"ids": "<glob>", "token": "<token>"}', self.prefix, name)
+                value, pattern, groups = data["token"], data["ids"], data.get("groups", [])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.warning(
+                    'Ignoring %s%s: expected {"ids": "<glob>", "groups": [...], "token": "<token>"}', self.prefix, name
+                )
                 return None
             if not isinstance(value, str) or not isinstance(pattern, str) or not ID_PATTERN.match(pattern):
                 log.warning("Ignoring %s%s: ids must be a glob over [A-Za-z0-9_-*?]", self.prefix, name)
                 return None
+            if not isinstance(groups, list) or not all(
+                isinstance(group, str) and GROUP_NAME.fullmatch(group) for group in groups
+            ):
+                log.warning("Ignoring %s%s: groups must be a list of names over [A-Za-z0-9_-]", self.prefix, name)
+                return None
+            groups = tuple(groups)
         if not value:
             return None
-        return TokenVersion(int(parameter["Version"]), value, modified_at, pattern)
+        return TokenVersion(int(parameter["Version"]), value, modified_at, pattern, groups)
 
     # --- rotation (blocking; the service runs these in a thread) -----------------------------
 
@@ -224,7 +234,10 @@ class SsmTokenStore(TokenStore):
                 old = self._version(name, existing)
                 if old is None:
                     raise TokenStoreError(f"{full} is not a valid scoped token; fix it before rotating")
-                stored = json.dumps({"ids": old.id_pattern, "token": value})
+                scope: dict[str, Any] = {"ids": old.id_pattern}
+                if old.groups:
+                    scope["groups"] = list(old.groups)
+                stored = json.dumps({**scope, "token": value})
             # Label the outgoing version before the new one exists: while it is still the latest,
             # readers ignore a "previous" on it, and once the new version lands they see a rotation
             # at once, never a moment without a grace window.

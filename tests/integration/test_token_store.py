@@ -221,19 +221,35 @@ def test_scoped_client_token_is_bound_to_its_id_pattern_and_rotation_keeps_it(mo
     prefix = unique_prefix()
     ssm = moto.ssm()
     seed(ssm, prefix, SEED)
-    seed(ssm, prefix, {"client_tokens/lights": json.dumps({"ids": "lights_*", "token": "lights-token-0123456789"})})
+    seed(
+        ssm,
+        prefix,
+        {
+            "client_tokens/lights": json.dumps(
+                {"ids": "lights_*", "groups": ["lights"], "token": "lights-token-0123456789"}
+            ),
+            "client_tokens/plain": json.dumps({"ids": "plain_*", "token": "plain-token-0123456789"}),
+            "client_tokens/badgroups": json.dumps({"ids": "x_*", "groups": "lights", "token": "bad-token-0123456789"}),
+        },
+    )
     seed(ssm, prefix, {"client_tokens/broken": "not json"})
     store = ssm_store(moto, prefix)
     store.load()
     grant = store.lookup("lights-token-0123456789")
-    assert grant == Grant("client", "client_tokens/lights", 1, "lights_*")
+    assert grant == Grant("client", "client_tokens/lights", 1, "lights_*", ("lights",))
     assert grant.allows_id("lights_kitchen") and not grant.allows_id("door_1")
+    assert grant.allows_groups(("lights",)) and not grant.allows_groups(("lights", "doors"))
+    assert store.lookup("plain-token-0123456789").groups == ()  # no "groups": no group at all
+    assert store.lookup(CLIENT).groups is None  # the shared client token: any group
     assert "client_tokens/broken" not in store.states  # ignored with a warning, not fatal
+    assert "client_tokens/badgroups" not in store.states
     store.write_rotation("client_tokens/lights", "lights-token-version-two", keep_connections=False)
     store.load()
-    assert store.lookup("lights-token-version-two") == Grant("client", "client_tokens/lights", 2, "lights_*")
+    assert store.lookup("lights-token-version-two") == Grant(
+        "client", "client_tokens/lights", 2, "lights_*", ("lights",)
+    )
     stored = ssm.get_parameter(Name=prefix + "client_tokens/lights", WithDecryption=True)["Parameter"]
-    assert json.loads(stored["Value"]) == {"ids": "lights_*", "token": "lights-token-version-two"}
+    assert json.loads(stored["Value"]) == {"ids": "lights_*", "groups": ["lights"], "token": "lights-token-version-two"}
     assert stored["Type"] == "SecureString"
 
 
