@@ -7,10 +7,16 @@ case is about a cluster.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import html.parser
 import json
+import os
 import re
 import secrets
+import subprocess
+import sys
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 
@@ -423,3 +429,55 @@ async def test_an_exempt_address_cannot_be_claimed_in_x_forwarded_for(start_appl
             codes.append(refused.response.status_code)
     # Counted under the peer's address, which is not exempt: the cool-down comes.
     assert codes[:3] == [4001] * 3 and 429 in codes[3:], codes
+
+
+# --- 10. fingerprints and guessable tokens ------------------------------------------------------------------------
+
+
+def _serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-m", "appliance", "serve", "--port", "1"],  # Refused before it binds.
+            cwd=cwd,
+            env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout(30),
+        )
+
+
+def test_a_token_with_fewer_than_128_bits_is_refused_at_start_with_one_clear_line(start_appliance):
+    pin = "31415926535897932384"  # 20 digits: at most 66 bits
+    result = _serve_once({"LLM_SECRET_TOKEN": pin, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "LLM_SECRET_TOKEN holds at most 66 bits of randomness" in lines[0] and "ALLOW_WEAK_TOKENS" in lines[0]
+    assert pin not in result.stderr + result.stdout
+    # The explicit override starts it (a lab, a test).
+    app = start_appliance({"LLM_SECRET_TOKEN": pin, "ALLOW_WEAK_TOKENS": "true"}, name="weak-allowed")
+    assert app.get("/healthz")[0] == 200
+
+
+async def test_fingerprints_are_keyed_so_the_viewer_cannot_test_guesses(start_appliance, redis_server):
+    key, viewer_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    app = start_appliance({"TOKEN_FINGERPRINT_KEY": key, "VIEWER_TOKEN": viewer_token}, name="fp")
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as viewer:
+        await _sign_in(viewer, viewer_token)
+        page = (await viewer.get("/admin/tokens")).text
+    keyed = "hmac:" + hmac.new(key.encode(), CLIENT_TOKEN.encode(), hashlib.sha256).hexdigest()[:8]
+    unkeyed = hashlib.sha256(CLIENT_TOKEN.encode()).hexdigest()[:8]
+    assert keyed in page and unkeyed not in page
+    # Without the setting, instances sharing Redis share a random key: the same fingerprints everywhere.
+    redis_server.command("DEL", "wsb:tokens:fingerprint-key")
+    env = {"VIEWER_TOKEN": viewer_token}
+    a = start_appliance(env, redis_url=redis_server.url, name="fp-a")
+    b = start_appliance(env, redis_url=redis_server.url, name="fp-b")
+    shown = []
+    for instance in (a, b):
+        async with httpx.AsyncClient(base_url=instance.http, timeout=timeout(10)) as viewer:
+            await _sign_in(viewer, viewer_token)
+            page = (await viewer.get("/admin/tokens")).text
+        shown.append(sorted(re.findall(r"hmac:[0-9a-f]{8}", page)))
+    assert shown[0] and shown[0] == shown[1]
+    assert keyed not in shown[0] and unkeyed not in str(shown)
