@@ -2,9 +2,10 @@
 # The WebSocket Bridge appliance image.
 #
 # Two stages on the same pinned slim base: the first installs the project and its
-# pinned dependencies into a virtualenv (every dependency ships manylinux wheels, so
-# no compiler is needed, and none reaches the final image); the second copies only
-# that virtualenv and runs it as an unprivileged user.
+# locked dependencies (requirements/server.lock, hash-checked) into a virtualenv
+# (every dependency ships manylinux wheels, so no compiler is needed, and none
+# reaches the final image); the second copies only that virtualenv and runs it as
+# an unprivileged user.
 #
 #   docker build -t wsbridge:2.0.0 .
 #   docker run --rm -p 8000:8000 -e LLM_SECRET_TOKEN=... -e UNITY_CLIENT_TOKEN=... wsbridge:2.0.0
@@ -18,12 +19,17 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
+# The locked dependencies first (every version pinned, every file hash-checked): their
+# layer is cached until the lock changes.
+COPY requirements/server.lock ./requirements/
+RUN /opt/venv/bin/pip install --no-compile --require-hashes -r requirements/server.lock
 # README.md is the package's long description (pyproject.toml `readme`).
 COPY pyproject.toml README.md ./
 COPY appliance ./appliance
 COPY ui ./ui
-# A regular (not editable) install: the final image needs no source tree.
-RUN /opt/venv/bin/pip install --no-compile . \
+# A regular (not editable) install without resolving again: the final image needs no
+# source tree, and nothing but the lock decides a version.
+RUN /opt/venv/bin/pip install --no-compile --no-deps . \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 

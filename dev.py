@@ -13,6 +13,10 @@ that adding a tool never means editing this script:
 - ``tools/apt/*.txt``: lines ``COMMAND PACKAGE`` (``-`` as the command for a
   package that installs no command of its own, e.g. a library);
 - ``tools/venvs/NAME.txt``: a pip requirements file for one tool virtualenv.
+
+The appliance's own dependencies come from ``requirements/dev.lock`` (every version
+pinned, with hashes); ``python3 dev.py lock`` writes it and ``requirements/server.lock``
+(the Dockerfile's) again from ``pyproject.toml`` after a dependency changed.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -51,10 +57,12 @@ def fingerprint(*paths: Path, extra: str = "") -> str:
     return digest.hexdigest()
 
 
-def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: str) -> None:
-    """Create ``env`` and pip-install ``install`` unless the inputs are unchanged since last time."""
+def ensure_venv(
+    env: Path, stamp_inputs: list[Path], install: list[str], label: str, then: list[str] | None = None
+) -> None:
+    """Create ``env`` and pip-install ``install`` (then ``then``) unless the inputs are unchanged since last time."""
     stamp = env / ".installed"
-    wanted = fingerprint(*stamp_inputs, extra=" ".join(install))
+    wanted = fingerprint(*stamp_inputs, extra=" ".join(install + (then or [])))
     if stamp.exists() and stamp.read_text() == wanted and bin_of(env, "python").exists():
         return
     pip = [str(bin_of(env, "python")), "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -65,6 +73,8 @@ def ensure_venv(env: Path, stamp_inputs: list[Path], install: list[str], label: 
         venv.EnvBuilder(with_pip=True, clear=True).create(env)
     say(f"installing {label} into {env.relative_to(ROOT)} (first run takes a minute or two)")
     run([*pip, "install", *install])
+    if then:
+        run([*pip, "install", *then])
     stamp.write_text(wanted)
 
 
@@ -77,11 +87,57 @@ def ensure_ensurepip() -> None:
 
 
 #: One set of extras for both commands, so switching between them never reinstalls.
-EXTRAS = "test,bench"
+EXTRAS = "server,test,bench"
+
+LOCKS = ROOT / "requirements"
+#: lock file -> the extras it holds besides the base (client) dependencies.
+LOCKED_EXTRAS = {"server.lock": ("server",), "dev.lock": tuple(EXTRAS.split(","))}
+#: The resolver that writes the locks; only ``dev.py lock`` installs it (in .venv-tools/lock).
+UV = "uv==0.13.8"
+
+
+def _name(requirement: str) -> str:
+    """A requirement's project name, normalized (PEP 503): ``"PyYAML==6.0"`` -> ``"pyyaml"``."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else requirement
+
+
+def missing_from_lock(lock: Path, extras: tuple[str, ...]) -> list[str]:
+    """pyproject.toml's requirements (base and ``extras``) that ``lock`` does not pin."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in extras:
+        wanted += project["optional-dependencies"][extra]
+    pinned = {_name(line) for line in lock.read_text().splitlines() if "==" in line and not line.startswith(" ")}
+    return [requirement for requirement in wanted if _name(requirement) not in pinned]
 
 
 def ensure_project() -> None:
-    ensure_venv(VENV, [ROOT / "pyproject.toml"], ["-e", f"{ROOT}[{EXTRAS}]"], f"the appliance with [{EXTRAS}]")
+    """The locked dependencies (hash-checked), then the project itself without resolving again."""
+    lock = LOCKS / "dev.lock"
+    missing = missing_from_lock(lock, LOCKED_EXTRAS[lock.name])
+    if missing:
+        sys.exit(f"{lock.relative_to(ROOT)} lacks {', '.join(missing)}: run python3 dev.py lock and commit it")
+    ensure_venv(
+        VENV,
+        [ROOT / "pyproject.toml", lock],
+        ["--require-hashes", "-r", str(lock)],
+        f"the appliance's locked dependencies ({lock.relative_to(ROOT)})",
+        then=["--no-deps", "-e", str(ROOT)],
+    )
+
+
+def lock(args: list[str]) -> None:
+    """Resolve pyproject.toml again into requirements/*.lock (universal: Linux and macOS, Python 3.11+)."""
+    env = TOOL_VENVS / "lock"
+    ensure_venv(env, [], [UV], "the lock resolver")
+    for name, extras in LOCKED_EXTRAS.items():
+        command = [str(bin_of(env, "uv")), "pip", "compile", "pyproject.toml", "--quiet", "--universal"]
+        command += ["--python-version", f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]}", "--generate-hashes"]
+        command += ["--custom-compile-command", "python3 dev.py lock"]
+        command += [arg for extra in extras for arg in ("--extra", extra)]
+        run([*command, *args, "-o", str(LOCKS / name)], cwd=ROOT)
+        say(f"wrote {(LOCKS / name).relative_to(ROOT)}")
 
 
 def apt_requirements() -> list[tuple[str, str]]:
@@ -199,6 +255,13 @@ def needs_everything(pytest_args: list[str]) -> bool:
     return False
 
 
+def pytest_options(args: list[str]) -> list[str]:
+    """The slowest 25 tests are listed after every run (the suite's time budget), unless asked otherwise."""
+    if any(arg == "--durations" or arg.startswith("--durations=") for arg in args):
+        return []
+    return ["--durations=25"]
+
+
 def test(args: list[str]) -> None:
     if needs_everything(args):
         ensure_system_packages()
@@ -209,15 +272,17 @@ def test(args: list[str]) -> None:
         ensure_project()
     env = {**os.environ, "WSBRIDGE_TOOL_VENVS": str(TOOL_VENVS), "PYTHONDONTWRITEBYTECODE": "1"}
     say("running the test suite")
-    result = subprocess.run([str(bin_of(VENV, "python")), "-m", "pytest", *args], cwd=ROOT, env=env)
+    result = subprocess.run(
+        [str(bin_of(VENV, "python")), "-m", "pytest", *pytest_options(args), *args], cwd=ROOT, env=env
+    )
     sys.exit(result.returncode)
 
 
 def main() -> None:
     check_python()
-    commands = {"serve": serve, "test": test}
+    commands = {"serve": serve, "test": test, "lock": lock}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit("usage: python3 dev.py serve [--host H] [--port P] | test [pytest args]")
+        sys.exit("usage: python3 dev.py serve [--host H] [--port P] | test [pytest args] | lock [uv pip compile args]")
     commands[sys.argv[1]](sys.argv[2:])
 
 

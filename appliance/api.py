@@ -50,7 +50,9 @@ class CommandBody(Struct, forbid_unknown_fields=True):
         CommandId | None,
         Meta(
             description=f"Your id for this command (string of 1-{MAX_COMMAND_ID_LENGTH} characters, or integer); "
-            "generated if absent. A repeated (id) is never delivered twice from the queue."
+            "generated if absent. It also makes the command safe to retry: the same id within "
+            "IDEMPOTENCY_WINDOW_SECONDS (default 600) returns the first command's outcome (marked replayed), "
+            "or waits for it, and never reaches the client twice; the same id for another command is 409."
         ),
     ] = None
     wait_ms: (
@@ -83,6 +85,9 @@ class CommandResult(Struct):
     count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
     expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
     duplicate: bool | None = None
+    replayed: Annotated[
+        bool | None, Meta(description="true: the outcome of an earlier request with the same id or Idempotency-Key.")
+    ] = None
     detail: str | None = None
 
 
@@ -210,6 +215,10 @@ _COMMAND_RESPONSES = {
 }
 
 
+#: Long enough for a UUID or a hash with a prefix; short enough to keep Redis keys small.
+MAX_IDEMPOTENCY_KEY_LENGTH = 200
+
+
 @post(
     "/api/v1/commands",
     status_code=202,
@@ -217,7 +226,20 @@ _COMMAND_RESPONSES = {
     summary="Send a command to a client and optionally wait for its reply",
     tags=["commands"],
 )
-async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBody]) -> Response[dict[str, Any]]:
+async def post_command(
+    request: Request[Any, Any, Any],
+    data: JSONBody[CommandBody],
+    idempotency_key: Annotated[
+        str | None,
+        Parameter(
+            header="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+            description="Makes a retry safe without choosing an id: the same key within the window returns the "
+            "first command's outcome and never sends it twice (takes precedence over id for that).",
+        ),
+    ] = None,
+) -> Response[dict[str, Any]]:
     """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
     grant = require_token(request, allow_controller=True)
     commands = _commands(request)
@@ -225,6 +247,8 @@ async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBo
     for name, value in (("wait_ms", data.wait_ms), ("timeout_ms", data.timeout_ms)):
         if value is not None and value > limit:
             raise ValidationException(f"{name} must be at most {limit}", extra=[{"key": name, "message": "too large"}])
+    if idempotency_key is None and data.id is not None:
+        idempotency_key = f"id:{data.id!r}"  # repr: the string "7" and the integer 7 are different ids
     outcome = await commands.send_command(
         data.target,
         data.message,
@@ -232,6 +256,7 @@ async def post_command(request: Request[Any, Any, Any], data: JSONBody[CommandBo
         wait_ms=data.wait_ms,
         timeout_ms=data.timeout_ms,
         queue=data.queue,
+        idempotency_key=idempotency_key,
     )
     await audit_admin_command(
         getattr(request.app.state, "audit", None),

@@ -56,13 +56,14 @@ def make_broker(settings: Settings) -> Broker:
         "queue_remember_seconds": settings.command_timeout_max_ms / 1000,
         "history_per_client": settings.history_per_client,
         "history_ttl": settings.history_ttl_seconds,
+        "idempotency_window": settings.idempotency_window_seconds,
     }
     if not settings.redis_enabled:
         return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)
-    from .brokers.redis import RedisBroker
+    from .brokers.redis import RedisBroker, RedisTarget
 
     return RedisBroker(
-        settings.redis_connection_url(),
+        RedisTarget.from_settings(settings),
         instance=settings.instance_id,
         presence_ttl=settings.presence_ttl,
         pool_size=settings.redis_publish_pool_size,
@@ -123,10 +124,12 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
     metrics.watch(metrics.READY, lambda: 1.0 if relay.status()[0] else 0.0)
     redis = None
     if settings.redis_enabled:
-        from redis.asyncio import Redis
+        from .brokers.redis import RedisTarget
 
         # Audit trail and token notifications; the broker keeps its own connections.
-        redis = Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=2, socket_timeout=5)
+        redis = RedisTarget.from_settings(settings).client(
+            max_connections=32, socket_connect_timeout=2, socket_timeout=5
+        )
     audit = make_audit_log(redis)
     notifier = None
     if redis is not None:

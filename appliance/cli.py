@@ -340,11 +340,12 @@ async def _tokens(args: argparse.Namespace) -> int:
     store = _load_token_store(settings)
     redis = notifier = presence = None
     if settings.redis_enabled:
-        from redis.asyncio import Redis
-
+        from .brokers.redis import RedisTarget
         from .tokens.notify import TokenNotifier
 
-        redis = Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=2, socket_timeout=5)
+        redis = RedisTarget.from_settings(settings).client(
+            max_connections=8, socket_connect_timeout=2, socket_timeout=5
+        )
         notifier, presence = TokenNotifier(redis), _redis_presence(redis)
     service = TokenService(settings, store, make_audit_log(redis), notifier=notifier, presence=presence)
     actor = args.actor or f"cli:{getpass.getuser()}"

@@ -87,6 +87,7 @@ class BridgeClient:
         self.max_size = max_size
         self._ws: ClientConnection | None = None
         self._lock = asyncio.Lock()  # Held while (re)connecting: one socket at a time.
+        self._opening: asyncio.Future[None] | None = None  # The (re)connect under way, see _reopen.
         self._final: BridgeClosed | None = None  # Set once the relay closed us for good.
         self._closed = False
         self._delay = backoff_initial
@@ -107,8 +108,27 @@ class BridgeClient:
         """Open the connection, retrying transient failures when ``reconnect`` is on."""
         async with self._lock:
             if self._ws is None:
-                await self._open()
+                await self._reopen(back_off=False)
                 self._final = None  # An explicit connect after a final close starts afresh.
+
+    async def _reopen(self, *, back_off: bool) -> None:
+        """(Re)connect in a task of its own, which a caller's cancellation does not stop.
+
+        ``asyncio.wait_for(client.receive(), 1)`` may time out while a reconnect is under
+        way. Cancelling the handshake would abort a socket the relay may have accepted
+        already, and a version-1 command written to it would be lost unread; so the
+        reconnect goes on, and the next call takes its socket (or waits for it).
+        """
+        opening = self._opening
+        if opening is None or opening.done():
+            opening = self._opening = asyncio.ensure_future(self._back_off_then_open(back_off))
+            opening.add_done_callback(_consume_exception)  # Raised to the caller that awaits it, if any.
+        await asyncio.shield(opening)
+
+    async def _back_off_then_open(self, back_off: bool) -> None:
+        if back_off:
+            await self._back_off()
+        await self._open()
 
     async def _open(self) -> None:
         """Connect with backoff; only ever called with ``_lock`` held, so one socket at a time."""
@@ -152,7 +172,7 @@ class BridgeClient:
                 return self._ws
             async with self._lock:
                 if self._ws is None and self._final is None:
-                    await self._open()
+                    await self._reopen(back_off=False)
 
     async def _handle_closed(self, ws: ClientConnection, exc: ConnectionClosed) -> None:
         """``ws`` failed under one task: reconnect once, however many tasks saw it fail.
@@ -176,8 +196,7 @@ class BridgeClient:
             # last is a failed attempt: back off; one that lasted starts the backoff afresh.
             if time.monotonic() - self._opened_at >= STABLE_AFTER:
                 self._delay = self.backoff_initial
-            await self._back_off()
-            await self._open()
+            await self._reopen(back_off=True)
 
     async def send_text(self, text: str) -> None:
         """Send a raw text frame (what a client sends back as its reply)."""
@@ -209,6 +228,14 @@ class BridgeClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
+
+
+def _consume_exception(opening: asyncio.Future[None]) -> None:
+    """A reconnect whose every caller was cancelled: its error is not "never retrieved"."""
+    if not opening.cancelled():
+        opening.exception()

@@ -44,6 +44,8 @@ class LocalBackend:
             timeout_ms=fields.get("timeout_ms"),
             queue=bool(fields.get("queue")),
             controller="mcp",
+            command_id=fields.get("id"),
+            idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
         caller = _caller.get()
         if caller is not None:

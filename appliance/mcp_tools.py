@@ -42,6 +42,7 @@ from .controller import (
     ReplyTimeout,
 )
 from .core.protocol import CLIENT_ID_PATTERN
+from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
 
 __all__ = ["Backend", "build_mcp_server", "explain", "serve_stdio"]
 
@@ -158,6 +159,7 @@ class CommandOutcome(TypedDict):
     reply: NotRequired[str]
     rtt_ms: NotRequired[float]
     expires_in_ms: NotRequired[int]
+    replayed: NotRequired[bool]
 
 
 class BroadcastOutcome(TypedDict):
@@ -167,6 +169,25 @@ class BroadcastOutcome(TypedDict):
 
 
 _CLIENT_FIELDS = tuple(ClientInfo.__annotations__)
+_KEY_SCHEMA = {"minLength": 1, "maxLength": MAX_COMMAND_ID_LENGTH}
+IDEMPOTENCY_KEY_HELP = (
+    "A key of your choosing (e.g. a UUID) that makes this call safe to retry: calling again with the same "
+    "key returns the first call's outcome and never runs the command twice."
+)
+
+
+def _keyed(idempotency_key: str | None) -> dict[str, Any]:
+    """The key travels as the command's id, which the HTTP API and the command service deduplicate by."""
+    if idempotency_key is None:
+        return {}
+    if not 1 <= len(idempotency_key) <= MAX_COMMAND_ID_LENGTH:
+        raise _refuse(
+            "invalid_argument",
+            f"idempotency_key must have 1 to {MAX_COMMAND_ID_LENGTH} characters; {len(idempotency_key)} were given.",
+        )
+    return {"id": idempotency_key}
+
+
 _TARGET_SCHEMA = {"pattern": CLIENT_ID_PATTERN.pattern}
 
 DRIVE_A_DEVICE = """You are driving devices (games, robots, kiosks) through WebSocket Bridge.
@@ -256,6 +277,9 @@ def build_mcp_server(backend: Backend) -> MCPServer:
         queue: Annotated[
             bool, Field(description="true: keep the command for a client that is not connected yet.")
         ] = False,
+        idempotency_key: Annotated[
+            str | None, Field(description=IDEMPOTENCY_KEY_HELP, json_schema_extra=_KEY_SCHEMA)
+        ] = None,
     ) -> CommandOutcome:
         """Send a text command to ONE client and, with wait=true (the default), return that client's reply.
 
@@ -268,20 +292,15 @@ def build_mcp_server(backend: Backend) -> MCPServer:
         _check_range("timeout_seconds", timeout_seconds, TIMEOUT_RANGE)
         timeout_ms = round(timeout_seconds * 1000)
         fields: dict[str, Any] = {"queue": True} if queue else {}
+        fields.update(_keyed(idempotency_key))
         fields["wait_ms" if wait else "timeout_ms"] = timeout_ms
         try:
             answer = await _reach(lambda: backend.command(target, message, **fields))
         except CommandError as exc:
             raise _refuse(exc.code, explain(exc, target)) from None
         if answer.get("status") == "replied":
-            return {
-                "status": "replied",
-                "target": target,
-                "reply": answer.get("message", ""),
-                "rtt_ms": answer.get("rtt_ms", 0.0),
-                **({"id": answer["id"]} if "id" in answer else {}),  # type: ignore[typeddict-item]
-            }
-        kept = {k: v for k, v in answer.items() if k in ("status", "id", "expires_in_ms")}
+            answer = {**answer, "reply": answer.get("message", ""), "rtt_ms": answer.get("rtt_ms", 0.0)}
+        kept = {k: answer[k] for k in ("status", "id", "reply", "rtt_ms", "expires_in_ms", "replayed") if k in answer}
         return {"target": target, **kept}  # type: ignore[typeddict-item]
 
     @server.tool(
@@ -292,6 +311,9 @@ def build_mcp_server(backend: Backend) -> MCPServer:
     )
     async def broadcast(
         message: Annotated[str, Field(description="The command text every receiving client gets.")],
+        idempotency_key: Annotated[
+            str | None, Field(description=IDEMPOTENCY_KEY_HELP, json_schema_extra=_KEY_SCHEMA)
+        ] = None,
         group: Annotated[
             str | None,
             Field(
@@ -311,7 +333,7 @@ def build_mcp_server(backend: Backend) -> MCPServer:
                 "invalid_target", f"'{group}' is not a valid group name (letters, digits, _ and -, at most 50)."
             )
         try:
-            answer = await _reach(lambda: backend.command(target, message))
+            answer = await _reach(lambda: backend.command(target, message, **_keyed(idempotency_key)))
         except CommandError as exc:
             raise _refuse(exc.code, explain(exc, target)) from None
         return {"status": "delivered", "target": target, "count": int(answer.get("count", 0))}

@@ -2,8 +2,8 @@
 
 Every instance keeps the logs of the clients it holds in memory (appliance/recent_logs.py),
 and those of clients that left for ``RECENT_COMMANDS_TTL_SECONDS``. A reader asks the instances that hold or
-recently held the id over the broker's per-instance channel (event ``c``, answered with
-``C``) and merges the answers.
+recently held the id over the broker's per-instance channel (:class:`~appliance.core.events.RecentAsk`, answered with
+:class:`~appliance.core.events.RecentAnswer`) and merges the answers.
 
 Why ask rather than flush the logs to Redis (as the connect history is): the message path
 then pays one append and never a Redis write, whatever the traffic (a broadcast to 10,000
@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from .brokers.base import Broker, BrokerUnavailable
-from .core.events import Event, encode_event
+from .core.events import RecentAnswer, RecentAsk, encode_event
 from .recent_logs import RecentLogs
 
 __all__ = ["QUERY_SECONDS", "RecentCommands"]
@@ -87,7 +87,7 @@ class RecentCommands:
         future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._questions[key] = future
         try:
-            question = Event("c", key, target=client_id, sender=self.instance, count=self.logs.size)
+            question = RecentAsk(key, client_id, self.instance, self.logs.size)
             self.broker.send_to_instance(instance, encode_event(question))
             async with asyncio.timeout(timeout):
                 return await future
@@ -96,16 +96,16 @@ class RecentCommands:
         finally:
             self._questions.pop(key, None)
 
-    def event(self, event: Event) -> None:
-        """``c``: another instance asks for an id's log; ``C``: the answer to one of our questions."""
-        if event.kind == "c":
-            entries = self.logs.local(event.target, event.count or None)
-            answer = Event("C", event.owner, message=_encoder.encode(entries).decode())
-            self.broker.send_to_instance(event.sender, encode_event(answer))
+    def event(self, event: RecentAsk | RecentAnswer) -> None:
+        """Another instance asks for an id's log, or answers one of our questions."""
+        if isinstance(event, RecentAsk):
+            entries = self.logs.local(event.target, event.limit or None)
+            answer = RecentAnswer(event.question, _encoder.encode(entries).decode())
+            self.broker.send_to_instance(event.instance, encode_event(answer))
             return
-        future = self._questions.get(event.owner)
+        future = self._questions.get(event.question)
         if future is not None and not future.done():
             try:
-                future.set_result(msgspec.json.decode(event.message))
+                future.set_result(msgspec.json.decode(event.entries))
             except msgspec.DecodeError:
                 future.set_result([])

@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     redis_host: str | None = Field(None, description="Redis host; unset (with no REDIS_URL) means the embedded broker.")
     redis_port: int = Field(6379, ge=1, le=65535, description="Redis port, with REDIS_HOST.")
     redis_password: SecretStr | None = Field(None, description="Redis password, with REDIS_HOST.")
+    redis_sentinels: str | None = Field(
+        None,
+        description="Redis Sentinels as host:port,host:port,... (with REDIS_SENTINEL_MASTER), instead of "
+        "REDIS_URL/REDIS_HOST; the data password is REDIS_PASSWORD.",
+    )
+    redis_sentinel_master: str | None = Field(None, description="The master's name the Sentinels monitor.")
+    redis_sentinel_password: SecretStr | None = Field(None, description="Password of the Sentinels themselves.")
+    redis_cluster: bool = Field(
+        False, description="REDIS_URL (or REDIS_HOST) names any node of a Redis Cluster (7+): sharded pub/sub."
+    )
     redis_publish_pool_size: int = Field(
         8, ge=1, le=256, description="Connections for publishing and presence; constant per instance."
     )
@@ -245,6 +255,13 @@ class Settings(BaseSettings):
     offline_queue_max: int = Field(
         1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
     )
+    idempotency_window_seconds: int = Field(
+        600,
+        ge=1,
+        le=86400,
+        description="Seconds a command id (HTTP id, Idempotency-Key, MCP idempotency_key) is remembered: "
+        "a repeat within them returns the first command's outcome instead of sending it again.",
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level of the appliance."
@@ -286,6 +303,32 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _redis_topology_consistent(self) -> Settings:
+        if self.redis_sentinels is not None:
+            self.redis_sentinel_addresses()  # Raises for an unreadable list.
+            if not self.redis_sentinel_master:
+                raise ValueError("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER (the name the Sentinels monitor)")
+            if self.redis_url or self.redis_host:
+                raise ValueError("set REDIS_SENTINELS or REDIS_URL/REDIS_HOST, not both")
+            if self.redis_cluster:
+                raise ValueError("REDIS_CLUSTER and REDIS_SENTINELS exclude each other")
+        elif self.redis_sentinel_master:
+            raise ValueError("REDIS_SENTINEL_MASTER needs REDIS_SENTINELS")
+        if self.redis_cluster and not (self.redis_url or self.redis_host):
+            raise ValueError("REDIS_CLUSTER needs REDIS_URL or REDIS_HOST (any node of the cluster)")
+        return self
+
+    def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs."""
+        addresses = []
+        for item in (self.redis_sentinels or "").split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("REDIS_SENTINELS must be host:port,host:port,... (e.g. 10.0.0.5:26379)")
+            addresses.append((host.strip("[]"), int(port)))
+        return addresses
+
+    @model_validator(mode="after")
     def _timeouts_consistent(self) -> Settings:
         if self.command_timeout_ms > self.command_timeout_max_ms:
             raise ValueError("COMMAND_TIMEOUT_MS must not exceed COMMAND_TIMEOUT_MAX_MS")
@@ -293,7 +336,7 @@ class Settings(BaseSettings):
 
     @property
     def redis_enabled(self) -> bool:
-        return bool(self.redis_url or self.redis_host)
+        return bool(self.redis_url or self.redis_host or self.redis_sentinels)
 
     def token_problems(self) -> list[str]:
         """Why the configured tokens are unsafe to start with (empty when they are fine).
@@ -336,6 +379,7 @@ class Settings(BaseSettings):
                 self.viewer_token,
                 self.redis_password,
                 self.token_fingerprint_key,
+                self.redis_sentinel_password,
             )
             if s is not None
         ]
@@ -358,7 +402,7 @@ class Settings(BaseSettings):
         if self.redis_url:
             return self.redis_url.get_secret_value()
         if not self.redis_host:
-            raise RuntimeError("Redis is not configured: set REDIS_URL or REDIS_HOST")
+            raise RuntimeError("Redis is not configured as one URL: set REDIS_URL or REDIS_HOST")
         password = self.redis_password.get_secret_value() if self.redis_password else ""
         # Quoted: a password with @ : / # % must not be read as part of the URL.
         auth = f":{quote(password, safe='')}@" if password else ""
@@ -368,5 +412,9 @@ class Settings(BaseSettings):
         """Where Redis is, without credentials, for logs and the dashboard."""
         from urllib.parse import urlsplit
 
+        if self.redis_sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.redis_sentinel_addresses())
+            return f"sentinel {self.redis_sentinel_master} via {where}"
         parts = urlsplit(self.redis_connection_url())
-        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
+        where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
+        return f"cluster via {where}" if self.redis_cluster else where

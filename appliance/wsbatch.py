@@ -97,7 +97,11 @@ _SHORT_HEADS = [bytes((0x81, length)) for length in range(126)]
 def _frames(texts: list[str]) -> bytes:
     """``texts`` as consecutive final, unmasked text frames: the bytes of ``_frame`` on each, joined.
 
-    Short frames take their header from a table and nothing is concatenated twice.
+    Short frames take their header from a table and nothing is concatenated twice: 0.09 to
+    0.18 µs less per frame than ``_frame`` on each, two frames per v1 round trip (about 20 µs
+    of server CPU): 1-2 % (``python -m bench.micro``). Building the frames here at all, rather
+    than with websockets' ``send_text``, saves 2.3 µs for two frames (1.9 against 4.2 µs).
+    tests/unit/test_fast_paths.py checks the bytes against websockets' for any texts.
     """
     parts = []
     heads = _SHORT_HEADS

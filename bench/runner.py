@@ -391,6 +391,9 @@ def _pool_fanout(rounds: list[dict]) -> dict:
         "server_cpu_ms_median": statistics.median(cpu)
         if (cpu := [x for r in rounds for x in r["server_cpu_ms"]])
         else nan,
+        "server_cpu_ms_mean": statistics.fmean(cpu) if cpu else nan,
+        "server_cpu_ms": cpu,
+        "replied_ms": replied,
         "delivered_ms": delivered,
     }
 

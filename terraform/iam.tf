@@ -1,5 +1,6 @@
 # The instance's role: read its own parameters (below ssm_parameter_prefix) and
-# decrypt them through SSM with the stack's key; rewrite the token parameters only when
+# decrypt them through SSM with the stack's key; publish to the alerts topic; write the
+# containers' log group when enabled; rewrite the token parameters only when
 # token_rotation_from_host; Session Manager. Nothing else.
 
 data "aws_iam_policy_document" "ec2_assume" {
@@ -55,6 +56,40 @@ data "aws_iam_policy_document" "appliance" {
     }
   }
 
+  # Alertmanager's sns_configs publish with the instance role, to the alerts topic only,
+  # which is encrypted with the stack's key.
+  statement {
+    sid       = "PublishAlerts"
+    effect    = "Allow"
+    actions   = ["sns:Publish"]
+    resources = [aws_sns_topic.alerts.arn]
+  }
+
+  statement {
+    sid       = "EncryptAlertsThroughSns"
+    effect    = "Allow"
+    actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
+    resources = [aws_kms_key.main.arn]
+
+    condition {
+      test     = "StringEquals"
+      variable = "kms:ViaService"
+      values   = ["sns.${var.aws_region}.amazonaws.com"]
+    }
+  }
+
+  # Docker's awslogs driver, when container_logs_to_cloudwatch: the containers' group only.
+  dynamic "statement" {
+    for_each = var.container_logs_to_cloudwatch ? [1] : []
+
+    content {
+      sid       = "WriteContainerLogs"
+      effect    = "Allow"
+      actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+      resources = ["${aws_cloudwatch_log_group.containers[0].arn}:*"]
+    }
+  }
+
   # `wsbridge tokens rotate` on the host writes a new version, labels it, and reads
   # the history (SSM keeps 100 versions); only on the token parameters, only when
   # enabled.
@@ -98,7 +133,8 @@ resource "aws_iam_role_policy" "appliance" {
   policy = data.aws_iam_policy_document.appliance.json
 }
 
-# Session Manager: a shell on the host without SSH (ssh_allowed_cidrs may be empty).
+# Session Manager: a shell on the host without SSH, for when SSH is locked out (the
+# playbook itself needs SSH: docs/deploy.md).
 resource "aws_iam_role_policy_attachment" "session_manager" {
   role       = aws_iam_role.appliance.name
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"

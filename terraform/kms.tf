@@ -1,5 +1,5 @@
 # One customer-managed key for the stack: the SSM SecureString parameters, the root
-# volume and the flow logs.
+# and data volumes, the flow logs, the container logs and the alerts topic.
 resource "aws_kms_key" "main" {
   description             = "WebSocket Bridge ${var.environment}: SSM secrets, root volume, flow logs"
   enable_key_rotation     = true
@@ -26,6 +26,19 @@ data "aws_iam_policy_document" "kms" {
     principals {
       type        = "AWS"
       identifiers = ["arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root"]
+    }
+  }
+
+  # CloudWatch alarms publish to the alerts topic, which this key encrypts.
+  statement {
+    sid       = "CloudWatchAlarmsPublishToTheAlertsTopic"
+    effect    = "Allow"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey*"]
+    resources = ["*"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["cloudwatch.amazonaws.com"]
     }
   }
 

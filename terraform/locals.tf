@@ -25,6 +25,12 @@ locals {
   # "/WebSocket/prod/" -> "WebSocket/prod": parameter ARNs have no double slash.
   ssm_path = trim(var.ssm_parameter_prefix, "/")
 
+  # The tag the snapshot policy (dlm.tf) selects the data volume by.
+  snapshot_tag = "${local.name}-data"
+
+  # Docker's awslogs driver writes here (container_logs_to_cloudwatch).
+  container_log_group = "/${var.project}/${var.environment}/containers"
+
   # A fixed zone, so the subnet (and the host) never move when AWS adds zones.
   availability_zone = coalesce(var.availability_zone, "${var.aws_region}a")
 }

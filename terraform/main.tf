@@ -108,11 +108,13 @@ resource "aws_vpc_security_group_ingress_rule" "ssh" {
   cidr_ipv4         = each.value
 }
 
+# 443 carries what the alerts need too: Alertmanager publishes to SNS over HTTPS, and
+# SNS (not the host) sends the e-mails, so no SMTP port is opened.
 resource "aws_vpc_security_group_egress_rule" "web" {
   for_each = { https = 443, http = 80 }
 
   security_group_id = aws_security_group.appliance.id
-  description       = "Out ${each.key}: package mirrors, images, Let's Encrypt, AWS APIs, alert receivers"
+  description       = "Out ${each.key}: package mirrors, images, Let's Encrypt, AWS APIs (SSM, SNS, CloudWatch Logs)"
   ip_protocol       = "tcp"
   from_port         = each.value
   to_port           = each.value
@@ -132,6 +134,15 @@ resource "aws_vpc_security_group_egress_rule" "dns" {
 
 resource "aws_cloudwatch_log_group" "flow_logs" {
   name              = "/${var.project}/${var.environment}/vpc-flow-logs"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = aws_kms_key.main.arn
+}
+
+# The containers' logs (Docker's awslogs driver), when container_logs_to_cloudwatch.
+resource "aws_cloudwatch_log_group" "containers" {
+  count = var.container_logs_to_cloudwatch ? 1 : 0
+
+  name              = local.container_log_group
   retention_in_days = var.log_retention_days
   kms_key_id        = aws_kms_key.main.arn
 }
@@ -156,10 +167,9 @@ resource "aws_flow_log" "main" {
 
 # --- The host -----------------------------------------------------------------------------
 
-# No key pair when SSH is closed: Ansible then connects through Session Manager.
+# The operator's key: Ansible provisions the host over SSH (Session Manager gives a
+# shell, not the playbook: docs/deploy.md).
 resource "aws_key_pair" "operator" {
-  count = var.ssh_public_key == null ? 0 : 1
-
   key_name   = "${local.name}-operator"
   public_key = var.ssh_public_key
 }
@@ -168,7 +178,7 @@ resource "aws_instance" "appliance" {
   ami                  = data.aws_ssm_parameter.ubuntu_ami.value
   instance_type        = var.instance_type
   subnet_id            = aws_subnet.public.id
-  key_name             = one(aws_key_pair.operator[*].key_name)
+  key_name             = aws_key_pair.operator.key_name
   iam_instance_profile = aws_iam_instance_profile.appliance.name
   ebs_optimized        = true
   monitoring           = true
@@ -177,8 +187,10 @@ resource "aws_instance" "appliance" {
   associate_public_ip_address = false
 
   # IMDSv2 only (session tokens). Two hops: the appliance's container reads its
-  # tokens from SSM with the instance's role (the bridge network is one hop more);
-  # the role grants nothing beyond the stack's parameters and key.
+  # tokens from SSM, and Alertmanager publishes to SNS, with the instance's role (the
+  # bridge network is one hop more). Which containers get there is the host's
+  # decision: the docker role's metadata guard lets only the compose file's `aws`
+  # network through (docs/deploy.md, Security notes).
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
@@ -192,6 +204,16 @@ resource "aws_instance" "appliance" {
     volume_type           = "gp3"
     volume_size           = var.root_volume_size_gb
     delete_on_termination = true
+  }
+
+  # Burstable types: the credit mode is a decision, not a default (docs/deploy.md,
+  # "Memory and CPU budget"). Other families have no credits.
+  dynamic "credit_specification" {
+    for_each = can(regex("^t[0-9]", var.instance_type)) ? [1] : []
+
+    content {
+      cpu_credits = var.cpu_credits
+    }
   }
 
   # Ansible provisions the host; a new AMI release must not replace it.
@@ -210,4 +232,31 @@ resource "aws_eip" "appliance" {
   tags = { Name = "${local.name}-eip" }
 
   depends_on = [aws_internet_gateway.main]
+}
+
+# --- The data volume: what must outlive the host ---------------------------------------
+
+# Docker's data root (docker role): the certificates (acme.json), Prometheus's TSDB,
+# Grafana's database, Alertmanager's silences and Redis's AOF when turned on. A
+# replaced instance gets the same volume back; snapshots (dlm.tf) cover its loss.
+resource "aws_ebs_volume" "data" {
+  availability_zone = local.availability_zone
+  size              = var.data_volume_size_gb
+  type              = "gp3"
+  encrypted         = true
+  kms_key_id        = aws_kms_key.main.arn
+
+  tags = { Name = "${local.name}-data", Snapshot = local.snapshot_tag }
+
+  lifecycle {
+    prevent_destroy = true
+  }
+}
+
+# /dev/sdf appears as an NVMe device on Nitro instances; Ansible finds it by the
+# volume id (/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...).
+resource "aws_volume_attachment" "data" {
+  device_name = "/dev/sdf"
+  volume_id   = aws_ebs_volume.data.id
+  instance_id = aws_instance.appliance.id
 }

@@ -29,7 +29,7 @@ output "ssm_parameter_prefix" {
 }
 
 output "kms_key_arn" {
-  description = "ARN of the stack's KMS key (SSM parameters, root volume, flow logs)."
+  description = "ARN of the stack's KMS key (SSM parameters, volumes, logs, alerts topic)."
   value       = aws_kms_key.main.arn
 }
 
@@ -55,6 +55,12 @@ output "ansible_inventory" {
       appliance_aws_region           = "'${var.aws_region}'"
       appliance_ssm_parameter_prefix = "'${var.ssm_parameter_prefix}'"
       appliance_token_rotation       = var.token_rotation_from_host ? "true" : "false"
+      appliance_acme_email           = "'${var.acme_email}'"
+      appliance_alerts_sns_topic_arn = "'${aws_sns_topic.alerts.arn}'"
+      base_data_volume_id            = "'${aws_ebs_volume.data.id}'"
+      docker_awslogs                 = var.container_logs_to_cloudwatch ? "true" : "false"
+      docker_awslogs_group           = "'${local.container_log_group}'"
+      docker_awslogs_region          = "'${var.aws_region}'"
     }
     groups = {
       wsbridge = "tags.Role == '${local.common_tags.Role}'"
@@ -64,6 +70,16 @@ output "ansible_inventory" {
 }
 
 output "ssh_command" {
-  description = "SSH to the host (from a network in ssh_allowed_cidrs), or a Session Manager shell when SSH is closed."
-  value       = length(var.ssh_allowed_cidrs) > 0 ? "ssh ubuntu@${aws_eip.appliance.public_ip}" : "aws ssm start-session --target ${aws_instance.appliance.id}"
+  description = "SSH to the host (from a network in ssh_allowed_cidrs); `aws ssm start-session --target <instance_id>` gives a shell without it."
+  value       = "ssh ubuntu@${aws_eip.appliance.public_ip}"
+}
+
+output "alerts_sns_topic_arn" {
+  description = "ARN of the alerts SNS topic (Alertmanager publishes to it: ALERTS_SNS_TOPIC_ARN); confirm the e-mail subscriptions AWS sends."
+  value       = aws_sns_topic.alerts.arn
+}
+
+output "data_volume_id" {
+  description = "EBS volume holding Docker's data root (certificates, metrics, Grafana); snapshotted daily, survives instance replacement."
+  value       = aws_ebs_volume.data.id
 }

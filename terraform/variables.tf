@@ -39,12 +39,18 @@ variable "domain_name" {
     condition     = can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,63}$", var.domain_name))
     error_message = "domain_name must be a lowercase DNS name such as bridge.example.com."
   }
+
+  # RFC 2606/6761 names never resolve to the host: Let's Encrypt refuses them.
+  validation {
+    condition     = !can(regex("(^|[.@])(example[.](com|net|org)|example|test|invalid|localhost)$", var.domain_name))
+    error_message = "domain_name is an example domain (example.com/.net/.org, .example, .test, .invalid, .localhost): use your own domain."
+  }
 }
 
 variable "instance_type" {
   type        = string
-  description = "EC2 instance type of the appliance host (2 GiB of memory or more)."
-  default     = "t3.small"
+  description = "EC2 instance type of the appliance host: 4 GiB of memory or more (the containers' limits add up to about 3.5 GiB; docs/deploy.md, Memory and CPU budget)."
+  default     = "t3.medium"
 
   validation {
     condition     = can(regex("^[a-z][a-z0-9]*[0-9][a-z0-9-]*\\.[a-z0-9]+$", var.instance_type))
@@ -98,8 +104,12 @@ variable "public_subnet_cidr" {
 
 variable "ssh_allowed_cidrs" {
   type        = list(string)
-  description = "Operator networks allowed to SSH to the host (Ansible). Empty closes port 22 entirely (Session Manager still works)."
-  default     = []
+  description = "Operator networks allowed to SSH to the host: Ansible provisions it over SSH (required, at least one; never /0)."
+
+  validation {
+    condition     = length(var.ssh_allowed_cidrs) > 0
+    error_message = "ssh_allowed_cidrs needs at least one operator network (your IP as 203.0.113.7/32): Ansible connects over SSH."
+  }
 
   validation {
     condition     = alltrue([for cidr in var.ssh_allowed_cidrs : can(cidrhost(cidr, 0))])
@@ -114,11 +124,10 @@ variable "ssh_allowed_cidrs" {
 
 variable "ssh_public_key" {
   type        = string
-  description = "OpenSSH public key installed for the default user (ubuntu), used by Ansible over SSH; null installs none (Session Manager only)."
-  default     = null
+  description = "OpenSSH public key installed for the default user (ubuntu), used by Ansible over SSH (required)."
 
   validation {
-    condition     = var.ssh_public_key == null || can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+", var.ssh_public_key))
+    condition     = can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+", var.ssh_public_key))
     error_message = "ssh_public_key must be an OpenSSH public key line (ssh-ed25519 AAAA...)."
   }
 }
@@ -136,7 +145,7 @@ variable "ssm_parameter_prefix" {
 
 variable "log_retention_days" {
   type        = number
-  description = "Days the VPC flow logs are kept in CloudWatch Logs."
+  description = "Days the VPC flow logs and the container logs are kept in CloudWatch Logs."
   default     = 365
 
   validation {
@@ -153,8 +162,12 @@ variable "extra_tags" {
 
 variable "admin_allowed_cidrs" {
   type        = list(string)
-  description = "Networks allowed to reach port 8443 (dashboard, API, Grafana, Prometheus). WebSockets (443) stay public."
-  default     = ["0.0.0.0/0"]
+  description = "Networks allowed to reach port 8443 (dashboard, API, Grafana, Prometheus); required. WebSockets (443) stay public. Only the security group filters it: ufw does not see ports Docker publishes."
+
+  validation {
+    condition     = length(var.admin_allowed_cidrs) > 0
+    error_message = "admin_allowed_cidrs needs at least one network (your office or VPN, e.g. 203.0.113.0/24)."
+  }
 
   validation {
     condition     = alltrue([for cidr in var.admin_allowed_cidrs : can(cidrhost(cidr, 0))])
@@ -177,4 +190,73 @@ variable "secrets_version" {
     condition     = var.secrets_version >= 1 && floor(var.secrets_version) == var.secrets_version
     error_message = "secrets_version must be a whole number, 1 or more."
   }
+}
+
+variable "acme_email" {
+  type        = string
+  description = "E-mail of the Let's Encrypt account (expiry notices); required, not an example address (Let's Encrypt refuses those)."
+
+  validation {
+    condition     = can(regex("^[^@\\s]+@[^@\\s]+[.][a-z]{2,63}$", var.acme_email))
+    error_message = "acme_email must be an e-mail address such as ops@your-company.net."
+  }
+
+  validation {
+    condition     = !can(regex("(^|[.@])(example[.](com|net|org)|example|test|invalid|localhost)$", lower(var.acme_email)))
+    error_message = "acme_email is at an example domain: Let's Encrypt refuses it (\"forbidden domain\"). Use a real mailbox."
+  }
+}
+
+variable "alert_emails" {
+  type        = list(string)
+  description = "Who gets the alerts: e-mail subscriptions of the alerts SNS topic (Alertmanager and the out-of-host checks publish to it); required. AWS mails each address a confirmation link."
+
+  validation {
+    condition     = length(var.alert_emails) > 0
+    error_message = "alert_emails needs at least one address: without a receiver no alert reaches a person."
+  }
+
+  validation {
+    condition     = alltrue([for email in var.alert_emails : can(regex("^[^@\\s]+@[^@\\s]+[.][a-z]{2,63}$", email)) && !can(regex("(^|[.@])(example[.](com|net|org)|example|test|invalid|localhost)$", lower(email)))])
+    error_message = "alert_emails must be real e-mail addresses, none at an example domain."
+  }
+}
+
+variable "cpu_credits" {
+  type        = string
+  description = "Credit mode of a burstable (t3/t3a/t4g) instance: unlimited (bursts past the baseline, billed per vCPU-hour of surplus) or standard (throttled to the baseline when credits run out)."
+  default     = "unlimited"
+
+  validation {
+    condition     = contains(["standard", "unlimited"], var.cpu_credits)
+    error_message = "cpu_credits must be standard or unlimited."
+  }
+}
+
+variable "data_volume_size_gb" {
+  type        = number
+  description = "Size of the encrypted gp3 data volume in GiB: Docker's data root (certificates, Prometheus, Grafana, Alertmanager, Redis volumes); it survives instance replacement."
+  default     = 20
+
+  validation {
+    condition     = var.data_volume_size_gb >= 10 && var.data_volume_size_gb <= 1000
+    error_message = "data_volume_size_gb must be between 10 and 1000."
+  }
+}
+
+variable "snapshot_retention_count" {
+  type        = number
+  description = "Daily EBS snapshots of the data volume kept by the lifecycle policy (DLM)."
+  default     = 7
+
+  validation {
+    condition     = var.snapshot_retention_count >= 1 && var.snapshot_retention_count <= 1000
+    error_message = "snapshot_retention_count must be between 1 and 1000."
+  }
+}
+
+variable "container_logs_to_cloudwatch" {
+  type        = bool
+  description = "Create a CloudWatch Logs group for the containers' logs and let the host write to it (Ansible then sets Docker's awslogs driver), so logs outlive container recreation and the host."
+  default     = false
 }

@@ -33,3 +33,14 @@ provider "aws" {
     tags = local.common_tags
   }
 }
+
+# Route 53 publishes health-check metrics in us-east-1 only: the endpoint's alarm and
+# its topic live there (alerts.tf).
+provider "aws" {
+  alias  = "us_east_1"
+  region = "us-east-1"
+
+  default_tags {
+    tags = local.common_tags
+  }
+}

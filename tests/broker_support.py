@@ -5,17 +5,72 @@ from __future__ import annotations
 import asyncio
 import uuid
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+from redis.asyncio import Redis
+from redis_topologies import MASTER_NAME, ClusterGroup, SentinelGroup
 from support import eventually
 
 from appliance.brokers.base import Broker, Owner
 from appliance.brokers.memory import MemoryBroker
-from appliance.brokers.redis import RedisBroker
+from appliance.brokers.redis import RedisBroker, RedisTarget
+from appliance.brokers.redis.keys import Keys
 from appliance.core.protocol import ErrorCode, Role
 from appliance.core.requests import Routed
 
-__all__ = ["CLIENT", "CONTROLLER", "Cluster", "Inbox", "Node", "Outcome", "new_id", "until"]
+__all__ = [
+    "BACKENDS",
+    "CLIENT",
+    "CONTROLLER",
+    "Cluster",
+    "Inbox",
+    "Node",
+    "Outcome",
+    "backend",
+    "cluster_group",
+    "new_id",
+    "sentinel_group",
+    "until",
+]
+
+#: Every broker backend the contract runs on.
+BACKENDS = ["memory", "redis", "sentinel", "cluster"]
+
+
+@pytest.fixture(scope="session")
+def sentinel_group() -> Iterator[SentinelGroup]:
+    """A primary, a replica and three Sentinels for the session; tests that kill one make their own."""
+    group = SentinelGroup().start()
+    yield group
+    group.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_group() -> Iterator[ClusterGroup]:
+    """A Redis Cluster (three primaries, three replicas) for the session; tests that kill a node make their own."""
+    group = ClusterGroup().start()
+    yield group
+    group.stop()
+
+
+def backend(request: pytest.FixtureRequest, kind: str) -> tuple[str | RedisTarget | None, str | None]:
+    """(what a RedisBroker connects to, a plain URL of the data node for direct reads) of ``kind``."""
+    if kind == "memory":
+        return None, None
+    if kind == "redis":
+        url = request.getfixturevalue("redis_server").url
+        return url, url
+    if kind == "sentinel":
+        group = request.getfixturevalue("sentinel_group")
+        sentinels = tuple(("127.0.0.1", s.port) for s in group.sentinels)
+        return RedisTarget(sentinels=sentinels, sentinel_master=MASTER_NAME), group.master().url
+    if kind == "cluster":
+        url = request.getfixturevalue("cluster_group").url
+        return RedisTarget(url=url, cluster=True), url
+    raise ValueError(kind)
+
 
 CLIENT, CONTROLLER = Role.CLIENT, Role.CONTROLLER
 
@@ -136,10 +191,26 @@ class Outcome:
 
 
 class Cluster:
-    def __init__(self, kind: str, redis_url: str | None, **options: Any) -> None:
-        self.kind, self.redis_url, self.options = kind, redis_url, options
+    """Instances of one backend: ``redis_url`` is a plain URL of its (current) data node, for direct reads."""
+
+    def __init__(
+        self, kind: str, target: str | RedisTarget | None, *, redis_url: str | None = None, **options: Any
+    ) -> None:
+        self.kind, self.target, self.options = kind, target, options
+        self.redis_url = redis_url or (target if isinstance(target, str) else None)
         self.nodes: list[Node] = []
         self._memory: Node | None = None
+        self.keys = Keys(tagged=kind == "cluster")
+
+    def raw(self) -> Redis:
+        """A plain client of the backend's data (a cluster client on a Cluster), for direct reads and writes."""
+        assert self.redis_url is not None
+        return RedisTarget(url=self.redis_url, cluster=self.kind == "cluster").client(max_connections=4)
+
+    @classmethod
+    def of(cls, request: pytest.FixtureRequest, kind: str, **options: Any) -> Cluster:
+        target, url = backend(request, kind)
+        return cls(kind, target, redis_url=url, **options)
 
     async def node(self, name: str, url: str | None = None) -> Node:
         if self.kind == "memory":
@@ -151,7 +222,9 @@ class Cluster:
             return self._memory
         instance = f"{name}-{uuid.uuid4().hex[:6]}"
         inbox = Inbox(instance)
-        broker = RedisBroker(url or self.redis_url, instance=instance, **self.options)
+        target = url or self.target
+        assert target is not None
+        broker = RedisBroker(target, instance=instance, **self.options)
         await broker.start(inbox)
         node = Node(instance, broker, inbox)
         self.nodes.append(node)

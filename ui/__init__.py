@@ -56,17 +56,18 @@ def _stores(settings: Settings) -> tuple[Store, Store, Any, Any]:
     if settings.redis_enabled:
         from litestar.stores.redis import RedisStore
 
-        root = RedisStore.with_client(settings.redis_connection_url(), namespace="wsb:dashboard")
+        from appliance.brokers.redis import RedisTarget
+
+        target = RedisTarget.from_settings(settings)  # One URL, Sentinels or a Cluster.
+        root = RedisStore(target.client(max_connections=32), namespace="wsb:dashboard")
 
         async def close() -> None:
-            await root._redis.aclose(close_connection_pool=True)
+            await root._redis.aclose()  # It owns its pool (RedisTarget.client).
 
         def shared_seed() -> str:
             # Created once by whichever instance starts first, never expires: survives restarts and deploys.
             # Read at start, synchronously: Litestar copies the router (and its CSRF config) when mounting it.
-            from redis import Redis
-
-            with Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=3, socket_timeout=3) as sync:
+            with target.sync_client(socket_connect_timeout=3, socket_timeout=3) as sync:
                 sync.set(CSRF_SEED_KEY, secrets.token_hex(32), nx=True)
                 return sync.get(CSRF_SEED_KEY).decode()
 

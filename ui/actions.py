@@ -81,11 +81,30 @@ def _target_of(kind: str, value: str) -> str | None:
 async def send_page(request: HTMXRequest, target: FromQuery[str] = "", kind: FromQuery[str] = "client") -> Template:
     _commands(request)
     history = list(_session(request).get("sent", []))
-    records, _ = await _records(request)
-    ids = sorted({r["id"] for r in records if r.get("role") == "client"})[:500]
     return Template(
         "send.html",
-        context=_common(request, history=history, ids=ids, target=target, kind=kind, result=None, form={}),
+        context=_common(request, history=history, ids=[], target=target, kind=kind, result=None, form={}),
+    )
+
+
+#: Target suggestions offered at once (the datalist asks again as the operator types).
+SUGGESTIONS = 50
+
+
+@get("/send/targets", guards=[require_session])
+async def send_targets(request: HTMXRequest, target: FromQuery[str] = "", kind: FromQuery[str] = "client") -> Template:
+    """Ids (or groups) that contain what was typed, any case: asked as the operator types, so every
+    client of a large cluster can be found, not only the first few hundred."""
+    _commands(request)
+    records, _ = await _records(request)
+    needle = target.strip()[:200].casefold()
+    if kind == "group":
+        names = {str(g) for r in records if r.get("role") == "client" for g in (r.get("groups") or [])}
+    else:
+        names = {str(r["id"]) for r in records if r.get("role") == "client"}
+    found = sorted(n for n in names if needle in n.casefold())
+    return HTMXBlockTemplate(
+        template_name="send.html", block_name="suggestions", context=_common(request, ids=found[:SUGGESTIONS])
     )
 
 
@@ -136,7 +155,12 @@ async def send(request: HTMXRequest) -> Response[Any]:
         "reply": _cut(body.get("message")) if body.get("status") == "replied" else "",
         "sender": str(body.get("sender") or ""),
         "detail": _cut(body.get("detail")),
-        "rtt_ms": body.get("rtt_ms") if body.get("rtt_ms") is not None else round(elapsed_ms, 1),
+        # A round trip only where there was one (a reply): an offline target or a delivery has none.
+        "rtt_ms": body.get("rtt_ms")
+        if body.get("rtt_ms") is not None
+        else (round(elapsed_ms, 1) if body.get("status") == "replied" else None),
+        # A group or everyone: how many clients received it, cluster-wide.
+        "count": body.get("count"),
     }
     session = request.scope.get("session")
     if isinstance(session, dict):
@@ -181,6 +205,18 @@ async def _disconnect(request: Request, client_ids: list[str], reason: str) -> t
     return closed, missing
 
 
+def _action_error(request: HTMXRequest, text: str, status_code: int, back: str) -> Template:
+    """An action refused: the message in the page, where the action's own result would appear.
+
+    htmx swaps it like a result (dashboard.js swaps HTML error answers into their target).
+    """
+    if request.htmx:
+        return Template("result.html", context=_common(request, text=text, error=True), status_code=status_code)
+    return Template(
+        "result.html", context=_common(request, text=text, error=True, back=back, full=True), status_code=status_code
+    )
+
+
 def _disconnect_result(request: HTMXRequest, closed: int, missing: int, back: str) -> Response[Any]:
     text = f"Disconnected {closed} connection{'s' if closed != 1 else ''} (close code {DISCONNECT_CODE})."
     if missing:
@@ -195,7 +231,7 @@ def _disconnect_result(request: HTMXRequest, closed: int, missing: int, back: st
 async def disconnect_one(request: HTMXRequest) -> Response[Any]:
     client_id = str((await request.form()).get("id") or "")
     if not client_id:
-        return Response("No client id.", status_code=HTTP_400_BAD_REQUEST, media_type="text/plain")
+        return _action_error(request, "No client id given.", HTTP_400_BAD_REQUEST, f"{PREFIX}/clients")
     closed, missing = await _disconnect(request, [client_id], "one")
     return _disconnect_result(request, closed, missing, f"{PREFIX}/client?{urlencode({'id': client_id})}")
 
@@ -209,21 +245,29 @@ async def disconnect_many(request: HTMXRequest) -> Response[Any]:
         params["limit"] = "200"
         records, _ = await _records(request)
         query = ClientQuery.from_params(params)
-        ids = sorted({r["id"] for r in records if query.matches(r)})
+        # Controllers (the LLM side) go only when asked for: ticked, or the filter names their role.
+        controllers = form.get("controllers") == "on" or query.role == "controller"
+        ids = sorted({r["id"] for r in records if query.matches(r) and (controllers or r.get("role") == "client")})
         how = "matching " + ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if v and k != "limit")
+        if controllers:
+            how += " with controllers"
     else:
-        ids = sorted({str(v) for v in form.getall("id")}) if hasattr(form, "getall") else []
+        # getall without a default raises KeyError when no box is ticked.
+        ids = sorted({str(v) for v in form.getall("id", [])})
         how = "selection"
+    back = f"{PREFIX}/clients"
     if not ids:
-        return Response("Nothing selected.", status_code=HTTP_400_BAD_REQUEST, media_type="text/plain")
+        text = "Nothing to disconnect: tick the connections first." if how == "selection" else "No connection matches."
+        return _action_error(request, text, HTTP_400_BAD_REQUEST, back)
     if len(ids) > BULK_LIMIT:
-        return Response(
-            f"{len(ids)} connections: narrow the filter to {BULK_LIMIT} or fewer.",
-            status_code=HTTP_409_CONFLICT,
-            media_type="text/plain",
-        )
+        text = f"Not disconnected: {len(ids)} connections match; narrow the filter to {BULK_LIMIT} or fewer."
+        return _action_error(request, text, HTTP_409_CONFLICT, back)
+    if how != "selection" and str(form.get("confirm") or "").strip() != str(len(ids)):
+        # Typed, not a click on confirm(): the operator says how many connections go.
+        text = f"Not disconnected: {len(ids)} connection{'s' if len(ids) != 1 else ''} match now; type {len(ids)} to confirm."
+        return _action_error(request, text, HTTP_400_BAD_REQUEST, back)
     closed, missing = await _disconnect(request, ids, how)
-    return _disconnect_result(request, closed, missing, f"{PREFIX}/clients")
+    return _disconnect_result(request, closed, missing, back)
 
 
 # --- tokens ----------------------------------------------------------------------------------------
@@ -232,9 +276,8 @@ async def disconnect_many(request: HTMXRequest) -> Response[Any]:
 @get("/tokens", guards=[require_session])
 async def tokens_page(request: HTMXRequest) -> Template:
     service = _token_service(request)
-    return Template(
-        "tokens.html", context=_common(request, tokens=await service.cluster_status(), shown=None, urlencode=urlencode)
-    )
+    context = _common(request, tokens=await service.cluster_status(), shown=None, urlencode=urlencode)
+    return Template("tokens.html", context={**context, "unrotatable": service.rotation_unavailable()})
 
 
 async def _token_action(request: HTMXRequest) -> tuple[Any, str, dict[str, Any]]:
@@ -252,6 +295,7 @@ def _token_result(
 ) -> Template:
     template = "tokens.html"
     context = _common(request, tokens=tokens, shown=shown, error=error, urlencode=urlencode)
+    context["unrotatable"] = _token_service(request).rotation_unavailable()
     if request.htmx:
         return HTMXBlockTemplate(template_name=template, block_name="panel", context=context, status_code=status)
     return Template(template, context=context, status_code=status)
@@ -266,8 +310,9 @@ async def rotate_token(request: HTMXRequest) -> Template:
             request, await service.cluster_status(), None, f"Type {name} to confirm the rotation.", 400
         )
     principal = principal_of(request)
+    keep = form.get("keep_connections") == "on"  # As the CLI's --keep-connections.
     try:
-        value = await service.rotate(name, principal.name, _remote(request))
+        value = await service.rotate(name, principal.name, _remote(request), keep_connections=keep)
     except Exception as exc:  # RotationUnavailable, TokenStoreError: say why, change nothing.
         return _token_result(request, await service.cluster_status(), None, str(exc), 409)
     shown = {"name": name, "value": value}
@@ -286,4 +331,13 @@ async def revoke_token(request: HTMXRequest) -> Template:
     return _token_result(request, await service.cluster_status(), None, "")
 
 
-ACTION_ROUTES = [send_page, send, disconnect_one, disconnect_many, tokens_page, rotate_token, revoke_token]
+ACTION_ROUTES = [
+    send_page,
+    send_targets,
+    send,
+    disconnect_one,
+    disconnect_many,
+    tokens_page,
+    rotate_token,
+    revoke_token,
+]

@@ -50,7 +50,7 @@ def summary_counters(summaries: list[dict[str, Any]]) -> dict[str, int]:
         key: sum(int(s.get(key) or 0) for s in summaries)
         for key in ("connections", "clients", "controllers", "messages_in", "messages_out")
     }
-    counters["instances"] = sum(1 for s in summaries if s.get("connections"))
+    counters["instances"] = len(summaries)  # Every live instance, also one that holds no connection.
     return counters
 
 
@@ -85,6 +85,7 @@ class PresenceWatcher:
         # The read in flight and the poll seq when it started.
         self._reading: tuple[asyncio.Future[list[dict[str, Any]]], int] | None = None
         self._digest = ""  # the membership digest read just before self._records
+        self._instances = 0  # how many instances answered that read (some may hold no connection)
         self._moved = 0  # seq of the last poll whose digest differed from the one before
         self._described: tuple[list[dict[str, Any]], dict[str, int]] | None = None
         self._facets: tuple[list[dict[str, Any]], dict[str, list[str]]] | None = None
@@ -117,7 +118,10 @@ class PresenceWatcher:
         """
         cached = self._described
         if cached is None or cached[0] is not records:
-            cached = self._described = (records, summarize(records))
+            counters = summarize(records)
+            if records is self._records:  # Instances with no connection have no record: count them too.
+                counters["instances"] = max(counters["instances"], self._instances)
+            cached = self._described = (records, counters)
         return cached[1], self._digest if records is self._records else ""
 
     def facets(self, records: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -129,10 +133,12 @@ class PresenceWatcher:
 
     async def _read(self) -> list[dict[str, Any]]:
         started = time.monotonic()
-        digest = summary_digest(await self.relay.cluster_summary())
+        summaries = await self.relay.cluster_summary()
+        digest = summary_digest(summaries)
         records = await self.relay.clients(ordered=False)  # run_query selects its page itself.
         if started >= self._records_at:  # An older read finishing late never replaces a newer one.
             self._records, self._records_at, self._digest = records, started, digest
+            self._instances = len(summaries)
         return records
 
     async def _poll_once(self) -> None:

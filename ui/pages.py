@@ -7,9 +7,13 @@ A page and its htmx partial come from the same template: the partial is a block 
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -40,7 +44,7 @@ from .auth import (
     session_problem,
 )
 from .live import PresenceWatcher
-from .query import PAGE_SIZES, SORTS, ClientQuery, run_query
+from .query import AUDIT_LIMITS, PAGE_SIZES, SORTS, AuditQuery, ClientQuery, run_query
 
 __all__ = ["PREFIX", "ROUTES", "DashboardState", "auth_failed", "forbidden"]
 
@@ -245,7 +249,7 @@ _TEXTS = frozenset({"message", "reply"})
 
 
 @get("/client", guards=[require_session])
-async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Template:
+async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Response[Any]:
     """One id's page; the id is a query parameter, so any id (even a forged one with a slash) has a URL."""
     client_id = id
     records, error = await _records(request)
@@ -262,34 +266,32 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Templa
     texts_shown = principal_of(request).can_act or settings.viewer_sees_messages
     if not texts_shown:  # Outcome, time and round trip only: texts are what the devices are told and answer.
         recent = [{key: value for key, value in c.items() if key not in _TEXTS} for c in recent]
-    return Template(
-        "client.html",
-        context=_common(
-            request,
-            client_id=client_id,
-            entries=entries,
-            events=events,
-            error=error,
-            history=history,
-            history_error=history_error,
-            history_kept={
-                "where": "in Redis, shared by every instance"
-                if settings.redis_enabled
-                else "in this instance's memory",
-                "per_client": settings.history_per_client,
-                "days": round(settings.history_ttl_seconds / 86400, 1),
-            },
-            recent=recent,
-            recent_silent=recent_silent,
-            texts_shown=texts_shown,
-            recent_kept={
-                "per_client": settings.recent_commands_per_client,
-                "chars": settings.recent_commands_max_chars,
-                "minutes": round(settings.recent_commands_ttl_seconds / 60),
-            },
-            urlencode=urlencode,
-        ),
+    context = _common(
+        request,
+        client_id=client_id,
+        entries=entries,
+        events=events,
+        error=error,
+        history=history,
+        history_error=history_error,
+        history_kept={
+            "where": "in Redis, shared by every instance" if settings.redis_enabled else "in this instance's memory",
+            "per_client": settings.history_per_client,
+            "days": round(settings.history_ttl_seconds / 86400, 1),
+        },
+        recent=recent,
+        recent_silent=recent_silent,
+        texts_shown=texts_shown,
+        recent_kept={
+            "per_client": settings.recent_commands_per_client,
+            "chars": settings.recent_commands_max_chars,
+            "minutes": round(settings.recent_commands_ttl_seconds / 60),
+        },
+        urlencode=urlencode,
     )
+    if request.htmx and not request.htmx.history_restore_request and request.htmx.target == "client-live":
+        return HTMXBlockTemplate(template_name="client.html", block_name="live", context=context)
+    return Template("client.html", context=context)
 
 
 async def _session_valid(request: Request, session_id: str | None) -> bool:
@@ -349,11 +351,45 @@ async def events(request: HTMXRequest, since: FromQuery[str] = "") -> ServerSent
 # --- audit trail ----------------------------------------------------------------------------------
 
 
+#: The whole trail is read when a filter beyond the action is set (it is bounded: 1,000 events).
+AUDIT_READ = 1000
+CSV_COLUMNS = ("time_utc", "action", "actor", "source", "target", "detail")
+
+
+async def _audit_events(request: Request, query: AuditQuery) -> list[AuditEvent]:
+    return query.select(await request.app.state.audit.recent(AUDIT_READ, query.action))
+
+
 @get("/audit", guards=[require_session])
-async def audit_page(request: HTMXRequest, action: FromQuery[str] = "", limit: FromQuery[int] = 100) -> Template:
-    limit = limit if limit in (50, 100, 500, 1000) else 100
-    events = await request.app.state.audit.recent(limit, action[:50])
-    return Template("audit.html", context=_common(request, events=events, action=action[:50], limit=limit))
+async def audit_page(request: HTMXRequest) -> Template:
+    query = AuditQuery.from_params(dict(request.query_params))
+    events = await _audit_events(request, query)
+    context = _common(request, events=events, query=query, limits=AUDIT_LIMITS, urlencode=urlencode)
+    return Template("audit.html", context=context)
+
+
+def _csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: never a formula (OWASP "CSV injection")."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+@get("/audit.csv", guards=[require_session])
+async def audit_csv(request: HTMXRequest) -> Response[str]:
+    """The filtered trail as CSV, as the page shows it (same filters, same limit)."""
+    query = AuditQuery.from_params(dict(request.query_params))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for e in await _audit_events(request, query):
+        at = datetime.fromtimestamp(e.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        detail = json.dumps(e.detail, sort_keys=True, separators=(",", ":"), default=str)
+        writer.writerow([_csv_cell(str(v)) for v in (at, e.action, e.actor, e.source, e.target, detail)])
+    name = f"wsbridge-audit-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.csv"
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )
 
 
 # --- system -------------------------------------------------------------------------------------
@@ -378,12 +414,13 @@ async def system_page(request: HTMXRequest) -> Template:
     relay = state.relay
     settings = state.settings
     ready, reason = relay.status()
-    records, error = await _records(request)
-    instances: dict[str, dict[str, int]] = {}
-    for record in records:
-        counts = instances.setdefault(str(record.get("instance")), {"clients": 0, "controllers": 0})
-        counts["clients" if record.get("role") == "client" else "controllers"] += 1
-    instances.setdefault(relay.instance, {"clients": 0, "controllers": 0})
+    # Every live instance's own summary (a few small reads): one that holds no connection is listed too.
+    try:
+        summaries, error = await relay.cluster_summary(), ""
+    except BrokerUnavailable as exc:
+        summaries, error = [], str(exc)
+    instances = {str(s.get("instance")): s for s in summaries}
+    instances.setdefault(relay.instance, {})  # This one, even when the broker does not answer.
     return Template(
         "system.html",
         context=_common(
@@ -391,7 +428,6 @@ async def system_page(request: HTMXRequest) -> Template:
             ready=ready,
             reason=reason,
             broker=relay.broker.describe(),
-            broker_name=relay.broker.name,
             instances=sorted(instances.items()),
             error=error,
             grafana=_link(settings.grafana_url),
@@ -401,4 +437,16 @@ async def system_page(request: HTMXRequest) -> Template:
     )
 
 
-ROUTES = [index, login_page, login, logout, session_check, clients_page, client_detail, events, audit_page, system_page]
+ROUTES = [
+    index,
+    login_page,
+    login,
+    logout,
+    session_check,
+    clients_page,
+    client_detail,
+    events,
+    audit_page,
+    audit_csv,
+    system_page,
+]

@@ -13,10 +13,22 @@ import heapq
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
-__all__ = ["PAGE_SIZES", "SORTS", "ClientQuery", "Page", "facets", "run_query", "summarize", "token_key"]
+__all__ = [
+    "AUDIT_LIMITS",
+    "PAGE_SIZES",
+    "SORTS",
+    "AuditQuery",
+    "ClientQuery",
+    "Page",
+    "facets",
+    "run_query",
+    "summarize",
+    "token_key",
+]
 
 #: Columns the table can be sorted by, and whether their natural order is descending.
 SORTS: dict[str, bool] = {
@@ -52,7 +64,7 @@ def _groups(record: dict[str, Any]) -> list[str]:
 class ClientQuery:
     """What the operator asked for; every field comes from the query string and is validated here."""
 
-    prefix: str = ""
+    search: str = ""  # a piece of the id, the address or a group, any case
     role: str = ""
     instance: str = ""
     group: str = ""
@@ -74,7 +86,7 @@ class ClientQuery:
         except ValueError:
             limit = 50
         return cls(
-            prefix=params.get("q", "").strip()[:200],
+            search=params.get("q", "").strip()[:200],
             role=params.get("role", "") if params.get("role", "") in ("client", "controller") else "",
             instance=params.get("instance", "")[:200],
             group=params.get("group", "")[:200],
@@ -86,9 +98,9 @@ class ClientQuery:
         )
 
     def matches(self, record: dict[str, Any]) -> bool:
+        # Exact comparisons first: the search, the dearest test, then runs on fewer records.
         return (
-            (not self.prefix or str(record.get("id", "")).startswith(self.prefix))
-            and (not self.role or record.get("role") == self.role)
+            (not self.role or record.get("role") == self.role)
             and (not self.instance or record.get("instance") == self.instance)
             and (not self.group or self.group in _groups(record))
             and (
@@ -96,7 +108,19 @@ class ClientQuery:
                 or token_key(record) == self.token_version
                 or str(record.get("token_version", "")) == self.token_version
             )
+            and (not self.search or self._found(record, self.search.lower()))
         )
+
+    @staticmethod
+    def _found(record: dict[str, Any], needle: str) -> bool:
+        """The search text anywhere in the id, the remote address or a group name, ignoring case."""
+        client_id = record.get("id", "")
+        if needle in client_id or needle in client_id.lower():
+            return True
+        if needle in str(record.get("remote", "")):  # Addresses have no case (IPv6 hex is written lower).
+            return True
+        groups = record.get("groups")
+        return bool(groups) and any(needle in group.lower() for group in _groups(record))
 
     def key(self, record: dict[str, Any]) -> tuple[Any, ...]:
         raw = record.get(self.sort)
@@ -106,7 +130,7 @@ class ClientQuery:
     def params(self, **changes: Any) -> dict[str, str]:
         """The query string of this query with ``changes``, for links (empty values left out)."""
         values = {
-            "q": self.prefix,
+            "q": self.search,
             "role": self.role,
             "instance": self.instance,
             "group": self.group,
@@ -124,6 +148,7 @@ class ClientQuery:
 class Page:
     rows: list[dict[str, Any]]
     matching: int  # rows that pass the filters, on every page
+    matching_clients: int  # of which clients (a bulk disconnect leaves controllers alone unless asked)
     total: int  # rows before filtering
     next_cursor: str = ""
     first: bool = True
@@ -166,6 +191,7 @@ def run_query(records: Iterable[dict[str, Any]], query: ClientQuery) -> Page:
     return Page(
         rows=[r for _, r in window],
         matching=len(matching),
+        matching_clients=sum(1 for r in matching if r.get("role") == "client"),
         total=len(everything),
         next_cursor=_encode_cursor(window[-1][0]) if more else "",
         first=after is None,
@@ -192,3 +218,76 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, int]:
         "messages_in": sum(int(r.get("messages_in") or 0) for r in records),
         "messages_out": sum(int(r.get("messages_out") or 0) for r in records),
     }
+
+
+AUDIT_LIMITS = (50, 100, 500, 1000)
+
+
+def _utc_epoch(value: str) -> float | None:
+    """A ``datetime-local`` value (the page says times are UTC), or an ISO time with its own zone."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """The audit page's filters: action prefix, actor and target (a piece of either, any case), time range."""
+
+    action: str = ""
+    actor: str = ""
+    target: str = ""
+    since: str = ""
+    until: str = ""
+    limit: int = 100
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> AuditQuery:
+        try:
+            limit = int(params.get("limit", "100"))
+        except ValueError:
+            limit = 100
+        return cls(
+            action=params.get("action", "").strip()[:50],
+            actor=params.get("actor", "").strip()[:100],
+            target=params.get("target", "").strip()[:200],
+            since=params.get("since", "").strip()[:40],
+            until=params.get("until", "").strip()[:40],
+            limit=limit if limit in AUDIT_LIMITS else 100,
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.action or self.actor or self.target or self.since or self.until)
+
+    def select(self, events: Iterable[Any]) -> list[Any]:
+        """The newest ``limit`` of ``events`` (newest first) that match; an unreadable time bound is ignored."""
+        actor, target = self.actor.casefold(), self.target.casefold()
+        since, until = _utc_epoch(self.since) if self.since else None, _utc_epoch(self.until) if self.until else None
+        chosen = []
+        for event in events:
+            if (
+                event.action.startswith(self.action)
+                and (not actor or actor in event.actor.casefold())
+                and (not target or target in str(event.target).casefold())
+                and (since is None or event.at >= since)
+                and (until is None or event.at <= until)
+            ):
+                chosen.append(event)
+                if len(chosen) >= self.limit:
+                    break
+        return chosen
+
+    def params(self, **changes: Any) -> dict[str, str]:
+        values = {
+            "action": self.action,
+            "actor": self.actor,
+            "target": self.target,
+            "since": self.since,
+            "until": self.until,
+            "limit": str(self.limit),
+        }
+        values.update({k: str(v) for k, v in changes.items()})
+        return {k: v for k, v in values.items() if v}

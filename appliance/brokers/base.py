@@ -240,6 +240,28 @@ class Broker(abc.ABC):
     async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
         """``client_id``'s connect history across the cluster, newest first, at most ``limit`` entries."""
 
+    # --- idempotency records (appliance/commands/idempotency.py) -----------------------------
+
+    @abc.abstractmethod
+    async def idempotency_claim(self, key: str, record: str) -> str | None:
+        """Store ``record`` under ``key`` unless a record is there; return the one already there.
+
+        Atomic cluster-wide: of two instances claiming the same key at once, exactly one gets None.
+        Records are forgotten the broker's ``idempotency_window`` seconds after their last write.
+        """
+
+    @abc.abstractmethod
+    async def idempotency_get(self, key: str) -> str | None:
+        """The record under ``key``, None when there is none (or it expired)."""
+
+    @abc.abstractmethod
+    async def idempotency_set(self, key: str, record: str) -> None:
+        """Replace the record under ``key`` (the claimer settles it with the outcome)."""
+
+    @abc.abstractmethod
+    async def idempotency_drop(self, key: str) -> None:
+        """Forget ``key``: the command never reached a client, so a retry may run it."""
+
     @abc.abstractmethod
     def health(self) -> tuple[bool, str]:
         """(ready, reason): whether cluster-wide routing works now."""

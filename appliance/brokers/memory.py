@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from .. import metrics
+from ..core.expiring import ByLastWrite
 from ..core.history import HistoryBook
 from ..core.protocol import Role
 from ..core.requests import Enqueued, OfflineQueue, Routed
@@ -26,12 +27,16 @@ class MemoryBroker(Broker):
         history_per_client: int = 50,
         history_ttl: float = 7 * 86400,
         history_max_clients: int = 10_000,
+        idempotency_window: float = 600.0,
+        idempotency_max_keys: int = 100_000,
     ) -> None:
         self._inbox: Inbox | None = None
         self._history = HistoryBook(history_per_client, history_max_clients, history_ttl)
         self._owners: dict[str, Owner] = {}
         self._generations = itertools.count(1)
         self._queue = OfflineQueue(queue_max, queue_remember_seconds)
+        # Bounded like the histories: a flood of fresh keys forgets the oldest, never grows without end.
+        self._idempotency: ByLastWrite[str] = ByLastWrite(idempotency_max_keys, idempotency_window)
 
     @property
     def inbox(self) -> Inbox:
@@ -107,6 +112,23 @@ class MemoryBroker(Broker):
 
     async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
         return self._history.entries(client_id, limit, time.time())
+
+    async def idempotency_claim(self, key: str, record: str) -> str | None:
+        now = time.time()
+        held = self._idempotency.get(key, now)
+        if held is not None:
+            return held
+        self._idempotency.put(key, record, now)
+        return None
+
+    async def idempotency_get(self, key: str) -> str | None:
+        return self._idempotency.get(key, time.time())
+
+    async def idempotency_set(self, key: str, record: str) -> None:
+        self._idempotency.put(key, record, time.time())
+
+    async def idempotency_drop(self, key: str) -> None:
+        self._idempotency.pop(key, time.time())
 
     def health(self) -> tuple[bool, str]:
         return (self._inbox is not None, "ok" if self._inbox is not None else "broker not started")

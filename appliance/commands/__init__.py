@@ -9,7 +9,7 @@ A command travels from the sender's instance (where its :class:`PendingTable` en
 waits, with its deadline: :mod:`.service`) to the target's instance, which frames it for
 the client and keeps version-1 clients' replies in order (:mod:`.handover`), and every
 outcome comes back to the sender's instance as an
-:class:`~appliance.core.events.Event` through the broker's per-instance channel.
+:mod:`~appliance.core.events` outcome through the broker's per-instance channel.
 Broadcast and group commands go to every instance at once (:mod:`.broadcast`). The
 decisions are the pure objects of :mod:`appliance.core.requests`; this package only moves
 their results.

@@ -2,7 +2,7 @@
 
 The sender's instance publishes one :class:`~appliance.core.events.FanOut` to every
 instance (itself included), each answers with the number of local clients that got it
-(an ``n`` event tagged with this fan-out), and the sender adds the answers up for up to
+(a :class:`~appliance.core.events.Counted` tagged with this fan-out), and the sender adds the answers up for up to
 :data:`FAN_IN_SECONDS`.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from ..brokers.base import Broker, BrokerUnavailable
-from ..core.events import Event, FanOut, decode_fan_out, encode_event, encode_fan_out
+from ..core.events import Counted, FanOut, decode_fan_out, encode_event, encode_fan_out
 from ..core.protocol_v2 import CommandId, Request
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
@@ -65,14 +65,14 @@ class Broadcasts:
         self._lock = asyncio.Lock()
         self._fan_ins: dict[tuple[str, CommandId], _FanIn] = {}
 
-    def fan_out(self, sender: str, controller: str, request: Request) -> None:
+    def fan_out(self, waiter: str, controller: str, request: Request) -> None:
         # Counts come back to this fan-out alone, even for several at once without ids.
-        tag = f"{sender}#{next(self._seq)}"
+        tag = f"{waiter}#{next(self._seq)}"
         fan = FanOut(self.instance, tag, request.id, controller, request.message, request.group)
-        self._spawn(self._collect(sender, request, fan))
+        self._spawn(self._collect(waiter, request, fan))
 
-    async def _collect(self, sender: str, request: Request, fan: FanOut) -> None:
-        key = (fan.owner, request.id if request.id is not None else "")
+    async def _collect(self, waiter: str, request: Request, fan: FanOut) -> None:
+        key = (fan.tag, request.id if request.id is not None else "")
         fan_in = self._fan_ins[key] = _FanIn()
         try:
             try:
@@ -89,11 +89,11 @@ class Broadcasts:
                         await fan_in.done.wait()
         finally:
             del self._fan_ins[key]
-        self._finished(sender, request, fan_in.count)
+        self._finished(waiter, request, fan_in.count)
 
-    def counted(self, event: Event) -> None:
-        """The ``n`` event: one instance's count for one of this instance's fan-outs."""
-        fan_in = self._fan_ins.get((event.owner, event.id if event.id is not None else ""))
+    def counted(self, event: Counted) -> None:
+        """One instance's count for one of this instance's fan-outs."""
+        fan_in = self._fan_ins.get((event.fan_out, event.id))
         if fan_in is not None:
             fan_in.answers += 1
             fan_in.count += event.count
@@ -121,5 +121,5 @@ class Broadcasts:
             log.warning("Ignoring a malformed broadcast")
             return
         count = self.fan_in(fan)
-        event = Event("n", fan.owner, fan.id if fan.id is not None else "", count=count)
+        event = Counted(fan.tag, fan.id if fan.id is not None else "", count)
         self.broker.send_to_instance(fan.origin, encode_event(event))

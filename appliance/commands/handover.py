@@ -17,7 +17,7 @@ from typing import Any
 
 from ..brokers.base import Broker, BrokerUnavailable
 from ..connections import Connection
-from ..core.events import Event, encode_event
+from ..core.events import Delivered, Failed, InstanceEvent, Outcome, Replied, encode_event
 from ..core.protocol import ErrorCode
 from ..core.protocol_v2 import CommandId, encode_client_command, parse_client_reply
 from ..core.recent import Tracked
@@ -50,7 +50,7 @@ class ClientLines:
         recent_logs: RecentLogs,
         v1_reply_queue: int,
         *,
-        outcome: Callable[[Event], None],
+        outcome: Callable[[InstanceEvent], None],
         delivered: Callable[[str, CommandId], None],
         replied: Callable[[str, CommandId, str, str, float], None],
         queue_lock: asyncio.Lock,
@@ -96,10 +96,10 @@ class ClientLines:
                     if isinstance(line, tuple):
                         line = self._awaiting[key] = deque((line,))
                     line.append(entry)
-                if routed.reply_to == self.instance:  # Sent from here: no event to build and dispatch.
-                    self._delivered(routed.owner, routed.id)
+                if routed.origin == self.instance:  # Sent from here: no event to build and dispatch.
+                    self._delivered(routed.waiter, routed.id)
                 else:
-                    self._tell(routed, Event("d", routed.owner, routed.id, client_id))
+                    self._tell(routed, Delivered(routed.waiter, routed.id, client_id))
             else:
                 self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
                 self._tell_gone(routed, conn.client_id)
@@ -127,7 +127,7 @@ class ClientLines:
             if recent is not None:
                 deadline = self.matcher.deadline(conn.client_id) or now + routed.timeout_ms / 1000
                 recent.tracked(now, routed.controller, routed.id, routed.message, deadline, routed)
-            self._tell(routed, Event("d", routed.owner, routed.id, conn.client_id))
+            self._tell(routed, Delivered(routed.waiter, routed.id, conn.client_id))
         else:
             self._note_failed(conn, routed, "delivery_failed: the client is disconnecting")
             self._tell_gone(routed, conn.client_id)
@@ -170,10 +170,10 @@ class ClientLines:
                     del self._awaiting[key]
             if tracked is not None and conn.recent is not None:
                 conn.recent.answered(tracked, now, reply.message)
-            if routed.reply_to == self.instance:
-                self._replied(routed.owner, routed.id, key[0], reply.message, now)
+            if routed.origin == self.instance:
+                self._replied(routed.waiter, routed.id, key[0], reply.message, now)
             else:
-                self._tell(routed, Event("r", routed.owner, routed.id, key[0], key[0], reply.message))
+                self._tell(routed, Replied(routed.waiter, routed.id, key[0], reply.message))
             return True
         if self.matcher.in_flight(conn.client_id) is not None:
             advance = self.matcher.client_message(conn.client_id, now)
@@ -186,7 +186,7 @@ class ClientLines:
         """A version-1 client's line moved (a reply, or a deadline): report, and send its next command."""
         if advance.replied is not None and text is not None:
             routed = advance.replied
-            self._tell(routed, Event("r", routed.owner, routed.id, client_id, client_id, text))
+            self._tell(routed, Replied(routed.waiter, routed.id, client_id, text))
         if advance.send is not None:
             conn = self.local.local_client(client_id)
             if conn is not None:
@@ -224,14 +224,14 @@ class ClientLines:
             for key in [k for k in self._awaiting if k[0] == conn.client_id]:
                 del self._awaiting[key]
 
-    def _tell(self, routed: Routed, event: Event) -> None:
-        self.tell_instance(routed.reply_to, event)
+    def _tell(self, routed: Routed, event: Outcome) -> None:
+        self.tell_instance(routed.origin, event)
 
-    def tell_instance(self, instance: str, event: Event) -> None:
+    def tell_instance(self, instance: str, event: InstanceEvent) -> None:
         if instance == self.instance:
             self._outcome(event)
         else:
             self.broker.send_to_instance(instance, encode_event(event))
 
     def _tell_error(self, routed: Routed, target: str, code: ErrorCode, detail: str) -> None:
-        self._tell(routed, Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))
+        self._tell(routed, Failed(routed.waiter, routed.id, target, code.value, detail))

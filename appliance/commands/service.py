@@ -17,7 +17,19 @@ import msgspec
 from .. import metrics
 from ..brokers.base import Broker, BrokerUnavailable
 from ..connections import Connection
-from ..core.events import Event, decode_event, encode_event
+from ..core.events import (
+    Counted,
+    Delivered,
+    Disconnect,
+    Drain,
+    Failed,
+    InstanceEvent,
+    RecentAnswer,
+    RecentAsk,
+    Replied,
+    decode_event,
+    encode_event,
+)
 from ..core.protocol import CONTROLLER_ID, CloseCode, ErrorCode, ProtocolError, Role, encode_error
 from ..core.protocol_v2 import (
     CommandId,
@@ -37,6 +49,7 @@ from ..registry import LocalConnections
 from ..settings import Settings
 from .broadcast import Broadcasts
 from .handover import ClientLines
+from .idempotency import IdempotentSends, fingerprint
 from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter
 
 __all__ = ["TICK_SECONDS", "CommandService"]
@@ -75,7 +88,7 @@ class CommandService:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Recent-commands questions and answers from other instances (``c``, ``C``): the recent-commands
         #: service (appliance/recent.py) sets this when it is wired.
-        self.recent_event: Callable[[Event], None] = lambda event: None
+        self.recent_event: Callable[[RecentAsk | RecentAnswer], None] = lambda event: None
         self.lines = ClientLines(
             self.instance,
             broker,
@@ -88,6 +101,7 @@ class CommandService:
             queue_lock=self._queue_lock,
             spawn=self._spawn,
         )
+        self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
         self.broadcasts = Broadcasts(
             self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
         )
@@ -144,21 +158,21 @@ class CommandService:
 
     # --- the sender's side: WebSocket controllers ---------------------------------------------
 
-    def submit(self, owner: str, controller: str, request: Request) -> None:
-        """A command with an id, or for ``*`` or a group, from ``owner`` (a controller's connection or a waiter)."""
+    def submit(self, waiter: str, controller: str, request: Request) -> None:
+        """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
         now = time.time()
         if request.kind is not TargetKind.CLIENT:
-            self.broadcasts.fan_out(owner, controller, request)
+            self.broadcasts.fan_out(waiter, controller, request)
             return
         assert request.id is not None
-        if self.pending.open(owner, request.id, request.target, now, request.timeout_ms) is None:
-            self._fail_now(owner, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
+        if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
+            self._fail_now(waiter, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
             return
         routed = Routed(
-            controller, request.id, request.message, self.instance, owner, request.timeout_ms, request.queue
+            controller, request.id, request.message, self.instance, waiter, request.timeout_ms, request.queue
         )
         if request.queue and request.target != CONTROLLER_ID:
-            self._queueable[(owner, request.id)] = (request.target, routed)
+            self._queueable[(waiter, request.id)] = (request.target, routed)
         # A partial, not a closure: no cell per captured name and no function object per command.
         self.broker.send_routed(request.target, routed, partial(self._routed_result, request.target, routed))
 
@@ -171,10 +185,10 @@ class CommandService:
             else:
                 self._spawn(self._enqueue(target, routed))
                 return
-        self.outcome(Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))
+        self.outcome(Failed(routed.waiter, routed.id, target, code.value, detail))
 
     def _failed(self, routed: Routed, target: str, code: ErrorCode, detail: str) -> None:
-        self.outcome(Event("e", routed.owner, routed.id, target, code=code.value, detail=detail))
+        self.outcome(Failed(routed.waiter, routed.id, target, code.value, detail))
 
     async def _enqueue(self, target: str, routed: Routed, requeue: bool = False) -> None:
         """Queue ``routed`` for ``target``; ``requeue``: its client left before it was handed over."""
@@ -182,7 +196,7 @@ class CommandService:
             # One at a time, so commands are queued in the order they were sent.
             async with self._queue_lock:
                 enqueued = await self.broker.enqueue(target, routed, time.time(), requeue=requeue)
-                owner = await self.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
+                holder = await self.broker.owner_of(target) if enqueued is Enqueued.QUEUED else None
         except BrokerUnavailable as exc:
             self._failed(routed, target, ErrorCode.DELIVERY_FAILED, str(exc))
             return
@@ -191,102 +205,104 @@ class CommandService:
             self._failed(routed, target, ErrorCode.QUEUE_FULL, detail)
             return
         if requeue and enqueued is not Enqueued.QUEUED:  # Already queued again (cannot happen twice): say so.
-            self._queueable.pop((routed.owner, routed.id), None)  # This target_offline is final.
+            self._queueable.pop((routed.waiter, routed.id), None)  # This target_offline is final.
             detail = f"{target} disconnected before the command was handed over"
             self._failed(routed, target, ErrorCode.TARGET_OFFLINE, detail)
             return
-        pending = self.pending.get(routed.owner, routed.id)
+        pending = self.pending.get(routed.waiter, routed.id)
         if pending is None:
             return
         OUTCOMES["queued"].inc()
         if enqueued is Enqueued.QUEUED:
-            self._queued_here[(routed.owner, routed.id)] = time.time() + routed.timeout_ms / 1000
+            self._queued_here[(routed.waiter, routed.id)] = time.time() + routed.timeout_ms / 1000
         remaining = max(0, round((pending.deadline - time.time()) * 1000))
         duplicate = {} if enqueued is Enqueued.QUEUED else {"duplicate": True}
         if enqueued is Enqueued.ALREADY_DELIVERED:
             # Delivered before: never again. The repeat's outcome is that delivery.
-            self.pending.finish(routed.owner, routed.id)
-            self._queueable.pop((routed.owner, routed.id), None)
+            self.pending.finish(routed.waiter, routed.id)
+            self._queueable.pop((routed.waiter, routed.id), None)
             self._report(pending, Status.DELIVERED, **duplicate)
             return
         self._report(pending, Status.QUEUED, expires_in_ms=remaining, **duplicate)
-        if owner is not None and owner.role is Role.CLIENT:
+        if holder is not None and holder.role is Role.CLIENT:
             # The target connected while this was being queued, after its own look at the queue.
-            self.lines.tell_instance(owner.instance, Event("q", target=target))
+            self.lines.tell_instance(holder.instance, Drain(target))
 
-    def _fail_now(self, owner: str, request: Request, code: ErrorCode, detail: str) -> None:
-        self._deliver_to_owner(
-            owner, None, encode_error(code, detail, target=request.target, id=request.id), code.value, detail
+    def _fail_now(self, waiter: str, request: Request, code: ErrorCode, detail: str) -> None:
+        self._deliver_to_waiter(
+            waiter, None, encode_error(code, detail, target=request.target, id=request.id), code.value, detail
         )
 
     # --- the sender's side: outcomes --------------------------------------------------------
 
-    def outcome(self, event: Event) -> None:
+    def outcome(self, event: InstanceEvent) -> None:
         """An outcome for a command sent from this instance, or an order for it (from any instance, via the broker)."""
-        if event.kind == "x":
+        if isinstance(event, Delivered):  # The commonest first.
+            self._delivered(event.waiter, event.id)
+        elif isinstance(event, Replied):
+            self._replied(event.waiter, event.id, event.client, event.message, time.time())
+        elif isinstance(event, Failed):
+            self._failed_outcome(event)
+        elif isinstance(event, Counted):
+            self.broadcasts.counted(event)
+        else:
+            self._order(event)
+
+    def _order(self, event: Disconnect | Drain | RecentAsk | RecentAnswer) -> None:
+        """Orders for this instance, which holds the client they name: not outcomes of its own commands."""
+        if isinstance(event, Disconnect):
             self.local.disconnect_local(event.target, event.code)
-            return
-        if event.kind == "q":
+        elif isinstance(event, Drain):
             conn = self.local.local_client(event.target)
             if conn is not None:
                 self._spawn(self.lines.drain(conn))
-            return
-        if event.kind in ("c", "C"):  # A client's recent commands: asked for, or answered (recent.py).
+        else:  # A client's recent commands: asked for, or answered (recent.py).
             self.recent_event(event)
-            return
-        if event.kind == "n":
-            self.broadcasts.counted(event)
-            return
-        assert event.id is not None
-        if event.kind == "d":
-            self._delivered(event.owner, event.id)
-            return
-        if event.kind == "r":
-            self._replied(event.owner, event.id, event.sender, event.message, time.time())
-            return
-        queueable = self._queueable.get((event.owner, event.id))
+
+    def _failed_outcome(self, event: Failed) -> None:
+        queueable = self._queueable.get((event.waiter, event.id))
         if queueable is not None and event.code == ErrorCode.TARGET_OFFLINE.value:
-            pending = self.pending.get(event.owner, event.id)
+            pending = self.pending.get(event.waiter, event.id)
             if pending is not None and not pending.delivered:
                 # Its client left before the command was handed over: queue it for the client's return.
                 self._spawn(self._enqueue(*queueable, requeue=True))
                 return
-        self._queueable.pop((event.owner, event.id), None)
-        pending = self.pending.finish(event.owner, event.id)
+        self._queueable.pop((event.waiter, event.id), None)
+        pending = self.pending.finish(event.waiter, event.id)
         if pending is None:
             return  # Timed out already, or the controller left: the outcome has nobody to go to.
         metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
-        self._deliver_to_owner(pending.owner, pending, frame, event.code, event.detail)
+        self._deliver_to_waiter(pending.waiter, pending, frame, event.code, event.detail)
 
-    def _delivered(self, owner: str, command_id: CommandId) -> None:
-        """The ``d`` outcome: the command reached its client's socket."""
+    def _delivered(self, waiter: str, command_id: CommandId) -> None:
+        """The command reached its client's socket."""
         if self._queued_here:
-            self._queued_here.pop((owner, command_id), None)
+            self._queued_here.pop((waiter, command_id), None)
         if self._queueable:
-            self._queueable.pop((owner, command_id), None)
-        pending = self.pending.delivered(owner, command_id)
+            self._queueable.pop((waiter, command_id), None)
+        pending = self.pending.delivered(waiter, command_id)
         if pending is None:
             return
         metrics.DELIVERED.count += 1
-        if pending.owner not in self._waiters:
-            conn = self.local.connection(owner)
+        if pending.waiter not in self._waiters:
+            conn = self.local.connection(waiter)
             if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
                 conn.deliver(encode_delivered(pending.id, pending.target))
             return
         self._report(pending, Status.DELIVERED)
 
-    def _replied(self, owner: str, command_id: CommandId, sender: str, message: str, now: float) -> None:
-        """The ``r`` outcome: the client's reply (arrived at ``now``), to the sender only."""
-        pending = self.pending.finish(owner, command_id)
+    def _replied(self, waiter: str, command_id: CommandId, sender: str, message: str, now: float) -> None:
+        """The client's reply (arrived at ``now``), to the sender only."""
+        pending = self.pending.finish(waiter, command_id)
         if pending is None:
             return  # Timed out already, or the controller left: the reply has nobody to go to.
         rtt_ms = (now - pending.started) * 1000
         metrics.REPLIED.count += 1
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
-        waiter = self._waiters.get(owner)
-        if waiter is None:
-            conn = self.local.connection(owner)
+        waiting = self._waiters.get(waiter)
+        if waiting is None:
+            conn = self.local.connection(waiter)
             if conn is not None:
                 conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
             return
@@ -298,59 +314,59 @@ class CommandService:
             "message": message,
             "rtt_ms": round(rtt_ms, 3),
         }
-        self._resolve(owner, Outcome(200, body))
+        self._resolve(waiter, Outcome(200, body))
 
     def _report(self, pending: Pending, status: Status, **extra: Any) -> None:
-        """A status for ``pending``'s owner: a status frame, or an HTTP outcome."""
-        waiter = self._waiters.get(pending.owner)
-        if waiter is None:
+        """A status for ``pending``'s waiter: a status frame, or an HTTP outcome."""
+        waiting = self._waiters.get(pending.waiter)
+        if waiting is None:
             if status is Status.TIMEOUT:
                 extra["timeout_ms"] = round((pending.deadline - pending.started) * 1000)
-            conn = self.local.connection(pending.owner)
+            conn = self.local.connection(pending.waiter)
             if conn is not None:
                 conn.deliver(encode_status(pending.id, status, pending.target, **extra))
             return
         body = {"id": pending.id, "status": status.value, "target": pending.target, **extra}
         if status is Status.TIMEOUT:
             body["detail"] = f"{pending.target} did not reply in time"
-            self._resolve(pending.owner, Outcome(504, body))
-        elif status is Status.QUEUED or not waiter.want_reply or extra.get("duplicate"):
+            self._resolve(pending.waiter, Outcome(504, body))
+        elif status is Status.QUEUED or not waiting.want_reply or extra.get("duplicate"):
             # Queued, delivered without wait_ms, or a repeat: the caller is answered now (202).
-            self.pending.finish(pending.owner, pending.id)
-            self._resolve(pending.owner, Outcome(202, body))
+            self.pending.finish(pending.waiter, pending.id)
+            self._resolve(pending.waiter, Outcome(202, body))
 
-    def _deliver_to_owner(self, owner: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
-        waiter = self._waiters.get(owner)
-        if waiter is None:
-            conn = self.local.connection(owner)
+    def _deliver_to_waiter(self, waiter: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
+        waiting = self._waiters.get(waiter)
+        if waiting is None:
+            conn = self.local.connection(waiter)
             if conn is not None:
                 if code:
                     metrics.ERRORS.labels(code=code).inc()
                 conn.deliver(frame)
             return
         body = msgspec.json.decode(frame)
-        self._resolve(owner, Outcome(HTTP_STATUS.get(code, 502), body))
+        self._resolve(waiter, Outcome(HTTP_STATUS.get(code, 502), body))
 
-    def _resolve(self, owner: str, outcome: Outcome) -> None:
-        waiter = self._waiters.pop(owner, None)
-        if waiter is not None and not waiter.future.done():
-            waiter.future.set_result(outcome)
+    def _resolve(self, waiter: str, outcome: Outcome) -> None:
+        waiting = self._waiters.pop(waiter, None)
+        if waiting is not None and not waiting.future.done():
+            waiting.future.set_result(outcome)
 
     def controller_closed(self, conn: Connection) -> None:
         """A controller left: its commands still in flight have nobody to report to."""
-        for pending in self.pending.drop_owner(conn.conn_key):
+        for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
 
-    def _fan_out_finished(self, owner: str, request: Request, count: int) -> None:
+    def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
         """A broadcast or group command reached ``count`` clients cluster-wide."""
         OUTCOMES["delivered"].inc()
-        if request.id is None and owner not in self._waiters:
+        if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
-        if owner in self._waiters:
-            self._resolve(owner, Outcome(202, body))
+        if waiter in self._waiters:
+            self._resolve(waiter, Outcome(202, body))
         else:
-            conn = self.local.connection(owner)
+            conn = self.local.connection(waiter)
             if conn is not None and request.id is not None:
                 conn.deliver(encode_status(request.id, Status.DELIVERED, request.target, count=count))
 
@@ -369,13 +385,24 @@ class CommandService:
         timeout_ms: int | None = None,
         queue: bool = False,
         controller: str = HTTP_CONTROLLER,
+        idempotency_key: str | None = None,
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
         Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
+
+        With ``idempotency_key``, a repeat within the window gets the first command's
+        outcome and never reaches a client twice (appliance/commands/idempotency.py).
         """
+        if idempotency_key is not None:
+            own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
+            once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            # A repeat waits as long as the first command may.
+            same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
+            return await self.idempotent.send(*same, once)
         wait = self._http_bucket.try_take(time.time())
         if wait > 0:
             retry_ms = max(1, round(wait * 1000))
@@ -404,27 +431,27 @@ class CommandService:
         request = self.parse(fields)
         if isinstance(request, ProtocolError):
             return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
-        owner = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
+        waiter = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
         future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
-        self._waiters[owner] = Waiter(future, wait_ms is not None, target)
+        self._waiters[waiter] = Waiter(future, wait_ms is not None, target)
         try:
-            self.submit(owner, controller, request)
+            self.submit(waiter, controller, request)
             return await future
         finally:
-            self._waiters.pop(owner, None)
-            if request.id is not None:  # This owner's only entry (a broadcast opens none): no scan of them all.
-                self.pending.finish(owner, request.id)
-                self._queueable.pop((owner, request.id), None)
+            self._waiters.pop(waiter, None)
+            if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
+                self.pending.finish(waiter, request.id)
+                self._queueable.pop((waiter, request.id), None)
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
         if self.local.disconnect_local(client_id, code):
             return True
-        owner = await self.broker.owner_of(client_id)
-        if owner is None:
+        holder = await self.broker.owner_of(client_id)
+        if holder is None:
             return False
-        event = Event("x", target=client_id, code=str(int(code)))
-        self.broker.send_to_instance(owner.instance, encode_event(event))
+        event = Disconnect(client_id, str(int(code)))
+        self.broker.send_to_instance(holder.instance, encode_event(event))
         return True
 
     def instance_event(self, payload: bytes | str) -> None:

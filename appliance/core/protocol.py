@@ -127,9 +127,11 @@ class ErrorCode(str, enum.Enum):
 class Command(msgspec.Struct, frozen=True):
     """A controller's request to deliver ``message`` to ``target``.
 
-    A msgspec Struct so that a well-formed frame decodes straight into it, which is
-    several times cheaper than a dict plus checks; malformed frames take the slow
-    path that explains what is wrong.
+    A msgspec Struct so that a well-formed frame decodes straight into it: 0.33 µs a
+    command against 0.66 µs for a dict plus checks (:func:`_explain`, the plain path),
+    1.6 % of a v1 round trip (about 20 µs of server CPU; ``python -m bench.micro``).
+    Malformed frames take the plain path, which explains what is wrong;
+    tests/unit/test_fast_paths.py checks that both paths agree on any frame.
     """
 
     target: str

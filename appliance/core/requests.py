@@ -43,16 +43,18 @@ __all__ = [
 class Routed(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """A command with an id on its way to a client's instance, with where to report its outcome.
 
-    ``reply_to`` names the sender's instance and ``owner`` its entry in that instance's
-    :class:`PendingTable` (a connection key, or an HTTP waiter's key). Deadlines cross
-    instances as a duration, so clocks of different machines never need to agree.
+    ``origin`` names the sender's instance, where its outcome goes, and ``waiter`` the key of
+    its entry in that instance's :class:`PendingTable` (a controller connection's key, or an
+    HTTP waiter's). Deadlines cross instances as a duration, so clocks of different machines
+    never need to agree. Encoded as ``reply_to`` and ``owner`` (the names of queued entries
+    already in Redis); the wire's ``reply_to`` is a command id, and only that.
     """
 
     controller: str
     id: CommandId
     message: str
-    reply_to: str
-    owner: str
+    origin: str = msgspec.field(name="reply_to")
+    waiter: str = msgspec.field(name="owner")
     timeout_ms: int
     #: Sent with ``"queue": true``: if its client leaves before it is handed over, it is queued, not refused.
     queue: bool = False
@@ -74,7 +76,8 @@ _COMPACT_SLACK = 1024
 class Pending(msgspec.Struct, gc=False):
     """One command waiting for its outcome (a Struct: built in half the time of a dataclass, once per command)."""
 
-    owner: str
+    #: Who waits for the outcome: a controller connection's key or an HTTP waiter's.
+    waiter: str
     id: CommandId
     target: str
     started: float
@@ -83,7 +86,7 @@ class Pending(msgspec.Struct, gc=False):
 
     @property
     def key(self) -> tuple[str, CommandId]:
-        return (self.owner, self.id)
+        return (self.waiter, self.id)
 
 
 class PendingTable:
@@ -97,12 +100,12 @@ class PendingTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def open(self, owner: str, command_id: CommandId, target: str, now: float, timeout_ms: int) -> Pending | None:
-        """Start waiting; None when ``owner`` already has ``command_id`` in flight."""
-        key = (owner, command_id)
+    def open(self, waiter: str, command_id: CommandId, target: str, now: float, timeout_ms: int) -> Pending | None:
+        """Start waiting; None when ``waiter`` already has ``command_id`` in flight."""
+        key = (waiter, command_id)
         if key in self._entries:
             return None
-        pending = Pending(owner, command_id, target, now, now + timeout_ms / 1000)
+        pending = Pending(waiter, command_id, target, now, now + timeout_ms / 1000)
         self._entries[key] = pending
         deadlines = self._deadlines
         if len(deadlines) > 2 * len(self._entries) + _COMPACT_SLACK:
@@ -125,24 +128,24 @@ class PendingTable:
         heapq.heapify(live)
         return live
 
-    def get(self, owner: str, command_id: CommandId) -> Pending | None:
-        return self._entries.get((owner, command_id))
+    def get(self, waiter: str, command_id: CommandId) -> Pending | None:
+        return self._entries.get((waiter, command_id))
 
-    def delivered(self, owner: str, command_id: CommandId) -> Pending | None:
+    def delivered(self, waiter: str, command_id: CommandId) -> Pending | None:
         """The command reached the target's socket; it still waits for a reply or its deadline.
 
         None when the entry is gone (already timed out) or was already reported delivered,
         so each status frame is sent once.
         """
-        pending = self._entries.get((owner, command_id))
+        pending = self._entries.get((waiter, command_id))
         if pending is None or pending.delivered:
             return None
         pending.delivered = True
         return pending
 
-    def finish(self, owner: str, command_id: CommandId) -> Pending | None:
+    def finish(self, waiter: str, command_id: CommandId) -> Pending | None:
         """The final outcome (reply or error) arrived: the entry leaves; None if it already left."""
-        return self._entries.pop((owner, command_id), None)
+        return self._entries.pop((waiter, command_id), None)
 
     def expire(self, now: float) -> list[Pending]:
         """Entries whose deadline has passed, removed: each gets a ``timeout``."""
@@ -163,9 +166,9 @@ class PendingTable:
             heapq.heappop(deadlines)
         return deadlines[0][0] if deadlines else None
 
-    def drop_owner(self, owner: str) -> list[Pending]:
-        """The owner went away (controller disconnected): forget its entries without outcomes."""
-        gone = [key for key in self._entries if key[0] == owner]
+    def drop_waiter(self, waiter: str) -> list[Pending]:
+        """The waiter went away (controller disconnected): forget its entries without outcomes."""
+        gone = [key for key in self._entries if key[0] == waiter]
         return [self._entries.pop(key) for key in gone]
 
 

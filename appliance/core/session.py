@@ -27,7 +27,7 @@ from .protocol import (
     is_valid_client_id,
     parse_command,
 )
-from .protocol_v2 import Request, TargetKind, TimeoutPolicy, parse_request
+from .protocol_v2 import Request, TargetKind, TimeoutPolicy, parse_client_reply, parse_request
 from .ratelimit import TokenBucket
 
 __all__ = [
@@ -101,6 +101,8 @@ class ReplyOrPublish(msgspec.Struct, gc=False):
 
     The reply frame ``{"sender","message"}`` is built only when the text is published: a
     reply to a command that waits for it (the usual case) goes to its sender as another frame.
+    A ``reply_to`` answer nobody waits for (a broadcast's or group command's, or a late one)
+    is published as the client's plain message, its ``message``, never as the raw envelope.
     """
 
     sender: str
@@ -108,7 +110,8 @@ class ReplyOrPublish(msgspec.Struct, gc=False):
 
     @property
     def frame(self) -> str:
-        return encode_reply(self.sender, self.text)
+        reply = parse_client_reply(self.text)
+        return encode_reply(self.sender, self.text if reply is None else reply.message)
 
 
 @dataclass(slots=True)

@@ -145,13 +145,18 @@ class TokenService:
 
     # --- rotation and revocation -------------------------------------------------------------
 
-    def _check_rotatable(self) -> Any:
+    def rotation_unavailable(self) -> str | None:
+        """Why rotation cannot be done here, or None: the dashboard hides its buttons and says why."""
         if not self.store.rotatable:
-            raise RotationUnavailable(
-                "rotation needs TOKEN_STORE=ssm; with the env store, change the token in .env and restart"
-            )
+            return "rotation needs TOKEN_STORE=ssm; with the env store, change the token in .env and restart"
         if not self.settings.token_rotation_enabled:
-            raise RotationUnavailable("token rotation is disabled: set TOKEN_ROTATION_ENABLED=true")
+            return "token rotation is disabled: set TOKEN_ROTATION_ENABLED=true"
+        return None
+
+    def _check_rotatable(self) -> Any:
+        reason = self.rotation_unavailable()
+        if reason is not None:
+            raise RotationUnavailable(reason)
         return self.store
 
     async def rotate(self, name: str, actor: str, source: str, *, keep_connections: bool = False) -> str:

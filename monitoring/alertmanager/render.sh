@@ -69,17 +69,24 @@ render() {
     ' "$1" > "$2"
 }
 
+# A stack whose alerts reach nobody must not look healthy: no receiver, no Alertmanager
+# (the container restarts with this line in its log, and WSBridgeExporterDown shows it).
+if [ -z "${ALERTS_SNS_TOPIC_ARN:-}${ALERT_WEBHOOK_URL:-}${ALERT_SLACK_WEBHOOK_URL:-}${ALERT_EMAIL_TO:-}" ]; then
+    echo "render.sh: no alert receiver is configured: set ALERTS_SNS_TOPIC_ARN (Terraform's SNS topic)," \
+        "ALERT_WEBHOOK_URL, ALERT_SLACK_WEBHOOK_URL or ALERT_EMAIL_TO (monitoring/alertmanager/README.md)" >&2
+    exit 1
+fi
+if [ -z "${ALERT_DEADMANSSWITCH_URL:-}" ]; then
+    echo "render.sh: warning: ALERT_DEADMANSSWITCH_URL is not set: nothing outside this host notices" \
+        "when it stops sending the WSBridgeWatchdog heartbeat" >&2
+fi
+
 mkdir -p "$out/templates"
 render "$src/alertmanager.yml" "$out/alertmanager.yml"
 for template in "$src"/templates/*.tmpl; do
     [ -e "$template" ] || continue
     render "$template" "$out/templates/$(basename "$template")"
 done
-
-if [ -z "${ALERT_WEBHOOK_URL:-}${ALERT_SLACK_WEBHOOK_URL:-}${ALERT_EMAIL_TO:-}" ]; then
-    echo "render.sh: no alert receiver is configured (ALERT_WEBHOOK_URL, ALERT_SLACK_WEBHOOK_URL or ALERT_EMAIL_TO):" \
-        "alerts are only shown in Prometheus and Alertmanager" >&2
-fi
 
 if [ "$#" -gt 0 ]; then
     exec "$@"

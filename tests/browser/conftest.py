@@ -42,7 +42,12 @@ class Console:
         self.errors: list[str] = []
         self.dialogs: list[str] = []
 
-    def assert_clean(self) -> None:
+    def assert_clean(self, *expected_statuses: int) -> None:
+        """``expected_statuses``: error answers the test provoked (Chromium logs each as "Failed to load")."""
+        expected = tuple(f"the server responded with a status of {status} " for status in expected_statuses)
+        self.errors = [
+            e for e in self.errors if not (e.startswith("Failed to load resource") and any(x in e for x in expected))
+        ]
         assert not self.dialogs, f"a dialog opened (script ran): {self.dialogs}"
         violations = [e for e in self.errors if "Content Security Policy" in e or "Refused to" in e]
         assert not violations, f"CSP violations: {violations}"
@@ -76,6 +81,23 @@ def new_page(context, console):
 @pytest.fixture
 def page(new_page):
     return new_page()
+
+
+@pytest.fixture
+def page_with(chromium, console) -> Iterator:
+    """``page_with(**options)``: a watched page in a context of its own (a time zone, a color scheme...)."""
+    contexts = []
+
+    def open_page(**options):
+        context = chromium.new_context(**{"viewport": {"width": 1280, "height": 800}, **options})
+        contexts.append(context)
+        tab = context.new_page()
+        watch(tab, console)
+        return tab
+
+    yield open_page
+    for context in contexts:
+        context.close()
 
 
 def watch(page, console: Console) -> None:

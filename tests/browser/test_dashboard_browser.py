@@ -69,7 +69,7 @@ def test_filter_by_id_prefix_and_role(page, app, console, screenshot):
     with client(app, "alpha-1"), client(app, "alpha-2"), client(app, "beta-1"):
         sign_in(page, app)
         page.locator('#clients-table tr[data-client-id="beta-1"]').wait_for(timeout=ms(10))
-        page.get_by_label("Id starts with").fill("alpha")
+        page.get_by_label("Search id, address or group").fill("alpha")
         page.wait_for_function(
             "() => [...document.querySelectorAll('#clients-table tr[data-client-id]')]"
             ".every(r => r.dataset.clientId.startsWith('alpha'))",
@@ -81,7 +81,7 @@ def test_filter_by_id_prefix_and_role(page, app, console, screenshot):
         page.locator("#clients-table .empty").wait_for(timeout=ms(10))
         screenshot(page, "clients-filtered")
         page.reload()
-        assert page.get_by_label("Id starts with").input_value() == "alpha"
+        assert page.get_by_label("Search id, address or group").input_value() == "alpha"
         page.locator("#clients-table .empty").wait_for(timeout=ms(10))
     console.assert_clean()
 
@@ -210,7 +210,7 @@ def test_usable_on_a_phone(context, app, console, screenshot):
             page.locator('#clients-table tr[data-client-id="phone-1"]').wait_for(timeout=ms(10))
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 400, f"the page scrolls sideways on a phone ({width} px); only the table may"
-            assert page.get_by_label("Id starts with").is_visible()
+            assert page.get_by_label("Search id, address or group").is_visible()
             screenshot(page, "clients-phone")
     finally:
         phone.close()

@@ -97,3 +97,46 @@ def test_bulk_disconnect_of_selected_rows(page, app, console):
         page.locator('#clients-table tr[data-client-id="sel-0"]').wait_for(state="detached", timeout=ms(15))
         assert page.locator('#clients-table tr[data-client-id="sel-1"]').count() == 1
     console.assert_clean()
+
+
+def test_a_group_send_shows_how_many_received_it_and_an_offline_target_no_round_trip(page, app, console):
+    with contextlib.ExitStack() as stack:
+        for i in range(2):
+            stack.enter_context(
+                connect(f"{app.ws}/ws/grp-{i}?groups=team-a", additional_headers={"X-Auth-Token": CLIENT_TOKEN})
+            )
+        sign_in(page, app, "/admin/send")
+        page.get_by_label("Kind").select_option("group")
+        page.get_by_label("Client id or group").fill("team-a")
+        page.get_by_label("Message").fill("Regroup")
+        page.get_by_role("button", name="Send", exact=True).click()
+        row = page.locator("#sent-rows tr.status-delivered").first
+        row.wait_for(timeout=ms(15))
+        assert "to 2 clients" in row.inner_text()
+    page.get_by_label("Kind").select_option("client")
+    page.get_by_label("Client id or group").fill("nobody-home")
+    page.get_by_label("Message").fill("Hello?")
+    page.get_by_role("button", name="Send", exact=True).click()
+    offline = page.locator("#sent-rows tr.status-target_offline").first
+    offline.wait_for(timeout=ms(15))
+    assert offline.locator("td.num").inner_text().strip() == ""  # No round trip without a reply.
+    console.assert_clean()
+
+
+def test_a_client_page_follows_its_disconnect_and_its_return_live(page, app, console):
+    socket = connect(f"{app.ws}/ws/live-detail", additional_headers={"X-Auth-Token": CLIENT_TOKEN})
+    with socket:
+        sign_in(page, app, "/admin/client?id=live-detail")
+        page.locator("#client-live section.card h2", has_text="Connection on").wait_for(timeout=ms(10))
+        page.get_by_role("button", name="Disconnect").click()
+        page.get_by_text("Disconnected 1 connection").wait_for(timeout=ms(10))
+        # No reload: the connection card goes, the history gains the 4012 entry, the button leaves.
+        page.locator("#not-connected").wait_for(timeout=ms(15))
+        page.locator('#connect-history tr[data-close-code="4012"]').wait_for(timeout=ms(15))
+        assert page.get_by_role("button", name="Disconnect").count() == 0
+        assert page.locator("#client-live section.card h2", has_text="Connection on").count() == 0
+    with connect(f"{app.ws}/ws/live-detail", additional_headers={"X-Auth-Token": CLIENT_TOKEN}):
+        # It comes back: the stream says a connection came, and the page shows it.
+        page.locator("#client-live section.card h2", has_text="Connection on").wait_for(timeout=ms(15))
+        assert page.locator("#not-connected").count() == 0
+    console.assert_clean()

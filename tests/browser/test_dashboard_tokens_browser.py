@@ -61,3 +61,23 @@ def test_rotate_a_token_see_it_once_old_one_accepted_in_grace_then_evicted(
     page.reload()
     assert page.locator("#new-token").count() == 0  # Shown once.
     console.assert_clean()
+
+
+def test_rotate_keeping_connections_as_the_cli_offers(page, start_appliance, moto, console):
+    prefix = unique_prefix()
+    seed(moto.ssm(), prefix, SEED)
+    app = start_appliance(moto.appliance_env(prefix, TOKEN_ROTATION_ENABLED="true"), name="tok-keep")
+    page.goto(app.http + "/admin/tokens")
+    page.get_by_label("Admin or viewer token").fill(ADMIN_TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"/admin/tokens$"))
+    assert page.locator("#rotation-note").count() == 0  # SSM with rotation enabled: offered.
+    row = page.locator('tr[data-token="LLM_SECRET_TOKEN"]')
+    row.get_by_label("Type LLM_SECRET_TOKEN to rotate").fill("LLM_SECRET_TOKEN")
+    row.get_by_label("Keep connections opened with the old value").check()
+    row.get_by_role("button", name="Rotate").click()
+    page.locator("#new-token").wait_for(timeout=ms(10))
+    page.goto(app.http + "/admin/audit?action=token.rotate")
+    detail = page.locator("#audit tbody tr").first.inner_text()
+    assert "keep_connections=yes" in detail and "LLM_SECRET_TOKEN" in detail
+    console.assert_clean()

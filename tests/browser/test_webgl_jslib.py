@@ -11,14 +11,17 @@ downloaded at run time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import CLIENT_TOKEN, CONTROLLER_TOKEN, ROOT, timeout
 from websockets.sync.client import connect
+from websockets.sync.server import serve
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
 
@@ -113,4 +116,68 @@ def test_jslib_reports_a_refused_token_as_a_close_code(start_appliance, page):
     )
     page.wait_for_function("bridge.closes.length === 1", timeout=timeout(10) * 1000)
     assert page.evaluate("bridge.closes[0].code") == 4001
+    assert errors == []
+
+
+def test_jslib_stamps_what_a_hidden_tab_queues_and_bounds_the_queue(start_appliance, page):
+    """Issue 25 item 5: while the player loop does not run (a hidden tab) the plugin keeps receiving; each message's
+    wait is reported with it, and beyond WsBridge.maxQueued messages the socket is closed with 4008."""
+    page, errors = page
+    app = start_appliance({"ALLOWED_ORIGINS": "null"}, name="webgl-hidden")
+    page.evaluate(
+        "([url, token]) => startClient(url, ['wsbridge.v1', 'wsbridge.token.' + token])",
+        [f"{app.ws}/ws/webgl-3", CLIENT_TOKEN],
+    )
+    page.wait_for_function("bridge.connections === 1", timeout=timeout(10) * 1000)
+    page.evaluate("bridge.paused = true; WsBridge.maxQueued = 3")
+    queued = "WsBridge.sockets[bridge.socket].events"
+    with connect(f"{app.ws}/ws/webgl-llm", additional_headers={"X-Auth-Token": CONTROLLER_TOKEN}) as llm:
+        for text in ("first", "second"):
+            llm.send(json.dumps({"target": "webgl-3", "message": text}))
+        page.wait_for_function(f"{queued}.length === 2", timeout=timeout(10) * 1000)
+        # The tab stays hidden for at least 300 ms after the second message arrived.
+        page.wait_for_function(f"performance.now() - {queued}[1].at > 300", timeout=timeout(10) * 1000)
+        page.evaluate("bridge.paused = false")
+        page.wait_for_function("bridge.messages.length === 2", timeout=timeout(10) * 1000)
+        assert page.evaluate("bridge.messages") == ["first", "second"]
+        ages = page.evaluate("bridge.ages")
+        assert all(age >= 300 for age in ages), ages
+
+        # Hidden again: three more are kept, the fourth closes the socket (4008) instead of growing the queue.
+        page.evaluate("bridge.paused = true; bridge.stopped = true")
+        for number in range(4):
+            llm.send(json.dumps({"target": "webgl-3", "message": f"burst {number}"}))
+        page.wait_for_function(f"{queued}.some(event => event.text.charAt(0) === 'c')", timeout=timeout(10) * 1000)
+        assert page.evaluate(f"{queued}.length") == 4  # three messages and the close
+        page.evaluate("bridge.paused = false")
+        page.wait_for_function("bridge.closes.length === 1", timeout=timeout(10) * 1000)
+    assert page.evaluate("bridge.messages.slice(2)") == ["burst 0", "burst 1", "burst 2"]
+    assert page.evaluate("bridge.closes[0].code") == 4008
+    assert errors == []
+
+
+def test_jslib_decodes_a_binary_message_as_text_like_the_desktop_transport(page):
+    """Issue 25 item 10: ClientWebSocket's transport reads a binary message as UTF-8 text; the plugin dropped it."""
+    page, errors = page
+
+    def binary_then_text(ws) -> None:
+        ws.send("héllo 🎮".encode())  # bytes: a binary frame
+        ws.send("text")
+        with contextlib.suppress(Exception):
+            ws.recv(timeout=timeout(10))
+
+    with serve(binary_then_text, "127.0.0.1", 0, subprotocols=["wsbridge.v1"]) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            port = server.socket.getsockname()[1]
+            page.evaluate(
+                "([url]) => { bridge.stopped = true; startClient(url, ['wsbridge.v1', 'wsbridge.token.t']); }",
+                [f"ws://127.0.0.1:{port}/ws/webgl-binary"],
+            )
+            page.wait_for_function("bridge.messages.length === 2", timeout=timeout(10) * 1000)
+            assert page.evaluate("bridge.messages") == ["héllo 🎮", "text"]
+        finally:
+            server.shutdown()
+            thread.join(timeout(10))
     assert errors == []

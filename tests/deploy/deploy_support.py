@@ -9,6 +9,8 @@ never a skip: these tests are the only check the deployment files get.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 import socket
@@ -153,6 +155,17 @@ class Terraform:
             self.providers,
         )
 
+    def refusals(self, name: str, value: Any) -> list[str]:
+        """The error messages of var.<name>'s validation blocks that refuse ``value`` (none: accepted)."""
+        refused = []
+        for validation in self.variables[name].get("validation", []):
+            code = _python_of_hcl(validation["condition"])
+            namespace = {**_HCL_FUNCTIONS, "_can": _can, "V": {name: value}}
+            # eval of our own translation of variables.tf, never of outside input.
+            if not eval(code, namespace):
+                refused.append(validation["error_message"])
+        return refused
+
     def resolve(self, text: str) -> str:
         """Substitute ``${var.x}`` (defaults) and ``${local.x}`` (string locals) in a string."""
 
@@ -168,6 +181,65 @@ class Terraform:
 
         text = re.sub(r'\$\{trim\(((?:var|local)\.[a-z_]+), "(.)"\)\}', trim, text)
         return re.sub(r"\$\{(var|local)\.([a-z_]+)\}", substitute, text)
+
+
+_HCL_FUNCTIONS: dict[str, Any] = {
+    "regex": lambda pattern, text: re.search(pattern, text) or (_ for _ in ()).throw(ValueError(pattern)),
+    "cidrhost": lambda cidr, number: ipaddress.IPv4Network(cidr, strict=False)[number],
+    "contains": lambda items, item: item in items,
+    "endswith": lambda text, suffix: text.endswith(suffix),
+    "lower": lambda text: text.lower(),
+    "length": len,
+    "alltrue": all,
+    "floor": math.floor,
+}
+
+
+def _can(thunk: Any) -> bool:
+    try:
+        thunk()
+    except Exception:
+        return False
+    return True
+
+
+def _python_of_hcl(expression: str) -> str:
+    """The few HCL forms variables.tf's validation conditions use, as a Python expression.
+
+    Terraform cannot run here: this evaluates the shipped conditions themselves (their
+    regular expressions, comparisons and list checks), so a wrong word in one of them
+    changes what the tests see. A form it does not know raises, never passes.
+    """
+    body = expression.strip()
+    assert body.startswith("${") and body.endswith("}"), body
+    body = body[2:-1]
+    strings: list[str] = []
+
+    def hide(match: re.Match[str]) -> str:
+        strings.append(match.group(0))
+        return f"__s{len(strings) - 1}__"
+
+    body = re.sub(r'"(?:[^"\\]|\\.)*"', hide, body)
+    # [for x in xs : body] -> [body for x in xs]
+    while (start := body.find("[for ")) >= 0:
+        depth, end = 0, start
+        for end in range(start, len(body)):
+            depth += {"[": 1, "]": -1}.get(body[end], 0)
+            if depth == 0:
+                break
+        match = re.fullmatch(r"\[for (\w+) in ([^:]+) : (.*)\]", body[start : end + 1], re.DOTALL)
+        assert match, body
+        body = body[:start] + f"[({match.group(3)}) for {match.group(1)} in {match.group(2)}]" + body[end + 1 :]
+    body = re.sub(r"\bvar\.(\w+)", r"V['\1']", body)
+    body = body.replace("&&", " and ").replace("||", " or ")
+    body = re.sub(r"!(?!=)", " not ", body)
+    body = re.sub(r"\bnull\b", "None", body)
+    body = re.sub(r"\bcan\(", "_can(lambda: ", body)
+    unknown = set(re.findall(r"\b(\w+)\(", body)) - set(_HCL_FUNCTIONS) - {"_can", "lambda"}
+    assert not unknown, f"teach _python_of_hcl these functions: {unknown}"
+    for index, literal in enumerate(strings):
+        body = body.replace(f"__s{index}__", literal)
+    return body
 
 
 def load_terraform(directory: Path = TERRAFORM_DIR) -> Terraform:
@@ -245,12 +317,15 @@ def names_of(terraform: Terraform) -> TerraformNames:
     )
 
 
-def ansible_inventory(terraform: Terraform) -> dict[str, Any]:
+def ansible_inventory(terraform: Terraform, applied: dict[str, str] | None = None) -> dict[str, Any]:
     """What ``terraform output -json ansible_inventory`` prints, with the variables' defaults.
 
     Terraform cannot run here, so the output's expression is evaluated for the few
     forms it uses (variables, the common tags, string templates, one conditional).
+    ``applied`` gives the attributes only an apply knows (``aws_sns_topic.alerts.arn``
+    to an ARN); references without one stay as written.
     """
+    applied = applied or {}
     value = terraform.outputs["ansible_inventory"]["value"]
     tags = {f"local.common_tags.{key}": tag for key, tag in names_of(terraform).tags.items()}
 
@@ -276,7 +351,7 @@ def ansible_inventory(terraform: Terraform) -> dict[str, Any]:
             if expression.startswith("[") and expression.endswith("]"):
                 return [evaluate("${" + part.strip() + "}") for part in expression[1:-1].split(",")]
             raise AssertionError(f"teach the test this expression: {expression}")
-        for reference, tag in tags.items():
+        for reference, tag in {**tags, **applied}.items():
             node = node.replace("${" + reference + "}", tag)
         return terraform.resolve(node)
 

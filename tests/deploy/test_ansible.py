@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -210,11 +211,11 @@ def test_every_compose_task_uses_the_installed_compose_file_and_every_source_exi
     assert compose_file == "docker-compose.yml"
     for path in [*variables["appliance_build_context"], *variables["appliance_config_dirs"]]:
         assert (ANSIBLE_DIR.parent / path).exists(), f"the role copies {path}, which the checkout lacks"
-    # Removed files are removed on the host too.
-    (mirror,) = [
-        t for t in tasks if t.get("loop") == "{{ appliance_config_dirs }}" and "ansible.posix.synchronize" in t
-    ]
-    assert mirror["ansible.posix.synchronize"]["delete"] is True
+    # One transfer (the SSH rate limit, test_the_play_fits_the_ssh_rate_limit...), and
+    # removed files are removed on the host too.
+    (mirror,) = [t for t in tasks if "ansible.posix.synchronize" in t]
+    assert "loop" not in mirror and mirror["ansible.posix.synchronize"]["delete"] is True
+    assert mirror["ansible.posix.synchronize"]["rsync_opts"] == "{{ appliance_transfer_filters }}"
     # The image tag names the source: a failed build is retried, never an old image kept.
     env_template = (ANSIBLE_DIR / "roles" / "appliance" / "templates" / "env.j2").read_text()
     assert "WSBRIDGE_VERSION={{ appliance_version }}-{{ appliance_source_hash.stdout }}" in env_template
@@ -293,6 +294,7 @@ def render_templates(tmp_path: Path, root: Path) -> dict[str, Any]:
         "appliance_install_dir": str(install_dir),
         "appliance_domain": "bridge.test.example",
         "appliance_acme_email": "ops@test.example",
+        "appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts",
         "appliance_source_hash": {"stdout": "0123456789ab"},
         "appliance_secrets": {"ALERT_WEBHOOK_URL": "https://hooks.test.example/alerts", "REDIS_PASSWORD": "r"},
         "appliance_compose_file": "docker-compose.yml",
@@ -359,7 +361,16 @@ def test_the_sshd_configuration_passes_sshd_t_and_applies_the_crypto_policy(rend
     assert checked.returncode == 0, checked.stderr
 
 
-DOCKERD_KEYS = {"log-driver", "log-opts", "live-restore", "no-new-privileges", "userland-proxy", "icc", "ipv6"}
+DOCKERD_KEYS = {
+    "log-driver",
+    "log-opts",
+    "live-restore",
+    "no-new-privileges",
+    "userland-proxy",
+    "icc",
+    "ipv6",
+    "data-root",
+}
 
 
 def test_daemon_json_is_json_with_keys_dockerd_knows(rendered: Path) -> None:
@@ -406,10 +417,13 @@ def test_the_remaining_templates_parse(rendered: Path) -> None:
 # ignore_errors: "{{ ansible_check_mode }}"). Anything else is a real error.
 MISSING_PREREQUISITE = re.compile(
     r"Could not find the requested service|Failed to find required executable|"
-    r"Failed to import the required Python library|No package matching|group .* does not exist"
+    r"Failed to import the required Python library|No package matching|group .* does not exist|"
+    # systemd_service needs systemd as PID 1, which the hosts have and a test container lacks.
+    r"System has not been booted with systemd as init system"
 )
 
 
+@pytest.mark.timeout(600)  # every task of two roles: ~1 min quiet, 4 min on a busy 2-core machine
 def test_the_host_roles_run_in_check_mode_against_this_machine(tmp_path: Path) -> None:
     result = run(
         ["ansible-playbook", "-i", "localhost,", str(Path(__file__).with_name("check_mode.yml")), "--check", "--diff"],
@@ -421,7 +435,7 @@ def test_the_host_roles_run_in_check_mode_against_this_machine(tmp_path: Path) -
             "ANSIBLE_DISPLAY_SKIPPED_HOSTS": "1",
         },
         check=False,
-        timeout=300,
+        timeout=500,
     )
     output = json.loads(result.stdout)
     stats = output["stats"]["localhost"]
@@ -439,6 +453,7 @@ def test_the_host_roles_run_in_check_mode_against_this_machine(tmp_path: Path) -
         for role in ("base", "docker")
         for path in (ANSIBLE_DIR / "roles" / role / "tasks").glob("*.yml")
         for task in flatten(load(path) or [])
+        if "ansible.builtin.import_tasks" not in task  # a static import is its tasks
     }
     # Every task ran (or was skipped by its condition, which the output lists too).
     assert expected <= executed, expected - executed
@@ -538,3 +553,416 @@ def test_a_failed_first_certificate_is_requested_again_automatically() -> None:
     assert again["ansible.builtin.uri"]["validate_certs"] is True
     docs = (ANSIBLE_DIR.parent / "docs" / "deploy.md").read_text()
     assert "### When the first certificate fails (ACME)" in docs
+
+
+# --- Inputs refused before anything changes -------------------------------------------------------
+
+VALIDATE = """
+- name: Run the appliance role's input checks.
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Run the appliance role's input checks.
+      ansible.builtin.include_role:
+        name: appliance
+        tasks_from: validate
+"""
+GOOD_INPUTS = {
+    "appliance_domain": "bridge.wsbridge-ops.net",
+    "appliance_acme_email": "ops@wsbridge-ops.net",
+    "appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted"),
+    [
+        ({}, True),
+        ({"appliance_acme_email": "ops@example.com"}, False),  # Let's Encrypt: "forbidden domain"
+        ({"appliance_acme_email": "Ops@Example.ORG"}, False),
+        ({"appliance_acme_email": "ops@example-corp.com"}, True),
+        ({"appliance_domain": "bridge.example.com"}, False),
+        ({"appliance_domain": "bridge.test.example"}, False),
+        ({"appliance_alerts_sns_topic_arn": ""}, False),  # no receiver
+        ({"appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:123456789012:x"}, False),  # the example's
+    ],
+)
+def test_the_play_refuses_example_names_and_a_missing_alerts_topic(
+    change: dict[str, str], accepted: bool, tmp_path: Path
+) -> None:
+    playbook = tmp_path / "validate.yml"
+    playbook.write_text(VALIDATE)
+    result = run(
+        ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps({**GOOD_INPUTS, **change})],
+        cwd=ANSIBLE_DIR,
+        env=ansible_env(tmp_path),
+        check=False,
+    )
+    assert (result.returncode == 0) == accepted, result.stdout[-3000:]
+    if not accepted:
+        assert "must be" in result.stdout, result.stdout[-3000:]
+    # The checks run before the role changes anything on the host.
+    (first,) = load(ANSIBLE_DIR / "roles" / "appliance" / "tasks" / "main.yml")[:1]
+    assert first["ansible.builtin.import_tasks"] == "validate.yml"
+
+
+def test_the_static_example_inventory_is_refused_until_edited(tmp_path: Path) -> None:
+    """Its placeholders (an example e-mail, an example account's topic) must not reach Let's Encrypt or SNS."""
+    hostvars = load(ANSIBLE_DIR / "inventory" / "static.example.yml")["all"]["children"]["wsbridge"]["hosts"]
+    (host,) = hostvars.values()
+    playbook = tmp_path / "validate.yml"
+    playbook.write_text(VALIDATE)
+    for name in ("appliance_acme_email", "appliance_alerts_sns_topic_arn"):
+        values = {**GOOD_INPUTS, name: host[name]}
+        result = run(
+            ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps(values)],
+            cwd=ANSIBLE_DIR,
+            env=ansible_env(tmp_path),
+            check=False,
+        )
+        assert result.returncode != 0, name
+
+
+def test_the_alerts_topic_and_region_reach_the_stacks_environment(rendered: Path) -> None:
+    env = dict(
+        line.split("=", 1)
+        for line in (rendered / "opt/wsbridge/.env").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert env["ALERTS_SNS_TOPIC_ARN"] == "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts"
+    assert env["AWS_REGION"] == "eu-central-1"
+
+
+def test_unattended_upgrades_cover_dockers_repository(rendered: Path) -> None:
+    config = rendered / "etc/apt/apt.conf.d/52wsbridge-docker-upgrades"
+    # apt itself reads the file (the role validates it the same way).
+    result = subprocess.run(["apt-config", "-c", str(config), "dump"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    patterns = re.findall(r'^Unattended-Upgrade::Origins-Pattern:: "(.*)";$', result.stdout, re.MULTILINE)
+    # Docker's Release file says Origin: Docker, Label: Docker CE.
+    assert "origin=Docker,label=Docker CE" in patterns, patterns
+
+
+def test_docker_keeps_its_data_on_the_data_volume_the_base_role_mounts() -> None:
+    group_vars = load(ANSIBLE_DIR / "group_vars" / "wsbridge" / "main.yml")
+    assert group_vars["docker_data_root"] == "{{ base_data_mount }}/docker"
+    base_tasks = role_tasks("base")
+    (mount,) = [t for t in base_tasks if "ansible.posix.mount" in t]
+    assert mount["ansible.posix.mount"]["path"] == "{{ base_data_mount }}"
+    assert mount["ansible.posix.mount"]["state"] == "mounted"
+    assert "nofail" in mount["ansible.posix.mount"]["opts"]
+    (filesystem,) = [t for t in base_tasks if "community.general.filesystem" in t]
+    # Never forced: an existing filesystem (the data of a replaced host) is kept.
+    assert not filesystem["community.general.filesystem"].get("force")
+    variables = load(ANSIBLE_DIR / "roles" / "base" / "vars" / "main.yml")
+    assert variables["base_data_device"].startswith("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_")
+    # The base role runs before Docker is installed, so the data root exists first.
+    plays = load(ANSIBLE_DIR / "site.yml")
+    (provision,) = [play for play in plays if play["hosts"] == "wsbridge"]
+    roles = [entry["role"] for entry in provision["roles"]]
+    assert roles.index("base") < roles.index("docker")
+
+
+def test_daemon_json_with_the_awslogs_driver_and_a_data_root_is_valid(tmp_path: Path) -> None:
+    template = ANSIBLE_DIR / "roles" / "docker" / "templates" / "daemon.json.j2"
+    dest = tmp_path / "daemon.json"
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(
+        RENDER.format(
+            vars_files=json.dumps([str(ANSIBLE_DIR / "roles" / "docker" / "defaults" / "main.yml")]),
+            tasks=json.dumps(
+                [{"name": "Render.", "ansible.builtin.template": {"src": str(template), "dest": str(dest)}}]
+            ),
+        )
+    )
+    extra = {"docker_awslogs": True, "docker_awslogs_group": "/websocket-bridge/prod/containers"}
+    extra["docker_data_root"] = "/srv/wsbridge/docker"
+    run(
+        ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps(extra)],
+        env=ansible_env(tmp_path),
+        cwd=ANSIBLE_DIR,
+    )
+    config = json.loads(dest.read_text())
+    assert set(config) <= DOCKERD_KEYS, set(config) - DOCKERD_KEYS
+    assert config["data-root"] == "/srv/wsbridge/docker"
+    assert config["log-driver"] == "awslogs"
+    assert config["log-opts"]["awslogs-group"] == "/websocket-bridge/prod/containers"
+    assert config["log-opts"]["awslogs-region"] == "eu-central-1"
+    # Docker's own template, not Jinja's, names the stream; CloudWatch must not block containers.
+    assert config["log-opts"]["tag"] == "{{.Name}}" and config["log-opts"]["mode"] == "non-blocking"
+
+
+# --- The play's SSH connections against the real ufw rules of the base role ----------------------
+
+
+def play_ssh_connections() -> int:
+    """New SSH connections one run of site.yml opens to the host, read from the shipped files.
+
+    Ansible's own tasks share one multiplexed connection (ControlMaster/ControlPersist
+    in ansible.cfg); every synchronize call opens one more of its own (ansible.posix
+    passes ``-S none`` to ssh unless ssh_connection_multiplexing is set), once per loop
+    item. Tasks delegated to the controller open none.
+    """
+    import configparser
+
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(ANSIBLE_DIR / "ansible.cfg")
+    ssh_args = config["ssh_connection"]["ssh_args"]
+    assert "ControlMaster=auto" in ssh_args and "ControlPersist=" in ssh_args, "every task would be a connection"
+    variables = {}
+    for role in ROLES:
+        for path in (ANSIBLE_DIR / "roles" / role / "vars").glob("main.yml"):
+            variables.update(load(path) or {})
+    connections = 1
+    for role in ROLES:
+        for task in role_tasks(role):
+            if "ansible.posix.synchronize" not in task or task.get("delegate_to") == "localhost":
+                continue
+            if task["ansible.posix.synchronize"].get("ssh_connection_multiplexing"):
+                continue
+            loop = task.get("loop")
+            if loop is None:
+                connections += 1
+                continue
+            match = re.fullmatch(r"\{\{ (\w+) \}\}", loop) if isinstance(loop, str) else None
+            connections += len(variables[match.group(1)] if match else loop)
+    return connections
+
+
+FIREWALL_PLAY = """
+- name: Apply the base role's firewall.
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Apply the base role's firewall.
+      ansible.builtin.include_role:
+        name: base
+        tasks_from: firewall
+"""
+
+# Runs as root inside `unshare --net --mount`: a host namespace with the role's ufw rules,
+# and an operator namespace joined to it by a veth pair. This machine's own firewall and
+# /etc/ufw are never touched (private copies are bind-mounted over them).
+NAMESPACES = r"""
+set -euo pipefail
+mount --make-rprivate /
+cp -a /etc/ufw "$WORK/etc-ufw" && mount --bind "$WORK/etc-ufw" /etc/ufw
+cp -a /etc/default/ufw "$WORK/default-ufw" && mount --bind "$WORK/default-ufw" /etc/default/ufw
+ip link set lo up
+unshare --net sleep 300 &
+OPERATOR=$!
+trap 'kill $OPERATOR $LISTENER 2>/dev/null || true' EXIT
+LISTENER=
+until [ "$(readlink /proc/$OPERATOR/ns/net)" != "$(readlink /proc/self/ns/net)" ]; do sleep 0.05; done
+ip link add wsb-host type veth peer name wsb-op netns "$OPERATOR"
+ip addr add 192.0.2.1/24 dev wsb-host && ip link set wsb-host up
+nsenter --net=/proc/$OPERATOR/ns/net sh -c 'ip link set lo up && ip addr add 192.0.2.2/24 dev wsb-op && ip link set wsb-op up'
+ansible-playbook -i localhost, "$WORK/firewall.yml" > "$WORK/ansible.log" 2>&1 || { cat "$WORK/ansible.log"; exit 3; }
+python3 "$WORK/listen.py" 192.0.2.1 "$SSH_PORT" "$WORK/listening" &
+LISTENER=$!
+until [ -e "$WORK/listening" ]; do sleep 0.05; done
+nsenter --net=/proc/$OPERATOR/ns/net python3 "$WORK/connect.py" 192.0.2.1 "$SSH_PORT" "$ATTEMPTS"
+"""
+LISTEN = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=64)
+open(sys.argv[3], "w").close()
+while True:
+    connection, _ = server.accept()
+    connection.close()
+"""
+CONNECT = """
+import json, socket, sys, time
+outcomes = []
+start = time.monotonic()
+for _ in range(int(sys.argv[3])):
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+        outcomes.append("ok")
+    except OSError as error:
+        outcomes.append(type(error).__name__)
+print(json.dumps({"outcomes": outcomes, "seconds": time.monotonic() - start}))
+"""
+
+
+def test_the_play_fits_the_ssh_rate_limit_of_the_real_ufw_rules(tmp_path: Path) -> None:
+    ufw = shutil.which("ufw") or "/usr/sbin/ufw"
+    assert Path(ufw).exists(), "ufw is missing: tools/apt/deploy.txt installs it"
+    connections = play_ssh_connections()
+    (tmp_path / "firewall.yml").write_text(FIREWALL_PLAY)
+    (tmp_path / "listen.py").write_text(LISTEN)
+    (tmp_path / "connect.py").write_text(CONNECT)
+    defaults = load(ANSIBLE_DIR / "roles" / "base" / "defaults" / "main.yml")
+    env = {
+        **ansible_env(tmp_path),
+        "WORK": str(tmp_path),
+        "SSH_PORT": str(defaults["base_ssh_port"]),
+        "ATTEMPTS": str(connections + 8),
+        "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
+    }
+    env["PATH"] = env["PATH"] + ":/usr/sbin:/sbin"
+    result = run(
+        ["unshare", "--net", "--mount", "--fork", "bash", "-c", NAMESPACES],
+        env=env,
+        cwd=ANSIBLE_DIR,
+        check=False,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    outcomes = report["outcomes"]
+    assert report["seconds"] < 25, f"too slow to be inside ufw's 30 s window: {report}"
+    # The play's own connections all get through...
+    refused = [number for number, outcome in enumerate(outcomes[:connections], 1) if outcome != "ok"]
+    assert not refused, f"ufw refuses the play's SSH connections {refused} of {connections}: {outcomes}"
+    # ...and the rate limit is still there: the sixth new connection within 30 s is refused.
+    assert outcomes[:5] == ["ok"] * 5 and outcomes[5] != "ok", outcomes
+
+
+def test_the_one_transfer_mirrors_the_checkout_and_leaves_the_hosts_own_files(tmp_path: Path) -> None:
+    """The role's transfer task with the real rsync (synchronize runs it locally here)."""
+    assert shutil.which("rsync"), "rsync is missing: tools/apt/deploy.txt installs it"
+    install = tmp_path / "opt"
+    (install / "secrets").mkdir(parents=True)
+    (install / "secrets" / "redis_password").write_text("kept")
+    (install / ".env").write_text("KEPT=1\n")
+    (install / "monitoring").mkdir()
+    (install / "monitoring" / "removed-upstream.yml").write_text("stale")
+    playbook = tmp_path / "transfer.yml"
+    playbook.write_text(
+        FIREWALL_PLAY.replace("Apply the base role's firewall.", "Mirror the checkout.")
+        .replace("name: base", "name: appliance")
+        .replace("tasks_from: firewall", "tasks_from: transfer")
+        .replace(
+            "gather_facts: false",
+            "gather_facts: false\n  vars_files: [" + str(ANSIBLE_DIR / "roles/appliance/vars/main.yml") + "]",
+        )
+    )
+    env = {
+        **ansible_env(tmp_path),
+        "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+        "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
+    }
+    extra = json.dumps({"appliance_source_dir": str(ANSIBLE_DIR.parent), "appliance_install_dir": str(install)})
+
+    def transfer() -> dict[str, Any]:
+        result = run(
+            ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", extra], env=env, cwd=ANSIBLE_DIR, check=False
+        )
+        tasks = json.loads(result.stdout)["plays"][0]["tasks"]
+        return {task["task"]["name"].split(" : ", 1)[-1]: task["hosts"]["localhost"] for task in tasks}
+
+    first = transfer()
+    # The handler ran (and failed: no Docker here), so a changed monitoring/ restarts its services.
+    failed = [name for name, outcome in first.items() if outcome.get("failed")]
+    assert failed == ["Restart the monitoring services."], failed
+    variables = load(ANSIBLE_DIR / "roles" / "appliance" / "vars" / "main.yml")
+    for item in [*variables["appliance_build_context"], *variables["appliance_config_dirs"]]:
+        assert (install / item).exists(), item
+    assert (install / "monitoring" / "prometheus.yml").read_bytes() == (
+        ANSIBLE_DIR.parent / "monitoring" / "prometheus.yml"
+    ).read_bytes()
+    assert not (install / "monitoring" / "removed-upstream.yml").exists(), "removed files stay on the host"
+    assert (install / ".env").read_text() == "KEPT=1\n" and (install / "secrets" / "redis_password").exists()
+    assert not list(install.rglob("__pycache__")) and not list(install.rglob("*.pyc"))
+    assert not (install / "tests").exists() and not (install / "terraform").exists(), "only the listed items"
+    note = next(outcome for name, outcome in first.items() if name.startswith("Note whether the monitoring"))
+    transferred = next(outcome for name, outcome in first.items() if name.startswith("Ensure the build context"))
+    assert note["changed"] is True, f"a changed monitoring/ restarts its services: {transferred['stdout_lines'][:8]}"
+    # A second run changes nothing, and restarts nothing.
+    second = transfer()
+    assert not any(outcome.get("changed") for outcome in second.values()), second
+
+
+# --- Only the appliance's network reaches the instance metadata service -----------------------------
+
+# A host namespace routing between three others: a container on the allowed network, a
+# container on another network, and the metadata service at 169.254.169.254. Docker's
+# part (the DOCKER-USER chain, jumped to first from FORWARD) is created as dockerd
+# creates it; the rules in it are the role's own script, rendered by Ansible.
+GUARD = r"""
+set -euo pipefail
+ip link set lo up
+echo 1 > /proc/sys/net/ipv4/ip_forward
+iptables -w -N DOCKER-USER && iptables -w -A DOCKER-USER -j RETURN && iptables -w -I FORWARD -j DOCKER-USER
+PIDS=
+trap 'kill $PIDS 2>/dev/null || true' EXIT
+spawn() {  # name, host address/prefix, its address/prefix, gateway
+  unshare --net sleep 300 & local pid=$!
+  PIDS="$PIDS $pid"
+  until [ "$(readlink /proc/$pid/ns/net)" != "$(readlink /proc/self/ns/net)" ]; do sleep 0.05; done
+  ip link add "h-$1" type veth peer name "c-$1" netns "$pid"
+  ip addr add "$2" dev "h-$1" && ip link set "h-$1" up
+  nsenter --net=/proc/$pid/ns/net sh -c "ip link set lo up && ip addr add $3 dev c-$1 && ip link set c-$1 up && ip route add default via $4"
+  eval "PID_$1=$pid"
+}
+spawn allowed 172.30.254.1/24 172.30.254.2/24 172.30.254.1
+spawn other 172.30.1.1/24 172.30.1.2/24 172.30.1.1
+spawn imds 169.254.169.1/24 169.254.169.254/24 169.254.169.1
+nsenter --net=/proc/$PID_imds/ns/net python3 "$WORK/listen.py" 169.254.169.254 80 "$WORK/listening" &
+PIDS="$PIDS $!"
+until [ -e "$WORK/listening" ]; do sleep 0.05; done
+sh "$WORK/guard.sh"
+sh "$WORK/guard.sh"  # again, as after a restart of Docker: the same rules, once
+iptables -w -S DOCKER-USER > "$WORK/docker-user.rules"
+for who in allowed other; do
+  pid=$(eval echo \$PID_$who)
+  printf '%s ' "$who"
+  nsenter --net=/proc/$pid/ns/net python3 "$WORK/connect.py" 169.254.169.254 80 1
+done
+"""
+
+
+def test_only_the_allowed_network_reaches_the_instance_metadata_service(tmp_path: Path) -> None:
+    assert shutil.which("iptables") or Path("/usr/sbin/iptables").exists(), "tools/apt/deploy.txt installs iptables"
+    template = ANSIBLE_DIR / "roles" / "docker" / "templates" / "metadata-guard.sh.j2"
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(
+        RENDER.format(
+            vars_files=json.dumps([str(ANSIBLE_DIR / "roles" / "docker" / "defaults" / "main.yml")]),
+            tasks=json.dumps(
+                [
+                    {
+                        "name": "Render.",
+                        "ansible.builtin.template": {"src": str(template), "dest": str(tmp_path / "guard.sh")},
+                    }
+                ]
+            ),
+        )
+    )
+    run(["ansible-playbook", "-i", "localhost,", str(playbook)], env=ansible_env(tmp_path), cwd=ANSIBLE_DIR)
+    (tmp_path / "listen.py").write_text(LISTEN)
+    (tmp_path / "connect.py").write_text(CONNECT)
+    env = {**os.environ, "WORK": str(tmp_path), "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"}
+    result = run(["unshare", "--net", "--fork", "bash", "-c", GUARD], env=env, check=False, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outcomes = {
+        line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])["outcomes"][0]
+        for line in result.stdout.splitlines()
+        if line.startswith(("allowed ", "other "))
+    }
+    assert outcomes == {"allowed": "ok", "other": "ConnectionRefusedError"}, outcomes
+    jumps = [rule for rule in (tmp_path / "docker-user.rules").read_text().splitlines() if "WSBRIDGE-METADATA" in rule]
+    assert len(jumps) == 1, jumps
+
+
+def test_the_allowed_network_is_the_compose_files_aws_network_and_only_aws_clients_use_it() -> None:
+    compose = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())
+    allowed = load(ANSIBLE_DIR / "roles" / "docker" / "defaults" / "main.yml")["docker_metadata_allowed_cidrs"]
+    subnets = [entry["subnet"] for entry in compose["networks"]["aws"]["ipam"]["config"]]
+    assert subnets == allowed
+    members = {name for name, service in compose["services"].items() if "aws" in (service.get("networks") or {})}
+    # The appliance reads SSM, Alertmanager publishes to SNS: nothing else holds the instance role.
+    assert members == {"appliance", "alertmanager"}, members
+    for name in members:
+        networks = compose["services"][name]["networks"]
+        priorities = {key: (value or {}).get("gw_priority", 0) for key, value in networks.items()}
+        # Their way out (and so their packets to 169.254.169.254) is the aws network.
+        assert max(priorities, key=lambda key: priorities[key]) == "aws" and priorities["aws"] > 0, priorities
+    # The instance still lets containers reach it (two hops): the guard decides which.
+    tasks = role_tasks("docker")
+    assert any(t.get("ansible.builtin.systemd_service", {}).get("name") == "wsbridge-metadata-guard" for t in tasks)
+    unit = (ANSIBLE_DIR / "roles" / "docker" / "templates" / "wsbridge-metadata-guard.service.j2").read_text()
+    assert "WantedBy=docker.service" in unit and "PartOf=docker.service" in unit

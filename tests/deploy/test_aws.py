@@ -91,6 +91,10 @@ def aws(moto: Moto, terraform_names: TerraformNames) -> dict[str, Any]:
 
 
 DOMAIN = "bridge.test.example"
+ACME_EMAIL = "ops@wsbridge-ops.net"
+TOPIC_ARN = "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts"
+# What only `terraform apply` knows, as its output would say it.
+APPLIED = {"aws_sns_topic.alerts.arn": TOPIC_ARN, "aws_ebs_volume.data.id": "vol-0a1b2c3d4e5f60718"}
 TOKENS = ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN")
 
 
@@ -98,7 +102,8 @@ TOKENS = ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN")
 def inventory_file(terraform: Terraform, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`terraform output -json ansible_inventory > inventory/wsbridge.aws_ec2.yml`, for the tfvars example."""
     path = tmp_path_factory.mktemp("inventory") / "wsbridge.aws_ec2.yml"
-    path.write_text(json.dumps(ansible_inventory(terraform.with_values(domain_name=DOMAIN))))
+    values = terraform.with_values(domain_name=DOMAIN, acme_email=ACME_EMAIL)
+    path.write_text(json.dumps(ansible_inventory(values, applied=APPLIED)))
     return path
 
 
@@ -136,6 +141,11 @@ def test_the_inventory_plugin_finds_the_host_terraform_created(
     assert hostvars["appliance_aws_region"] == terraform_names.region
     assert hostvars["appliance_ssm_parameter_prefix"] == terraform_names.parameter_prefix
     assert hostvars["appliance_token_rotation"] is False
+    # The play's required inputs, and the data volume the base role mounts.
+    assert hostvars["appliance_acme_email"] == ACME_EMAIL
+    assert hostvars["appliance_alerts_sns_topic_arn"] == TOPIC_ARN
+    assert hostvars["base_data_volume_id"] == "vol-0a1b2c3d4e5f60718"
+    assert hostvars["docker_awslogs"] is False
 
 
 def test_ansible_cfg_reads_the_inventory_file_terraform_output_is_written_to() -> None:
@@ -216,7 +226,8 @@ def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True)
         "appliance_file_owner": getpass.getuser(),
         "appliance_file_group": grp.getgrgid(os.getgid()).gr_name,
         "appliance_domain": DOMAIN,
-        "appliance_acme_email": "ops@test.example",
+        "appliance_acme_email": ACME_EMAIL,
+        "appliance_alerts_sns_topic_arn": TOPIC_ARN,
         "appliance_source_hash": {"stdout": "0123456789ab"},
     }
     return ansible(
@@ -255,6 +266,7 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
         assert value not in env_file.read_text()
     assert not set(TOKENS) & set(values)
     assert values["AWS_REGION"] == terraform_names.region
+    assert values["ALERTS_SNS_TOPIC_ARN"] == TOPIC_ARN
     assert values["SSM_PREFIX"] == terraform_names.parameter_prefix
     assert values["WSBRIDGE_VERSION"].endswith("-0123456789ab")
     secrets = install_dir / "secrets"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from deploy_support import COMPOSE_FILE, DEV_COMPOSE_FILE, ROOT, compose_config
+from traefik_config import static_flags
 
 # A bcrypt htpasswd line: the `$` in it must survive .env and compose interpolation.
 BASIC_AUTH = "ops:$2y$05$abcdefghijklmnopqrstuu5cU0zJqN6Tj8m8oGd3n2ZqO3G8yq1Vy"
@@ -165,14 +166,18 @@ def test_traefik_redirects_http_to_https_and_gets_certificates_from_lets_encrypt
     assert sorted(int(port["published"]) for port in services["traefik"]["ports"]) == [80, 443, 8443]
 
 
-def test_only_the_websocket_entrypoint_has_no_read_timeout(services: dict[str, Any]) -> None:
-    command = services["traefik"]["command"]
-    no_timeout = {
-        match.group(1)
-        for arg in command
-        if (match := re.fullmatch(r"--entrypoints\.(\w+)\.transport\.respondingtimeouts\.readtimeout=0s?", arg))
+def test_every_entrypoint_bounds_how_long_a_request_may_take_to_arrive(services: dict[str, Any]) -> None:
+    """No readTimeout=0 (slow headers held open for ever); :443 is short, as a header timeout.
+
+    That it does not cut an upgraded WebSocket is shown by the real Traefik (test_traefik.py).
+    """
+    flags = static_flags(services["traefik"]["command"])
+    timeouts = {
+        match.group(1): value
+        for key, value in flags.items()
+        if (match := re.fullmatch(r"entrypoints\.(\w+)\.transport\.respondingtimeouts\.readtimeout", key))
     }
-    assert no_timeout == {"websocket"}
+    assert timeouts == {"websocket": "10s"}, "only :443 sets its own; the others keep Traefik's 60 s default"
     routers_by_entrypoint: dict[str, set[str]] = {}
     for service in services.values():
         for key, value in labels(service).items():
@@ -180,8 +185,9 @@ def test_only_the_websocket_entrypoint_has_no_read_timeout(services: dict[str, A
             if match:
                 for entrypoint in value.split(","):
                     routers_by_entrypoint.setdefault(entrypoint, set()).add(match.group(1))
-    assert routers_by_entrypoint["websocket"] == {"wsbridge-ws"}
-    assert {"grafana", "prometheus", "wsbridge-web"} <= routers_by_entrypoint["websecure"]
+    # :443 carries what devices and controllers use; the admin surfaces stay on :8443.
+    assert routers_by_entrypoint["websocket"] == {"wsbridge-ws", "wsbridge-api"}
+    assert routers_by_entrypoint["websecure"] == {"grafana", "prometheus", "alertmanager", "wsbridge-web"}
 
 
 def test_no_middleware_is_defined_in_labels(services: dict[str, Any]) -> None:
@@ -195,6 +201,29 @@ def test_no_middleware_is_defined_in_labels(services: dict[str, Any]) -> None:
     assert mounts["/etc/traefik/dynamic"]["read_only"] is True
     flags = dict(arg.split("=", 1) for arg in services["traefik"]["command"] if "=" in arg)
     assert flags["--providers.file.directory"] == "/etc/traefik/dynamic"
+
+
+def test_the_replicas_the_alerts_expect_follow_the_stacks_setting(tmp_path: Path) -> None:
+    """WSBRIDGE_REPLICAS sets the appliance's replicas and what Prometheus's entrypoint records as expected."""
+    config = json.loads(
+        compose_config(write_env(tmp_path / "three.env", {**TEST_ENV, "WSBRIDGE_REPLICAS": "3"})).stdout
+    )
+    services = config["services"]
+    assert services["appliance"]["deploy"]["replicas"] == 3
+    assert services["prometheus"]["environment"]["WSBRIDGE_REPLICAS"] == "3"
+    script = unescape(services["prometheus"]["entrypoint"][2]).replace("/prometheus/", f"{tmp_path}/")
+    script = script.replace("exec /bin/prometheus", "exec true")
+    for value, ok in (("three", False), ("3", True)):
+        result = subprocess.run(
+            ["sh", "-c", script, "prometheus"],
+            env={"PATH": "/usr/bin:/bin", "WSBRIDGE_REPLICAS": value},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert (result.returncode == 0) == ok, result.stderr
+    written = yaml.safe_load((tmp_path / "stack-rules" / "replicas.yml").read_text())
+    assert written["groups"][0]["rules"] == [{"record": "wsbridge:replicas:expected", "expr": "vector(3)"}]
 
 
 def test_the_appliance_runs_two_replicas_behind_traefik_with_a_graceful_stop(services: dict[str, Any]) -> None:
@@ -391,9 +420,14 @@ def test_redis_configuration_is_accepted_by_a_real_redis(services: dict[str, Any
         assert cli("config", "get", "maxmemory-policy", auth=admin).endswith("noeviction")
         assert cli("config", "get", "maxmemory", auth=admin).endswith(str(64 * 1024 * 1024))
         assert "NOAUTH" in cli("get", "x", auth={}) or "Authentication" in cli("get", "x", auth={})
-        exporter = ["--user", "exporter", "--pass", "unused"]
+        # As the exporter logs in: its service's user and password (test_monitoring_stack.py runs the exporter).
+        login = services["redis_exporter"]["environment"]
+        exporter = ["--user", login["REDIS_USER"], "--pass", login["REDIS_PASSWORD"], "--no-auth-warning"]
         assert "redis_version" in cli(*exporter, "info", "server", auth={})
         assert "NOPERM" in cli(*exporter, "get", "wsbridge:owner:x", auth={})
+        # CONFIG GET answers requirepass with the password: the exporter's user may not run it.
+        assert "NOPERM" in cli(*exporter, "config", "get", "requirepass", auth={})
+        assert "pw-of-the-test" not in cli(*exporter, "config", "get", "*", auth={})
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -446,7 +480,7 @@ def test_alertmanager_renders_its_receivers_from_the_environment(services: dict[
     readme = ROOT / "monitoring" / "alertmanager" / "README.md"
     if not readme.exists():
         pytest.xfail("monitoring/alertmanager from the monitoring issue (#11) has not landed on this branch")
-    documented = set(re.findall(r"`(ALERT_[A-Z_]+)`", readme.read_text()))
+    documented = set(re.findall(r"`(ALERTS?_[A-Z_]+|AWS_REGION)`", readme.read_text()))
     assert documented == set(env), documented ^ set(env)
     assert (ROOT / "monitoring" / "alertmanager" / "render.sh").is_file()
 
@@ -557,3 +591,36 @@ def test_the_dev_stack_takes_the_seed_env(tmp_path: Path) -> None:
     assert appliance["LLM_SECRET_TOKEN"] == "seed-llm"
     assert appliance["REDIS_PASSWORD"] == "seed-redis-password"
     assert appliance["LOG_LEVEL"] == "DEBUG"
+
+
+def read_only_table() -> dict[str, tuple[str, list[str]]]:
+    """docs/deploy.md's "Read-only containers" table: service to (image, paths written at start)."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("## Read-only containers", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`[\w-]+`", cells[0]):
+            paths = re.findall(r"`(/[^`]*)`", cells[2])
+            assert paths or cells[2] == "none", line
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), paths)
+    return rows
+
+
+def test_every_read_only_container_can_write_what_its_image_writes_at_start(services: dict[str, Any]) -> None:
+    """Each path an image writes at start (docs/deploy.md's table) lies on a tmpfs or a volume of its service."""
+    table = read_only_table()
+    read_only = {name for name, service in services.items() if service.get("read_only")}
+    assert set(table) == read_only, (
+        f"the table and the compose file list different read-only services: {set(table) ^ read_only}"
+    )
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for name, (image, paths) in table.items():
+        # ${NAME:-default} and ${NAME:?message} are written ${NAME} in the table.
+        assert re.sub(r"\$\{(\w+)[^}]*\}", r"${\1}", raw[name]["image"]) == image, f"{name}: the table says {image}"
+        writable = [entry.split(":", 1)[0] for entry in services[name].get("tmpfs", [])]
+        writable += [volume["target"] for volume in services[name].get("volumes", []) if not volume.get("read_only")]
+        for path in paths:
+            assert any(path == mount or path.startswith(mount.rstrip("/") + "/") for mount in writable), (
+                f"{name} writes {path} at start, but it is on the read-only root filesystem: {writable}"
+            )

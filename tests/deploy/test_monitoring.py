@@ -45,13 +45,18 @@ def tool(name: str) -> str:
 
 def run(*args: str | Path, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [str(a) for a in args], input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout(60)
+        [str(a) for a in args], input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout(180)
     )
 
 
 def alerts() -> list[dict[str, Any]]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def records() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "record" in rule]
 
 
 def anchor(heading: str) -> str:
@@ -74,8 +79,9 @@ def runbook_sections() -> dict[str, str]:
 def prometheus_config(tmp_path: Path) -> Path:
     """prometheus.yml with its rule_files pointed at the repository's rules (as mounted in production)."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
-    config["rule_files"] = [str(MONITORING / "rules" / "*.yml")]
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml", "/prometheus/stack-rules/*.yml"]
+    # The second is written by the service's entrypoint (test_monitoring_stack.py runs it); its test copy here.
+    config["rule_files"] = [str(MONITORING / "rules" / "*.yml"), str(RULE_TESTS.parent / "stack.rules.yml")]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -85,7 +91,8 @@ def test_prometheus_config_passes_promtool_with_its_rules(prometheus_config: Pat
     result = run(tool("promtool"), "check", "config", prometheus_config)
     assert result.returncode == 0, result.stdout + result.stderr
     # The glob must find the rules file (an empty match would also be "valid").
-    assert f"SUCCESS: {len(alerts()) + 6} rules found" in result.stdout + result.stderr
+    assert f"SUCCESS: {len(alerts()) + len(records())} rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 1 rules found" in result.stdout + result.stderr  # wsbridge:replicas:expected
 
 
 def test_every_scrape_timeout_is_below_its_interval() -> None:
@@ -142,12 +149,17 @@ def test_rule_unit_tests_pass() -> None:
     assert "SUCCESS" in result.stdout
 
 
+#: Fires always, on purpose (the dead man's switch heartbeat): no "does not fire" case exists.
+WATCHDOG = "WSBridgeWatchdog"
+
+
 def test_every_alert_is_unit_tested_both_ways() -> None:
     cases = [case for test in yaml.safe_load(RULE_TESTS.read_text())["tests"] for case in test["alert_rule_test"]]
     for rule in alerts():
         name = rule["alert"]
         mine = [case for case in cases if case["alertname"] == name]
-        assert any(not case.get("exp_alerts") for case in mine), f"{name}: no 'does not fire yet' case"
+        if name != WATCHDOG:
+            assert any(not case.get("exp_alerts") for case in mine), f"{name}: no 'does not fire yet' case"
         firing = [alert for case in mine for alert in case.get("exp_alerts") or []]
         assert firing, f"{name}: no 'fires' case"
         for alert in firing:
@@ -162,7 +174,8 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
     for rule in alerts():
         name = rule["alert"]
         assert re.fullmatch(r"WSBridge[A-Z][A-Za-z]+", name), name
-        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+        # info: shown, never sent (Alertmanager's quiet receiver); none: the Watchdog's heartbeat.
+        assert rule["labels"]["severity"] in ({"none"} if name == WATCHDOG else {"critical", "warning", "info"}), name
         annotations = rule["annotations"]
         summary = annotations["summary"]
         assert summary.endswith(".") and summary.count(". ") == 0 and "\n" not in summary, name
@@ -185,6 +198,10 @@ def test_runbook_has_one_complete_section_per_alert_and_no_other() -> None:
 # --- Alertmanager ---------------------------------------------------------------------------
 
 RECEIVER_SETTINGS = {
+    "sns": {
+        "ALERTS_SNS_TOPIC_ARN": "arn:aws:sns:eu-central-1:123456789012:wsbridge-alerts",
+        "AWS_REGION": "eu-central-1",
+    },
     "webhook": {"ALERT_WEBHOOK_URL": "https://hooks.example.com/alerts?team=ops&key='k1'"},
     "slack": {
         "ALERT_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX",
@@ -205,23 +222,43 @@ def render_alertmanager(out: Path, settings: dict[str, str]) -> subprocess.Compl
     return run("sh", ALERTMANAGER / "render.sh", ALERTMANAGER, out, env=env)
 
 
-@pytest.mark.parametrize("receivers", [(), ("webhook",), ("slack",), ("email",), ("webhook", "slack", "email")])
+DEADMANSSWITCH = {"ALERT_DEADMANSSWITCH_URL": "https://hc-ping.com/0b1c2d3e-aaaa-bbbb-cccc-0123456789ab"}
+
+
+@pytest.mark.parametrize(
+    "receivers", [("sns",), ("webhook",), ("slack",), ("email",), ("sns", "webhook", "slack", "email")]
+)
+@pytest.mark.parametrize("deadmansswitch", [True, False], ids=["deadmansswitch", "no-deadmansswitch"])
 def test_alertmanager_config_renders_for_every_receiver_and_passes_amtool(
-    tmp_path: Path, receivers: tuple[str, ...]
+    tmp_path: Path, receivers: tuple[str, ...], deadmansswitch: bool
 ) -> None:
     settings = {key: value for name in receivers for key, value in RECEIVER_SETTINGS[name].items()}
+    settings.update(DEADMANSSWITCH if deadmansswitch else {})
     rendered = render_alertmanager(tmp_path, settings)
     assert rendered.returncode == 0, rendered.stderr
-    assert ("no alert receiver is configured" in rendered.stderr) == (not receivers)
+    assert ("ALERT_DEADMANSSWITCH_URL is not set" in rendered.stderr) == (not deadmansswitch)
     check = run(tool("amtool"), "check-config", tmp_path / "alertmanager.yml")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "1 templates" in check.stdout
 
     config = yaml.safe_load((tmp_path / "alertmanager.yml").read_text())
     assert config["route"]["receiver"] == "oncall"
-    (oncall,) = config["receivers"]
-    kinds = {"webhook": "webhook_configs", "slack": "slack_configs", "email": "email_configs"}
+    oncall, quiet, heartbeat = config["receivers"]
+    assert quiet == {"name": "quiet"}
+    kinds = {"sns": "sns_configs", "webhook": "webhook_configs", "slack": "slack_configs", "email": "email_configs"}
+    assert oncall["name"] == "oncall"
     assert set(oncall) - {"name"} == {kinds[name] for name in receivers}
+    assert heartbeat["name"] == "deadmansswitch"
+    if deadmansswitch:
+        assert heartbeat["webhook_configs"] == [
+            {"url": DEADMANSSWITCH["ALERT_DEADMANSSWITCH_URL"], "send_resolved": False}
+        ]
+    else:
+        assert set(heartbeat) == {"name"}
+    if "sns" in receivers:
+        (sns,) = oncall["sns_configs"]
+        assert sns["topic_arn"] == settings["ALERTS_SNS_TOPIC_ARN"]
+        assert sns["sigv4"] == {"region": "eu-central-1"}  # credentials: the instance role
     # Values arrive exactly, quotes and ampersands included.
     if "webhook" in receivers:
         assert oncall["webhook_configs"][0]["url"] == settings["ALERT_WEBHOOK_URL"]
@@ -234,12 +271,51 @@ def test_alertmanager_config_renders_for_every_receiver_and_passes_amtool(
         assert email["auth_password"] == settings["ALERT_SMTP_PASSWORD"]
 
 
+def test_alertmanager_refuses_to_start_without_any_receiver(tmp_path: Path) -> None:
+    """No silent default: with no receiver (the dead man's switch alone is none) render.sh fails and execs nothing."""
+    env = {"PATH": os.environ["PATH"], **DEADMANSSWITCH, "AWS_REGION": "eu-central-1", "ALERT_SLACK_CHANNEL": "#ops"}
+    result = run("sh", ALERTMANAGER / "render.sh", ALERTMANAGER, tmp_path, "echo", "started", env=env)
+    assert result.returncode == 1
+    assert "started" not in result.stdout
+    assert "no alert receiver is configured: set ALERTS_SNS_TOPIC_ARN" in result.stderr
+    assert not (tmp_path / "alertmanager.yml").exists()
+
+
+def test_the_sns_receiver_needs_its_region(tmp_path: Path) -> None:
+    rendered = render_alertmanager(tmp_path, {"ALERTS_SNS_TOPIC_ARN": RECEIVER_SETTINGS["sns"]["ALERTS_SNS_TOPIC_ARN"]})
+    assert rendered.returncode != 0
+    assert "AWS_REGION must be set" in rendered.stderr
+
+
+def test_the_watchdog_goes_to_the_dead_mans_switch_only_and_often(tmp_path: Path) -> None:
+    """amtool's own routing: the Watchdog reaches deadmansswitch (not oncall), every other alert oncall."""
+    assert render_alertmanager(tmp_path, {**RECEIVER_SETTINGS["webhook"], **DEADMANSSWITCH}).returncode == 0
+    config = tmp_path / "alertmanager.yml"
+
+    def receivers(*labels: str) -> str:
+        result = run(tool("amtool"), "config", "routes", "test", f"--config.file={config}", *labels)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip()
+
+    assert receivers("alertname=WSBridgeWatchdog", "severity=none") == "deadmansswitch"
+    assert receivers("alertname=WSBridgeRedisDown", "severity=critical") == "oncall"
+    assert receivers("alertname=WSBridgeDiskPressure", "severity=warning") == "oncall"
+    assert receivers("alertname=WSBridgeTokenGraceEnding", "severity=info") == "quiet"
+    (watchdog,) = [
+        route
+        for route in yaml.safe_load(config.read_text())["route"]["routes"]
+        if route["receiver"] == "deadmansswitch"
+    ]
+    # A heartbeat about every minute: dead man's switch services allow a few minutes' grace.
+    assert (watchdog["group_wait"], watchdog["group_interval"], watchdog["repeat_interval"]) == ("0s", "1m", "1m")
+
+
 def test_the_unrendered_alertmanager_config_is_valid_and_notifies_nobody() -> None:
-    """Started without render.sh (a compose file that mounts it directly), Alertmanager still runs."""
+    """The committed template is itself a valid configuration (amtool checks it), though render.sh never uses it as is."""
     check = run(tool("amtool"), "check-config", ALERTMANAGER / "alertmanager.yml")
     assert check.returncode == 0, check.stdout + check.stderr
     config = yaml.safe_load((ALERTMANAGER / "alertmanager.yml").read_text())
-    assert config["receivers"] == [{"name": "oncall"}]
+    assert config["receivers"] == [{"name": "oncall"}, {"name": "quiet"}, {"name": "deadmansswitch"}]
 
 
 def test_alertmanager_refuses_to_start_without_a_required_setting(tmp_path: Path) -> None:
@@ -262,7 +338,9 @@ def test_alertmanager_render_execs_the_command_after_rendering(tmp_path: Path) -
 
 def test_notifications_link_to_the_runbook(tmp_path: Path) -> None:
     base = "https://git.example.com/ops/websocket-bridge/blob/main/"
-    assert render_alertmanager(tmp_path, {"ALERT_RUNBOOK_BASE_URL": base}).returncode == 0
+    assert (
+        render_alertmanager(tmp_path, {**RECEIVER_SETTINGS["webhook"], "ALERT_RUNBOOK_BASE_URL": base}).returncode == 0
+    )
     result = run(
         tool("amtool"),
         "template",

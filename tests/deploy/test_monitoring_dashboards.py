@@ -101,7 +101,11 @@ def test_every_dashboard_has_the_instance_variable_and_the_runbook_base(path: Pa
     variables = {v["name"]: v for v in load(path)["templating"]["list"]}
     instance = variables["instance"]
     assert instance["type"] == "query"
-    assert "wsbridge_build_info" in instance["definition"]
+    # Shown: the appliance's own instance id (exported_instance: Prometheus keeps the target's
+    # address as instance); filtered on: the address. Scrape addresses change on every recreate.
+    assert instance["definition"] == 'query_result(wsbridge_build_info{job="appliance"})'
+    assert "(?<text>" in instance["regex"] and "exported_instance" in instance["regex"].split("(?<text>")[0]
+    assert "(?<value>" in instance["regex"]
     assert variables["runbook_base"]["type"] == "constant"
     # Every appliance query is scoped by the variable, so the picker means something.
     for panel in panels(load(path)):
@@ -123,7 +127,61 @@ def test_the_overview_shows_what_the_on_call_needs() -> None:
         "wsbridge_client_throttled_total",  # throttling
         "wsbridge_broker_up",  # Redis
         "wsbridge_build_info",  # build versions
+        "wsbridge_admission_refused_total",  # abuse: refused before the app
+        "wsbridge_address_cooldowns_total",
+        "wsbridge_handshake_timeouts_total",
+        "wsbridge_http_requests_error_total",
+        "redis_memory_max_bytes",  # Redis memory against its limit
     ):
         assert metric in exprs, metric
     assert load(GRAFANA / "dashboards" / "wsbridge-overview.json")["templating"]["list"][0]["multi"] is True
     assert load(GRAFANA / "dashboards" / "wsbridge-instance.json")["templating"]["list"][0]["multi"] is False
+
+
+def _ref_ids_with_override(panel: dict[str, Any], prop: str) -> dict[str, Any]:
+    found = {}
+    for override in panel["fieldConfig"].get("overrides", []):
+        if override["matcher"]["id"] == "byFrameRefID":
+            for item in override["properties"]:
+                if item["id"] == prop:
+                    found[override["matcher"]["options"]] = item["value"]
+    return found
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_one_unit_per_axis(path: Path) -> None:
+    """A query of bytes is drawn in bytes; a query in another unit than the panel's has an axis of its own."""
+    for panel in panels(load(path)):
+        default = panel["fieldConfig"]["defaults"].get("unit")
+        units = _ref_ids_with_override(panel, "unit")
+        axes = _ref_ids_with_override(panel, "custom.axisPlacement")
+        for target in panel["targets"]:
+            unit = units.get(target["refId"], default)
+            if re.search(r"_bytes\b", target["expr"]) and "/" not in target["expr"]:
+                assert unit == "bytes", f"{panel['title']}: {target['refId']} is bytes drawn as {unit}"
+            if unit != default:
+                assert axes.get(target["refId"]) in ("left", "right"), f"{panel['title']}: two units on one axis"
+                assert len({units.get(t["refId"], default) for t in panel["targets"]}) <= 2, panel["title"]
+
+
+#: Panels that show an alert's threshold: (dashboard, panel title start, the threshold value).
+THRESHOLDS = [
+    ("wsbridge-overview.json", "Disk space left", 0.1),  # WSBridgeDiskPressure
+    ("wsbridge-overview.json", "Memory available", 0.1),  # WSBridgeMemoryPressure
+    ("wsbridge-overview.json", "Days until certificates expire", 14),  # WSBridgeCertificateExpiring
+    ("wsbridge-overview.json", "Request/reply round trip", 2),  # WSBridgeCommandLatencyHigh
+    ("wsbridge-overview.json", "Abuse:", 0.5),  # WSBridgeAuthFailureSpike
+    ("wsbridge-overview.json", "Ready replicas", 1),
+    ("wsbridge-instance.json", "Reply round trip", 2),
+    ("wsbridge-instance.json", "Ready and broker up", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "title", "value"), THRESHOLDS)
+def test_panels_draw_the_thresholds_their_alerts_use(name: str, title: str, value: float) -> None:
+    (panel,) = [p for p in panels(load(GRAFANA / "dashboards" / name)) if p["title"].startswith(title)]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert value in [step["value"] for step in steps], steps
+    assert "red" in [step["color"] for step in steps]
+    if panel["type"] == "timeseries":
+        assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off"

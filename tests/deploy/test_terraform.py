@@ -14,6 +14,15 @@ from typing import Any
 import pytest
 from deploy_support import ROOT, TERRAFORM_DIR, Terraform, TerraformNames, ansible_inventory, run, tool_env, tool_venv
 
+# Values an operator would put in terraform.tfvars (none at an example domain).
+REAL_INPUTS = {
+    "domain_name": "bridge.wsbridge-ops.net",
+    "acme_email": "ops@wsbridge-ops.net",
+    "alert_emails": ["oncall@wsbridge-ops.net"],
+    "ssh_allowed_cidrs": ["198.51.100.7/32"],
+    "admin_allowed_cidrs": ["198.51.100.0/24"],
+    "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorKeyOperatorKeyOperatorKeyOperator op@laptop",
+}
 REQUIRED_SECRETS = {"LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "REDIS_PASSWORD", "ADMIN_TOKEN"}
 
 
@@ -125,7 +134,7 @@ def _rules(terraform: Terraform, kind: str) -> dict[str, dict[str, Any]]:
     return terraform.resources.get(kind, {})
 
 
-def test_ssh_is_never_open_to_the_world_and_can_be_closed(terraform: Terraform) -> None:
+def test_ssh_is_required_for_ansible_and_never_open_to_the_world(terraform: Terraform) -> None:
     ingress = _rules(terraform, "aws_vpc_security_group_ingress_rule")
     ssh = {
         name: rule
@@ -135,14 +144,21 @@ def test_ssh_is_never_open_to_the_world_and_can_be_closed(terraform: Terraform) 
     assert set(ssh) == {"ssh"}, ssh
     assert ssh["ssh"]["for_each"] == "${toset(var.ssh_allowed_cidrs)}"
     assert ssh["ssh"]["cidr_ipv4"] == "${each.value}"
-    variable = terraform.variables["ssh_allowed_cidrs"]
-    assert variable["default"] == []
-    assert any("0.0.0.0/0" in v["condition"] for v in variable["validation"]), "the validation must refuse /0"
-    # With SSH closed the host is still reachable: Session Manager, no key pair needed.
+    # Ansible provisions over SSH (Session Manager is a shell only, docs/deploy.md): the
+    # networks and the key are required inputs, and /0 is refused.
+    assert "default" not in terraform.variables["ssh_allowed_cidrs"]
+    assert "default" not in terraform.variables["ssh_public_key"]
+    assert terraform.refusals("ssh_allowed_cidrs", [])
+    assert terraform.refusals("ssh_allowed_cidrs", ["0.0.0.0/0"])
+    assert terraform.refusals("ssh_allowed_cidrs", ["203.0.113.7/32", "10.0.0.0/0"])
+    assert not terraform.refusals("ssh_allowed_cidrs", ["203.0.113.7/32"])
+    assert terraform.refusals("ssh_public_key", "AAAA not a key")
+    assert terraform.resources["aws_key_pair"]["operator"]["public_key"] == "${var.ssh_public_key}"
+    assert terraform.resources["aws_instance"]["appliance"]["key_name"] == "${aws_key_pair.operator.key_name}"
+    # A shell when SSH is locked out: Session Manager stays.
     attachment = terraform.resources["aws_iam_role_policy_attachment"]["session_manager"]
     assert attachment["policy_arn"].endswith(":iam::aws:policy/AmazonSSMManagedInstanceCore")
     assert attachment["role"] == "${aws_iam_role.appliance.name}"
-    assert terraform.variables["ssh_public_key"]["default"] is None
     # World-open ingress is 80 and 443 only; 8443 follows admin_allowed_cidrs.
     for name, rule in ingress.items():
         if rule.get("cidr_ipv4") == "0.0.0.0/0":
@@ -158,14 +174,24 @@ def _statements(terraform: Terraform) -> tuple[list[dict[str, Any]], list[dict[s
     static = document["statement"]
     dynamic = [block["statement"]["content"][0] for block in document.get("dynamic", [])]
     for block in document.get("dynamic", []):
-        assert block["statement"]["for_each"] == "${var.token_rotation_from_host ? [1] : []}"
+        assert block["statement"]["for_each"] in (
+            "${var.token_rotation_from_host ? [1] : []}",
+            "${var.container_logs_to_cloudwatch ? [1] : []}",
+        )
     return static, dynamic
 
 
 def test_the_instance_policy_reads_only_below_the_prefix_and_decrypts_only_through_ssm(terraform: Terraform) -> None:
     static, _ = _statements(terraform)
     actions = {action for statement in static for action in statement["actions"]}
-    assert actions == {"ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath", "kms:Decrypt"}
+    assert actions == {
+        "ssm:GetParameter",
+        "ssm:GetParameters",
+        "ssm:GetParametersByPath",
+        "kms:Decrypt",
+        "sns:Publish",
+        "kms:GenerateDataKey",
+    }
     assert terraform.variable_default("ssm_parameter_prefix") == "/WebSocket/prod/"
     base = terraform.resolve(terraform.locals["ssm_arn_base"])
     assert re.fullmatch(r"arn:\$\{[^}]+\}:ssm:eu-central-1:\$\{[^}]+\}:parameter/WebSocket/prod", base), base
@@ -176,20 +202,28 @@ def test_the_instance_policy_reads_only_below_the_prefix_and_decrypts_only_throu
         if any(a.startswith("ssm:") for a in statement["actions"]):
             # The path itself (GetParametersByPath) and everything below it: nothing else.
             assert resources == ["${local.ssm_arn_base}", "${local.ssm_arn_base}/*"]
+        elif statement["actions"] == ["sns:Publish"]:
+            # Alertmanager's sns_configs: the alerts topic, nothing else.
+            assert resources == ["${aws_sns_topic.alerts.arn}"]
+        elif statement["sid"] == "EncryptAlertsThroughSns":
+            _assert_key_through_ssm(statement, service="sns")
         else:
             _assert_key_through_ssm(statement)
     # The role has that policy, Session Manager's, and no other.
     assert set(terraform.resources["aws_iam_role_policy"]) == {"appliance", "flow_logs"}
     assert terraform.resources["aws_iam_role_policy"]["appliance"]["role"] == "${aws_iam_role.appliance.id}"
-    assert set(terraform.resources["aws_iam_role_policy_attachment"]) == {"session_manager"}
+    assert {name: a["role"] for name, a in terraform.resources["aws_iam_role_policy_attachment"].items()} == {
+        "session_manager": "${aws_iam_role.appliance.name}",
+        "dlm": "${aws_iam_role.dlm.name}",
+    }
 
 
-def _assert_key_through_ssm(statement: dict[str, Any]) -> None:
+def _assert_key_through_ssm(statement: dict[str, Any], service: str = "ssm") -> None:
     assert statement["resources"] == ["${aws_kms_key.main.arn}"], statement
     (condition,) = statement["condition"]
     assert condition["test"] == "StringEquals"
     assert condition["variable"] == "kms:ViaService"
-    assert condition["values"] == ["ssm.${var.aws_region}.amazonaws.com"]
+    assert condition["values"] == [service + ".${var.aws_region}.amazonaws.com"]
 
 
 def test_rotation_from_the_host_may_write_only_the_token_parameters(
@@ -219,7 +253,10 @@ def test_rotation_from_the_host_may_write_only_the_token_parameters(
     encrypt = by_sid["EncryptTokenParametersThroughSsm"]
     assert set(encrypt["actions"]) == {"kms:Encrypt", "kms:GenerateDataKey"}
     _assert_key_through_ssm(encrypt)
-    assert set(by_sid) == {"RotateTokenParameters", "EncryptTokenParametersThroughSsm"}
+    assert set(by_sid) == {"RotateTokenParameters", "EncryptTokenParametersThroughSsm", "WriteContainerLogs"}
+    logs = by_sid["WriteContainerLogs"]
+    assert set(logs["actions"]) == {"logs:CreateLogStream", "logs:PutLogEvents"}
+    assert logs["resources"] == ["${aws_cloudwatch_log_group.containers[0].arn}:*"]
 
 
 def test_the_flow_log_role_has_the_permissions_aws_documents(terraform: Terraform) -> None:
@@ -381,7 +418,7 @@ def test_tags_are_merged_in_one_place_and_name_the_host(terraform_names: Terrafo
         "ManagedBy": "terraform",
     }
     assert terraform_names.instance_name == "websocket-bridge-prod-appliance"
-    (provider,) = [p["aws"] for p in terraform.providers]
+    (provider,) = [p["aws"] for p in terraform.providers if "alias" not in p["aws"]]
     (default_tags,) = provider["default_tags"]
     assert default_tags["tags"] == "${local.common_tags}"
 
@@ -389,7 +426,7 @@ def test_tags_are_merged_in_one_place_and_name_the_host(terraform_names: Terrafo
 def test_the_ansible_inventory_output_uses_the_same_tags_region_and_prefix(
     terraform: Terraform, terraform_names: TerraformNames
 ) -> None:
-    inventory = ansible_inventory(terraform.with_values(domain_name="bridge.test.example"))
+    inventory = ansible_inventory(terraform.with_values(**REAL_INPUTS))
     assert inventory["plugin"] == "amazon.aws.aws_ec2"
     assert inventory["regions"] == [terraform_names.region]
     tag_filters = {key.removeprefix("tag:"): v for key, v in inventory["filters"].items() if key.startswith("tag:")}
@@ -398,5 +435,235 @@ def test_the_ansible_inventory_output_uses_the_same_tags_region_and_prefix(
     compose = inventory["compose"]
     assert compose["appliance_aws_region"] == f"'{terraform_names.region}'"
     assert compose["appliance_ssm_parameter_prefix"] == f"'{terraform_names.parameter_prefix}'"
-    assert compose["appliance_domain"] == "'bridge.test.example'"
+    assert compose["appliance_domain"] == f"'{REAL_INPUTS['domain_name']}'"
+    # The play's required inputs come from Terraform too: the Let's Encrypt e-mail, the
+    # alerts topic, the data volume.
+    assert compose["appliance_acme_email"] == f"'{REAL_INPUTS['acme_email']}'"
+    assert compose["appliance_alerts_sns_topic_arn"] == "'${aws_sns_topic.alerts.arn}'"
+    assert compose["base_data_volume_id"] == "'${aws_ebs_volume.data.id}'"
     assert inventory["strict"] is True
+
+
+# --- Required inputs, refused when they are examples ----------------------------------------
+
+
+def test_every_default_passes_its_own_validation(terraform: Terraform) -> None:
+    checked = 0
+    for name, variable in terraform.variables.items():
+        if "default" in variable and variable.get("validation"):
+            assert not terraform.refusals(name, variable["default"]), name
+            checked += 1
+    assert checked >= 10
+
+
+def test_the_inputs_without_a_safe_default_are_required_and_refuse_example_values(terraform: Terraform) -> None:
+    required = {name for name, variable in terraform.variables.items() if "default" not in variable}
+    assert required == {
+        "domain_name",
+        "acme_email",
+        "alert_emails",
+        "ssh_allowed_cidrs",
+        "ssh_public_key",
+        "admin_allowed_cidrs",
+    }
+    for name, value in REAL_INPUTS.items():
+        assert not terraform.refusals(name, value), (name, value)
+    # Let's Encrypt refuses example domains ("forbidden domain"): so does the validation.
+    for email in ("ops@example.com", "OPS@Example.COM", "ops@example.org", "a@bridge.test", "a@x.example"):
+        assert terraform.refusals("acme_email", email), email
+        assert terraform.refusals("alert_emails", ["oncall@wsbridge-ops.net", email]), email
+    for email in ("ops@example-corp.com", "ops@myexample.com"):
+        assert not terraform.refusals("acme_email", email), email
+    for domain in ("bridge.example.com", "example.net", "bridge.test.example", "x.invalid", "a.localhost"):
+        assert terraform.refusals("domain_name", domain), domain
+    assert terraform.refusals("acme_email", "not an e-mail")
+    assert terraform.refusals("alert_emails", []), "a receiver is required"
+    assert terraform.refusals("admin_allowed_cidrs", [])
+    # A copy of terraform.tfvars.example that was not edited is refused, with a reason.
+    import hcl2
+
+    with (TERRAFORM_DIR / "terraform.tfvars.example").open() as handle:
+        example = hcl2.load(handle)
+    assert required <= set(example), required - set(example)
+    for name in ("domain_name", "acme_email", "alert_emails"):
+        assert terraform.refusals(name, example[name]), f"the example's {name} is accepted"
+
+
+# --- Alerts that reach a person, from inside and outside the host ------------------------------
+
+
+def test_alerts_go_to_an_encrypted_sns_topic_with_e_mail_subscriptions(terraform: Terraform) -> None:
+    topic = terraform.resources["aws_sns_topic"]["alerts"]
+    assert topic["kms_master_key_id"] == "${aws_kms_key.main.arn}"
+    subscription = terraform.resources["aws_sns_topic_subscription"]["alerts_email"]
+    assert subscription["for_each"] == "${toset(var.alert_emails)}"
+    assert subscription["topic_arn"] == "${aws_sns_topic.alerts.arn}"
+    assert (subscription["protocol"], subscription["endpoint"]) == ("email", "${each.value}")
+    assert terraform.outputs["alerts_sns_topic_arn"]["value"] == "${aws_sns_topic.alerts.arn}"
+    # CloudWatch alarms may publish to a topic encrypted with the stack's key.
+    (kms,) = [terraform.data["aws_iam_policy_document"]["kms"]]
+    services = {
+        identifier
+        for statement in kms["statement"]
+        for principal in statement["principals"]
+        if principal["type"] == "Service" and "kms:GenerateDataKey*" in statement["actions"]
+        for identifier in principal["identifiers"]
+    }
+    assert "cloudwatch.amazonaws.com" in services
+    # Alertmanager reaches SNS's API over HTTPS; no SMTP egress is needed (SNS mails).
+    egress = terraform.resources["aws_vpc_security_group_egress_rule"]
+    assert egress["web"]["for_each"]["https"] == 443 and egress["web"]["cidr_ipv4"] == "0.0.0.0/0"
+    assert not any(port in (25, 465, 587) for rule in egress.values() for port in [rule.get("from_port")])
+
+
+def test_a_dead_host_and_an_unreachable_endpoint_are_noticed_outside_the_host(terraform: Terraform) -> None:
+    alarms = terraform.resources["aws_cloudwatch_metric_alarm"]
+    status = alarms["instance_status"]
+    assert set(status["for_each"].values()) == {"StatusCheckFailed_Instance", "StatusCheckFailed_System"}
+    assert status["namespace"] == "AWS/EC2" and status["metric_name"] == "${each.value}"
+    assert status["dimensions"] == {"InstanceId": "${aws_instance.appliance.id}"}
+    assert status["treat_missing_data"] == "breaching", "a host that stops reporting is down"
+    assert status["alarm_actions"] == ["${aws_sns_topic.alerts.arn}"]
+    # Route 53's checkers, from outside, at the public name and the WebSocket port.
+    check = terraform.resources["aws_route53_health_check"]["wss"]
+    assert (check["fqdn"], check["port"]) == ("${var.domain_name}", 443)
+    endpoint = alarms["wss_endpoint"]
+    assert endpoint["namespace"] == "AWS/Route53" and endpoint["metric_name"] == "HealthCheckStatus"
+    assert endpoint["dimensions"] == {"HealthCheckId": "${aws_route53_health_check.wss.id}"}
+    assert endpoint["comparison_operator"] == "LessThanThreshold" and endpoint["threshold"] == 1
+    # Route 53's metrics exist in us-east-1 only: the alarm and its topic live there.
+    (east,) = [p["aws"] for p in terraform.providers if p["aws"].get("alias") == "us_east_1"]
+    assert east["region"] == "us-east-1"
+    assert endpoint["provider"] == "${aws.us_east_1}"
+    assert endpoint["alarm_actions"] == ["${aws_sns_topic.endpoint_alerts.arn}"]
+    east_topic = terraform.resources["aws_sns_topic"]["endpoint_alerts"]
+    assert east_topic["provider"] == "${aws.us_east_1}"
+    east_subscription = terraform.resources["aws_sns_topic_subscription"]["endpoint_email"]
+    assert east_subscription["provider"] == "${aws.us_east_1}"
+    assert east_subscription["for_each"] == "${toset(var.alert_emails)}"
+    assert east_subscription["topic_arn"] == "${aws_sns_topic.endpoint_alerts.arn}"
+
+
+# --- Data that outlives the host ---------------------------------------------------------------
+
+
+def test_the_data_volume_outlives_the_instance_and_is_snapshotted_daily(terraform: Terraform) -> None:
+    volume = terraform.resources["aws_ebs_volume"]["data"]
+    assert volume["encrypted"] is True and volume["kms_key_id"] == "${aws_kms_key.main.arn}"
+    assert volume["availability_zone"] == terraform.resources["aws_subnet"]["public"]["availability_zone"]
+    assert volume["lifecycle"][0]["prevent_destroy"] is True
+    attachment = terraform.resources["aws_volume_attachment"]["data"]
+    assert attachment["volume_id"] == "${aws_ebs_volume.data.id}"
+    assert attachment["instance_id"] == "${aws_instance.appliance.id}"
+    # Not the root volume: that one goes with the instance.
+    assert terraform.resources["aws_instance"]["appliance"]["root_block_device"][0]["delete_on_termination"] is True
+    policy = terraform.resources["aws_dlm_lifecycle_policy"]["data"]
+    (details,) = policy["policy_details"]
+    assert details["resource_types"] == ["VOLUME"]
+    assert details["target_tags"] == {"Snapshot": "${local.snapshot_tag}"}
+    assert volume["tags"]["Snapshot"] == "${local.snapshot_tag}"
+    (schedule,) = details["schedule"]
+    assert schedule["create_rule"][0]["interval"] == 24 and schedule["create_rule"][0]["interval_unit"] == "HOURS"
+    assert schedule["retain_rule"][0]["count"] == "${var.snapshot_retention_count}"
+    assert policy["execution_role_arn"] == "${aws_iam_role.dlm.arn}" and policy["state"] == "ENABLED"
+    dlm = terraform.resources["aws_iam_role_policy_attachment"]["dlm"]
+    assert dlm["policy_arn"].endswith(":iam::aws:policy/service-role/AWSDataLifecycleManagerServiceRole")
+    (assume,) = terraform.data["aws_iam_policy_document"]["dlm_assume"]["statement"]
+    assert assume["principals"][0]["identifiers"] == ["dlm.amazonaws.com"]
+
+
+# --- Memory and CPU ------------------------------------------------------------------------------
+
+# Memory of the instance types the default may be, in MiB (EC2's instance type list).
+INSTANCE_MEMORY_MIB = {
+    "t3.small": 2048,
+    "t3.medium": 4096,
+    "t3.large": 8192,
+    "t3a.medium": 4096,
+    "m7i.large": 8192,
+}
+# What Ubuntu, sshd, chrony, containerd and dockerd keep (docs/deploy.md, Memory and CPU budget).
+HOST_RESERVE_MIB = 512
+
+
+def _mebibytes(size: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgG])?[bB]?", str(size))
+    assert match, size
+    return (
+        float(match.group(1))
+        * {"k": 1 / 1024, "m": 1, "g": 1024, None: 1 / 1024 / 1024}[(match.group(2) or "").lower() or None]
+    )
+
+
+def test_the_containers_memory_limits_fit_the_default_instance_type(terraform: Terraform) -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.prod.yml").read_text())
+    total = 0.0
+    for name, service in compose["services"].items():
+        deploy = service.get("deploy", {})
+        limit = deploy.get("resources", {}).get("limits", {}).get("memory")
+        assert limit, f"{name} has no memory limit"
+        replicas = deploy.get("replicas", 1)
+        if isinstance(replicas, str):  # ${WSBRIDGE_REPLICAS:-2}: its default
+            replicas = int(re.fullmatch(r"\$\{\w+:-(\d+)\}", replicas).group(1))  # type: ignore[union-attr]
+        total += _mebibytes(limit) * replicas
+    instance_type = terraform.variable_default("instance_type")
+    budget = INSTANCE_MEMORY_MIB[instance_type] - HOST_RESERVE_MIB
+    assert total <= budget, f"the containers may use {total:.0f} MiB; a {instance_type} leaves {budget} MiB"
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"**{instance_type}**" in docs and f"| {HOST_RESERVE_MIB} |" in docs and f"| at most {budget} |" in docs
+
+
+def test_the_credit_mode_is_chosen_and_documented(terraform: Terraform) -> None:
+    instance = terraform.resources["aws_instance"]["appliance"]
+    (credits,) = [block["credit_specification"] for block in instance["dynamic"] if "credit_specification" in block]
+    assert credits["content"][0]["cpu_credits"] == "${var.cpu_credits}"
+    assert terraform.variable_default("cpu_credits") in ("standard", "unlimited")
+    assert terraform.refusals("cpu_credits", "sometimes")
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert f'`cpu_credits = "{terraform.variable_default("cpu_credits")}"` (the default)' in docs
+    assert "per vCPU-hour" in docs
+
+
+def test_every_documented_put_parameter_of_a_stack_secret_names_the_stacks_key(
+    terraform: Terraform, terraform_names: TerraformNames
+) -> None:
+    """Without --key-id, put-parameter --overwrite moves the secret to alias/aws/ssm (the next apply moves it back)."""
+    alias = terraform.resolve(terraform.resources["aws_kms_alias"]["main"]["name"])
+    recipes = []
+    for path in (ROOT / "docs" / "deploy.md", ROOT / "README.md"):
+        text = path.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            command = line[line.find("aws ssm put-parameter") :] if "aws ssm put-parameter" in line else ""
+            names = re.findall(r"--name\s+(\S+)", command)
+            if names and names[0] in terraform_names.parameter_names:
+                recipes.append(command)
+                assert f"--key-id {alias}" in command, f"{path.name}: {command}"
+    assert recipes, "the rotation recipe is gone: the test would pass trivially"
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert "`wsbridge tokens rotate <name>`" in docs
+    assert "**Do not bump `secrets_version` to rotate one secret.**" in docs
+
+
+def test_the_readme_steps_name_every_file_and_input_a_first_deploy_needs(terraform: Terraform) -> None:
+    """Followed literally, the README's steps must be enough: state bucket, backend.hcl, tfvars, Ansible."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploy to AWS", 1)[1].split("\n## ", 1)[0]
+    for needed in (
+        "backend.hcl",
+        "terraform.tfvars",
+        "tools/venvs/ansible.txt",  # Ansible and the collections it bundles
+        "ansible-galaxy collection install -r ansible/requirements.yml",
+        "put-bucket-versioning",  # the state bucket
+        "terraform output -json ansible_inventory",
+        "ansible-playbook site.yml",
+    ):
+        assert needed in section, f"the README's deploy steps never mention {needed}"
+    # Every input without a default is named, in the README and in docs/deploy.md's table.
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name, variable in terraform.variables.items():
+        if "default" not in variable:
+            assert f"`{name}`" in section, f"the README's steps never ask for {name}"
+            assert f"| `{name}` |" in docs, f"docs/deploy.md's table of required inputs lacks {name}"
+    assert "aws_ssm" not in section and "ansible_connection: amazon.aws.aws_ssm" not in docs

@@ -1,5 +1,10 @@
 """Traefik's configuration: the compose labels, the file provider and the static flags.
 
+The module's Traefik also carries real traffic to a real appliance over TLS on both
+entrypoints: a WebSocket session on :443 that outlives the entrypoint's read timeout,
+slow headers cut by it, the controllers' API there, the dashboard on :8443, /metrics in
+no spelling, and one Grafana dashboard's worth of requests not throttled.
+
 Two judges. Traefik v3's JSON schema (vendored in tests/deploy/schemas/) refuses an
 unknown option or a v2-only name in the dynamic configuration. The real Traefik
 binary (the image's release, from tools/venvs/traefik.txt) is started with the
@@ -12,14 +17,21 @@ network the container is on, and the static flags enable what the labels use.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +41,13 @@ import yaml
 from deploy_support import COMPOSE_FILE, SCALE, TRAEFIK_DYNAMIC_DIR, compose_config, free_port, tool_venv
 from test_compose import TEST_ENV, labels, write_env
 from traefik_config import dynamic_from_labels, file_provider_config, load_schema, merge, static_flags
+from websockets.asyncio.client import connect
+
+sys.path.insert(0, str(COMPOSE_FILE.parent / "tests"))
+from support import CONTROLLER_TOKEN, Appliance, command, recv
 
 HTPASSWD = "ops:$2y$05$abcdefghijklmnopqrstuu5cU0zJqN6Tj8m8oGd3n2ZqO3G8yq1Vy"
+DOMAIN = TEST_ENV["DOMAIN_NAME"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +132,60 @@ def test_the_binary_is_the_images_release(model: dict[str, Any]) -> None:
     assert (COMPOSE_FILE.parent / "docker-compose.yml").read_text().count(f"traefik:v{version.group(1)}") == 1
 
 
-def local_flags(command: list[str], tmp: Path, dynamic_dir: Path, api_port: int) -> list[str]:
+def self_signed(tmp: Path, name: str, san: str) -> tuple[Path, Path]:
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+            *("-subj", f"/CN={name}", "-addext", f"subjectAltName={san}", "-days", "2"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+class AcmeStub:
+    """A stand-in for Let's Encrypt that listens, completes TLS and never answers.
+
+    Traefik asks the CA for the routers' certificate soon after start. Pointed at a port
+    where nothing listened, it logged "connection refused" as an error a few seconds in,
+    which the checks below read as a refused configuration whenever the machine was slow
+    enough for them to look after it (a flaky test). This stub listens before Traefik
+    starts, and Traefik trusts its certificate and waits for an answer longer than any
+    test runs: no error from the CA's side, ever.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.cert, key = self_signed(tmp, "acme-stub", "IP:127.0.0.1")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))  # listening from here on
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}/directory"
+        self.held: list[socket.socket] = []
+        self.closed = threading.Event()
+
+        def serve() -> None:
+            while not self.closed.is_set():
+                try:
+                    client, _ = self.listener.accept()
+                    client.settimeout(10)
+                    self.held.append(context.wrap_socket(client, server_side=True))  # and never answer
+                except OSError:
+                    continue
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for held in self.held:
+            held.close()
+
+
+def local_flags(command: list[str], tmp: Path, dynamic_dir: Path, api_port: int, acme: AcmeStub) -> list[str]:
     """The stack's static flags, pointed at loopback ports and temporary files."""
     flags = []
     for arg in command:
@@ -129,10 +199,13 @@ def local_flags(command: list[str], tmp: Path, dynamic_dir: Path, api_port: int)
         elif name == "--certificatesresolvers.letsencrypt.acme.storage":
             value = str(tmp / "acme.json")
         elif name == "--certificatesresolvers.letsencrypt.acme.caserver":
-            value = f"https://127.0.0.1:{free_port()}/directory"  # never the real CA from a test
+            value = acme.url  # never the real CA from a test
         flags.append(f"{name}={value}" if "=" in arg else arg)
     return [
         *flags,
+        f"--certificatesresolvers.letsencrypt.acme.cacertificates={acme.cert}",
+        "--certificatesresolvers.letsencrypt.acme.clienttimeout=1h",
+        "--certificatesresolvers.letsencrypt.acme.clientresponseheadertimeout=1h",
         "--api=true",
         "--api.insecure=true",
         f"--entrypoints.traefik.address=127.0.0.1:{api_port}",
@@ -141,8 +214,10 @@ def local_flags(command: list[str], tmp: Path, dynamic_dir: Path, api_port: int)
 
 
 def start_traefik(model: dict[str, Any], tmp: Path, dynamic: dict[str, Any] | None = None) -> Iterator[Traefik]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    acme = AcmeStub(tmp)
     secrets = tmp / "secrets"
-    secrets.mkdir(parents=True)
+    secrets.mkdir()
     (secrets / "monitoring_htpasswd").write_text(HTPASSWD + "\n")
     dynamic_dir = tmp / "dynamic"
     dynamic_dir.mkdir()
@@ -151,7 +226,7 @@ def start_traefik(model: dict[str, Any], tmp: Path, dynamic: dict[str, Any] | No
     (dynamic_dir / "zz-labels.yml").write_text(yaml.safe_dump(dynamic if dynamic is not None else label_config(model)))
     api_port = free_port()
     log = tmp / "traefik.log"
-    command = local_flags(model["services"]["traefik"]["command"], tmp, dynamic_dir, api_port)
+    command = local_flags(model["services"]["traefik"]["command"], tmp, dynamic_dir, api_port, acme)
     with log.open("wb") as sink:
         process = subprocess.Popen([traefik_binary(), *command], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)
     traefik = Traefik(f"http://127.0.0.1:{api_port}", log)
@@ -174,11 +249,37 @@ def start_traefik(model: dict[str, Any], tmp: Path, dynamic: dict[str, Any] | No
         # No graceful shutdown needed (it can take Traefik's 10 s grace timeout).
         process.kill()
         process.wait(timeout=10)
+        acme.close()
 
 
 @pytest.fixture(scope="module")
-def traefik(model: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traefik]:
-    yield from start_traefik(model, tmp_path_factory.mktemp("traefik-run"))
+def appliance() -> Iterator[Appliance]:
+    app = Appliance(name="behind-traefik")
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def site_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return self_signed(tmp_path_factory.mktemp("site"), DOMAIN, f"DNS:{DOMAIN}")
+
+
+@pytest.fixture(scope="module")
+def traefik(
+    model: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+    appliance: Appliance,
+    site_cert: tuple[Path, Path],
+) -> Iterator[Traefik]:
+    """The stack's Traefik in front of a real appliance, serving a certificate for the domain (ACME cannot here)."""
+    dynamic = label_config(model)
+    (server,) = dynamic["http"]["services"]["wsbridge"]["loadBalancer"]["servers"]
+    server["url"] = appliance.http
+    dynamic["tls"] = {"certificates": [{"certFile": str(site_cert[0]), "keyFile": str(site_cert[1])}]}
+    yield from start_traefik(model, tmp_path_factory.mktemp("traefik-run"), dynamic)
 
 
 def configuration_errors(traefik: Traefik) -> list[str]:
@@ -262,6 +363,12 @@ def listening_port(service: dict[str, Any], name: str) -> int:
                 "9090",
             )
         ),
+        "alertmanager": lambda: int(
+            next(
+                (arg.split(":")[-1] for arg in service["entrypoint"] if arg.startswith("--web.listen-address=")),
+                "9093",
+            )
+        ),
     }
     return known[name]()
 
@@ -335,3 +442,143 @@ def test_the_traefik_folder_holds_only_dynamic_configuration() -> None:
     for path in TRAEFIK_DYNAMIC_DIR.iterdir():
         assert path.suffix == ".yml", f"{path.name}: the file provider reads *.yml here"
     assert shutil.which("sh")  # (the appliance entrypoint test needs it too)
+
+
+# --- real traffic over TLS ------------------------------------------------------------------------
+
+TRAEFIK_404 = b"404 page not found\n"
+
+
+def entrypoint_port(traefik: Traefik, name: str) -> int:
+    entrypoints = {entry["name"]: entry for entry in traefik.get("/api/entrypoints")}
+    return int(entrypoints[name]["address"].rsplit(":", 1)[1])
+
+
+def tls_context(site_cert: tuple[Path, Path]) -> ssl.SSLContext:
+    """Trusts only the site's certificate, for the domain: the client checks what Traefik serves."""
+    return ssl.create_default_context(cafile=str(site_cert[0]))
+
+
+def https(
+    port: int, site_cert: tuple[Path, Path], path: str, method: str = "GET", **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    """A request to https://DOMAIN:port``path`` sent to 127.0.0.1, the path exactly as given."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10 * SCALE)
+    connection = http.client.HTTPConnection(DOMAIN, port, timeout=10 * SCALE)
+    connection.sock = tls_context(site_cert).wrap_socket(raw, server_hostname=DOMAIN)
+    try:
+        body = b"{}" if method == "POST" else None
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def read_timeout(model: dict[str, Any], entrypoint: str) -> float:
+    value = static_flags(model["services"]["traefik"]["command"])[
+        f"entrypoints.{entrypoint}.transport.respondingtimeouts.readtimeout"
+    ]
+    return float(value.removesuffix("s"))
+
+
+def test_a_websocket_session_crosses_traefik_over_tls_and_outlives_the_read_timeout(
+    traefik: Traefik, model: dict[str, Any], site_cert: tuple[Path, Path]
+) -> None:
+    port = entrypoint_port(traefik, "websocket")
+    idle = read_timeout(model, "websocket") + 2
+
+    async def session() -> None:
+        def open_as(client_id: str, token: str) -> Any:
+            return connect(
+                f"wss://{DOMAIN}:{port}/ws/{client_id}",
+                host="127.0.0.1",
+                port=port,
+                ssl=tls_context(site_cert),
+                server_hostname=DOMAIN,
+                additional_headers={"X-Auth-Token": token},
+                ping_interval=None,  # nothing crosses the connection while it is idle
+                open_timeout=10 * SCALE,
+            )
+
+        from support import CLIENT_TOKEN
+
+        async with open_as("unity_client_1", CLIENT_TOKEN) as client, open_as("LLM", CONTROLLER_TOKEN) as llm:
+            await llm.send(command("unity_client_1", "MoveForward 10"))
+            assert await recv(client) == "MoveForward 10"
+            await asyncio.sleep(idle)  # longer than :443's read timeout, no frame at all
+            await client.send("done")
+            assert json.loads(await recv(llm)) == {"sender": "unity_client_1", "message": "done"}
+
+    asyncio.run(session())
+
+
+def test_slow_headers_are_cut_by_the_websocket_entrypoints_read_timeout(
+    traefik: Traefik, model: dict[str, Any], site_cert: tuple[Path, Path]
+) -> None:
+    port = entrypoint_port(traefik, "websocket")
+    limit = read_timeout(model, "websocket")
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10 * SCALE)
+    with tls_context(site_cert).wrap_socket(raw, server_hostname=DOMAIN) as tls:
+        tls.sendall(f"GET /ws/slow HTTP/1.1\r\nHost: {DOMAIN}\r\n".encode())  # and never the blank line
+        tls.settimeout(limit + 20 * SCALE)
+        started = time.monotonic()
+        try:
+            answer = tls.recv(1024)
+        except (ConnectionResetError, ssl.SSLError):
+            answer = b""
+        except TimeoutError:
+            pytest.fail(f"a request whose headers never end was still open after {limit + 20 * SCALE:.0f} s")
+    assert time.monotonic() - started >= limit - 1, "cut before the read timeout"
+    assert not answer.startswith(b"HTTP/1.1 2"), answer
+
+
+def test_the_dashboard_and_the_controllers_api_answer_over_tls_where_the_docs_say(
+    traefik: Traefik, site_cert: tuple[Path, Path]
+) -> None:
+    admin = entrypoint_port(traefik, "websecure")
+    public = entrypoint_port(traefik, "websocket")
+    status, headers, _ = https(admin, site_cert, "/healthz")
+    assert status == 200
+    assert headers["strict-transport-security"].startswith("max-age=31536000")
+    status, _, body = https(admin, site_cert, "/admin/")
+    assert status in (200, 302, 303, 401) and body != TRAEFIK_404
+    # README: https://HOST/mcp and the HTTP command API, on the public entrypoint.
+    for method, path in (("POST", "/mcp"), ("POST", "/api/v1/commands"), ("GET", "/api/v1/clients")):
+        status, _, body = https(public, site_cert, path, method, Authorization=f"Bearer {CONTROLLER_TOKEN}")
+        assert body != TRAEFIK_404, f"{method} {path} is not routed on :443"
+    status, _, body = https(public, site_cert, "/api/v1/clients", "GET", **{"X-Auth-Token": CONTROLLER_TOKEN})
+    assert status == 200, body
+    # The admin surfaces are not on :443.
+    for path in ("/admin/", "/grafana/", "/prometheus/", "/alertmanager/", "/healthz"):
+        assert https(public, site_cert, path)[2] == TRAEFIK_404, path
+    assert https(public, site_cert, "/api/v1/clients/x", "DELETE")[2] == TRAEFIK_404
+
+
+@pytest.mark.parametrize("path", ["/metrics", "//metrics", "/metrics/", "/%6detrics", "/./metrics", "/x/../metrics"])
+def test_metrics_is_never_served_through_traefik_in_any_spelling(
+    traefik: Traefik, site_cert: tuple[Path, Path], appliance: Appliance, path: str
+) -> None:
+    """The appliance itself answers some of these spellings; Traefik matches the normalised path and refuses them all."""
+    for entrypoint in ("websecure", "websocket"):
+        status, _, body = https(entrypoint_port(traefik, entrypoint), site_cert, path)
+        assert b"wsbridge_" not in body and b"# HELP" not in body, f"{entrypoint} served {path}"
+        assert status in (400, 404), (entrypoint, path, status)
+
+
+def test_one_grafana_dashboard_load_is_not_throttled_but_a_flood_is(
+    traefik: Traefik, site_cert: tuple[Path, Path]
+) -> None:
+    port = entrypoint_port(traefik, "websecure")
+    dashboards = (COMPOSE_FILE.parent / "monitoring" / "grafana" / "dashboards").glob("*.json")
+    queries = max(json.dumps(json.loads(path.read_text())).count('"expr"') for path in dashboards)
+    load = queries + 90  # the queries plus Grafana's scripts, styles, fonts and API calls on a cold cache
+
+    def burst(count: int) -> list[int]:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            return list(pool.map(lambda i: https(port, site_cert, f"/grafana/public/x{i}")[0], range(count)))
+
+    statuses = burst(load)
+    assert 429 not in statuses, f"{statuses.count(429)} of {load} requests of one dashboard load were throttled"
+    time.sleep(2)  # let the bucket refill
+    assert 429 in burst(400), "no rate limit on the admin entrypoint"

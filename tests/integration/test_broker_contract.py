@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from broker_support import CLIENT, CONTROLLER, Cluster, Outcome, new_id, until
-from redis.asyncio import Redis
+from broker_support import BACKENDS, CLIENT, CONTROLLER, Cluster, Outcome, cluster_group, new_id, sentinel_group, until
 from support import eventually
 
 from appliance.brokers.base import BrokerNotStarted
@@ -21,11 +20,12 @@ from appliance.brokers.memory import MemoryBroker
 from appliance.brokers.redis import RedisBroker
 from appliance.core.protocol import ErrorCode
 
+__all__ = ["cluster_group", "sentinel_group"]  # Fixtures of broker_support, used through the backend.
 
-@pytest.fixture(params=["memory", "redis"])
+
+@pytest.fixture(params=BACKENDS)
 async def cluster(request: pytest.FixtureRequest):
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    made = Cluster(request.param, url)
+    made = Cluster.of(request, request.param)
     yield made
     await made.stop()
 
@@ -47,7 +47,7 @@ async def test_a_newer_claim_replaces_the_owner_and_tells_it(cluster):
     second = await b.claim(client_id)
     assert second.accepted and second.previous == first.owner
     assert second.owner.generation > first.owner.generation
-    if cluster.kind == "redis":  # Across instances the old holder learns it on its channel.
+    if cluster.kind != "memory":  # Across instances the old holder learns it on its channel.
         await until(lambda: (client_id, first.owner) in a.inbox.replaced_owners, message="the kick")
     else:
         assert (client_id, first.owner) in a.inbox.replaced_owners
@@ -198,7 +198,7 @@ async def test_presence_summary_counts_every_instance_and_moves_with_membership(
     await b.release(two, second.owner)
     await eventually(lambda: counted({"connections": 1, "clients": 1, "controllers": 0}), 10, "the release counted")
     assert (await totals())[1][b.name] != versions[b.name]
-    if cluster.kind == "redis":
+    if cluster.kind != "memory":
         await b.broker.stop()
         cluster.nodes.remove(b)
 
@@ -207,15 +207,16 @@ async def test_presence_summary_counts_every_instance_and_moves_with_membership(
 
         await eventually(forgotten, 10, "a stopped instance's summary gone")
         # A crashed instance's name is forgotten once its keys expired, but not while its presence is there.
-        raw = Redis.from_url(cluster.redis_url)
+        raw = cluster.raw()
+        old = cluster.keys.presence("old-version")
         try:
             await raw.sadd("wsb:instances", "crashed", "old-version")
-            await raw.hset("wsb:instance:old-version", "x", '{"id": "x", "role": "client", "instance": "old-version"}')
+            await raw.hset(old, "x", '{"id": "x", "role": "client", "instance": "old-version"}')
             await a.broker.presence_summary()
             assert await raw.smembers("wsb:instances") == {a.name.encode(), b"old-version"}
             assert "x" in {r["id"] for r in await a.broker.presence()}
         finally:
-            await raw.delete("wsb:instance:old-version")
+            await raw.delete(old)
             await raw.aclose()
 
 
@@ -230,7 +231,7 @@ async def _lacks(ids, unwanted):
 async def test_health_is_ready_once_started_and_use_before_start_fails_loudly(cluster):
     a = await cluster.node("a")
     assert a.broker.health() == (True, "ok")
-    unstarted = MemoryBroker() if cluster.kind == "memory" else RedisBroker(cluster.redis_url, instance="x")
+    unstarted = MemoryBroker() if cluster.kind == "memory" else RedisBroker(cluster.target, instance="x")
     assert unstarted.health()[0] is False
     with pytest.raises(BrokerNotStarted):
         unstarted.send_to_controllers("x")
@@ -264,10 +265,9 @@ async def test_a_cancelled_claim_leaves_the_id_free(cluster):
 # --- connect history ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_connect_history_is_shared_capped_and_newest_first(kind, request):
-    url = request.getfixturevalue("redis_server").url if kind == "redis" else None
-    cluster = Cluster(kind, url, history_per_client=3)
+    cluster = Cluster.of(request, kind, history_per_client=3)
     try:
         a, b = await cluster.node("a"), await cluster.node("b")
         client_id, other = new_id(), new_id()
@@ -285,8 +285,38 @@ async def test_connect_history_is_shared_capped_and_newest_first(kind, request):
         assert await b.broker.history(client_id, 0) == []
         assert await b.broker.history(new_id(), 10) == []
         assert [e["code"] for e in await b.broker.history(other, 10)] == [1000]
-        if kind == "redis":
-            reply = await request.getfixturevalue("redis_server").acommand("TTL", f"wsb:hist:{client_id}")
-            assert 0 < int(reply.strip().lstrip(b":")) <= 7 * 86400
+        if kind != "memory":
+            raw = cluster.raw()
+            try:
+                assert 0 < await raw.ttl(cluster.keys.history(client_id)) <= 7 * 86400
+            finally:
+                await raw.aclose()
     finally:
         await cluster.stop()
+
+
+# --- idempotency records ----------------------------------------------------------------------
+
+
+async def test_an_idempotency_key_is_claimed_by_exactly_one_of_many_at_once(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    key = new_id()
+    answers = await asyncio.gather(
+        *(node.broker.idempotency_claim(key, f"claim-{n}") for n, node in enumerate([a, b, a, b, a, b]))
+    )
+    winners = [n for n, held in enumerate(answers) if held is None]
+    assert len(winners) == 1
+    assert {held for held in answers if held is not None} == {f"claim-{winners[0]}"}
+
+
+async def test_an_idempotency_record_is_read_replaced_and_dropped_anywhere(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    key = new_id()
+    assert await b.broker.idempotency_get(key) is None
+    assert await a.broker.idempotency_claim(key, "pending") is None
+    await a.broker.idempotency_set(key, "done")
+    assert await b.broker.idempotency_get(key) == "done"
+    assert await b.broker.idempotency_claim(key, "other") == "done"
+    await b.broker.idempotency_drop(key)
+    assert await a.broker.idempotency_get(key) is None
+    assert await a.broker.idempotency_claim(key, "again") is None

@@ -1,22 +1,23 @@
 """The broker contract for commands with an id, at the broker API, against both brokers.
 
 Routed commands, the per-instance channel, fan-out with instance counts, the offline
-queue and owner lookup; the same tests for the memory and the Redis broker.
+queue and owner lookup; the same tests for the memory broker and Redis (one server, Sentinels, a Cluster).
 """
 
 from __future__ import annotations
 
 import pytest
-from broker_support import CONTROLLER, Cluster, Outcome, new_id, until
+from broker_support import BACKENDS, CONTROLLER, Cluster, Outcome, cluster_group, new_id, sentinel_group, until
 
 from appliance.core.protocol import ErrorCode
 from appliance.core.requests import Enqueued, Routed
 
+__all__ = ["cluster_group", "sentinel_group"]  # Fixtures of broker_support, used through the backend.
 
-@pytest.fixture(params=["memory", "redis"])
+
+@pytest.fixture(params=BACKENDS)
 async def cluster(request: pytest.FixtureRequest):
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    made = Cluster(request.param, url, queue_max=3, queue_remember_seconds=60)
+    made = Cluster.of(request, request.param, queue_max=3, queue_remember_seconds=60)
     yield made
     await made.stop()
 
@@ -58,7 +59,7 @@ async def test_instance_channel_reaches_exactly_that_instance(cluster):
     await until(lambda: b"for b" in b.inbox.events, message="the event on b")
     a.broker.send_to_instance(a.name, b"for a")
     assert b"for a" in a.inbox.events  # its own instance: at once, no round trip
-    if cluster.kind == "redis":
+    if cluster.kind != "memory":
         assert b"for b" not in a.inbox.events and b"for a" not in b.inbox.events
 
 

@@ -158,13 +158,16 @@ async def test_a_rolling_restart_under_steady_traffic_reports_every_command_it_c
     stop = asyncio.Event()
 
     async def device(i: int) -> None:
+        # Reads until cancelled once every outcome is in, with no timeout on a read. The devices
+        # used to stop reading with the traffic (and cut each read short after 0.2 s): a command
+        # sent in the last moment and delivered more than 0.2 s later on a busy machine reached a
+        # device that no longer read, so it counted as neither delivered nor reported ("one
+        # command of 1,060 had no outcome"), although the relay had delivered it (v1: handed to
+        # the socket, no report due). A read cut short during a reconnect could also abandon a
+        # socket the relay had just accepted, with commands written to it that nobody read.
         async with BridgeClient(balancer.ws, f"roll-{i}", CLIENT_TOKEN, backoff_initial=0.05, backoff_max=0.5) as dev:
-            while not stop.is_set():
-                try:
-                    text = await asyncio.wait_for(dev.receive(), 0.2)
-                except TimeoutError:
-                    continue
-                n = int(text[1:])
+            while True:
+                n = int((await dev.receive())[1:])
                 delivered[n] = delivered.get(n, 0) + 1
 
     async def controller_reader(llm: BridgeClient) -> None:
@@ -219,6 +222,8 @@ async def test_a_rolling_restart_under_steady_traffic_reports_every_command_it_c
             final_connection = llm.connections
     finally:
         stop.set()
+        for task in devices:
+            task.cancel()
         await asyncio.gather(*devices, return_exceptions=True)
         await balancer.stop()
 
@@ -265,13 +270,10 @@ async def test_a_rolling_restart_with_the_offline_queue_loses_no_command_for_rec
     stop = asyncio.Event()
 
     async def device(i: int) -> None:
+        # Reads and replies until cancelled once every outcome is in (why: the test above).
         async with BridgeClient(balancer.ws, f"rollq-{i}", CLIENT_TOKEN, backoff_initial=0.05, backoff_max=0.5) as dev:
-            while not stop.is_set():
-                try:
-                    text = await asyncio.wait_for(dev.receive(), 0.2)
-                except TimeoutError:
-                    continue
-                n = int(text[1:])
+            while True:
+                n = int((await dev.receive())[1:])
                 delivered[n] = delivered.get(n, 0) + 1
                 await dev.send_text(f"done {n}")  # Version-1 clients' replies free their reply line.
 
@@ -317,6 +319,8 @@ async def test_a_rolling_restart_with_the_offline_queue_loses_no_command_for_rec
             reader.cancel()
     finally:
         stop.set()
+        for task in devices:
+            task.cancel()
         await asyncio.gather(*devices, return_exceptions=True)
         await balancer.stop()
 

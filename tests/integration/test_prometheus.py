@@ -50,11 +50,21 @@ CERT_DAYS = 10
 #: needs Docker and cgroups of containers); the name is that of cAdvisor's documentation.
 NOT_RUN_HERE = {
     "container_memory_working_set_bytes": "cAdvisor",
+    "container_start_time_seconds": "cAdvisor",
+    "container_oom_events_total": "cAdvisor",
+    "container_last_seen": "cAdvisor",
 }
 #: Series that exist only while something is happening, with no zero value before.
 ONLY_WHILE_ACTIVE = {
     "wsbridge_token_grace_end_timestamp_seconds": "exists only during a token's grace window",
     "wsbridge_broker_task_errors_total": "its task label is known only at the first error",
+    "wsbridge_admission_refused_total": "its reason label is known only at the first refusal",
+    "wsbridge_http_requests_error_total": "its labels are known only at the first request that raises",
+    "traefik_service_requests_total": "Traefik here routes nothing (it serves a certificate and its metrics)",
+    **{
+        f"wsbridge:slo_availability_errors:ratio_rate{window}": "recorded from traefik_service_requests_total"
+        for window in ("5m", "30m", "1h", "6h")
+    },
 }
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
 
@@ -90,9 +100,9 @@ def dashboard_expressions() -> list[tuple[str, str]]:
                 found.append((f"{path.stem}: {panel['title']}", target["expr"]))
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
-                # label_values(selector, label) is Grafana's; Prometheus evaluates the selector.
-                selector = re.fullmatch(r"label_values\((.+), *\w+\)", variable["definition"]).group(1)
-                found.append((f"{path.stem}: variable {variable['name']}", selector))
+                # label_values(selector, label) and query_result(query) are Grafana's; Prometheus evaluates the inside.
+                match = re.fullmatch(r"label_values\((.+), *\w+\)|query_result\((.+)\)", variable["definition"])
+                found.append((f"{path.stem}: variable {variable['name']}", match.group(1) or match.group(2)))
     return found
 
 
@@ -174,7 +184,11 @@ class Stack:
         """The project's prometheus.yml, addresses rewritten to this test's ports."""
         config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
         config["global"].update(scrape_interval="1s", scrape_timeout="900ms", evaluation_interval="1s")
-        config["rule_files"] = [str(MONITORING / "rules" / "*.yml")]
+        # The second file is written by the prometheus service's entrypoint from WSBRIDGE_REPLICAS (2 here).
+        config["rule_files"] = [
+            str(MONITORING / "rules" / "*.yml"),
+            str(MONITORING / "rules" / "tests" / "stack.rules.yml"),
+        ]
         config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
             f"127.0.0.1:{self.ports['alertmanager']}"
         ]
@@ -220,6 +234,8 @@ class Stack:
                     f"--config.file={alertmanager_dir / 'alertmanager.yml'}",
                     f"--storage.path={work / 'am-data'}",
                     f"--web.listen-address=127.0.0.1:{self.ports['alertmanager']}",
+                    # As in production: served under /alertmanager/ (prometheus.yml's path_prefix).
+                    f"--web.external-url=http://127.0.0.1:{self.ports['alertmanager']}/alertmanager/",
                     "--cluster.listen-address=",
                 ],
                 work,
@@ -302,7 +318,7 @@ class Stack:
             )
         )
         for name, url in (
-            ("alertmanager", f"http://127.0.0.1:{self.ports['alertmanager']}/-/ready"),
+            ("alertmanager", f"http://127.0.0.1:{self.ports['alertmanager']}/alertmanager/-/ready"),
             ("node_exporter", f"http://127.0.0.1:{self.ports['node']}/metrics"),
             ("redis_exporter", f"http://127.0.0.1:{self.ports['redis']}/metrics"),
             ("traefik", f"http://127.0.0.1:{self.ports['traefik']}/metrics"),
@@ -396,7 +412,9 @@ def test_prometheus_scrapes_every_target_that_runs_here(scraped: Stack) -> None:
         assert (job, "1") in up, f"{job} is not scraped: {up}\n{scraped.logs()}"
     # Prometheus found the Alertmanager it is configured with.
     active = get_json(f"{scraped.api}/alertmanagers")["data"]["activeAlertmanagers"]
-    assert [a["url"] for a in active] == [f"http://127.0.0.1:{scraped.ports['alertmanager']}/api/v2/alerts"]
+    assert [a["url"] for a in active] == [
+        f"http://127.0.0.1:{scraped.ports['alertmanager']}/alertmanager/api/v2/alerts"
+    ]
 
 
 def test_the_new_series_carry_the_traffic(scraped: Stack) -> None:
@@ -457,7 +475,7 @@ def test_every_rule_evaluates_without_error(scraped: Stack) -> None:
     def healthy() -> bool:
         groups = get_json(f"{scraped.api}/rules")["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        return len(rules) == len(rule_expressions()) and all(
+        return len(rules) == len(rule_expressions()) + 1 and all(
             r.get("lastEvaluation", "").startswith("20") for r in rules
         )
 
@@ -531,3 +549,39 @@ def test_redis_outage_shows_in_the_brokers_own_metrics_and_alerts(scraped: Stack
         lambda: scraped.series('wsbridge_redis_reconnects_total{job="appliance"} == 1'), 10, "the reconnect count"
     )
     assert value(scraped, 'wsbridge_redis_outages_total{job="appliance"}') == 1
+
+
+def test_the_instance_variable_shows_each_appliances_own_id_and_filters_on_its_address(scraped: Stack) -> None:
+    """Grafana's query_result renders each series as text; the variable's regex picks the id to show and the address."""
+    (series,) = scraped.series('wsbridge_build_info{job="appliance"}')
+    labels = ", ".join(f'{key}="{value}"' for key, value in sorted(series["metric"].items()) if key != "__name__")
+    rendered = f"wsbridge_build_info{{{labels}}} 1 {int(time.time() * 1000)}"
+    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
+        (variable,) = [v for v in json.loads(path.read_text())["templating"]["list"] if v["name"] == "instance"]
+        pattern = variable["regex"].strip("/").replace("(?<", "(?P<")
+        match = re.search(pattern, rendered)
+        assert match, (path.name, rendered)
+        assert match.group("value") == f"127.0.0.1:{scraped.app.port}"  # what the panels filter on
+        assert match.group("text") == series["metric"]["exported_instance"]  # the appliance's own id
+
+
+def test_no_panel_is_empty_on_a_healthy_stack(scraped: Stack) -> None:
+    """Every panel shows something (a zero line at least) once the stack has run a little traffic.
+
+    Panels fed only by what this machine cannot run (cAdvisor) are the exception.
+    """
+    empty, checked = [], 0
+    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        stack_ = list(dashboard["panels"])
+        while stack_:
+            panel = stack_.pop()
+            stack_.extend(panel.get("panels", []))
+            exprs = [grafana_to_promql(target["expr"]) for target in panel.get("targets", [])]
+            if not exprs or all(metric_names(e) & set(NOT_RUN_HERE) for e in exprs):
+                continue
+            checked += 1
+            if not any(scraped.series(expr) for expr in exprs):
+                empty.append(f"{path.stem}: {panel['title']}")
+    assert checked > 40, checked
+    assert not empty, f"panels with no data on a healthy stack: {empty}"

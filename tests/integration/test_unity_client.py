@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,11 @@ CORE = PACKAGE / "Runtime" / "Core"
 HARNESS = Path(__file__).resolve().parent / "unity"
 # The newest C# Mono's mcs compiles; the Unity scripts promise to stay within it.
 LANGVERSION = "7.2"
+# Where the package is installed from by git URL (unity_project/README.md) and documented (package.json).
+REPOSITORY = "https://github.com/wsbridge/websocket-bridge"
 TRANSPORT = sorted(CORE.rglob("*.cs"))
 UNITY_SCRIPTS = [*sorted((PACKAGE / "Runtime" / "Unity").rglob("*.cs")), *sorted((PACKAGE / "Samples~").rglob("*.cs"))]
+EDITOR_SCRIPTS = sorted((PACKAGE / "Editor").rglob("*.cs"))
 
 
 def compile_cs(out: Path, sources: list[Path], target: str = "exe", defines: list[str] | None = None) -> Path:
@@ -77,7 +81,12 @@ def webgl_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("unity-webgl") / "WebGLTransportTests.exe"
     return compile_cs(
         out,
-        [*TRANSPORT, HARNESS / "BridgeClientTests.cs", HARNESS / "BrowserSocketEmulation.cs"],
+        [
+            *TRANSPORT,
+            HARNESS / "BridgeClientTests.cs",
+            HARNESS / "BrowserSocketEmulation.cs",
+            HARNESS / "WebGLPlayerEmulation.cs",
+        ],
         defines=["WSBRIDGE_WEBGL_TESTS"],
     )
 
@@ -94,9 +103,10 @@ def app() -> Iterator[Appliance]:
 class Device:
     """One run of the C# test program; its ``EVENT``/``FAIL`` lines are read as they come."""
 
-    def __init__(self, process: asyncio.subprocess.Process, scenario: str) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, scenario: str, workdir: Path) -> None:
         self.process = process
         self.scenario = scenario
+        self.workdir = workdir
         self.lines: list[str] = []
 
     async def _next_line(self, within: float) -> str:
@@ -104,7 +114,9 @@ class Device:
         raw = await asyncio.wait_for(self.process.stdout.readline(), timeout(within))
         if not raw:
             await self.process.wait()
-            raise AssertionError(f"{self.scenario} exited ({self.process.returncode}) early:\n{self.output}")
+            raise AssertionError(
+                f"{self.scenario} exited ({self.process.returncode}) early:\n{self.output}{self._crash_reports()}"
+            )
         line = raw.decode(errors="replace").rstrip("\n")
         self.lines.append(line)
         if line.startswith("FAIL:"):
@@ -144,6 +156,11 @@ class Device:
                     self.lines.append(raw.decode(errors="replace").rstrip("\n"))
         return self.output
 
+    def _crash_reports(self) -> str:
+        """A native crash of the Mono runtime leaves mono_crash.*.json in the working directory (a temporary one)."""
+        reports = sorted(self.workdir.glob("mono_crash.*.json"))
+        return "".join(f"\nMono crash report {report}" for report in reports)
+
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -167,9 +184,11 @@ async def device(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **(env or {})},
+        # Not the repository: a native crash of Mono writes mono_crash.*.json into the working directory.
+        cwd=harness.parent,
     )
     try:
-        yield Device(process, scenario)
+        yield Device(process, scenario, harness.parent)
     finally:
         if process.returncode is None:
             process.kill()
@@ -231,6 +250,13 @@ async def test_selftest_backoff_endpoint_codec_and_retry_loop(harness):
 
 async def test_listener_and_example_compile_against_the_unity_stand_in(tmp_path):
     compile_cs(tmp_path / "UnityScripts.dll", [*TRANSPORT, *UNITY_SCRIPTS, HARNESS / "UnityEngineStub.cs"], "library")
+    # The editor assembly (the read-only Status drawer) too, in the editor.
+    compile_cs(
+        tmp_path / "UnityEditorScripts.dll",
+        [*TRANSPORT, *UNITY_SCRIPTS, *EDITOR_SCRIPTS, HARNESS / "UnityEngineStub.cs"],
+        "library",
+        defines=["UNITY_EDITOR"],
+    )
 
 
 # --- against a running appliance ----------------------------------------------------------------
@@ -417,6 +443,91 @@ async def test_command_listener_dispatches_to_the_example_light_on_the_main_thre
     await eventually(gone, 10, "unity-light to leave")
 
 
+async def test_reloading_the_boot_scene_keeps_one_listener_and_duplicates_destroy_themselves(app, smoke):
+    """Issue 25 item 3: a stand-in that keeps DontDestroyOnLoad objects across loads; three loads, one listener."""
+    target = "unity-reloads"
+    async with (
+        app.controller() as llm,
+        device(smoke, "reloads", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        assert await ask(llm, target, "off") == "light off"  # the lamp of the last load, through the first listener
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
+async def test_v1_replies_keep_the_command_order_with_async_handlers_and_their_exceptions_are_logged(app, smoke):
+    """Issue 25 items 7 and 6: v1 has no ids, so "slow" (an async handler, five frames) must answer before "echo"."""
+    target = "unity-v1-order"
+    async with (
+        app.controller() as llm,
+        device(smoke, "v1order", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        await llm.send(command(target, "slow first"))
+        await llm.send(command(target, "echo second"))
+        replies = [(await recv_json(llm))["message"] for _ in range(2)]
+        assert replies == ["first", "second"]
+        assert await ask(llm, target, "boom") == "error: boom: fuse blown"
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
+async def test_a_device_build_without_environment_variables_takes_the_token_from_a_resource_asset(app, smoke):
+    """Issue 25 item 2: no UNITY_CLIENT_TOKEN (Android, iOS, WebGL have none); the editor warns until the asset exists."""
+    target = "unity-device-token"
+    async with (
+        app.controller() as llm,
+        device(smoke, "devicetoken", env={"UNITY_CLIENT_TOKEN": ""}, url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        assert await ask(llm, target, "ping") == "pong"
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
+@pytest.fixture(scope="module")
+def smoke_webgl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The listener with the WebGL transport over the browser emulation (and the frame loop)."""
+    return compile_cs(
+        tmp_path_factory.mktemp("unity-smoke-webgl") / "ListenerSmokeWebGL.exe",
+        [
+            *TRANSPORT,
+            *UNITY_SCRIPTS,
+            *sorted(HARNESS.glob("Unity*.cs")),
+            HARNESS / "ListenerSmoke.cs",
+            HARNESS / "BrowserSocketEmulation.cs",
+        ],
+        defines=["UNITY_EDITOR", "WSBRIDGE_WEBGL_TESTS"],
+    )
+
+
+async def test_a_command_that_waited_in_a_hidden_webgl_tab_is_refused_not_run_late(app, smoke_webgl):
+    """Issue 25 item 5: the browser stamps what it queues; the listener counts that time (Command Max Age 1 s)."""
+    target = "unity-hidden-tab"
+    async with (
+        app.controller() as llm,
+        device(smoke_webgl, "hiddentab", url=app.ws, id=target, token=CLIENT_TOKEN) as run,
+    ):
+        await run.expect("EVENT connected")
+        assert await ask(llm, target, "echo visible") == "visible"
+        assert await ask(llm, target, "hide") == "hidden"
+        await run.expect("EVENT hidden")  # no frame runs from now on for 3 s
+        await llm.send(command(target, "echo while-hidden"))  # waits ~3 s in the browser's queue
+        refused = (await recv_json(llm, 20))["message"]
+        assert refused.startswith("error: echo not run: it waited "), refused
+        assert "(limit 1 s)" in refused, refused
+        assert await ask(llm, target, "echo visible-again") == "visible-again"
+        await llm.send(command(target, "quit"))
+        await run.passes()
+
+
+async def test_commands_a_replaced_client_delivers_late_do_not_fill_the_pending_count(smoke):
+    """Issue 25 item 4: offline; 100 such commands used to leave every later command refused as busy."""
+    async with device(smoke, "stale", id="unity-stale", token="t") as run:
+        await run.passes()
+
+
 @pytest.mark.parametrize("broker", ["memory", "redis"])
 async def test_commands_never_run_late_and_teardown_never_blocks(request, start_appliance, smoke, broker):
     """Disabled, paused, stalled frames, an old connection, the frame budget, a domain reload, a destroyed primary
@@ -477,6 +588,108 @@ async def test_webgl_transport_reports_a_refused_token_as_final(app, webgl_harne
         line = await run.expect("EVENT rejected")
         await run.passes()
     assert line.startswith("EVENT rejected code=4001 "), line
+
+
+async def test_webgl_transport_refuses_a_token_a_browser_cannot_send_once_with_the_reason(app, webgl_harness):
+    """Issue 25 item 10: new WebSocket() throws on such a subprotocol, which looked like a 1006 retried forever."""
+    async with device(
+        webgl_harness,
+        "rejected",
+        transport="webgl",
+        url=app.ws,
+        id="unity-webgl-badchars",
+        token="has space",
+        expect_close="none",
+    ) as run:
+        line = await run.expect("EVENT rejected")
+        await run.passes()
+    assert "characters a browser cannot send" in line, line
+    assert "has space" not in run.output.replace("--token has space", "")
+
+
+async def test_webgl_transport_gives_up_with_a_reason_after_repeated_refused_opens(webgl_harness):
+    """Issue 25 item 10: an origin the appliance refuses (403) reaches a page as a close 1006 before open, like a server
+    that is down. After MaxRefusedOpens such attempts in a row the client stops and says what to check."""
+    handshakes: list[str] = []
+
+    async def refuse_origin(connection, request):
+        handshakes.append(request.path)
+        return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+
+    async def never(ws) -> None:
+        raise AssertionError("the handshake was refused")
+
+    async with websockets.serve(never, "127.0.0.1", 0, process_request=refuse_origin) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            webgl_harness,
+            "rejected",
+            transport="webgl",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-webgl-403",
+            token="t",
+            expect_close="none",
+            max_refused_opens=3,
+            expect_attempts=3,
+        ) as run:
+            line = await run.expect("EVENT rejected")
+            await run.passes()
+    assert "gave up after 3 attempts" in line and "ALLOWED_ORIGINS" in line, line
+    assert len(handshakes) == 3
+
+
+# --- the WebGL player: one thread, frames, no thread pool, no timers (issue 25) -----------------------
+
+
+async def test_webgl_player_connects_answers_and_times_out_a_connect_on_one_thread_with_a_starved_pool(
+    app, webgl_harness
+):
+    """WebGLPlayerEmulation.cs: the client runs from the frame loop alone; every pool thread is held by a blocker
+    and at the end nothing waits in the pool's queue or for a timer. First a connect the server never answers times
+    out by the frame clock, then the device connects to the real appliance and answers commands."""
+    target = "unity-webgl-frames"
+    async with (
+        app.controller() as llm,
+        device(webgl_harness, "frameloop", url=app.ws, id=target, token=CLIENT_TOKEN, silent=1) as run,
+    ):
+        await run.expect("EVENT starved workers=")
+        await run.expect("EVENT timed-out attempts=")
+        await run.expect("EVENT connected client=device connections=1")
+        assert await ask(llm, target, "echo héllo 🎮") == "héllo 🎮"
+        assert await ask(llm, target, "size " + payload(20000)) == size_and_hash(payload(20000))
+        await quit_device(llm, target, run)
+
+
+async def test_webgl_player_reconnects_after_a_1011_on_one_thread_with_a_starved_pool(webgl_harness):
+    """A server error (1011) on the first connection: the backoff runs on the frame clock and the client comes back."""
+    connections: list[object] = []
+
+    async def failing_first(ws) -> None:
+        connections.append(ws)
+        if len(connections) == 1:
+            await ws.close(1011, "internal error")
+            return
+        await ws.send("echo again")
+        assert await asyncio.wait_for(ws.recv(), timeout(10)) == "again"
+        await ws.send("quit")
+        assert await asyncio.wait_for(ws.recv(), timeout(10)) == "bye"
+        await ws.wait_closed()
+
+    async with websockets.serve(failing_first, "127.0.0.1", 0, subprotocols=["wsbridge.v1"]) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            webgl_harness,
+            "frameloop",
+            url=f"ws://127.0.0.1:{port}",
+            id="unity-webgl-1011",
+            token="t",
+            expect_connections=2,
+            expect_close=1011,
+        ) as run:
+            await run.expect("EVENT disconnected client=device code=1011")
+            await run.expect("EVENT connected client=device connections=2")
+            await run.passes()
+    assert len(connections) == 2
 
 
 # --- hangs, races and final codes (issue 13) ------------------------------------------------------
@@ -585,6 +798,13 @@ def test_package_json_asmdefs_and_project_manifest_agree():
     assert re.fullmatch(r"\d+\.\d+\.\d+", manifest["version"]), manifest["version"]
     assert re.fullmatch(r"20\d\d\.\d", manifest["unity"]), manifest["unity"]
     assert manifest["description"] and manifest["displayName"]
+    assert manifest["license"] == "MIT"  # the repository's (pyproject.toml)
+    for url in (manifest["documentationUrl"], manifest["changelogUrl"]):  # the repository the README installs from
+        assert url.startswith(REPOSITORY + "/blob/main/unity_project/"), url
+    assert (
+        f"{REPOSITORY}.git?path=/unity_project/Packages/com.wsbridge.client"
+        in (ROOT / "unity_project" / "README.md").read_text()
+    )
     for sample in manifest["samples"]:
         folder = PACKAGE / sample["path"]
         assert sample["path"].startswith("Samples~/") and folder.is_dir() and list(folder.glob("*.cs")), sample
@@ -607,6 +827,8 @@ def test_package_json_asmdefs_and_project_manifest_agree():
         assert "UnityEngine" not in code, script
     unity = definitions[PACKAGE / "Runtime" / "Unity" / "WebSocketBridge.asmdef"]
     assert unity["references"] == ["WebSocketBridge.Core"]
+    editor = definitions[PACKAGE / "Editor" / "WebSocketBridge.Editor.asmdef"]
+    assert editor["includePlatforms"] == ["Editor"] and editor["references"] == ["WebSocketBridge"]
     tests = definitions[PACKAGE / "Tests" / "Runtime" / "WebSocketBridge.Tests.asmdef"]
     assert (
         "UNITY_INCLUDE_TESTS" in tests["defineConstraints"] and "nunit.framework.dll" in tests["precompiledReferences"]
@@ -621,6 +843,29 @@ def test_package_json_asmdefs_and_project_manifest_agree():
         r"^m_EditorVersion: (\d+)\.(\d+)\.", (project / "ProjectSettings" / "ProjectVersion.txt").read_text(), re.M
     )
     assert version and tuple(map(int, version.groups())) >= tuple(map(int, manifest["unity"].split(".")))
+
+
+def test_the_readme_says_what_a_webgl_build_needs():
+    """Issue 25 item 11: ALLOWED_ORIGINS, the characters a token may use (the ones WebGLTransport accepts), Run In
+    Background, scoped tokens; and the close codes the client describes are in its table."""
+    readme = (ROOT / "unity_project" / "README.md").read_text()
+    webgl = readme.split("## WebGL", 1)[1].split("\n## ", 1)[0]
+    for needed in ("ALLOWED_ORIGINS", "Run In Background", "scoped client token", "MaxRefusedOpens", "4008"):
+        assert needed in webgl, needed
+    transport = (CORE / "WebGLTransport.cs").read_text()
+    allowed = re.search(r'"([^"]+)"\.IndexOf\(c\) >= 0', transport)
+    assert allowed and f"letters, digits and ``{allowed[1]}``" in webgl, (
+        "the README's token characters differ from IsToken's"
+    )
+    builds = readme.split("### Tokens in builds", 1)[1].split("\n## ", 1)[0]
+    assert "WsBridgeToken.txt" in builds and "public" in builds and "scoped client token" in builds
+    assert "/Assets/Resources/WsBridgeToken.txt" in (ROOT / "unity_project" / ".gitignore").read_text()
+    client = (CORE / "BridgeClient.cs").read_text()
+    described = {int(code) for code in re.findall(r"const int \w+ = (4\d\d\d);", client)}
+    table = readme.split("## What the connection does", 1)[1].split("\n## ", 1)[0]
+    assert {4004, 4013} <= described
+    for code in described:
+        assert str(code) in table, code
 
 
 def test_every_package_file_has_a_meta_with_a_unique_guid():
@@ -846,6 +1091,31 @@ async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rt
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(ws.recv(), 0.5)
         # A command without id gets a plain reply, which every controller receives, as in v1.
+        await first.send(command(target, "quit"))
+        for ws in (first, second):
+            assert await recv_json(ws) == {"sender": target, "message": "bye"}
+        await run.passes()
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_v2_replies_to_a_broadcast_reach_every_controller_as_the_clients_plain_message(
+    request, start_appliance, harness, broker
+):
+    """Issue 25 item 8: the C# v2 client answers a broadcast's id with {"reply_to", "message"}; nothing waits for that
+    id (broadcasts wait for no reply), so controllers get {"sender", "message"}, not the envelope as text."""
+    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
+    relay = start_appliance(redis_url=redis_url, name=f"unity-v2-broadcast-{broker}")
+    target = "unity-v2-everyone"
+    async with (
+        relay.controller("llm-a") as first,
+        relay.controller("llm-b") as second,
+        device(harness, "v2", url=relay.ws, id=target, token=CLIENT_TOKEN, groups="lights") as run,
+    ):
+        await run.expect("EVENT connected")
+        for addressed, command_id in (("*", "b-7"), ("group:lights", "g-8")):
+            await first.send(json.dumps({"target": addressed, "message": "echo everyone", "id": command_id}))
+            for ws in (first, second):
+                assert await next_reply(ws) == {"sender": target, "message": "everyone from llm-a"}
         await first.send(command(target, "quit"))
         for ws in (first, second):
             assert await recv_json(ws) == {"sender": target, "message": "bye"}

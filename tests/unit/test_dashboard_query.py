@@ -56,6 +56,24 @@ def test_filters_combine():
     assert page.matching == 10 and page.total == 1000
 
 
+def test_search_finds_a_piece_of_the_id_the_address_or_a_group_in_any_case():
+    records = [
+        record(1, id="Unity-Lobby-01", remote="10.1.2.3:5000"),
+        record(2, id="robot-7", remote="192.168.9.9:1", groups=["Kitchen", "lights"]),
+        record(3, id="other", remote="172.16.0.1:2"),
+    ]
+
+    def ids(q: str) -> list[str]:
+        return [r["id"] for r in run_query(records, ClientQuery.from_params({"q": q})).rows]
+
+    assert ids("lobby") == ["Unity-Lobby-01"]  # Inside the id, any case.
+    assert ids("LOBBY-0") == ["Unity-Lobby-01"]
+    assert ids("192.168.") == ["robot-7"]  # By address.
+    assert ids("kitch") == ["robot-7"]  # By group.
+    assert ids("zzz") == []
+    assert ids("") == ["Unity-Lobby-01", "other", "robot-7"]
+
+
 def test_groups_and_token_version_filter_when_presence_has_them():
     records = [record(1, groups=["red", "blue"], token_version=2), record(2, groups=["red"], token_version=3)]
     assert [r["id"] for r in run_query(records, ClientQuery(group="blue")).rows] == ["c-00001"]
@@ -81,3 +99,25 @@ def test_summary_counts_roles_instances_and_messages():
         "messages_in": sum(i % 7 for i in range(20)),
         "messages_out": sum(i % 5 for i in range(20)),
     }
+
+
+def test_audit_query_filters_by_actor_target_and_utc_time_range():
+    from appliance.audit import AuditEvent
+    from ui.query import AuditQuery
+
+    events = [
+        AuditEvent("client.disconnect", "ADMIN_TOKEN", "1.2.3.4", "Unity-7", at=1_800_000_100.0),
+        AuditEvent("login", "VIEWER_TOKEN", "1.2.3.4", at=1_800_000_050.0),
+        AuditEvent("client.disconnect", "ADMIN_TOKEN", "1.2.3.4", "other", at=1_800_000_000.0),
+    ]
+
+    def chosen(**params: str) -> list[str]:
+        return [f"{e.action}:{e.target}" for e in AuditQuery.from_params(params).select(events)]
+
+    assert chosen(actor="viewer") == ["login:"]
+    assert chosen(target="unity") == ["client.disconnect:Unity-7"]
+    # datetime-local values are UTC: 1_800_000_050 is 2027-01-15T08:00:50Z.
+    assert chosen(since="2027-01-15T08:00:50") == ["client.disconnect:Unity-7", "login:"]
+    assert chosen(until="2027-01-15T08:00:49") == ["client.disconnect:other"]
+    assert chosen(since="not a time") == [e for e in chosen()]  # Unreadable: ignored, not an error.
+    assert chosen(limit="50", action="client.") == ["client.disconnect:Unity-7", "client.disconnect:other"]

@@ -43,3 +43,13 @@ def test_unit_paths_alone_need_no_system_packages_or_tool_venvs(args):
 )
 def test_anything_else_installs_everything(args):
     assert dev.needs_everything(args) is True
+
+
+@pytest.mark.parametrize("args", [[], ["tests/unit", "-q"], ["-k", "durations"]])
+def test_the_test_command_lists_the_25_slowest_tests(args):
+    assert dev.pytest_options(args) == ["--durations=25"]
+
+
+@pytest.mark.parametrize("args", [["--durations=5"], ["--durations", "0", "tests/unit"]])
+def test_a_durations_option_given_is_kept(args):
+    assert dev.pytest_options(args) == []

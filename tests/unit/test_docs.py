@@ -54,3 +54,48 @@ def test_setuptools_floor_supports_the_license_field():
     floor = tuple(int(part) for part in re.fullmatch(r"setuptools>=([\d.]+)", requirement).group(1).split("."))
     if isinstance(pyproject["project"]["license"], str):  # PEP 639 SPDX expression: setuptools 77 reads it.
         assert floor >= (77,), requirement
+
+
+def _layout_modules() -> tuple[set[str], list[str]]:
+    """The modules the Layout section names (paths from the root) and the names it gives that resolve nowhere.
+
+    A line that starts with ``name/`` under ``appliance/`` (or a top-level ``ui/``) sets the folder for
+    itself and the indented lines after it; a line that starts with a module goes back to ``appliance/``.
+    A ``name/`` later in a line descends into that sub-folder, for the rest of the entry (its indented
+    lines too); ``dir/file.py`` is relative to ``appliance/``.
+    """
+    layout = re.search(r"```\n(.*?)```", _section("Layout"), re.S)
+    assert layout is not None
+    named: set[str] = set()
+    unknown: list[str] = []
+    context = "appliance/"
+    for line in layout.group(1).splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        first = stripped.split()[0]
+        if indent == 0:
+            context = first if first.endswith("/") else ""
+        elif indent == 2:
+            context = f"appliance/{first}" if first.endswith("/") else "appliance/"
+        for token in re.findall(r"[\w./]+", stripped):
+            if token.endswith(".py"):
+                path = f"appliance/{token}" if "/" in token else f"{context}{token}"
+                (named.add(path) if (ROOT / path).is_file() else unknown.append(path))
+            elif token.endswith("/") and "/" not in token[:-1] and token != first and context:
+                if (ROOT / context / token).is_dir():
+                    context = f"{context}{token}"
+    return named, unknown
+
+
+def test_the_layout_names_every_module_and_only_modules_that_exist():
+    named, unknown = _layout_modules()
+    assert unknown == [], f"README's layout names modules that are not there: {unknown}"
+    on_disk = {
+        str(p.relative_to(ROOT))
+        for folder in ("appliance", "ui")
+        for p in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in p.parts and p.name != "__init__.py"
+    }
+    assert sorted(on_disk - named) == [], "README's layout omits these modules"

@@ -16,7 +16,7 @@ def test_pending_entry_times_out_at_its_deadline_once():
     assert table.next_deadline() == 10.5
     assert table.expire(10.499) == []
     [expired] = table.expire(10.5)
-    assert (expired.owner, expired.id, expired.target) == ("c", "id-1", "u1")
+    assert (expired.waiter, expired.id, expired.target) == ("c", "id-1", "u1")
     assert table.expire(20.0) == []
     assert len(table) == 0
     assert table.next_deadline() is None
@@ -75,13 +75,13 @@ def test_answered_commands_do_not_pile_up_in_the_deadline_heap_and_live_ones_sti
     assert len(table) == 0
 
 
-def test_dropping_an_owner_forgets_only_its_entries():
+def test_dropping_a_waiter_forgets_only_its_entries():
     table = PendingTable()
     table.open("a", 1, "u", 0.0, 100)
     table.open("a", 2, "u", 0.0, 100)
     table.open("b", 1, "u", 0.0, 100)
-    assert sorted(p.id for p in table.drop_owner("a")) == [1, 2]
-    assert [p.owner for p in table.expire(1.0)] == ["b"]
+    assert sorted(p.id for p in table.drop_waiter("a")) == [1, 2]
+    assert [p.waiter for p in table.expire(1.0)] == ["b"]
 
 
 # --- V1Matcher ---------------------------------------------------------------------------------

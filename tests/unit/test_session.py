@@ -211,5 +211,8 @@ def test_version_2_client_text_builds_its_reply_frame_only_when_published():
     session = Session("u2", Role.CLIENT, UNLIMITED, now=0, v2=True)
     action = session.receive_text('{"reply_to":1,"message":"ok"}', now=0)
     assert action == ReplyOrPublish("u2", '{"reply_to":1,"message":"ok"}')
-    # Published (no command waits for it): the same frame a version-1 client's text makes.
-    assert action.frame == '{"sender":"u2","message":"{\\"reply_to\\":1,\\"message\\":\\"ok\\"}"}'
+    # Published (no command waits for it: a broadcast's, or late): the client's plain message, not the envelope.
+    assert action.frame == '{"sender":"u2","message":"ok"}'
+    # Other JSON of the client's own is its message as it is.
+    other = session.receive_text('{"reply_to":1}', now=0)
+    assert other.frame == '{"sender":"u2","message":"{\\"reply_to\\":1}"}'

@@ -6,6 +6,7 @@ publishing (batched into pipelines, in order) and presence.
 
 The parts, one job each (key names in :mod:`.keys`, payloads in :mod:`.codec`):
 
+- :mod:`.target`: where Redis is (one URL, Sentinels, a Cluster);
 - :mod:`.link`: the connections, and whether Redis is up (``/readyz``);
 - :mod:`.subscriber`: the subscriber connection, its channels, reconnects;
 - :mod:`.outbox`: everything published, in order, and local delivery during an outage;
@@ -32,5 +33,6 @@ from __future__ import annotations
 
 from .broker import RedisBroker
 from .keys import CLIENT_CHANNEL, INSTANCE_KEY, OWNER_KEY
+from .target import RedisTarget
 
-__all__ = ["CLIENT_CHANNEL", "INSTANCE_KEY", "OWNER_KEY", "RedisBroker"]
+__all__ = ["CLIENT_CHANNEL", "INSTANCE_KEY", "OWNER_KEY", "RedisBroker", "RedisTarget"]

@@ -14,9 +14,11 @@ from ... import metrics
 from ...core.protocol import Role
 from ...core.requests import Enqueued, Routed
 from ..base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner
+from .cluster import ClusterSubscriber
 from .codec import decode_owner, decode_routed
 from .history import HistoryLog
-from .keys import CLIENT_CHANNEL, FAN_CHANNEL, INSTANCE_CHANNEL
+from .idempotency import IdempotencyRecords
+from .keys import FAN_CHANNEL
 from .link import Link, unavailable
 from .outbox import Outbox
 from .outcomes import OUTCOME_TIMEOUT_SECONDS
@@ -24,12 +26,11 @@ from .ownership import Ownership
 from .presence import Presence
 from .queue import RedisQueue
 from .subscriber import Subscriber
+from .target import RedisTarget
 
 __all__ = ["RedisBroker"]
 
 log = logging.getLogger(__name__)
-
-_CLIENT_PREFIX = len(CLIENT_CHANNEL)
 
 
 class RedisBroker(Broker):
@@ -37,7 +38,7 @@ class RedisBroker(Broker):
 
     def __init__(
         self,
-        url: str,
+        target: str | RedisTarget,
         *,
         instance: str,
         presence_ttl: int = 30,
@@ -49,15 +50,23 @@ class RedisBroker(Broker):
         queue_remember_seconds: float = 300.0,
         history_per_client: int = 50,
         history_ttl: int = 7 * 86400,
+        idempotency_window: float = 600.0,
     ) -> None:
         self.instance = instance
+        self._origin = instance.encode()
         self.presence_ttl = presence_ttl
         self._inbox: Inbox | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._link = link = Link(url, display=display, pool_size=pool_size)
-        self._subscriber = Subscriber(link, INSTANCE_CHANNEL + instance, self._on_message, self._lost, self._came_back)
+        if isinstance(target, str):
+            target = RedisTarget(url=target)
+        self._link = link = Link(target, display=display, pool_size=pool_size)
+        subscriber = ClusterSubscriber if target.cluster else Subscriber
+        self._subscriber = subscriber(
+            link, link.keys.instance_channel(instance), self._on_message, self._lost, self._came_back
+        )
+        self._client_of = link.keys.client_of
         self._outbox = Outbox(
             link,
             instance,
@@ -73,6 +82,7 @@ class RedisBroker(Broker):
             link, self._subscriber, lambda: self.inbox, self._presence.changed, self._spawn, ttl=presence_ttl
         )
         self._queue = RedisQueue(link, max_per_client=queue_max, remember_seconds=queue_remember_seconds)
+        self._idempotency = IdempotencyRecords(link, window=idempotency_window)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -198,7 +208,9 @@ class RedisBroker(Broker):
             head, _, text = data.partition(b"\n")
             seq, _, rest = head[1:].partition(b"|")
             origin, _, sender = rest.partition(b"|")
-            failure = inbox.deliver(channel[_CLIENT_PREFIX:].decode(), text.decode(), sender.decode())
+            if origin == self._origin and self._outcomes.get(int(seq)) is None:
+                return  # Ours, and reported already (delivered locally when Redis failed, or failed): never twice.
+            failure = inbox.deliver(self._client_of(channel), text.decode(), sender.decode())
             self._outcomes.answer(origin, seq, failure)
         elif kind == b"a":
             self._outcomes.on_answers(data[1:])
@@ -207,12 +219,14 @@ class RedisBroker(Broker):
         elif kind == b"r":
             head, _, body = data.partition(b"\n")
             seq, _, origin = head[1:].partition(b"|")
-            failure = inbox.deliver_routed(channel[_CLIENT_PREFIX:].decode(), decode_routed(body))
+            if origin == self._origin and self._outcomes.get(int(seq)) is None:
+                return  # As above.
+            failure = inbox.deliver_routed(self._client_of(channel), decode_routed(body))
             self._outcomes.answer(origin, seq, failure)
         elif kind == b"k":
             replaced = decode_owner(data[1:])
             if replaced is not None:
-                inbox.replaced(channel[_CLIENT_PREFIX:].decode(), replaced)
+                inbox.replaced(self._client_of(channel), replaced)
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -243,6 +257,8 @@ class RedisBroker(Broker):
     async def fan_out(self, payload: bytes) -> int:
         redis = self._link.client()
         try:
+            if self._link.sharded:
+                return int(await redis.execute_command("SPUBLISH", FAN_CHANNEL, payload))
             return int(await redis.publish(FAN_CHANNEL, payload))
         except (RedisError, OSError) as exc:
             raise unavailable(exc, "Redis unreachable: {}") from exc
@@ -252,6 +268,18 @@ class RedisBroker(Broker):
 
     async def take_queued(self, target: str, now: float) -> list[Routed]:
         return await self._queue.take(target, now)
+
+    async def idempotency_claim(self, key: str, record: str) -> str | None:
+        return await self._idempotency.claim(key, record)
+
+    async def idempotency_get(self, key: str) -> str | None:
+        return await self._idempotency.get(key)
+
+    async def idempotency_set(self, key: str, record: str) -> None:
+        await self._idempotency.set(key, record)
+
+    async def idempotency_drop(self, key: str) -> None:
+        await self._idempotency.drop(key)
 
     async def presence(self) -> list[dict[str, Any]]:
         return await self._presence.records()

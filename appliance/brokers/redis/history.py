@@ -13,7 +13,6 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .codec import decode_json, encode_json
-from .keys import HISTORY_KEY
 from .link import Link, unavailable
 
 __all__ = ["HISTORY_BACKLOG", "HistoryLog"]
@@ -54,7 +53,7 @@ class HistoryLog:
 
     def queue(self, pipe: Any, entries: list[tuple[str, bytes]]) -> None:
         for client_id, entry in entries:
-            key = HISTORY_KEY + client_id
+            key = self._link.keys.history(client_id)
             pipe.lpush(key, entry)
             pipe.ltrim(key, 0, self._per_client - 1)
             pipe.expire(key, self._ttl)
@@ -67,7 +66,7 @@ class HistoryLog:
         unwritten = [decode_json(e) for i, e in reversed([*self._writing, *self._out]) if i == client_id]
         redis = self._link.client()
         try:
-            stored = await redis.lrange(HISTORY_KEY + client_id, 0, limit - 1)
+            stored = await redis.lrange(self._link.keys.history(client_id), 0, limit - 1)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         return [*unwritten, *(decode_json(e) for e in stored)][:limit]

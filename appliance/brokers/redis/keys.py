@@ -1,4 +1,7 @@
-"""Every key and channel name the Redis broker uses (prefix ``wsb:``); see the package docstring."""
+"""Every key and channel name the Redis broker uses (prefix ``wsb:``); see the package docstring.
+
+The constants are the names on one Redis; :class:`Keys` builds them, hash-tagged on a Cluster.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ __all__ = [
     "FAN_CHANNEL",
     "GENERATION_KEY",
     "HISTORY_KEY",
+    "IDEMPOTENCY_KEY",
     "INSTANCES_KEY",
     "INSTANCE_CHANNEL",
     "INSTANCE_KEY",
+    "Keys",
     "OWNER_KEY",
     "PREFIX",
     "QUEUE_KEY",
@@ -28,6 +33,59 @@ QUEUE_SEEN_KEY = f"{PREFIX}qd:"
 OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
+IDEMPOTENCY_KEY = f"{PREFIX}idem:"
 SUMMARY_KEY = f"{PREFIX}summary:"
 INSTANCES_KEY = f"{PREFIX}instances"
 GENERATION_KEY = f"{PREFIX}generation"
+
+
+class Keys:
+    """The names of one deployment: as above on one Redis (or Sentinel), hash-tagged on a Cluster.
+
+    On a Cluster every name of one id carries ``{id}`` and every name of one instance
+    ``{instance}``: an id's channel, owner, queue, delivered marks and history live in
+    one slot (so the claim and enqueue scripts touch one shard), as do an instance's
+    channel, presence and summary. Ids and instance names contain no braces.
+    """
+
+    __slots__ = ("_left", "_right", "_client_prefix", "_client_suffix", "tagged")
+
+    def __init__(self, *, tagged: bool = False) -> None:
+        self.tagged = tagged
+        self._left, self._right = ("{", "}") if tagged else ("", "")
+        self._client_prefix = len(CLIENT_CHANNEL) + len(self._left)
+        self._client_suffix = len(self._right)
+
+    def _of(self, prefix: str, name: str) -> str:
+        return f"{prefix}{self._left}{name}{self._right}"
+
+    def client_channel(self, client_id: str) -> str:
+        return self._of(CLIENT_CHANNEL, client_id)
+
+    def client_of(self, channel: bytes) -> str:
+        """The id whose channel ``channel`` is."""
+        return channel[self._client_prefix : len(channel) - self._client_suffix].decode()
+
+    def instance_channel(self, instance: str) -> str:
+        return self._of(INSTANCE_CHANNEL, instance)
+
+    def owner(self, client_id: str) -> str:
+        return self._of(OWNER_KEY, client_id)
+
+    def queue(self, client_id: str) -> str:
+        return self._of(QUEUE_KEY, client_id)
+
+    def queue_seen(self, client_id: str, controller: str, command: str) -> str:
+        """A queued or delivered (controller, command id); on a Cluster, per target (its slot)."""
+        if self.tagged:
+            return f"{QUEUE_SEEN_KEY}{{{client_id}}}:{controller}:{command}"
+        return f"{QUEUE_SEEN_KEY}{controller}:{command}"
+
+    def history(self, client_id: str) -> str:
+        return self._of(HISTORY_KEY, client_id)
+
+    def presence(self, instance: str) -> str:
+        return self._of(INSTANCE_KEY, instance)
+
+    def summary(self, instance: str) -> str:
+        return self._of(SUMMARY_KEY, instance)

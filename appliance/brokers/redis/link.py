@@ -6,13 +6,15 @@ import contextlib
 import logging
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ... import metrics
 from ..base import BrokerUnavailable
+from .keys import Keys
+from .target import RedisTarget
 
 __all__ = ["Link"]
 
@@ -26,8 +28,10 @@ class Link:
     re-asserted (:meth:`came_up`) until any part sees Redis fail (:meth:`went_down`).
     """
 
-    def __init__(self, url: str, *, display: str, pool_size: int) -> None:
-        self._url = url
+    def __init__(self, target: RedisTarget, *, display: str, pool_size: int) -> None:
+        self.target = target
+        self.keys = Keys(tagged=target.cluster)
+        self.sharded = target.cluster  # SPUBLISH/SSUBSCRIBE instead of PUBLISH/SUBSCRIBE.
         self.display = display
         self._pool_size = pool_size
         self.redis: Redis | None = None
@@ -40,12 +44,11 @@ class Link:
         # One immediate retry replaces a pooled connection that went stale while Redis restarted;
         # anything longer is the subscriber's reconnect loop's job, not a command's.
         common: dict[str, Any] = dict(socket_connect_timeout=3, socket_timeout=10, retry=Retry(NoBackoff(), 1))
-        pool = BlockingConnectionPool.from_url(self._url, max_connections=self._pool_size, timeout=5, **common)
-        self.redis = Redis(connection_pool=pool)
+        self.redis = self.target.client(max_connections=self._pool_size, **common)
         # No retries on the subscriber: it must see every loss (see subscriber.SubscriberConnection).
-        common["retry"] = Retry(NoBackoff(), 0)
-        sub_pool = BlockingConnectionPool.from_url(self._url, max_connections=1, timeout=5, **common)
-        self.sub_client = Redis(connection_pool=sub_pool)
+        if not self.sharded:  # On a Cluster the subscriber opens one connection per primary itself.
+            common["retry"] = Retry(NoBackoff(), 0)
+            self.sub_client = self.target.client(max_connections=1, **common)
 
     async def close(self) -> None:
         for client in (self.sub_client, self.redis):
@@ -56,6 +59,10 @@ class Link:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.connection_pool.disconnect()
+                sentinels = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+                if sentinels is not None:  # The connections that ask the Sentinels where the master is.
+                    with contextlib.suppress(Exception):
+                        await sentinels.aclose()
 
     def health(self) -> tuple[bool, str]:
         # The reason is public (/readyz needs no token): the error class only, no host or port.

@@ -19,7 +19,7 @@ from ...core.protocol import ErrorCode
 from ...core.requests import Routed
 from ..base import Inbox, OnResult, failure_detail
 from .codec import encode_json
-from .keys import CLIENT_CHANNEL, CONTROLLERS, INSTANCE_CHANNEL
+from .keys import CONTROLLERS
 from .link import Link
 from .outcomes import Outcomes, Pending
 
@@ -53,7 +53,8 @@ class Outbox:
         self._inbox = inbox
         self._on_lost = on_lost
         self._limit = limit
-        self.outcomes = Outcomes(instance, self.publish_answers, outcome_timeout)
+        self._keys = link.keys
+        self.outcomes = Outcomes(instance, link.keys, self.publish_answers, outcome_timeout)
         self._items: deque[_Item] = deque()
         self._ready = asyncio.Event()
         self._publishing = False
@@ -76,7 +77,7 @@ class Outbox:
             return
         seq = self.outcomes.add(Pending(on_result, target, sender))
         head = b"m" + str(seq).encode() + self._origin_sep + sender.encode() + b"\n"
-        self._items.append((CLIENT_CHANNEL + target, head + text.encode(), seq, target, text))
+        self._items.append((self._keys.client_channel(target), head + text.encode(), seq, target, text))
         self._ready.set()
 
     def send_routed(self, target: str, routed: Routed, on_result: OnResult) -> None:
@@ -90,13 +91,13 @@ class Outbox:
         seq = self.outcomes.add(Pending(on_result, target, routed=routed))
         payload = b"r" + str(seq).encode() + self._origin_tail + encode_json(routed)
         # On the target's channel, so it keeps its order with the commands without id.
-        self._items.append((CLIENT_CHANNEL + target, payload, seq, target, None))
+        self._items.append((self._keys.client_channel(target), payload, seq, target, None))
         self._ready.set()
 
     def send_to_instance(self, instance: str, payload: bytes) -> None:
         if not self._link.up:
             return  # Best effort: the sender's own deadline reports the timeout.
-        self._items.append((INSTANCE_CHANNEL + instance, b"e" + payload, 0, None, None))
+        self._items.append((self._keys.instance_channel(instance), b"e" + payload, 0, None, None))
         self._ready.set()
 
     def send_to_controllers(self, frame: str) -> None:
@@ -138,6 +139,7 @@ class Outbox:
         redis = self._link.redis
         assert redis is not None
         items = self._items
+        sharded = self._link.sharded
         while True:
             await self._ready.wait()
             self._ready.clear()
@@ -150,8 +152,12 @@ class Outbox:
                 started = time.perf_counter()
                 try:
                     async with redis.pipeline(transaction=False) as pipe:
-                        for channel, payload, *_ in batch:
-                            pipe.publish(channel, payload)
+                        if sharded:
+                            for channel, payload, *_ in batch:
+                                pipe.execute_command("SPUBLISH", channel, payload)
+                        else:
+                            for channel, payload, *_ in batch:
+                                pipe.publish(channel, payload)
                         receivers = await pipe.execute()
                     metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
                 except (RedisError, OSError) as exc:

@@ -17,7 +17,7 @@ from ...core.protocol import ErrorCode
 from ...core.requests import Routed
 from ..base import OnResult, failure_detail
 from .codec import encode_answer, encode_answers, parse_answers
-from .keys import INSTANCE_CHANNEL
+from .keys import Keys
 
 __all__ = ["ANSWER_DELAY_SECONDS", "OUTCOME_TIMEOUT_SECONDS", "Outcomes", "Pending"]
 
@@ -49,8 +49,9 @@ class Outcomes:
     Pending commands live in two generations, so timing them out is O(1) per command.
     """
 
-    def __init__(self, origin: str, publish: Callable[[str, bytes], None], timeout: float) -> None:
+    def __init__(self, origin: str, keys: Keys, publish: Callable[[str, bytes], None], timeout: float) -> None:
         self._origin = origin.encode()
+        self._keys = keys
         self._publish = publish
         self.timeout = timeout
         self._seq = itertools.count(1)
@@ -93,7 +94,7 @@ class Outcomes:
         self._answers_scheduled = False
         answers, self._answers = self._answers, {}
         for origin, batch in answers.items():
-            self._publish(INSTANCE_CHANNEL + origin.decode(), encode_answers(batch))
+            self._publish(self._keys.instance_channel(origin.decode()), encode_answers(batch))
 
     # --- on the publishing instance ---------------------------------------------------------
 

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from ...core.protocol import Role
 from ..base import BrokerUnavailable, Claim, Inbox, Owner
 from .codec import decode_owner
-from .keys import CLIENT_CHANNEL, GENERATION_KEY, OWNER_KEY
+from .keys import GENERATION_KEY
 from .link import Link, unavailable
 from .subscriber import Subscriber
 
@@ -39,6 +39,25 @@ end
 local owner = redis.call('INCR', KEYS[2]) .. '|' .. ARGV[1]
 redis.call('SET', KEYS[1], owner, 'EX', ARGV[2])
 if previous then redis.call('PUBLISH', ARGV[4], 'k' .. previous) end
+return {1, owner, previous or ''}
+"""
+
+# The same on a Cluster, where a claim touches the id's slot only: no shared generation counter
+# (the generation is the shard's clock in microseconds, above the previous owner's), and the kick
+# goes out with SPUBLISH on the id's channel, which lives in that slot too.
+CLAIM_SHARDED = """
+local previous = redis.call('GET', KEYS[1])
+local generation = 0
+if previous then
+  if string.match(previous, '^%d+|([^|]*)|') ~= ARGV[5] then return {2, previous} end
+  if ARGV[3] == '1' then return {0, previous} end
+  generation = tonumber(string.match(previous, '^(%d+)|')) + 1
+end
+local now = redis.call('TIME')
+generation = math.max(generation, now[1] * 1000000 + now[2])
+local owner = string.format('%.0f', generation) .. '|' .. ARGV[1]
+redis.call('SET', KEYS[1], owner, 'EX', ARGV[2])
+if previous then redis.call('SPUBLISH', ARGV[4], 'k' .. previous) end
 return {1, owner, previous or ''}
 """
 
@@ -89,23 +108,26 @@ class Ownership:
         self._changed = changed
         self._spawn = spawn
         self._ttl = ttl
+        self._keys = link.keys
         self.owners: dict[str, Owner] = {}  # Local ids this instance holds, for refresh and reassert.
         self.unreleased: dict[str, Owner] = {}  # Releases that failed (outage): retried when Redis is back.
 
     def open(self) -> None:
         redis = self._link.redis
         assert redis is not None
-        self._claim = redis.register_script(CLAIM)
+        self._claim = redis.register_script(CLAIM_SHARDED if self._link.sharded else CLAIM)
         self._release = redis.register_script(RELEASE)
 
     async def claim(self, client_id: str, instance: str, conn_key: str, role: Role, reject_if_taken: bool) -> Claim:
-        channel = CLIENT_CHANNEL + client_id
+        channel = self._keys.client_channel(client_id)
         # Subscribe first, so a newer claim's kick can never be missed. A command published
         # meanwhile is answered (target_offline until the connection is registered), not lost.
         await self._subscriber.subscribe(channel)
         call = asyncio.ensure_future(
             self._claim(
-                keys=[OWNER_KEY + client_id, GENERATION_KEY],
+                keys=[self._keys.owner(client_id)]
+                if self._link.sharded
+                else [self._keys.owner(client_id), GENERATION_KEY],
                 args=[
                     f"{role.value}|{instance}|{conn_key}",
                     self._ttl,
@@ -145,7 +167,7 @@ class Ownership:
         try:
             code, owner_value, *_ = await call
             if code == 1 and self._link.redis is not None:
-                await self._release(keys=[OWNER_KEY + client_id], args=[owner_value])
+                await self._release(keys=[self._keys.owner(client_id)], args=[owner_value])
         except (RedisError, OSError):
             pass  # Not claimed, or the owner key expires within PRESENCE_TTL.
         finally:
@@ -158,19 +180,19 @@ class Ownership:
         try:
             if not self._link.up or self._link.redis is None:
                 raise ConnectionError("redis is down")
-            await self._release(keys=[OWNER_KEY + client_id], args=[owner.encode()])
+            await self._release(keys=[self._keys.owner(client_id)], args=[owner.encode()])
         except (RedisError, OSError):
             # Retried when Redis is back; a newer local claim of the id supersedes it.
             if client_id not in self.owners:
                 self.unreleased[client_id] = owner
         finally:
-            await self._subscriber.unsubscribe(CLIENT_CHANNEL + client_id)
+            await self._subscriber.unsubscribe(self._keys.client_channel(client_id))
 
     async def owner_of(self, client_id: str) -> Owner | None:
         if self._link.redis is None:
             raise BrokerUnavailable(self._link.health()[1])
         try:
-            value = await self._link.redis.get(OWNER_KEY + client_id)
+            value = await self._link.redis.get(self._link.keys.owner(client_id))
         except (RedisError, OSError) as exc:
             raise unavailable(exc, "Redis unreachable: {}") from exc
         if not value:
@@ -182,15 +204,23 @@ class Ownership:
         redis = self._link.redis
         assert redis is not None
         items = list(self.owners.items())
+        owner_key = self._keys.owner
         for start in range(0, len(items), REASSERT_CHUNK):
             chunk = items[start : start + REASSERT_CHUNK]
-            lost = await redis.eval(
-                REASSERT,
-                len(chunk),
-                *(OWNER_KEY + client_id for client_id, _ in chunk),
-                self._ttl,
-                *(owner.encode() for _, owner in chunk),
-            )
+            if self._link.sharded:  # One key per script on a Cluster (keys of many slots), in one pipeline.
+                async with redis.pipeline(transaction=False) as pipe:
+                    for client_id, owner in chunk:
+                        pipe.eval(REASSERT, 1, owner_key(client_id), self._ttl, owner.encode())
+                    answers = await pipe.execute()
+                lost: list[Any] = [x for i, answer in enumerate(answers) if answer for x in (i + 1, answer[1])]
+            else:
+                lost = await redis.eval(
+                    REASSERT,
+                    len(chunk),
+                    *(owner_key(client_id) for client_id, _ in chunk),
+                    self._ttl,
+                    *(owner.encode() for _, owner in chunk),
+                )
             for index, current in zip(lost[::2], lost[1::2], strict=True):
                 client_id, owner = chunk[int(index) - 1]
                 if self.owners.get(client_id) != owner:
@@ -207,7 +237,7 @@ class Ownership:
         items = list(self.unreleased.items())
         async with redis.pipeline(transaction=False) as pipe:
             for client_id, owner in items:
-                pipe.eval(RELEASE, 1, OWNER_KEY + client_id, owner.encode())
+                pipe.eval(RELEASE, 1, self._keys.owner(client_id), owner.encode())
             await pipe.execute()
         for client_id, owner in items:
             if self.unreleased.get(client_id) == owner:
@@ -216,4 +246,4 @@ class Ownership:
     def release_all(self, pipe: Any) -> None:
         """At stop: give up every id held or still owed, in ``pipe``."""
         for client_id, owner in [*self.owners.items(), *self.unreleased.items()]:
-            pipe.eval(RELEASE, 1, OWNER_KEY + client_id, owner.encode())
+            pipe.eval(RELEASE, 1, self._keys.owner(client_id), owner.encode())

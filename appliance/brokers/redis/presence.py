@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from ..base import Inbox
 from .codec import decode_json, encode_json
 from .history import HistoryLog
-from .keys import INSTANCE_KEY, INSTANCES_KEY, SUMMARY_KEY
+from .keys import INSTANCES_KEY
 from .link import Link, unavailable
 
 __all__ = ["Presence"]
@@ -56,6 +56,7 @@ class Presence:
         self._inbox = inbox
         self._history = history
         self.ttl = ttl
+        self._keys = link.keys
         self._dirty = asyncio.Event()
         self._changed: set[str] = set()  # ids whose presence record changed since the last write
 
@@ -74,12 +75,14 @@ class Presence:
     async def write(self, *, full: bool) -> None:
         """Write presence: the changed records only (O(1) per connect), or all of them."""
         assert self._link.redis is not None
-        key = INSTANCE_KEY + self._instance
+        key = self._keys.presence(self._instance)
         inbox = self._inbox()
         changed, self._changed = self._changed, set()
         history = self._history.take()
         try:
-            async with self._link.redis.pipeline(transaction=True) as pipe:
+            # On a Cluster no transaction (the history and the set of names are in other slots): the
+            # records and the summary, in one slot, are still written in this order on one connection.
+            async with self._link.redis.pipeline(transaction=not self._link.sharded) as pipe:
                 if full:
                     records = inbox.presence_records()
                     pipe.delete(key)
@@ -97,7 +100,7 @@ class Presence:
                         pipe.hdel(key, *gone)
                 pipe.expire(key, self.ttl)
                 # Taken with the records above (no await between): the version matches what is written.
-                pipe.set(SUMMARY_KEY + self._instance, encode_json(inbox.presence_summary()), ex=self.ttl)
+                pipe.set(self._keys.summary(self._instance), encode_json(inbox.presence_summary()), ex=self.ttl)
                 pipe.sadd(INSTANCES_KEY, self._instance)
                 self._history.queue(pipe, history)
                 await pipe.execute()
@@ -110,7 +113,7 @@ class Presence:
 
     def withdraw(self, pipe: Any) -> None:
         """At stop: remove this instance's presence, in ``pipe``; history not written yet goes too."""
-        pipe.delete(INSTANCE_KEY + self._instance, SUMMARY_KEY + self._instance)
+        pipe.delete(self._keys.presence(self._instance), self._keys.summary(self._instance))
         pipe.srem(INSTANCES_KEY, self._instance)
         self._history.queue(pipe, self._history.unwritten())
 
@@ -149,7 +152,7 @@ class Presence:
             others = await self._other_instances()
             async with redis.pipeline(transaction=False) as pipe:  # One round trip for every instance.
                 for name in others:
-                    pipe.hgetall(INSTANCE_KEY + name)
+                    pipe.hgetall(self._keys.presence(name))
                 hashes = await pipe.execute() if others else []
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
@@ -164,16 +167,34 @@ class Presence:
         names = sorted(n.decode() if isinstance(n, bytes) else n for n in members)
         return [name for name in names if name != self._instance]
 
+    async def _forget(self, gone: list[str]) -> None:
+        redis = self._link.redis
+        assert redis is not None
+        if not self._link.sharded:
+            keys = [INSTANCES_KEY, *(k for n in gone for k in (self._keys.summary(n), self._keys.presence(n)))]
+            await self._forget_instances(keys=keys, args=gone)
+            return
+        # On a Cluster the set of names is in another slot than each instance's keys: not atomic. A
+        # name removed just as its instance wrote its keys again comes back with its next write.
+        for name in gone:
+            if not await redis.exists(self._keys.summary(name), self._keys.presence(name)):
+                await redis.srem(INSTANCES_KEY, name)
+
     async def summaries(self) -> list[dict[str, Any]]:
         redis = self._link.client()
         summaries = [self._inbox().presence_summary()]
         try:
             others = await self._other_instances()
-            values = await redis.mget([SUMMARY_KEY + name for name in others]) if others else []
+            summary_keys = [self._keys.summary(name) for name in others]
+            if not others:
+                values = []
+            elif self._link.sharded:  # Keys of many slots: one MGET per shard.
+                values = await redis.mget_nonatomic(summary_keys)  # type: ignore[attr-defined]
+            else:
+                values = await redis.mget(summary_keys)
             gone = [name for name, value in zip(others, values, strict=True) if value is None]
             if gone:  # Stopped without saying so (its keys expired): forget the name.
-                keys = [INSTANCES_KEY, *(key for n in gone for key in (SUMMARY_KEY + n, INSTANCE_KEY + n))]
-                await self._forget_instances(keys=keys, args=gone)
+                await self._forget(gone)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         summaries.extend(decode_json(value) for value in values if value is not None)

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from ...core.requests import Enqueued, Routed
 from .codec import ENQUEUED, QueuedEntry, decode_queued, encode_json
-from .keys import QUEUE_KEY, QUEUE_SEEN_KEY
+from .keys import Keys
 from .link import Link, unavailable
 
 __all__ = ["RedisQueue"]
@@ -29,9 +29,9 @@ return 'ok'
 """
 
 
-def _seen_key(routed: Routed) -> str:
+def _seen_key(keys: Keys, target: str, routed: Routed) -> str:
     kind = "i" if isinstance(routed.id, int) else "s"
-    return f"{QUEUE_SEEN_KEY}{routed.controller}:{kind}{routed.id}"
+    return keys.queue_seen(target, routed.controller, f"{kind}{routed.id}")
 
 
 class RedisQueue:
@@ -45,14 +45,15 @@ class RedisQueue:
 
     async def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
         redis = self._link.client()
+        keys = self._link.keys
         ttl_ms = max(1, routed.timeout_ms)
         entry = encode_json(QueuedEntry(routed, now + routed.timeout_ms / 1000))
         try:
             answer = await redis.eval(
                 ENQUEUE,
                 2,
-                QUEUE_KEY + target,
-                _seen_key(routed),
+                keys.queue(target),
+                _seen_key(keys, target, routed),
                 entry,
                 self._max,
                 ttl_ms,
@@ -67,14 +68,14 @@ class RedisQueue:
         redis = self._link.client()
         try:
             async with redis.pipeline(transaction=True) as pipe:
-                pipe.lrange(QUEUE_KEY + target, 0, -1)
-                pipe.delete(QUEUE_KEY + target)
+                pipe.lrange(self._link.keys.queue(target), 0, -1)
+                pipe.delete(self._link.keys.queue(target))
                 raw, _ = await pipe.execute()
             taken = [e.routed for e in map(decode_queued, raw) if e.expires > now]
             if taken:
                 async with redis.pipeline(transaction=False) as pipe:
                     for routed in taken:
-                        pipe.set(_seen_key(routed), "d", px=round(self._remember * 1000))
+                        pipe.set(_seen_key(self._link.keys, target, routed), "d", px=round(self._remember * 1000))
                     await pipe.execute()
         except (RedisError, OSError) as exc:
             raise unavailable(exc, "Redis unreachable: {}") from exc

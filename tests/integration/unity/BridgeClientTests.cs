@@ -17,6 +17,8 @@
 //   sendrace                        offline: Send() racing Stop() never leaves a message for a later Start()
 //   flush                           a burst of Send() then Stop(): every accepted message is sent
 //   v2                              protocol v2 device (--groups a,b): sync and async handlers' replies carry reply_to
+//   frameloop                       WebGL player emulation (WebGLPlayerEmulation.cs): one thread, frames, a starved pool;
+//                                   --silent 1 first times out a connect; then a device like "device" until quit
 
 using System;
 using System.Collections.Generic;
@@ -68,6 +70,7 @@ internal static class Program
                 case "sendrace": SendRace(); break;
                 case "flush": Flush(); break;
                 case "v2": V2Device(); break;
+                case "frameloop": FrameLoopDevice(); break;
                 default: Console.Error.WriteLine("unknown scenario " + args[0]); return 64;
             }
         }
@@ -296,12 +299,94 @@ internal static class Program
 #endif
     }
 
+    /// <summary>The device in an emulated WebGL player: everything on the main thread, frame by frame; the pool runs nothing.</summary>
+    private static void FrameLoopDevice()
+    {
+#if WSBRIDGE_WEBGL_TESTS
+        var player = new WebGLPlayer();
+        var pool = new StarvedPool();
+        pool.Starve();
+        try { FrameLoopDevice(player, pool); }
+        finally { pool.Release(); }
+#else
+        throw new CheckFailed("this build has no WebGL transport (compile with -define:WSBRIDGE_WEBGL_TESTS)");
+#endif
+    }
+
+#if WSBRIDGE_WEBGL_TESTS
+    private static void FrameLoopDevice(WebGLPlayer player, StarvedPool pool)
+    {
+        Emit("EVENT starved workers=" + pool.Workers);
+        var browser = new BrowserSocketEmulation { RequireThread = player.MainThread };
+
+        if (Opt("silent", "0") == "1")
+        {
+            // A connect the server never answers times out by the frame clock (no timer), is retried, and Stop() ends it.
+            using (var silent = new SilentServer())
+            {
+                var options = new BridgeClientOptions
+                {
+                    ServerUrl = silent.Url, ClientId = "silent", Token = "t",
+                    ConnectTimeout = TimeSpan.FromSeconds(0.3),
+                    InitialReconnectDelay = TimeSpan.FromMilliseconds(20), MaxReconnectDelay = TimeSpan.FromMilliseconds(50),
+                    FrameLoop = BridgeFrameLoop.Main,
+                    TransportFactory = () => new WebGLTransport(browser),
+                };
+                var client = new BridgeClient(options);
+                var timeouts = new List<BridgeDisconnect>();
+                client.Disconnected += info => { player.OnMainThread("Disconnected"); timeouts.Add(info); };
+                client.Start();
+                player.FramesUntil(() => timeouts.Count >= 2, "two timed-out connects", deadline);
+                Check(timeouts.All(d => d.WillRetry && !d.WasConnected && d.Reason.Contains("within 0.3 s")),
+                    "each attempt should time out and be retried: " + string.Join("; ", timeouts.Select(d => d.ToString())));
+                Emit("EVENT timed-out attempts=" + timeouts.Count + " accepted=" + silent.Accepted);
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                client.Stop(TimeSpan.FromSeconds(10)); // never blocks on the frame loop: the close finishes in later frames
+                Check(watch.Elapsed < TimeSpan.FromSeconds(1), "Stop() blocked the only thread for " + watch.ElapsedMilliseconds + " ms");
+                player.FramesUntil(() => client.Completion.IsCompleted, "the stop", deadline);
+                Check(client.State == BridgeState.Stopped, "stopped, state " + client.State);
+            }
+        }
+
+        var device = ClientOptions(Opt("id"), Opt("token"));
+        device.FrameLoop = BridgeFrameLoop.Main;
+        device.TransportFactory = () => new WebGLTransport(browser);
+        var bridge = new BridgeClient(device);
+        var disconnects = Trace(bridge, "device");
+        bridge.Connected += () => player.OnMainThread("Connected");
+        bridge.Disconnected += info => player.OnMainThread("Disconnected");
+        bridge.MessageReceived += text => player.OnMainThread("MessageReceived");
+        ServeCommands(bridge, DeviceHandlers(bridge, ""), "device");
+        bridge.Start();
+        player.FramesUntil(() => bridge.Completion.IsCompleted, "the controller's quit command", deadline);
+        Emit("EVENT frames=" + player.Frames);
+
+        Check(player.OffThread == null, player.OffThread);
+        Check(browser.WrongThread == null, browser.WrongThread);
+        pool.CheckNothingUsedThePool();
+        string expectClose = Opt("expect-close", "");
+        Check(bridge.Connections == int.Parse(Opt("expect-connections", "1")), "connections: " + bridge.Connections);
+        var all = Snapshot(disconnects);
+        var last = all.LastOrDefault();
+        Check(last != null && last.CloseCode == BridgeCloseCodes.Normal && !last.WillRetry,
+            "the last disconnect should be our own 1000 close without retry, was " + last);
+        Check(bridge.State == BridgeState.Stopped, "state after quit should be Stopped, is " + bridge.State);
+        if (expectClose != "")
+        {
+            int code = int.Parse(expectClose);
+            Check(all.Any(d => d.CloseCode == code && d.WillRetry && d.WasConnected),
+                "expected a disconnect with code " + code + " and a retry; saw: " + string.Join("; ", all.Select(d => d.ToString())));
+        }
+    }
+#endif
+
     private static void Rejected()
     {
         // "none": no close code, e.g. protocol v2 requested from an appliance that does not select wsbridge.v2.
         int? expected = Opt("expect-close") == "none" ? (int?)null : int.Parse(Opt("expect-close"));
         var options = ClientOptions(Opt("id"), Opt("token"));
         options.ProtocolVersion = int.Parse(Opt("protocol", "1"));
+        options.MaxRefusedOpens = int.Parse(Opt("max-refused-opens", "0"));
         if (Opt("transport", "clientwebsocket") == "webgl") UseWebGLTransport(options);
         var client = new BridgeClient(options);
         var disconnects = Trace(client, "rejected");
@@ -317,9 +402,11 @@ internal static class Program
         Check(!last.WillRetry, "a final close code must not be retried: " + last);
         Check(!string.IsNullOrEmpty(last.Reason), "the close reason should be reported");
         Check(client.State == BridgeState.Rejected, "state should be Rejected, is " + client.State);
-        Check(client.ConnectAttempts == 1, "expected exactly one connection attempt, saw " + client.ConnectAttempts);
+        int attempts = int.Parse(Opt("expect-attempts", "1"));
+        Check(client.ConnectAttempts == attempts, "expected " + attempts + " connection attempt(s), saw " + client.ConnectAttempts);
         var all = Snapshot(disconnects);
-        Check(all.Length == 1 && !all[0].WillRetry, "expected one final disconnect, saw: " + string.Join("; ", all.Select(d => d.ToString())));
+        Check(all.Length == attempts && !all.Last().WillRetry && all.Take(attempts - 1).All(d => d.WillRetry),
+            "expected " + (attempts - 1) + " retried and one final disconnect, saw: " + string.Join("; ", all.Select(d => d.ToString())));
         Check(!client.Send("late"), "Send() on a rejected client should return false");
     }
 
@@ -582,6 +669,25 @@ internal static class Program
         Check(!codec.TryDecode("on", out command), "bare text is not a v2 command");
         Check(!codec.TryDecode("{\"id\":true,\"message\":\"on\"}", out command), "a boolean id is refused");
         Check(!codec.TryDecode("{\"id\":1,\"message\":{\"x\":1}}", out command), "a non-string message is refused");
+        // Unknown nested fields (a newer appliance's) are skipped, not a reason to refuse the command (issue 25 item 10).
+        Check(codec.TryDecode("{\"id\":2,\"meta\":{\"tags\":[\"a\",{\"b\":\"}]\"}],\"n\":{}},\"from\":\"L\",\"message\":\"on now\",\"x\":[]}", out command)
+            && command.Name == "on" && command.Arguments == "now" && command.CorrelationId == "2", "nested unknown fields are skipped");
+        Check(!codec.TryDecode("{\"id\":2,\"meta\":{\"a\":[1,2},\"message\":\"on\"", out command), "an unbalanced nested value is refused");
+        // The command manifest (issue 25 item 9): registered handlers with their descriptions and arguments.
+        var described = new CommandDispatcher();
+        described.Register("intensity", c => "ok");
+        described.RegisterAsync("Scan", c => Task.FromResult("ok"));
+        described.Describe("intensity", "Sets the light's \"intensity\"", new CommandArgument("value", "number", "0..8"),
+            new CommandArgument("fade", "boolean", "") { Required = false });
+        CheckEqual(described.ManifestJson(),
+            "{\"type\":\"manifest\",\"commands\":[{\"name\":\"intensity\",\"description\":\"Sets the light's \\\"intensity\\\"\",\"arguments\":" +
+            "{\"type\":\"object\",\"properties\":{\"value\":{\"type\":\"number\",\"description\":\"0..8\"},\"fade\":{\"type\":\"boolean\",\"description\":\"\"}}," +
+            "\"required\":[\"value\"]}},{\"name\":\"Scan\",\"description\":\"\",\"arguments\":{\"type\":\"object\",\"properties\":{},\"required\":[]}}]}",
+            "manifest");
+        CheckThrows<ArgumentException>(() => new CommandArgument("x", "object", ""), "argument types are JSON Schema scalars");
+        CheckEqual(BridgeClient.DescribeCloseCode(4004), "the client id is in use by a controller", "4004 described");
+        CheckEqual(BridgeClient.DescribeCloseCode(4013), "too many connections from this address or with this token", "4013 described");
+        Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.RoleConflict) && !BridgeCloseCodes.IsFinal(BridgeCloseCodes.TooManyConnections), "4004 and 4013 are retried");
         Check(!codec.TryDecode("{\"id\":1,\"message\":\"on\"} trailing", out command), "trailing text is refused");
 
         // Async handlers: the task's result is the reply; a faulted task becomes an error reply.
@@ -602,6 +708,26 @@ internal static class Program
     private static void SelfTest()
     {
         V2Codec();
+        // The frame loop: delays complete at the first Pump after their deadline, by the clock (no timer).
+        long fakeNow = 0;
+        var loop = new BridgeFrameLoop(() => fakeNow);
+        fakeNow = 100 * System.Diagnostics.Stopwatch.Frequency; // not pumped for 100 s: deadlines still count from now
+        var second = loop.Delay(TimeSpan.FromSeconds(1), CancellationToken.None);
+        var cancelled = new CancellationTokenSource();
+        var never = loop.Delay(TimeSpan.FromSeconds(1), cancelled.Token);
+        fakeNow += System.Diagnostics.Stopwatch.Frequency / 2;
+        loop.Pump();
+        Check(!second.IsCompleted, "a 1 s delay completed after 0.5 s");
+        cancelled.Cancel();
+        Check(never.IsCanceled, "a cancelled delay is cancelled at once");
+        fakeNow += System.Diagnostics.Stopwatch.Frequency / 2;
+        loop.Pump();
+        Check(second.IsCompleted && loop.Pending == 0, "a 1 s delay completes at the first Pump after 1 s");
+        int ran = 0;
+        loop.Post(_ => { ran++; loop.Post(__ => ran++, null); }, null);
+        loop.Pump();
+        Check(ran == 2, "work posted during a Pump runs in the same Pump");
+
         // Full jitter: within [0, min(max, initial * 2^attempt)], and actually random.
         var random = new Random(1);
         var initial = TimeSpan.FromMilliseconds(100);

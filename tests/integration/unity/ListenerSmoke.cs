@@ -5,6 +5,13 @@
 //
 // Usage: mono ListenerSmoke.exe <scenario> --url U --id ID --token T [--controller-token C] [--deadline S]
 //   listener   the controller (Python) sends light commands; "quit" ends the run; then pause/resume and teardown
+//   reloads    the boot scene (a listener and a lamp) loaded three times: one listener stays, duplicates destroy themselves
+//   v1order    protocol v1 with an async handler: replies keep the commands' order; its exception is logged
+//   devicetoken a WebGL/Android-like player without environment variables: the editor warns while no token asset
+//              exists; with Resources/WsBridgeToken the default token source connects
+//   hiddentab  (built with WSBRIDGE_WEBGL_TESTS) the WebGL transport on the frame loop: a command that waited in the
+//              browser while the tab was hidden is refused with a reply, not run late
+//   stale      offline: commands a replaced client delivered after Connect() never count against Max Pending Commands
 //   lifecycle  this program is also the controller (a BridgeClient with the controller token) and checks that
 //              commands never run late: disabled, paused, stalled frames, an old connection, the frame budget,
 //              a domain reload, a destroyed primary listener, a dead socket on resume and at teardown
@@ -13,6 +20,7 @@ using System;
 using System.Collections.Concurrent;
 using System.Collections.Generic;
 using System.Diagnostics;
+using System.Linq;
 using System.Reflection;
 using System.Text.RegularExpressions;
 using System.Threading;
@@ -57,6 +65,11 @@ internal static class ListenerSmoke
         {
             if (args[0] == "listener") Listener(player);
             else if (args[0] == "lifecycle") Lifecycle(player);
+            else if (args[0] == "reloads") Reloads(player);
+            else if (args[0] == "stale") StaleClient(player);
+            else if (args[0] == "v1order") V1Order(player);
+            else if (args[0] == "devicetoken") DeviceToken(player);
+            else if (args[0] == "hiddentab") HiddenTab(player);
             else throw new CheckFailed("unknown scenario " + args[0]);
             if (player.Failure != null) throw new CheckFailed(player.Failure);
             Emit("PASS " + args[0]);
@@ -116,9 +129,12 @@ internal static class ListenerSmoke
             return null;
         });
 
-        // A second listener with the same id (a reloaded scene) must forward, not open a second connection.
+        // A second listener with the same id (a reloaded scene) must forward, not open a second connection, and is
+        // destroyed at the end of the frame.
         var reloaded = NewListener(player, new GameObject("Bridge (reloaded scene)"), options["url"]);
         Check(reloaded.Client == listener.Client, "a second listener with the same id opened its own connection");
+        player.Frame();
+        Check(!reloaded, "the duplicate listener should have destroyed itself");
 
         player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
         Check(lamp.enabled, "the lamp should be on after the controller's last \"on\"");
@@ -142,7 +158,7 @@ internal static class ListenerSmoke
         player.FramesUntil(() => client.Connections == connectionsBefore + 1 && client.IsConnected, "a reconnect after a long pause", deadline);
         Emit("EVENT resumed connections=" + client.Connections);
 
-        player.Unload(device, listener, reloaded);
+        player.Unload(device, listener);
         Check(CommandListener.Find(options["id"]) == null, "the destroyed listener is still registered");
         Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
     }
@@ -226,11 +242,11 @@ internal static class ListenerSmoke
 
             // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
             SetField(listener, "token", "typed-into-the-inspector");
-            SetField(listener, "protocolVersion", 3);
+            SetField(listener, "protocolVersion", (BridgeProtocolVersion)3); // an out-of-range value in a scene file
             SetField(listener, "maxPendingCommands", 0);
             Player.Message(listener, "OnValidate");
             Check((string)Field(listener, "token") == "", "OnValidate should clear an unused Inspector token");
-            Check((int)Field(listener, "protocolVersion") == 1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
+            Check((BridgeProtocolVersion)Field(listener, "protocolVersion") == BridgeProtocolVersion.V1 && (int)Field(listener, "maxPendingCommands") == 1, "OnValidate should fix bad values");
             SetField(listener, "maxPendingCommands", 100);
             int echoes = 0;
             AsyncCommandHandler echo = async command =>
@@ -349,35 +365,193 @@ internal static class ListenerSmoke
             controller.Send("on");
             Check(controller.Next(player) == "light on", "device handlers after the reload");
 
-            // An additive scene with a listener of the same id forwards; when the primary is destroyed, it takes
-            // over the connection and the handlers (the device re-registers with the new Default).
+            // An additive scene with a listener of the same id: it forwards while it exists and destroys itself at the
+            // end of the frame; the first listener keeps the connection and the handlers.
             var additive = NewListener(player, new GameObject("Bridge (additive)"), proxy.Url, codeToken: false);
             Check(additive.Client == fresh.Client, "the additive scene's listener should forward");
-            var oldClient = fresh.Client;
-            player.Unload(fresh); // its OnDestroy first, the device stays
-            Check(!fresh && fresh == null, "fake null after destroy");
-            player.FramesUntil(() => additive.IsConnected && additive.Client != oldClient, "the additive listener to take over", deadline);
-            Check(CommandListener.Default == additive && CommandListener.Find(id) == additive, "the successor is registered");
+            var kept = fresh.Client;
+            player.Frame();
+            Check(!additive && additive == null, "the duplicate should be destroyed (fake null) after the frame");
+            Check(CommandListener.Default == fresh && CommandListener.Find(id) == fresh && fresh.Client == kept, "the first listener stays registered");
             controller.Send("off");
-            Check(controller.Next(player) == "light off" && !lamp.enabled, "handlers survive the destroyed primary");
+            Check(controller.Next(player) == "light off" && !lamp.enabled, "handlers stay with the first listener");
 
             // Quitting waits for the clean close at most Quit Wait Seconds (0.5 s), even when the socket is dead;
             // teardown (OnDestroy) never blocks the main thread.
             proxy.Freeze();
-            var last = additive.Client;
+            var last = fresh.Client;
             var quitting = Stopwatch.StartNew();
-            Player.Message(additive, "OnApplicationQuit");
+            Player.Message(fresh, "OnApplicationQuit");
             quitting.Stop();
             Emit("EVENT quit ms=" + quitting.ElapsedMilliseconds);
             Check(quitting.Elapsed < TimeSpan.FromSeconds(1.5), "OnApplicationQuit waited " + quitting.ElapsedMilliseconds + " ms (bound 0.5 s)");
             var teardown = Stopwatch.StartNew();
-            player.Unload(freshDevice, additive);
+            player.Unload(freshDevice, fresh);
             teardown.Stop();
             Emit("EVENT teardown ms=" + teardown.ElapsedMilliseconds);
             Check(teardown.Elapsed < TimeSpan.FromMilliseconds(100), "OnDestroy blocked the main thread for " + teardown.ElapsedMilliseconds + " ms");
             Player.WaitUntil(() => last.State == BridgeState.Stopped, "the client to stop in the background", deadline);
             controller.Stop();
         }
+    }
+
+    /// <summary>Issue 25 item 3: every load of the boot scene brings a listener with the same id. Only the first is
+    /// kept (DontDestroyOnLoad); the others destroy themselves with their scene instead of piling up as followers.</summary>
+    private static void Reloads(Player player)
+    {
+        CommandListener first = null;
+        Light lamp = null;
+        for (int load = 0; load < 3; load++)
+        {
+            player.LoadScene(() =>
+            {
+                var listener = NewListener(player, new GameObject("Bridge"), options["url"]);
+                if (first == null) first = listener;
+                var lampObject = new GameObject("Lamp");
+                lamp = lampObject.AddComponent<Light>();
+                player.Add<LightController>(lampObject);
+            });
+            for (int i = 0; i < 3; i++) player.Frame();
+            var listeners = player.Live<CommandListener>();
+            Check(listeners.Length == 1 && listeners[0] == first,
+                "after load " + (load + 1) + ": " + listeners.Length + " listener(s) alive, expected only the first");
+        }
+        player.FramesUntil(() => first.IsConnected, "the connection", deadline);
+        Emit("EVENT connected");
+        bool quit = false;
+        first.Register("quit", command => { quit = true; return null; });
+        player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
+        Check(!lamp.enabled, "the lamp of the last load should be off");
+        Check(first.Client.Connections == 1, "one connection through all the loads, saw " + first.Client.Connections);
+        var client = first.Client;
+        player.Unload(player.Live<MonoBehaviour>());
+        Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
+    }
+
+    /// <summary>Issue 25 item 5: a hidden tab stops the player loop and WebGL players get no OnApplicationPause; the
+    /// browser keeps receiving. The time a command waited there counts against Command Max Age.</summary>
+    private static void HiddenTab(Player player)
+    {
+#if WSBRIDGE_WEBGL_TESTS
+        var browser = new BrowserSocketEmulation { RequireThread = player.MainThread };
+        var listener = NewListener(player, new GameObject("Bridge"), options["url"], configure: l =>
+        {
+            l.ConfigureClient = o =>
+            {
+                o.FrameLoop = BridgeFrameLoop.Main;
+                o.TransportFactory = () => new WebGLTransport(browser);
+            };
+            SetField(l, "commandMaxAge", 1f);
+        });
+        bool quit = false, hide = false;
+        int ran = 0;
+        listener.Register("echo", command => { ran++; return command.Arguments; });
+        listener.Register("hide", command => { hide = true; return "hidden"; });
+        listener.Register("quit", command => { quit = true; return null; });
+        listener.Connected += () => Emit("EVENT connected");
+        while (!quit && player.Failure == null)
+        {
+            player.FramesUntil(() => hide || quit || player.Failure != null, "a command from the controller", deadline);
+            if (!hide) break;
+            hide = false;
+            for (int i = 0; i < 5; i++) player.Frame(); // the "hidden" reply goes out
+            int before = ran;
+            Emit("EVENT hidden");
+            Thread.Sleep(3000); // the tab is hidden: no frame runs while the browser receives
+            player.FramesUntil(() => listener.PendingCommands == 0 && browser.Live > 0, "the commands queued while hidden", deadline);
+            Check(ran == before, "a command that waited in the hidden tab ran");
+        }
+        Check(browser.WrongThread == null, browser.WrongThread);
+        var client = listener.Client;
+        player.Unload(listener);
+        // The close frame went out in OnDestroy; the rest of the close needs someone to pump (another listener).
+        player.FramesUntil(() => { BridgeTransports.Pump(); return client.State == BridgeState.Stopped; }, "the client to stop after OnDestroy", deadline);
+#else
+        throw new CheckFailed("built without WSBRIDGE_WEBGL_TESTS");
+#endif
+    }
+
+    /// <summary>Issue 25 item 2: device players have no environment variables. The editor warns while a build would
+    /// have no token; the default source then takes the token from the Resources text asset.</summary>
+    private static void DeviceToken(Player player)
+    {
+        Check(string.IsNullOrEmpty(Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN")), "UNITY_CLIENT_TOKEN must not be set here");
+        var warnings = new List<string>();
+        UnityEngine.Debug.WarningLogged += text => warnings.Add(text);
+        UnityEditor.EditorUserBuildSettings.activeBuildTarget = UnityEditor.BuildTarget.WebGL;
+        var host = new GameObject("Bridge");
+        var listener = host.AddComponent<CommandListener>(); // not yet awake: the Inspector is being edited
+        SetField(listener, "serverUrl", options["url"]);
+        SetField(listener, "clientId", options["id"]);
+        Player.Message(listener, "OnValidate");
+        Check(warnings.Any(w => w.Contains("WebGL build would have no token") && w.Contains("scoped client token")),
+            "no editor warning about a WebGL build without a token: " + string.Join(" | ", warnings));
+        warnings.Clear();
+        UnityEngine.Resources.Assets["WsBridgeToken"] = new TextAsset(options["token"] + "\n");
+        Player.Message(listener, "OnValidate");
+        Check(!warnings.Any(w => w.Contains("no token")), "warned although the token asset exists: " + string.Join(" | ", warnings));
+        bool quit = false;
+        listener.Register("ping", command => "pong");
+        listener.Register("quit", command => { quit = true; return null; });
+        listener.Connected += () => Emit("EVENT connected");
+        Player.Message(listener, "Awake");
+        Player.Message(listener, "OnEnable");
+        Player.Message(listener, "Start");
+        player.Track(listener);
+        player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
+        var client = listener.Client;
+        player.Unload(listener);
+        Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
+    }
+
+    /// <summary>Issue 25 items 7 and 6: under v1 a reply is matched to its command by order, so a command that arrives
+    /// while an async handler runs waits for it; an async handler's exception is logged, not only replied.</summary>
+    private static void V1Order(Player player)
+    {
+        var listener = NewListener(player, new GameObject("Bridge"), options["url"], configure: l => l.ProtocolVersion = 1);
+        bool quit = false, logged = false;
+        UnityEngine.Debug.ErrorLogged += text => { if (text.Contains("fuse blown")) logged = true; };
+        player.ExpectedErrors = 1;
+        listener.RegisterAsync("slow", async command =>
+        {
+            for (int i = 0; i < 5; i++) await Task.Yield(); // five frames
+            return command.Arguments;
+        });
+        listener.Register("echo", command => command.Arguments);
+        listener.RegisterAsync("boom", async command =>
+        {
+            await Task.Yield();
+            throw new InvalidOperationException("fuse blown");
+        });
+        listener.Register("quit", command => { quit = true; return null; });
+        listener.Connected += () => Emit("EVENT connected");
+        player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
+        Check(logged && player.ExpectedErrors == 0, "the async handler's exception was not logged");
+        var client = listener.Client;
+        player.Unload(listener);
+        Player.WaitUntil(() => client.State == BridgeState.Stopped, "the client to stop after OnDestroy", deadline);
+    }
+
+    /// <summary>Issue 25 item 4: commands that a replaced client delivers after Connect() (its thread was still
+    /// receiving) are dropped, and no longer count as pending: before, 100 of them made every later command "busy".</summary>
+    private static void StaleClient(Player player)
+    {
+        var listener = NewListener(player, new GameObject("Bridge"), "ws://127.0.0.1:1"); // nothing listens: offline
+        int ran = 0;
+        listener.Register("count", command => { ran++; return null; });
+        var replaced = listener.Client;
+        listener.Connect();
+        Check(listener.Client != null && listener.Client != replaced, "Connect() should replace the client");
+        var receivedField = typeof(BridgeClient).GetField("MessageReceivedWithAge", BindingFlags.Instance | BindingFlags.NonPublic);
+        var fromReplaced = (Action<string, TimeSpan>)receivedField.GetValue(replaced);
+        for (int i = 0; i < 100; i++) fromReplaced("count", TimeSpan.Zero); // what the replaced client's receive loop still delivers
+        for (int i = 0; i < 3; i++) player.Frame();
+        Check(listener.PendingCommands == 0, listener.PendingCommands + " command(s) of the replaced client still counted as pending");
+        Check(ran == 0, "a command of the replaced client ran");
+        var fromCurrent = (Action<string, TimeSpan>)receivedField.GetValue(listener.Client);
+        fromCurrent("count", TimeSpan.Zero);
+        player.FramesUntil(() => ran == 1, "the current client's command to run", deadline);
+        player.Unload(listener);
     }
 
     /// <summary>What Unity's serializer keeps across a domain reload: [SerializeField] and public fields.</summary>

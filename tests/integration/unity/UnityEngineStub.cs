@@ -14,7 +14,22 @@ namespace UnityEngine
         public string name;
         private bool destroyed;
 
-        public static void DontDestroyOnLoad(Object target) { }
+        /// <summary>Keeps the target's GameObject when a scene is loaded (Player.LoadScene unloads every other one).</summary>
+        public static void DontDestroyOnLoad(Object target)
+        {
+            var host = target as GameObject;
+            if (host == null && target is Component) host = ((Component)target).gameObject;
+            if (host != null) host.KeptAcrossLoads = true;
+        }
+
+        /// <summary>Destroyed at the end of the frame, like Unity (Player.Frame runs OnDisable/OnDestroy then).</summary>
+        public static void Destroy(Object target)
+        {
+            lock (DestroyQueue) DestroyQueue.Add(target);
+        }
+
+        /// <summary>Not Unity: what Destroy() scheduled, for the harness to destroy at the end of the frame.</summary>
+        internal static readonly List<Object> DestroyQueue = new List<Object>();
 
         /// <summary>Marks the object destroyed: from then on it compares equal to null, like Unity's "fake null"
         /// (the C# object still exists, the engine object does not). The harness calls OnDisable/OnDestroy itself.</summary>
@@ -39,6 +54,9 @@ namespace UnityEngine
     {
         private readonly List<Component> components = new List<Component>();
         public GameObject(string name) { this.name = name; }
+        /// <summary>Not Unity: DontDestroyOnLoad was called for it.</summary>
+        internal bool KeptAcrossLoads;
+        internal List<Component> Components { get { return components; } }
         public T AddComponent<T>() where T : Component, new()
         {
             var component = new T();
@@ -85,12 +103,38 @@ namespace UnityEngine
 
         public static void Log(object message) { Console.WriteLine("[Unity] " + message); }
         public static void Log(object message, Object context) { Log(message); }
-        public static void LogWarning(object message) { Console.WriteLine("[Unity] warning: " + message); }
+        /// <summary>Not Unity: the harness can check that a warning was logged.</summary>
+        public static event Action<string> WarningLogged;
+
+        public static void LogWarning(object message)
+        {
+            Console.WriteLine("[Unity] warning: " + message);
+            var handler = WarningLogged;
+            if (handler != null) handler(message.ToString());
+        }
         public static void LogWarning(object message, Object context) { LogWarning(message); }
         public static void LogError(object message) { Error("error: " + message); }
         public static void LogError(object message, Object context) { LogError(message); }
         public static void LogException(Exception exception) { Error("exception: " + exception); }
         public static void LogException(Exception exception, Object context) { LogException(exception); }
+    }
+
+    public class TextAsset : Object
+    {
+        public TextAsset(string text) { this.text = text; }
+        public string text { get; private set; }
+    }
+
+    public static class Resources
+    {
+        /// <summary>Not Unity: the assets of the Resources folders, by path without extension.</summary>
+        public static readonly Dictionary<string, Object> Assets = new Dictionary<string, Object>();
+
+        public static T Load<T>(string path) where T : Object
+        {
+            Object asset;
+            return Assets.TryGetValue(path, out asset) ? asset as T : null;
+        }
     }
 
     public static class Mathf
@@ -118,6 +162,19 @@ namespace UnityEngine
     public sealed class SerializeField : Attribute { }
 
     [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
+    public abstract class PropertyAttribute : Attribute { }
+
+    public struct Rect
+    {
+        public float x, y, width, height;
+    }
+
+    public class GUIContent
+    {
+        public string text;
+    }
+
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)]
     public sealed class HideInInspector : Attribute { }
 
     [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = true)]
@@ -141,6 +198,40 @@ namespace UnityEngine
 
 namespace UnityEditor
 {
+    public class SerializedProperty { }
+
+    public abstract class PropertyDrawer
+    {
+        public virtual float GetPropertyHeight(SerializedProperty property, UnityEngine.GUIContent label) { return 18f; }
+        public virtual void OnGUI(UnityEngine.Rect position, SerializedProperty property, UnityEngine.GUIContent label) { }
+    }
+
+    [AttributeUsage(AttributeTargets.Class, AllowMultiple = true)]
+    public sealed class CustomPropertyDrawer : Attribute
+    {
+        public CustomPropertyDrawer(Type type) { }
+    }
+
+    public static class EditorGUI
+    {
+        public static float GetPropertyHeight(SerializedProperty property, UnityEngine.GUIContent label, bool includeChildren) { return 18f; }
+        public static bool PropertyField(UnityEngine.Rect position, SerializedProperty property, UnityEngine.GUIContent label, bool includeChildren) { return false; }
+
+        public struct DisabledScope : IDisposable
+        {
+            public DisabledScope(bool disabled) { }
+            public void Dispose() { }
+        }
+    }
+
+    public enum BuildTarget { StandaloneOSX = 2, StandaloneWindows = 5, iOS = 9, Android = 13, StandaloneWindows64 = 19, WebGL = 20, StandaloneLinux64 = 24 }
+
+    public static class EditorUserBuildSettings
+    {
+        /// <summary>Settable here (in Unity it follows File > Build Settings).</summary>
+        public static BuildTarget activeBuildTarget = BuildTarget.StandaloneLinux64;
+    }
+
     /// <summary>Editor-only in Unity (compiled here with UNITY_EDITOR defined); the harness raises it to simulate
     /// a script recompile during play.</summary>
     public static class AssemblyReloadEvents

@@ -6,6 +6,7 @@
 
 using System;
 using System.Collections.Generic;
+using System.Linq;
 using System.Net;
 using System.Net.Sockets;
 using System.Reflection;
@@ -141,7 +142,40 @@ internal sealed class Player
         Frames++;
         context.RunPosted();
         foreach (var c in live.ToArray()) if (c && c.enabled) Message(c, "Update");
+        DestroyScheduled();
         Thread.Sleep(2);
+    }
+
+    /// <summary>What Object.Destroy scheduled during the frame: OnDisable and OnDestroy now, fake null afterwards.</summary>
+    public void DestroyScheduled()
+    {
+        UnityEngine.Object[] scheduled;
+        lock (UnityEngine.Object.DestroyQueue)
+        {
+            scheduled = UnityEngine.Object.DestroyQueue.ToArray();
+            UnityEngine.Object.DestroyQueue.Clear();
+        }
+        foreach (var target in scheduled)
+        {
+            var host = target as GameObject;
+            var components = host != null ? host.Components.OfType<MonoBehaviour>().ToArray() : new[] { target as MonoBehaviour };
+            Unload(components.Where(c => c != null && c).ToArray());
+            if (host != null) UnityEngine.Object.DestroyImmediate(host);
+        }
+    }
+
+    /// <summary>A single-mode scene load: every object not kept by DontDestroyOnLoad is unloaded, then
+    /// <paramref name="load"/> adds the new scene's objects (Awake, OnEnable, Start).</summary>
+    public void LoadScene(Action load)
+    {
+        Unload(live.Where(c => c && !c.gameObject.KeptAcrossLoads).ToArray());
+        load();
+    }
+
+    /// <summary>The live components of a type (like FindObjectsOfType).</summary>
+    public T[] Live<T>() where T : MonoBehaviour
+    {
+        return live.OfType<T>().Where(c => c).ToArray();
     }
 
     public void FramesUntil(Func<bool> condition, string what, TimeSpan within)

@@ -27,6 +27,8 @@
 //
 // Threading: events are raised on thread-pool threads, one at a time, in order. Handlers must be
 // quick and must not block; CommandListener (Unity) only enqueues and handles them in Update().
+// WebGL has no threads: there the client runs on a frame loop (BridgeFrameLoop.cs, Options.FrameLoop), on the
+// main thread inside BridgeTransports.Pump(), with no thread pool, no timer and no blocking wait.
 
 using System;
 using System.Collections.Concurrent;
@@ -69,10 +71,12 @@ namespace WebSocketBridge
         public const int Unauthorized = 4001;     // missing or wrong token: do not retry.
         public const int InvalidClientId = 4002;  // id does not match ^[a-zA-Z0-9_-]{1,50}$: do not retry.
         public const int ReservedClientId = 4003; // client token used with the controller id LLM: do not retry.
+        public const int RoleConflict = 4004;     // the id is held by a connection of the other role (a controller): retry later.
         public const int DuplicateRejected = 4009;// id already connected and DUPLICATE_POLICY=reject: retry later.
         public const int Replaced = 4010;         // a newer connection with the same id took over: do not retry.
         public const int TokenExpired = 4011;     // token expired or revoked: do not retry; reconnect with the current token.
         public const int DisconnectedByAdmin = 4012; // an administrator disconnected this client: do not retry (a person decided).
+        public const int TooManyConnections = 4013;  // this address or token holds too many connections: retry later.
 
         /// <summary>True for close codes after which reconnecting cannot help (the client gives up).</summary>
         public static bool IsFinal(int code)
@@ -161,6 +165,14 @@ namespace WebSocketBridge
         public int MaxIncomingMessageBytes = 16 * 1024 * 1024;
         /// <summary>Messages queued while disconnected or sending; Send() returns false beyond this.</summary>
         public int MaxQueuedMessages = 1000;
+        /// <summary>Where the client runs. Null: on thread-pool threads with timers (every platform but WebGL). A frame
+        /// loop: on the thread that pumps it, with no thread pool and no timer (the default in WebGL players, where
+        /// there are neither): call BridgeTransports.Pump() once per frame (CommandListener.Update does).</summary>
+        public BridgeFrameLoop FrameLoop = BridgeTransports.DefaultFrameLoop;
+        /// <summary>Give up (Rejected, with the reason) after this many opens in a row that ended before the connection
+        /// opened without a reason (a browser's 1006: a server that is down, an origin not in ALLOWED_ORIGINS). 0 retries
+        /// forever (the default except in WebGL players, where it is 10: about five minutes of backoff).</summary>
+        public int MaxRefusedOpens = BridgeTransports.DefaultMaxRefusedOpens;
 
         internal BridgeClientOptions Copy()
         {
@@ -179,6 +191,9 @@ namespace WebSocketBridge
         public event Action Connected;
         public event Action<BridgeDisconnect> Disconnected;
         public event Action<string> MessageReceived;
+        /// <summary>Like MessageReceived, with how long the message waited before the client could read it (WebGL: in the
+        /// browser while the page did not run, e.g. a hidden tab); zero on other transports.</summary>
+        public event Action<string, TimeSpan> MessageReceivedWithAge;
         public event Action<Exception> Error;
 
         private readonly BridgeClientOptions options;
@@ -186,7 +201,11 @@ namespace WebSocketBridge
         private readonly object sync = new object();
         private readonly ConcurrentQueue<string> sendQueue = new ConcurrentQueue<string>();
         private readonly BridgeConnectRequest request;
-        private readonly SemaphoreSlim sendSignal = new SemaphoreSlim(0);
+        private readonly Signal sendSignal;
+        private readonly BridgeFrameLoop loop;
+        // ConfigureAwait(onLoop): on the frame loop every await resumes on the loop's context (a continuation of
+        // ConfigureAwait(false) under Unity's context goes to the thread pool); elsewhere on any pool thread.
+        private readonly bool onLoop;
         private int queuedCount;
         private int state = (int)BridgeState.Idle;
         private int connectAttempts;
@@ -229,7 +248,13 @@ namespace WebSocketBridge
             // Seeded per instance: Random() seeds from the clock on .NET Framework/Mono, so clients started
             // in the same tick would pick the same "random" delays and reconnect in lock step.
             jitter = new Random(Guid.NewGuid().GetHashCode());
+            loop = this.options.FrameLoop;
+            onLoop = loop != null;
+            sendSignal = new Signal(!onLoop);
         }
+
+        /// <summary>The frame loop this client runs on, or null when it runs on the thread pool.</summary>
+        public BridgeFrameLoop FrameLoop { get { return loop; } }
 
         /// <summary>The WebSocket URL this client connects to.</summary>
         public Uri Endpoint { get; private set; }
@@ -300,13 +325,16 @@ namespace WebSocketBridge
                 kickCts = new CancellationTokenSource();
                 SetState(BridgeState.Connecting);
                 var token = stopCts.Token;
-#if UNITY_WEBGL && !UNITY_EDITOR
-                // WebGL has no threads: the loop runs on the main thread between awaits, driven by BridgeTransports.Pump().
-                runTask = RunAsync(token);
-#else
-                // Task.Run: the loop never runs on (and never waits for) Unity's main-thread SynchronizationContext.
-                runTask = Task.Run(() => RunAsync(token));
-#endif
+                if (onLoop)
+                {
+                    // No threads (WebGL): the loop runs on the frame loop's context between awaits, driven by Pump().
+                    runTask = loop.Enter(() => RunAsync(token));
+                }
+                else
+                {
+                    // Task.Run: the loop never runs on (and never waits for) Unity's main-thread SynchronizationContext.
+                    runTask = Task.Run(() => RunAsync(token));
+                }
             }
         }
 
@@ -329,7 +357,7 @@ namespace WebSocketBridge
                 Interlocked.Increment(ref queuedCount);
                 sendQueue.Enqueue(text);
             }
-            sendSignal.Release();
+            sendSignal.Set();
             return true;
         }
 
@@ -381,7 +409,8 @@ namespace WebSocketBridge
         }
 
         /// <summary>Stops and waits for the close handshake, at most twice CloseTimeout plus one second. Called from
-        /// one of this client's own event handlers it does not wait (the loop is busy running that handler).</summary>
+        /// one of this client's own event handlers it does not wait (the loop is busy running that handler); on a frame
+        /// loop (WebGL) it never waits: the close goes out now and completes in the next frames.</summary>
         public void Stop()
         {
             Stop(options.CloseTimeout + options.CloseTimeout + TimeSpan.FromSeconds(1));
@@ -391,6 +420,13 @@ namespace WebSocketBridge
         public bool Stop(TimeSpan wait)
         {
             var task = StopAsync();
+            if (onLoop)
+            {
+                // Waiting would freeze the only thread, and the browser delivers nothing to a frozen one: run what is
+                // ready now (the flush and the close frame are written at once) and let the frames finish the rest.
+                loop.Pump();
+                return task.IsCompleted;
+            }
             if (raisingEventsOf == this) return task.IsCompleted;
             try { return task.Wait(wait); }
             catch (AggregateException) { return true; }
@@ -410,6 +446,7 @@ namespace WebSocketBridge
         private async Task RunAsync(CancellationToken stop)
         {
             int attempt = 0;
+            int refusedOpens = 0;
             try
             {
                 while (!stop.IsCancellationRequested)
@@ -424,8 +461,20 @@ namespace WebSocketBridge
                     var transport = options.TransportFactory != null ? options.TransportFactory() : BridgeTransports.CreateDefault();
                     try
                     {
-                        Exception connectError = await ConnectAsync(transport, stop).ConfigureAwait(false);
-                        if (connectError != null)
+                        Exception connectError = await ConnectAsync(transport, stop).ConfigureAwait(onLoop);
+                        if (connectError is ArgumentException)
+                        {
+                            // The transport refused the request itself (e.g. a token a browser cannot send): no retry helps.
+                            end = SessionEnd.Unsupported("cannot connect: " + connectError.Message);
+                        }
+                        else if (connectError is BridgeOpenRefusedException && !stop.IsCancellationRequested &&
+                                 options.MaxRefusedOpens > 0 && ++refusedOpens >= options.MaxRefusedOpens)
+                        {
+                            end = SessionEnd.Unsupported("gave up after " + refusedOpens + " attempts that ended before the connection " +
+                                                         "opened (" + connectError.Message + "): is the server up at " + Endpoint.GetLeftPart(UriPartial.Authority) +
+                                                         ", and is this page's origin in the appliance's ALLOWED_ORIGINS?");
+                        }
+                        else if (connectError != null)
                         {
                             end = stop.IsCancellationRequested
                                 ? SessionEnd.Stopped()
@@ -435,19 +484,20 @@ namespace WebSocketBridge
                         {
                             // An appliance without v2 would deliver bare text that a v2 codec cannot read: say so, do not retry.
                             wasConnected = true;
-                            await CloseOutputAsync(transport, BridgeCloseCodes.Normal, "protocol v2 not supported").ConfigureAwait(false);
+                            await CloseOutputAsync(transport, BridgeCloseCodes.Normal, "protocol v2 not supported").ConfigureAwait(onLoop);
                             end = SessionEnd.Unsupported("the server did not accept protocol v2 (subprotocol " + BridgeProtocols.V2 + ")");
                         }
                         else
                         {
                             wasConnected = true;
+                            refusedOpens = 0;
                             openedAt = DateTime.UtcNow;
                             Interlocked.Increment(ref connections);
                             SetStateUnlessStopping(BridgeState.Open);
                             Raise(Connected);
                             // A ReconnectNow() during the connect is satisfied by this fresh connection.
                             lock (sync) kick = kickCts.Token;
-                            end = await RunSessionAsync(transport, stop, kick).ConfigureAwait(false);
+                            end = await RunSessionAsync(transport, stop, kick).ConfigureAwait(onLoop);
                         }
                     }
                     finally
@@ -493,7 +543,7 @@ namespace WebSocketBridge
                     var info = new BridgeDisconnect(end.Reason, end.CloseCode, true, delay, wasConnected, end.Error);
                     lock (sync) lastDisconnect = info;
                     RaiseDisconnected(info);
-                    await DelayAsync(delay, stop, kick).ConfigureAwait(false);
+                    await DelayAsync(delay, stop, kick).ConfigureAwait(onLoop);
                 }
                 Finish(BridgeState.Stopped, new BridgeDisconnect("stopped by the client", null, false, TimeSpan.Zero, false, null));
             }
@@ -528,14 +578,14 @@ namespace WebSocketBridge
                 Task connect;
                 try { connect = transport.ConnectAsync(request, attempt.Token); }
                 catch (Exception e) { return e; }
-                var limit = Task.Delay(options.ConnectTimeout, attempt.Token);
-                var first = await Task.WhenAny(connect, limit).ConfigureAwait(false);
+                var limit = Delay(options.ConnectTimeout, attempt.Token);
+                var first = await Task.WhenAny(connect, limit).ConfigureAwait(onLoop);
                 attempt.Cancel();
                 if (first == connect)
                 {
                     try
                     {
-                        await connect.ConfigureAwait(false);
+                        await connect.ConfigureAwait(onLoop);
                         return null;
                     }
                     catch (Exception e)
@@ -560,11 +610,12 @@ namespace WebSocketBridge
             var abort = new CancellationTokenSource();     // connection over: leave now
             var sendTask = SendLoopAsync(ws, draining.Token, leaving.Token, abort.Token);
             var receiveTask = ReceiveLoopAsync(ws);
-            // RunContinuationsAsynchronously: Stop() or ReconnectNow() called from an event handler must not run
-            // this session's teardown inline, inside that handler.
-            var stopped = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-            var kicked = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-            var watchdog = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            // Stop() or ReconnectNow() called from an event handler must not run this session's teardown inline, inside
+            // that handler: RunContinuationsAsynchronously on the pool; on the frame loop handlers run outside its context,
+            // so the teardown is posted to it.
+            var stopped = NewSource();
+            var kicked = NewSource();
+            var watchdog = NewSource();
             using (stop.Register(() => stopped.TrySetResult(true)))
             using (kick.Register(() => kicked.TrySetResult(true)))
             using (var watchdogCts = new CancellationTokenSource())
@@ -572,29 +623,29 @@ namespace WebSocketBridge
                 var watchdogTask = options.ReceiveTimeout > TimeSpan.Zero
                     ? WatchdogAsync(watchdog, watchdogCts.Token)
                     : CompletedTask();
-                var first = await Task.WhenAny(receiveTask, sendTask, stopped.Task, kicked.Task, watchdog.Task).ConfigureAwait(false);
+                var first = await Task.WhenAny(receiveTask, sendTask, stopped.Task, kicked.Task, watchdog.Task).ConfigureAwait(onLoop);
                 watchdogCts.Cancel();
-                await watchdogTask.ConfigureAwait(false);
+                await watchdogTask.ConfigureAwait(onLoop);
 
                 if (first == kicked.Task && kickAbandons && !stop.IsCancellationRequested)
                 {
                     // The socket is probably dead (app suspended): a close frame if it goes out at once, no waiting.
                     leaving.Cancel();
-                    if (await Task.WhenAny(sendTask, Task.Delay(100)).ConfigureAwait(false) != sendTask) abort.Cancel();
-                    await sendTask.ConfigureAwait(false);
+                    if (await Task.WhenAny(sendTask, Delay(100)).ConfigureAwait(onLoop) != sendTask) abort.Cancel();
+                    await sendTask.ConfigureAwait(onLoop);
                     abort.Cancel();
-                    using (var quick = new CancellationTokenSource(TimeSpan.FromMilliseconds(250)))
+                    using (var quick = TimeoutSource(TimeSpan.FromMilliseconds(250)))
                     {
                         try
                         {
                             var close = ws.CloseOutputAsync(BridgeCloseCodes.Normal, "client reconnecting", quick.Token);
-                            await Task.WhenAny(close, Task.Delay(250)).ConfigureAwait(false);
+                            await Task.WhenAny(close, Delay(250)).ConfigureAwait(onLoop);
                             Observe(close);
                         }
                         catch (Exception) { /* dead already */ }
                     }
                     ws.Abort();
-                    await receiveTask.ConfigureAwait(false);
+                    await receiveTask.ConfigureAwait(onLoop);
                     return SessionEnd.Reconnect();
                 }
 
@@ -604,38 +655,38 @@ namespace WebSocketBridge
                     // connection claims it (no replace race). A dead connection costs CloseTimeout, then an abort.
                     bool stopping = first == stopped.Task || stop.IsCancellationRequested;
                     (stopping ? draining : leaving).Cancel();
-                    if (await Task.WhenAny(sendTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != sendTask)
+                    if (await Task.WhenAny(sendTask, Delay(options.CloseTimeout)).ConfigureAwait(onLoop) != sendTask)
                         abort.Cancel();
-                    await sendTask.ConfigureAwait(false);
-                    await CloseOutputAsync(ws, BridgeCloseCodes.Normal, stopping ? "client stopping" : "client reconnecting").ConfigureAwait(false);
+                    await sendTask.ConfigureAwait(onLoop);
+                    await CloseOutputAsync(ws, BridgeCloseCodes.Normal, stopping ? "client stopping" : "client reconnecting").ConfigureAwait(onLoop);
                     // Wait for the server's close frame so the server sees a clean 1000 close.
-                    if (await Task.WhenAny(receiveTask, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != receiveTask)
+                    if (await Task.WhenAny(receiveTask, Delay(options.CloseTimeout)).ConfigureAwait(onLoop) != receiveTask)
                         ws.Abort();
-                    await receiveTask.ConfigureAwait(false);
+                    await receiveTask.ConfigureAwait(onLoop);
                     return stopping ? SessionEnd.Stopped() : SessionEnd.Reconnect();
                 }
 
                 abort.Cancel();
                 if (first == receiveTask)
                 {
-                    var end = await receiveTask.ConfigureAwait(false);
-                    await sendTask.ConfigureAwait(false);
+                    var end = await receiveTask.ConfigureAwait(onLoop);
+                    await sendTask.ConfigureAwait(onLoop);
                     if (ws.CloseReceived)
                     {
                         // Complete the close handshake the server started (RFC 6455 §5.5.1).
-                        await CloseOutputAsync(ws, BridgeCloseCodes.Normal, "").ConfigureAwait(false);
+                        await CloseOutputAsync(ws, BridgeCloseCodes.Normal, "").ConfigureAwait(onLoop);
                     }
                     else if (end.LocalCloseCode.HasValue)
                     {
-                        await CloseOutputAsync(ws, end.LocalCloseCode.Value, end.Reason).ConfigureAwait(false);
+                        await CloseOutputAsync(ws, end.LocalCloseCode.Value, end.Reason).ConfigureAwait(onLoop);
                     }
                     return end;
                 }
 
                 // A send failed or the watchdog fired: the socket is unusable.
                 ws.Abort();
-                var sendError = await sendTask.ConfigureAwait(false);
-                await receiveTask.ConfigureAwait(false);
+                var sendError = await sendTask.ConfigureAwait(onLoop);
+                await receiveTask.ConfigureAwait(onLoop);
                 if (first == watchdog.Task)
                     return SessionEnd.Broken("receive timeout: nothing received for " + options.ReceiveTimeout.TotalSeconds + " s", null);
                 return SessionEnd.Broken("send failed: " + (sendError != null ? sendError.Message : "unknown"), sendError);
@@ -649,7 +700,7 @@ namespace WebSocketBridge
             {
                 while (true)
                 {
-                    await Task.Delay(period, cancel).ConfigureAwait(false);
+                    await Delay(period, cancel).ConfigureAwait(onLoop);
                     var idle = DateTime.UtcNow - new DateTime(Volatile.Read(ref lastReceiveTicks), DateTimeKind.Utc);
                     if (idle >= options.ReceiveTimeout)
                     {
@@ -674,13 +725,12 @@ namespace WebSocketBridge
                         if (draining.IsCancellationRequested) return null;
                         using (var either = CancellationTokenSource.CreateLinkedTokenSource(draining, leaving, abort))
                         {
-                            try { await sendSignal.WaitAsync(either.Token).ConfigureAwait(false); }
-                            catch (OperationCanceledException) { }
+                            await sendSignal.WaitAsync(either.Token, onLoop).ConfigureAwait(onLoop);
                         }
                         continue;
                     }
                     Interlocked.Decrement(ref queuedCount);
-                    await ws.SendAsync(text, abort).ConfigureAwait(false);
+                    await ws.SendAsync(text, abort).ConfigureAwait(onLoop);
                 }
                 return null;
             }
@@ -696,7 +746,7 @@ namespace WebSocketBridge
             {
                 while (true)
                 {
-                    var frame = await ws.ReceiveAsync(Math.Max(1024, options.MaxIncomingMessageBytes)).ConfigureAwait(false);
+                    var frame = await ws.ReceiveAsync(Math.Max(1024, options.MaxIncomingMessageBytes)).ConfigureAwait(onLoop);
                     Volatile.Write(ref lastReceiveTicks, DateTime.UtcNow.Ticks);
                     switch (frame.Kind)
                     {
@@ -708,7 +758,7 @@ namespace WebSocketBridge
                             return SessionEnd.LocalClose(BridgeCloseCodes.MessageTooBig,
                                 "incoming message larger than " + options.MaxIncomingMessageBytes + " bytes");
                         default:
-                            RaiseMessage(frame.Text);
+                            RaiseMessage(frame.Text, frame.Age);
                             break;
                     }
                 }
@@ -722,35 +772,121 @@ namespace WebSocketBridge
         private async Task CloseOutputAsync(IBridgeTransport ws, int code, string reason)
         {
             if (!ws.CanSendClose) return;
-            using (var timeout = new CancellationTokenSource(options.CloseTimeout))
+            using (var timeout = TimeoutSource(options.CloseTimeout))
             {
                 try
                 {
                     var close = ws.CloseOutputAsync(code, reason, timeout.Token);
                     // Bounded even if the transport ignores the token.
-                    if (await Task.WhenAny(close, Task.Delay(options.CloseTimeout)).ConfigureAwait(false) != close)
+                    if (await Task.WhenAny(close, Delay(options.CloseTimeout)).ConfigureAwait(onLoop) != close)
                     {
                         Observe(close);
                         ws.Abort();
                         return;
                     }
-                    await close.ConfigureAwait(false);
+                    await close.ConfigureAwait(onLoop);
                 }
                 catch (Exception) { /* the peer is gone already; nothing left to close */ }
             }
         }
 
-        private static async Task DelayAsync(TimeSpan delay, CancellationToken stop, CancellationToken kick)
+        private async Task DelayAsync(TimeSpan delay, CancellationToken stop, CancellationToken kick)
         {
             if (delay <= TimeSpan.Zero) return;
             using (var either = CancellationTokenSource.CreateLinkedTokenSource(stop, kick))
             {
-                try { await Task.Delay(delay, either.Token).ConfigureAwait(false); }
+                try { await Delay(delay, either.Token).ConfigureAwait(onLoop); }
                 catch (OperationCanceledException) { }
             }
         }
 
-        private static string DescribeCloseCode(int code)
+        // ---- time without timers on the frame loop ------------------------------------------------
+
+        private Task Delay(TimeSpan delay, CancellationToken cancel)
+        {
+            return onLoop ? loop.Delay(delay, cancel) : Task.Delay(delay, cancel);
+        }
+
+        private Task Delay(TimeSpan delay)
+        {
+            return Delay(delay, CancellationToken.None);
+        }
+
+        private Task Delay(int milliseconds)
+        {
+            return Delay(TimeSpan.FromMilliseconds(milliseconds), CancellationToken.None);
+        }
+
+        /// <summary>A token source cancelled after <paramref name="delay"/>: by a timer, or on the frame loop by a frame.</summary>
+        private CancellationTokenSource TimeoutSource(TimeSpan delay)
+        {
+            if (!onLoop) return new CancellationTokenSource(delay);
+            var source = new CancellationTokenSource();
+            loop.Delay(delay, CancellationToken.None).ContinueWith(t =>
+            {
+                try { source.Cancel(); } catch (ObjectDisposedException) { /* already done with */ }
+            }, TaskContinuationOptions.ExecuteSynchronously);
+            return source;
+        }
+
+        private TaskCompletionSource<bool> NewSource()
+        {
+            return onLoop ? new TaskCompletionSource<bool>() : new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+        }
+
+        /// <summary>Wakes the sender loop. Not SemaphoreSlim: its WaitAsync completes waiters through the thread pool,
+        /// which runs nothing in WebGL. Auto-reset: one Set wakes one wait (the sender then drains the whole queue).</summary>
+        private sealed class Signal
+        {
+            private readonly object gate = new object();
+            private readonly bool asynchronous;
+            private TaskCompletionSource<bool> waiter;
+            private bool set;
+
+            /// <param name="asynchronous">Resume the waiter on the pool, never inline inside Set() (threaded mode).</param>
+            public Signal(bool asynchronous)
+            {
+                this.asynchronous = asynchronous;
+            }
+
+            public void Set()
+            {
+                TaskCompletionSource<bool> woken;
+                lock (gate)
+                {
+                    woken = waiter;
+                    waiter = null;
+                    if (woken == null) set = true;
+                }
+                if (woken != null) woken.TrySetResult(true);
+            }
+
+            /// <summary>Completes when Set() was called (since the last wait), or when <paramref name="cancel"/> is cancelled.</summary>
+            public async Task WaitAsync(CancellationToken cancel, bool onLoop)
+            {
+                TaskCompletionSource<bool> mine;
+                lock (gate)
+                {
+                    if (set)
+                    {
+                        set = false;
+                        return;
+                    }
+                    mine = asynchronous ? new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously) : new TaskCompletionSource<bool>();
+                    waiter = mine;
+                }
+                using (cancel.Register(() =>
+                {
+                    lock (gate) { if (waiter == mine) waiter = null; }
+                    mine.TrySetResult(false);
+                }))
+                {
+                    await mine.Task.ConfigureAwait(onLoop);
+                }
+            }
+        }
+
+        internal static string DescribeCloseCode(int code)
         {
             switch (code)
             {
@@ -764,11 +900,13 @@ namespace WebSocketBridge
                 case BridgeCloseCodes.Unauthorized: return "unauthorized";
                 case BridgeCloseCodes.InvalidClientId: return "invalid client id";
                 case BridgeCloseCodes.ReservedClientId: return "client id reserved for controllers";
+                case BridgeCloseCodes.RoleConflict: return "the client id is in use by a controller";
                 case 4008: return "too many undelivered messages";
                 case BridgeCloseCodes.DuplicateRejected: return "client id already connected";
                 case BridgeCloseCodes.Replaced: return "replaced by a newer connection";
                 case BridgeCloseCodes.TokenExpired: return "token expired or revoked; reconnect with the current token";
                 case BridgeCloseCodes.DisconnectedByAdmin: return "disconnected by an administrator";
+                case BridgeCloseCodes.TooManyConnections: return "too many connections from this address or with this token";
                 default: return "closed with code " + code;
             }
         }
@@ -794,10 +932,12 @@ namespace WebSocketBridge
             Invoke(() => handler());
         }
 
-        private void RaiseMessage(string text)
+        private void RaiseMessage(string text, TimeSpan age)
         {
             var handler = MessageReceived;
             if (handler != null) Invoke(() => handler(text));
+            var aged = MessageReceivedWithAge;
+            if (aged != null) Invoke(() => aged(text, age));
         }
 
         private void RaiseDisconnected(BridgeDisconnect info)
@@ -810,7 +950,11 @@ namespace WebSocketBridge
         {
             var previous = raisingEventsOf;
             raisingEventsOf = this;
-            try { call(); }
+            try
+            {
+                if (onLoop) loop.RunOutside(call);
+                else call();
+            }
             catch (Exception e) { RaiseError(e); }
             finally { raisingEventsOf = previous; }
         }
@@ -821,7 +965,11 @@ namespace WebSocketBridge
             if (handler == null) return;
             var previous = raisingEventsOf;
             raisingEventsOf = this;
-            try { handler(error); }
+            try
+            {
+                if (onLoop) loop.RunOutside(() => handler(error));
+                else handler(error);
+            }
             catch (Exception) { /* an Error handler that throws has nowhere left to report to */ }
             finally { raisingEventsOf = previous; }
         }

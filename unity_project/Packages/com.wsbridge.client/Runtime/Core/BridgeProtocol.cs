@@ -152,10 +152,11 @@ namespace WebSocketBridge
         }
     }
 
-    /// <summary>The JSON the v2 frames need: one flat object of scalars. Values are kept as JSON text.</summary>
+    /// <summary>The JSON the v2 frames need: one object; values are kept as JSON text. Nested objects and arrays (fields
+    /// a newer appliance may add) are skipped over whole, so they never make the frame unreadable.</summary>
     internal static class MiniJson
     {
-        /// <summary>Reads {"key": scalar, ...}; nested objects and arrays are refused.</summary>
+        /// <summary>Reads {"key": value, ...}; a nested object or array is kept as its JSON text.</summary>
         public static bool TryReadObject(string json, out Dictionary<string, string> fields)
         {
             fields = null;
@@ -174,7 +175,10 @@ namespace WebSocketBridge
                 i = SkipSpace(json, keyEnd);
                 if (i >= json.Length || json[i] != ':') return false;
                 i = SkipSpace(json, i + 1);
-                int valueEnd = i < json.Length && json[i] == '"' ? ScanString(json, i) : ScanScalar(json, i);
+                int valueEnd = i >= json.Length ? -1
+                    : json[i] == '"' ? ScanString(json, i)
+                    : json[i] == '{' || json[i] == '[' ? ScanNested(json, i)
+                    : ScanScalar(json, i);
                 if (valueEnd <= i) return false;
                 result[key] = json.Substring(i, valueEnd - i);
                 i = SkipSpace(json, valueEnd);
@@ -269,6 +273,28 @@ namespace WebSocketBridge
             return -1;
         }
 
+        /// <summary>End (exclusive) of the object or array starting at i (brackets balanced, strings skipped), or -1.</summary>
+        private static int ScanNested(string s, int i)
+        {
+            int depth = 0;
+            for (; i < s.Length; i++)
+            {
+                char c = s[i];
+                if (c == '"')
+                {
+                    int end = ScanString(s, i);
+                    if (end < 0) return -1;
+                    i = end - 1;
+                }
+                else if (c == '{' || c == '[') depth++;
+                else if (c == '}' || c == ']')
+                {
+                    if (--depth == 0) return i + 1;
+                }
+            }
+            return -1;
+        }
+
         /// <summary>End of a number, true, false or null starting at i.</summary>
         private static int ScanScalar(string s, int i)
         {
@@ -276,6 +302,27 @@ namespace WebSocketBridge
             while (i < s.Length && (char.IsLetterOrDigit(s[i]) || s[i] == '-' || s[i] == '+' || s[i] == '.')) i++;
             return i > start ? i : -1;
         }
+    }
+
+    /// <summary>One argument of a command, for the command manifest (what an LLM reads to know how to call it).</summary>
+    public sealed class CommandArgument
+    {
+        public CommandArgument(string name, string type, string description)
+        {
+            if (string.IsNullOrEmpty(name)) throw new ArgumentException("an argument needs a name", "name");
+            if (type != "string" && type != "number" && type != "integer" && type != "boolean")
+                throw new ArgumentException("type is one of string, number, integer, boolean", "type");
+            Name = name;
+            Type = type;
+            Description = description ?? "";
+            Required = true;
+        }
+
+        public string Name { get; private set; }
+        /// <summary>JSON Schema type: string, number, integer or boolean.</summary>
+        public string Type { get; private set; }
+        public string Description { get; private set; }
+        public bool Required { get; set; }
     }
 
     /// <summary>A command handler: returns the reply text, or null to send no reply.</summary>
@@ -299,6 +346,8 @@ namespace WebSocketBridge
         public Task<string> PendingReply;
         /// <summary>The handler's exception; Reply then carries "error: ...".</summary>
         public Exception Exception;
+        /// <summary>For an async handler: its own task, to observe (and log) the exception of a failed one.</summary>
+        public Task HandlerTask;
     }
 
     /// <summary>Maps command names (case-insensitive) to handlers. Not thread-safe by design: register, unregister
@@ -309,6 +358,8 @@ namespace WebSocketBridge
             new Dictionary<string, CommandHandler>(StringComparer.OrdinalIgnoreCase);
         private readonly Dictionary<string, AsyncCommandHandler> asyncHandlers =
             new Dictionary<string, AsyncCommandHandler>(StringComparer.OrdinalIgnoreCase);
+        private readonly Dictionary<string, KeyValuePair<string, CommandArgument[]>> descriptions =
+            new Dictionary<string, KeyValuePair<string, CommandArgument[]>>(StringComparer.OrdinalIgnoreCase);
 
         public CommandDispatcher() : this(new TextCommandCodec()) { }
 
@@ -369,6 +420,45 @@ namespace WebSocketBridge
             return handlers.Remove(name);
         }
 
+        /// <summary>Says what a command does and which arguments it takes, for the manifest (arguments in order, as the
+        /// words after the name).</summary>
+        public void Describe(string name, string description, params CommandArgument[] arguments)
+        {
+            if (string.IsNullOrEmpty(name)) throw new ArgumentException("a command name is one non-empty word", "name");
+            descriptions[name] = new KeyValuePair<string, CommandArgument[]>(description ?? "", arguments ?? new CommandArgument[0]);
+        }
+
+        /// <summary>The command manifest of the registered handlers: {"type":"manifest","commands":[{"name","description",
+        /// "arguments": a JSON Schema object}]}, names sorted. Provisional: the appliance does not accept it yet (issue 21
+        /// item 4 specifies the frame); CommandListener sends it only when Send Manifest is on.</summary>
+        public string ManifestJson()
+        {
+            var names = new List<string>(CommandNames);
+            names.Sort(StringComparer.OrdinalIgnoreCase);
+            var json = new StringBuilder("{\"type\":\"manifest\",\"commands\":[");
+            for (int n = 0; n < names.Count; n++)
+            {
+                KeyValuePair<string, CommandArgument[]> described;
+                if (!descriptions.TryGetValue(names[n], out described))
+                    described = new KeyValuePair<string, CommandArgument[]>("", new CommandArgument[0]);
+                if (n > 0) json.Append(',');
+                json.Append("{\"name\":").Append(MiniJson.Quote(names[n]));
+                json.Append(",\"description\":").Append(MiniJson.Quote(described.Key));
+                json.Append(",\"arguments\":{\"type\":\"object\",\"properties\":{");
+                var required = new List<string>();
+                for (int a = 0; a < described.Value.Length; a++)
+                {
+                    var argument = described.Value[a];
+                    if (a > 0) json.Append(',');
+                    json.Append(MiniJson.Quote(argument.Name)).Append(":{\"type\":").Append(MiniJson.Quote(argument.Type));
+                    json.Append(",\"description\":").Append(MiniJson.Quote(argument.Description)).Append('}');
+                    if (argument.Required) required.Add(MiniJson.Quote(argument.Name));
+                }
+                json.Append("},\"required\":[").Append(string.Join(",", required.ToArray())).Append("]}}");
+            }
+            return json.Append("]}").ToString();
+        }
+
         public bool IsRegistered(string name)
         {
             return name != null && (handlers.ContainsKey(name) || asyncHandlers.ContainsKey(name));
@@ -416,6 +506,7 @@ namespace WebSocketBridge
                     result.Reply = Codec.EncodeReply(command, "error: " + command.Name + ": " + e.Message);
                     return result;
                 }
+                result.HandlerTask = task;
                 var codec = Codec;
                 // ContinueWith without a scheduler argument runs on the current one; the await-free form keeps the
                 // reply encoding off any particular thread, and the caller sends it.

@@ -14,6 +14,13 @@ using System.Threading.Tasks;
 
 namespace WebSocketBridge
 {
+    /// <summary>The peer ended a connection before it opened, without saying why (a browser's close 1006 before open: the
+    /// server is down, or it refused the handshake, e.g. an origin not in ALLOWED_ORIGINS, which a page cannot tell apart).</summary>
+    public sealed class BridgeOpenRefusedException : IOException
+    {
+        public BridgeOpenRefusedException(string message) : base(message) { }
+    }
+
     /// <summary>What a transport needs to open a connection.</summary>
     public sealed class BridgeConnectRequest
     {
@@ -49,8 +56,12 @@ namespace WebSocketBridge
         public string Text;
         public int CloseCode;
         public string CloseReason;
+        /// <summary>How long the message waited before it was read (the browser queues messages while the page does
+        /// not run, e.g. in a hidden tab); zero where nothing waits.</summary>
+        public TimeSpan Age;
 
         public static BridgeFrame Message(string text) { return new BridgeFrame { Kind = BridgeFrameKind.Text, Text = text }; }
+        public static BridgeFrame Message(string text, TimeSpan age) { return new BridgeFrame { Kind = BridgeFrameKind.Text, Text = text, Age = age }; }
         public static BridgeFrame Closed(int code, string reason) { return new BridgeFrame { Kind = BridgeFrameKind.Close, CloseCode = code, CloseReason = reason }; }
         public static BridgeFrame TooBig() { return new BridgeFrame { Kind = BridgeFrameKind.TooBig }; }
     }
@@ -90,13 +101,43 @@ namespace WebSocketBridge
 #endif
         }
 
-        /// <summary>Call once per frame on the main thread: the WebGL transport moves the browser's events to the
-        /// connection here (CommandListener.Update does it). Does nothing on other platforms.</summary>
+        /// <summary>The frame loop clients run on by default: BridgeFrameLoop.Main in WebGL players (no threads), else
+        /// null (thread pool and timers).</summary>
+        /// <summary>Consecutive opens refused without a reason after which a client gives up (0: never): 10 in WebGL
+        /// players, where a refused origin looks exactly like a server that is down (1006 before open).</summary>
+        public static int DefaultMaxRefusedOpens
+        {
+            get
+            {
+#if UNITY_WEBGL && !UNITY_EDITOR
+                return 10;
+#else
+                return 0;
+#endif
+            }
+        }
+
+        public static BridgeFrameLoop DefaultFrameLoop
+        {
+            get
+            {
+#if UNITY_WEBGL && !UNITY_EDITOR
+                return BridgeFrameLoop.Main;
+#else
+                return null;
+#endif
+            }
+        }
+
+        /// <summary>Call once per frame on the main thread (CommandListener.Update does it): the WebGL transport moves
+        /// the browser's events to the connection, then the clients on BridgeFrameLoop.Main run what is due. Cheap
+        /// where nothing uses them.</summary>
         public static void Pump()
         {
 #if (UNITY_WEBGL && !UNITY_EDITOR) || WSBRIDGE_WEBGL_TESTS
             WebGLTransport.PumpAll();
 #endif
+            BridgeFrameLoop.Main.Pump();
         }
     }
 
@@ -150,6 +191,7 @@ namespace WebSocketBridge
                     return BridgeFrame.Closed(code, result.CloseStatusDescription);
                 }
                 if (message.Length + result.Count > maxMessageBytes) return BridgeFrame.TooBig();
+                // Binary messages are decoded as UTF-8 text like text ones (so does the WebGL plugin).
                 message.Write(buffer, 0, result.Count);
                 if (!result.EndOfMessage) continue;
                 // Decode the whole message at once: a multi-byte UTF-8 character may straddle two reads.

@@ -24,7 +24,8 @@ using System.Threading.Tasks;
 
 namespace WebSocketBridge
 {
-    /// <summary>The functions of WsBridge.jslib. Events from Poll: "o&lt;protocol&gt;", "m&lt;text&gt;", "c&lt;code&gt; &lt;reason&gt;", or null.</summary>
+    /// <summary>The functions of WsBridge.jslib. Events from Poll: "o&lt;protocol&gt;", "m&lt;age ms&gt; &lt;text&gt;" (how long the
+    /// message waited in the page), "c&lt;code&gt; &lt;reason&gt;", or null.</summary>
     public interface IWebGLSocketApi
     {
         int Open(string url, string protocols);
@@ -93,6 +94,11 @@ namespace WebSocketBridge
 
         public Task ConnectAsync(BridgeConnectRequest request, CancellationToken cancel)
         {
+            // new WebSocket() throws on a subprotocol outside RFC 7230's token characters, and the browser would report
+            // it as an unexplained 1006 on every attempt: refuse it here, once, with the reason (the token is not shown).
+            if (!IsToken(request.Token))
+                throw new ArgumentException("the token contains characters a browser cannot send as a WebSocket subprotocol " +
+                                            "(allowed: letters, digits and !#$%&'*+-.^_`|~); use a token made of those", "request");
             var protocols = new List<string>(request.SubProtocols);
             if (protocols.Count == 0) protocols.Add(BridgeProtocols.V1); // the server must have a protocol to select
             protocols.Add(BridgeConnectRequest.TokenSubProtocolPrefix + request.Token);
@@ -100,6 +106,18 @@ namespace WebSocketBridge
             lock (Live) Live.Add(this);
             cancel.Register(() => opened.TrySetCanceled());
             return opened.Task;
+        }
+
+        /// <summary>RFC 7230 tchar: what a Sec-WebSocket-Protocol value may contain.</summary>
+        internal static bool IsToken(string value)
+        {
+            if (string.IsNullOrEmpty(value)) return false;
+            foreach (char c in value)
+            {
+                bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || "!#$%&'*+-.^_`|~".IndexOf(c) >= 0;
+                if (!ok) return false;
+            }
+            return true;
         }
 
         private void Pump()
@@ -116,7 +134,10 @@ namespace WebSocketBridge
                         opened.TrySetResult(true);
                         break;
                     case 'm':
-                        Deliver(Utf8.GetByteCount(rest) > maxMessageBytes ? BridgeFrame.TooBig() : BridgeFrame.Message(rest));
+                        int gap = rest.IndexOf(' ');
+                        long ageMs = long.Parse(rest.Substring(0, gap), CultureInfo.InvariantCulture);
+                        string text = rest.Substring(gap + 1);
+                        Deliver(Utf8.GetByteCount(text) > maxMessageBytes ? BridgeFrame.TooBig() : BridgeFrame.Message(text, TimeSpan.FromMilliseconds(ageMs)));
                         break;
                     case 'c':
                         int space = rest.IndexOf(' ');
@@ -125,7 +146,7 @@ namespace WebSocketBridge
                         closeReceived = open;
                         open = false;
                         // A handshake the browser refused (no server, wrong subprotocol answer) ends as a close without open.
-                        opened.TrySetException(new IOException("the browser could not open the WebSocket (close code " + code + ")"));
+                        opened.TrySetException(new BridgeOpenRefusedException("the browser could not open the WebSocket (close code " + code + ")"));
                         Deliver(BridgeFrame.Closed(code, reason));
                         lock (Live) Live.Remove(this);
                         return;

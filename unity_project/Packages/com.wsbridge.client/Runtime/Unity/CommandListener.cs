@@ -12,11 +12,13 @@
 //     listener.Register("on", command => { light.enabled = true; return "light on"; });
 //     listener.RegisterAsync("scan", async command => { await Scan(); return "scanned"; });
 //
-// Threading: BridgeClient raises its events on thread-pool threads; this component only queues them
-// and handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run
-// on the main thread and may use any Unity API.
+// Threading: BridgeClient raises its events on thread-pool threads (in WebGL players: on the main thread, in
+// the frame loop that Update pumps through BridgeTransports.Pump()); this component only queues them and
+// handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run on the
+// main thread and may use any Unity API.
 //
-// Commands never run late in a burst: while the listener is disabled or the app is paused a command is
+// Commands never run late in a burst (the time a command waited in the browser of a hidden WebGL tab counts too,
+// where OnApplicationPause never comes): while the listener is disabled or the app is paused a command is
 // refused at once with an "error: ..." reply; one that waited longer than Command Max Age (editor paused,
 // a long frame) or that arrived on a connection since replaced is refused instead of run; the queue is
 // bounded (Max Pending Commands) and a command beyond it is refused with "error: busy".
@@ -45,12 +47,30 @@ namespace WebSocketBridge
     /// <summary>Where the listener takes the client token from.</summary>
     public enum TokenSource
     {
-        /// <summary>An environment variable (UNITY_CLIENT_TOKEN by default): nothing is saved in scenes.</summary>
+        /// <summary>An environment variable (UNITY_CLIENT_TOKEN by default): nothing is saved in scenes. Where the variable
+        /// is not set (Android, iOS and WebGL players have none) the Resources text asset (Token Resource) is used.</summary>
         EnvironmentVariable,
-        /// <summary>Only what code sets through <see cref="CommandListener.Token"/> (from your own config).</summary>
+        /// <summary>Only what code sets through <see cref="CommandListener.Token"/> (your own configuration, or a token
+        /// fetched at runtime from your game's backend), then Connect().</summary>
         Code,
         /// <summary>The Inspector field: saved into the scene in plain text. Development only.</summary>
         Inspector,
+        /// <summary>A text asset in a Resources folder (Token Resource, default Assets/Resources/WsBridgeToken.txt), kept
+        /// out of version control: the token source of device builds. In a WebGL build it is public (use a scoped token).</summary>
+        Resource,
+    }
+
+    /// <summary>Shows a serialized field in the Inspector without letting it be edited (Editor/ReadOnlyFieldDrawer.cs).</summary>
+    [AttributeUsage(AttributeTargets.Field)]
+    public sealed class ReadOnlyFieldAttribute : PropertyAttribute { }
+
+    /// <summary>The wire protocol version, as the Inspector shows it (serialized as 1 or 2, like the int it replaced).</summary>
+    public enum BridgeProtocolVersion
+    {
+        /// <summary>Bare text commands and replies, matched by order (every appliance).</summary>
+        V1 = 1,
+        /// <summary>Command ids; replies with reply_to reach only the sending controller.</summary>
+        V2 = 2,
     }
 
     [DisallowMultipleComponent]
@@ -72,11 +92,15 @@ namespace WebSocketBridge
         [Tooltip("The environment variable holding the token (Token Source = Environment Variable).")]
         [SerializeField] private string tokenVariable = "UNITY_CLIENT_TOKEN";
 
+        [Tooltip("The text asset holding the token, as a Resources path (Token Source = Resource, and where the environment " +
+                 "variable is not set): Assets/Resources/WsBridgeToken.txt by default. Keep it out of version control.")]
+        [SerializeField] private string tokenResource = "WsBridgeToken";
+
         [Tooltip("Token Source = Inspector only: saved in the scene file in plain text. Development only.")]
         [SerializeField] private string token = "";
 
         [Tooltip("Wire protocol: 1 (bare text, the default) or 2 (command ids; replies reach only the sending controller).")]
-        [SerializeField] private int protocolVersion = 1;
+        [SerializeField] private BridgeProtocolVersion protocolVersion = BridgeProtocolVersion.V1;
 
         [Tooltip("Groups to join at connect; controllers can address them as group:<name>.")]
         [SerializeField] private string[] groups = new string[0];
@@ -118,6 +142,10 @@ namespace WebSocketBridge
         [Tooltip("Reply \"error: unknown command <name>\" to commands no handler is registered for.")]
         [SerializeField] private bool replyToUnknownCommands = true;
 
+        [Tooltip("Send the command manifest (registered commands, descriptions, arguments) after each connect. Leave off " +
+                 "until the appliance accepts manifest frames: an older one hands it to every controller as a message.")]
+        [SerializeField] private bool sendManifest = false;
+
         [Tooltip("Log every command and reply (never the token).")]
         [SerializeField] private bool logTraffic = false;
 
@@ -131,14 +159,15 @@ namespace WebSocketBridge
         [Tooltip("Called on the main thread when the connection ended or an attempt failed, with a description.")]
         [SerializeField] private BridgeDisconnectedEvent disconnected = new BridgeDisconnectedEvent();
 
-        [Header("Status (read only)")]
-        [SerializeField] private string status = "not connected";
+        [Header("Status")]
+        [SerializeField, ReadOnlyField] private string status = "not connected";
 
         // Survives a domain reload (script recompile during play): the listener was connected, so it reconnects.
         [SerializeField, HideInInspector] private bool running;
 
-        // One listener per client id: a second one with the same id (a reloaded or additive scene) forwards to the
-        // first instead of connecting, because a second connection with the same id would replace the first (4010).
+        // One listener per client id: a second one with the same id (the boot scene loaded again, an additive scene)
+        // destroys itself, because a second connection with the same id would replace the first (4010) and a kept
+        // duplicate would pile up with every reload. Until it is gone (end of frame) it forwards to the first.
         private static readonly Dictionary<string, CommandListener> Primaries = new Dictionary<string, CommandListener>();
         private static readonly Stopwatch Uptime = Stopwatch.StartNew();
 
@@ -146,7 +175,10 @@ namespace WebSocketBridge
         internal static Func<double> Clock = () => Uptime.Elapsed.TotalSeconds;
 
         private readonly ConcurrentQueue<WorkItem> mainThreadQueue = new ConcurrentQueue<WorkItem>();
-        private readonly List<CommandListener> followers = new List<CommandListener>();
+        // Protocol v1 matches replies to commands by order: while an async handler's reply is pending, later commands
+        // wait here (main thread only) and run after it, so a late reply is never taken as the answer to the next one.
+        private readonly Queue<WorkItem> heldCommands = new Queue<WorkItem>();
+        private Task<string> replyInFlight;
         private CommandDispatcher dispatcher;
         private CommandListener primary;
         private string registeredId;
@@ -178,7 +210,7 @@ namespace WebSocketBridge
         /// <summary>Sets the token from code (your own configuration) and selects TokenSource.Code. Write-only on
         /// purpose: the token is never read back for display or logs, and never serialized from here.</summary>
         public string Token { set { codeToken = value; tokenSource = TokenSource.Code; } }
-        public int ProtocolVersion { get { return protocolVersion; } set { protocolVersion = value; } }
+        public int ProtocolVersion { get { return (int)protocolVersion; } set { protocolVersion = (BridgeProtocolVersion)value; } }
         public string[] Groups { get { return groups; } set { groups = value ?? new string[0]; } }
         public BridgeClient Client { get { return Owner.client; } }
         public bool IsConnected { get { var c = Owner.client; return c != null && c.IsConnected; } }
@@ -187,6 +219,8 @@ namespace WebSocketBridge
         public BridgeDisconnectedEvent DisconnectedEvent { get { return Owner.disconnected; } }
         /// <summary>One line for a status display: connected, reconnecting (and why), or rejected (and why).</summary>
         public string Status { get { return Owner.status; } }
+        /// <summary>Adjusts the client's options before each Connect() (a custom transport, backoff, a frame loop).</summary>
+        public Action<BridgeClientOptions> ConfigureClient { get; set; }
         /// <summary>Commands received and waiting for the main thread.</summary>
         public int PendingCommands { get { return Volatile.Read(ref Owner.pendingCommands); } }
 
@@ -203,7 +237,7 @@ namespace WebSocketBridge
         {
             get
             {
-                if (dispatcher == null) dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(protocolVersion == 2 ? 2 : 1));
+                if (dispatcher == null) dispatcher = new CommandDispatcher(BridgeProtocols.CodecFor(protocolVersion == BridgeProtocolVersion.V2 ? 2 : 1));
                 return dispatcher;
             }
         }
@@ -215,6 +249,23 @@ namespace WebSocketBridge
             if (Owner.Dispatcher.Register(commandName, handler))
                 Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
         }
+
+        /// <summary>Registers a handler and says what it does and which arguments it takes (the command manifest).</summary>
+        public void Register(string commandName, CommandHandler handler, string description, params CommandArgument[] arguments)
+        {
+            Register(commandName, handler);
+            Owner.Dispatcher.Describe(commandName, description, arguments);
+        }
+
+        /// <summary>RegisterAsync with a description and arguments (the command manifest).</summary>
+        public void RegisterAsync(string commandName, AsyncCommandHandler handler, string description, params CommandArgument[] arguments)
+        {
+            RegisterAsync(commandName, handler);
+            Owner.Dispatcher.Describe(commandName, description, arguments);
+        }
+
+        /// <summary>The registered commands with their descriptions and arguments, as the manifest's JSON.</summary>
+        public string Manifest { get { return Owner.Dispatcher.ManifestJson(); } }
 
         /// <summary>Registers a handler that answers later: the task's result is the reply (v2: with reply_to).</summary>
         public void RegisterAsync(string commandName, AsyncCommandHandler handler)
@@ -250,31 +301,34 @@ namespace WebSocketBridge
             running = true;
             try
             {
+                if (string.IsNullOrEmpty(EffectiveToken())) throw new ArgumentException(MissingTokenHelp());
                 var options = new BridgeClientOptions
                 {
                     ServerUrl = serverUrl,
                     ClientId = clientId,
                     Token = EffectiveToken(),
-                    ProtocolVersion = protocolVersion == 2 ? 2 : 1,
+                    ProtocolVersion = protocolVersion == BridgeProtocolVersion.V2 ? 2 : 1,
                     Groups = groups ?? new string[0],
                     MaxReconnectDelay = TimeSpan.FromSeconds(Math.Max(1f, maxReconnectDelay)),
                     ConnectTimeout = TimeSpan.FromSeconds(Math.Max(0.1f, connectTimeout)),
                     CloseTimeout = TimeSpan.FromSeconds(Math.Max(0.1f, closeTimeout)),
                     MaxQueuedMessages = Math.Max(1, maxQueuedMessages),
                 };
+                if (ConfigureClient != null) ConfigureClient(options);
                 if (dispatcher != null && dispatcher.Codec is JsonCommandCodec != (options.ProtocolVersion == 2))
                     Debug.LogWarning("[CommandListener] the codec does not match protocol version " + options.ProtocolVersion, this);
                 var created = new BridgeClient(options);
                 created.Connected += () => Post(created, OnClientConnected);
                 created.Disconnected += info => Post(created, () => OnClientDisconnected(info));
-                created.MessageReceived += text => Receive(created, text);
+                created.MessageReceivedWithAge += (text, age) => Receive(created, text, age);
                 created.Error += error => Post(created, () => Debug.LogWarning("[CommandListener] " + clientId + ": " + error.Message));
                 client = created;
                 status = "connecting to " + created.Endpoint;
                 // After the previous connection's close (in the background): the server then releases the id before
                 // this one claims it, so the two never replace each other (4010).
                 if (previous == null || previous.IsCompleted) created.Start();
-                else previous.ContinueWith(t => { if (Volatile.Read(ref client) == created) created.Start(); });
+                // ExecuteSynchronously: where the previous client ends, not on a pool thread (WebGL has none that runs).
+                else previous.ContinueWith(t => { if (Volatile.Read(ref client) == created) created.Start(); }, TaskContinuationOptions.ExecuteSynchronously);
             }
             catch (ArgumentException e)
             {
@@ -307,8 +361,17 @@ namespace WebSocketBridge
 
         private void Awake()
         {
+            // A duplicate is not kept across loads: it goes with its scene (and destroys itself in OnEnable).
+            if (IsDuplicate()) return;
             // Survive scene changes: the connection and the handlers stay. Needs a root GameObject.
             DontDestroyOnLoad(gameObject);
+        }
+
+        /// <summary>Another live listener already owns this client id.</summary>
+        private bool IsDuplicate()
+        {
+            CommandListener existing;
+            return Primaries.TryGetValue(clientId ?? "", out existing) && existing != null && existing && existing != this;
         }
 
         private void OnEnable()
@@ -346,7 +409,7 @@ namespace WebSocketBridge
 
         private void OnValidate()
         {
-            if (protocolVersion != 1 && protocolVersion != 2) protocolVersion = 1;
+            if (protocolVersion != BridgeProtocolVersion.V1 && protocolVersion != BridgeProtocolVersion.V2) protocolVersion = BridgeProtocolVersion.V1;
             connectTimeout = Mathf.Max(0.1f, connectTimeout);
             closeTimeout = Mathf.Max(0.1f, closeTimeout);
             quitWaitSeconds = Mathf.Clamp(quitWaitSeconds, 0f, 5f);
@@ -363,17 +426,26 @@ namespace WebSocketBridge
                 token = "";
                 Debug.LogWarning("[CommandListener] the Inspector token is only kept with Token Source = Inspector; cleared", this);
             }
+#if UNITY_EDITOR
+            WarnIfBuildsHaveNoToken();
+#endif
         }
 
         private void Update()
         {
             BridgeTransports.Pump(); // WebGL: the browser's socket events (no-op elsewhere)
-            // A forwarding listener has nothing to run; when its primary is destroyed, the primary's OnDestroy hands
-            // the connection and the handlers over (Promote) and this one runs them from then on.
+            // A duplicate (destroyed at the end of this frame) has nothing to run.
             if (primary != null) return;
-            WorkItem item;
-            for (int i = 0; i < maxItemsPerFrame && mainThreadQueue.TryDequeue(out item); i++)
+            for (int i = 0; i < maxItemsPerFrame; i++)
             {
+                WorkItem item;
+                if (replyInFlight == null && heldCommands.Count > 0) item = heldCommands.Dequeue();
+                else if (!mainThreadQueue.TryDequeue(out item)) break;
+                if (item.Text != null && replyInFlight != null)
+                {
+                    heldCommands.Enqueue(item);
+                    continue;
+                }
                 try { item.Run(this); }
                 catch (Exception e) { Debug.LogException(e, this); }
             }
@@ -412,17 +484,13 @@ namespace WebSocketBridge
             CommandListener registered;
             if (registeredId != null && Primaries.TryGetValue(registeredId, out registered) && registered == this)
                 Primaries.Remove(registeredId);
-            if (primary != null)
-            {
-                primary.followers.Remove(this);
-                return;
-            }
+            if (primary != null) return;
             // Never blocks the main thread: the client closes in the background.
-            DisposeClient();
-            var successor = followers.Find(f => f != null && f);
-            followers.Clear();
-            if (successor != null) successor.Promote(this);
-            if (Default == this) Default = successor != null ? successor : null;
+            var closing = DisposeClient();
+            // WebGL: the frame loop is pumped by listeners' Update; run the flush and the close frame now, in case
+            // this was the last listener (the browser completes the close handshake by itself).
+            if (closing != null && !closing.IsCompleted) BridgeTransports.Pump();
+            if (Default == this) Default = null;
         }
 
 #if UNITY_EDITOR
@@ -448,9 +516,11 @@ namespace WebSocketBridge
             {
                 if (primary != existing)
                 {
+                    // Handlers registered with this one meanwhile (devices of the same scene, in their OnEnable) go to
+                    // the listener that owns the connection; this one is gone at the end of the frame.
                     primary = existing;
-                    if (!existing.followers.Contains(this)) existing.followers.Add(this);
-                    Debug.Log("[CommandListener] '" + id + "' is already connected by another listener; this one forwards to it", this);
+                    Debug.Log("[CommandListener] '" + id + "' already has a listener (kept across scene loads); this duplicate destroys itself", this);
+                    Destroy(this);
                 }
                 return;
             }
@@ -458,26 +528,6 @@ namespace WebSocketBridge
             registeredId = id;
             Primaries[id] = this;
             if (Default == null || !Default) Default = this;
-        }
-
-        /// <summary>The primary was destroyed: this follower becomes the owner, keeps its handlers and connects.</summary>
-        private void Promote(CommandListener previous)
-        {
-            primary = null;
-            dispatcher = previous.dispatcher;
-            unhandledCommand = previous.unhandledCommand;
-            foreach (var follower in previous.followers)
-            {
-                if (follower != this && follower != null && follower) { follower.primary = this; followers.Add(follower); }
-            }
-            codeToken = codeToken ?? previous.codeToken;
-            registeredId = clientId ?? "";
-            Primaries[registeredId] = this;
-            if (previous.running)
-            {
-                Debug.Log("[CommandListener] '" + clientId + "' takes over the connection of a destroyed listener", this);
-                Connect();
-            }
         }
 
         /// <summary>The client id was changed from code after OnEnable: file this listener under the new id.</summary>
@@ -501,9 +551,55 @@ namespace WebSocketBridge
             {
                 case TokenSource.Inspector: return token;
                 case TokenSource.Code: return codeToken;
-                default: return Environment.GetEnvironmentVariable(string.IsNullOrEmpty(tokenVariable) ? "UNITY_CLIENT_TOKEN" : tokenVariable);
+                case TokenSource.Resource: return ResourceToken();
+                default:
+                    var value = Environment.GetEnvironmentVariable(TokenVariable);
+                    return string.IsNullOrEmpty(value) ? ResourceToken() : value;
             }
         }
+
+        private string TokenVariable { get { return string.IsNullOrEmpty(tokenVariable) ? "UNITY_CLIENT_TOKEN" : tokenVariable; } }
+        private string TokenResource { get { return string.IsNullOrEmpty(tokenResource) ? "WsBridgeToken" : tokenResource; } }
+
+        /// <summary>The token in the Resources text asset (whitespace around it ignored), or null.</summary>
+        private string ResourceToken()
+        {
+            var asset = Resources.Load<TextAsset>(TokenResource);
+            if (asset == null) return null;
+            var text = asset.text.Trim();
+            return text.Length > 0 ? text : null;
+        }
+
+        private string MissingTokenHelp()
+        {
+            switch (tokenSource)
+            {
+                case TokenSource.Code: return "no token: set listener.Token from code (your configuration, or fetched from your backend) before Connect()";
+                case TokenSource.Inspector: return "no token in the Inspector field";
+                case TokenSource.Resource: return "no token: add the text asset Resources/" + TokenResource + " (keep it out of version control)";
+                default:
+                    return "no token: neither the environment variable " + TokenVariable + " (editor, desktop) nor the text asset Resources/" +
+                           TokenResource + " (device builds have no environment variables) is set";
+            }
+        }
+
+#if UNITY_EDITOR
+        /// <summary>Warns in the editor when a build for the active target would have no token (device players have no
+        /// environment variables).</summary>
+        private void WarnIfBuildsHaveNoToken()
+        {
+            var target = UnityEditor.EditorUserBuildSettings.activeBuildTarget;
+            bool noEnvironment = target == UnityEditor.BuildTarget.Android || target == UnityEditor.BuildTarget.iOS ||
+                                 target == UnityEditor.BuildTarget.WebGL;
+            if (!noEnvironment) return;
+            if (tokenSource == TokenSource.Code || (tokenSource == TokenSource.Inspector && !string.IsNullOrEmpty(token))) return;
+            if (ResourceToken() != null) return;
+            Debug.LogWarning("[CommandListener] a " + target + " build would have no token: players on " + target +
+                             " have no environment variables. Add Assets/Resources/" + TokenResource + ".txt (out of version control), " +
+                             "or set listener.Token from code." + (target == UnityEditor.BuildTarget.WebGL
+                                 ? " A token in a WebGL build is public: use a scoped client token." : ""), this);
+        }
+#endif
 
         // ---- handling ------------------------------------------------------------------------
 
@@ -518,8 +614,12 @@ namespace WebSocketBridge
 
             public void Run(CommandListener listener)
             {
-                // Events and commands of a client replaced by Connect() are stale.
-                if (Source != listener.client) return;
+                // Events and commands of a client replaced by Connect() are stale; a stale command still leaves the count.
+                if (Source != listener.client)
+                {
+                    if (Text != null) Interlocked.Decrement(ref listener.pendingCommands);
+                    return;
+                }
                 if (Event != null) Event();
                 else listener.HandleCommand(this);
             }
@@ -531,7 +631,7 @@ namespace WebSocketBridge
         }
 
         /// <summary>On the client's thread: queue the command, or refuse it at once when it could only run late.</summary>
-        private void Receive(BridgeClient source, string text)
+        private void Receive(BridgeClient source, string text, TimeSpan waited)
         {
             string refusal = null;
             if (!acceptingCommands) refusal = "the device is disabled";
@@ -546,7 +646,8 @@ namespace WebSocketBridge
                 Refuse(source, text, refusal);
                 return;
             }
-            mainThreadQueue.Enqueue(new WorkItem { Source = source, Text = text, ReceivedAt = Clock(), Connection = source.ConnectionNumber });
+            // The time it waited before the client could read it counts (WebGL: in the browser while the tab was hidden).
+            mainThreadQueue.Enqueue(new WorkItem { Source = source, Text = text, ReceivedAt = Clock() - waited.TotalSeconds, Connection = source.ConnectionNumber });
         }
 
         /// <summary>Replies "error: ..." to a command that is not run (any thread: only the codec is used).</summary>
@@ -565,6 +666,12 @@ namespace WebSocketBridge
         {
             var keep = new List<WorkItem>();
             WorkItem item;
+            while (heldCommands.Count > 0)
+            {
+                item = heldCommands.Dequeue();
+                Interlocked.Decrement(ref pendingCommands);
+                if (item.Source == client) Refuse(item.Source, item.Text, why);
+            }
             while (mainThreadQueue.TryDequeue(out item))
             {
                 if (item.Text == null) { keep.Add(item); continue; }
@@ -604,16 +711,20 @@ namespace WebSocketBridge
             }
             if (result.PendingReply != null)
             {
-                SendLater(source, result.PendingReply);
+                if (!(Dispatcher.Codec is JsonCommandCodec)) replyInFlight = result.PendingReply; // v1: one at a time
+                SendLater(source, result.PendingReply, result.HandlerTask);
                 return;
             }
             SendReply(source, reply);
         }
 
-        private async void SendLater(BridgeClient source, Task<string> pending)
+        private async void SendLater(BridgeClient source, Task<string> pending, Task handler)
         {
             // Awaited on the main thread's SynchronizationContext: the continuation runs in a later frame there.
             string reply = await pending;
+            // The reply says "error: ..."; the exception itself is logged like a synchronous handler's.
+            if (handler != null && handler.IsFaulted) Debug.LogException(handler.Exception.GetBaseException(), this);
+            if (replyInFlight == pending) replyInFlight = null;
             SendReply(source, reply);
         }
 
@@ -628,6 +739,7 @@ namespace WebSocketBridge
         {
             status = "connected to " + client.Endpoint;
             Debug.Log("[CommandListener] " + clientId + " connected to " + client.Endpoint);
+            if (sendManifest && !client.Send(Dispatcher.ManifestJson())) Debug.LogWarning("[CommandListener] manifest not sent: the send queue is full");
             var handler = Connected;
             if (handler != null) handler();
             connected.Invoke();
@@ -664,6 +776,8 @@ namespace WebSocketBridge
             Volatile.Write(ref client, null);
             WorkItem item;
             while (mainThreadQueue.TryDequeue(out item)) if (item.Text != null) Interlocked.Decrement(ref pendingCommands);
+            while (heldCommands.Count > 0) { heldCommands.Dequeue(); Interlocked.Decrement(ref pendingCommands); }
+            replyInFlight = null;
             return old != null ? old.StopAsync() : null; // non-blocking: teardown never waits for the network
         }
     }

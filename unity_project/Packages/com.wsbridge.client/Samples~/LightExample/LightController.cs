@@ -47,11 +47,13 @@ namespace WebSocketBridge.Examples
             var target = listener != null ? listener : CommandListener.Default;
             if (target == null) return;
             registeredWith = target;
-            registeredWith.Register("on", on);
-            registeredWith.Register("off", off);
-            registeredWith.Register("toggle", toggle);
-            registeredWith.Register("intensity", intensity);
-            registeredWith.Register("status", status);
+            // Descriptions and arguments go into the command manifest (what an LLM reads to call them).
+            registeredWith.Register("on", on, "Turns the light on");
+            registeredWith.Register("off", off, "Turns the light off");
+            registeredWith.Register("toggle", toggle, "Turns the light on if it is off, off if it is on");
+            registeredWith.Register("intensity", intensity, "Sets the light's brightness",
+                new CommandArgument("value", "number", "brightness from 0 to 8"));
+            registeredWith.Register("status", status, "Tells whether the light is on and its brightness");
         }
 
         private void OnDisable()

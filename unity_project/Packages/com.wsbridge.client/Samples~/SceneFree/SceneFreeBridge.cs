@@ -2,10 +2,14 @@
 // GameObject with a CommandListener configured from code and registers two handlers: "ping" (answered
 // at once) and "time" (answered by an async handler, on the main thread after a frame).
 //
-// Configure with environment variables (nothing is saved in scenes or assets):
+// Configure with environment variables in the editor and on desktop (nothing is saved in scenes):
 //   WSBRIDGE_URL        e.g. wss://bridge.example.com (default ws://localhost:8000)
 //   WSBRIDGE_CLIENT_ID  e.g. kiosk-7 (default unity-client)
 //   UNITY_CLIENT_TOKEN  the client token
+// Android, iOS and WebGL players have no environment variables: there the token comes from the text asset
+// Assets/Resources/WsBridgeToken.txt (keep it out of version control; in a WebGL build it is public, so use a
+// scoped client token), or set listener.Token from code (e.g. fetched from your backend) and call Connect().
+// Both handlers are synchronous or answer in order, so protocol v1 (the default) keeps replies in order.
 // C# 7.2 (compiled with Mono's mcs in the project's tests).
 
 using System;

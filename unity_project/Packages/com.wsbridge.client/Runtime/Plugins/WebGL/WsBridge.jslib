@@ -6,15 +6,34 @@
 // freed by the IL2CPP marshaller. The token is offered as the subprotocol "wsbridge.token.<token>" next
 // to "wsbridge.v1"/"wsbridge.v2" (browsers cannot set headers) and is never logged.
 //
+// A hidden tab stops the player loop (and WebGL players get no OnApplicationPause) while the browser keeps
+// receiving: each message is stamped when it arrives, and Poll reports how long it waited, so C# refuses
+// stale commands with a reply instead of running them in a burst. The queue is bounded: beyond maxQueued
+// messages the plugin closes the socket with 4008 (too many undelivered messages, as the appliance does for
+// slow consumers) instead of growing without end; the client reconnects once the page runs again.
+// Binary messages are decoded as UTF-8 text, like ClientWebSocket's transport does.
+//
 // Tested in headless Chromium against a real appliance: tests/browser/test_webgl_jslib.py.
 
 var WsBridgeLibrary = {
   $WsBridge: {
     sockets: {},
     next: 1,
-    // Event encoding read by WebGLTransport.Pump: "o<protocol>", "m<text>", "c<code> <reason>".
+    // Messages one socket keeps for the page; beyond, it is closed with 4008.
+    maxQueued: 1000,
+    // Event encoding read by WebGLTransport.Pump: "o<protocol>", "m<age ms> <text>", "c<code> <reason>".
     push: function (entry, text) {
-      entry.events.push(text);
+      entry.events.push({ at: performance.now(), text: text });
+    },
+    message: function (entry, text) {
+      if (entry.overflowed) return;
+      if (entry.messages >= WsBridge.maxQueued) {
+        entry.overflowed = true;
+        entry.socket.close(4008, "too many undelivered messages: the page did not run");
+        return;
+      }
+      entry.messages++;
+      WsBridge.push(entry, "m" + text);
     },
     toHeap: function (text) {
       var size = lengthBytesUTF8(text) + 1;
@@ -29,7 +48,7 @@ var WsBridgeLibrary = {
     var url = UTF8ToString(urlPtr);
     var protocols = UTF8ToString(protocolsPtr);
     var id = WsBridge.next++;
-    var entry = { socket: null, events: [] };
+    var entry = { socket: null, events: [], messages: 0, overflowed: false };
     WsBridge.sockets[id] = entry;
     try {
       entry.socket = new WebSocket(url, protocols ? protocols.split(",") : []);
@@ -41,8 +60,10 @@ var WsBridgeLibrary = {
     entry.socket.onopen = function () {
       WsBridge.push(entry, "o" + entry.socket.protocol);
     };
+    entry.socket.binaryType = "arraybuffer";
     entry.socket.onmessage = function (event) {
-      if (typeof event.data === "string") WsBridge.push(entry, "m" + event.data);
+      var data = event.data;
+      WsBridge.message(entry, typeof data === "string" ? data : new TextDecoder("utf-8").decode(new Uint8Array(data)));
     };
     entry.socket.onclose = function (event) {
       WsBridge.push(entry, "c" + event.code + " " + (event.reason || ""));
@@ -55,7 +76,13 @@ var WsBridgeLibrary = {
   WsBridgePoll: function (id) {
     var entry = WsBridge.sockets[id];
     if (!entry || entry.events.length === 0) return 0;
-    return WsBridge.toHeap(entry.events.shift());
+    var event = entry.events.shift();
+    var text = event.text;
+    if (text.charAt(0) === "m") {
+      entry.messages--;
+      text = "m" + Math.round(performance.now() - event.at) + " " + text.substring(1);
+    }
+    return WsBridge.toHeap(text);
   },
 
   WsBridgeSend__deps: ["$WsBridge"],
