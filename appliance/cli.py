@@ -138,6 +138,15 @@ def serve(args: argparse.Namespace) -> None:
             f"wsbridge: refusing to start: {', '.join(weak)} in the {settings.token_store} store shorter than "
             "16 characters. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+    if not settings.allow_weak_tokens:
+        from .tokens.base import low_entropy
+
+        guessable = low_entropy({state.name: state.current.value for state in token_store.states.values()})
+        if guessable:
+            sys.exit(
+                f"wsbridge: refusing to start: {'; '.join(guessable)} (in the {settings.token_store} store). "
+                "Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
     if settings.log_format == "json":
         # stdout is a stream of JSON lines for a log shipper: no banner, never a token.
         logging.getLogger("appliance").info(
