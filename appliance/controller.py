@@ -128,6 +128,16 @@ class Reply:
     rtt_ms: float
 
 
+def _one_client(target: str) -> None:
+    """request() waits for one client's reply: a broadcast has many, or none to wait for."""
+    if target == "*" or target.startswith("group:"):
+        raise InvalidCommand(
+            "invalid_target",
+            f"request() waits for one client's reply and {target!r} names many: "
+            "broadcast with send() (WebSocket) or command() (HTTP), which report the count",
+        )
+
+
 #: Put in the queue of other frames when the connection ended for good: receive() raises the reason.
 _ENDED: dict[str, Any] = {}
 
@@ -201,6 +211,7 @@ class Controller:
 
         Raises a :class:`CommandError` subclass: :class:`ClientOffline`, :class:`ReplyTimeout`, ...
         """
+        _one_client(target)
         if self._ended is not None:
             raise self._ended
         command_id = self.new_id()
@@ -271,6 +282,7 @@ class HttpController:
         self, target: str, message: str, timeout: float = 10.0, *, queue: bool = False, command_id: str | None = None
     ) -> Reply:
         """Send and wait for the reply, as :meth:`Controller.request` does."""
+        _one_client(target)
         wait_ms = max(1, round(timeout * 1000))
         answer = await self.command(target, message, wait_ms=wait_ms, queue=queue or None, id=command_id)
         if answer.get("status") == "replied":

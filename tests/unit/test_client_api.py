@@ -32,3 +32,18 @@ def test_every_close_code_the_protocol_calls_final_is_final_for_the_client():
 
 def test_repr_never_shows_the_token():
     assert "tok" not in repr(client.BridgeClient("ws://h", "c1", "tok-secret"))
+
+
+async def test_request_to_many_clients_is_refused_before_anything_is_sent():
+    """HttpController.request("*", ...) once delivered to every client, then raised code="delivered"."""
+    import pytest
+
+    from appliance.controller import Controller, HttpController, InvalidCommand
+
+    # Neither URL is listened on: the refusal comes before any connection.
+    async with HttpController("http://127.0.0.1:9", "t") as api:
+        for target in ("*", "group:red"):
+            with pytest.raises(InvalidCommand, match="names many"):
+                await api.request(target, "go")
+    with pytest.raises(InvalidCommand, match="names many"):
+        await Controller("ws://127.0.0.1:9", "llm-a", "t").request("*", "go")
