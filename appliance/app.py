@@ -28,7 +28,7 @@ from ui import DashboardPlugin
 
 from . import __version__, metrics
 from .admission import max_request_bytes
-from .api import API_HANDLERS, validation_as_422
+from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
@@ -59,7 +59,11 @@ def make_broker(settings: Settings) -> Broker:
         "idempotency_window": settings.idempotency_window_seconds,
     }
     if not settings.redis_enabled:
-        return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)
+        return MemoryBroker(
+            **queue,
+            history_max_clients=settings.history_max_clients,
+            queue_max_total=settings.offline_queue_max_total,
+        )
     from .brokers.redis import RedisBroker, RedisTarget
 
     return RedisBroker(
@@ -178,7 +182,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         # The admission middleware refuses a larger Content-Length unread; this bounds chunked bodies too.
         request_max_body_size=max_request_bytes(settings),
         middleware=[metrics.http_metrics()],
-        exception_handlers={ValidationException: validation_as_422},
+        exception_handlers={ValidationException: validation_as_422, ApiError: api_error},
         openapi_config=OpenAPIConfig(
             title="WebSocket Bridge",
             version=__version__,

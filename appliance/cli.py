@@ -288,10 +288,10 @@ def _mcp(args: argparse.Namespace) -> int:
 # --- wsbridge tokens -------------------------------------------------------------------------
 
 
-def _iso(epoch: float | None) -> str:
-    from datetime import UTC, datetime
+def _shown(epoch: float | None) -> str:
+    from .core.timefmt import iso
 
-    return "-" if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+    return "-" if epoch is None else iso(epoch, "seconds")
 
 
 def _print_status(entries: list[dict]) -> None:
@@ -307,8 +307,8 @@ def _print_status(entries: list[dict]) -> None:
             counts += f" ({e['connections_scope']})"
         name = e["name"] + (f" [{e['id_pattern']}]" if e.get("id_pattern") else "")
         rows.append(
-            (name, e["role"], str(e["version"]), e["fingerprint"], _iso(e["rotated_at"]), previous,
-             _iso(e["grace_ends"]), counts)
+            (name, e["role"], str(e["version"]), e["fingerprint"], _shown(e["rotated_at"]), previous,
+             _shown(e["grace_ends"]), counts)
         )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -363,7 +363,7 @@ async def _tokens(args: argparse.Namespace) -> int:
             keep = "; their connections are kept" if args.keep_connections else ""
             print(
                 f"Rotated {args.name} to version {state.current.version}. The previous version is accepted "
-                f"until {_iso(state.grace_ends)}{keep}. The new value is shown once:",
+                f"until {_shown(state.grace_ends)}{keep}. The new value is shown once:",
                 file=sys.stderr,
             )
             print(value, flush=True)

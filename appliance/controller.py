@@ -128,6 +128,10 @@ class Reply:
     rtt_ms: float
 
 
+#: Put in the queue of other frames when the connection ended for good: receive() raises the reason.
+_ENDED: dict[str, Any] = {}
+
+
 class Controller:
     """A controller connection that correlates replies by id (protocol version 2).
 
@@ -139,6 +143,7 @@ class Controller:
         self.client = BridgeClient(url, controller_id, token, **client_options)
         self._waiters: dict[str | int, asyncio.Future[dict[str, Any]]] = {}
         self._other: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._ended: Exception | None = None  # Why the connection ended for good, once it has.
         self._unacked: set[str | int] = set()  # requests with no frame from the relay yet
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -180,9 +185,11 @@ class Controller:
                 elif frame.get("status") not in ("delivered", "queued") and not waiter.done():
                     waiter.set_result(frame)
         except Exception as exc:  # The connection ended for good: wake every waiter with the reason.
+            self._ended = exc
             for waiter in self._waiters.values():
                 if not waiter.done():
                     waiter.set_exception(exc)
+            self._other.put_nowait(_ENDED)  # and a receive() that waits, or comes later
             raise
 
     async def send(self, target: str, message: str, **fields: Any) -> None:
@@ -194,6 +201,8 @@ class Controller:
 
         Raises a :class:`CommandError` subclass: :class:`ClientOffline`, :class:`ReplyTimeout`, ...
         """
+        if self._ended is not None:
+            raise self._ended
         command_id = self.new_id()
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[command_id] = waiter
@@ -220,8 +229,13 @@ class Controller:
         raise error_for(frame)
 
     async def receive(self) -> dict[str, Any]:
-        """The next frame that answers no request."""
-        return await self._other.get()
+        """The next frame that answers no request; the reason once the connection ended for good."""
+        frame = await self._other.get()
+        if frame is _ENDED:
+            self._other.put_nowait(_ENDED)  # for the next caller too
+            assert self._ended is not None
+            raise self._ended
+        return frame
 
 
 class HttpController:

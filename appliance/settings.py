@@ -255,6 +255,9 @@ class Settings(BaseSettings):
     offline_queue_max: int = Field(
         1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
     )
+    offline_queue_max_total: int = Field(
+        100_000, ge=1, description="Queued commands the embedded broker keeps for all absent clients together."
+    )
     idempotency_window_seconds: int = Field(
         600,
         ge=1,

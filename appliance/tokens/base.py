@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.protocol import Role
+
 __all__ = [
     "ROLE_BY_NAME",
     "SCOPED_PREFIX",
@@ -47,10 +49,10 @@ __all__ = [
 
 #: Fixed token names (the seed's SSM names) and the role each grants.
 ROLE_BY_NAME = {
-    "LLM_SECRET_TOKEN": "controller",
-    "UNITY_CLIENT_TOKEN": "client",
-    "ADMIN_TOKEN": "admin",
-    "VIEWER_TOKEN": "viewer",
+    "LLM_SECRET_TOKEN": Role.CONTROLLER.value,
+    "UNITY_CLIENT_TOKEN": Role.CLIENT.value,
+    "ADMIN_TOKEN": Role.ADMIN.value,
+    "VIEWER_TOKEN": Role.VIEWER.value,
 }
 #: Scoped client tokens are named ``client_tokens/<name>``; each grants the client role for matching ids only.
 SCOPED_PREFIX = "client_tokens/"
@@ -82,7 +84,7 @@ def role_of(name: str) -> str | None:
     if name in ROLE_BY_NAME:
         return ROLE_BY_NAME[name]
     if _SCOPED_NAME.match(name):
-        return "client"
+        return Role.CLIENT.value
     return None
 
 
@@ -141,7 +143,7 @@ class Grant:
     """What a valid token grants: a role, which token (name and version) opened it, and for scoped
     client tokens the ids it may use and the groups it may join."""
 
-    role: str  # "controller" | "client" | "admin" | "viewer"
+    role: str  # a Role's value
     name: str
     version: int
     id_pattern: str | None = None

@@ -477,7 +477,7 @@ async def test_fingerprints_are_keyed_so_the_viewer_cannot_test_guesses(start_ap
     unkeyed = hashlib.sha256(CLIENT_TOKEN.encode()).hexdigest()[:8]
     assert keyed in page and unkeyed not in page
     # Without the setting, instances sharing Redis share a random key: the same fingerprints everywhere.
-    await redis_server.acommand("DEL", "wsb:tokens:fingerprint-key")
+    await asyncio.to_thread(redis_server.command, "DEL", "wsb:tokens:fingerprint-key")
     env = {"VIEWER_TOKEN": viewer_token}
     a = start_appliance(env, redis_url=redis_server.url, name="fp-a")
     b = start_appliance(env, redis_url=redis_server.url, name="fp-b")
