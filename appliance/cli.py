@@ -305,7 +305,8 @@ def _print_status(entries: list[dict]) -> None:
         counts = ", ".join(f"v{v}: {n}" for v, n in e["connections"].items()) or "0"
         if e.get("connections_scope") not in (None, "cluster"):
             counts += f" ({e['connections_scope']})"
-        name = e["name"] + (f" [{e['id_pattern']}]" if e.get("id_pattern") else "")
+        scope = f"{e['id_pattern']}; groups {','.join(e.get('groups') or []) or 'none'}" if e.get("id_pattern") else ""
+        name = e["name"] + (f" [{scope}]" if scope else "")
         rows.append(
             (name, e["role"], str(e["version"]), e["fingerprint"], _shown(e["rotated_at"]), previous,
              _shown(e["grace_ends"]), counts)

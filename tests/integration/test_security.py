@@ -95,6 +95,10 @@ async def test_scoped_token_joins_only_the_groups_it_names_and_the_shared_token_
         assert await recv(plain) == "hello"
     body = (await app.aget("/metrics"))[1]
     assert 'wsbridge_connections_closed_total{reason="group_not_allowed"} 3.0' in body
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as admin:  # what the operator sees
+        await _sign_in(admin, ADMIN_TOKEN)
+        page = (await admin.get("/admin/tokens")).text
+    assert "ids kiosk-*; groups kiosks" in page and "ids bare-*; groups none" in page
 
 
 # --- 3. the sign-in lock-out under a burst ------------------------------------------------------------
