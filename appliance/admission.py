@@ -38,7 +38,7 @@ from .core.protocol import CLOSE_REASONS, CloseCode, negotiate_subprotocol
 from .metrics import REGISTRY
 from .settings import Settings
 
-__all__ = ["AdmissionMiddleware", "OriginPolicy", "REFUSED", "COOLDOWNS", "limits_from", "max_request_bytes"]
+__all__ = ["AdmissionMiddleware", "OriginPolicy", "ADMISSION_REFUSED", "COOLDOWNS", "limits_from", "max_request_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]  # Litestar types its own scopes more narrowly.
 
-REFUSED = Counter(
+ADMISSION_REFUSED = Counter(
     "wsbridge_admission_refused_total",
     "Handshakes and HTTP requests refused before the app: cooldown, address_limit, token_limit, http_rate, origin, "
     "cross_origin, body_too_large.",
@@ -180,7 +180,7 @@ class AdmissionMiddleware:
             )
 
     def _refused(self, reason: str, address: str) -> None:
-        REFUSED.labels(reason=reason).inc()
+        ADMISSION_REFUSED.labels(reason=reason).inc()
         log.info("Refused %s from %s", reason.replace("_", " "), address)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

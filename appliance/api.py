@@ -11,23 +11,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
 from .commands import CommandService
-from .core.protocol import CloseCode
+from .core.protocol import CloseCode, ErrorCode
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
 from .http_auth import require_token
 from .recent import RecentCommands
 from .relay import Relay
 
-__all__ = ["API_HANDLERS", "CommandBody", "validation_as_422"]
+__all__ = ["API_HANDLERS", "ApiError", "CommandBody", "api_error", "validation_as_422"]
 
 
 # --- bodies --------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class CommandResult(Struct):
     detail: str | None = None
 
 
-class ErrorBody(Struct):
+class ErrorBody(Struct, omit_defaults=True):
     error: Annotated[
         str,
         Meta(
@@ -132,7 +133,7 @@ class HistoryEntry(Struct):
     messages_out: int = 0
 
 
-class RecentCommand(Struct):
+class RecentCommand(Struct, omit_defaults=True):
     """One command handed to a client's socket (appliance/core/recent.py), newest first.
 
     Kept in the memory of the instance that held the client: the last
@@ -152,7 +153,7 @@ class RecentCommand(Struct):
         ),
     ]
     instance: Annotated[str, Meta(description="The instance that held the client and recorded it.")]
-    id: Annotated[CommandId | None, Meta(description="The command's id, if it had one.")] = None
+    id: Annotated[CommandId | None | UnsetType, Meta(description="The command's id, if it had one.")] = UNSET
     reply: Annotated[str | None, Meta(description="The client's reply (outcome replied), cut to the cap.")] = None
     rtt_ms: Annotated[
         float | None, Meta(description="From handing the command to the socket to the reply, as that instance saw it.")
@@ -160,7 +161,7 @@ class RecentCommand(Struct):
     detail: Annotated[str | None, Meta(description="Why it failed (outcome error).")] = None
 
 
-class ClientRecord(Struct):
+class ClientRecord(Struct, omit_defaults=True):
     id: str
     role: str
     instance: str
@@ -169,26 +170,49 @@ class ClientRecord(Struct):
     messages_in: int
     messages_out: int
     last_activity: str
-    token: Annotated[str | None, Meta(description="Name of the token that opened it (never its value).")] = None
-    token_version: int | None = None
+    token: Annotated[
+        str | None | UnsetType, Meta(description="Name of the token that opened it (never its value).")
+    ] = UNSET
+    token_version: int | None | UnsetType = UNSET
     protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
     groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
     history: Annotated[
-        list[HistoryEntry],
+        list[HistoryEntry] | UnsetType,
         Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
-    ] = []
+    ] = UNSET
     recent_commands: Annotated[
-        list[RecentCommand],
+        list[RecentCommand] | UnsetType,
         Meta(
             description="Commands last sent to the id and their replies, newest first (GET /api/v1/clients/{id} only)."
         ),
-    ] = []
+    ] = UNSET
 
 
 class ClientPage(Struct):
     clients: list[ClientRecord]
     count: Annotated[int, Meta(description="Connections matching the filters, cluster-wide.")]
     next_cursor: Annotated[str | None, Meta(description="Pass as cursor for the next page; null on the last.")] = None
+
+
+class ApiError(Exception):
+    """An error answered with its :class:`ErrorBody` and HTTP status (``api_error`` is the app's handler)."""
+
+    def __init__(self, status_code: int, body: ErrorBody) -> None:
+        super().__init__(body.detail)
+        self.status_code = status_code
+        self.body = body
+
+
+def api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorBody]:
+    return Response(exc.body, status_code=exc.status_code)
+
+
+def _broker_unavailable(exc: BrokerUnavailable) -> ApiError:
+    return ApiError(503, ErrorBody(ErrorCode.BROKER_UNAVAILABLE.value, str(exc)))
+
+
+def _not_connected(client_id: str, **extra: Any) -> ApiError:
+    return ApiError(404, ErrorBody(ErrorCode.TARGET_OFFLINE.value, f"{client_id} is not connected", client_id, **extra))
 
 
 def _commands(request: Request[Any, Any, Any]) -> CommandService:
@@ -291,9 +315,10 @@ async def list_clients(
     try:
         records = await _relay(request).clients()
     except BrokerUnavailable as exc:
-        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+        raise _broker_unavailable(exc) from None
     page = filter_clients(records, role=role, group=group, prefix=prefix, limit=limit, cursor=cursor)
-    return Response(page)  # type: ignore[arg-type]
+    clients = msgspec.convert(page["clients"], list[ClientRecord])
+    return Response(ClientPage(clients, page["count"], page["next_cursor"]))
 
 
 @get(
@@ -321,20 +346,13 @@ async def get_client(
         records = await relay.clients()
         history = await relay.history(client_id, history_limit)
     except BrokerUnavailable as exc:
-        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+        raise _broker_unavailable(exc) from None
     record = next((r for r in records if r["id"] == client_id), None)
     # Kept by the instances that hold or held the id: the recent-commands service asks them.
     recent, _ = await _recent(request).read(client_id, history)
     if record is None:
-        body = {
-            "error": "target_offline",
-            "detail": f"{client_id} is not connected",
-            "target": client_id,
-            "history": history,
-            "recent_commands": recent,
-        }
-        return Response(body, status_code=404)  # type: ignore[arg-type]
-    return Response({**record, "history": history, "recent_commands": recent})  # type: ignore[arg-type]
+        raise _not_connected(client_id, history=history, recent_commands=recent)
+    return Response(msgspec.convert({**record, "history": history, "recent_commands": recent}, ClientRecord))
 
 
 @delete(
@@ -349,10 +367,9 @@ async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str
     try:
         found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)
     except BrokerUnavailable as exc:
-        return Response({"error": "broker_unavailable", "detail": str(exc)}, status_code=503)  # type: ignore[arg-type]
+        raise _broker_unavailable(exc) from None
     if not found:
-        body = {"error": "target_offline", "detail": f"{client_id} is not connected", "target": client_id}
-        return Response(body, status_code=404)  # type: ignore[arg-type]
+        raise _not_connected(client_id)
     audit = getattr(request.app.state, "audit", None)
     if audit is not None:
         from .audit import AuditEvent

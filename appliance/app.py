@@ -28,7 +28,7 @@ from ui import DashboardPlugin
 
 from . import __version__, metrics
 from .admission import max_request_bytes
-from .api import API_HANDLERS, validation_as_422
+from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
@@ -179,7 +179,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         # The admission middleware refuses a larger Content-Length unread; this bounds chunked bodies too.
         request_max_body_size=max_request_bytes(settings),
         middleware=[metrics.http_metrics()],
-        exception_handlers={ValidationException: validation_as_422},
+        exception_handlers={ValidationException: validation_as_422, ApiError: api_error},
         openapi_config=OpenAPIConfig(
             title="WebSocket Bridge",
             version=__version__,

@@ -138,6 +138,15 @@ def serve(args: argparse.Namespace) -> None:
             f"wsbridge: refusing to start: {', '.join(weak)} in the {settings.token_store} store shorter than "
             "16 characters. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+    if not settings.allow_weak_tokens:
+        from .tokens.base import low_entropy
+
+        guessable = low_entropy({state.name: state.current.value for state in token_store.states.values()})
+        if guessable:
+            sys.exit(
+                f"wsbridge: refusing to start: {'; '.join(guessable)} (in the {settings.token_store} store). "
+                "Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
     if settings.log_format == "json":
         # stdout is a stream of JSON lines for a log shipper: no banner, never a token.
         logging.getLogger("appliance").info(
@@ -279,10 +288,10 @@ def _mcp(args: argparse.Namespace) -> int:
 # --- wsbridge tokens -------------------------------------------------------------------------
 
 
-def _iso(epoch: float | None) -> str:
-    from datetime import UTC, datetime
+def _shown(epoch: float | None) -> str:
+    from .core.timefmt import iso
 
-    return "-" if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+    return "-" if epoch is None else iso(epoch, "seconds")
 
 
 def _print_status(entries: list[dict]) -> None:
@@ -296,10 +305,11 @@ def _print_status(entries: list[dict]) -> None:
         counts = ", ".join(f"v{v}: {n}" for v, n in e["connections"].items()) or "0"
         if e.get("connections_scope") not in (None, "cluster"):
             counts += f" ({e['connections_scope']})"
-        name = e["name"] + (f" [{e['id_pattern']}]" if e.get("id_pattern") else "")
+        scope = f"{e['id_pattern']}; groups {','.join(e.get('groups') or []) or 'none'}" if e.get("id_pattern") else ""
+        name = e["name"] + (f" [{scope}]" if scope else "")
         rows.append(
-            (name, e["role"], str(e["version"]), e["fingerprint"], _iso(e["rotated_at"]), previous,
-             _iso(e["grace_ends"]), counts)
+            (name, e["role"], str(e["version"]), e["fingerprint"], _shown(e["rotated_at"]), previous,
+             _shown(e["grace_ends"]), counts)
         )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -354,7 +364,7 @@ async def _tokens(args: argparse.Namespace) -> int:
             keep = "; their connections are kept" if args.keep_connections else ""
             print(
                 f"Rotated {args.name} to version {state.current.version}. The previous version is accepted "
-                f"until {_iso(state.grace_ends)}{keep}. The new value is shown once:",
+                f"until {_shown(state.grace_ends)}{keep}. The new value is shown once:",
                 file=sys.stderr,
             )
             print(value, flush=True)

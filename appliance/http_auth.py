@@ -8,6 +8,7 @@ from litestar import Request, WebSocket
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.types import Scope
 
+from .core.protocol import Role
 from .tokens import Grant, TokenStore
 
 __all__ = ["bearer_allowed", "require_token", "token_store"]
@@ -23,7 +24,7 @@ def require_token(request: Request[Any, Any, Any], *, allow_controller: bool) ->
     if not presented:
         raise NotAuthorizedException("X-Auth-Token header required")
     grant = token_store(request).lookup(presented)
-    allowed = ("admin", "controller") if allow_controller else ("admin",)
+    allowed = (Role.ADMIN, Role.CONTROLLER) if allow_controller else (Role.ADMIN,)
     if grant is None or grant.role not in allowed:
         raise PermissionDeniedException("token not allowed here")
     return grant
@@ -37,4 +38,4 @@ def bearer_allowed(scope: Scope, store: TokenStore) -> bool:
     if scheme.lower() != "bearer" or not presented:
         return False
     grant = store.lookup(presented)
-    return grant is not None and grant.role in ("controller", "admin")
+    return grant is not None and grant.role in (Role.CONTROLLER, Role.ADMIN)

@@ -1,7 +1,13 @@
 """Prometheus metrics: one ``wsbridge_`` prefix, base units, bounded labels (never a client id).
 
 Every metric of the appliance is declared here, once, with its help text, labels and
-buckets; ``monitoring/rules/`` and the Grafana dashboards use these names and
+buckets, except the guards' own, declared next to the one place that counts them, on
+this module's ``REGISTRY``: ``wsbridge_admission_refused_total`` and
+``wsbridge_address_cooldowns_total`` (appliance/admission.py),
+``wsbridge_handshake_timeouts_total`` (appliance/handshake_guard.py),
+``wsbridge_forwarded_for_refused_total`` (appliance/forwarded.py) and
+``wsbridge_log_lines_suppressed_total`` (appliance/logflood.py). ``monitoring/rules/`` and
+the Grafana dashboards use these names and
 ``monitoring/runbook.md`` explains them. The hot path never looks a label up: each
 labelled series it touches is bound once below (``FRAMES_SENT.client``,
 ``CLOSED_BY_PEER[code]``), so counting a frame is one attribute access and one ``inc``;
@@ -37,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .core.protocol import ErrorCode
+from .core.protocol import CONNECTION_ROLES, CloseCode, ErrorCode
 
 __all__ = [
     "BROKER_OUTBOX_FULL",
@@ -64,7 +70,7 @@ __all__ = [
     "REDIS_OUTAGES",
     "REDIS_OUTBOX",
     "REDIS_RECONNECTS",
-    "REFUSED",
+    "CLOSED_BY_RELAY",
     "REGISTRY",
     "REPLIED",
     "RELAY_SECONDS",
@@ -97,7 +103,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # process_* (CPU, memory, open files, start time) on our registry: the default registry is not served.
 ProcessCollector(registry=REGISTRY)
 
-ROLES = ("controller", "client")
+ROLES = tuple(role.value for role in CONNECTION_ROLES)
 
 
 class Tally:
@@ -187,19 +193,19 @@ OPENED = ByRole(
         registry=REGISTRY,
     )
 )
-REFUSED = Counter(
+CLOSED_BY_RELAY = Counter(
     "wsbridge_connections_closed_total",
     "Connections refused or closed by the relay, by reason (unauthorized, invalid_id, duplicate, replaced, ...).",
     ["reason"],
     registry=REGISTRY,
 )
 
-#: Close codes counted by their number: RFC 6455 §7.4.1's and the range docs/protocol.md
-#: documents (4001-4013). Anything else (a peer's private code) is "other", so a
+#: Close codes counted by their number: RFC 6455 §7.4.1's and the relay's own (CloseCode,
+#: documented in docs/protocol.md). Anything else (a peer's private code) is "other", so a
 #: misbehaving peer cannot create series.
 CLOSE_CODE_LABELS = frozenset(
     {"1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1012", "1013"}
-    | {str(code) for code in range(4001, 4014)}
+    | {str(int(code)) for code in CloseCode if int(code) >= 4000}
 )
 CLOSES = Counter(
     "wsbridge_closes_total",
@@ -353,7 +359,7 @@ CLAIM_SECONDS = Histogram(
 )
 
 # --- controller API (request/reply, offline queue) -------------------------------------------
-# Names shared with the controller-API branch (appliance/commands.py increments them).
+# The command service (appliance/commands/) increments these.
 
 COMMAND_OUTCOMES = Counter(
     "wsbridge_command_outcomes_total",

@@ -94,7 +94,7 @@ class LocalConnections:
         conn = self.by_id.get(client_id)
         if conn is None or conn.close_code is not None:
             return False
-        metrics.REFUSED.labels(reason="disconnected").inc()
+        metrics.CLOSED_BY_RELAY.labels(reason="disconnected").inc()
         conn.close(CloseCode(int(code)))
         return True
 

@@ -318,7 +318,7 @@ class Relay:
 
     def _close_replaced(self, conn: Connection) -> None:
         if conn.close_code is None:  # The broker and the local check may both report it.
-            metrics.REFUSED.labels(reason="replaced").inc()
+            metrics.CLOSED_BY_RELAY.labels(reason="replaced").inc()
             conn.close(CloseCode.REPLACED)
 
     # --- service interface for the HTTP API and the dashboard ----------------------------

@@ -220,6 +220,16 @@ class Settings(BaseSettings):
     viewer_token: SecretStr | None = Field(
         None, description="Optional read-only dashboard token: sees every page, can act on nothing."
     )
+    token_fingerprint_key: SecretStr | None = Field(
+        None,
+        description="Key of the token fingerprints shown (HMAC); unset: a random key shared in Redis, or this "
+        "process's own without Redis.",
+    )
+    allow_weak_tokens: bool = Field(
+        False,
+        description="Start even with tokens of fewer than about 128 bits of randomness (judged from length and "
+        "alphabet); for tests and labs only.",
+    )
     viewer_sees_messages: bool = Field(
         False,
         description="Whether the viewer token sees command and reply texts on a client's page; by default it sees "
@@ -340,6 +350,7 @@ class Settings(BaseSettings):
         guessable and too short to be masked in logs.
         """
         from .logs import MIN_STRONG_LENGTH
+        from .tokens.base import low_entropy
 
         named = {
             "LLM_SECRET_TOKEN": self.llm_secret_token,
@@ -353,6 +364,8 @@ class Settings(BaseSettings):
             for name, value in values.items()
             if len(value) < MIN_STRONG_LENGTH
         ]
+        if not self.allow_weak_tokens:
+            problems += low_entropy({n: v for n, v in values.items() if len(v) >= MIN_STRONG_LENGTH})
         names = list(values)
         for i, first in enumerate(names):
             for second in names[i + 1 :]:
@@ -370,6 +383,7 @@ class Settings(BaseSettings):
                 self.admin_token,
                 self.viewer_token,
                 self.redis_password,
+                self.token_fingerprint_key,
                 self.redis_sentinel_password,
             )
             if s is not None

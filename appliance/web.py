@@ -91,7 +91,7 @@ async def _refuse(
     A browser that offered subprotocols fails a handshake that selects none (1006, no code),
     so a refusal selects the offered version too.
     """
-    metrics.REFUSED.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
+    metrics.CLOSED_BY_RELAY.labels(reason=_REFUSAL_REASONS.get(code, str(int(code)))).inc()
     metrics.record_close(int(code), by_relay=True)
     await socket.accept(subprotocols=subprotocol)
     await socket.close(code=int(code), reason=reason or CLOSE_REASONS[code])

@@ -24,6 +24,7 @@ from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
 
 from appliance.audit import message_digest
 from appliance.brokers.base import BrokerUnavailable
+from appliance.core.recent import cut
 
 from .auth import principal_of, require_admin, require_session
 from .pages import PREFIX, _audit, _common, _records, _remote
@@ -61,8 +62,7 @@ def _session(request: Request) -> Any:
 
 
 def _cut(text: Any) -> str:
-    text = "" if text is None else str(text)
-    return text if len(text) <= KEEP_CHARS else text[:KEEP_CHARS] + "…"
+    return cut("" if text is None else str(text), KEEP_CHARS)
 
 
 # --- send ------------------------------------------------------------------------------------------

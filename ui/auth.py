@@ -32,6 +32,7 @@ from litestar.stores.base import Store
 from litestar.stores.redis import RedisStore
 from litestar.utils.scope.state import ScopeState
 
+from appliance.core.protocol import Role
 from appliance.settings import Settings
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
 SESSION_COOKIE = "wsb_session"
 #: Sent by requests the page makes on its own (live refreshes): they do not count as activity.
 BACKGROUND_HEADER = "x-dashboard-background"
-ADMIN, VIEWER = "admin", "viewer"
+ADMIN, VIEWER = Role.ADMIN.value, Role.VIEWER.value
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_WINDOW_SECONDS = 300
 

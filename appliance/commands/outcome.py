@@ -9,7 +9,7 @@ from typing import Any
 from .. import metrics
 from ..core.protocol import ErrorCode
 
-__all__ = ["HTTP_CONTROLLER", "HTTP_STATUS", "OUTCOMES", "Outcome", "Waiter"]
+__all__ = ["HTTP_CONTROLLER", "HTTP_STATUS", "OUTCOMES", "Outcome", "Waiter", "rate_limited", "too_large"]
 
 #: The controller name HTTP commands carry (v2 clients see it as "from").
 HTTP_CONTROLLER = "http"
@@ -35,6 +35,21 @@ class Waiter:
     future: asyncio.Future[Outcome]
     want_reply: bool
     target: str
+
+
+def rate_limited(wait: float) -> Outcome:
+    """Over the controller rate limit shared by every in-process caller: retry in ``wait`` seconds."""
+    body = {
+        "error": ErrorCode.RATE_LIMITED.value,
+        "detail": "too many commands; retry later",
+        "retry_after_ms": max(1, round(wait * 1000)),
+    }
+    return Outcome(429, body)
+
+
+def too_large(limit: int) -> Outcome:
+    body = {"error": ErrorCode.MESSAGE_TOO_LARGE.value, "detail": f"message exceeds {limit} bytes", "limit": limit}
+    return Outcome(413, body)
 
 
 #: The HTTP status of each error code ("" is a reply).

@@ -50,7 +50,7 @@ from ..settings import Settings
 from .broadcast import Broadcasts
 from .handover import ClientLines
 from .idempotency import IdempotentSends, fingerprint
-from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter
+from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
 
 __all__ = ["TICK_SECONDS", "CommandService"]
 
@@ -392,26 +392,17 @@ class CommandService:
         Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
-
-        With ``idempotency_key``, a repeat within the window gets the first command's
-        outcome and never reaches a client twice (appliance/commands/idempotency.py).
+        With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
         """
-        if idempotency_key is not None:
+        if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
             once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
-            # A repeat waits as long as the first command may.
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
         wait = self._http_bucket.try_take(time.time())
         if wait > 0:
-            retry_ms = max(1, round(wait * 1000))
-            body = {
-                "error": ErrorCode.RATE_LIMITED.value,
-                "detail": "too many commands; retry later",
-                "retry_after_ms": retry_ms,
-            }
-            return Outcome(429, body)
+            return rate_limited(wait)
         if command_id is None:
             # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
             # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
@@ -420,14 +411,8 @@ class CommandService:
         effective = wait_ms if wait_ms is not None else timeout_ms
         if effective is not None:
             fields["timeout_ms"] = effective
-        limit = self.settings.max_message_bytes
-        if len(message.encode()) > limit:
-            body = {
-                "error": ErrorCode.MESSAGE_TOO_LARGE.value,
-                "detail": f"message exceeds {limit} bytes",
-                "limit": limit,
-            }
-            return Outcome(413, body)
+        if len(message.encode()) > self.settings.max_message_bytes:
+            return too_large(self.settings.max_message_bytes)
         request = self.parse(fields)
         if isinstance(request, ProtocolError):
             return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})

@@ -11,20 +11,16 @@ broker keeps the same entries in a capped, expiring list per id (``wsb:hist:{id}
 from __future__ import annotations
 
 from collections import deque
-from datetime import UTC, datetime
 from typing import Any
 
 from .expiring import ByLastWrite
+from .timefmt import iso
 
 __all__ = ["MAX_REASON_CHARS", "HistoryBook", "close_entry"]
 
 #: RFC 6455 §5.5: a control frame's payload is at most 125 bytes, so a close reason fits in 123;
 #: anything longer did not come from a WebSocket and is cut.
 MAX_REASON_CHARS = 123
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
 
 
 def close_entry(
@@ -36,8 +32,8 @@ def close_entry(
     RFC 6455 §7.1.5 says an endpoint reports it.
     """
     return {
-        "connected_at": _iso(connected_at),
-        "closed_at": _iso(closed_at),
+        "connected_at": iso(connected_at),
+        "closed_at": iso(closed_at),
         "duration_seconds": round(max(0.0, closed_at - connected_at), 3),
         "role": presence.get("role"),
         "instance": presence.get("instance"),

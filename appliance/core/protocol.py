@@ -59,8 +59,17 @@ def negotiate_subprotocol(offered: list[str]) -> tuple[str | None, str | None]:
 
 
 class Role(str, enum.Enum):
+    """Who a token speaks for. Only controllers and clients open relay connections (``CONNECTION_ROLES``);
+    admin and viewer tokens reach the HTTP API and the dashboard."""
+
     CONTROLLER = "controller"
     CLIENT = "client"
+    ADMIN = "admin"
+    VIEWER = "viewer"
+
+
+#: The roles a WebSocket connection to the relay can have.
+CONNECTION_ROLES = (Role.CONTROLLER, Role.CLIENT)
 
 
 class CloseCode(enum.IntEnum):
@@ -122,6 +131,8 @@ class ErrorCode(str, enum.Enum):
     # Version 2 (commands with an id):
     DUPLICATE_ID = "duplicate_id"  # the same controller has a command with this id in flight
     QUEUE_FULL = "queue_full"  # the target's offline queue, or a v1 client's reply line, is full
+    # HTTP API only (never a frame): the broker cannot be reached to read presence or find the holder.
+    BROKER_UNAVAILABLE = "broker_unavailable"
 
 
 class Command(msgspec.Struct, frozen=True):

@@ -16,12 +16,12 @@ page still shows the last commands of a client that has just left.
 from __future__ import annotations
 
 from collections import deque
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from .expiring import ByLastWrite
+from .timefmt import iso
 
 __all__ = ["ClosedLogs", "CommandLog", "Tracked", "cut"]
 
@@ -32,10 +32,6 @@ ELLIPSIS = "…"
 def cut(text: str, max_chars: int) -> str:
     """``text``, or its first ``max_chars`` characters and an ellipsis."""
     return text if len(text) <= max_chars else text[:max_chars] + ELLIPSIS
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
 
 
 class Tracked(msgspec.Struct, gc=False):
@@ -127,7 +123,7 @@ class CommandLog:
                 at, controller, command_id, message = entry
                 shown.append(
                     {
-                        "at": _iso(at),
+                        "at": iso(at),
                         "controller": controller,
                         "id": command_id,
                         "message": message,
@@ -138,7 +134,7 @@ class CommandLog:
             assert isinstance(entry, Tracked)
             outcome = entry.outcome or ("timeout" if now >= entry.deadline else "pending")
             item: dict[str, Any] = {
-                "at": _iso(entry.at),
+                "at": iso(entry.at),
                 "controller": entry.controller,
                 "id": entry.id,
                 "message": entry.message,

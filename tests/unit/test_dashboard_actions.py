@@ -61,8 +61,9 @@ class Admin:
         return self.client.post(path, data={**data, "_csrf_token": self.csrf}, follow_redirects=False, **kwargs)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def admin() -> Iterator[Admin]:
+    """One app for the module: starting it (lifespan, MCP, dashboard) costs more than the tests."""
     settings = Settings(
         _env_file=None, llm_secret_token="c" * 32, unity_client_token="u" * 32, admin_token=ADMIN, instance_id="unit"
     )

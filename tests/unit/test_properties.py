@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from appliance.core.protocol import (
     CLOSE_REASONS,
+    CONNECTION_ROLES,
     CloseCode,
     Command,
     ErrorCode,
@@ -153,7 +154,9 @@ LIMIT = 64
 class SessionMachine(RuleBasedStateMachine):
     """Drives one session through any sequence of events, checking every outcome and invariant."""
 
-    @initialize(role=st.sampled_from(list(Role)), rate=st.sampled_from([0, 0.5, 10, 1000]), burst=st.integers(1, 5))
+    @initialize(
+        role=st.sampled_from(CONNECTION_ROLES), rate=st.sampled_from([0, 0.5, 10, 1000]), burst=st.integers(1, 5)
+    )
     def start(self, role, rate, burst):
         self.session = Session("c1", role, Limits(max_message_bytes=LIMIT, rate=rate, burst=burst), now=1000.0)
         self.now = 1000.0
