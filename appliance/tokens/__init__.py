@@ -60,11 +60,12 @@ def fingerprint_key(settings: Settings) -> bytes:
     if settings.token_fingerprint_key is not None:
         return settings.token_fingerprint_key.get_secret_value().encode()
     if settings.redis_enabled:
-        from redis import Redis
         from redis.exceptions import RedisError
 
+        from ..brokers.redis.target import RedisTarget  # One URL, Sentinels or a Cluster.
+
         try:
-            with Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=3, socket_timeout=3) as redis:
+            with RedisTarget.from_settings(settings).sync_client(socket_connect_timeout=3, socket_timeout=3) as redis:
                 redis.set(FINGERPRINT_KEY_REDIS, secrets.token_hex(32), nx=True)
                 shared = redis.get(FINGERPRINT_KEY_REDIS)
             if isinstance(shared, bytes) and shared:
