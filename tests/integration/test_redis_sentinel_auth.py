@@ -17,6 +17,7 @@ def guarded():
     group.stop()
 
 
+@pytest.mark.slow
 async def test_a_broker_reaches_a_master_behind_password_protected_sentinels(guarded):
     sentinels = tuple(("127.0.0.1", s.port) for s in guarded.sentinels)
     target = RedisTarget(
