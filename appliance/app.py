@@ -57,9 +57,10 @@ def make_broker(settings: Settings) -> Broker:
         "history_per_client": settings.history_per_client,
         "history_ttl": settings.history_ttl_seconds,
         "idempotency_window": settings.idempotency_window_seconds,
+        "history_max_clients": settings.history_max_clients,
     }
     if not settings.redis_enabled:
-        return MemoryBroker(**queue, history_max_clients=settings.history_max_clients)
+        return MemoryBroker(**queue, queue_max_total=settings.offline_queue_max_total)
     from .brokers.redis import RedisBroker, RedisTarget
 
     return RedisBroker(

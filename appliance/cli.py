@@ -138,6 +138,15 @@ def serve(args: argparse.Namespace) -> None:
             f"wsbridge: refusing to start: {', '.join(weak)} in the {settings.token_store} store shorter than "
             "16 characters. Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+    if not settings.allow_weak_tokens:
+        from .tokens.base import low_entropy
+
+        guessable = low_entropy({state.name: state.current.value for state in token_store.states.values()})
+        if guessable:
+            sys.exit(
+                f"wsbridge: refusing to start: {'; '.join(guessable)} (in the {settings.token_store} store). "
+                "Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
     if settings.log_format == "json":
         # stdout is a stream of JSON lines for a log shipper: no banner, never a token.
         logging.getLogger("appliance").info(
@@ -296,7 +305,8 @@ def _print_status(entries: list[dict]) -> None:
         counts = ", ".join(f"v{v}: {n}" for v, n in e["connections"].items()) or "0"
         if e.get("connections_scope") not in (None, "cluster"):
             counts += f" ({e['connections_scope']})"
-        name = e["name"] + (f" [{e['id_pattern']}]" if e.get("id_pattern") else "")
+        scope = f"{e['id_pattern']}; groups {','.join(e.get('groups') or []) or 'none'}" if e.get("id_pattern") else ""
+        name = e["name"] + (f" [{scope}]" if scope else "")
         rows.append(
             (name, e["role"], str(e["version"]), e["fingerprint"], _shown(e["rotated_at"]), previous,
              _shown(e["grace_ends"]), counts)

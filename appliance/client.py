@@ -26,7 +26,7 @@ from websockets.typing import Subprotocol
 from .core.protocol import CloseCode
 from .core.protocol_v2 import SUBPROTOCOL_V2
 
-__all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed"]
+__all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed", "IdTaken"]
 
 #: Close codes after which reconnecting cannot succeed.
 FINAL_CLOSE_CODES = frozenset(
@@ -37,6 +37,7 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.REPLACED,
         CloseCode.TOKEN_EXPIRED,  # the same token would be refused: a new one must come from the operator
         CloseCode.DISCONNECTED,  # an administrator decided; coming straight back would defeat it
+        CloseCode.GROUP_NOT_ALLOWED,  # the token does not name the groups asked for: the same ask fails again
     }
 )
 
@@ -52,6 +53,27 @@ class BridgeClosed(Exception):
         super().__init__(f"closed by the relay: {code} {reason}".strip())
         self.code = code
         self.reason = reason
+
+
+class IdTaken(BridgeClosed):
+    """4010: another connection took this id (two controllers or two devices configured alike).
+
+    Final, like every replacement: each controller and each device needs an id of its own.
+    """
+
+    def __init__(self, code: int | None, reason: str, client_id: str) -> None:
+        super().__init__(code, reason)
+        self.client_id = client_id
+        self.args = (
+            f"closed by the relay: {code} {reason}: another connection took the id {client_id!r}; "
+            "give each controller and each device an id of its own",
+        )
+
+
+def _closed_for_good(code: int | None, reason: str, client_id: str) -> BridgeClosed:
+    if code == CloseCode.REPLACED:
+        return IdTaken(code, reason, client_id)
+    return BridgeClosed(code, reason)
 
 
 class BridgeClient:
@@ -167,7 +189,7 @@ class BridgeClient:
             if self._closed:
                 raise BridgeClosed(CloseCode.NORMAL, "closed by this client")
             if self._final is not None:
-                raise BridgeClosed(self._final.code, self._final.reason)  # A fresh one per task.
+                raise _closed_for_good(self._final.code, self._final.reason, self.client_id)  # A fresh one per task.
             if self._ws is not None:
                 return self._ws
             async with self._lock:
@@ -183,14 +205,14 @@ class BridgeClient:
         """
         async with self._lock:
             if self._final is not None:
-                raise BridgeClosed(self._final.code, self._final.reason)
+                raise _closed_for_good(self._final.code, self._final.reason, self.client_id)
             if self._ws is not ws:  # Another task already replaced the failed socket.
                 return
             self._ws = None
             received = exc.rcvd
             code, reason = (received.code, received.reason) if received else (None, "connection lost")
             if self._closed or not self.reconnect or code in FINAL_CLOSE_CODES:
-                self._final = BridgeClosed(code, reason)
+                self._final = _closed_for_good(code, reason, self.client_id)
                 raise self._final from exc
             # The relay refuses after accepting (1013, 4009, 1001), so a connection that did not
             # last is a failed attempt: back off; one that lasted starts the backoff afresh.

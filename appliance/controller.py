@@ -128,6 +128,20 @@ class Reply:
     rtt_ms: float
 
 
+def _one_client(target: str) -> None:
+    """request() waits for one client's reply: a broadcast has many, or none to wait for."""
+    if target == "*" or target.startswith("group:"):
+        raise InvalidCommand(
+            "invalid_target",
+            f"request() waits for one client's reply and {target!r} names many: "
+            "broadcast with send() (WebSocket) or command() (HTTP), which report the count",
+        )
+
+
+#: Put in the queue of other frames when the connection ended for good: receive() raises the reason.
+_ENDED: dict[str, Any] = {}
+
+
 class Controller:
     """A controller connection that correlates replies by id (protocol version 2).
 
@@ -139,6 +153,7 @@ class Controller:
         self.client = BridgeClient(url, controller_id, token, **client_options)
         self._waiters: dict[str | int, asyncio.Future[dict[str, Any]]] = {}
         self._other: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._ended: Exception | None = None  # Why the connection ended for good, once it has.
         self._unacked: set[str | int] = set()  # requests with no frame from the relay yet
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -180,9 +195,11 @@ class Controller:
                 elif frame.get("status") not in ("delivered", "queued") and not waiter.done():
                     waiter.set_result(frame)
         except Exception as exc:  # The connection ended for good: wake every waiter with the reason.
+            self._ended = exc
             for waiter in self._waiters.values():
                 if not waiter.done():
                     waiter.set_exception(exc)
+            self._other.put_nowait(_ENDED)  # and a receive() that waits, or comes later
             raise
 
     async def send(self, target: str, message: str, **fields: Any) -> None:
@@ -194,6 +211,9 @@ class Controller:
 
         Raises a :class:`CommandError` subclass: :class:`ClientOffline`, :class:`ReplyTimeout`, ...
         """
+        _one_client(target)
+        if self._ended is not None:
+            raise self._ended
         command_id = self.new_id()
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[command_id] = waiter
@@ -220,8 +240,13 @@ class Controller:
         raise error_for(frame)
 
     async def receive(self) -> dict[str, Any]:
-        """The next frame that answers no request."""
-        return await self._other.get()
+        """The next frame that answers no request; the reason once the connection ended for good."""
+        frame = await self._other.get()
+        if frame is _ENDED:
+            self._other.put_nowait(_ENDED)  # for the next caller too
+            assert self._ended is not None
+            raise self._ended
+        return frame
 
 
 class HttpController:
@@ -257,6 +282,7 @@ class HttpController:
         self, target: str, message: str, timeout: float = 10.0, *, queue: bool = False, command_id: str | None = None
     ) -> Reply:
         """Send and wait for the reply, as :meth:`Controller.request` does."""
+        _one_client(target)
         wait_ms = max(1, round(timeout * 1000))
         answer = await self.command(target, message, wait_ms=wait_ms, queue=queue or None, id=command_id)
         if answer.get("status") == "replied":

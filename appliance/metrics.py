@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .core.protocol import CONNECTION_ROLES, ErrorCode
+from .core.protocol import CONNECTION_ROLES, CloseCode, ErrorCode
 
 __all__ = [
     "BROKER_OUTBOX_FULL",
@@ -200,12 +200,12 @@ CLOSED_BY_RELAY = Counter(
     registry=REGISTRY,
 )
 
-#: Close codes counted by their number: RFC 6455 §7.4.1's and the range docs/protocol.md
-#: documents (4001-4013). Anything else (a peer's private code) is "other", so a
+#: Close codes counted by their number: RFC 6455 §7.4.1's and the relay's own (CloseCode,
+#: documented in docs/protocol.md). Anything else (a peer's private code) is "other", so a
 #: misbehaving peer cannot create series.
 CLOSE_CODE_LABELS = frozenset(
     {"1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1012", "1013"}
-    | {str(code) for code in range(4001, 4014)}
+    | {str(int(code)) for code in CloseCode if int(code) >= 4000}
 )
 CLOSES = Counter(
     "wsbridge_closes_total",

@@ -192,7 +192,9 @@ class Settings(BaseSettings):
         7 * 86400, ge=60, description="Seconds an id's connect history is kept after its last connection closed."
     )
     history_max_clients: int = Field(
-        10_000, ge=1, description="Ids whose connect history the embedded broker keeps in memory (Redis: no cap)."
+        2000,
+        ge=1,
+        description="Ids with a connect history, cluster-wide (Redis) or in memory; beyond, the oldest go first.",
     )
     recent_commands_per_client: int = Field(
         50,
@@ -217,6 +219,16 @@ class Settings(BaseSettings):
     # --- Dashboard (/admin) -----------------------------------------------------------
     viewer_token: SecretStr | None = Field(
         None, description="Optional read-only dashboard token: sees every page, can act on nothing."
+    )
+    token_fingerprint_key: SecretStr | None = Field(
+        None,
+        description="Key of the token fingerprints shown (HMAC); unset: a random key shared in Redis, or this "
+        "process's own without Redis.",
+    )
+    allow_weak_tokens: bool = Field(
+        False,
+        description="Start even with tokens of fewer than about 128 bits of randomness (judged from length and "
+        "alphabet); for tests and labs only.",
     )
     viewer_sees_messages: bool = Field(
         False,
@@ -244,6 +256,9 @@ class Settings(BaseSettings):
     )
     offline_queue_max: int = Field(
         1000, ge=1, description="Queued commands kept per absent client (queue: true); more are refused (queue_full)."
+    )
+    offline_queue_max_total: int = Field(
+        100_000, ge=1, description="Queued commands the embedded broker keeps for all absent clients together."
     )
     idempotency_window_seconds: int = Field(
         600,
@@ -335,6 +350,7 @@ class Settings(BaseSettings):
         guessable and too short to be masked in logs.
         """
         from .logs import MIN_STRONG_LENGTH
+        from .tokens.base import low_entropy
 
         named = {
             "LLM_SECRET_TOKEN": self.llm_secret_token,
@@ -348,6 +364,8 @@ class Settings(BaseSettings):
             for name, value in values.items()
             if len(value) < MIN_STRONG_LENGTH
         ]
+        if not self.allow_weak_tokens:
+            problems += low_entropy({n: v for n, v in values.items() if len(v) >= MIN_STRONG_LENGTH})
         names = list(values)
         for i, first in enumerate(names):
             for second in names[i + 1 :]:
@@ -365,6 +383,7 @@ class Settings(BaseSettings):
                 self.admin_token,
                 self.viewer_token,
                 self.redis_password,
+                self.token_fingerprint_key,
                 self.redis_sentinel_password,
             )
             if s is not None

@@ -19,9 +19,11 @@ __all__ = ["MASTER_NAME", "ClusterGroup", "RedisProcess", "SentinelGroup"]
 MASTER_NAME = "wsbmaster"
 
 
-def _command(port: int, *args: str, within: float = 5.0) -> object:
+def _command(port: int, *args: str, within: float = 5.0, password: str | None = None) -> object:
     """One command on a fresh connection (Sentinels know no QUIT, so no raw RESP trick here)."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout(within), socket_connect_timeout=1)
+    client = redis.Redis(
+        host="127.0.0.1", port=port, password=password, socket_timeout=timeout(within), socket_connect_timeout=1
+    )
     try:
         return client.execute_command(*args)
     finally:
@@ -50,6 +52,7 @@ class RedisProcess:
         ]
         self.config.write_text("\n".join(lines) + "\n")
         self.args = [binary, str(self.config), *(["--sentinel"] if sentinel else [])]
+        self.password = next((line.split()[1] for line in config if line.startswith("requirepass ")), None)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,12 +66,12 @@ class RedisProcess:
 
     def answers(self) -> bool:
         try:
-            return _command(self.port, "PING", within=1) is True
+            return _command(self.port, "PING", within=1, password=self.password) is True
         except (OSError, redis.RedisError):
             return False
 
     def command(self, *args: str) -> object:
-        return _command(self.port, *args)
+        return _command(self.port, *args, password=self.password)
 
     def kill(self) -> None:
         """The hard stop of a crash: SIGKILL, no goodbye to anyone."""
@@ -95,9 +98,11 @@ class RedisProcess:
 class SentinelGroup:
     """A primary, a replica and three Sentinels (quorum 2) that fail over within a few seconds."""
 
-    def __init__(self, *, down_after_ms: int = 1000) -> None:
-        self.primary = RedisProcess("primary", [])
-        self.replica = RedisProcess("replica", [f"replicaof 127.0.0.1 {self.primary.port}"])
+    def __init__(self, *, down_after_ms: int = 1000, password: str = "", sentinel_password: str = "") -> None:
+        self.password, self.sentinel_password = password, sentinel_password
+        data_auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
+        self.primary = RedisProcess("primary", data_auth)
+        self.replica = RedisProcess("replica", [f"replicaof 127.0.0.1 {self.primary.port}", *data_auth])
         self.sentinels = [
             RedisProcess(
                 f"sentinel{i}",
@@ -106,6 +111,9 @@ class SentinelGroup:
                     f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}",
                     f"sentinel failover-timeout {MASTER_NAME} 10000",
                     f"sentinel parallel-syncs {MASTER_NAME} 1",
+                    *([f"sentinel auth-pass {MASTER_NAME} {password}"] if password else []),
+                    *([f"requirepass {sentinel_password}"] if sentinel_password else []),
+                    *([f"sentinel sentinel-pass {sentinel_password}"] if sentinel_password else []),
                 ],
                 sentinel=True,
             )

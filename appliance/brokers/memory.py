@@ -24,9 +24,10 @@ class MemoryBroker(Broker):
         *,
         queue_max: int = 1000,
         queue_remember_seconds: float = 300.0,
+        queue_max_total: int = 100_000,
         history_per_client: int = 50,
         history_ttl: float = 7 * 86400,
-        history_max_clients: int = 10_000,
+        history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
         idempotency_max_keys: int = 100_000,
     ) -> None:
@@ -34,7 +35,7 @@ class MemoryBroker(Broker):
         self._history = HistoryBook(history_per_client, history_max_clients, history_ttl)
         self._owners: dict[str, Owner] = {}
         self._generations = itertools.count(1)
-        self._queue = OfflineQueue(queue_max, queue_remember_seconds)
+        self._queue = OfflineQueue(queue_max, queue_remember_seconds, queue_max_total)
         # Bounded like the histories: a flood of fresh keys forgets the oldest, never grows without end.
         self._idempotency: ByLastWrite[str] = ByLastWrite(idempotency_max_keys, idempotency_window)
 

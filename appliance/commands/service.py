@@ -392,15 +392,12 @@ class CommandService:
         Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
-
-        With ``idempotency_key``, a repeat within the window gets the first command's
-        outcome and never reaches a client twice (appliance/commands/idempotency.py).
+        With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
         """
-        if idempotency_key is not None:
+        if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
             once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
-            # A repeat waits as long as the first command may.
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
         wait = self._http_bucket.try_take(time.time())

@@ -316,21 +316,33 @@ class Enqueued(enum.Enum):
 class _Queued:
     routed: Routed
     expires: float
+    gone: bool = False  # Taken or expired; still in its deque or the deadline heap until swept.
 
 
 class OfflineQueue:
-    """Per-target queues of commands for absent clients, bounded, ordered, expiring, de-duplicated."""
+    """Per-target queues of commands for absent clients, bounded, ordered, expiring, de-duplicated.
 
-    def __init__(self, max_per_target: int, remember_seconds: float) -> None:
+    Every operation is O(log n) (deadlines and de-duplication marks in heaps), never a scan of
+    everything queued: 10,000 queued commands once took seconds to add (issue 20). ``max_total``
+    bounds the commands queued for all targets together.
+    """
+
+    def __init__(self, max_per_target: int, remember_seconds: float, max_total: int = 100_000) -> None:
         self.max_per_target = max_per_target
+        self.max_total = max_total
         #: How long a delivered (controller, id) is remembered, so a late repeat is not delivered again.
         self.remember_seconds = remember_seconds
         self._queues: dict[str, deque[_Queued]] = {}
+        self._live: dict[str, int] = {}  # Per target: entries neither taken nor expired.
+        self._total = 0
+        self._deadlines: list[tuple[float, int, str, _Queued]] = []
+        self._order = itertools.count()
         # (controller, id) -> (delivered?, forget at): a repeat within the command's lifetime is recognised.
         self._seen: dict[tuple[str, CommandId], tuple[bool, float]] = {}
+        self._forget: list[tuple[float, int, tuple[str, CommandId]]] = []
 
     def __len__(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        return self._total
 
     def enqueue(self, target: str, routed: Routed, now: float, *, requeue: bool = False) -> Enqueued:
         """Queue ``routed``; ``requeue``: it was taken from the queue but never handed over, so again."""
@@ -339,44 +351,61 @@ class OfflineQueue:
         seen = self._seen.get(key)
         if seen is not None and not (requeue and seen[0]):
             return Enqueued.ALREADY_DELIVERED if seen[0] else Enqueued.ALREADY_QUEUED
-        queue = self._queues.setdefault(target, deque())
-        if len(queue) >= self.max_per_target:
+        if self._live.get(target, 0) >= self.max_per_target or self._total >= self.max_total:
             return Enqueued.FULL
         expires = now + routed.timeout_ms / 1000
-        queue.append(_Queued(routed, expires))
-        self._seen[key] = (False, expires)
+        item = _Queued(routed, expires)
+        self._queues.setdefault(target, deque()).append(item)
+        self._live[target] = self._live.get(target, 0) + 1
+        self._total += 1
+        heapq.heappush(self._deadlines, (expires, next(self._order), target, item))
+        self._remember(key, False, expires)
         return Enqueued.QUEUED
+
+    def _remember(self, key: tuple[str, CommandId], delivered: bool, forget_at: float) -> None:
+        self._seen[key] = (delivered, forget_at)
+        heapq.heappush(self._forget, (forget_at, next(self._order), key))
 
     def take(self, target: str, now: float) -> list[Routed]:
         """The target connected: its unexpired commands, oldest first, now marked delivered."""
         queue = self._queues.pop(target, None)
+        self._total -= self._live.pop(target, 0)
         if not queue:
             return []
         taken = []
         for item in queue:
+            if item.gone:
+                continue
+            item.gone = True  # Its deadline entry is now stale.
             if item.expires > now:
                 taken.append(item.routed)
-                self._seen[(item.routed.controller, item.routed.id)] = (
-                    True,
-                    max(item.expires, now + self.remember_seconds),
-                )
+                forget_at = max(item.expires, now + self.remember_seconds)
+                self._remember((item.routed.controller, item.routed.id), True, forget_at)
         return taken
 
     def expire(self, now: float) -> list[Routed]:
         """Drop what outlived its deadline (its sender reports the timeout) and old de-duplication marks."""
         expired = []
-        for target in list(self._queues):
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, target, item = heapq.heappop(deadlines)
+            if item.gone:
+                continue  # Taken already.
+            item.gone = True
+            expired.append(item.routed)
+            self._total -= 1
+            live = self._live[target] - 1
             queue = self._queues[target]
-            while queue and queue[0].expires <= now:
-                expired.append(queue.popleft().routed)
-            # Later entries can expire earlier (shorter timeout_ms): sweep those too.
-            if any(item.expires <= now for item in queue):
-                kept = deque(item for item in queue if item.expires > now)
-                expired.extend(item.routed for item in queue if item.expires <= now)
-                queue = self._queues[target] = kept
-            if not queue:
-                del self._queues[target]
-        for key, (_, forget_at) in list(self._seen.items()):
-            if forget_at <= now:
+            if live:
+                self._live[target] = live
+                while queue and queue[0].gone:  # Entries expired out of order are swept as they reach the front.
+                    queue.popleft()
+            else:
+                del self._live[target], self._queues[target]
+        forget = self._forget
+        while forget and forget[0][0] <= now:
+            forget_at, _, key = heapq.heappop(forget)
+            seen = self._seen.get(key)
+            if seen is not None and seen[1] == forget_at:  # Else renewed since: a later entry forgets it.
                 del self._seen[key]
         return expired

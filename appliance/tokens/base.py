@@ -19,7 +19,9 @@ import abc
 import fnmatch
 import hashlib
 import hmac
+import math
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,9 @@ __all__ = [
     "TokenStoreNotStarted",
     "TokenStoreUnavailable",
     "TokenVersion",
+    "MIN_TOKEN_BITS",
+    "estimated_bits",
+    "low_entropy",
     "fingerprint",
     "role_of",
 ]
@@ -83,9 +88,50 @@ def role_of(name: str) -> str | None:
     return None
 
 
-def fingerprint(value: str) -> str:
-    """A short public handle on a value (32 bits of its SHA-256): tells versions apart, reveals nothing."""
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:8]
+def fingerprint(value: str, key: bytes) -> str:
+    """A short public handle on a value: 32 bits of its HMAC-SHA-256 under the deployment's key.
+
+    Tells versions apart. Keyed, so whoever sees it (the viewer token) cannot test guesses of
+    a token offline; an unkeyed hash prefix let them try a weak, human-chosen token at will.
+    """
+    return "hmac:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+#: Tokens with less estimated randomness are refused at start (``ALLOW_WEAK_TOKENS`` overrides).
+MIN_TOKEN_BITS = 128
+#: Alphabets from the smallest up: a token is judged by the smallest one holding all its characters.
+_ALPHABETS = (
+    frozenset("0123456789"),
+    frozenset("0123456789abcdef"),
+    frozenset("0123456789ABCDEF"),
+    frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567="),  # base32
+    frozenset("abcdefghijklmnopqrstuvwxyz0123456789"),
+    frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
+    frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
+    frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"),  # token_urlsafe
+    frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/="),  # base64
+)
+
+
+def estimated_bits(value: str) -> int:
+    """At most how many bits of randomness ``value`` can hold: its length times log2 of its alphabet.
+
+    An upper bound judged from the text alone: it catches short tokens and small alphabets
+    (a 20-digit PIN, 16 hex digits), not a long passphrase; the fingerprint's key covers that.
+    """
+    chars = set(value)
+    size = next((len(alphabet) for alphabet in _ALPHABETS if chars <= alphabet), 95)
+    return int(len(value) * math.log2(size))
+
+
+def low_entropy(named: dict[str, str]) -> list[str]:
+    """One clear line for each token with fewer than :data:`MIN_TOKEN_BITS` estimated bits of randomness."""
+    return [
+        f"{name} holds at most {estimated_bits(value)} bits of randomness (judged from its length and alphabet), "
+        f"fewer than {MIN_TOKEN_BITS}; use 32 random bytes, or set ALLOW_WEAK_TOKENS=true to start anyway"
+        for name, value in named.items()
+        if estimated_bits(value) < MIN_TOKEN_BITS
+    ]
 
 
 def _digest(value: str) -> bytes:
@@ -135,19 +181,19 @@ class TokenState:
     def previous_accepted(self, now: float) -> bool:
         return self.previous is not None and self.grace_ends is not None and now < self.grace_ends
 
-    def status(self, now: float) -> dict[str, Any]:
-        """What may be shown of this token: never a value."""
+    def status(self, now: float, key: bytes) -> dict[str, Any]:
+        """What may be shown of this token: never a value (fingerprints under ``key``)."""
         previous = self.previous
         return {
             "name": self.name,
             "role": self.role,
             "version": self.current.version,
-            "fingerprint": fingerprint(self.current.value),
+            "fingerprint": fingerprint(self.current.value, key),
             "rotated_at": self.current.modified_at,
             "id_pattern": self.current.id_pattern,
             "groups": list(self.current.groups) if self.current.groups is not None else None,
             "previous_version": previous.version if previous else None,
-            "previous_fingerprint": fingerprint(previous.value) if previous else None,
+            "previous_fingerprint": fingerprint(previous.value, key) if previous else None,
             "grace_ends": self.grace_ends if previous else None,
             "previous_accepted": self.previous_accepted(now),
             "keep_connections": self.keep_connections if previous else False,
@@ -167,6 +213,8 @@ class TokenStore(abc.ABC):
         # (digest, grant, accepted until) for every acceptable value; rebuilt on each change.
         self._candidates: list[tuple[bytes, Grant, float | None]] = []
         self._listeners: list[Callable[[], None]] = []
+        #: The key of the fingerprints shown (make_token_store sets the deployment's; random: this process's own).
+        self.fingerprint_key = secrets.token_bytes(32)
 
     # --- loading ------------------------------------------------------------------------
 
@@ -250,7 +298,7 @@ class TokenStore(abc.ABC):
 
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [self.states[name].status(now) for name in sorted(self.states)]
+        return [self.states[name].status(now, self.fingerprint_key) for name in sorted(self.states)]
 
     def secret_values(self) -> list[str]:
         """Every known value, for the log filter; never for anything that leaves the process."""

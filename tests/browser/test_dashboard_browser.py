@@ -133,7 +133,8 @@ def test_html_in_client_controlled_fields_stays_inert(page, app, redis_server, c
     redis_server.command("EXPIRE", "wsb:instance:forged", "60")
     redis_server.command("SADD", "wsb:instances", "forged")  # As every instance names itself.
     try:
-        # A real connection whose address comes from a trusted proxy header carries markup too.
+        # A real connection sends markup in a trusted proxy's header too: it must never reach the page
+        # (appliance/forwarded.py puts the peer's address in its place; the forged record above covers escaping).
         with client(app, "xss-remote", **{"X-Forwarded-For": '"><svg onload=alert(3)>'}):
             sign_in(page, app)
             cell = page.locator("#clients-table td.id", has_text="<script>alert(1)</script>")

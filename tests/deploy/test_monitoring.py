@@ -180,7 +180,8 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
         summary = annotations["summary"]
         assert summary.endswith(".") and summary.count(". ") == 0 and "\n" not in summary, name
         assert "{{" in annotations["description"], f"{name}: description is not templated"
-        assert annotations["runbook_url"] == f"monitoring/runbook.md#{name.lower()}", name
+        # Absolute: the runbook page Prometheus serves under its external URL.
+        assert annotations["runbook_url"] == f"{{{{ $externalURL }}}}/consoles/runbook.html#{name.lower()}", name
         assert name.lower() in sections, f"{name}: no runbook section"
 
 
@@ -193,6 +194,18 @@ def test_runbook_has_one_complete_section_per_alert_and_no_other() -> None:
     # Links between sections point at sections that exist.
     for target in re.findall(r"\]\(#([\w-]+)\)", RUNBOOK.read_text()):
         assert target in sections, target
+
+
+def test_the_served_runbook_page_is_the_runbook_rendered_with_an_anchor_per_alert() -> None:
+    sys.path.insert(0, str(MONITORING))
+    from render_runbook import PAGE, render
+
+    assert PAGE.read_text() == render(RUNBOOK.read_text()), "run python3 monitoring/render_runbook.py"
+    ids = set(re.findall(r' id="([\w-]+)"', PAGE.read_text()))
+    assert {rule["alert"].lower() for rule in alerts()} <= ids
+    for target in re.findall(r'href="#([\w-]+)"', PAGE.read_text()):
+        assert target in ids, target
+    assert "{{" not in PAGE.read_text(), "Prometheus would read it as a template action"
 
 
 # --- Alertmanager ---------------------------------------------------------------------------

@@ -21,7 +21,8 @@ RUNBOOK = ROOT / "monitoring" / "runbook.md"
 
 #: Pinned: bookmarks, alert links and docs/deploy.md use these; changing one breaks them.
 STABLE_UIDS = {"wsbridge-overview.json": "wsbridge-overview", "wsbridge-instance.json": "wsbridge-instance"}
-RUNBOOK_LINK = re.compile(r"^\$\{runbook_base\}monitoring/runbook\.md(#([a-z0-9-]+))?$")
+#: The runbook Prometheus serves (monitoring/consoles/runbook.html), on the same host as Grafana.
+RUNBOOK_LINK = re.compile(r"^/prometheus/consoles/runbook\.html(#([a-z0-9-]+))?$")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -106,7 +107,6 @@ def test_every_dashboard_has_the_instance_variable_and_the_runbook_base(path: Pa
     assert instance["definition"] == 'query_result(wsbridge_build_info{job="appliance"})'
     assert "(?<text>" in instance["regex"] and "exported_instance" in instance["regex"].split("(?<text>")[0]
     assert "(?<value>" in instance["regex"]
-    assert variables["runbook_base"]["type"] == "constant"
     # Every appliance query is scoped by the variable, so the picker means something.
     for panel in panels(load(path)):
         for target in panel["targets"]:

@@ -46,7 +46,7 @@ MUTATIONS = [
         'expr: redis_up{job="redis"} == 0\n        for: 1m\n        labels:\n          severity: warning',
     ),
     ("description of not-ready changed", "answered /readyz with 503 for 2 minutes", "answered /readyz with 503"),
-    ("runbook link of the certificate alert", "runbook.md#wsbridgecertificateexpiring", "runbook.md#certificates"),
+    ("runbook link of the certificate alert", "runbook.html#wsbridgecertificateexpiring", "runbook.html#certificates"),
     ("p99 latency threshold", "wsbridge:reply_seconds:p99_5m > 2", "wsbridge:reply_seconds:p99_5m > 5"),
     (
         "latency measured on v1 idle time again",

@@ -211,6 +211,9 @@ class Stack:
                 arg = f"{name}={path}"
             elif name == "--storage.tsdb.path":
                 arg = f"{name}={data}"
+            elif name == "--web.console.templates":
+                assert arg.endswith("=/etc/prometheus/consoles")
+                arg = f"{name}={MONITORING / 'consoles'}"
             elif name == "--web.external-url":
                 assert arg.endswith(":8443/prometheus/")
                 arg = f"{name}=http://127.0.0.1:{self.ports['prometheus']}/prometheus/"
@@ -307,6 +310,11 @@ def test_the_watchdog_reaches_the_dead_mans_switch_and_nothing_else(stack: Stack
     )
     assert watchdog["labels"] == {"alertname": "WSBridgeWatchdog", "severity": "none", "stack": "wsbridge"}
     assert watchdog["status"] == "firing"
+    # Its runbook link is absolute and answers, at the section of the alert.
+    runbook = f"http://127.0.0.1:{stack.ports['prometheus']}/prometheus/consoles/runbook.html#wsbridgewatchdog"
+    assert watchdog["annotations"]["runbook_url"] == runbook
+    page = fetch(runbook)
+    assert page and b'id="wsbridgewatchdog"' in page
     assert all(alert["labels"]["alertname"] == "WSBridgeWatchdog" for alert in stack.webhook.alerts("/deadmansswitch"))
     assert not any(alert["labels"]["alertname"] == "WSBridgeWatchdog" for alert in stack.webhook.alerts("/oncall"))
 

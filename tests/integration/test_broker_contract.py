@@ -320,3 +320,23 @@ async def test_an_idempotency_record_is_read_replaced_and_dropped_anywhere(clust
     await b.broker.idempotency_drop(key)
     assert await a.broker.idempotency_get(key) is None
     assert await a.broker.idempotency_claim(key, "again") is None
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_connect_history_keeps_the_ids_closed_last_cluster_wide(kind, request):
+    """Cycling fresh ids cannot fill Redis (issue 20): beyond the cap the ids closed longest ago go."""
+    cluster = Cluster.of(request, kind, history_max_clients=3)
+    try:
+        a, b = await cluster.node("a"), await cluster.node("b")
+        ids = [new_id("hist") for _ in range(5)]
+        for n, client_id in enumerate(ids):
+            (a if n % 2 else b).broker.record_history(client_id, {"code": 1000 + n})
+            await asyncio.sleep(0.3 if kind != "memory" else 0)  # One write each: their order is their age.
+
+        async def capped() -> bool:
+            kept = [bool(await a.broker.history(client_id, 5)) for client_id in ids]
+            return kept == [False, False, True, True, True]
+
+        await eventually(capped, 10, "only the three ids closed last keep a history")
+    finally:
+        await cluster.stop()

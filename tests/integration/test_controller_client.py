@@ -183,3 +183,18 @@ async def test_cli_send_wait_exit_codes(relay):
     async with relay.connect(target, subprotocols=V2):
         silent = await asyncio.to_thread(run_cli, relay, "--wait", "--timeout", "0.5", "--target", target, "x")
     assert silent.returncode == 3 and "no reply" in silent.stderr
+
+
+async def test_two_controllers_with_one_id_end_with_a_typed_error_naming_the_id(relay):
+    """The README once had every controller connect as "LLM": the second evicted the first (4010)."""
+    from appliance.client import IdTaken
+
+    target, shared = uid("dev"), uid("llm")
+    async with relay.connect(target, subprotocols=V2), Controller(relay.ws, shared, CONTROLLER_TOKEN) as first:
+        async with Controller(relay.ws, shared, CONTROLLER_TOKEN) as second:
+            with pytest.raises(IdTaken) as taken:
+                await asyncio.wait_for(first.receive(), timeout(10))
+            assert taken.value.code == 4010 and isinstance(taken.value, BridgeClosed)
+            assert shared in str(taken.value) and "an id of its own" in str(taken.value)
+            with pytest.raises(ClientOffline):  # the newer one works
+                await second.request(uid("nobody"), "ping", timeout=timeout(5))

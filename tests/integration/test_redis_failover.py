@@ -84,6 +84,7 @@ async def _status(app) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # Generous deadlines for a busy machine add up beyond the suite's 120 s.
 async def test_a_primary_killed_under_traffic_fails_over_without_a_duplicate_or_a_lost_outcome(
     topology, start_appliance
 ):

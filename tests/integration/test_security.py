@@ -7,10 +7,18 @@ case is about a cluster.
 from __future__ import annotations
 
 import asyncio
+import csv
+import hashlib
+import hmac
 import html.parser
+import io
 import json
+import os
 import re
 import secrets
+import subprocess
+import sys
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 
@@ -87,6 +95,10 @@ async def test_scoped_token_joins_only_the_groups_it_names_and_the_shared_token_
         assert await recv(plain) == "hello"
     body = (await app.aget("/metrics"))[1]
     assert 'wsbridge_connections_closed_total{reason="group_not_allowed"} 3.0' in body
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as admin:  # what the operator sees
+        await _sign_in(admin, ADMIN_TOKEN)
+        page = (await admin.get("/admin/tokens")).text
+    assert "ids kiosk-*; groups kiosks" in page and "ids bare-*; groups none" in page
 
 
 # --- 3. the sign-in lock-out under a burst ------------------------------------------------------------
@@ -95,9 +107,13 @@ async def test_scoped_token_joins_only_the_groups_it_names_and_the_shared_token_
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_burst_of_sign_ins_from_one_address_gets_at_most_five_judged(start_appliance, request, backend):
     redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-    app = start_appliance(redis_url=redis_url, name=f"burst-{backend}")
+    # Only the sign-in limiter decides here; an address of its own, so the lock-out it leaves in the shared
+    # Redis touches no other test.
+    limits_off = {"MAX_FAILED_HANDSHAKES_PER_MINUTE": "0", "HTTP_REQUESTS_PER_SECOND": "0"}
+    app = start_appliance(limits_off, redis_url=redis_url, name=f"burst-{backend}")
+    address = {"X-Forwarded-For": f"198.51.100.{207 if backend == 'memory' else 208}"}
     async with httpx.AsyncClient(
-        base_url=app.http, timeout=timeout(60), limits=httpx.Limits(max_connections=200)
+        base_url=app.http, timeout=timeout(60), limits=httpx.Limits(max_connections=200), headers=address
     ) as http:
         page = await http.get("/admin/login")
         csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
@@ -113,7 +129,7 @@ async def test_a_burst_of_sign_ins_from_one_address_gets_at_most_five_judged(sta
     assert len(judged) <= 5, sorted(statuses)
     assert set(judged) <= {401, 303}
     # The lock-out holds afterwards too, whoever got in: the right token is refused now.
-    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as late:
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10), headers=address) as late:
         page = await late.get("/admin/login")
         csrf = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
         response = await late.post("/admin/login", data={"token": ADMIN_TOKEN, "_csrf_token": csrf})
@@ -368,12 +384,14 @@ async def test_commands_sent_with_the_admin_token_through_the_api_and_mcp_are_au
             answering.cancel()
     async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as admin:
         await _sign_in(admin, ADMIN_TOKEN)
-        trail = (await admin.get("/admin/audit?action=command.send")).text
-    rows = re.findall(r"<tr><td>[^<]*</td><td>command\.send</td>.*?</tr>", trail)
-    assert len(rows) == 2, rows  # the admin's two; the controller's commands are its own, not audited
-    assert any("via=api" in row and "ADMIN_TOKEN" in row and "valve_3" in row for row in rows)
-    assert any("via=mcp" in row and "ADMIN_TOKEN" in row and "valve_3" in row for row in rows)
-    assert all("status=replied" in row and "message=sha256:" in row for row in rows)
+        trail = (await admin.get("/admin/audit.csv?action=command.send")).text
+    rows = [row for row in csv.DictReader(io.StringIO(trail)) if row["action"] == "command.send"]
+    # The admin's two; the controller's commands are the relay's ordinary traffic, not audited.
+    assert len(rows) == 2, trail
+    details = [json.loads(row["detail"]) for row in rows]
+    assert sorted(d["via"] for d in details) == ["api", "mcp"]
+    assert all(row["actor"] == "ADMIN_TOKEN" and row["target"] == "valve_3" for row in rows)
+    assert all(d["status"] == "replied" and d["message"].startswith("sha256:") for d in details)
     assert "API-BY-ADMIN" not in trail and "MCP-BY-ADMIN" not in trail  # a digest, never the text
 
 
@@ -423,3 +441,55 @@ async def test_an_exempt_address_cannot_be_claimed_in_x_forwarded_for(start_appl
             codes.append(refused.response.status_code)
     # Counted under the peer's address, which is not exempt: the cool-down comes.
     assert codes[:3] == [4001] * 3 and 429 in codes[3:], codes
+
+
+# --- 10. fingerprints and guessable tokens ------------------------------------------------------------------------
+
+
+def _serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-m", "appliance", "serve", "--port", "1"],  # Refused before it binds.
+            cwd=cwd,
+            env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout(30),
+        )
+
+
+def test_a_token_with_fewer_than_128_bits_is_refused_at_start_with_one_clear_line(start_appliance):
+    pin = "31415926535897932384"  # 20 digits: at most 66 bits
+    result = _serve_once({"LLM_SECRET_TOKEN": pin, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "LLM_SECRET_TOKEN holds at most 66 bits of randomness" in lines[0] and "ALLOW_WEAK_TOKENS" in lines[0]
+    assert pin not in result.stderr + result.stdout
+    # The explicit override starts it (a lab, a test).
+    app = start_appliance({"LLM_SECRET_TOKEN": pin, "ALLOW_WEAK_TOKENS": "true"}, name="weak-allowed")
+    assert app.get("/healthz")[0] == 200
+
+
+async def test_fingerprints_are_keyed_so_the_viewer_cannot_test_guesses(start_appliance, redis_server):
+    key, viewer_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    app = start_appliance({"TOKEN_FINGERPRINT_KEY": key, "VIEWER_TOKEN": viewer_token}, name="fp")
+    async with httpx.AsyncClient(base_url=app.http, timeout=timeout(10)) as viewer:
+        await _sign_in(viewer, viewer_token)
+        page = (await viewer.get("/admin/tokens")).text
+    keyed = "hmac:" + hmac.new(key.encode(), CLIENT_TOKEN.encode(), hashlib.sha256).hexdigest()[:8]
+    unkeyed = hashlib.sha256(CLIENT_TOKEN.encode()).hexdigest()[:8]
+    assert keyed in page and unkeyed not in page
+    # Without the setting, instances sharing Redis share a random key: the same fingerprints everywhere.
+    await asyncio.to_thread(redis_server.command, "DEL", "wsb:tokens:fingerprint-key")
+    env = {"VIEWER_TOKEN": viewer_token}
+    a = start_appliance(env, redis_url=redis_server.url, name="fp-a")
+    b = start_appliance(env, redis_url=redis_server.url, name="fp-b")
+    shown = []
+    for instance in (a, b):
+        async with httpx.AsyncClient(base_url=instance.http, timeout=timeout(10)) as viewer:
+            await _sign_in(viewer, viewer_token)
+            page = (await viewer.get("/admin/tokens")).text
+        shown.append(sorted(re.findall(r"hmac:[0-9a-f]{8}", page)))
+    assert shown[0] and shown[0] == shown[1]
+    assert keyed not in shown[0] and unkeyed not in str(shown)

@@ -91,7 +91,7 @@ async def refused_with(app, client_id: str, token: str) -> int | None:
 def test_env_store_neither_imports_nor_contacts_aws():
     script = (
         "import sys; from appliance.settings import Settings; from appliance.app import create_app;"
-        "create_app(Settings(_env_file=None, llm_secret_token='a'*20, unity_client_token='b'*20));"
+        "create_app(Settings(_env_file=None, llm_secret_token='a'*40, unity_client_token='b'*40));"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)

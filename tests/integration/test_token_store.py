@@ -85,7 +85,11 @@ def test_status_shows_versions_and_fingerprints_never_values(store):
     entries = {e["name"]: e for e in store.status()}
     assert set(entries) == {"LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN"}
     client = entries["UNITY_CLIENT_TOKEN"]
-    assert (client["version"], client["fingerprint"], client["previous_version"]) == (1, fingerprint(CLIENT), None)
+    assert (client["version"], client["fingerprint"], client["previous_version"]) == (
+        1,
+        fingerprint(CLIENT, store.fingerprint_key),
+        None,
+    )
     text = json.dumps(store.status())
     assert CONTROLLER not in text and CLIENT not in text and ADMIN not in text
 

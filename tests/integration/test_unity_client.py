@@ -590,6 +590,30 @@ async def test_webgl_transport_reports_a_refused_token_as_final(app, webgl_harne
     assert line.startswith("EVENT rejected code=4001 "), line
 
 
+@pytest.mark.parametrize("transport", ["clientwebsocket", "webgl"])
+async def test_a_binary_message_is_read_as_utf8_text_on_both_transports(request, transport):
+    """Issue 25 item 10: ClientWebSocket's transport and the WebGL one (the .jslib in Chromium, its emulation here)."""
+    harness_path = request.getfixturevalue("harness" if transport == "clientwebsocket" else "webgl_harness")
+    replies: list[str] = []
+
+    async def binary_commands(ws) -> None:
+        await ws.send("echo héllo 🎮".encode())  # bytes: a binary frame
+        replies.append(await asyncio.wait_for(ws.recv(), timeout(10)))
+        await ws.send(b"quit")
+        replies.append(await asyncio.wait_for(ws.recv(), timeout(10)))
+        await ws.wait_closed()
+
+    # A browser needs one of its subprotocols selected; ClientWebSocket (v1) offers none.
+    selected = ["wsbridge.v1"] if transport == "webgl" else None
+    async with websockets.serve(binary_commands, "127.0.0.1", 0, subprotocols=selected) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with device(
+            harness_path, "device", transport=transport, url=f"ws://127.0.0.1:{port}", id="unity-binary", token="t"
+        ) as run:
+            await run.passes()
+    assert replies == ["héllo 🎮", "bye"]
+
+
 async def test_webgl_transport_refuses_a_token_a_browser_cannot_send_once_with_the_reason(app, webgl_harness):
     """Issue 25 item 10: new WebSocket() throws on such a subprotocol, which looked like a 1006 retried forever."""
     async with device(

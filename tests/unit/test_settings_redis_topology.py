@@ -66,3 +66,19 @@ def test_cluster_mode_names_any_node(monkeypatch, tmp_path):
 def test_one_url_stays_the_default(monkeypatch, tmp_path):
     settings = make(monkeypatch, tmp_path, REDIS_URL="rediss://:token@primary.example.cache.amazonaws.com:6379/0")
     assert RedisTarget.from_settings(settings).kind == "single"
+
+
+def test_every_redis_client_is_made_from_the_target():
+    """With Sentinels there is no URL: a client built from REDIS_URL would break that deployment at start."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    allowed = {root / "appliance" / "settings.py", root / "appliance" / "brokers" / "redis" / "target.py"}
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("appliance", "ui")
+        for path in (root / folder).rglob("*.py")
+        if path not in allowed
+        and ("redis_connection_url(" in path.read_text() or "Redis.from_url(" in path.read_text())
+    ]
+    assert offenders == [], f"use RedisTarget.from_settings(settings).client() or .sync_client(): {offenders}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 
 import pytest
 
@@ -12,7 +13,7 @@ from appliance.core.protocol import CLOSE_REASONS, CloseCode, negotiate_subproto
 from appliance.logs import RedactSecrets, learn_secrets
 from appliance.settings import Settings
 from appliance.tokens import Grant, TokenStoreNotStarted
-from appliance.tokens.base import TokenState, TokenVersion, fingerprint, role_of
+from appliance.tokens.base import TokenState, TokenVersion, fingerprint, low_entropy, role_of
 from appliance.tokens.env import EnvTokenStore
 
 CONTROLLER, CLIENT, ADMIN = "controller-token-0123456789", "client-token-0123456789", "admin-token-0123456789"
@@ -71,8 +72,29 @@ def test_token_names_and_roles():
     assert role_of("REDIS_PASSWORD") is None and role_of("client_tokens/a/b") is None
     assert Grant("client", "client_tokens/x", 1, "lights_*").allows_id("lights_1")
     assert not Grant("client", "client_tokens/x", 1, "lights_*").allows_id("xlights_1")
-    assert fingerprint(CLIENT) == fingerprint(CLIENT) != fingerprint(CONTROLLER)
-    assert CLIENT not in fingerprint(CLIENT) and len(fingerprint(CLIENT)) == len("sha256:") + 8
+    key, other = b"k" * 32, b"o" * 32
+    assert fingerprint(CLIENT, key) == fingerprint(CLIENT, key) != fingerprint(CONTROLLER, key)
+    assert fingerprint(CLIENT, key) != fingerprint(CLIENT, other)  # keyed: no offline guessing without the key
+    assert CLIENT not in fingerprint(CLIENT, key) and len(fingerprint(CLIENT, key)) == len("hmac:") + 8
+
+
+@pytest.mark.parametrize(
+    ("value", "weak"),
+    [
+        (secrets.token_urlsafe(32), False),
+        (secrets.token_urlsafe(22), False),  # 132 bits
+        (secrets.token_hex(16), False),  # 128 bits
+        (secrets.token_hex(12), True),  # 96 bits
+        ("12345678901234567890", True),  # a 20-digit PIN: 66 bits
+        ("Summer2024!Summer", True),  # 17 printable characters: 111 bits at most
+    ],
+)
+def test_tokens_with_fewer_than_128_bits_are_named_with_a_clear_line(value, weak):
+    problems = low_entropy({"ADMIN_TOKEN": value})
+    assert bool(problems) is weak
+    if weak:
+        assert problems[0].startswith("ADMIN_TOKEN holds at most ") and "ALLOW_WEAK_TOKENS=true" in problems[0]
+        assert value not in problems[0]
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,7 @@
     var row = document.createElement("tr");
     row.id = id;
     row.className = "pending";
-    var cells = [new Date().toISOString().slice(0, 19).replace("T", " ") + " UTC", get("kind") === "everyone" ? "*" : (get("target") || ""), get("message") || "", "pending…", "", "", ""];
+    var cells = ["just now", get("kind") === "everyone" ? "*" : (get("target") || ""), get("message") || "", "pending…", "", "", ""];
     cells.forEach(function (text, i) {
       var td = document.createElement("td");
       td.textContent = text;  // Text, never markup.

@@ -50,6 +50,7 @@ class RedisBroker(Broker):
         queue_remember_seconds: float = 300.0,
         history_per_client: int = 50,
         history_ttl: int = 7 * 86400,
+        history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
     ) -> None:
         self.instance = instance
@@ -76,7 +77,7 @@ class RedisBroker(Broker):
             outcome_timeout=outcome_timeout,
         )
         self._outcomes = self._outbox.outcomes
-        self._history = HistoryLog(link, per_client=history_per_client, ttl=history_ttl)
+        self._history = HistoryLog(link, per_client=history_per_client, ttl=history_ttl, max_ids=history_max_clients)
         self._presence = Presence(link, instance, lambda: self.inbox, self._history, ttl=presence_ttl)
         self._ownership = Ownership(
             link, self._subscriber, lambda: self.inbox, self._presence.changed, self._spawn, ttl=presence_ttl

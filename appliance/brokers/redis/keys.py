@@ -10,6 +10,7 @@ __all__ = [
     "CONTROLLERS",
     "FAN_CHANNEL",
     "GENERATION_KEY",
+    "HISTORY_INDEX_KEY",
     "HISTORY_KEY",
     "IDEMPOTENCY_KEY",
     "INSTANCES_KEY",
@@ -37,6 +38,8 @@ IDEMPOTENCY_KEY = f"{PREFIX}idem:"
 SUMMARY_KEY = f"{PREFIX}summary:"
 INSTANCES_KEY = f"{PREFIX}instances"
 GENERATION_KEY = f"{PREFIX}generation"
+#: Sorted set of the ids with a connect history, scored by their latest entry's time: the oldest go first.
+HISTORY_INDEX_KEY = f"{PREFIX}hist-ids"
 
 
 class Keys:

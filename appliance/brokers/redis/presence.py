@@ -110,6 +110,8 @@ class Presence:
             raise
         finally:
             self._history.written()
+        if history:
+            await self._history.evict()
 
     def withdraw(self, pipe: Any) -> None:
         """At stop: remove this instance's presence, in ``pipe``; history not written yet goes too."""
