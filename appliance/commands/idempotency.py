@@ -13,17 +13,21 @@ queued, replied, timed out, delivery failed) is remembered for the window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from ..brokers.base import Broker
+from ..brokers.base import Broker, BrokerUnavailable
 from ..core.protocol import ErrorCode
 from .outcome import Outcome
 
 __all__ = ["IdempotentSends", "fingerprint"]
+
+log = logging.getLogger(__name__)
 
 #: How often a repeat that waits for the first command looks at its record again.
 POLL_SECONDS = 0.05
@@ -75,13 +79,16 @@ class IdempotentSends:
         """``first()`` when ``key`` is new; otherwise the outcome of the command that claimed it."""
         deadline = time.monotonic() + wait_seconds
         while True:
-            held = await self.broker.idempotency_claim(key, _encode(Record(command)).decode())
-            if held is None:
-                return await self._run(key, command, first)
-            outcome = await self._follow(key, command, held, deadline)
-            if outcome is not None:
-                return outcome
-            # The first command was refused before reaching a client and let the key go: run this one.
+            try:
+                held = await self.broker.idempotency_claim(key, _encode(Record(command)).decode())
+                if held is not None:
+                    outcome = await self._follow(key, command, held, deadline)
+                    if outcome is not None:
+                        return outcome
+                    continue  # The first command was refused before reaching a client and let the key go.
+            except BrokerUnavailable as exc:  # Nothing was sent: the caller may retry once Redis is back.
+                return Outcome(503, {"error": ErrorCode.BROKER_UNAVAILABLE.value, "detail": str(exc)})
+            return await self._run(key, command, first)
 
     async def _run(self, key: str, command: str, first: Callable[[], Awaitable[Outcome]]) -> Outcome:
         # Shielded: a caller that stops waiting (a cancelled MCP call, a closed HTTP connection)
@@ -95,13 +102,18 @@ class IdempotentSends:
         try:
             outcome = await first()
         except Exception:
-            await self.broker.idempotency_drop(key)
+            with contextlib.suppress(BrokerUnavailable):
+                await self.broker.idempotency_drop(key)
             raise
-        if outcome.body.get("error") in _NEVER_SENT:
-            await self.broker.idempotency_drop(key)
-        else:
-            record = Record(command, outcome.http_status, outcome.body)
-            await self.broker.idempotency_set(key, _encode(record).decode())
+        try:
+            if outcome.body.get("error") in _NEVER_SENT:
+                await self.broker.idempotency_drop(key)
+            else:
+                record = Record(command, outcome.http_status, outcome.body)
+                await self.broker.idempotency_set(key, _encode(record).decode())
+        except BrokerUnavailable:
+            # The caller still gets the outcome; a retry meanwhile finds the key in flight and waits.
+            log.warning("Could not record the outcome of an idempotent command: Redis is unreachable")
         return outcome
 
     async def _follow(self, key: str, command: str, held: str, deadline: float) -> Outcome | None:

@@ -139,3 +139,29 @@ async def test_mcp_send_command_with_an_idempotency_key_runs_once(pair):
     assert results[0].structured_content["reply"] == results[1].structured_content["reply"] == "done 1"
     assert results[1].structured_content["replayed"] is True
     assert received == ["Open"]
+
+
+async def test_an_id_while_redis_is_down_gets_a_clear_503_and_the_command_is_not_sent(own_redis):
+    """The idempotency record cannot be claimed: nothing is sent, the caller gets an answer it can retry."""
+    from broker_support import Cluster
+
+    from appliance.commands.idempotency import IdempotentSends, fingerprint
+    from appliance.commands.outcome import Outcome
+
+    cluster = Cluster("redis", own_redis.url)
+    node = await cluster.node("a")
+    sent: list[str] = []
+
+    async def first() -> Outcome:
+        sent.append("MoveForward 10")
+        return Outcome(200, {"status": "replied"})
+
+    try:
+        await asyncio.to_thread(own_redis.kill)
+        outcome = await IdempotentSends(node.broker, 600).send(
+            "http:id:'x'", fingerprint("dev", "MoveForward 10", False), 1.0, first
+        )
+    finally:
+        await cluster.stop()
+    assert outcome.http_status == 503 and outcome.body["error"] == "broker_unavailable"
+    assert sent == []
