@@ -127,7 +127,8 @@ def test_a_client_page_follows_its_disconnect_and_its_return_live(page, app, con
     socket = connect(f"{app.ws}/ws/live-detail", additional_headers={"X-Auth-Token": CLIENT_TOKEN})
     with socket:
         sign_in(page, app, "/admin/client?id=live-detail")
-        page.locator("#client-live section.card h2", has_text="Connection on").wait_for(timeout=ms(10))
+        # The page may be read before the relay has claimed the id; the next 15 s re-read shows it.
+        page.locator("#client-live section.card h2", has_text="Connection on").wait_for(timeout=ms(35))
         page.get_by_role("button", name="Disconnect").click()
         page.get_by_text("Disconnected 1 connection").wait_for(timeout=ms(10))
         # No reload: the connection card goes, the history gains the 4012 entry, the button leaves.
