@@ -15,18 +15,21 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.openapi.spec import Example, Schema
+from litestar.params import FromPath, JSONBody, KwargDefinition, Parameter
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from .api_schema import AUTH_ERRORS, ApiOperation, JsonBodyOperation, options_handlers, refuse_repeated_query
 from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
 from .commands import CommandService
-from .core.protocol import CloseCode, ErrorCode
-from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
+from .core.protocol import CLIENT_ID_PATTERN, CloseCode, ErrorCode
+from .core.protocol_v2 import BROADCAST, GROUP_PREFIX, MAX_COMMAND_ID_LENGTH
 from .http_auth import require_token
 from .recent import RecentCommands
 from .relay import Relay
+from .settings import Settings
 
 __all__ = ["API_HANDLERS", "ApiError", "CommandBody", "api_error", "validation_as_422"]
 
@@ -34,21 +37,43 @@ __all__ = ["API_HANDLERS", "ApiError", "CommandBody", "api_error", "validation_a
 # --- bodies --------------------------------------------------------------------------------------
 
 CommandId = str | int
+#: The largest integer JSON carries exactly (core/protocol_v2's rule for integer ids).
+MAX_SAFE_INTEGER = 2**53 - 1
+#: CommandId with the service's rule (core/protocol_v2.is_valid_command_id) in the schema; the service checks it.
+SchemaCommandId = (
+    Annotated[str, KwargDefinition(min_length=1, max_length=MAX_COMMAND_ID_LENGTH)]
+    | Annotated[int, KwargDefinition(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER)]
+)
+
+#: The targets the command service accepts (core/protocol_v2.target_kind), for the schema only: the handler
+#: answers any other with 422 invalid_target, which a caller can act on (msgspec's own error would not name it).
+TARGET_PATTERN = rf"^([a-zA-Z0-9_-]{{1,50}}|\{BROADCAST}|{GROUP_PREFIX}[a-zA-Z0-9_-]{{1,50}})$"
+#: The schema's maximum for wait_ms and timeout_ms: COMMAND_TIMEOUT_MAX_MS's default (the handler checks the setting).
+TIMEOUT_MAX_MS: int = Settings.model_fields["command_timeout_max_ms"].default
 
 
 class CommandBody(Struct, forbid_unknown_fields=True):
     """A command for one client, every client (``*``) or a group (``group:<name>``)."""
 
+    @staticmethod
+    def refine_schema(schema: Schema) -> None:
+        """What the fields alone cannot say (api_schema.StrictStructSchemaPlugin): queue takes one client id."""
+        schema.schema_if = Schema(properties={"queue": Schema(const=True)}, required=["queue"])
+        schema.then = Schema(properties={"target": Schema(pattern=CLIENT_ID_PATTERN.pattern)})
+
     target: Annotated[
         str,
-        Meta(
-            description='A client id (^[a-zA-Z0-9_-]{1,50}$), "*" for every client, or "group:<name>".',
-            examples=["unity_client_1"],
+        KwargDefinition(
+            min_length=1,
+            pattern=TARGET_PATTERN,
+            description='A client id (^[a-zA-Z0-9_-]{1,50}$), "*" for every client, or "group:<name>"; '
+            "another is answered 422 invalid_target.",
+            examples=[Example(value="unity_client_1")],
         ),
     ]
     message: Annotated[str, Meta(description="The text the client receives.", examples=["MoveForward 10"])]
     id: Annotated[
-        CommandId | None,
+        SchemaCommandId | None,
         Meta(
             description=f"Your id for this command (string of 1-{MAX_COMMAND_ID_LENGTH} characters, or integer); "
             "generated if absent. It also makes the command safe to retry: the same id within "
@@ -59,16 +84,28 @@ class CommandBody(Struct, forbid_unknown_fields=True):
     wait_ms: (
         Annotated[
             int,
-            Meta(
+            KwargDefinition(
                 ge=1,
+                le=TIMEOUT_MAX_MS,
                 description="Wait this long for the client's reply: 200 with the reply, or 504. "
-                "Without it the answer is 202 as soon as the command is delivered or queued.",
+                "Without it the answer is 202 as soon as the command is delivered or queued. "
+                f"At most COMMAND_TIMEOUT_MAX_MS (default {TIMEOUT_MAX_MS}); more is 422.",
             ),
+            Meta(ge=1),
         ]
         | None
     ) = None
     timeout_ms: (
-        Annotated[int, Meta(ge=1, description="How long a queued command may wait for its client (without wait_ms).")]
+        Annotated[
+            int,
+            KwargDefinition(
+                ge=1,
+                le=TIMEOUT_MAX_MS,
+                description="How long a queued command may wait for its client (without wait_ms). "
+                f"At most COMMAND_TIMEOUT_MAX_MS (default {TIMEOUT_MAX_MS}); more is 422.",
+            ),
+            Meta(ge=1),
+        ]
         | None
     ) = None
     queue: Annotated[
@@ -76,7 +113,9 @@ class CommandBody(Struct, forbid_unknown_fields=True):
     ] = False
 
 
-class CommandResult(Struct):
+class CommandResult(Struct, omit_defaults=True):
+    """An outcome: the fields of its status only (the field order is the one the service writes them in)."""
+
     id: CommandId
     status: Literal["delivered", "queued", "replied", "timeout"]
     target: str
@@ -86,10 +125,10 @@ class CommandResult(Struct):
     count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
     expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
     duplicate: bool | None = None
+    detail: str | None = None
     replayed: Annotated[
         bool | None, Meta(description="true: the outcome of an earlier request with the same id or Idempotency-Key.")
     ] = None
-    detail: str | None = None
 
 
 class ErrorBody(Struct, omit_defaults=True):
@@ -233,15 +272,47 @@ def _recent(request: Request[Any, Any, Any]) -> RecentCommands:
     return request.app.state.recent
 
 
+def _spec(kind: Any, description: str, *examples: Struct) -> ResponseSpec:
+    """A documented answer with the examples given (Litestar's generated ones are random values)."""
+    listed = [Example(value=msgspec.to_builtins(example)) for example in examples] or None
+    return ResponseSpec(kind, description=description, generate_examples=False, examples=listed)
+
+
+_UNAVAILABLE = _spec(
+    ErrorBody,
+    "broker_unavailable: the broker (Redis) cannot be reached; retry later.",
+    ErrorBody(ErrorCode.BROKER_UNAVAILABLE.value, "Redis is unreachable"),
+)
+_OFFLINE = ErrorBody(ErrorCode.TARGET_OFFLINE.value, "unity_client_1 is not connected", "unity_client_1")
+
 _COMMAND_RESPONSES = {
-    200: ResponseSpec(CommandResult, description="The client replied (with wait_ms)."),
-    202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
-    404: ResponseSpec(ErrorBody, description="target_offline: the target is not connected anywhere."),
-    409: ResponseSpec(ErrorBody, description="queue_full or duplicate_id."),
-    413: ResponseSpec(ErrorBody, description="message_too_large."),
-    429: ResponseSpec(ErrorBody, description="rate_limited; retry after retry_after_ms."),
-    503: ResponseSpec(ErrorBody, description="delivery_failed: the target's instance cannot be reached."),
-    504: ResponseSpec(CommandResult, description="timeout: no reply within wait_ms."),
+    200: _spec(
+        CommandResult,
+        "The client replied (with wait_ms).",
+        CommandResult("c-1", "replied", "unity_client_1", "unity_client_1", "Moved 10", 12.5),
+    ),
+    202: _spec(
+        CommandResult,
+        "Delivered or queued (without wait_ms), or queued (with).",
+        CommandResult("c-1", "delivered", "unity_client_1"),
+        CommandResult("c-2", "delivered", "*", count=4),
+        CommandResult("c-3", "queued", "unity_client_1", expires_in_ms=30_000),
+    ),
+    404: _spec(ErrorBody, "target_offline: the target is not connected anywhere.", _OFFLINE),
+    409: _spec(ErrorBody, "queue_full or duplicate_id."),
+    413: _spec(ErrorBody, "message_too_large.", ErrorBody(ErrorCode.MESSAGE_TOO_LARGE.value, "too large", limit=65536)),
+    422: _spec(
+        ErrorBody,
+        "invalid_target, invalid_message or target_not_client; or a body or wait_ms the API refuses "
+        "(Litestar's validation shape: status_code, detail, extra).",
+    ),
+    429: _spec(ErrorBody, "rate_limited; retry after retry_after_ms (also in Retry-After)."),
+    503: _spec(ErrorBody, "delivery_failed: the target's instance cannot be reached; broker_unavailable: Redis."),
+    504: _spec(
+        CommandResult,
+        "timeout: no reply within wait_ms.",
+        CommandResult("c-1", "timeout", "unity_client_1", detail="unity_client_1 did not reply in time"),
+    ),
 }
 
 
@@ -253,6 +324,10 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 200
     "/api/v1/commands",
     status_code=202,
     responses=_COMMAND_RESPONSES,
+    raises=AUTH_ERRORS,
+    operation_id="sendCommand",
+    operation_class=JsonBodyOperation,
+    before_request=refuse_repeated_query,
     summary="Send a command to a client and optionally wait for its reply",
     tags=["commands"],
 )
@@ -269,7 +344,7 @@ async def post_command(
             "first command's outcome and never sends it twice (takes precedence over id for that).",
         ),
     ] = None,
-) -> Response[dict[str, Any]]:
+) -> Response[CommandResult | ErrorBody]:
     """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
     grant = require_token(request, allow_controller=True)
     commands = _commands(request)
@@ -298,23 +373,42 @@ async def post_command(
         outcome.body.get("status") or outcome.body.get("error"),
         "api",
     )
+    body = as_result(outcome.body)
     headers = {}
-    if outcome.http_status == 429 and "retry_after_ms" in outcome.body:
-        headers["Retry-After"] = str(max(1, -(-int(outcome.body["retry_after_ms"]) // 1000)))
-    return Response(outcome.body, status_code=outcome.http_status, headers=headers)
+    if isinstance(body, ErrorBody) and body.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, -(-body.retry_after_ms // 1000)))
+    return Response(body, status_code=outcome.http_status, headers=headers)
+
+
+def as_result(body: dict[str, Any]) -> CommandResult | ErrorBody:
+    """The command service's outcome as the Struct the schema documents: a status, or an error."""
+    if "status" in body:
+        return msgspec.convert(body, CommandResult)
+    return msgspec.convert(body, ErrorBody)
 
 
 # --- clients ---------------------------------------------------------------------------------
 
 
-@get("/api/v1/clients", summary="List live connections across the cluster", tags=["clients"])
+@get(
+    "/api/v1/clients",
+    summary="List live connections across the cluster",
+    tags=["clients"],
+    responses={503: _UNAVAILABLE},
+    raises=AUTH_ERRORS,
+    operation_id="listClients",
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
+)
 async def list_clients(
     request: Request[Any, Any, Any],
     role: Annotated[Literal["client", "controller"] | None, Parameter(description="Only this role.")] = None,
     group: Annotated[str | None, Parameter(description="Only clients in this group.")] = None,
     prefix: Annotated[str | None, Parameter(description="Only ids starting with this.")] = None,
     limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="Page size.")] = MAX_PAGE,
-    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page.")] = None,
+    cursor: Annotated[
+        str | None, Parameter(description="next_cursor of the previous page; another value is answered 422.")
+    ] = None,
 ) -> Response[ClientPage]:
     """Every live connection in the cluster, filtered and paginated."""
     require_token(request, allow_controller=True)
@@ -332,10 +426,17 @@ async def list_clients(
     summary="One live connection",
     tags=["clients"],
     responses={
-        404: ResponseSpec(
-            ErrorBody, description="not connected (target_offline); the body still carries its history, if any"
-        )
+        404: _spec(
+            ErrorBody,
+            "not connected (target_offline); the body still carries its history, if any",
+            msgspec.structs.replace(_OFFLINE, history=[], recent_commands=[]),
+        ),
+        503: _UNAVAILABLE,
     },
+    raises=AUTH_ERRORS,
+    operation_id="getClient",
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def get_client(
     request: Request[Any, Any, Any],
@@ -366,7 +467,11 @@ async def get_client(
     status_code=204,
     summary="Disconnect a connection (admin token only; close code 4012)",
     tags=["clients"],
-    responses={404: ResponseSpec(ErrorBody, description="not connected")},
+    responses={404: _spec(ErrorBody, "target_offline: not connected", _OFFLINE), 503: _UNAVAILABLE},
+    raises=AUTH_ERRORS,
+    operation_id="disconnectClient",
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str]) -> Response[None]:
     require_token(request, allow_controller=False)
@@ -400,3 +505,4 @@ def validation_as_422(request: Request[Any, Any, Any], exc: ValidationException)
 
 
 API_HANDLERS = [post_command, list_clients, get_client, delete_client]
+API_HANDLERS[:0] = options_handlers(API_HANDLERS)  # First: registered after GET, Litestar's own would clash.
