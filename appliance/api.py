@@ -145,10 +145,10 @@ class ErrorBody(Struct, omit_defaults=True):
     limit: int | None = None
     retry_after_ms: int | None = None
     history: Annotated[
-        list[dict[str, Any]] | None, Meta(description="GET /api/v1/clients/{id}: the id's connect history.")
+        list[HistoryEntry] | None, Meta(description="GET /api/v1/clients/{id}: the id's connect history.")
     ] = None
     recent_commands: Annotated[
-        list[dict[str, Any]] | None,
+        list[RecentCommand] | None,
         Meta(description="GET /api/v1/clients/{id}: the commands last sent to the id, while still kept."),
     ] = None
 
@@ -457,9 +457,12 @@ async def get_client(
     record = next((r for r in records if r["id"] == client_id), None)
     # Kept by the instances that hold or held the id: the recent-commands service asks them.
     recent, _ = await _recent(request).read(client_id, history)
+    entries = msgspec.convert(history, list[HistoryEntry])
+    commands = msgspec.convert(recent, list[RecentCommand])
     if record is None:
-        raise _not_connected(client_id, history=history, recent_commands=recent)
-    return Response(msgspec.convert({**record, "history": history, "recent_commands": recent}, ClientRecord))
+        raise _not_connected(client_id, history=entries, recent_commands=commands)
+    found = msgspec.convert(record, ClientRecord)
+    return Response(msgspec.structs.replace(found, history=entries, recent_commands=commands))
 
 
 @delete(

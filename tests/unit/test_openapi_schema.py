@@ -181,3 +181,51 @@ def test_outcomes_become_the_documented_structs_and_encode_as_the_service_wrote_
     ]
     for body in bodies:
         assert msgspec.json.encode(as_result(body)) == msgspec.json.encode(body)
+
+
+def test_a_client_that_is_not_connected_gets_the_typed_404_with_its_history(client, document):
+    response = client.get("/api/v1/clients/nobody", headers={"X-Auth-Token": ADMIN})
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": "target_offline",
+        "detail": "nobody is not connected",
+        "target": "nobody",
+        "history": [],
+        "recent_commands": [],
+    }
+    error_body = document["components"]["schemas"]["ErrorBody"]["properties"]
+    assert error_body["history"]["oneOf"][0]["items"] == {"$ref": "#/components/schemas/HistoryEntry"}
+    assert error_body["recent_commands"]["oneOf"][0]["items"] == {"$ref": "#/components/schemas/RecentCommand"}
+
+
+def test_a_404_with_history_is_the_json_the_dicts_were():
+    from appliance.api import ErrorBody, HistoryEntry, RecentCommand
+    from appliance.connections import Connection, Flusher
+    from appliance.core.history import close_entry
+    from appliance.core.protocol import Role
+    from appliance.core.recent import CommandLog
+    from appliance.core.session import Limits, Session
+
+    async def send(event: object) -> None:
+        pass
+
+    conn = Connection(Session("u", Role.CLIENT, Limits(1024, 0, 1), now=1_700_000_000.5), send, "10.0.0.1:5", Flusher())
+    history = [
+        close_entry(
+            conn.presence_record("i-1"), connected_at=1.0, closed_at=2.5, code=1000, reason="bye", by_relay=True
+        )
+    ]
+    log = CommandLog(10, 100)
+    log.untracked(1_700_000_001.0, "llm", None, "plain")
+    recent = [{**entry, "instance": "i-1"} for entry in log.view(1_700_000_004.0)]
+    as_dicts = {"error": "target_offline", "detail": "u is not connected", "target": "u"}
+    as_dicts |= {"history": history, "recent_commands": recent}
+    typed = ErrorBody(
+        "target_offline",
+        "u is not connected",
+        "u",
+        history=msgspec.convert(history, list[HistoryEntry]),
+        recent_commands=msgspec.convert(recent, list[RecentCommand]),
+    )
+    # The same JSON (test_api_structs.py's measure: the Structs' field order may differ from the dicts').
+    assert msgspec.json.decode(msgspec.json.encode(typed)) == as_dicts
