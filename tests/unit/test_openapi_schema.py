@@ -60,15 +60,16 @@ def test_every_token_checked_route_documents_401_and_403_and_the_public_ones_nee
             assert not {"401", "403"} & set(operation["responses"]), (method, path)
         else:
             assert "security" not in operation, (method, path)  # the global X-Auth-Token requirement
-            assert {"401", "403"} <= set(operation["responses"]), (method, path)
+            assert {"401", "403"} <= set(operation["responses"]), f"{method} {path}: raises=AUTH_ERRORS (api_schema)"
     assert document["security"] == [{"XAuthToken": []}]
 
 
 def test_an_invalid_request_is_documented_as_the_422_it_gets_and_400_only_for_a_body_that_is_not_json(document, client):
     for path, method, operation in _operations(document):
+        hint = f"{method} {path}: operation_class=ApiOperation, or JsonBodyOperation with a body (api_schema)"
         if operation.get("parameters") or operation.get("requestBody"):
-            assert "422" in operation["responses"], (method, path)
-        assert ("400" in operation["responses"]) == ("requestBody" in operation), (method, path)
+            assert "422" in operation["responses"], hint
+        assert ("400" in operation["responses"]) == ("requestBody" in operation), hint
     headers = {"X-Auth-Token": ADMIN}
     assert client.get("/api/v1/clients?limit=0", headers=headers).status_code == 422
     assert client.get("/api/v1/clients/x?history_limit=-1", headers=headers).status_code == 422
