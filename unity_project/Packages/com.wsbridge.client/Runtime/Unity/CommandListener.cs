@@ -142,9 +142,9 @@ namespace WebSocketBridge
         [Tooltip("Reply \"error: unknown command <name>\" to commands no handler is registered for.")]
         [SerializeField] private bool replyToUnknownCommands = true;
 
-        [Tooltip("Send the command manifest (registered commands, descriptions, arguments) after each connect. Leave off " +
-                 "until the appliance accepts manifest frames: an older one hands it to every controller as a message.")]
-        [SerializeField] private bool sendManifest = false;
+        [Tooltip("Protocol v2: send the command manifest (registered commands, descriptions, arguments) after each connect " +
+                 "and again when handlers change, so an LLM can list what this client accepts. v1 has no manifest.")]
+        [SerializeField] private bool sendManifest = true;
 
         [Tooltip("Log every command and reply (never the token).")]
         [SerializeField] private bool logTraffic = false;
@@ -188,6 +188,8 @@ namespace WebSocketBridge
         private volatile bool acceptingCommands;
         private volatile bool paused;
         private double pausedAt = -1;
+        // The manifest is sent again at the next frame: handlers changed, or a connection opened (main thread only).
+        private bool manifestDue;
 
         /// <summary>Raised on the main thread when the connection is up.</summary>
         public event Action Connected;
@@ -248,6 +250,7 @@ namespace WebSocketBridge
         {
             if (Owner.Dispatcher.Register(commandName, handler))
                 Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
+            Owner.manifestDue = true;
         }
 
         /// <summary>Registers a handler and says what it does and which arguments it takes (the command manifest).</summary>
@@ -255,6 +258,7 @@ namespace WebSocketBridge
         {
             Register(commandName, handler);
             Owner.Dispatcher.Describe(commandName, description, arguments);
+            Owner.manifestDue = true;
         }
 
         /// <summary>RegisterAsync with a description and arguments (the command manifest).</summary>
@@ -262,6 +266,7 @@ namespace WebSocketBridge
         {
             RegisterAsync(commandName, handler);
             Owner.Dispatcher.Describe(commandName, description, arguments);
+            Owner.manifestDue = true;
         }
 
         /// <summary>The registered commands with their descriptions and arguments, as the manifest's JSON.</summary>
@@ -272,17 +277,18 @@ namespace WebSocketBridge
         {
             if (Owner.Dispatcher.RegisterAsync(commandName, handler))
                 Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
+            Owner.manifestDue = true;
         }
 
         /// <summary>Removes a handler if it is still the one registered for the name (main thread).</summary>
         public void Unregister(string commandName, CommandHandler handler)
         {
-            Owner.Dispatcher.Unregister(commandName, handler);
+            if (Owner.Dispatcher.Unregister(commandName, handler)) Owner.manifestDue = true;
         }
 
         public void Unregister(string commandName, AsyncCommandHandler handler)
         {
-            Owner.Dispatcher.Unregister(commandName, handler);
+            if (Owner.Dispatcher.Unregister(commandName, handler)) Owner.manifestDue = true;
         }
 
         /// <summary>Sends a text message to the controllers (any thread). False if it could not be queued.</summary>
@@ -449,6 +455,24 @@ namespace WebSocketBridge
                 try { item.Run(this); }
                 catch (Exception e) { Debug.LogException(e, this); }
             }
+            if (manifestDue) SendManifest();
+        }
+
+        /// <summary>Protocol v2: the registered handlers as the client's manifest (once per frame at most: a device
+        /// registering five handlers sends one manifest). Kept due while not connected: sent after the next connect.</summary>
+        private void SendManifest()
+        {
+            if (!sendManifest || protocolVersion != BridgeProtocolVersion.V2 || client == null || !client.IsConnected) return;
+            manifestDue = false;
+            if (logTraffic) Debug.Log("[CommandListener] " + clientId + " -> manifest");
+            if (!client.Send(Dispatcher.ManifestJson())) Debug.LogWarning("[CommandListener] manifest not sent: the send queue is full");
+        }
+
+        /// <summary>The appliance's answer to the manifest: logged, never handled as a command.</summary>
+        private void OnManifestAnswer(bool accepted, string detail, string text)
+        {
+            if (!accepted) Debug.LogWarning("[CommandListener] the appliance refused the manifest: " + detail, this);
+            else if (logTraffic) Debug.Log("[CommandListener] " + clientId + " <- " + text);
         }
 
         private void OnApplicationPause(bool pause)
@@ -633,6 +657,13 @@ namespace WebSocketBridge
         /// <summary>On the client's thread: queue the command, or refuse it at once when it could only run late.</summary>
         private void Receive(BridgeClient source, string text, TimeSpan waited)
         {
+            bool accepted;
+            string detail;
+            if (source.ProtocolVersion == 2 && BridgeProtocols.TryReadManifestAnswer(text, out accepted, out detail))
+            {
+                Post(source, () => OnManifestAnswer(accepted, detail, text));
+                return;
+            }
             string refusal = null;
             if (!acceptingCommands) refusal = "the device is disabled";
             else if (paused) refusal = "the application is paused";
@@ -739,7 +770,8 @@ namespace WebSocketBridge
         {
             status = "connected to " + client.Endpoint;
             Debug.Log("[CommandListener] " + clientId + " connected to " + client.Endpoint);
-            if (sendManifest && !client.Send(Dispatcher.ManifestJson())) Debug.LogWarning("[CommandListener] manifest not sent: the send queue is full");
+            manifestDue = true;
+            SendManifest();
             var handler = Connected;
             if (handler != null) handler();
             connected.Invoke();
