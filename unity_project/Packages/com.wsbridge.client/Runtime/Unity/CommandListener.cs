@@ -14,7 +14,7 @@
 //
 // Threading: BridgeClient raises its events on thread-pool threads (in WebGL players: on the main thread, in
 // the frame loop that Update pumps through BridgeTransports.Pump()); this component only queues them and
-// handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run on the
+// handles them in Update(), so handlers, the Connected/Disconnected UnityEvents and the fallback all run on the
 // main thread and may use any Unity API.
 //
 // Commands never run late in a burst (the time a command waited in the browser of a hidden WebGL tab counts too,
@@ -191,10 +191,44 @@ namespace WebSocketBridge
         // The manifest is sent again at the next frame: handlers changed, or a connection opened (main thread only).
         private bool manifestDue;
 
-        /// <summary>Raised on the main thread when the connection is up.</summary>
-        public event Action Connected;
-        /// <summary>Raised on the main thread when the connection ended or an attempt failed.</summary>
-        public event Action<BridgeDisconnect> Disconnected;
+        // Code that still subscribes through the obsolete C# event Disconnected: its handler and the listener it became.
+        private readonly List<KeyValuePair<Action<BridgeDisconnect>, UnityAction<string>>> disconnectForwards =
+            new List<KeyValuePair<Action<BridgeDisconnect>, UnityAction<string>>>();
+        private BridgeDisconnect lastDisconnect;
+
+        /// <summary>Obsolete: the second way to subscribe. Use ConnectedEvent (the Inspector's Connected, also
+        /// <c>ConnectedEvent.AddListener(...)</c> from code); this forwards to it.</summary>
+        [Obsolete("Use ConnectedEvent.AddListener(...): the one way to subscribe, the same event the Inspector wires. " +
+                  "This C# event forwards to it and will be removed.")]
+        public event Action Connected
+        {
+            add { if (value != null) Owner.connected.AddListener(new UnityAction(value)); }
+            remove { if (value != null) Owner.connected.RemoveListener(new UnityAction(value)); }
+        }
+
+        /// <summary>Obsolete: the second way to subscribe. Use DisconnectedEvent (the Inspector's Disconnected, also
+        /// <c>DisconnectedEvent.AddListener(...)</c> from code) and read LastDisconnect; this forwards to it.</summary>
+        [Obsolete("Use DisconnectedEvent.AddListener(...) and LastDisconnect: the one way to subscribe, the same event " +
+                  "the Inspector wires. This C# event forwards to it and will be removed.")]
+        public event Action<BridgeDisconnect> Disconnected
+        {
+            add
+            {
+                if (value == null) return;
+                var owner = Owner;
+                UnityAction<string> call = text => value(owner.lastDisconnect);
+                owner.disconnectForwards.Add(new KeyValuePair<Action<BridgeDisconnect>, UnityAction<string>>(value, call));
+                owner.disconnected.AddListener(call);
+            }
+            remove
+            {
+                var forwards = Owner.disconnectForwards;
+                int at = forwards.FindLastIndex(pair => pair.Key == value);
+                if (at < 0) return;
+                Owner.disconnected.RemoveListener(forwards[at].Value);
+                forwards.RemoveAt(at);
+            }
+        }
 
         /// <summary>The listener that owns the connection of the first client id; devices use it when they are not
         /// given one. May be null early (devices should retry, see the LightController sample).</summary>
@@ -217,8 +251,16 @@ namespace WebSocketBridge
         public BridgeClient Client { get { return Owner.client; } }
         public bool IsConnected { get { var c = Owner.client; return c != null && c.IsConnected; } }
         public UnhandledCommandEvent UnhandledCommand { get { return Owner.unhandledCommand; } }
+        /// <summary>The one way to hear that the connection is up (main thread): the Inspector's Connected, or
+        /// <c>ConnectedEvent.AddListener(...)</c> from code.</summary>
         public UnityEvent ConnectedEvent { get { return Owner.connected; } }
+        /// <summary>The one way to hear that the connection ended or an attempt failed (main thread), with a one-line
+        /// description: the Inspector's Disconnected, or <c>DisconnectedEvent.AddListener(...)</c> from code; the
+        /// details (close code, reason, retry) are in LastDisconnect.</summary>
         public BridgeDisconnectedEvent DisconnectedEvent { get { return Owner.disconnected; } }
+        /// <summary>The last disconnect (code, reason, whether and when it retries); set before DisconnectedEvent runs.
+        /// Null until the first one.</summary>
+        public BridgeDisconnect LastDisconnect { get { return Owner.lastDisconnect; } }
         /// <summary>One line for a status display: connected, reconnecting (and why), or rejected (and why).</summary>
         public string Status { get { return Owner.status; } }
         /// <summary>Adjusts the client's options before each Connect() (a custom transport, backoff, a frame loop).</summary>
@@ -772,8 +814,6 @@ namespace WebSocketBridge
             Debug.Log("[CommandListener] " + clientId + " connected to " + client.Endpoint);
             manifestDue = true;
             SendManifest();
-            var handler = Connected;
-            if (handler != null) handler();
             connected.Invoke();
         }
 
@@ -796,8 +836,7 @@ namespace WebSocketBridge
                 status = "rejected: " + (info.CloseCode.HasValue ? info.CloseCode + " " : "") + info.Reason;
                 Debug.LogError("[CommandListener] " + clientId + " gave up: " + status, this);
             }
-            var handler = Disconnected;
-            if (handler != null) handler(info);
+            lastDisconnect = info;
             disconnected.Invoke(info.ToString());
         }
 
