@@ -19,7 +19,7 @@ from support import ADMIN_TOKEN
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 EXAMPLES_PER_OPERATION = 12
-TIMEOUT_SECONDS = 90  # a hard stop; the run takes about 10 s on a quiet 2-core machine
+TIMEOUT_SECONDS = 90  # a hard stop; the run takes about 10 s on a quiet 2-core machine, 30 s at a load of 15
 
 
 def test_schemathesis_with_every_check_finds_nothing_in_the_openapi_schema(start_appliance, tmp_path):
@@ -36,6 +36,10 @@ def test_schemathesis_with_every_check_finds_nothing_in_the_openapi_schema(start
         f"X-Auth-Token: {ADMIN_TOKEN}",
         "--max-examples",
         str(EXAMPLES_PER_OPERATION),
+        # Not the stateful phase: it chains operations through links (a client id from the list), and this
+        # appliance has no clients; it took as long as the other three phases together.
+        "--phases",
+        "examples,coverage,fuzzing",
         "--seed",
         "21",
         "--workers",  # One: with threads, CPython 3.11's ast.parse (in hypothesis) can fail ("AST constructor
