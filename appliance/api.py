@@ -62,7 +62,9 @@ class CommandBody(Struct, forbid_unknown_fields=True):
             Meta(
                 ge=1,
                 description="Wait this long for the client's reply: 200 with the reply, or 504. "
-                "Without it the answer is 202 as soon as the command is delivered or queued.",
+                "Without it the answer is 202 as soon as the command is delivered or queued. "
+                'For "*" or a group: 200 with the count, the replies of version-2 clients and those that did '
+                "not reply in time (no_reply), as soon as all replied or when wait_ms is over.",
             ),
         ]
         | None
@@ -76,6 +78,14 @@ class CommandBody(Struct, forbid_unknown_fields=True):
     ] = False
 
 
+class BroadcastReply(Struct):
+    """A version-2 client's reply to a broadcast or group command whose caller waited (wait_ms)."""
+
+    client: str
+    message: str
+    rtt_ms: Annotated[float, Meta(description="From the broadcast's send to this reply, in milliseconds.")]
+
+
 class CommandResult(Struct):
     id: CommandId
     status: Literal["delivered", "queued", "replied", "timeout"]
@@ -84,6 +94,14 @@ class CommandResult(Struct):
     message: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
     rtt_ms: Annotated[float | None, Meta(description="Round trip to the reply, in milliseconds.")] = None
     count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
+    replies: Annotated[
+        list[BroadcastReply] | None,
+        Meta(description='"*" or a group with wait_ms: the replies of version-2 clients, in arrival order.'),
+    ] = None
+    no_reply: Annotated[
+        list[str] | None,
+        Meta(description='"*" or a group with wait_ms: version-2 clients that did not reply within wait_ms.'),
+    ] = None
     expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
     duplicate: bool | None = None
     replayed: Annotated[
@@ -234,7 +252,9 @@ def _recent(request: Request[Any, Any, Any]) -> RecentCommands:
 
 
 _COMMAND_RESPONSES = {
-    200: ResponseSpec(CommandResult, description="The client replied (with wait_ms)."),
+    200: ResponseSpec(
+        CommandResult, description='The client replied (with wait_ms); for "*" or a group, the replies collected.'
+    ),
     202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
     404: ResponseSpec(ErrorBody, description="target_offline: the target is not connected anywhere."),
     409: ResponseSpec(ErrorBody, description="queue_full or duplicate_id."),

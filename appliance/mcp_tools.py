@@ -162,10 +162,19 @@ class CommandOutcome(TypedDict):
     replayed: NotRequired[bool]
 
 
+class BroadcastReply(TypedDict):
+    client: str
+    message: str
+    rtt_ms: float
+
+
 class BroadcastOutcome(TypedDict):
-    status: Literal["delivered"]
+    status: Literal["delivered", "replied"]
     target: str
     count: int
+    # With wait_seconds: each version-2 client's reply, and the ones that did not answer in time.
+    replies: NotRequired[list[BroadcastReply]]
+    no_reply: NotRequired[list[str]]
 
 
 _CLIENT_FIELDS = tuple(ClientInfo.__annotations__)
@@ -321,22 +330,44 @@ def build_mcp_server(backend: Backend) -> MCPServer:
                 json_schema_extra=_TARGET_SCHEMA,
             ),
         ] = None,
+        wait_seconds: Annotated[
+            float | None,
+            Field(
+                description="Collect the replies of clients that speak protocol version 2 for up to this many "
+                "seconds (returns early when all answered); absent: no replies are awaited.",
+                json_schema_extra={"minimum": TIMEOUT_RANGE[0], "maximum": TIMEOUT_RANGE[1]},
+            ),
+        ] = None,
     ) -> BroadcastOutcome:
-        """Send a text command to every connected client, or to the clients in one group; no replies are awaited.
+        """Send a text command to every connected client, or to the clients in one group.
 
         Returns {"status": "delivered", "count": N}: how many clients received it across the cluster
-        (0 means nobody was connected or in the group). Use send_command to get replies.
+        (0 means nobody was connected or in the group). With wait_seconds it also returns "replies"
+        (client, message, rtt_ms per client) and "no_reply" (clients that did not answer in time);
+        status "replied" when every awaited client answered. Version-1 clients are counted, never awaited.
         """
         target = "*" if group is None else f"group:{group}"
         if group is not None and CLIENT_ID_PATTERN.fullmatch(group) is None:
             raise _refuse(
                 "invalid_target", f"'{group}' is not a valid group name (letters, digits, _ and -, at most 50)."
             )
+        fields = _keyed(idempotency_key)
+        if wait_seconds is not None:
+            _check_range("wait_seconds", wait_seconds, TIMEOUT_RANGE)
+            fields["wait_ms"] = round(wait_seconds * 1000)
         try:
-            answer = await _reach(lambda: backend.command(target, message, **_keyed(idempotency_key)))
+            answer = await _reach(lambda: backend.command(target, message, **fields))
         except CommandError as exc:
             raise _refuse(exc.code, explain(exc, target)) from None
-        return {"status": "delivered", "target": target, "count": int(answer.get("count", 0))}
+        outcome: BroadcastOutcome = {"status": "delivered", "target": target, "count": int(answer.get("count", 0))}
+        if "replies" in answer:
+            outcome["status"] = "replied" if answer.get("status") == "replied" else "delivered"
+            outcome["replies"] = [
+                {"client": str(r["client"]), "message": str(r["message"]), "rtt_ms": float(r["rtt_ms"])}
+                for r in answer["replies"]
+            ]
+            outcome["no_reply"] = [str(c) for c in answer.get("no_reply", [])]
+        return outcome
 
     @server.resource(
         "wsbridge://clients",
