@@ -30,7 +30,7 @@ import msgspec
 
 from ..brokers.base import Broker, BrokerUnavailable
 from ..core.events import Counted, FanOut, FanReplied, decode_fan_out, encode_event, encode_fan_out
-from ..core.protocol_v2 import CommandId, Request
+from ..core.protocol_v2 import CommandId, Request, Status
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
 from .handover import ClientLines
@@ -64,12 +64,15 @@ class _FanIn:
             self.answered.set()
 
     def collected(self) -> dict[str, Any]:
-        """The replies per client (in arrival order) and the v2 receivers that did not answer in time."""
+        """The replies per client (in arrival order), the v2 receivers that did not answer in time, and
+        the status: replied when every awaited client answered, else delivered."""
         replies = [
             {"client": client, "message": message, "rtt_ms": round((at - self.started) * 1000, 3)}
             for client, (message, at) in self.replies.items()
         ]
-        return {"replies": replies, "no_reply": sorted(self.awaited.difference(self.replies))}
+        silent = sorted(self.awaited.difference(self.replies))
+        status = Status.REPLIED if replies and not silent else Status.DELIVERED
+        return {"status": status.value, "replies": replies, "no_reply": silent}
 
 
 #: A v2 client handed a collected broadcast: (client id, command id) -> (origin instance, fan-out tag, deadline).

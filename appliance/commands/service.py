@@ -374,10 +374,7 @@ class CommandService:
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
-        if collected is not None and waiter in self._waiters:
-            # Every awaited client answered: replied; otherwise delivered, with no_reply naming the silent ones.
-            if collected["replies"] and not collected["no_reply"]:
-                body["status"] = Status.REPLIED.value
+        if collected is not None and waiter in self._waiters:  # Its status: replied when all awaited answered.
             self._resolve(waiter, Outcome(200, {**body, **collected}))
         elif waiter in self._waiters:
             self._resolve(waiter, Outcome(202, body))

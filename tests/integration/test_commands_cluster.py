@@ -117,6 +117,31 @@ async def test_broadcast_and_group_counts_are_cluster_wide(trio):
         assert await recv(outsider) == "all"
 
 
+async def test_a_waiting_http_group_send_collects_the_v2_replies_from_every_instance(trio):
+    a, b, c = trio
+    group = uid("grp")
+    speaker, silent, old = uid("speaker"), uid("silent"), uid("old")
+    async with (
+        a.controller(uid("ctl")) as llm,
+        c.connect(f"{speaker}?groups={group}", subprotocols=V2) as answering,
+        b.connect(f"{silent}?groups={group}", subprotocols=V2) as quiet,
+        c.connect(f"{old}?groups={group}") as v1,
+        httpx.AsyncClient(base_url=b.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}, timeout=timeout(15)) as http,
+    ):
+        body = {"target": f"group:{group}", "message": "report", "id": uid("g"), "wait_ms": 1500}
+        sending = asyncio.create_task(http.post("/api/v1/commands", json=body))
+        frame = await recv_json(answering)
+        assert (frame["id"], (await recv_json(quiet))["id"], await recv(v1)) == (body["id"], body["id"], "report")
+        await answering.send(json.dumps({"reply_to": frame["id"], "message": "all good"}))
+        response = await sending
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert (result["status"], result["count"], result["no_reply"]) == ("delivered", 3, [silent])
+        assert [(r["client"], r["message"]) for r in result["replies"]] == [(speaker, "all good")]
+        # The reply also reached the controllers (on another instance) as the client's plain message.
+        assert await recv_json(llm) == {"sender": speaker, "message": "all good"}
+
+
 async def test_command_queued_on_one_instance_is_delivered_on_another(trio):
     a, _, c = trio
     target = uid("later")

@@ -111,6 +111,11 @@ async def test_broadcast_reports_the_count(mcp_client, bridge):
         result = await client.call_tool("broadcast", {"message": "go", "group": group})
         assert not result.is_error, result.content
         assert result.structured_content["count"] == 2
+        waited = await client.call_tool("broadcast", {"message": "report", "group": group, "wait_seconds": 10})
+        assert not waited.is_error, waited.content
+        outcome = waited.structured_content
+        assert (outcome["status"], outcome["count"], outcome["no_reply"]) == ("replied", 2, [])
+        assert sorted(r["message"] for r in outcome["replies"]) == ["ok: report", "ok: report"]
 
 
 @pytest.mark.parametrize(
@@ -154,7 +159,7 @@ async def test_tools_carry_titles_annotations_described_bounded_parameters_and_o
     assert (send["timeout_seconds"]["minimum"], send["timeout_seconds"]["maximum"]) == (0.1, 300)
     assert send["target"]["pattern"]
     assert set(tools["send_command"].output_schema["properties"]) >= {"status", "reply", "rtt_ms"}
-    assert set(tools["broadcast"].output_schema["properties"]) == {"status", "target", "count"}
+    assert set(tools["broadcast"].output_schema["properties"]) == {"status", "target", "count", "replies", "no_reply"}
 
 
 BAD_CALLS = [
