@@ -115,9 +115,14 @@ async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
     """Build the MCP tool server on the command service and run its session manager."""
     from mcp.server.transport_security import TransportSecuritySettings
 
+    from .mcp_events import FeedBus, add_messages_resource
     from .mcp_tools import build_mcp_server
 
-    server = build_mcp_server(LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None)))
+    backend = LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None))
+    # Clients' messages as a resource per client, with listen notifications when one speaks (mcp_events.py).
+    feed = app.state.events
+    server = build_mcp_server(backend, subscriptions=FeedBus(feed))
+    add_messages_resource(server, feed)
     # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
     # legitimate names behind the load balancer. Stateless: the tools keep no session state,
     # and a session held in one instance's memory answered 404 on every other replica

@@ -210,9 +210,12 @@ DRIVE_A_DEVICE = """You are driving devices (games, robots, kiosks) through WebS
 {goal}"""
 
 
-def build_mcp_server(backend: Backend) -> MCPServer:
-    """The MCP server with the bridge's three tools, bound to ``backend``."""
-    server = MCPServer(name="websocket-bridge", version=__version__, instructions=INSTRUCTIONS)
+def build_mcp_server(backend: Backend, subscriptions: Any = None) -> MCPServer:
+    """The MCP server with the bridge's three tools, bound to ``backend``; ``subscriptions``: the SDK's
+    subscription bus (/mcp passes the event feed's, appliance/mcp_events.py; stdio keeps the default)."""
+    server = MCPServer(
+        name="websocket-bridge", version=__version__, instructions=INSTRUCTIONS, subscriptions=subscriptions
+    )
 
     @server.tool(
         title="List connected clients",

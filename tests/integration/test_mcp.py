@@ -291,3 +291,21 @@ async def test_http_mcp_sessions_work_across_two_instances_without_sticky_sessio
                 assert sent["result"]["structuredContent"]["reply"] == f"ok: m{n}"
     finally:
         await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
+
+
+async def test_a_listener_on_stateless_http_mcp_hears_when_a_client_speaks_and_reads_its_messages(bridge):
+    speaker, other = uid("speaks"), uid("quiet")
+    uri = f"wsbridge://clients/{speaker}/messages"
+    async with bridge.connect(speaker) as talker, bridge.connect(other) as noisy, http_client(bridge) as client:
+        templates = (await client.list_resource_templates()).resource_templates
+        assert "wsbridge://clients/{client_id}/messages" in [t.uri_template for t in templates]
+        async with client.listen(resource_subscriptions=[uri]) as subscription:
+            assert subscription.honored.resource_subscriptions == [uri]
+            await noisy.send("another client's text")  # Not subscribed: no notification for it.
+            await talker.send("status: docked")
+            async with asyncio.timeout(timeout(10)):
+                event = await anext(subscription)
+            assert str(event.uri) == uri
+        read = json.loads((await client.read_resource(uri)).contents[0].text)
+        assert [m["message"] for m in read["messages"]] == ["status: docked"]
+        assert read["messages"][0]["sender"] == speaker
