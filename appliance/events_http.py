@@ -101,7 +101,7 @@ async def follow_events(
     last_event_id: Annotated[
         str | None,
         HeaderParameter(
-            header="Last-Event-ID",
+            name="Last-Event-ID",
             max_length=200,
             description="Resume after this event (EventSource sends it when it reconnects).",
         ),

@@ -124,7 +124,7 @@ def test_a_group_send_shows_how_many_received_it_and_an_offline_target_no_round_
     console.assert_clean()
 
 
-def test_a_waited_group_send_shows_each_v2_clients_reply_and_who_stayed_silent(page, app, console):
+def test_a_waited_group_send_shows_each_v2_clients_reply_and_who_stayed_silent(page, app, console, screenshot):
     headers = {"X-Auth-Token": CLIENT_TOKEN}
     with contextlib.ExitStack() as stack:
         speaker = stack.enter_context(
@@ -153,6 +153,7 @@ def test_a_waited_group_send_shows_each_v2_clients_reply_and_who_stayed_silent(p
         assert row.locator("li.reply").inner_text().startswith("crew-speaker: aye: Report")
         assert "crew-silent" in row.locator("li.no-reply").inner_text()
         assert row.locator("td.num").inner_text().strip() == ""  # Round trips per client, none for the send.
+        screenshot(page, "send-group-replies")
     console.assert_clean()
 
 
