@@ -33,8 +33,10 @@ __all__ = ["BUFFER_EVENTS", "KEEPALIVE_SECONDS", "RETAIN_SECONDS", "EventFeed", 
 
 log = logging.getLogger(__name__)
 
-#: Events kept per instance for Last-Event-ID and the MCP messages resource.
+#: Events kept per instance for Last-Event-ID and the MCP messages resource, and their characters at most
+#: (1,000 messages of the 64 KiB MAX_MESSAGE_BYTES would be 64 MB).
 BUFFER_EVENTS = 1000
+BUFFER_CHARS = 4_000_000
 #: How long the feed keeps recording after its last follower left (a reconnecting follower resumes).
 RETAIN_SECONDS = 300.0
 #: A follower that heard nothing for this long gets a keep-alive (an SSE comment), so proxies keep it open.
@@ -78,9 +80,13 @@ class Gap:
 class EventFeed:
     """This instance's record of what controllers hear, while somebody follows it."""
 
-    def __init__(self, relay: _Tappable, capacity: int = BUFFER_EVENTS, retain: float = RETAIN_SECONDS) -> None:
+    def __init__(
+        self, relay: _Tappable, capacity: int = BUFFER_EVENTS, retain: float = RETAIN_SECONDS, chars: int = BUFFER_CHARS
+    ) -> None:
         self.relay = relay
         self.events: deque[FeedEvent] = deque(maxlen=capacity)
+        self.max_chars = chars
+        self._chars = 0
         self.retain = retain
         self.stream = ""  # A new one for each stretch of recording: ids of an earlier stretch resume by time.
         self._seq = 0
@@ -118,7 +124,13 @@ class EventFeed:
         self._seq += 1
         at = time.time()
         event = FeedEvent(f"{self.stream}.{self._seq}.{int(at * 1000)}", self._seq, at, sender, frame)
-        self.events.append(event)
+        events = self.events
+        if len(events) == events.maxlen:
+            self._chars -= len(events[0].frame)
+        events.append(event)
+        self._chars += len(frame)
+        while self._chars > self.max_chars and len(events) > 1:
+            self._chars -= len(events.popleft().frame)
         for listener in list(self._listeners.values()):
             try:
                 listener(event)
@@ -135,6 +147,7 @@ class EventFeed:
             self.relay.deliver_to_controllers = self._original
             self._original = None
         self.events.clear()
+        self._chars = 0
         self._idle_since = None
         self._changed.set()
 

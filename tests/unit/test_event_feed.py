@@ -83,3 +83,13 @@ async def test_a_follower_resumes_exactly_on_this_instance_and_by_time_elsewhere
     assert isinstance(items[0], Gap) and messages(items[1:]) == ["more 1", "more 2", "more 3"]
     assert isinstance((await take(feed.follower("garbage").events(), 1))[0], Gap)
     assert [e.sender for e in feed.recent("c1", limit=2)] == ["c1", "c1"]
+
+
+async def test_the_buffer_is_bounded_by_characters_too(parts):
+    feed = EventFeed(parts.relay, chars=300)
+    follower = feed.follower()
+    for n in range(10):
+        say(parts, "c1", f"{n}" * 50)
+    assert 1 < len(feed.events) < 10 and sum(len(e.frame) for e in feed.events) <= 300
+    assert json.loads(feed.events[-1].frame)["message"] == "9" * 50
+    follower.close()
