@@ -110,8 +110,8 @@ def _check_client_id(target: str) -> None:
     if target in ("*", "") or target.startswith("group:"):
         raise _refuse(
             "not_one_client",
-            f"send_command needs one client id, not '{target}'. Use broadcast to reach every client or a group, "
-            "or call list_clients to pick a client id.",
+            f"send_command needs one client id, not '{target}'. Use broadcast to reach every client or a group "
+            "(with wait_seconds to collect their replies), or call list_clients to pick a client id.",
         )
     if CLIENT_ID_PATTERN.fullmatch(target) is None:
         raise _refuse(
@@ -206,7 +206,8 @@ DRIVE_A_DEVICE = """You are driving devices (games, robots, kiosks) through WebS
    "MoveForward 10". It returns the device's reply.
 3. If the reply does not come in time, do not send the same command again: the device may still be
    working, and a second send runs it twice. Wait, or send a different command that asks for its state.
-4. To reach every device or one group at once, call broadcast; it reports how many received it.
+4. To reach every device or one group at once, call broadcast; it reports how many received it, and
+   with wait_seconds each device's reply (devices on protocol version 2) and which did not answer.
 {goal}"""
 
 
