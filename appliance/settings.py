@@ -62,6 +62,18 @@ class Settings(BaseSettings):
     token_rotation_enabled: bool = Field(
         False, description="Allow `wsbridge tokens rotate|revoke` and the dashboard to write SSM (needs IAM rights)."
     )
+    # Named tokens (controller_tokens/<name>, admin_tokens/<name> in SSM) act under their <name>; these name the fixed ones.
+    controller_token_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who acts with LLM_SECRET_TOKEN over HTTP and MCP (audit, recent commands, rate limit); "
+        "unset: `http` and `mcp`.",
+    )
+    admin_token_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who acts with ADMIN_TOKEN in the audit trail (a person: `alice`); unset: `ADMIN_TOKEN`.",
+    )
 
     # --- Network ----------------------------------------------------------------------
     bind_host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 in containers.")
