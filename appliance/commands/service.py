@@ -82,8 +82,9 @@ class CommandService:
         self._http_seq = itertools.count()
         self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
         self._id_seq = itertools.count()
-        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
-        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        # In-process callers' rate limits, one bucket per budget: per token name for HTTP and MCP (each named
+        # token its own, the unnamed controller token's HTTP and MCP callers one), "" for the dashboard.
+        self._buckets: dict[str, TokenBucket] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -399,6 +400,7 @@ class CommandService:
         queue: bool = False,
         controller: str = HTTP_CONTROLLER,
         idempotency_key: str | None = None,
+        budget: str = "",
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
@@ -406,14 +408,15 @@ class CommandService:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
+        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket.
         """
         if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
-        wait = self._http_bucket.try_take(time.time())
+        wait = self._bucket(budget).try_take(time.time())
         if wait > 0:
             return rate_limited(wait)
         if command_id is None:
@@ -440,6 +443,16 @@ class CommandService:
             if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
                 self.pending.finish(waiter, request.id)
                 self._queueable.pop((waiter, request.id), None)
+
+    def _bucket(self, budget: str) -> TokenBucket:
+        """The bucket of ``budget``, made at its first command (budgets are token names: a bounded set)."""
+        bucket = self._buckets.get(budget)
+        if bucket is None:
+            settings = self.settings
+            bucket = self._buckets[budget] = TokenBucket(
+                settings.controller_rate_limit, settings.controller_rate_burst, time.time()
+            )
+        return bucket
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
