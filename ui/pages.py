@@ -148,9 +148,12 @@ async def login_page(request: HTMXRequest, next: FromQuery[str | None] = None) -
     if session_problem(request.app.state, request.scope.get("session"), time.time()) is None:
         return Redirect(_safe_next(next), status_code=HTTP_303_SEE_OTHER)  # Already signed in.
     request.clear_session()  # A visitor gets no session (and no store entry) before signing in.
-    # ADMIN_TOKEN may live only in the token store (SSM in production), not in the settings.
+    # Admin tokens (ADMIN_TOKEN, admin_tokens/<name>) may live only in the token store (SSM in production).
     store = getattr(request.app.state, "token_store", None)
-    enabled = "ADMIN_TOKEN" in store.states if store is not None else request.app.state.settings.admin_token is not None
+    settings = request.app.state.settings
+    enabled = (
+        any(s.role == "admin" for s in store.states.values()) if store is not None else settings.admin_token is not None
+    )
     return Template("login.html", context=_common(request, next=_safe_next(next), enabled=enabled, error=""))
 
 

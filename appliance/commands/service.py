@@ -23,6 +23,7 @@ from ..core.events import (
     Disconnect,
     Drain,
     Failed,
+    FanReplied,
     InstanceEvent,
     RecentAnswer,
     RecentAsk,
@@ -81,8 +82,9 @@ class CommandService:
         self._http_seq = itertools.count()
         self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
         self._id_seq = itertools.count()
-        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
-        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        # In-process callers' rate limits, one bucket per budget: per token name for HTTP and MCP (each named
+        # token its own, the unnamed controller token's HTTP and MCP callers one), "" for the dashboard.
+        self._buckets: dict[str, TokenBucket] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -113,6 +115,9 @@ class CommandService:
         self.client_opened = self.lines.client_opened
         self.client_closed = self.lines.client_closed
         self.fan_in_remote = self.broadcasts.fan_in_remote
+        # A v2 reply nobody else waits for may answer a broadcast whose sender collects the replies.
+        self.lines.broadcast_awaiting = self.broadcasts.awaiting
+        self.lines.broadcast_reply = self.broadcasts.client_reply
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -150,6 +155,7 @@ class CommandService:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
             self.lines.forget_unanswered(now)
+            self.broadcasts.forget_unanswered(now)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -162,7 +168,10 @@ class CommandService:
         """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
         now = time.time()
         if request.kind is not TargetKind.CLIENT:
-            self.broadcasts.fan_out(waiter, controller, request)
+            waiting = self._waiters.get(waiter) if self._waiters else None
+            # An in-process caller that waits (wait_ms) collects the v2 clients' replies for that long.
+            collect_ms = request.timeout_ms if waiting is not None and waiting.want_reply else 0
+            self.broadcasts.fan_out(waiter, controller, request, collect_ms)
             return
         assert request.id is not None
         if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
@@ -245,6 +254,8 @@ class CommandService:
             self._failed_outcome(event)
         elif isinstance(event, Counted):
             self.broadcasts.counted(event)
+        elif isinstance(event, FanReplied):
+            self.broadcasts.replied(event)
         else:
             self._order(event)
 
@@ -357,13 +368,16 @@ class CommandService:
         for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
 
-    def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
-        """A broadcast or group command reached ``count`` clients cluster-wide."""
+    def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
+        """A broadcast or group command reached ``count`` clients cluster-wide (and, when its caller
+        waited, ``collected`` holds the v2 clients' replies and those that did not answer in time)."""
         OUTCOMES["delivered"].inc()
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
-        if waiter in self._waiters:
+        if collected is not None and waiter in self._waiters:  # Its status: replied when all awaited answered.
+            self._resolve(waiter, Outcome(200, {**body, **collected}))
+        elif waiter in self._waiters:
             self._resolve(waiter, Outcome(202, body))
         else:
             conn = self.local.connection(waiter)
@@ -386,6 +400,7 @@ class CommandService:
         queue: bool = False,
         controller: str = HTTP_CONTROLLER,
         idempotency_key: str | None = None,
+        budget: str = "",
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
@@ -393,14 +408,15 @@ class CommandService:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
+        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket.
         """
         if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
-        wait = self._http_bucket.try_take(time.time())
+        wait = self._bucket(budget).try_take(time.time())
         if wait > 0:
             return rate_limited(wait)
         if command_id is None:
@@ -427,6 +443,16 @@ class CommandService:
             if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
                 self.pending.finish(waiter, request.id)
                 self._queueable.pop((waiter, request.id), None)
+
+    def _bucket(self, budget: str) -> TokenBucket:
+        """The bucket of ``budget``, made at its first command (budgets are token names: a bounded set)."""
+        bucket = self._buckets.get(budget)
+        if bucket is None:
+            settings = self.settings
+            bucket = self._buckets[budget] = TokenBucket(
+                settings.controller_rate_limit, settings.controller_rate_burst, time.time()
+            )
+        return bucket
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""

@@ -40,6 +40,10 @@ def test_schemathesis_with_every_check_finds_nothing_in_the_openapi_schema(start
         # appliance has no clients; it took as long as the other three phases together.
         "--phases",
         "examples,coverage,fuzzing",
+        # A stream that does not end: every request would wait for --request-timeout. Its document is checked in
+        # tests/unit/test_openapi_schema.py, its answers in tests/integration/test_commands_cluster.py.
+        "--exclude-path",
+        "/api/v1/events",
         "--seed",
         "21",
         "--workers",  # One: with threads, CPython 3.11's ast.parse (in hypothesis) can fail ("AST constructor
@@ -57,4 +61,4 @@ def test_schemathesis_with_every_check_finds_nothing_in_the_openapi_schema(start
     selected = re.search(r"Selected: (\d+)/(\d+)", report)
     tested = re.search(r"Tested: (\d+)", report)
     assert selected and tested, report[-3000:]
-    assert int(tested[1]) == int(selected[1]) == int(selected[2]) >= 8, report[-3000:]
+    assert int(tested[1]) == int(selected[1]) == int(selected[2]) - 1 >= 8, report[-3000:]  # all but the events

@@ -146,7 +146,15 @@ def test_examples_are_the_ones_written_not_random_values(document):
             "sender": "unity_client_1",
             "message": "Moved 10",
             "rtt_ms": 12.5,
-        }
+        },
+        {
+            "id": "c-4",
+            "status": "replied",
+            "target": "group:red",
+            "count": 1,
+            "replies": [{"client": "unity_client_1", "message": "Moved 10", "rtt_ms": 12.5}],
+            "no_reply": [],
+        },
     ]
     # The same document twice: nothing is drawn at random.
     again = create_app(_settings()).openapi_schema.to_schema()
@@ -159,10 +167,15 @@ def test_503s_are_documented_and_operation_ids_read_as_function_names(document):
     assert ids[("get", "/api/v1/clients")] == "listClients"
     assert ids[("get", "/api/v1/clients/{client_id}")] == "getClient"
     assert ids[("delete", "/api/v1/clients/{client_id}")] == "disconnectClient"
+    assert ids[("get", "/api/v1/events")] == "followEvents"  # from the handler's name: follow_events
     for (method, path), operation_id in ids.items():
         assert re.fullmatch(r"[a-z]+(?:[A-Z][a-z0-9]*)*", operation_id), (method, path, operation_id)
-        if path.startswith("/api/"):
-            assert "503" in document["paths"][path][method]["responses"], (method, path)
+    for method, path in [
+        ("post", "/api/v1/commands"),
+        ("get", "/api/v1/clients"),
+        ("get", "/api/v1/clients/{client_id}"),
+    ]:
+        assert "503" in document["paths"][path][method]["responses"], (method, path)  # broker_unavailable
 
 
 def test_options_lists_every_method_of_a_path(client):
@@ -174,6 +187,15 @@ def test_outcomes_become_the_documented_structs_and_encode_as_the_service_wrote_
     bodies = [
         {"id": "c-1", "status": "replied", "target": "u", "sender": "u", "message": "ok", "rtt_ms": 1.5},
         {"id": 7, "status": "delivered", "target": "*", "count": 4},
+        {
+            "id": 8,
+            "status": "delivered",
+            "target": "group:red",
+            "count": 2,
+            "replies": [{"client": "a", "message": "ok", "rtt_ms": 3.5}],
+            "no_reply": ["b"],
+            "replayed": True,
+        },
         {"id": "q", "status": "queued", "target": "u", "expires_in_ms": 30000, "duplicate": True, "replayed": True},
         {"id": "t", "status": "timeout", "target": "u", "detail": "u did not reply in time", "replayed": True},
         {"error": "target_offline", "detail": "u is not connected", "target": "u", "id": "c-2"},
