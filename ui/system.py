@@ -1,0 +1,142 @@
+"""The System page: every instance from its own heartbeat (live or stale), cluster-wide and
+per-instance rates, and the last hour's trends as server-drawn SVG charts (ui/charts.py).
+
+Instances come from their presence summaries, which carry their heartbeats
+(appliance/heartbeat.py): one that missed a beat is shown stale at once, long before its
+presence expires. Trends are this instance's series from memory and the others' from the
+broker; the cluster-wide line adds them up per heartbeat slot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from litestar import get
+from litestar.datastructures import State
+from litestar.plugins.htmx import HTMXRequest
+from litestar.response import Template
+
+from appliance.brokers.base import BrokerUnavailable
+from appliance.core.series import combine, is_stale
+
+from .auth import require_session
+from .charts import CHARTS, WINDOW, chart, grafana_links
+from .live import summary_rates
+from .pages import _common
+
+__all__ = ["SYSTEM_ROUTES"]
+
+
+def _link(url: str | None) -> str | None:
+    """Only http(s) links from settings end up in an href."""
+    if url and urlsplit(url).scheme in ("http", "https"):
+        return url
+    return None
+
+
+def _token_store_health(state: State) -> dict[str, Any] | None:
+    """The token store's own public health (last refresh, errors), when this build has a token store."""
+    store = getattr(state, "token_store", None)
+    return dict(store.health()) if store is not None else None
+
+
+def _duration(seconds: float | None) -> str:
+    """ "3 d 4 h", "5 h 12 min", "42 s"."""
+    if seconds is None:
+        return "—"
+    left = int(max(0, seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size} {unit}")
+            left %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
+def _mebibytes(value: Any) -> str:
+    return f"{value / 2**20:.0f} MiB" if isinstance(value, int | float) else "—"
+
+
+def _instance_view(summary: dict[str, Any], now: float) -> dict[str, Any]:
+    """One instance's row: its counters and heartbeat, as values (stale when a beat was missed)."""
+    at, started = summary.get("at"), summary.get("started")
+    return {
+        **summary,
+        "stale": is_stale(summary, now),
+        "beating": isinstance(at, int | float),
+        "last_seen": at,
+        "uptime_text": _duration(now - started if isinstance(started, int | float) else None),
+        "memory_text": _mebibytes(summary.get("memory_bytes")),
+        "rates": summary.get("rates") or {},
+    }
+
+
+async def _trends(state: State, names: list[str], now: float) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """Every instance's trend points of the last hour (this one's from memory), and an error if any."""
+    heartbeat = state.heartbeat
+    points = {state.relay.instance: heartbeat.series.since(now - WINDOW)}
+    try:
+        points.update(await state.relay.broker.trends(names))
+    except BrokerUnavailable as exc:
+        return points, str(exc)
+    return points, ""
+
+
+@get("/system", guards=[require_session])
+async def system_page(request: HTMXRequest) -> Template:
+    state: State = request.app.state
+    relay = state.relay
+    settings = state.settings
+    ready, reason = relay.status()
+    now = time.time()
+    # Every live instance's own summary (a few small reads): one that holds no connection is listed too.
+    try:
+        summaries, error = await relay.cluster_summary(), ""
+    except BrokerUnavailable as exc:
+        summaries, error = [], str(exc)
+    instances = {str(s.get("instance")): s for s in summaries}
+    instances.setdefault(relay.instance, {})  # This one, even when the broker does not answer.
+    views = {name: _instance_view(s, now) for name, s in sorted(instances.items())}
+    points, trends_error = await _trends(state, list(views), now) if not error else ({}, "")
+    grafana = _link(settings.grafana_url)
+    trends = [
+        {
+            "name": name,
+            "stale": views[name]["stale"],
+            "charts": [
+                (title, unit, chart(series, field, now, title=title, unit=unit), grafana_links(grafana, field))
+                for field, title, unit in CHARTS
+            ],
+        }
+        for name, series in sorted(points.items())
+        if name in views
+    ]
+    cluster = combine(list(points.values()), state.heartbeat.period)
+    return Template(
+        "system.html",
+        context=_common(
+            request,
+            ready=ready,
+            reason=reason,
+            broker=relay.broker.describe(),
+            instances=list(views.items()),
+            cluster_rates=summary_rates(list(views.values())),
+            cluster_charts=[
+                (title, unit, chart(cluster, field, now, title=title, unit=unit), grafana_links(grafana, field))
+                for field, title, unit in CHARTS
+            ],
+            trends=trends,
+            trends_error=trends_error,
+            error=error,
+            grafana=grafana,
+            prometheus=_link(settings.prometheus_url),
+            token_status=_token_store_health(state),
+        ),
+    )
+
+
+SYSTEM_ROUTES = [system_page]
