@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
-__all__ = ["CHARTS", "WINDOW", "chart", "describe", "grafana_links"]
+__all__ = ["CHARTS", "WINDOW", "chart", "describe", "grafana_links", "values_of", "window_for"]
 
 #: Seconds of trend shown.
 WINDOW = 3600.0
@@ -44,6 +44,13 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def span_text(seconds: float) -> str:
+    """ "hour", "12 min", "40 s"."""
+    if seconds >= WINDOW:
+        return "hour"
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
 def describe(values: Sequence[float]) -> str:
     """ "latest 3, max 12" for a screen reader and the caption."""
     if not values:
@@ -51,21 +58,34 @@ def describe(values: Sequence[float]) -> str:
     return f"latest {_number(values[-1])}, max {_number(max(values))}"
 
 
-def chart(points: Sequence[dict[str, Any]], field: str, now: float, *, title: str, unit: str = "") -> Markup:
-    """An SVG line of ``field`` over the last :data:`WINDOW` seconds ending at ``now``.
+def window_for(series: Sequence[Sequence[dict[str, Any]]], now: float, least: float) -> float:
+    """The span every chart of a page shares: from the oldest point shown (at least ``least``
+    seconds, at most :data:`WINDOW`), so a young cluster's few minutes fill the chart."""
+    oldest = min((float(p["t"]) for points in series for p in points[:1]), default=now)
+    return min(WINDOW, max(least, now - oldest))
+
+
+def values_of(points: Sequence[dict[str, Any]], field: str, now: float, window: float = WINDOW) -> list[float]:
+    return [float(p[field]) for p in points if p.get(field) is not None and p["t"] >= now - window]
+
+
+def chart(
+    points: Sequence[dict[str, Any]], field: str, now: float, *, title: str, unit: str = "", window: float = WINDOW
+) -> Markup:
+    """An SVG line of ``field`` over the ``window`` seconds ending at ``now``.
 
     ``points`` are oldest first with a time ``t``; a point without a value (no round trip measured)
     or a gap longer than three beats splits the line.
     """
-    start = now - WINDOW
+    start = now - window
     shown = [(float(p["t"]), float(p[field])) for p in points if p.get(field) is not None and p["t"] >= start]
     values = [v for _, v in shown]
     top = max(values, default=0.0) or 1.0
     steps = sorted(b[0] - a[0] for a, b in pairwise(shown))
-    gap = 3 * steps[len(steps) // 2] if steps else WINDOW
+    gap = 3 * steps[len(steps) // 2] if steps else window
 
     def xy(t: float, v: float) -> str:
-        x = PAD + (t - start) / WINDOW * (WIDTH - 2 * PAD)
+        x = PAD + (t - start) / window * (WIDTH - 2 * PAD)
         y = HEIGHT - PAD - v / top * (HEIGHT - 2 * PAD)
         return f"{x:.1f},{y:.1f}"
 
@@ -76,7 +96,7 @@ def chart(points: Sequence[dict[str, Any]], field: str, now: float, *, title: st
             lines.append([])
         lines[-1].append(xy(t, v))
         previous = t
-    label = f"{title}{unit and ' (' + unit.strip() + ')'}, last hour: {describe(values)}"
+    label = f"{title}{unit and ' (' + unit.strip() + ')'}, last {span_text(window)}: {describe(values)}"
     parts = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" '
         f'aria-label="{escape(label)}" data-field="{escape(field)}" data-points="{len(shown)}">',

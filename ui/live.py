@@ -21,6 +21,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator
+from datetime import datetime
 from typing import Any
 
 from appliance.brokers.base import BrokerUnavailable
@@ -29,6 +30,7 @@ from appliance.core.series import RATES, is_stale
 from .query import facets, summarize
 
 __all__ = [
+    "ClientRates",
     "PresenceWatcher",
     "Snapshot",
     "mark_stale",
@@ -72,6 +74,43 @@ def mark_stale(records: list[dict[str, Any]], stale: list[str]) -> None:
         for record in records:
             if record.get("instance") in gone:
                 record["stale"] = True
+
+
+class ClientRates:
+    """Per-connection rates for the pages that show a few connections (a client's page): messages
+    per second in and out since the previous look at the same connection (at least ``least`` seconds
+    ago), else the average since it connected. Bounded: the oldest connections looked at go first."""
+
+    def __init__(self, max_entries: int = 10_000, least: float = 1.0) -> None:
+        self._seen: dict[tuple[str, str, str], tuple[float, float, float]] = {}
+        self._max = max_entries
+        self._least = least
+
+    def rates(self, record: dict[str, Any], now: float) -> dict[str, Any]:
+        key = (str(record.get("id")), str(record.get("instance")), str(record.get("connected_since")))
+        messages_in, messages_out = float(record.get("messages_in") or 0), float(record.get("messages_out") or 0)
+        before = self._seen.get(key)
+        found: dict[str, Any]
+        if before is not None and now - before[0] >= self._least and messages_in >= before[1]:
+            span = now - before[0]
+            found = {
+                "in": (messages_in - before[1]) / span,
+                "out": (messages_out - before[2]) / span,
+                "over": round(span),
+            }
+        else:
+            try:
+                since = datetime.fromisoformat(str(record.get("connected_since"))).timestamp()
+            except ValueError:
+                since = now
+            span = max(1.0, now - since)
+            found = {"in": messages_in / span, "out": messages_out / span, "over": None}
+        if before is None or now - before[0] >= self._least:
+            self._seen.pop(key, None)
+            self._seen[key] = (now, messages_in, messages_out)
+            if len(self._seen) > self._max:
+                del self._seen[next(iter(self._seen))]
+        return {**found, "in": round(found["in"], 2), "out": round(found["out"], 2)}
 
 
 def summary_counters(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,6 +159,7 @@ class PresenceWatcher:
         self._digest = ""  # the membership digest read just before self._records
         self._instances = 0  # how many instances answered that read (some may hold no connection)
         self._extra: dict[str, Any] = {}  # that read's stale instances and rates, for the counters
+        self.client_rates = ClientRates()
         self._moved = 0  # seq of the last poll whose digest differed from the one before
         self._described: tuple[list[dict[str, Any]], dict[str, int]] | None = None
         self._facets: tuple[list[dict[str, Any]], dict[str, list[str]]] | None = None

@@ -253,6 +253,8 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Respon
     client_id = id
     records, error = await _records(request)
     entries = sorted((r for r in records if r.get("id") == client_id), key=lambda r: str(r.get("instance")))
+    now = time.time()
+    rates = [_dashboard(request).watcher.client_rates.rates(r, now) for r in entries]
     events = [e for e in await request.app.state.audit.recent(1000) if e.target == client_id][:50]
     relay = request.app.state.relay
     try:
@@ -268,7 +270,7 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Respon
     context = _common(
         request,
         client_id=client_id,
-        entries=entries,
+        entries=list(zip(entries, rates, strict=True)),
         events=events,
         error=error,
         history=history,

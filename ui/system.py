@@ -22,7 +22,7 @@ from appliance.brokers.base import BrokerUnavailable
 from appliance.core.series import combine, is_stale
 
 from .auth import require_session
-from .charts import CHARTS, WINDOW, chart, grafana_links
+from .charts import CHARTS, WINDOW, chart, describe, grafana_links, span_text, values_of, window_for
 from .live import summary_rates
 from .pages import _common
 
@@ -103,15 +103,22 @@ async def system_page(request: HTMXRequest) -> Template:
     views = {name: _instance_view(s, now) for name, s in sorted(instances.items())}
     points, trends_error = await _trends(state, list(views), now) if not error else ({}, "")
     grafana = _link(settings.grafana_url)
+    window = window_for(list(points.values()), now, 10 * state.heartbeat.period)
+
+    def charts(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "title": title,
+                "unit": unit,
+                "svg": chart(series, field, now, title=title, unit=unit, window=window),
+                "text": describe(values_of(series, field, now, window)),
+                "link": grafana_links(grafana, field),
+            }
+            for field, title, unit in CHARTS
+        ]
+
     trends = [
-        {
-            "name": name,
-            "stale": views[name]["stale"],
-            "charts": [
-                (title, unit, chart(series, field, now, title=title, unit=unit), grafana_links(grafana, field))
-                for field, title, unit in CHARTS
-            ],
-        }
+        {"name": name, "stale": views[name]["stale"], "charts": charts(series)}
         for name, series in sorted(points.items())
         if name in views
     ]
@@ -125,10 +132,8 @@ async def system_page(request: HTMXRequest) -> Template:
             broker=relay.broker.describe(),
             instances=list(views.items()),
             cluster_rates=summary_rates(list(views.values())),
-            cluster_charts=[
-                (title, unit, chart(cluster, field, now, title=title, unit=unit), grafana_links(grafana, field))
-                for field, title, unit in CHARTS
-            ],
+            cluster_charts=charts(cluster),
+            span=span_text(window),
             trends=trends,
             trends_error=trends_error,
             error=error,

@@ -145,3 +145,18 @@ def test_every_linked_grafana_panel_is_in_the_shipped_dashboards():
         panels[board["uid"]] = {p["id"]: p["title"] for p in board["panels"]}
     for field, (uid, panel) in GRAFANA_PANELS.items():
         assert panel in panels[uid], (field, uid, panel)
+
+
+def test_client_rates_since_the_previous_look_else_since_connected():
+    from ui.live import ClientRates
+
+    rates = ClientRates(max_entries=2)
+    record = {"id": "u", "instance": "a", "connected_since": "2026-01-01T00:00:00+00:00", "messages_in": 100}
+    opened = 1767225600.0
+    first = rates.rates({**record, "messages_out": 50}, opened + 100)
+    assert first == {"in": 1.0, "out": 0.5, "over": None}  # No earlier look: the average since connected.
+    later = rates.rates({**record, "messages_in": 130, "messages_out": 50}, opened + 110)
+    assert later == {"in": 3.0, "out": 0.0, "over": 10}
+    for other in ("v", "w"):  # Bounded: the connection looked at longest ago is forgotten.
+        rates.rates({**record, "id": other}, opened + 120)
+    assert rates.rates({**record, "messages_in": 200}, opened + 200)["over"] is None
