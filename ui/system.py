@@ -13,6 +13,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from litestar import get
 from litestar.datastructures import State
 from litestar.plugins.htmx import HTMXRequest
@@ -25,8 +26,12 @@ from .auth import require_session
 from .charts import CHARTS, WINDOW, chart, describe, grafana_links, span_text, values_of, window_for
 from .live import summary_rates
 from .pages import _common
+from .prometheus import prometheus_trends
 
 __all__ = ["SYSTEM_ROUTES"]
+
+#: Seconds between the points asked of Prometheus: 240 over the hour.
+PROMETHEUS_STEP = 15.0
 
 
 def _link(url: str | None) -> str | None:
@@ -79,6 +84,8 @@ async def _trends(state: State, names: list[str], now: float) -> tuple[dict[str,
     """Every instance's trend points of the last hour (this one's from memory), and an error if any."""
     heartbeat = state.heartbeat
     points = {state.relay.instance: heartbeat.series.since(now - WINDOW)}
+    if not names:
+        return points, ""
     try:
         points.update(await state.relay.broker.trends(names))
     except BrokerUnavailable as exc:
@@ -101,28 +108,39 @@ async def system_page(request: HTMXRequest) -> Template:
     instances = {str(s.get("instance")): s for s in summaries}
     instances.setdefault(relay.instance, {})  # This one, even when the broker does not answer.
     views = {name: _instance_view(s, now) for name, s in sorted(instances.items())}
-    points, trends_error = await _trends(state, list(views), now) if not error else ({}, "")
+    points, trends_error = await _trends(state, list(views) if not error else [], now)
+    step = state.heartbeat.period
+    window = window_for(list(points.values()), now, 10 * step)
+    source, addresses = "heartbeats", {}
+    prometheus = _link(settings.prometheus_url)
+    if prometheus:  # What Prometheus kept outlives a restart: the full hour, by its scrape addresses.
+        try:
+            asked = await prometheus_trends(prometheus, now, WINDOW, PROMETHEUS_STEP)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            trends_error = f"Prometheus ({type(exc).__name__}); showing the heartbeats' series"
+        else:
+            points = {name: asked.points.get(name, []) for name in views}
+            addresses, source, step, window = asked.addresses, "Prometheus", PROMETHEUS_STEP, WINDOW
     grafana = _link(settings.grafana_url)
-    window = window_for(list(points.values()), now, 10 * state.heartbeat.period)
 
-    def charts(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def charts(series: list[dict[str, Any]], name: str | None = None) -> list[dict[str, Any]]:
         return [
             {
                 "title": title,
                 "unit": unit,
                 "svg": chart(series, field, now, title=title, unit=unit, window=window),
                 "text": describe(values_of(series, field, now, window)),
-                "link": grafana_links(grafana, field),
+                "link": grafana_links(grafana, field, addresses.get(name) if name else None),
             }
             for field, title, unit in CHARTS
         ]
 
     trends = [
-        {"name": name, "stale": views[name]["stale"], "charts": charts(series)}
+        {"name": name, "stale": views[name]["stale"], "charts": charts(series, name)}
         for name, series in sorted(points.items())
         if name in views
     ]
-    cluster = combine(list(points.values()), state.heartbeat.period)
+    cluster = combine(list(points.values()), step)
     return Template(
         "system.html",
         context=_common(
@@ -134,11 +152,12 @@ async def system_page(request: HTMXRequest) -> Template:
             cluster_rates=summary_rates(list(views.values())),
             cluster_charts=charts(cluster),
             span=span_text(window),
+            source=source,
             trends=trends,
             trends_error=trends_error,
             error=error,
             grafana=grafana,
-            prometheus=_link(settings.prometheus_url),
+            prometheus=prometheus,
             token_status=_token_store_health(state),
         ),
     )

@@ -73,6 +73,9 @@ def test_a_killed_instance_turns_stale_then_its_connections_are_recorded_as_lost
         # Stale within a heartbeat: the row, and a banner naming the instance, with no reload.
         page.locator('#clients-table tr[data-client-id="hb-victim"][data-stale="true"]').wait_for(timeout=ms(8))
         assert "hb-b" in page.locator("#stale-instances").inner_text()
+        # The badge does not say "Live" for them.
+        page.locator("#live-state.state-stale").wait_for(timeout=ms(5))
+        assert "hb-b" in page.locator("#live-state").inner_text()
         assert page.locator('#clients-table tr[data-client-id="hb-survivor"].stale').count() == 0
         page.goto(a.http + "/admin/system")
         stale = page.locator('#instances tr[data-instance="hb-b"][data-status="stale"]')
