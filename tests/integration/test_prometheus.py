@@ -595,6 +595,17 @@ def test_the_system_pages_trends_read_from_the_query_api(scraped: Stack) -> None
 
     for field, promql in QUERIES.items():  # Each query evaluates (a typo answers 400).
         assert scraped.query(promql)["status"] == "success", field
+
+    async def traffic() -> None:  # Commands and replies after Prometheus' first scrape: a rate above 0.
+        async with scraped.app.controller() as controller, scraped.app.connect("trend_client") as client:
+            for i in range(3):
+                await controller.send(command("trend_client", f"t{i}"))
+                assert await recv(client) == f"t{i}"
+                await client.send("ok")
+                assert (await recv_json(controller))["message"] == "ok"
+
+    asyncio.run(traffic())
+    wait_until(lambda: scraped.series(QUERIES["commands_in"] + " > 0"), 30, "a command rate in Prometheus")
     base = scraped.api.removesuffix("/api/v1")
     trends = asyncio.run(prometheus_trends(base, time.time(), 600, 1.0))
     assert trends.addresses == {"prom-app": f"127.0.0.1:{scraped.app.port}"}
