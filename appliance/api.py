@@ -167,6 +167,35 @@ _ABSENT_HISTORYENTRY = cast(list[HistoryEntry], UNSET)
 _ABSENT_RECENTCOMMAND = cast(list[RecentCommand], UNSET)
 
 
+class ManifestArgument(Struct, omit_defaults=True):
+    type: Annotated[Literal["string", "number", "integer", "boolean"], Meta(description="JSON Schema type.")]
+    description: str = ""
+    enum: list[str | int | float | bool] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+class ManifestArguments(Struct):
+    type: Literal["object"]
+    properties: Annotated[
+        dict[str, ManifestArgument], Meta(description="The arguments, in order: the words after the command's name.")
+    ]
+    required: Annotated[list[str], Meta(description="The arguments that must be given (the first ones).")]
+
+
+class ManifestCommand(Struct):
+    name: Annotated[str, Meta(description="The command's first word (matched ignoring case).")]
+    description: str
+    arguments: ManifestArguments
+
+
+class ClientManifest(Struct):
+    """What a version-2 client declared it accepts (docs/protocol.md, "Command manifest")."""
+
+    commands: list[ManifestCommand]
+    updated_at: Annotated[str, Meta(description="When the client sent it (UTC).")]
+
+
 class ClientRecord(Struct, omit_defaults=True):
     id: str
     role: str
@@ -182,6 +211,10 @@ class ClientRecord(Struct, omit_defaults=True):
     token_version: int | None | UnsetType = UNSET
     protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
     groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
+    manifest: Annotated[
+        ClientManifest | None,
+        Meta(description="The commands the client declared (GET /api/v1/clients/{id} only; absent: none declared)."),
+    ] = None
     history: Annotated[
         list[HistoryEntry],
         Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
@@ -323,7 +356,9 @@ async def list_clients(
     except BrokerUnavailable as exc:
         raise _broker_unavailable(exc) from None
     page = filter_clients(records, role=role, group=group, prefix=prefix, limit=limit, cursor=cursor)
-    clients = msgspec.convert(page["clients"], list[ClientRecord])
+    # Manifests only with one client: a page of them could be megabytes.
+    listed = [r if "manifest" not in r else {k: v for k, v in r.items() if k != "manifest"} for r in page["clients"]]
+    clients = msgspec.convert(listed, list[ClientRecord])
     return Response(ClientPage(clients, page["count"], page["next_cursor"]))
 
 

@@ -43,6 +43,7 @@ from .controller import (
 )
 from .core.protocol import CLIENT_ID_PATTERN
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
+from .mcp_manifest import check_against_manifest, register_manifest_tools
 
 __all__ = ["Backend", "build_mcp_server", "explain", "serve_stdio"]
 
@@ -51,7 +52,7 @@ INSTRUCTIONS = (
     "scenes) and returns their replies. Call list_clients first to learn which client ids are connected; "
     "then send_command to one client id to get that client's reply, or broadcast to reach every client "
     "or one group. Commands are plain text whose meaning is defined by the client (for example "
-    '"MoveForward 10").'
+    '"MoveForward 10"); describe_client lists the commands a client declared, with their arguments.'
 )
 
 
@@ -61,6 +62,8 @@ class Backend(Protocol):
     async def clients(self, **filters: Any) -> dict[str, Any]: ...
 
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]: ...
+
+    async def client(self, client_id: str) -> dict[str, Any] | None: ...
 
 
 def explain(exc: CommandError, target: str) -> str:
@@ -290,6 +293,7 @@ def build_mcp_server(backend: Backend) -> MCPServer:
         """
         _check_client_id(target)
         _check_range("timeout_seconds", timeout_seconds, TIMEOUT_RANGE)
+        await check_against_manifest(backend, target, message)  # Only clients that declared their commands.
         timeout_ms = round(timeout_seconds * 1000)
         fields: dict[str, Any] = {"queue": True} if queue else {}
         fields.update(_keyed(idempotency_key))
@@ -354,6 +358,7 @@ def build_mcp_server(backend: Backend) -> MCPServer:
     def drive_a_device(goal: Annotated[str, Field(description="What the devices should do.")] = "") -> str:
         return DRIVE_A_DEVICE.format(goal=f"\nGoal: {goal}" if goal else "")
 
+    register_manifest_tools(server, backend)
     _forbid_unknown_arguments(server)
     return server
 

@@ -72,7 +72,7 @@ def mcp_client(request, bridge):
 async def test_tools_are_listed_with_descriptions_for_a_model(mcp_client):
     async with mcp_client as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"list_clients", "send_command", "broadcast"}
+    assert set(tools) == {"list_clients", "send_command", "broadcast", "describe_client"}
     send = tools["send_command"]
     assert "ONE client" in send.description and "list_clients" in send.description
     assert send.input_schema["required"] == ["target", "message"]  # never a default target
@@ -286,3 +286,19 @@ async def test_http_mcp_sessions_work_across_two_instances_without_sticky_sessio
                 assert sent["result"]["structuredContent"]["reply"] == f"ok: m{n}"
     finally:
         await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
+
+
+async def test_describe_client_and_the_manifest_check_work_over_stdio_too(bridge):
+    """stdio reaches the manifest through GET /api/v1/clients/{id}; /mcp is tested in test_manifest.py."""
+    target = uid("declared")
+    async with bridge.connect(target, subprotocols=V2) as ws, stdio_client(bridge) as client:
+        await ws.send(json.dumps({"type": "manifest", "commands": [{"name": "Wave", "description": "Waves"}]}))
+        assert json.loads(await ws.recv()) == {"type": "manifest_accepted", "commands": 1}
+        described = await client.call_tool("describe_client", {"target": target})
+        assert not described.is_error, described.content
+        assert described.structured_content["usage"] == ["Wave — Waves"]
+        refused = await client.call_tool("send_command", {"target": target, "message": "Wave twice"})
+        assert refused.is_error and "[invalid_arguments]" in refused.content[0].text
+        assert "Wave takes no arguments" in refused.content[0].text
+        offline = await client.call_tool("describe_client", {"target": uid("nobody")})
+        assert offline.is_error and "[target_offline]" in offline.content[0].text
