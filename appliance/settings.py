@@ -253,7 +253,7 @@ class Settings(CallerNames):
         "their outcome, time and round trip only.",
     )
     grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
-    prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
+    prometheus_url: str | None = Field(None, description="Prometheus URL: the System page links it, asks its trends.")
     dashboard_idle_timeout: int = Field(
         1800, ge=1, description="Seconds without user activity after which a dashboard session ends."
     )

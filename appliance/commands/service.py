@@ -43,7 +43,7 @@ from ..core.protocol_v2 import (
     encode_status,
     request_from_fields,
 )
-from ..core.ratelimit import TokenBucket
+from ..core.ratelimit import Budgets
 from ..core.requests import Enqueued, Pending, PendingTable, Routed
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
@@ -82,9 +82,8 @@ class CommandService:
         self._http_seq = itertools.count()
         self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
         self._id_seq = itertools.count()
-        # In-process callers' rate limits, one bucket per budget: per token name for HTTP and MCP (each named
-        # token its own, the unnamed controller token's HTTP and MCP callers one), "" for the dashboard.
-        self._buckets: dict[str, TokenBucket] = {}
+        # In-process callers' rate limits: a bucket per token name (HTTP and MCP), "" for the dashboard.
+        self.budgets = Budgets(settings.controller_rate_limit, settings.controller_rate_burst)
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -369,8 +368,7 @@ class CommandService:
             self._queueable.pop(pending.key, None)
 
     def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
-        """A broadcast or group command reached ``count`` clients cluster-wide (and, when its caller
-        waited, ``collected`` holds the v2 clients' replies and those that did not answer in time)."""
+        """A fan-out reached ``count`` clients; ``collected``: the awaited v2 clients' replies and silences."""
         OUTCOMES["delivered"].inc()
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
@@ -416,7 +414,7 @@ class CommandService:
             once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
-        wait = self._bucket(budget).try_take(time.time())
+        wait = self.budgets.try_take(budget, time.time())
         if wait > 0:
             return rate_limited(wait)
         if command_id is None:
@@ -443,16 +441,6 @@ class CommandService:
             if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
                 self.pending.finish(waiter, request.id)
                 self._queueable.pop((waiter, request.id), None)
-
-    def _bucket(self, budget: str) -> TokenBucket:
-        """The bucket of ``budget``, made at its first command (budgets are token names: a bounded set)."""
-        bucket = self._buckets.get(budget)
-        if bucket is None:
-            settings = self.settings
-            bucket = self._buckets[budget] = TokenBucket(
-                settings.controller_rate_limit, settings.controller_rate_burst, time.time()
-            )
-        return bucket
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
