@@ -30,9 +30,11 @@ from . import __version__, metrics
 from .admission import max_request_bytes
 from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
+from .bans import BanService
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
+from .gate import Gate
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
 from .recent import RecentCommands
@@ -141,6 +143,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         settings, token_store, audit, local=parts.local, notifier=notifier, presence=relay.clients
     )
     store = token_store
+    gate = Gate(settings, relay.broker)
+    bans = BanService(gate, audit, parts.commands)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -173,6 +177,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 "audit": audit,
                 "token_store": token_store,
                 "token_service": token_service,
+                "gate": gate,
+                "bans": bans,
             }
         ),
         lifespan=[lifespan],
