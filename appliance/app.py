@@ -31,6 +31,7 @@ from .admission import max_request_bytes
 from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
 from .bans import BanService
+from .bans_api import BAN_HANDLERS
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
@@ -166,7 +167,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, mcp_endpoint],
+        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, mcp_endpoint],
         plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {

@@ -42,7 +42,9 @@ class BanService:
         """The ban list (BrokerUnavailable when it cannot be read); :meth:`BanList.live` for the unexpired."""
         return await self.gate.bans()
 
-    async def ban(self, target: str, seconds: float, actor: str, source: str, reason: str = "") -> tuple[Ban, int]:
+    async def ban(
+        self, target: str, seconds: float, actor: str, source: str, reason: str = "", *, via: str = "dashboard"
+    ) -> tuple[Ban, int]:
         """Ban ``target`` (an id, an address or a CIDR block) for ``seconds``; returns the ban and how many
         connections it closed. ValueError says what is wrong with the request."""
         kind, normal = parse_target(target)
@@ -58,17 +60,21 @@ class BanService:
         kicked = await self._kick(ban)
         await self.audit.record(
             AuditEvent(
-                "ban.add", actor, source, ban.key, {"seconds": round(seconds), "reason": reason, "closed": kicked}
+                "ban.add",
+                actor,
+                source,
+                ban.key,
+                {"seconds": round(seconds), "reason": reason, "closed": kicked, "via": via},
             )
         )
         log.info("Banned %s for %.0f s by %s; %d connection(s) closed", ban.key, seconds, actor, kicked)
         return ban, kicked
 
-    async def lift(self, key: str, actor: str, source: str) -> bool:
+    async def lift(self, key: str, actor: str, source: str, *, via: str = "dashboard") -> bool:
         """Lift the ban ``key`` (``id:<id>`` or ``address:<network>``); False if there was none."""
         lifted = await self.broker.drop_ban(key)
         if lifted:
-            await self.audit.record(AuditEvent("ban.lift", actor, source, key))
+            await self.audit.record(AuditEvent("ban.lift", actor, source, key, {"via": via}))
             log.info("Lifted the ban on %s by %s", key, actor)
         return lifted
 

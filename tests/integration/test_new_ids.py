@@ -1,22 +1,52 @@
-"""New client ids per address and per token against real appliances (issue #20 item 4; docs/protocol.md 4015).
+"""Who may connect, cluster-wide, against two real appliances on a real Redis: new ids per address (4015,
+issue #20 item 4) and the ban list over the HTTP API (4016, issue #24 item 16).
 
-Without the limit, one host holding the shared client token cycles fresh ids without end and
-pushes every real device's connect history out. Peers are told apart by ``X-Forwarded-For``,
-trusted from 127.0.0.1 (loopback itself is exempt from per-address limits and not counted).
+Without the new-id limit, one host holding the shared client token cycles fresh ids without end
+and pushes every real device's connect history out. Without bans, a disconnected client comes
+straight back. Peers are told apart by ``X-Forwarded-For``, trusted from 127.0.0.1 (loopback
+itself is exempt from per-address limits and not counted). The two instances and their Redis
+(their own: counters and bans must not meet other tests') serve the whole module.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
-from support import CLIENT_TOKEN, closed_with, eventually, http_aget, timeout
+import httpx
+import pytest
+from support import (
+    ADMIN_TOKEN,
+    CLIENT_TOKEN,
+    CONTROLLER_TOKEN,
+    Appliance,
+    RedisServer,
+    closed_with,
+    eventually,
+    http_aget,
+    timeout,
+)
 from websockets.asyncio.client import connect
 
 REFUSED = (4015, "too many new client ids from this address or with this token; try later")
+BANNED = (4016, "this client id or address is banned")
 
 
-def dial(app, client_id: str, address: str):
-    headers = {"X-Auth-Token": CLIENT_TOKEN, "X-Forwarded-For": address}
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Appliance, Appliance]]:
+    redis = RedisServer()
+    redis.start()
+    env = {"NEW_IDS_PER_ADDRESS": "3", "NEW_IDS_PER_TOKEN": "0"}
+    a = Appliance(env, redis_url=redis.url, name="gate-a").start()
+    b = Appliance(env, redis_url=redis.url, name="gate-b").start()
+    yield a, b
+    a.stop()
+    b.stop()
+    redis.stop()
+
+
+def dial(app, client_id: str, address: str | None = None):
+    headers = {"X-Auth-Token": CLIENT_TOKEN} | ({"X-Forwarded-For": address} if address else {})
     return connect(f"{app.ws}/ws/{client_id}", additional_headers=headers, open_timeout=timeout(10))
 
 
@@ -26,7 +56,7 @@ async def refused_total(app, reason: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def admitted(app, client_id: str, address: str) -> bool:
+async def admitted(app, client_id: str, address: str | None = None) -> bool:
     """Open ``client_id`` from ``address`` and close it again; False if the relay refused it."""
     async with dial(app, client_id, address) as ws:
         await ws.send("hello")
@@ -34,23 +64,47 @@ async def admitted(app, client_id: str, address: str) -> bool:
         return ws.protocol.close_rcvd is None
 
 
-async def test_one_address_gets_a_few_new_ids_then_4015_while_known_ids_and_other_addresses_connect(start_appliance):
-    app = start_appliance({"NEW_IDS_PER_ADDRESS": "3", "NEW_IDS_PER_TOKEN": "0"})
+async def test_one_address_gets_a_few_new_ids_across_instances_then_4015_known_ids_still_connect(pair):
+    a, b = pair
     flood, other = "203.0.113.60", "203.0.113.61"
-    assert [await admitted(app, f"fresh-{n}", flood) for n in range(3)] == [True, True, True]
-    async with dial(app, "fresh-3", flood) as ws:
-        assert await closed_with(ws) == REFUSED
-    assert await eventually(lambda: admitted(app, "fresh-0", flood), 10, "a known id reconnecting")
-    assert await admitted(app, "fresh-4", other)
-    assert await refused_total(app, "new_ids_address") == 1
-
-
-async def test_the_token_limit_holds_across_instances_on_redis(start_appliance, redis_server):
-    env = {"NEW_IDS_PER_TOKEN": "4", "NEW_IDS_PER_ADDRESS": "0"}
-    a = start_appliance(env, redis_url=redis_server.url, name="new-ids-a")
-    b = start_appliance(env, redis_url=redis_server.url, name="new-ids-b")
-    seen = [await admitted(a if n % 2 else b, f"fleet-{n}", f"198.51.100.{n + 1}") for n in range(4)]
-    assert seen == [True] * 4  # Four addresses, four instances' worth of ids: one count on Redis.
-    for app, client_id in ((a, "fleet-4"), (b, "fleet-5")):
-        async with dial(app, client_id, "198.51.100.50") as ws:
+    assert [await admitted(a if n % 2 else b, f"fresh-{n}", flood) for n in range(3)] == [True] * 3
+    for app in (a, b):  # One count on Redis: refused on either instance.
+        async with dial(app, "fresh-3", flood) as ws:
             assert await closed_with(ws) == REFUSED
+    assert await eventually(lambda: admitted(a, "fresh-0", flood), 10, "a known id reconnecting")
+    assert await admitted(b, "fresh-4", other)
+    assert await refused_total(a, "new_ids_address") == 1
+
+
+async def test_a_ban_on_one_instance_closes_and_refuses_on_the_other_until_lifted(pair):
+    a, b = pair
+    admin = {"X-Auth-Token": ADMIN_TOKEN}
+    async with httpx.AsyncClient(timeout=timeout(10)) as http, dial(b, "kiosk-7") as held:
+        for token in (CONTROLLER_TOKEN, CLIENT_TOKEN):
+            sent = {"target": "kiosk-7", "seconds": 3600}
+            answer = await http.post(a.http + "/api/v1/bans", json=sent, headers={"X-Auth-Token": token})
+            assert answer.status_code == 403
+        answer = await http.post(a.http + "/api/v1/bans", json={"target": "kiosk 7", "seconds": 3600}, headers=admin)
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_ban"
+        answer = await http.post(
+            a.http + "/api/v1/bans", json={"target": "kiosk-7", "seconds": 3600, "reason": "stolen"}, headers=admin
+        )
+        assert answer.status_code == 201 and answer.json()["closed"] == 1
+        assert await closed_with(held) == BANNED  # Held on the other instance: closed there.
+        async with dial(b, "kiosk-7") as again:
+            assert await closed_with(again) == BANNED
+        block = {"target": "198.51.100.0/24", "seconds": 600}
+        assert (await http.post(b.http + "/api/v1/bans", json=block, headers=admin)).status_code == 201
+        async with dial(a, "kiosk-8", "198.51.100.9") as ws:
+            assert await closed_with(ws) == BANNED
+        listed = (await http.get(b.http + "/api/v1/bans", headers=admin)).json()["bans"]
+        assert {ban["key"] for ban in listed} == {"id:kiosk-7", "address:198.51.100.0/24"}
+        for target in ("kiosk-7", "198.51.100.0/24"):
+            lifted = await http.delete(b.http + "/api/v1/bans", params={"target": target}, headers=admin)
+            assert lifted.status_code == 204
+        assert (
+            await http.delete(a.http + "/api/v1/bans", params={"target": "kiosk-7"}, headers=admin)
+        ).status_code == 404
+    assert await admitted(a, "kiosk-7")
+    assert await admitted(b, "kiosk-8", "198.51.100.9")
+    assert await refused_total(a, "banned") + await refused_total(b, "banned") == 2
