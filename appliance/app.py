@@ -10,6 +10,7 @@ dashboard (``ui``), which sits above the services it uses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -151,6 +152,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
         await token_service.start()
+        ban_watch = asyncio.get_running_loop().create_task(gate.watch(parts.local), name="ban-watch")
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
         metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(store)
         if settings.token_store == "env":  # Read once at start and never failing; the SSM store keeps its own.
@@ -161,6 +163,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             async with mcp_lifespan(app):
                 yield
         finally:
+            ban_watch.cancel()
             await token_service.stop()
             await relay.stop()
             if redis is not None:

@@ -16,6 +16,7 @@ that follows would fail anyway: the gate answers 1013 at once.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -26,6 +27,7 @@ from .core.admission import parse_networks
 from .core.bans import BanList
 from .core.newids import NewIdLimits
 from .core.protocol import CloseCode, Role
+from .registry import LocalConnections
 from .settings import Settings
 
 __all__ = ["Gate"]
@@ -40,6 +42,7 @@ class Gate:
         self._exempt = parse_networks(settings.limits_exempt_ips)
         self._version: int | None = None
         self._bans = BanList()
+        self._enforced: int | None = None  # The ban list's version :meth:`watch` last enforced.
 
     async def bans(self) -> BanList:
         """The ban list, read again only when its version moved (BrokerUnavailable when it cannot be read)."""
@@ -48,6 +51,30 @@ class Gate:
             self._bans = BanList.decode(records.values())
             self._version = version
         return self._bans
+
+    async def watch(self, local: LocalConnections, every: float = 1.0) -> None:
+        """Close this instance's connections that a new ban covers, soon after any instance stored it.
+
+        The ban service closes at once what presence shows; presence in Redis is written every
+        few seconds, so a connection opened just before the ban (or one that passed this gate
+        while the ban was being stored) is closed here, by the instance that holds it.
+        """
+        while True:
+            await asyncio.sleep(every)
+            try:
+                bans = await self.bans()
+            except BrokerUnavailable:
+                continue
+            except Exception:  # A bug must not end the watch.
+                log.exception("Reading the ban list failed")
+                continue
+            if self._version == self._enforced:
+                continue
+            self._enforced = self._version
+            now = time.time()
+            for client_id, conn in list(local.by_id.items()):
+                if bans.blocking(client_id, conn.remote.rsplit(":", 1)[0], now) is not None:
+                    local.disconnect_local(client_id, int(CloseCode.BANNED))
 
     async def admit(self, client_id: str, role: Role, token: str | None, address: str | None) -> CloseCode | None:
         """None to go on with the claim, else the close code that refuses the handshake."""
