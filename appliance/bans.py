@@ -2,7 +2,10 @@
 
 Used by the dashboard (ui/bans.py) and the HTTP API (``/api/v1/bans``), with the admin
 token only. Banning stores the ban first, then disconnects what it covers (4016), so a
-kicked client that reconnects at once, to any instance, already meets the ban. The
+kicked client that reconnects at once, to any instance, already meets the ban: the id's
+connection wherever it is, the connections presence shows from a banned address; each
+instance's watch (:meth:`appliance.gate.Gate.watch`) closes within a second what presence
+did not show yet. The
 handshake (appliance/gate.py) reads the same list: one small read of its version per
 handshake, the list itself only after a change.
 """
