@@ -87,8 +87,11 @@ class AdmissionRecords:
         return bool(there)
 
     async def bans(self, seen: int | None) -> tuple[int, dict[str, str] | None]:
+        redis = self._link.client()
         try:
-            answer = await self._link.client().eval(READ, 2, BANS_KEY, BANS_VERSION_KEY, "" if seen is None else seen)
+            if seen is not None and int(await redis.get(BANS_VERSION_KEY) or 0) == seen:
+                return seen, None  # One plain GET per handshake while the list is unchanged.
+            answer = await redis.eval(READ, 2, BANS_KEY, BANS_VERSION_KEY, "" if seen is None else seen)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from None
         version = int(_text(answer[0]))
