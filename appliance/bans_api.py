@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.params import FromQuery, JSONBody
 from msgspec import Meta, Struct
 
 from .brokers.base import BrokerUnavailable
@@ -72,7 +73,7 @@ async def list_bans(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @post("/api/v1/bans", summary="Ban a client id or an address (admin token only; closes it with 4016)", tags=["bans"])
-async def add_ban(request: Request[Any, Any, Any], data: BanBody) -> Response[Any]:
+async def add_ban(request: Request[Any, Any, Any], data: JSONBody[BanBody]) -> Response[Any]:
     grant = require_token(request, allow_controller=False)
     try:
         ban, closed = await request.app.state.bans.ban(
@@ -86,7 +87,7 @@ async def add_ban(request: Request[Any, Any, Any], data: BanBody) -> Response[An
 
 
 @delete("/api/v1/bans", status_code=204, summary="Lift a ban (admin token only)", tags=["bans"])
-async def lift_ban(request: Request[Any, Any, Any], target: str) -> Response[None]:
+async def lift_ban(request: Request[Any, Any, Any], target: FromQuery[str]) -> Response[None]:
     """``target``: the banned client id, address or block, as given or as listed (``key``)."""
     grant = require_token(request, allow_controller=False)
     try:

@@ -126,3 +126,51 @@ async def test_the_gate_refuses_a_banned_id_or_address_for_any_role_and_sees_a_l
     assert await g.admit("LLM", Role.CONTROLLER, "LLM_TOKEN", A) is CloseCode.BANNED
     assert await g.broker.drop_ban("id:kiosk-7")
     assert await g.admit("kiosk-7", Role.CLIENT, "CLIENT_TOKEN", B) is None
+
+
+# --- the HTTP API and the audit trail, in process -------------------------------------------------
+
+
+def test_the_ban_api_bans_lists_and_lifts_with_the_admin_token_only_and_audits_each():
+    from litestar.testing import TestClient
+
+    from appliance.app import create_app
+
+    admin_token, client_token = "a" * 32, "u" * 32
+    settings = Settings(
+        _env_file=None,
+        llm_secret_token="c" * 32,
+        unity_client_token=client_token,
+        admin_token=admin_token,
+        instance_id="unit",
+    )
+    admin = {"X-Auth-Token": admin_token}
+    with TestClient(create_app(settings)) as http:
+        assert (
+            http.post(
+                "/api/v1/bans", json={"target": "kiosk-1", "seconds": 600}, headers={"X-Auth-Token": client_token}
+            ).status_code
+            == 403
+        )
+        assert http.post("/api/v1/bans", json={"target": "kiosk-1", "seconds": 10}, headers=admin).status_code in (
+            400,
+            422,
+        )
+        wide = http.post("/api/v1/bans", json={"target": "10.0.0.0/6", "seconds": 600}, headers=admin)
+        assert wide.status_code == 400 and "too wide" in wide.json()["detail"]
+        made = http.post(
+            "/api/v1/bans", json={"target": "2001:db8::5", "seconds": 600, "reason": "scan"}, headers=admin
+        )
+        assert (
+            made.status_code == 201 and made.json()["key"] == "address:2001:db8::5/128" and made.json()["closed"] == 0
+        )
+        assert [b["key"] for b in http.get("/api/v1/bans", headers=admin).json()["bans"]] == ["address:2001:db8::5/128"]
+        assert http.delete("/api/v1/bans", params={"target": "2001:db8::5"}, headers=admin).status_code == 204
+        assert http.delete("/api/v1/bans", params={"target": "2001:db8::5"}, headers=admin).status_code == 404
+        assert http.get("/api/v1/bans", headers=admin).json() == {"bans": []}
+        assert http.blocking_portal is not None
+        events = http.blocking_portal.call(http.app.state.audit.recent, 10, "ban.")
+        assert [(e.action, e.target, e.detail.get("via")) for e in events] == [
+            ("ban.lift", "address:2001:db8::5/128", "api"),
+            ("ban.add", "address:2001:db8::5/128", "api"),
+        ]
