@@ -36,7 +36,10 @@ from .bans_api import BAN_HANDLERS
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
+from .event_feed import EventFeed
+from .events_http import EVENTS_HANDLERS
 from .gate import Gate
+from .heartbeat import Heartbeat
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
 from .recent import RecentCommands
@@ -147,10 +150,13 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
     store = token_store
     gate = Gate(settings, relay.broker)
     bans = BanService(gate, audit, parts.commands)
+    # Every third of the presence TTL, as the Redis presence refresh: a missed beat shows long before expiry.
+    heartbeat = Heartbeat(relay.instance, settings.presence_ttl / 3)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
+        beating = asyncio.get_running_loop().create_task(heartbeat.run(relay.broker), name="heartbeat")
         await token_service.start()
         ban_watch = asyncio.get_running_loop().create_task(gate.watch(parts.local), name="ban-watch")
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
@@ -164,25 +170,28 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 yield
         finally:
             ban_watch.cancel()
+            beating.cancel()
             await token_service.stop()
             await relay.stop()
             if redis is not None:
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, mcp_endpoint],
+        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
         plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {
                 "relay": relay,
                 "commands": parts.commands,
                 "recent": parts.recent,
+                "events": EventFeed(relay),  # GET /api/v1/events and MCP listeners (records only while followed)
                 "settings": settings,
                 "audit": audit,
                 "token_store": token_store,
                 "token_service": token_service,
                 "gate": gate,
                 "bans": bans,
+                "heartbeat": heartbeat,
             }
         ),
         lifespan=[lifespan],

@@ -40,6 +40,7 @@ from .bans import BAN_ROUTES
 from .live import PresenceWatcher
 from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
 from .security import SecurityHeadersMiddleware
+from .system import SYSTEM_ROUTES
 from .templating import configure_environment
 
 __all__ = ["PREFIX", "DashboardPlugin"]
@@ -133,6 +134,7 @@ class DashboardPlugin(InitPluginProtocol):
                 *ROUTES,
                 *ACTION_ROUTES,
                 *BAN_ROUTES,
+                *SYSTEM_ROUTES,
                 create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
             ],
             middleware=[
