@@ -184,7 +184,7 @@ class Settings(NewIdSettings, CallerNames):
     max_failed_handshakes_per_minute: int = Field(
         30,
         ge=0,
-        description="Failed handshakes (4001, 4002, 4003; HTTP 401/403) one address may cause per minute before it "
+        description="Failed handshakes (4001, 4002, 4003, 4016; HTTP 401/403) one address may cause per minute before it "
         "is refused with HTTP 429 for HANDSHAKE_COOLDOWN seconds. 0: no limit.",
     )
     handshake_cooldown: float = Field(
