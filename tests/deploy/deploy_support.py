@@ -24,7 +24,7 @@ from typing import Any
 
 import hcl2
 import pytest
-from support import free_port  # noqa: F401  (one port policy for every test folder)
+from support import free_port  # one port policy for every test folder
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
@@ -73,8 +73,6 @@ def run(
             f"{' '.join(map(str, cmd))} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
         )
     return result
-
-
 
 
 # --- Compose ---------------------------------------------------------------------------------
