@@ -3,7 +3,8 @@
 A fuzzer (schemathesis, tests/integration/test_openapi_fuzz.py) checks every answer against it:
 
 - :class:`ApiOperation`: an invalid request is answered 422 (``validation_as_422``), so the 400 Litestar
-  documents for every route with parameters is documented as 422, beside any 422 the route declares itself.
+  documents for every route with parameters is documented as 422, beside any 422 the route declares itself;
+  a 204 has no body (not a JSON ``null``).
 - :class:`PublicOperation`: ``/``, ``/healthz``, ``/readyz`` and ``/metrics`` need no token (``security: []``
   instead of the document's global requirement).
 - :class:`StrictStructSchemaPlugin`: a Struct with ``forbid_unknown_fields`` has ``additionalProperties: false``,
@@ -55,6 +56,9 @@ class ApiOperation(Operation):
 
     def __post_init__(self) -> None:
         responses = self.responses or {}
+        no_content = responses.get("204")
+        if isinstance(no_content, OpenAPIResponse):  # Response[None] is documented as a JSON null; 204 has no body.
+            no_content.content = None
         bad_request = responses.pop("400", None)
         if not isinstance(bad_request, OpenAPIResponse) or bad_request.content is None:
             return

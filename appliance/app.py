@@ -32,11 +32,14 @@ from .admission import max_request_bytes
 from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .api_schema import StrictStructSchemaPlugin, camel_case_operation_id
 from .audit import AuditLog, MemoryAuditLog
+from .bans import BanService
+from .bans_api import BAN_HANDLERS
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
 from .event_feed import EventFeed
 from .events_http import EVENTS_HANDLERS
+from .gate import Gate
 from .heartbeat import Heartbeat
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
@@ -146,6 +149,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         settings, token_store, audit, local=parts.local, notifier=notifier, presence=relay.clients
     )
     store = token_store
+    gate = Gate(settings, relay.broker)
+    bans = BanService(gate, audit, parts.commands)
     # Every third of the presence TTL, as the Redis presence refresh: a missed beat shows long before expiry.
     heartbeat = Heartbeat(relay.instance, settings.presence_ttl / 3)
 
@@ -154,6 +159,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         await relay.start()
         beating = asyncio.get_running_loop().create_task(heartbeat.run(relay.broker), name="heartbeat")
         await token_service.start()
+        ban_watch = asyncio.get_running_loop().create_task(gate.watch(parts.local), name="ban-watch")
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
         metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(store)
         if settings.token_store == "env":  # Read once at start and never failing; the SSM store keeps its own.
@@ -164,6 +170,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             async with mcp_lifespan(app):
                 yield
         finally:
+            ban_watch.cancel()
             beating.cancel()
             await token_service.stop()
             await relay.stop()
@@ -171,7 +178,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
+        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
         # The admin dashboard under /admin (ui/); additionalProperties: false in the schema where msgspec forbids them.
         plugins=[DashboardPlugin(settings), StrictStructSchemaPlugin()],
         state=State(
@@ -184,6 +191,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 "audit": audit,
                 "token_store": token_store,
                 "token_service": token_service,
+                "gate": gate,
+                "bans": bans,
                 "heartbeat": heartbeat,
             }
         ),

@@ -178,9 +178,15 @@ def test_503s_are_documented_and_operation_ids_read_as_function_names(document):
         assert "503" in document["paths"][path][method]["responses"], (method, path)  # broker_unavailable
 
 
+def test_a_204_has_no_body(document):
+    for path in ("/api/v1/clients/{client_id}", "/api/v1/bans"):
+        assert document["paths"][path]["delete"]["responses"]["204"].get("content") is None, path
+
+
 def test_options_lists_every_method_of_a_path(client):
     assert client.options("/api/v1/clients/x").headers["allow"] == "DELETE, GET, OPTIONS"
     assert client.options("/api/v1/commands").headers["allow"] == "OPTIONS, POST"
+    assert client.options("/api/v1/bans").headers["allow"] == "DELETE, GET, OPTIONS, POST"
 
 
 def test_outcomes_become_the_documented_structs_and_encode_as_the_service_wrote_them():
