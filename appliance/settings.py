@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         description="redis:// or rediss:// URL; wins over REDIS_HOST/REDIS_PORT/REDIS_PASSWORD. "
         "A secret (it may hold the password): never shown in repr, logs or the banner.",
     )
+    redis_tls_ca_file: str | None = Field(
+        None,
+        description="CA bundle (PEM) that verifies the server's certificate with a rediss:// REDIS_URL; "
+        "unset: the system's CAs (enough for ElastiCache).",
+    )
     redis_host: str | None = Field(None, description="Redis host; unset (with no REDIS_URL) means the embedded broker.")
     redis_port: int = Field(6379, ge=1, le=65535, description="Redis port, with REDIS_HOST.")
     redis_password: SecretStr | None = Field(None, description="Redis password, with REDIS_HOST.")
@@ -319,9 +324,19 @@ class Settings(BaseSettings):
                 raise ValueError("REDIS_CLUSTER and REDIS_SENTINELS exclude each other")
         elif self.redis_sentinel_master:
             raise ValueError("REDIS_SENTINEL_MASTER needs REDIS_SENTINELS")
+        self._redis_tls_ca_usable()
         if self.redis_cluster and not (self.redis_url or self.redis_host):
             raise ValueError("REDIS_CLUSTER needs REDIS_URL or REDIS_HOST (any node of the cluster)")
         return self
+
+    def _redis_tls_ca_usable(self) -> None:
+        """REDIS_TLS_CA_FILE only means something with rediss://, and must be a readable file at start."""
+        if not self.redis_tls_ca_file:
+            return
+        if not (self.redis_url and self.redis_url.get_secret_value().startswith("rediss://")):
+            raise ValueError("REDIS_TLS_CA_FILE needs a rediss:// REDIS_URL (TLS to Redis)")
+        if not os.access(self.redis_tls_ca_file, os.R_OK) or not os.path.isfile(self.redis_tls_ca_file):
+            raise ValueError(f"REDIS_TLS_CA_FILE {self.redis_tls_ca_file} is not a readable file")
 
     def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
         """REDIS_SENTINELS as (host, port) pairs."""
