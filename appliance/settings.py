@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     redis_host: str | None = Field(None, description="Redis host; unset (with no REDIS_URL) means the embedded broker.")
     redis_port: int = Field(6379, ge=1, le=65535, description="Redis port, with REDIS_HOST.")
     redis_password: SecretStr | None = Field(None, description="Redis password, with REDIS_HOST.")
+    redis_tls: bool = Field(False, description="With REDIS_HOST: connect over TLS (rediss://), as ElastiCache needs.")
     redis_sentinels: str | None = Field(
         None,
         description="Redis Sentinels as host:port,host:port,... (with REDIS_SENTINEL_MASTER), instead of "
@@ -333,8 +334,8 @@ class Settings(BaseSettings):
         """REDIS_TLS_CA_FILE only means something with rediss://, and must be a readable file at start."""
         if not self.redis_tls_ca_file:
             return
-        if not (self.redis_url and self.redis_url.get_secret_value().startswith("rediss://")):
-            raise ValueError("REDIS_TLS_CA_FILE needs a rediss:// REDIS_URL (TLS to Redis)")
+        if not (self.redis_url or self.redis_host) or not self.redis_connection_url().startswith("rediss://"):
+            raise ValueError("REDIS_TLS_CA_FILE needs a rediss:// REDIS_URL, or REDIS_TLS=true (TLS to Redis)")
         if not os.access(self.redis_tls_ca_file, os.R_OK) or not os.path.isfile(self.redis_tls_ca_file):
             raise ValueError(f"REDIS_TLS_CA_FILE {self.redis_tls_ca_file} is not a readable file")
 
@@ -426,7 +427,8 @@ class Settings(BaseSettings):
         password = self.redis_password.get_secret_value() if self.redis_password else ""
         # Quoted: a password with @ : / # % must not be read as part of the URL.
         auth = f":{quote(password, safe='')}@" if password else ""
-        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+        scheme = "rediss" if self.redis_tls else "redis"
+        return f"{scheme}://{auth}{self.redis_host}:{self.redis_port}/0"
 
     def redis_display(self) -> str:
         """Where Redis is, without credentials, for logs and the dashboard."""

@@ -30,6 +30,14 @@ def test_the_ca_file_reaches_the_target_and_the_clients(monkeypatch, tmp_path):
     assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
 
 
+def test_redis_tls_turns_redis_host_into_rediss(monkeypatch, tmp_path):
+    settings = make(
+        monkeypatch, tmp_path, REDIS_HOST="primary.cache.internal", REDIS_PASSWORD="auth-123456789", REDIS_TLS="true"
+    )
+    assert settings.redis_connection_url() == "rediss://:auth-123456789@primary.cache.internal:6379/0"
+    assert settings.redis_display() == "rediss://primary.cache.internal:6379"
+
+
 def test_the_ca_file_is_refused_without_tls_or_when_unreadable(monkeypatch, tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
