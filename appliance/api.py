@@ -21,7 +21,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
-from .commands import CommandService
+from .commands import HTTP_CONTROLLER, CommandService
 from .core.protocol import CloseCode, ErrorCode
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
 from .http_auth import require_token
@@ -62,7 +62,9 @@ class CommandBody(Struct, forbid_unknown_fields=True):
             Meta(
                 ge=1,
                 description="Wait this long for the client's reply: 200 with the reply, or 504. "
-                "Without it the answer is 202 as soon as the command is delivered or queued.",
+                "Without it the answer is 202 as soon as the command is delivered or queued. "
+                'For "*" or a group: 200 with the count, the replies of version-2 clients and those that did '
+                "not reply in time (no_reply), as soon as all replied or when wait_ms is over.",
             ),
         ]
         | None
@@ -76,6 +78,14 @@ class CommandBody(Struct, forbid_unknown_fields=True):
     ] = False
 
 
+class BroadcastReply(Struct):
+    """A version-2 client's reply to a broadcast or group command whose caller waited (wait_ms)."""
+
+    client: str
+    message: str
+    rtt_ms: Annotated[float, Meta(description="From the broadcast's send to this reply, in milliseconds.")]
+
+
 class CommandResult(Struct):
     id: CommandId
     status: Literal["delivered", "queued", "replied", "timeout"]
@@ -84,6 +94,14 @@ class CommandResult(Struct):
     message: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
     rtt_ms: Annotated[float | None, Meta(description="Round trip to the reply, in milliseconds.")] = None
     count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
+    replies: Annotated[
+        list[BroadcastReply] | None,
+        Meta(description='"*" or a group with wait_ms: the replies of version-2 clients, in arrival order.'),
+    ] = None
+    no_reply: Annotated[
+        list[str] | None,
+        Meta(description='"*" or a group with wait_ms: version-2 clients that did not reply within wait_ms.'),
+    ] = None
     expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
     duplicate: bool | None = None
     replayed: Annotated[
@@ -267,7 +285,9 @@ def _recent(request: Request[Any, Any, Any]) -> RecentCommands:
 
 
 _COMMAND_RESPONSES = {
-    200: ResponseSpec(CommandResult, description="The client replied (with wait_ms)."),
+    200: ResponseSpec(
+        CommandResult, description='The client replied (with wait_ms); for "*" or a group, the replies collected.'
+    ),
     202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
     404: ResponseSpec(ErrorBody, description="target_offline: the target is not connected anywhere."),
     409: ResponseSpec(ErrorBody, description="queue_full or duplicate_id."),
@@ -320,10 +340,12 @@ async def post_command(
         timeout_ms=data.timeout_ms,
         queue=data.queue,
         idempotency_key=idempotency_key,
+        controller=grant.actor(HTTP_CONTROLLER),  # A named token's caller has its own name and bucket.
+        budget=grant.budget,
     )
     await audit_admin_command(
         getattr(request.app.state, "audit", None),
-        grant.name,
+        grant.actor(grant.name),
         grant.role,
         _source(request),
         data.target,
@@ -404,7 +426,7 @@ async def get_client(
     responses={404: ResponseSpec(ErrorBody, description="not connected")},
 )
 async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str]) -> Response[None]:
-    require_token(request, allow_controller=False)
+    grant = require_token(request, allow_controller=False)
     try:
         found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)
     except BrokerUnavailable as exc:
@@ -416,7 +438,9 @@ async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str
         from .audit import AuditEvent
 
         await audit.record(
-            AuditEvent("client.disconnect", "ADMIN_TOKEN", _source(request), client_id, {"code": 4012, "via": "api"})
+            AuditEvent(
+                "client.disconnect", grant.actor(grant.name), _source(request), client_id, {"code": 4012, "via": "api"}
+            )
         )
     return Response(None, status_code=204)
 

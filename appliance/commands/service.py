@@ -23,6 +23,7 @@ from ..core.events import (
     Disconnect,
     Drain,
     Failed,
+    FanReplied,
     InstanceEvent,
     RecentAnswer,
     RecentAsk,
@@ -42,7 +43,7 @@ from ..core.protocol_v2 import (
     encode_status,
     request_from_fields,
 )
-from ..core.ratelimit import TokenBucket
+from ..core.ratelimit import Budgets
 from ..core.requests import Enqueued, Pending, PendingTable, Routed
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
@@ -81,8 +82,8 @@ class CommandService:
         self._http_seq = itertools.count()
         self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
         self._id_seq = itertools.count()
-        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
-        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        # In-process callers' rate limits: a bucket per token name (HTTP and MCP), "" for the dashboard.
+        self.budgets = Budgets(settings.controller_rate_limit, settings.controller_rate_burst)
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -113,6 +114,9 @@ class CommandService:
         self.client_opened = self.lines.client_opened
         self.client_closed = self.lines.client_closed
         self.fan_in_remote = self.broadcasts.fan_in_remote
+        # A v2 reply nobody else waits for may answer a broadcast whose sender collects the replies.
+        self.lines.broadcast_awaiting = self.broadcasts.awaiting
+        self.lines.broadcast_reply = self.broadcasts.client_reply
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -150,6 +154,7 @@ class CommandService:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
             self.lines.forget_unanswered(now)
+            self.broadcasts.forget_unanswered(now)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -162,7 +167,10 @@ class CommandService:
         """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
         now = time.time()
         if request.kind is not TargetKind.CLIENT:
-            self.broadcasts.fan_out(waiter, controller, request)
+            waiting = self._waiters.get(waiter) if self._waiters else None
+            # An in-process caller that waits (wait_ms) collects the v2 clients' replies for that long.
+            collect_ms = request.timeout_ms if waiting is not None and waiting.want_reply else 0
+            self.broadcasts.fan_out(waiter, controller, request, collect_ms)
             return
         assert request.id is not None
         if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
@@ -245,6 +253,8 @@ class CommandService:
             self._failed_outcome(event)
         elif isinstance(event, Counted):
             self.broadcasts.counted(event)
+        elif isinstance(event, FanReplied):
+            self.broadcasts.replied(event)
         else:
             self._order(event)
 
@@ -357,13 +367,15 @@ class CommandService:
         for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
 
-    def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
-        """A broadcast or group command reached ``count`` clients cluster-wide."""
+    def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
+        """A fan-out reached ``count`` clients; ``collected``: the awaited v2 clients' replies and silences."""
         OUTCOMES["delivered"].inc()
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
-        if waiter in self._waiters:
+        if collected is not None and waiter in self._waiters:  # Its status: replied when all awaited answered.
+            self._resolve(waiter, Outcome(200, {**body, **collected}))
+        elif waiter in self._waiters:
             self._resolve(waiter, Outcome(202, body))
         else:
             conn = self.local.connection(waiter)
@@ -386,6 +398,7 @@ class CommandService:
         queue: bool = False,
         controller: str = HTTP_CONTROLLER,
         idempotency_key: str | None = None,
+        budget: str = "",
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
@@ -393,14 +406,15 @@ class CommandService:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
+        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket.
         """
         if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
-        wait = self._http_bucket.try_take(time.time())
+        wait = self.budgets.try_take(budget, time.time())
         if wait > 0:
             return rate_limited(wait)
         if command_id is None:

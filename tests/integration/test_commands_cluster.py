@@ -132,6 +132,31 @@ async def test_broadcast_and_group_counts_are_cluster_wide(trio):
         assert await recv(outsider) == "all"
 
 
+async def test_a_waiting_http_group_send_collects_the_v2_replies_from_every_instance(trio):
+    a, b, c = trio
+    group = uid("grp")
+    speaker, silent, old = uid("speaker"), uid("silent"), uid("old")
+    async with (
+        a.controller(uid("ctl")) as llm,
+        c.connect(f"{speaker}?groups={group}", subprotocols=V2) as answering,
+        b.connect(f"{silent}?groups={group}", subprotocols=V2) as quiet,
+        c.connect(f"{old}?groups={group}") as v1,
+        httpx.AsyncClient(base_url=b.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}, timeout=timeout(15)) as http,
+    ):
+        body = {"target": f"group:{group}", "message": "report", "id": uid("g"), "wait_ms": 1500}
+        sending = asyncio.create_task(http.post("/api/v1/commands", json=body))
+        frame = await recv_json(answering)
+        assert (frame["id"], (await recv_json(quiet))["id"], await recv(v1)) == (body["id"], body["id"], "report")
+        await answering.send(json.dumps({"reply_to": frame["id"], "message": "all good"}))
+        response = await sending
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert (result["status"], result["count"], result["no_reply"]) == ("delivered", 3, [silent])
+        assert [(r["client"], r["message"]) for r in result["replies"]] == [(speaker, "all good")]
+        # The reply also reached the controllers (on another instance) as the client's plain message.
+        assert await recv_json(llm) == {"sender": speaker, "message": "all good"}
+
+
 async def test_command_queued_on_one_instance_is_delivered_on_another(trio):
     a, _, c = trio
     target = uid("later")
@@ -189,6 +214,81 @@ async def test_a_client_leaving_mid_command_on_another_instance_leaves_every_com
             while True:
                 later.append(json.loads(await asyncio.wait_for(llm.recv(), 0.5)))
         assert all(set(f) == {"sender", "message"} for f in later), later
+
+
+# --- GET /api/v1/events: what controllers hear, as server-sent events ---------------------------------
+
+
+class EventStream:
+    """One real SSE response read with httpx: its events as (event, id, data) as they come."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+
+    async def next(self, within: float = 10.0) -> tuple[str, str | None, str]:
+        event, event_id, data = "message", None, []
+        async with asyncio.timeout(timeout(within)):
+            async for line in self._lines:
+                if line.startswith(":") or line.startswith("retry:"):
+                    continue
+                if not line:
+                    if data:
+                        return event, event_id, "\n".join(data)
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "event":
+                    event = value
+                elif field == "id":
+                    event_id = value
+                elif field == "data":
+                    data.append(value)
+        raise AssertionError("the stream ended")
+
+
+@contextlib.asynccontextmanager
+async def events(app, last_event_id: str | None = None, **params: str):
+    headers = {"X-Auth-Token": CONTROLLER_TOKEN}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    async with (
+        httpx.AsyncClient(base_url=app.http, timeout=timeout(15)) as http,
+        http.stream("GET", "/api/v1/events", params=params, headers=headers) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        stream = EventStream(response)
+        assert (await stream._lines.__anext__()).startswith(":")  # The opening comment: it follows from here.
+        yield stream
+
+
+async def test_events_reach_an_sse_caller_on_another_instance_filtered_and_resumable(trio):
+    a, b, c = trio
+    speaker, other, group = uid("speaker"), uid("other"), uid("grp")
+    async with httpx.AsyncClient(base_url=b.http) as http:
+        assert (await http.get("/api/v1/events")).status_code == 401
+    async with (
+        c.connect(f"{speaker}?groups={group}") as talker,
+        c.connect(other) as noisy,
+    ):
+        async with events(b, client=speaker) as stream:
+            await noisy.send("not for this stream")
+            await talker.send("hello from c")
+            kind, first_id, data = await stream.next()
+            assert (kind, json.loads(data)) == ("message", {"sender": speaker, "message": "hello from c"})
+            assert first_id
+        await talker.send("said while nobody listened")  # b keeps recording for a while: resumable
+        await talker.send("and again")
+        async with events(b, last_event_id=first_id, client=speaker) as stream:
+            replayed = [json.loads((await stream.next())[2])["message"] for _ in range(2)]
+            assert replayed == ["said while nobody listened", "and again"]
+        # Another instance cannot know what b numbered: it says so (a gap), then follows.
+        async with events(a, last_event_id=first_id, group=group) as stream:
+            assert (await stream.next())[0] == "gap"
+            await noisy.send("outside the group")
+            await talker.send("in the group")
+            kind, _, data = await stream.next()
+            assert (kind, json.loads(data)["message"]) == ("message", "in the group")
 
 
 # --- command manifests (issue 21 item 4): a v2 client declares its commands on c; b shows them in the HTTP API
