@@ -223,14 +223,13 @@ def test_the_inventory_finds_every_host_of_the_group(
     env = tool_env(venv, **moto.env(), ANSIBLE_HOME=str(tmp_path / "ansible-home"), ANSIBLE_NOCOLOR="1")
     result = run(["ansible-inventory", "-i", inventory_file, "--list"], cwd=ANSIBLE_DIR, env=env)
     inventory = plain(json.loads(result.stdout))
-    assert sorted(inventory["wsbridge"]["hosts"]) == sorted(hosts), "every host of the group, by instance id"
+    # site.yml's play runs on group wsbridge (test_aws.py): every host of the group, by instance id.
+    assert sorted(inventory["wsbridge"]["hosts"]) == sorted(hosts)
     for host in hosts:
         hostvars = inventory["_meta"]["hostvars"][host]
         assert hostvars["ansible_host"], "Ansible connects to each host's public address"
         assert hostvars["appliance_extra_env"] == {"REDIS_HOST": endpoint, "REDIS_TLS": "true"}
         assert hostvars["base_data_volume_id"] == ""
-    listed = run(["ansible-playbook", "-i", inventory_file, "site.yml", "--list-hosts"], cwd=ANSIBLE_DIR, env=env)
-    assert f"hosts ({len(hosts)}):" in listed.stdout, listed.stdout
 
 
 @pytest.mark.parametrize("name", GROUP_FILES)
