@@ -48,9 +48,10 @@ from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
 from ..settings import Settings
 from .broadcast import Broadcasts
+from .followup import Followups, timeout_detail
 from .handover import ClientLines
 from .idempotency import IdempotentSends, fingerprint
-from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
+from .outcome import HTTP_CONTROLLER, HTTP_STATUS, IN_PROCESS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
 
 __all__ = ["TICK_SECONDS", "CommandService"]
 
@@ -102,6 +103,7 @@ class CommandService:
             spawn=self._spawn,
         )
         self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
+        self.followups = Followups(broker)  # GET /api/v1/commands/{id}, MCP get_command (followup.py)
         self.broadcasts = Broadcasts(
             self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
         )
@@ -127,6 +129,7 @@ class CommandService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.followups.stop()
         self._loop = None
 
     async def _tick(self) -> None:
@@ -146,6 +149,7 @@ class CommandService:
         metrics.PENDING_REQUESTS.set(len(self.pending))
         if now >= self._next_sweep:  # Forgetting v2 commands nobody answered is housekeeping: once a second.
             self._next_sweep = now + 1.0
+            self.followups.sweep(now)
             for key in [k for k, expires in self._queued_here.items() if expires <= now]:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
@@ -269,8 +273,9 @@ class CommandService:
                 return
         self._queueable.pop((event.waiter, event.id), None)
         pending = self.pending.finish(event.waiter, event.id)
-        if pending is None:
-            return  # Timed out already, or the controller left: the outcome has nobody to go to.
+        if pending is None:  # Timed out already, or its caller left: only a record (followup.py) may keep it.
+            self.followups.failed(event.waiter, event.id, event.code, event.detail)
+            return
         metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
         self._deliver_to_waiter(pending.waiter, pending, frame, event.code, event.detail)
@@ -282,7 +287,8 @@ class CommandService:
         if self._queueable:
             self._queueable.pop((waiter, command_id), None)
         pending = self.pending.delivered(waiter, command_id)
-        if pending is None:
+        if pending is None:  # Timed out already, or its caller left: only a record (followup.py) may keep it.
+            self.followups.delivered(waiter, command_id)
             return
         metrics.DELIVERED.count += 1
         if pending.waiter not in self._waiters:
@@ -290,13 +296,15 @@ class CommandService:
             if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
                 conn.deliver(encode_delivered(pending.id, pending.target))
             return
+        self.followups.delivered(waiter, command_id)
         self._report(pending, Status.DELIVERED)
 
     def _replied(self, waiter: str, command_id: CommandId, sender: str, message: str, now: float) -> None:
         """The client's reply (arrived at ``now``), to the sender only."""
         pending = self.pending.finish(waiter, command_id)
-        if pending is None:
-            return  # Timed out already, or the controller left: the reply has nobody to go to.
+        if pending is None:  # Timed out already, or its caller left: only a record (followup.py) may keep it.
+            self.followups.replied(waiter, command_id, sender, message, now)
+            return
         rtt_ms = (now - pending.started) * 1000
         metrics.REPLIED.count += 1
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
@@ -328,7 +336,8 @@ class CommandService:
             return
         body = {"id": pending.id, "status": status.value, "target": pending.target, **extra}
         if status is Status.TIMEOUT:
-            body["detail"] = f"{pending.target} did not reply in time"
+            body["delivered"] = pending.delivered
+            body["detail"] = timeout_detail(pending.target, pending.delivered)
             self._resolve(pending.waiter, Outcome(504, body))
         elif status is Status.QUEUED or not waiting.want_reply or extra.get("duplicate"):
             # Queued, delivered without wait_ms, or a repeat: the caller is answered now (202).
@@ -393,20 +402,21 @@ class CommandService:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
+        Every command to one client can be followed up by its id (commands/followup.py).
         """
+        if command_id is None:
+            # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
+            # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
+            command_id = f"{controller}-{self._id_prefix}{next(self._id_seq):x}"
         if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
             once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
-            return await self.idempotent.send(*same, once)
+            return await self.followups.caller_of(command_id, self.idempotent.send(*same, once))
         wait = self._http_bucket.try_take(time.time())
         if wait > 0:
             return rate_limited(wait)
-        if command_id is None:
-            # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
-            # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
-            command_id = f"{controller}-{self._id_prefix}{next(self._id_seq):x}"
         fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
         effective = wait_ms if wait_ms is not None else timeout_ms
         if effective is not None:
@@ -416,11 +426,15 @@ class CommandService:
         request = self.parse(fields)
         if isinstance(request, ProtocolError):
             return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
-        waiter = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
+        waiter = f"{IN_PROCESS}{next(self._http_seq)}"  # Unique in this instance, where outcomes come back.
         future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
         self._waiters[waiter] = Waiter(future, wait_ms is not None, target)
+        if request.kind is TargetKind.CLIENT:
+            self.followups.opened(waiter, command_id, target, message, request.timeout_ms)
         try:
             self.submit(waiter, controller, request)
+            if request.kind is TargetKind.CLIENT:
+                return await self.followups.outcome_of(waiter, command_id, future)
             return await future
         finally:
             self._waiters.pop(waiter, None)

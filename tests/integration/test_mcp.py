@@ -72,7 +72,7 @@ def mcp_client(request, bridge):
 async def test_tools_are_listed_with_descriptions_for_a_model(mcp_client):
     async with mcp_client as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"list_clients", "send_command", "broadcast"}
+    assert set(tools) == {"list_clients", "send_command", "broadcast", "get_command"}
     send = tools["send_command"]
     assert "ONE client" in send.description and "list_clients" in send.description
     assert send.input_schema["required"] == ["target", "message"]  # never a default target
