@@ -101,6 +101,7 @@ class Followups:
         self._followed: dict[tuple[str, CommandId], CommandRecord] = {}
         self._by_id: dict[str, CommandRecord] = {}  # The newest local record of each id.
         self._dirty: dict[str, CommandRecord] = {}
+        self._batch: dict[str, CommandRecord] = {}  # Being written now.
         self._dirty_written: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
 
@@ -230,8 +231,9 @@ class Followups:
     async def _write(self) -> None:
         try:
             while self._dirty:
-                batch, written = self._dirty, self._dirty_written
+                self._batch, written = self._dirty, self._dirty_written
                 self._dirty, self._dirty_written = {}, None
+                batch = self._batch
                 for key, record in batch.items():
                     try:
                         await self.broker.idempotency_set(FOLLOW_KEY + key, _encode(record).decode())
@@ -240,7 +242,7 @@ class Followups:
                 if written is not None and not written.done():
                     written.set_result(None)
         finally:
-            self._writer = None
+            self._writer, self._batch = None, {}
 
     async def written(self) -> None:
         """Until the records changed so far are in the broker (then any instance finds them)."""
@@ -260,8 +262,8 @@ class Followups:
 
     async def get(self, command_id: str) -> CommandRecord | None:
         """The record of ``command_id``: this instance's own if it sent it, else the broker's."""
-        local = self._by_id.get(command_id)
-        if local is not None:
+        local = self._by_id.get(command_id) or self._dirty.get(command_id) or self._batch.get(command_id)
+        if local is not None:  # Followed here, or final and not yet in the broker.
             return local
         held = await self.broker.idempotency_get(FOLLOW_KEY + command_id)
         return None if held is None else _decode(held)

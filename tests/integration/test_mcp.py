@@ -286,3 +286,18 @@ async def test_http_mcp_sessions_work_across_two_instances_without_sticky_sessio
                 assert sent["result"]["structuredContent"]["reply"] == f"ok: m{n}"
     finally:
         await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
+
+
+async def test_get_command_over_stdio_finds_the_reply_of_a_command_sent_without_waiting(bridge):
+    """The stdio tools reach GET /api/v1/commands/{id} (tests/integration/test_command_followup.py: /mcp, cluster)."""
+    target = uid("follow")
+    async with answering_client(bridge, target), stdio_client(bridge) as client:
+        sent = await client.call_tool("send_command", {"target": target, "message": "ping", "wait": False})
+        assert not sent.is_error, sent.content
+        assert sent.structured_content["status"] == "delivered"
+        command_id = sent.structured_content["id"]
+        followed = await client.call_tool("get_command", {"command_id": command_id, "wait_seconds": 10})
+        assert not followed.is_error, followed.content
+        assert (followed.structured_content["status"], followed.structured_content["reply"]) == ("replied", "ok: ping")
+        missing = await client.call_tool("get_command", {"command_id": uid("never")})
+        assert missing.is_error and "[unknown_command]" in missing.content[0].text
