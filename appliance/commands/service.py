@@ -50,7 +50,7 @@ from ..settings import Settings
 from .broadcast import Broadcasts
 from .followup import Followups, timeout_detail
 from .handover import ClientLines
-from .idempotency import IdempotentSends, fingerprint
+from .idempotency import ControllerKeys, IdempotentSends, fingerprint
 from .outcome import HTTP_CONTROLLER, HTTP_STATUS, IN_PROCESS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
 
 __all__ = ["TICK_SECONDS", "CommandService"]
@@ -104,6 +104,8 @@ class CommandService:
         )
         self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
         self.followups = Followups(broker)  # GET /api/v1/commands/{id}, MCP get_command (followup.py)
+        self.keys = ControllerKeys(self.idempotent, self._submit_now, self._frame_to, self._spawn)
+        self.holding, self.after = self.keys.holding, self.keys.after  # The relay's, for commands without id.
         self.broadcasts = Broadcasts(
             self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
         )
@@ -164,10 +166,15 @@ class CommandService:
 
     def submit(self, waiter: str, controller: str, request: Request) -> None:
         """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
+        if request.kind is not TargetKind.CLIENT:  # Behind this connection's keyed commands, if any.
+            self.keys.in_order(waiter, partial(self.broadcasts.fan_out, waiter, controller, request))
+        elif waiter.startswith(IN_PROCESS):  # Keyed by their callers (IdempotentSends), if at all.
+            self._submit_now(waiter, controller, request)
+        else:  # A WebSocket controller's id is its idempotency key.
+            self.keys.submit(waiter, controller, request)
+
+    def _submit_now(self, waiter: str, controller: str, request: Request) -> None:
         now = time.time()
-        if request.kind is not TargetKind.CLIENT:
-            self.broadcasts.fan_out(waiter, controller, request)
-            return
         assert request.id is not None
         if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
             self._fail_now(waiter, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
@@ -233,9 +240,8 @@ class CommandService:
             self.lines.tell_instance(holder.instance, Drain(target))
 
     def _fail_now(self, waiter: str, request: Request, code: ErrorCode, detail: str) -> None:
-        self._deliver_to_waiter(
-            waiter, None, encode_error(code, detail, target=request.target, id=request.id), code.value, detail
-        )
+        frame = encode_error(code, detail, target=request.target, id=request.id)
+        self._deliver_to_waiter(waiter, None, frame, code.value, detail)
 
     # --- the sender's side: outcomes --------------------------------------------------------
 
@@ -292,9 +298,9 @@ class CommandService:
             return
         metrics.DELIVERED.count += 1
         if pending.waiter not in self._waiters:
-            conn = self.local.connection(waiter)
-            if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
-                conn.deliver(encode_delivered(pending.id, pending.target))
+            frame = encode_delivered(pending.id, pending.target)  # (Commands for * or a group open no entry.)
+            self.keys.finished(waiter, pending.id, frame)  # Its last status, should its controller leave.
+            self._frame_to(waiter, frame)
             return
         self.followups.delivered(waiter, command_id)
         self._report(pending, Status.DELIVERED)
@@ -310,9 +316,9 @@ class CommandService:
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
         waiting = self._waiters.get(waiter)
         if waiting is None:
-            conn = self.local.connection(waiter)
-            if conn is not None:
-                conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
+            frame = encode_controller_reply(command_id, sender, message, rtt_ms)
+            self.keys.finished(waiter, command_id, frame)
+            self._frame_to(waiter, frame)
             return
         body = {
             "id": command_id,
@@ -330,9 +336,9 @@ class CommandService:
         if waiting is None:
             if status is Status.TIMEOUT:
                 extra["timeout_ms"] = round((pending.deadline - pending.started) * 1000)
-            conn = self.local.connection(pending.waiter)
-            if conn is not None:
-                conn.deliver(encode_status(pending.id, status, pending.target, **extra))
+            frame = encode_status(pending.id, status, pending.target, **extra)
+            self.keys.finished(pending.waiter, pending.id, frame)  # Final (a timeout) or not (delivered, queued).
+            self._frame_to(pending.waiter, frame)
             return
         body = {"id": pending.id, "status": status.value, "target": pending.target, **extra}
         if status is Status.TIMEOUT:
@@ -347,11 +353,10 @@ class CommandService:
     def _deliver_to_waiter(self, waiter: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
         waiting = self._waiters.get(waiter)
         if waiting is None:
-            conn = self.local.connection(waiter)
-            if conn is not None:
-                if code:
-                    metrics.ERRORS.labels(code=code).inc()
-                conn.deliver(frame)
+            self.keys.finished(waiter, None if pending is None else pending.id, frame)
+            if code:
+                metrics.ERRORS.labels(code=code).inc()
+            self._frame_to(waiter, frame)
             return
         body = msgspec.json.decode(frame)
         self._resolve(waiter, Outcome(HTTP_STATUS.get(code, 502), body))
@@ -365,6 +370,12 @@ class CommandService:
         """A controller left: its commands still in flight have nobody to report to."""
         for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
+            self.keys.abandoned(pending.waiter, pending.id, pending.target, pending.delivered)
+
+    def _frame_to(self, waiter: str, frame: str) -> None:
+        conn = self.local.connection(waiter)
+        if conn is not None:
+            conn.deliver(frame)
 
     def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
         """A broadcast or group command reached ``count`` clients cluster-wide."""
@@ -401,8 +412,7 @@ class CommandService:
         Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
-        With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
-        Every command to one client can be followed up by its id (commands/followup.py).
+        With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py); its id follows it up.
         """
         if command_id is None:
             # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
@@ -444,20 +454,28 @@ class CommandService:
 
     async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
         """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
-        if self.local.disconnect_local(client_id, code):
-            return True
-        holder = await self.broker.owner_of(client_id)
-        if holder is None:
-            return False
-        event = Disconnect(client_id, str(int(code)))
-        self.broker.send_to_instance(holder.instance, encode_event(event))
-        return True
+        return await disconnect_anywhere(self.local, self.broker, client_id, code)
 
     def instance_event(self, payload: bytes | str) -> None:
         """The broker's per-instance channel: an outcome or an order for this instance."""
-        try:
-            event = decode_event(payload)
-        except msgspec.DecodeError:
-            log.warning("Ignoring a malformed instance event")
-            return
-        self.outcome(event)
+        event = _decoded(payload)
+        if event is not None:
+            self.outcome(event)
+
+
+async def disconnect_anywhere(local: LocalConnections, broker: Broker, client_id: str, code: int) -> bool:
+    if local.disconnect_local(client_id, code):
+        return True
+    holder = await broker.owner_of(client_id)
+    if holder is None:
+        return False
+    broker.send_to_instance(holder.instance, encode_event(Disconnect(client_id, str(int(code)))))
+    return True
+
+
+def _decoded(payload: bytes | str) -> InstanceEvent | None:
+    try:
+        return decode_event(payload)
+    except msgspec.DecodeError:
+        log.warning("Ignoring a malformed instance event")
+        return None
