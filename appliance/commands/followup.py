@@ -10,12 +10,14 @@ The sender's instance keeps following the command after its caller stopped waiti
 ``open_until`` (its deadline plus :data:`LATE_REPLY_SECONDS`): a delivery, a reply or a
 failure that arrives meanwhile is written to the record (a reply after the caller's timeout
 is ``status: replied`` with ``late: true``; it used to be lost). Writes go through one task
-per instance, latest version per id, so a burst of commands costs one write per command.
+per instance, latest version per id, gathered for :data:`FLUSH_SECONDS`: a command answered at
+once costs one write, and another instance may not see a command for its first 50 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -45,6 +47,9 @@ MAX_FOLLOWED = 100_000
 
 #: How often a follow-up that waits looks at the record again.
 POLL_SECONDS = 0.05
+
+#: How long changes are gathered before they are written (a command that is answered at once is one write).
+FLUSH_SECONDS = 0.05
 
 #: How long a caller's answer waits for its record to be written (so another instance finds it).
 WRITE_WAIT_SECONDS = 2.0
@@ -104,6 +109,7 @@ class Followups:
         self._batch: dict[str, CommandRecord] = {}  # Being written now.
         self._dirty_written: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._urgent = asyncio.Event()  # A caller waits for the records to be written: no delay.
 
     # --- the sender's side ------------------------------------------------------------------
 
@@ -231,6 +237,10 @@ class Followups:
     async def _write(self) -> None:
         try:
             while self._dirty:
+                if not self._urgent.is_set():  # Gather a command's changes (sent, delivered, replied) into one write.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), FLUSH_SECONDS)
+                self._urgent.clear()
                 self._batch, written = self._dirty, self._dirty_written
                 self._dirty, self._dirty_written = {}, None
                 batch = self._batch
@@ -249,6 +259,7 @@ class Followups:
         pending = self._dirty_written if self._dirty else None
         if pending is None:
             return
+        self._urgent.set()
         try:
             await asyncio.wait_for(asyncio.shield(pending), WRITE_WAIT_SECONDS)
         except TimeoutError:
