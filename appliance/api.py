@@ -10,7 +10,6 @@ tool definition from.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from functools import partial
 from typing import Annotated, Any, Literal, cast
@@ -416,20 +415,22 @@ async def _unless_disconnected(request: Request[Any, Any, Any], call: Any, *args
     """``await call(*args, **kwargs)``, cancelled with reason "disconnected" if the client leaves first (None then).
 
     Litestar keeps a handler running after its client went away; a caller that waits long
-    for a reply must stop waiting then, and the command's record must say so.
+    for a reply must stop waiting then, and the command's record must say so. One watching
+    task per request, which cancels this one.
     """
-    work: asyncio.Task[Any] = asyncio.ensure_future(call(*args, **kwargs))
+    handler = asyncio.current_task()
+    assert handler is not None
     watch = asyncio.ensure_future(_disconnect(request))
+    watch.add_done_callback(lambda done: done.cancelled() or handler.cancel("disconnected"))
     try:
-        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        return await call(*args, **kwargs)
+    except asyncio.CancelledError as exc:
+        if not (watch.done() and not watch.cancelled() and exc.args == ("disconnected",)):
+            raise
+        handler.uncancel()
+        return None
     finally:
         watch.cancel()
-    if work.done():
-        return work.result()
-    work.cancel("disconnected")
-    with contextlib.suppress(asyncio.CancelledError):
-        await work
-    return None
 
 
 async def _disconnect(request: Request[Any, Any, Any]) -> None:
