@@ -18,6 +18,14 @@ Errors (httpx style)::
     ├── QueueFull                the target's queue or reply line is full (409)
     ├── DuplicateId              this id is still in flight from this controller (409)
     └── DeliveryFailed           the relay cannot reach the target's instance now (503)
+
+    BridgeClosed                 Controller only: the relay closed the connection for good (``code``: close code)
+    └── IdTaken                  4010: another controller connected with this one's id, and holds it now
+
+Every :class:`Controller` needs an id of its own (``llm-planner``, ``llm-critic``): two with
+one id take it from each other, and the one replaced raises :class:`IdTaken` (naming the id)
+from :meth:`Controller.request` and :meth:`Controller.receive` instead of waiting for replies
+that now go to the other. Both are also ``appliance.client``'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -33,15 +41,17 @@ from urllib.parse import quote
 
 import httpx
 
-from .client import BridgeClient
+from .client import BridgeClient, BridgeClosed, IdTaken
 
 __all__ = [
+    "BridgeClosed",
     "ClientOffline",
     "CommandError",
     "Controller",
     "DeliveryFailed",
     "DuplicateId",
     "HttpController",
+    "IdTaken",
     "InvalidCommand",
     "MessageTooLarge",
     "QueueFull",
@@ -304,6 +314,11 @@ class HttpController:
         """``GET /api/v1/clients`` with filters (``role``, ``group``, ``prefix``, ``limit``, ``cursor``)."""
         params = {k: v for k, v in filters.items() if v is not None}
         return _decode(await self._http.get("/api/v1/clients", params=params))
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        """``GET /api/v1/clients/{id}`` (with its manifest, without history): the record, None when not connected."""
+        response = await self._http.get(f"/api/v1/clients/{client_id}", params={"history_limit": 0})
+        return None if response.status_code == 404 else _decode(response)
 
 
 def _decode(response: httpx.Response) -> dict[str, Any]:

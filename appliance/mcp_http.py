@@ -12,17 +12,21 @@ from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 
 from .audit import AuditLog, audit_admin_command
+from .brokers.base import BrokerUnavailable
 from .client_pages import filter_clients
 from .commands import CommandService
 from .controller import CommandError, ReplyTimeout, error_for
+from .core.protocol import ErrorCode
 from .http_auth import bearer_allowed
 from .relay import Relay
+from .tokens import Grant
 
 __all__ = ["LocalBackend", "mcp_endpoint", "mcp_lifespan"]
 
-#: Who called /mcp in this request: (token name, role, source address), for the audit trail. The MCP
-#: session manager runs the tools in tasks started from the request, which copy its context.
-_caller: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
+#: Who called /mcp in this request (the token's grant and the source address), for names, rate limits
+#: and the audit trail. The MCP session manager runs the tools in tasks started from the request, which
+#: copy its context.
+_caller: contextvars.ContextVar[tuple[Grant, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
 
 
 class LocalBackend:
@@ -37,22 +41,29 @@ class LocalBackend:
         records = await self.relay.clients()
         return filter_clients(records, **{k: v for k, v in filters.items() if v is not None})
 
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.relay.client(client_id)
+        except BrokerUnavailable as exc:
+            raise CommandError(ErrorCode.BROKER_UNAVAILABLE.value, str(exc)) from None
+
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]:
+        grant, source = _caller.get() or (None, "")
         outcome = await self.commands.send_command(
             target,
             message,
             wait_ms=fields.get("wait_ms"),
             timeout_ms=fields.get("timeout_ms"),
             queue=bool(fields.get("queue")),
-            controller="mcp",
+            controller=grant.actor("mcp") if grant is not None else "mcp",  # a named token's caller: its <name>
+            budget=grant.budget if grant is not None else "",
             command_id=fields.get("id"),
             idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
-        caller = _caller.get()
-        if caller is not None:
-            name, role, source = caller
+        if grant is not None:
             status = outcome.body.get("status") or outcome.body.get("error")
-            await audit_admin_command(self.audit, name, role, source, target, message, status, "mcp")
+            actor = grant.actor(grant.name)
+            await audit_admin_command(self.audit, actor, grant.role, source, target, message, status, "mcp")
         if outcome.http_status == 504:  # With its id, and whether it was delivered: the model follows it up.
             extra = {k: v for k, v in outcome.body.items() if k != "detail"}
             raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"), **extra)
@@ -90,10 +101,11 @@ def bearer_refusal(scope: Scope, token_store: Any) -> tuple[int, bytes] | None:
     if token_store.lookup(presented) is None:
         return 403, (
             b'{"error":"forbidden","detail":"the bearer token is not a token of this bridge: '
-            b'use the controller token (LLM_SECRET_TOKEN)"}'
+            b'use a controller token (LLM_SECRET_TOKEN or controller_tokens/<name>)"}'
         )
     return 403, (
-        b'{"error":"forbidden","detail":"a client token cannot use /mcp: use the controller token (LLM_SECRET_TOKEN)"}'
+        b'{"error":"forbidden","detail":"a client token cannot use /mcp: '
+        b'use a controller token (LLM_SECRET_TOKEN or controller_tokens/<name>)"}'
     )
 
 
@@ -114,7 +126,7 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         return
     grant = app.state.token_store.lookup(_bearer(scope))
     client = scope.get("client")
-    _caller.set((grant.name, grant.role, client[0] if client else "unknown") if grant is not None else None)
+    _caller.set((grant, client[0] if client else "unknown") if grant is not None else None)
     scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
     await app.state.mcp_app(scope, receive, send)
 
@@ -124,9 +136,14 @@ async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
     """Build the MCP tool server on the command service and run its session manager."""
     from mcp.server.transport_security import TransportSecuritySettings
 
+    from .mcp_events import FeedBus, add_messages_resource
     from .mcp_tools import build_mcp_server
 
-    server = build_mcp_server(LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None)))
+    backend = LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None))
+    # Clients' messages as a resource per client, with listen notifications when one speaks (mcp_events.py).
+    feed = app.state.events
+    server = build_mcp_server(backend, subscriptions=FeedBus(feed))
+    add_messages_resource(server, feed)
     # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
     # legitimate names behind the load balancer. Stateless: the tools keep no session state,
     # and a session held in one instance's memory answered 404 on every other replica

@@ -23,14 +23,14 @@ from ..core.events import (
     Disconnect,
     Drain,
     Failed,
+    FanReplied,
     InstanceEvent,
     RecentAnswer,
     RecentAsk,
     Replied,
     decode_event,
-    encode_event,
 )
-from ..core.protocol import CONTROLLER_ID, CloseCode, ErrorCode, ProtocolError, Role, encode_error
+from ..core.protocol import CONTROLLER_ID, ErrorCode, Role, encode_error
 from ..core.protocol_v2 import (
     CommandId,
     Request,
@@ -40,18 +40,18 @@ from ..core.protocol_v2 import (
     encode_controller_reply,
     encode_delivered,
     encode_status,
-    request_from_fields,
 )
-from ..core.ratelimit import TokenBucket
+from ..core.ratelimit import Budgets
 from ..core.requests import Enqueued, Pending, PendingTable, Routed
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
 from ..settings import Settings
 from .broadcast import Broadcasts
+from .callers import InProcessCallers
 from .followup import Followups, timeout_detail
 from .handover import ClientLines
-from .idempotency import ControllerKeys, IdempotentSends, fingerprint
-from .outcome import HTTP_CONTROLLER, HTTP_STATUS, IN_PROCESS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
+from .idempotency import ControllerKeys, IdempotentSends
+from .outcome import HTTP_STATUS, IN_PROCESS, OUTCOMES, Outcome, Waiter
 
 __all__ = ["TICK_SECONDS", "CommandService"]
 
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.02
 
 
-class CommandService:
+class CommandService(InProcessCallers):
     """This instance's part of request/reply: pending commands, outcomes, the queue; and the relay's hooks."""
 
     def __init__(self, settings: Settings, broker: Broker, local: LocalConnections, recent_logs: RecentLogs) -> None:
@@ -82,8 +82,8 @@ class CommandService:
         self._http_seq = itertools.count()
         self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
         self._id_seq = itertools.count()
-        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
-        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        # In-process callers' rate limits: a bucket per token name (HTTP and MCP), "" for the dashboard.
+        self.budgets = Budgets(settings.controller_rate_limit, settings.controller_rate_burst)
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -117,6 +117,9 @@ class CommandService:
         self.client_opened = self.lines.client_opened
         self.client_closed = self.lines.client_closed
         self.fan_in_remote = self.broadcasts.fan_in_remote
+        # A v2 reply nobody else waits for may answer a broadcast whose sender collects the replies.
+        self.lines.broadcast_awaiting = self.broadcasts.awaiting
+        self.lines.broadcast_reply = self.broadcasts.client_reply
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class CommandService:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
             self.lines.forget_unanswered(now)
+            self.broadcasts.forget_unanswered(now)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -167,7 +171,10 @@ class CommandService:
     def submit(self, waiter: str, controller: str, request: Request) -> None:
         """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
         if request.kind is not TargetKind.CLIENT:  # Behind this connection's keyed commands, if any.
-            self.keys.in_order(waiter, partial(self.broadcasts.fan_out, waiter, controller, request))
+            waiting = self._waiters.get(waiter) if self._waiters else None
+            # An in-process caller that waits (wait_ms) collects the v2 clients' replies for that long.
+            collect_ms = request.timeout_ms if waiting is not None and waiting.want_reply else 0
+            self.keys.in_order(waiter, partial(self.broadcasts.fan_out, waiter, controller, request, collect_ms))
         elif waiter.startswith(IN_PROCESS):  # Keyed by their callers (IdempotentSends), if at all.
             self._submit_now(waiter, controller, request)
         else:  # A WebSocket controller's id is its idempotency key.
@@ -255,6 +262,8 @@ class CommandService:
             self._failed_outcome(event)
         elif isinstance(event, Counted):
             self.broadcasts.counted(event)
+        elif isinstance(event, FanReplied):
+            self.broadcasts.replied(event)
         else:
             self._order(event)
 
@@ -377,100 +386,26 @@ class CommandService:
         if conn is not None:
             conn.deliver(frame)
 
-    def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
-        """A broadcast or group command reached ``count`` clients cluster-wide."""
+    def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
+        """A fan-out reached ``count`` clients; ``collected``: the awaited v2 clients' replies and silences."""
         OUTCOMES["delivered"].inc()
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
-        if waiter in self._waiters:
+        if collected is not None and waiter in self._waiters:  # Its status: replied when all awaited answered.
+            self._resolve(waiter, Outcome(200, {**body, **collected}))
+        elif waiter in self._waiters:
             self._resolve(waiter, Outcome(202, body))
         else:
             conn = self.local.connection(waiter)
             if conn is not None and request.id is not None:
                 conn.deliver(encode_status(request.id, Status.DELIVERED, request.target, count=count))
 
-    # --- service interface: HTTP API, MCP tools, dashboard -------------------------------------
-
-    def parse(self, fields: dict[str, Any]) -> Request | ProtocolError:
-        return request_from_fields(fields, self.policy)
-
-    async def send_command(
-        self,
-        target: str,
-        message: str,
-        *,
-        command_id: CommandId | None = None,
-        wait_ms: int | None = None,
-        timeout_ms: int | None = None,
-        queue: bool = False,
-        controller: str = HTTP_CONTROLLER,
-        idempotency_key: str | None = None,
-    ) -> Outcome:
-        """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
-
-        Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
-        delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
-        413 too large, 422 invalid, 503 when the target's instance cannot be reached.
-        With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py); its id follows it up.
-        """
-        if command_id is None:
-            # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
-            # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
-            command_id = f"{controller}-{self._id_prefix}{next(self._id_seq):x}"
-        if idempotency_key is not None:  # A repeat waits as long as the first command may.
-            own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
-            once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
-            same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
-            return await self.followups.caller_of(command_id, self.idempotent.send(*same, once))
-        wait = self._http_bucket.try_take(time.time())
-        if wait > 0:
-            return rate_limited(wait)
-        fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
-        effective = wait_ms if wait_ms is not None else timeout_ms
-        if effective is not None:
-            fields["timeout_ms"] = effective
-        if len(message.encode()) > self.settings.max_message_bytes:
-            return too_large(self.settings.max_message_bytes)
-        request = self.parse(fields)
-        if isinstance(request, ProtocolError):
-            return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
-        waiter = f"{IN_PROCESS}{next(self._http_seq)}"  # Unique in this instance, where outcomes come back.
-        future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
-        self._waiters[waiter] = Waiter(future, wait_ms is not None, target)
-        if request.kind is TargetKind.CLIENT:
-            self.followups.opened(waiter, command_id, target, message, request.timeout_ms)
-        try:
-            self.submit(waiter, controller, request)
-            if request.kind is TargetKind.CLIENT:
-                return await self.followups.outcome_of(waiter, command_id, future)
-            return await future
-        finally:
-            self._waiters.pop(waiter, None)
-            if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
-                self.pending.finish(waiter, request.id)
-                self._queueable.pop((waiter, request.id), None)
-
-    async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
-        """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
-        return await disconnect_anywhere(self.local, self.broker, client_id, code)
-
     def instance_event(self, payload: bytes | str) -> None:
         """The broker's per-instance channel: an outcome or an order for this instance."""
         event = _decoded(payload)
         if event is not None:
             self.outcome(event)
-
-
-async def disconnect_anywhere(local: LocalConnections, broker: Broker, client_id: str, code: int) -> bool:
-    if local.disconnect_local(client_id, code):
-        return True
-    holder = await broker.owner_of(client_id)
-    if holder is None:
-        return False
-    broker.send_to_instance(holder.instance, encode_event(Disconnect(client_id, str(int(code)))))
-    return True
 
 
 def _decoded(payload: bytes | str) -> InstanceEvent | None:
