@@ -480,7 +480,8 @@ async def _unless_disconnected(request: Request[Any, Any, Any], call: Any, *args
     handler = asyncio.current_task()
     assert handler is not None
     watch = asyncio.ensure_future(_disconnect(request))
-    watch.add_done_callback(lambda done: done.cancelled() or handler.cancel("disconnected"))
+    over = [False]  # Once the call is over, a late disconnect must not cancel the response being sent.
+    watch.add_done_callback(lambda done: over[0] or done.cancelled() or handler.cancel("disconnected"))
     try:
         return await call(*args, **kwargs)
     except asyncio.CancelledError as exc:
@@ -489,6 +490,7 @@ async def _unless_disconnected(request: Request[Any, Any, Any], call: Any, *args
         handler.uncancel()
         return None
     finally:
+        over[0] = True
         watch.cancel()
 
 
