@@ -1,293 +1,48 @@
 """HTTP command API (``/api/v1/commands``, ``/api/v1/clients/...``); the MCP endpoint is appliance/mcp_http.py.
 
 Handlers are thin: they authenticate, let Litestar validate the body (one error
-shape, 422), and call the command service on ``app.state.commands``. The request
-and response types are msgspec Structs with descriptions, so the OpenAPI schema
-Litestar serves at ``/schema/openapi.json`` is accurate enough to generate an LLM
-tool definition from.
+shape, 422), and call the command service on ``app.state.commands``. They take and
+return the msgspec Structs of appliance/api_types.py, which the OpenAPI schema at
+``/schema/openapi.json`` is made of.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, cast
+import asyncio
+import time
+from functools import partial
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example, Schema
-from litestar.params import FromPath, JSONBody, KwargDefinition, Parameter
-from msgspec import UNSET, Meta, Struct, UnsetType
+from litestar.openapi.spec import Example
+from litestar.params import FromPath, JSONBody, Parameter
+from msgspec import Struct
 
 from .api_schema import AUTH_ERRORS, ApiOperation, JsonBodyOperation, options_handlers, refuse_repeated_query
+from .api_types import (
+    BroadcastReply,
+    ClientPage,
+    ClientRecord,
+    CommandBody,
+    CommandRecordBody,
+    CommandResult,
+    ErrorBody,
+    HistoryEntry,
+    RecentCommand,
+)
 from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
 from .commands import HTTP_CONTROLLER, CommandService
-from .core.protocol import CLIENT_ID_PATTERN, CloseCode, ErrorCode
-from .core.protocol_v2 import BROADCAST, GROUP_PREFIX, MAX_COMMAND_ID_LENGTH
+from .core.protocol import CloseCode, ErrorCode
 from .http_auth import require_token
 from .recent import RecentCommands
 from .relay import Relay
-from .settings import Settings
 
 __all__ = ["API_HANDLERS", "ApiError", "CommandBody", "api_error", "validation_as_422"]
-
-
-# --- bodies --------------------------------------------------------------------------------------
-
-CommandId = str | int
-#: The largest integer JSON carries exactly (core/protocol_v2's rule for integer ids).
-MAX_SAFE_INTEGER = 2**53 - 1
-#: CommandId with the service's rule (core/protocol_v2.is_valid_command_id) in the schema; the service checks it.
-SchemaCommandId = (
-    Annotated[str, KwargDefinition(min_length=1, max_length=MAX_COMMAND_ID_LENGTH)]
-    | Annotated[int, KwargDefinition(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER)]
-)
-
-#: The targets the command service accepts (core/protocol_v2.target_kind), for the schema only: the handler
-#: answers any other with 422 invalid_target, which a caller can act on (msgspec's own error would not name it).
-TARGET_PATTERN = rf"^([a-zA-Z0-9_-]{{1,50}}|\{BROADCAST}|{GROUP_PREFIX}[a-zA-Z0-9_-]{{1,50}})$"
-#: The schema's maximum for wait_ms and timeout_ms: COMMAND_TIMEOUT_MAX_MS's default (the handler checks the setting).
-TIMEOUT_MAX_MS: int = Settings.model_fields["command_timeout_max_ms"].default
-
-
-class CommandBody(Struct, forbid_unknown_fields=True):
-    """A command for one client, every client (``*``) or a group (``group:<name>``)."""
-
-    @staticmethod
-    def refine_schema(schema: Schema) -> None:
-        """What the fields alone cannot say (api_schema.StrictStructSchemaPlugin): queue takes one client id."""
-        schema.schema_if = Schema(properties={"queue": Schema(const=True)}, required=["queue"])
-        schema.then = Schema(properties={"target": Schema(pattern=CLIENT_ID_PATTERN.pattern)})
-
-    target: Annotated[
-        str,
-        KwargDefinition(
-            min_length=1,
-            pattern=TARGET_PATTERN,
-            description='A client id (^[a-zA-Z0-9_-]{1,50}$), "*" for every client, or "group:<name>"; '
-            "another is answered 422 invalid_target.",
-            examples=[Example(value="unity_client_1")],
-        ),
-    ]
-    message: Annotated[str, Meta(description="The text the client receives.", examples=["MoveForward 10"])]
-    id: Annotated[
-        SchemaCommandId | None,
-        Meta(
-            description=f"Your id for this command (string of 1-{MAX_COMMAND_ID_LENGTH} characters, or integer); "
-            "generated if absent. It also makes the command safe to retry: the same id within "
-            "IDEMPOTENCY_WINDOW_SECONDS (default 600) returns the first command's outcome (marked replayed), "
-            "or waits for it, and never reaches the client twice; the same id for another command is 409."
-        ),
-    ] = None
-    wait_ms: (
-        Annotated[
-            int,
-            KwargDefinition(
-                ge=1,
-                le=TIMEOUT_MAX_MS,
-                description="Wait this long for the client's reply: 200 with the reply, or 504. "
-                "Without it the answer is 202 as soon as the command is delivered or queued. "
-                'For "*" or a group: 200 with the count, the replies of version-2 clients and those that did '
-                "not reply in time (no_reply), as soon as all replied or when wait_ms is over. "
-                f"At most COMMAND_TIMEOUT_MAX_MS (default {TIMEOUT_MAX_MS}); more is 422.",
-            ),
-            Meta(ge=1),
-        ]
-        | None
-    ) = None
-    timeout_ms: (
-        Annotated[
-            int,
-            KwargDefinition(
-                ge=1,
-                le=TIMEOUT_MAX_MS,
-                description="How long a queued command may wait for its client (without wait_ms). "
-                f"At most COMMAND_TIMEOUT_MAX_MS (default {TIMEOUT_MAX_MS}); more is 422.",
-            ),
-            Meta(ge=1),
-        ]
-        | None
-    ) = None
-    queue: Annotated[
-        bool, Meta(description="Keep the command for a client that is not connected and deliver it when it connects.")
-    ] = False
-
-
-class BroadcastReply(Struct):
-    """A version-2 client's reply to a broadcast or group command whose caller waited (wait_ms)."""
-
-    client: str
-    message: str
-    rtt_ms: Annotated[float, Meta(description="From the broadcast's send to this reply, in milliseconds.")]
-
-
-class CommandResult(Struct, omit_defaults=True):
-    """An outcome: the fields of its status only (the field order is the one the service writes them in)."""
-
-    id: CommandId
-    status: Literal["delivered", "queued", "replied", "timeout"]
-    target: str
-    sender: str | None = None
-    message: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
-    rtt_ms: Annotated[float | None, Meta(description="Round trip to the reply, in milliseconds.")] = None
-    count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
-    replies: Annotated[
-        list[BroadcastReply] | None,
-        Meta(description='"*" or a group with wait_ms: the replies of version-2 clients, in arrival order.'),
-    ] = None
-    no_reply: Annotated[
-        list[str] | None,
-        Meta(description='"*" or a group with wait_ms: version-2 clients that did not reply within wait_ms.'),
-    ] = None
-    expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
-    duplicate: bool | None = None
-    detail: str | None = None
-    replayed: Annotated[
-        bool | None, Meta(description="true: the outcome of an earlier request with the same id or Idempotency-Key.")
-    ] = None
-
-
-class ErrorBody(Struct, omit_defaults=True):
-    error: Annotated[
-        str,
-        Meta(
-            description="target_offline, message_too_large, rate_limited, queue_full, duplicate_id, "
-            "delivery_failed, invalid_target, target_not_client, ..."
-        ),
-    ]
-    detail: str
-    target: str | None = None
-    id: CommandId | None = None
-    limit: int | None = None
-    retry_after_ms: int | None = None
-    history: Annotated[
-        list[HistoryEntry] | None, Meta(description="GET /api/v1/clients/{id}: the id's connect history.")
-    ] = None
-    recent_commands: Annotated[
-        list[RecentCommand] | None,
-        Meta(description="GET /api/v1/clients/{id}: the commands last sent to the id, while still kept."),
-    ] = None
-
-
-class HistoryEntry(Struct):
-    """One closed connection of an id (appliance/core/history.py)."""
-
-    connected_at: str
-    closed_at: str
-    duration_seconds: float
-    role: str
-    instance: Annotated[str, Meta(description="The instance that held the connection.")]
-    remote: Annotated[str, Meta(description="Address the connection came from (as the relay saw it).")]
-    code: Annotated[int, Meta(description="Close code: the relay's (closed_by relay) or the one the peer sent.")]
-    reason: Annotated[str, Meta(description="Close reason sent with the code (the peer's text when closed_by peer).")]
-    closed_by: Annotated[Literal["relay", "peer"], Meta(description="Who sent the first close frame.")]
-    protocol: int = 1
-    token: str | None = None
-    token_version: int | None = None
-    messages_in: int = 0
-    messages_out: int = 0
-
-
-class RecentCommand(Struct, omit_defaults=True):
-    """One command handed to a client's socket (appliance/core/recent.py), newest first.
-
-    Kept in the memory of the instance that held the client: the last
-    RECENT_COMMANDS_PER_CLIENT per client, texts cut to RECENT_COMMANDS_MAX_CHARS.
-    """
-
-    at: Annotated[str, Meta(description="When the relay handed it to the client's socket (UTC).")]
-    controller: Annotated[
-        str, Meta(description="Who sent it: a controller's id; http, dashboard or mcp for those paths.")
-    ]
-    message: Annotated[str, Meta(description="The command's text, cut to the length cap (… marks a cut).")]
-    outcome: Annotated[
-        Literal["replied", "pending", "timeout", "error", "uncorrelated"],
-        Meta(
-            description="uncorrelated: no reply can be matched (no id, or a broadcast); pending: waiting for the "
-            "reply; replied, timeout, error (see detail)."
-        ),
-    ]
-    instance: Annotated[str, Meta(description="The instance that held the client and recorded it.")]
-    id: Annotated[CommandId | None | UnsetType, Meta(description="The command's id, if it had one.")] = UNSET
-    reply: Annotated[str | None, Meta(description="The client's reply (outcome replied), cut to the cap.")] = None
-    rtt_ms: Annotated[
-        float | None, Meta(description="From handing the command to the socket to the reply, as that instance saw it.")
-    ] = None
-    detail: Annotated[str | None, Meta(description="Why it failed (outcome error).")] = None
-
-
-#: Absent unless set (the single-record GET always sets them, empty or not): ``UNSET`` typed as the list, so
-#: the schema says "a list" exactly as before while an unset field is left out of the JSON.
-_ABSENT_HISTORYENTRY = cast(list[HistoryEntry], UNSET)
-_ABSENT_RECENTCOMMAND = cast(list[RecentCommand], UNSET)
-
-
-class ManifestArgument(Struct, omit_defaults=True):
-    type: Annotated[Literal["string", "number", "integer", "boolean"], Meta(description="JSON Schema type.")]
-    description: str = ""
-    enum: list[str | int | float | bool] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-
-
-class ManifestArguments(Struct):
-    type: Literal["object"]
-    properties: Annotated[
-        dict[str, ManifestArgument], Meta(description="The arguments, in order: the words after the command's name.")
-    ]
-    required: Annotated[list[str], Meta(description="The arguments that must be given (the first ones).")]
-
-
-class ManifestCommand(Struct):
-    name: Annotated[str, Meta(description="The command's first word (matched ignoring case).")]
-    description: str
-    arguments: ManifestArguments
-
-
-class ClientManifest(Struct):
-    """What a version-2 client declared it accepts (docs/protocol.md, "Command manifest")."""
-
-    commands: list[ManifestCommand]
-    updated_at: Annotated[str, Meta(description="When the client sent it (UTC).")]
-
-
-class ClientRecord(Struct, omit_defaults=True):
-    id: str
-    role: str
-    instance: str
-    connected_since: str
-    remote: str
-    messages_in: int
-    messages_out: int
-    last_activity: str
-    token: Annotated[
-        str | None | UnsetType, Meta(description="Name of the token that opened it (never its value).")
-    ] = UNSET
-    token_version: int | None | UnsetType = UNSET
-    protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
-    groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
-    manifest: Annotated[
-        ClientManifest | None,
-        Meta(description="The commands the client declared (GET /api/v1/clients/{id} only; absent: none declared)."),
-    ] = None
-    history: Annotated[
-        list[HistoryEntry],
-        Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
-    ] = _ABSENT_HISTORYENTRY
-    recent_commands: Annotated[
-        list[RecentCommand],
-        Meta(
-            description="Commands last sent to the id and their replies, newest first (GET /api/v1/clients/{id} only)."
-        ),
-    ] = _ABSENT_RECENTCOMMAND
-
-
-class ClientPage(Struct):
-    clients: list[ClientRecord]
-    count: Annotated[int, Meta(description="Connections matching the filters, cluster-wide.")]
-    next_cursor: Annotated[str | None, Meta(description="Pass as cursor for the next page; null on the last.")] = None
 
 
 class ApiError(Exception):
@@ -413,7 +168,11 @@ async def post_command(
             raise ValidationException(f"{name} must be at most {limit}", extra=[{"key": name, "message": "too large"}])
     if idempotency_key is None and data.id is not None:
         idempotency_key = f"id:{data.id!r}"  # repr: the string "7" and the integer 7 are different ids
-    outcome = await commands.send_command(
+    # A caller that waits for the reply stops waiting if it goes away; other answers come at once.
+    send = (
+        commands.send_command if data.wait_ms is None else partial(_unless_disconnected, request, commands.send_command)
+    )
+    outcome = await send(
         data.target,
         data.message,
         command_id=data.id,
@@ -424,6 +183,8 @@ async def post_command(
         controller=grant.actor(HTTP_CONTROLLER),  # A named token's caller has its own name and bucket.
         budget=grant.budget,
     )
+    if outcome is None:  # The client went away; the command's record says so (GET /api/v1/commands/{id}).
+        return Response(ErrorBody("disconnected", "the client closed the connection"), status_code=499)
     await audit_admin_command(
         getattr(request.app.state, "audit", None),
         grant.actor(grant.name),
@@ -572,5 +333,83 @@ def validation_as_422(request: Request[Any, Any, Any], exc: ValidationException)
     return Response(body, status_code=422)
 
 
-API_HANDLERS = [post_command, list_clients, get_client, delete_client]
+# --- following a command up (appliance/commands/followup.py) ----------------------------------------
+
+
+async def _unless_disconnected(request: Request[Any, Any, Any], call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``await call(*args, **kwargs)``, cancelled with reason "disconnected" if the client leaves first (None then).
+
+    Litestar keeps a handler running after its client went away; a caller that waits long
+    for a reply must stop waiting then, and the command's record must say so. One watching
+    task per request, which cancels this one.
+    """
+    handler = asyncio.current_task()
+    assert handler is not None
+    watch = asyncio.ensure_future(_disconnect(request))
+    over = [False]  # Once the call is over, a late disconnect must not cancel the response being sent.
+    watch.add_done_callback(lambda done: over[0] or done.cancelled() or handler.cancel("disconnected"))
+    try:
+        return await call(*args, **kwargs)
+    except asyncio.CancelledError as exc:
+        if not (watch.done() and not watch.cancelled() and exc.args == ("disconnected",)):
+            raise
+        handler.uncancel()
+        return None
+    finally:
+        over[0] = True
+        watch.cancel()
+
+
+async def _disconnect(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@get(
+    "/api/v1/commands/{command_id:str}",
+    responses={
+        200: ResponseSpec(CommandRecordBody, description="The command's record."),
+        404: ResponseSpec(ErrorBody, description="unknown_command: no such command within the window."),
+        503: ResponseSpec(ErrorBody, description="broker_unavailable: the records cannot be read right now."),
+    },
+    summary="Follow a command up: its status and reply, waiting for them up to wait_ms",
+    tags=["commands"],
+    raises=AUTH_ERRORS,
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
+)
+async def get_command(
+    request: Request[Any, Any, Any],
+    command_id: FromPath[str],
+    wait_ms: Annotated[
+        int,  # Not optional: Litestar leaves ge=0 out of the schema of an ``int | None``.
+        Parameter(
+            ge=0,
+            le=300_000,
+            description="Wait up to this long for the reply (or failure); the record as it is then.",
+        ),
+    ] = 0,
+) -> Response[CommandRecordBody]:
+    """A command sent with ``POST /api/v1/commands`` (or MCP): status, reply, and whether its caller waited.
+
+    A reply that came after its caller stopped waiting (a timeout, ``wait=false``, a queued command,
+    a cancelled call) is here, marked late. Any instance answers.
+    """
+    require_token(request, allow_controller=True)
+    commands = _commands(request)
+    try:
+        record = await _unless_disconnected(request, commands.followups.wait, command_id, wait_ms / 1000)
+    except BrokerUnavailable as exc:
+        raise _broker_unavailable(exc) from None
+    if record is None:
+        window = commands.settings.idempotency_window_seconds
+        detail = (
+            f"no command with id {command_id!r} was sent through the HTTP API or MCP in the last {window} s "
+            "on this cluster: use the id that send_command or POST /api/v1/commands returned"
+        )
+        raise ApiError(404, ErrorBody("unknown_command", detail, id=command_id))
+    return Response(msgspec.convert(record.public(time.time()), CommandRecordBody))
+
+
+API_HANDLERS = [post_command, list_clients, get_client, delete_client, get_command]
 API_HANDLERS[:0] = options_handlers(API_HANDLERS)  # First: registered after GET, Litestar's own would clash.

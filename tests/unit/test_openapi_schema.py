@@ -16,7 +16,8 @@ from litestar import Litestar
 from litestar.serialization import encode_json
 from litestar.testing import TestClient
 
-from appliance.api import TARGET_PATTERN, TIMEOUT_MAX_MS, CommandBody, as_result
+from appliance.api import as_result
+from appliance.api_types import TARGET_PATTERN, TIMEOUT_MAX_MS, CommandBody
 from appliance.app import create_app
 from appliance.settings import Settings
 
@@ -168,6 +169,10 @@ def test_503s_are_documented_and_operation_ids_read_as_function_names(document):
     assert ids[("get", "/api/v1/clients/{client_id}")] == "getClient"
     assert ids[("delete", "/api/v1/clients/{client_id}")] == "disconnectClient"
     assert ids[("get", "/api/v1/events")] == "followEvents"  # from the handler's name: follow_events
+    assert ids[("get", "/api/v1/commands/{command_id}")] == "getCommand"
+    follow_up = document["paths"]["/api/v1/commands/{command_id}"]["get"]["parameters"]
+    wait = next(p for p in follow_up if p["name"] == "wait_ms")["schema"]
+    assert (wait["minimum"], wait["maximum"]) == (0, 300_000)
     for (method, path), operation_id in ids.items():
         assert re.fullmatch(r"[a-z]+(?:[A-Z][a-z0-9]*)*", operation_id), (method, path, operation_id)
     for method, path in [
@@ -204,6 +209,7 @@ def test_outcomes_become_the_documented_structs_and_encode_as_the_service_wrote_
         },
         {"id": "q", "status": "queued", "target": "u", "expires_in_ms": 30000, "duplicate": True, "replayed": True},
         {"id": "t", "status": "timeout", "target": "u", "detail": "u did not reply in time", "replayed": True},
+        {"id": "t", "status": "timeout", "target": "u", "delivered": True, "detail": "follow it up", "replayed": True},
         {"error": "target_offline", "detail": "u is not connected", "target": "u", "id": "c-2"},
         {"error": "rate_limited", "detail": "too many commands; retry later", "retry_after_ms": 250},
         {"error": "message_too_large", "detail": "message exceeds 10 bytes", "limit": 10},
@@ -228,7 +234,7 @@ def test_a_client_that_is_not_connected_gets_the_typed_404_with_its_history(clie
 
 
 def test_a_404_with_history_is_the_json_the_dicts_were():
-    from appliance.api import ErrorBody, HistoryEntry, RecentCommand
+    from appliance.api_types import ErrorBody, HistoryEntry, RecentCommand
     from appliance.connections import Connection, Flusher
     from appliance.core.history import close_entry
     from appliance.core.protocol import Role
