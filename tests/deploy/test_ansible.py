@@ -982,3 +982,16 @@ def test_alertmanager_gets_the_topic_and_region_ansible_writes(rendered: Path) -
     assert alertmanager["environment"]["AWS_REGION"] == "eu-central-1"
     # It publishes with the instance role: it must be on the network the metadata guard allows.
     assert "aws" in alertmanager["networks"]
+
+
+def test_a_changed_monitoring_file_restarts_every_service_that_mounts_one() -> None:
+    """The transfer notifies this handler on a change below monitoring/: it must name each reader."""
+    (handler,) = yaml.safe_load((ANSIBLE_DIR / "roles" / "appliance" / "handlers" / "main.yml").read_text())
+    restarted = set(handler["community.docker.docker_compose_v2"]["services"])
+    services = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())["services"]
+    readers = {
+        name
+        for name, service in services.items()
+        if any(str(volume).startswith("./monitoring/") for volume in service.get("volumes", []))
+    }
+    assert readers == restarted
