@@ -252,3 +252,11 @@ def test_the_play_rolls_the_replicas_with_this_script_before_compose_up() -> Non
     ]
     assert tasks.index(copy) < roll < up
     assert tasks[roll]["ansible.builtin.command"]["argv"][1] == copy["ansible.builtin.copy"]["dest"]
+
+
+def test_the_play_upgrades_one_host_at_a_time() -> None:
+    import yaml
+
+    plays = yaml.safe_load((ROOT / "ansible" / "site.yml").read_text())
+    (hosts,) = [play for play in plays if play["hosts"] == "wsbridge"]
+    assert hosts["serial"] == 1 and hosts["max_fail_percentage"] == 0
