@@ -62,7 +62,9 @@ class CommandBody(Struct, forbid_unknown_fields=True):
             Meta(
                 ge=1,
                 description="Wait this long for the client's reply: 200 with the reply, or 504. "
-                "Without it the answer is 202 as soon as the command is delivered or queued.",
+                "Without it the answer is 202 as soon as the command is delivered or queued. "
+                'For "*" or a group: 200 with the count, the replies of version-2 clients and those that did '
+                "not reply in time (no_reply), as soon as all replied or when wait_ms is over.",
             ),
         ]
         | None
@@ -76,6 +78,14 @@ class CommandBody(Struct, forbid_unknown_fields=True):
     ] = False
 
 
+class BroadcastReply(Struct):
+    """A version-2 client's reply to a broadcast or group command whose caller waited (wait_ms)."""
+
+    client: str
+    message: str
+    rtt_ms: Annotated[float, Meta(description="From the broadcast's send to this reply, in milliseconds.")]
+
+
 class CommandResult(Struct):
     id: CommandId
     status: Literal["delivered", "queued", "replied", "timeout"]
@@ -84,6 +94,14 @@ class CommandResult(Struct):
     message: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
     rtt_ms: Annotated[float | None, Meta(description="Round trip to the reply, in milliseconds.")] = None
     count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
+    replies: Annotated[
+        list[BroadcastReply] | None,
+        Meta(description='"*" or a group with wait_ms: the replies of version-2 clients, in arrival order.'),
+    ] = None
+    no_reply: Annotated[
+        list[str] | None,
+        Meta(description='"*" or a group with wait_ms: version-2 clients that did not reply within wait_ms.'),
+    ] = None
     expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
     duplicate: bool | None = None
     replayed: Annotated[
@@ -167,6 +185,35 @@ _ABSENT_HISTORYENTRY = cast(list[HistoryEntry], UNSET)
 _ABSENT_RECENTCOMMAND = cast(list[RecentCommand], UNSET)
 
 
+class ManifestArgument(Struct, omit_defaults=True):
+    type: Annotated[Literal["string", "number", "integer", "boolean"], Meta(description="JSON Schema type.")]
+    description: str = ""
+    enum: list[str | int | float | bool] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+class ManifestArguments(Struct):
+    type: Literal["object"]
+    properties: Annotated[
+        dict[str, ManifestArgument], Meta(description="The arguments, in order: the words after the command's name.")
+    ]
+    required: Annotated[list[str], Meta(description="The arguments that must be given (the first ones).")]
+
+
+class ManifestCommand(Struct):
+    name: Annotated[str, Meta(description="The command's first word (matched ignoring case).")]
+    description: str
+    arguments: ManifestArguments
+
+
+class ClientManifest(Struct):
+    """What a version-2 client declared it accepts (docs/protocol.md, "Command manifest")."""
+
+    commands: list[ManifestCommand]
+    updated_at: Annotated[str, Meta(description="When the client sent it (UTC).")]
+
+
 class ClientRecord(Struct, omit_defaults=True):
     id: str
     role: str
@@ -182,6 +229,10 @@ class ClientRecord(Struct, omit_defaults=True):
     token_version: int | None | UnsetType = UNSET
     protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
     groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
+    manifest: Annotated[
+        ClientManifest | None,
+        Meta(description="The commands the client declared (GET /api/v1/clients/{id} only; absent: none declared)."),
+    ] = None
     history: Annotated[
         list[HistoryEntry],
         Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
@@ -234,7 +285,9 @@ def _recent(request: Request[Any, Any, Any]) -> RecentCommands:
 
 
 _COMMAND_RESPONSES = {
-    200: ResponseSpec(CommandResult, description="The client replied (with wait_ms)."),
+    200: ResponseSpec(
+        CommandResult, description='The client replied (with wait_ms); for "*" or a group, the replies collected.'
+    ),
     202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
     404: ResponseSpec(ErrorBody, description="target_offline: the target is not connected anywhere."),
     409: ResponseSpec(ErrorBody, description="queue_full or duplicate_id."),
@@ -323,7 +376,9 @@ async def list_clients(
     except BrokerUnavailable as exc:
         raise _broker_unavailable(exc) from None
     page = filter_clients(records, role=role, group=group, prefix=prefix, limit=limit, cursor=cursor)
-    clients = msgspec.convert(page["clients"], list[ClientRecord])
+    # Manifests only with one client: a page of them could be megabytes.
+    listed = [r if "manifest" not in r else {k: v for k, v in r.items() if k != "manifest"} for r in page["clients"]]
+    clients = msgspec.convert(listed, list[ClientRecord])
     return Response(ClientPage(clients, page["count"], page["next_cursor"]))
 
 

@@ -33,6 +33,8 @@ from .audit import AuditLog, MemoryAuditLog
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
+from .event_feed import EventFeed
+from .events_http import EVENTS_HANDLERS
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
 from .recent import RecentCommands
@@ -162,13 +164,14 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, mcp_endpoint],
+        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
         plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {
                 "relay": relay,
                 "commands": parts.commands,
                 "recent": parts.recent,
+                "events": EventFeed(relay),  # GET /api/v1/events and MCP listeners (records only while followed)
                 "settings": settings,
                 "audit": audit,
                 "token_store": token_store,

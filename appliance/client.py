@@ -8,25 +8,53 @@ those raise :class:`BridgeClosed`::
     async with BridgeClient("ws://127.0.0.1:8000", "LLM", token) as llm:
         await llm.send_command("unity_client_1", "MoveForward 10")
         reply = await llm.receive_json()   # {"sender": "unity_client_1", "message": ...}
+
+A device registers handlers and serves them; with ``v2=True`` it declares them to the relay
+as its command manifest on every connect, so an LLM can list what it accepts::
+
+    device = BridgeClient(url, "robot_1", client_token, v2=True)
+
+    @device.on_command("MoveForward", "Moves forward", arguments={"distance": {"type": "number"}})
+    async def move(distance: float) -> str:
+        return f"moved {distance}"
+
+    async with device:
+        await device.serve()
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
+from .core.manifest import ManifestError, bind_arguments, manifest_frame, parse_manifest
 from .core.protocol import CloseCode
 from .core.protocol_v2 import SUBPROTOCOL_V2
 
-__all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed", "IdTaken"]
+__all__ = ["FINAL_CLOSE_CODES", "BridgeClient", "BridgeClosed", "Handler", "IdTaken"]
+
+log = logging.getLogger(__name__)
+
+#: A command handler: called with the command's arguments by name, typed as declared; returns the reply (None: none).
+Handler = Callable[..., "str | None | Awaitable[str | None]"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Registered:
+    spec: dict[str, Any]  # one command of the manifest: name, description, arguments
+    handler: Handler
+
 
 #: Close codes after which reconnecting cannot succeed.
 FINAL_CLOSE_CODES = frozenset(
@@ -115,6 +143,7 @@ class BridgeClient:
         self._delay = backoff_initial
         self._opened_at = 0.0
         self.connections = 0
+        self._handlers: dict[str, _Registered] = {}  # by casefolded name, in registration order
 
     def __repr__(self) -> str:  # Never show the token.
         return f"BridgeClient({self.url!r})"
@@ -176,6 +205,8 @@ class BridgeClient:
                 self._ws = ws
                 self.connections += 1
                 self._opened_at = time.monotonic()
+                if self.v2 and self._handlers:
+                    await self._declare(ws)
                 return
             await self._back_off()
 
@@ -247,6 +278,106 @@ class BridgeClient:
     async def receive_json(self) -> dict[str, Any]:
         """The next frame parsed as JSON (controllers receive replies and error frames)."""
         return json.loads(await self.receive())
+
+    # --- a device: handlers, its manifest, serving -------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        handler: Handler,
+        description: str = "",
+        *,
+        arguments: Mapping[str, Mapping[str, Any]] | None = None,
+        required: Sequence[str] | None = None,
+    ) -> None:
+        """Run ``handler`` for the command ``name`` (one word, matched ignoring case) and declare it.
+
+        ``arguments`` are the JSON Schemas of the words after the name, in order (``{"distance":
+        {"type": "number", "description": "metres"}}``; types string, number, integer, boolean);
+        all are required unless ``required`` names the first few. A last string argument takes
+        the rest of the text. Raises ValueError when the declaration is not a valid manifest entry.
+        """
+        properties = {key: dict(schema) for key, schema in (arguments or {}).items()}
+        spec = {
+            "name": name,
+            "description": description,
+            "arguments": {
+                "type": "object",
+                "properties": properties,
+                "required": list(properties if required is None else required),
+            },
+        }
+        candidates = [r.spec for key, r in self._handlers.items() if key != name.casefold()]
+        parsed = parse_manifest(manifest_frame([*candidates, spec]))
+        if isinstance(parsed, ManifestError) or parsed is None:
+            raise ValueError(f"command {name!r}: {parsed.detail if parsed else 'not a manifest'}")
+        self._handlers[name.casefold()] = _Registered(parsed["commands"][-1], handler)
+
+    def on_command(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        arguments: Mapping[str, Mapping[str, Any]] | None = None,
+        required: Sequence[str] | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """:meth:`register` as a decorator."""
+
+        def decorate(handler: Handler) -> Handler:
+            self.register(name, handler, description, arguments=arguments, required=required)
+            return handler
+
+        return decorate
+
+    def manifest(self) -> str:
+        """The manifest frame of the registered handlers (sent on every version-2 connect)."""
+        return manifest_frame([r.spec for r in self._handlers.values()])
+
+    async def _declare(self, ws: ClientConnection) -> None:
+        try:
+            await ws.send(self.manifest())
+        except ConnectionClosed:
+            pass  # The reader sees the close and reconnects, which declares it again.
+
+    async def serve(self) -> None:
+        """Answer commands with the registered handlers until the relay closes the connection for good.
+
+        Commands run one at a time, in order. A command nobody registered, or whose arguments do
+        not fit, is answered with ``error: ...``, as is a handler that raises.
+        """
+        while True:
+            text = await self.receive()
+            command_id: Any = None
+            if self.v2:
+                frame = json.loads(text)
+                if "message" not in frame:  # The relay's answer to the manifest.
+                    if frame.get("type") == "manifest_error":
+                        log.warning("The relay refused the manifest: %s", frame.get("detail"))
+                    continue
+                command_id, text = frame.get("id"), frame["message"]
+            reply = await self._dispatch(text)
+            if reply is None:
+                continue
+            if command_id is not None:
+                reply = json.dumps({"reply_to": command_id, "message": reply})
+            await self.send_text(reply)
+
+    async def _dispatch(self, text: str) -> str | None:
+        words = text.split()
+        registered = self._handlers.get(words[0].casefold()) if words else None
+        if registered is None:
+            return f"error: unknown command {words[0] if words else '(empty)'}"
+        arguments = bind_arguments(registered.spec, words[1:])
+        if isinstance(arguments, ManifestError):
+            return f"error: {arguments.detail}"
+        try:
+            reply = registered.handler(**arguments)
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as exc:
+            log.exception("Handler of %s failed", registered.spec["name"])
+            return f"error: {registered.spec['name']}: {exc}"
+        return None if reply is None else str(reply)
 
     async def close(self) -> None:
         self._closed = True

@@ -119,6 +119,7 @@ class Connection:
         "v2",
         "groups",
         "recent",
+        "manifest",
     )
 
     def __init__(
@@ -149,6 +150,8 @@ class Connection:
         #: The client's recent commands (appliance/recent.py): None until its first command, for controllers,
         #: or when they are not recorded.
         self.recent: CommandLog | None = None
+        #: The commands a version-2 client declared (appliance/core/manifest.py), None until it sends a manifest.
+        self.manifest: dict[str, Any] | None = None
         self._send = send
         # Several frames in one transport write when uvicorn's protocol is reachable (see wsbatch).
         self._batcher = batcher_for(send)
@@ -334,4 +337,6 @@ class Connection:
             record["protocol"] = 2
         if self.groups:
             record["groups"] = list(self.groups)
+        if self.manifest is not None:
+            record["manifest"] = self.manifest
         return record

@@ -294,6 +294,11 @@ class HttpController:
         params = {k: v for k, v in filters.items() if v is not None}
         return _decode(await self._http.get("/api/v1/clients", params=params))
 
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        """``GET /api/v1/clients/{id}`` (with its manifest, without history): the record, None when not connected."""
+        response = await self._http.get(f"/api/v1/clients/{client_id}", params={"history_limit": 0})
+        return None if response.status_code == 404 else _decode(response)
+
 
 def _decode(response: httpx.Response) -> dict[str, Any]:
     try:

@@ -11,9 +11,11 @@ from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
 
 from .audit import AuditLog, audit_admin_command
+from .brokers.base import BrokerUnavailable
 from .client_pages import filter_clients
 from .commands import CommandService
-from .controller import ReplyTimeout, error_for
+from .controller import CommandError, ReplyTimeout, error_for
+from .core.protocol import ErrorCode
 from .http_auth import bearer_allowed
 from .relay import Relay
 
@@ -35,6 +37,12 @@ class LocalBackend:
     async def clients(self, **filters: Any) -> dict[str, Any]:
         records = await self.relay.clients()
         return filter_clients(records, **{k: v for k, v in filters.items() if v is not None})
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.relay.client(client_id)
+        except BrokerUnavailable as exc:
+            raise CommandError(ErrorCode.BROKER_UNAVAILABLE.value, str(exc)) from None
 
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]:
         outcome = await self.commands.send_command(
@@ -115,9 +123,14 @@ async def mcp_lifespan(app: Any) -> AsyncIterator[None]:
     """Build the MCP tool server on the command service and run its session manager."""
     from mcp.server.transport_security import TransportSecuritySettings
 
+    from .mcp_events import FeedBus, add_messages_resource
     from .mcp_tools import build_mcp_server
 
-    server = build_mcp_server(LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None)))
+    backend = LocalBackend(app.state.commands, app.state.relay, getattr(app.state, "audit", None))
+    # Clients' messages as a resource per client, with listen notifications when one speaks (mcp_events.py).
+    feed = app.state.events
+    server = build_mcp_server(backend, subscriptions=FeedBus(feed))
+    add_messages_resource(server, feed)
     # The bearer token guards the endpoint; DNS-rebinding checks on Host would only refuse
     # legitimate names behind the load balancer. Stateless: the tools keep no session state,
     # and a session held in one instance's memory answered 404 on every other replica

@@ -43,6 +43,7 @@ from .controller import (
 )
 from .core.protocol import CLIENT_ID_PATTERN
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
+from .mcp_manifest import check_against_manifest, register_manifest_tools
 
 __all__ = ["Backend", "build_mcp_server", "explain", "serve_stdio"]
 
@@ -51,7 +52,7 @@ INSTRUCTIONS = (
     "scenes) and returns their replies. Call list_clients first to learn which client ids are connected; "
     "then send_command to one client id to get that client's reply, or broadcast to reach every client "
     "or one group. Commands are plain text whose meaning is defined by the client (for example "
-    '"MoveForward 10").'
+    '"MoveForward 10"); describe_client lists the commands a client declared, with their arguments.'
 )
 
 
@@ -61,6 +62,8 @@ class Backend(Protocol):
     async def clients(self, **filters: Any) -> dict[str, Any]: ...
 
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]: ...
+
+    async def client(self, client_id: str) -> dict[str, Any] | None: ...
 
 
 def explain(exc: CommandError, target: str) -> str:
@@ -110,8 +113,8 @@ def _check_client_id(target: str) -> None:
     if target in ("*", "") or target.startswith("group:"):
         raise _refuse(
             "not_one_client",
-            f"send_command needs one client id, not '{target}'. Use broadcast to reach every client or a group, "
-            "or call list_clients to pick a client id.",
+            f"send_command needs one client id, not '{target}'. Use broadcast to reach every client or a group "
+            "(with wait_seconds to collect their replies), or call list_clients to pick a client id.",
         )
     if CLIENT_ID_PATTERN.fullmatch(target) is None:
         raise _refuse(
@@ -162,10 +165,19 @@ class CommandOutcome(TypedDict):
     replayed: NotRequired[bool]
 
 
+class BroadcastReply(TypedDict):
+    client: str
+    message: str
+    rtt_ms: float
+
+
 class BroadcastOutcome(TypedDict):
-    status: Literal["delivered"]
+    status: Literal["delivered", "replied"]
     target: str
     count: int
+    # With wait_seconds: each version-2 client's reply, and the ones that did not answer in time.
+    replies: NotRequired[list[BroadcastReply]]
+    no_reply: NotRequired[list[str]]
 
 
 _CLIENT_FIELDS = tuple(ClientInfo.__annotations__)
@@ -197,13 +209,17 @@ DRIVE_A_DEVICE = """You are driving devices (games, robots, kiosks) through WebS
    "MoveForward 10". It returns the device's reply.
 3. If the reply does not come in time, do not send the same command again: the device may still be
    working, and a second send runs it twice. Wait, or send a different command that asks for its state.
-4. To reach every device or one group at once, call broadcast; it reports how many received it.
+4. To reach every device or one group at once, call broadcast; it reports how many received it, and
+   with wait_seconds each device's reply (devices on protocol version 2) and which did not answer.
 {goal}"""
 
 
-def build_mcp_server(backend: Backend) -> MCPServer:
-    """The MCP server with the bridge's three tools, bound to ``backend``."""
-    server = MCPServer(name="websocket-bridge", version=__version__, instructions=INSTRUCTIONS)
+def build_mcp_server(backend: Backend, subscriptions: Any = None) -> MCPServer:
+    """The MCP server with the bridge's three tools, bound to ``backend``; ``subscriptions``: the SDK's
+    subscription bus (/mcp passes the event feed's, appliance/mcp_events.py; stdio keeps the default)."""
+    server = MCPServer(
+        name="websocket-bridge", version=__version__, instructions=INSTRUCTIONS, subscriptions=subscriptions
+    )
 
     @server.tool(
         title="List connected clients",
@@ -290,6 +306,7 @@ def build_mcp_server(backend: Backend) -> MCPServer:
         """
         _check_client_id(target)
         _check_range("timeout_seconds", timeout_seconds, TIMEOUT_RANGE)
+        await check_against_manifest(backend, target, message)  # Only clients that declared their commands.
         timeout_ms = round(timeout_seconds * 1000)
         fields: dict[str, Any] = {"queue": True} if queue else {}
         fields.update(_keyed(idempotency_key))
@@ -321,22 +338,44 @@ def build_mcp_server(backend: Backend) -> MCPServer:
                 json_schema_extra=_TARGET_SCHEMA,
             ),
         ] = None,
+        wait_seconds: Annotated[
+            float | None,
+            Field(
+                description="Collect the replies of clients that speak protocol version 2 for up to this many "
+                "seconds (returns early when all answered); absent: no replies are awaited.",
+                json_schema_extra={"minimum": TIMEOUT_RANGE[0], "maximum": TIMEOUT_RANGE[1]},
+            ),
+        ] = None,
     ) -> BroadcastOutcome:
-        """Send a text command to every connected client, or to the clients in one group; no replies are awaited.
+        """Send a text command to every connected client, or to the clients in one group.
 
         Returns {"status": "delivered", "count": N}: how many clients received it across the cluster
-        (0 means nobody was connected or in the group). Use send_command to get replies.
+        (0 means nobody was connected or in the group). With wait_seconds it also returns "replies"
+        (client, message, rtt_ms per client) and "no_reply" (clients that did not answer in time);
+        status "replied" when every awaited client answered. Version-1 clients are counted, never awaited.
         """
         target = "*" if group is None else f"group:{group}"
         if group is not None and CLIENT_ID_PATTERN.fullmatch(group) is None:
             raise _refuse(
                 "invalid_target", f"'{group}' is not a valid group name (letters, digits, _ and -, at most 50)."
             )
+        fields = _keyed(idempotency_key)
+        if wait_seconds is not None:
+            _check_range("wait_seconds", wait_seconds, TIMEOUT_RANGE)
+            fields["wait_ms"] = round(wait_seconds * 1000)
         try:
-            answer = await _reach(lambda: backend.command(target, message, **_keyed(idempotency_key)))
+            answer = await _reach(lambda: backend.command(target, message, **fields))
         except CommandError as exc:
             raise _refuse(exc.code, explain(exc, target)) from None
-        return {"status": "delivered", "target": target, "count": int(answer.get("count", 0))}
+        outcome: BroadcastOutcome = {"status": "delivered", "target": target, "count": int(answer.get("count", 0))}
+        if "replies" in answer:
+            outcome["status"] = "replied" if answer.get("status") == "replied" else "delivered"
+            outcome["replies"] = [
+                {"client": str(r["client"]), "message": str(r["message"]), "rtt_ms": float(r["rtt_ms"])}
+                for r in answer["replies"]
+            ]
+            outcome["no_reply"] = [str(c) for c in answer.get("no_reply", [])]
+        return outcome
 
     @server.resource(
         "wsbridge://clients",
@@ -354,6 +393,7 @@ def build_mcp_server(backend: Backend) -> MCPServer:
     def drive_a_device(goal: Annotated[str, Field(description="What the devices should do.")] = "") -> str:
         return DRIVE_A_DEVICE.format(goal=f"\nGoal: {goal}" if goal else "")
 
+    register_manifest_tools(server, backend)
     _forbid_unknown_arguments(server)
     return server
 

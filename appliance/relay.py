@@ -21,11 +21,23 @@ from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
 from .connections import ASGISend, Connection, Flusher
 from .core.history import close_entry
+from .core.manifest import encode_manifest_accepted, encode_manifest_error
 from .core.protocol import CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import Request, TimeoutPolicy, encode_client_command
 from .core.recent import cut
 from .core.requests import Routed, V1Matcher
-from .core.session import Close, Deliver, Limits, Publish, ReplyOrPublish, SendError, Session, Submit
+from .core.session import (
+    Close,
+    DeclareManifest,
+    Deliver,
+    Limits,
+    Publish,
+    ReplyOrPublish,
+    SendError,
+    Session,
+    Submit,
+)
+from .core.timefmt import iso
 from .recent_logs import RecentLogs
 from .registry import LocalConnections
 from .settings import Settings
@@ -249,6 +261,19 @@ class Relay:
             conn.deliver(action.frame)
         elif type(action) is Close:
             conn.close(action.code, action.reason)
+        elif type(action) is DeclareManifest:
+            self._declare_manifest(conn, action)
+
+    def _declare_manifest(self, conn: Connection, action: DeclareManifest) -> None:
+        """Keep a client's manifest with its connection and in presence (cluster-wide), and answer it."""
+        if action.error is not None:
+            log.info("%s sent a manifest that is refused: %s", conn.client_id, action.error.detail)
+            conn.deliver(encode_manifest_error(action.error))
+            return
+        assert action.manifest is not None
+        conn.manifest = {**action.manifest, "updated_at": iso(time.time(), "seconds")}
+        self.broker.presence_changed(conn.client_id)
+        conn.deliver(encode_manifest_accepted(conn.manifest))
 
     def _deliver(self, conn: Connection, command: Command) -> None:
         metrics.RECEIVED_FROM_CONTROLLERS.count += 1
@@ -351,6 +376,10 @@ class Relay:
         if not ordered:
             return records
         return sorted(records, key=lambda r: (r["id"], r["instance"]))
+
+    async def client(self, client_id: str) -> dict[str, Any] | None:
+        """The presence record of ``client_id`` wherever it is connected, with its manifest (raises BrokerUnavailable)."""
+        return await self.broker.presence_of(client_id)
 
     async def cluster_summary(self) -> list[dict[str, Any]]:
         """Per instance: connection and message counters and a membership version (see Broker.presence_summary).

@@ -158,9 +158,10 @@ async def send(request: HTMXRequest) -> Response[Any]:
         # A round trip only where there was one (a reply): an offline target or a delivery has none.
         "rtt_ms": body.get("rtt_ms")
         if body.get("rtt_ms") is not None
-        else (round(elapsed_ms, 1) if body.get("status") == "replied" else None),
+        else (round(elapsed_ms, 1) if body.get("status") == "replied" and "replies" not in body else None),
         # A group or everyone: how many clients received it, cluster-wide.
         "count": body.get("count"),
+        **_broadcast_replies(body),
     }
     session = request.scope.get("session")
     if isinstance(session, dict):
@@ -176,6 +177,27 @@ async def send(request: HTMXRequest) -> Response[Any]:
         rtt_ms=entry["rtt_ms"],
     )
     return _send_result(request, entry, pending_id)
+
+
+#: Replies per client kept with one sent broadcast (the rest are counted, not shown).
+BROADCAST_REPLIES_SHOWN = 50
+
+
+def _broadcast_replies(body: dict[str, Any]) -> dict[str, Any]:
+    """A waited broadcast's replies per client (cut) and the clients that did not answer in time."""
+    if "replies" not in body:
+        return {}
+    replies = [
+        {"client": str(r.get("client")), "message": _cut(r.get("message")), "rtt_ms": r.get("rtt_ms")}
+        for r in body["replies"][:BROADCAST_REPLIES_SHOWN]
+    ]
+    silent = [str(c) for c in body.get("no_reply") or []]
+    return {
+        "replies": replies,
+        "replies_total": len(body["replies"]),
+        "no_reply": silent[:BROADCAST_REPLIES_SHOWN],
+        "no_reply_total": len(silent),
+    }
 
 
 def _send_result(request: HTMXRequest, entry: dict[str, Any], pending_id: str, status_code: int = 200) -> Response[Any]:

@@ -226,6 +226,22 @@ class Broker(abc.ABC):
         loses a connection, so a watcher reads this and the full list only when it moved.
         """
 
+    # --- a presence record that changed while connected (a client's manifest) ----------------
+
+    @abc.abstractmethod
+    def presence_changed(self, client_id: str) -> None:
+        """The local record of ``client_id`` changed while it stays connected: publish it (never waits).
+
+        The memory broker reads records live; the Redis broker writes it within ~0.2 s.
+        """
+
+    async def presence_of(self, client_id: str) -> dict[str, Any] | None:
+        """The presence record of the connection holding ``client_id`` anywhere, or None.
+
+        The default reads all presence; backends with a cheaper way to find one record override it.
+        """
+        return next((r for r in await self.presence() if r["id"] == client_id), None)
+
     # --- connect history (appliance/core/history.py) ----------------------------------------
 
     @abc.abstractmethod

@@ -108,6 +108,12 @@ class MemoryBroker(Broker):
     async def presence_summary(self) -> list[dict[str, Any]]:
         return [self.inbox.presence_summary()]
 
+    def presence_changed(self, client_id: str) -> None:
+        pass  # Records are read live from the connections.
+
+    async def presence_of(self, client_id: str) -> dict[str, Any] | None:
+        return self.inbox.presence_record(client_id)
+
     def record_history(self, client_id: str, entry: dict[str, Any]) -> None:
         self._history.add(client_id, entry, time.time())
 

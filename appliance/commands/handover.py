@@ -71,6 +71,10 @@ class ClientLines:
         self._replied = replied
         self._queue_lock = queue_lock  # Shared with the queueing side: hand-overs keep the queue's order.
         self._spawn = spawn
+        #: Broadcasts whose sender collects the v2 replies (commands/broadcast.py sets both): looked at
+        #: only for a ``reply_to`` nothing else waits for, and only while the map is not empty.
+        self.broadcast_awaiting: dict[Any, Any] = {}
+        self.broadcast_reply: Callable[[str, CommandId, str, float], None] = lambda *args: None
 
     @staticmethod
     def frame_for(conn: Connection, command_id: CommandId | None, controller: str, message: str) -> str:
@@ -153,7 +157,9 @@ class ClientLines:
             key = (conn.session.client_id, reply.reply_to)
             line = self._awaiting.get(key)
             if line is None:
-                return False  # Nobody waits for it (never asked, or late): it reaches every controller.
+                if self.broadcast_awaiting:  # A broadcast's caller may be collecting the replies.
+                    self.broadcast_reply(key[0], reply.reply_to, reply.message, now)
+                return False  # Nobody waits for it (a broadcast's, never asked, or late): it reaches every controller.
             if isinstance(line, tuple):
                 del self._awaiting[key]
                 routed, deadline, tracked = line

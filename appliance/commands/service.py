@@ -23,6 +23,7 @@ from ..core.events import (
     Disconnect,
     Drain,
     Failed,
+    FanReplied,
     InstanceEvent,
     RecentAnswer,
     RecentAsk,
@@ -113,6 +114,9 @@ class CommandService:
         self.client_opened = self.lines.client_opened
         self.client_closed = self.lines.client_closed
         self.fan_in_remote = self.broadcasts.fan_in_remote
+        # A v2 reply nobody else waits for may answer a broadcast whose sender collects the replies.
+        self.lines.broadcast_awaiting = self.broadcasts.awaiting
+        self.lines.broadcast_reply = self.broadcasts.client_reply
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -150,6 +154,7 @@ class CommandService:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
             self.lines.forget_unanswered(now)
+            self.broadcasts.forget_unanswered(now)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -162,7 +167,10 @@ class CommandService:
         """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
         now = time.time()
         if request.kind is not TargetKind.CLIENT:
-            self.broadcasts.fan_out(waiter, controller, request)
+            waiting = self._waiters.get(waiter) if self._waiters else None
+            # An in-process caller that waits (wait_ms) collects the v2 clients' replies for that long.
+            collect_ms = request.timeout_ms if waiting is not None and waiting.want_reply else 0
+            self.broadcasts.fan_out(waiter, controller, request, collect_ms)
             return
         assert request.id is not None
         if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
@@ -245,6 +253,8 @@ class CommandService:
             self._failed_outcome(event)
         elif isinstance(event, Counted):
             self.broadcasts.counted(event)
+        elif isinstance(event, FanReplied):
+            self.broadcasts.replied(event)
         else:
             self._order(event)
 
@@ -357,13 +367,16 @@ class CommandService:
         for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
 
-    def _fan_out_finished(self, waiter: str, request: Request, count: int) -> None:
-        """A broadcast or group command reached ``count`` clients cluster-wide."""
+    def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
+        """A broadcast or group command reached ``count`` clients cluster-wide (and, when its caller
+        waited, ``collected`` holds the v2 clients' replies and those that did not answer in time)."""
         OUTCOMES["delivered"].inc()
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
         body = {"id": request.id, "status": Status.DELIVERED.value, "target": request.target, "count": count}
-        if waiter in self._waiters:
+        if collected is not None and waiter in self._waiters:  # Its status: replied when all awaited answered.
+            self._resolve(waiter, Outcome(200, {**body, **collected}))
+        elif waiter in self._waiters:
             self._resolve(waiter, Outcome(202, body))
         else:
             conn = self.local.connection(waiter)

@@ -4,7 +4,8 @@ Two families, one Struct per kind (a msgspec tagged union, tag field ``kind``):
 
 - **outcomes** of a command, for the instance its sender waits on (``waiter``: a controller
   connection's key or an HTTP waiter's): :class:`Delivered`, :class:`Replied`,
-  :class:`Failed`, and a broadcast's per-instance :class:`Counted`;
+  :class:`Failed`, a broadcast's per-instance :class:`Counted`, and a version-2 client's reply
+  to a broadcast whose sender waits (:class:`FanReplied`);
 - **orders** for the instance that holds a client: :class:`Disconnect`, :class:`Drain` (hand
   over its queued commands), and the recent-commands question and answer
   (:class:`RecentAsk`, :class:`RecentAnswer`).
@@ -28,6 +29,7 @@ __all__ = [
     "Drain",
     "Failed",
     "FanOut",
+    "FanReplied",
     "InstanceEvent",
     "Order",
     "Outcome",
@@ -81,9 +83,20 @@ class Counted(_Event, tag="n", frozen=True):
     fan_out: str = msgspec.field(name="owner")  # The FanOut's tag.
     id: CommandId = ""
     count: int = 0
+    #: The version-2 receivers whose replies its sender waits for (only when it waits: FanOut.collect_ms).
+    clients: tuple[str, ...] = ()
 
 
-Outcome = Delivered | Replied | Failed | Counted
+class FanReplied(_Event, tag="b", frozen=True):
+    """A version-2 client's reply to a broadcast or group command whose sender waits for the replies."""
+
+    fan_out: str = msgspec.field(name="owner")  # The FanOut's tag.
+    id: CommandId = ""
+    client: str = msgspec.field(default="", name="sender")
+    message: str = ""
+
+
+Outcome = Delivered | Replied | Failed | Counted | FanReplied
 
 
 # --- orders: to the instance that holds a client ---------------------------------------------------
@@ -119,10 +132,10 @@ class RecentAnswer(_Event, tag="C", frozen=True):
 
 
 Order = Disconnect | Drain | RecentAsk | RecentAnswer
-InstanceEvent = Delivered | Replied | Failed | Counted | Disconnect | Drain | RecentAsk | RecentAnswer
+InstanceEvent = Delivered | Replied | Failed | Counted | FanReplied | Disconnect | Drain | RecentAsk | RecentAnswer
 
 
-class FanOut(msgspec.Struct, frozen=True):
+class FanOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """A broadcast or group command, sent to every instance; each counts its local receivers."""
 
     origin: str
@@ -132,6 +145,9 @@ class FanOut(msgspec.Struct, frozen=True):
     controller: str = msgspec.field()
     message: str = msgspec.field()
     group: str | None = msgspec.field()
+    #: > 0: its sender waits this long for the version-2 receivers' replies (each instance
+    #: remembers whom it handed the command to, and sends their replies back as FanReplied).
+    collect_ms: int = msgspec.field(default=0, name="collect")
 
 
 _event_encoder = msgspec.json.Encoder()

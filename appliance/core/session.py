@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from .manifest import ManifestError, parse_manifest
 from .protocol import (
     CONTROLLER_ID,
     CloseCode,
@@ -32,6 +33,7 @@ from .ratelimit import TokenBucket
 
 __all__ = [
     "Close",
+    "DeclareManifest",
     "Deliver",
     "InvalidState",
     "Limits",
@@ -115,6 +117,18 @@ class ReplyOrPublish(msgspec.Struct, gc=False):
 
 
 @dataclass(slots=True)
+class DeclareManifest:
+    """A version-2 client declared its commands (``manifest``), or sent a manifest frame that is refused (``error``).
+
+    Either way the client is answered (``manifest_accepted`` or ``manifest_error``); a refused
+    manifest leaves the one it declared before in place.
+    """
+
+    manifest: dict[str, object] | None
+    error: ManifestError | None = None
+
+
+@dataclass(slots=True)
 class SendError:
     """Send an error frame back to this (controller) connection."""
 
@@ -131,7 +145,7 @@ class Throttle:
     """Stop reading from this connection for ``seconds`` before acting on ``then``."""
 
     seconds: float
-    then: Publish | ReplyOrPublish
+    then: Publish | ReplyOrPublish | DeclareManifest
 
 
 @dataclass(slots=True)
@@ -140,7 +154,7 @@ class Close:
     reason: str
 
 
-Action = Deliver | Submit | Publish | ReplyOrPublish | SendError | Throttle | Close
+Action = Deliver | Submit | Publish | ReplyOrPublish | DeclareManifest | SendError | Throttle | Close
 
 
 def authorize(client_id: str, role: str | None, id_pattern: str | None = None) -> Role | CloseCode:
@@ -283,9 +297,16 @@ class Session:
             # Clients cannot read error frames (they would take them for commands), so the
             # RFC 6455 code for "message too big" tells them instead.
             return Close(CloseCode.MESSAGE_TOO_BIG, f"message exceeds {self._max_bytes} bytes")
-        publish: Publish | ReplyOrPublish = (
+        publish: Publish | ReplyOrPublish | DeclareManifest = (
             ReplyOrPublish(self.client_id, text) if self._v2 else Publish(encode_reply(self.client_id, text), text)
         )
+        # is_manifest_frame, inlined: ~0.1 µs a v2 client frame (0.4 % of a v2 round trip's ~28 µs of server CPU).
+        if self._v2 and '"manifest"' in text and text.startswith("{"):
+            manifest = parse_manifest(text)
+            if isinstance(manifest, ManifestError):
+                publish = DeclareManifest(None, manifest)
+            elif manifest is not None:
+                publish = DeclareManifest(manifest)
         wait = self._bucket.reserve(now)
         return Throttle(wait, publish) if wait > 0 else publish
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 
@@ -120,6 +121,39 @@ def test_a_group_send_shows_how_many_received_it_and_an_offline_target_no_round_
     offline = page.locator("#sent-rows tr.status-target_offline").first
     offline.wait_for(timeout=ms(15))
     assert offline.locator("td.num").inner_text().strip() == ""  # No round trip without a reply.
+    console.assert_clean()
+
+
+def test_a_waited_group_send_shows_each_v2_clients_reply_and_who_stayed_silent(page, app, console, screenshot):
+    headers = {"X-Auth-Token": CLIENT_TOKEN}
+    with contextlib.ExitStack() as stack:
+        speaker = stack.enter_context(
+            connect(f"{app.ws}/ws/crew-speaker?groups=crew", additional_headers=headers, subprotocols=["wsbridge.v2"])
+        )
+        stack.enter_context(
+            connect(f"{app.ws}/ws/crew-silent?groups=crew", additional_headers=headers, subprotocols=["wsbridge.v2"])
+        )
+
+        def answer() -> None:
+            with contextlib.suppress(Exception):
+                for text in speaker:
+                    frame = json.loads(text)
+                    speaker.send(json.dumps({"reply_to": frame["id"], "message": f"aye: {frame['message']}"}))
+
+        threading.Thread(target=answer, daemon=True).start()
+        sign_in(page, app, "/admin/send")
+        page.get_by_label("Kind").select_option("group")
+        page.get_by_label("Client id or group").fill("crew")
+        page.get_by_label("Message").fill("Report")
+        page.get_by_label("Wait for the reply (s, 0 = do not wait)").fill(str(timeout(3)))
+        page.get_by_role("button", name="Send", exact=True).click()
+        row = page.locator("#sent-rows tr.status-delivered").first
+        row.wait_for(timeout=ms(30))
+        assert "to 2 clients" in row.inner_text()
+        assert row.locator("li.reply").inner_text().startswith("crew-speaker: aye: Report")
+        assert "crew-silent" in row.locator("li.no-reply").inner_text()
+        assert row.locator("td.num").inner_text().strip() == ""  # Round trips per client, none for the send.
+        screenshot(page, "send-group-replies")
     console.assert_clean()
 
 

@@ -6,8 +6,23 @@ import json
 import uuid
 
 import httpx
+import httpx2
 import pytest
-from support import ADMIN_TOKEN, CONTROLLER_TOKEN, closed_with, command, recv, recv_json, timeout
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from support import (
+    ADMIN_TOKEN,
+    CLIENT_TOKEN,
+    CONTROLLER_TOKEN,
+    closed_with,
+    command,
+    eventually,
+    recv,
+    recv_json,
+    timeout,
+)
+
+from appliance.client import BridgeClient
 
 V2 = ["wsbridge.v2"]
 
@@ -117,6 +132,31 @@ async def test_broadcast_and_group_counts_are_cluster_wide(trio):
         assert await recv(outsider) == "all"
 
 
+async def test_a_waiting_http_group_send_collects_the_v2_replies_from_every_instance(trio):
+    a, b, c = trio
+    group = uid("grp")
+    speaker, silent, old = uid("speaker"), uid("silent"), uid("old")
+    async with (
+        a.controller(uid("ctl")) as llm,
+        c.connect(f"{speaker}?groups={group}", subprotocols=V2) as answering,
+        b.connect(f"{silent}?groups={group}", subprotocols=V2) as quiet,
+        c.connect(f"{old}?groups={group}") as v1,
+        httpx.AsyncClient(base_url=b.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}, timeout=timeout(15)) as http,
+    ):
+        body = {"target": f"group:{group}", "message": "report", "id": uid("g"), "wait_ms": 1500}
+        sending = asyncio.create_task(http.post("/api/v1/commands", json=body))
+        frame = await recv_json(answering)
+        assert (frame["id"], (await recv_json(quiet))["id"], await recv(v1)) == (body["id"], body["id"], "report")
+        await answering.send(json.dumps({"reply_to": frame["id"], "message": "all good"}))
+        response = await sending
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert (result["status"], result["count"], result["no_reply"]) == ("delivered", 3, [silent])
+        assert [(r["client"], r["message"]) for r in result["replies"]] == [(speaker, "all good")]
+        # The reply also reached the controllers (on another instance) as the client's plain message.
+        assert await recv_json(llm) == {"sender": speaker, "message": "all good"}
+
+
 async def test_command_queued_on_one_instance_is_delivered_on_another(trio):
     a, _, c = trio
     target = uid("later")
@@ -174,3 +214,200 @@ async def test_a_client_leaving_mid_command_on_another_instance_leaves_every_com
             while True:
                 later.append(json.loads(await asyncio.wait_for(llm.recv(), 0.5)))
         assert all(set(f) == {"sender", "message"} for f in later), later
+
+
+# --- GET /api/v1/events: what controllers hear, as server-sent events ---------------------------------
+
+
+class EventStream:
+    """One real SSE response read with httpx: its events as (event, id, data) as they come."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+
+    async def next(self, within: float = 10.0) -> tuple[str, str | None, str]:
+        event, event_id, data = "message", None, []
+        async with asyncio.timeout(timeout(within)):
+            async for line in self._lines:
+                if line.startswith(":") or line.startswith("retry:"):
+                    continue
+                if not line:
+                    if data:
+                        return event, event_id, "\n".join(data)
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "event":
+                    event = value
+                elif field == "id":
+                    event_id = value
+                elif field == "data":
+                    data.append(value)
+        raise AssertionError("the stream ended")
+
+
+@contextlib.asynccontextmanager
+async def events(app, last_event_id: str | None = None, **params: str):
+    headers = {"X-Auth-Token": CONTROLLER_TOKEN}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    async with (
+        httpx.AsyncClient(base_url=app.http, timeout=timeout(15)) as http,
+        http.stream("GET", "/api/v1/events", params=params, headers=headers) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        stream = EventStream(response)
+        assert (await stream._lines.__anext__()).startswith(":")  # The opening comment: it follows from here.
+        yield stream
+
+
+async def test_events_reach_an_sse_caller_on_another_instance_filtered_and_resumable(trio):
+    a, b, c = trio
+    speaker, other, group = uid("speaker"), uid("other"), uid("grp")
+    async with httpx.AsyncClient(base_url=b.http) as http:
+        assert (await http.get("/api/v1/events")).status_code == 401
+    async with (
+        c.connect(f"{speaker}?groups={group}") as talker,
+        c.connect(other) as noisy,
+    ):
+        async with events(b, client=speaker) as stream:
+            await noisy.send("not for this stream")
+            await talker.send("hello from c")
+            kind, first_id, data = await stream.next()
+            assert (kind, json.loads(data)) == ("message", {"sender": speaker, "message": "hello from c"})
+            assert first_id
+        await talker.send("said while nobody listened")  # b keeps recording for a while: resumable
+        await talker.send("and again")
+        async with events(b, last_event_id=first_id, client=speaker) as stream:
+            replayed = [json.loads((await stream.next())[2])["message"] for _ in range(2)]
+            assert replayed == ["said while nobody listened", "and again"]
+        # Another instance cannot know what b numbered: it says so (a gap), then follows.
+        async with events(a, last_event_id=first_id, group=group) as stream:
+            assert (await stream.next())[0] == "gap"
+            await noisy.send("outside the group")
+            await talker.send("in the group")
+            kind, _, data = await stream.next()
+            assert (kind, json.loads(data)["message"]) == ("message", "in the group")
+
+
+# --- command manifests (issue 21 item 4): a v2 client declares its commands on c; b shows them in the HTTP API
+# and over /mcp, where send_command checks commands against them.
+
+
+@contextlib.asynccontextmanager
+async def manifest_device(app, client_id):
+    """The Python BridgeClient as a v2 device with two handlers, serving them."""
+    robot = BridgeClient(app.ws, client_id, CLIENT_TOKEN, v2=True)
+
+    @robot.on_command(
+        "MoveForward",
+        "Moves forward",
+        arguments={"distance": {"type": "number", "description": "metres"}, "speed": {"type": "integer"}},
+        required=["distance"],
+    )
+    async def move(distance: float, speed: int = 1) -> str:
+        return f"moved {distance} at {speed}"
+
+    robot.register("Status", lambda: "idle", "Reports the state")
+    async with robot:
+        task = asyncio.create_task(robot.serve())
+        try:
+            yield robot
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def declared(app, client_id, commands=None):
+    """The manifest of ``client_id`` as ``app``'s HTTP API shows it, once it has ``commands`` (names)."""
+
+    async def read():
+        status, body = await app.aget(f"/api/v1/clients/{client_id}", CONTROLLER_TOKEN)
+        manifest = body.get("manifest") if status == 200 else None
+        if manifest is None or (commands is not None and [c["name"] for c in manifest["commands"]] != commands):
+            return None
+        return manifest
+
+    return await eventually(read, 10, f"the manifest of {client_id} on {app.name}")
+
+
+def mcp_over_http(app):
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {CONTROLLER_TOKEN}"}, timeout=timeout(30))
+    return Client(streamable_http_client(f"{app.http}/mcp", http_client=http), read_timeout_seconds=timeout(30))
+
+
+async def test_a_declared_manifest_is_shown_cluster_wide_and_checked_by_send_command(trio):
+    _, b, a = trio  # the device on c, HTTP and MCP on b
+    robot_id = uid("robot")
+    async with manifest_device(a, robot_id):
+        manifest = await declared(b, robot_id, ["MoveForward", "Status"])
+        move = manifest["commands"][0]
+        assert move["description"] == "Moves forward"
+        assert move["arguments"]["properties"]["distance"] == {"type": "number", "description": "metres"}
+        assert move["arguments"]["required"] == ["distance"]
+        status, page = await b.aget(f"/api/v1/clients?prefix={robot_id}", CONTROLLER_TOKEN)
+        assert status == 200 and [c["id"] for c in page["clients"]] == [robot_id]
+        assert "manifest" not in page["clients"][0]  # only with one client
+
+        async with mcp_over_http(b) as client:
+            resource = await client.read_resource(f"wsbridge://clients/{robot_id}/manifest")
+            assert json.loads(resource.contents[0].text)["manifest"]["commands"][1]["name"] == "Status"
+            described = await client.call_tool("describe_client", {"target": robot_id})
+            assert not described.is_error, described.content
+            assert described.structured_content["usage"] == [
+                "MoveForward <distance:number> [speed:integer] — Moves forward",
+                "Status — Reports the state",
+            ]
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            assert tools["describe_client"].annotations.read_only_hint is True
+
+            refused = await client.call_tool("send_command", {"target": robot_id, "message": "Jump 3"})
+            assert refused.is_error
+            text = refused.content[0].text
+            assert "[unknown_command]" in text and "MoveForward, Status" in text and "describe_client" in text
+            bad = await client.call_tool("send_command", {"target": robot_id, "message": "MoveForward far"})
+            assert bad.is_error and "[invalid_arguments]" in bad.content[0].text
+
+            ok = await client.call_tool("send_command", {"target": robot_id, "message": "moveforward 2 3"})
+            assert not ok.is_error, ok.content
+            assert ok.structured_content["reply"] == "moved 2.0 at 3"
+
+
+async def test_a_manifest_is_replaced_and_a_bad_one_is_answered_with_an_error_frame(trio):
+    _, b, a = trio
+    client_id = uid("dev")
+    async with a.connect(client_id, subprotocols=V2) as ws:
+        await ws.send(json.dumps({"type": "manifest", "commands": [{"name": "Blink"}]}))
+        assert await recv_json(ws) == {"type": "manifest_accepted", "commands": 1}
+        await declared(b, client_id, ["Blink"])
+
+        await ws.send(json.dumps({"type": "manifest", "commands": [{"name": "Blink"}, {"name": "two words"}]}))
+        error = await recv_json(ws)
+        assert error["type"] == "manifest_error" and error["error"] == "invalid_manifest"
+        assert error["path"] == "commands[1].name"
+
+        await ws.send(json.dumps({"type": "manifest", "commands": [{"name": "Dim"}]}))
+        assert await recv_json(ws) == {"type": "manifest_accepted", "commands": 1}
+        await declared(b, client_id, ["Dim"])  # replaced; the refused one changed nothing
+
+    # A client without a manifest is unchanged: its commands go through unchecked.
+    plain = uid("plain")
+    async with a.connect(plain, subprotocols=V2) as ws, mcp_over_http(b) as client:
+
+        async def listed():
+            return (await b.aget(f"/api/v1/clients/{plain}", CONTROLLER_TOKEN))[0] == 200
+
+        await eventually(listed, 10, "presence on b")
+
+        async def answer():
+            frame = await recv_json(ws, 30)
+            await ws.send(json.dumps({"reply_to": frame["id"], "message": "did " + frame["message"]}))
+
+        task = asyncio.create_task(answer())
+        result = await client.call_tool("send_command", {"target": plain, "message": "Anything 1 2 3"})
+        await task
+        assert not result.is_error and result.structured_content["reply"] == "did Anything 1 2 3"
+        described = await client.call_tool("describe_client", {"target": plain})
+        assert described.structured_content["manifest"] is None

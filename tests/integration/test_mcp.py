@@ -72,7 +72,7 @@ def mcp_client(request, bridge):
 async def test_tools_are_listed_with_descriptions_for_a_model(mcp_client):
     async with mcp_client as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"list_clients", "send_command", "broadcast"}
+    assert set(tools) == {"list_clients", "send_command", "broadcast", "describe_client"}
     send = tools["send_command"]
     assert "ONE client" in send.description and "list_clients" in send.description
     assert send.input_schema["required"] == ["target", "message"]  # never a default target
@@ -111,6 +111,11 @@ async def test_broadcast_reports_the_count(mcp_client, bridge):
         result = await client.call_tool("broadcast", {"message": "go", "group": group})
         assert not result.is_error, result.content
         assert result.structured_content["count"] == 2
+        waited = await client.call_tool("broadcast", {"message": "report", "group": group, "wait_seconds": 10})
+        assert not waited.is_error, waited.content
+        outcome = waited.structured_content
+        assert (outcome["status"], outcome["count"], outcome["no_reply"]) == ("replied", 2, [])
+        assert sorted(r["message"] for r in outcome["replies"]) == ["ok: report", "ok: report"]
 
 
 @pytest.mark.parametrize(
@@ -154,7 +159,7 @@ async def test_tools_carry_titles_annotations_described_bounded_parameters_and_o
     assert (send["timeout_seconds"]["minimum"], send["timeout_seconds"]["maximum"]) == (0.1, 300)
     assert send["target"]["pattern"]
     assert set(tools["send_command"].output_schema["properties"]) >= {"status", "reply", "rtt_ms"}
-    assert set(tools["broadcast"].output_schema["properties"]) == {"status", "target", "count"}
+    assert set(tools["broadcast"].output_schema["properties"]) == {"status", "target", "count", "replies", "no_reply"}
 
 
 BAD_CALLS = [
@@ -286,3 +291,37 @@ async def test_http_mcp_sessions_work_across_two_instances_without_sticky_sessio
                 assert sent["result"]["structuredContent"]["reply"] == f"ok: m{n}"
     finally:
         await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
+
+
+async def test_a_listener_on_stateless_http_mcp_hears_when_a_client_speaks_and_reads_its_messages(bridge):
+    speaker, other = uid("speaks"), uid("quiet")
+    uri = f"wsbridge://clients/{speaker}/messages"
+    async with bridge.connect(speaker) as talker, bridge.connect(other) as noisy, http_client(bridge) as client:
+        templates = (await client.list_resource_templates()).resource_templates
+        assert "wsbridge://clients/{client_id}/messages" in [t.uri_template for t in templates]
+        async with client.listen(resource_subscriptions=[uri]) as subscription:
+            assert subscription.honored.resource_subscriptions == [uri]
+            await noisy.send("another client's text")  # Not subscribed: no notification for it.
+            await talker.send("status: docked")
+            async with asyncio.timeout(timeout(10)):
+                event = await anext(subscription)
+            assert str(event.uri) == uri
+        read = json.loads((await client.read_resource(uri)).contents[0].text)
+        assert [m["message"] for m in read["messages"]] == ["status: docked"]
+        assert read["messages"][0]["sender"] == speaker
+
+
+async def test_describe_client_and_the_manifest_check_work_over_stdio_too(bridge):
+    """stdio reaches the manifest through GET /api/v1/clients/{id}; /mcp is tested in test_manifest.py."""
+    target = uid("declared")
+    async with bridge.connect(target, subprotocols=V2) as ws, stdio_client(bridge) as client:
+        await ws.send(json.dumps({"type": "manifest", "commands": [{"name": "Wave", "description": "Waves"}]}))
+        assert json.loads(await ws.recv()) == {"type": "manifest_accepted", "commands": 1}
+        described = await client.call_tool("describe_client", {"target": target})
+        assert not described.is_error, described.content
+        assert described.structured_content["usage"] == ["Wave — Waves"]
+        refused = await client.call_tool("send_command", {"target": target, "message": "Wave twice"})
+        assert refused.is_error and "[invalid_arguments]" in refused.content[0].text
+        assert "Wave takes no arguments" in refused.content[0].text
+        offline = await client.call_tool("describe_client", {"target": uid("nobody")})
+        assert offline.is_error and "[target_offline]" in offline.content[0].text

@@ -1156,6 +1156,15 @@ async def test_v2_command_listener_replies_with_reply_to_on_the_main_thread(app,
         device(smoke, "listener", url=app.ws, id=target, token=CLIENT_TOKEN, protocol=2) as run,
     ):
         await run.expect("EVENT connected")
+        # Issue 25 item 9: the registered handlers are the client's manifest, sent by default under v2 (never as a
+        # message: "other" below would get it first), with the light sample's descriptions and arguments.
+        manifest = await declared_manifest(app, target, {"on", "off", "toggle", "intensity", "status", "quit"})
+        intensity = next(c for c in manifest["commands"] if c["name"] == "intensity")
+        assert intensity["description"] == "Sets the light's brightness"
+        assert intensity["arguments"]["properties"] == {
+            "value": {"type": "number", "description": "brightness from 0 to 8"}
+        }
+        assert intensity["arguments"]["required"] == ["value"]
         for number, (text, expected) in enumerate(
             [("off", "light off"), ("intensity 2.5", "intensity 2.5"), ("dance", "error: unknown command dance")]
         ):
@@ -1168,3 +1177,15 @@ async def test_v2_command_listener_replies_with_reply_to_on_the_main_thread(app,
         await llm.send(command(target, "quit"))
         await run.expect("EVENT resumed connections=2")
         await run.passes()
+    assert "manifest" not in run.output  # the appliance's answer is no command: not handed to Unhandled Command
+
+
+async def declared_manifest(app: Appliance, client_id: str, names: set[str]) -> dict:
+    """The manifest of ``client_id`` in the HTTP API, once it names ``names``."""
+
+    async def read():
+        status, body = await app.aget(f"/api/v1/clients/{client_id}", token=app.env["LLM_SECRET_TOKEN"])
+        manifest = body.get("manifest") if status == 200 else None
+        return manifest if manifest and {c["name"] for c in manifest["commands"]} == names else None
+
+    return await eventually(read, 10, f"the manifest of {client_id}")

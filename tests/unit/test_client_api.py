@@ -5,7 +5,7 @@ from appliance.core.protocol import CloseCode
 
 
 def test_public_api_is_pinned():
-    assert sorted(client.__all__) == ["BridgeClient", "BridgeClosed", "FINAL_CLOSE_CODES", "IdTaken"]
+    assert sorted(client.__all__) == ["BridgeClient", "BridgeClosed", "FINAL_CLOSE_CODES", "Handler", "IdTaken"]
 
 
 def test_final_close_codes_are_the_ones_retrying_cannot_fix():

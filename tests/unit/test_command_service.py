@@ -208,6 +208,39 @@ async def test_send_command_waits_for_the_reply_and_says_why_it_could_not(parts)
     assert (delivered.http_status, delivered.body["status"]) == (202, "delivered")
 
 
+async def test_a_waiting_broadcast_collects_each_v2_clients_reply_and_names_the_silent_ones(parts):
+    llm = await peer(parts, "llm", Role.CONTROLLER)
+    fast, slow = await peer(parts, "fast", v2=True, groups=("team",)), await peer(parts, "slow", v2=True)
+    old = await peer(parts, "old", groups=("team",))  # Version 1: reached and counted, its text unmatched.
+    sending = asyncio.ensure_future(parts.commands.send_command("*", "status?", wait_ms=600))
+    command = await fast.next_json()
+    assert (await slow.next_json())["id"] == command["id"] and await old.next() == "status?"
+    fast.say({"reply_to": command["id"], "message": "ok"})
+    outcome = await sending
+    assert outcome.http_status == 200
+    body = outcome.body
+    assert (body["status"], body["count"], body["no_reply"]) == ("delivered", 3, ["slow"])
+    assert [(r["client"], r["message"]) for r in body["replies"]] == [("fast", "ok")]
+    assert body["replies"][0]["rtt_ms"] >= 0
+    # The reply also reached every controller as the client's plain message, as before.
+    assert await llm.next_json() == {"sender": "fast", "message": "ok"}
+    slow.say({"reply_to": command["id"], "message": "late"})  # After the wait: to controllers only.
+    assert (await llm.next_json())["message"] == "late"
+    assert not parts.commands.broadcasts.awaiting
+    # Everybody answers: replied, as soon as the last one does (well before the 60 s wait).
+    sending = asyncio.ensure_future(parts.commands.send_command("group:team", "again", wait_ms=60_000))
+    command = await fast.next_json()
+    await old.next()
+    fast.say({"reply_to": command["id"], "message": "done"})
+    async with asyncio.timeout(5):
+        outcome = await sending
+    assert (outcome.body["status"], outcome.body["count"], outcome.body["no_reply"]) == ("replied", 2, [])
+    # Without wait_ms nothing is collected and nothing is remembered.
+    delivered = await parts.commands.send_command("*", "fire and forget")
+    assert (delivered.http_status, delivered.body["status"], delivered.body["count"]) == (202, "delivered", 3)
+    assert "replies" not in delivered.body and not parts.commands.broadcasts.awaiting
+
+
 async def test_in_process_commands_share_the_controller_rate_limit():
     wired = wire_relay(settings(controller_rate_limit=1, controller_rate_burst=2), MemoryBroker())
     await wired.relay.start()

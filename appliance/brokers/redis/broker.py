@@ -288,6 +288,17 @@ class RedisBroker(Broker):
     async def presence_summary(self) -> list[dict[str, Any]]:
         return await self._presence.summaries()
 
+    def presence_changed(self, client_id: str) -> None:
+        self._presence.changed(client_id)
+
+    async def presence_of(self, client_id: str) -> dict[str, Any] | None:
+        """The local record, else the holder's record in its instance's presence hash: two small reads."""
+        local = self.inbox.presence_record(client_id)
+        if local is not None:
+            return local
+        owner = await self.owner_of(client_id)
+        return None if owner is None else await self._presence.record(owner.instance, client_id)
+
     def record_history(self, client_id: str, entry: dict[str, Any]) -> None:
         self._history.record(client_id, entry)
         self._presence.history_recorded()

@@ -685,6 +685,16 @@ internal static class Program
             "\"required\":[\"value\"]}},{\"name\":\"Scan\",\"description\":\"\",\"arguments\":{\"type\":\"object\",\"properties\":{},\"required\":[]}}]}",
             "manifest");
         CheckThrows<ArgumentException>(() => new CommandArgument("x", "object", ""), "argument types are JSON Schema scalars");
+        // The appliance's answers to a manifest (docs/protocol.md): read as such, never as a command.
+        bool manifestAccepted;
+        string manifestDetail;
+        Check(BridgeProtocols.TryReadManifestAnswer("{\"type\":\"manifest_accepted\",\"commands\":2}", out manifestAccepted, out manifestDetail)
+            && manifestAccepted, "manifest_accepted is read");
+        Check(BridgeProtocols.TryReadManifestAnswer("{\"type\":\"manifest_error\",\"error\":\"invalid_manifest\",\"detail\":\"commands[0].name: one \\\"word\\\"\",\"path\":\"commands[0].name\"}",
+            out manifestAccepted, out manifestDetail) && !manifestAccepted, "manifest_error is read");
+        CheckEqual(manifestDetail, "commands[0].name: one \"word\"", "manifest_error detail");
+        Check(!BridgeProtocols.TryReadManifestAnswer("{\"id\":1,\"from\":\"L\",\"message\":\"manifest\"}", out manifestAccepted, out manifestDetail), "a command is no manifest answer");
+        Check(!codec.TryDecode("{\"type\":\"manifest_accepted\",\"commands\":2}", out command), "a manifest answer is no v2 command");
         CheckEqual(BridgeClient.DescribeCloseCode(4004), "the client id is in use by a controller", "4004 described");
         CheckEqual(BridgeClient.DescribeCloseCode(4013), "too many connections from this address or with this token", "4013 described");
         Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.RoleConflict) && !BridgeCloseCodes.IsFinal(BridgeCloseCodes.TooManyConnections), "4004 and 4013 are retried");

@@ -120,7 +120,7 @@ internal static class ListenerSmoke
         var device = player.Add<LightController>(lampObject);
 
         bool quit = false;
-        listener.Connected += () => Emit("EVENT connected");
+        listener.ConnectedEvent.AddListener(() => Emit("EVENT connected"));
         listener.UnhandledCommand.AddListener(text => Emit("EVENT unhandled " + text));
         listener.Register("quit", command =>
         {
@@ -239,6 +239,21 @@ internal static class ListenerSmoke
             var disconnectedEvents = new List<string>();
             listener.ConnectedEvent.AddListener(() => connectedEvents++);
             listener.DisconnectedEvent.AddListener(text => disconnectedEvents.Add(text));
+            // One way to subscribe (issue 25 item 10): the C# events are obsolete and forward to the UnityEvents, so code
+            // written against them keeps working; a handler removed again is not called.
+            int obsoleteConnected = 0;
+            var obsoleteDisconnects = new List<BridgeDisconnect>();
+            Action removed = () => player.Fail("a removed Connected handler was called");
+            Action<BridgeDisconnect> removedToo = info => player.Fail("a removed Disconnected handler was called");
+#pragma warning disable 618
+            listener.Connected += () => obsoleteConnected++;
+            listener.Connected += removed;
+            listener.Connected -= removed;
+            listener.Disconnected += info => obsoleteDisconnects.Add(info);
+            listener.Disconnected += removedToo;
+            listener.Disconnected -= removedToo;
+#pragma warning restore 618
+            Check(listener.LastDisconnect == null, "no disconnect yet");
 
             // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
             SetField(listener, "token", "typed-into-the-inspector");
@@ -314,6 +329,9 @@ internal static class ListenerSmoke
             refused = controller.Next(player);
             Check(refused == "error: echo not run: it arrived on an earlier connection", "old connection: " + refused);
             Check(disconnectedEvents.Count == 1 && disconnectedEvents[0].Contains("reconnect requested"), "Disconnected UnityEvent: " + string.Join("; ", disconnectedEvents));
+            Check(obsoleteConnected == 2 && obsoleteDisconnects.Count == 1 && obsoleteDisconnects[0] == listener.LastDisconnect
+                  && listener.LastDisconnect.ToString() == disconnectedEvents[0] && listener.LastDisconnect.WillRetry,
+                "the obsolete events forward: connected " + obsoleteConnected + ", disconnects " + obsoleteDisconnects.Count);
             Check(echoes == before, "a command of an old connection must not run");
             connections = client.Connections;
 
@@ -448,7 +466,7 @@ internal static class ListenerSmoke
         listener.Register("echo", command => { ran++; return command.Arguments; });
         listener.Register("hide", command => { hide = true; return "hidden"; });
         listener.Register("quit", command => { quit = true; return null; });
-        listener.Connected += () => Emit("EVENT connected");
+        listener.ConnectedEvent.AddListener(() => Emit("EVENT connected"));
         while (!quit && player.Failure == null)
         {
             player.FramesUntil(() => hide || quit || player.Failure != null, "a command from the controller", deadline);
@@ -493,7 +511,7 @@ internal static class ListenerSmoke
         bool quit = false;
         listener.Register("ping", command => "pong");
         listener.Register("quit", command => { quit = true; return null; });
-        listener.Connected += () => Emit("EVENT connected");
+        listener.ConnectedEvent.AddListener(() => Emit("EVENT connected"));
         Player.Message(listener, "Awake");
         Player.Message(listener, "OnEnable");
         Player.Message(listener, "Start");
@@ -524,7 +542,7 @@ internal static class ListenerSmoke
             throw new InvalidOperationException("fuse blown");
         });
         listener.Register("quit", command => { quit = true; return null; });
-        listener.Connected += () => Emit("EVENT connected");
+        listener.ConnectedEvent.AddListener(() => Emit("EVENT connected"));
         player.FramesUntil(() => quit || player.Failure != null, "quit from the controller", deadline);
         Check(logged && player.ExpectedErrors == 0, "the async handler's exception was not logged");
         var client = listener.Client;

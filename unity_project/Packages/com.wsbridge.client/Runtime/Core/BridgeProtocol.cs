@@ -91,6 +91,26 @@ namespace WebSocketBridge
             if (version == 1) return new TextCommandCodec();
             throw new ArgumentException("protocol version must be 1 or 2", "version");
         }
+
+        /// <summary>Reads the appliance's answer to a v2 client's manifest: {"type":"manifest_accepted","commands":N} or
+        /// {"type":"manifest_error","error","detail","path"}. False for anything else (a command, plain text).</summary>
+        public static bool TryReadManifestAnswer(string text, out bool accepted, out string detail)
+        {
+            accepted = false;
+            detail = null;
+            Dictionary<string, string> fields;
+            string type;
+            if (text == null || !text.StartsWith("{\"type\":\"manifest_", StringComparison.Ordinal)) return false;
+            if (!MiniJson.TryReadObject(text, out fields) || !fields.TryGetValue("type", out type)) return false;
+            if (type == "\"manifest_accepted\"")
+            {
+                accepted = true;
+                return true;
+            }
+            if (type != "\"manifest_error\"") return false;
+            if (!fields.TryGetValue("detail", out detail) || !MiniJson.TryReadString(detail, out detail)) detail = text;
+            return true;
+        }
     }
 
     /// <summary>Protocol v1: bare text commands, bare text replies.</summary>
@@ -429,8 +449,8 @@ namespace WebSocketBridge
         }
 
         /// <summary>The command manifest of the registered handlers: {"type":"manifest","commands":[{"name","description",
-        /// "arguments": a JSON Schema object}]}, names sorted. Provisional: the appliance does not accept it yet (issue 21
-        /// item 4 specifies the frame); CommandListener sends it only when Send Manifest is on.</summary>
+        /// "arguments": a JSON Schema object}]}, names sorted (docs/protocol.md, "Command manifest"). CommandListener sends
+        /// it under protocol v2 after each connect and when handlers change (Send Manifest, on by default).</summary>
         public string ManifestJson()
         {
             var names = new List<string>(CommandNames);

@@ -14,7 +14,7 @@
 //
 // Threading: BridgeClient raises its events on thread-pool threads (in WebGL players: on the main thread, in
 // the frame loop that Update pumps through BridgeTransports.Pump()); this component only queues them and
-// handles them in Update(), so handlers, the Connected/Disconnected events and the fallback all run on the
+// handles them in Update(), so handlers, the Connected/Disconnected UnityEvents and the fallback all run on the
 // main thread and may use any Unity API.
 //
 // Commands never run late in a burst (the time a command waited in the browser of a hidden WebGL tab counts too,
@@ -142,9 +142,9 @@ namespace WebSocketBridge
         [Tooltip("Reply \"error: unknown command <name>\" to commands no handler is registered for.")]
         [SerializeField] private bool replyToUnknownCommands = true;
 
-        [Tooltip("Send the command manifest (registered commands, descriptions, arguments) after each connect. Leave off " +
-                 "until the appliance accepts manifest frames: an older one hands it to every controller as a message.")]
-        [SerializeField] private bool sendManifest = false;
+        [Tooltip("Protocol v2: send the command manifest (registered commands, descriptions, arguments) after each connect " +
+                 "and again when handlers change, so an LLM can list what this client accepts. v1 has no manifest.")]
+        [SerializeField] private bool sendManifest = true;
 
         [Tooltip("Log every command and reply (never the token).")]
         [SerializeField] private bool logTraffic = false;
@@ -188,11 +188,47 @@ namespace WebSocketBridge
         private volatile bool acceptingCommands;
         private volatile bool paused;
         private double pausedAt = -1;
+        // The manifest is sent again at the next frame: handlers changed, or a connection opened (main thread only).
+        private bool manifestDue;
 
-        /// <summary>Raised on the main thread when the connection is up.</summary>
-        public event Action Connected;
-        /// <summary>Raised on the main thread when the connection ended or an attempt failed.</summary>
-        public event Action<BridgeDisconnect> Disconnected;
+        // Code that still subscribes through the obsolete C# event Disconnected: its handler and the listener it became.
+        private readonly List<KeyValuePair<Action<BridgeDisconnect>, UnityAction<string>>> disconnectForwards =
+            new List<KeyValuePair<Action<BridgeDisconnect>, UnityAction<string>>>();
+        private BridgeDisconnect lastDisconnect;
+
+        /// <summary>Obsolete: the second way to subscribe. Use ConnectedEvent (the Inspector's Connected, also
+        /// <c>ConnectedEvent.AddListener(...)</c> from code); this forwards to it.</summary>
+        [Obsolete("Use ConnectedEvent.AddListener(...): the one way to subscribe, the same event the Inspector wires. " +
+                  "This C# event forwards to it and will be removed.")]
+        public event Action Connected
+        {
+            add { if (value != null) Owner.connected.AddListener(new UnityAction(value)); }
+            remove { if (value != null) Owner.connected.RemoveListener(new UnityAction(value)); }
+        }
+
+        /// <summary>Obsolete: the second way to subscribe. Use DisconnectedEvent (the Inspector's Disconnected, also
+        /// <c>DisconnectedEvent.AddListener(...)</c> from code) and read LastDisconnect; this forwards to it.</summary>
+        [Obsolete("Use DisconnectedEvent.AddListener(...) and LastDisconnect: the one way to subscribe, the same event " +
+                  "the Inspector wires. This C# event forwards to it and will be removed.")]
+        public event Action<BridgeDisconnect> Disconnected
+        {
+            add
+            {
+                if (value == null) return;
+                var owner = Owner;
+                UnityAction<string> call = text => value(owner.lastDisconnect);
+                owner.disconnectForwards.Add(new KeyValuePair<Action<BridgeDisconnect>, UnityAction<string>>(value, call));
+                owner.disconnected.AddListener(call);
+            }
+            remove
+            {
+                var forwards = Owner.disconnectForwards;
+                int at = forwards.FindLastIndex(pair => pair.Key == value);
+                if (at < 0) return;
+                Owner.disconnected.RemoveListener(forwards[at].Value);
+                forwards.RemoveAt(at);
+            }
+        }
 
         /// <summary>The listener that owns the connection of the first client id; devices use it when they are not
         /// given one. May be null early (devices should retry, see the LightController sample).</summary>
@@ -215,8 +251,16 @@ namespace WebSocketBridge
         public BridgeClient Client { get { return Owner.client; } }
         public bool IsConnected { get { var c = Owner.client; return c != null && c.IsConnected; } }
         public UnhandledCommandEvent UnhandledCommand { get { return Owner.unhandledCommand; } }
+        /// <summary>The one way to hear that the connection is up (main thread): the Inspector's Connected, or
+        /// <c>ConnectedEvent.AddListener(...)</c> from code.</summary>
         public UnityEvent ConnectedEvent { get { return Owner.connected; } }
+        /// <summary>The one way to hear that the connection ended or an attempt failed (main thread), with a one-line
+        /// description: the Inspector's Disconnected, or <c>DisconnectedEvent.AddListener(...)</c> from code; the
+        /// details (close code, reason, retry) are in LastDisconnect.</summary>
         public BridgeDisconnectedEvent DisconnectedEvent { get { return Owner.disconnected; } }
+        /// <summary>The last disconnect (code, reason, whether and when it retries); set before DisconnectedEvent runs.
+        /// Null until the first one.</summary>
+        public BridgeDisconnect LastDisconnect { get { return Owner.lastDisconnect; } }
         /// <summary>One line for a status display: connected, reconnecting (and why), or rejected (and why).</summary>
         public string Status { get { return Owner.status; } }
         /// <summary>Adjusts the client's options before each Connect() (a custom transport, backoff, a frame loop).</summary>
@@ -248,6 +292,7 @@ namespace WebSocketBridge
         {
             if (Owner.Dispatcher.Register(commandName, handler))
                 Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
+            Owner.manifestDue = true;
         }
 
         /// <summary>Registers a handler and says what it does and which arguments it takes (the command manifest).</summary>
@@ -255,6 +300,7 @@ namespace WebSocketBridge
         {
             Register(commandName, handler);
             Owner.Dispatcher.Describe(commandName, description, arguments);
+            Owner.manifestDue = true;
         }
 
         /// <summary>RegisterAsync with a description and arguments (the command manifest).</summary>
@@ -262,6 +308,7 @@ namespace WebSocketBridge
         {
             RegisterAsync(commandName, handler);
             Owner.Dispatcher.Describe(commandName, description, arguments);
+            Owner.manifestDue = true;
         }
 
         /// <summary>The registered commands with their descriptions and arguments, as the manifest's JSON.</summary>
@@ -272,17 +319,18 @@ namespace WebSocketBridge
         {
             if (Owner.Dispatcher.RegisterAsync(commandName, handler))
                 Debug.LogWarning("[CommandListener] handler for '" + commandName + "' replaced");
+            Owner.manifestDue = true;
         }
 
         /// <summary>Removes a handler if it is still the one registered for the name (main thread).</summary>
         public void Unregister(string commandName, CommandHandler handler)
         {
-            Owner.Dispatcher.Unregister(commandName, handler);
+            if (Owner.Dispatcher.Unregister(commandName, handler)) Owner.manifestDue = true;
         }
 
         public void Unregister(string commandName, AsyncCommandHandler handler)
         {
-            Owner.Dispatcher.Unregister(commandName, handler);
+            if (Owner.Dispatcher.Unregister(commandName, handler)) Owner.manifestDue = true;
         }
 
         /// <summary>Sends a text message to the controllers (any thread). False if it could not be queued.</summary>
@@ -449,6 +497,24 @@ namespace WebSocketBridge
                 try { item.Run(this); }
                 catch (Exception e) { Debug.LogException(e, this); }
             }
+            if (manifestDue) SendManifest();
+        }
+
+        /// <summary>Protocol v2: the registered handlers as the client's manifest (once per frame at most: a device
+        /// registering five handlers sends one manifest). Kept due while not connected: sent after the next connect.</summary>
+        private void SendManifest()
+        {
+            if (!sendManifest || protocolVersion != BridgeProtocolVersion.V2 || client == null || !client.IsConnected) return;
+            manifestDue = false;
+            if (logTraffic) Debug.Log("[CommandListener] " + clientId + " -> manifest");
+            if (!client.Send(Dispatcher.ManifestJson())) Debug.LogWarning("[CommandListener] manifest not sent: the send queue is full");
+        }
+
+        /// <summary>The appliance's answer to the manifest: logged, never handled as a command.</summary>
+        private void OnManifestAnswer(bool accepted, string detail, string text)
+        {
+            if (!accepted) Debug.LogWarning("[CommandListener] the appliance refused the manifest: " + detail, this);
+            else if (logTraffic) Debug.Log("[CommandListener] " + clientId + " <- " + text);
         }
 
         private void OnApplicationPause(bool pause)
@@ -633,6 +699,13 @@ namespace WebSocketBridge
         /// <summary>On the client's thread: queue the command, or refuse it at once when it could only run late.</summary>
         private void Receive(BridgeClient source, string text, TimeSpan waited)
         {
+            bool accepted;
+            string detail;
+            if (source.ProtocolVersion == 2 && BridgeProtocols.TryReadManifestAnswer(text, out accepted, out detail))
+            {
+                Post(source, () => OnManifestAnswer(accepted, detail, text));
+                return;
+            }
             string refusal = null;
             if (!acceptingCommands) refusal = "the device is disabled";
             else if (paused) refusal = "the application is paused";
@@ -739,9 +812,8 @@ namespace WebSocketBridge
         {
             status = "connected to " + client.Endpoint;
             Debug.Log("[CommandListener] " + clientId + " connected to " + client.Endpoint);
-            if (sendManifest && !client.Send(Dispatcher.ManifestJson())) Debug.LogWarning("[CommandListener] manifest not sent: the send queue is full");
-            var handler = Connected;
-            if (handler != null) handler();
+            manifestDue = true;
+            SendManifest();
             connected.Invoke();
         }
 
@@ -764,8 +836,7 @@ namespace WebSocketBridge
                 status = "rejected: " + (info.CloseCode.HasValue ? info.CloseCode + " " : "") + info.Reason;
                 Debug.LogError("[CommandListener] " + clientId + " gave up: " + status, this);
             }
-            var handler = Disconnected;
-            if (handler != null) handler(info);
+            lastDisconnect = info;
             disconnected.Invoke(info.ToString());
         }
 

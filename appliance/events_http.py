@@ -1,0 +1,118 @@
+"""``GET /api/v1/events``: what controllers hear, as server-sent events, for callers without a WebSocket.
+
+Each event is one message that reached the controllers (a client's unsolicited text, a late
+reply, a reply to a broadcast): ``event: message``, ``data:`` the controllers' own
+``{"sender", "message"}`` frame, and an ``id`` to resume from with ``Last-Event-ID``
+(appliance/event_feed.py says how far back and how exactly). Filters: one client, or the
+clients of one group. Authenticated like the other API routes (``X-Auth-Token``, controller
+or admin token).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from litestar import Request, get
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import HeaderParameter, Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from .brokers.base import BrokerUnavailable
+from .core.protocol import CLIENT_ID_PATTERN
+from .event_feed import EventFeed, Gap
+from .http_auth import require_token
+from .relay import Relay
+
+__all__ = ["EVENTS_HANDLERS"]
+
+#: How long a group's member list is trusted before presence is read again (a new member's first
+#: message may wait this long to be recognised when it is held by another instance).
+GROUP_REFRESH_SECONDS = 2.0
+#: What an EventSource waits before it reconnects (with Last-Event-ID).
+RETRY_MS = 2000
+
+
+class _GroupMembers:
+    """The ids in one group: exact for this instance's clients, from cluster presence for the others."""
+
+    def __init__(self, relay: Relay, group: str) -> None:
+        self.relay = relay
+        self.group = group
+        self.members: set[str] = set()
+        self.read_at = 0.0
+
+    async def has(self, sender: str) -> bool:
+        conn = self.relay.connections.local_client(sender)
+        if conn is not None:
+            return self.group in conn.groups
+        if sender not in self.members and time.monotonic() - self.read_at >= GROUP_REFRESH_SECONDS:
+            self.read_at = time.monotonic()
+            try:
+                records = await self.relay.clients(ordered=False)
+            except BrokerUnavailable:
+                return sender in self.members
+            self.members = {str(r["id"]) for r in records if self.group in (r.get("groups") or ())}
+        return sender in self.members
+
+
+async def _stream(
+    feed: EventFeed, relay: Relay, last_id: str | None, client: str | None, group: str | None
+) -> AsyncIterator[ServerSentEventMessage]:
+    members = _GroupMembers(relay, group) if group is not None else None
+    follower = feed.follower(last_id)  # Recording from here, before the caller hears the stream is open.
+    try:
+        yield ServerSentEventMessage(comment="wsbridge events", retry=RETRY_MS, data=None)
+        async for item in follower.events():
+            if item is None:
+                yield ServerSentEventMessage(comment="keep-alive", data=None)
+            elif isinstance(item, Gap):
+                yield ServerSentEventMessage(event="gap", data=json.dumps({"detail": item.detail}))
+            elif (client is None or item.sender == client) and (members is None or await members.has(item.sender)):
+                yield ServerSentEventMessage(event="message", id=item.id, data=item.frame)
+    finally:
+        follower.close()
+
+
+_NAME = {"pattern": CLIENT_ID_PATTERN.pattern, "max_length": 50}
+
+
+@get(
+    "/api/v1/events",
+    summary="Follow what clients say, as server-sent events",
+    tags=["events"],
+    media_type="text/event-stream",
+    responses={
+        200: ResponseSpec(
+            str,
+            description='text/event-stream: `event: message` with `data: {"sender", "message"}` (the frame '
+            "WebSocket controllers get) and an `id` for Last-Event-ID; `event: gap` when events may be missing.",
+            media_type="text/event-stream",
+            generate_examples=False,
+        )
+    },
+)
+async def follow_events(
+    request: Request[Any, Any, Any],
+    client: Annotated[str | None, Parameter(description="Only this client's messages.", **_NAME)] = None,
+    group: Annotated[str | None, Parameter(description="Only messages of clients in this group.", **_NAME)] = None,
+    last_event_id: Annotated[
+        str | None,
+        HeaderParameter(
+            name="Last-Event-ID",
+            max_length=200,
+            description="Resume after this event (EventSource sends it when it reconnects).",
+        ),
+    ] = None,
+) -> ServerSentEvent:
+    """Every message a client sends that reaches the controllers (unsolicited text, late replies, replies to
+    broadcasts), from now on, or from ``Last-Event-ID`` while this instance still keeps it."""
+    require_token(request, allow_controller=True)
+    feed: EventFeed = request.app.state.events
+    relay: Relay = request.app.state.relay
+    return ServerSentEvent(_stream(feed, relay, last_event_id, client, group))
+
+
+EVENTS_HANDLERS = [follow_events]
