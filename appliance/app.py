@@ -10,6 +10,7 @@ dashboard (``ui``), which sits above the services it uses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -30,11 +31,15 @@ from . import __version__, metrics
 from .admission import max_request_bytes
 from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
+from .bans import BanService
+from .bans_api import BAN_HANDLERS
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
 from .event_feed import EventFeed
 from .events_http import EVENTS_HANDLERS
+from .gate import Gate
+from .heartbeat import Heartbeat
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
 from .recent import RecentCommands
@@ -143,11 +148,17 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         settings, token_store, audit, local=parts.local, notifier=notifier, presence=relay.clients
     )
     store = token_store
+    gate = Gate(settings, relay.broker)
+    bans = BanService(gate, audit, parts.commands)
+    # Every third of the presence TTL, as the Redis presence refresh: a missed beat shows long before expiry.
+    heartbeat = Heartbeat(relay.instance, settings.presence_ttl / 3)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
+        beating = asyncio.get_running_loop().create_task(heartbeat.run(relay.broker), name="heartbeat")
         await token_service.start()
+        ban_watch = asyncio.get_running_loop().create_task(gate.watch(parts.local), name="ban-watch")
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
         metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(store)
         if settings.token_store == "env":  # Read once at start and never failing; the SSM store keeps its own.
@@ -158,13 +169,15 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             async with mcp_lifespan(app):
                 yield
         finally:
+            ban_watch.cancel()
+            beating.cancel()
             await token_service.stop()
             await relay.stop()
             if redis is not None:
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
+        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
         plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {
@@ -176,6 +189,9 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 "audit": audit,
                 "token_store": token_store,
                 "token_service": token_service,
+                "gate": gate,
+                "bans": bans,
+                "heartbeat": heartbeat,
             }
         ),
         lifespan=[lifespan],

@@ -18,6 +18,14 @@ Errors (httpx style)::
     ├── QueueFull                the target's queue or reply line is full (409)
     ├── DuplicateId              this id is still in flight from this controller (409)
     └── DeliveryFailed           the relay cannot reach the target's instance now (503)
+
+    BridgeClosed                 Controller only: the relay closed the connection for good (``code``: close code)
+    └── IdTaken                  4010: another controller connected with this one's id, and holds it now
+
+Every :class:`Controller` needs an id of its own (``llm-planner``, ``llm-critic``): two with
+one id take it from each other, and the one replaced raises :class:`IdTaken` (naming the id)
+from :meth:`Controller.request` and :meth:`Controller.receive` instead of waiting for replies
+that now go to the other. Both are also ``appliance.client``'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -29,18 +37,21 @@ import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from .client import BridgeClient
+from .client import BridgeClient, BridgeClosed, IdTaken
 
 __all__ = [
+    "BridgeClosed",
     "ClientOffline",
     "CommandError",
     "Controller",
     "DeliveryFailed",
     "DuplicateId",
     "HttpController",
+    "IdTaken",
     "InvalidCommand",
     "MessageTooLarge",
     "QueueFull",
@@ -288,6 +299,16 @@ class HttpController:
         if answer.get("status") == "replied":
             return Reply(answer["id"], answer["sender"], answer["message"], answer["rtt_ms"])
         raise CommandError(str(answer.get("status")), f"unexpected answer {answer}")
+
+    async def command_status(self, command_id: str, wait_ms: int | None = None) -> dict[str, Any]:
+        """``GET /api/v1/commands/{id}``: what became of a command (its reply, even a late one)."""
+        params = {"wait_ms": wait_ms} if wait_ms else {}
+        response = await self._http.get(
+            f"/api/v1/commands/{quote(command_id, safe='')}",
+            params=params,
+            timeout=self._timeout + (wait_ms or 0) / 1000,
+        )
+        return _decode(response)
 
     async def clients(self, **filters: Any) -> dict[str, Any]:
         """``GET /api/v1/clients`` with filters (``role``, ``group``, ``prefix``, ``limit``, ``cursor``)."""

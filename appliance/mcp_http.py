@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,12 +19,14 @@ from .controller import CommandError, ReplyTimeout, error_for
 from .core.protocol import ErrorCode
 from .http_auth import bearer_allowed
 from .relay import Relay
+from .tokens import Grant
 
 __all__ = ["LocalBackend", "mcp_endpoint", "mcp_lifespan"]
 
-#: Who called /mcp in this request: (token name, role, source address), for the audit trail. The MCP
-#: session manager runs the tools in tasks started from the request, which copy its context.
-_caller: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
+#: Who called /mcp in this request (the token's grant and the source address), for names, rate limits
+#: and the audit trail. The MCP session manager runs the tools in tasks started from the request, which
+#: copy its context.
+_caller: contextvars.ContextVar[tuple[Grant, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
 
 
 class LocalBackend:
@@ -45,26 +48,35 @@ class LocalBackend:
             raise CommandError(ErrorCode.BROKER_UNAVAILABLE.value, str(exc)) from None
 
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]:
+        grant, source = _caller.get() or (None, "")
         outcome = await self.commands.send_command(
             target,
             message,
             wait_ms=fields.get("wait_ms"),
             timeout_ms=fields.get("timeout_ms"),
             queue=bool(fields.get("queue")),
-            controller="mcp",
+            controller=grant.actor("mcp") if grant is not None else "mcp",  # a named token's caller: its <name>
+            budget=grant.budget if grant is not None else "",
             command_id=fields.get("id"),
             idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
-        caller = _caller.get()
-        if caller is not None:
-            name, role, source = caller
+        if grant is not None:
             status = outcome.body.get("status") or outcome.body.get("error")
-            await audit_admin_command(self.audit, name, role, source, target, message, status, "mcp")
-        if outcome.http_status == 504:
-            raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))
+            actor = grant.actor(grant.name)
+            await audit_admin_command(self.audit, actor, grant.role, source, target, message, status, "mcp")
+        if outcome.http_status == 504:  # With its id, and whether it was delivered: the model follows it up.
+            extra = {k: v for k, v in outcome.body.items() if k != "detail"}
+            raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"), **extra)
         if outcome.http_status >= 300:
             raise error_for(outcome.body)
         return outcome.body
+
+    async def command_status(self, command_id: str, wait_ms: int | None = None) -> dict[str, Any]:
+        """``GET /api/v1/commands/{id}`` without the HTTP hop (commands/followup.py)."""
+        record = await self.commands.followups.wait(command_id, (wait_ms or 0) / 1000)
+        if record is None:
+            raise CommandError("unknown_command", f"no command with id {command_id!r}")
+        return record.public(time.time())
 
 
 def _bearer(scope: Scope) -> str:
@@ -89,10 +101,11 @@ def bearer_refusal(scope: Scope, token_store: Any) -> tuple[int, bytes] | None:
     if token_store.lookup(presented) is None:
         return 403, (
             b'{"error":"forbidden","detail":"the bearer token is not a token of this bridge: '
-            b'use the controller token (LLM_SECRET_TOKEN)"}'
+            b'use a controller token (LLM_SECRET_TOKEN or controller_tokens/<name>)"}'
         )
     return 403, (
-        b'{"error":"forbidden","detail":"a client token cannot use /mcp: use the controller token (LLM_SECRET_TOKEN)"}'
+        b'{"error":"forbidden","detail":"a client token cannot use /mcp: '
+        b'use a controller token (LLM_SECRET_TOKEN or controller_tokens/<name>)"}'
     )
 
 
@@ -113,7 +126,7 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         return
     grant = app.state.token_store.lookup(_bearer(scope))
     client = scope.get("client")
-    _caller.set((grant.name, grant.role, client[0] if client else "unknown") if grant is not None else None)
+    _caller.set((grant, client[0] if client else "unknown") if grant is not None else None)
     scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
     await app.state.mcp_app(scope, receive, send)
 

@@ -23,7 +23,41 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Settings(BaseSettings):
+class NewIdSettings(BaseSettings):
+    """The new-id limits (appliance/core/newids.py), apart so that :class:`Settings` stays readable."""
+
+    new_ids_per_token: int = Field(
+        1000,
+        ge=0,
+        description="Client ids never seen before (no holder, no connect history) one token may bring per "
+        "NEW_IDS_WINDOW, cluster-wide; beyond, 4015. Addresses in LIMITS_EXEMPT_IPS are not counted. 0: no limit.",
+    )
+    new_ids_per_address: int = Field(
+        100,
+        ge=0,
+        description="Client ids never seen before one address (IPv6: /64) may bring per NEW_IDS_WINDOW; 0: no limit.",
+    )
+    new_ids_window: float = Field(3600.0, gt=0, description="Seconds of the new-id windows (NEW_IDS_PER_*).")
+
+
+class CallerNames(BaseSettings):
+    """Who acts with the two fixed tokens; named tokens (``controller_tokens/<name>``, ``admin_tokens/<name>``
+    in SSM) carry their own ``<name>``. A part of :class:`Settings`, which inherits these fields."""
+
+    controller_token_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who acts with LLM_SECRET_TOKEN over HTTP and MCP (audit, recent commands, rate limit); "
+        "unset: `http` and `mcp`.",
+    )
+    admin_token_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who acts with ADMIN_TOKEN in the audit trail (a person: `alice`); unset: `ADMIN_TOKEN`.",
+    )
+
+
+class Settings(NewIdSettings, CallerNames):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -150,7 +184,7 @@ class Settings(BaseSettings):
     max_failed_handshakes_per_minute: int = Field(
         30,
         ge=0,
-        description="Failed handshakes (4001, 4002, 4003; HTTP 401/403) one address may cause per minute before it "
+        description="Failed handshakes (4001, 4002, 4003, 4016; HTTP 401/403) one address may cause per minute before it "
         "is refused with HTTP 429 for HANDSHAKE_COOLDOWN seconds. 0: no limit.",
     )
     handshake_cooldown: float = Field(
@@ -236,7 +270,7 @@ class Settings(BaseSettings):
         "their outcome, time and round trip only.",
     )
     grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
-    prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
+    prometheus_url: str | None = Field(None, description="Prometheus URL: the System page links it, asks its trends.")
     dashboard_idle_timeout: int = Field(
         1800, ge=1, description="Seconds without user activity after which a dashboard session ends."
     )

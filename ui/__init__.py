@@ -36,9 +36,11 @@ from appliance.settings import Settings
 
 from .actions import ACTION_ROUTES
 from .auth import SESSION_COOKIE, LoginLimiter
+from .bans import BAN_ROUTES
 from .live import PresenceWatcher
 from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
 from .security import SecurityHeadersMiddleware
+from .system import SYSTEM_ROUTES
 from .templating import configure_environment
 
 __all__ = ["PREFIX", "DashboardPlugin"]
@@ -131,6 +133,8 @@ class DashboardPlugin(InitPluginProtocol):
             route_handlers=[
                 *ROUTES,
                 *ACTION_ROUTES,
+                *BAN_ROUTES,
+                *SYSTEM_ROUTES,
                 create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
             ],
             middleware=[

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..core.newids import WindowCount
 from ..core.protocol import ErrorCode, Role
 from ..core.requests import Enqueued, Routed
 
@@ -226,6 +227,19 @@ class Broker(abc.ABC):
         loses a connection, so a watcher reads this and the full list only when it moved.
         """
 
+    # --- heartbeats and trends (appliance/heartbeat.py) ---------------------------------------
+
+    @abc.abstractmethod
+    def heartbeat(self, beat: dict[str, Any], trend: dict[str, Any] | None) -> None:
+        """Publish this instance's heartbeat: its :meth:`presence_summary` entry carries ``beat``
+        until the next one, and ``trend`` (a point of its rates, when there is one) joins the
+        series :meth:`trends` reads. Never waits; the Redis broker writes it within ~0.2 s."""
+
+    @abc.abstractmethod
+    async def trends(self, instances: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The trend points (oldest first) that the other ``instances`` published, by instance;
+        this instance keeps its own. Empty for one that published none."""
+
     # --- a presence record that changed while connected (a client's manifest) ----------------
 
     @abc.abstractmethod
@@ -277,6 +291,32 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def idempotency_drop(self, key: str) -> None:
         """Forget ``key``: the command never reached a client, so a retry may run it."""
+
+    # --- admission records (appliance/gate.py) ----------------------------------------------
+
+    @abc.abstractmethod
+    async def id_known(self, client_id: str) -> bool:
+        """Whether ``client_id`` is held now or has a connect history, anywhere in the cluster."""
+
+    @abc.abstractmethod
+    async def count_in_window(self, key: str, window: float) -> WindowCount:
+        """Add one to the counter ``key``, cluster-wide; a counter lives ``window`` seconds from its first count."""
+
+    @abc.abstractmethod
+    async def put_ban(self, key: str, record: str, until: float) -> None:
+        """Keep the ban ``record`` under ``key`` until the epoch time ``until`` (a later put replaces it)."""
+
+    @abc.abstractmethod
+    async def drop_ban(self, key: str) -> bool:
+        """Lift the ban under ``key``; False if there was none."""
+
+    @abc.abstractmethod
+    async def bans(self, seen: int | None) -> tuple[int, dict[str, str] | None]:
+        """The ban list's version and, unless it is still ``seen``, its unexpired records by key.
+
+        The version moves on every put and drop, so a handshake reads one small value and the
+        whole list only after a change.
+        """
 
     @abc.abstractmethod
     def health(self) -> tuple[bool, str]:
