@@ -22,6 +22,8 @@ __all__ = [
     "ARGUMENT_TYPES",
     "MAX_ARGUMENTS",
     "MAX_COMMANDS",
+    "MANIFESTS_PER_SECOND",
+    "MANIFEST_BURST",
     "MAX_DESCRIPTION_CHARS",
     "MAX_MANIFEST_BYTES",
     "ManifestError",
@@ -40,6 +42,11 @@ MAX_COMMANDS = 128
 MAX_ARGUMENTS = 16
 MAX_DESCRIPTION_CHARS = 1000
 MAX_ENUM_VALUES = 64
+#: Manifest frames a client may send: this many a second after a burst (the connection's reading pauses beyond).
+MANIFESTS_PER_SECOND = 1.0
+MANIFEST_BURST = 5
+#: An argument's word as an error text quotes it, at most (a command text may be 64 KiB).
+_QUOTED_CHARS = 40
 #: A command name is one word, as clients split the text (Unity's dispatcher, BridgeClient).
 COMMAND_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 ARGUMENT_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -261,11 +268,20 @@ def _word(kind: str, word: str) -> Any:
     if kind == "boolean":
         return _BOOLEANS.get(word.lower())
     if kind == "integer":
-        return int(word) if _INTEGER.fullmatch(word) else None
+        if _INTEGER.fullmatch(word) is None:
+            return None
+        try:
+            return int(word)
+        except ValueError:  # More digits than Python converts (4,300): no bound could take it anyway.
+            return None
     if _NUMBER.fullmatch(word) is None:
         return None
     value = float(word)
     return value if math.isfinite(value) else None
+
+
+def _quoted(word: str) -> str:
+    return word if len(word) <= _QUOTED_CHARS else word[:_QUOTED_CHARS] + "…"
 
 
 def bind_arguments(spec: dict[str, Any], words: list[str]) -> dict[str, Any] | ManifestError:
@@ -293,7 +309,7 @@ def bind_arguments(spec: dict[str, Any], words: list[str]) -> dict[str, Any] | M
         if value is None:
             return ManifestError(
                 "invalid_arguments",
-                f"{spec['name']}: {name} must be {_article(prop['type'])}; '{word}' is not. {usage}",
+                f"{spec['name']}: {name} must be {_article(prop['type'])}; '{_quoted(word)}' is not. {usage}",
             )
         if "enum" in prop and value not in prop["enum"]:
             allowed = ", ".join(str(v) for v in prop["enum"])
@@ -301,7 +317,8 @@ def bind_arguments(spec: dict[str, Any], words: list[str]) -> dict[str, Any] | M
         if ("minimum" in prop and value < prop["minimum"]) or ("maximum" in prop and value > prop["maximum"]):
             low, high = prop.get("minimum", "-inf"), prop.get("maximum", "inf")
             return ManifestError(
-                "invalid_arguments", f"{spec['name']}: {name} must be from {low} to {high}; {word} is not. {usage}"
+                "invalid_arguments",
+                f"{spec['name']}: {name} must be from {low} to {high}; {_quoted(word)} is not. {usage}",
             )
         bound[name] = value
     return bound
@@ -322,7 +339,7 @@ def check_command(manifest: dict[str, Any], message: str) -> ManifestError | Non
     spec = find_command(manifest, words[0])
     if spec is None:
         return ManifestError(
-            "unknown_command", f"'{words[0]}' is not a declared command. Declared commands: {declared}."
+            "unknown_command", f"'{_quoted(words[0])}' is not a declared command. Declared commands: {declared}."
         )
     bound = bind_arguments(spec, words[1:])
     return bound if isinstance(bound, ManifestError) else None
