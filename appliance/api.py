@@ -21,7 +21,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
-from .commands import CommandService
+from .commands import HTTP_CONTROLLER, CommandService
 from .core.protocol import CloseCode, ErrorCode
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
 from .http_auth import require_token
@@ -340,10 +340,12 @@ async def post_command(
         timeout_ms=data.timeout_ms,
         queue=data.queue,
         idempotency_key=idempotency_key,
+        controller=grant.actor(HTTP_CONTROLLER),  # A named token's caller has its own name and bucket.
+        budget=grant.budget,
     )
     await audit_admin_command(
         getattr(request.app.state, "audit", None),
-        grant.name,
+        grant.actor(grant.name),
         grant.role,
         _source(request),
         data.target,
@@ -424,7 +426,7 @@ async def get_client(
     responses={404: ResponseSpec(ErrorBody, description="not connected")},
 )
 async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str]) -> Response[None]:
-    require_token(request, allow_controller=False)
+    grant = require_token(request, allow_controller=False)
     try:
         found = await _commands(request).disconnect(client_id, CloseCode.DISCONNECTED)
     except BrokerUnavailable as exc:
@@ -436,7 +438,9 @@ async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str
         from .audit import AuditEvent
 
         await audit.record(
-            AuditEvent("client.disconnect", "ADMIN_TOKEN", _source(request), client_id, {"code": 4012, "via": "api"})
+            AuditEvent(
+                "client.disconnect", grant.actor(grant.name), _source(request), client_id, {"code": 4012, "via": "api"}
+            )
         )
     return Response(None, status_code=204)
 

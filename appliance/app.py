@@ -10,6 +10,7 @@ dashboard (``ui``), which sits above the services it uses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -35,6 +36,7 @@ from .brokers.memory import MemoryBroker
 from .commands import CommandService
 from .event_feed import EventFeed
 from .events_http import EVENTS_HANDLERS
+from .heartbeat import Heartbeat
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
 from .recent import RecentCommands
@@ -143,10 +145,13 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         settings, token_store, audit, local=parts.local, notifier=notifier, presence=relay.clients
     )
     store = token_store
+    # Every third of the presence TTL, as the Redis presence refresh: a missed beat shows long before expiry.
+    heartbeat = Heartbeat(relay.instance, settings.presence_ttl / 3)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await relay.start()
+        beating = asyncio.get_running_loop().create_task(heartbeat.run(relay.broker), name="heartbeat")
         await token_service.start()
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
         metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(store)
@@ -158,6 +163,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             async with mcp_lifespan(app):
                 yield
         finally:
+            beating.cancel()
             await token_service.stop()
             await relay.stop()
             if redis is not None:
@@ -176,6 +182,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 "audit": audit,
                 "token_store": token_store,
                 "token_service": token_service,
+                "heartbeat": heartbeat,
             }
         ),
         lifespan=[lifespan],

@@ -33,7 +33,8 @@ def message_digest(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
-    """One audited action. ``actor`` names a token (``ADMIN_TOKEN``), never its value."""
+    """One audited action. ``actor`` names who acted (``alice`` of ``admin_tokens/alice``) or the token
+    (``ADMIN_TOKEN``), never a value."""
 
     action: str  # e.g. "token.rotate", "token.revoke", "client.disconnect", "command.send", "login"
     actor: str

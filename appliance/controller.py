@@ -18,6 +18,14 @@ Errors (httpx style)::
     ├── QueueFull                the target's queue or reply line is full (409)
     ├── DuplicateId              this id is still in flight from this controller (409)
     └── DeliveryFailed           the relay cannot reach the target's instance now (503)
+
+    BridgeClosed                 Controller only: the relay closed the connection for good (``code``: close code)
+    └── IdTaken                  4010: another controller connected with this one's id, and holds it now
+
+Every :class:`Controller` needs an id of its own (``llm-planner``, ``llm-critic``): two with
+one id take it from each other, and the one replaced raises :class:`IdTaken` (naming the id)
+from :meth:`Controller.request` and :meth:`Controller.receive` instead of waiting for replies
+that now go to the other. Both are also ``appliance.client``'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -32,15 +40,17 @@ from typing import Any
 
 import httpx
 
-from .client import BridgeClient
+from .client import BridgeClient, BridgeClosed, IdTaken
 
 __all__ = [
+    "BridgeClosed",
     "ClientOffline",
     "CommandError",
     "Controller",
     "DeliveryFailed",
     "DuplicateId",
     "HttpController",
+    "IdTaken",
     "InvalidCommand",
     "MessageTooLarge",
     "QueueFull",

@@ -18,12 +18,14 @@ from .controller import CommandError, ReplyTimeout, error_for
 from .core.protocol import ErrorCode
 from .http_auth import bearer_allowed
 from .relay import Relay
+from .tokens import Grant
 
 __all__ = ["LocalBackend", "mcp_endpoint", "mcp_lifespan"]
 
-#: Who called /mcp in this request: (token name, role, source address), for the audit trail. The MCP
-#: session manager runs the tools in tasks started from the request, which copy its context.
-_caller: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
+#: Who called /mcp in this request (the token's grant and the source address), for names, rate limits
+#: and the audit trail. The MCP session manager runs the tools in tasks started from the request, which
+#: copy its context.
+_caller: contextvars.ContextVar[tuple[Grant, str] | None] = contextvars.ContextVar("mcp_caller", default=None)
 
 
 class LocalBackend:
@@ -45,21 +47,22 @@ class LocalBackend:
             raise CommandError(ErrorCode.BROKER_UNAVAILABLE.value, str(exc)) from None
 
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]:
+        grant, source = _caller.get() or (None, "")
         outcome = await self.commands.send_command(
             target,
             message,
             wait_ms=fields.get("wait_ms"),
             timeout_ms=fields.get("timeout_ms"),
             queue=bool(fields.get("queue")),
-            controller="mcp",
+            controller=grant.actor("mcp") if grant is not None else "mcp",  # a named token's caller: its <name>
+            budget=grant.budget if grant is not None else "",
             command_id=fields.get("id"),
             idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
-        caller = _caller.get()
-        if caller is not None:
-            name, role, source = caller
+        if grant is not None:
             status = outcome.body.get("status") or outcome.body.get("error")
-            await audit_admin_command(self.audit, name, role, source, target, message, status, "mcp")
+            actor = grant.actor(grant.name)
+            await audit_admin_command(self.audit, actor, grant.role, source, target, message, status, "mcp")
         if outcome.http_status == 504:
             raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))
         if outcome.http_status >= 300:
@@ -89,10 +92,11 @@ def bearer_refusal(scope: Scope, token_store: Any) -> tuple[int, bytes] | None:
     if token_store.lookup(presented) is None:
         return 403, (
             b'{"error":"forbidden","detail":"the bearer token is not a token of this bridge: '
-            b'use the controller token (LLM_SECRET_TOKEN)"}'
+            b'use a controller token (LLM_SECRET_TOKEN or controller_tokens/<name>)"}'
         )
     return 403, (
-        b'{"error":"forbidden","detail":"a client token cannot use /mcp: use the controller token (LLM_SECRET_TOKEN)"}'
+        b'{"error":"forbidden","detail":"a client token cannot use /mcp: '
+        b'use a controller token (LLM_SECRET_TOKEN or controller_tokens/<name>)"}'
     )
 
 
@@ -113,7 +117,7 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         return
     grant = app.state.token_store.lookup(_bearer(scope))
     client = scope.get("client")
-    _caller.set((grant.name, grant.role, client[0] if client else "unknown") if grant is not None else None)
+    _caller.set((grant, client[0] if client else "unknown") if grant is not None else None)
     scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
     await app.state.mcp_app(scope, receive, send)
 

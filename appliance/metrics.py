@@ -89,6 +89,7 @@ __all__ = [
     "ScrapedGauge",
     "Tally",
     "close_label",
+    "counter_total",
     "http_metrics",
     "record_close",
     "render",
@@ -167,6 +168,10 @@ class FastHistogram(Collector):
             buckets.append((floatToGoString(bound), cumulative))
         family.add_metric([], buckets, self._sum)
         yield family
+
+    def counts(self) -> tuple[list[float], tuple[int, ...]]:
+        """(upper bounds with +Inf, per-bucket counts so far): read by the heartbeat, not per message."""
+        return self._bounds, tuple(self._counts)
 
 
 class ByRole:
@@ -560,6 +565,18 @@ def http_metrics() -> Any:
         buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
     )
     return config.middleware
+
+
+def counter_total(metric: Counter | Gauge, *tallies: Tally, **labels: str) -> float:
+    """A counter's (or gauge's) sum over its series matching ``labels`` now, with what ``tallies``
+    hold unfolded. Read once per heartbeat (appliance/heartbeat.py), never on the message path."""
+    total = sum(
+        s.value
+        for family in metric.collect()
+        for s in family.samples
+        if all(s.labels.get(k) == v for k, v in labels.items())
+    )
+    return total + sum(t.count for t in tallies)
 
 
 def render() -> bytes:

@@ -23,7 +23,24 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Settings(BaseSettings):
+class CallerNames(BaseSettings):
+    """Who acts with the two fixed tokens; named tokens (``controller_tokens/<name>``, ``admin_tokens/<name>``
+    in SSM) carry their own ``<name>``. A part of :class:`Settings`, which inherits these fields."""
+
+    controller_token_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who acts with LLM_SECRET_TOKEN over HTTP and MCP (audit, recent commands, rate limit); "
+        "unset: `http` and `mcp`.",
+    )
+    admin_token_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who acts with ADMIN_TOKEN in the audit trail (a person: `alice`); unset: `ADMIN_TOKEN`.",
+    )
+
+
+class Settings(CallerNames):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -236,7 +253,7 @@ class Settings(BaseSettings):
         "their outcome, time and round trip only.",
     )
     grafana_url: str | None = Field(None, description="Grafana URL linked from the dashboard's System page.")
-    prometheus_url: str | None = Field(None, description="Prometheus URL linked from the dashboard's System page.")
+    prometheus_url: str | None = Field(None, description="Prometheus URL: the System page links it, asks its trends.")
     dashboard_idle_timeout: int = Field(
         1800, ge=1, description="Seconds without user activity after which a dashboard session ends."
     )

@@ -39,6 +39,7 @@ from .auth import SESSION_COOKIE, LoginLimiter
 from .live import PresenceWatcher
 from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
 from .security import SecurityHeadersMiddleware
+from .system import SYSTEM_ROUTES
 from .templating import configure_environment
 
 __all__ = ["PREFIX", "DashboardPlugin"]
@@ -131,6 +132,7 @@ class DashboardPlugin(InitPluginProtocol):
             route_handlers=[
                 *ROUTES,
                 *ACTION_ROUTES,
+                *SYSTEM_ROUTES,
                 create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
             ],
             middleware=[

@@ -62,11 +62,16 @@ LOGIN_WINDOW_SECONDS = 300
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is signed in: a token's role and name (never its value) and the version it had."""
+    """Who is signed in: a token's role, who acts with it, the token's name (never its value) and version."""
 
     role: str  # ADMIN or VIEWER
-    name: str  # e.g. "ADMIN_TOKEN"
+    name: str  # who acts, as the audit trail shows it: "alice" (admin_tokens/alice, ADMIN_TOKEN_NAME), else the token
     version: str
+    token: str = ""  # the token's name, e.g. "ADMIN_TOKEN", "admin_tokens/alice" (default: ``name``)
+
+    @property
+    def token_name(self) -> str:
+        return self.token or self.name
 
     @property
     def can_act(self) -> bool:
@@ -106,12 +111,13 @@ def authenticate(app_state: Any, presented: str) -> Principal | None:
         version = _current_version(app_state, grant.name)
         if version is None or not version.startswith(f"{grant.version}:"):
             return None
-        return Principal(grant.role, grant.name, version)
+        return Principal(grant.role, grant.actor(grant.name), version, grant.name)
     found = None
+    labels = {"ADMIN_TOKEN": app_state.settings.admin_token_name}
     for role, name, value in _dashboard_tokens(app_state.settings):
         # Every comparison runs, so timing does not tell which token was close.
         if hmac.compare_digest(presented.encode(), value.encode()) and found is None:
-            found = Principal(role, name, _version_of(value))
+            found = Principal(role, labels.get(name) or name, _version_of(value), name)
     return found
 
 
@@ -134,7 +140,8 @@ def begin_session(connection: ASGIConnection, principal: Principal, now: float) 
     connection.set_session(
         {
             "role": principal.role,
-            "name": principal.name,
+            "name": principal.token_name,
+            "actor": principal.name,
             "version": principal.version,
             "created": now,
             "seen": now,
@@ -158,7 +165,8 @@ def session_problem(app_state: Any, session: Any, now: float) -> str | None:
 
 def principal_of(connection: ASGIConnection) -> Principal:
     session: Any = connection.scope.get("session") or {}
-    return Principal(session["role"], session["name"], session["version"])
+    # "name" is the token (sessions check its version); "actor" who acts with it (absent in older sessions).
+    return Principal(session["role"], session.get("actor") or session["name"], session["version"], session["name"])
 
 
 def require_session(connection: ASGIConnection, _: BaseRouteHandler) -> None:

@@ -21,13 +21,24 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator
+from datetime import datetime
 from typing import Any
 
 from appliance.brokers.base import BrokerUnavailable
+from appliance.core.series import RATES, is_stale
 
 from .query import facets, summarize
 
-__all__ = ["PresenceWatcher", "Snapshot", "summary_counters", "summary_digest"]
+__all__ = [
+    "ClientRates",
+    "PresenceWatcher",
+    "Snapshot",
+    "mark_stale",
+    "stale_instances",
+    "summary_counters",
+    "summary_digest",
+    "summary_rates",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +48,80 @@ class Snapshot:
 
     __slots__ = ("counters", "digest", "error", "seq")
 
-    def __init__(self, seq: int, counters: dict[str, int], digest: str, error: str = "") -> None:
+    def __init__(self, seq: int, counters: dict[str, Any], digest: str, error: str = "") -> None:
         self.seq = seq
         self.counters = counters
         self.digest = digest
         self.error = error
 
 
-def summary_counters(summaries: list[dict[str, Any]]) -> dict[str, int]:
+def summary_rates(summaries: list[dict[str, Any]]) -> dict[str, float]:
+    """Cluster-wide rates per second, from each instance's latest heartbeat (a stale one counts 0)."""
+    now = time.time()
+    live = [s.get("rates") or {} for s in summaries if not is_stale(s, now)]
+    return {key: round(sum(float(r.get(key) or 0) for r in live), 1) for key in RATES}
+
+
+def stale_instances(summaries: list[dict[str, Any]], now: float) -> list[str]:
+    """The instances that missed a heartbeat (still listed until their presence expires)."""
+    return sorted(str(s.get("instance")) for s in summaries if is_stale(s, now))
+
+
+def mark_stale(records: list[dict[str, Any]], stale: list[str]) -> None:
+    """Mark the connections held by stale instances: nobody knows whether they are still there."""
+    if stale:
+        gone = set(stale)
+        for record in records:
+            if record.get("instance") in gone:
+                record["stale"] = True
+
+
+class ClientRates:
+    """Per-connection rates for the pages that show a few connections (a client's page): messages
+    per second in and out since the previous look at the same connection (at least ``least`` seconds
+    ago), else the average since it connected. Bounded: the oldest connections looked at go first."""
+
+    def __init__(self, max_entries: int = 10_000, least: float = 1.0) -> None:
+        self._seen: dict[tuple[str, str, str], tuple[float, float, float]] = {}
+        self._max = max_entries
+        self._least = least
+
+    def rates(self, record: dict[str, Any], now: float) -> dict[str, Any]:
+        key = (str(record.get("id")), str(record.get("instance")), str(record.get("connected_since")))
+        messages_in, messages_out = float(record.get("messages_in") or 0), float(record.get("messages_out") or 0)
+        before = self._seen.get(key)
+        found: dict[str, Any]
+        if before is not None and now - before[0] >= self._least and messages_in >= before[1]:
+            span = now - before[0]
+            found = {
+                "in": (messages_in - before[1]) / span,
+                "out": (messages_out - before[2]) / span,
+                "over": round(span),
+            }
+        else:
+            try:
+                since = datetime.fromisoformat(str(record.get("connected_since"))).timestamp()
+            except ValueError:
+                since = now
+            span = max(1.0, now - since)
+            found = {"in": messages_in / span, "out": messages_out / span, "over": None}
+        if before is None or now - before[0] >= self._least:
+            self._seen.pop(key, None)
+            self._seen[key] = (now, messages_in, messages_out)
+            if len(self._seen) > self._max:
+                del self._seen[next(iter(self._seen))]
+        return {**found, "in": round(found["in"], 2), "out": round(found["out"], 2)}
+
+
+def summary_counters(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """The counters at the top of the page, from the instances' summaries (same keys as ``summarize``)."""
-    counters = {
+    counters: dict[str, Any] = {
         key: sum(int(s.get(key) or 0) for s in summaries)
         for key in ("connections", "clients", "controllers", "messages_in", "messages_out")
     }
     counters["instances"] = len(summaries)  # Every live instance, also one that holds no connection.
+    counters["stale"] = stale_instances(summaries, time.time())
+    counters["rates"] = summary_rates(summaries)
     return counters
 
 
@@ -60,7 +131,8 @@ def summary_digest(summaries: list[dict[str, Any]]) -> str:
     Built from every instance's (name, epoch, membership version): a restarted instance has a
     new epoch, so its counter starting again from zero still reads as a change.
     """
-    parts = sorted(f"{s.get('instance')}|{s.get('epoch')}|{s.get('membership')}" for s in summaries)
+    now = time.time()  # An instance turning stale is a change too: its rows are marked.
+    parts = sorted(f"{s.get('instance')}|{s.get('epoch')}|{s.get('membership')}|{is_stale(s, now)}" for s in summaries)
     digest = hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
     return f"{sum(int(s.get('connections') or 0) for s in summaries):x}-{digest}"
 
@@ -86,6 +158,8 @@ class PresenceWatcher:
         self._reading: tuple[asyncio.Future[list[dict[str, Any]]], int] | None = None
         self._digest = ""  # the membership digest read just before self._records
         self._instances = 0  # how many instances answered that read (some may hold no connection)
+        self._extra: dict[str, Any] = {}  # that read's stale instances and rates, for the counters
+        self.client_rates = ClientRates()
         self._moved = 0  # seq of the last poll whose digest differed from the one before
         self._described: tuple[list[dict[str, Any]], dict[str, int]] | None = None
         self._facets: tuple[list[dict[str, Any]], dict[str, list[str]]] | None = None
@@ -121,6 +195,7 @@ class PresenceWatcher:
             counters = summarize(records)
             if records is self._records:  # Instances with no connection have no record: count them too.
                 counters["instances"] = max(counters["instances"], self._instances)
+                counters.update(self._extra)
             cached = self._described = (records, counters)
         return cached[1], self._digest if records is self._records else ""
 
@@ -136,9 +211,12 @@ class PresenceWatcher:
         summaries = await self.relay.cluster_summary()
         digest = summary_digest(summaries)
         records = await self.relay.clients(ordered=False)  # run_query selects its page itself.
+        stale = stale_instances(summaries, time.time())
+        mark_stale(records, stale)
         if started >= self._records_at:  # An older read finishing late never replaces a newer one.
             self._records, self._records_at, self._digest = records, started, digest
             self._instances = len(summaries)
+            self._extra = {"stale": stale, "rates": summary_rates(summaries)}
         return records
 
     async def _poll_once(self) -> None:

@@ -20,7 +20,6 @@ from urllib.parse import urlencode, urlsplit
 from jinja2_fragments import render_block
 from jinja2_fragments.litestar import HTMXBlockTemplate
 from litestar import MediaType, Request, Response, get, post
-from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.middleware.session.server_side import ServerSideSessionBackend
 from litestar.params import FromQuery
@@ -148,9 +147,12 @@ async def login_page(request: HTMXRequest, next: FromQuery[str | None] = None) -
     if session_problem(request.app.state, request.scope.get("session"), time.time()) is None:
         return Redirect(_safe_next(next), status_code=HTTP_303_SEE_OTHER)  # Already signed in.
     request.clear_session()  # A visitor gets no session (and no store entry) before signing in.
-    # ADMIN_TOKEN may live only in the token store (SSM in production), not in the settings.
+    # Admin tokens (ADMIN_TOKEN, admin_tokens/<name>) may live only in the token store (SSM in production).
     store = getattr(request.app.state, "token_store", None)
-    enabled = "ADMIN_TOKEN" in store.states if store is not None else request.app.state.settings.admin_token is not None
+    settings = request.app.state.settings
+    enabled = (
+        any(s.role == "admin" for s in store.states.values()) if store is not None else settings.admin_token is not None
+    )
     return Template("login.html", context=_common(request, next=_safe_next(next), enabled=enabled, error=""))
 
 
@@ -254,6 +256,8 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Respon
     client_id = id
     records, error = await _records(request)
     entries = sorted((r for r in records if r.get("id") == client_id), key=lambda r: str(r.get("instance")))
+    now = time.time()
+    rates = [_dashboard(request).watcher.client_rates.rates(r, now) for r in entries]
     events = [e for e in await request.app.state.audit.recent(1000) if e.target == client_id][:50]
     relay = request.app.state.relay
     try:
@@ -269,7 +273,7 @@ async def client_detail(request: HTMXRequest, id: FromQuery[str] = "") -> Respon
     context = _common(
         request,
         client_id=client_id,
-        entries=entries,
+        entries=list(zip(entries, rates, strict=True)),
         events=events,
         error=error,
         history=history,
@@ -392,51 +396,6 @@ async def audit_csv(request: HTMXRequest) -> Response[str]:
     )
 
 
-# --- system -------------------------------------------------------------------------------------
-
-
-def _link(url: str | None) -> str | None:
-    """Only http(s) links from settings end up in an href."""
-    if url and urlsplit(url).scheme in ("http", "https"):
-        return url
-    return None
-
-
-def _token_store_health(state: State) -> dict[str, Any] | None:
-    """The token store's own public health (last refresh, errors), when this build has a token store."""
-    store = getattr(state, "token_store", None)
-    return dict(store.health()) if store is not None else None
-
-
-@get("/system", guards=[require_session])
-async def system_page(request: HTMXRequest) -> Template:
-    state: State = request.app.state
-    relay = state.relay
-    settings = state.settings
-    ready, reason = relay.status()
-    # Every live instance's own summary (a few small reads): one that holds no connection is listed too.
-    try:
-        summaries, error = await relay.cluster_summary(), ""
-    except BrokerUnavailable as exc:
-        summaries, error = [], str(exc)
-    instances = {str(s.get("instance")): s for s in summaries}
-    instances.setdefault(relay.instance, {})  # This one, even when the broker does not answer.
-    return Template(
-        "system.html",
-        context=_common(
-            request,
-            ready=ready,
-            reason=reason,
-            broker=relay.broker.describe(),
-            instances=sorted(instances.items()),
-            error=error,
-            grafana=_link(settings.grafana_url),
-            prometheus=_link(settings.prometheus_url),
-            token_status=_token_store_health(state),
-        ),
-    )
-
-
 ROUTES = [
     index,
     login_page,
@@ -448,5 +407,4 @@ ROUTES = [
     events,
     audit_page,
     audit_csv,
-    system_page,
 ]

@@ -226,6 +226,19 @@ class Broker(abc.ABC):
         loses a connection, so a watcher reads this and the full list only when it moved.
         """
 
+    # --- heartbeats and trends (appliance/heartbeat.py) ---------------------------------------
+
+    @abc.abstractmethod
+    def heartbeat(self, beat: dict[str, Any], trend: dict[str, Any] | None) -> None:
+        """Publish this instance's heartbeat: its :meth:`presence_summary` entry carries ``beat``
+        until the next one, and ``trend`` (a point of its rates, when there is one) joins the
+        series :meth:`trends` reads. Never waits; the Redis broker writes it within ~0.2 s."""
+
+    @abc.abstractmethod
+    async def trends(self, instances: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The trend points (oldest first) that the other ``instances`` published, by instance;
+        this instance keeps its own. Empty for one that published none."""
+
     # --- a presence record that changed while connected (a client's manifest) ----------------
 
     @abc.abstractmethod

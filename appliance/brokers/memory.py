@@ -38,6 +38,7 @@ class MemoryBroker(Broker):
         self._queue = OfflineQueue(queue_max, queue_remember_seconds, queue_max_total)
         # Bounded like the histories: a flood of fresh keys forgets the oldest, never grows without end.
         self._idempotency: ByLastWrite[str] = ByLastWrite(idempotency_max_keys, idempotency_window)
+        self._beat: dict[str, Any] = {}
 
     @property
     def inbox(self) -> Inbox:
@@ -106,7 +107,13 @@ class MemoryBroker(Broker):
         return self.inbox.presence_records()
 
     async def presence_summary(self) -> list[dict[str, Any]]:
-        return [self.inbox.presence_summary()]
+        return [{**self.inbox.presence_summary(), **self._beat}]
+
+    def heartbeat(self, beat: dict[str, Any], trend: dict[str, Any] | None) -> None:
+        self._beat = dict(beat)  # One process: no other instance reads the trend.
+
+    async def trends(self, instances: list[str]) -> dict[str, list[dict[str, Any]]]:
+        return {}
 
     def presence_changed(self, client_id: str) -> None:
         pass  # Records are read live from the connections.

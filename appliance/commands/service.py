@@ -43,7 +43,7 @@ from ..core.protocol_v2 import (
     encode_status,
     request_from_fields,
 )
-from ..core.ratelimit import TokenBucket
+from ..core.ratelimit import Budgets
 from ..core.requests import Enqueued, Pending, PendingTable, Routed
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
@@ -82,8 +82,8 @@ class CommandService:
         self._http_seq = itertools.count()
         self._id_prefix = secrets.token_hex(5)  # Ids of commands sent without one (HTTP, MCP, dashboard).
         self._id_seq = itertools.count()
-        # HTTP, MCP and dashboard commands share the controller token, so they share its rate limit.
-        self._http_bucket = TokenBucket(settings.controller_rate_limit, settings.controller_rate_burst, time.time())
+        # In-process callers' rate limits: a bucket per token name (HTTP and MCP), "" for the dashboard.
+        self.budgets = Budgets(settings.controller_rate_limit, settings.controller_rate_burst)
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -368,8 +368,7 @@ class CommandService:
             self._queueable.pop(pending.key, None)
 
     def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
-        """A broadcast or group command reached ``count`` clients cluster-wide (and, when its caller
-        waited, ``collected`` holds the v2 clients' replies and those that did not answer in time)."""
+        """A fan-out reached ``count`` clients; ``collected``: the awaited v2 clients' replies and silences."""
         OUTCOMES["delivered"].inc()
         if request.id is None and waiter not in self._waiters:
             return  # A WebSocket broadcast without id gets no status frame, as in version 1.
@@ -399,6 +398,7 @@ class CommandService:
         queue: bool = False,
         controller: str = HTTP_CONTROLLER,
         idempotency_key: str | None = None,
+        budget: str = "",
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
@@ -406,14 +406,15 @@ class CommandService:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
+        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket.
         """
         if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.idempotent.send(*same, once)
-        wait = self._http_bucket.try_take(time.time())
+        wait = self.budgets.try_take(budget, time.time())
         if wait > 0:
             return rate_limited(wait)
         if command_id is None:

@@ -11,12 +11,13 @@ broker keeps the same entries in a capped, expiring list per id (``wsb:hist:{id}
 from __future__ import annotations
 
 from collections import deque
+from datetime import datetime
 from typing import Any
 
 from .expiring import ByLastWrite
 from .timefmt import iso
 
-__all__ = ["MAX_REASON_CHARS", "HistoryBook", "close_entry"]
+__all__ = ["LOST_CLOSED_BY", "MAX_REASON_CHARS", "HistoryBook", "close_entry", "lost_entry"]
 
 #: RFC 6455 §5.5: a control frame's payload is at most 125 bytes, so a close reason fits in 123;
 #: anything longer did not come from a WebSocket and is cut.
@@ -47,6 +48,30 @@ def close_entry(
         "reason": (reason or "")[:MAX_REASON_CHARS],
         "closed_by": "relay" if by_relay else "peer",
     }
+
+
+#: ``closed_by`` of a connection whose instance was lost (it crashed or was cut off for longer
+#: than the presence TTL): nobody saw it close.
+LOST_CLOSED_BY = "instance lost"
+
+
+def lost_entry(presence: dict[str, Any], lost_at: float) -> dict[str, Any]:
+    """The history entry of a connection whose instance's presence expired (crash, partition):
+    code 1006 (no close frame seen), closed when the loss was noticed."""
+    try:
+        opened = datetime.fromisoformat(str(presence.get("connected_since"))).timestamp()
+    except ValueError:
+        opened = lost_at
+    entry = close_entry(
+        presence,
+        connected_at=opened,
+        closed_at=lost_at,
+        code=1006,
+        reason=f"instance {presence.get('instance')} lost: its heartbeat stopped and its presence expired",
+        by_relay=False,
+    )
+    entry["closed_by"] = LOST_CLOSED_BY
+    return entry
 
 
 class HistoryBook:

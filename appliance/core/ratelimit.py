@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket"]
+__all__ = ["Budgets", "TokenBucket"]
 
 
 class TokenBucket:
@@ -50,3 +50,21 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= 1.0
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class Budgets:
+    """One bucket per name, made at the name's first use: names are token names, a bounded set."""
+
+    __slots__ = ("rate", "burst", "_buckets")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def try_take(self, name: str, now: float) -> float:
+        """``TokenBucket.try_take`` on ``name``'s bucket."""
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = TokenBucket(self.rate, self.burst, now)
+        return bucket.try_take(now)

@@ -21,6 +21,7 @@ __all__ = [
     "TokenStoreUnavailable",
     "fingerprint_key",
     "make_token_store",
+    "token_labels",
 ]
 
 
@@ -47,7 +48,14 @@ def make_token_store(settings: Settings) -> TokenStore:
 
         store = EnvTokenStore(settings)
     store.fingerprint_key = fingerprint_key(settings)
+    store.labels = token_labels(settings)
     return store
+
+
+def token_labels(settings: Settings) -> dict[str, str]:
+    """Who acts with each fixed token that has a name in the settings (named tokens carry their own)."""
+    named = {"LLM_SECRET_TOKEN": settings.controller_token_name, "ADMIN_TOKEN": settings.admin_token_name}
+    return {token: name for token, name in named.items() if name}
 
 
 def fingerprint_key(settings: Settings) -> bytes:

@@ -31,6 +31,9 @@ from ..core.protocol import Role
 
 __all__ = [
     "ROLE_BY_NAME",
+    "ADMIN_PREFIX",
+    "CALLER_NAME",
+    "CONTROLLER_PREFIX",
     "SCOPED_PREFIX",
     "Grant",
     "RotationUnavailable",
@@ -44,6 +47,7 @@ __all__ = [
     "estimated_bits",
     "low_entropy",
     "fingerprint",
+    "caller_of",
     "role_of",
 ]
 
@@ -57,6 +61,14 @@ ROLE_BY_NAME = {
 #: Scoped client tokens are named ``client_tokens/<name>``; each grants the client role for matching ids only.
 SCOPED_PREFIX = "client_tokens/"
 _SCOPED_NAME = re.compile(r"^client_tokens/[A-Za-z0-9_.-]{1,64}$")
+#: Named controller and admin tokens, ``controller_tokens/<name>`` and ``admin_tokens/<name>`` (the value is
+#: the token itself): each agent or person gets its own token, and ``<name>`` is who acts with it in the audit
+#: trail, in recent commands and in the rate limits of HTTP and MCP callers.
+CONTROLLER_PREFIX = "controller_tokens/"
+ADMIN_PREFIX = "admin_tokens/"
+#: The alphabet of a caller's name: the ``<name>`` of a named token, or ``CONTROLLER_TOKEN_NAME``/``ADMIN_TOKEN_NAME``.
+CALLER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAMED = {CONTROLLER_PREFIX: Role.CONTROLLER.value, ADMIN_PREFIX: Role.ADMIN.value}
 #: An id pattern is a shell-style glob over the client-id alphabet (``lights_*``, ``kiosk-?``).
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_*?-]{1,50}$")
 #: A group a scoped client token may join: a name as in ``?groups=`` (no glob: each group is named).
@@ -85,7 +97,20 @@ def role_of(name: str) -> str | None:
         return ROLE_BY_NAME[name]
     if _SCOPED_NAME.match(name):
         return Role.CLIENT.value
-    return None
+    prefix, _, rest = name.partition("/")
+    return _NAMED.get(prefix + "/") if CALLER_NAME.match(rest) else None
+
+
+def caller_of(name: str, labels: dict[str, str] | None = None) -> str | None:
+    """Who acts with token ``name``: the ``<name>`` of a named token, a fixed token's label, or None.
+
+    None (the fixed tokens without ``CONTROLLER_TOKEN_NAME``/``ADMIN_TOKEN_NAME``) keeps the names
+    callers had before named tokens: ``http``, ``mcp``, ``ADMIN_TOKEN``.
+    """
+    prefix, _, rest = name.partition("/")
+    if prefix + "/" in _NAMED and CALLER_NAME.match(rest):
+        return rest
+    return (labels or {}).get(name)
 
 
 def fingerprint(value: str, key: bytes) -> str:
@@ -149,6 +174,17 @@ class Grant:
     id_pattern: str | None = None
     #: The groups a connection may join; None (the shared client token): any group, as before groups were scoped.
     groups: tuple[str, ...] | None = None
+    #: Who acts with it (:func:`caller_of`); None: an unnamed fixed token.
+    caller: str | None = None
+
+    @property
+    def budget(self) -> str:
+        """The rate-limit bucket of HTTP and MCP commands sent with this token: one per token name."""
+        return self.name
+
+    def actor(self, unnamed: str) -> str:
+        """The name this grant's holder acts under, ``unnamed`` for an unnamed fixed token."""
+        return self.caller or unnamed
 
     def allows_id(self, client_id: str) -> bool:
         return self.id_pattern is None or fnmatch.fnmatchcase(client_id, self.id_pattern)
@@ -181,12 +217,13 @@ class TokenState:
     def previous_accepted(self, now: float) -> bool:
         return self.previous is not None and self.grace_ends is not None and now < self.grace_ends
 
-    def status(self, now: float, key: bytes) -> dict[str, Any]:
+    def status(self, now: float, key: bytes, caller: str | None = None) -> dict[str, Any]:
         """What may be shown of this token: never a value (fingerprints under ``key``)."""
         previous = self.previous
         return {
             "name": self.name,
             "role": self.role,
+            "caller": caller,
             "version": self.current.version,
             "fingerprint": fingerprint(self.current.value, key),
             "rotated_at": self.current.modified_at,
@@ -215,6 +252,8 @@ class TokenStore(abc.ABC):
         self._listeners: list[Callable[[], None]] = []
         #: The key of the fingerprints shown (make_token_store sets the deployment's; random: this process's own).
         self.fingerprint_key = secrets.token_bytes(32)
+        #: Who acts with the fixed tokens (``LLM_SECRET_TOKEN``: ``CONTROLLER_TOKEN_NAME``, ...); make_token_store sets it.
+        self.labels: dict[str, str] = {}
 
     # --- loading ------------------------------------------------------------------------
 
@@ -237,17 +276,17 @@ class TokenStore(abc.ABC):
     def _publish(self, states: dict[str, TokenState]) -> None:
         candidates: list[tuple[bytes, Grant, float | None]] = []
         for state in states.values():
-            current = state.current
+            current, caller = state.current, caller_of(state.name, self.labels)
             candidates.append(
                 (
                     _digest(current.value),
-                    Grant(state.role, state.name, current.version, current.id_pattern, current.groups),
+                    Grant(state.role, state.name, current.version, current.id_pattern, current.groups, caller),
                     None,
                 )
             )
             previous = state.previous
             if previous is not None and state.grace_ends is not None:
-                grant = Grant(state.role, state.name, previous.version, previous.id_pattern, previous.groups)
+                grant = Grant(state.role, state.name, previous.version, previous.id_pattern, previous.groups, caller)
                 candidates.append((_digest(previous.value), grant, state.grace_ends))
         changed = states != self._states
         self._states, self._candidates = states, candidates
@@ -298,7 +337,8 @@ class TokenStore(abc.ABC):
 
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [self.states[name].status(now, self.fingerprint_key) for name in sorted(self.states)]
+        key, labels = self.fingerprint_key, self.labels
+        return [self.states[name].status(now, key, caller_of(name, labels)) for name in sorted(self.states)]
 
     def secret_values(self) -> list[str]:
         """Every known value, for the log filter; never for anything that leaves the process."""

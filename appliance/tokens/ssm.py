@@ -4,8 +4,9 @@ Layout under the prefix (default ``/WebSocket/prod/``): ``LLM_SECRET_TOKEN``,
 ``UNITY_CLIENT_TOKEN``, ``ADMIN_TOKEN`` (optional), ``VIEWER_TOKEN`` (optional), and
 scoped client tokens ``client_tokens/<name>`` whose value is the JSON object
 ``{"ids": "<glob>", "groups": ["<group>", ...], "token": "<token>"}`` (``groups`` optional:
-absent, the token joins no group). Other names under the prefix (``REDIS_PASSWORD``)
-are not tokens and are ignored.
+absent, the token joins no group). Named controller and admin tokens,
+``controller_tokens/<name>`` and ``admin_tokens/<name>``, hold the token itself; their holder
+acts as ``<name>``. Other names under the prefix (``REDIS_PASSWORD``) are not tokens and are ignored.
 
 Rotation keeps its state in SSM itself, so every instance (and a restarted one)
 reads the same answer: the outgoing version carries the label ``previous`` (and

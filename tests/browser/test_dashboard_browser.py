@@ -131,6 +131,8 @@ def test_html_in_client_controlled_fields_stays_inert(page, app, redis_server, c
     }
     redis_server.command("HSET", "wsb:instance:forged", "x", json.dumps(forged))
     redis_server.command("EXPIRE", "wsb:instance:forged", "60")
+    # A live instance's summary: without it the instance is lost and its records are not listed.
+    redis_server.command("SET", "wsb:summary:forged", json.dumps({"instance": "forged", "epoch": "x"}), "EX", "60")
     redis_server.command("SADD", "wsb:instances", "forged")  # As every instance names itself.
     try:
         # A real connection sends markup in a trusted proxy's header too: it must never reach the page
@@ -149,7 +151,8 @@ def test_html_in_client_controlled_fields_stays_inert(page, app, redis_server, c
             page.get_by_role("heading", name="Client <script>alert(1)</script>").wait_for(timeout=ms(5))
             assert page.locator("main img, main svg, main script").count() == 0
     finally:
-        redis_server.command("DEL", "wsb:instance:forged")
+        redis_server.command("DEL", "wsb:instance:forged", "wsb:summary:forged")
+        redis_server.command("SREM", "wsb:instances", "forged")
     console.assert_clean()
 
 

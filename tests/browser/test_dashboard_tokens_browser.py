@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from leak_scan import SCAN
 from moto_support import MotoServer, seed, unique_prefix
 from support import ADMIN_TOKEN, CLIENT_TOKEN, CONTROLLER_TOKEN, timeout
 from websockets.sync.client import connect
@@ -80,4 +81,24 @@ def test_rotate_keeping_connections_as_the_cli_offers(page, start_appliance, mot
     page.goto(app.http + "/admin/audit?action=token.rotate")
     detail = page.locator("#audit tbody tr").first.inner_text()
     assert "keep_connections=yes" in detail and "LLM_SECRET_TOKEN" in detail
+    console.assert_clean()
+
+
+def test_the_audit_page_names_the_operator_who_signed_in_with_a_named_admin_token(
+    page, start_appliance, moto, console, screenshot
+):
+    alice = "alice-admin-token-0123456789abcdef"
+    SCAN.add_secrets({"ALICE": alice})
+    prefix = unique_prefix()
+    seed(moto.ssm(), prefix, {**SEED, "admin_tokens/alice": alice})
+    app = start_appliance(moto.appliance_env(prefix), name="tok-operator")
+    page.goto(app.http + "/admin/audit")
+    page.get_by_label("Admin or viewer token").fill(alice)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"/admin/audit$"))
+    login = page.locator("#audit tbody tr").filter(has=page.get_by_role("cell", name="login", exact=True))
+    login.first.wait_for(timeout=ms(10))
+    assert login.first.locator("td").nth(2).inner_text() == "alice"  # the person, not ADMIN_TOKEN
+    assert "ADMIN_TOKEN" not in page.locator("#audit tbody").inner_text()
+    screenshot(page, "audit-named-operator")
     console.assert_clean()

@@ -10,6 +10,8 @@ The inbox of broker_support.py stands in for the relay's side of :class:`~applia
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
 from broker_support import BACKENDS, CLIENT, CONTROLLER, Cluster, Outcome, cluster_group, new_id, sentinel_group, until
@@ -206,18 +208,62 @@ async def test_presence_summary_counts_every_instance_and_moves_with_membership(
             return b.name not in (await totals())[1]
 
         await eventually(forgotten, 10, "a stopped instance's summary gone")
-        # A crashed instance's name is forgotten once its keys expired, but not while its presence is there.
+        # A crashed instance: its summary expired, its presence hash is kept a while longer. Its
+        # connections are no longer listed; the first reader forgets it, and each of its connections
+        # gets a history entry saying the instance was lost.
         raw = cluster.raw()
-        old = cluster.keys.presence("old-version")
+        lost = cluster.keys.presence("crashed")
+        lost_id = new_id("lost")
+        record = {
+            "id": lost_id,
+            "role": "client",
+            "instance": "crashed",
+            "connected_since": "2026-01-01T00:00:00+00:00",
+        }
         try:
-            await raw.sadd("wsb:instances", "crashed", "old-version")
-            await raw.hset(old, "x", '{"id": "x", "role": "client", "instance": "old-version"}')
+            await raw.sadd("wsb:instances", "crashed")
+            await raw.hset(lost, lost_id, json.dumps(record))
+            assert lost_id not in {r["id"] for r in await a.broker.presence()}
             await a.broker.presence_summary()
-            assert await raw.smembers("wsb:instances") == {a.name.encode(), b"old-version"}
-            assert "x" in {r["id"] for r in await a.broker.presence()}
+            assert await raw.smembers("wsb:instances") == {a.name.encode()}
+            assert not await raw.exists(lost)
+
+            async def recorded():
+                return await a.broker.history(lost_id, 5)
+
+            entries = await eventually(recorded, 10, "the lost connection in its history")
+            assert len(entries) == 1  # Recorded once, by the one reader that forgot the instance.
+            assert entries[0]["closed_by"] == "instance lost" and entries[0]["code"] == 1006
+            assert "crashed lost" in entries[0]["reason"]
         finally:
-            await raw.delete(old)
+            await raw.delete(lost)
             await raw.aclose()
+
+
+async def test_a_heartbeat_rides_on_the_summary_and_its_trend_reaches_the_other_instances(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    beat = {"at": round(time.time(), 3), "period": 1.0, "version": "t", "memory_bytes": 1, "rates": {"errors": 0}}
+    trend = {"t": beat["at"], "connections": 0, "commands_in": 1.5}
+    b.broker.heartbeat(beat, trend)
+
+    async def seen():
+        summaries = {s["instance"]: s for s in await a.broker.presence_summary()}
+        return summaries.get(b.name) if summaries.get(b.name, {}).get("at") == beat["at"] else None
+
+    summary = await eventually(seen, 10, "the beat in the summary")
+    assert summary["version"] == "t" and summary["rates"] == {"errors": 0}
+    trends = await a.broker.trends([a.name, b.name])
+    if cluster.kind == "memory":
+        assert trends == {}  # One process: the heartbeat keeps its own series.
+    else:
+        assert summary["redis_latency_ms"] >= 0  # A PING timed with each beat.
+        assert trends == {b.name: [trend]}
+        b.broker.heartbeat({**beat, "at": beat["at"] + 1}, {**trend, "t": trend["t"] + 1})
+        await eventually(lambda: _points(a, b.name, 2), 10, "the second point")
+
+
+async def _points(node, instance, wanted):
+    return len((await node.broker.trends([instance])).get(instance, [])) == wanted
 
 
 async def _has(ids, wanted):

@@ -187,7 +187,7 @@ async def test_cli_send_wait_exit_codes(relay):
 
 async def test_two_controllers_with_one_id_end_with_a_typed_error_naming_the_id(relay):
     """The README once had every controller connect as "LLM": the second evicted the first (4010)."""
-    from appliance.client import IdTaken
+    from appliance.controller import IdTaken  # in the controller's error tree (also appliance.client's)
 
     target, shared = uid("dev"), uid("llm")
     async with relay.connect(target, subprotocols=V2), Controller(relay.ws, shared, CONTROLLER_TOKEN) as first:
@@ -196,5 +196,7 @@ async def test_two_controllers_with_one_id_end_with_a_typed_error_naming_the_id(
                 await asyncio.wait_for(first.receive(), timeout(10))
             assert taken.value.code == 4010 and isinstance(taken.value, BridgeClosed)
             assert shared in str(taken.value) and "an id of its own" in str(taken.value)
+            with pytest.raises(IdTaken):  # and every request after, rather than waiting for replies gone elsewhere
+                await first.request(target, "ping", timeout=timeout(5))
             with pytest.raises(ClientOffline):  # the newer one works
                 await second.request(uid("nobody"), "ping", timeout=timeout(5))

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from support import (
@@ -585,3 +586,32 @@ def test_no_panel_is_empty_on_a_healthy_stack(scraped: Stack) -> None:
                 empty.append(f"{path.stem}: {panel['title']}")
     assert checked > 40, checked
     assert not empty, f"panels with no data on a healthy stack: {empty}"
+
+
+def test_the_system_pages_trends_read_from_the_query_api(scraped: Stack) -> None:
+    """PROMETHEUS_URL set: the System page's trends come from Prometheus, by the appliance's own name,
+    with the scrape address the Grafana dashboards' instance variable takes (ui/prometheus.py)."""
+    from ui.prometheus import QUERIES, prometheus_trends
+
+    for field, promql in QUERIES.items():  # Each query evaluates (a typo answers 400).
+        assert scraped.query(promql)["status"] == "success", field
+
+    async def traffic() -> None:  # Commands and replies after Prometheus' first scrape: a rate above 0.
+        async with scraped.app.controller() as controller, scraped.app.connect("trend_client") as client:
+            for i in range(3):
+                await controller.send(command("trend_client", f"t{i}"))
+                assert await recv(client) == f"t{i}"
+                await client.send("ok")
+                assert (await recv_json(controller))["message"] == "ok"
+
+    asyncio.run(traffic())
+    wait_until(lambda: scraped.series(QUERIES["commands_in"] + " > 0"), 30, "a command rate in Prometheus")
+    base = scraped.api.removesuffix("/api/v1")
+    trends = asyncio.run(prometheus_trends(base, time.time(), 600, 1.0))
+    assert trends.addresses == {"prom-app": f"127.0.0.1:{scraped.app.port}"}
+    points = trends.points["prom-app"]
+    assert points and all(p["t"] <= time.time() for p in points)
+    assert any(p.get("commands_in", 0) > 0 for p in points)  # The scripted traffic, as a rate.
+    assert any(p.get("p99_ms") for p in points)  # Its round trips.
+    with pytest.raises(httpx.HTTPError):
+        asyncio.run(prometheus_trends(f"http://127.0.0.1:{scraped.ports['closed']}", time.time(), 600, 15))

@@ -344,3 +344,38 @@ async def test_service_rotation_teaches_the_log_filter_and_is_audited(moto):
     ]
     assert events[1].detail == {"version": 2, "grace_seconds": 60.0, "keep_connections": False}
     assert value not in repr(events)
+
+
+def test_named_controller_and_admin_tokens_come_from_ssm_with_their_names_and_rotate(moto):
+    prefix = unique_prefix()
+    ssm = moto.ssm()
+    seed(ssm, prefix, SEED)
+    seed(
+        ssm, prefix, {"controller_tokens/agent-a": "agent-a-token-0123456789", "admin_tokens/alice": "alice-0123456789"}
+    )
+    settings = Settings(
+        _env_file=None,
+        token_store="ssm",
+        ssm_prefix=prefix,
+        aws_region=REGION,
+        ssm_endpoint_url=moto.url,
+        controller_token_name="planner",
+    )
+    store = make_token_store(settings)
+    store.load()
+    assert store.lookup("agent-a-token-0123456789") == Grant(
+        "controller", "controller_tokens/agent-a", 1, caller="agent-a"
+    )
+    assert store.lookup("alice-0123456789") == Grant("admin", "admin_tokens/alice", 1, caller="alice")
+    assert store.lookup(CONTROLLER) == Grant("controller", "LLM_SECRET_TOKEN", 1, caller="planner")
+    assert store.lookup(ADMIN) == Grant("admin", "ADMIN_TOKEN", 1)  # unnamed: the audit says ADMIN_TOKEN
+    listed = {entry["name"]: entry["caller"] for entry in store.status()}
+    assert listed["controller_tokens/agent-a"] == "agent-a" and listed["admin_tokens/alice"] == "alice"
+    store.write_rotation("controller_tokens/agent-a", "agent-a-token-version-two", keep_connections=False)
+    store.load()
+    assert store.lookup("agent-a-token-version-two") == Grant(
+        "controller", "controller_tokens/agent-a", 2, caller="agent-a"
+    )
+    assert store.lookup("agent-a-token-0123456789").version == 1  # in its grace window, under the same name
+    stored = ssm.get_parameter(Name=prefix + "controller_tokens/agent-a", WithDecryption=True)["Parameter"]
+    assert stored["Value"] == "agent-a-token-version-two" and stored["Type"] == "SecureString"  # the token itself

@@ -33,8 +33,16 @@
     if (paused) show("paused", "Paused: the table is not refreshed" + waiting);
     else if (!connected) show("lost", "Connection lost: reconnecting…");
     else if (reason) show("paused", "Held: " + reason + ", so the table is not refreshed" + waiting);
+    else if (staleInstances()) show("stale", "Live, except " + staleInstances() + ": no heartbeat");
     else show("live", "Live");
   }
+
+  // Instances that missed a heartbeat (the counters block names them): their rows are not live.
+  function staleInstances() {
+    var note = document.getElementById("stale-instances");
+    return note ? note.getAttribute("data-instances") || "" : "";
+  }
+  document.addEventListener("htmx:sseMessage", function () { if (connected) showConnection(); });
 
   document.addEventListener("htmx:sseOpen", function () { connected = true; showConnection(); });
   document.addEventListener("htmx:sseError", function () { connected = false; showConnection(); });

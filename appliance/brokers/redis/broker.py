@@ -288,6 +288,12 @@ class RedisBroker(Broker):
     async def presence_summary(self) -> list[dict[str, Any]]:
         return await self._presence.summaries()
 
+    def heartbeat(self, beat: dict[str, Any], trend: dict[str, Any] | None) -> None:
+        self._presence.beat(beat, trend)
+
+    async def trends(self, instances: list[str]) -> dict[str, list[dict[str, Any]]]:
+        return await self._presence.trends(instances)
+
     def presence_changed(self, client_id: str) -> None:
         self._presence.changed(client_id)
 

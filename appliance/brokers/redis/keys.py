@@ -21,6 +21,7 @@ __all__ = [
     "PREFIX",
     "QUEUE_KEY",
     "QUEUE_SEEN_KEY",
+    "SERIES_KEY",
     "SUMMARY_KEY",
 ]
 
@@ -36,6 +37,8 @@ INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
 IDEMPOTENCY_KEY = f"{PREFIX}idem:"
 SUMMARY_KEY = f"{PREFIX}summary:"
+#: An instance's trend points (appliance/heartbeat.py), a capped list with its summary's TTL.
+SERIES_KEY = f"{PREFIX}series:"
 INSTANCES_KEY = f"{PREFIX}instances"
 GENERATION_KEY = f"{PREFIX}generation"
 #: Sorted set of the ids with a connect history, scored by their latest entry's time: the oldest go first.
@@ -92,3 +95,6 @@ class Keys:
 
     def summary(self, instance: str) -> str:
         return self._of(SUMMARY_KEY, instance)
+
+    def series(self, instance: str) -> str:
+        return self._of(SERIES_KEY, instance)

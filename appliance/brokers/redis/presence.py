@@ -7,7 +7,14 @@
   :meth:`~appliance.brokers.base.Inbox.presence_summary`), same TTL, written in the same
   transaction as its presence hash; ``wsb:instances`` is the set of names (added with every
   presence write), so an idle dashboard reads two small keys instead of every presence
-  record, and a full presence read needs no SCAN of the keyspace.
+  record, and a full presence read needs no SCAN of the keyspace. The summary carries the
+  instance's heartbeat (appliance/heartbeat.py) and ``redis_latency_ms``, a PING timed per beat.
+- ``wsb:series:{name}``: that instance's trend points (JSON), a list capped at an hour's worth.
+
+The summary is the liveness mark: an instance whose summary expired is lost, even while its
+presence hash (kept ``LOST_GRACE`` times as long) is still there. The first instance to see
+that (every instance looks on its refresh) takes the hash away atomically and records in each
+of its connections' history that the instance was lost; presence reads skip such hashes.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from ...core.history import lost_entry
 from ..base import Inbox
 from .codec import decode_json, encode_json
 from .history import HistoryLog
@@ -30,18 +40,27 @@ __all__ = ["Presence"]
 
 log = logging.getLogger(__name__)
 
-# Forget instances that stopped without saying so: only those whose summary and presence keys
-# (KEYS[2i], KEYS[2i + 1], written with the name in one transaction) are both gone, checked
-# atomically so a name re-added meanwhile stays.
+# Forget instances that stopped without saying so: those whose summary (KEYS[2i], written with
+# the name) expired. The one caller that removes a name gets that instance's presence records
+# (KEYS[2i + 1]) and deletes them, so each lost connection is recorded once, cluster-wide.
 FORGET_INSTANCES = """
-local gone = 0
+local lost = {}
 for i, name in ipairs(ARGV) do
-  if redis.call('EXISTS', KEYS[2 * i], KEYS[2 * i + 1]) == 0 then
-    gone = gone + redis.call('SREM', KEYS[1], name)
+  if redis.call('EXISTS', KEYS[2 * i]) == 0 and redis.call('SREM', KEYS[1], name) == 1 then
+    for _, record in ipairs(redis.call('HVALS', KEYS[2 * i + 1])) do
+      table.insert(lost, record)
+    end
+    redis.call('DEL', KEYS[2 * i + 1])
   end
 end
-return gone
+return lost
 """
+
+#: A presence hash outlives its summary this many times over, so the connections of a lost
+#: instance can still be read (and recorded as lost) after its summary expired.
+LOST_GRACE = 2
+#: Trend points kept per instance: an hour's worth at its heartbeat period.
+HOUR = 3600.0
 
 #: A burst of connects settles this long into one write.
 SETTLE_SECONDS = 0.2
@@ -59,6 +78,10 @@ class Presence:
         self._keys = link.keys
         self._dirty = asyncio.Event()
         self._changed: set[str] = set()  # ids whose presence record changed since the last write
+        self._beat: dict[str, Any] = {}  # The latest heartbeat, carried by every summary write.
+        self._trends: list[bytes] = []  # Trend points not written yet.
+        self._ping_due = False
+        self.latency_ms: float | None = None
 
     def open(self) -> None:
         assert self._link.redis is not None
@@ -72,12 +95,36 @@ class Presence:
     def history_recorded(self) -> None:
         self._dirty.set()  # The heartbeat writes it with the presence change, within ~0.2 s.
 
+    def beat(self, beat: dict[str, Any], trend: dict[str, Any] | None) -> None:
+        """A heartbeat: written with the summary within ~0.2 s (Redis latency timed just before)."""
+        self._beat = dict(beat)
+        if trend is not None:
+            self._trends = [*self._trends, encode_json(trend)][-self._series_len() :]
+        self._ping_due = True
+        self._dirty.set()
+
+    def _series_len(self) -> int:
+        period = self._beat.get("period") or self.ttl / 3
+        return max(2, min(3600, math.ceil(HOUR / period)))
+
+    def _summary(self, inbox: Inbox) -> dict[str, Any]:
+        summary = inbox.presence_summary()
+        if self._beat:
+            summary.update(self._beat, redis_latency_ms=self.latency_ms)
+        return summary
+
     async def write(self, *, full: bool) -> None:
         """Write presence: the changed records only (O(1) per connect), or all of them."""
         assert self._link.redis is not None
         key = self._keys.presence(self._instance)
         inbox = self._inbox()
+        if self._ping_due:
+            self._ping_due = False
+            started = time.perf_counter()
+            await self._link.redis.ping()
+            self.latency_ms = round((time.perf_counter() - started) * 1000, 3)
         changed, self._changed = self._changed, set()
+        trends, self._trends = self._trends, []
         history = self._history.take()
         try:
             # On a Cluster no transaction (the history and the set of names are in other slots): the
@@ -98,14 +145,20 @@ class Presence:
                             pipe.hset(key, client_id, encode_json(record))
                     if gone:
                         pipe.hdel(key, *gone)
-                pipe.expire(key, self.ttl)
+                pipe.expire(key, self.ttl * LOST_GRACE)
                 # Taken with the records above (no await between): the version matches what is written.
-                pipe.set(self._keys.summary(self._instance), encode_json(inbox.presence_summary()), ex=self.ttl)
+                pipe.set(self._keys.summary(self._instance), encode_json(self._summary(inbox)), ex=self.ttl)
+                if trends:
+                    series = self._keys.series(self._instance)
+                    pipe.rpush(series, *trends)
+                    pipe.ltrim(series, -self._series_len(), -1)
+                    pipe.expire(series, self.ttl)
                 pipe.sadd(INSTANCES_KEY, self._instance)
                 self._history.queue(pipe, history)
                 await pipe.execute()
         except BaseException:
             self._changed |= changed  # Written by the next attempt.
+            self._trends = [*trends, *self._trends]
             self._history.put_back(history)
             raise
         finally:
@@ -115,7 +168,9 @@ class Presence:
 
     def withdraw(self, pipe: Any) -> None:
         """At stop: remove this instance's presence, in ``pipe``; history not written yet goes too."""
-        pipe.delete(self._keys.presence(self._instance), self._keys.summary(self._instance))
+        pipe.delete(
+            self._keys.presence(self._instance), self._keys.summary(self._instance), self._keys.series(self._instance)
+        )
         pipe.srem(INSTANCES_KEY, self._instance)
         self._history.queue(pipe, self._history.unwritten())
 
@@ -140,6 +195,7 @@ class Presence:
                 if refresh:
                     await refresh_owners()
                     await self.write(full=True)
+                    await self.reap()
                 else:
                     await self.write(full=False)
             except (RedisError, OSError) as exc:
@@ -154,12 +210,14 @@ class Presence:
             others = await self._other_instances()
             async with redis.pipeline(transaction=False) as pipe:  # One round trip for every instance.
                 for name in others:
+                    pipe.exists(self._keys.summary(name))
                     pipe.hgetall(self._keys.presence(name))
-                hashes = await pipe.execute() if others else []
+                replies = await pipe.execute() if others else []
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
-        for values in hashes:
-            records.extend(decode_json(value) for value in values.values())
+        for alive, values in zip(replies[::2], replies[1::2], strict=True):
+            if alive:  # A lost instance's hash (its summary expired) is kept only to record it as lost.
+                records.extend(decode_json(value) for value in values.values())
         return records
 
     async def record(self, instance: str, client_id: str) -> dict[str, Any] | None:
@@ -178,21 +236,61 @@ class Presence:
         return [name for name in names if name != self._instance]
 
     async def _forget(self, gone: list[str]) -> None:
+        """Forget the instances in ``gone`` whose summary expired; record their connections as lost."""
         redis = self._link.redis
         assert redis is not None
+        lost: list[Any] = []
         if not self._link.sharded:
             keys = [INSTANCES_KEY, *(k for n in gone for k in (self._keys.summary(n), self._keys.presence(n)))]
-            await self._forget_instances(keys=keys, args=gone)
+            lost = await self._forget_instances(keys=keys, args=gone)
+        else:
+            # On a Cluster the set of names is in another slot than each instance's keys: not atomic. A
+            # name removed just as its instance wrote its keys again comes back with its next write.
+            for name in gone:
+                if not await redis.exists(self._keys.summary(name)) and await redis.srem(INSTANCES_KEY, name):
+                    lost.extend((await redis.hgetall(self._keys.presence(name))).values())
+                    await redis.delete(self._keys.presence(name))
+        now = time.time()
+        for value in lost:
+            record = decode_json(value)
+            self._history.record(str(record.get("id")), lost_entry(record, now))
+        if lost:
+            log.warning("Recorded %d connection(s) of lost instance(s) %s", len(lost), ", ".join(gone))
+            self._dirty.set()
+
+    async def reap(self) -> None:
+        """Forget the instances whose summary expired (run on every refresh, by every instance)."""
+        others = await self._other_instances()
+        if not others:
             return
-        # On a Cluster the set of names is in another slot than each instance's keys: not atomic. A
-        # name removed just as its instance wrote its keys again comes back with its next write.
-        for name in gone:
-            if not await redis.exists(self._keys.summary(name), self._keys.presence(name)):
-                await redis.srem(INSTANCES_KEY, name)
+        redis = self._link.client()
+        summary_keys = [self._keys.summary(name) for name in others]
+        if self._link.sharded:
+            values = await redis.mget_nonatomic(summary_keys)  # type: ignore[attr-defined]
+        else:
+            values = await redis.mget(summary_keys)
+        gone = [name for name, value in zip(others, values, strict=True) if value is None]
+        if gone:
+            await self._forget(gone)
+
+    async def trends(self, instances: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The trend points the other ``instances`` wrote, oldest first."""
+        others = [name for name in instances if name != self._instance]
+        if not others:
+            return {}
+        redis = self._link.client()
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in others:
+                    pipe.lrange(self._keys.series(name), 0, -1)
+                lists = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+        return {name: [decode_json(v) for v in values] for name, values in zip(others, lists, strict=True)}
 
     async def summaries(self) -> list[dict[str, Any]]:
         redis = self._link.client()
-        summaries = [self._inbox().presence_summary()]
+        summaries = [self._summary(self._inbox())]
         try:
             others = await self._other_instances()
             summary_keys = [self._keys.summary(name) for name in others]
