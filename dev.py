@@ -255,11 +255,30 @@ def needs_everything(pytest_args: list[str]) -> bool:
     return False
 
 
+def test_workers() -> int:
+    """Workers for a whole-suite run: one per core, at least two (most tests wait on servers, not the CPU).
+
+    ``WSBRIDGE_TEST_WORKERS=1`` runs everything in one process.
+    """
+    return int(os.environ.get("WSBRIDGE_TEST_WORKERS", max(2, os.cpu_count() or 1)))
+
+
 def pytest_options(args: list[str]) -> list[str]:
-    """The slowest 25 tests are listed after every run (the suite's time budget), unless asked otherwise."""
-    if any(arg == "--durations" or arg.startswith("--durations=") for arg in args):
-        return []
-    return ["--durations=25"]
+    """The slowest 25 tests are listed after every run (the suite's time budget), unless asked otherwise.
+
+    With no test path given, the suite runs on ``test_workers()`` pytest-xdist workers, one
+    test file at a time per worker (a file's module fixtures start once). A path or an
+    explicit ``-n`` runs as asked.
+    """
+    options = []
+    if not any(arg == "--durations" or arg.startswith("--durations=") for arg in args):
+        options.append("--durations=25")
+    explicit_workers = any(arg in ("-n", "--numprocesses") or arg.startswith(("-n", "--numprocesses=")) for arg in args)
+    paths = [arg for arg in args if not arg.startswith("-") and (ROOT / arg.split("::", 1)[0]).exists()]
+    workers = test_workers()
+    if not paths and not explicit_workers and workers > 1:
+        options += ["-n", str(workers), "--dist", "loadfile"]
+    return options
 
 
 def test(args: list[str]) -> None:

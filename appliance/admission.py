@@ -17,7 +17,7 @@ What a refused peer sees (docs/protocol.md, "Abuse limits"):
   WebSockets and unanswered requests: 429 (each request counts until its answer starts);
 - a body announced larger than :func:`max_request_bytes`: 413, before a byte of it is read.
 
-The failed handshakes counted are the relay's own refusals (4001, 4002, 4003) and HTTP
+The failed handshakes counted are the relay's own refusals (4001, 4002, 4003, 4016) and HTTP
 401/403 answers, read from the messages the app sends; the app needs no hook for them.
 """
 
@@ -61,7 +61,10 @@ COOLDOWNS = Counter(
 )
 
 #: Close codes that count as a failed handshake: what a token or id scanner produces.
-_FAILED_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, CloseCode.RESERVED_ID})
+#: A banned peer that keeps trying (4016) is cooled down like a scanner: refused before the upgrade, for free.
+_FAILED_CODES = frozenset(
+    {CloseCode.UNAUTHORIZED, CloseCode.INVALID_CLIENT_ID, CloseCode.RESERVED_ID, CloseCode.BANNED}
+)
 #: Monitoring must keep working for an address that is cooling down or busy.
 _UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -31,11 +31,14 @@ from . import __version__, metrics
 from .admission import max_request_bytes
 from .api import API_HANDLERS, ApiError, api_error, validation_as_422
 from .audit import AuditLog, MemoryAuditLog
+from .bans import BanService
+from .bans_api import BAN_HANDLERS
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
 from .event_feed import EventFeed
 from .events_http import EVENTS_HANDLERS
+from .gate import Gate
 from .heartbeat import Heartbeat
 from .mcp_http import mcp_endpoint, mcp_lifespan
 from .probes import PROBE_HANDLERS
@@ -145,6 +148,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         settings, token_store, audit, local=parts.local, notifier=notifier, presence=relay.clients
     )
     store = token_store
+    gate = Gate(settings, relay.broker)
+    bans = BanService(gate, audit, parts.commands)
     # Every third of the presence TTL, as the Redis presence refresh: a missed beat shows long before expiry.
     heartbeat = Heartbeat(relay.instance, settings.presence_ttl / 3)
 
@@ -153,6 +158,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
         await relay.start()
         beating = asyncio.get_running_loop().create_task(heartbeat.run(relay.broker), name="heartbeat")
         await token_service.start()
+        ban_watch = asyncio.get_running_loop().create_task(gate.watch(parts.local), name="ban-watch")
         metrics.set_build_info(__version__, relay.broker.name, relay.instance)
         metrics.TOKEN_GRACE_ENDS.source = lambda: _grace_windows(store)
         if settings.token_store == "env":  # Read once at start and never failing; the SSM store keeps its own.
@@ -163,6 +169,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             async with mcp_lifespan(app):
                 yield
         finally:
+            ban_watch.cancel()
             beating.cancel()
             await token_service.stop()
             await relay.stop()
@@ -170,7 +177,7 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 await redis.aclose()
 
     return Litestar(
-        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
+        route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
         plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
         state=State(
             {
@@ -182,6 +189,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
                 "audit": audit,
                 "token_store": token_store,
                 "token_service": token_service,
+                "gate": gate,
+                "bans": bans,
                 "heartbeat": heartbeat,
             }
         ),

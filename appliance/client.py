@@ -66,6 +66,7 @@ FINAL_CLOSE_CODES = frozenset(
         CloseCode.TOKEN_EXPIRED,  # the same token would be refused: a new one must come from the operator
         CloseCode.DISCONNECTED,  # an administrator decided; coming straight back would defeat it
         CloseCode.GROUP_NOT_ALLOWED,  # the token does not name the groups asked for: the same ask fails again
+        CloseCode.BANNED,  # an administrator banned the id or address; coming back is refused until it is lifted
     }
 )
 

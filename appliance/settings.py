@@ -23,6 +23,23 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+class NewIdSettings(BaseSettings):
+    """The new-id limits (appliance/core/newids.py), apart so that :class:`Settings` stays readable."""
+
+    new_ids_per_token: int = Field(
+        1000,
+        ge=0,
+        description="Client ids never seen before (no holder, no connect history) one token may bring per "
+        "NEW_IDS_WINDOW, cluster-wide; beyond, 4015. Addresses in LIMITS_EXEMPT_IPS are not counted. 0: no limit.",
+    )
+    new_ids_per_address: int = Field(
+        100,
+        ge=0,
+        description="Client ids never seen before one address (IPv6: /64) may bring per NEW_IDS_WINDOW; 0: no limit.",
+    )
+    new_ids_window: float = Field(3600.0, gt=0, description="Seconds of the new-id windows (NEW_IDS_PER_*).")
+
+
 class CallerNames(BaseSettings):
     """Who acts with the two fixed tokens; named tokens (``controller_tokens/<name>``, ``admin_tokens/<name>``
     in SSM) carry their own ``<name>``. A part of :class:`Settings`, which inherits these fields."""
@@ -40,7 +57,7 @@ class CallerNames(BaseSettings):
     )
 
 
-class Settings(CallerNames):
+class Settings(NewIdSettings, CallerNames):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -167,7 +184,7 @@ class Settings(CallerNames):
     max_failed_handshakes_per_minute: int = Field(
         30,
         ge=0,
-        description="Failed handshakes (4001, 4002, 4003; HTTP 401/403) one address may cause per minute before it "
+        description="Failed handshakes (4001, 4002, 4003, 4016; HTTP 401/403) one address may cause per minute before it "
         "is refused with HTTP 429 for HANDSHAKE_COOLDOWN seconds. 0: no limit.",
     )
     handshake_cooldown: float = Field(

@@ -41,6 +41,8 @@ _REFUSAL_REASONS = {
     CloseCode.INTERNAL_ERROR: "internal_error",
     CloseCode.TOKEN_EXPIRED: "token_expired",
     CloseCode.GROUP_NOT_ALLOWED: "group_not_allowed",
+    CloseCode.TOO_MANY_NEW_IDS: "too_many_new_ids",
+    CloseCode.BANNED: "banned",
 }
 
 
@@ -128,6 +130,12 @@ async def _serve(socket: RelaySocket, client_id: str) -> None:
     if grant is not None and not grant.allows_groups(groups):  # A scoped token joins only the groups it names.
         log.info("Refused connection for id %r: groups not allowed for %s", client_id, grant.name)
         await _refuse(socket, CloseCode.GROUP_NOT_ALLOWED, subprotocol)
+        return
+    client = socket.scope.get("client")
+    # Bans and the rate of new ids, cluster-wide (appliance/gate.py).
+    barred = await socket.app.state.gate.admit(client_id, decision, grant.name if grant else None, client and client[0])
+    if barred is not None:
+        await _refuse(socket, barred, subprotocol)
         return
     v2 = subprotocol == SUBPROTOCOL_V2
     conn = relay.new_connection(client_id, decision, socket.raw_send, _remote(socket), grant, v2=v2, groups=groups)

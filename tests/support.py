@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,31 @@ def timeout(seconds: float) -> float:
     return seconds * SCALE
 
 
+#: Ports for the servers tests start: below Linux's ephemeral range (32768-60999), so no
+#: outgoing connection can take a port between its check and the server's bind, and split
+#: among pytest-xdist workers, so two workers never pick the same one. Redis Cluster's bus
+#: (port + 10000) stays below the ephemeral range too.
+PORTS_FIRST, PORTS_LAST = 12_000, 22_000
+_handed_out: set[int] = set()  # a port handed out but not bound yet is not free either
+_port_picker = random.Random()  # its own generator: tests that seed `random` do not repeat ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = (PORTS_LAST - PORTS_FIRST) // max(workers, 1)
+    first = PORTS_FIRST + worker * span
+    for port in _port_picker.sample(range(first, first + span), 200):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port in {first}-{first + span}")
 
 
 def wait_until(condition: Callable[[], Any], within: float = 10.0, message: str = "condition") -> Any:

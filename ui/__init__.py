@@ -36,6 +36,7 @@ from appliance.settings import Settings
 
 from .actions import ACTION_ROUTES
 from .auth import SESSION_COOKIE, LoginLimiter
+from .bans import BAN_ROUTES
 from .live import PresenceWatcher
 from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
 from .security import SecurityHeadersMiddleware
@@ -132,6 +133,7 @@ class DashboardPlugin(InitPluginProtocol):
             route_handlers=[
                 *ROUTES,
                 *ACTION_ROUTES,
+                *BAN_ROUTES,
                 *SYSTEM_ROUTES,
                 create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
             ],

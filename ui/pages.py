@@ -84,7 +84,11 @@ async def _audit(request: Request, action: str, actor: str, target: str = "", **
 def services(request: Request) -> dict[str, bool]:
     """Which action pages this build offers: those whose service exists on app.state."""
     state = request.app.state
-    return {"send": hasattr(state, "commands"), "tokens": hasattr(state, "token_service")}
+    return {
+        "send": hasattr(state, "commands"),
+        "tokens": hasattr(state, "token_service"),
+        "bans": hasattr(state, "bans"),
+    }
 
 
 def _common(request: Request, **context: Any) -> dict[str, Any]:

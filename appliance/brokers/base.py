@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..core.newids import WindowCount
 from ..core.protocol import ErrorCode, Role
 from ..core.requests import Enqueued, Routed
 
@@ -290,6 +291,32 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def idempotency_drop(self, key: str) -> None:
         """Forget ``key``: the command never reached a client, so a retry may run it."""
+
+    # --- admission records (appliance/gate.py) ----------------------------------------------
+
+    @abc.abstractmethod
+    async def id_known(self, client_id: str) -> bool:
+        """Whether ``client_id`` is held now or has a connect history, anywhere in the cluster."""
+
+    @abc.abstractmethod
+    async def count_in_window(self, key: str, window: float) -> WindowCount:
+        """Add one to the counter ``key``, cluster-wide; a counter lives ``window`` seconds from its first count."""
+
+    @abc.abstractmethod
+    async def put_ban(self, key: str, record: str, until: float) -> None:
+        """Keep the ban ``record`` under ``key`` until the epoch time ``until`` (a later put replaces it)."""
+
+    @abc.abstractmethod
+    async def drop_ban(self, key: str) -> bool:
+        """Lift the ban under ``key``; False if there was none."""
+
+    @abc.abstractmethod
+    async def bans(self, seen: int | None) -> tuple[int, dict[str, str] | None]:
+        """The ban list's version and, unless it is still ``seen``, its unexpired records by key.
+
+        The version moves on every put and drop, so a handshake reads one small value and the
+        whole list only after a change.
+        """
 
     @abc.abstractmethod
     def health(self) -> tuple[bool, str]:

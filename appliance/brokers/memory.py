@@ -9,6 +9,7 @@ from typing import Any
 from .. import metrics
 from ..core.expiring import ByLastWrite
 from ..core.history import HistoryBook
+from ..core.newids import FixedWindows, WindowCount
 from ..core.protocol import Role
 from ..core.requests import Enqueued, OfflineQueue, Routed
 from .base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner, failure_detail
@@ -38,6 +39,9 @@ class MemoryBroker(Broker):
         self._queue = OfflineQueue(queue_max, queue_remember_seconds, queue_max_total)
         # Bounded like the histories: a flood of fresh keys forgets the oldest, never grows without end.
         self._idempotency: ByLastWrite[str] = ByLastWrite(idempotency_max_keys, idempotency_window)
+        self._windows = FixedWindows()
+        self._bans: dict[str, tuple[str, float]] = {}  # key -> (record, until)
+        self._bans_version = 0
         self._beat: dict[str, Any] = {}
 
     @property
@@ -143,6 +147,28 @@ class MemoryBroker(Broker):
 
     async def idempotency_drop(self, key: str) -> None:
         self._idempotency.pop(key, time.time())
+
+    async def id_known(self, client_id: str) -> bool:
+        return client_id in self._owners or bool(self._history.entries(client_id, 1, time.time()))
+
+    async def count_in_window(self, key: str, window: float) -> WindowCount:
+        return self._windows.add(key, window, time.monotonic())
+
+    async def put_ban(self, key: str, record: str, until: float) -> None:
+        self._bans[key] = (record, until)
+        self._bans_version += 1
+
+    async def drop_ban(self, key: str) -> bool:
+        self._bans_version += 1
+        return self._bans.pop(key, None) is not None
+
+    async def bans(self, seen: int | None) -> tuple[int, dict[str, str] | None]:
+        now = time.time()
+        for key in [k for k, (_, until) in self._bans.items() if until <= now]:
+            del self._bans[key]  # Expired: gone from the list, as Redis drops them.
+        if seen == self._bans_version:
+            return seen, None
+        return self._bans_version, {key: record for key, (record, _) in self._bans.items()}
 
     def health(self) -> tuple[bool, str]:
         return (self._inbox is not None, "ok" if self._inbox is not None else "broker not started")

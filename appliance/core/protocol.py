@@ -92,6 +92,8 @@ class CloseCode(enum.IntEnum):
     DISCONNECTED = 4012  # An administrator disconnected this connection (DELETE /api/v1/clients/{id}).
     TOO_MANY_CONNECTIONS = 4013  # A per-address or per-token connection cap (core/admission.py).
     GROUP_NOT_ALLOWED = 4014  # A scoped client token asked to join a group it does not name.
+    TOO_MANY_NEW_IDS = 4015  # Too many ids never seen before from this address or token (core/newids.py).
+    BANNED = 4016  # The id or the address is on the ban list (core/bans.py).
 
 
 #: Reasons sent with each close code; the reason never contains the token.
@@ -113,6 +115,8 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.DISCONNECTED: "disconnected by an administrator",
     CloseCode.TOO_MANY_CONNECTIONS: "too many connections from this address or with this token",
     CloseCode.GROUP_NOT_ALLOWED: "this token may not join the requested groups",
+    CloseCode.TOO_MANY_NEW_IDS: "too many new client ids from this address or with this token; try later",
+    CloseCode.BANNED: "this client id or address is banned",
 }
 
 

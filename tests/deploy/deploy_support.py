@@ -13,7 +13,6 @@ import ipaddress
 import math
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from typing import Any
 
 import hcl2
 import pytest
+from support import free_port  # one port policy for every test folder
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
@@ -73,12 +73,6 @@ def run(
             f"{' '.join(map(str, cmd))} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
         )
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- Compose ---------------------------------------------------------------------------------

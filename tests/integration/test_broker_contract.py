@@ -386,3 +386,49 @@ async def test_connect_history_keeps_the_ids_closed_last_cluster_wide(kind, requ
         await eventually(capped, 10, "only the three ids closed last keep a history")
     finally:
         await cluster.stop()
+
+
+# --- admission records: known ids, new-id counters, the ban list (appliance/gate.py) ----------
+
+
+async def test_an_id_is_known_once_held_or_with_a_history_on_every_instance(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    held, closed, fresh = new_id("known"), new_id("known"), new_id("known")
+    claim = await a.claim(held)
+    a.broker.record_history(closed, {"code": 1000})
+    assert await b.broker.id_known(held)
+    await eventually(lambda: b.broker.id_known(closed), 10, "the closed id's history on the other instance")
+    assert not await b.broker.id_known(fresh)
+    assert claim.owner is not None
+    await a.broker.release(held, claim.owner)
+    assert not await b.broker.id_known(held)  # Released, and never closed with a history.
+
+
+async def test_a_window_counter_is_shared_and_restarts_when_its_window_ends(cluster):
+    a, b = await cluster.node("a"), await cluster.node("b")
+    key = new_id("tok")
+    first, second = await a.broker.count_in_window(key, 1.0), await b.broker.count_in_window(key, 1.0)
+    assert (first.count, second.count) == (1, 2)
+    assert 0 < second.left <= 1.0
+
+    async def restarted() -> bool:
+        return (await a.broker.count_in_window(key, 30.0)).count == 1
+
+    await eventually(restarted, 10, "a new window after the first one ended")
+    assert (await b.broker.count_in_window(key, 30.0)).left > 1.0  # The new window is the new length.
+
+
+async def test_a_ban_is_seen_by_every_instance_after_one_version_read_and_lifted_anywhere(cluster):
+    import time
+
+    a, b = await cluster.node("a"), await cluster.node("b")
+    key, expired = f"id:{new_id('ban')}", f"id:{new_id('ban')}"
+    await a.broker.put_ban(expired, '{"old":1}', time.time() - 1)
+    await a.broker.put_ban(key, '{"r":1}', time.time() + 60)
+    version, records = await b.broker.bans(None)
+    assert records is not None and records.get(key) == '{"r":1}' and expired not in records
+    assert await b.broker.bans(version) == (version, None)  # Unchanged: the list is not read again.
+    assert await b.broker.drop_ban(key)
+    assert not await b.broker.drop_ban(key)
+    moved, after = await a.broker.bans(version)
+    assert moved != version and after is not None and key not in after

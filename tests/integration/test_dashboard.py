@@ -587,7 +587,8 @@ def test_a_stream_opened_after_presence_moved_says_changed_at_once(admin):
 
 
 @pytest.mark.parametrize(
-    "path", ["/admin/send", "/admin/client/disconnect", "/admin/clients/disconnect", "/admin/tokens/rotate"]
+    "path",
+    ["/admin/send", "/admin/client/disconnect", "/admin/clients/disconnect", "/admin/tokens/rotate", "/admin/bans"],
 )
 def test_the_viewer_token_cannot_act(browser, path):
     browser.login(VIEWER_TOKEN)
@@ -599,7 +600,15 @@ def test_the_viewer_token_cannot_act(browser, path):
     assert "read-only" in response.text
 
 
-@pytest.mark.parametrize("path", ["/admin/send", "/admin/client/disconnect", "/admin/tokens/rotate"])
+def test_the_viewer_token_does_not_see_the_ban_list(browser):
+    browser.login(VIEWER_TOKEN)
+    assert browser.get("/admin/bans").status_code == 403
+    assert "/admin/bans" not in browser.get("/admin/clients").text
+
+
+@pytest.mark.parametrize(
+    "path", ["/admin/send", "/admin/client/disconnect", "/admin/tokens/rotate", "/admin/bans", "/admin/bans/lift"]
+)
 def test_actions_need_the_csrf_token(admin, path):
     admin.get("/admin/clients")
     assert admin.post(path, {"id": "x", "target": "x", "message": "m"}, csrf=False).status_code == 403

@@ -17,6 +17,7 @@ def test_final_close_codes_are_the_ones_retrying_cannot_fix():
         CloseCode.TOKEN_EXPIRED,
         CloseCode.DISCONNECTED,
         CloseCode.GROUP_NOT_ALLOWED,
+        CloseCode.BANNED,
     } == client.FINAL_CLOSE_CODES
 
 

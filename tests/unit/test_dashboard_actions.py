@@ -107,3 +107,25 @@ def test_disconnect_closes_the_client_with_4012_and_is_audited(admin):
     assert "Disconnected 1 connection" in result.text
     assert client.close_code == CloseCode.DISCONNECTED
     assert "client.disconnect" in admin.get("/admin/audit?action=client.").text
+
+
+def test_the_ban_api_bans_lists_and_lifts_with_the_admin_token_only_and_audits_each(admin):
+    """/api/v1/bans in process (appliance/bans_api.py); the two-instance test is tests/integration/test_new_ids.py."""
+    http, headers = admin.client, {"X-Auth-Token": ADMIN}
+    sent = {"target": "kiosk-1", "seconds": 600}
+    assert http.post("/api/v1/bans", json=sent, headers={"X-Auth-Token": "u" * 32}).status_code == 403
+    assert http.post("/api/v1/bans", json={**sent, "seconds": 10}, headers=headers).status_code in (400, 422)
+    wide = http.post("/api/v1/bans", json={**sent, "target": "10.0.0.0/6"}, headers=headers)
+    assert wide.status_code == 400 and "too wide" in wide.json()["detail"]
+    made = http.post("/api/v1/bans", json={**sent, "target": "2001:db8::5", "reason": "scan"}, headers=headers)
+    assert made.status_code == 201 and made.json()["key"] == "address:2001:db8::5/128" and made.json()["closed"] == 0
+    assert [b["key"] for b in http.get("/api/v1/bans", headers=headers).json()["bans"]] == ["address:2001:db8::5/128"]
+    assert http.delete("/api/v1/bans", params={"target": "2001:db8::5"}, headers=headers).status_code == 204
+    assert http.delete("/api/v1/bans", params={"target": "2001:db8::5"}, headers=headers).status_code == 404
+    assert http.get("/api/v1/bans", headers=headers).json() == {"bans": []}
+    assert http.blocking_portal is not None
+    events = http.blocking_portal.call(http.app.state.audit.recent, 10, "ban.")
+    assert [(e.action, e.target, e.detail.get("via")) for e in events] == [
+        ("ban.lift", "address:2001:db8::5/128", "api"),
+        ("ban.add", "address:2001:db8::5/128", "api"),
+    ]

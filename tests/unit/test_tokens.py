@@ -88,6 +88,7 @@ def test_token_names_and_roles():
         ("12345678901234567890", True),  # a 20-digit PIN: 66 bits
         ("Summer2024!Summer", True),  # 17 printable characters: 111 bits at most
     ],
+    ids=["urlsafe-32", "urlsafe-22", "hex-16", "hex-12", "pin-20", "password-17"],  # same ids in every process
 )
 def test_tokens_with_fewer_than_128_bits_are_named_with_a_clear_line(value, weak):
     problems = low_entropy({"ADMIN_TOKEN": value})

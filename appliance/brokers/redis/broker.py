@@ -11,9 +11,11 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ... import metrics
+from ...core.newids import WindowCount
 from ...core.protocol import Role
 from ...core.requests import Enqueued, Routed
 from ..base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner
+from .admission import AdmissionRecords
 from .cluster import ClusterSubscriber
 from .codec import decode_owner, decode_routed
 from .history import HistoryLog
@@ -84,6 +86,7 @@ class RedisBroker(Broker):
         )
         self._queue = RedisQueue(link, max_per_client=queue_max, remember_seconds=queue_remember_seconds)
         self._idempotency = IdempotencyRecords(link, window=idempotency_window)
+        self._admission = AdmissionRecords(link, self._history)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -311,3 +314,18 @@ class RedisBroker(Broker):
 
     async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
         return await self._history.read(client_id, limit)
+
+    async def id_known(self, client_id: str) -> bool:
+        return await self._admission.id_known(client_id)
+
+    async def count_in_window(self, key: str, window: float) -> WindowCount:
+        return await self._admission.count_in_window(key, window)
+
+    async def put_ban(self, key: str, record: str, until: float) -> None:
+        await self._admission.put_ban(key, record, until)
+
+    async def drop_ban(self, key: str) -> bool:
+        return await self._admission.drop_ban(key)
+
+    async def bans(self, seen: int | None) -> tuple[int, dict[str, str] | None]:
+        return await self._admission.bans(seen)

@@ -713,6 +713,8 @@ internal static class Program
         CheckThrows<ArgumentException>(() => new BridgeClient(new BridgeClientOptions { ServerUrl = "ws://h", ClientId = "ok", Token = "t", Groups = new[] { "bad group" } }), "bad group name");
         Check(BridgeCloseCodes.IsFinal(BridgeCloseCodes.TokenExpired), "4011 token expired is final");
         Check(BridgeCloseCodes.IsFinal(BridgeCloseCodes.DisconnectedByAdmin), "4012 disconnected by an administrator is final");
+        Check(BridgeCloseCodes.IsFinal(BridgeCloseCodes.Banned), "4016 banned is final");
+        Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.TooManyNewIds), "4015 too many new ids is retried");
     }
 
     private static void SelfTest()
