@@ -26,6 +26,8 @@ __all__ = [
     "MANIFEST_BURST",
     "MAX_DESCRIPTION_CHARS",
     "MAX_MANIFEST_BYTES",
+    "MANIFEST_BYTES_PER_INSTANCE",
+    "ManifestBudget",
     "ManifestError",
     "bind_arguments",
     "check_command",
@@ -45,6 +47,10 @@ MAX_ENUM_VALUES = 64
 #: Manifest frames a client may send: this many a second after a burst (the connection's reading pauses beyond).
 MANIFESTS_PER_SECOND = 1.0
 MANIFEST_BURST = 5
+#: Bytes of manifests one instance keeps at once (its clients' manifests are in Redis presence too): ~1,000
+#: manifests of the 32 KiB maximum, or 16,000 of 2 KiB. A connection flood with 32 KiB manifests (10,000
+#: connections: 340 MB) would otherwise fill the shipped 192 MB Redis.
+MANIFEST_BYTES_PER_INSTANCE = 32 * 1024 * 1024
 #: An argument's word as an error text quotes it, at most (a command text may be 64 KiB).
 _QUOTED_CHARS = 40
 #: A command name is one word, as clients split the text (Unity's dispatcher, BridgeClient).
@@ -112,6 +118,32 @@ def encode_manifest_error(error: ManifestError) -> str:
     ).decode()
 
 
+class ManifestBudget:
+    """The manifests one instance keeps, by connection, bounded in bytes (their encoded size)."""
+
+    def __init__(self, limit: int = MANIFEST_BYTES_PER_INSTANCE) -> None:
+        self.limit = limit
+        self.used = 0
+        self._sizes: dict[object, int] = {}
+
+    def admit(self, holder: object, manifest: dict[str, Any]) -> ManifestError | None:
+        """Keep ``holder``'s new manifest (replacing its last), or say why not (the last one stays)."""
+        size = len(_encoder.encode(manifest))
+        previous = self._sizes.get(holder, 0)
+        if self.used - previous + size > self.limit:
+            return ManifestError(
+                "manifests_full",
+                f"this relay instance keeps {self.limit} bytes of manifests and has no room for {size} more: "
+                "keep descriptions short, or connect later",
+            )
+        self._sizes[holder] = size
+        self.used += size - previous
+        return None
+
+    def release(self, holder: object) -> None:
+        self.used -= self._sizes.pop(holder, 0)
+
+
 # --- validation ------------------------------------------------------------------------------
 
 
@@ -126,7 +158,7 @@ def _only(data: dict[str, Any], allowed: tuple[str, ...], path: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         where = f"{path}." if path else ""
-        raise _Invalid(f"{where}{unknown[0]}", f"unknown field (allowed: {', '.join(allowed)})")
+        raise _Invalid(f"{where}{_quoted(unknown[0])}", f"unknown field (allowed: {', '.join(allowed)})")
 
 
 def _text(value: Any, path: str) -> str:
@@ -182,7 +214,9 @@ def _arguments(schema: Any, path: str) -> dict[str, Any]:
         raise _Invalid(f"{path}.properties", "must be an object of argument schemas")
     if len(properties) > MAX_ARGUMENTS:
         raise _Invalid(f"{path}.properties", f"at most {MAX_ARGUMENTS} arguments")
-    normalized = {name: _argument(name, prop, f"{path}.properties.{name}") for name, prop in properties.items()}
+    normalized = {
+        name: _argument(name, prop, f"{path}.properties.{_quoted(name)}") for name, prop in properties.items()
+    }
     required = schema.get("required", [])
     if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
         raise _Invalid(f"{path}.required", "must be a list of argument names")
@@ -217,7 +251,7 @@ def _argument(name: str, prop: Any, path: str) -> dict[str, Any]:
             raise _Invalid(f"{path}.enum", f"must be a list of 1 to {MAX_ENUM_VALUES} values")
         for value in values:
             if _typed(kind, value) is None:
-                raise _Invalid(f"{path}.enum", f"{_encoder.encode(value).decode()} is not {_article(kind)}")
+                raise _Invalid(f"{path}.enum", f"{_quoted(_encoder.encode(value).decode())} is not {_article(kind)}")
         normalized["enum"] = values
     for bound in ("minimum", "maximum"):
         if bound in prop:

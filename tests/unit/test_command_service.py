@@ -314,3 +314,22 @@ async def test_a_waiting_broadcast_keeps_replies_whole_up_to_a_budget_then_cut(p
     assert replies["second"] == "b" * broadcast.REPLY_CUT_CHARS + "…"
     assert outcome.body["status"] == "replied"
     assert await llm.next_json() == {"sender": "second", "message": "b" * 400}, "controllers get it whole"
+
+
+async def test_an_instance_keeps_a_bounded_total_of_manifests(parts):
+    # Each manifest (up to 32 KiB) is also in Redis presence: 10,000 connections would fill the shipped 192 MB Redis.
+    parts.relay.manifests.limit = 400
+    frame = {"type": "manifest", "commands": [{"name": "Ping", "description": "p" * 100}]}
+    first, second = await peer(parts, "first", v2=True), await peer(parts, "second", v2=True)
+    first.say(frame)
+    assert (await first.next_json())["type"] == "manifest_accepted"
+    first.say(frame)  # Replacing its own counts once.
+    assert (await first.next_json())["type"] == "manifest_accepted"
+    second.say({**frame, "commands": [{"name": "Ping", "description": "p" * 300}]})
+    refused = await second.next_json()
+    assert (refused["type"], refused["error"]) == ("manifest_error", "manifests_full"), refused
+    assert second.conn.manifest is None
+    await parts.relay.close(first.conn)  # Its bytes are free again.
+    second.say(frame)
+    assert (await second.next_json())["type"] == "manifest_accepted"
+    assert parts.relay.manifests.used < 400

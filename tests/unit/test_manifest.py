@@ -282,3 +282,14 @@ async def test_bridge_client_dispatches_with_typed_arguments():
     assert (await robot._dispatch("Add 2")).startswith("error: Add needs b.")
     assert await robot._dispatch("Jump") == "error: unknown command Jump"
     assert await robot._dispatch("Fail") == "error: Fail: division by zero"
+
+
+def test_a_refused_manifest_quotes_what_the_client_wrote_cut():
+    long_name = "x" * 30_000
+    for commands in (
+        [{"name": "Ping", long_name: 1}],
+        [{"name": "Ping", "arguments": {"properties": {"n": {"type": "integer", "enum": [long_name]}}}}],
+        [{"name": "Ping", "arguments": {"properties": {long_name: {"type": "integer"}}}}],
+    ):
+        error = parse_manifest(manifest_frame(commands))
+        assert isinstance(error, ManifestError) and len(error.detail) < 300 and len(error.path) < 300, error
