@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from . import metrics
@@ -59,6 +61,12 @@ class CommandHooks(Protocol):
     async def stop(self) -> None: ...
 
     def submit(self, sender: str, controller: str, request: Request) -> None: ...
+
+    #: Whether a controller connection's keyed commands wait for their ids' claims; ``after`` then
+    #: runs a later command of that connection once they went (commands/idempotency.py).
+    def holding(self, sender: str) -> bool: ...
+
+    def after(self, sender: str, then: Callable[[], None]) -> None: ...
 
     def client_text(self, conn: Connection, text: str) -> bool: ...
 
@@ -246,7 +254,10 @@ class Relay:
         reader's to honour, since pausing the reader is what slows the peer down.
         """
         if type(action) is Deliver:
-            self._deliver(conn, action.command)
+            if self.commands.holding(conn.conn_key):  # Behind its keyed commands (their ids are claimed first).
+                self.commands.after(conn.conn_key, partial(self._deliver, conn, action.command))
+            else:
+                self._deliver(conn, action.command)
         elif type(action) is Publish:
             metrics.RECEIVED_FROM_CLIENTS.count += 1
             # Only v1 clients with a command in flight cost a look (their reply line).

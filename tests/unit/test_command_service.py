@@ -170,7 +170,9 @@ async def test_queued_commands_reach_their_client_in_order_once_and_a_repeat_is_
     llm = await peer(parts, "llm", Role.CONTROLLER)  # Reconnected: the same (controller, id) again.
     llm.say({"target": "late", "message": "q0", "id": "q0", "queue": True, "timeout_ms": 20_000})
     repeat = await llm.next_json()
-    assert (repeat["status"], repeat["duplicate"]) == ("queued", True)
+    # The first command's last status, replayed: the (controller, id) is an idempotency key, and the
+    # offline queue's own de-duplication would also have refused to queue it twice.
+    assert (repeat["status"], repeat["replayed"]) == ("queued", True)
     client = await peer(parts, "late", v2=True)
     assert [(await client.next_json())["message"] for _ in range(3)] == ["q0", "q1", "q2"]
     assert await client.nothing()
@@ -333,3 +335,25 @@ async def test_an_instance_keeps_a_bounded_total_of_manifests(parts):
     second.say(frame)
     assert (await second.next_json())["type"] == "manifest_accepted"
     assert parts.relay.manifests.used < 400
+
+
+async def test_a_websocket_controllers_id_is_an_idempotency_key_on_its_connection_and_after_a_reconnect(parts):
+    """Issue 21: the same id repeated waits for the first command's outcome; the client gets it once."""
+    llm, client = await peer(parts, "llm", Role.CONTROLLER), await peer(parts, "keyed", v2=True)
+    command = {"target": "keyed", "message": "MoveForward 10", "id": "k1"}
+    llm.say(command)
+    llm.say(command)  # In flight: waits for the first one's outcome.
+    sent = await client.next_json()
+    assert (await llm.next_json())["status"] == "delivered"
+    client.say({"reply_to": sent["id"], "message": "moved"})
+    first, repeat = await llm.next_json(), await llm.next_json()
+    assert (first["message"], first.get("replayed")) == ("moved", None)
+    assert (repeat["reply_to"], repeat["message"], repeat["replayed"]) == ("k1", "moved", True)
+    await llm.close()
+    llm = await peer(parts, "llm", Role.CONTROLLER)  # Reconnected: the same id again.
+    llm.say(command)
+    assert (await llm.next_json())["replayed"] is True
+    llm.say({**command, "message": "MoveBack 10"})  # The same id for another command.
+    error = await llm.next_json()
+    assert (error["error"], error["id"]) == ("duplicate_id", "k1") and "different command" in error["detail"]
+    assert await client.nothing()
