@@ -243,9 +243,31 @@ def frame_bytes(target: str, message: str) -> int:
 # --- offline and compile-only -------------------------------------------------------------------
 
 
+def documented_close_codes() -> tuple[list[int], list[int]]:
+    """docs/protocol.md's close-code table: (the codes it says not to retry, the others)."""
+    rows = re.findall(r"^\| (\d{4}) \|.*\| ([^|]*)\|$", (ROOT / "docs" / "protocol.md").read_text(), re.M)
+    final = [int(code) for code, retry in rows if re.match(r"not?\b", retry.strip())]
+    retried = [int(code) for code, _ in rows if int(code) not in final]
+    assert {4001, 4011, 4014, 4016} <= set(final) and {1011, 4004, 4015} <= set(retried), rows  # the table was read
+    return final, retried
+
+
 async def test_selftest_backoff_endpoint_codec_and_retry_loop(harness):
-    async with device(harness, "selftest") as run:
+    """Also: every close code docs/protocol.md says not to retry is final, the others are retried, all described."""
+    final, retried = documented_close_codes()
+    codes = {"final_codes": ",".join(map(str, final)), "retried_codes": ",".join(map(str, retried))}
+    async with device(harness, "selftest", **codes) as run:
         await run.passes()
+
+
+def test_the_readme_says_the_client_stops_at_every_final_close_code():
+    readme = (ROOT / "unity_project" / "README.md").read_text()
+    stops = {
+        int(code)
+        for row in re.findall(r"^\|.*\*\*Stops\*\*.*$", readme, re.M)
+        for code in re.findall(r"\b4\d{3}\b", row)
+    }
+    assert set(documented_close_codes()[0]) <= stops, sorted(set(documented_close_codes()[0]) - stops)
 
 
 async def test_listener_and_example_compile_against_the_unity_stand_in(tmp_path):
