@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from http import HTTPStatus
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 from moto_support import MotoServer, seed, unique_prefix
@@ -1147,8 +1148,8 @@ async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rt
 async def test_v2_replies_to_a_broadcast_reach_every_controller_as_the_clients_plain_message(
     request, start_appliance, harness, broker
 ):
-    """Issue 25 item 8: the C# v2 client answers a broadcast's id with {"reply_to", "message"}; nothing waits for that
-    id (broadcasts wait for no reply), so controllers get {"sender", "message"}, not the envelope as text."""
+    """Issue 25 item 8: the C# v2 client answers a broadcast's id with {"reply_to", "message"}; controllers get
+    {"sender", "message"}, not the envelope as text, and a caller waiting for the broadcast's replies gets them."""
     redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
     relay = start_appliance(redis_url=redis_url, name=f"unity-v2-broadcast-{broker}")
     target = "unity-v2-everyone"
@@ -1162,6 +1163,19 @@ async def test_v2_replies_to_a_broadcast_reach_every_controller_as_the_clients_p
             await first.send(json.dumps({"target": addressed, "message": "echo everyone", "id": command_id}))
             for ws in (first, second):
                 assert await next_reply(ws) == {"sender": target, "message": "everyone from llm-a"}
+        # ...and a caller that waits for a broadcast's replies (HTTP wait_ms) gets the C# client's, per client.
+        async with httpx.AsyncClient(
+            base_url=relay.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}, timeout=timeout(20)
+        ) as http:
+            body = {"target": "group:lights", "message": "echo waited", "wait_ms": int(timeout(10) * 1000)}
+            response = await http.post("/api/v1/commands", json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert (result["status"], result["count"], result["no_reply"]) == ("replied", 1, []), result
+        assert [(r["client"], r["message"].split(" from ")[0]) for r in result["replies"]] == [(target, "waited")]
+        for ws in (first, second):  # the controllers got it too, as the client's plain message
+            reply = await next_reply(ws)
+            assert reply["sender"] == target and reply["message"].startswith("waited from "), reply
         await first.send(command(target, "quit"))
         for ws in (first, second):
             assert await recv_json(ws) == {"sender": target, "message": "bye"}
