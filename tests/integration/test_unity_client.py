@@ -101,6 +101,21 @@ def app() -> Iterator[Appliance]:
     appliance.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_app(redis_server) -> Iterator[Appliance]:
+    """The same, on Redis, for the tests that run on both brokers and need nothing else of their own."""
+    appliance = Appliance(redis_url=redis_server.url, name="unity-redis")
+    appliance.start()
+    yield appliance
+    appliance.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def relay(request: pytest.FixtureRequest) -> Appliance:
+    """conftest's ``relay``, but ``app`` for the memory broker: one appliance per broker for the module."""
+    return request.getfixturevalue("app" if request.param == "memory" else "redis_app")
+
+
 class Device:
     """One run of the C# test program; its ``EVENT``/``FAIL`` lines are read as they come."""
 
@@ -412,12 +427,7 @@ async def test_refused_connection_is_not_retried_and_the_reason_is_reported(app,
     assert token not in run.output  # the token is never printed, not even in the reason
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
-async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_gives_up(
-    request, start_appliance, harness, broker
-):
-    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
-    relay = start_appliance(redis_url=redis_url, name=f"unity-dup-{broker}")
+async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_gives_up(relay, harness):
     async with (
         relay.controller() as llm,
         device(harness, "replaced", url=relay.ws, id="unity-dup", token=CLIENT_TOKEN) as run,
@@ -551,12 +561,9 @@ async def test_commands_a_replaced_client_delivers_late_do_not_fill_the_pending_
         await run.passes()
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
-async def test_commands_never_run_late_and_teardown_never_blocks(request, start_appliance, smoke, broker):
+async def test_commands_never_run_late_and_teardown_never_blocks(relay, smoke):
     """Disabled, paused, stalled frames, an old connection, the frame budget, a domain reload, a destroyed primary
     listener, a dead socket on resume and at teardown (the C# program is the controller too; see ListenerSmoke.cs)."""
-    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
-    relay = start_appliance(redis_url=redis_url, name=f"unity-life-{broker}")
     async with device(
         smoke,
         "lifecycle",
@@ -1104,12 +1111,7 @@ async def next_reply(ws, within: float = 10.0) -> dict:
     return frame
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
-async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rtt(
-    request, start_appliance, harness, broker
-):
-    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
-    relay = start_appliance(redis_url=redis_url, name=f"unity-v2-{broker}")
+async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rtt(relay, harness):
     target = "unity-v2"
     async with (
         relay.controller("llm-a") as first,
