@@ -9,6 +9,9 @@ tool definition from.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from functools import partial
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
@@ -332,7 +335,11 @@ async def post_command(
             raise ValidationException(f"{name} must be at most {limit}", extra=[{"key": name, "message": "too large"}])
     if idempotency_key is None and data.id is not None:
         idempotency_key = f"id:{data.id!r}"  # repr: the string "7" and the integer 7 are different ids
-    outcome = await commands.send_command(
+    # A caller that waits for the reply stops waiting if it goes away; other answers come at once.
+    send = (
+        commands.send_command if data.wait_ms is None else partial(_unless_disconnected, request, commands.send_command)
+    )
+    outcome = await send(
         data.target,
         data.message,
         command_id=data.id,
@@ -343,6 +350,8 @@ async def post_command(
         controller=grant.actor(HTTP_CONTROLLER),  # A named token's caller has its own name and bucket.
         budget=grant.budget,
     )
+    if outcome is None:  # The client went away; the command's record says so (GET /api/v1/commands/{id}).
+        return Response({"error": "disconnected", "detail": "the client closed the connection"}, status_code=499)
     await audit_admin_command(
         getattr(request.app.state, "audit", None),
         grant.actor(grant.name),
@@ -406,11 +415,10 @@ async def get_client(
     require_token(request, allow_controller=True)
     relay = _relay(request)
     try:
-        records = await relay.clients()
+        record = await relay.client(client_id)  # Its holder's record, with its manifest: not every record.
         history = await relay.history(client_id, history_limit)
     except BrokerUnavailable as exc:
         raise _broker_unavailable(exc) from None
-    record = next((r for r in records if r["id"] == client_id), None)
     # Kept by the instances that hold or held the id: the recent-commands service asks them.
     recent, _ = await _recent(request).read(client_id, history)
     if record is None:
@@ -458,4 +466,106 @@ def validation_as_422(request: Request[Any, Any, Any], exc: ValidationException)
     return Response(body, status_code=422)
 
 
-API_HANDLERS = [post_command, list_clients, get_client, delete_client]
+# --- following a command up (appliance/commands/followup.py) ----------------------------------------
+
+
+async def _unless_disconnected(request: Request[Any, Any, Any], call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``await call(*args, **kwargs)``, cancelled with reason "disconnected" if the client leaves first (None then).
+
+    Litestar keeps a handler running after its client went away; a caller that waits long
+    for a reply must stop waiting then, and the command's record must say so. One watching
+    task per request, which cancels this one.
+    """
+    handler = asyncio.current_task()
+    assert handler is not None
+    watch = asyncio.ensure_future(_disconnect(request))
+    over = [False]  # Once the call is over, a late disconnect must not cancel the response being sent.
+    watch.add_done_callback(lambda done: over[0] or done.cancelled() or handler.cancel("disconnected"))
+    try:
+        return await call(*args, **kwargs)
+    except asyncio.CancelledError as exc:
+        if not (watch.done() and not watch.cancelled() and exc.args == ("disconnected",)):
+            raise
+        handler.uncancel()
+        return None
+    finally:
+        over[0] = True
+        watch.cancel()
+
+
+async def _disconnect(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class CommandRecordBody(Struct):
+    """What became of a command sent through the HTTP API, MCP or the dashboard."""
+
+    id: CommandId
+    target: str
+    message: str
+    status: Annotated[
+        Literal["sending", "delivered", "queued", "replied", "timeout", "failed"],
+        Meta(description="sending: not at the client yet; timeout: no reply yet when its caller stopped waiting."),
+    ]
+    caller: Annotated[
+        Literal["waiting", "answered", "cancelled", "disconnected"],
+        Meta(description="What its caller did: still waiting, got an answer, cancelled (MCP), or went away (HTTP)."),
+    ]
+    delivered: Annotated[bool, Meta(description="Whether it reached the client's socket.")]
+    open: Annotated[bool, Meta(description="true: a reply may still come (wait_ms waits for it).")]
+    sent_at: float
+    updated_at: float
+    open_until: float
+    sender: str | None = None
+    reply: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
+    rtt_ms: float | None = None
+    late: Annotated[bool | None, Meta(description="true: the reply came after its caller stopped waiting.")] = None
+    error: str | None = None
+    detail: str | None = None
+
+
+@get(
+    "/api/v1/commands/{command_id:str}",
+    responses={
+        200: ResponseSpec(CommandRecordBody, description="The command's record."),
+        404: ResponseSpec(ErrorBody, description="unknown_command: no such command within the window."),
+        503: ResponseSpec(ErrorBody, description="broker_unavailable: the records cannot be read right now."),
+    },
+    summary="Follow a command up: its status and reply, waiting for them up to wait_ms",
+    tags=["commands"],
+)
+async def get_command(
+    request: Request[Any, Any, Any],
+    command_id: FromPath[str],
+    wait_ms: Annotated[
+        int | None,
+        Parameter(
+            ge=0,
+            le=300_000,
+            description="Wait up to this long for the reply (or failure); the record as it is then.",
+        ),
+    ] = None,
+) -> Response[CommandRecordBody]:
+    """A command sent with ``POST /api/v1/commands`` (or MCP): status, reply, and whether its caller waited.
+
+    A reply that came after its caller stopped waiting (a timeout, ``wait=false``, a queued command,
+    a cancelled call) is here, marked late. Any instance answers.
+    """
+    require_token(request, allow_controller=True)
+    commands = _commands(request)
+    try:
+        record = await _unless_disconnected(request, commands.followups.wait, command_id, (wait_ms or 0) / 1000)
+    except BrokerUnavailable as exc:
+        raise _broker_unavailable(exc) from None
+    if record is None:
+        window = commands.settings.idempotency_window_seconds
+        detail = (
+            f"no command with id {command_id!r} was sent through the HTTP API or MCP in the last {window} s "
+            "on this cluster: use the id that send_command or POST /api/v1/commands returned"
+        )
+        raise ApiError(404, ErrorBody("unknown_command", detail, id=command_id))
+    return Response(msgspec.convert(record.public(time.time()), CommandRecordBody))
+
+
+API_HANDLERS = [post_command, list_clients, get_client, delete_client, get_command]

@@ -37,6 +37,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -298,6 +299,16 @@ class HttpController:
         if answer.get("status") == "replied":
             return Reply(answer["id"], answer["sender"], answer["message"], answer["rtt_ms"])
         raise CommandError(str(answer.get("status")), f"unexpected answer {answer}")
+
+    async def command_status(self, command_id: str, wait_ms: int | None = None) -> dict[str, Any]:
+        """``GET /api/v1/commands/{id}``: what became of a command (its reply, even a late one)."""
+        params = {"wait_ms": wait_ms} if wait_ms else {}
+        response = await self._http.get(
+            f"/api/v1/commands/{quote(command_id, safe='')}",
+            params=params,
+            timeout=self._timeout + (wait_ms or 0) / 1000,
+        )
+        return _decode(response)
 
     async def clients(self, **filters: Any) -> dict[str, Any]:
         """``GET /api/v1/clients`` with filters (``role``, ``group``, ``prefix``, ``limit``, ``cursor``)."""

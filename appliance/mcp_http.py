@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -63,11 +64,19 @@ class LocalBackend:
             status = outcome.body.get("status") or outcome.body.get("error")
             actor = grant.actor(grant.name)
             await audit_admin_command(self.audit, actor, grant.role, source, target, message, status, "mcp")
-        if outcome.http_status == 504:
-            raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"))
+        if outcome.http_status == 504:  # With its id, and whether it was delivered: the model follows it up.
+            extra = {k: v for k, v in outcome.body.items() if k != "detail"}
+            raise ReplyTimeout("timeout", outcome.body.get("detail", "no reply in time"), **extra)
         if outcome.http_status >= 300:
             raise error_for(outcome.body)
         return outcome.body
+
+    async def command_status(self, command_id: str, wait_ms: int | None = None) -> dict[str, Any]:
+        """``GET /api/v1/commands/{id}`` without the HTTP hop (commands/followup.py)."""
+        record = await self.commands.followups.wait(command_id, (wait_ms or 0) / 1000)
+        if record is None:
+            raise CommandError("unknown_command", f"no command with id {command_id!r}")
+        return record.public(time.time())
 
 
 def _bearer(scope: Scope) -> str:

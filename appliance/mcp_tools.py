@@ -1,4 +1,4 @@
-"""The bridge as Model Context Protocol tools: ``list_clients``, ``send_command``, ``broadcast``.
+"""The bridge as Model Context Protocol tools: ``list_clients``, ``send_command``, ``broadcast``, ``get_command``.
 
 One tool set, two transports: ``wsbridge mcp`` serves it over stdio and reaches the
 appliance through the HTTP API (:class:`~appliance.controller.HttpController`); the
@@ -11,7 +11,9 @@ wrong and what to do next, and ``send_command`` never picks a target on its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import (
     Annotated,
@@ -23,7 +25,7 @@ from typing import (
 )
 
 import httpx
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
@@ -63,6 +65,8 @@ class Backend(Protocol):
 
     async def command(self, target: str, message: str, **fields: Any) -> dict[str, Any]: ...
 
+    async def command_status(self, command_id: str, wait_ms: int | None = None) -> dict[str, Any]: ...
+
     async def client(self, client_id: str) -> dict[str, Any] | None: ...
 
 
@@ -75,11 +79,7 @@ def explain(exc: CommandError, target: str) -> str:
             f"'{target}' connects."
         )
     if isinstance(exc, ReplyTimeout):
-        return (
-            f"The command reached '{target}' (or its queue) but no reply came in time. Do not send it again: "
-            "the client may still be working on it, and a second send would run it twice. Next time use a "
-            "larger timeout_seconds, or send a different command that asks the client for its state."
-        )
+        return explain_timeout(exc, target)
     if isinstance(exc, RateLimited):
         wait = exc.retry_after_ms
         return f"Too many commands: wait {wait or 1000} ms, then retry the same call."
@@ -296,6 +296,7 @@ def build_mcp_server(backend: Backend, subscriptions: Any = None) -> MCPServer:
         idempotency_key: Annotated[
             str | None, Field(description=IDEMPOTENCY_KEY_HELP, json_schema_extra=_KEY_SCHEMA)
         ] = None,
+        ctx: Context | None = None,
     ) -> CommandOutcome:
         """Send a text command to ONE client and, with wait=true (the default), return that client's reply.
 
@@ -312,7 +313,11 @@ def build_mcp_server(backend: Backend, subscriptions: Any = None) -> MCPServer:
         fields.update(_keyed(idempotency_key))
         fields["wait_ms" if wait else "timeout_ms"] = timeout_ms
         try:
-            answer = await _reach(lambda: backend.command(target, message, **fields))
+            answer = await _reach(
+                lambda: with_progress(
+                    ctx, f"waiting for {target}", timeout_seconds, backend.command(target, message, **fields)
+                )
+            )
         except CommandError as exc:
             raise _refuse(exc.code, explain(exc, target)) from None
         if answer.get("status") == "replied":
@@ -394,6 +399,7 @@ def build_mcp_server(backend: Backend, subscriptions: Any = None) -> MCPServer:
         return DRIVE_A_DEVICE.format(goal=f"\nGoal: {goal}" if goal else "")
 
     register_manifest_tools(server, backend)
+    add_followup_tool(server, backend)
     _forbid_unknown_arguments(server)
     return server
 
@@ -417,3 +423,126 @@ async def serve_stdio(url: str, token: str) -> None:
 
     async with HttpController(url, token) as api:
         await build_mcp_server(api).run_stdio_async()
+
+
+# --- following a command up (GET /api/v1/commands/{id}; appliance/commands/followup.py) -----------
+
+#: How often a long send_command tells a caller that asked for progress that it still waits.
+PROGRESS_SECONDS = 1.0
+
+
+def explain_timeout(exc: CommandError, target: str) -> str:
+    """No reply in time: follow the command up by its id; never send it again blindly."""
+    command_id = exc.extra.get("id")
+    follow = f"call get_command with command_id={json.dumps(command_id)}" if command_id is not None else "follow it up"
+    if exc.extra.get("delivered") is False:
+        return (
+            f"The command never reached '{target}': it waited behind an earlier command that '{target}' has not "
+            f"answered yet (or in its queue) and was not sent. To check, {follow}. Sending it again is safe once "
+            "the earlier command is answered or timed out."
+        )
+    return (
+        f"The command reached '{target}' but no reply came in time. Do not send it again: the client may still "
+        f"be working on it, and a second send would run it twice. To get its reply when it comes, {follow} "
+        "(with wait_seconds to wait for it)."
+    )
+
+
+def _wants_progress(ctx: Context | None) -> bool:
+    if ctx is None:
+        return False
+    try:
+        meta = ctx.request_context.meta
+    except ValueError:  # Not inside a request.
+        return False
+    if meta is None:
+        return False
+    if not isinstance(meta, dict):
+        return getattr(meta, "progress_token", None) is not None
+    return meta.get("progress_token", meta.get("progressToken")) is not None
+
+
+async def with_progress(ctx: Context | None, waiting_for: str, total_seconds: float, work: Awaitable[_T]) -> _T:
+    """``await work``, with a progress notification every :data:`PROGRESS_SECONDS` when the caller asked for them.
+
+    An MCP client that gets progress can keep waiting past its own request timeout (a 90 s
+    command under a client's 60 s default otherwise timed out with no sign of life).
+    """
+    if not _wants_progress(ctx):
+        return await work
+    assert ctx is not None
+    task = asyncio.ensure_future(work)
+    started = time.monotonic()
+    try:
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=PROGRESS_SECONDS)
+            if done:
+                return task.result()
+            elapsed = time.monotonic() - started
+            await ctx.report_progress(round(elapsed, 1), total_seconds, f"{waiting_for}: {elapsed:.0f} s")
+    finally:
+        if not task.done():  # The call was cancelled: stop waiting (the command's record says so).
+            task.cancel()
+
+
+class CommandStatus(TypedDict):
+    id: str | int
+    target: str
+    status: Literal["sending", "delivered", "queued", "replied", "timeout", "failed"]
+    caller: Literal["waiting", "answered", "cancelled", "disconnected"]
+    delivered: bool
+    open: bool
+    reply: NotRequired[str]
+    rtt_ms: NotRequired[float]
+    late: NotRequired[bool]
+    error: NotRequired[str]
+    detail: NotRequired[str]
+
+
+_STATUS_FIELDS = tuple(CommandStatus.__annotations__)
+
+
+def add_followup_tool(server: MCPServer, backend: Backend) -> None:
+    """``get_command``: a command's status and reply, on any instance, after its caller stopped waiting."""
+
+    @server.tool(
+        title="Follow a command up",
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    async def get_command(
+        command_id: Annotated[
+            str,
+            Field(
+                description="The id send_command returned (or named in its timeout error), or your idempotency_key.",
+                json_schema_extra=_KEY_SCHEMA,
+            ),
+        ],
+        wait_seconds: Annotated[
+            float,
+            Field(
+                description="Wait up to this long for the reply (0: answer at once).",
+                json_schema_extra={"minimum": 0, "maximum": TIMEOUT_RANGE[1]},
+            ),
+        ] = 0.0,
+        ctx: Context | None = None,
+    ) -> CommandStatus:
+        """What became of a command sent with send_command: its status and, once it came, the client's reply.
+
+        Use it after send_command timed out, or with wait=false: a reply that came late is here
+        (late=true). "open": true means a reply may still come; call again with wait_seconds to wait for it.
+        """
+        _check_range("wait_seconds", wait_seconds, (0.0, TIMEOUT_RANGE[1]))
+        follow = backend.command_status(command_id, wait_ms=round(wait_seconds * 1000))
+        try:
+            record = await _reach(lambda: with_progress(ctx, f"waiting for {command_id}", wait_seconds, follow))
+        except CommandError as exc:
+            if exc.code == "unknown_command":
+                raise _refuse(
+                    exc.code,
+                    f"No command with id '{command_id}' is known (records are kept for a while after the "
+                    "command). Use the id send_command returned, exactly.",
+                ) from None
+            raise _refuse(exc.code, f"Could not read the command: {exc.detail}. Retry in a few seconds.") from None
+        return {k: record[k] for k in _STATUS_FIELDS if record.get(k) is not None}  # type: ignore[return-value]

@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
 from .connections import ASGISend, Connection, Flusher
 from .core.history import close_entry
-from .core.manifest import encode_manifest_accepted, encode_manifest_error
+from .core.manifest import ManifestBudget, encode_manifest_accepted, encode_manifest_error
 from .core.protocol import CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import Request, TimeoutPolicy, encode_client_command
 from .core.recent import cut
@@ -60,6 +62,12 @@ class CommandHooks(Protocol):
 
     def submit(self, sender: str, controller: str, request: Request) -> None: ...
 
+    #: Whether a controller connection's keyed commands wait for their ids' claims; ``after`` then
+    #: runs a later command of that connection once they went (commands/idempotency.py).
+    def holding(self, sender: str) -> bool: ...
+
+    def after(self, sender: str, then: Callable[[], None]) -> None: ...
+
     def client_text(self, conn: Connection, text: str) -> bool: ...
 
     def hand_over(self, conn: Connection, routed: Routed, now: float) -> None: ...
@@ -93,6 +101,8 @@ class Relay:
         self.local = local.by_id  # The hot path's dict of holders by id (Inbox.deliver).
         self.commands = commands
         self.recent_logs = recent_logs
+        #: The bytes of the manifests this instance keeps (each also in Redis presence): bounded in total.
+        self.manifests = ManifestBudget()
         self.draining = False
         self._claiming: dict[str, tuple[asyncio.Lock, int]] = {}
         self._kicked: dict[str, float] = {}  # conn_keys replaced before they finished opening
@@ -223,6 +233,8 @@ class Relay:
         """The connection is gone: unregister it, and release its id unless a newer one holds it."""
         conn.session.closed()
         registered, holder = self.connections.remove(conn)
+        if conn.manifest is not None:
+            self.manifests.release(conn)
         if not registered:
             return
         if holder and conn.role is Role.CLIENT:
@@ -242,7 +254,10 @@ class Relay:
         reader's to honour, since pausing the reader is what slows the peer down.
         """
         if type(action) is Deliver:
-            self._deliver(conn, action.command)
+            if self.commands.holding(conn.conn_key):  # Behind its keyed commands (their ids are claimed first).
+                self.commands.after(conn.conn_key, partial(self._deliver, conn, action.command))
+            else:
+                self._deliver(conn, action.command)
         elif type(action) is Publish:
             metrics.RECEIVED_FROM_CLIENTS.count += 1
             # Only v1 clients with a command in flight cost a look (their reply line).
@@ -271,6 +286,10 @@ class Relay:
             conn.deliver(encode_manifest_error(action.error))
             return
         assert action.manifest is not None
+        error = self.manifests.admit(conn, action.manifest)
+        if error is not None:
+            conn.deliver(encode_manifest_error(error))
+            return
         conn.manifest = {**action.manifest, "updated_at": iso(time.time(), "seconds")}
         self.broker.presence_changed(conn.client_id)
         conn.deliver(encode_manifest_accepted(conn.manifest))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -57,7 +57,31 @@ class CallerNames(BaseSettings):
     )
 
 
-class Settings(NewIdSettings, CallerNames):
+class RedisTls(BaseSettings):
+    """TLS to Redis (ElastiCache, or a private CA). A part of :class:`Settings`, which inherits these fields."""
+
+    redis_tls: bool = Field(False, description="With REDIS_HOST: connect over TLS (rediss://), as ElastiCache needs.")
+    redis_tls_ca_file: str | None = Field(
+        None,
+        description="CA bundle (PEM) that verifies the server's certificate with a rediss:// REDIS_URL or "
+        "REDIS_TLS=true; unset: the system's CAs (enough for ElastiCache).",
+    )
+
+    @model_validator(mode="after")
+    def _redis_tls_ca_usable(self) -> RedisTls:
+        """REDIS_TLS_CA_FILE only means something with TLS, and must be a readable file at start."""
+        if self.redis_tls_ca_file:
+            settings: Any = self  # The whole Settings: where Redis is.
+            if not (settings.redis_url or settings.redis_host) or not settings.redis_connection_url().startswith(
+                "rediss://"
+            ):
+                raise ValueError("REDIS_TLS_CA_FILE needs a rediss:// REDIS_URL, or REDIS_TLS=true (TLS to Redis)")
+            if not os.path.isfile(self.redis_tls_ca_file) or not os.access(self.redis_tls_ca_file, os.R_OK):
+                raise ValueError(f"REDIS_TLS_CA_FILE {self.redis_tls_ca_file} is not a readable file")
+        return self
+
+
+class Settings(NewIdSettings, CallerNames, RedisTls):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -445,7 +469,7 @@ class Settings(NewIdSettings, CallerNames):
         password = self.redis_password.get_secret_value() if self.redis_password else ""
         # Quoted: a password with @ : / # % must not be read as part of the URL.
         auth = f":{quote(password, safe='')}@" if password else ""
-        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+        return f"{'rediss' if self.redis_tls else 'redis'}://{auth}{self.redis_host}:{self.redis_port}/0"
 
     def redis_display(self) -> str:
         """Where Redis is, without credentials, for logs and the dashboard."""

@@ -32,7 +32,12 @@ resource "aws_cloudwatch_metric_alarm" "instance_status" {
   alarm_description   = "EC2 ${each.key} status check of the WebSocket Bridge host failed for 3 minutes (docs/deploy.md, When the host is down)."
   namespace           = "AWS/EC2"
   metric_name         = each.value
-  dimensions          = { InstanceId = aws_instance.appliance.id }
+  # Several hosts: the group's instances, aggregated (detailed monitoring, launch template).
+  dimensions = (
+    local.multi_host
+    ? { AutoScalingGroupName = aws_autoscaling_group.appliance[0].name }
+    : { InstanceId = aws_instance.appliance[0].id }
+  )
   statistic           = "Maximum"
   period              = 60
   evaluation_periods  = 3

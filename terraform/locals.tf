@@ -33,4 +33,9 @@ locals {
 
   # A fixed zone, so the subnet (and the host) never move when AWS adds zones.
   availability_zone = coalesce(var.availability_zone, "${var.aws_region}a")
+
+  # Several hosts (asg.tf, nlb.tf, elasticache.tf) instead of the single one (main.tf).
+  multi_host = var.host_count > 1
+  # The group's second zone; the first is availability_zone.
+  second_availability_zone = "${var.aws_region}${endswith(local.availability_zone, "b") ? "c" : "b"}"
 }

@@ -174,7 +174,10 @@ resource "aws_key_pair" "operator" {
   public_key = var.ssh_public_key
 }
 
+# The single host (host_count = 1); several hosts are an Auto Scaling group (asg.tf).
 resource "aws_instance" "appliance" {
+  count = local.multi_host ? 0 : 1
+
   ami                  = data.aws_ssm_parameter.ubuntu_ami.value
   instance_type        = var.instance_type
   subnet_id            = aws_subnet.public.id
@@ -226,8 +229,10 @@ resource "aws_instance" "appliance" {
 }
 
 resource "aws_eip" "appliance" {
+  count = local.multi_host ? 0 : 1
+
   domain   = "vpc"
-  instance = aws_instance.appliance.id
+  instance = aws_instance.appliance[0].id
 
   tags = { Name = "${local.name}-eip" }
 
@@ -239,7 +244,10 @@ resource "aws_eip" "appliance" {
 # Docker's data root (docker role): the certificates (acme.json), Prometheus's TSDB,
 # Grafana's database, Alertmanager's silences and Redis's AOF when turned on. A
 # replaced instance gets the same volume back; snapshots (dlm.tf) cover its loss.
+# Several hosts keep nothing of their own (ElastiCache, ACM at the load balancer): none.
 resource "aws_ebs_volume" "data" {
+  count = local.multi_host ? 0 : 1
+
   availability_zone = local.availability_zone
   size              = var.data_volume_size_gb
   type              = "gp3"
@@ -256,7 +264,9 @@ resource "aws_ebs_volume" "data" {
 # /dev/sdf appears as an NVMe device on Nitro instances; Ansible finds it by the
 # volume id (/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...).
 resource "aws_volume_attachment" "data" {
+  count = local.multi_host ? 0 : 1
+
   device_name = "/dev/sdf"
-  volume_id   = aws_ebs_volume.data.id
-  instance_id = aws_instance.appliance.id
+  volume_id   = aws_ebs_volume.data[0].id
+  instance_id = aws_instance.appliance[0].id
 }

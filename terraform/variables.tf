@@ -260,3 +260,38 @@ variable "container_logs_to_cloudwatch" {
   description = "Create a CloudWatch Logs group for the containers' logs and let the host write to it (Ansible then sets Docker's awslogs driver), so logs outlive container recreation and the host."
   default     = false
 }
+
+# --- Several hosts (docs/deploy.md, Several hosts) ------------------------------------------
+
+variable "host_count" {
+  type        = number
+  description = "Appliance hosts: 1 is the single host with its Elastic IP and data volume (main.tf); 2 or more is an Auto Scaling group across two zones behind a Network Load Balancer, with ElastiCache for Valkey as the shared Redis (asg.tf, nlb.tf, elasticache.tf)."
+  default     = 1
+
+  validation {
+    condition     = var.host_count >= 1 && var.host_count <= 20 && floor(var.host_count) == var.host_count
+    error_message = "host_count must be a whole number from 1 to 20."
+  }
+}
+
+variable "second_public_subnet_cidr" {
+  type        = string
+  description = "CIDR block of the second public subnet (the region's zone b), inside vpc_cidr; used only with host_count >= 2."
+  default     = "10.40.2.0/24"
+
+  validation {
+    condition     = can(cidrhost(var.second_public_subnet_cidr, 0))
+    error_message = "second_public_subnet_cidr must be a valid IPv4 CIDR block."
+  }
+}
+
+variable "redis_node_type" {
+  type        = string
+  description = "ElastiCache node type of the shared Valkey (a primary and a replica in the other zone); used only with host_count >= 2."
+  default     = "cache.t4g.small"
+
+  validation {
+    condition     = can(regex("^cache\\.[a-z0-9]+\\.[a-z0-9]+$", var.redis_node_type))
+    error_message = "redis_node_type must be an ElastiCache node type such as cache.t4g.small."
+  }
+}

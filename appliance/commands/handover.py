@@ -24,6 +24,8 @@ from ..core.recent import Tracked
 from ..core.requests import Held, Routed, V1Matcher
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
+from .followup import LATE_REPLY_SECONDS
+from .outcome import IN_PROCESS
 
 __all__ = ["ClientLines"]
 
@@ -34,9 +36,12 @@ log = logging.getLogger(__name__)
 _Awaiting = tuple[Routed, float, Tracked | None]
 
 
-def _last_deadline(line: _Awaiting | deque[_Awaiting]) -> float:
-    """When the newest command of a v2 client's line for one id stops waiting."""
-    return line[1] if isinstance(line, tuple) else line[-1][1]
+def _keep_until(line: _Awaiting | deque[_Awaiting]) -> float:
+    """Until when a v2 client's line for one id is kept: the newest command's deadline, and a
+    while longer for an in-process caller's single command, whose late reply its record keeps."""
+    if isinstance(line, tuple):
+        return line[1] + LATE_REPLY_SECONDS if line[0].waiter.startswith(IN_PROCESS) else line[1]
+    return line[-1][1]
 
 
 class ClientLines:
@@ -163,8 +168,10 @@ class ClientLines:
             if isinstance(line, tuple):
                 del self._awaiting[key]
                 routed, deadline, tracked = line
-                if deadline <= now:
-                    return False  # Late: its sender has reported the timeout already.
+                if deadline <= now:  # Late: its sender has reported the timeout already.
+                    if routed.waiter.startswith(IN_PROCESS):  # Its record keeps it (followup.py).
+                        self._tell(routed, Replied(routed.waiter, routed.id, key[0], reply.message))
+                    return False  # And it reaches every controller, as any late reply does.
             else:
                 while line and line[0][1] <= now:
                     line.popleft()  # Its sender has reported the timeout already.
@@ -207,7 +214,7 @@ class ClientLines:
 
     def forget_unanswered(self, now: float) -> None:
         """Forget v2 commands nobody answered in time (housekeeping, about once a second)."""
-        for key in [k for k, line in self._awaiting.items() if _last_deadline(line) <= now]:
+        for key in [k for k, line in self._awaiting.items() if _keep_until(line) <= now]:
             del self._awaiting[key]
 
     def client_opened(self, conn: Connection) -> None:

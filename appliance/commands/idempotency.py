@@ -1,5 +1,6 @@
 """Commands that are safe to retry: a key repeated within the window never reaches a client twice.
 
+HTTP, MCP and dashboard commands: :class:`IdempotentSends`; WebSocket controllers' ids: :class:`ControllerKeys`.
 An agent that lost its answer (a timeout, a dropped connection, a restarted host) sends the
 same request again. With a key (the HTTP ``id``, an ``Idempotency-Key`` header, the MCP
 ``idempotency_key``) the repeat gets the first command's outcome, or waits for it, on any
@@ -18,14 +19,16 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from ..brokers.base import Broker, BrokerUnavailable
 from ..core.protocol import ErrorCode
+from ..core.protocol_v2 import CommandId, Request
 from .outcome import Outcome
 
-__all__ = ["IdempotentSends", "fingerprint"]
+__all__ = ["ControllerKeys", "IdempotentSends", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class IdempotentSends:
             try:
                 held = await self.broker.idempotency_claim(key, _encode(Record(command)).decode())
                 if held is not None:
-                    outcome = await self._follow(key, command, held, deadline)
+                    outcome = await self.follow(key, command, held, deadline)
                     if outcome is not None:
                         return outcome
                     continue  # The first command was refused before reaching a client and let the key go.
@@ -116,7 +119,7 @@ class IdempotentSends:
             log.warning("Could not record the outcome of an idempotent command: Redis is unreachable")
         return outcome
 
-    async def _follow(self, key: str, command: str, held: str, deadline: float) -> Outcome | None:
+    async def follow(self, key: str, command: str, held: str, deadline: float) -> Outcome | None:
         """Wait for the first command's outcome; None when its key was let go meanwhile."""
         record = _decode(held)
         while True:
@@ -145,3 +148,124 @@ class IdempotentSends:
             if again is None:
                 return None
             record = _decode(again)
+
+
+class ControllerKeys:
+    """A WebSocket controller's command ``id`` as an idempotency key of that controller, cluster-wide.
+
+    The same id again within the window (on the same connection or after a reconnect to any
+    instance) is not sent: the repeat gets the first command's final frame (reply, error or
+    timeout) marked ``"replayed": true``, waiting for it while it is in flight; the same id for
+    another command is ``duplicate_id``. Each keyed command costs a claim (one broker round trip)
+    before it is sent and one write when it finishes; the claims of one connection run at once,
+    its sends keep their order.
+    """
+
+    def __init__(
+        self,
+        sends: IdempotentSends,
+        send_now: Callable[[str, str, Request], None],
+        frame_to: Callable[[str, str], None],
+        spawn: Callable[[Any], None],
+    ) -> None:
+        self._sends = sends
+        self._send_now = send_now  # The command service's submit, once the key is ours.
+        self._frame_to = frame_to  # A frame for a controller connection (by its key), if it is here.
+        self._spawn = spawn
+        # (conn, id) -> [key, fingerprint, its last status frame (delivered, queued) or None]
+        self._keys: dict[tuple[str, CommandId], list[Any]] = {}
+        self._last: dict[str, asyncio.Future[None]] = {}  # Per connection: its latest command's turn to send.
+
+    def submit(self, waiter: str, controller: str, request: Request) -> None:
+        self._queue(waiter, self._claim(waiter, controller, request, self._last.get(waiter)))
+
+    def holding(self, sender: str) -> bool:
+        """Whether a keyed command of this connection waits for its claim (then later frames wait too)."""
+        return sender in self._last
+
+    def in_order(self, waiter: str, then: Callable[[], None]) -> None:
+        if waiter in self._last:
+            self.after(waiter, then)
+        else:
+            then()
+
+    def after(self, sender: str, then: Callable[[], None]) -> None:
+        """Run ``then`` once this connection's earlier keyed commands were sent: its frames keep their order."""
+        self._queue(sender, _after(self._last.get(sender), then))
+
+    def _queue(self, waiter: str, turn: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(turn)
+        self._last[waiter] = task
+        task.add_done_callback(lambda done: self._last.pop(waiter) if self._last.get(waiter) is done else None)
+
+    async def _claim(
+        self, waiter: str, controller: str, request: Request, previous: asyncio.Future[None] | None
+    ) -> None:
+        assert request.id is not None
+        key = f"ws:{controller}:id:{request.id!r}"
+        command = fingerprint(request.target, request.message, request.queue)
+        deadline = time.monotonic() + request.timeout_ms / 1000 + 1.0
+        replay: Outcome | None = None
+        try:
+            while True:
+                held = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
+                if held is None:
+                    break
+                replay = await self._sends.follow(key, command, held, deadline)
+                if replay is not None:
+                    break
+        except BrokerUnavailable as exc:
+            replay = Outcome(503, {"error": ErrorCode.BROKER_UNAVAILABLE.value, "detail": str(exc)})
+        if previous is not None:  # Keep this connection's order of sends.
+            with contextlib.suppress(BaseException):
+                await previous
+        if replay is None:
+            self._keys[(waiter, request.id)] = [key, command, None]
+            self._send_now(waiter, controller, request)
+            return
+        body = replay.body
+        if "error" in body:
+            body = {**body, "id": request.id, "target": request.target}
+        self._frame_to(waiter, _encode(body).decode())
+
+    def finished(self, waiter: str, command_id: CommandId | None, frame: str) -> None:
+        """A keyed command's frame: the final one (reply, error, timeout) is recorded for repeats."""
+        if not self._keys:
+            return
+        if command_id is None:  # Refused before it had an entry: the error frame names its id.
+            command_id = msgspec.json.decode(frame).get("id")
+        found = self._keys.get((waiter, command_id))
+        if found is None:
+            return
+        body = msgspec.json.decode(frame)
+        if body.get("status") in ("delivered", "queued") and not body.pop("final", False):
+            found[2] = body
+        else:
+            del self._keys[(waiter, command_id)]
+            self._spawn(self._record(found[0], found[1], body))
+
+    def abandoned(self, waiter: str, command_id: CommandId, target: str, delivered: bool) -> None:
+        """Its controller left before the outcome: a repeat gets the last status (or a timeout), never a resend."""
+        found = self._keys.get((waiter, command_id))
+        if found is None:
+            return
+        detail = "the controller disconnected before this command's outcome; it is not sent again"
+        last = found[2] or {"id": command_id, "status": "timeout", "target": target, "delivered": delivered}
+        self.finished(waiter, command_id, _encode({**last, "final": True, "detail": detail}).decode())
+
+    async def _record(self, key: str, command: str, body: dict[str, Any]) -> None:
+        broker = self._sends.broker
+        try:
+            if body.get("error") in _NEVER_SENT:
+                await broker.idempotency_drop(key)
+            else:
+                await broker.idempotency_set(key, _encode(Record(command, 200, body)).decode())
+        except BrokerUnavailable:
+            log.warning("Could not record the outcome of a keyed WebSocket command: Redis is unreachable")
+
+
+async def _after(previous: asyncio.Future[None] | None, then: Callable[[], None]) -> None:
+    if previous is not None:
+        with contextlib.suppress(BaseException):
+            await previous
+    then()

@@ -9,10 +9,13 @@ from typing import Any
 from .. import metrics
 from ..core.protocol import ErrorCode
 
-__all__ = ["HTTP_CONTROLLER", "HTTP_STATUS", "OUTCOMES", "Outcome", "Waiter", "rate_limited", "too_large"]
+__all__ = ["HTTP_CONTROLLER", "HTTP_STATUS", "IN_PROCESS", "OUTCOMES", "Outcome", "Waiter", "rate_limited", "too_large"]
 
 #: The controller name HTTP commands carry (v2 clients see it as "from").
 HTTP_CONTROLLER = "http"
+
+#: How the waiter keys of in-process callers (HTTP, MCP, dashboard) start; never a connection's key (hex).
+IN_PROCESS = "h:"
 
 #: Bound once: a label lookup costs more than the increment (as in metrics.py).
 OUTCOMES = {

@@ -29,9 +29,8 @@ from ..core.events import (
     RecentAsk,
     Replied,
     decode_event,
-    encode_event,
 )
-from ..core.protocol import CONTROLLER_ID, CloseCode, ErrorCode, ProtocolError, Role, encode_error
+from ..core.protocol import CONTROLLER_ID, ErrorCode, Role, encode_error
 from ..core.protocol_v2 import (
     CommandId,
     Request,
@@ -41,7 +40,6 @@ from ..core.protocol_v2 import (
     encode_controller_reply,
     encode_delivered,
     encode_status,
-    request_from_fields,
 )
 from ..core.ratelimit import Budgets
 from ..core.requests import Enqueued, Pending, PendingTable, Routed
@@ -49,9 +47,11 @@ from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
 from ..settings import Settings
 from .broadcast import Broadcasts
+from .callers import InProcessCallers
+from .followup import Followups, timeout_detail
 from .handover import ClientLines
-from .idempotency import IdempotentSends, fingerprint
-from .outcome import HTTP_CONTROLLER, HTTP_STATUS, OUTCOMES, Outcome, Waiter, rate_limited, too_large
+from .idempotency import ControllerKeys, IdempotentSends
+from .outcome import HTTP_STATUS, IN_PROCESS, OUTCOMES, Outcome, Waiter
 
 __all__ = ["TICK_SECONDS", "CommandService"]
 
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.02
 
 
-class CommandService:
+class CommandService(InProcessCallers):
     """This instance's part of request/reply: pending commands, outcomes, the queue; and the relay's hooks."""
 
     def __init__(self, settings: Settings, broker: Broker, local: LocalConnections, recent_logs: RecentLogs) -> None:
@@ -103,6 +103,9 @@ class CommandService:
             spawn=self._spawn,
         )
         self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
+        self.followups = Followups(broker)  # GET /api/v1/commands/{id}, MCP get_command (followup.py)
+        self.keys = ControllerKeys(self.idempotent, self._submit_now, self._frame_to, self._spawn)
+        self.holding, self.after = self.keys.holding, self.keys.after  # The relay's, for commands without id.
         self.broadcasts = Broadcasts(
             self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
         )
@@ -131,6 +134,7 @@ class CommandService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.followups.stop()
         self._loop = None
 
     async def _tick(self) -> None:
@@ -150,6 +154,7 @@ class CommandService:
         metrics.PENDING_REQUESTS.set(len(self.pending))
         if now >= self._next_sweep:  # Forgetting v2 commands nobody answered is housekeeping: once a second.
             self._next_sweep = now + 1.0
+            self.followups.sweep(now)
             for key in [k for k, expires in self._queued_here.items() if expires <= now]:
                 del self._queued_here[key]
             metrics.OFFLINE_QUEUE.set(len(self._queued_here))
@@ -165,13 +170,18 @@ class CommandService:
 
     def submit(self, waiter: str, controller: str, request: Request) -> None:
         """A command with an id, or for ``*`` or a group, from ``waiter`` (a controller connection's key, or an HTTP waiter's)."""
-        now = time.time()
-        if request.kind is not TargetKind.CLIENT:
+        if request.kind is not TargetKind.CLIENT:  # Behind this connection's keyed commands, if any.
             waiting = self._waiters.get(waiter) if self._waiters else None
             # An in-process caller that waits (wait_ms) collects the v2 clients' replies for that long.
             collect_ms = request.timeout_ms if waiting is not None and waiting.want_reply else 0
-            self.broadcasts.fan_out(waiter, controller, request, collect_ms)
-            return
+            self.keys.in_order(waiter, partial(self.broadcasts.fan_out, waiter, controller, request, collect_ms))
+        elif waiter.startswith(IN_PROCESS):  # Keyed by their callers (IdempotentSends), if at all.
+            self._submit_now(waiter, controller, request)
+        else:  # A WebSocket controller's id is its idempotency key.
+            self.keys.submit(waiter, controller, request)
+
+    def _submit_now(self, waiter: str, controller: str, request: Request) -> None:
+        now = time.time()
         assert request.id is not None
         if self.pending.open(waiter, request.id, request.target, now, request.timeout_ms) is None:
             self._fail_now(waiter, request, ErrorCode.DUPLICATE_ID, f"id {request.id!r} is still in flight")
@@ -237,9 +247,8 @@ class CommandService:
             self.lines.tell_instance(holder.instance, Drain(target))
 
     def _fail_now(self, waiter: str, request: Request, code: ErrorCode, detail: str) -> None:
-        self._deliver_to_waiter(
-            waiter, None, encode_error(code, detail, target=request.target, id=request.id), code.value, detail
-        )
+        frame = encode_error(code, detail, target=request.target, id=request.id)
+        self._deliver_to_waiter(waiter, None, frame, code.value, detail)
 
     # --- the sender's side: outcomes --------------------------------------------------------
 
@@ -279,8 +288,9 @@ class CommandService:
                 return
         self._queueable.pop((event.waiter, event.id), None)
         pending = self.pending.finish(event.waiter, event.id)
-        if pending is None:
-            return  # Timed out already, or the controller left: the outcome has nobody to go to.
+        if pending is None:  # Timed out already, or its caller left: only a record (followup.py) may keep it.
+            self.followups.failed(event.waiter, event.id, event.code, event.detail)
+            return
         metrics.COMMAND_OUTCOMES.labels(outcome=event.code or "error").inc()  # errors: rare
         frame = encode_error(ErrorCode(event.code), event.detail, target=pending.target, id=pending.id)
         self._deliver_to_waiter(pending.waiter, pending, frame, event.code, event.detail)
@@ -292,29 +302,32 @@ class CommandService:
         if self._queueable:
             self._queueable.pop((waiter, command_id), None)
         pending = self.pending.delivered(waiter, command_id)
-        if pending is None:
+        if pending is None:  # Timed out already, or its caller left: only a record (followup.py) may keep it.
+            self.followups.delivered(waiter, command_id)
             return
         metrics.DELIVERED.count += 1
         if pending.waiter not in self._waiters:
-            conn = self.local.connection(waiter)
-            if conn is not None:  # pending.target is a client id: commands for * or a group open no entry.
-                conn.deliver(encode_delivered(pending.id, pending.target))
+            frame = encode_delivered(pending.id, pending.target)  # (Commands for * or a group open no entry.)
+            self.keys.finished(waiter, pending.id, frame)  # Its last status, should its controller leave.
+            self._frame_to(waiter, frame)
             return
+        self.followups.delivered(waiter, command_id)
         self._report(pending, Status.DELIVERED)
 
     def _replied(self, waiter: str, command_id: CommandId, sender: str, message: str, now: float) -> None:
         """The client's reply (arrived at ``now``), to the sender only."""
         pending = self.pending.finish(waiter, command_id)
-        if pending is None:
-            return  # Timed out already, or the controller left: the reply has nobody to go to.
+        if pending is None:  # Timed out already, or its caller left: only a record (followup.py) may keep it.
+            self.followups.replied(waiter, command_id, sender, message, now)
+            return
         rtt_ms = (now - pending.started) * 1000
         metrics.REPLIED.count += 1
         metrics.REPLY_SECONDS.observe(rtt_ms / 1000)
         waiting = self._waiters.get(waiter)
         if waiting is None:
-            conn = self.local.connection(waiter)
-            if conn is not None:
-                conn.deliver(encode_controller_reply(command_id, sender, message, rtt_ms))
+            frame = encode_controller_reply(command_id, sender, message, rtt_ms)
+            self.keys.finished(waiter, command_id, frame)
+            self._frame_to(waiter, frame)
             return
         body = {
             "id": command_id,
@@ -332,13 +345,14 @@ class CommandService:
         if waiting is None:
             if status is Status.TIMEOUT:
                 extra["timeout_ms"] = round((pending.deadline - pending.started) * 1000)
-            conn = self.local.connection(pending.waiter)
-            if conn is not None:
-                conn.deliver(encode_status(pending.id, status, pending.target, **extra))
+            frame = encode_status(pending.id, status, pending.target, **extra)
+            self.keys.finished(pending.waiter, pending.id, frame)  # Final (a timeout) or not (delivered, queued).
+            self._frame_to(pending.waiter, frame)
             return
         body = {"id": pending.id, "status": status.value, "target": pending.target, **extra}
         if status is Status.TIMEOUT:
-            body["detail"] = f"{pending.target} did not reply in time"
+            body["delivered"] = pending.delivered
+            body["detail"] = timeout_detail(pending.target, pending.delivered)
             self._resolve(pending.waiter, Outcome(504, body))
         elif status is Status.QUEUED or not waiting.want_reply or extra.get("duplicate"):
             # Queued, delivered without wait_ms, or a repeat: the caller is answered now (202).
@@ -348,11 +362,10 @@ class CommandService:
     def _deliver_to_waiter(self, waiter: str, pending: Pending | None, frame: str, code: str, detail: str) -> None:
         waiting = self._waiters.get(waiter)
         if waiting is None:
-            conn = self.local.connection(waiter)
-            if conn is not None:
-                if code:
-                    metrics.ERRORS.labels(code=code).inc()
-                conn.deliver(frame)
+            self.keys.finished(waiter, None if pending is None else pending.id, frame)
+            if code:
+                metrics.ERRORS.labels(code=code).inc()
+            self._frame_to(waiter, frame)
             return
         body = msgspec.json.decode(frame)
         self._resolve(waiter, Outcome(HTTP_STATUS.get(code, 502), body))
@@ -366,6 +379,12 @@ class CommandService:
         """A controller left: its commands still in flight have nobody to report to."""
         for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
+            self.keys.abandoned(pending.waiter, pending.id, pending.target, pending.delivered)
+
+    def _frame_to(self, waiter: str, frame: str) -> None:
+        conn = self.local.connection(waiter)
+        if conn is not None:
+            conn.deliver(frame)
 
     def _fan_out_finished(self, waiter: str, request: Request, count: int, collected: dict[str, Any] | None) -> None:
         """A fan-out reached ``count`` clients; ``collected``: the awaited v2 clients' replies and silences."""
@@ -382,82 +401,16 @@ class CommandService:
             if conn is not None and request.id is not None:
                 conn.deliver(encode_status(request.id, Status.DELIVERED, request.target, count=count))
 
-    # --- service interface: HTTP API, MCP tools, dashboard -------------------------------------
-
-    def parse(self, fields: dict[str, Any]) -> Request | ProtocolError:
-        return request_from_fields(fields, self.policy)
-
-    async def send_command(
-        self,
-        target: str,
-        message: str,
-        *,
-        command_id: CommandId | None = None,
-        wait_ms: int | None = None,
-        timeout_ms: int | None = None,
-        queue: bool = False,
-        controller: str = HTTP_CONTROLLER,
-        idempotency_key: str | None = None,
-        budget: str = "",
-    ) -> Outcome:
-        """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
-
-        Returns the HTTP status and body of ``POST /api/v1/commands``: 200 replied, 202
-        delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
-        413 too large, 422 invalid, 503 when the target's instance cannot be reached.
-        With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py).
-        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket.
-        """
-        if idempotency_key is not None:  # A repeat waits as long as the first command may.
-            own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
-            once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
-            same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
-            return await self.idempotent.send(*same, once)
-        wait = self.budgets.try_take(budget, time.time())
-        if wait > 0:
-            return rate_limited(wait)
-        if command_id is None:
-            # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
-            # this process's random prefix and a counter. A random id per command cost a getrandom syscall.
-            command_id = f"{controller}-{self._id_prefix}{next(self._id_seq):x}"
-        fields: dict[str, Any] = {"target": target, "message": message, "id": command_id, "queue": queue}
-        effective = wait_ms if wait_ms is not None else timeout_ms
-        if effective is not None:
-            fields["timeout_ms"] = effective
-        if len(message.encode()) > self.settings.max_message_bytes:
-            return too_large(self.settings.max_message_bytes)
-        request = self.parse(fields)
-        if isinstance(request, ProtocolError):
-            return Outcome(422, {"error": request.code.value, "detail": request.detail, **dict(request.extra)})
-        waiter = f"h:{next(self._http_seq)}"  # Unique in this instance, which is where outcomes come back.
-        future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
-        self._waiters[waiter] = Waiter(future, wait_ms is not None, target)
-        try:
-            self.submit(waiter, controller, request)
-            return await future
-        finally:
-            self._waiters.pop(waiter, None)
-            if request.id is not None:  # This waiter's only entry (a broadcast opens none): no scan of them all.
-                self.pending.finish(waiter, request.id)
-                self._queueable.pop((waiter, request.id), None)
-
-    async def disconnect(self, client_id: str, code: int = CloseCode.DISCONNECTED) -> bool:
-        """Close ``client_id``'s connection wherever it is (admin action); False if it is not connected."""
-        if self.local.disconnect_local(client_id, code):
-            return True
-        holder = await self.broker.owner_of(client_id)
-        if holder is None:
-            return False
-        event = Disconnect(client_id, str(int(code)))
-        self.broker.send_to_instance(holder.instance, encode_event(event))
-        return True
-
     def instance_event(self, payload: bytes | str) -> None:
         """The broker's per-instance channel: an outcome or an order for this instance."""
-        try:
-            event = decode_event(payload)
-        except msgspec.DecodeError:
-            log.warning("Ignoring a malformed instance event")
-            return
-        self.outcome(event)
+        event = _decoded(payload)
+        if event is not None:
+            self.outcome(event)
+
+
+def _decoded(payload: bytes | str) -> InstanceEvent | None:
+    try:
+        return decode_event(payload)
+    except msgspec.DecodeError:
+        log.warning("Ignoring a malformed instance event")
+        return None

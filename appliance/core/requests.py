@@ -66,6 +66,11 @@ class Routed(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
         return ErrorCode.TARGET_OFFLINE if self.queue else ErrorCode.DELIVERY_FAILED
 
 
+#: A command waiting in a version-1 client's line with less time than this left is not handed
+#: over: its sender (whose deadline may come first, on another instance) has told its caller or
+#: is about to tell it that the command never reached the client, and that must stay true.
+SEND_MARGIN_SECONDS = 0.25
+
 #: Stale deadline-heap entries tolerated beyond twice the live ones before the heap is rebuilt.
 _COMPACT_SLACK = 1024
 
@@ -290,7 +295,7 @@ class V1Matcher:
         line.in_flight = None
         while line.waiting:
             routed, deadline = line.waiting.popleft()
-            if deadline <= now:
+            if deadline <= now + SEND_MARGIN_SECONDS:
                 expired.append(routed)
                 continue
             self._fly(client, line, routed, deadline)

@@ -94,7 +94,11 @@ DOMAIN = "bridge.test.example"
 ACME_EMAIL = "ops@wsbridge-ops.net"
 TOPIC_ARN = "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts"
 # What only `terraform apply` knows, as its output would say it.
-APPLIED = {"aws_sns_topic.alerts.arn": TOPIC_ARN, "aws_ebs_volume.data.id": "vol-0a1b2c3d4e5f60718"}
+APPLIED = {
+    "aws_sns_topic.alerts.arn": TOPIC_ARN,
+    "local.data_volume_id": "vol-0a1b2c3d4e5f60718",
+    "local.redis_endpoint": "",  # One host: no ElastiCache.
+}
 TOKENS = ("LLM_SECRET_TOKEN", "UNITY_CLIENT_TOKEN", "ADMIN_TOKEN")
 
 

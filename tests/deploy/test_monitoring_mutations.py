@@ -174,7 +174,18 @@ DEPLOY_MUTATIONS = [
         "test_traefik.py::test_one_grafana_dashboard_load_is_not_throttled_but_a_flood_is",
     ),
 ]
-SKIPPED = {".git", ".venv", ".venv-tools", "unity_project", "bench", "__pycache__", ".pytest_cache", ".ruff_cache"}
+SKIPPED = {
+    ".git",
+    ".venv",
+    ".venv-tools",
+    "unity_project",
+    "bench",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".hypothesis",
+}
 
 
 def test_the_deploy_mutations_apply_to_the_files_as_they_are() -> None:

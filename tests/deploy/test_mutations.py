@@ -22,7 +22,18 @@ from deploy_support import ROOT, SCALE
 
 README = Path(__file__).with_name("README.md")
 # What a copy needs to run tests/deploy: everything but the heavy or irrelevant parts.
-SKIPPED = {".git", ".venv", ".venv-tools", "unity_project", "bench", "__pycache__", ".pytest_cache", ".ruff_cache"}
+SKIPPED = {
+    ".git",
+    ".venv",
+    ".venv-tools",
+    "unity_project",
+    "bench",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".hypothesis",
+}
 
 
 @dataclass(frozen=True)

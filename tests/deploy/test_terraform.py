@@ -115,7 +115,7 @@ def test_the_instance_requires_imdsv2_and_an_encrypted_root_volume(terraform: Te
     assert root["kms_key_id"] == "${aws_kms_key.main.arn}"
     assert instance["iam_instance_profile"] == "${aws_iam_instance_profile.appliance.name}"
     eip = terraform.resources["aws_eip"]["appliance"]
-    assert eip["instance"] == "${aws_instance.appliance.id}"
+    assert eip["instance"] == "${aws_instance.appliance[0].id}"
 
 
 def test_security_group_rules_are_standalone_resources_only(terraform: Terraform) -> None:
@@ -127,7 +127,9 @@ def test_security_group_rules_are_standalone_resources_only(terraform: Terraform
     for kind in ("aws_vpc_security_group_ingress_rule", "aws_vpc_security_group_egress_rule"):
         assert terraform.resources[kind], kind
         for name, rule in terraform.resources[kind].items():
-            assert rule["security_group_id"] == "${aws_security_group.appliance.id}", f"{kind}.{name}"
+            # ElastiCache's group (host_count >= 2) is the only other one.
+            groups = {"${aws_security_group.appliance.id}", "${aws_security_group.redis[0].id}"}
+            assert rule["security_group_id"] in groups, f"{kind}.{name}"
 
 
 def _rules(terraform: Terraform, kind: str) -> dict[str, dict[str, Any]]:
@@ -210,7 +212,8 @@ def test_the_instance_policy_reads_only_below_the_prefix_and_decrypts_only_throu
         else:
             _assert_key_through_ssm(statement)
     # The role has that policy, Session Manager's, and no other.
-    assert set(terraform.resources["aws_iam_role_policy"]) == {"appliance", "flow_logs"}
+    # discover_hosts: ec2:DescribeInstances for Prometheus, only with host_count >= 2.
+    assert set(terraform.resources["aws_iam_role_policy"]) == {"appliance", "flow_logs", "discover_hosts"}
     assert terraform.resources["aws_iam_role_policy"]["appliance"]["role"] == "${aws_iam_role.appliance.id}"
     assert {name: a["role"] for name, a in terraform.resources["aws_iam_role_policy_attachment"].items()} == {
         "session_manager": "${aws_iam_role.appliance.name}",
@@ -440,7 +443,7 @@ def test_the_ansible_inventory_output_uses_the_same_tags_region_and_prefix(
     # alerts topic, the data volume.
     assert compose["appliance_acme_email"] == f"'{REAL_INPUTS['acme_email']}'"
     assert compose["appliance_alerts_sns_topic_arn"] == "'${aws_sns_topic.alerts.arn}'"
-    assert compose["base_data_volume_id"] == "'${aws_ebs_volume.data.id}'"
+    assert compose["base_data_volume_id"] == "'${join(\"\", aws_ebs_volume.data[*].id)}'"
     assert inventory["strict"] is True
 
 
@@ -521,7 +524,7 @@ def test_a_dead_host_and_an_unreachable_endpoint_are_noticed_outside_the_host(te
     status = alarms["instance_status"]
     assert set(status["for_each"].values()) == {"StatusCheckFailed_Instance", "StatusCheckFailed_System"}
     assert status["namespace"] == "AWS/EC2" and status["metric_name"] == "${each.value}"
-    assert status["dimensions"] == {"InstanceId": "${aws_instance.appliance.id}"}
+    assert "{InstanceId = aws_instance.appliance[0].id}" in status["dimensions"]
     assert status["treat_missing_data"] == "breaching", "a host that stops reporting is down"
     assert status["alarm_actions"] == ["${aws_sns_topic.alerts.arn}"]
     # Route 53's checkers, from outside, at the public name and the WebSocket port.
@@ -553,8 +556,8 @@ def test_the_data_volume_outlives_the_instance_and_is_snapshotted_daily(terrafor
     assert volume["availability_zone"] == terraform.resources["aws_subnet"]["public"]["availability_zone"]
     assert volume["lifecycle"][0]["prevent_destroy"] is True
     attachment = terraform.resources["aws_volume_attachment"]["data"]
-    assert attachment["volume_id"] == "${aws_ebs_volume.data.id}"
-    assert attachment["instance_id"] == "${aws_instance.appliance.id}"
+    assert attachment["volume_id"] == "${aws_ebs_volume.data[0].id}"
+    assert attachment["instance_id"] == "${aws_instance.appliance[0].id}"
     # Not the root volume: that one goes with the instance.
     assert terraform.resources["aws_instance"]["appliance"]["root_block_device"][0]["delete_on_termination"] is True
     policy = terraform.resources["aws_dlm_lifecycle_policy"]["data"]

@@ -178,19 +178,19 @@ async def test_queued_commands_are_delivered_in_order_on_connect_once(relay):
         statuses = [await recv_json(llm) for _ in range(3)]
         assert [s["status"] for s in statuses] == ["queued"] * 3
         assert 0 < statuses[0]["expires_in_ms"] <= 20_000
-        await llm.send(command(target, "q0", id="q0", queue=True, timeout_ms=20_000))  # still in flight here
+        await llm.send(command(target, "other", id="q0", queue=True, timeout_ms=20_000))  # the id of another
         assert (await recv_json(llm))["error"] == "duplicate_id"
     async with relay.controller(controller) as llm:  # the controller reconnected and repeats itself
         await llm.send(command(target, "q0", id="q0", queue=True, timeout_ms=20_000))
-        repeat = await recv_json(llm)
-        assert (repeat["status"], repeat["duplicate"]) == ("queued", True)
+        repeat = await recv_json(llm)  # the id is an idempotency key: the first command's last status
+        assert (repeat["status"], repeat["replayed"]) == ("queued", True)
         async with relay.connect(target, subprotocols=V2) as client:
             got = [(await recv_json(client))["message"] for _ in range(3)]
             assert got == ["q0", "q1", "q2"]
             assert await nothing_arrives(client)  # the repeat was not delivered twice
             await llm.send(command(target, "q1", id="q1", queue=True))  # a repeat after delivery, client online
-            # Online targets get commands at once: the queue only de-duplicates commands that were queued.
-            assert (await recv_json(client))["message"] == "q1"
+            assert (await recv_json(llm))["replayed"] is True  # within the idempotency window: never again
+            assert await nothing_arrives(client)
 
 
 async def test_repeat_of_a_delivered_queued_command_is_not_delivered_again(relay):
@@ -205,7 +205,7 @@ async def test_repeat_of_a_delivered_queued_command_is_not_delivered_again(relay
     async with relay.controller(controller) as llm:
         await llm.send(command(target, "x", id="once", queue=True, timeout_ms=20_000))
         repeat = await recv_json(llm)
-        assert (repeat["status"], repeat["duplicate"]) == ("delivered", True)
+        assert (repeat["status"], repeat["replayed"]) == ("delivered", True)
         async with relay.connect(target) as client:
             assert await nothing_arrives(client, 0.5)
 

@@ -165,3 +165,20 @@ async def test_an_id_while_redis_is_down_gets_a_clear_503_and_the_command_is_not
         await cluster.stop()
     assert outcome.http_status == 503 and outcome.body["error"] == "broker_unavailable"
     assert sent == []
+
+
+async def test_a_websocket_controllers_repeated_id_after_a_reconnect_to_the_other_instance_is_not_sent_again(pair):
+    """A WebSocket controller's id is its idempotency key, cluster-wide: the device runs the command once."""
+    a, b = pair
+    target = uid("ws-key")
+    command = json.dumps({"target": target, "message": "MoveForward 10", "id": uid("k")})
+    async with counting_device(a, target) as received:
+        async with a.connect("llm-keys", token=CONTROLLER_TOKEN) as llm:
+            await llm.send(command)
+            frames = [json.loads(await asyncio.wait_for(llm.recv(), timeout(10))) for _ in range(2)]
+            assert [f.get("status") for f in frames] == ["delivered", None] and frames[1]["message"] == "done 1"
+        async with b.connect("llm-keys", token=CONTROLLER_TOKEN) as llm:
+            await llm.send(command)
+            repeat = json.loads(await asyncio.wait_for(llm.recv(), timeout(10)))
+        assert (repeat["message"], repeat["replayed"]) == ("done 1", True)
+    assert received == ["MoveForward 10"]

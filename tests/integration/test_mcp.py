@@ -72,7 +72,7 @@ def mcp_client(request, bridge):
 async def test_tools_are_listed_with_descriptions_for_a_model(mcp_client):
     async with mcp_client as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"list_clients", "send_command", "broadcast", "describe_client"}
+    assert set(tools) == {"list_clients", "send_command", "broadcast", "describe_client", "get_command"}
     send = tools["send_command"]
     assert "ONE client" in send.description and "list_clients" in send.description
     assert send.input_schema["required"] == ["target", "message"]  # never a default target
@@ -291,6 +291,21 @@ async def test_http_mcp_sessions_work_across_two_instances_without_sticky_sessio
                 assert sent["result"]["structuredContent"]["reply"] == f"ok: m{n}"
     finally:
         await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
+
+
+async def test_get_command_over_stdio_finds_the_reply_of_a_command_sent_without_waiting(bridge):
+    """The stdio tools reach GET /api/v1/commands/{id} (tests/integration/test_command_followup.py: /mcp, cluster)."""
+    target = uid("follow")
+    async with answering_client(bridge, target), stdio_client(bridge) as client:
+        sent = await client.call_tool("send_command", {"target": target, "message": "ping", "wait": False})
+        assert not sent.is_error, sent.content
+        assert sent.structured_content["status"] == "delivered"
+        command_id = sent.structured_content["id"]
+        followed = await client.call_tool("get_command", {"command_id": command_id, "wait_seconds": 10})
+        assert not followed.is_error, followed.content
+        assert (followed.structured_content["status"], followed.structured_content["reply"]) == ("replied", "ok: ping")
+        missing = await client.call_tool("get_command", {"command_id": uid("never")})
+        assert missing.is_error and "[unknown_command]" in missing.content[0].text
 
 
 async def test_a_listener_on_stateless_http_mcp_hears_when_a_client_speaks_and_reads_its_messages(bridge):

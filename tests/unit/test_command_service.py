@@ -18,6 +18,7 @@ import pytest
 
 from appliance.app import Relaying, wire_relay
 from appliance.brokers.memory import MemoryBroker
+from appliance.commands import broadcast
 from appliance.core.protocol import CloseCode, Role
 from appliance.settings import Settings
 from appliance.tokens.base import Grant
@@ -169,7 +170,9 @@ async def test_queued_commands_reach_their_client_in_order_once_and_a_repeat_is_
     llm = await peer(parts, "llm", Role.CONTROLLER)  # Reconnected: the same (controller, id) again.
     llm.say({"target": "late", "message": "q0", "id": "q0", "queue": True, "timeout_ms": 20_000})
     repeat = await llm.next_json()
-    assert (repeat["status"], repeat["duplicate"]) == ("queued", True)
+    # The first command's last status, replayed: the (controller, id) is an idempotency key, and the
+    # offline queue's own de-duplication would also have refused to queue it twice.
+    assert (repeat["status"], repeat["replayed"]) == ("queued", True)
     client = await peer(parts, "late", v2=True)
     assert [(await client.next_json())["message"] for _ in range(3)] == ["q0", "q1", "q2"]
     assert await client.nothing()
@@ -293,3 +296,64 @@ async def test_the_token_service_evicts_connections_of_a_token_version_no_longer
     assert (stale.close_code, current.close_code) == (CloseCode.TOKEN_EXPIRED, None)
     await stale.close()  # What the WebSocket adapter does once the peer has gone.
     assert {e["name"]: e["connections"] for e in service.status()}["UNITY_CLIENT_TOKEN"] == {"1": 1}
+
+
+async def test_a_waiting_broadcast_keeps_replies_whole_up_to_a_budget_then_cut(parts, monkeypatch):
+    # 10,000 clients answering 64 KiB would hold 640 MB per waiting caller: beyond the budget, replies are cut.
+    monkeypatch.setattr(broadcast, "REPLY_CHARS", 500)
+    llm = await peer(parts, "llm", Role.CONTROLLER)
+    first, second = await peer(parts, "first", v2=True), await peer(parts, "second", v2=True)
+    sending = asyncio.ensure_future(parts.commands.send_command("*", "dump", wait_ms=60_000))
+    command_id = (await first.next_json())["id"]
+    await second.next_json()
+    first.say({"reply_to": command_id, "message": "a" * 400})
+    assert (await llm.next_json())["sender"] == "first"
+    second.say({"reply_to": command_id, "message": "b" * 400})
+    async with asyncio.timeout(5):
+        outcome = await sending
+    replies = {r["client"]: r["message"] for r in outcome.body["replies"]}
+    assert replies["first"] == "a" * 400
+    assert replies["second"] == "b" * broadcast.REPLY_CUT_CHARS + "…"
+    assert outcome.body["status"] == "replied"
+    assert await llm.next_json() == {"sender": "second", "message": "b" * 400}, "controllers get it whole"
+
+
+async def test_an_instance_keeps_a_bounded_total_of_manifests(parts):
+    # Each manifest (up to 32 KiB) is also in Redis presence: 10,000 connections would fill the shipped 192 MB Redis.
+    parts.relay.manifests.limit = 400
+    frame = {"type": "manifest", "commands": [{"name": "Ping", "description": "p" * 100}]}
+    first, second = await peer(parts, "first", v2=True), await peer(parts, "second", v2=True)
+    first.say(frame)
+    assert (await first.next_json())["type"] == "manifest_accepted"
+    first.say(frame)  # Replacing its own counts once.
+    assert (await first.next_json())["type"] == "manifest_accepted"
+    second.say({**frame, "commands": [{"name": "Ping", "description": "p" * 300}]})
+    refused = await second.next_json()
+    assert (refused["type"], refused["error"]) == ("manifest_error", "manifests_full"), refused
+    assert second.conn.manifest is None
+    await parts.relay.close(first.conn)  # Its bytes are free again.
+    second.say(frame)
+    assert (await second.next_json())["type"] == "manifest_accepted"
+    assert parts.relay.manifests.used < 400
+
+
+async def test_a_websocket_controllers_id_is_an_idempotency_key_on_its_connection_and_after_a_reconnect(parts):
+    """Issue 21: the same id repeated waits for the first command's outcome; the client gets it once."""
+    llm, client = await peer(parts, "llm", Role.CONTROLLER), await peer(parts, "keyed", v2=True)
+    command = {"target": "keyed", "message": "MoveForward 10", "id": "k1"}
+    llm.say(command)
+    llm.say(command)  # In flight: waits for the first one's outcome.
+    sent = await client.next_json()
+    assert (await llm.next_json())["status"] == "delivered"
+    client.say({"reply_to": sent["id"], "message": "moved"})
+    first, repeat = await llm.next_json(), await llm.next_json()
+    assert (first["message"], first.get("replayed")) == ("moved", None)
+    assert (repeat["reply_to"], repeat["message"], repeat["replayed"]) == ("k1", "moved", True)
+    await llm.close()
+    llm = await peer(parts, "llm", Role.CONTROLLER)  # Reconnected: the same id again.
+    llm.say(command)
+    assert (await llm.next_json())["replayed"] is True
+    llm.say({**command, "message": "MoveBack 10"})  # The same id for another command.
+    error = await llm.next_json()
+    assert (error["error"], error["id"]) == ("duplicate_id", "k1") and "different command" in error["detail"]
+    assert await client.nothing()

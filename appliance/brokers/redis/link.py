@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 from redis.asyncio import Redis
@@ -81,7 +82,7 @@ class Link:
             metrics.REDIS_OUTAGES.inc()
         self.up = False
         metrics.BROKER_UP.set(0)
-        self.reason = type(exc).__name__
+        self.reason = reason(exc)
 
     def came_up(self) -> None:
         if not self.up:
@@ -91,6 +92,18 @@ class Link:
         self.up = self._ever_up = True
         metrics.BROKER_UP.set(1)
         self.reason = "ok"
+
+
+def reason(exc: BaseException) -> str:
+    """Why Redis is down, for /readyz and the log: the error class, and a certificate failure said plainly.
+
+    Never the error's text: it may name the host. A TLS verification failure is the one cause an
+    operator must see at once (a CA that does not match the server: REDIS_TLS_CA_FILE).
+    """
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return f"{type(exc).__name__}: TLS certificate verify failed, check REDIS_TLS_CA_FILE"
+    return type(exc).__name__
 
 
 def unavailable(exc: RedisError | OSError, template: str = "redis unreachable ({})") -> BrokerUnavailable:

@@ -8,6 +8,9 @@
   first write (``READONLY``), and Sentinel itself closes client connections when it
   reconfigures a server.
 - ``REDIS_CLUSTER=true``: redis-py's cluster client; see :mod:`.cluster`.
+
+With ``rediss://`` the server's certificate is verified against the system's CAs (ElastiCache's
+are public), or against ``REDIS_TLS_CA_FILE`` for a private CA.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class RedisTarget:
     #: The data password with Sentinels (a URL carries its own).
     password: str | None = field(default=None, repr=False)
     cluster: bool = False
+    #: CA bundle verifying a ``rediss://`` server (REDIS_TLS_CA_FILE); None: the system's CAs.
+    tls_ca_file: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisTarget:
@@ -51,7 +56,12 @@ class RedisTarget:
                 sentinel_password=_secret(settings.redis_sentinel_password),
                 password=_secret(settings.redis_password),
             )
-        return cls(url=settings.redis_connection_url(), cluster=settings.redis_cluster)
+        return cls(
+            url=settings.redis_connection_url(), cluster=settings.redis_cluster, tls_ca_file=settings.redis_tls_ca_file
+        )
+
+    def _tls(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "ssl_ca_certs": self.tls_ca_file} if self.tls_ca_file else options
 
     @property
     def kind(self) -> str:
@@ -76,6 +86,7 @@ class RedisTarget:
                 password=self.password,
                 **options,
             )
+        options = self._tls(options)
         if self.cluster:
             # redis-py's cluster client follows the slot map. It is not a Redis subclass, but has every
             # command the appliance uses (single-slot pipelines and scripts, pub/sub); its per-node
@@ -93,6 +104,7 @@ class RedisTarget:
                 sentinel_options["password"] = self.sentinel_password
             sentinel = redis.sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_options)
             return sentinel.master_for(self.sentinel_master, password=self.password, **options)
+        options = self._tls(options)
         if self.cluster:
             return cast(redis.Redis, redis.cluster.RedisCluster.from_url(self.url, **options))
         return redis.Redis.from_url(self.url, **options)

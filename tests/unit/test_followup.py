@@ -1,0 +1,115 @@
+"""Command records for follow-ups (appliance/commands/followup.py), in-process on the embedded broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from appliance.brokers.memory import MemoryBroker
+from appliance.commands.followup import FOLLOW_KEY, LATE_REPLY_SECONDS, Followups
+from appliance.commands.outcome import Outcome
+from appliance.core.requests import SEND_MARGIN_SECONDS, Routed, V1Matcher
+
+TIMEOUT = Outcome(504, {"id": "c1", "status": "timeout", "target": "dev", "delivered": True, "detail": "late"})
+
+
+async def other_instance(broker: MemoryBroker, command_id: str) -> dict | None:
+    """What another instance reads: the broker's copy, not this instance's memory."""
+    record = await Followups(broker).get(command_id)
+    return None if record is None else record.public(time.time())
+
+
+async def test_a_reply_after_the_timeout_turns_the_record_to_replied_late_on_every_instance():
+    broker = MemoryBroker()
+    followups = Followups(broker)
+    followups.opened("h:1", "c1", "dev", "MoveForward 10", 1000)
+    assert followups.answered("h:1", "c1", TIMEOUT) is not None
+    await followups.written()
+    seen = await other_instance(broker, "c1")
+    assert seen is not None
+    assert (seen["status"], seen["caller"], seen["delivered"], seen["open"]) == ("timeout", "answered", True, True)
+    followups.replied("h:1", "c1", "dev", "moved", time.time())
+    await followups.written()
+    seen = await other_instance(broker, "c1")
+    assert seen is not None
+    assert (seen["status"], seen["reply"], seen["late"], seen["open"]) == ("replied", "moved", True, False)
+    followups.replied("h:1", "c1", "dev", "again", time.time())  # Final: no longer followed.
+    assert (await followups.get("c1")).reply == "moved"  # type: ignore[union-attr]
+
+
+async def test_a_caller_that_leaves_is_recorded_and_later_events_still_land():
+    broker = MemoryBroker()
+    followups = Followups(broker)
+    followups.opened("h:2", 7, "dev", "Scan", 5000)
+    followups.caller_left(7, "disconnected")
+    followups.delivered("h:2", 7)
+    followups.failed("h:2", 7, "target_offline", "dev disconnected")
+    await followups.written()
+    seen = await other_instance(broker, "7")  # Integer ids are followed up by their digits.
+    assert seen is not None
+    assert (seen["caller"], seen["delivered"], seen["status"], seen["error"]) == (
+        "disconnected",
+        True,
+        "failed",
+        "target_offline",
+    )
+
+
+async def test_records_of_a_burst_are_written_once_each_in_their_latest_version():
+    class Counting(MemoryBroker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        async def idempotency_set(self, key: str, record: str) -> None:
+            self.writes.append(key)
+            await super().idempotency_set(key, record)
+
+    broker = Counting()
+    followups = Followups(broker)
+    for n in range(50):
+        followups.opened(f"h:{n}", f"c{n}", "dev", "m", 1000)
+        followups.delivered(f"h:{n}", f"c{n}")
+    await followups.written()
+    assert sorted(broker.writes) == sorted(FOLLOW_KEY + f"c{n}" for n in range(50))
+    assert (await other_instance(broker, "c49"))["status"] == "delivered"  # type: ignore[index]
+
+
+async def test_following_stops_once_no_reply_can_come_and_waiting_returns_then():
+    followups = Followups(MemoryBroker())
+    followups.opened("h:3", "c3", "dev", "m", 0)
+    followups.answered("h:3", "c3", TIMEOUT)
+    now = time.time()
+    followups.sweep(now + LATE_REPLY_SECONDS - 1)
+    followups.replied("h:3", "c3", "dev", "in time", now)
+    assert (await followups.get("c3")).status == "replied"  # type: ignore[union-attr]
+    followups.opened("h:4", "c4", "dev", "m", 0)
+    followups.sweep(time.time() + LATE_REPLY_SECONDS + 1)
+    followups.replied("h:4", "c4", "dev", "too late", time.time())  # Not followed any more: dropped.
+    assert (await followups.get("c4")).status == "sending"  # type: ignore[union-attr]
+    started = time.monotonic()
+    assert await followups.wait("nothing", 0.1) is None
+    assert 0.1 <= time.monotonic() - started < 5
+
+
+async def test_a_waiting_follow_up_returns_as_soon_as_the_reply_is_in():
+    followups = Followups(MemoryBroker())
+    followups.opened("h:5", "c5", "dev", "m", 10_000)
+    waiting = asyncio.ensure_future(followups.wait("c5", 30))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    followups.replied("h:5", "c5", "dev", "done", time.time())
+    record = await asyncio.wait_for(waiting, 5)
+    assert record is not None and record.reply == "done"
+
+
+@pytest.mark.parametrize(("left", "sent"), [(SEND_MARGIN_SECONDS + 0.01, True), (SEND_MARGIN_SECONDS - 0.01, False)])
+def test_a_v1_command_is_not_handed_over_when_its_sender_is_about_to_report_it_unsent(left, sent):
+    matcher = V1Matcher(max_waiting=2)
+    first, second = (Routed("LLM", n, "m", "i", "h:1", ms) for n, ms in ((1, 1000), (2, round((1 + left) * 1000))))
+    matcher.submit("dev", first, 0.0)
+    matcher.submit("dev", second, 0.0)
+    advance = matcher.expire(1.0)["dev"]
+    assert (advance.send is second) is sent and (second in advance.expired) is not sent
