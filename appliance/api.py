@@ -274,11 +274,10 @@ async def get_client(
     require_token(request, allow_controller=True)
     relay = _relay(request)
     try:
-        records = await relay.clients()
+        record = await relay.client(client_id)  # Its holder's record, with its manifest: not every record.
         history = await relay.history(client_id, history_limit)
     except BrokerUnavailable as exc:
         raise _broker_unavailable(exc) from None
-    record = next((r for r in records if r["id"] == client_id), None)
     # Kept by the instances that hold or held the id: the recent-commands service asks them.
     recent, _ = await _recent(request).read(client_id, history)
     entries = msgspec.convert(history, list[HistoryEntry])
