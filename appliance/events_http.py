@@ -102,7 +102,6 @@ _NAME = {"pattern": CLIENT_ID_PATTERN.pattern, "max_length": 50}
     summary="Follow what clients say, as server-sent events",
     tags=["events"],
     media_type="text/event-stream",
-    raises=[TooManyRequestsException],
     responses={
         200: ResponseSpec(
             str,
@@ -112,7 +111,8 @@ _NAME = {"pattern": CLIENT_ID_PATTERN.pattern, "max_length": 50}
             generate_examples=False,
         )
     },
-    raises=AUTH_ERRORS,  # appliance/api_schema.py: what the OpenAPI document says beyond Litestar's inference
+    # appliance/api_schema.py: what the OpenAPI document says beyond Litestar's inference.
+    raises=[*AUTH_ERRORS, TooManyRequestsException],
     operation_class=ApiOperation,
     before_request=refuse_repeated_query,
 )
