@@ -99,8 +99,11 @@ namespace WebSocketBridge
         [Tooltip("Token Source = Inspector only: saved in the scene file in plain text. Development only.")]
         [SerializeField] private string token = "";
 
-        [Tooltip("Wire protocol: 1 (bare text, the default) or 2 (command ids; replies reach only the sending controller).")]
-        [SerializeField] private BridgeProtocolVersion protocolVersion = BridgeProtocolVersion.V1;
+        // V2 for new components (it sends the command manifest, and async handlers run side by side). Unity keeps the
+        // value saved with an existing component, so listeners in existing scenes and prefabs keep V1.
+        [Tooltip("Wire protocol: V2 (the default for a new component: command ids, replies reach only the sending controller, " +
+                 "the command manifest) or V1 (bare text matched by order, every appliance; what existing scenes saved).")]
+        [SerializeField] private BridgeProtocolVersion protocolVersion = BridgeProtocolVersion.V2;
 
         [Tooltip("Groups to join at connect; controllers can address them as group:<name>.")]
         [SerializeField] private string[] groups = new string[0];
