@@ -11,7 +11,7 @@
 //              exists; with Resources/WsBridgeToken the default token source connects
 //   hiddentab  (built with WSBRIDGE_WEBGL_TESTS) the WebGL transport on the frame loop: a command that waited in the
 //              browser while the tab was hidden is refused with a reply, not run late
-//   stale      offline, protocol V1: commands a replaced client delivered after Connect() never count against Max Pending Commands
+//   stale      offline, set to protocol V1 after registering: commands a replaced client delivered after Connect() never count against Max Pending Commands
 //   lifecycle  protocol V1 (as saved scenes have it); this program is also the controller (a BridgeClient with the controller token) and checks that
 //              commands never run late: disabled, paused, stalled frames, an old connection, the frame budget,
 //              a domain reload, a destroyed primary listener, a dead socket on resume and at teardown
@@ -569,10 +569,12 @@ internal static class ListenerSmoke
     /// receiving) are dropped, and no longer count as pending: before, 100 of them made every later command "busy".</summary>
     private static void StaleClient(Player player)
     {
-        // Offline (nothing listens); protocol V1 (a saved scene's listener): the commands below are v1's bare text.
-        var listener = NewListener(player, new GameObject("Bridge"), "ws://127.0.0.1:1", configure: l => l.ProtocolVersion = 1);
+        // Offline (nothing listens). A listener made from code is V2 until told otherwise; set to V1 after registering
+        // (handlers follow the version), the commands below are v1's bare text.
+        var listener = NewListener(player, new GameObject("Bridge"), "ws://127.0.0.1:1");
         int ran = 0;
         listener.Register("count", command => { ran++; return null; });
+        listener.ProtocolVersion = 1;
         var replaced = listener.Client;
         listener.Connect();
         Check(listener.Client != null && listener.Client != replaced, "Connect() should replace the client");

@@ -390,7 +390,15 @@ namespace WebSocketBridge
             Codec = codec;
         }
 
-        public ICommandCodec Codec { get; private set; }
+        private ICommandCodec codec;
+
+        /// <summary>How commands are read and replies written; replaceable (CommandListener follows a changed protocol
+        /// version with it, keeping the registered handlers).</summary>
+        public ICommandCodec Codec
+        {
+            get { return codec; }
+            set { if (value == null) throw new ArgumentNullException("value"); codec = value; }
+        }
 
         public IEnumerable<string> CommandNames
         {

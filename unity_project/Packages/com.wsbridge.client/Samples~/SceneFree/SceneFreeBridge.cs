@@ -11,7 +11,7 @@
 // scoped client token), or set listener.Token from code (e.g. fetched from your backend) and call Connect().
 // The listener is new every run, so it uses protocol V2 (the default of a new CommandListener): replies carry the
 // command's id, the async handler runs side by side with others, and "ping" and "time" are sent as the command
-// manifest. For an appliance without v2, set listener.ProtocolVersion = 1 before the first Register.
+// manifest. For an appliance without v2, set listener.ProtocolVersion = 1 here.
 // C# 7.2 (compiled with Mono's mcs in the project's tests).
 
 using System;
