@@ -1,10 +1,10 @@
 """Stopping background tasks at shutdown without hanging on one that swallowed its cancellation.
 
-``task.cancel(); await task`` waits forever for a task that caught the ``CancelledError`` and went
-back to waiting: on Python 3.11 a cancellation that lands in the same loop turn as an
-``asyncio.timeout`` expiry or a library's own cancel handling can be lost that way. It happened
-about one shutdown in seven (the Redis presence heartbeat went back to waiting for its next
-change), and SIGTERM then hung until the orchestrator killed the process.
+``task.cancel(); await task`` waits forever for a task that lost its cancellation and went back
+to waiting. redis-py's asyncio pipeline (8.1.0, Python 3.11) sometimes completes normally when
+cancelled mid-``execute`` (measured: 5 cancels in 3000 against a local Redis); the Redis presence
+heartbeat then went back to waiting for its next change, and about one SIGTERM in seven hung right
+after "StreamableHTTP session manager shutting down" until the process was killed.
 """
 
 from __future__ import annotations
