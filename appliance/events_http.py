@@ -10,19 +10,23 @@ or admin token).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Request, get
+from litestar.exceptions import TooManyRequestsException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from .api_schema import AUTH_ERRORS, ApiOperation, refuse_repeated_query
 from .brokers.base import BrokerUnavailable
+from .core.admission import address_key, parse_networks
 from .core.protocol import CLIENT_ID_PATTERN
-from .event_feed import EventFeed, Gap
+from .event_feed import MAX_FOLLOWERS_PER_ADDRESS, EventFeed, Gap
 from .http_auth import require_token
 from .relay import Relay
 
@@ -58,11 +62,25 @@ class _GroupMembers:
         return sender in self.members
 
 
+def _follower_address(request: Request[Any, Any, Any]) -> str | None:
+    """The key the caller's streams are counted under (IPv6: its /64); None for LIMITS_EXEMPT_IPS."""
+    address = request.client.host if request.client else "unknown"
+    exempt = parse_networks(request.app.state.settings.limits_exempt_ips)
+    try:
+        if any(ipaddress.ip_address(address) in network for network in exempt):
+            return None
+    except ValueError:
+        pass
+    return address_key(address)
+
+
 async def _stream(
-    feed: EventFeed, relay: Relay, last_id: str | None, client: str | None, group: str | None
+    feed: EventFeed, relay: Relay, last_id: str | None, address: str | None, client: str | None, group: str | None
 ) -> AsyncIterator[ServerSentEventMessage]:
     members = _GroupMembers(relay, group) if group is not None else None
-    follower = feed.follower(last_id)  # Recording from here, before the caller hears the stream is open.
+    # Registered here, where the finally below always releases it (a generator never started runs no finally).
+    # A burst of requests may pass the handler's check together: the cap holds within that burst.
+    follower = feed.follower(last_id, address, limited=False)  # Recording from here, before the stream opens.
     try:
         yield ServerSentEventMessage(comment="wsbridge events", retry=RETRY_MS, data=None)
         async for item in follower.events():
@@ -93,6 +111,10 @@ _NAME = {"pattern": CLIENT_ID_PATTERN.pattern, "max_length": 50}
             generate_examples=False,
         )
     },
+    # appliance/api_schema.py: what the OpenAPI document says beyond Litestar's inference.
+    raises=[*AUTH_ERRORS, TooManyRequestsException],
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def follow_events(
     request: Request[Any, Any, Any],
@@ -112,7 +134,14 @@ async def follow_events(
     require_token(request, allow_controller=True)
     feed: EventFeed = request.app.state.events
     relay: Relay = request.app.state.relay
-    return ServerSentEvent(_stream(feed, relay, last_event_id, client, group))
+    address = _follower_address(request)
+    if not feed.admits(address):
+        raise TooManyRequestsException(
+            f"this address already follows {MAX_FOLLOWERS_PER_ADDRESS} event streams on this instance: close one "
+            "(an EventSource reconnects by itself; one per process is enough)",
+            headers={"Retry-After": "5"},
+        )
+    return ServerSentEvent(_stream(feed, relay, last_event_id, address, client, group))
 
 
 EVENTS_HANDLERS = [follow_events]

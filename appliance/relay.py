@@ -23,7 +23,7 @@ from . import metrics
 from .brokers.base import Broker, BrokerUnavailable, Owner
 from .connections import ASGISend, Connection, Flusher
 from .core.history import close_entry
-from .core.manifest import encode_manifest_accepted, encode_manifest_error
+from .core.manifest import ManifestBudget, encode_manifest_accepted, encode_manifest_error
 from .core.protocol import CloseCode, Command, ErrorCode, Role
 from .core.protocol_v2 import Request, TimeoutPolicy, encode_client_command
 from .core.recent import cut
@@ -101,6 +101,8 @@ class Relay:
         self.local = local.by_id  # The hot path's dict of holders by id (Inbox.deliver).
         self.commands = commands
         self.recent_logs = recent_logs
+        #: The bytes of the manifests this instance keeps (each also in Redis presence): bounded in total.
+        self.manifests = ManifestBudget()
         self.draining = False
         self._claiming: dict[str, tuple[asyncio.Lock, int]] = {}
         self._kicked: dict[str, float] = {}  # conn_keys replaced before they finished opening
@@ -231,6 +233,8 @@ class Relay:
         """The connection is gone: unregister it, and release its id unless a newer one holds it."""
         conn.session.closed()
         registered, holder = self.connections.remove(conn)
+        if conn.manifest is not None:
+            self.manifests.release(conn)
         if not registered:
             return
         if holder and conn.role is Role.CLIENT:
@@ -282,6 +286,10 @@ class Relay:
             conn.deliver(encode_manifest_error(action.error))
             return
         assert action.manifest is not None
+        error = self.manifests.admit(conn, action.manifest)
+        if error is not None:
+            conn.deliver(encode_manifest_error(error))
+            return
         conn.manifest = {**action.manifest, "updated_at": iso(time.time(), "seconds")}
         self.broker.presence_changed(conn.client_id)
         conn.deliver(encode_manifest_accepted(conn.manifest))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import signal
 import socket
 from typing import Any
 
@@ -43,6 +45,24 @@ class _GracefulServer(uvicorn.Server):
         if self.state is not None:  # MCP tool calls in flight end now, not after the grace (mcp_http.py).
             stop_mcp_calls(self.state)
         await super().shutdown(sockets)
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _leave_rotation, self.relay)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread (in-process tests)
+            pass
+        await super().serve(sockets)
+
+
+def _leave_rotation(relay: Relay) -> None:
+    """SIGUSR1, a rolling upgrade's first step (docs/deploy.md): out of the load balancer's rotation.
+
+    /readyz answers 503 and newcomers are refused, so the balancer's health check stops
+    sending connections here; open sockets keep working until SIGTERM closes them with 1001.
+    """
+    if not relay.draining:
+        relay.draining = True
+        logging.getLogger(__name__).warning("SIGUSR1: leaving the rotation (/readyz 503); SIGTERM closes the sockets")
 
 
 class _JoinedWrites:

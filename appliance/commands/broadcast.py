@@ -35,12 +35,17 @@ from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
 from .handover import ClientLines
 
-__all__ = ["FAN_IN_SECONDS", "Broadcasts"]
+__all__ = ["FAN_IN_SECONDS", "REPLY_CHARS", "REPLY_CUT_CHARS", "Broadcasts"]
 
 log = logging.getLogger(__name__)
 
 #: How long a broadcast waits for the other instances' counts.
 FAN_IN_SECONDS = 2.0
+#: Characters of replies one waiting sender keeps whole; later replies keep their first REPLY_CUT_CHARS
+#: (10,000 clients answering 64 KiB would otherwise hold 640 MB per caller). Every reply still reaches
+#: the controllers and GET /api/v1/events whole.
+REPLY_CHARS = 4_000_000
+REPLY_CUT_CHARS = 200
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class _FanIn:
     started: float = 0.0
     awaited: set[str] = field(default_factory=set)
     replies: dict[str, tuple[str, float]] = field(default_factory=dict)
+    reply_chars: int = 0
     answered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def counts_in(self) -> bool:
@@ -155,8 +161,12 @@ class Broadcasts:
     def replied(self, event: FanReplied) -> None:
         """A v2 client's reply to one of this instance's fan-outs whose sender waits."""
         fan_in = self._fan_ins.get((event.fan_out, event.id))
-        if fan_in is not None and fan_in.collect:
-            fan_in.replies.setdefault(event.client, (event.message, time.time()))
+        if fan_in is not None and fan_in.collect and event.client not in fan_in.replies:
+            message = event.message
+            if fan_in.reply_chars + len(message) > REPLY_CHARS:
+                message = message[:REPLY_CUT_CHARS] + "…" if len(message) > REPLY_CUT_CHARS else message
+            fan_in.reply_chars += len(message)
+            fan_in.replies[event.client] = (message, time.time())
             fan_in.check_answered()
 
     def client_reply(self, client_id: str, reply_to: CommandId, message: str, now: float) -> None:

@@ -22,8 +22,12 @@ __all__ = [
     "ARGUMENT_TYPES",
     "MAX_ARGUMENTS",
     "MAX_COMMANDS",
+    "MANIFESTS_PER_SECOND",
+    "MANIFEST_BURST",
     "MAX_DESCRIPTION_CHARS",
     "MAX_MANIFEST_BYTES",
+    "MANIFEST_BYTES_PER_INSTANCE",
+    "ManifestBudget",
     "ManifestError",
     "bind_arguments",
     "check_command",
@@ -40,6 +44,15 @@ MAX_COMMANDS = 128
 MAX_ARGUMENTS = 16
 MAX_DESCRIPTION_CHARS = 1000
 MAX_ENUM_VALUES = 64
+#: Manifest frames a client may send: this many a second after a burst (the connection's reading pauses beyond).
+MANIFESTS_PER_SECOND = 1.0
+MANIFEST_BURST = 5
+#: Bytes of manifests one instance keeps at once (its clients' manifests are in Redis presence too): ~1,000
+#: manifests of the 32 KiB maximum, or 16,000 of 2 KiB. A connection flood with 32 KiB manifests (10,000
+#: connections: 340 MB) would otherwise fill the shipped 192 MB Redis.
+MANIFEST_BYTES_PER_INSTANCE = 32 * 1024 * 1024
+#: An argument's word as an error text quotes it, at most (a command text may be 64 KiB).
+_QUOTED_CHARS = 40
 #: A command name is one word, as clients split the text (Unity's dispatcher, BridgeClient).
 COMMAND_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 ARGUMENT_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -105,6 +118,32 @@ def encode_manifest_error(error: ManifestError) -> str:
     ).decode()
 
 
+class ManifestBudget:
+    """The manifests one instance keeps, by connection, bounded in bytes (their encoded size)."""
+
+    def __init__(self, limit: int = MANIFEST_BYTES_PER_INSTANCE) -> None:
+        self.limit = limit
+        self.used = 0
+        self._sizes: dict[object, int] = {}
+
+    def admit(self, holder: object, manifest: dict[str, Any]) -> ManifestError | None:
+        """Keep ``holder``'s new manifest (replacing its last), or say why not (the last one stays)."""
+        size = len(_encoder.encode(manifest))
+        previous = self._sizes.get(holder, 0)
+        if self.used - previous + size > self.limit:
+            return ManifestError(
+                "manifests_full",
+                f"this relay instance keeps {self.limit} bytes of manifests and has no room for {size} more: "
+                "keep descriptions short, or connect later",
+            )
+        self._sizes[holder] = size
+        self.used += size - previous
+        return None
+
+    def release(self, holder: object) -> None:
+        self.used -= self._sizes.pop(holder, 0)
+
+
 # --- validation ------------------------------------------------------------------------------
 
 
@@ -119,7 +158,7 @@ def _only(data: dict[str, Any], allowed: tuple[str, ...], path: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         where = f"{path}." if path else ""
-        raise _Invalid(f"{where}{unknown[0]}", f"unknown field (allowed: {', '.join(allowed)})")
+        raise _Invalid(f"{where}{_quoted(unknown[0])}", f"unknown field (allowed: {', '.join(allowed)})")
 
 
 def _text(value: Any, path: str) -> str:
@@ -175,7 +214,9 @@ def _arguments(schema: Any, path: str) -> dict[str, Any]:
         raise _Invalid(f"{path}.properties", "must be an object of argument schemas")
     if len(properties) > MAX_ARGUMENTS:
         raise _Invalid(f"{path}.properties", f"at most {MAX_ARGUMENTS} arguments")
-    normalized = {name: _argument(name, prop, f"{path}.properties.{name}") for name, prop in properties.items()}
+    normalized = {
+        name: _argument(name, prop, f"{path}.properties.{_quoted(name)}") for name, prop in properties.items()
+    }
     required = schema.get("required", [])
     if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
         raise _Invalid(f"{path}.required", "must be a list of argument names")
@@ -210,7 +251,7 @@ def _argument(name: str, prop: Any, path: str) -> dict[str, Any]:
             raise _Invalid(f"{path}.enum", f"must be a list of 1 to {MAX_ENUM_VALUES} values")
         for value in values:
             if _typed(kind, value) is None:
-                raise _Invalid(f"{path}.enum", f"{_encoder.encode(value).decode()} is not {_article(kind)}")
+                raise _Invalid(f"{path}.enum", f"{_quoted(_encoder.encode(value).decode())} is not {_article(kind)}")
         normalized["enum"] = values
     for bound in ("minimum", "maximum"):
         if bound in prop:
@@ -261,11 +302,20 @@ def _word(kind: str, word: str) -> Any:
     if kind == "boolean":
         return _BOOLEANS.get(word.lower())
     if kind == "integer":
-        return int(word) if _INTEGER.fullmatch(word) else None
+        if _INTEGER.fullmatch(word) is None:
+            return None
+        try:
+            return int(word)
+        except ValueError:  # More digits than Python converts (4,300): no bound could take it anyway.
+            return None
     if _NUMBER.fullmatch(word) is None:
         return None
     value = float(word)
     return value if math.isfinite(value) else None
+
+
+def _quoted(word: str) -> str:
+    return word if len(word) <= _QUOTED_CHARS else word[:_QUOTED_CHARS] + "…"
 
 
 def bind_arguments(spec: dict[str, Any], words: list[str]) -> dict[str, Any] | ManifestError:
@@ -293,7 +343,7 @@ def bind_arguments(spec: dict[str, Any], words: list[str]) -> dict[str, Any] | M
         if value is None:
             return ManifestError(
                 "invalid_arguments",
-                f"{spec['name']}: {name} must be {_article(prop['type'])}; '{word}' is not. {usage}",
+                f"{spec['name']}: {name} must be {_article(prop['type'])}; '{_quoted(word)}' is not. {usage}",
             )
         if "enum" in prop and value not in prop["enum"]:
             allowed = ", ".join(str(v) for v in prop["enum"])
@@ -301,7 +351,8 @@ def bind_arguments(spec: dict[str, Any], words: list[str]) -> dict[str, Any] | M
         if ("minimum" in prop and value < prop["minimum"]) or ("maximum" in prop and value > prop["maximum"]):
             low, high = prop.get("minimum", "-inf"), prop.get("maximum", "inf")
             return ManifestError(
-                "invalid_arguments", f"{spec['name']}: {name} must be from {low} to {high}; {word} is not. {usage}"
+                "invalid_arguments",
+                f"{spec['name']}: {name} must be from {low} to {high}; {_quoted(word)} is not. {usage}",
             )
         bound[name] = value
     return bound
@@ -322,7 +373,7 @@ def check_command(manifest: dict[str, Any], message: str) -> ManifestError | Non
     spec = find_command(manifest, words[0])
     if spec is None:
         return ManifestError(
-            "unknown_command", f"'{words[0]}' is not a declared command. Declared commands: {declared}."
+            "unknown_command", f"'{_quoted(words[0])}' is not a declared command. Declared commands: {declared}."
         )
     bound = bind_arguments(spec, words[1:])
     return bound if isinstance(bound, ManifestError) else None

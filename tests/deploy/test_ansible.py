@@ -634,14 +634,86 @@ def test_the_alerts_topic_and_region_reach_the_stacks_environment(rendered: Path
     assert env["AWS_REGION"] == "eu-central-1"
 
 
-def test_unattended_upgrades_cover_dockers_repository(rendered: Path) -> None:
-    config = rendered / "etc/apt/apt.conf.d/52wsbridge-docker-upgrades"
-    # apt itself reads the file (the role validates it the same way).
-    result = subprocess.run(["apt-config", "-c", str(config), "dump"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    patterns = re.findall(r'^Unattended-Upgrade::Origins-Pattern:: "(.*)";$', result.stdout, re.MULTILINE)
-    # Docker's Release file says Origin: Docker, Label: Docker CE.
-    assert "origin=Docker,label=Docker CE" in patterns, patterns
+#: Docker's Release file (download.docker.com/linux/ubuntu/dists/noble/Release) and another origin's.
+DOCKER_RELEASE = {"Origin": "Docker", "Label": "Docker CE", "Suite": "noble", "Codename": "noble"}
+OTHER_RELEASE = {"Origin": "Elsewhere", "Label": "Elsewhere", "Suite": "noble", "Codename": "noble"}
+
+
+def local_repository(root: Path, name: str, release: dict[str, str], packages: dict[str, list[str]]) -> str:
+    """A flat file: repository with real (empty) .debs of the given versions; its sources.list line."""
+    import hashlib
+
+    repo = root / "srv" / name
+    index = repo / "dists/noble/stable/binary-amd64"
+    index.mkdir(parents=True)
+    stanzas = []
+    for package, versions in packages.items():
+        for version in versions:
+            build = root / "build" / f"{package}-{version}"
+            (build / "DEBIAN").mkdir(parents=True)
+            control = f"Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: t <t@example.com>\n"
+            (build / "DEBIAN" / "control").write_text(control + "Description: test package\n")
+            deb = repo / "pool" / f"{package}_{version.replace(':', '%3a')}_all.deb"
+            deb.parent.mkdir(exist_ok=True)
+            subprocess.run(["dpkg-deb", "-b", str(build), str(deb)], check=True, capture_output=True, timeout=30)
+            data = deb.read_bytes()
+            stanzas.append(
+                control
+                + f"Filename: {deb.relative_to(repo)}\nSize: {len(data)}\nSHA256: {hashlib.sha256(data).hexdigest()}\n"
+                + "Description: test package\n"
+            )
+    (index / "Packages").write_text("\n".join(stanzas))
+    fields = {**release, "Architectures": "amd64", "Components": "stable"}
+    (repo / "dists/noble/Release").write_text("".join(f"{key}: {value}\n" for key, value in fields.items()))
+    return f"deb [trusted=yes] file:{repo} noble stable\n"
+
+
+def test_unattended_upgrades_cover_dockers_repository(rendered: Path, tmp_path: Path) -> None:
+    """unattended-upgrades' own dry run reads the rendered pattern and upgrades Docker, within the pinned major.
+
+    A root directory with the rendered apt.conf.d and preferences.d files, Docker's repository
+    (its Release fields) and another origin's, each offering a newer version of an installed
+    package: Debian's unattended-upgrade script matches its Origins-Pattern against them.
+    """
+    python = Path("/usr/bin/python3")
+    if not Path("/usr/bin/unattended-upgrade").exists():
+        pytest.fail("unattended-upgrade is missing: tools/apt/deploy.txt installs unattended-upgrades", pytrace=False)
+    pin = (rendered / "etc/apt/preferences.d/docker-engine").read_text()
+    (major,) = re.findall(r"^Pin: version 5:(\d+)\.\*$", pin, re.M)
+    docker = [f"5:{major}.0.0-1~ubuntu.24.04~noble", f"5:{major}.1.0-1~ubuntu.24.04~noble"]
+    docker.append(f"5:{int(major) + 1}.0.0-1~ubuntu.24.04~noble")  # the next major: the pin keeps it out
+    root = tmp_path / "root"
+    (root / "etc/apt/apt.conf.d").mkdir(parents=True)
+    (root / "etc/apt/preferences.d").mkdir()
+    for state in ("var/lib/dpkg/updates", "var/lib/apt/lists/partial", "var/cache/apt/archives/partial"):
+        (root / state).mkdir(parents=True)
+    for name in ("apt.conf.d/52wsbridge-docker-upgrades", "preferences.d/docker-engine"):
+        shutil.copy(rendered / "etc/apt" / name, root / "etc/apt" / name)
+    sources = local_repository(root, "docker", DOCKER_RELEASE, {"docker-ce": docker})
+    sources += local_repository(root, "other", OTHER_RELEASE, {"other-tool": ["1.0", "2.0"]})
+    (root / "etc/apt/sources.list").write_text(sources)
+    installed = {"docker-ce": docker[0], "other-tool": "1.0"}
+    (root / "var/lib/dpkg/status").write_text(
+        "\n".join(
+            f"Package: {name}\nStatus: install ok installed\nArchitecture: all\nVersion: {version}\n"
+            "Maintainer: t <t@example.com>\nDescription: test package\n"
+            for name, version in installed.items()
+        )
+    )
+    # The machine's own apt.conf.d (Debian's origins) stays out: only the root's files count.
+    (tmp_path / "no-parts").mkdir()
+    (tmp_path / "apt.conf").write_text(f'Dir::Etc::parts "{tmp_path / "no-parts"}";\n')
+    result = subprocess.run(
+        [python, str(Path(__file__).parent / "unattended_dry_run.py"), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "APT_CONFIG": str(tmp_path / "apt.conf"), "LANG": "C.UTF-8"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["upgraded"] == ["docker-ce"], found["log"]  # and not the other origin's package
+    assert found["candidates"]["docker-ce"] == docker[1], found["candidates"]  # the newest of the pinned major
 
 
 def test_docker_keeps_its_data_on_the_data_volume_the_base_role_mounts() -> None:
@@ -982,3 +1054,16 @@ def test_alertmanager_gets_the_topic_and_region_ansible_writes(rendered: Path) -
     assert alertmanager["environment"]["AWS_REGION"] == "eu-central-1"
     # It publishes with the instance role: it must be on the network the metadata guard allows.
     assert "aws" in alertmanager["networks"]
+
+
+def test_a_changed_monitoring_file_restarts_every_service_that_mounts_one() -> None:
+    """The transfer notifies this handler on a change below monitoring/: it must name each reader."""
+    (handler,) = yaml.safe_load((ANSIBLE_DIR / "roles" / "appliance" / "handlers" / "main.yml").read_text())
+    restarted = set(handler["community.docker.docker_compose_v2"]["services"])
+    services = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())["services"]
+    readers = {
+        name
+        for name, service in services.items()
+        if any(str(volume).startswith("./monitoring/") for volume in service.get("volumes", []))
+    }
+    assert readers == restarted

@@ -87,6 +87,7 @@ def test_the_stack_has_the_expected_services(services: dict[str, Any]) -> None:
         "redis",
         "redis_exporter",
         "node_exporter",
+        "blackbox_exporter",
         "cadvisor",
         "prometheus",
         "alertmanager",
@@ -213,17 +214,23 @@ def test_the_replicas_the_alerts_expect_follow_the_stacks_setting(tmp_path: Path
     assert services["prometheus"]["environment"]["WSBRIDGE_REPLICAS"] == "3"
     script = unescape(services["prometheus"]["entrypoint"][2]).replace("/prometheus/", f"{tmp_path}/")
     script = script.replace("exec /bin/prometheus", "exec true")
-    for value, ok in (("three", False), ("3", True)):
+    domain = services["prometheus"]["environment"]["DOMAIN_NAME"]
+    assert domain == TEST_ENV["DOMAIN_NAME"]
+    # A domain that is not a host name would write a target file Prometheus cannot read: refused too.
+    cases = (("three", domain, False), ("3", "bad'domain", False), ("3", "", False), ("3", domain, True))
+    for replicas, name, ok in cases:
         result = subprocess.run(
             ["sh", "-c", script, "prometheus"],
-            env={"PATH": "/usr/bin:/bin", "WSBRIDGE_REPLICAS": value},
+            env={"PATH": "/usr/bin:/bin", "WSBRIDGE_REPLICAS": replicas, "DOMAIN_NAME": name},
             capture_output=True,
             text=True,
             timeout=10,
         )
-        assert (result.returncode == 0) == ok, result.stderr
+        assert (result.returncode == 0) == ok, (replicas, name, result.stderr)
     written = yaml.safe_load((tmp_path / "stack-rules" / "replicas.yml").read_text())
     assert written["groups"][0]["rules"] == [{"record": "wsbridge:replicas:expected", "expr": "vector(3)"}]
+    targets = yaml.safe_load((tmp_path / "stack-targets" / "blackbox.yml").read_text())
+    assert targets == [{"targets": [f"https://{domain}/ws/wsbridge-blackbox"]}]
 
 
 def test_the_appliance_runs_two_replicas_behind_traefik_with_a_graceful_stop(services: dict[str, Any]) -> None:

@@ -120,7 +120,7 @@ def test_prometheus_scrapes_the_stack_with_the_agreed_jobs() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     appliance = jobs["appliance"]["dns_sd_configs"]
     assert appliance == [{"names": ["appliance"], "type": "A", "port": 8000, "refresh_interval": "15s"}]
-    static = {name: job["static_configs"][0]["targets"] for name, job in jobs.items() if name not in ("appliance",)}
+    static = {name: job["static_configs"][0]["targets"] for name, job in jobs.items() if "static_configs" in job}
     assert static == {
         "traefik": ["traefik:8082"],
         "redis": ["redis_exporter:9121"],
@@ -130,8 +130,15 @@ def test_prometheus_scrapes_the_stack_with_the_agreed_jobs() -> None:
         "prometheus": ["localhost:9090"],
     }
     assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    # The probe's target file is the entrypoint's (test_monitoring_stack.py runs it); the exporter is the service.
+    blackbox = jobs["blackbox"]
+    assert blackbox["file_sd_configs"] == [{"files": ["/prometheus/stack-targets/blackbox.yml"]}]
+    assert blackbox["relabel_configs"][-1] == {"target_label": "__address__", "replacement": "blackbox_exporter:9115"}
+    modules = yaml.safe_load((MONITORING / "blackbox" / "blackbox.yml").read_text())["modules"]
+    assert blackbox["params"]["module"] == ["wss_endpoint"] and "wss_endpoint" in modules
+    assert set(jobs) == {"appliance", "blackbox", *static}
     rule_jobs = set(re.findall(r'job=~?"([^"]+)"', RULES.read_text()))
-    known = set(jobs) | {"traefik|redis|node|cadvisor|alertmanager"}
+    known = set(jobs) | {"traefik|redis|node|cadvisor|alertmanager|blackbox"}
     assert rule_jobs <= known, f"rules filter on jobs prometheus.yml does not have: {rule_jobs - known}"
 
 

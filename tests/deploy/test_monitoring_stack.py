@@ -13,7 +13,9 @@ rewritten to this machine:
   receivers pointing at a local webhook: a firing alert really arrives there, and the
   always-firing WSBridgeWatchdog reaches the dead man's switch URL;
 - Prometheus runs monitoring/prometheus.yml (its intervals and rules as shipped) and
-  scrapes the exporters.
+  scrapes the exporters, the blackbox exporter through the target its entrypoint
+  writes from DOMAIN_NAME (the probe itself, against a real endpoint over TLS, is
+  test_traefik.py's).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import blackbox_support
 import pytest
 import yaml
 from deploy_support import ROOT, SCALE, compose_config, free_port
@@ -103,7 +106,9 @@ class Stack:
         self.work = work
         self.webhook = webhook
         self.processes: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-        self.ports = {name: free_port() for name in ("redis", "redis_exporter", "node", "alertmanager", "prometheus")}
+        self.ports = {
+            name: free_port() for name in ("redis", "redis_exporter", "node", "alertmanager", "prometheus", "blackbox")
+        }
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = self.work / f"{name}.log"
@@ -166,6 +171,11 @@ class Stack:
             [binary("prometheus-node-exporter"), *command, f"--web.listen-address=127.0.0.1:{self.ports['node']}"],
         )
 
+    def start_blackbox_exporter(self) -> None:
+        service = self.services["blackbox_exporter"]
+        process = blackbox_support.start(service, self.ports["blackbox"], self.work / "blackbox_exporter.log")
+        self.processes["blackbox_exporter"] = (process, self.work / "blackbox_exporter.log")
+
     def start_alertmanager(self) -> None:
         service = self.services["alertmanager"]
         mounts = {volume["target"]: volume for volume in service["volumes"]}
@@ -202,6 +212,12 @@ class Stack:
             for targets in static.get("static_configs", []):
                 # Targets not run here (Traefik, cAdvisor; the appliance is found by DNS) stay as they are: down.
                 targets["targets"] = [local.get(target, target) for target in targets["targets"]]
+        (blackbox,) = [job for job in config["scrape_configs"] if job["job_name"] == "blackbox"]
+        assert blackbox["file_sd_configs"] == [{"files": ["/prometheus/stack-targets/blackbox.yml"]}]
+        blackbox["file_sd_configs"] = [{"files": [f"{data}/stack-targets/blackbox.yml"]}]
+        exporter = blackbox["relabel_configs"][-1]
+        assert exporter["replacement"] == "blackbox_exporter:9115"
+        exporter["replacement"] = f"127.0.0.1:{self.ports['blackbox']}"
         path = self.work / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         command = []
@@ -249,6 +265,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.start_redis()
         stack.start_redis_exporter()
         stack.start_node_exporter()
+        stack.start_blackbox_exporter()
         stack.start_alertmanager()
         ports = stack.ports
         wait_for(
@@ -299,6 +316,18 @@ def test_prometheus_scrapes_the_exporters_with_the_shipped_configuration(stack: 
         assert found[job] == "1", (job, found, stack.logs())
     (redis_up,) = wait_for(lambda: stack.query('redis_up{job="redis"}'), 30, "redis_up in Prometheus")
     assert redis_up["value"][1] == "1"
+
+
+def test_prometheus_probes_the_public_endpoint_the_entrypoint_wrote_from_the_domain(stack: Stack) -> None:
+    """The blackbox job's target is https://DOMAIN_NAME/ws/..., probed through the exporter (up), as instance."""
+    domain = stack.environment("prometheus")["DOMAIN_NAME"]
+    assert domain == stack.services["appliance"]["environment"]["PUBLIC_URL"].removeprefix("https://")
+    (probe,) = wait_for(lambda: stack.query('probe_success{job="blackbox"}'), 60, "the first probe", stack.logs)
+    assert probe["metric"]["instance"] == f"https://{domain}/ws/wsbridge-blackbox"
+    # The test domain resolves nowhere here: the exporter answers (up 1) and the probe fails, as it would page.
+    assert probe["value"][1] == "0"
+    (up,) = stack.query('up{job="blackbox"}')
+    assert up["value"][1] == "1", stack.logs()
 
 
 def test_the_watchdog_reaches_the_dead_mans_switch_and_nothing_else(stack: Stack) -> None:

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import blackbox_support
 import jsonschema
 import pytest
 import yaml
@@ -553,6 +554,49 @@ def test_the_dashboard_and_the_controllers_api_answer_over_tls_where_the_docs_sa
     for path in ("/admin/", "/grafana/", "/prometheus/", "/alertmanager/", "/healthz"):
         assert https(public, site_cert, path)[2] == TRAEFIK_404, path
     assert https(public, site_cert, "/api/v1/clients/x", "DELETE")[2] == TRAEFIK_404
+
+
+def not_after(cert: Path) -> float:
+    end = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", str(cert)], capture_output=True, text=True)
+    return ssl.cert_time_to_seconds(end.stdout.strip().removeprefix("notAfter="))
+
+
+def test_the_blackbox_probe_sees_the_wss_endpoint_and_its_certificate_as_a_client_does(
+    traefik: Traefik, model: dict[str, Any], site_cert: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Debian's blackbox exporter, the shipped modules, the target Prometheus's entrypoint writes."""
+    (target,) = blackbox_support.rendered_targets(model["services"]["prometheus"], tmp_path)
+    port = entrypoint_port(traefik, "websocket")
+    local = target.replace(f"https://{DOMAIN}/", f"https://{DOMAIN}:{port}/")  # :443 here is a free port
+    assert local != target, target
+    module, listen, log = blackbox_support.module_of_the_job(), free_port(), tmp_path / "blackbox.log"
+    service = model["services"]["blackbox_exporter"]
+    exporter = blackbox_support.start(service, listen, log, hosts={DOMAIN: "127.0.0.1"}, ca=site_cert[0])
+    try:
+        deadline = time.monotonic() + 20 * SCALE
+        while (found := blackbox_support.probe(listen, local, module)) is None:
+            assert exporter.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert found["probe_success"] == 1, (found, log.read_text())
+        assert found["probe_http_status_code"] == 405  # the appliance's WebSocket route, not Traefik's
+        assert found["probe_ssl_earliest_cert_expiry"] == not_after(site_cert[0])
+        # Traefik answering by itself (no router for the path: 404) is no reachable endpoint.
+        elsewhere = blackbox_support.probe(listen, local.replace("/ws/", "/not-routed/"), module)
+        assert elsewhere and elsewhere["probe_success"] == 0 and elsewhere["probe_http_status_code"] == 404, elsewhere
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=10)
+    # And a certificate the exporter does not trust (here: the system's roots only) fails it.
+    exporter = blackbox_support.start(service, listen, log, hosts={DOMAIN: "127.0.0.1"})
+    try:
+        deadline = time.monotonic() + 20 * SCALE
+        while (found := blackbox_support.probe(listen, local, module)) is None:
+            assert exporter.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert found["probe_success"] == 0, found
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=10)
 
 
 @pytest.mark.parametrize("path", ["/metrics", "//metrics", "/metrics/", "/%6detrics", "/./metrics", "/x/../metrics"])

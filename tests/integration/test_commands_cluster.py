@@ -8,6 +8,7 @@ import uuid
 import httpx
 import httpx2
 import pytest
+import redis.asyncio as aioredis
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from support import (
@@ -344,11 +345,22 @@ def mcp_over_http(app):
     return Client(streamable_http_client(f"{app.http}/mcp", http_client=http), read_timeout_seconds=timeout(30))
 
 
-async def test_a_declared_manifest_is_shown_cluster_wide_and_checked_by_send_command(trio):
+async def test_a_declared_manifest_is_shown_cluster_wide_and_checked_by_send_command(trio, redis_server):
     _, b, a = trio  # the device on c, HTTP and MCP on b
     robot_id = uid("robot")
     async with manifest_device(a, robot_id):
         manifest = await declared(b, robot_id, ["MoveForward", "Status"])
+        # Kept apart from the presence record that every listing reads (32 KiB each made listings ~60x slower).
+        redis = aioredis.from_url(redis_server.url)
+        try:
+            records = [await redis.hget(key, robot_id) async for key in redis.scan_iter(match="wsb:instance:*")]
+            (record,) = [json.loads(r) for r in records if r is not None]
+            assert record["id"] == robot_id and "manifest" not in record
+            stored = [await redis.hget(key, robot_id) async for key in redis.scan_iter(match="wsb:manifest:*")]
+            (kept,) = [json.loads(m) for m in stored if m is not None]
+            assert [c["name"] for c in kept["commands"]] == ["MoveForward", "Status"]
+        finally:
+            await redis.aclose()
         move = manifest["commands"][0]
         assert move["description"] == "Moves forward"
         assert move["arguments"]["properties"]["distance"] == {"type": "number", "description": "metres"}

@@ -32,12 +32,14 @@ def uid(prefix: str) -> str:
 
 def test_public_api_is_pinned():
     assert controller_module.__all__ == [
+        "BridgeClosed",
         "ClientOffline",
         "CommandError",
         "Controller",
         "DeliveryFailed",
         "DuplicateId",
         "HttpController",
+        "IdTaken",
         "InvalidCommand",
         "MessageTooLarge",
         "QueueFull",

@@ -18,6 +18,7 @@ import pytest
 
 from appliance.app import Relaying, wire_relay
 from appliance.brokers.memory import MemoryBroker
+from appliance.commands import broadcast
 from appliance.core.protocol import CloseCode, Role
 from appliance.settings import Settings
 from appliance.tokens.base import Grant
@@ -295,6 +296,45 @@ async def test_the_token_service_evicts_connections_of_a_token_version_no_longer
     assert (stale.close_code, current.close_code) == (CloseCode.TOKEN_EXPIRED, None)
     await stale.close()  # What the WebSocket adapter does once the peer has gone.
     assert {e["name"]: e["connections"] for e in service.status()}["UNITY_CLIENT_TOKEN"] == {"1": 1}
+
+
+async def test_a_waiting_broadcast_keeps_replies_whole_up_to_a_budget_then_cut(parts, monkeypatch):
+    # 10,000 clients answering 64 KiB would hold 640 MB per waiting caller: beyond the budget, replies are cut.
+    monkeypatch.setattr(broadcast, "REPLY_CHARS", 500)
+    llm = await peer(parts, "llm", Role.CONTROLLER)
+    first, second = await peer(parts, "first", v2=True), await peer(parts, "second", v2=True)
+    sending = asyncio.ensure_future(parts.commands.send_command("*", "dump", wait_ms=60_000))
+    command_id = (await first.next_json())["id"]
+    await second.next_json()
+    first.say({"reply_to": command_id, "message": "a" * 400})
+    assert (await llm.next_json())["sender"] == "first"
+    second.say({"reply_to": command_id, "message": "b" * 400})
+    async with asyncio.timeout(5):
+        outcome = await sending
+    replies = {r["client"]: r["message"] for r in outcome.body["replies"]}
+    assert replies["first"] == "a" * 400
+    assert replies["second"] == "b" * broadcast.REPLY_CUT_CHARS + "…"
+    assert outcome.body["status"] == "replied"
+    assert await llm.next_json() == {"sender": "second", "message": "b" * 400}, "controllers get it whole"
+
+
+async def test_an_instance_keeps_a_bounded_total_of_manifests(parts):
+    # Each manifest (up to 32 KiB) is also in Redis presence: 10,000 connections would fill the shipped 192 MB Redis.
+    parts.relay.manifests.limit = 400
+    frame = {"type": "manifest", "commands": [{"name": "Ping", "description": "p" * 100}]}
+    first, second = await peer(parts, "first", v2=True), await peer(parts, "second", v2=True)
+    first.say(frame)
+    assert (await first.next_json())["type"] == "manifest_accepted"
+    first.say(frame)  # Replacing its own counts once.
+    assert (await first.next_json())["type"] == "manifest_accepted"
+    second.say({**frame, "commands": [{"name": "Ping", "description": "p" * 300}]})
+    refused = await second.next_json()
+    assert (refused["type"], refused["error"]) == ("manifest_error", "manifests_full"), refused
+    assert second.conn.manifest is None
+    await parts.relay.close(first.conn)  # Its bytes are free again.
+    second.say(frame)
+    assert (await second.next_json())["type"] == "manifest_accepted"
+    assert parts.relay.manifests.used < 400
 
 
 async def test_a_websocket_controllers_id_is_an_idempotency_key_on_its_connection_and_after_a_reconnect(parts):

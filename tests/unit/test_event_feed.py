@@ -10,7 +10,7 @@ import pytest
 
 from appliance.app import Relaying, wire_relay
 from appliance.brokers.memory import MemoryBroker
-from appliance.event_feed import EventFeed, FeedEvent, Gap
+from appliance.event_feed import EventFeed, FeedEvent, Gap, TooManyFollowers
 from appliance.settings import Settings
 
 
@@ -93,3 +93,22 @@ async def test_the_buffer_is_bounded_by_characters_too(parts):
     assert 1 < len(feed.events) < 10 and sum(len(e.frame) for e in feed.events) <= 300
     assert json.loads(feed.events[-1].frame)["message"] == "9" * 50
     follower.close()
+
+
+async def test_one_address_holds_a_bounded_number_of_followers(parts):
+    # 1,000 streams from one address were all accepted (~24 KB and a wake-up a second each); an agent that opens
+    # an EventSource per task and never closes one would pile them up.
+    feed = EventFeed(parts.relay)
+    feed.max_per_address = 2
+    held = [feed.follower(address="203.0.113.9") for _ in range(2)]
+    with pytest.raises(TooManyFollowers):
+        feed.follower(address="203.0.113.9")
+    assert feed.admits("203.0.113.10") and feed.admits(None), "other addresses and exempt callers are not limited"
+    unlimited = [feed.follower() for _ in range(3)]
+    held.pop().close()
+    assert feed.admits("203.0.113.9")
+    held.append(feed.follower(address="203.0.113.9"))
+    for follower in held + unlimited:
+        follower.close()
+        follower.close()  # Closing twice counts once.
+    assert not feed._by_address and feed._followers == 0

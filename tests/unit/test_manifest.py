@@ -5,6 +5,8 @@ import json
 import pytest
 
 from appliance.core.manifest import (
+    MANIFEST_BURST,
+    MANIFESTS_PER_SECOND,
     MAX_COMMANDS,
     MAX_MANIFEST_BYTES,
     ManifestError,
@@ -16,7 +18,7 @@ from appliance.core.manifest import (
     parse_manifest,
 )
 from appliance.core.protocol import Role
-from appliance.core.session import DeclareManifest, Limits, Publish, ReplyOrPublish, Session
+from appliance.core.session import DeclareManifest, Limits, Publish, ReplyOrPublish, Session, Throttle
 
 MOVE = {
     "name": "MoveForward",
@@ -186,6 +188,16 @@ def test_undeclared_commands_say_why(message, code, words):
     assert error is not None and error.code == code and words in error.detail, error
 
 
+def test_an_argument_beyond_pythons_int_digits_is_refused_not_raised():
+    # int() refuses more than 4,300 digits with ValueError: that escaped check_command (MCP send_command).
+    words = "9" * 5000
+    error = check_command(manifest(MOVE), f"MoveForward 1 {words}")
+    assert error is not None and error.code == "invalid_arguments" and "speed must be an integer" in error.detail
+    assert len(error.detail) < 200, "a 64 KiB word is quoted cut, not whole"
+    unknown = check_command(manifest(MOVE), "J" * 5000)
+    assert unknown is not None and len(unknown.detail) < 200
+
+
 def test_arguments_are_bound_typed():
     parsed = manifest(MOVE, SAY, LIGHT)
     move, say, light = parsed["commands"]
@@ -208,6 +220,18 @@ def test_a_bad_manifest_is_answered_not_published():
     action = session().receive_text('{"type": "manifest", "commands": [{"name": "a b"}]}', 1.0)
     assert type(action) is DeclareManifest and action.manifest is None
     assert action.error is not None and action.error.path == "commands[0].name"
+
+
+def test_manifest_frames_have_their_own_rate():
+    # Each frame is parsed (~4 ms for 32 KiB on a busy host): at the message rate (1,000/s) one client would
+    # hold the event loop for seconds a second. After the burst, reading pauses until the next is due.
+    client, frame, now = session(), manifest_frame([MOVE]), 1.0
+    for _ in range(MANIFEST_BURST):
+        assert type(client.receive_text(frame, now)) is DeclareManifest
+    throttled = client.receive_text(frame, now)
+    assert type(throttled) is Throttle and type(throttled.then) is DeclareManifest
+    assert throttled.seconds == pytest.approx(1 / MANIFESTS_PER_SECOND)
+    assert type(client.receive_text("plain text", now)) is ReplyOrPublish, "other frames keep the message rate"
 
 
 def test_v1_clients_and_other_json_are_unchanged():
@@ -258,3 +282,14 @@ async def test_bridge_client_dispatches_with_typed_arguments():
     assert (await robot._dispatch("Add 2")).startswith("error: Add needs b.")
     assert await robot._dispatch("Jump") == "error: unknown command Jump"
     assert await robot._dispatch("Fail") == "error: Fail: division by zero"
+
+
+def test_a_refused_manifest_quotes_what_the_client_wrote_cut():
+    long_name = "x" * 30_000
+    for commands in (
+        [{"name": "Ping", long_name: 1}],
+        [{"name": "Ping", "arguments": {"properties": {"n": {"type": "integer", "enum": [long_name]}}}}],
+        [{"name": "Ping", "arguments": {"properties": {long_name: {"type": "integer"}}}}],
+    ):
+        error = parse_manifest(manifest_frame(commands))
+        assert isinstance(error, ManifestError) and len(error.detail) < 300 and len(error.path) < 300, error

@@ -37,6 +37,8 @@ INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
 IDEMPOTENCY_KEY = f"{PREFIX}idem:"
 SUMMARY_KEY = f"{PREFIX}summary:"
+#: Hash per instance: its clients' command manifests (kept out of the presence records every listing reads).
+MANIFEST_KEY = f"{PREFIX}manifest:"
 #: An instance's trend points (appliance/heartbeat.py), a capped list with its summary's TTL.
 SERIES_KEY = f"{PREFIX}series:"
 INSTANCES_KEY = f"{PREFIX}instances"
@@ -95,6 +97,9 @@ class Keys:
 
     def summary(self, instance: str) -> str:
         return self._of(SUMMARY_KEY, instance)
+
+    def manifests(self, instance: str) -> str:
+        return self._of(MANIFEST_KEY, instance)
 
     def series(self, instance: str) -> str:
         return self._of(SERIES_KEY, instance)

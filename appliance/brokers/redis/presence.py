@@ -9,6 +9,8 @@
   presence write), so an idle dashboard reads two small keys instead of every presence
   record, and a full presence read needs no SCAN of the keyspace. The summary carries the
   instance's heartbeat (appliance/heartbeat.py) and ``redis_latency_ms``, a PING timed per beat.
+- ``wsb:manifest:{name}``: the command manifests of that instance's clients, by id, written with their
+  records but read only for one client (``GET /api/v1/clients/{id}``, MCP), never by a listing.
 - ``wsb:series:{name}``: that instance's trend points (JSON), a list capped at an hour's worth.
 
 The summary is the liveness mark: an instance whose summary expired is lost, even while its
@@ -64,6 +66,12 @@ HOUR = 3600.0
 
 #: A burst of connects settles this long into one write.
 SETTLE_SECONDS = 0.2
+
+
+def _without_manifest(record: dict[str, Any]) -> dict[str, Any]:
+    """The record every listing reads: a client's manifest (up to 32 KiB) is kept apart, read for one client only
+    (300 clients with big manifests in their records made each GET /api/v1/clients read 10 MB: ~6 ms -> ~400 ms)."""
+    return record if "manifest" not in record else {k: v for k, v in record.items() if k != "manifest"}
 
 
 class Presence:
@@ -130,11 +138,15 @@ class Presence:
             # On a Cluster no transaction (the history and the set of names are in other slots): the
             # records and the summary, in one slot, are still written in this order on one connection.
             async with self._link.redis.pipeline(transaction=not self._link.sharded) as pipe:
+                manifests = self._keys.manifests(self._instance)
                 if full:
                     records = inbox.presence_records()
-                    pipe.delete(key)
+                    pipe.delete(key, manifests)
                     if records:
-                        pipe.hset(key, mapping={r["id"]: encode_json(r) for r in records})
+                        pipe.hset(key, mapping={r["id"]: encode_json(_without_manifest(r)) for r in records})
+                    declared = {r["id"]: encode_json(r["manifest"]) for r in records if "manifest" in r}
+                    if declared:
+                        pipe.hset(manifests, mapping=declared)
                 else:
                     gone = []
                     for client_id in changed:
@@ -142,10 +154,16 @@ class Presence:
                         if record is None:
                             gone.append(client_id)
                         else:
-                            pipe.hset(key, client_id, encode_json(record))
+                            pipe.hset(key, client_id, encode_json(_without_manifest(record)))
+                            if "manifest" in record:
+                                pipe.hset(manifests, client_id, encode_json(record["manifest"]))
+                            else:
+                                pipe.hdel(manifests, client_id)
                     if gone:
                         pipe.hdel(key, *gone)
+                        pipe.hdel(manifests, *gone)
                 pipe.expire(key, self.ttl * LOST_GRACE)
+                pipe.expire(manifests, self.ttl)
                 # Taken with the records above (no await between): the version matches what is written.
                 pipe.set(self._keys.summary(self._instance), encode_json(self._summary(inbox)), ex=self.ttl)
                 if trends:
@@ -171,6 +189,7 @@ class Presence:
         pipe.delete(
             self._keys.presence(self._instance), self._keys.summary(self._instance), self._keys.series(self._instance)
         )
+        pipe.delete(self._keys.manifests(self._instance))
         pipe.srem(INSTANCES_KEY, self._instance)
         self._history.queue(pipe, self._history.unwritten())
 
@@ -223,10 +242,18 @@ class Presence:
     async def record(self, instance: str, client_id: str) -> dict[str, Any] | None:
         """``client_id``'s record in ``instance``'s presence (written within ~0.2 s of a change), or None."""
         try:
-            value = await self._link.client().hget(self._keys.presence(instance), client_id)
+            async with self._link.client().pipeline(transaction=False) as pipe:
+                pipe.hget(self._keys.presence(instance), client_id)
+                pipe.hget(self._keys.manifests(instance), client_id)
+                value, manifest = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
-        return None if value is None else decode_json(value)
+        if value is None:
+            return None
+        record = decode_json(value)
+        if manifest is not None:
+            record["manifest"] = decode_json(manifest)
+        return record
 
     async def _other_instances(self) -> list[str]:
         """The names in ``wsb:instances`` but this one (every instance adds itself with each presence write)."""
