@@ -21,7 +21,7 @@ from .http_auth import bearer_allowed
 from .relay import Relay
 from .tokens import Grant
 
-__all__ = ["LocalBackend", "mcp_endpoint", "mcp_lifespan"]
+__all__ = ["LocalBackend", "mcp_endpoint", "mcp_lifespan", "stop_mcp_calls"]
 
 #: Who called /mcp in this request (the token's grant and the source address), for names, rate limits
 #: and the audit trail. The MCP session manager runs the tools in tasks started from the request, which
@@ -128,7 +128,54 @@ async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     client = scope.get("client")
     _caller.set((grant, client[0] if client else "unknown") if grant is not None else None)
     scope["path"] = "/mcp" + (scope["path"] if scope["path"] != "/" else "")
-    await app.state.mcp_app(scope, receive, send)
+    await _stoppable(app.state, scope, receive, send)
+
+
+async def _stoppable(state: Any, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve one /mcp request, which :func:`stop_mcp_calls` ends at shutdown.
+
+    Without it a tool call in flight (send_command waiting for a reply, get_command waiting)
+    held SIGTERM for the whole shutdown grace, and uvicorn then cancelled it with a traceback.
+    """
+    import anyio
+
+    sent = {"started": False, "complete": False}
+
+    async def tracked(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            sent["started"] = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            sent["complete"] = True
+        await send(message)
+
+    calls: set[anyio.CancelScope] = state.setdefault("mcp_calls", set())
+    with anyio.CancelScope() as call:
+        calls.add(call)
+        try:
+            await state.mcp_app(scope, receive, tracked)
+        finally:
+            calls.discard(call)
+    if not call.cancelled_caught or sent["complete"]:
+        return
+    with anyio.CancelScope(shield=True):  # End the response: the caller gets an error, not a cut connection.
+        if not sent["started"]:
+            headers = [(b"content-type", b"application/json")]
+            start: Any = {"type": "http.response.start", "status": 503, "headers": headers}
+            await send(start)
+            body = b'{"error":"shutting_down","detail":"the instance is shutting down: call again"}'
+            end: Any = {"type": "http.response.body", "body": body}
+        else:
+            end = {"type": "http.response.body", "body": b"", "more_body": False}
+        with contextlib.suppress(OSError):
+            await send(end)
+
+
+def stop_mcp_calls(state: Any) -> int:
+    """At SIGTERM: end every /mcp request in flight (its tool call is cancelled). Returns how many."""
+    calls = state.get("mcp_calls") or set()
+    for call in list(calls):
+        call.cancel()
+    return len(calls)
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,7 @@ from .admission import AdmissionMiddleware
 from .app import create_app
 from .forwarded import ForwardedForMiddleware
 from .handshake_guard import guarded_http_protocol
+from .mcp_http import stop_mcp_calls
 from .relay import Relay
 from .settings import Settings
 from .tokens import TokenStore
@@ -34,12 +35,15 @@ def transport_max_size(settings: Settings) -> int:
 class _GracefulServer(uvicorn.Server):
     """uvicorn closes WebSockets with 1012 on shutdown; clients should see 1001 (going away)."""
 
-    def __init__(self, config: uvicorn.Config, relay: Relay) -> None:
+    def __init__(self, config: uvicorn.Config, relay: Relay, state: Any = None) -> None:
         super().__init__(config)
         self.relay = relay
+        self.state = state
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.relay.drain(self.relay.settings.shutdown_grace)
+        if self.state is not None:  # MCP tool calls in flight end now, not after the grace (mcp_http.py).
+            stop_mcp_calls(self.state)
         await super().shutdown(sockets)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -156,7 +160,7 @@ def build_server(app: Litestar, settings: Settings) -> uvicorn.Server:
         server_header=False,
         proxy_headers=False,  # ForwardedForMiddleware reads X-Forwarded-For, accepting only IP addresses.
     )
-    return _GracefulServer(config, app.state.relay)
+    return _GracefulServer(config, app.state.relay, app.state)
 
 
 def run(settings: Settings, token_store: TokenStore | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -43,6 +42,7 @@ from ..core.protocol_v2 import (
 )
 from ..core.ratelimit import Budgets
 from ..core.requests import Enqueued, Pending, PendingTable, Routed
+from ..core.stopping import cancel_and_wait
 from ..recent_logs import RecentLogs
 from ..registry import LocalConnections
 from ..settings import Settings
@@ -129,11 +129,7 @@ class CommandService(InProcessCallers):
 
     async def stop(self) -> None:
         tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)  # Even one that swallowed its cancellation.
         await self.followups.stop()
         self._loop = None
 

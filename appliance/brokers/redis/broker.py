@@ -14,6 +14,7 @@ from ... import metrics
 from ...core.newids import WindowCount
 from ...core.protocol import Role
 from ...core.requests import Enqueued, Routed
+from ...core.stopping import cancel_and_wait
 from ..base import Broker, BrokerNotStarted, Claim, Inbox, OnResult, Owner
 from .admission import AdmissionRecords
 from .cluster import ClusterSubscriber
@@ -125,11 +126,7 @@ class RedisBroker(Broker):
 
     async def stop(self) -> None:
         self._stopping = self._subscriber.stopping = True
-        for task in [*self._tasks, *self._background]:
-            task.cancel()
-        for task in [*self._tasks, *self._background]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([*self._tasks, *self._background])  # Even one that swallowed its cancel.
         if self._link.redis is not None:
             with contextlib.suppress(RedisError, OSError):
                 async with self._link.redis.pipeline(transaction=False) as pipe:
