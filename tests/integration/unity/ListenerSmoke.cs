@@ -7,12 +7,12 @@
 //   listener   the controller (Python) sends light commands; "quit" ends the run; then pause/resume and teardown
 //   reloads    the boot scene (a listener and a lamp) loaded three times: one listener stays, duplicates destroy themselves
 //   v1order    protocol v1 with an async handler: replies keep the commands' order; its exception is logged
-//   devicetoken a WebGL/Android-like player without environment variables: the editor warns while no token asset
+//   devicetoken a new listener (protocol V2 by default) in a WebGL/Android-like player without environment variables: the editor warns while no token asset
 //              exists; with Resources/WsBridgeToken the default token source connects
 //   hiddentab  (built with WSBRIDGE_WEBGL_TESTS) the WebGL transport on the frame loop: a command that waited in the
 //              browser while the tab was hidden is refused with a reply, not run late
-//   stale      offline: commands a replaced client delivered after Connect() never count against Max Pending Commands
-//   lifecycle  this program is also the controller (a BridgeClient with the controller token) and checks that
+//   stale      offline, set to protocol V1 after registering: commands a replaced client delivered after Connect() never count against Max Pending Commands
+//   lifecycle  protocol V1 (as saved scenes have it); this program is also the controller (a BridgeClient with the controller token) and checks that
 //              commands never run late: disabled, paused, stalled frames, an old connection, the frame budget,
 //              a domain reload, a destroyed primary listener, a dead socket on resume and at teardown
 
@@ -234,7 +234,13 @@ internal static class ListenerSmoke
             var host = new GameObject("Bridge");
             Check(Environment.GetEnvironmentVariable("UNITY_CLIENT_TOKEN") == options["token"], "UNITY_CLIENT_TOKEN not set");
             // Close Timeout 3 s: a polite close to a dead socket would take that long (set before Start connects).
-            var listener = NewListener(player, host, proxy.Url, codeToken: false, configure: l => SetField(l, "closeTimeout", 3f));
+            // Protocol V1, as a listener saved in an existing scene has (a new one is V2, see DeviceToken): bare-text
+            // commands and refusals, and OnValidate's fix of an out-of-range version (V1) below keeps the wire format.
+            var listener = NewListener(player, host, proxy.Url, codeToken: false, configure: l =>
+            {
+                SetField(l, "closeTimeout", 3f);
+                l.ProtocolVersion = 1;
+            });
             int connectedEvents = 0;
             var disconnectedEvents = new List<string>();
             listener.ConnectedEvent.AddListener(() => connectedEvents++);
@@ -257,6 +263,12 @@ internal static class ListenerSmoke
 
             // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
             SetField(listener, "token", "typed-into-the-inspector");
+            // The Inspector (issue 25 item 10): Status is shown but never editable, Protocol Version is a V1/V2 choice.
+            var serialized = BindingFlags.Instance | BindingFlags.NonPublic;
+            Check(typeof(CommandListener).GetField("status", serialized).IsDefined(typeof(ReadOnlyFieldAttribute), false),
+                "Status is editable in the Inspector");
+            Check(typeof(CommandListener).GetField("protocolVersion", serialized).FieldType == typeof(BridgeProtocolVersion),
+                "Protocol Version is not the V1/V2 enum");
             SetField(listener, "protocolVersion", (BridgeProtocolVersion)3); // an out-of-range value in a scene file
             SetField(listener, "maxPendingCommands", 0);
             Player.Message(listener, "OnValidate");
@@ -499,6 +511,9 @@ internal static class ListenerSmoke
         UnityEditor.EditorUserBuildSettings.activeBuildTarget = UnityEditor.BuildTarget.WebGL;
         var host = new GameObject("Bridge");
         var listener = host.AddComponent<CommandListener>(); // not yet awake: the Inspector is being edited
+        // Issue 25 items 7 and 9: a component added now is V2 (it sends its manifest); saved scenes keep their V1.
+        Check((BridgeProtocolVersion)Field(listener, "protocolVersion") == BridgeProtocolVersion.V2 && listener.ProtocolVersion == 2,
+            "a new CommandListener should default to protocol V2");
         SetField(listener, "serverUrl", options["url"]);
         SetField(listener, "clientId", options["id"]);
         Player.Message(listener, "OnValidate");
@@ -554,9 +569,12 @@ internal static class ListenerSmoke
     /// receiving) are dropped, and no longer count as pending: before, 100 of them made every later command "busy".</summary>
     private static void StaleClient(Player player)
     {
-        var listener = NewListener(player, new GameObject("Bridge"), "ws://127.0.0.1:1"); // nothing listens: offline
+        // Offline (nothing listens). A listener made from code is V2 until told otherwise; set to V1 after registering
+        // (handlers follow the version), the commands below are v1's bare text.
+        var listener = NewListener(player, new GameObject("Bridge"), "ws://127.0.0.1:1");
         int ran = 0;
         listener.Register("count", command => { ran++; return null; });
+        listener.ProtocolVersion = 1;
         var replaced = listener.Client;
         listener.Connect();
         Check(listener.Client != null && listener.Client != replaced, "Connect() should replace the client");

@@ -2,13 +2,14 @@
 //
 // Plain C# (no UnityEngine), C# 7.2 at most so that Mono's mcs compiles it (see BridgeClient.cs).
 //
-// Wire protocol v1 (docs/protocol.md, the default): a controller's command reaches the client as bare
-// text, "<name> <arguments...>"; the client's reply is bare text, which every controller receives as
-// {"sender": "<client id>", "message": "<reply>"}.
+// Wire protocol v1 (docs/protocol.md; BridgeClient's default, and what listeners in existing scenes saved):
+// a controller's command reaches the client as bare text, "<name> <arguments...>"; the client's reply is
+// bare text, which every controller receives as {"sender": "<client id>", "message": "<reply>"}.
 //
-// Wire protocol v2 (opt in: BridgeClientOptions.ProtocolVersion = 2, subprotocol wsbridge.v2): a command
-// arrives as {"id": 7, "from": "<controller>", "message": "<name> <arguments...>"} ("id": null for a
-// command sent without id); the reply to a command with an id is {"reply_to": 7, "message": "<reply>"}
+// Wire protocol v2 (a new CommandListener's default; BridgeClientOptions.ProtocolVersion = 2; subprotocol
+// wsbridge.v2): a command arrives as {"id": 7, "from": "<controller>", "message": "<name> <arguments...>"}
+// ("id": null for a command sent without id); the reply to a command with an id is
+// {"reply_to": 7, "message": "<reply>"}
 // and reaches only the controller that sent the command (with the round-trip time). A reply to a
 // command without id is bare text, as in v1. BridgeClient (the transport) and the handlers are the same
 // for both versions: only the codec differs.
@@ -389,7 +390,15 @@ namespace WebSocketBridge
             Codec = codec;
         }
 
-        public ICommandCodec Codec { get; private set; }
+        private ICommandCodec codec;
+
+        /// <summary>How commands are read and replies written; replaceable (CommandListener follows a changed protocol
+        /// version with it, keeping the registered handlers).</summary>
+        public ICommandCodec Codec
+        {
+            get { return codec; }
+            set { if (value == null) throw new ArgumentNullException("value"); codec = value; }
+        }
 
         public IEnumerable<string> CommandNames
         {

@@ -99,8 +99,11 @@ namespace WebSocketBridge
         [Tooltip("Token Source = Inspector only: saved in the scene file in plain text. Development only.")]
         [SerializeField] private string token = "";
 
-        [Tooltip("Wire protocol: 1 (bare text, the default) or 2 (command ids; replies reach only the sending controller).")]
-        [SerializeField] private BridgeProtocolVersion protocolVersion = BridgeProtocolVersion.V1;
+        // V2 for new components (it sends the command manifest, and async handlers run side by side). Unity keeps the
+        // value saved with an existing component, so listeners in existing scenes and prefabs keep V1.
+        [Tooltip("Wire protocol: V2 (the default for a new component: command ids, replies reach only the sending controller, " +
+                 "the command manifest) or V1 (bare text matched by order, every appliance; what existing scenes saved).")]
+        [SerializeField] private BridgeProtocolVersion protocolVersion = BridgeProtocolVersion.V2;
 
         [Tooltip("Groups to join at connect; controllers can address them as group:<name>.")]
         [SerializeField] private string[] groups = new string[0];
@@ -246,7 +249,13 @@ namespace WebSocketBridge
         /// <summary>Sets the token from code (your own configuration) and selects TokenSource.Code. Write-only on
         /// purpose: the token is never read back for display or logs, and never serialized from here.</summary>
         public string Token { set { codeToken = value; tokenSource = TokenSource.Code; } }
-        public int ProtocolVersion { get { return (int)protocolVersion; } set { protocolVersion = (BridgeProtocolVersion)value; } }
+        /// <summary>1 or 2; takes effect at the next Connect(). The handlers registered so far follow it (their built-in
+        /// codec is swapped; a codec set with UseCodec is kept).</summary>
+        public int ProtocolVersion
+        {
+            get { return (int)protocolVersion; }
+            set { protocolVersion = (BridgeProtocolVersion)value; FollowVersion(dispatcher, value); }
+        }
         public string[] Groups { get { return groups; } set { groups = value ?? new string[0]; } }
         public BridgeClient Client { get { return Owner.client; } }
         public bool IsConnected { get { var c = Owner.client; return c != null && c.IsConnected; } }
@@ -267,6 +276,16 @@ namespace WebSocketBridge
         public Action<BridgeClientOptions> ConfigureClient { get; set; }
         /// <summary>Commands received and waiting for the main thread.</summary>
         public int PendingCommands { get { return Volatile.Read(ref Owner.pendingCommands); } }
+
+        // Handlers registered before the version was set (a listener made from code is V2 until told otherwise) must read
+        // the version the client speaks: swap a built-in codec of the other version; a custom one is the caller's choice.
+        private static void FollowVersion(CommandDispatcher handlers, int version)
+        {
+            if (handlers == null || (version != 1 && version != 2)) return;
+            var type = handlers.Codec.GetType();
+            if ((type == typeof(TextCommandCodec) && version == 2) || (type == typeof(JsonCommandCodec) && version == 1))
+                handlers.Codec = BridgeProtocols.CodecFor(version);
+        }
 
         /// <summary>Replaces the protocol's codec (v1 text or v2 JSON by default). Set it before registering.</summary>
         public void UseCodec(ICommandCodec codec)
@@ -363,6 +382,7 @@ namespace WebSocketBridge
                     MaxQueuedMessages = Math.Max(1, maxQueuedMessages),
                 };
                 if (ConfigureClient != null) ConfigureClient(options);
+                FollowVersion(dispatcher, options.ProtocolVersion);
                 if (dispatcher != null && dispatcher.Codec is JsonCommandCodec != (options.ProtocolVersion == 2))
                     Debug.LogWarning("[CommandListener] the codec does not match protocol version " + options.ProtocolVersion, this);
                 var created = new BridgeClient(options);

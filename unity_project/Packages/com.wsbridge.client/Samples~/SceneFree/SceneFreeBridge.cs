@@ -9,7 +9,9 @@
 // Android, iOS and WebGL players have no environment variables: there the token comes from the text asset
 // Assets/Resources/WsBridgeToken.txt (keep it out of version control; in a WebGL build it is public, so use a
 // scoped client token), or set listener.Token from code (e.g. fetched from your backend) and call Connect().
-// Both handlers are synchronous or answer in order, so protocol v1 (the default) keeps replies in order.
+// The listener is new every run, so it uses protocol V2 (the default of a new CommandListener): replies carry the
+// command's id, the async handler runs side by side with others, and "ping" and "time" are sent as the command
+// manifest. For an appliance without v2, set listener.ProtocolVersion = 1 here.
 // C# 7.2 (compiled with Mono's mcs in the project's tests).
 
 using System;
