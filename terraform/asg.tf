@@ -119,7 +119,7 @@ resource "aws_autoscaling_group" "appliance" {
   }
 }
 
-# --- Prometheus finds every host (monitoring/scrape/ec2.yml) -----------------------------------
+# --- Prometheus finds every host (monitoring/hosts_sd.py, ansible/roles/hosts_sd) ---------------
 
 # node_exporter's port, between the group's hosts only (each host's Prometheus scrapes all).
 resource "aws_vpc_security_group_ingress_rule" "node_exporter" {
@@ -144,13 +144,13 @@ resource "aws_vpc_security_group_egress_rule" "node_exporter" {
   referenced_security_group_id = aws_security_group.appliance.id
 }
 
-# Prometheus's ec2_sd_configs list the instances (DescribeInstances has no resource-level
+# monitoring/hosts_sd.py, on each host, lists the instances for Prometheus (DescribeInstances has no resource-level
 # permissions: "*" is the only resource it accepts).
 data "aws_iam_policy_document" "discover_hosts" {
   statement {
     sid       = "DescribeInstancesForPrometheus"
     effect    = "Allow"
-    actions   = ["ec2:DescribeInstances", "ec2:DescribeAvailabilityZones"]
+    actions   = ["ec2:DescribeInstances"]
     resources = ["*"]
   }
 }

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from deploy_support import ANSIBLE_DIR, compose_binary, run, tool_env, tool_venv
 
-ROLES = ("base", "docker", "appliance")
+ROLES = ("base", "docker", "appliance", "hosts_sd")
 ARGUMENT_TYPES = {"bool": bool, "int": int, "str": str, "path": str, "list": list, "dict": dict}
 
 
@@ -186,7 +186,7 @@ def test_the_provisioning_play_runs_as_root_and_nothing_drops_it_on_the_host() -
     plays = load(ANSIBLE_DIR / "site.yml")
     (provision,) = [play for play in plays if play["hosts"] == "wsbridge"]
     assert provision["become"] is True
-    assert [entry["role"] for entry in provision["roles"]] == ["base", "docker", "appliance"]
+    assert [entry["role"] for entry in provision["roles"]] == ["base", "docker", "appliance", "hosts_sd"]
     for role in ROLES:
         for task in role_tasks(role):
             if task.get("become") is False:

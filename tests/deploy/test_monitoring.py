@@ -136,7 +136,9 @@ def test_prometheus_scrapes_the_stack_with_the_agreed_jobs() -> None:
     assert blackbox["relabel_configs"][-1] == {"target_label": "__address__", "replacement": "blackbox_exporter:9115"}
     modules = yaml.safe_load((MONITORING / "blackbox" / "blackbox.yml").read_text())["modules"]
     assert blackbox["params"]["module"] == ["wss_endpoint"] and "wss_endpoint" in modules
-    assert set(jobs) == {"appliance", "blackbox", *static}
+    # Several hosts only (test_hosts_sd.py): the file the host's timer writes; none on one host.
+    assert jobs["hosts"]["file_sd_configs"] == [{"files": ["/etc/prometheus/hosts/*.json"], "refresh_interval": "1m"}]
+    assert set(jobs) == {"appliance", "blackbox", "hosts", *static}
     rule_jobs = set(re.findall(r'job=~?"([^"]+)"', RULES.read_text()))
     known = set(jobs) | {"traefik|redis|node|cadvisor|alertmanager|blackbox"}
     assert rule_jobs <= known, f"rules filter on jobs prometheus.yml does not have: {rule_jobs - known}"

@@ -1,22 +1,18 @@
 """terraform/ with host_count >= 2: the group, the load balancer, ElastiCache, and what finds the hosts.
 
 Offline as test_terraform.py: the configuration parsed with python-hcl2 (checkov covers
-the new resources in test_terraform.py's session scan), the ec2_sd job joined to
-prometheus.yml and checked by promtool, and Terraform's inventory for a group read by
+the new resources in test_terraform.py's session scan), and Terraform's inventory for a group read by
 the real amazon.aws.aws_ec2 plugin against moto.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import hcl2
 import pytest
-import yaml
 from deploy_support import (
     _HCL_OPTIONS,
     ANSIBLE_DIR,
@@ -35,7 +31,6 @@ GROUP_FILES = ("asg.tf", "nlb.tf", "elasticache.tf")
 SINGLE_HOST = {("aws_instance", "appliance"), ("aws_eip", "appliance"), ("aws_ebs_volume", "data")} | {
     ("aws_volume_attachment", "data")
 }
-EC2_SCRAPE = ROOT / "monitoring" / "scrape" / "ec2.yml"
 
 
 def parsed(name: str) -> dict[str, Any]:
@@ -139,35 +134,6 @@ def test_the_group_spans_two_zones_behind_a_tls_load_balancer(terraform: Terrafo
     docs = (ROOT / "docs" / "deploy.md").read_text()
     section = docs.split("## Several hosts", 1)[1].split("\n## ", 1)[0]
     assert "TLS ends at the load balancer" in section and "Let's Encrypt" in section
-
-
-def test_the_ec2_scrape_job_joined_to_prometheus_yml_passes_promtool(
-    terraform_names: TerraformNames, tmp_path: Path, terraform: Terraform
-) -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool not found: `python3 dev.py test` installs it (tools/apt/monitoring.txt)"
-    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
-    config["rule_files"] = []
-    (job,) = yaml.safe_load(EC2_SCRAPE.read_text())["scrape_configs"]
-    assert job["job_name"] not in {existing["job_name"] for existing in config["scrape_configs"]}
-    config["scrape_configs"].append(job)
-    joined = tmp_path / "prometheus.yml"
-    joined.write_text(yaml.safe_dump(config))
-    result = subprocess.run([promtool, "check", "config", str(joined)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-    # The hosts Terraform tags, on the port the group's security group opens between them.
-    (discovery,) = job["ec2_sd_configs"]
-    filters = {item["name"]: item["values"] for item in discovery["filters"]}
-    assert discovery["region"] == terraform_names.region
-    assert filters["tag:Role"] == [terraform_names.tags["Role"]]
-    assert filters["instance-state-name"] == ["running"]
-    rule = terraform.resources["aws_vpc_security_group_ingress_rule"]["node_exporter"]
-    assert discovery["port"] == rule["from_port"] == rule["to_port"]
-    assert rule["referenced_security_group_id"] == rule["security_group_id"]
-    policy = terraform.data["aws_iam_policy_document"]["discover_hosts"]["statement"][0]
-    assert "ec2:DescribeInstances" in policy["actions"]
-    attached = terraform.resources["aws_iam_role_policy"]["discover_hosts"]
-    assert attached["role"] == "${aws_iam_role.appliance.id}" and attached["count"] == "${local.multi_host ? 1 : 0}"
 
 
 def plain(value: Any) -> Any:
