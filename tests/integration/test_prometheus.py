@@ -54,6 +54,10 @@ NOT_RUN_HERE = {
     "container_start_time_seconds": "cAdvisor",
     "container_oom_events_total": "cAdvisor",
     "container_last_seen": "cAdvisor",
+    # The blackbox exporter probes the public wss endpoint, which only a deploy has: its real binary runs
+    # with the shipped module in tests/deploy/test_traefik.py and test_monitoring_stack.py.
+    "probe_success": "the blackbox exporter",
+    "probe_ssl_earliest_cert_expiry": "the blackbox exporter",
 }
 #: Series that exist only while something is happening, with no zero value before.
 ONLY_WHILE_ACTIVE = {
