@@ -1,10 +1,9 @@
 """HTTP command API (``/api/v1/commands``, ``/api/v1/clients/...``); the MCP endpoint is appliance/mcp_http.py.
 
 Handlers are thin: they authenticate, let Litestar validate the body (one error
-shape, 422), and call the command service on ``app.state.commands``. The request
-and response types are msgspec Structs with descriptions, so the OpenAPI schema
-Litestar serves at ``/schema/openapi.json`` is accurate enough to generate an LLM
-tool definition from.
+shape, 422), and call the command service on ``app.state.commands``. They take and
+return the msgspec Structs of appliance/api_types.py, which the OpenAPI schema at
+``/schema/openapi.json`` is made of.
 """
 
 from __future__ import annotations
@@ -12,246 +11,38 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
 from litestar.params import FromPath, JSONBody, Parameter
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import Struct
 
+from .api_schema import AUTH_ERRORS, ApiOperation, JsonBodyOperation, options_handlers, refuse_repeated_query
+from .api_types import (
+    BroadcastReply,
+    ClientPage,
+    ClientRecord,
+    CommandBody,
+    CommandRecordBody,
+    CommandResult,
+    ErrorBody,
+    HistoryEntry,
+    RecentCommand,
+)
 from .audit import audit_admin_command
 from .brokers.base import BrokerUnavailable
 from .client_pages import MAX_PAGE, filter_clients
 from .commands import HTTP_CONTROLLER, CommandService
 from .core.protocol import CloseCode, ErrorCode
-from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
 from .http_auth import require_token
 from .recent import RecentCommands
 from .relay import Relay
 
 __all__ = ["API_HANDLERS", "ApiError", "CommandBody", "api_error", "validation_as_422"]
-
-
-# --- bodies --------------------------------------------------------------------------------------
-
-CommandId = str | int
-
-
-class CommandBody(Struct, forbid_unknown_fields=True):
-    """A command for one client, every client (``*``) or a group (``group:<name>``)."""
-
-    target: Annotated[
-        str,
-        Meta(
-            description='A client id (^[a-zA-Z0-9_-]{1,50}$), "*" for every client, or "group:<name>".',
-            examples=["unity_client_1"],
-        ),
-    ]
-    message: Annotated[str, Meta(description="The text the client receives.", examples=["MoveForward 10"])]
-    id: Annotated[
-        CommandId | None,
-        Meta(
-            description=f"Your id for this command (string of 1-{MAX_COMMAND_ID_LENGTH} characters, or integer); "
-            "generated if absent. It also makes the command safe to retry: the same id within "
-            "IDEMPOTENCY_WINDOW_SECONDS (default 600) returns the first command's outcome (marked replayed), "
-            "or waits for it, and never reaches the client twice; the same id for another command is 409."
-        ),
-    ] = None
-    wait_ms: (
-        Annotated[
-            int,
-            Meta(
-                ge=1,
-                description="Wait this long for the client's reply: 200 with the reply, or 504. "
-                "Without it the answer is 202 as soon as the command is delivered or queued. "
-                'For "*" or a group: 200 with the count, the replies of version-2 clients and those that did '
-                "not reply in time (no_reply), as soon as all replied or when wait_ms is over.",
-            ),
-        ]
-        | None
-    ) = None
-    timeout_ms: (
-        Annotated[int, Meta(ge=1, description="How long a queued command may wait for its client (without wait_ms).")]
-        | None
-    ) = None
-    queue: Annotated[
-        bool, Meta(description="Keep the command for a client that is not connected and deliver it when it connects.")
-    ] = False
-
-
-class BroadcastReply(Struct):
-    """A version-2 client's reply to a broadcast or group command whose caller waited (wait_ms)."""
-
-    client: str
-    message: str
-    rtt_ms: Annotated[float, Meta(description="From the broadcast's send to this reply, in milliseconds.")]
-
-
-class CommandResult(Struct):
-    id: CommandId
-    status: Literal["delivered", "queued", "replied", "timeout"]
-    target: str
-    sender: str | None = None
-    message: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
-    rtt_ms: Annotated[float | None, Meta(description="Round trip to the reply, in milliseconds.")] = None
-    count: Annotated[int | None, Meta(description='Clients reached by "*" or a group, cluster-wide.')] = None
-    replies: Annotated[
-        list[BroadcastReply] | None,
-        Meta(description='"*" or a group with wait_ms: the replies of version-2 clients, in arrival order.'),
-    ] = None
-    no_reply: Annotated[
-        list[str] | None,
-        Meta(description='"*" or a group with wait_ms: version-2 clients that did not reply within wait_ms.'),
-    ] = None
-    expires_in_ms: Annotated[int | None, Meta(description="How long a queued command waits.")] = None
-    duplicate: bool | None = None
-    replayed: Annotated[
-        bool | None, Meta(description="true: the outcome of an earlier request with the same id or Idempotency-Key.")
-    ] = None
-    detail: str | None = None
-
-
-class ErrorBody(Struct, omit_defaults=True):
-    error: Annotated[
-        str,
-        Meta(
-            description="target_offline, message_too_large, rate_limited, queue_full, duplicate_id, "
-            "delivery_failed, invalid_target, target_not_client, ..."
-        ),
-    ]
-    detail: str
-    target: str | None = None
-    id: CommandId | None = None
-    limit: int | None = None
-    retry_after_ms: int | None = None
-    history: Annotated[
-        list[dict[str, Any]] | None, Meta(description="GET /api/v1/clients/{id}: the id's connect history.")
-    ] = None
-    recent_commands: Annotated[
-        list[dict[str, Any]] | None,
-        Meta(description="GET /api/v1/clients/{id}: the commands last sent to the id, while still kept."),
-    ] = None
-
-
-class HistoryEntry(Struct):
-    """One closed connection of an id (appliance/core/history.py)."""
-
-    connected_at: str
-    closed_at: str
-    duration_seconds: float
-    role: str
-    instance: Annotated[str, Meta(description="The instance that held the connection.")]
-    remote: Annotated[str, Meta(description="Address the connection came from (as the relay saw it).")]
-    code: Annotated[int, Meta(description="Close code: the relay's (closed_by relay) or the one the peer sent.")]
-    reason: Annotated[str, Meta(description="Close reason sent with the code (the peer's text when closed_by peer).")]
-    closed_by: Annotated[Literal["relay", "peer"], Meta(description="Who sent the first close frame.")]
-    protocol: int = 1
-    token: str | None = None
-    token_version: int | None = None
-    messages_in: int = 0
-    messages_out: int = 0
-
-
-class RecentCommand(Struct, omit_defaults=True):
-    """One command handed to a client's socket (appliance/core/recent.py), newest first.
-
-    Kept in the memory of the instance that held the client: the last
-    RECENT_COMMANDS_PER_CLIENT per client, texts cut to RECENT_COMMANDS_MAX_CHARS.
-    """
-
-    at: Annotated[str, Meta(description="When the relay handed it to the client's socket (UTC).")]
-    controller: Annotated[
-        str, Meta(description="Who sent it: a controller's id; http, dashboard or mcp for those paths.")
-    ]
-    message: Annotated[str, Meta(description="The command's text, cut to the length cap (… marks a cut).")]
-    outcome: Annotated[
-        Literal["replied", "pending", "timeout", "error", "uncorrelated"],
-        Meta(
-            description="uncorrelated: no reply can be matched (no id, or a broadcast); pending: waiting for the "
-            "reply; replied, timeout, error (see detail)."
-        ),
-    ]
-    instance: Annotated[str, Meta(description="The instance that held the client and recorded it.")]
-    id: Annotated[CommandId | None | UnsetType, Meta(description="The command's id, if it had one.")] = UNSET
-    reply: Annotated[str | None, Meta(description="The client's reply (outcome replied), cut to the cap.")] = None
-    rtt_ms: Annotated[
-        float | None, Meta(description="From handing the command to the socket to the reply, as that instance saw it.")
-    ] = None
-    detail: Annotated[str | None, Meta(description="Why it failed (outcome error).")] = None
-
-
-#: Absent unless set (the single-record GET always sets them, empty or not): ``UNSET`` typed as the list, so
-#: the schema says "a list" exactly as before while an unset field is left out of the JSON.
-_ABSENT_HISTORYENTRY = cast(list[HistoryEntry], UNSET)
-_ABSENT_RECENTCOMMAND = cast(list[RecentCommand], UNSET)
-
-
-class ManifestArgument(Struct, omit_defaults=True):
-    type: Annotated[Literal["string", "number", "integer", "boolean"], Meta(description="JSON Schema type.")]
-    description: str = ""
-    enum: list[str | int | float | bool] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-
-
-class ManifestArguments(Struct):
-    type: Literal["object"]
-    properties: Annotated[
-        dict[str, ManifestArgument], Meta(description="The arguments, in order: the words after the command's name.")
-    ]
-    required: Annotated[list[str], Meta(description="The arguments that must be given (the first ones).")]
-
-
-class ManifestCommand(Struct):
-    name: Annotated[str, Meta(description="The command's first word (matched ignoring case).")]
-    description: str
-    arguments: ManifestArguments
-
-
-class ClientManifest(Struct):
-    """What a version-2 client declared it accepts (docs/protocol.md, "Command manifest")."""
-
-    commands: list[ManifestCommand]
-    updated_at: Annotated[str, Meta(description="When the client sent it (UTC).")]
-
-
-class ClientRecord(Struct, omit_defaults=True):
-    id: str
-    role: str
-    instance: str
-    connected_since: str
-    remote: str
-    messages_in: int
-    messages_out: int
-    last_activity: str
-    token: Annotated[
-        str | None | UnsetType, Meta(description="Name of the token that opened it (never its value).")
-    ] = UNSET
-    token_version: int | None | UnsetType = UNSET
-    protocol: Annotated[int, Meta(description="2 for clients speaking wsbridge.v2 (absent: 1).")] = 1
-    groups: Annotated[list[str], Meta(description="Groups the client joined (absent: none).")] = []
-    manifest: Annotated[
-        ClientManifest | None,
-        Meta(description="The commands the client declared (GET /api/v1/clients/{id} only; absent: none declared)."),
-    ] = None
-    history: Annotated[
-        list[HistoryEntry],
-        Meta(description="Connect history of the id, cluster-wide, newest first (GET /api/v1/clients/{id} only)."),
-    ] = _ABSENT_HISTORYENTRY
-    recent_commands: Annotated[
-        list[RecentCommand],
-        Meta(
-            description="Commands last sent to the id and their replies, newest first (GET /api/v1/clients/{id} only)."
-        ),
-    ] = _ABSENT_RECENTCOMMAND
-
-
-class ClientPage(Struct):
-    clients: list[ClientRecord]
-    count: Annotated[int, Meta(description="Connections matching the filters, cluster-wide.")]
-    next_cursor: Annotated[str | None, Meta(description="Pass as cursor for the next page; null on the last.")] = None
 
 
 class ApiError(Exception):
@@ -287,17 +78,55 @@ def _recent(request: Request[Any, Any, Any]) -> RecentCommands:
     return request.app.state.recent
 
 
+def _spec(kind: Any, description: str, *examples: Struct) -> ResponseSpec:
+    """A documented answer with the examples given (Litestar's generated ones are random values)."""
+    listed = [Example(value=msgspec.to_builtins(example)) for example in examples] or None
+    return ResponseSpec(kind, description=description, generate_examples=False, examples=listed)
+
+
+_UNAVAILABLE = _spec(
+    ErrorBody,
+    "broker_unavailable: the broker (Redis) cannot be reached; retry later.",
+    ErrorBody(ErrorCode.BROKER_UNAVAILABLE.value, "Redis is unreachable"),
+)
+_OFFLINE = ErrorBody(ErrorCode.TARGET_OFFLINE.value, "unity_client_1 is not connected", "unity_client_1")
+
 _COMMAND_RESPONSES = {
-    200: ResponseSpec(
-        CommandResult, description='The client replied (with wait_ms); for "*" or a group, the replies collected.'
+    200: _spec(
+        CommandResult,
+        'The client replied (with wait_ms); for "*" or a group, the replies collected.',
+        CommandResult("c-1", "replied", "unity_client_1", "unity_client_1", "Moved 10", 12.5),
+        CommandResult(
+            "c-4",
+            "replied",
+            "group:red",
+            count=1,
+            replies=[BroadcastReply("unity_client_1", "Moved 10", 12.5)],
+            no_reply=[],
+        ),
     ),
-    202: ResponseSpec(CommandResult, description="Delivered or queued (without wait_ms), or queued (with)."),
-    404: ResponseSpec(ErrorBody, description="target_offline: the target is not connected anywhere."),
-    409: ResponseSpec(ErrorBody, description="queue_full or duplicate_id."),
-    413: ResponseSpec(ErrorBody, description="message_too_large."),
-    429: ResponseSpec(ErrorBody, description="rate_limited; retry after retry_after_ms."),
-    503: ResponseSpec(ErrorBody, description="delivery_failed: the target's instance cannot be reached."),
-    504: ResponseSpec(CommandResult, description="timeout: no reply within wait_ms."),
+    202: _spec(
+        CommandResult,
+        "Delivered or queued (without wait_ms), or queued (with).",
+        CommandResult("c-1", "delivered", "unity_client_1"),
+        CommandResult("c-2", "delivered", "*", count=4),
+        CommandResult("c-3", "queued", "unity_client_1", expires_in_ms=30_000),
+    ),
+    404: _spec(ErrorBody, "target_offline: the target is not connected anywhere.", _OFFLINE),
+    409: _spec(ErrorBody, "queue_full or duplicate_id."),
+    413: _spec(ErrorBody, "message_too_large.", ErrorBody(ErrorCode.MESSAGE_TOO_LARGE.value, "too large", limit=65536)),
+    422: _spec(
+        ErrorBody,
+        "invalid_target, invalid_message or target_not_client; or a body or wait_ms the API refuses "
+        "(Litestar's validation shape: status_code, detail, extra).",
+    ),
+    429: _spec(ErrorBody, "rate_limited; retry after retry_after_ms (also in Retry-After)."),
+    503: _spec(ErrorBody, "delivery_failed: the target's instance cannot be reached; broker_unavailable: Redis."),
+    504: _spec(
+        CommandResult,
+        "timeout: no reply within wait_ms.",
+        CommandResult("c-1", "timeout", "unity_client_1", detail="unity_client_1 did not reply in time"),
+    ),
 }
 
 
@@ -309,6 +138,10 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 200
     "/api/v1/commands",
     status_code=202,
     responses=_COMMAND_RESPONSES,
+    raises=AUTH_ERRORS,
+    operation_id="sendCommand",
+    operation_class=JsonBodyOperation,
+    before_request=refuse_repeated_query,
     summary="Send a command to a client and optionally wait for its reply",
     tags=["commands"],
 )
@@ -325,7 +158,7 @@ async def post_command(
             "first command's outcome and never sends it twice (takes precedence over id for that).",
         ),
     ] = None,
-) -> Response[dict[str, Any]]:
+) -> Response[CommandResult | ErrorBody]:
     """Send ``message`` to ``target``; with ``wait_ms``, answer with the client's reply (200) or 504."""
     grant = require_token(request, allow_controller=True)
     commands = _commands(request)
@@ -352,7 +185,7 @@ async def post_command(
         budget=grant.budget,
     )
     if outcome is None:  # The client went away; the command's record says so (GET /api/v1/commands/{id}).
-        return Response({"error": "disconnected", "detail": "the client closed the connection"}, status_code=499)
+        return Response(ErrorBody("disconnected", "the client closed the connection"), status_code=499)
     await audit_admin_command(
         getattr(request.app.state, "audit", None),
         grant.actor(grant.name),
@@ -363,23 +196,42 @@ async def post_command(
         outcome.body.get("status") or outcome.body.get("error"),
         "api",
     )
+    body = as_result(outcome.body)
     headers = {}
-    if outcome.http_status == 429 and "retry_after_ms" in outcome.body:
-        headers["Retry-After"] = str(max(1, -(-int(outcome.body["retry_after_ms"]) // 1000)))
-    return Response(outcome.body, status_code=outcome.http_status, headers=headers)
+    if isinstance(body, ErrorBody) and body.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, -(-body.retry_after_ms // 1000)))
+    return Response(body, status_code=outcome.http_status, headers=headers)
+
+
+def as_result(body: dict[str, Any]) -> CommandResult | ErrorBody:
+    """The command service's outcome as the Struct the schema documents: a status, or an error."""
+    if "status" in body:
+        return msgspec.convert(body, CommandResult)
+    return msgspec.convert(body, ErrorBody)
 
 
 # --- clients ---------------------------------------------------------------------------------
 
 
-@get("/api/v1/clients", summary="List live connections across the cluster", tags=["clients"])
+@get(
+    "/api/v1/clients",
+    summary="List live connections across the cluster",
+    tags=["clients"],
+    responses={503: _UNAVAILABLE},
+    raises=AUTH_ERRORS,
+    operation_id="listClients",
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
+)
 async def list_clients(
     request: Request[Any, Any, Any],
     role: Annotated[Literal["client", "controller"] | None, Parameter(description="Only this role.")] = None,
     group: Annotated[str | None, Parameter(description="Only clients in this group.")] = None,
     prefix: Annotated[str | None, Parameter(description="Only ids starting with this.")] = None,
     limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="Page size.")] = MAX_PAGE,
-    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page.")] = None,
+    cursor: Annotated[
+        str | None, Parameter(description="next_cursor of the previous page; another value is answered 422.")
+    ] = None,
 ) -> Response[ClientPage]:
     """Every live connection in the cluster, filtered and paginated."""
     require_token(request, allow_controller=True)
@@ -399,10 +251,17 @@ async def list_clients(
     summary="One live connection",
     tags=["clients"],
     responses={
-        404: ResponseSpec(
-            ErrorBody, description="not connected (target_offline); the body still carries its history, if any"
-        )
+        404: _spec(
+            ErrorBody,
+            "not connected (target_offline); the body still carries its history, if any",
+            msgspec.structs.replace(_OFFLINE, history=[], recent_commands=[]),
+        ),
+        503: _UNAVAILABLE,
     },
+    raises=AUTH_ERRORS,
+    operation_id="getClient",
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def get_client(
     request: Request[Any, Any, Any],
@@ -422,9 +281,12 @@ async def get_client(
         raise _broker_unavailable(exc) from None
     # Kept by the instances that hold or held the id: the recent-commands service asks them.
     recent, _ = await _recent(request).read(client_id, history)
+    entries = msgspec.convert(history, list[HistoryEntry])
+    commands = msgspec.convert(recent, list[RecentCommand])
     if record is None:
-        raise _not_connected(client_id, history=history, recent_commands=recent)
-    return Response(msgspec.convert({**record, "history": history, "recent_commands": recent}, ClientRecord))
+        raise _not_connected(client_id, history=entries, recent_commands=commands)
+    found = msgspec.convert(record, ClientRecord)
+    return Response(msgspec.structs.replace(found, history=entries, recent_commands=commands))
 
 
 @delete(
@@ -432,7 +294,11 @@ async def get_client(
     status_code=204,
     summary="Disconnect a connection (admin token only; close code 4012)",
     tags=["clients"],
-    responses={404: ResponseSpec(ErrorBody, description="not connected")},
+    responses={404: _spec(ErrorBody, "target_offline: not connected", _OFFLINE), 503: _UNAVAILABLE},
+    raises=AUTH_ERRORS,
+    operation_id="disconnectClient",
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def delete_client(request: Request[Any, Any, Any], client_id: FromPath[str]) -> Response[None]:
     grant = require_token(request, allow_controller=False)
@@ -499,33 +365,6 @@ async def _disconnect(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-class CommandRecordBody(Struct):
-    """What became of a command sent through the HTTP API, MCP or the dashboard."""
-
-    id: CommandId
-    target: str
-    message: str
-    status: Annotated[
-        Literal["sending", "delivered", "queued", "replied", "timeout", "failed"],
-        Meta(description="sending: not at the client yet; timeout: no reply yet when its caller stopped waiting."),
-    ]
-    caller: Annotated[
-        Literal["waiting", "answered", "cancelled", "disconnected"],
-        Meta(description="What its caller did: still waiting, got an answer, cancelled (MCP), or went away (HTTP)."),
-    ]
-    delivered: Annotated[bool, Meta(description="Whether it reached the client's socket.")]
-    open: Annotated[bool, Meta(description="true: a reply may still come (wait_ms waits for it).")]
-    sent_at: float
-    updated_at: float
-    open_until: float
-    sender: str | None = None
-    reply: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
-    rtt_ms: float | None = None
-    late: Annotated[bool | None, Meta(description="true: the reply came after its caller stopped waiting.")] = None
-    error: str | None = None
-    detail: str | None = None
-
-
 @get(
     "/api/v1/commands/{command_id:str}",
     responses={
@@ -535,18 +374,21 @@ class CommandRecordBody(Struct):
     },
     summary="Follow a command up: its status and reply, waiting for them up to wait_ms",
     tags=["commands"],
+    raises=AUTH_ERRORS,
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def get_command(
     request: Request[Any, Any, Any],
     command_id: FromPath[str],
     wait_ms: Annotated[
-        int | None,
+        int,  # Not optional: Litestar leaves ge=0 out of the schema of an ``int | None``.
         Parameter(
             ge=0,
             le=300_000,
             description="Wait up to this long for the reply (or failure); the record as it is then.",
         ),
-    ] = None,
+    ] = 0,
 ) -> Response[CommandRecordBody]:
     """A command sent with ``POST /api/v1/commands`` (or MCP): status, reply, and whether its caller waited.
 
@@ -557,7 +399,7 @@ async def get_command(
     commands = _commands(request)
     follow = partial(commands.followups.wait, owner=grant.caller)  # Only the sender's own records.
     try:
-        record = await _unless_disconnected(request, follow, command_id, (wait_ms or 0) / 1000)
+        record = await _unless_disconnected(request, follow, command_id, wait_ms / 1000)
     except BrokerUnavailable as exc:
         raise _broker_unavailable(exc) from None
     if record is None:
@@ -571,3 +413,4 @@ async def get_command(
 
 
 API_HANDLERS = [post_command, list_clients, get_client, delete_client, get_command]
+API_HANDLERS[:0] = options_handlers(API_HANDLERS)  # First: registered after GET, Litestar's own would clash.

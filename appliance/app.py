@@ -30,6 +30,7 @@ from ui import DashboardPlugin
 from . import __version__, metrics
 from .admission import max_request_bytes
 from .api import API_HANDLERS, ApiError, api_error, validation_as_422
+from .api_schema import StrictStructSchemaPlugin, camel_case_operation_id
 from .audit import AuditLog, MemoryAuditLog
 from .bans import BanService
 from .bans_api import BAN_HANDLERS
@@ -178,7 +179,8 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
 
     return Litestar(
         route_handlers=[relay_socket, *PROBE_HANDLERS, *API_HANDLERS, *BAN_HANDLERS, *EVENTS_HANDLERS, mcp_endpoint],
-        plugins=[DashboardPlugin(settings)],  # The admin dashboard under /admin (ui/).
+        # The admin dashboard under /admin (ui/); additionalProperties: false in the schema where msgspec forbids them.
+        plugins=[DashboardPlugin(settings), StrictStructSchemaPlugin()],
         state=State(
             {
                 "relay": relay,
@@ -208,14 +210,15 @@ def create_app(settings: Settings, broker: Broker | None = None, token_store: To
             # third-party scripts without SRI (Redoc from a mutable URL) on the dashboard's origin, outside the
             # dashboard's CSP, so such a script could read a CSRF token and act as a signed-in admin (#20).
             render_plugins=[JsonRenderPlugin()],
-            # Declared so a generated client (an LLM tool definition) sends the header; /healthz,
-            # /readyz and / ignore it.
+            # Declared so a generated client (an LLM tool definition) sends the header; /, /healthz,
+            # /readyz and /metrics say they need none (api_schema.PublicOperation).
             components=Components(
                 security_schemes={
                     "XAuthToken": SecurityScheme(type="apiKey", name="X-Auth-Token", security_scheme_in="header")
                 }
             ),
             security=[{"XAuthToken": []}],
+            operation_id_creator=camel_case_operation_id,  # Routes that name no operation_id: list_x -> listX.
         ),
         logging_config=None,
     )

@@ -2,8 +2,8 @@
 
 The same service as the dashboard's Bans page: a ban is stored cluster-wide, closes what it
 covers (4016) and is audited (``ban.add``, ``ban.lift``, ``via=api``). Errors have the API's
-shape, ``{"error": ..., "detail": ...}``: 400 ``invalid_ban``, 404 ``no_ban``, 503
-``broker_unavailable``.
+shape, ``{"error": ..., "detail": ...}``: 422 ``invalid_ban`` (an invalid request is 422 across the API,
+appliance/api_schema.py), 404 ``no_ban``, 503 ``broker_unavailable``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromQuery, JSONBody
 from msgspec import Meta, Struct
 
+from .api_schema import AUTH_ERRORS, ApiOperation, JsonBodyOperation, options_handlers, refuse_repeated_query
 from .brokers.base import BrokerUnavailable
 from .core.bans import BAN_SECONDS_MAX, Ban, parse_target
 from .core.protocol import ErrorCode
@@ -50,6 +51,21 @@ class BanList(Struct):
     bans: list[BanRecord]
 
 
+class BanError(Struct):
+    error: Annotated[str, Meta(description="invalid_ban, no_ban or broker_unavailable")]
+    detail: str
+
+
+def _answer(description: str) -> ResponseSpec:
+    return ResponseSpec(BanError, description=description, generate_examples=False)
+
+
+_UNAVAILABLE = _answer("broker_unavailable: Redis cannot be reached.")
+_INVALID = _answer("invalid_ban: neither a client id nor an address, or a block wider than /8 (IPv6 /32).")
+#: What the OpenAPI document says beyond Litestar's inference (appliance/api_schema.py).
+_DOCUMENTED: dict[str, Any] = {"raises": AUTH_ERRORS, "before_request": refuse_repeated_query}
+
+
 def _record(ban: Ban, closed: int | None = None) -> BanRecord:
     return BanRecord(ban.key, ban.kind, ban.target, ban.until, ban.by, ban.reason, ban.at, closed)
 
@@ -62,8 +78,15 @@ def _source(request: Request[Any, Any, Any]) -> str:
     return request.client.host if request.client else "unknown"
 
 
-@get("/api/v1/bans", summary="The live bans (admin token only)", tags=["bans"])
-async def list_bans(request: Request[Any, Any, Any]) -> Response[Any]:
+@get(
+    "/api/v1/bans",
+    summary="The live bans (admin token only)",
+    tags=["bans"],
+    responses={503: _UNAVAILABLE},
+    operation_class=ApiOperation,
+    **_DOCUMENTED,
+)
+async def list_bans(request: Request[Any, Any, Any]) -> Response[BanList]:
     require_token(request, allow_controller=False)
     try:
         bans = (await request.app.state.bans.current()).live(time.time())
@@ -72,21 +95,36 @@ async def list_bans(request: Request[Any, Any, Any]) -> Response[Any]:
     return Response(BanList([_record(ban) for ban in bans]))
 
 
-@post("/api/v1/bans", summary="Ban a client id or an address (admin token only; closes it with 4016)", tags=["bans"])
-async def add_ban(request: Request[Any, Any, Any], data: JSONBody[BanBody]) -> Response[Any]:
+@post(
+    "/api/v1/bans",
+    summary="Ban a client id or an address (admin token only; closes it with 4016)",
+    tags=["bans"],
+    responses={422: _INVALID, 503: _UNAVAILABLE},
+    operation_class=JsonBodyOperation,
+    **_DOCUMENTED,
+)
+async def add_ban(request: Request[Any, Any, Any], data: JSONBody[BanBody]) -> Response[BanRecord]:
     grant = require_token(request, allow_controller=False)
     try:
         ban, closed = await request.app.state.bans.ban(
             data.target, data.seconds, grant.name, _source(request), data.reason, via="api"
         )
     except ValueError as exc:
-        return _error(400, "invalid_ban", str(exc))
+        return _error(422, "invalid_ban", str(exc))
     except BrokerUnavailable as exc:
         return _error(503, ErrorCode.BROKER_UNAVAILABLE.value, str(exc))
-    return Response(msgspec.to_builtins(_record(ban, closed)), status_code=201)
+    return Response(_record(ban, closed), status_code=201)
 
 
-@delete("/api/v1/bans", status_code=204, summary="Lift a ban (admin token only)", tags=["bans"])
+@delete(
+    "/api/v1/bans",
+    status_code=204,
+    summary="Lift a ban (admin token only)",
+    tags=["bans"],
+    responses={404: _answer("no_ban: nothing banned by that target."), 422: _INVALID, 503: _UNAVAILABLE},
+    operation_class=ApiOperation,
+    **_DOCUMENTED,
+)
 async def lift_ban(request: Request[Any, Any, Any], target: FromQuery[str]) -> Response[None]:
     """``target``: the banned client id, address or block, as given or as listed (``key``)."""
     grant = require_token(request, allow_controller=False)
@@ -94,7 +132,7 @@ async def lift_ban(request: Request[Any, Any, Any], target: FromQuery[str]) -> R
         kind, normal = parse_target(target.split(":", 1)[1] if target.startswith(("id:", "address:")) else target)
         lifted = await request.app.state.bans.lift(f"{kind}:{normal}", grant.name, _source(request), via="api")
     except ValueError as exc:
-        return _error(400, "invalid_ban", str(exc))
+        return _error(422, "invalid_ban", str(exc))
     except BrokerUnavailable as exc:
         return _error(503, ErrorCode.BROKER_UNAVAILABLE.value, str(exc))
     if not lifted:
@@ -103,3 +141,4 @@ async def lift_ban(request: Request[Any, Any, Any], target: FromQuery[str]) -> R
 
 
 BAN_HANDLERS = [list_bans, add_ban, lift_ban]
+BAN_HANDLERS[:0] = options_handlers(BAN_HANDLERS)  # OPTIONS lists GET, POST and DELETE (api_schema.py)

@@ -22,6 +22,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from .api_schema import AUTH_ERRORS, ApiOperation, refuse_repeated_query
 from .brokers.base import BrokerUnavailable
 from .core.admission import address_key, parse_networks
 from .core.protocol import CLIENT_ID_PATTERN
@@ -101,7 +102,6 @@ _NAME = {"pattern": CLIENT_ID_PATTERN.pattern, "max_length": 50}
     summary="Follow what clients say, as server-sent events",
     tags=["events"],
     media_type="text/event-stream",
-    raises=[TooManyRequestsException],
     responses={
         200: ResponseSpec(
             str,
@@ -111,6 +111,10 @@ _NAME = {"pattern": CLIENT_ID_PATTERN.pattern, "max_length": 50}
             generate_examples=False,
         )
     },
+    # appliance/api_schema.py: what the OpenAPI document says beyond Litestar's inference.
+    raises=[*AUTH_ERRORS, TooManyRequestsException],
+    operation_class=ApiOperation,
+    before_request=refuse_repeated_query,
 )
 async def follow_events(
     request: Request[Any, Any, Any],

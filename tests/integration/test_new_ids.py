@@ -87,7 +87,7 @@ async def test_a_ban_on_one_instance_closes_and_refuses_on_the_other_until_lifte
             answer = await http.post(a.http + "/api/v1/bans", json=sent, headers={"X-Auth-Token": token})
             assert answer.status_code == 403
         answer = await http.post(a.http + "/api/v1/bans", json={"target": "kiosk 7", "seconds": 3600}, headers=admin)
-        assert answer.status_code == 400 and answer.json()["error"] == "invalid_ban"
+        assert answer.status_code == 422 and answer.json()["error"] == "invalid_ban"
         answer = await http.post(
             a.http + "/api/v1/bans", json={"target": "kiosk-7", "seconds": 3600, "reason": "stolen"}, headers=admin
         )

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from http import HTTPStatus
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 from moto_support import MotoServer, seed, unique_prefix
@@ -98,6 +99,21 @@ def app() -> Iterator[Appliance]:
     appliance.start()
     yield appliance
     appliance.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_app(redis_server) -> Iterator[Appliance]:
+    """The same, on Redis, for the tests that run on both brokers and need nothing else of their own."""
+    appliance = Appliance(redis_url=redis_server.url, name="unity-redis")
+    appliance.start()
+    yield appliance
+    appliance.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def relay(request: pytest.FixtureRequest) -> Appliance:
+    """conftest's ``relay``, but ``app`` for the memory broker: one appliance per broker for the module."""
+    return request.getfixturevalue("app" if request.param == "memory" else "redis_app")
 
 
 class Device:
@@ -243,9 +259,31 @@ def frame_bytes(target: str, message: str) -> int:
 # --- offline and compile-only -------------------------------------------------------------------
 
 
+def documented_close_codes() -> tuple[list[int], list[int]]:
+    """docs/protocol.md's close-code table: (the codes it says not to retry, the others)."""
+    rows = re.findall(r"^\| (\d{4}) \|.*\| ([^|]*)\|$", (ROOT / "docs" / "protocol.md").read_text(), re.M)
+    final = [int(code) for code, retry in rows if re.match(r"not?\b", retry.strip())]
+    retried = [int(code) for code, _ in rows if int(code) not in final]
+    assert {4001, 4011, 4014, 4016} <= set(final) and {1011, 4004, 4015} <= set(retried), rows  # the table was read
+    return final, retried
+
+
 async def test_selftest_backoff_endpoint_codec_and_retry_loop(harness):
-    async with device(harness, "selftest") as run:
+    """Also: every close code docs/protocol.md says not to retry is final, the others are retried, all described."""
+    final, retried = documented_close_codes()
+    codes = {"final_codes": ",".join(map(str, final)), "retried_codes": ",".join(map(str, retried))}
+    async with device(harness, "selftest", **codes) as run:
         await run.passes()
+
+
+def test_the_readme_says_the_client_stops_at_every_final_close_code():
+    readme = (ROOT / "unity_project" / "README.md").read_text()
+    stops = {
+        int(code)
+        for row in re.findall(r"^\|.*\*\*Stops\*\*.*$", readme, re.M)
+        for code in re.findall(r"\b4\d{3}\b", row)
+    }
+    assert set(documented_close_codes()[0]) <= stops, sorted(set(documented_close_codes()[0]) - stops)
 
 
 async def test_listener_and_example_compile_against_the_unity_stand_in(tmp_path):
@@ -389,12 +427,7 @@ async def test_refused_connection_is_not_retried_and_the_reason_is_reported(app,
     assert token not in run.output  # the token is never printed, not even in the reason
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
-async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_gives_up(
-    request, start_appliance, harness, broker
-):
-    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
-    relay = start_appliance(redis_url=redis_url, name=f"unity-dup-{broker}")
+async def test_newer_connection_with_the_same_id_takes_over_and_the_old_one_gives_up(relay, harness):
     async with (
         relay.controller() as llm,
         device(harness, "replaced", url=relay.ws, id="unity-dup", token=CLIENT_TOKEN) as run,
@@ -528,12 +561,9 @@ async def test_commands_a_replaced_client_delivers_late_do_not_fill_the_pending_
         await run.passes()
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
-async def test_commands_never_run_late_and_teardown_never_blocks(request, start_appliance, smoke, broker):
+async def test_commands_never_run_late_and_teardown_never_blocks(relay, smoke):
     """Disabled, paused, stalled frames, an old connection, the frame budget, a domain reload, a destroyed primary
     listener, a dead socket on resume and at teardown (the C# program is the controller too; see ListenerSmoke.cs)."""
-    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
-    relay = start_appliance(redis_url=redis_url, name=f"unity-life-{broker}")
     async with device(
         smoke,
         "lifecycle",
@@ -1081,12 +1111,7 @@ async def next_reply(ws, within: float = 10.0) -> dict:
     return frame
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
-async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rtt(
-    request, start_appliance, harness, broker
-):
-    redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
-    relay = start_appliance(redis_url=redis_url, name=f"unity-v2-{broker}")
+async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rtt(relay, harness):
     target = "unity-v2"
     async with (
         relay.controller("llm-a") as first,
@@ -1125,8 +1150,8 @@ async def test_v2_reply_reaches_only_the_sending_controller_with_reply_to_and_rt
 async def test_v2_replies_to_a_broadcast_reach_every_controller_as_the_clients_plain_message(
     request, start_appliance, harness, broker
 ):
-    """Issue 25 item 8: the C# v2 client answers a broadcast's id with {"reply_to", "message"}; nothing waits for that
-    id (broadcasts wait for no reply), so controllers get {"sender", "message"}, not the envelope as text."""
+    """Issue 25 item 8: the C# v2 client answers a broadcast's id with {"reply_to", "message"}; controllers get
+    {"sender", "message"}, not the envelope as text, and a caller waiting for the broadcast's replies gets them."""
     redis_url = request.getfixturevalue("redis_server").url if broker == "redis" else None
     relay = start_appliance(redis_url=redis_url, name=f"unity-v2-broadcast-{broker}")
     target = "unity-v2-everyone"
@@ -1140,6 +1165,19 @@ async def test_v2_replies_to_a_broadcast_reach_every_controller_as_the_clients_p
             await first.send(json.dumps({"target": addressed, "message": "echo everyone", "id": command_id}))
             for ws in (first, second):
                 assert await next_reply(ws) == {"sender": target, "message": "everyone from llm-a"}
+        # ...and a caller that waits for a broadcast's replies (HTTP wait_ms) gets the C# client's, per client.
+        async with httpx.AsyncClient(
+            base_url=relay.http, headers={"X-Auth-Token": CONTROLLER_TOKEN}, timeout=timeout(20)
+        ) as http:
+            body = {"target": "group:lights", "message": "echo waited", "wait_ms": int(timeout(10) * 1000)}
+            response = await http.post("/api/v1/commands", json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert (result["status"], result["count"], result["no_reply"]) == ("replied", 1, []), result
+        assert [(r["client"], r["message"].split(" from ")[0]) for r in result["replies"]] == [(target, "waited")]
+        for ws in (first, second):  # the controllers got it too, as the client's plain message
+            reply = await next_reply(ws)
+            assert reply["sender"] == target and reply["message"].startswith("waited from "), reply
         await first.send(command(target, "quit"))
         for ws in (first, second):
             assert await recv_json(ws) == {"sender": target, "message": "bye"}

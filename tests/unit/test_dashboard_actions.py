@@ -116,7 +116,7 @@ def test_the_ban_api_bans_lists_and_lifts_with_the_admin_token_only_and_audits_e
     assert http.post("/api/v1/bans", json=sent, headers={"X-Auth-Token": "u" * 32}).status_code == 403
     assert http.post("/api/v1/bans", json={**sent, "seconds": 10}, headers=headers).status_code in (400, 422)
     wide = http.post("/api/v1/bans", json={**sent, "target": "10.0.0.0/6"}, headers=headers)
-    assert wide.status_code == 400 and "too wide" in wide.json()["detail"]
+    assert wide.status_code == 422 and "too wide" in wide.json()["detail"]
     made = http.post("/api/v1/bans", json={**sent, "target": "2001:db8::5", "reason": "scan"}, headers=headers)
     assert made.status_code == 201 and made.json()["key"] == "address:2001:db8::5/128" and made.json()["closed"] == 0
     assert [b["key"] for b in http.get("/api/v1/bans", headers=headers).json()["bans"]] == ["address:2001:db8::5/128"]

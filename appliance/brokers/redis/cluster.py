@@ -25,13 +25,9 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
-from redis.exceptions import RedisError
 
-from ... import metrics
 from ..base import BrokerUnavailable
-from .keys import CONTROLLERS, FAN_CHANNEL
-from .link import unavailable
-from .subscriber import IDLE_CHECK_SECONDS, SUBSCRIBE_CHUNK, Subscriber, SubscriberConnection
+from .subscriber import Subscriber, SubscriberConnection, next_message
 
 __all__ = ["ClusterSubscriber"]
 
@@ -60,6 +56,8 @@ class _Shard:
 
 class ClusterSubscriber(Subscriber):
     """:class:`~.subscriber.Subscriber` over shard channels, on one connection per primary."""
+
+    WHAT = "Redis cluster subscriber"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -104,39 +102,33 @@ class ClusterSubscriber(Subscriber):
         for shard in self._shards.values():
             await shard.pubsub.connect()
 
+    def _connected(self) -> bool:
+        return bool(self._shards)
+
+    async def _send_subscribe(self, channel: str) -> None:
+        await self._shard_for(channel).pubsub.ssubscribe(channel)
+
+    async def _send_unsubscribe(self, channel: str) -> None:
+        shard = self._shard_for(channel)
+        self._leaving[channel] = self._leaving.get(channel, 0) + 1
+        await shard.pubsub.sunsubscribe(channel)
+
     async def _subscribe_all(self) -> None:
-        channels = [
-            self._reply_channel,
-            CONTROLLERS,
-            FAN_CHANNEL,
-            *(ch for ch, refs in self._subs.refs.items() if refs > 0),
-        ]
+        channels = self._channels()
         # One SSUBSCRIBE names channels of one slot only.
         by_slot: dict[int, list[str]] = {}
         for channel in channels:
             by_slot.setdefault(self._cluster.keyslot(channel), []).append(channel)
         for mine in by_slot.values():
             shard = self._shard_for(mine[0])
-            for start in range(0, len(mine), SUBSCRIBE_CHUNK):
-                chunk = mine[start : start + SUBSCRIBE_CHUNK]
-                for channel in chunk:
-                    self._subs.sent[channel] += 1
+            for chunk in self._chunks(mine):
                 await shard.pubsub.ssubscribe(*chunk)
         await asyncio.wait_for(asyncio.gather(*(self._subs.wait_for(ch) for ch in channels)), CONFIRM_SECONDS)
 
     async def _read(self, shard: _Shard) -> None:
         """Hand over every message of one shard; raises when its connection is lost."""
-        pubsub = shard.pubsub
-        silent_checks = 0
         while True:
-            message = await pubsub.get_message(timeout=IDLE_CHECK_SECONDS)
-            if message is None:
-                silent_checks += 1
-                if silent_checks > 2:
-                    raise ConnectionError("no answer to PING on a subscriber connection")
-                await pubsub.ping()
-                continue
-            silent_checks = 0
+            message = await next_message(shard.pubsub)
             kind = message["type"]
             if kind == "smessage":
                 self._on_message(message["channel"], message["data"])
@@ -183,14 +175,8 @@ class ClusterSubscriber(Subscriber):
                         task.result()  # Raises the reader's error.
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._on_lost(exc)
-            except BrokerUnavailable as exc:
-                self._on_lost(ConnectionError(str(exc)))
-            except Exception as exc:  # A bug here must not kill routing for good.
-                log.exception("Redis cluster subscriber failed; reconnecting")
-                metrics.BROKER_TASK_ERRORS.labels(task="subscriber").inc()
-                self._on_lost(exc)
+            except Exception as exc:
+                self._failed(exc)
             finally:
                 for reader in readers:
                     reader.cancel()
@@ -199,41 +185,3 @@ class ClusterSubscriber(Subscriber):
                 reasserting.cancel()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
-
-    async def subscribe(self, channel: str) -> None:
-        if not self._link.up or not self._shards:
-            raise BrokerUnavailable(self._link.health()[1])
-        subs = self._subs
-        subs.refs[channel] += 1
-        if subs.refs[channel] == 1:
-            subs.sent[channel] += 1
-            try:
-                await self._shard_for(channel).pubsub.ssubscribe(channel)
-            except (RedisError, OSError) as exc:
-                subs.refs[channel] -= 1
-                subs.forget(channel)
-                raise unavailable(exc) from exc
-            except BaseException:
-                subs.refs[channel] -= 1
-                subs.forget(channel)
-                raise
-        try:
-            await asyncio.wait_for(subs.wait_for(channel), 10)
-        except TimeoutError as exc:
-            await self.unsubscribe(channel)
-            raise BrokerUnavailable("redis did not confirm the subscription within 10 s") from exc
-        except BaseException:
-            await self.unsubscribe(channel)
-            raise
-
-    async def unsubscribe(self, channel: str) -> None:
-        subs = self._subs
-        subs.refs[channel] -= 1
-        if subs.refs[channel] > 0:
-            return
-        subs.forget(channel)
-        if self._link.up and self._shards:
-            with contextlib.suppress(RedisError, OSError, BrokerUnavailable):
-                shard = self._shard_for(channel)
-                self._leaving[channel] = self._leaving.get(channel, 0) + 1
-                await shard.pubsub.sunsubscribe(channel)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from redis.asyncio.client import PubSub
@@ -17,7 +17,7 @@ from ..base import BrokerUnavailable
 from .keys import CONTROLLERS, FAN_CHANNEL
 from .link import Link, unavailable
 
-__all__ = ["Subscriber"]
+__all__ = ["Subscriber", "next_message"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,19 @@ class SubscriberConnection(PubSub):
 
     async def _reconnect(self, conn: Any, *args: Any, **kwargs: Any) -> None:
         await conn.disconnect()
+
+
+async def next_message(pubsub: PubSub) -> dict[str, Any]:
+    """The connection's next message; while idle a PING must come back, or it is dead without a reset."""
+    silent_checks = 0
+    while True:
+        message = await pubsub.get_message(timeout=IDLE_CHECK_SECONDS)
+        if message is not None:
+            return message
+        silent_checks += 1
+        if silent_checks > 2:
+            raise ConnectionError("no answer to PING on a subscriber connection")
+        await pubsub.ping()
 
 
 class _Subscriptions:
@@ -99,7 +112,12 @@ class Subscriber:
     ``on_message(channel, data)`` gets every message; ``on_lost(exc)`` every loss of the
     connection (before anything else learns of it); ``came_back()`` runs once the
     subscriptions are confirmed while the link is down, and marks it up when it is done.
+    Subclasses (cluster.py) say how to reach a channel's connection: ``_connected``,
+    ``_send_subscribe``, ``_send_unsubscribe``.
     """
+
+    #: Its name in the log.
+    WHAT = "Redis subscriber"
 
     def __init__(
         self,
@@ -134,6 +152,39 @@ class Subscriber:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
 
+    def _channels(self) -> list[str]:
+        """Every channel to (re)subscribe after a connect: the instance's own and each one in use."""
+        in_use = (channel for channel, refs in self._subs.refs.items() if refs > 0)
+        return [self._reply_channel, CONTROLLERS, FAN_CHANNEL, *in_use]
+
+    def _chunks(self, channels: list[str]) -> Iterator[list[str]]:
+        """``channels`` in SUBSCRIBE-sized chunks, each counted as sent (:class:`_Subscriptions`)."""
+        for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+            chunk = channels[start : start + SUBSCRIBE_CHUNK]
+            for channel in chunk:
+                self._subs.sent[channel] += 1
+            yield chunk
+
+    def _failed(self, exc: Exception) -> None:
+        """The connection failed in :meth:`run`: a loss, and a logged bug when Redis is not the cause."""
+        if isinstance(exc, BrokerUnavailable):
+            exc = ConnectionError(str(exc))
+        elif not isinstance(exc, (RedisError, OSError)):  # A bug here must not kill routing for good.
+            log.exception("%s failed; reconnecting", self.WHAT)
+            metrics.BROKER_TASK_ERRORS.labels(task="subscriber").inc()
+        self._on_lost(exc)
+
+    def _connected(self) -> bool:
+        return self._pubsub is not None
+
+    async def _send_subscribe(self, channel: str) -> None:
+        assert self._pubsub is not None
+        await self._pubsub.subscribe(channel)
+
+    async def _send_unsubscribe(self, channel: str) -> None:
+        assert self._pubsub is not None
+        await self._pubsub.unsubscribe(channel)
+
     async def _connect(self) -> None:
         assert self._link.sub_client is not None
         if self._pubsub is not None:
@@ -141,16 +192,7 @@ class Subscriber:
                 await self._pubsub.aclose()
         self._pubsub = SubscriberConnection(self._link.sub_client.connection_pool, ignore_subscribe_messages=False)
         self._subs.reset_counts()
-        channels = [
-            self._reply_channel,
-            CONTROLLERS,
-            FAN_CHANNEL,
-            *(ch for ch, refs in self._subs.refs.items() if refs > 0),
-        ]
-        for start in range(0, len(channels), SUBSCRIBE_CHUNK):
-            chunk = channels[start : start + SUBSCRIBE_CHUNK]
-            for channel in chunk:
-                self._subs.sent[channel] += 1
+        for chunk in self._chunks(self._channels()):
             await self._pubsub.subscribe(*chunk)
 
     async def run(self) -> None:
@@ -161,17 +203,8 @@ class Subscriber:
                 await self._connect()
                 assert self._pubsub is not None
                 self._reconnect_requested = False
-                silent_checks = 0
                 while not self._reconnect_requested:
-                    message = await self._pubsub.get_message(timeout=IDLE_CHECK_SECONDS)
-                    if message is None:
-                        # Idle: a PING must come back, or the connection is dead without a reset.
-                        silent_checks += 1
-                        if silent_checks > 2:
-                            raise ConnectionError("no answer to PING on the subscriber connection")
-                        await self._pubsub.ping()
-                        continue
-                    silent_checks = 0
+                    message = await next_message(self._pubsub)
                     kind = message["type"]
                     if kind == "message":
                         self._on_message(message["channel"], message["data"])
@@ -183,12 +216,8 @@ class Subscriber:
                             backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
-                self._on_lost(exc)
-            except Exception as exc:  # A bug here must not kill routing for good.
-                log.exception("Redis subscriber failed; reconnecting")
-                metrics.BROKER_TASK_ERRORS.labels(task="subscriber").inc()
-                self._on_lost(exc)
+            except Exception as exc:
+                self._failed(exc)
             if reasserting is not None and not reasserting.done():
                 reasserting.cancel()
             await asyncio.sleep(backoff)
@@ -196,14 +225,14 @@ class Subscriber:
 
     async def subscribe(self, channel: str) -> None:
         """Subscribe (or count one more user of) ``channel``; returns once Redis confirmed it."""
-        if not self._link.up or self._pubsub is None:
+        if not self._link.up or not self._connected():
             raise BrokerUnavailable(self._link.health()[1])
         subs = self._subs
         subs.refs[channel] += 1
         if subs.refs[channel] == 1:
             subs.sent[channel] += 1
             try:
-                await self._pubsub.subscribe(channel)
+                await self._send_subscribe(channel)
             except (RedisError, OSError) as exc:
                 subs.refs[channel] -= 1
                 subs.forget(channel)
@@ -227,6 +256,6 @@ class Subscriber:
         if subs.refs[channel] > 0:
             return
         subs.forget(channel)
-        if self._link.up and self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(channel)
+        if self._link.up and self._connected():
+            with contextlib.suppress(RedisError, OSError, BrokerUnavailable):
+                await self._send_unsubscribe(channel)

@@ -107,6 +107,11 @@ internal static class Program
         return Options.TryGetValue(name, out value) ? value : fallback;
     }
 
+    private static IEnumerable<int> Codes(string commaSeparated)
+    {
+        return commaSeparated.Split(new[] { ',' }, StringSplitOptions.RemoveEmptyEntries).Select(int.Parse);
+    }
+
     private static string Opt(string name)
     {
         string value;
@@ -698,6 +703,14 @@ internal static class Program
         CheckEqual(BridgeClient.DescribeCloseCode(4004), "the client id is in use by a controller", "4004 described");
         CheckEqual(BridgeClient.DescribeCloseCode(4013), "too many connections from this address or with this token", "4013 described");
         Check(!BridgeCloseCodes.IsFinal(BridgeCloseCodes.RoleConflict) && !BridgeCloseCodes.IsFinal(BridgeCloseCodes.TooManyConnections), "4004 and 4013 are retried");
+        // docs/protocol.md's close-code table, read by the Python side: a code it says not to retry is final,
+        // any other is retried; every code is described (a reason for the Status line when the server sends none).
+        foreach (var final in Codes(Opt("final-codes")))
+            Check(BridgeCloseCodes.IsFinal(final), final + " is final in docs/protocol.md but retried");
+        foreach (var retried in Codes(Opt("retried-codes")))
+            Check(!BridgeCloseCodes.IsFinal(retried), retried + " is retried in docs/protocol.md but final");
+        foreach (var documented in Codes(Opt("final-codes")).Concat(Codes(Opt("retried-codes"))))
+            Check(BridgeClient.DescribeCloseCode(documented) != "closed with code " + documented, documented + " is not described");
         Check(!codec.TryDecode("{\"id\":1,\"message\":\"on\"} trailing", out command), "trailing text is refused");
 
         // Async handlers: the task's result is the reply; a faulted task becomes an error reply.

@@ -257,6 +257,12 @@ internal static class ListenerSmoke
 
             // OnValidate: a token typed into the Inspector is not kept unless Token Source = Inspector; bad values are fixed.
             SetField(listener, "token", "typed-into-the-inspector");
+            // The Inspector (issue 25 item 10): Status is shown but never editable, Protocol Version is a V1/V2 choice.
+            var serialized = BindingFlags.Instance | BindingFlags.NonPublic;
+            Check(typeof(CommandListener).GetField("status", serialized).IsDefined(typeof(ReadOnlyFieldAttribute), false),
+                "Status is editable in the Inspector");
+            Check(typeof(CommandListener).GetField("protocolVersion", serialized).FieldType == typeof(BridgeProtocolVersion),
+                "Protocol Version is not the V1/V2 enum");
             SetField(listener, "protocolVersion", (BridgeProtocolVersion)3); // an out-of-range value in a scene file
             SetField(listener, "maxPendingCommands", 0);
             Player.Message(listener, "OnValidate");

@@ -77,6 +77,7 @@ namespace WebSocketBridge
         public const int TokenExpired = 4011;     // token expired or revoked: do not retry; reconnect with the current token.
         public const int DisconnectedByAdmin = 4012; // an administrator disconnected this client: do not retry (a person decided).
         public const int TooManyConnections = 4013;  // this address or token holds too many connections: retry later.
+        public const int GroupNotAllowed = 4014;  // a scoped token asked for a group its groups list does not name: do not retry.
         public const int TooManyNewIds = 4015;    // too many new client ids from this address or token: retry later.
         public const int Banned = 4016;           // the id or address is on the ban list: do not retry (a person decided).
 
@@ -84,7 +85,7 @@ namespace WebSocketBridge
         public static bool IsFinal(int code)
         {
             return code == Unauthorized || code == InvalidClientId || code == ReservedClientId || code == Replaced
-                || code == TokenExpired || code == DisconnectedByAdmin || code == Banned;
+                || code == TokenExpired || code == DisconnectedByAdmin || code == GroupNotAllowed || code == Banned;
         }
     }
 
@@ -909,6 +910,7 @@ namespace WebSocketBridge
                 case BridgeCloseCodes.TokenExpired: return "token expired or revoked; reconnect with the current token";
                 case BridgeCloseCodes.DisconnectedByAdmin: return "disconnected by an administrator";
                 case BridgeCloseCodes.TooManyConnections: return "too many connections from this address or with this token";
+                case BridgeCloseCodes.GroupNotAllowed: return "group not allowed: this token may not join a group asked for (Groups)";
                 case BridgeCloseCodes.TooManyNewIds: return "too many new client ids from this address or with this token";
                 case BridgeCloseCodes.Banned: return "this client id or address is banned";
                 default: return "closed with code " + code;

@@ -65,6 +65,8 @@ namespace WebSocketBridge.Tests
             Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.Unauthorized));
             Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.TokenExpired));
             Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.DisconnectedByAdmin));
+            Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.GroupNotAllowed));
+            Assert.IsTrue(BridgeCloseCodes.IsFinal(BridgeCloseCodes.Banned));
             Assert.IsFalse(BridgeCloseCodes.IsFinal(BridgeCloseCodes.GoingAway));
         }
 
