@@ -4,7 +4,8 @@ A caller that stopped waiting (``wait=false``, a queued command, a timeout, a ca
 call, an HTTP client that went away) can still learn what became of its command, on any
 instance: each command sent by an in-process caller (HTTP, MCP, dashboard) has a record in
 the broker, next to the idempotency records (Redis when configured: ``wsb:idem:#cmd:{id}``),
-kept ``IDEMPOTENCY_WINDOW_SECONDS`` after its last change and bounded like them.
+kept ``IDEMPOTENCY_WINDOW_SECONDS`` after its last change and bounded like them. A record is
+its sender's: a named token's caller reads only its own (:func:`record_key`).
 
 The sender's instance keeps following the command after its caller stopped waiting, until
 ``open_until`` (its deadline plus :data:`LATE_REPLY_SECONDS`): a delivery, a reply or a
