@@ -181,6 +181,7 @@ async def post_command(
         queue=data.queue,
         idempotency_key=idempotency_key,
         controller=grant.actor(HTTP_CONTROLLER),  # A named token's caller has its own name and bucket.
+        owner=grant.caller,  # and its own command records (SECURITY.md)
         budget=grant.budget,
     )
     if outcome is None:  # The client went away; the command's record says so (GET /api/v1/commands/{id}).
@@ -394,10 +395,11 @@ async def get_command(
     A reply that came after its caller stopped waiting (a timeout, ``wait=false``, a queued command,
     a cancelled call) is here, marked late. Any instance answers.
     """
-    require_token(request, allow_controller=True)
+    grant = require_token(request, allow_controller=True)
     commands = _commands(request)
+    follow = partial(commands.followups.wait, owner=grant.caller)  # Only the sender's own records.
     try:
-        record = await _unless_disconnected(request, commands.followups.wait, command_id, wait_ms / 1000)
+        record = await _unless_disconnected(request, follow, command_id, wait_ms / 1000)
     except BrokerUnavailable as exc:
         raise _broker_unavailable(exc) from None
     if record is None:

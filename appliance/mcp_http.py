@@ -57,6 +57,7 @@ class LocalBackend:
             queue=bool(fields.get("queue")),
             controller=grant.actor("mcp") if grant is not None else "mcp",  # a named token's caller: its <name>
             budget=grant.budget if grant is not None else "",
+            owner=grant.caller if grant is not None else None,
             command_id=fields.get("id"),
             idempotency_key=None if fields.get("id") is None else f"id:{fields['id']!r}",
         )
@@ -73,7 +74,9 @@ class LocalBackend:
 
     async def command_status(self, command_id: str, wait_ms: int | None = None) -> dict[str, Any]:
         """``GET /api/v1/commands/{id}`` without the HTTP hop (commands/followup.py)."""
-        record = await self.commands.followups.wait(command_id, (wait_ms or 0) / 1000)
+        grant = (_caller.get() or (None, ""))[0]
+        owner = grant.caller if grant is not None else None  # Only the sender's own records.
+        record = await self.commands.followups.wait(command_id, (wait_ms or 0) / 1000, owner)
         if record is None:
             raise CommandError("unknown_command", f"no command with id {command_id!r}")
         return record.public(time.time())

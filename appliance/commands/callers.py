@@ -63,6 +63,7 @@ class InProcessCallers:
         controller: str = HTTP_CONTROLLER,
         idempotency_key: str | None = None,
         budget: str = "",
+        owner: str | None = None,
     ) -> Outcome:
         """Send one command and wait for its outcome (the reply too, with ``wait_ms``).
 
@@ -70,7 +71,8 @@ class InProcessCallers:
         delivered or queued, 504 timeout, 404 offline, 409 duplicate id or queue full,
         413 too large, 422 invalid, 503 when the target's instance cannot be reached.
         With ``idempotency_key`` a repeat gets the first outcome (commands/idempotency.py); its id follows it up.
-        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket.
+        ``controller`` names the caller (recent commands, v2 ``from``); ``budget`` is its rate-limit bucket;
+        ``owner`` (a named token's caller, None for the unnamed tokens) is who may follow the command up.
         """
         if command_id is None:
             # Unique across instances and restarts (the offline queue's de-duplication is by (controller, id)):
@@ -79,9 +81,9 @@ class InProcessCallers:
         if idempotency_key is not None:  # A repeat waits as long as the first command may.
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
-            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget)
+            once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget, owner=owner)
             same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
-            return await self.followups.caller_of(command_id, self.idempotent.send(*same, once))
+            return await self.followups.caller_of(command_id, self.idempotent.send(*same, once), owner)
         wait = self.budgets.try_take(budget, time.time())
         if wait > 0:
             return rate_limited(wait)
@@ -98,11 +100,11 @@ class InProcessCallers:
         future: asyncio.Future[Outcome] = (self._loop or asyncio.get_running_loop()).create_future()
         self._waiters[waiter] = Waiter(future, wait_ms is not None, target)
         if request.kind is TargetKind.CLIENT:
-            self.followups.opened(waiter, command_id, target, message, request.timeout_ms)
+            self.followups.opened(waiter, command_id, target, message, request.timeout_ms, owner)
         try:
             self.submit(waiter, controller, request)
             if request.kind is TargetKind.CLIENT:
-                return await self.followups.outcome_of(waiter, command_id, future)
+                return await self.followups.outcome_of(waiter, command_id, future, owner)
             return await future
         finally:
             self._waiters.pop(waiter, None)

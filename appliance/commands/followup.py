@@ -4,7 +4,8 @@ A caller that stopped waiting (``wait=false``, a queued command, a timeout, a ca
 call, an HTTP client that went away) can still learn what became of its command, on any
 instance: each command sent by an in-process caller (HTTP, MCP, dashboard) has a record in
 the broker, next to the idempotency records (Redis when configured: ``wsb:idem:#cmd:{id}``),
-kept ``IDEMPOTENCY_WINDOW_SECONDS`` after its last change and bounded like them.
+kept ``IDEMPOTENCY_WINDOW_SECONDS`` after its last change and bounded like them. A record is
+its sender's: a named token's caller reads only its own (:func:`record_key`).
 
 The sender's instance keeps following the command after its caller stopped waiting, until
 ``open_until`` (its deadline plus :data:`LATE_REPLY_SECONDS`): a delivery, a reply or a
@@ -77,6 +78,8 @@ class CommandRecord(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Fa
     late: bool | None = None
     error: str | None = None
     detail: str | None = None
+    #: Whose record it is: the sender's named-token caller; None for the unnamed fixed tokens (one principal).
+    owner: str | None = None
 
     @property
     def final(self) -> bool:
@@ -84,7 +87,7 @@ class CommandRecord(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Fa
 
     def public(self, now: float) -> dict[str, Any]:
         """The record as ``GET /api/v1/commands/{id}`` answers it."""
-        body = {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
+        body = {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None and k != "owner"}
         body["open"] = not self.final and now < self.open_until
         return body
 
@@ -93,8 +96,16 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.Decoder(CommandRecord).decode
 
 
-def record_key(command_id: CommandId) -> str:
-    return str(command_id)
+def record_key(command_id: CommandId, owner: str | None = None) -> str:
+    """A record's key: its id among its owner's records (two callers may pick one id; neither reads the other's).
+
+    Unnamed tokens' keys are the id (``~/``-escaped when it starts with ``~``), a named caller's
+    ``~<caller>/<id>`` (caller names hold no ``/``): no id chosen by one caller is another's key.
+    """
+    text = str(command_id)
+    if owner is not None:
+        return f"~{owner}/{text}"
+    return "~/" + text if text.startswith("~") else text
 
 
 class Followups:
@@ -113,32 +124,37 @@ class Followups:
 
     # --- the sender's side ------------------------------------------------------------------
 
-    def opened(self, waiter: str, command_id: CommandId, target: str, message: str, timeout_ms: int) -> None:
+    def opened(
+        self, waiter: str, command_id: CommandId, target: str, message: str, timeout_ms: int, owner: str | None = None
+    ) -> None:
         now = time.time()
         record = CommandRecord(
-            command_id, target, message, now, now + timeout_ms / 1000 + LATE_REPLY_SECONDS, updated_at=now
+            command_id, target, message, now, now + timeout_ms / 1000 + LATE_REPLY_SECONDS, updated_at=now, owner=owner
         )
         self._followed[(waiter, command_id)] = record
-        self._by_id[record_key(command_id)] = record
+        self._by_id[record_key(command_id, owner)] = record
         if len(self._followed) > MAX_FOLLOWED:
             oldest = next(iter(self._followed))
             self._forget(oldest, self._followed[oldest])
         self._mark(record)
 
-    async def outcome_of(self, waiter: str, command_id: CommandId, future: Awaitable[Outcome]) -> Outcome:
+    async def outcome_of(
+        self, waiter: str, command_id: CommandId, future: Awaitable[Outcome], owner: str | None = None
+    ) -> Outcome:
         """The caller's wait for its command's outcome, recorded: its answer, or that it left."""
-        outcome = await self.caller_of(command_id, future)
+        outcome = await self.caller_of(command_id, future, owner)
         record = self.answered(waiter, command_id, outcome)
         if record is not None and not record.final:
             await self.written()  # Then a follow-up on another instance finds it.
         return outcome
 
-    async def caller_of(self, command_id: CommandId, wait: Awaitable[Outcome]) -> Outcome:
+    async def caller_of(self, command_id: CommandId, wait: Awaitable[Outcome], owner: str | None = None) -> Outcome:
         """``await wait``; a caller cancelled meanwhile is recorded (``task.cancel("disconnected")``: went away)."""
         try:
             return await wait
         except asyncio.CancelledError as exc:
-            self.caller_left(command_id, "disconnected" if exc.args and exc.args[0] == "disconnected" else "cancelled")
+            why = "disconnected" if exc.args and exc.args[0] == "disconnected" else "cancelled"
+            self.caller_left(command_id, why, owner)
             raise
 
     def answered(self, waiter: str, command_id: CommandId, outcome: Outcome) -> CommandRecord | None:
@@ -165,9 +181,9 @@ class Followups:
         self._changed((waiter, command_id), record)
         return record
 
-    def caller_left(self, command_id: CommandId, why: str) -> None:
+    def caller_left(self, command_id: CommandId, why: str, owner: str | None = None) -> None:
         """The caller stopped waiting before its outcome (``cancelled``, ``disconnected``)."""
-        record = self._by_id.get(record_key(command_id))
+        record = self._by_id.get(record_key(command_id, owner))
         if record is not None and record.caller == "waiting":
             record.caller = why
             record.updated_at = time.time()
@@ -221,7 +237,7 @@ class Followups:
 
     def _forget(self, key: tuple[str, CommandId], record: CommandRecord) -> None:
         self._followed.pop(key, None)
-        id_key = record_key(record.id)
+        id_key = record_key(record.id, record.owner)
         if self._by_id.get(id_key) is record:
             del self._by_id[id_key]
 
@@ -230,7 +246,7 @@ class Followups:
     def _mark(self, record: CommandRecord) -> None:
         if not self._dirty:
             self._dirty_written = asyncio.get_running_loop().create_future()
-        self._dirty[record_key(record.id)] = record
+        self._dirty[record_key(record.id, record.owner)] = record
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
 
@@ -271,19 +287,20 @@ class Followups:
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def get(self, command_id: str) -> CommandRecord | None:
-        """The record of ``command_id``: this instance's own if it sent it, else the broker's."""
-        local = self._by_id.get(command_id) or self._dirty.get(command_id) or self._batch.get(command_id)
+    async def get(self, command_id: str, owner: str | None = None) -> CommandRecord | None:
+        """``owner``'s record of ``command_id``: this instance's own if it sent it, else the broker's."""
+        key = record_key(command_id, owner)
+        local = self._by_id.get(key) or self._dirty.get(key) or self._batch.get(key)
         if local is not None:  # Followed here, or final and not yet in the broker.
             return local
-        held = await self.broker.idempotency_get(FOLLOW_KEY + command_id)
+        held = await self.broker.idempotency_get(FOLLOW_KEY + key)
         return None if held is None else _decode(held)
 
-    async def wait(self, command_id: str, wait_seconds: float) -> CommandRecord | None:
+    async def wait(self, command_id: str, wait_seconds: float, owner: str | None = None) -> CommandRecord | None:
         """The record once it is final (replied, failed), can change no more, or ``wait_seconds`` passed."""
         deadline = time.monotonic() + wait_seconds
         while True:
-            record = await self.get(command_id)
+            record = await self.get(command_id, owner)
             if record is not None and (record.final or time.time() >= record.open_until):
                 return record
             if time.monotonic() >= deadline:

@@ -158,7 +158,8 @@ class ControllerKeys:
     timeout) marked ``"replayed": true``, waiting for it while it is in flight; the same id for
     another command is ``duplicate_id``. Each keyed command costs a claim (one broker round trip)
     before it is sent and one write when it finishes; the claims of one connection run at once,
-    its sends keep their order.
+    its sends keep their order. A repeat waits for its outcome aside: the connection's later
+    commands do not wait for it.
     """
 
     def __init__(
@@ -204,21 +205,44 @@ class ControllerKeys:
         assert request.id is not None
         key = f"ws:{controller}:id:{request.id!r}"
         command = fingerprint(request.target, request.message, request.queue)
-        deadline = time.monotonic() + request.timeout_ms / 1000 + 1.0
         replay: Outcome | None = None
         try:
-            while True:
-                held = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
-                if held is None:
-                    break
-                replay = await self._sends.follow(key, command, held, deadline)
-                if replay is not None:
-                    break
+            held = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
         except BrokerUnavailable as exc:
-            replay = Outcome(503, {"error": ErrorCode.BROKER_UNAVAILABLE.value, "detail": str(exc)})
+            held, replay = None, _unavailable(exc)
+        if held is not None:
+            # A repeat sends nothing (unless its first command lets the key go): the connection's
+            # later commands do not wait for its outcome (a retry held them up to the first's timeout).
+            deadline = time.monotonic() + request.timeout_ms / 1000 + 1.0
+            self._spawn(self._repeat(waiter, controller, request, key, command, held, deadline))
+            return
         if previous is not None:  # Keep this connection's order of sends.
             with contextlib.suppress(BaseException):
                 await previous
+        self._send_or_answer(waiter, controller, request, key, command, replay)
+
+    async def _repeat(
+        self, waiter: str, controller: str, request: Request, key: str, command: str, held: str, deadline: float
+    ) -> None:
+        """A repeated id: the first command's outcome once known; sent after all if the first let its key go."""
+        replay: Outcome | None = None
+        try:
+            while True:
+                replay = await self._sends.follow(key, command, held, deadline)
+                if replay is not None:
+                    break
+                again = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
+                if again is None:
+                    break  # Ours now: sent (after the commands this connection sent meanwhile).
+                held = again
+        except BrokerUnavailable as exc:
+            replay = _unavailable(exc)
+        self._send_or_answer(waiter, controller, request, key, command, replay)
+
+    def _send_or_answer(
+        self, waiter: str, controller: str, request: Request, key: str, command: str, replay: Outcome | None
+    ) -> None:
+        assert request.id is not None
         if replay is None:
             self._keys[(waiter, request.id)] = [key, command, None]
             self._send_now(waiter, controller, request)
@@ -262,6 +286,10 @@ class ControllerKeys:
                 await broker.idempotency_set(key, _encode(Record(command, 200, body)).decode())
         except BrokerUnavailable:
             log.warning("Could not record the outcome of a keyed WebSocket command: Redis is unreachable")
+
+
+def _unavailable(exc: BrokerUnavailable) -> Outcome:
+    return Outcome(503, {"error": ErrorCode.BROKER_UNAVAILABLE.value, "detail": str(exc)})
 
 
 async def _after(previous: asyncio.Future[None] | None, then: Callable[[], None]) -> None:

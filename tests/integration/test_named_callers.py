@@ -113,6 +113,29 @@ async def test_each_agent_has_its_own_name_and_bucket_over_http_and_mcp(app):
         assert refused.status_code == 429 and refused.headers["retry-after"]
 
 
+async def test_a_command_record_is_its_senders_own(app):
+    """Two named callers may pick the same id: each reads its own record; no one else reads it (SECURITY.md)."""
+    target, command_id = uid("dev"), uid("job")
+    async with answering_client(app, target), httpx.AsyncClient(base_url=app.http, timeout=30) as http:
+        for token, message in ((ALICE, "Unlock door"), (CONTROLLER_TOKEN, "MoveForward 10")):
+            body = {"target": target, "message": message, "id": command_id, "wait_ms": int(timeout(5) * 1000)}
+            sent = await http.post("/api/v1/commands", json=body, headers={"X-Auth-Token": token})
+            assert sent.status_code == 200, sent.text
+
+        async def read(token: str) -> httpx.Response:
+            return await http.get(f"/api/v1/commands/{command_id}", headers={"X-Auth-Token": token})
+
+        assert (await read(ALICE)).json()["message"] == "Unlock door"  # not overwritten by planner's command
+        assert (await read(CONTROLLER_TOKEN)).json()["message"] == "MoveForward 10"
+        for other in (AGENT_A, ADMIN_TOKEN):  # another named controller, the unnamed admin token
+            refused = await read(other)
+            assert refused.status_code == 404 and "Unlock" not in refused.text, refused.text
+        bearer = httpx2.AsyncClient(headers={"Authorization": f"Bearer {AGENT_B}"}, timeout=timeout(30))
+        async with Client(streamable_http_client(f"{app.http}/mcp", http_client=bearer)) as mcp:
+            got = await mcp.call_tool("get_command", {"command_id": command_id})
+        assert got.is_error and "Unlock" not in str(got.content), got.content
+
+
 @contextlib.contextmanager
 def v1_client(app: Appliance, client_id: str) -> Iterator[object]:
     """A v1 client held open until the block ends."""

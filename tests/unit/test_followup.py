@@ -113,3 +113,12 @@ def test_a_v1_command_is_not_handed_over_when_its_sender_is_about_to_report_it_u
     matcher.submit("dev", second, 0.0)
     advance = matcher.expire(1.0)["dev"]
     assert (advance.send is second) is sent and (second in advance.expired) is not sent
+
+
+def test_record_keys_of_two_owners_never_meet():
+    from appliance.commands.followup import record_key
+
+    ids = ["job", "~alice/job", "~/job", "alice/job", 7, "~"]
+    keys = [record_key(i, owner) for i in ids for owner in (None, "alice", "bob")]
+    assert len(set(keys)) == len(keys)
+    assert record_key("c1") == "c1" and record_key(5) == "5"  # unnamed tokens' keys as before
