@@ -208,8 +208,8 @@ class ControllerKeys:
         replay: Outcome | None = None
         try:
             held = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
-        except BrokerUnavailable as exc:
-            held, replay = None, _unavailable(exc)
+        except BrokerUnavailable:
+            held, replay = None, _WS_UNAVAILABLE
         if held is not None:
             # A repeat sends nothing (unless its first command lets the key go): the connection's
             # later commands do not wait for its outcome (a retry held them up to the first's timeout).
@@ -235,8 +235,8 @@ class ControllerKeys:
                 if again is None:
                     break  # Ours now: sent (after the commands this connection sent meanwhile).
                 held = again
-        except BrokerUnavailable as exc:
-            replay = _unavailable(exc)
+        except BrokerUnavailable:
+            replay = _WS_UNAVAILABLE
         self._send_or_answer(waiter, controller, request, key, command, replay)
 
     def _send_or_answer(
@@ -288,8 +288,16 @@ class ControllerKeys:
             log.warning("Could not record the outcome of a keyed WebSocket command: Redis is unreachable")
 
 
-def _unavailable(exc: BrokerUnavailable) -> Outcome:
-    return Outcome(503, {"error": ErrorCode.BROKER_UNAVAILABLE.value, "detail": str(exc)})
+#: A keyed WebSocket command while Redis is unreachable: nothing was sent. Controllers get the error
+#: code their error tree already has (broker_unavailable is the HTTP API's 503 only, protocol.md).
+_WS_UNAVAILABLE = Outcome(
+    503,
+    {
+        "error": ErrorCode.DELIVERY_FAILED.value,
+        "detail": "Redis cannot be reached, so this id cannot be checked for a repeat: nothing was sent; "
+        "send it again with the same id once the appliance is ready",
+    },
+)
 
 
 async def _after(previous: asyncio.Future[None] | None, then: Callable[[], None]) -> None:
