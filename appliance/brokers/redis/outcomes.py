@@ -157,7 +157,8 @@ class Outcomes:
             # Not yet counted (still in the outbox or being published): keep waiting for PUBLISH.
             for seq in [seq for seq, p in expired.items() if p.receivers < 0]:
                 self._pending_old[seq] = expired.pop(seq)
-            _fail(expired, f"no answer from the instance holding it within {self.timeout:g} s")
+            # Counted by PUBLISH, so the holder received it: a stalled holder may still deliver it late.
+            _fail(expired, f"outcome unknown: no answer from the instance holding it within {self.timeout:g} s")
 
 
 def _fail(pending: dict[int, Pending], why: str) -> None:
