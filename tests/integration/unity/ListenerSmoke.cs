@@ -80,11 +80,16 @@ internal static class ListenerSmoke
             Emit("FAIL: " + (failed != null ? failed.Message : "unexpected exception: " + e));
             code = 1;
         }
-        // Not a return from Main: see Program.Exit in BridgeClientTests.cs (a Mono 6.8 shutdown hang).
+        // Not a return from Main, nor Environment.Exit: see Program.Exit in BridgeClientTests.cs (Mono 6.8
+        // shutdown hangs). The verdict is printed; the process ends here without waiting for any thread.
         Console.Out.Flush();
-        Environment.Exit(code);
+        Console.Error.Flush();
+        _exit(code);
         return code;
     }
+
+    [System.Runtime.InteropServices.DllImport("libc")]
+    private static extern void _exit(int status);
 
     private static void SetField(object target, string name, object value)
     {
