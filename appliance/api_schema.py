@@ -117,7 +117,7 @@ def camel_case_operation_id(route_handler: Any, http_method: Method, path_compon
     return first + "".join(word.capitalize() for word in rest)
 
 
-def refuse_repeated_query(request: Request[Any, Any, Any]) -> None:
+async def refuse_repeated_query(request: Request[Any, Any, Any]) -> None:
     """A ``before_request`` hook: a query parameter given twice is a 422, not a silent choice of one."""
     params = request.query_params
     repeated = sorted(key for key in params if len(params.getall(key)) > 1)
