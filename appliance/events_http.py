@@ -32,34 +32,46 @@ from .relay import Relay
 
 __all__ = ["EVENTS_HANDLERS"]
 
-#: How long a group's member list is trusted before presence is read again (a new member's first
-#: message may wait this long to be recognised when it is held by another instance).
+#: How long a remote sender's group membership is trusted before its presence record is read again.
 GROUP_REFRESH_SECONDS = 2.0
 #: What an EventSource waits before it reconnects (with Last-Event-ID).
 RETRY_MS = 2000
 
 
 class _GroupMembers:
-    """The ids in one group: exact for this instance's clients, from cluster presence for the others."""
+    """Whether a sender is in one group: exact for this instance's clients, from its presence record otherwise.
+
+    A remote sender's record is read once per ``GROUP_REFRESH_SECONDS`` (one small read, however
+    many clients there are), so a new member is recognised at its first message.
+    """
+
+    #: Senders remembered per stream before the memory starts over.
+    MAX_KNOWN = 10_000
 
     def __init__(self, relay: Relay, group: str) -> None:
         self.relay = relay
         self.group = group
-        self.members: set[str] = set()
-        self.read_at = 0.0
+        self.known: dict[str, tuple[bool, float]] = {}  # sender -> (member, read at)
 
     async def has(self, sender: str) -> bool:
         conn = self.relay.connections.local_client(sender)
         if conn is not None:
             return self.group in conn.groups
-        if sender not in self.members and time.monotonic() - self.read_at >= GROUP_REFRESH_SECONDS:
-            self.read_at = time.monotonic()
-            try:
-                records = await self.relay.clients(ordered=False)
-            except BrokerUnavailable:
-                return sender in self.members
-            self.members = {str(r["id"]) for r in records if self.group in (r.get("groups") or ())}
-        return sender in self.members
+        now = time.monotonic()
+        known = self.known.get(sender)
+        if known is not None and now - known[1] < GROUP_REFRESH_SECONDS:
+            return known[0]
+        try:
+            record = await self.relay.client(sender)
+        except BrokerUnavailable:
+            return known is not None and known[0]
+        if record is None:  # Its presence is not written yet (or it left): asked again at its next message.
+            return False
+        member = self.group in (record.get("groups") or ())
+        if len(self.known) >= self.MAX_KNOWN:
+            self.known.clear()
+        self.known[sender] = (member, now)
+        return member
 
 
 def _follower_address(request: Request[Any, Any, Any]) -> str | None:

@@ -263,6 +263,11 @@ async def events(app, last_event_id: str | None = None, **params: str):
         yield stream
 
 
+async def _presence_on(app, client_id: str) -> bool:
+    status, _ = await app.aget(f"/api/v1/clients/{client_id}", CONTROLLER_TOKEN)
+    return status == 200
+
+
 async def test_events_reach_an_sse_caller_on_another_instance_filtered_and_resumable(trio):
     a, b, c = trio
     speaker, other, group = uid("speaker"), uid("other"), uid("grp")
@@ -283,7 +288,9 @@ async def test_events_reach_an_sse_caller_on_another_instance_filtered_and_resum
         async with events(b, last_event_id=first_id, client=speaker) as stream:
             replayed = [json.loads((await stream.next())[2])["message"] for _ in range(2)]
             assert replayed == ["said while nobody listened", "and again"]
-        # Another instance cannot know what b numbered: it says so (a gap), then follows.
+        # Another instance cannot know what b numbered: it says so (a gap), then follows. Group membership
+        # of c's clients comes from c's presence records, which follow a connect within a presence write.
+        await eventually(lambda: _presence_on(a, speaker), 15, f"{speaker} in presence")
         async with events(a, last_event_id=first_id, group=group) as stream:
             assert (await stream.next())[0] == "gap"
             await noisy.send("outside the group")
@@ -296,6 +303,14 @@ async def test_events_reach_an_sse_caller_on_another_instance_filtered_and_resum
                 assert kind == "message"
                 heard.append(json.loads(data))
             assert all(frame["sender"] == speaker for frame in heard), heard
+            # A member that joins now is recognised at its first message (its own presence record is read,
+            # not a member list a few seconds old).
+            newcomer = uid("newcomer")
+            async with c.connect(f"{newcomer}?groups={group}") as late:
+                await eventually(lambda: _presence_on(a, newcomer), 10, f"{newcomer} in presence")
+                await late.send("just joined")
+                kind, _, data = await stream.next()
+                assert (kind, json.loads(data)) == ("message", {"sender": newcomer, "message": "just joined"})
 
 
 # --- command manifests (issue 21 item 4): a v2 client declares its commands on c; b shows them in the HTTP API
