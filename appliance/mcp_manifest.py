@@ -22,7 +22,10 @@ from .controller import CommandError
 from .core.manifest import check_command
 from .core.protocol import CLIENT_ID_PATTERN
 
-__all__ = ["ClientBackend", "check_against_manifest", "register_manifest_tools"]
+#: The annotations of a tool that only reads: every read-only tool here (mcp_tools too) uses these.
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+
+__all__ = ["READ_ONLY", "ClientBackend", "check_against_manifest", "register_manifest_tools"]
 
 
 class ClientBackend(Protocol):
@@ -97,9 +100,7 @@ def register_manifest_tools(server: MCPServer, backend: ClientBackend) -> None:
 
     @server.tool(
         title="Describe a client's commands",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=READ_ONLY,
     )
     async def describe_client(
         target: Annotated[

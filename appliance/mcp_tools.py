@@ -45,7 +45,7 @@ from .controller import (
 )
 from .core.protocol import CLIENT_ID_PATTERN
 from .core.protocol_v2 import MAX_COMMAND_ID_LENGTH
-from .mcp_manifest import check_against_manifest, register_manifest_tools
+from .mcp_manifest import READ_ONLY, check_against_manifest, register_manifest_tools
 
 __all__ = ["Backend", "build_mcp_server", "explain", "serve_stdio"]
 
@@ -223,9 +223,7 @@ def build_mcp_server(backend: Backend, subscriptions: Any = None) -> MCPServer:
 
     @server.tool(
         title="List connected clients",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=READ_ONLY,
     )
     async def list_clients(
         role: Annotated[
@@ -507,9 +505,7 @@ def add_followup_tool(server: MCPServer, backend: Backend) -> None:
 
     @server.tool(
         title="Follow a command up",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=READ_ONLY,
     )
     async def get_command(
         command_id: Annotated[

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -415,3 +416,27 @@ def moto() -> Iterator[Moto]:
             process.kill()
             process.wait(timeout=10)
         log.close()
+
+
+# --- Mutation tables ---------------------------------------------------------------------------
+
+#: What a copy of the repository needs to run tests/deploy: everything but the heavy or irrelevant parts.
+COPY_SKIPPED = {
+    ".git",
+    "unity_project",
+    "bench",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".hypothesis",
+}
+
+
+def copy_repository(destination: Path) -> None:
+    """A copy of the repository (virtualenvs and caches left out) for a mutation to be applied to."""
+
+    def ignore(_directory: str, names: list[str]) -> set[str]:
+        return {name for name in names if name in COPY_SKIPPED or name.startswith(".venv")}
+
+    shutil.copytree(ROOT, destination, ignore=ignore, symlinks=True)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from deploy_support import SCALE
+from deploy_support import SCALE, copy_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "monitoring" / "rules"
@@ -174,18 +174,6 @@ DEPLOY_MUTATIONS = [
         "test_traefik.py::test_one_grafana_dashboard_load_is_not_throttled_but_a_flood_is",
     ),
 ]
-SKIPPED = {
-    ".git",
-    ".venv",
-    ".venv-tools",
-    "unity_project",
-    "bench",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".mypy_cache",
-    ".hypothesis",
-}
 
 
 def test_the_deploy_mutations_apply_to_the_files_as_they_are() -> None:
@@ -198,7 +186,7 @@ def test_the_deploy_mutations_apply_to_the_files_as_they_are() -> None:
 def _caught(mutation: tuple[str, str, str, str, str], base: Path) -> tuple[str, int, str]:
     what, file, old, new, test = mutation
     copy = base / re.sub(r"\W+", "-", what)[:40]
-    shutil.copytree(ROOT, copy, ignore=lambda _d, names: {n for n in names if n in SKIPPED or n.startswith(".venv")})
+    copy_repository(copy)
     path = copy / file
     path.write_text(path.read_text().replace(old, new))
     result = subprocess.run(

@@ -18,22 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from deploy_support import ROOT, SCALE
+from deploy_support import ROOT, SCALE, copy_repository
 
 README = Path(__file__).with_name("README.md")
 # What a copy needs to run tests/deploy: everything but the heavy or irrelevant parts.
-SKIPPED = {
-    ".git",
-    ".venv",
-    ".venv-tools",
-    "unity_project",
-    "bench",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".mypy_cache",
-    ".hypothesis",
-}
 
 
 @dataclass(frozen=True)
@@ -77,16 +65,9 @@ def test_the_mutation_list_is_complete_and_well_formed() -> None:
         assert f"def {name}(" in source, f"#{mutation.number}: no test {mutation.test}"
 
 
-def _copy(destination: Path) -> None:
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        return {name for name in names if name in SKIPPED or name.startswith(".venv")}
-
-    shutil.copytree(ROOT, destination, ignore=ignore, symlinks=True)
-
-
 def _run(mutation: Mutation, base: Path) -> tuple[Mutation, int, str]:
     copy = base / f"m{mutation.number}"
-    _copy(copy)
+    copy_repository(copy)
     path = copy / mutation.file
     path.write_text(path.read_text().replace(mutation.old, mutation.new))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
