@@ -190,6 +190,11 @@ class Proc:
         self._log.close()
 
 
+def reference_args(port: int, controller_token: str) -> list[str]:
+    """A random token may start with '-': joined with '=', argparse never takes it for an option."""
+    return ["--port", str(port), f"--controller-token={controller_token}"]
+
+
 class Processes:
     """Starts the servers of one run and stops all of them at the end (a context manager)."""
 
@@ -223,7 +228,7 @@ class Processes:
         return {key: value for key, value in os.environ.items() if key not in _APPLIANCE_SETTINGS}
 
     def start_reference(self, name: str, port: int, controller_token: str) -> Proc:
-        argv = [sys.executable, "-m", "bench.relay", "--port", str(port), "--controller-token", controller_token]
+        argv = [sys.executable, "-m", "bench.relay", *reference_args(port, controller_token)]
         env = self._base_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         return self._start(name, "reference", argv, env, cwd=REPO)

@@ -170,12 +170,16 @@ async def _main(host: str, port: int, controller_token: str) -> None:
     server.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--controller-token", default=DEFAULT_CONTROLLER_TOKEN)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     try:
         import uvloop
     except ImportError:  # uvloop comes with uvicorn[standard]; plain asyncio still works

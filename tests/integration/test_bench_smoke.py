@@ -98,7 +98,7 @@ async def test_reference_relay_speaks_the_wire_contract(tmp_path: Path) -> None:
     port = free_port()
     token = "smoke-controller-token"
     relay = subprocess.Popen(
-        [sys.executable, "-m", "bench.relay", "--port", str(port), "--controller-token", token],
+        [sys.executable, "-m", "bench.relay", "--port", str(port), f"--controller-token={token}"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
