@@ -9,6 +9,10 @@ instance: the record lives in the broker (Redis when configured), claimed atomic
 A command refused before it could reach a client (offline target, rate limit, invalid, queue
 full) leaves no record, so a retry runs it; one that may have reached a client (delivered,
 queued, replied, timed out, delivery failed) is remembered for the window.
+
+An outcome whose write fails (Redis unreachable for a moment, or full) does not leave its key
+"in flight" for the window: the instance keeps it, answers repeats that reach it at once, and
+writes it again with backoff (:data:`RETRY_SECONDS`) until it lands, for up to the window.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ log = logging.getLogger(__name__)
 
 #: How often a repeat that waits for the first command looks at its record again.
 POLL_SECONDS = 0.05
+
+#: Pauses between the attempts to write an outcome whose write failed (the last one repeats).
+RETRY_SECONDS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+#: Outcomes not written yet that one instance keeps (the oldest go first; their keys then wait out the window).
+MAX_UNWRITTEN = 10_000
 
 #: Errors after which the command certainly reached no client: a retry may run it.
 _NEVER_SENT = frozenset(
@@ -75,6 +85,9 @@ class IdempotentSends:
         self.broker = broker
         self.window_seconds = window_seconds
         self._settling: set[asyncio.Future[Outcome]] = set()
+        # key -> (the record to write, or None to let the key go; when to give up): writes that failed.
+        self._unwritten: dict[str, tuple[Record | None, float]] = {}
+        self._retrying: asyncio.Task[None] | None = None
 
     async def send(
         self, key: str, command: str, wait_seconds: float, first: Callable[[], Awaitable[Outcome]]
@@ -108,21 +121,63 @@ class IdempotentSends:
             with contextlib.suppress(BrokerUnavailable):
                 await self.broker.idempotency_drop(key)
             raise
-        try:
-            if outcome.body.get("error") in _NEVER_SENT:
-                await self.broker.idempotency_drop(key)
-            else:
-                record = Record(command, outcome.http_status, outcome.body)
-                await self.broker.idempotency_set(key, _encode(record).decode())
-        except BrokerUnavailable:
-            # The caller still gets the outcome; a retry meanwhile finds the key in flight and waits.
-            log.warning("Could not record the outcome of an idempotent command: Redis is unreachable")
+        await self.resolve(key, command, outcome.http_status, outcome.body)
         return outcome
+
+    async def resolve(self, key: str, command: str, status: int, body: dict[str, Any]) -> None:
+        """Record the outcome of the command that claimed ``key``, or let the key go if it reached no client.
+
+        A failed write is kept, answered to repeats on this instance, and retried until it lands.
+        """
+        record = None if body.get("error") in _NEVER_SENT else Record(command, status, body)
+        try:
+            await self._write(key, record)
+        except BrokerUnavailable as exc:
+            log.warning("Could not record the outcome of an idempotent command (retrying): %s", exc)
+            self._unwritten.pop(key, None)
+            self._unwritten[key] = (record, time.monotonic() + self.window_seconds)
+            while len(self._unwritten) > MAX_UNWRITTEN:
+                del self._unwritten[next(iter(self._unwritten))]
+            if self._retrying is None:
+                self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _write(self, key: str, record: Record | None) -> None:
+        if record is None:
+            await self.broker.idempotency_drop(key)
+        else:
+            await self.broker.idempotency_set(key, _encode(record).decode())
+
+    async def _retry(self) -> None:
+        """Write the outcomes whose write failed, with backoff, until all landed or their window ended."""
+        attempt = 0
+        try:
+            while self._unwritten:
+                await asyncio.sleep(RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)])
+                attempt += 1
+                for key, entry in list(self._unwritten.items()):
+                    record, until = entry
+                    if time.monotonic() < until:
+                        try:
+                            await self._write(key, record)
+                        except BrokerUnavailable:
+                            break  # Still down: all of them wait for the next attempt.
+                        attempt = 0
+                    if self._unwritten.get(key) is entry:  # Not replaced meanwhile.
+                        del self._unwritten[key]
+        finally:
+            self._retrying = None
+
+    async def stop(self) -> None:
+        if self._retrying is not None:
+            self._retrying.cancel()
 
     async def follow(self, key: str, command: str, held: str, deadline: float) -> Outcome | None:
         """Wait for the first command's outcome; None when its key was let go meanwhile."""
         record = _decode(held)
         while True:
+            unwritten = self._unwritten.get(key)
+            if unwritten is not None and unwritten[0] is not None:  # Its outcome, not written yet: from here.
+                record = unwritten[0]
             if record.command != command:
                 return Outcome(
                     409,
@@ -278,14 +333,7 @@ class ControllerKeys:
         self.finished(waiter, command_id, _encode({**last, "final": True, "detail": detail}).decode())
 
     async def _record(self, key: str, command: str, body: dict[str, Any]) -> None:
-        broker = self._sends.broker
-        try:
-            if body.get("error") in _NEVER_SENT:
-                await broker.idempotency_drop(key)
-            else:
-                await broker.idempotency_set(key, _encode(Record(command, 200, body)).decode())
-        except BrokerUnavailable:
-            log.warning("Could not record the outcome of a keyed WebSocket command: Redis is unreachable")
+        await self._sends.resolve(key, command, 200, body)
 
 
 #: A keyed WebSocket command while Redis is unreachable: nothing was sent. Controllers get the error

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
+from appliance.brokers.base import BrokerUnavailable
 from appliance.brokers.memory import MemoryBroker
-from appliance.commands.idempotency import IdempotentSends, fingerprint
+from appliance.commands.idempotency import ControllerKeys, IdempotentSends, fingerprint
 from appliance.commands.outcome import Outcome
+from appliance.core.protocol_v2 import Request, TargetKind
 
 
 class Device:
@@ -89,3 +93,58 @@ async def test_a_caller_that_stops_waiting_still_leaves_the_outcome_for_the_retr
     first.cancel()  # a cancelled MCP call, an HTTP client that hung up
     retry = await service.send("k", COMMAND, 5, device.send)
     assert device.sent == 1 and retry.http_status == 200 and retry.body["replayed"] is True
+
+
+class FailingWrites(MemoryBroker):
+    """The embedded broker whose first outcome writes fail, as Redis's do for a moment (or when full)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def idempotency_set(self, key: str, record: str) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BrokerUnavailable("redis: connection reset")
+        await super().idempotency_set(key, record)
+
+
+async def test_an_outcome_whose_write_failed_still_answers_a_retry_on_any_instance():
+    broker = FailingWrites(failures=2)
+    here, there, device = IdempotentSends(broker, 600), IdempotentSends(broker, 600), Device(REPLIED)
+    assert (await here.send("k", COMMAND, 5, device.send)).http_status == 200
+    again_here = await here.send("k", COMMAND, 0.1, device.send)  # answered from this instance at once
+    assert again_here.http_status == 200 and again_here.body["replayed"] is True
+    again_there = await there.send("k", COMMAND, 3, device.send)  # once the write retried landed
+    assert again_there.http_status == 200 and again_there.body["replayed"] is True
+    assert device.sent == 1 and broker.failures == 0
+    await here.stop()
+
+
+async def test_a_keyed_websocket_command_whose_outcome_write_failed_is_replayed_to_a_retry_not_left_in_flight():
+    broker = FailingWrites(failures=1)
+    sent: list[Request] = []
+    frames: list[tuple[str, dict]] = []
+    tasks: set[asyncio.Future] = set()
+    keys = ControllerKeys(
+        IdempotentSends(broker, 600),
+        lambda waiter, controller, request: sent.append(request),
+        lambda waiter, frame: frames.append((waiter, msgspec.json.decode(frame))),
+        lambda coro: tasks.add(asyncio.ensure_future(coro)),
+    )
+    command = Request("dev", "MoveForward 10", "c1", 2000, False, TargetKind.CLIENT)
+    keys.submit("w:1", "LLM", command)
+    while not sent:
+        await asyncio.sleep(0.01)
+    keys.finished("w:1", "c1", '{"id":"c1","status":"replied","sender":"dev","message":"moved","rtt_ms":3.0}')
+    await asyncio.gather(*tasks)  # the outcome's write: it failed
+    keys.submit("w:2", "LLM", command)  # the controller reconnected and retried the same id
+    for _ in range(300):
+        if frames:
+            break
+        await asyncio.sleep(0.01)
+    assert len(sent) == 1
+    assert frames == [
+        ("w:2", {"id": "c1", "status": "replied", "sender": "dev", "message": "moved", "rtt_ms": 3.0, "replayed": True})
+    ]
+    await keys._sends.stop()
