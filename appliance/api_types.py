@@ -312,9 +312,22 @@ class CommandRecordBody(Struct):
     sent_at: float
     updated_at: float
     open_until: float
+    message_truncated: Annotated[
+        bool, Meta(description="true: message holds only the first 4 KiB of the command (as JSON text).")
+    ]
     sender: str | None = None
     reply: Annotated[str | None, Meta(description="The client's reply (status replied).")] = None
     rtt_ms: float | None = None
     late: Annotated[bool | None, Meta(description="true: the reply came after its caller stopped waiting.")] = None
     error: str | None = None
     detail: str | None = None
+    reply_truncated: Annotated[
+        bool | None, Meta(description="true: reply holds only the first 4 KiB of the client's reply.")
+    ] = None
+    lost: Annotated[
+        bool | None,
+        Meta(
+            description="true: the instance that sent it stopped (restarted or crashed) before its outcome; "
+            "status is the last one known and nothing more will be recorded."
+        ),
+    ] = None

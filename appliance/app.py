@@ -65,6 +65,7 @@ def make_broker(settings: Settings) -> Broker:
         "history_per_client": settings.history_per_client,
         "history_ttl": settings.history_ttl_seconds,
         "idempotency_window": settings.idempotency_window_seconds,
+        "records_per_owner": settings.command_records_per_caller,
         "history_max_clients": settings.history_max_clients,
     }
     if not settings.redis_enabled:

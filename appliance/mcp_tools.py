@@ -495,6 +495,9 @@ class CommandStatus(TypedDict):
     late: NotRequired[bool]
     error: NotRequired[str]
     detail: NotRequired[str]
+    message_truncated: NotRequired[bool]
+    reply_truncated: NotRequired[bool]
+    lost: NotRequired[bool]
 
 
 _STATUS_FIELDS = tuple(CommandStatus.__annotations__)

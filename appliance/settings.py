@@ -81,7 +81,19 @@ class RedisTls(BaseSettings):
         return self
 
 
-class Settings(NewIdSettings, CallerNames, RedisTls):
+class CommandRecordSettings(BaseSettings):
+    """The bound of the command records (appliance/commands/followup.py), apart so :class:`Settings` stays short."""
+
+    command_records_per_caller: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Commands each caller (named token; the unnamed tokens together) can follow up "
+        "(GET /api/v1/commands/{id}, MCP get_command); beyond, its oldest record goes. Bounds Redis memory.",
+    )
+
+
+class Settings(NewIdSettings, CallerNames, RedisTls, CommandRecordSettings):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True

@@ -216,7 +216,9 @@ class Cluster:
         if self.kind == "memory":
             if self._memory is None:
                 inbox = Inbox("memory")
-                broker = MemoryBroker(**{k: v for k, v in self.options.items() if k.startswith(("queue_", "history_"))})
+                broker = MemoryBroker(
+                    **{k: v for k, v in self.options.items() if k.startswith(("queue_", "history_", "records_"))}
+                )
                 await broker.start(inbox)
                 self._memory = Node("memory", broker, inbox)
             return self._memory

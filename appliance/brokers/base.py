@@ -292,6 +292,20 @@ class Broker(abc.ABC):
     async def idempotency_drop(self, key: str) -> None:
         """Forget ``key``: the command never reached a client, so a retry may run it."""
 
+    # --- command records (appliance/commands/followup.py) -------------------------------------
+
+    @abc.abstractmethod
+    async def record_put(self, owner: str, key: str, record: str) -> None:
+        """Write ``record`` under ``key`` among ``owner``'s command records, atomically bounded.
+
+        A record is forgotten ``idempotency_window`` seconds after its last write; an owner keeps
+        at most ``records_per_owner``: beyond, the one written longest ago goes, in the same step.
+        """
+
+    @abc.abstractmethod
+    async def record_get(self, owner: str, key: str) -> str | None:
+        """``owner``'s record under ``key``, None when there is none (expired, or pushed out by newer ones)."""
+
     # --- admission records (appliance/gate.py) ----------------------------------------------
 
     @abc.abstractmethod

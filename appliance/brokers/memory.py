@@ -31,6 +31,7 @@ class MemoryBroker(Broker):
         history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
         idempotency_max_keys: int = 100_000,
+        records_per_owner: int = 1000,
     ) -> None:
         self._inbox: Inbox | None = None
         self._history = HistoryBook(history_per_client, history_max_clients, history_ttl)
@@ -39,6 +40,8 @@ class MemoryBroker(Broker):
         self._queue = OfflineQueue(queue_max, queue_remember_seconds, queue_max_total)
         # Bounded like the histories: a flood of fresh keys forgets the oldest, never grows without end.
         self._idempotency: ByLastWrite[str] = ByLastWrite(idempotency_max_keys, idempotency_window)
+        self._records: dict[str, ByLastWrite[str]] = {}  # owner -> its command records
+        self._records_per_owner = records_per_owner
         self._windows = FixedWindows()
         self._bans: dict[str, tuple[str, float]] = {}  # key -> (record, until)
         self._bans_version = 0
@@ -147,6 +150,16 @@ class MemoryBroker(Broker):
 
     async def idempotency_drop(self, key: str) -> None:
         self._idempotency.pop(key, time.time())
+
+    async def record_put(self, owner: str, key: str, record: str) -> None:
+        records = self._records.get(owner)
+        if records is None:  # Owners are callers (the configured tokens): few.
+            records = self._records[owner] = ByLastWrite(self._records_per_owner, self._idempotency.ttl)
+        records.put(key, record, time.time())
+
+    async def record_get(self, owner: str, key: str) -> str | None:
+        records = self._records.get(owner)
+        return None if records is None else records.get(key, time.time())
 
     async def id_known(self, client_id: str) -> bool:
         return client_id in self._owners or bool(self._history.entries(client_id, 1, time.time()))

@@ -3,9 +3,15 @@
 A caller that stopped waiting (``wait=false``, a queued command, a timeout, a cancelled MCP
 call, an HTTP client that went away) can still learn what became of its command, on any
 instance: each command sent by an in-process caller (HTTP, MCP, dashboard) has a record in
-the broker, next to the idempotency records (Redis when configured: ``wsb:idem:#cmd:{id}``),
-kept ``IDEMPOTENCY_WINDOW_SECONDS`` after its last change and bounded like them. A record is
-its sender's: a named token's caller reads only its own (:func:`record_key`).
+the broker (Redis when configured: ``wsb:cmd:{owner}``, appliance/brokers/redis/records.py),
+kept ``IDEMPOTENCY_WINDOW_SECONDS`` after its last change. A record is its sender's: a named
+token's caller reads only its own (:func:`record_key`).
+
+Bounded, so that no caller can fill Redis: a record keeps at most :data:`TEXT_BYTES` of its
+message and of its reply (``message_truncated``, ``reply_truncated`` say when they were cut),
+and each caller (owner) at most ``COMMAND_RECORDS_PER_CALLER`` records: the broker drops the
+caller's oldest in the same atomic write. A record names the instance (and its life, the
+registry's epoch) that follows it; one whose instance is gone is reported ``lost``, not open.
 
 The sender's instance keeps following the command after its caller stopped waiting, until
 ``open_until`` (its deadline plus :data:`LATE_REPLY_SECONDS`): a delivery, a reply or a
@@ -30,13 +36,18 @@ from ..brokers.base import Broker, BrokerUnavailable
 from ..core.protocol_v2 import CommandId
 from .outcome import Outcome
 
-__all__ = ["FOLLOW_KEY", "LATE_REPLY_SECONDS", "CommandRecord", "Followups", "timeout_detail"]
+__all__ = ["LATE_REPLY_SECONDS", "TEXT_BYTES", "CommandRecord", "Followups", "bounded", "timeout_detail"]
 
 log = logging.getLogger(__name__)
 
-#: Prefix of command records among the broker's idempotency records (controller names, which
-#: prefix idempotency keys, cannot start with "#").
-FOLLOW_KEY = "#cmd:"
+#: Most of a message, and of a reply, that a record keeps (as JSON text, escapes included).
+TEXT_BYTES = 4096
+
+#: The records of the unnamed tokens (one principal) are kept under this owner (no caller name has a "~").
+UNNAMED = "~"
+
+#: How long the list of live instances (presence) is trusted when telling whether a record is lost.
+LIVE_SECONDS = 1.0
 
 #: How long after its caller's deadline a command is still followed: a version-2 client's
 #: reply (it names its command) arriving meanwhile is kept. A version-1 client's reply after
@@ -80,6 +91,13 @@ class CommandRecord(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Fa
     detail: str | None = None
     #: Whose record it is: the sender's named-token caller; None for the unnamed fixed tokens (one principal).
     owner: str | None = None
+    message_truncated: bool | None = None
+    reply_truncated: bool | None = None
+    #: The instance following it, and its life (the registry's epoch): a restarted instance follows nothing.
+    instance: str | None = None
+    epoch: str | None = None
+    #: Set when read: its instance is gone, so nothing more will be recorded.
+    lost: bool | None = None
 
     @property
     def final(self) -> bool:
@@ -87,13 +105,31 @@ class CommandRecord(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Fa
 
     def public(self, now: float) -> dict[str, Any]:
         """The record as ``GET /api/v1/commands/{id}`` answers it."""
-        body = {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None and k != "owner"}
-        body["open"] = not self.final and now < self.open_until
+        body = {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None and k not in _PRIVATE}
+        body["open"] = not self.final and now < self.open_until and not self.lost
+        body["message_truncated"] = bool(self.message_truncated)
+        if self.reply is not None:
+            body["reply_truncated"] = bool(self.reply_truncated)
         return body
+
+
+_PRIVATE = frozenset({"owner", "instance", "epoch"})
 
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.Decoder(CommandRecord).decode
+
+
+def bounded(text: str) -> tuple[str, bool]:
+    """``text``, cut to at most :data:`TEXT_BYTES` of JSON, and whether it was cut."""
+    if len(text) <= TEXT_BYTES // 6 or len(_encode(text)) - 2 <= TEXT_BYTES:  # An escape is at most 6 bytes.
+        return text, False
+    end = min(len(text), TEXT_BYTES)  # A character is at least one byte.
+    size = len(_encode(text[:end])) - 2
+    while size > TEXT_BYTES:  # Escapes and multi-byte characters: shrink in proportion, then check.
+        end = max(0, min(end - 1, end * TEXT_BYTES // size))
+        size = len(_encode(text[:end])) - 2
+    return text[:end], True
 
 
 def record_key(command_id: CommandId, owner: str | None = None) -> str:
@@ -111,8 +147,10 @@ def record_key(command_id: CommandId, owner: str | None = None) -> str:
 class Followups:
     """This instance's command records: written to the broker, followed until ``open_until``."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, instance: str = "", epoch: str = "") -> None:
         self.broker = broker
+        self.instance, self.epoch = instance or None, epoch or None
+        self._live: tuple[float, frozenset[tuple[str, str]]] = (float("-inf"), frozenset())
         # (waiter, id) -> record, for commands whose outcome events still come to this instance.
         self._followed: dict[tuple[str, CommandId], CommandRecord] = {}
         self._by_id: dict[str, CommandRecord] = {}  # The newest local record of each id.
@@ -128,9 +166,12 @@ class Followups:
         self, waiter: str, command_id: CommandId, target: str, message: str, timeout_ms: int, owner: str | None = None
     ) -> None:
         now = time.time()
+        kept, cut = bounded(message)
         record = CommandRecord(
-            command_id, target, message, now, now + timeout_ms / 1000 + LATE_REPLY_SECONDS, updated_at=now, owner=owner
+            command_id, target, kept, now, now + timeout_ms / 1000 + LATE_REPLY_SECONDS, updated_at=now, owner=owner
         )
+        record.message_truncated = cut or None
+        record.instance, record.epoch = self.instance, self.epoch
         self._followed[(waiter, command_id)] = record
         self._by_id[record_key(command_id, owner)] = record
         if len(self._followed) > MAX_FOLLOWED:
@@ -225,7 +266,8 @@ class Followups:
     def _reply(record: CommandRecord, sender: Any, message: Any, rtt_ms: Any) -> None:
         record.status, record.delivered = "replied", True
         record.sender = None if sender is None else str(sender)
-        record.reply = None if message is None else str(message)
+        record.reply, cut = (None, False) if message is None else bounded(str(message))
+        record.reply_truncated = cut or None
         record.rtt_ms = None if rtt_ms is None else round(float(rtt_ms), 3)
         record.error = record.detail = None
 
@@ -262,7 +304,7 @@ class Followups:
                 batch = self._batch
                 for key, record in batch.items():
                     try:
-                        await self.broker.idempotency_set(FOLLOW_KEY + key, _encode(record).decode())
+                        await self.broker.record_put(record.owner or UNNAMED, key, _encode(record).decode())
                     except BrokerUnavailable as exc:
                         log.warning("Could not record command %r for follow-up: %s", key, exc)
                 if written is not None and not written.done():
@@ -293,15 +335,36 @@ class Followups:
         local = self._by_id.get(key) or self._dirty.get(key) or self._batch.get(key)
         if local is not None:  # Followed here, or final and not yet in the broker.
             return local
-        held = await self.broker.idempotency_get(FOLLOW_KEY + key)
-        return None if held is None else _decode(held)
+        held = await self.broker.record_get(owner or UNNAMED, key)
+        if held is None:
+            return None
+        record = _decode(held)
+        if not record.final and record.instance is not None and await self._gone(record):
+            record.lost = True
+            if record.caller == "waiting":  # Its caller's connection was on that instance.
+                record.caller = "disconnected"
+        return record
+
+    async def _gone(self, record: CommandRecord) -> bool:
+        """Whether the instance (life) that followed ``record`` is gone: no later outcome can be written."""
+        if time.time() >= record.open_until:
+            return False  # Nothing more would come anyway.
+        at, live = self._live
+        if time.monotonic() - at >= LIVE_SECONDS:
+            try:
+                summaries = await self.broker.presence_summary()  # Redis: a crashed instance's expires with its TTL.
+            except BrokerUnavailable:
+                return False  # Not known: the record as it was written.
+            live = frozenset((str(s.get("instance")), str(s.get("epoch"))) for s in summaries)
+            self._live = (time.monotonic(), live)
+        return (record.instance, str(record.epoch)) not in live
 
     async def wait(self, command_id: str, wait_seconds: float, owner: str | None = None) -> CommandRecord | None:
         """The record once it is final (replied, failed), can change no more, or ``wait_seconds`` passed."""
         deadline = time.monotonic() + wait_seconds
         while True:
             record = await self.get(command_id, owner)
-            if record is not None and (record.final or time.time() >= record.open_until):
+            if record is not None and (record.final or record.lost or time.time() >= record.open_until):
                 return record
             if time.monotonic() >= deadline:
                 return record

@@ -103,7 +103,8 @@ class CommandService(InProcessCallers):
             spawn=self._spawn,
         )
         self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
-        self.followups = Followups(broker)  # GET /api/v1/commands/{id}, MCP get_command (followup.py)
+        # GET /api/v1/commands/{id}, MCP get_command (followup.py)
+        self.followups = Followups(broker, self.instance, local.epoch)
         self.keys = ControllerKeys(self.idempotent, self._submit_now, self._frame_to, self._spawn)
         self.holding, self.after = self.keys.holding, self.keys.after  # The relay's, for commands without id.
         self.broadcasts = Broadcasts(
@@ -131,6 +132,7 @@ class CommandService(InProcessCallers):
         tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
         await cancel_and_wait(tasks)  # Even one that swallowed its cancellation.
         await self.followups.stop()
+        await self.idempotent.stop()
         self._loop = None
 
     async def _tick(self) -> None:

@@ -369,6 +369,35 @@ async def test_an_idempotency_record_is_read_replaced_and_dropped_anywhere(clust
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+async def test_command_records_are_capped_per_owner_atomically_and_shared(kind, request):
+    cluster = Cluster.of(request, kind, records_per_owner=3)
+    try:
+        a, b = await cluster.node("a"), await cluster.node("b")
+        alice, bob = new_id("alice"), new_id("bob")
+        await b.broker.record_put(bob, "k0", "bob's")
+        # A flood from two instances at once: each write trims in the same step, so 3 stay, never more.
+        await asyncio.gather(*(node.broker.record_put(alice, f"k{n}", f"r{n}") for n, node in enumerate([a, b] * 10)))
+        kept = [await b.broker.record_get(alice, f"k{n}") for n in range(20)]
+        assert sum(v is not None for v in kept) == 3
+        await a.broker.record_put(alice, "k2", "one")  # ordered writes: the oldest go first
+        for n in (3, 4):
+            await a.broker.record_put(alice, f"k{n}", f"r{n}")
+        await b.broker.record_put(alice, "k2", "newest again")
+        await b.broker.record_put(alice, "k5", "r5")
+        assert [await a.broker.record_get(alice, f"k{n}") for n in (2, 3, 4, 5)] == ["newest again", None, "r4", "r5"]
+        assert await a.broker.record_get(bob, "k0") == "bob's"  # another owner's flood takes none of his
+        assert await a.broker.record_get(bob, "k1") is None
+        if kind != "memory":
+            raw = cluster.raw()
+            assert await raw.hlen(cluster.keys.command_records(alice)) == 3
+            assert await raw.zcard(cluster.keys.command_record_times(alice)) == 3
+            assert 0 < await raw.pttl(cluster.keys.command_records(alice)) <= 600_000
+            await raw.aclose()
+    finally:
+        await cluster.stop()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_connect_history_keeps_the_ids_closed_last_cluster_wide(kind, request):
     """Cycling fresh ids cannot fill Redis (issue 20): beyond the cap the ids closed longest ago go."""
     cluster = Cluster.of(request, kind, history_max_clients=3)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
+from appliance.api_types import CommandRecordBody
 from appliance.brokers.memory import MemoryBroker
-from appliance.commands.followup import FOLLOW_KEY, LATE_REPLY_SECONDS, Followups
+from appliance.commands.followup import LATE_REPLY_SECONDS, TEXT_BYTES, UNNAMED, Followups, bounded
 from appliance.commands.outcome import Outcome
 from appliance.core.requests import SEND_MARGIN_SECONDS, Routed, V1Matcher
+from appliance.registry import LocalConnections
 
 TIMEOUT = Outcome(504, {"id": "c1", "status": "timeout", "target": "dev", "delivered": True, "detail": "late"})
 
@@ -63,9 +66,9 @@ async def test_records_of_a_burst_are_written_once_each_in_their_latest_version(
             super().__init__()
             self.writes: list[str] = []
 
-        async def idempotency_set(self, key: str, record: str) -> None:
+        async def record_put(self, owner: str, key: str, record: str) -> None:
             self.writes.append(key)
-            await super().idempotency_set(key, record)
+            await super().record_put(owner, key, record)
 
     broker = Counting()
     followups = Followups(broker)
@@ -73,7 +76,7 @@ async def test_records_of_a_burst_are_written_once_each_in_their_latest_version(
         followups.opened(f"h:{n}", f"c{n}", "dev", "m", 1000)
         followups.delivered(f"h:{n}", f"c{n}")
     await followups.written()
-    assert sorted(broker.writes) == sorted(FOLLOW_KEY + f"c{n}" for n in range(50))
+    assert sorted(broker.writes) == sorted(f"c{n}" for n in range(50))
     assert (await other_instance(broker, "c49"))["status"] == "delivered"  # type: ignore[index]
 
 
@@ -122,3 +125,83 @@ def test_record_keys_of_two_owners_never_meet():
     keys = [record_key(i, owner) for i in ids for owner in (None, "alice", "bob")]
     assert len(set(keys)) == len(keys)
     assert record_key("c1") == "c1" and record_key(5) == "5"  # unnamed tokens' keys as before
+
+
+# --- bounded: texts cut, records per caller capped, lost instances told ----------------------------
+
+
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\U0001f600", "\x01", '"'])
+def test_a_text_is_cut_to_at_most_4_kib_of_json_and_says_so(char):
+    long = char * 65536
+    kept, cut = bounded(long)
+    assert cut and long.startswith(kept)
+    assert TEXT_BYTES - 6 <= len(msgspec.json.encode(kept)) - 2 <= TEXT_BYTES  # within one escape of the bound
+    assert bounded("MoveForward 10") == ("MoveForward 10", False)
+
+
+async def test_a_record_keeps_4_kib_of_a_huge_message_and_reply_with_a_flag_each_in_the_schema():
+    followups = Followups(MemoryBroker())
+    followups.opened("h:1", "big", "dev", "m" * 65536, 1000)
+    followups.opened("h:2", "small", "dev", "Scan", 1000)
+    followups.replied("h:1", "big", "dev", "r" * 65536, time.time())
+    followups.replied("h:2", "small", "dev", "done", time.time())
+    await followups.written()
+    big = await other_instance(followups.broker, "big")
+    small = await other_instance(followups.broker, "small")
+    assert big is not None and small is not None
+    assert (len(big["message"]), len(big["reply"])) == (TEXT_BYTES, TEXT_BYTES)
+    assert (big["message_truncated"], big["reply_truncated"]) == (True, True)
+    assert (small["message"], small["message_truncated"], small["reply_truncated"]) == ("Scan", False, False)
+    for body in (big, small):  # Every key a follow-up answers is in the API schema.
+        typed = msgspec.to_builtins(msgspec.convert(body, CommandRecordBody))
+        assert {k: v for k, v in typed.items() if v is not None} == body
+
+
+async def test_each_caller_keeps_at_most_its_limit_of_records_and_its_oldest_go_first():
+    broker = MemoryBroker(records_per_owner=3)
+    for n in range(5):
+        await broker.record_put("alice", f"k{n}", f"r{n}")
+    await broker.record_put("bob", "k0", "bob's")
+    assert [await broker.record_get("alice", f"k{n}") for n in range(5)] == [None, None, "r2", "r3", "r4"]
+    await broker.record_put("alice", "k2", "r2 again")  # a write makes it the newest
+    await broker.record_put("alice", "k5", "r5")
+    assert [await broker.record_get("alice", f"k{n}") for n in (2, 3, 5)] == ["r2 again", None, "r5"]
+    assert await broker.record_get("bob", "k0") == "bob's"  # another caller's flood takes nothing of his
+    followups = Followups(MemoryBroker(records_per_owner=2))
+    for n in range(3):
+        followups.opened(f"h:{n}", f"c{n}", "dev", "m", 0, owner="agent")
+        followups.answered(f"h:{n}", f"c{n}", Outcome(200, {"status": "replied", "sender": "dev", "message": "ok"}))
+    await followups.written()
+    assert await Followups(followups.broker).get("c0", "agent") is None
+    assert (await Followups(followups.broker).get("c2", "agent")).reply == "ok"  # type: ignore[union-attr]
+    assert await followups.broker.record_get(UNNAMED, "c2") is None  # the unnamed tokens' records are apart
+
+
+async def test_an_open_record_whose_instance_restarted_is_reported_lost_not_open():
+    broker, local = MemoryBroker(), LocalConnections("i1")
+    await broker.start(local)  # type: ignore[arg-type]  # its presence summary names the live instance (i1, epoch)
+    previous_life = Followups(broker, "i1", "old-epoch")
+    previous_life.opened("h:1", "c1", "dev", "Scan", 60_000)
+    previous_life.answered("h:1", "c1", TIMEOUT)  # timed out: a late reply was still awaited
+    previous_life.opened("h:2", "c2", "dev", "Scan", 60_000)  # its caller was still waiting
+    await previous_life.written()
+    live = Followups(broker, "i1", local.epoch)
+    live.opened("h:1", "c3", "dev", "Scan", 60_000)
+    await live.written()
+    now_here = Followups(broker, "i1", local.epoch)  # the restarted instance, or any other one
+    started = time.monotonic()
+    timed_out = await now_here.wait("c1", 30)
+    assert time.monotonic() - started < 5  # nothing more can come: no waiting for it
+    assert timed_out is not None
+    body = timed_out.public(time.time())
+    assert (body["status"], body["open"], body["lost"], body["caller"]) == ("timeout", False, True, "answered")
+    waiting = (await now_here.get("c2")).public(time.time())  # type: ignore[union-attr]
+    assert (waiting["status"], waiting["open"], waiting["lost"], waiting["caller"]) == (
+        "sending",
+        False,
+        True,
+        "disconnected",
+    )
+    followed = (await Followups(broker, "i2", "x").get("c3")).public(time.time())  # type: ignore[union-attr]
+    assert followed["open"] is True and "lost" not in followed
+    msgspec.convert(waiting, CommandRecordBody)

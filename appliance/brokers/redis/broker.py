@@ -28,6 +28,7 @@ from .outcomes import OUTCOME_TIMEOUT_SECONDS
 from .ownership import Ownership
 from .presence import Presence
 from .queue import RedisQueue
+from .records import CommandRecords
 from .subscriber import Subscriber
 from .target import RedisTarget
 
@@ -55,6 +56,7 @@ class RedisBroker(Broker):
         history_ttl: int = 7 * 86400,
         history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
+        records_per_owner: int = 1000,
     ) -> None:
         self.instance = instance
         self._origin = instance.encode()
@@ -87,6 +89,7 @@ class RedisBroker(Broker):
         )
         self._queue = RedisQueue(link, max_per_client=queue_max, remember_seconds=queue_remember_seconds)
         self._idempotency = IdempotencyRecords(link, window=idempotency_window)
+        self._records = CommandRecords(link, window=idempotency_window, per_owner=records_per_owner)
         self._admission = AdmissionRecords(link, self._history)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -281,6 +284,12 @@ class RedisBroker(Broker):
 
     async def idempotency_drop(self, key: str) -> None:
         await self._idempotency.drop(key)
+
+    async def record_put(self, owner: str, key: str, record: str) -> None:
+        await self._records.put(owner, key, record)
+
+    async def record_get(self, owner: str, key: str) -> str | None:
+        return await self._records.get(owner, key)
 
     async def presence(self) -> list[dict[str, Any]]:
         return await self._presence.records()

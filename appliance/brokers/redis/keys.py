@@ -12,6 +12,8 @@ __all__ = [
     "GENERATION_KEY",
     "HISTORY_INDEX_KEY",
     "HISTORY_KEY",
+    "RECORDS_KEY",
+    "RECORD_TIMES_KEY",
     "IDEMPOTENCY_KEY",
     "INSTANCES_KEY",
     "INSTANCE_CHANNEL",
@@ -37,6 +39,9 @@ INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
 IDEMPOTENCY_KEY = f"{PREFIX}idem:"
 SUMMARY_KEY = f"{PREFIX}summary:"
+#: Command records (appliance/commands/followup.py): a hash per owner, and its keys by last write.
+RECORDS_KEY = f"{PREFIX}cmd:"
+RECORD_TIMES_KEY = f"{PREFIX}cmd-at:"
 #: Hash per instance: its clients' command manifests (kept out of the presence records every listing reads).
 MANIFEST_KEY = f"{PREFIX}manifest:"
 #: An instance's trend points (appliance/heartbeat.py), a capped list with its summary's TTL.
@@ -103,3 +108,15 @@ class Keys:
 
     def series(self, instance: str) -> str:
         return self._of(SERIES_KEY, instance)
+
+    def command_records(self, owner: str) -> str:
+        """An owner's command records; with :meth:`command_record_times` in one slot (``{owner}``)."""
+        return self._of(RECORDS_KEY, _braceless(owner))
+
+    def command_record_times(self, owner: str) -> str:
+        return self._of(RECORD_TIMES_KEY, _braceless(owner))
+
+
+def _braceless(name: str) -> str:
+    """A caller's name (a token's label may hold anything) that cannot break its keys' hash tag."""
+    return name.replace("{", "(").replace("}", ")") or "~"
