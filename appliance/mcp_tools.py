@@ -531,6 +531,8 @@ def add_followup_tool(server: MCPServer, backend: Backend) -> None:
 
         Use it after send_command timed out, or with wait=false: a reply that came late is here
         (late=true). "open": true means a reply may still come; call again with wait_seconds to wait for it.
+        "lost": true means the bridge instance that sent it restarted: nothing more will come. The record keeps
+        the first 4 KiB of the message and reply (message_truncated, reply_truncated).
         """
         _check_range("wait_seconds", wait_seconds, (0.0, TIMEOUT_RANGE[1]))
         follow = backend.command_status(command_id, wait_ms=round(wait_seconds * 1000))
