@@ -58,7 +58,8 @@ class Keys:
     On a Cluster every name of one id carries ``{id}`` and every name of one instance
     ``{instance}``: an id's channel, owner, queue, delivered marks and history live in
     one slot (so the claim and enqueue scripts touch one shard), as do an instance's
-    channel, presence and summary. Ids and instance names contain no braces.
+    channel, presence and summary. Ids and instance names contain no braces. An owner's command
+    records and their index carry ``{owner}`` (braces in the name replaced).
     """
 
     __slots__ = ("_left", "_right", "_client_prefix", "_client_suffix", "tagged")
