@@ -120,7 +120,20 @@ _COMMAND_RESPONSES = {
         "invalid_target, invalid_message or target_not_client; or a body or wait_ms the API refuses "
         "(Litestar's validation shape: status_code, detail, extra).",
     ),
-    429: _spec(ErrorBody, "rate_limited; retry after retry_after_ms (also in Retry-After)."),
+    429: _spec(
+        ErrorBody,
+        "rate_limited; or too_many_keys: a new id / Idempotency-Key beyond the caller's COMMAND_KEYS_PER_CALLER "
+        "live keys, nothing sent (retry the same key after retry_after_ms, or send without a key). "
+        "retry_after_ms also in Retry-After.",
+        ErrorBody(ErrorCode.RATE_LIMITED.value, "too many commands; retry later", retry_after_ms=250),
+        ErrorBody(
+            ErrorCode.TOO_MANY_KEYS.value,
+            "this caller (its token) already holds 1000 live idempotency keys ...; nothing was sent. Retry with "
+            "the same key in 42 s, when its oldest key expires, or send without a key",
+            retry_after_ms=42_000,
+            limit=1000,
+        ),
+    ),
     503: _spec(ErrorBody, "delivery_failed: the target's instance cannot be reached; broker_unavailable: Redis."),
     504: _spec(
         CommandResult,

@@ -156,7 +156,7 @@ class ErrorBody(Struct, omit_defaults=True):
     error: Annotated[
         str,
         Meta(
-            description="target_offline, message_too_large, rate_limited, queue_full, duplicate_id, "
+            description="target_offline, message_too_large, rate_limited, too_many_keys, queue_full, duplicate_id, "
             "delivery_failed, invalid_target, target_not_client, ..."
         ),
     ]

@@ -37,6 +37,7 @@ from .bans_api import BAN_HANDLERS
 from .brokers.base import Broker
 from .brokers.memory import MemoryBroker
 from .commands import CommandService
+from .commands.idempotency import key_budget
 from .event_feed import EventFeed
 from .events_http import EVENTS_HANDLERS
 from .gate import Gate
@@ -66,6 +67,7 @@ def make_broker(settings: Settings) -> Broker:
         "history_ttl": settings.history_ttl_seconds,
         "idempotency_window": settings.idempotency_window_seconds,
         "records_per_owner": settings.command_records_per_caller,
+        "key_budget": key_budget(settings),
         "history_max_clients": settings.history_max_clients,
     }
     if not settings.redis_enabled:

@@ -112,6 +112,7 @@ _ERRORS: dict[str, type[CommandError]] = {
     "target_offline": ClientOffline,
     "timeout": ReplyTimeout,
     "rate_limited": RateLimited,
+    "too_many_keys": RateLimited,  # a new id beyond the caller's live keys: retry after retry_after_ms
     "message_too_large": MessageTooLarge,
     "invalid_json": InvalidCommand,
     "invalid_message": InvalidCommand,

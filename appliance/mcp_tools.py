@@ -80,6 +80,8 @@ def explain(exc: CommandError, target: str) -> str:
         )
     if isinstance(exc, ReplyTimeout):
         return explain_timeout(exc, target)
+    if exc.code == "too_many_keys":
+        return explain_too_many_keys(exc)
     if isinstance(exc, RateLimited):
         wait = exc.retry_after_ms
         return f"Too many commands: wait {wait or 1000} ms, then retry the same call."
@@ -94,6 +96,17 @@ def explain(exc: CommandError, target: str) -> str:
     if isinstance(exc, InvalidCommand):
         return f"The command was refused as invalid: {exc.detail}. Fix the arguments and retry."
     return f"The bridge refused the command ({exc.code}): {exc.detail}"
+
+
+def explain_too_many_keys(exc: CommandError) -> str:
+    """A new idempotency_key beyond the token's budget of live keys: when to retry, or how to do without."""
+    seconds = max(1, -(-int(exc.extra.get("retry_after_ms") or 1000) // 1000))
+    return (
+        f"Nothing was sent: your token already holds its limit of {exc.extra.get('limit', 'its')} live idempotency "
+        f"keys (each is kept for the idempotency window). Retry with the same idempotency_key in {seconds} s, when "
+        "the oldest expires, or call send_command without idempotency_key (a retry of that call may then run the "
+        "command twice)."
+    )
 
 
 #: Bounds of the tools' arguments, checked by the tools themselves so that stdio and /mcp
@@ -184,7 +197,8 @@ _CLIENT_FIELDS = tuple(ClientInfo.__annotations__)
 _KEY_SCHEMA = {"minLength": 1, "maxLength": MAX_COMMAND_ID_LENGTH}
 IDEMPOTENCY_KEY_HELP = (
     "A key of your choosing (e.g. a UUID) that makes this call safe to retry: calling again with the same "
-    "key returns the first call's outcome and never runs the command twice."
+    "key returns the first call's outcome and never runs the command twice. Each token keeps a limited number "
+    "of live keys (1000 by default, for the idempotency window): beyond, a new key is refused (too_many_keys)."
 )
 
 

@@ -93,7 +93,27 @@ class CommandRecordSettings(BaseSettings):
     )
 
 
-class Settings(NewIdSettings, CallerNames, RedisTls, CommandRecordSettings):
+class CommandKeySettings(BaseSettings):
+    """The budget of live idempotency keys per caller (core/keybudget.py), apart so :class:`Settings` stays short."""
+
+    command_keys_per_caller: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Live idempotency keys (HTTP id / Idempotency-Key, MCP idempotency_key, WebSocket ids) each "
+        "caller (named token; the unnamed tokens together) may hold within IDEMPOTENCY_WINDOW_SECONDS; beyond, "
+        "a new key is refused (429 too_many_keys) until its oldest expires. Bounds Redis memory.",
+    )
+    command_key_bytes_per_caller: int = Field(
+        16 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=1024**3,
+        description="Bytes of idempotency records each caller may hold (a key waiting for its outcome counts "
+        "MAX_MESSAGE_BYTES + 1 KiB, then its record's size); beyond, a new key is refused (429 too_many_keys).",
+    )
+
+
+class Settings(NewIdSettings, CallerNames, RedisTls, CommandRecordSettings, CommandKeySettings):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True

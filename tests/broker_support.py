@@ -217,7 +217,11 @@ class Cluster:
             if self._memory is None:
                 inbox = Inbox("memory")
                 broker = MemoryBroker(
-                    **{k: v for k, v in self.options.items() if k.startswith(("queue_", "history_", "records_"))}
+                    **{
+                        k: v
+                        for k, v in self.options.items()
+                        if k.startswith(("queue_", "history_", "records_", "idempotency_", "key_"))
+                    }
                 )
                 await broker.start(inbox)
                 self._memory = Node("memory", broker, inbox)

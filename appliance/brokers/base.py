@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..core.keybudget import KeyBudget, TooManyKeys
 from ..core.newids import WindowCount
 from ..core.protocol import ErrorCode, Role
 from ..core.requests import Enqueued, Routed
@@ -35,8 +36,10 @@ __all__ = [
     "BrokerUnavailable",
     "Claim",
     "Inbox",
+    "KeyBudget",
     "OnResult",
     "Owner",
+    "TooManyKeys",
     "failure_detail",
 ]
 
@@ -273,24 +276,26 @@ class Broker(abc.ABC):
     # --- idempotency records (appliance/commands/idempotency.py) -----------------------------
 
     @abc.abstractmethod
-    async def idempotency_claim(self, key: str, record: str) -> str | None:
-        """Store ``record`` under ``key`` unless a record is there; return the one already there.
+    async def idempotency_claim(self, caller: str, key: str, record: str) -> str | None:
+        """Store ``record`` under ``caller``'s ``key`` unless a record is there; return the one already there.
 
         Atomic cluster-wide: of two instances claiming the same key at once, exactly one gets None.
         Records are forgotten the broker's ``idempotency_window`` seconds after their last write.
+        A new key beyond the caller's ``key_budget`` (core/keybudget.py) raises :class:`TooManyKeys`;
+        a live key is never forgotten early.
         """
 
     @abc.abstractmethod
-    async def idempotency_get(self, key: str) -> str | None:
-        """The record under ``key``, None when there is none (or it expired)."""
+    async def idempotency_get(self, caller: str, key: str) -> str | None:
+        """The record under ``caller``'s ``key``, None when there is none (or it expired)."""
 
     @abc.abstractmethod
-    async def idempotency_set(self, key: str, record: str) -> None:
-        """Replace the record under ``key`` (the claimer settles it with the outcome)."""
+    async def idempotency_set(self, caller: str, key: str, record: str) -> None:
+        """Replace the record under ``key`` (the claimer settles it with the outcome; it then counts its size)."""
 
     @abc.abstractmethod
-    async def idempotency_drop(self, key: str) -> None:
-        """Forget ``key``: the command never reached a client, so a retry may run it."""
+    async def idempotency_drop(self, caller: str, key: str) -> None:
+        """Forget ``key``: the command never reached a client, so a retry may run it (its budget is freed)."""
 
     # --- command records (appliance/commands/followup.py) -------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Any
 from .. import metrics
 from ..core.expiring import ByLastWrite
 from ..core.history import HistoryBook
+from ..core.keybudget import DEFAULT_KEY_BUDGET, KeyBook, KeyBudget
 from ..core.newids import FixedWindows, WindowCount
 from ..core.protocol import Role
 from ..core.requests import Enqueued, OfflineQueue, Routed
@@ -30,7 +31,7 @@ class MemoryBroker(Broker):
         history_ttl: float = 7 * 86400,
         history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
-        idempotency_max_keys: int = 100_000,
+        key_budget: KeyBudget = DEFAULT_KEY_BUDGET,
         records_per_owner: int = 1000,
     ) -> None:
         self._inbox: Inbox | None = None
@@ -38,8 +39,8 @@ class MemoryBroker(Broker):
         self._owners: dict[str, Owner] = {}
         self._generations = itertools.count(1)
         self._queue = OfflineQueue(queue_max, queue_remember_seconds, queue_max_total)
-        # Bounded like the histories: a flood of fresh keys forgets the oldest, never grows without end.
-        self._idempotency: ByLastWrite[str] = ByLastWrite(idempotency_max_keys, idempotency_window)
+        # Bounded per caller (the callers are the configured tokens: few); a live key is never forgotten early.
+        self._idempotency = KeyBook(key_budget, idempotency_window)
         self._records: dict[str, ByLastWrite[str]] = {}  # owner -> its command records
         self._records_per_owner = records_per_owner
         self._windows = FixedWindows()
@@ -134,27 +135,22 @@ class MemoryBroker(Broker):
     async def history(self, client_id: str, limit: int) -> list[dict[str, Any]]:
         return self._history.entries(client_id, limit, time.time())
 
-    async def idempotency_claim(self, key: str, record: str) -> str | None:
-        now = time.time()
-        held = self._idempotency.get(key, now)
-        if held is not None:
-            return held
-        self._idempotency.put(key, record, now)
-        return None
+    async def idempotency_claim(self, caller: str, key: str, record: str) -> str | None:
+        return self._idempotency.claim(caller, key, record, time.time())
 
-    async def idempotency_get(self, key: str) -> str | None:
-        return self._idempotency.get(key, time.time())
+    async def idempotency_get(self, caller: str, key: str) -> str | None:
+        return self._idempotency.get(caller, key, time.time())
 
-    async def idempotency_set(self, key: str, record: str) -> None:
-        self._idempotency.put(key, record, time.time())
+    async def idempotency_set(self, caller: str, key: str, record: str) -> None:
+        self._idempotency.set(caller, key, record, time.time())
 
-    async def idempotency_drop(self, key: str) -> None:
-        self._idempotency.pop(key, time.time())
+    async def idempotency_drop(self, caller: str, key: str) -> None:
+        self._idempotency.drop(caller, key, time.time())
 
     async def record_put(self, owner: str, key: str, record: str) -> None:
         records = self._records.get(owner)
         if records is None:  # Owners are callers (the configured tokens): few.
-            records = self._records[owner] = ByLastWrite(self._records_per_owner, self._idempotency.ttl)
+            records = self._records[owner] = ByLastWrite(self._records_per_owner, self._idempotency.window)
         records.put(key, record, time.time())
 
     async def record_get(self, owner: str, key: str) -> str | None:

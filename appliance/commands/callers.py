@@ -20,7 +20,7 @@ from ..core.protocol_v2 import CommandId, Request, TargetKind, TimeoutPolicy, re
 from ..core.requests import PendingTable, Routed
 from ..registry import LocalConnections
 from ..settings import Settings
-from .followup import Followups
+from .followup import UNNAMED, Followups
 from .idempotency import IdempotentSends, fingerprint
 from .outcome import HTTP_CONTROLLER, IN_PROCESS, Outcome, Waiter, rate_limited, too_large
 
@@ -82,7 +82,8 @@ class InProcessCallers:
             own_ms = next((ms for ms in (wait_ms, timeout_ms) if ms is not None), self.policy.default_ms)
             once = partial(self.send_command, target, message, command_id=command_id, wait_ms=wait_ms)
             once = partial(once, timeout_ms=timeout_ms, queue=queue, controller=controller, budget=budget, owner=owner)
-            same = (f"{controller}:{idempotency_key}", fingerprint(target, message, queue), own_ms / 1000 + 1.0)
+            key = f"{controller}:{idempotency_key}"  # Within its caller's budget (named token; the unnamed together).
+            same = (owner or UNNAMED, key, fingerprint(target, message, queue), own_ms / 1000 + 1.0)
             return await self.followups.caller_of(command_id, self.idempotent.send(*same, once), owner)
         wait = self.budgets.try_take(budget, time.time())
         if wait > 0:

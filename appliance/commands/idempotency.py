@@ -10,6 +10,11 @@ A command refused before it could reach a client (offline target, rate limit, in
 full) leaves no record, so a retry runs it; one that may have reached a client (delivered,
 queued, replied, timed out, delivery failed) is remembered for the window.
 
+Each caller (a named token; the unnamed tokens together: :data:`UNNAMED`) holds a budget of
+live keys (COMMAND_KEYS_PER_CALLER, COMMAND_KEY_BYTES_PER_CALLER; core/keybudget.py): beyond it
+a new key is refused (429 ``too_many_keys``, nothing sent) until its oldest expires; repeats of
+live keys are always answered, and a live key is never forgotten before its window ends.
+
 An outcome whose write fails (Redis unreachable for a moment, or full) does not leave its key
 "in flight" for the window: the instance keeps it, answers repeats that reach it at once, and
 writes it again with backoff (:data:`RETRY_SECONDS`) until it lands, for up to the window.
@@ -21,18 +26,21 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from ..brokers.base import Broker, BrokerUnavailable
+from ..brokers.base import Broker, BrokerUnavailable, KeyBudget, TooManyKeys
 from ..core.protocol import ErrorCode
 from ..core.protocol_v2 import CommandId, Request
+from ..settings import Settings
+from .followup import UNNAMED
 from .outcome import Outcome
 
-__all__ = ["ControllerKeys", "IdempotentSends", "fingerprint"]
+__all__ = ["ControllerKeys", "IdempotentSends", "fingerprint", "key_budget", "too_many_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -78,74 +86,97 @@ def fingerprint(target: str, message: str, queue: bool) -> str:
     return hashlib.sha256(f"{target}\0{queue:d}\0{message}".encode()).hexdigest()[:32]
 
 
-class IdempotentSends:
-    """Runs each keyed command at most once per window, cluster-wide."""
+def key_budget(settings: Settings) -> KeyBudget:
+    """Each caller's budget of live keys; a key waiting for its outcome counts the largest usual outcome."""
+    return KeyBudget(
+        settings.command_keys_per_caller, settings.command_key_bytes_per_caller, settings.max_message_bytes + 1024
+    )
 
-    def __init__(self, broker: Broker, window_seconds: float) -> None:
+
+def too_many_keys(refused: TooManyKeys, budget: KeyBudget, window_seconds: float) -> Outcome:
+    """A new key beyond its caller's budget: nothing was sent; when to retry, or how to do without a key."""
+    wait = max(1, math.ceil(refused.retry_after))
+    detail = (
+        f"this caller (its token) already holds {refused.keys} live idempotency keys ({refused.used} bytes) from "
+        f"the last {window_seconds:g} s, its budget (COMMAND_KEYS_PER_CALLER={budget.keys}, "
+        f"COMMAND_KEY_BYTES_PER_CALLER={budget.bytes}); nothing was sent. Retry with the same key in {wait} s, "
+        "when its oldest key expires, or send without a key (then a retry may run the command twice)"
+    )
+    body = {"error": ErrorCode.TOO_MANY_KEYS.value, "detail": detail, "retry_after_ms": wait * 1000}
+    return Outcome(429, {**body, "limit": budget.keys})
+
+
+class IdempotentSends:
+    """Runs each keyed command at most once per window, cluster-wide; each caller within its key budget."""
+
+    def __init__(self, broker: Broker, window_seconds: float, budget: KeyBudget | None = None) -> None:
         self.broker = broker
         self.window_seconds = window_seconds
+        self.budget = budget or KeyBudget()
         self._settling: set[asyncio.Future[Outcome]] = set()
-        # key -> (the record to write, or None to let the key go; when to give up): writes that failed.
-        self._unwritten: dict[str, tuple[Record | None, float]] = {}
+        # (caller, key) -> (the record to write, or None to let the key go; when to give up): writes that failed.
+        self._unwritten: dict[tuple[str, str], tuple[Record | None, float]] = {}
         self._retrying: asyncio.Task[None] | None = None
 
     async def send(
-        self, key: str, command: str, wait_seconds: float, first: Callable[[], Awaitable[Outcome]]
+        self, caller: str, key: str, command: str, wait_seconds: float, first: Callable[[], Awaitable[Outcome]]
     ) -> Outcome:
-        """``first()`` when ``key`` is new; otherwise the outcome of the command that claimed it."""
+        """``first()`` when ``caller``'s ``key`` is new; otherwise the outcome of the command that claimed it."""
         deadline = time.monotonic() + wait_seconds
         while True:
             try:
-                held = await self.broker.idempotency_claim(key, _encode(Record(command)).decode())
+                held = await self.broker.idempotency_claim(caller, key, _encode(Record(command)).decode())
                 if held is not None:
-                    outcome = await self.follow(key, command, held, deadline)
+                    outcome = await self.follow(caller, key, command, held, deadline)
                     if outcome is not None:
                         return outcome
                     continue  # The first command was refused before reaching a client and let the key go.
             except BrokerUnavailable as exc:  # Nothing was sent: the caller may retry once Redis is back.
                 return Outcome(503, {"error": ErrorCode.BROKER_UNAVAILABLE.value, "detail": str(exc)})
-            return await self._run(key, command, first)
+            except TooManyKeys as refused:  # Nothing was sent, nothing kept.
+                return too_many_keys(refused, self.budget, self.window_seconds)
+            return await self._run(caller, key, command, first)
 
-    async def _run(self, key: str, command: str, first: Callable[[], Awaitable[Outcome]]) -> Outcome:
+    async def _run(self, caller: str, key: str, command: str, first: Callable[[], Awaitable[Outcome]]) -> Outcome:
         # Shielded: a caller that stops waiting (a cancelled MCP call, a closed HTTP connection)
         # must not leave the record "in flight" for the whole window; the outcome still lands.
-        task = asyncio.ensure_future(self._settle(key, command, first))
+        task = asyncio.ensure_future(self._settle(caller, key, command, first))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return await asyncio.shield(task)
 
-    async def _settle(self, key: str, command: str, first: Callable[[], Awaitable[Outcome]]) -> Outcome:
+    async def _settle(self, caller: str, key: str, command: str, first: Callable[[], Awaitable[Outcome]]) -> Outcome:
         try:
             outcome = await first()
         except Exception:
             with contextlib.suppress(BrokerUnavailable):
-                await self.broker.idempotency_drop(key)
+                await self.broker.idempotency_drop(caller, key)
             raise
-        await self.resolve(key, command, outcome.http_status, outcome.body)
+        await self.resolve(caller, key, command, outcome.http_status, outcome.body)
         return outcome
 
-    async def resolve(self, key: str, command: str, status: int, body: dict[str, Any]) -> None:
+    async def resolve(self, caller: str, key: str, command: str, status: int, body: dict[str, Any]) -> None:
         """Record the outcome of the command that claimed ``key``, or let the key go if it reached no client.
 
         A failed write is kept, answered to repeats on this instance, and retried until it lands.
         """
         record = None if body.get("error") in _NEVER_SENT else Record(command, status, body)
         try:
-            await self._write(key, record)
+            await self._write(caller, key, record)
         except BrokerUnavailable as exc:
             log.warning("Could not record the outcome of an idempotent command (retrying): %s", exc)
-            self._unwritten.pop(key, None)
-            self._unwritten[key] = (record, time.monotonic() + self.window_seconds)
+            self._unwritten.pop((caller, key), None)
+            self._unwritten[(caller, key)] = (record, time.monotonic() + self.window_seconds)
             while len(self._unwritten) > MAX_UNWRITTEN:
                 del self._unwritten[next(iter(self._unwritten))]
             if self._retrying is None:
                 self._retrying = asyncio.get_running_loop().create_task(self._retry())
 
-    async def _write(self, key: str, record: Record | None) -> None:
+    async def _write(self, caller: str, key: str, record: Record | None) -> None:
         if record is None:
-            await self.broker.idempotency_drop(key)
+            await self.broker.idempotency_drop(caller, key)
         else:
-            await self.broker.idempotency_set(key, _encode(record).decode())
+            await self.broker.idempotency_set(caller, key, _encode(record).decode())
 
     async def _retry(self) -> None:
         """Write the outcomes whose write failed, with backoff, until all landed or their window ended."""
@@ -158,7 +189,7 @@ class IdempotentSends:
                     record, until = entry
                     if time.monotonic() < until:
                         try:
-                            await self._write(key, record)
+                            await self._write(*key, record)
                         except BrokerUnavailable:
                             break  # Still down: all of them wait for the next attempt.
                         attempt = 0
@@ -171,11 +202,11 @@ class IdempotentSends:
         if self._retrying is not None:
             self._retrying.cancel()
 
-    async def follow(self, key: str, command: str, held: str, deadline: float) -> Outcome | None:
+    async def follow(self, caller: str, key: str, command: str, held: str, deadline: float) -> Outcome | None:
         """Wait for the first command's outcome; None when its key was let go meanwhile."""
         record = _decode(held)
         while True:
-            unwritten = self._unwritten.get(key)
+            unwritten = self._unwritten.get((caller, key))
             if unwritten is not None and unwritten[0] is not None:  # Its outcome, not written yet: from here.
                 record = unwritten[0]
             if record.command != command:
@@ -199,7 +230,7 @@ class IdempotentSends:
                     },
                 )
             await asyncio.sleep(POLL_SECONDS)
-            again = await self.broker.idempotency_get(key)
+            again = await self.broker.idempotency_get(caller, key)
             if again is None:
                 return None
             record = _decode(again)
@@ -223,12 +254,14 @@ class ControllerKeys:
         send_now: Callable[[str, str, Request], None],
         frame_to: Callable[[str, str], None],
         spawn: Callable[[Any], None],
+        caller_of: Callable[[str], str] = lambda waiter: UNNAMED,
     ) -> None:
         self._sends = sends
+        self._caller_of = caller_of  # A connection's (by its key) caller: its token's, whatever its controller id.
         self._send_now = send_now  # The command service's submit, once the key is ours.
         self._frame_to = frame_to  # A frame for a controller connection (by its key), if it is here.
         self._spawn = spawn
-        # (conn, id) -> [key, fingerprint, its last status frame (delivered, queued) or None]
+        # (conn, id) -> [(caller, key), fingerprint, its last status frame (delivered, queued) or None]
         self._keys: dict[tuple[str, CommandId], list[Any]] = {}
         self._last: dict[str, asyncio.Future[None]] = {}  # Per connection: its latest command's turn to send.
 
@@ -258,13 +291,15 @@ class ControllerKeys:
         self, waiter: str, controller: str, request: Request, previous: asyncio.Future[None] | None
     ) -> None:
         assert request.id is not None
-        key = f"ws:{controller}:id:{request.id!r}"
+        key = (self._caller_of(waiter), f"ws:{controller}:id:{request.id!r}")
         command = fingerprint(request.target, request.message, request.queue)
         replay: Outcome | None = None
         try:
-            held = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
+            held = await self._sends.broker.idempotency_claim(*key, _encode(Record(command)).decode())
         except BrokerUnavailable:
             held, replay = None, _WS_UNAVAILABLE
+        except TooManyKeys as refused:
+            held, replay = None, too_many_keys(refused, self._sends.budget, self._sends.window_seconds)
         if held is not None:
             # A repeat sends nothing (unless its first command lets the key go): the connection's
             # later commands do not wait for its outcome (a retry held them up to the first's timeout).
@@ -277,25 +312,40 @@ class ControllerKeys:
         self._send_or_answer(waiter, controller, request, key, command, replay)
 
     async def _repeat(
-        self, waiter: str, controller: str, request: Request, key: str, command: str, held: str, deadline: float
+        self,
+        waiter: str,
+        controller: str,
+        request: Request,
+        key: tuple[str, str],
+        command: str,
+        held: str,
+        deadline: float,
     ) -> None:
         """A repeated id: the first command's outcome once known; sent after all if the first let its key go."""
         replay: Outcome | None = None
         try:
             while True:
-                replay = await self._sends.follow(key, command, held, deadline)
+                replay = await self._sends.follow(*key, command, held, deadline)
                 if replay is not None:
                     break
-                again = await self._sends.broker.idempotency_claim(key, _encode(Record(command)).decode())
+                again = await self._sends.broker.idempotency_claim(*key, _encode(Record(command)).decode())
                 if again is None:
                     break  # Ours now: sent (after the commands this connection sent meanwhile).
                 held = again
         except BrokerUnavailable:
             replay = _WS_UNAVAILABLE
+        except TooManyKeys as refused:
+            replay = too_many_keys(refused, self._sends.budget, self._sends.window_seconds)
         self._send_or_answer(waiter, controller, request, key, command, replay)
 
     def _send_or_answer(
-        self, waiter: str, controller: str, request: Request, key: str, command: str, replay: Outcome | None
+        self,
+        waiter: str,
+        controller: str,
+        request: Request,
+        key: tuple[str, str],
+        command: str,
+        replay: Outcome | None,
     ) -> None:
         assert request.id is not None
         if replay is None:
@@ -332,8 +382,8 @@ class ControllerKeys:
         last = found[2] or {"id": command_id, "status": "timeout", "target": target, "delivered": delivered}
         self.finished(waiter, command_id, _encode({**last, "final": True, "detail": detail}).decode())
 
-    async def _record(self, key: str, command: str, body: dict[str, Any]) -> None:
-        await self._sends.resolve(key, command, 200, body)
+    async def _record(self, key: tuple[str, str], command: str, body: dict[str, Any]) -> None:
+        await self._sends.resolve(*key, command, 200, body)
 
 
 #: A keyed WebSocket command while Redis is unreachable: nothing was sent. Controllers get the error

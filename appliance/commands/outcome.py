@@ -66,5 +66,6 @@ HTTP_STATUS = {
     ErrorCode.DELIVERY_FAILED.value: 503,
     ErrorCode.DUPLICATE_ID.value: 409,
     ErrorCode.QUEUE_FULL.value: 409,
+    ErrorCode.TOO_MANY_KEYS.value: 429,
     ErrorCode.TARGET_NOT_CLIENT.value: 422,
 }

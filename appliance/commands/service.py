@@ -48,9 +48,9 @@ from ..registry import LocalConnections
 from ..settings import Settings
 from .broadcast import Broadcasts
 from .callers import InProcessCallers
-from .followup import Followups, timeout_detail
+from .followup import UNNAMED, Followups, timeout_detail
 from .handover import ClientLines
-from .idempotency import ControllerKeys, IdempotentSends
+from .idempotency import ControllerKeys, IdempotentSends, key_budget
 from .outcome import HTTP_STATUS, IN_PROCESS, OUTCOMES, Outcome, Waiter
 
 __all__ = ["TICK_SECONDS", "CommandService"]
@@ -102,10 +102,10 @@ class CommandService(InProcessCallers):
             queue_lock=self._queue_lock,
             spawn=self._spawn,
         )
-        self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds)
+        self.idempotent = IdempotentSends(broker, settings.idempotency_window_seconds, key_budget(settings))
         # GET /api/v1/commands/{id}, MCP get_command (followup.py)
         self.followups = Followups(broker, self.instance, local.epoch)
-        self.keys = ControllerKeys(self.idempotent, self._submit_now, self._frame_to, self._spawn)
+        self.keys = ControllerKeys(self.idempotent, self._submit_now, self._frame_to, self._spawn, self._caller_of)
         self.holding, self.after = self.keys.holding, self.keys.after  # The relay's, for commands without id.
         self.broadcasts = Broadcasts(
             self.instance, broker, local, recent_logs, spawn=self._spawn, finished=self._fan_out_finished
@@ -378,6 +378,12 @@ class CommandService(InProcessCallers):
         for pending in self.pending.drop_waiter(conn.conn_key):
             self._queueable.pop(pending.key, None)
             self.keys.abandoned(pending.waiter, pending.id, pending.target, pending.delivered)
+
+    def _caller_of(self, waiter: str) -> str:
+        """A controller connection's caller (its token's name; the unnamed tokens together): its key budget."""
+        conn = self.local.connection(waiter)
+        grant = conn.grant if conn is not None else None
+        return (grant.caller if grant is not None else None) or UNNAMED
 
     def _frame_to(self, waiter: str, frame: str) -> None:
         conn = self.local.connection(waiter)

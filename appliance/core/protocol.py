@@ -135,6 +135,7 @@ class ErrorCode(str, enum.Enum):
     # Version 2 (commands with an id):
     DUPLICATE_ID = "duplicate_id"  # the same controller has a command with this id in flight
     QUEUE_FULL = "queue_full"  # the target's offline queue, or a v1 client's reply line, is full
+    TOO_MANY_KEYS = "too_many_keys"  # the caller holds its budget of live idempotency keys (ids)
     # HTTP API only (never a frame): the broker cannot be reached to read presence or find the holder.
     BROKER_UNAVAILABLE = "broker_unavailable"
 

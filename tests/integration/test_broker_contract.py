@@ -17,7 +17,7 @@ import pytest
 from broker_support import BACKENDS, CLIENT, CONTROLLER, Cluster, Outcome, cluster_group, new_id, sentinel_group, until
 from support import eventually
 
-from appliance.brokers.base import BrokerNotStarted
+from appliance.brokers.base import BrokerNotStarted, KeyBudget, TooManyKeys
 from appliance.brokers.memory import MemoryBroker
 from appliance.brokers.redis import RedisBroker
 from appliance.core.protocol import ErrorCode
@@ -348,7 +348,7 @@ async def test_an_idempotency_key_is_claimed_by_exactly_one_of_many_at_once(clus
     a, b = await cluster.node("a"), await cluster.node("b")
     key = new_id()
     answers = await asyncio.gather(
-        *(node.broker.idempotency_claim(key, f"claim-{n}") for n, node in enumerate([a, b, a, b, a, b]))
+        *(node.broker.idempotency_claim("~", key, f"claim-{n}") for n, node in enumerate([a, b, a, b, a, b]))
     )
     winners = [n for n, held in enumerate(answers) if held is None]
     assert len(winners) == 1
@@ -358,14 +358,62 @@ async def test_an_idempotency_key_is_claimed_by_exactly_one_of_many_at_once(clus
 async def test_an_idempotency_record_is_read_replaced_and_dropped_anywhere(cluster):
     a, b = await cluster.node("a"), await cluster.node("b")
     key = new_id()
-    assert await b.broker.idempotency_get(key) is None
-    assert await a.broker.idempotency_claim(key, "pending") is None
-    await a.broker.idempotency_set(key, "done")
-    assert await b.broker.idempotency_get(key) == "done"
-    assert await b.broker.idempotency_claim(key, "other") == "done"
-    await b.broker.idempotency_drop(key)
-    assert await a.broker.idempotency_get(key) is None
-    assert await a.broker.idempotency_claim(key, "again") is None
+    assert await b.broker.idempotency_get("~", key) is None
+    assert await a.broker.idempotency_claim("~", key, "pending") is None
+    await a.broker.idempotency_set("~", key, "done")
+    assert await b.broker.idempotency_get("~", key) == "done"
+    assert await b.broker.idempotency_claim("~", key, "other") == "done"
+    await b.broker.idempotency_drop("~", key)
+    assert await a.broker.idempotency_get("~", key) is None
+    assert await a.broker.idempotency_claim("~", key, "again") is None
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_idempotency_keys_are_budgeted_per_caller_atomically_and_freed_by_expiry(kind, request):
+    """Keyed commands cannot fill Redis (issue 21): a caller's new keys beyond its budget are refused, never evicted."""
+    budget = KeyBudget(keys=3, bytes=2000, reserve=100)
+    cluster = Cluster.of(request, kind, idempotency_window=1.5, key_budget=budget)
+    try:
+        a, b = await cluster.node("a"), await cluster.node("b")
+        alice, bob, carol = new_id("alice"), new_id("bob"), new_id("carol")
+        # A flood of new keys from two instances at once: exactly the budget is claimed, the rest refused.
+        claims = [node.broker.idempotency_claim(alice, f"k{n}", f"r{n}") for n, node in enumerate([a, b] * 5)]
+        answers = await asyncio.gather(*claims, return_exceptions=True)
+        claimed = [n for n, held in enumerate(answers) if held is None]
+        refused = [held for held in answers if isinstance(held, TooManyKeys)]
+        assert len(claimed) == 3 and len(refused) == 7, answers
+        assert all(r.keys == 3 and 0 < r.retry_after <= 1.5 for r in refused)
+        for n in claimed:  # A live key is kept and answered over the budget (a retry gets its first outcome).
+            assert await b.broker.idempotency_claim(alice, f"k{n}", "again") == f"r{n}"
+        assert await a.broker.idempotency_claim(bob, "k0", "bob's") is None  # another caller's flood takes none of his
+        # Bytes: an outcome counts its size; a key waiting for its outcome counts the reserve.
+        assert await a.broker.idempotency_claim(carol, "big", "pending") is None
+        await b.broker.idempotency_set(carol, "big", "x" * 1950)
+        with pytest.raises(TooManyKeys):
+            await a.broker.idempotency_claim(carol, "next", "pending")
+        await b.broker.idempotency_drop(carol, "big")  # a command that reached no client frees its key
+        assert await a.broker.idempotency_claim(carol, "next", "pending") is None
+        # Expired keys free the budget.
+        await eventually(
+            lambda: _claims(b, alice, "later"), 10, "a new key once the window of the old ones ended"
+        )  # fmt: skip
+        if kind != "memory":
+            raw = cluster.raw()
+            costs = {k.decode(): int(v) for k, v in (await raw.hgetall(cluster.keys.idempotency_costs(alice))).items()}
+            total = costs.pop("")
+            assert costs["later"] == 100 and total == sum(costs.values())  # the total follows every change
+            assert await raw.zcard(cluster.keys.idempotency_index(alice)) == len(costs)
+            assert 0 < await raw.pttl(cluster.keys.idempotency(alice, "later")) <= 1500
+            await raw.aclose()
+    finally:
+        await cluster.stop()
+
+
+async def _claims(node, caller: str, key: str) -> bool:
+    try:
+        return await node.broker.idempotency_claim(caller, key, "r") is None
+    except TooManyKeys:
+        return False
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

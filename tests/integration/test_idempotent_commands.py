@@ -159,7 +159,7 @@ async def test_an_id_while_redis_is_down_gets_a_clear_503_and_the_command_is_not
     try:
         await asyncio.to_thread(own_redis.kill)
         outcome = await IdempotentSends(node.broker, 600).send(
-            "http:id:'x'", fingerprint("dev", "MoveForward 10", False), 1.0, first
+            "~", "http:id:'x'", fingerprint("dev", "MoveForward 10", False), 1.0, first
         )
     finally:
         await cluster.stop()

@@ -36,8 +36,8 @@ async def sends() -> IdempotentSends:
 
 async def test_a_repeat_gets_the_first_outcome_marked_replayed_and_sends_nothing():
     service, device = await sends(), Device(REPLIED)
-    first = await service.send("k", COMMAND, 5, device.send)
-    again = await service.send("k", COMMAND, 5, device.send)
+    first = await service.send("~", "k", COMMAND, 5, device.send)
+    again = await service.send("~", "k", COMMAND, 5, device.send)
     assert device.sent == 1
     assert first.body.get("replayed") is None
     assert again.http_status == 200 and again.body == {**REPLIED.body, "replayed": True}
@@ -45,7 +45,7 @@ async def test_a_repeat_gets_the_first_outcome_marked_replayed_and_sends_nothing
 
 async def test_concurrent_repeats_wait_for_the_first_and_it_runs_once():
     service, device = await sends(), Device(REPLIED, delay=0.2)
-    outcomes = await asyncio.gather(*(service.send("k", COMMAND, 5, device.send) for _ in range(5)))
+    outcomes = await asyncio.gather(*(service.send("~", "k", COMMAND, 5, device.send) for _ in range(5)))
     assert device.sent == 1
     assert [o.http_status for o in outcomes] == [200] * 5
     assert sum(1 for o in outcomes if o.body.get("replayed")) == 4
@@ -53,8 +53,8 @@ async def test_concurrent_repeats_wait_for_the_first_and_it_runs_once():
 
 async def test_the_same_key_for_another_command_is_refused_with_409():
     service, device = await sends(), Device(REPLIED)
-    await service.send("k", COMMAND, 5, device.send)
-    other = await service.send("k", fingerprint("dev", "MoveBack 10", False), 5, device.send)
+    await service.send("~", "k", COMMAND, 5, device.send)
+    other = await service.send("~", "k", fingerprint("dev", "MoveBack 10", False), 5, device.send)
     assert device.sent == 1
     assert other.http_status == 409 and other.body["error"] == "duplicate_id"
     assert "different command" in other.body["detail"]
@@ -63,35 +63,35 @@ async def test_the_same_key_for_another_command_is_refused_with_409():
 async def test_a_command_refused_before_reaching_a_client_can_be_retried():
     service = await sends()
     offline = Device(Outcome(404, {"error": "target_offline", "detail": "not connected"}))
-    assert (await service.send("k", COMMAND, 5, offline.send)).http_status == 404
+    assert (await service.send("~", "k", COMMAND, 5, offline.send)).http_status == 404
     online = Device(REPLIED)
-    assert (await service.send("k", COMMAND, 5, online.send)).http_status == 200
+    assert (await service.send("~", "k", COMMAND, 5, online.send)).http_status == 200
     assert online.sent == 1
 
 
 async def test_a_timeout_is_remembered_so_a_retry_never_runs_it_twice():
     service = await sends()
     slow = Device(Outcome(504, {"id": "k", "status": "timeout", "target": "dev"}))
-    await service.send("k", COMMAND, 5, slow.send)
-    again = await service.send("k", COMMAND, 5, slow.send)
+    await service.send("~", "k", COMMAND, 5, slow.send)
+    again = await service.send("~", "k", COMMAND, 5, slow.send)
     assert slow.sent == 1 and again.http_status == 504 and again.body["replayed"] is True
 
 
 async def test_a_repeat_that_cannot_wait_long_enough_is_told_it_is_still_in_flight():
     service, device = await sends(), Device(REPLIED, delay=1.0)
-    first = asyncio.create_task(service.send("k", COMMAND, 5, device.send))
+    first = asyncio.create_task(service.send("~", "k", COMMAND, 5, device.send))
     await asyncio.sleep(0.05)
-    impatient = await service.send("k", COMMAND, 0.1, device.send)
+    impatient = await service.send("~", "k", COMMAND, 0.1, device.send)
     assert impatient.http_status == 409 and "still in flight" in impatient.body["detail"]
     assert (await first).http_status == 200 and device.sent == 1
 
 
 async def test_a_caller_that_stops_waiting_still_leaves_the_outcome_for_the_retry():
     service, device = await sends(), Device(REPLIED, delay=0.2)
-    first = asyncio.create_task(service.send("k", COMMAND, 5, device.send))
+    first = asyncio.create_task(service.send("~", "k", COMMAND, 5, device.send))
     await asyncio.sleep(0.05)
     first.cancel()  # a cancelled MCP call, an HTTP client that hung up
-    retry = await service.send("k", COMMAND, 5, device.send)
+    retry = await service.send("~", "k", COMMAND, 5, device.send)
     assert device.sent == 1 and retry.http_status == 200 and retry.body["replayed"] is True
 
 
@@ -102,20 +102,20 @@ class FailingWrites(MemoryBroker):
         super().__init__()
         self.failures = failures
 
-    async def idempotency_set(self, key: str, record: str) -> None:
+    async def idempotency_set(self, caller: str, key: str, record: str) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise BrokerUnavailable("redis: connection reset")
-        await super().idempotency_set(key, record)
+        await super().idempotency_set(caller, key, record)
 
 
 async def test_an_outcome_whose_write_failed_still_answers_a_retry_on_any_instance():
     broker = FailingWrites(failures=2)
     here, there, device = IdempotentSends(broker, 600), IdempotentSends(broker, 600), Device(REPLIED)
-    assert (await here.send("k", COMMAND, 5, device.send)).http_status == 200
-    again_here = await here.send("k", COMMAND, 0.1, device.send)  # answered from this instance at once
+    assert (await here.send("~", "k", COMMAND, 5, device.send)).http_status == 200
+    again_here = await here.send("~", "k", COMMAND, 0.1, device.send)  # answered from this instance at once
     assert again_here.http_status == 200 and again_here.body["replayed"] is True
-    again_there = await there.send("k", COMMAND, 3, device.send)  # once the write retried landed
+    again_there = await there.send("~", "k", COMMAND, 3, device.send)  # once the write retried landed
     assert again_there.http_status == 200 and again_there.body["replayed"] is True
     assert device.sent == 1 and broker.failures == 0
     await here.stop()

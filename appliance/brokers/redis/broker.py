@@ -11,6 +11,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ... import metrics
+from ...core.keybudget import DEFAULT_KEY_BUDGET, KeyBudget
 from ...core.newids import WindowCount
 from ...core.protocol import Role
 from ...core.requests import Enqueued, Routed
@@ -57,6 +58,7 @@ class RedisBroker(Broker):
         history_max_clients: int = 2000,
         idempotency_window: float = 600.0,
         records_per_owner: int = 1000,
+        key_budget: KeyBudget = DEFAULT_KEY_BUDGET,
     ) -> None:
         self.instance = instance
         self._origin = instance.encode()
@@ -88,7 +90,7 @@ class RedisBroker(Broker):
             link, self._subscriber, lambda: self.inbox, self._presence.changed, self._spawn, ttl=presence_ttl
         )
         self._queue = RedisQueue(link, max_per_client=queue_max, remember_seconds=queue_remember_seconds)
-        self._idempotency = IdempotencyRecords(link, window=idempotency_window)
+        self._idempotency = IdempotencyRecords(link, window=idempotency_window, budget=key_budget)
         self._records = CommandRecords(link, window=idempotency_window, per_owner=records_per_owner)
         self._admission = AdmissionRecords(link, self._history)
 
@@ -273,17 +275,17 @@ class RedisBroker(Broker):
     async def take_queued(self, target: str, now: float) -> list[Routed]:
         return await self._queue.take(target, now)
 
-    async def idempotency_claim(self, key: str, record: str) -> str | None:
-        return await self._idempotency.claim(key, record)
+    async def idempotency_claim(self, caller: str, key: str, record: str) -> str | None:
+        return await self._idempotency.claim(caller, key, record)
 
-    async def idempotency_get(self, key: str) -> str | None:
-        return await self._idempotency.get(key)
+    async def idempotency_get(self, caller: str, key: str) -> str | None:
+        return await self._idempotency.get(caller, key)
 
-    async def idempotency_set(self, key: str, record: str) -> None:
-        await self._idempotency.set(key, record)
+    async def idempotency_set(self, caller: str, key: str, record: str) -> None:
+        await self._idempotency.set(caller, key, record)
 
-    async def idempotency_drop(self, key: str) -> None:
-        await self._idempotency.drop(key)
+    async def idempotency_drop(self, caller: str, key: str) -> None:
+        await self._idempotency.drop(caller, key)
 
     async def record_put(self, owner: str, key: str, record: str) -> None:
         await self._records.put(owner, key, record)

@@ -14,6 +14,8 @@ __all__ = [
     "HISTORY_KEY",
     "RECORDS_KEY",
     "RECORD_TIMES_KEY",
+    "IDEMPOTENCY_COST_KEY",
+    "IDEMPOTENCY_INDEX_KEY",
     "IDEMPOTENCY_KEY",
     "INSTANCES_KEY",
     "INSTANCE_CHANNEL",
@@ -38,6 +40,9 @@ OWNER_KEY = f"{PREFIX}owner:"
 INSTANCE_KEY = f"{PREFIX}instance:"
 HISTORY_KEY = f"{PREFIX}hist:"
 IDEMPOTENCY_KEY = f"{PREFIX}idem:"
+#: A caller's live idempotency keys by expiry (sorted set) and the bytes each counts (hash; "" the total).
+IDEMPOTENCY_INDEX_KEY = f"{PREFIX}idem-at:"
+IDEMPOTENCY_COST_KEY = f"{PREFIX}idem-size:"
 SUMMARY_KEY = f"{PREFIX}summary:"
 #: Command records (appliance/commands/followup.py): a hash per owner, and its keys by last write.
 RECORDS_KEY = f"{PREFIX}cmd:"
@@ -59,7 +64,8 @@ class Keys:
     ``{instance}``: an id's channel, owner, queue, delivered marks and history live in
     one slot (so the claim and enqueue scripts touch one shard), as do an instance's
     channel, presence and summary. Ids and instance names contain no braces. An owner's command
-    records and their index carry ``{owner}`` (braces in the name replaced).
+    records and their index carry ``{owner}`` (braces in the name replaced), as do a caller's
+    idempotency records, their index and their sizes.
     """
 
     __slots__ = ("_left", "_right", "_client_prefix", "_client_suffix", "tagged")
@@ -116,6 +122,16 @@ class Keys:
 
     def command_record_times(self, owner: str) -> str:
         return self._of(RECORD_TIMES_KEY, _braceless(owner))
+
+    def idempotency(self, caller: str, key: str) -> str:
+        """``caller``'s record of ``key``; in one slot with its index and sizes (``{caller}``)."""
+        return f"{self._of(IDEMPOTENCY_KEY, _braceless(caller))}:{key}"
+
+    def idempotency_index(self, caller: str) -> str:
+        return self._of(IDEMPOTENCY_INDEX_KEY, _braceless(caller))
+
+    def idempotency_costs(self, caller: str) -> str:
+        return self._of(IDEMPOTENCY_COST_KEY, _braceless(caller))
 
 
 def _braceless(name: str) -> str:
