@@ -194,7 +194,8 @@ def test_anything_but_a_private_address_is_refused_and_none_is_never_every_addre
 
 # Runs as root inside `unshare --net --pid --fork`: the private address on a veth pair, the
 # exporter listening where Compose publishes it, Prometheus on loopback; the probe is the
-# namespace's last process, so everything else ends with it.
+# namespace's last process, so everything else ends with it. The exporter listens before
+# Prometheus starts, so the first scrape decides (a wrong setting fails at once, not at the deadline).
 NAMESPACE = r"""
 set -eu
 ip link set lo up
@@ -202,6 +203,8 @@ ip link add wsb-private type veth peer name wsb-peer
 ip addr add "$ADDRESS/24" dev wsb-private
 ip link set wsb-private up && ip link set wsb-peer up
 "$NODE_EXPORTER" "$@" > "$WORK/node_exporter.log" 2>&1 &
+# Prometheus starts once the exporter listens: its first scrape is the verdict.
+for _ in $(seq 600); do (: < "/dev/tcp/$ADDRESS/$PORT") 2>/dev/null && break; sleep 0.1; done
 "$PROMETHEUS" --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/data" \
   --web.listen-address=127.0.0.1:9090 > "$WORK/prometheus.log" 2>&1 &
 exec "$PYTHON" "$WORK/probe.py"
@@ -219,7 +222,7 @@ while time.monotonic() < deadline:
             found = json.load(response)["data"]["result"]
     except OSError:
         found = []
-    if any(series["value"][1] == "1" for series in found):
+    if found:  # the first scrape of the host, up or down
         break
     time.sleep(0.5)
 # Bound to the private address only: loopback (and so every other address) is refused.
