@@ -166,7 +166,19 @@ def test_a_group_host_publishes_node_exporter_on_its_private_address_and_a_singl
         "protocol": "tcp",
     }
     assert published(group) == {"traefik": traefik, "node_exporter": [node_port]}
+    # Docker publishes nothing for a container whose networks are all internal (moby/moby#36174):
+    # node_exporter joins one that is not, of its own, which does not masquerade (no way out).
+    model = json.loads(
+        compose_config(group_env, compose_file=installed_sources()[group_files[0]], overrides=(HOSTS_FILE,)).stdout
+    )
+    networks = {name: model["networks"][name] for name in group["node_exporter"]["networks"]}
+    assert set(networks) == {"metrics", "hosts"}
+    assert networks["metrics"]["internal"] is True and not networks["hosts"].get("internal")
+    assert networks["hosts"]["driver_opts"] == {"com.docker.network.bridge.enable_ip_masquerade": "false"}
+    assert [name for name, service in group.items() if "hosts" in service.get("networks", {})] == ["node_exporter"]
+    # Nothing else changes.
     group["node_exporter"].pop("ports")
+    group["node_exporter"]["networks"].pop("hosts")
     alone = resolve(group_env, single_files)
     assert group == alone
 
