@@ -1,0 +1,64 @@
+"""The OIDC sign-in settings (appliance/settings_oidc.py): off by default, complete or refused, nobody admin by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from appliance.settings import Settings
+
+COMPLETE = {
+    "public_url": "https://ops.example.com",
+    "oidc_issuer": "https://login.example.com/realms/ops",
+    "oidc_client_id": "wsbridge-dashboard",
+    "oidc_client_secret": "client-secret-0123456789abcdef",
+    "oidc_admins": "Alice@Example.com, bob@example.com",
+    "oidc_viewers": "victor@example.com",
+}
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)
+
+
+def test_off_by_default_and_nothing_required():
+    plain = settings()
+    assert not plain.oidc_enabled and plain.oidc_client_secret is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"oidc_client_id": None}, "OIDC_CLIENT_ID"),
+        ({"public_url": None}, "PUBLIC_URL"),
+        ({"oidc_issuer": "http://login.example.com"}, "https://"),
+        ({"oidc_admins": "", "oidc_viewers": ""}, "nobody could sign in"),
+        ({"oidc_admin_groups": "ops"}, "OIDC_GROUPS_CLAIM"),
+    ],
+)
+def test_an_incomplete_configuration_fails_at_start(change, message):
+    with pytest.raises(ValidationError, match=message):
+        settings(**{**COMPLETE, **change})
+
+
+def test_roles_come_from_the_lists_and_groups_and_nobody_else_gets_one():
+    configured = settings(**COMPLETE, oidc_groups_claim="groups", oidc_viewer_groups="support")
+    assert configured.oidc_enabled
+    assert configured.oidc_role("alice@example.com", []) == "admin"  # case-insensitive, spaces trimmed
+    assert configured.oidc_role("BOB@example.com", []) == "admin"
+    assert configured.oidc_role("victor@example.com", []) == "viewer"
+    assert configured.oidc_role("carol@example.com", ["Support"]) == "viewer"
+    assert configured.oidc_role("carol@example.com", ["sales"]) is None
+    assert configured.oidc_role("", []) is None
+    assert settings(**{**COMPLETE, "oidc_issuer": "http://localhost:9400"}).oidc_enabled  # local tests only
+
+
+def test_the_client_secret_is_a_secret_and_the_session_version_follows_the_lists():
+    configured = settings(**COMPLETE)
+    assert COMPLETE["oidc_client_secret"] in configured.secret_values()  # redacted from every log line
+    assert COMPLETE["oidc_client_secret"] not in repr(configured)
+    fewer = settings(**{**COMPLETE, "oidc_admins": "bob@example.com"})
+    assert configured.oidc_session_version() != fewer.oidc_session_version()  # removing alice ends her session
+    assert configured.oidc_session_version() == settings(**COMPLETE).oidc_session_version()
