@@ -436,7 +436,7 @@ class Settings(NewIdSettings, CallerNames, RedisTls, DashboardOidc):
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redaction filter: every SecretStr setting, mixins' too
         (OIDC_CLIENT_SECRET), so a new secret setting is redacted without being listed here."""
-        secrets = [value.get_secret_value() for value in self.__dict__.values() if isinstance(value, SecretStr)]
+        secrets = [s for v in self.__dict__.values() if isinstance(v, SecretStr) and (s := v.get_secret_value())]
         if self.redis_password is not None and self.redis_host:
             # The URL built from REDIS_HOST holds the password URL-quoted, which the raw value does not match.
             secrets.append(self.redis_connection_url())

@@ -1,7 +1,7 @@
 """OpenID Connect sign-in to the dashboard (ui/oidc.py): a part of :class:`appliance.settings.Settings`.
 
-Off unless ``OIDC_ISSUER`` is set; then the client id, ``PUBLIC_URL`` (the redirect URI is built from
-it, never from a request's Host header) and at least one allow-list are required, so a half-done
+Off unless ``OIDC_ISSUER`` is set; then the client id, ``OIDC_REDIRECT_BASE_URL`` or ``PUBLIC_URL``
+(the redirect URI is built from it, never from a request's Host header) and at least one allow-list are required, so a half-done
 configuration fails at start instead of letting anybody in or nobody.
 """
 
@@ -36,6 +36,11 @@ class DashboardOidc(BaseSettings):
     oidc_client_secret: SecretStr | None = Field(
         None, description="The client secret (confidential client); a secret: never logged or shown."
     )
+    oidc_redirect_base_url: str | None = Field(
+        None,
+        description="Where browsers reach the dashboard, for the redirect URI <this>/admin/login/oidc/callback "
+        "registered at the provider (https://DOMAIN_NAME:8443 in the compose stack); unset: PUBLIC_URL.",
+    )
     oidc_provider_name: str = Field(
         "single sign-on", max_length=60, description="Shown on the sign-in page: `Sign in with <name>`."
     )
@@ -61,22 +66,27 @@ class DashboardOidc(BaseSettings):
     def _oidc_complete(self) -> DashboardOidc:
         if not self.oidc_issuer:
             return self
-        settings: Any = self  # The whole Settings: PUBLIC_URL is there.
         issuer = urlsplit(self.oidc_issuer)
         if issuer.scheme != "https" and not (issuer.scheme == "http" and issuer.hostname in _LOCAL_HOSTS):
             raise ValueError("OIDC_ISSUER must be an https:// URL (http:// only for localhost)")
         if not self.oidc_client_id:
             raise ValueError("OIDC_ISSUER needs OIDC_CLIENT_ID")
-        public = urlsplit(settings.public_url or "")
+        public = urlsplit(self.oidc_redirect_base() or "")
         if public.scheme not in ("http", "https") or not public.hostname:
             raise ValueError(
-                "OIDC_ISSUER needs PUBLIC_URL (https://ops.example.com): the redirect URI is built from it"
+                "OIDC_ISSUER needs OIDC_REDIRECT_BASE_URL or PUBLIC_URL (https://ops.example.com): "
+                "the redirect URI is built from it, never from a request's Host header"
             )
         if not (self.oidc_admins or self.oidc_viewers or self.oidc_admin_groups or self.oidc_viewer_groups):
             raise ValueError("OIDC_ISSUER needs OIDC_ADMINS, OIDC_VIEWERS or OIDC_*_GROUPS: nobody could sign in")
         if (self.oidc_admin_groups or self.oidc_viewer_groups) and not self.oidc_groups_claim:
             raise ValueError("OIDC_ADMIN_GROUPS / OIDC_VIEWER_GROUPS need OIDC_GROUPS_CLAIM")
         return self
+
+    def oidc_redirect_base(self) -> str | None:
+        """Where the redirect URI starts: OIDC_REDIRECT_BASE_URL, else PUBLIC_URL."""
+        settings: Any = self
+        return (self.oidc_redirect_base_url or settings.public_url or "").rstrip("/") or None
 
     def oidc_role(self, name: str, groups: list[str]) -> str | None:
         """The dashboard role of the person named ``name`` in ``groups``: admin, viewer, or None (refused)."""

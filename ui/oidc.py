@@ -148,8 +148,8 @@ def _client(settings: Settings) -> Any:
 
 
 def redirect_uri(settings: Settings) -> str:
-    """From PUBLIC_URL, never from the request's Host header (which a client chooses)."""
-    return (settings.public_url or "").rstrip("/") + CALLBACK
+    """From OIDC_REDIRECT_BASE_URL or PUBLIC_URL, never from the request's Host header (which a client chooses)."""
+    return (settings.oidc_redirect_base() or "") + CALLBACK
 
 
 def _scopes(settings: Settings) -> str:

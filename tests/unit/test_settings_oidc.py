@@ -33,6 +33,7 @@ def test_off_by_default_and_nothing_required():
     [
         ({"oidc_client_id": None}, "OIDC_CLIENT_ID"),
         ({"public_url": None}, "PUBLIC_URL"),
+        ({"public_url": None, "oidc_redirect_base_url": "ops.example.com"}, "PUBLIC_URL"),
         ({"oidc_issuer": "http://login.example.com"}, "https://"),
         ({"oidc_admins": "", "oidc_viewers": ""}, "nobody could sign in"),
         ({"oidc_admin_groups": "ops"}, "OIDC_GROUPS_CLAIM"),
@@ -55,10 +56,19 @@ def test_roles_come_from_the_lists_and_groups_and_nobody_else_gets_one():
     assert settings(**{**COMPLETE, "oidc_issuer": "http://localhost:9400"}).oidc_enabled  # local tests only
 
 
+def test_the_redirect_uri_comes_from_the_settings_only():
+    from ui.oidc import redirect_uri
+
+    assert redirect_uri(settings(**COMPLETE)) == "https://ops.example.com/admin/login/oidc/callback"
+    behind = settings(**COMPLETE, oidc_redirect_base_url="https://ops.example.com:8443/")  # the compose stack
+    assert redirect_uri(behind) == "https://ops.example.com:8443/admin/login/oidc/callback"
+
+
 def test_the_client_secret_is_a_secret_and_the_session_version_follows_the_lists():
     configured = settings(**COMPLETE)
     assert COMPLETE["oidc_client_secret"] in configured.secret_values()  # redacted from every log line
     assert COMPLETE["oidc_client_secret"] not in repr(configured)
+    assert "" not in settings(**COMPLETE, viewer_token="").secret_values()  # an empty one would redact everything
     fewer = settings(**{**COMPLETE, "oidc_admins": "bob@example.com"})
     assert configured.oidc_session_version() != fewer.oidc_session_version()  # removing alice ends her session
     assert configured.oidc_session_version() == settings(**COMPLETE).oidc_session_version()
