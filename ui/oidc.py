@@ -102,7 +102,7 @@ def verify_id_token(
     """
     from authlib.oidc.core import CodeIDToken
 
-    allowed = [alg for alg in (algorithms or ["RS256"]) if alg != "none" and not alg.startswith("HS")]
+    allowed = [alg for alg in (algorithms or []) if alg != "none" and not alg.startswith("HS")] or ["RS256"]
     try:
         keys = KeySet.import_key_set(jwks)  # type: ignore[arg-type]
         decoded = jwt.decode(id_token, keys, registry=JWSRegistry(algorithms=allowed))

@@ -49,6 +49,7 @@ def test_an_operator_signs_in_through_the_provider_and_the_audit_names_them(page
         try:
             app.start()
             page.goto(app.http + "/admin/audit")
+            screenshot(page, "oidc-sign-in")
             page.get_by_role("link", name="Sign in with Example SSO").click()
             page.wait_for_url(re.compile(re.escape(provider) + r"/oauth2/authorize"))
             page.get_by_placeholder("sub").fill("alice@example.com")

@@ -72,3 +72,32 @@ def test_the_client_secret_is_a_secret_and_the_session_version_follows_the_lists
     fewer = settings(**{**COMPLETE, "oidc_admins": "bob@example.com"})
     assert configured.oidc_session_version() != fewer.oidc_session_version()  # removing alice ends her session
     assert configured.oidc_session_version() == settings(**COMPLETE).oidc_session_version()
+
+
+def test_an_oidc_session_ends_when_the_oidc_settings_change_or_are_removed():
+    from ui.auth import OIDC_SESSION, session_problem
+
+    def state(configured: Settings) -> object:
+        class State:
+            settings = configured
+
+        return State
+
+    before = settings(**COMPLETE)
+    session = {"role": "admin", "name": OIDC_SESSION, "actor": "alice@example.com", "version": ""}
+    session.update(version=before.oidc_session_version(), created=1e12, seen=1e12)
+    assert session_problem(state(before), session, 1e12) is None
+    assert session_problem(state(settings(**{**COMPLETE, "oidc_admins": "bob@example.com"})), session, 1e12)
+    assert session_problem(state(settings()), session, 1e12) == "token changed"  # OIDC turned off
+
+
+def test_an_email_the_provider_marks_unverified_names_nobody():
+    from ui.oidc import OidcRefused, operator_of
+
+    configured = settings(**COMPLETE)
+    assert operator_of(configured, {"email": "alice@example.com"}) == ("alice@example.com", "admin")
+    with pytest.raises(OidcRefused, match="not verified"):
+        operator_of(configured, {"email": "alice@example.com", "email_verified": False})
+    with pytest.raises(OidcRefused) as caught:
+        operator_of(configured, {"sub": "1234"})
+    assert caught.value.status == 403 and "did not say who you are" in caught.value.message
