@@ -50,7 +50,17 @@ from litestar.status_codes import HTTP_303_SEE_OTHER
 from appliance.settings import Settings
 
 from .auth import OIDC_SESSION, Principal, begin_session
-from .pages import PREFIX, _audit, _common, _dashboard, _safe_next, _sso
+from .pages import PREFIX, _audit, _common, _dashboard, _forget_expired, _safe_next, _sso
+
+#: What a request to the provider raises when it cannot be made or answered. Authlib's httpx client
+#: runs on httpx2 where it is installed (the MCP SDK brings it), else on httpx.
+_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, ValueError)
+try:
+    from httpx2 import HTTPError as _Httpx2Error
+
+    _TRANSPORT_ERRORS += (_Httpx2Error,)
+except ImportError:  # pragma: no cover
+    pass
 
 __all__ = ["CALLBACK", "OIDC_ROUTES", "OIDC_SESSION", "PENDING_COOKIE", "OidcRefused", "Provider", "verify_id_token"]
 
@@ -192,7 +202,7 @@ class Provider:
                 response = await client.get(url)
                 response.raise_for_status()
                 found = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise OidcRefused(_UNAVAILABLE, f"{urlsplit(url).path}: {type(exc).__name__}", 502) from None
         if not isinstance(found, dict):
             raise OidcRefused(_UNAVAILABLE, f"{urlsplit(url).path}: not a JSON object", 502)
@@ -228,7 +238,7 @@ class Provider:
                 )
         except OAuthError as exc:  # The provider refused the code: used, expired, or not ours.
             raise OidcRefused(_NOT_ACCEPTED, f"token endpoint: {exc.error}") from None
-        except (httpx.HTTPError, ValueError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise OidcRefused(_UNAVAILABLE, f"token endpoint: {type(exc).__name__}", 502) from None
         id_token = token.get("id_token")
         if not isinstance(id_token, str):
@@ -317,6 +327,7 @@ async def oidc_start(request: Request, next: FromQuery[str | None] = None) -> Re
         log.warning("OIDC sign-in not started: %s", refused.reason)
         return _refused(request, refused)
     pending_id = secrets.token_urlsafe(32)
+    await _forget_expired(request)  # Memory stores drop abandoned sign-ins only when asked.
     await _store(request).set(_PENDING_KEY + pending_id, _encode(pending), expires_in=PENDING_SECONDS)
     response = Redirect(url, status_code=HTTP_303_SEE_OTHER)
     response.cookies.append(_pending_cookie(pending_id, PENDING_SECONDS))

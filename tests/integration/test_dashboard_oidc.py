@@ -23,7 +23,7 @@ from litestar.testing import TestClient
 
 from appliance.app import create_app
 from appliance.settings import Settings
-from ui.oidc import CALLBACK, OidcRefused, verify_id_token
+from ui.oidc import CALLBACK, OidcRefused, Pending, Provider, verify_id_token
 
 ADMIN = "a" * 32
 PUBLIC = "http://testserver.local"  # TestClient's base URL: what PUBLIC_URL says users reach.
@@ -261,3 +261,13 @@ def test_an_unreachable_provider_gives_a_clear_page(client_credentials):
         answer = client.get("/admin/login/oidc", follow_redirects=False)
     assert answer.status_code == 502 and "could not be reached" in answer.text
     assert 'name="token"' in answer.text  # the token sign-in is still offered
+
+
+async def test_a_token_endpoint_that_cannot_be_reached_is_a_clear_refusal(provider, client_credentials):
+    """The provider's documents are read, then its token endpoint is down: a 502 page, not a 500."""
+    sso = Provider(oidc_settings(provider, *client_credentials))
+    metadata = await sso.metadata()
+    metadata["token_endpoint"] = "http://127.0.0.1:9/token"
+    with pytest.raises(OidcRefused) as caught:
+        await sso.finish(Pending("state", "nonce", "verifier", "/admin/clients"), "a-code")
+    assert caught.value.status == 502 and "could not be reached" in caught.value.message
