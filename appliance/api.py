@@ -18,7 +18,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, Parameter
 from msgspec import Struct
 
 from .api_schema import AUTH_ERRORS, ApiOperation, JsonBodyOperation, options_handlers, refuse_repeated_query
@@ -150,8 +150,8 @@ async def post_command(
     data: JSONBody[CommandBody],
     idempotency_key: Annotated[
         str | None,
-        Parameter(
-            header="Idempotency-Key",
+        HeaderParameter(
+            name="Idempotency-Key",
             min_length=1,
             max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
             description="Makes a retry safe without choosing an id: the same key within the window returns the "

@@ -264,3 +264,17 @@ def test_a_404_with_history_is_the_json_the_dicts_were():
     )
     # The same JSON (test_api_structs.py's measure: the Structs' field order may differ from the dicts').
     assert msgspec.json.decode(msgspec.json.encode(typed)) == as_dicts
+
+
+def test_the_idempotency_key_header_is_documented_with_its_bounds(document, client):
+    post = document["paths"]["/api/v1/commands"]["post"]
+    (header,) = [p for p in post["parameters"] if p["in"] == "header" and p["name"] == "Idempotency-Key"]
+    assert header["required"] is False
+    assert header["schema"]["minLength"] == 1
+    too_long = "k" * (header["schema"]["maxLength"] + 1)
+    answer = client.post(
+        "/api/v1/commands",
+        json={"target": "nobody", "message": "x"},
+        headers={"X-Auth-Token": CONTROLLER, "Idempotency-Key": too_long},
+    )
+    assert answer.status_code == 422, answer.text
