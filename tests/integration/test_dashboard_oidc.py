@@ -56,23 +56,22 @@ def client_credentials(provider) -> tuple[str, str]:
 
 
 def oidc_settings(provider: str, client_id: str, secret: str, **extra: Any) -> Settings:
-    return Settings(
-        _env_file=None,
-        llm_secret_token="c" * 32,
-        unity_client_token="u" * 32,
-        admin_token=ADMIN,
-        instance_id="oidc",
-        public_url=PUBLIC,
-        oidc_issuer=provider,
-        oidc_client_id=client_id,
-        oidc_client_secret=secret,
-        oidc_provider_name="Example SSO",
-        oidc_admins="Alice@Example.com",
-        oidc_viewers="victor@example.com",
-        oidc_groups_claim="groups",
-        oidc_admin_groups="ops",
-        **extra,
-    )
+    values: dict[str, Any] = {
+        "llm_secret_token": "c" * 32,
+        "unity_client_token": "u" * 32,
+        "admin_token": ADMIN,
+        "instance_id": "oidc",
+        "public_url": PUBLIC,
+        "oidc_issuer": provider,
+        "oidc_client_id": client_id,
+        "oidc_client_secret": secret,
+        "oidc_provider_name": "Example SSO",
+        "oidc_admins": "Alice@Example.com",
+        "oidc_viewers": "victor@example.com",
+        "oidc_groups_claim": "groups",
+        "oidc_admin_groups": "ops",
+    }
+    return Settings(_env_file=None, **(values | extra))
 
 
 @pytest.fixture(scope="module")
@@ -256,11 +255,14 @@ def test_id_tokens_for_another_audience_expired_badly_signed_or_with_another_non
     assert "signature" in refused(f"{header}.{payload}.")  # unsigned
 
 
-def test_an_unreachable_provider_gives_a_clear_page(client_credentials):
-    with TestClient(create_app(oidc_settings("http://127.0.0.1:9", *client_credentials))) as client:
+def test_single_sign_on_alone_and_an_unreachable_provider_give_clear_pages(client_credentials):
+    alone = oidc_settings("http://127.0.0.1:9", *client_credentials, admin_token=None)  # no dashboard token at all
+    with TestClient(create_app(alone)) as client:
+        page = client.get("/admin/login")
         answer = client.get("/admin/login/oidc", follow_redirects=False)
+    assert "Sign in with Example SSO" in page.text and 'name="token"' not in page.text
+    assert "The dashboard is disabled" not in page.text
     assert answer.status_code == 502 and "could not be reached" in answer.text
-    assert 'name="token"' in answer.text  # the token sign-in is still offered
 
 
 async def test_a_token_endpoint_that_cannot_be_reached_is_a_clear_refusal(provider, client_credentials):
