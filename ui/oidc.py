@@ -50,7 +50,7 @@ from litestar.status_codes import HTTP_303_SEE_OTHER
 from appliance.settings import Settings
 
 from .auth import OIDC_SESSION, Principal, begin_session
-from .pages import PREFIX, _audit, _common, _dashboard, _forget_expired, _safe_next, _sso
+from .pages import PREFIX, _audit, _common, _dashboard, _forget_expired, _safe_next, _sso, token_sign_in
 
 #: What a request to the provider raises when it cannot be made or answered. Authlib's httpx client
 #: runs on httpx2 where it is installed (the MCP SDK brings it), else on httpx.
@@ -118,7 +118,7 @@ def verify_id_token(
         decoded = jwt.decode(id_token, keys, registry=JWSRegistry(algorithms=allowed))
     except InvalidKeyIdError:
         raise  # The caller reloads the provider's keys once (rotation) and tries again.
-    except (JoseError, ValueError) as exc:
+    except (JoseError, ValueError, KeyError, TypeError) as exc:  # A malformed token or key set too.
         raise OidcRefused(_UNVERIFIED, f"id token signature: {type(exc).__name__}") from None
     options: dict[str, Any] = {
         "iss": {"essential": True, "value": issuer},
@@ -307,7 +307,9 @@ def _store(request: Request) -> Any:
 def _refused(request: Request, refused: OidcRefused) -> Response[Any]:
     response = Template(
         "login.html",
-        context=_common(request, next=PREFIX + "/clients", enabled=True, error=refused.message, **_sso(request)),
+        context=_common(
+            request, next=PREFIX + "/clients", enabled=token_sign_in(request), error=refused.message, **_sso(request)
+        ),
         status_code=refused.status,
     )
     response.cookies.append(_pending_cookie("", 0))

@@ -263,6 +263,7 @@ def test_single_sign_on_alone_and_an_unreachable_provider_give_clear_pages(clien
     assert "Sign in with Example SSO" in page.text and 'name="token"' not in page.text
     assert "The dashboard is disabled" not in page.text
     assert answer.status_code == 502 and "could not be reached" in answer.text
+    assert 'name="token"' not in answer.text and 'role="alert"' in answer.text
 
 
 async def test_a_token_endpoint_that_cannot_be_reached_is_a_clear_refusal(provider, client_credentials):
