@@ -11,7 +11,7 @@ with it.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import oidc_provider_mock
@@ -53,6 +53,8 @@ def test_an_operator_signs_in_through_the_provider_and_the_audit_names_them(page
             page.get_by_role("link", name="Sign in with Example SSO").click()
             page.wait_for_url(re.compile(re.escape(provider) + r"/oauth2/authorize"))
             page.get_by_placeholder("sub").fill("alice@example.com")
+            callbacks: list[str] = []
+            page.on("request", lambda r: callbacks.append(r.url) if "/admin/login/oidc/callback" in r.url else None)
             page.get_by_role("button", name="Authorize").click()
             page.wait_for_url(re.compile(r"/admin/audit$"), timeout=timeout(20) * 1000)
             who = page.locator("header .who .role")
@@ -66,4 +68,7 @@ def test_an_operator_signs_in_through_the_provider_and_the_audit_names_them(page
             assert page.get_by_label("Admin or viewer token").is_visible()  # the token sign-in stays
         finally:
             app.stop()
+        # The one-time code crossed the browser's address bar, never the appliance's log.
+        (code,) = parse_qs(urlsplit(callbacks[0]).query)["code"]
+        assert len(code) >= 16 and code not in app.log()
         console.assert_clean()

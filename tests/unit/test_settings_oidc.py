@@ -101,3 +101,10 @@ def test_an_email_the_provider_marks_unverified_names_nobody():
     with pytest.raises(OidcRefused) as caught:
         operator_of(configured, {"sub": "1234"})
     assert caught.value.status == 403 and "did not say who you are" in caught.value.message
+
+
+def test_the_callbacks_code_and_state_never_reach_a_log_line():
+    from appliance.logs import RedactSecrets
+
+    line = '127.0.0.1:5 - "GET /admin/login/oidc/callback?code=one-time-code-123&state=s-456 HTTP/1.1" 200'
+    assert RedactSecrets([]).mask(line) == '127.0.0.1:5 - "GET /admin/login/oidc/callback?*** HTTP/1.1" 200'
