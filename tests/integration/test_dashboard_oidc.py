@@ -10,6 +10,7 @@ in Chromium once.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import httpx
 import oidc_provider_mock
 import pytest
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from litestar.testing import TestClient
 
 from appliance.app import create_app
@@ -126,8 +128,14 @@ def test_the_sign_in_page_offers_the_provider_and_the_flow_carries_pkce_state_an
     assert query["redirect_uri"] == [PUBLIC + CALLBACK]
     assert query["code_challenge_method"] == ["S256"] and len(query["code_challenge"][0]) == 43
     assert len(query["state"][0]) >= 32 and len(query["nonce"][0]) >= 32 and "openid" in query["scope"][0].split()
-    pending = app.cookies.get("wsb_oidc")
-    assert pending and pending not in query["state"][0]
+    pending_id = app.cookies.get("wsb_oidc")
+    assert pending_id and pending_id not in query["state"][0]
+    # What the callback will check is kept on the server: the same state and nonce, the verifier of the challenge.
+    store = app.app.state.dashboard.session_config.get_store_from_app(app.app)
+    assert app.blocking_portal is not None
+    kept = json.loads(app.blocking_portal.call(store.get, f"oidc-pending:{pending_id}"))
+    assert (kept["state"], kept["nonce"]) == (query["state"][0], query["nonce"][0])
+    assert create_s256_code_challenge(kept["verifier"]) == query["code_challenge"][0]
 
 
 def test_an_allowed_person_gets_a_dashboard_session_and_the_audit_names_them(app, caplog):
