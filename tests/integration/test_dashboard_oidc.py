@@ -282,3 +282,14 @@ async def test_a_token_endpoint_that_cannot_be_reached_is_a_clear_refusal(provid
     with pytest.raises(OidcRefused) as caught:
         await sso.finish(Pending("state", "nonce", "verifier", "/admin/clients"), "a-code")
     assert caught.value.status == 502 and "could not be reached" in caught.value.message
+
+
+def test_with_redis_the_pending_sign_in_and_the_session_live_in_redis(provider, client_credentials, redis_server):
+    """Several instances share Redis: the callback may land on another instance than the start."""
+    settings = oidc_settings(provider, *client_credentials, redis_url=redis_server.url, instance_id="oidc-redis")
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as other:
+        location = start(one)
+        other.cookies = one.cookies  # the same browser reaching another instance
+        done = back(other, authorize(location, "alice@example.com"))
+        assert done.status_code == 200 and "Signed in as alice@example.com" in done.text
+        assert back(other, authorize(location, "alice@example.com")).status_code == 400  # taken once, cluster-wide
