@@ -46,6 +46,7 @@ from litestar.datastructures import Cookie
 from litestar.params import FromQuery
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
+from litestar.stores.redis import RedisStore
 
 from appliance.settings import Settings
 
@@ -176,6 +177,7 @@ class Provider:
         self._jwks: dict[str, Any] | None = None
         self._loaded = 0.0
         self._lock = asyncio.Lock()
+        self.taking = asyncio.Lock()  # Pending sign-ins in a memory store are taken under it (once).
 
     async def metadata(self) -> dict[str, Any]:
         async with self._lock:
@@ -376,9 +378,13 @@ async def _take_pending(request: Request) -> Pending:
     pending_id = request.cookies.get(PENDING_COOKIE, "")
     if not pending_id:
         raise OidcRefused(_EXPIRED, "no pending sign-in cookie")
-    store = _store(request)
-    raw = await store.get(_PENDING_KEY + pending_id)
-    await store.delete(_PENDING_KEY + pending_id)
+    store, key = _store(request), _PENDING_KEY + pending_id
+    if isinstance(store, RedisStore):  # One GETDEL: two instances cannot both take it.
+        raw = await store._redis.getdel(store._make_key(key))
+    else:  # A memory store: one process, so one lock makes reading and deleting one step.
+        async with _provider(request).taking:
+            raw = await store.get(key)
+            await store.delete(key)
     if raw is None:
         raise OidcRefused(_EXPIRED, "pending sign-in unknown, used or expired")
     return _decode(raw)
@@ -388,7 +394,7 @@ def _encode(pending: Pending) -> bytes:
     return json.dumps(asdict(pending)).encode()
 
 
-def _decode(raw: bytes) -> Pending:
+def _decode(raw: bytes | str) -> Pending:
     return Pending(**json.loads(raw))
 
 
