@@ -44,6 +44,10 @@ def weak_secrets(named: dict[str, str | None]) -> list[str]:
 #: of secrets, so these are masked by name, whatever their value.
 _TOKEN_HEADER = re.compile(r"(?i)\b(x-auth-token|sec-websocket-protocol|authorization)(\s*:\s*)[^\r\n\"]+")
 
+#: The dashboard's OpenID Connect callback (ui/oidc.py) carries a one-time code and state in its query,
+#: which uvicorn's access log would write: masked like a secret.
+_OIDC_CALLBACK = re.compile(r"(/login/oidc/callback\?)[^\s\"]+")
+
 _FORMATTER = logging.Formatter()
 
 
@@ -83,6 +87,8 @@ class RedactSecrets(logging.Filter):
                 text = text.replace(secret, "***")
         if _TOKEN_HEADER.search(text):
             text = _TOKEN_HEADER.sub(r"\1\2***", text)
+        if "oidc/callback?" in text:
+            text = _OIDC_CALLBACK.sub(r"\1***", text)
         return text
 
 

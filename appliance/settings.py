@@ -16,6 +16,8 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .settings_oidc import DashboardOidc
+
 __all__ = ["Settings", "default_instance_id"]
 
 
@@ -113,7 +115,7 @@ class CommandKeySettings(BaseSettings):
     )
 
 
-class Settings(NewIdSettings, CallerNames, RedisTls, CommandRecordSettings, CommandKeySettings):
+class Settings(NewIdSettings, CallerNames, RedisTls, DashboardOidc, CommandRecordSettings, CommandKeySettings):
     # hide_input_in_errors: a refused REDIS_URL holds the password; the error must not repeat it.
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -464,20 +466,9 @@ class Settings(NewIdSettings, CallerNames, RedisTls, CommandRecordSettings, Comm
         return problems
 
     def secret_values(self) -> list[str]:
-        """Every configured secret, for the log redaction filter."""
-        secrets = [
-            s.get_secret_value()
-            for s in (
-                self.llm_secret_token,
-                self.unity_client_token,
-                self.admin_token,
-                self.viewer_token,
-                self.redis_password,
-                self.token_fingerprint_key,
-                self.redis_sentinel_password,
-            )
-            if s is not None
-        ]
+        """Every configured secret, for the log redaction filter: every SecretStr setting, mixins' too
+        (OIDC_CLIENT_SECRET), so a new secret setting is redacted without being listed here."""
+        secrets = [s for v in self.__dict__.values() if isinstance(v, SecretStr) and (s := v.get_secret_value())]
         if self.redis_password is not None and self.redis_host:
             # The URL built from REDIS_HOST holds the password URL-quoted, which the raw value does not match.
             secrets.append(self.redis_connection_url())

@@ -38,6 +38,7 @@ from .actions import ACTION_ROUTES
 from .auth import SESSION_COOKIE, LoginLimiter
 from .bans import BAN_ROUTES
 from .live import PresenceWatcher
+from .oidc import OIDC_ROUTES
 from .pages import PREFIX, ROUTES, DashboardState, auth_failed, forbidden
 from .security import SecurityHeadersMiddleware
 from .system import SYSTEM_ROUTES
@@ -135,6 +136,7 @@ class DashboardPlugin(InitPluginProtocol):
                 *ACTION_ROUTES,
                 *BAN_ROUTES,
                 *SYSTEM_ROUTES,
+                *(OIDC_ROUTES if settings.oidc_enabled else ()),  # Single sign-on only when OIDC_ISSUER is set.
                 create_static_files_router(path="/static", directories=[HERE / "static"], name="dashboard-static"),
             ],
             middleware=[

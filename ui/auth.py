@@ -42,6 +42,7 @@ __all__ = [
     "LOGIN_WINDOW_SECONDS",
     "SESSION_COOKIE",
     "VIEWER",
+    "OIDC_SESSION",
     "LoginLimiter",
     "Principal",
     "authenticate",
@@ -58,6 +59,8 @@ BACKGROUND_HEADER = "x-dashboard-background"
 ADMIN, VIEWER = Role.ADMIN.value, Role.VIEWER.value
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_WINDOW_SECONDS = 300
+#: The token "name" of sessions made by OpenID Connect sign-in (ui/oidc.py): no token, the OIDC settings' version.
+OIDC_SESSION = "oidc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,9 @@ def authenticate(app_state: Any, presented: str) -> Principal | None:
 
 def _current_version(app_state: Any, name: str) -> str | None:
     """The version a session made now would carry; a session with another one has ended."""
+    if name == OIDC_SESSION:
+        settings: Settings = app_state.settings
+        return settings.oidc_session_version() if settings.oidc_enabled else None
     store = getattr(app_state, "token_store", None)
     if store is not None:
         state = store.states.get(name)

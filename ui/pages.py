@@ -66,6 +66,7 @@ class DashboardState:
         self.watcher = watcher
         self.limiter = limiter
         self.session_config = session_config
+        self.oidc: Any = None  # ui.oidc.Provider when OIDC_ISSUER is set
 
 
 def _dashboard(request: Request) -> DashboardState:
@@ -141,6 +142,21 @@ async def _forget_expired(request: Request) -> None:
             await store.delete_expired()
 
 
+def token_sign_in(request: Request) -> bool:
+    """Whether a token can sign in: admin tokens (ADMIN_TOKEN, admin_tokens/<name>) may live only in the
+    token store (SSM in production)."""
+    store = getattr(request.app.state, "token_store", None)
+    if store is not None:
+        return any(s.role == "admin" for s in store.states.values())
+    return request.app.state.settings.admin_token is not None
+
+
+def _sso(request: Request) -> dict[str, Any]:
+    """The sign-in page's "Sign in with <provider>" (OIDC_ISSUER, ui/oidc.py), absent when not configured."""
+    settings = request.app.state.settings
+    return {"oidc_name": settings.oidc_provider_name if settings.oidc_enabled else None}
+
+
 @get("/", sync_to_thread=False)
 def index() -> Redirect:
     return Redirect(PREFIX + "/clients", status_code=HTTP_303_SEE_OTHER)
@@ -151,13 +167,10 @@ async def login_page(request: HTMXRequest, next: FromQuery[str | None] = None) -
     if session_problem(request.app.state, request.scope.get("session"), time.time()) is None:
         return Redirect(_safe_next(next), status_code=HTTP_303_SEE_OTHER)  # Already signed in.
     request.clear_session()  # A visitor gets no session (and no store entry) before signing in.
-    # Admin tokens (ADMIN_TOKEN, admin_tokens/<name>) may live only in the token store (SSM in production).
-    store = getattr(request.app.state, "token_store", None)
-    settings = request.app.state.settings
-    enabled = (
-        any(s.role == "admin" for s in store.states.values()) if store is not None else settings.admin_token is not None
+    enabled = token_sign_in(request)
+    return Template(
+        "login.html", context=_common(request, next=_safe_next(next), enabled=enabled, error="", **_sso(request))
     )
-    return Template("login.html", context=_common(request, next=_safe_next(next), enabled=enabled, error=""))
 
 
 @post("/login")
@@ -185,7 +198,9 @@ async def login(request: HTMXRequest) -> Response[Any]:
         await _audit(request, "login.failed", "unknown")
         return Template(
             "login.html",
-            context=_common(request, next=next_path, enabled=True, error="That token is not valid here."),
+            context=_common(
+                request, next=next_path, enabled=True, error="That token is not valid here.", **_sso(request)
+            ),
             status_code=401,
         )
     await limiter.succeeded(address)

@@ -86,7 +86,14 @@ def compose_binary() -> Path:
     return found[0]
 
 
-def compose_config(env_file: Path, *, check: bool = True, compose_file: Path = COMPOSE_FILE, root: Path = ROOT):
+def compose_config(
+    env_file: Path,
+    *,
+    check: bool = True,
+    compose_file: Path = COMPOSE_FILE,
+    root: Path = ROOT,
+    overrides: tuple[Path, ...] = (),
+):
     binary = compose_binary()
     # An empty HOME/DOCKER_CONFIG: no stray contexts or plugins of the machine.
     env = tool_env(binary.parent, HOME=str(env_file.parent), DOCKER_CONFIG=str(env_file.parent / ".docker"))
@@ -95,7 +102,19 @@ def compose_config(env_file: Path, *, check: bool = True, compose_file: Path = C
         if re.fullmatch(r"(WSBRIDGE|ACME|LLM|UNITY|ADMIN|REDIS|GRAFANA|MONITORING|WS|WEB|TRAEFIK|PROMETHEUS)_\w+", key):
             del env[key]
     return run(
-        [binary, "--project-directory", root, "-f", compose_file, "--env-file", env_file, "config", "--format", "json"],
+        [
+            binary,
+            "--project-directory",
+            root,
+            "-f",
+            compose_file,
+            *[arg for override in overrides for arg in ("-f", override)],
+            "--env-file",
+            env_file,
+            "config",
+            "--format",
+            "json",
+        ],
         env=env,
         check=check,
         timeout=60,

@@ -204,11 +204,19 @@ def test_every_compose_task_uses_the_installed_compose_file_and_every_source_exi
     assert len(compose_tasks) >= 3
     for task in compose_tasks:
         module = task["community.docker.docker_compose_v2"]
-        assert module["files"] == ["{{ appliance_compose_file }}"], task["name"]
+        assert module["files"] == "{{ appliance_compose_files }}", task["name"]
         assert module["project_src"] == "{{ appliance_install_dir }}", task["name"]
     (install,) = [t for t in tasks if "docker-compose.prod.yml" in str(t.get("ansible.builtin.copy", {}).get("src"))]
     assert install["ansible.builtin.copy"]["dest"] == "{{ appliance_install_dir }}/{{ appliance_compose_file }}"
     assert compose_file == "docker-compose.yml"
+    # The rolling upgrade and the .env's check name the same files as `compose up` does.
+    (roll,) = [t for t in tasks if "wsbridge_roll.py" in str(t.get("ansible.builtin.command", {}).get("argv"))]
+    assert roll["ansible.builtin.command"]["argv"][-2:] == [
+        "--compose-file",
+        "{{ appliance_compose_files | map('regex_replace', '^', appliance_install_dir ~ '/') | join(':') }}",
+    ]
+    (env,) = [t for t in tasks if t.get("ansible.builtin.template", {}).get("src") == "env.j2"]
+    assert "{% for file in appliance_compose_files %}-f" in env["ansible.builtin.template"]["validate"]
     for path in [*variables["appliance_build_context"], *variables["appliance_config_dirs"]]:
         assert (ANSIBLE_DIR.parent / path).exists(), f"the role copies {path}, which the checkout lacks"
     # One transfer (the SSH rate limit, test_the_play_fits_the_ssh_rate_limit...), and
@@ -286,6 +294,8 @@ def render_templates(tmp_path: Path, root: Path) -> dict[str, Any]:
         Path(module["dest"]).parent.mkdir(parents=True, exist_ok=True)
         tasks.append({"name": task["name"], "ansible.builtin.template": module, "no_log": False})
     vars_files = [str(ANSIBLE_DIR / "roles" / role / "defaults" / "main.yml") for role in ROLES]
+    # The appliance's own vars too: the .env's check names appliance_compose_files.
+    vars_files.append(str(ANSIBLE_DIR / "roles" / "appliance" / "vars" / "main.yml"))
     # The compose file as the role installs it, for the .env's validation.
     install_dir = root / "opt" / "wsbridge"
     install_dir.mkdir(parents=True, exist_ok=True)

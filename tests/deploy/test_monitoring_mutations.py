@@ -68,6 +68,8 @@ MUTATIONS = [
     ("container metrics missing unnoticed", 'up{job="cadvisor"} == 1 unless on()', 'up{job="cadvisor"} == 1 and on()'),
     ("slow consumers over a shorter window", 'slow_consumer"}[15m])) > 5', 'slow_consumer"}[5m])) > 5'),
     ("grace alert after the window", "- time() < 300 > 0", "- time() < 300"),
+    ("host-down delay", 'expr: up{job="hosts"} == 0\n        for: 5m', 'expr: up{job="hosts"} == 0\n        for: 10m'),
+    ("host down read from the single host's job", 'expr: up{job="hosts"} == 0', 'expr: up{job=~"hosts|node"} == 0'),
 ]
 
 

@@ -118,8 +118,11 @@ def replace_one(
 class ComposeReplicas:
     """The appliance service's containers, driven with the docker CLI."""
 
-    def __init__(self, project_dir: str, compose_file: str) -> None:
-        self.compose = ["docker", "compose", "--project-directory", project_dir, "-f", compose_file]
+    def __init__(self, project_dir: str, *compose_files: str) -> None:
+        # Every file `compose up` is given (a host of a group adds docker-compose.hosts.yml).
+        self.compose = ["docker", "compose", "--project-directory", project_dir]
+        for compose_file in compose_files:
+            self.compose += ["-f", compose_file]
         model = json.loads(self.run(*self.compose, "config", "--format", "json"))
         self.replicas = int(model["services"][SERVICE].get("deploy", {}).get("replicas", 1))
         hashes = self.run(*self.compose, "config", "--hash", SERVICE).split()
@@ -174,11 +177,11 @@ def seconds(value: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", required=True)
-    parser.add_argument("--compose-file", required=True)
+    parser.add_argument("--compose-file", required=True, help="the files, in order, ':'-separated as COMPOSE_FILE")
     parser.add_argument("--reconnect-timeout", type=float, default=30.0)
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     args = parser.parse_args()
-    replicas = ComposeReplicas(args.project_dir, args.compose_file)
+    replicas = ComposeReplicas(args.project_dir, *args.compose_file.split(":"))
     if replicas.outdated():
         replicas.build()
     replaced = roll(replicas, args.reconnect_timeout, args.ready_timeout)
