@@ -16,6 +16,7 @@ The parts, one job each (key names in :mod:`.keys`, payloads in :mod:`.codec`):
 - :mod:`.history`: connect history (``wsb:hist:{id}``);
 - :mod:`.queue`: the offline queue (``wsb:q:{id}``);
 - :mod:`.records`: command records for follow-ups (``wsb:cmd:{owner}``), capped per owner;
+- :mod:`.idempotency`: idempotency records (``wsb:idem:{caller}:<key>``), budgeted per caller;
 - :mod:`.broker`: :class:`RedisBroker`, which wires them and answers the broker contract.
 
 Channels: ``wsb:c:{id}`` of one id (commands and kicks; ``PUBLISH`` returns the number of
