@@ -128,10 +128,10 @@ _COMMAND_RESPONSES = {
         ErrorBody(ErrorCode.RATE_LIMITED.value, "too many commands; retry later", retry_after_ms=250),
         ErrorBody(
             ErrorCode.TOO_MANY_KEYS.value,
-            "this caller (its token) already holds 1000 live idempotency keys ...; nothing was sent. Retry with "
+            "this caller (its token) already holds 10000 live idempotency keys ...; nothing was sent. Retry with "
             "the same key in 42 s, when its oldest key expires, or send without a key",
             retry_after_ms=42_000,
-            limit=1000,
+            limit=10_000,
         ),
     ),
     503: _spec(ErrorBody, "delivery_failed: the target's instance cannot be reached; broker_unavailable: Redis."),

@@ -198,7 +198,7 @@ _KEY_SCHEMA = {"minLength": 1, "maxLength": MAX_COMMAND_ID_LENGTH}
 IDEMPOTENCY_KEY_HELP = (
     "A key of your choosing (e.g. a UUID) that makes this call safe to retry: calling again with the same "
     "key returns the first call's outcome and never runs the command twice. Each token keeps a limited number "
-    "of live keys (1000 by default, for the idempotency window): beyond, a new key is refused (too_many_keys)."
+    "of live keys (10,000 by default, for the idempotency window): beyond, a new key is refused (too_many_keys)."
 )
 
 

@@ -29,14 +29,20 @@ async def measure(rounds: int, n: int) -> dict[str, float]:
     from appliance.core.protocol import Role
     from appliance.settings import Settings
 
+    try:  # Every v2 id is an idempotency key: unbudgeted, so that 20,000 a round are all sent (not refused).
+        from appliance.core.keybudget import KeyBudget
+
+        broker = MemoryBroker(key_budget=KeyBudget(keys=10**9, bytes=1 << 50))
+    except ImportError:  # A build from before the key budget.
+        broker = MemoryBroker()
     try:
         from appliance.app import wire_relay
     except ImportError:  # A build from before the composition root (compare with --extra-target-style checkouts).
         from appliance.relay import Relay
 
-        relay = Relay(Settings(_env_file=None), MemoryBroker())  # type: ignore[call-arg]
+        relay = Relay(Settings(_env_file=None), broker)  # type: ignore[call-arg]
     else:
-        relay = wire_relay(Settings(_env_file=None), MemoryBroker()).relay  # type: ignore[call-arg]
+        relay = wire_relay(Settings(_env_file=None), broker).relay  # type: ignore[call-arg]
     await relay.broker.start(relay)
 
     async def send(event: Any) -> None:

@@ -140,6 +140,11 @@ def _child_setup() -> None:
     raise_nofile_limit()
 
 
+#: Benchmarks send version-2 commands (each with an id, an idempotency key) far faster than a caller's
+#: key budget allows for long (COMMAND_KEYS_PER_CALLER): they measure the relay, not the budget.
+UNBUDGETED_KEYS = {"COMMAND_KEYS_PER_CALLER": "1000000", "COMMAND_KEY_BYTES_PER_CALLER": str(1024**3)}
+
+
 class Proc:
     """One server subprocess with its log file."""
 
@@ -237,7 +242,7 @@ class Processes:
         wsbridge = wsbridge or self.wsbridge
         if not wsbridge.exists():
             raise RuntimeError(f"{wsbridge} not found: install the project (python3 dev.py test --co)")
-        env = {**self._base_env(), **settings}
+        env = {**self._base_env(), **UNBUDGETED_KEYS, **settings}
         # The appliance's own folder for .env: an empty one, so no developer .env is read.
         cwd = self.workdir / name
         cwd.mkdir(exist_ok=True)

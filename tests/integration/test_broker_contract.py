@@ -371,7 +371,7 @@ async def test_an_idempotency_record_is_read_replaced_and_dropped_anywhere(clust
 @pytest.mark.parametrize("kind", BACKENDS)
 async def test_idempotency_keys_are_budgeted_per_caller_atomically_and_freed_by_expiry(kind, request):
     """Keyed commands cannot fill Redis (issue 21): a caller's new keys beyond its budget are refused, never evicted."""
-    budget = KeyBudget(keys=3, bytes=2000, reserve=100)
+    budget = KeyBudget(keys=3, bytes=2000, reserve=100, overhead=50)
     cluster = Cluster.of(request, kind, idempotency_window=1.5, key_budget=budget)
     try:
         a, b = await cluster.node("a"), await cluster.node("b")

@@ -26,7 +26,7 @@ from appliance.mcp_tools import explain
 from appliance.settings import Settings
 from appliance.tokens.base import Grant
 
-BUDGET = KeyBudget(keys=3, bytes=1000, reserve=100)
+BUDGET = KeyBudget(keys=3, bytes=1000, reserve=100, overhead=0)
 CONTROLLER = "c" * 32
 
 
@@ -56,12 +56,15 @@ def test_outcomes_count_their_size_and_a_caller_without_keys_may_always_claim_on
         book.claim("alice", "next", "pending", now=2)
     book.set("alice", "big", "small", now=3)  # an outcome written again counts its new size
     assert book.claim("alice", "next", "pending", now=4) is None
-    huge = KeyBudget(keys=3, bytes=1000, reserve=5000)
+    huge = KeyBudget(keys=3, bytes=1000, reserve=5000, overhead=0)
     assert KeyBook(huge, window=600).claim("carol", "k", "pending", now=0) is None  # the first key always fits
+    redis_like = KeyBook(KeyBudget(), window=600)  # a written record counts what Redis spends on it besides
+    redis_like.set("dave", "k", "done", now=0)
+    assert redis_like.usage("dave", now=0) == (1, 1 + 4 + 384)
 
 
 def test_the_refusal_says_what_happened_when_to_retry_and_how_to_do_without_a_key():
-    outcome = too_many_keys(TooManyKeys(1000, 123456, 41.2), KeyBudget(), 600)
+    outcome = too_many_keys(TooManyKeys(1000, 123456, 41.2), KeyBudget(keys=1000), 600)
     assert outcome.http_status == 429
     body = outcome.body
     assert body["error"] == "too_many_keys" and body["retry_after_ms"] == 42_000 and body["limit"] == 1000
@@ -128,7 +131,7 @@ async def test_the_command_service_counts_a_connection_under_its_tokens_caller()
     wired.local._by_key["k-fixed"] = SimpleNamespace(grant=Grant("controller", "LLM_SECRET_TOKEN", 1))  # type: ignore[assignment]
     assert wired.commands._caller_of("k-named") == "agent-a"
     assert wired.commands._caller_of("k-fixed") == "~" and wired.commands._caller_of("gone") == "~"
-    assert key_budget(settings) == KeyBudget(1000, 16 * 1024 * 1024, 65536 + 1024)
+    assert key_budget(settings) == KeyBudget(10_000, 16 * 1024 * 1024, 65536 + 1024, 384)
 
 
 def test_http_a_new_key_beyond_the_budget_is_429_with_retry_after_and_unkeyed_commands_are_unaffected():

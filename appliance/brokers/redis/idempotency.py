@@ -46,18 +46,18 @@ local function put(cost)
 end
 """
 
-# KEYS: record, index, sizes. ARGV: key, record, window (ms), max keys, max bytes, reserve.
+# KEYS: record, index, sizes. ARGV: key, record, window (ms), overhead, max keys, max bytes, reserve.
 # Returns {1, record} (held), {0, keys, bytes, ms until the oldest expires} (refused), or nil (ours).
 CLAIM = (
     _PRELUDE
     + """
 local held = redis.call('GET', KEYS[1])
 if held then return {1, held} end
-local cost = math.max(tonumber(ARGV[6]), #ARGV[1] + #ARGV[2])
+local cost = math.max(tonumber(ARGV[7]), #ARGV[1] + #ARGV[2] + tonumber(ARGV[4]))
 local keys = redis.call('ZCARD', KEYS[2])
 if keys > 0 then
   local used = tonumber(redis.call('HGET', KEYS[3], '')) or 0
-  if keys >= tonumber(ARGV[4]) or used + cost > tonumber(ARGV[5]) then
+  if keys >= tonumber(ARGV[5]) or used + cost > tonumber(ARGV[6]) then
     local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     return {0, keys, used, tonumber(oldest[2]) - now}
   end
@@ -67,8 +67,8 @@ return false
 """
 )
 
-# KEYS: record, index, sizes. ARGV: key, record, window (ms). The outcome: it counts its real size.
-SET = _PRELUDE + "put(#ARGV[1] + #ARGV[2])\n"
+# KEYS: record, index, sizes. ARGV: key, record, window (ms), overhead. The outcome: it counts its real size.
+SET = _PRELUDE + "put(#ARGV[1] + #ARGV[2] + tonumber(ARGV[4]))\n"
 
 # KEYS: record, index, sizes. ARGV: key.
 DROP = (
@@ -101,8 +101,8 @@ class IdempotencyRecords:
         budget = self._budget
         try:
             answer = await self._link.client().eval(
-                CLAIM, 3, *self._keys(caller, key), key, record, self._window_ms, budget.keys, budget.bytes,
-                budget.reserve,
+                CLAIM, 3, *self._keys(caller, key), key, record, self._window_ms, budget.overhead, budget.keys,
+                budget.bytes, budget.reserve,
             )  # fmt: skip
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from None
@@ -120,7 +120,9 @@ class IdempotencyRecords:
 
     async def set(self, caller: str, key: str, record: str) -> None:
         try:
-            await self._link.client().eval(SET, 3, *self._keys(caller, key), key, record, self._window_ms)
+            await self._link.client().eval(
+                SET, 3, *self._keys(caller, key), key, record, self._window_ms, self._budget.overhead
+            )
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from None
 
