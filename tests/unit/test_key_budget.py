@@ -141,6 +141,7 @@ def test_http_a_new_key_beyond_the_budget_is_429_with_retry_after_and_unkeyed_co
         unity_client_token="u" * 32,
         instance_id="unit",
         command_keys_per_caller=2,
+        shutdown_grace=0,
     )
     headers = {"X-Auth-Token": CONTROLLER}
     queued = {"target": "dev_absent", "message": "Jump", "queue": True}  # queued: its key stays
