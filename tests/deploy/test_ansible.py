@@ -171,11 +171,13 @@ def test_the_role_requires_the_secrets_terraform_creates_and_writes_the_files_co
     created = {name.removeprefix(terraform_names.parameter_prefix) for name in terraform_names.parameter_names}
     assert set(defaults["appliance_required_secrets"]) <= created
     files = variables["appliance_secret_files"]
+    # Every required parameter but the appliance's tokens, and the one optional secret.
     assert set(files.values()) == set(defaults["appliance_required_secrets"]) - {
         "LLM_SECRET_TOKEN",
         "UNITY_CLIENT_TOKEN",
         "ADMIN_TOKEN",
-    }
+    } | {"OIDC_CLIENT_SECRET"}
+    assert "OIDC_CLIENT_SECRET" not in defaults["appliance_required_secrets"]
     compose = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())
     assert {name: secret["file"] for name, secret in compose["secrets"].items()} == {
         name: "${SECRETS_DIR:-./secrets}/" + name for name in files
