@@ -585,6 +585,11 @@ GOOD_INPUTS = {
     "appliance_acme_email": "ops@wsbridge-ops.net",
     "appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts",
 }
+OIDC_INPUTS = {
+    "issuer": "https://login.wsbridge-ops.net/realms/ops",
+    "client_id": "wsbridge-dashboard",
+    "admins": ["alice@wsbridge-ops.net"],
+}
 
 
 @pytest.mark.parametrize(
@@ -598,15 +603,20 @@ GOOD_INPUTS = {
         ({"appliance_domain": "bridge.test.example"}, False),
         ({"appliance_alerts_sns_topic_arn": ""}, False),  # no receiver
         ({"appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:123456789012:x"}, False),  # the example's
+        # Dashboard single sign-on: a misspelt key, and an issuer nobody may sign in through.
+        ({"appliance_oidc": {**OIDC_INPUTS, "admin": ["bob@wsbridge-ops.net"]}}, False),
+        ({"appliance_oidc": {**OIDC_INPUTS, "admins": []}}, False),
     ],
 )
 def test_the_play_refuses_example_names_and_a_missing_alerts_topic(
-    change: dict[str, str], accepted: bool, tmp_path: Path
+    change: dict[str, Any], accepted: bool, tmp_path: Path
 ) -> None:
     playbook = tmp_path / "validate.yml"
     playbook.write_text(VALIDATE)
+    # The good inputs turn single sign-on on: a complete configuration passes.
+    inputs = {**GOOD_INPUTS, "appliance_oidc": OIDC_INPUTS, **change}
     result = run(
-        ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps({**GOOD_INPUTS, **change})],
+        ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps(inputs)],
         cwd=ANSIBLE_DIR,
         env=ansible_env(tmp_path),
         check=False,
