@@ -99,7 +99,9 @@ def compose_config(
     env = tool_env(binary.parent, HOME=str(env_file.parent), DOCKER_CONFIG=str(env_file.parent / ".docker"))
     # Only the .env file speaks: nothing of the stack's from our own environment.
     for key in list(env):
-        if re.fullmatch(r"(WSBRIDGE|ACME|LLM|UNITY|ADMIN|REDIS|GRAFANA|MONITORING|WS|WEB|TRAEFIK|PROMETHEUS)_\w+", key):
+        if re.fullmatch(
+            r"(WSBRIDGE|ACME|LLM|UNITY|ADMIN|REDIS|GRAFANA|MONITORING|WS|WEB|TRAEFIK|PROMETHEUS|OIDC)_\w+", key
+        ):
             del env[key]
     return run(
         [

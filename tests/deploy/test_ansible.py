@@ -171,11 +171,13 @@ def test_the_role_requires_the_secrets_terraform_creates_and_writes_the_files_co
     created = {name.removeprefix(terraform_names.parameter_prefix) for name in terraform_names.parameter_names}
     assert set(defaults["appliance_required_secrets"]) <= created
     files = variables["appliance_secret_files"]
+    # Every required parameter but the appliance's tokens, and the one optional secret.
     assert set(files.values()) == set(defaults["appliance_required_secrets"]) - {
         "LLM_SECRET_TOKEN",
         "UNITY_CLIENT_TOKEN",
         "ADMIN_TOKEN",
-    }
+    } | {"OIDC_CLIENT_SECRET"}
+    assert "OIDC_CLIENT_SECRET" not in defaults["appliance_required_secrets"]
     compose = yaml.safe_load((ANSIBLE_DIR.parent / "docker-compose.prod.yml").read_text())
     assert {name: secret["file"] for name, secret in compose["secrets"].items()} == {
         name: "${SECRETS_DIR:-./secrets}/" + name for name in files
@@ -583,6 +585,11 @@ GOOD_INPUTS = {
     "appliance_acme_email": "ops@wsbridge-ops.net",
     "appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:210987654321:websocket-bridge-prod-alerts",
 }
+OIDC_INPUTS = {
+    "issuer": "https://login.wsbridge-ops.net/realms/ops",
+    "client_id": "wsbridge-dashboard",
+    "admins": ["alice@wsbridge-ops.net"],
+}
 
 
 @pytest.mark.parametrize(
@@ -596,15 +603,20 @@ GOOD_INPUTS = {
         ({"appliance_domain": "bridge.test.example"}, False),
         ({"appliance_alerts_sns_topic_arn": ""}, False),  # no receiver
         ({"appliance_alerts_sns_topic_arn": "arn:aws:sns:eu-central-1:123456789012:x"}, False),  # the example's
+        # Dashboard single sign-on: a misspelt key, and an issuer nobody may sign in through.
+        ({"appliance_oidc": {**OIDC_INPUTS, "admin": ["bob@wsbridge-ops.net"]}}, False),
+        ({"appliance_oidc": {**OIDC_INPUTS, "admins": []}}, False),
     ],
 )
 def test_the_play_refuses_example_names_and_a_missing_alerts_topic(
-    change: dict[str, str], accepted: bool, tmp_path: Path
+    change: dict[str, Any], accepted: bool, tmp_path: Path
 ) -> None:
     playbook = tmp_path / "validate.yml"
     playbook.write_text(VALIDATE)
+    # The good inputs turn single sign-on on: a complete configuration passes.
+    inputs = {**GOOD_INPUTS, "appliance_oidc": OIDC_INPUTS, **change}
     result = run(
-        ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps({**GOOD_INPUTS, **change})],
+        ["ansible-playbook", "-i", "localhost,", str(playbook), "-e", json.dumps(inputs)],
         cwd=ANSIBLE_DIR,
         env=ansible_env(tmp_path),
         check=False,

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +223,11 @@ def docker_shim(tmp_path: Path) -> Path:
     return shim_dir
 
 
-def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True):
+def render(moto: Moto, tmp_path: Path, install_dir: Path, *, check: bool = True, **variables: Any):
     # The compose file as the role installs it before rendering .env.
     shutil.copyfile(ANSIBLE_DIR.parent / "docker-compose.prod.yml", install_dir / "docker-compose.yml")
     extra = {
+        **variables,
         "appliance_install_dir": str(install_dir),
         "appliance_file_owner": getpass.getuser(),
         "appliance_file_group": grp.getgrgid(os.getgid()).gr_name,
@@ -280,10 +282,14 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
         "grafana_admin_password": "GRAFANA_ADMIN_PASSWORD",
         "monitoring_htpasswd": "MONITORING_BASIC_AUTH",
     }
-    assert {path.name for path in secrets.iterdir()} == set(expected)
+    assert {path.name for path in secrets.iterdir()} == {*expected, "oidc_client_secret"}
     for file, parameter in expected.items():
         assert (secrets / file).read_text() == secret_value(terraform_names.parameter_prefix + parameter)
         assert stat.S_IMODE((secrets / file).stat().st_mode) == 0o444
+    # No OIDC_CLIENT_SECRET parameter: an empty file, which Compose still needs to exist.
+    assert (secrets / "oidc_client_secret").read_text() == ""
+    assert stat.S_IMODE((secrets / "oidc_client_secret").stat().st_mode) == 0o444
+    assert not [name for name in values if name.startswith("OIDC_")]
     # Secrets never reach the output.
     for value in aws["parameters"].values():
         assert value not in first.stdout + first.stderr
@@ -303,11 +309,107 @@ def test_the_role_renders_env_from_ssm_once_and_compose_accepts_it(
     assert appliance["SSM_PREFIX"] == terraform_names.parameter_prefix
     assert appliance["AWS_REGION"] == terraform_names.region
     assert {name: Path(secret["file"]).name for name, secret in config["secrets"].items()} == {
-        name: name for name in expected
+        name: name for name in [*expected, "oidc_client_secret"]
     }
     # What `docker inspect` would show: the resolved model holds no secret at all.
     for value in aws["parameters"].values():
         assert value not in result.stdout
+    # No single sign-on: the appliance starts with it off.
+    assert appliance["OIDC_ISSUER"] == ""
+    assert appliance_settings(config, install_dir, tmp_path) == {
+        "enabled": False,
+        "secret": None,
+        "redirect": f"https://{DOMAIN}:8443",
+        "alice": None,
+        "support": None,
+    }
+
+
+OIDC_SECRET = "oidc-client-secret-from-ssm-0123456789"
+OIDC = {
+    "issuer": "https://login.wsbridge-ops.net/realms/ops",
+    "client_id": "wsbridge-dashboard",
+    "provider_name": "Company SSO",
+    "admins": ["alice@wsbridge-ops.net", "bob@wsbridge-ops.net"],
+    "groups_claim": "groups",
+    "viewer_groups": ["support"],
+}
+# What the appliance's Settings makes of it (a probe run through the real entrypoint).
+SETTINGS = r"""
+import json
+from appliance.settings import Settings
+
+s = Settings()
+secret = s.oidc_client_secret.get_secret_value() if s.oidc_client_secret is not None else None
+print(json.dumps({
+    "enabled": s.oidc_enabled, "secret": secret, "redirect": s.oidc_redirect_base(),
+    "alice": s.oidc_role("Alice@wsbridge-ops.net", []) if s.oidc_enabled else None,
+    "support": s.oidc_role("carol@wsbridge-ops.net", ["support"]) if s.oidc_enabled else None,
+}))
+"""
+
+
+def appliance_settings(config: dict[str, Any], install_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """The appliance's settings as its container gets them: the resolved environment, then the
+    compose file's own entrypoint with the role's secret files standing in for /run/secrets."""
+    appliance = config["services"]["appliance"]
+    shell, flag, script, name = [part.replace("$$", "$") for part in appliance["entrypoint"]]
+    script = script.replace("/run/secrets/", f"{install_dir / 'secrets'}/")
+    environment = {**appliance["environment"], "PATH": os.environ["PATH"]}
+    result = run([shell, flag, script, name, sys.executable, "-c", SETTINGS], cwd=tmp_path, env=environment, timeout=60)
+    return json.loads(result.stdout)
+
+
+def test_the_role_turns_on_dashboard_single_sign_on_with_the_client_secret_from_ssm_as_a_file(
+    moto: Moto, aws: dict[str, Any], terraform_names: TerraformNames, tmp_path: Path
+) -> None:
+    parameter = terraform_names.parameter_prefix + "OIDC_CLIENT_SECRET"
+    put = (
+        "import boto3, sys; boto3.client('ssm', region_name=sys.argv[3]).put_parameter("
+        "Name=sys.argv[1], Value=sys.argv[2], Type='SecureString')"
+    )
+    moto.python(put, parameter, OIDC_SECRET, terraform_names.region)
+    try:
+        install_dir = tmp_path / "wsbridge"
+        install_dir.mkdir()
+        first = render(moto, tmp_path, install_dir, appliance_oidc=OIDC)
+    finally:
+        moto.python(
+            "import boto3, sys; boto3.client('ssm', region_name=sys.argv[2]).delete_parameter(Name=sys.argv[1])",
+            parameter,
+            terraform_names.region,
+        )
+    assert stats(first)["failures"] == 0, stats(first)
+    assert OIDC_SECRET not in first.stdout + first.stderr
+    secret_file = install_dir / "secrets" / "oidc_client_secret"
+    assert secret_file.read_text() == OIDC_SECRET
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o444
+    env_text = (install_dir / ".env").read_text()
+    assert OIDC_SECRET not in env_text
+    result = compose_config(install_dir / ".env")
+    assert OIDC_SECRET not in result.stdout
+    config = json.loads(result.stdout)
+    appliance = config["services"]["appliance"]["environment"]
+    assert {key: value for key, value in appliance.items() if key.startswith("OIDC_")} == {
+        "OIDC_ISSUER": OIDC["issuer"],
+        "OIDC_CLIENT_ID": OIDC["client_id"],
+        "OIDC_REDIRECT_BASE_URL": f"https://{DOMAIN}:8443",
+        "OIDC_PROVIDER_NAME": "Company SSO",
+        "OIDC_SCOPES": "openid email profile",
+        "OIDC_NAME_CLAIMS": "email,preferred_username",
+        "OIDC_ADMINS": "alice@wsbridge-ops.net,bob@wsbridge-ops.net",
+        "OIDC_VIEWERS": "",
+        "OIDC_GROUPS_CLAIM": "groups",
+        "OIDC_ADMIN_GROUPS": "",
+        "OIDC_VIEWER_GROUPS": "support",
+    }
+    assert appliance_settings(config, install_dir, tmp_path) == {
+        "enabled": True,
+        "secret": OIDC_SECRET,
+        "redirect": f"https://{DOMAIN}:8443",
+        "alice": "admin",
+        "support": "viewer",
+    }
 
 
 def test_a_missing_parameter_fails_the_run_by_name_without_showing_secrets(

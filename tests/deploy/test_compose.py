@@ -292,12 +292,14 @@ def test_no_secret_is_in_any_container_environment_command_or_label(config: dict
     # Files bind-mounted under /run/secrets: `environment:` secrets are copied into the
     # root filesystem, which read_only forbids (docker/compose#12303).
     assert {name: Path(secret["file"]) for name, secret in secrets.items()} == {
-        name: ROOT / "secrets" / name for name in ("redis_password", "grafana_admin_password", "monitoring_htpasswd")
+        name: ROOT / "secrets" / name
+        for name in ("redis_password", "grafana_admin_password", "monitoring_htpasswd", "oidc_client_secret")
     }
     used = {
         name: {entry["source"] for entry in service.get("secrets", [])} for name, service in config["services"].items()
     }
-    assert used["redis"] == used["appliance"] == {"redis_password"}
+    assert used["redis"] == {"redis_password"}
+    assert used["appliance"] == {"redis_password", "oidc_client_secret"}
     assert used["grafana"] == {"grafana_admin_password"}
     assert used["traefik"] == {"monitoring_htpasswd"}
     assert config["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == (
@@ -309,8 +311,9 @@ def test_the_appliance_entrypoint_exports_the_redis_password_from_its_secret_fil
     services: dict[str, Any], tmp_path: Path
 ) -> None:
     entrypoint = [unescape(part) for part in services["appliance"]["entrypoint"]]
-    script = entrypoint[2].replace("/run/secrets/redis_password", str(tmp_path / "redis_password"))
+    script = entrypoint[2].replace("/run/secrets/", f"{tmp_path}/")
     (tmp_path / "redis_password").write_text("from-the-file")
+    (tmp_path / "oidc_client_secret").write_text("")
     command = [unescape(part) for part in services["appliance"]["command"]]
     assert command == ["wsbridge", "serve"]
     result = subprocess.run(
@@ -322,6 +325,53 @@ def test_the_appliance_entrypoint_exports_the_redis_password_from_its_secret_fil
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "from-the-file"
+
+
+def test_the_appliance_entrypoint_exports_the_oidc_client_secret_only_when_there_is_one(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    """An empty secret file (no SSM parameter) must leave OIDC_CLIENT_SECRET unset, not set to ''."""
+    entrypoint = [unescape(part) for part in services["appliance"]["entrypoint"]]
+    script = entrypoint[2].replace("/run/secrets/", f"{tmp_path}/")
+    (tmp_path / "redis_password").write_text("redis")
+    shown = {}
+    for content in ("", "client-secret-from-the-file"):
+        (tmp_path / "oidc_client_secret").write_text(content)
+        result = subprocess.run(
+            [
+                entrypoint[0],
+                entrypoint[1],
+                script,
+                entrypoint[3],
+                "sh",
+                "-c",
+                'printf %s "${OIDC_CLIENT_SECRET-unset}"',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        assert result.returncode == 0, result.stderr
+        shown[content] = result.stdout
+    assert shown == {"": "unset", "client-secret-from-the-file": "client-secret-from-the-file"}
+
+
+def test_unset_oidc_settings_are_the_appliances_defaults_and_the_callback_is_on_the_dashboards_entrypoint(
+    services: dict[str, Any],
+) -> None:
+    """An empty .env value must not replace a default the appliance needs (no name claim: nobody signs in)."""
+    from appliance.settings_oidc import DashboardOidc
+
+    env = services["appliance"]["environment"]
+    oidc = {key: value for key, value in env.items() if key.startswith("OIDC_")}
+    fields = DashboardOidc.model_fields
+    assert set(oidc) == {name.upper() for name in fields} - {"OIDC_CLIENT_SECRET"}
+    for name in ("oidc_provider_name", "oidc_scopes", "oidc_name_claims"):
+        assert oidc.pop(name.upper()) == fields[name].default
+    # Off (OIDC_ISSUER empty), and the callback on the dashboard's entrypoint, like the Grafana link.
+    assert oidc.pop("OIDC_REDIRECT_BASE_URL") + "/grafana/" == env["GRAFANA_URL"]
+    assert set(oidc.values()) == {""}
 
 
 HARDENED_EXCEPTIONS = {
