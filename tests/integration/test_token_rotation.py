@@ -35,7 +35,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 _EMPTY_DIR = tempfile.mkdtemp(prefix="wsb-tokens-cwd-")  # no stray .env
 #: Long enough for the checks made during the window (two CLI runs), short enough to wait out.
-GRACE = timeout(8)
+#: Long enough for four CLI runs (a Python start each, seconds apiece at load 10) inside the window.
+GRACE = timeout(20)
 SEED = {"LLM_SECRET_TOKEN": CONTROLLER_TOKEN, "UNITY_CLIENT_TOKEN": CLIENT_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN}
 
 
@@ -195,13 +196,13 @@ async def test_revoke_ends_the_grace_window_cluster_wide_and_evicts(start_applia
         await eventually(lambda: accepted(b, "probe-llm", new), 1, "b accepts the new controller token")
         await llm_a.send(command("nobody", "x"))  # old connections still work during the grace window
         assert json.loads(await recv(llm_a))["error"] == "target_offline"
-        started = time.monotonic()
         result = wsbridge(a.env, "tokens", "--actor", "test-operator", "revoke", "LLM_SECRET_TOKEN")
+        revoked = time.monotonic()  # from the revoke written, not the CLI's own start (seconds under load)
         assert result.returncode == 0, result.stderr
         assert "Revoked version 1 of LLM_SECRET_TOKEN" in result.stdout
         assert (await closed_with(llm_a, 2))[0] == 4011
         assert (await closed_with(llm_b, 2))[0] == 4011
-        assert time.monotonic() - started < timeout(3)
+        assert time.monotonic() - revoked < timeout(3)
     assert await refused_with(b, "planner-c", CONTROLLER_TOKEN) == 4001
     assert '"token.revoke"' in (await redis_server.acommand("LRANGE", "wsb:audit", "0", "-1")).decode()
 
