@@ -19,9 +19,18 @@ __all__ = ["DashboardOidc"]
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
+#: Only ASCII letters ignore case: casefold() and lower() also fold look-alikes (the Kelvin sign to k,
+#: the long s to s), so a name chosen at the provider could become a listed one.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _fold(value: str) -> str:
+    return value.translate(_ASCII_LOWER)
+
+
 def _names(value: str) -> frozenset[str]:
-    """A comma-separated list as the set of its case-folded entries (emails compare case-insensitively)."""
-    return frozenset(item.strip().casefold() for item in value.split(",") if item.strip())
+    """A comma-separated list as the set of its entries, ASCII letters lowered (emails compare case-insensitively)."""
+    return frozenset(_fold(item.strip()) for item in value.split(",") if item.strip())
 
 
 class DashboardOidc(BaseSettings):
@@ -90,7 +99,7 @@ class DashboardOidc(BaseSettings):
 
     def oidc_role(self, name: str, groups: list[str]) -> str | None:
         """The dashboard role of the person named ``name`` in ``groups``: admin, viewer, or None (refused)."""
-        key, member = name.casefold(), {str(group).casefold() for group in groups}
+        key, member = _fold(name), {_fold(str(group)) for group in groups}
         if key in _names(self.oidc_admins) or member & _names(self.oidc_admin_groups):
             return "admin"
         if key in _names(self.oidc_viewers) or member & _names(self.oidc_viewer_groups):

@@ -271,7 +271,8 @@ def operator_of(settings: Settings, claims: dict[str, Any]) -> tuple[str, str]:
     for claim in (c.strip() for c in settings.oidc_name_claims.split(",") if c.strip()):
         value = claims.get(claim)
         if isinstance(value, str) and value.strip():
-            if claim == "email" and claims.get("email_verified") is False:
+            # Some providers send the boolean as a string ("false"): that is unverified too.
+            if claim == "email" and str(claims.get("email_verified")).lower() == "false":
                 raise OidcRefused(
                     "Your email address is not verified at the identity provider.", "email not verified", 403, value
                 )

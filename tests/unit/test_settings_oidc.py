@@ -103,6 +103,29 @@ def test_an_email_the_provider_marks_unverified_names_nobody():
     assert caught.value.status == 403 and "did not say who you are" in caught.value.message
 
 
+def test_an_email_marked_unverified_as_a_string_names_nobody():
+    # Some providers (Cognito among them) send the boolean claims as strings.
+    from ui.oidc import OidcRefused, operator_of
+
+    configured = settings(**COMPLETE)
+    for unverified in ("false", "False"):
+        with pytest.raises(OidcRefused, match="not verified"):
+            operator_of(configured, {"email": "alice@example.com", "email_verified": unverified})
+    assert operator_of(configured, {"email": "alice@example.com", "email_verified": "true"})[1] == "admin"
+
+
+def test_a_look_alike_name_is_not_the_listed_one():
+    # casefold() folds the Kelvin sign to k and the long s to s: a name chosen at the provider
+    # must not become a listed admin's by Unicode folding; ASCII letters still ignore case.
+    configured = settings(**{**COMPLETE, "oidc_admins": "kate@example.com", "oidc_admin_groups": "ops",
+                             "oidc_groups_claim": "groups"})  # fmt: skip
+    assert configured.oidc_role("KATE@Example.COM", []) == "admin"
+    assert configured.oidc_role("\u212aate@example.com", []) is None
+    assert configured.oidc_role("ka\u017fe@example.com", []) is None
+    assert configured.oidc_role("x", ["OPS"]) == "admin"
+    assert configured.oidc_role("x", ["\u1f4fps"]) is None
+
+
 def test_the_callbacks_code_and_state_never_reach_a_log_line():
     from appliance.logs import RedactSecrets
 
