@@ -50,8 +50,8 @@ from litestar.stores.redis import RedisStore
 
 from appliance.settings import Settings
 
-from .auth import OIDC_SESSION, Principal, begin_session
-from .pages import PREFIX, _audit, _common, _dashboard, _forget_expired, _safe_next, _sso, token_sign_in
+from .auth import OIDC_SESSION, LoginLimiter, Principal, begin_session
+from .pages import PREFIX, _audit, _common, _dashboard, _forget_expired, _remote, _safe_next, _sso, token_sign_in
 
 #: What a request to the provider raises when it cannot be made or answered. Authlib's httpx client
 #: runs on httpx2 where it is installed (the MCP SDK brings it), else on httpx.
@@ -75,6 +75,10 @@ _PENDING_KEY = "oidc-pending:"
 METADATA_SECONDS = 3600
 LEEWAY_SECONDS = 60
 HTTP_TIMEOUT = 10.0
+#: Sign-ins one address may start per window: each keeps a pending entry for PENDING_SECONDS, and the
+#: start needs no credentials, so without a bound anybody could fill the session store.
+STARTS_PER_ADDRESS = 20
+STARTS_WINDOW_SECONDS = 60
 
 
 class OidcRefused(Exception):
@@ -178,6 +182,7 @@ class Provider:
         self._loaded = 0.0
         self._lock = asyncio.Lock()
         self.taking = asyncio.Lock()  # Pending sign-ins in a memory store are taken under it (once).
+        self.starts: LoginLimiter | None = None  # Sign-ins started per address (ui/oidc.py, oidc_start).
 
     async def metadata(self) -> dict[str, Any]:
         async with self._lock:
@@ -326,8 +331,16 @@ def _pending_cookie(value: str, max_age: int) -> Cookie:
 @get("/login/oidc")
 async def oidc_start(request: Request, next: FromQuery[str | None] = None) -> Response[Any]:
     request.clear_session()
+    provider = _provider(request)
+    if provider.starts is None:  # The login limiter's store (Redis when configured): counted cluster-wide.
+        store = _dashboard(request).limiter.store
+        provider.starts = LoginLimiter(store, STARTS_PER_ADDRESS, STARTS_WINDOW_SECONDS)
+    wait = await provider.starts.attempt("oidc-start:" + _remote(request))
+    if wait:
+        message = f"Too many sign-ins were started from your address; try again in {wait} s."
+        return _refused(request, OidcRefused(message, "too many sign-ins started", 429))
     try:
-        url, pending = await _provider(request).start(_safe_next(next))
+        url, pending = await provider.start(_safe_next(next))
     except OidcRefused as refused:
         log.warning("OIDC sign-in not started: %s", refused.reason)
         return _refused(request, refused)

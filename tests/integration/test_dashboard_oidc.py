@@ -263,6 +263,17 @@ def test_id_tokens_for_another_audience_expired_badly_signed_or_with_another_non
     assert "signature" in refused(f"{header}.{payload}.")  # unsigned
 
 
+def test_sign_ins_started_from_one_address_are_bounded(provider, client_credentials, monkeypatch):
+    """Starting needs no credentials and keeps a pending entry for ten minutes: a flood must not fill the store."""
+    monkeypatch.setattr("ui.oidc.STARTS_PER_ADDRESS", 3)
+    with TestClient(create_app(oidc_settings(provider, *client_credentials))) as client:
+        answers = [client.get("/admin/login/oidc", follow_redirects=False) for _ in range(5)]
+        store = client.app.state.dashboard.session_config.get_store_from_app(client.app)
+        pending = sum(1 for key in store._store if key.startswith("oidc-pending:"))  # a MemoryStore
+    assert [a.status_code for a in answers] == [303, 303, 303, 429, 429]
+    assert "Too many sign-ins" in answers[-1].text and pending == 3
+
+
 def test_single_sign_on_alone_and_an_unreachable_provider_give_clear_pages(client_credentials):
     alone = oidc_settings("http://127.0.0.1:9", *client_credentials, admin_token=None)  # no dashboard token at all
     with TestClient(create_app(alone)) as client:
