@@ -127,7 +127,15 @@ def forbidden(request: Request, exc: PermissionDeniedException) -> Response[str]
 
 def _safe_next(value: str | None) -> str:
     """Only a dashboard path: never an open redirect to another site."""
-    if value and value.startswith(PREFIX + "/") and ".." not in value and "\\" not in value:
+    # Printable ASCII: it goes into a Location or Refresh header, where anything else fails the response.
+    if (
+        value
+        and value.startswith(PREFIX + "/")
+        and ".." not in value
+        and "\\" not in value
+        and value.isascii()
+        and value.isprintable()
+    ):
         parts = urlsplit(value)
         if not parts.scheme and not parts.netloc:
             return value

@@ -123,7 +123,23 @@ def test_a_look_alike_name_is_not_the_listed_one():
     assert configured.oidc_role("\u212aate@example.com", []) is None
     assert configured.oidc_role("ka\u017fe@example.com", []) is None
     assert configured.oidc_role("x", ["OPS"]) == "admin"
-    assert configured.oidc_role("x", ["\u1f4fps"]) is None
+    assert configured.oidc_role("x", ["op\u017f"]) is None
+
+
+def test_where_to_go_after_sign_in_is_a_printable_dashboard_path():
+    # It ends up in the callback's Refresh header (and the token sign-in's Location): a CR/LF there
+    # made the server refuse the response (500) after the pending sign-in was used up.
+    from ui.pages import _safe_next
+
+    assert _safe_next("/admin/audit?page=2") == "/admin/audit?page=2"
+    for bad in (
+        "/admin/x\r\nSet-Cookie: a=b",
+        "/admin/x\x00",
+        "/admin/\tx",
+        "/admin/\u20ac",
+        "https://evil.example/admin/",
+    ):
+        assert _safe_next(bad) == "/admin/clients"
 
 
 def test_the_callbacks_code_and_state_never_reach_a_log_line():
