@@ -114,6 +114,7 @@ class IdempotentSends:
         self.window_seconds = window_seconds
         self.budget = budget or KeyBudget()
         self._settling: set[asyncio.Future[Outcome]] = set()
+        self._dropping: set[asyncio.Task[None]] = set()  # Keys claimed for callers that stopped waiting.
         # (caller, key) -> (the record to write, or None to let the key go; when to give up): writes that failed.
         self._unwritten: dict[tuple[str, str], tuple[Record | None, float]] = {}
         self._retrying: asyncio.Task[None] | None = None
@@ -125,7 +126,7 @@ class IdempotentSends:
         deadline = time.monotonic() + wait_seconds
         while True:
             try:
-                held = await self.broker.idempotency_claim(caller, key, _encode(Record(command)).decode())
+                held = await self._claim(caller, key, command)
                 if held is not None:
                     outcome = await self.follow(caller, key, command, held, deadline)
                     if outcome is not None:
@@ -136,6 +137,28 @@ class IdempotentSends:
             except TooManyKeys as refused:  # Nothing was sent, nothing kept.
                 return too_many_keys(refused, self.budget, self.window_seconds)
             return await self._run(caller, key, command, first)
+
+    async def _claim(self, caller: str, key: str, command: str) -> str | None:
+        """The broker's claim, shielded: a caller that stops waiting while its claim is on the way
+        (a closed HTTP connection, a cancelled MCP call) lets the key go once the claim turns out
+        its own, rather than leaving it "in flight" for the window with nothing sent."""
+        claim = asyncio.ensure_future(self.broker.idempotency_claim(caller, key, _encode(Record(command)).decode()))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            claim.add_done_callback(lambda done: self._let_go(caller, key, done))
+            raise
+
+    def _let_go(self, caller: str, key: str, claim: asyncio.Future[str | None]) -> None:
+        if claim.cancelled() or claim.exception() is not None or claim.result() is not None:
+            return  # Not claimed, or another command's key.
+        task = asyncio.ensure_future(self._drop(caller, key))
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _drop(self, caller: str, key: str) -> None:
+        with contextlib.suppress(BrokerUnavailable):  # Then the key waits out the window, as before.
+            await self.broker.idempotency_drop(caller, key)
 
     async def _run(self, caller: str, key: str, command: str, first: Callable[[], Awaitable[Outcome]]) -> Outcome:
         # Shielded: a caller that stops waiting (a cancelled MCP call, a closed HTTP connection)

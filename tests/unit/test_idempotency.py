@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 
@@ -107,6 +108,33 @@ class FailingWrites(MemoryBroker):
             self.failures -= 1
             raise BrokerUnavailable("redis: connection reset")
         await super().idempotency_set(caller, key, record)
+
+
+class AnswerLate(MemoryBroker):
+    """A broker whose claim is done at once and answered later (a Redis round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed, self.answered = asyncio.Event(), asyncio.Event()
+
+    async def idempotency_claim(self, caller: str, key: str, record: str) -> str | None:
+        held = await super().idempotency_claim(caller, key, record)
+        self.claimed.set()
+        await self.answered.wait()
+        return held
+
+
+async def test_a_caller_that_stops_waiting_during_its_claim_does_not_leave_the_key_in_flight():
+    broker, device = AnswerLate(), Device(REPLIED)
+    service = IdempotentSends(broker, window_seconds=600)
+    first = asyncio.ensure_future(service.send("~", "k", COMMAND, 5, device.send))
+    await broker.claimed.wait()
+    first.cancel()  # The HTTP client went away while the claim was on its way.
+    broker.answered.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    retry = await asyncio.wait_for(service.send("~", "k", COMMAND, 2, device.send), 10)
+    assert retry.http_status == 200 and retry.body.get("replayed") is None and device.sent == 1
 
 
 async def test_an_outcome_whose_write_failed_still_answers_a_retry_on_any_instance():
