@@ -289,7 +289,9 @@ class ControllerKeys:
         self._last: dict[str, asyncio.Future[None]] = {}  # Per connection: its latest command's turn to send.
 
     def submit(self, waiter: str, controller: str, request: Request) -> None:
-        self._queue(waiter, self._claim(waiter, controller, request, self._last.get(waiter)))
+        # Its caller now: the connection may close before the claim runs (then it would be nobody's).
+        caller = self._caller_of(waiter)
+        self._queue(waiter, self._claim(waiter, caller, controller, request, self._last.get(waiter)))
 
     def holding(self, sender: str) -> bool:
         """Whether a keyed command of this connection waits for its claim (then later frames wait too)."""
@@ -311,10 +313,10 @@ class ControllerKeys:
         task.add_done_callback(lambda done: self._last.pop(waiter) if self._last.get(waiter) is done else None)
 
     async def _claim(
-        self, waiter: str, controller: str, request: Request, previous: asyncio.Future[None] | None
+        self, waiter: str, caller: str, controller: str, request: Request, previous: asyncio.Future[None] | None
     ) -> None:
         assert request.id is not None
-        key = (self._caller_of(waiter), f"ws:{controller}:id:{request.id!r}")
+        key = (caller, f"ws:{controller}:id:{request.id!r}")
         command = fingerprint(request.target, request.message, request.queue)
         replay: Outcome | None = None
         try:

@@ -51,3 +51,28 @@ async def test_a_retry_of_a_command_in_flight_does_not_hold_the_connections_late
     assert sent == ["MoveForward 10", "Jump"]
     for task in tasks:
         task.cancel()
+
+
+async def test_a_keyed_command_counts_against_its_token_even_if_the_connection_closes_before_its_claim():
+    """The caller is its connection's token's when the frame came: a connection closed meanwhile (the
+    reason to retry) claimed in the unnamed tokens' pool, so the retry on a new connection, claiming
+    under the token's name, found no key and ran the command a second time."""
+    broker = MemoryBroker()
+    connected = {"c1": "alice", "c2": "alice"}
+    sent: list[str] = []
+    keys = ControllerKeys(
+        IdempotentSends(broker, 600),
+        lambda waiter, controller, req: sent.append(waiter),
+        lambda waiter, frame: None,
+        lambda coro: asyncio.ensure_future(coro),
+        lambda waiter: connected.get(waiter, "~"),
+    )
+    keys.submit("c1", "llm", request("dev", "MoveForward 10", "k1"))
+    del connected["c1"]  # Closed before the claim ran.
+    async with asyncio.timeout(5):
+        while not sent:
+            await asyncio.sleep(0.01)
+    assert await broker.idempotency_get("alice", "ws:llm:id:'k1'") is not None
+    keys.submit("c2", "llm", request("dev", "MoveForward 10", "k1"))  # The retry, reconnected.
+    await keys._last["c2"]  # Its claim: the key is held, so it waits for the first's outcome.
+    assert sent == ["c1"]
