@@ -73,6 +73,9 @@ PENDING_COOKIE = "wsb_oidc"
 PENDING_SECONDS = 600
 _PENDING_KEY = "oidc-pending:"
 METADATA_SECONDS = 3600
+#: How long a failed read of the discovery document is answered from memory: sign-ins waiting for
+#: the lock do not each wait out their own timeout against a provider that is down or slow.
+FAILURE_SECONDS = 10.0
 LEEWAY_SECONDS = 60
 HTTP_TIMEOUT = 10.0
 #: Sign-ins one address may start per window: each keeps a pending entry for PENDING_SECONDS, and the
@@ -180,6 +183,7 @@ class Provider:
         self._metadata: dict[str, Any] | None = None
         self._jwks: dict[str, Any] | None = None
         self._loaded = 0.0
+        self._failed: tuple[float, OidcRefused] | None = None  # (until when, the refusal) after a failed read
         self._lock = asyncio.Lock()
         self.taking = asyncio.Lock()  # Pending sign-ins in a memory store are taken under it (once).
         self.starts: LoginLimiter | None = None  # Sign-ins started per address (ui/oidc.py, oidc_start).
@@ -187,15 +191,25 @@ class Provider:
     async def metadata(self) -> dict[str, Any]:
         async with self._lock:
             if self._metadata is None or time.monotonic() - self._loaded > METADATA_SECONDS:
-                issuer = (self.settings.oidc_issuer or "").rstrip("/")
-                found = await self._get_json(issuer + "/.well-known/openid-configuration")
-                if str(found.get("issuer", "")).rstrip("/") != issuer:
-                    raise OidcRefused(_UNAVAILABLE, "discovery: the issuer differs from OIDC_ISSUER", 502)
-                for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
-                    if not isinstance(found.get(key), str):
-                        raise OidcRefused(_UNAVAILABLE, f"discovery: no {key}", 502)
-                self._metadata, self._jwks, self._loaded = found, None, time.monotonic()
+                if self._failed is not None and time.monotonic() < self._failed[0]:
+                    raise self._failed[1]
+                try:
+                    found = await self._discover()
+                except OidcRefused as refused:
+                    self._failed = (time.monotonic() + FAILURE_SECONDS, refused)
+                    raise
+                self._metadata, self._jwks, self._loaded, self._failed = found, None, time.monotonic(), None
             return self._metadata
+
+    async def _discover(self) -> dict[str, Any]:
+        issuer = (self.settings.oidc_issuer or "").rstrip("/")
+        found = await self._get_json(issuer + "/.well-known/openid-configuration")
+        if str(found.get("issuer", "")).rstrip("/") != issuer:
+            raise OidcRefused(_UNAVAILABLE, "discovery: the issuer differs from OIDC_ISSUER", 502)
+        for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            if not isinstance(found.get(key), str):
+                raise OidcRefused(_UNAVAILABLE, f"discovery: no {key}", 502)
+        return found
 
     async def jwks(self, reload: bool = False) -> dict[str, Any]:
         metadata = await self.metadata()

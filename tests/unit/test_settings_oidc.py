@@ -147,3 +147,23 @@ def test_the_callbacks_code_and_state_never_reach_a_log_line():
 
     line = '127.0.0.1:5 - "GET /admin/login/oidc/callback?code=one-time-code-123&state=s-456 HTTP/1.1" 200'
     assert RedactSecrets([]).mask(line) == '127.0.0.1:5 - "GET /admin/login/oidc/callback?*** HTTP/1.1" 200'
+
+
+async def test_a_provider_that_cannot_be_reached_is_not_asked_again_by_every_waiting_sign_in(monkeypatch):
+    # The discovery is read under a lock: with the provider down or slow (10 s timeouts), each
+    # waiting sign-in asked again in turn, so the tenth waited 100 s. A failure is remembered briefly.
+    from ui.oidc import OidcRefused, Provider
+
+    asked = []
+
+    async def unreachable(self: Provider, url: str) -> dict[str, Any]:
+        asked.append(url)
+        raise OidcRefused("unreachable", "discovery: ConnectTimeout", 502)
+
+    monkeypatch.setattr(Provider, "_get_json", unreachable)
+    sso = Provider(settings(**COMPLETE))
+    for _ in range(3):
+        with pytest.raises(OidcRefused) as caught:
+            await sso.metadata()
+        assert caught.value.status == 502
+    assert len(asked) == 1
