@@ -431,6 +431,10 @@ class Settings(NewIdSettings, CallerNames, RedisTls, DashboardOidc, CommandRecor
     def _timeouts_consistent(self) -> Settings:
         if self.command_timeout_ms > self.command_timeout_max_ms:
             raise ValueError("COMMAND_TIMEOUT_MS must not exceed COMMAND_TIMEOUT_MAX_MS")
+        if self.idempotency_window_seconds * 1000 < self.command_timeout_max_ms:  # a retry would send it again
+            raise ValueError(
+                "IDEMPOTENCY_WINDOW_SECONDS must outlast COMMAND_TIMEOUT_MAX_MS: a key must outlive its command"
+            )
         return self
 
     @property

@@ -71,3 +71,11 @@ def test_redis_password_with_url_characters_is_quoted(monkeypatch, tmp_path):
 def test_instance_id_cannot_break_owner_encoding(monkeypatch, tmp_path):
     with pytest.raises(ValidationError):
         make(monkeypatch, tmp_path, INSTANCE_ID="web|1")
+
+
+def test_an_idempotency_window_shorter_than_the_longest_command_is_refused(monkeypatch, tmp_path):
+    # A key that expired while its command still ran would let a retry send the command again.
+    with pytest.raises(ValidationError, match="IDEMPOTENCY_WINDOW_SECONDS must outlast COMMAND_TIMEOUT_MAX_MS"):
+        make(monkeypatch, tmp_path, IDEMPOTENCY_WINDOW_SECONDS="60", COMMAND_TIMEOUT_MAX_MS="120000")
+    settings = make(monkeypatch, tmp_path, IDEMPOTENCY_WINDOW_SECONDS="120", COMMAND_TIMEOUT_MAX_MS="120000")
+    assert settings.idempotency_window_seconds * 1000 == settings.command_timeout_max_ms
