@@ -289,6 +289,10 @@ def operator_of(settings: Settings, claims: dict[str, Any]) -> tuple[str, str]:
     name = ""
     for claim in (c.strip() for c in settings.oidc_name_claims.split(",") if c.strip()):
         value = claims.get(claim)
+        if claim != "email" and isinstance(value, str) and "@" in value:
+            # An address only counts from the email claim, which the provider verifies: a username
+            # a person may choose (preferred_username) must not become a listed admin's address.
+            continue
         if isinstance(value, str) and value.strip():
             # Some providers send the boolean as a string ("false"): that is unverified too.
             if claim == "email" and str(claims.get("email_verified")).lower() == "false":

@@ -167,3 +167,17 @@ async def test_a_provider_that_cannot_be_reached_is_not_asked_again_by_every_wai
             await sso.metadata()
         assert caught.value.status == 502
     assert len(asked) == 1
+
+
+def test_a_chosen_username_that_looks_like_an_address_is_not_taken_for_the_email():
+    # Providers that let people edit preferred_username would let anyone call themselves alice@...
+    from ui.oidc import OidcRefused, operator_of
+
+    configured = settings(**{**COMPLETE, "oidc_viewers": "bob"})
+    with pytest.raises(OidcRefused) as caught:
+        operator_of(configured, {"preferred_username": "alice@example.com"})
+    assert "did not say who you are" in caught.value.message
+    assert operator_of(configured, {"preferred_username": "bob"}) == ("bob", "viewer")
+    assert (
+        operator_of(configured, {"email": "alice@example.com", "preferred_username": "bob"})[0] == "alice@example.com"
+    )
