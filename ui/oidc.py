@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 import warnings
@@ -280,6 +281,7 @@ class Provider:
                 raise OidcRefused(_UNVERIFIED, "id token signed with an unknown key") from None
 
 
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # RFC 6749's error codes (access_denied, ...)
 _UNAVAILABLE = "The identity provider could not be reached or answered unexpectedly. Try again later, or use a token."
 _NOT_ACCEPTED = "The identity provider did not accept this sign-in (it may have been used already). Start again."
 
@@ -378,7 +380,8 @@ async def oidc_callback(request: Request) -> Response[Any]:
         pending = await _take_pending(request)
         if params.get("error"):
             # The provider said no (the person cancelled, or is not assigned to the app): its code, not its text.
-            error = str(params.get("error"))[:64]
+            error = str(params.get("error"))
+            error = error if _ERROR_CODE.fullmatch(error) else "unrecognised error"  # no text of a link's choosing
             raise OidcRefused(f"The identity provider refused the sign-in ({error}).", f"provider: {error}", 403)
         if not hmac.compare_digest(str(params.get("state", "")).encode(), pending.state.encode()):
             raise OidcRefused(_EXPIRED, "state mismatch")

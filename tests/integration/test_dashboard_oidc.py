@@ -207,6 +207,11 @@ def test_the_provider_saying_no_is_shown(app):
     denied = httpx.post(location, data={"action": "deny"}, follow_redirects=False)
     answer = back(app, denied.headers["location"])
     assert answer.status_code == 403 and "refused the sign-in (access_denied)" in answer.text
+    # A link of anybody's making carries its own text as `error`: the page never repeats it.
+    app.cookies.clear()
+    state = parse_qs(urlsplit(start(app)).query)["state"][0]
+    crafted = app.get(f"/admin/login/oidc/callback?state={state}&error=Call+ACME+support+on+555-0100")
+    assert crafted.status_code == 403 and "555-0100" not in crafted.text and "unrecognised error" in crafted.text
 
 
 def test_without_oidc_settings_nothing_changes():
